@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up and build everything: the virtualenv with the pinned packages (pyproject.toml), every
+# process of every package in components/ compiled to a Wasm component with componentize-py, and
+# those components compiled ahead of time into wasmtime's cache so a node starts warm.
+# Re-running it rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+PYTHON=${PYTHON:-python3}
+VENV=$ROOT/.venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+deps_stamp=$VENV/.deps-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$deps_stamp" ]; then
+    echo "== installing pinned packages (pyproject.toml)"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+    rm -f "$VENV"/.deps-*
+    touch "$deps_stamp"
+fi
+
+# process_lib is staged alone so componentize-py bundles only it, not the rest of components/
+STAGE=$ROOT/build/pylib
+rm -rf "$STAGE" && mkdir -p "$STAGE/process_lib"
+cp components/process_lib/*.py "$STAGE/process_lib/"
+
+build_one() {  # package_dir process_dir
+    local pkg=$1 dir=$2 name world out inputs
+    name=$(basename "$dir")
+    world=$(sed -n 's/^# world: *//p' "$dir/main.py" | head -n1)
+    if [ -z "$world" ]; then echo "error: $dir/main.py has no '# world: NAME' line" >&2; return 1; fi
+    out=$pkg/pkg/$name.wasm
+    inputs=$(cat wit/*.wit components/process_lib/*.py "$dir"/*.py $( [ -d "$pkg/common" ] && echo "$pkg"/common/*.py ) \
+             | sha256sum | cut -c1-32)-$world
+    if [ -f "$out" ] && [ "$(cat "$out.inputs" 2>/dev/null)" = "$inputs" ]; then
+        echo "   $out is up to date"
+        return 0
+    fi
+    echo "   building $out (world $world)"
+    local extra=()
+    [ -d "$pkg/common" ] && extra=(-p "$pkg/common")
+    "$VENV/bin/componentize-py" -d wit -w "$world" componentize main -p "$dir" "${extra[@]}" -p "$STAGE" \
+        -o "$out.tmp" > "$ROOT/build/$name.log" 2>&1 || { cat "$ROOT/build/$name.log" >&2; return 1; }
+    mv "$out.tmp" "$out"
+    echo "$inputs" > "$out.inputs"
+}
+
+echo "== building components"
+pids=()
+for pkg in components/*/; do
+    pkg=${pkg%/}
+    [ -f "$pkg/metadata.json" ] || continue
+    for main in "$pkg"/*/main.py; do
+        build_one "$pkg" "$(dirname "$main")" &
+        pids+=($!)
+        # two at a time: componentize-py is CPU-bound and this machine has two cores
+        if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+    done
+done
+for p in "${pids[@]}"; do wait "$p"; done
+
+echo "== compiling components into the wasmtime cache"
+"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm
+echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

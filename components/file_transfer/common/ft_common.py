@@ -1,0 +1,44 @@
+"""What file_transfer's processes share: the file-name rule and the protocol's constants.
+
+The seed's WIT is the wire protocol. This package's additions ride in request `metadata` JSON
+(marked `"ft": 1`), so a peer that speaks only the plain protocol still works with us:
+- Size carries `{"ft":1, "blake3": whole-file hash}` and expects an answer; our requestor answers
+  `{"ft":1, "offset": N}` (resume point). No answer means a plain peer: chunks are pushed unacked.
+- Chunk carries `{"ft":1, "blake3": chunk hash}` and expects an ack (a `Progress` response), so the
+  provider keeps at most WINDOW chunks in flight.
+- Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.
+"""
+from __future__ import annotations
+
+import unicodedata
+
+CHUNK_SIZE = 1024 * 1024
+WINDOW = 8                 # chunks in flight per transfer
+ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving up
+HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size
+STALL_TIMEOUT = 60         # seconds without progress before a worker gives up
+TICK = 5                   # seconds between a worker's stall checks
+MAX_NAME_BYTES = 255
+PARTIAL_DIR = ".partial"   # inside the files drive; hidden from ListFiles (only files are listed)
+
+
+def check_name(name: object) -> str:
+    """Return an error text if `name` is not a plain file name, else ''."""
+    if not isinstance(name, str) or not name:
+        return "file name is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"file name is longer than {MAX_NAME_BYTES} bytes"
+    if name in (".", "..") or name.startswith("."):
+        return f"file name {name!r} may not start with '.'"
+    for ch in name:
+        if ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cs"):
+            return f"file name {name!r} holds a path separator or control character"
+    return ""
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,163 @@
+# world: file-transfer-ext
+"""file_transfer: the package's main process.
+
+Answers ListFiles with the files in its `files` drive, starts a worker (through the imported
+`file-transfer-worker` API) for each Download, asked by a local script (we download) or by a
+remote worker (we serve), and shows the workers' progress.
+"""
+import json
+import time
+
+import wit_world
+from componentize_py_types import Err
+from wit_world.imports import file_transfer_worker as worker_api
+
+from ft_common import STALL_TIMEOUT, check_name, human_size
+from process_lib import (Address, Message, ProcessId, Response, SendError, await_message, println, run,
+                         to_wit_address, vfs)
+
+
+class Transfers:
+    """Downloads in progress on this node, so the same file is not fetched twice at once."""
+
+    def __init__(self):
+        self.active: dict[tuple, float] = {}
+
+    def busy(self, key: tuple) -> bool:
+        seen = self.active.get(key)
+        return seen is not None and time.monotonic() - seen < STALL_TIMEOUT
+
+    def touch(self, key: tuple) -> None:
+        self.active[key] = time.monotonic()
+
+    def end(self, key: tuple) -> None:
+        self.active.pop(key, None)
+
+
+def ls_files(files_dir: vfs.Directory) -> list:
+    files = []
+    for entry in files_dir.read():
+        if entry.file_type != "File":
+            continue
+        try:
+            files.append({"name": entry.path, "size": vfs.metadata(entry.path).len})
+        except vfs.VfsError:
+            continue  # removed meanwhile
+    return files
+
+
+def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Directory, transfers: Transfers) -> None:
+    name, target, is_requestor = req.get("name"), req.get("target"), req.get("is_requestor")
+    problem = check_name(name)
+    if not problem and not (isinstance(target, dict) and isinstance(is_requestor, bool)):
+        problem = "malformed Download request"
+    if not problem:
+        try:
+            target_addr = Address(target["node"], _pid(target["process"]))
+        except (KeyError, TypeError, ValueError):
+            problem = "malformed Download target"
+    if problem:
+        Response().body({"Download": {"Err": problem}}).send()
+        return
+    if is_requestor:
+        if msg.source.node != our.node:
+            Response().body({"Download": {"Err": "only local processes may start a download"}}).send()
+            return
+        if target_addr.node == our.node:
+            Response().body({"Download": {"Err": f"{name} is on this node already ({our.node}); "
+                                                  "download from another node"}}).send()
+            return
+        key = (target_addr.node, name)
+        if transfers.busy(key):
+            Response().body({"Download": {"Err": f"{name} is already being downloaded from {target_addr.node}"}}).send()
+            return
+        transfers.touch(key)
+    else:
+        # we serve: refuse a missing file here, before a worker exists, and create nothing
+        try:
+            meta = vfs.metadata(f"{files_dir.path}/{name}")
+            if meta.file_type != "File":
+                raise vfs.VfsError("not a file")
+        except vfs.VfsError:
+            Response().body({"Download": {"Err": f"no such file: {name}"}}).send()
+            return
+    try:
+        worker_api.start_download(to_wit_address(our), to_wit_address(msg.source), name,
+                                  to_wit_address(target_addr), is_requestor)
+    except Err as e:
+        if is_requestor:
+            transfers.end((target_addr.node, name))
+        println(f"error: could not start a worker for {name}: {e.value}")
+
+
+def _pid(p: dict) -> ProcessId:
+    return ProcessId(p["process_name"], p["package_name"], p["publisher_node"])
+
+
+def handle_progress(msg: Message, req: dict, transfers: Transfers) -> None:
+    Response().body("Progress").send()
+    name, progress = req.get("name"), req.get("progress")
+    meta = msg.meta()
+    key = (meta.get("peer"), name)
+    if meta.get("done") or meta.get("error"):
+        transfers.end(key)
+    else:
+        transfers.touch(key)
+    if meta.get("error"):
+        println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
+    elif meta.get("done"):
+        secs = max(meta.get("secs", 0), 1e-9)
+        total = meta.get("total", 0)
+        println(f"{name} downloaded from {meta.get('peer')}: {human_size(total)} in {secs:.2f} s "
+                f"({total / secs / 2**20:.1f} MiB/s), blake3 {meta.get('hash', '?')}")
+    elif "total" in meta:
+        rate = meta.get("rate", 0)
+        left = (meta["total"] - meta.get("bytes", 0)) / rate if rate else 0
+        println(f"{name} progress: {progress}% ({human_size(meta.get('bytes', 0))} of "
+                f"{human_size(meta['total'])}, {rate / 2**20:.1f} MiB/s, ETA {left:.0f} s)")
+    else:
+        println(f"{name} progress: {progress}%")
+
+
+def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfers: Transfers) -> None:
+    body = msg.json()
+    if msg.is_request:
+        if body == "ListFiles":
+            Response().body({"ListFiles": ls_files(files_dir)}).send()
+        elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
+            handle_download(our, msg, body["Download"], files_dir, transfers)
+        elif isinstance(body, dict) and isinstance(body.get("Progress"), dict):
+            handle_progress(msg, body["Progress"], transfers)
+        else:
+            raise ValueError(f"unknown request from {msg.source}")
+    elif isinstance(body, dict) and "ListFiles" in body:
+        rows = "".join(f"\n{f['name'].split('/')[-1]}\t\t{f['size']}" for f in body["ListFiles"])
+        println(f"{msg.source} available files:\nFile\t\tSize (bytes){rows}")
+    elif isinstance(body, dict) and isinstance(body.get("Download"), dict) and "Err" in body["Download"]:
+        println(f"error: download failed: {body['Download']['Err']}")
+
+
+def main(our: Address) -> None:
+    println("begin")
+    drive = vfs.create_drive(our.package_id(), "files")
+    files_dir = vfs.open_dir(drive)
+    transfers = Transfers()
+    while True:
+        try:
+            msg = await_message()
+        except SendError as e:
+            println(f"got SendError: {e}")
+            continue
+        try:
+            handle_message(our, msg, files_dir, transfers)
+        except (ValueError, KeyError, TypeError, AttributeError, vfs.VfsError) as e:
+            # a malformed body from anyone: say so, keep serving
+            detail = e if not isinstance(e, json.JSONDecodeError) else "body is not JSON"
+            println(f"error: bad message from {msg.source}: {detail}")
+            if msg.is_request and msg.expects_response is not None:
+                Response().body({"Err": f"bad request: {detail}"}).send()
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        run(main, our)

@@ -1,0 +1,384 @@
+# world: process-v0-ext
+"""file_transfer_worker: moves one file, then exits.
+
+A requestor worker asks the serving node's file_transfer for a file, receives its chunks into a
+partial file inside the drive, verifies every chunk and the whole file, and renames the partial
+to the real name only when all is verified. A provider worker reads the file in chunks and sends
+them with at most WINDOW unacknowledged. Both end on completion, on error and after a stall; file
+data stays in the host (VFS reads and network chunks are forwarded as host-held blobs).
+"""
+import json
+import time
+
+import wit_world
+
+from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT, TICK, WINDOW,
+                       check_name)
+from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message,
+                         current_blob_hash, current_blob_len, println, run, vfs)
+
+
+class Done(Exception):
+    """The worker's job has ended (successfully or not)."""
+
+
+class Failed(Exception):
+    """The transfer failed; `keep` says whether the partial may be resumed later."""
+
+    def __init__(self, message: str, keep: bool = True):
+        super().__init__(message)
+        self.keep = keep
+
+
+def _addr(d: dict) -> Address:
+    p = d["process"]
+    return Address(d["node"], ProcessId(p["process_name"], p["package_name"], p["publisher_node"]))
+
+
+def _addr_json(a: Address) -> dict:
+    p = a.process
+    return {"node": a.node, "process": {"process_name": p.process_name, "package_name": p.package_name,
+                                        "publisher_node": p.publisher_node}}
+
+
+class Worker:
+    def __init__(self, our: Address):
+        self.our = our
+        self.drive = f"/{our.package_id()}/files"
+        self.parent = None
+        self.role = None
+        self.name = ""
+        self.last_activity = time.monotonic()
+        self.started = time.monotonic()
+
+    # ---- shared ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """A request to ourselves that we never answer: its timeout is our timer."""
+        Request.to(self.our).body("Tick").expects_response(TICK).context("tick").send()
+
+    def handle(self, msg: Message) -> None:
+        body = msg.json()
+        if msg.is_request and msg.source == self.our:
+            return  # our own tick: leave it unanswered
+        if msg.is_request and isinstance(body, dict) and "Download" in body and self.role is None:
+            self.parent = msg.source
+            req = body["Download"]
+            Response().body({"Download": {"Ok": None}}).send()
+            problem = check_name(req.get("name"))
+            if problem:
+                raise Failed(problem, keep=False)
+            self.name = req["name"]
+            self.peer = _addr(req["target"])
+            self.tick()
+            if req.get("is_requestor"):
+                self.role = Requestor(self)
+                self.role.begin()
+            else:
+                self.role = Provider(self)
+                self.role.begin()
+            return
+        if self.role is None:
+            raise ValueError(f"unexpected message before Download from {msg.source}")
+        self.role.handle(msg, body)
+
+    def on_error(self, err: SendError) -> None:
+        what = json.loads(err.context) if err.context else None
+        if what == "tick":
+            if time.monotonic() - self.last_activity > STALL_TIMEOUT:
+                raise Failed(f"no progress for {STALL_TIMEOUT} s; giving up")
+            self.tick()
+        elif what == "progress":
+            pass  # the parent is busy or gone: progress is advisory
+        elif self.role is not None:
+            self.role.on_error(what, err)
+
+
+class Requestor:
+    def __init__(self, w: Worker):
+        self.w = w
+        self.peer_node = w.peer.node
+        base = f"{w.drive}/{PARTIAL_DIR}/{self.peer_node}"
+        self.partial_dir = base
+        self.partial = f"{base}/{w.name}.part"
+        self.state_path = f"{base}/{w.name}.state"
+        self.provider = None
+        self.file = None
+        self.size = None
+        self.file_hash = None
+        self.received = 0
+        self.cursor = 0
+        self.ext = False
+        self.chunks_since_save = 0
+        self.last_report = 0.0
+        self.last_percent = -1
+        self.resumed_from = 0
+
+    def begin(self) -> None:
+        vfs.open_dir(self.partial_dir, create=True)
+        (Request.to(self.w.peer)
+         .body({"Download": {"name": self.w.name, "target": _addr_json(self.w.peer), "is_requestor": False}})
+         .metadata({"ft": 1})
+         .expects_response(HANDSHAKE_TIMEOUT)
+         .context("download")
+         .send())
+
+    def handle(self, msg: Message, body) -> None:
+        w = self.w
+        if not msg.is_request:
+            if isinstance(body, dict) and isinstance(body.get("Download"), dict):
+                result = body["Download"]
+                if "Err" in result:
+                    raise Failed(str(result["Err"]), keep=False)
+                w.last_activity = time.monotonic()
+            return
+        if msg.source.node != self.peer_node:
+            raise ValueError(f"{msg.source} is not the peer of this transfer")
+        meta = msg.meta()
+        if meta.get("error"):
+            raise Failed(f"{self.peer_node}: {meta['error']}")
+        if isinstance(body, dict) and "Size" in body:
+            self.on_size(msg, body["Size"], meta)
+        elif isinstance(body, dict) and isinstance(body.get("Chunk"), dict):
+            self.on_chunk(msg, body["Chunk"], meta)
+        else:
+            raise ValueError("unknown request")
+
+    def on_size(self, msg: Message, size, meta: dict) -> None:
+        if self.size is not None:
+            raise ValueError("second Size for this transfer")
+        if not isinstance(size, int) or size < 0 or size >= 2**63:
+            raise Failed(f"peer sent an invalid size {size!r}", keep=False)
+        self.provider = msg.source
+        self.size = size
+        self.ext = meta.get("ft") == 1
+        self.file_hash = meta.get("blake3") if self.ext else None
+        offset = self.resume_offset() if self.ext else 0
+        if offset:
+            self.file = vfs.open_file(self.partial, create=True)
+            self.file.set_len(offset)
+            self.file.seek(offset)
+        else:
+            self.file = vfs.create_file(self.partial)  # truncates any older, longer leftover
+            self.save_state(0)
+        self.received = self.cursor = self.resumed_from = offset
+        if msg.expects_response is not None:
+            Response().body("Progress").metadata({"ft": 1, "offset": offset}).send()
+        self.w.last_activity = time.monotonic()
+        if offset:
+            println(f"{self.w.name}: resuming at {offset} of {size} bytes")
+        if self.received >= self.size:
+            self.finish()
+
+    def resume_offset(self) -> int:
+        try:
+            state = json.loads(vfs.open_file(self.state_path).read_to_string())
+            partial_len = vfs.metadata(self.partial).len
+        except (vfs.VfsError, ValueError):
+            return 0
+        if (state.get("size") == self.size and state.get("blake3") == self.file_hash and self.file_hash
+                and isinstance(state.get("verified"), int) and 0 <= state["verified"] <= min(partial_len, self.size)):
+            return state["verified"]
+        return 0
+
+    def save_state(self, verified: int) -> None:
+        data = json.dumps({"size": self.size, "blake3": self.file_hash, "verified": verified}).encode()
+        vfs.create_file(self.state_path).write(data)
+
+    def on_chunk(self, msg: Message, chunk: dict, meta: dict) -> None:
+        if self.size is None or self.file is None:
+            raise ValueError("Chunk before Size")
+        if msg.source != self.provider:
+            raise ValueError(f"Chunk from {msg.source}, not from this transfer's provider")
+        offset, length = chunk.get("offset"), chunk.get("length")
+        blob_len = current_blob_len()
+        if chunk.get("name") != self.w.name or not isinstance(offset, int) or not isinstance(length, int):
+            raise Failed("peer sent a malformed chunk", keep=True)
+        if blob_len is None or blob_len != length or offset < 0 or offset + length > self.size:
+            raise Failed(f"peer sent a chunk that does not fit the file (offset {offset}, length {length}, "
+                         f"{blob_len} bytes, size {self.size})")
+        if self.ext:
+            if offset != self.received:
+                raise Failed(f"chunk at offset {offset}, expected {self.received}")
+            if meta.get("blake3") != current_blob_hash():
+                raise Failed(f"chunk at offset {offset} failed its integrity check")
+        if offset != self.cursor:
+            self.file.seek(offset)
+        self.file.write_all_current_blob()
+        self.cursor = offset + length
+        self.received = max(self.received, self.cursor) if not self.ext else self.cursor
+        if msg.expects_response is not None:
+            Response().body("Progress").metadata({"ft": 1, "ack": offset}).send()
+        self.w.last_activity = time.monotonic()
+        self.chunks_since_save += 1
+        if self.ext and self.chunks_since_save >= 16:
+            self.file.sync_all()
+            self.save_state(self.received)
+            self.chunks_since_save = 0
+        self.report()
+        if self.received >= self.size:
+            self.finish()
+
+    def report(self, **extra) -> None:
+        now = time.monotonic()
+        percent = 100 if not self.size else int(self.received * 100 / self.size)
+        if not extra and percent == self.last_percent and now - self.last_report < 1.0:
+            return
+        self.last_percent, self.last_report = percent, now
+        secs = max(now - self.w.started, 1e-6)
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "total": self.size or 0,
+                "rate": (self.received - self.resumed_from) / secs, "secs": secs}
+        meta.update(extra)
+        (Request.to(self.w.parent).body({"Progress": {"name": self.w.name, "progress": percent}})
+         .metadata(meta).expects_response(5).context("progress").send())
+
+    def finish(self) -> None:
+        self.file.sync_all()
+        digest = self.file.hash().hex()
+        if self.file_hash and digest != self.file_hash:
+            raise Failed("the downloaded file does not match the provider's hash (it changed while being "
+                         "sent, or was corrupted); nothing was saved", keep=False)
+        self.file.close()
+        vfs.rename(self.partial, f"{self.w.drive}/{self.w.name}")
+        self.cleanup()
+        self.report(done=True, hash=digest)
+        raise Done()
+
+    def cleanup(self, keep_partial: bool = False) -> None:
+        targets = [self.state_path] if not keep_partial else []
+        if not keep_partial:
+            targets.append(self.partial)
+        for path in targets:
+            try:
+                vfs.remove_file(path)
+            except vfs.VfsError:
+                pass
+
+    def fail(self, error: Failed) -> None:
+        if self.file is not None and error.keep and self.ext:
+            try:
+                self.file.sync_all()
+                self.save_state(self.received)
+            except vfs.VfsError:
+                pass
+        else:
+            self.cleanup()
+        try:
+            self.report(error=str(error) + (" (run the download again to resume)" if error.keep and self.ext and self.received else ""))
+        except Exception:
+            pass
+
+    def on_error(self, what, err: SendError) -> None:
+        if what == "download":
+            reason = "is offline" if err.kind == "offline" else f"did not answer within {HANDSHAKE_TIMEOUT} s"
+            raise Failed(f"{self.peer_node} {reason}", keep=True)
+
+
+class Provider:
+    def __init__(self, w: Worker):
+        self.w = w
+        self.target = w.peer
+        self.file = None
+        self.size = 0
+        self.next_offset = 0
+        self.in_flight = 0
+        self.ext = False
+
+    def error_to_peer(self, text: str) -> None:
+        Request.to(self.target).body({"Size": 0}).metadata({"ft": 1, "error": text}).send()
+
+    def begin(self) -> None:
+        path = f"{self.w.drive}/{self.w.name}"
+        try:
+            self.file = vfs.open_file(path, create=False)
+            self.size = self.file.metadata().len
+            digest = self.file.hash().hex()
+        except vfs.VfsError as e:
+            self.error_to_peer(f"cannot read {self.w.name}")
+            raise Failed(str(e), keep=False)
+        (Request.to(self.target).body({"Size": self.size}).metadata({"ft": 1, "blake3": digest})
+         .expects_response(HANDSHAKE_TIMEOUT).context("size").send())
+
+    def handle(self, msg: Message, body) -> None:
+        if msg.is_request:
+            raise ValueError("a provider takes no requests")
+        meta = msg.meta()
+        if msg.context and json.loads(msg.context) == "size":
+            offset = meta.get("offset", 0)
+            if not isinstance(offset, int) or not 0 <= offset <= self.size:
+                self.error_to_peer("bad resume offset")
+                raise Failed(f"peer asked for a bad resume offset {offset!r}", keep=False)
+            self.ext = True
+            self.next_offset = offset
+            if offset:
+                self.file.seek(offset)
+            self.fill_window()
+        elif msg.context and json.loads(msg.context) == "chunk":
+            self.in_flight -= 1
+            self.w.last_activity = time.monotonic()
+            self.fill_window()
+
+    def fill_window(self) -> None:
+        while self.in_flight < WINDOW and self.next_offset < self.size:
+            self.send_chunk()
+        if self.in_flight == 0 and self.next_offset >= self.size:
+            raise Done()
+
+    def send_chunk(self) -> None:
+        offset = self.next_offset
+        length = min(CHUNK_SIZE, self.size - offset)
+        try:
+            got = self.file.read_at_to_blob(length)
+        except vfs.VfsError as e:
+            self.error_to_peer(f"{self.w.name} changed or became unreadable while being sent")
+            raise Failed(str(e), keep=False)
+        if got != length:
+            self.error_to_peer(f"{self.w.name} changed while being sent")
+            raise Failed("file changed while being sent", keep=False)
+        req = (Request.to(self.target)
+               .body({"Chunk": {"name": self.w.name, "offset": offset, "length": length}})
+               .forward_current_blob())
+        if self.ext:
+            req.metadata({"ft": 1, "blake3": current_blob_hash()}).expects_response(ACK_TIMEOUT).context("chunk")
+            self.in_flight += 1
+        req.send()
+        self.next_offset = offset + length
+
+    def on_error(self, what, err: SendError) -> None:
+        if what == "size":
+            # no answer to Size: a peer speaking only the plain protocol; push every chunk unacked
+            self.ext = False
+            while self.next_offset < self.size:
+                self.send_chunk()
+            raise Done()
+        if what == "chunk":
+            raise Failed(f"{self.target.node} stopped acknowledging chunks ({err.kind})", keep=False)
+
+
+def main(our: Address) -> None:
+    w = Worker(our)
+    while True:
+        try:
+            try:
+                msg = await_message()
+            except SendError as err:
+                w.on_error(err)
+                continue
+            try:
+                w.handle(msg)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                println(f"worker: ignored a bad message from {msg.source}: {e}")
+        except Done:
+            return
+        except (Failed, vfs.VfsError) as e:
+            failure = e if isinstance(e, Failed) else Failed(str(e))
+            if isinstance(w.role, Requestor):
+                w.role.fail(failure)
+            else:
+                println(f"error: {'upload' if isinstance(w.role, Provider) else 'transfer'} of {w.name or '?'} "
+                        f"failed: {failure}")
+            return
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        run(main, our)

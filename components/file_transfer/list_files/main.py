@@ -1,0 +1,27 @@
+# world: process-v0-ext
+"""list_files WHO: print the files WHO's file_transfer offers, one per line with its size."""
+import wit_world
+
+from process_lib import Address, ProcessId, Request, SendError, script
+
+USAGE = "usage: list_files:file_transfer:template.os NODE"
+
+
+def list_files(our: Address, args: str) -> str:
+    who = args.strip()
+    if not who or " " in who:
+        raise ValueError(USAGE)
+    target = Address(who, ProcessId("file_transfer", our.process.package_name, our.process.publisher_node))
+    try:
+        answer = Request.to(target).body("ListFiles").send_and_await_response(5).json()
+    except SendError as e:
+        raise ValueError(f"{who} did not answer ({e.kind})") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("ListFiles"), list):
+        raise ValueError(f"{who} sent an unexpected answer: {answer!r:.200}")
+    rows = "".join(f"\n{f['name'].split('/')[-1]}\t\t{f['size']}" for f in answer["ListFiles"])
+    return f"{who} available files:\nFile\t\tSize (bytes){rows}"
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        script(list_files, our)

@@ -1,0 +1,105 @@
+"""Command line: run a node, or run a terminal command on a running node.
+
+    python -m host --node fake.dev                       # port 8080, home /tmp/kinode-fake-node
+    python -m host --node fake2.dev --port 8081 --home /tmp/kinode-fake-node-2
+    python -m host run --home /tmp/kinode-fake-node 'list_files:file_transfer:template.os fake2.dev'
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def node_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m host",
+        description="Run a Kinode-style node that runs packages compiled to Wasm components. "
+                    "Type `help` at its prompt for the commands. To run a command on a running node "
+                    "from another shell: python -m host run --home HOME 'COMMAND'.")
+    p.add_argument("--node", required=True, metavar="NAME", help="the node's name, e.g. fake.dev")
+    p.add_argument("--port", type=int, default=8080,
+                   help="TCP port the node listens on for other nodes (default 8080)")
+    p.add_argument("--home", type=Path, default=Path("/tmp/kinode-fake-node"),
+                   help="the node's home folder: VFS, state, keys (default /tmp/kinode-fake-node)")
+    p.add_argument("--packages", type=Path, default=REPO / "components",
+                   help="folder of built packages to install and start (default: this repo's components/)")
+    p.add_argument("--directory", type=Path, default=None,
+                   help="node directory database (default $KINODE_DIRECTORY or ~/.local/share/kinode-py/directory.sqlite)")
+    p.add_argument("--peers", type=Path, default=None,
+                   help="JSON file of peers on other machines: [{name, public_key (hex), host, port}]")
+    p.add_argument("--compute-limit", type=float, default=float(os.environ.get("KINODE_COMPUTE_LIMIT", 30)),
+                   help="seconds a process may compute without calling the host before it is stopped (default 30)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    return p
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m host run",
+                                description="Run one terminal command on a running node and print its output.")
+    p.add_argument("--home", type=Path, default=Path("/tmp/kinode-fake-node"), help="the node's home (default /tmp/kinode-fake-node)")
+    p.add_argument("--wait", type=float, default=1.0,
+                   help="seconds to keep printing output after the command's script ends (default 1)")
+    p.add_argument("--until", metavar="REGEX", help="instead, print output until a line matches REGEX")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    p.add_argument("command", nargs="+", help="the command line, e.g. 'list_files:file_transfer:template.os fake2.dev'")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["run"]:
+        args = run_parser().parse_args(argv[1:])
+        from host.node import run_remote
+        code, _ = run_remote(args.home, " ".join(args.command), args.wait, args.until, args.timeout, out=sys.stdout)
+        return code
+
+    args = node_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from host.node import Node, NodeError
+    t0 = time.perf_counter()
+    node = Node(args.node, args.home, args.port, args.packages, args.directory, args.peers, args.compute_limit)
+    try:
+        node.start()
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        node.stop()
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
+    node.terminal.info(f"{args.node}: ready in {time.perf_counter() - t0:.2f} s "
+                       f"(port {args.port}, home {node.home}); type `help` for commands")
+    threading.Thread(target=_read_stdin, args=(node,), name="stdin", daemon=True).start()
+    try:
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    node.terminal.info(f"{args.node}: stopping")
+    node.stop()
+    return 0
+
+
+def _read_stdin(node) -> None:
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            try:
+                line = input()
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break  # stdin closed: keep running; the control socket still takes commands
+        node.terminal.run_line(node, line)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

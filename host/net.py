@@ -1,0 +1,990 @@
+"""Authenticated, encrypted transport between nodes.
+
+Each node listens on one TCP port and keeps at most one connection per peer, opened on first use
+(by either side) and reused in both directions. Connections are secured with
+``Noise_XX_25519_ChaChaPoly_BLAKE2s``: each side's static key is its networking identity, and each
+side's handshake payload names the node it claims to be. A claim is accepted only if the directory
+holds exactly that static key for that name, so a peer cannot pose as another node.
+
+Wire format (all integers big-endian)::
+
+    noise message := u16 length, ciphertext          (length <= 65535)
+    handshake     := XX message 1, 2, 3, then one transport message from the responder:
+                     msgpack {"accept": bool, "reason": str}
+    plaintext     := (u32 length, msgpack(KernelMessage.to_wire()))*  split over transport messages
+
+Handshake payload (messages 2 and 3): msgpack ``{"v": 1, "name": str, "instance": 16 bytes}``. The
+``instance`` is random per ``Network.start()``; it tells a restarted peer from a second connection
+of the same run.
+
+One connection per peer pair: the responder answers the handshake with accept or reject. When both
+nodes dial each other at once, the connection dialled by the node whose name sorts first wins; the
+other is rejected before any message passes on it, and its dialler uses the winner instead.
+
+Threading: everything runs on one asyncio loop on a daemon thread. ``send`` may be called from any
+thread; ``on_message``, ``on_peer_lost`` and every ``on_error`` are called on the network thread
+and must only enqueue.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from noise.connection import Keypair, NoiseConnection
+
+from .directory import Directory, NameTaken  # noqa: F401  (NameTaken re-exported for callers)
+from .types import KernelMessage, ParseError
+
+log = logging.getLogger("host.net")
+
+MAX_MESSAGE = 10_485_800
+"""Largest encoded (MessagePack) KernelMessage accepted, as in Kinode."""
+
+NOISE_PROTOCOL = b"Noise_XX_25519_ChaChaPoly_BLAKE2s"
+PROLOGUE = b"kinode-py net v1"
+NOISE_MAX = 65535          # largest Noise message
+TAG = 16                   # ChaCha20-Poly1305 tag
+CHUNK = NOISE_MAX - TAG    # plaintext bytes per transport message
+HANDSHAKE_MAX = 4096       # largest handshake message we accept from an unauthenticated socket
+HANDSHAKE_TIMEOUT = 5.0
+DIAL_TIMEOUT = 5.0
+HEARTBEAT_EVERY = 5.0
+INSTANCE_LEN = 16
+
+SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
+OUT_KEEP = 4 << 20         # keep a connection's output buffer up to this size between rounds
+RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)
+SOCK_BUF = 4 << 20
+
+_NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly nonce: 32 zero bits + 64-bit little-endian counter
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+
+# ---- identity ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Identity:
+    """The node's networking keypair (raw X25519 bytes)."""
+    private: bytes = field(repr=False)
+    public: bytes
+
+
+def _public_of(private: bytes) -> bytes:
+    key = x25519.X25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_or_create_identity(home: Path) -> Identity:
+    """Load ``home/.keys/networking.key`` (32 raw private bytes), creating it on first use.
+
+    The directory is kept at mode 0700 and the file at 0600. Creation is atomic and exclusive, so
+    two processes starting on one home at once end up with the same key.
+    """
+    keys = Path(home) / ".keys"
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(keys, 0o700)
+    path = keys / "networking.key"
+    if not path.exists():
+        private = x25519.X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption())
+        tmp = keys / f".networking.key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, private)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process won the race; then we use its key
+            log.info("created networking key %s", path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    mode = path.stat().st_mode & 0o777
+    if mode != 0o600:
+        log.warning("networking key %s had mode %o; setting 0600", path, mode)
+        os.chmod(path, 0o600)
+    private = path.read_bytes()
+    if len(private) != 32:
+        raise ValueError(f"{path}: expected 32 raw bytes of X25519 private key, found {len(private)}")
+    return Identity(private, _public_of(private))
+
+
+# ---- connections ---------------------------------------------------------------------------------
+class _ProtocolError(Exception):
+    """The peer broke the protocol; its connection is dropped."""
+
+
+class _DialFailed(Exception):
+    pass
+
+
+class _Closed(ConnectionError):
+    pass
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in ((socket.SO_SNDBUF, socket.SO_RCVBUF) if SOCK_BUF else ()):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+
+
+class _Conn:
+    """One TCP connection: raw non-blocking I/O on the loop, Noise framing, message parsing."""
+
+    def __init__(self, net: "Network", sock: socket.socket, dialled: bool, where: str):
+        self.net = net
+        self.loop = net._loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.dialled = dialled          # True if we dialled it
+        self.where = where              # remote address, for logs
+        self.peer_name: Optional[str] = None
+        self.instance: Optional[bytes] = None
+        self.established = False
+        self.closed = False
+        self._rfut: Optional[asyncio.Future] = None
+        self._wfut: Optional[asyncio.Future] = None
+        self.reader_task: Optional[asyncio.Task] = None
+        # receive buffer of whole/partial Noise messages
+        self.rbuf = bytearray(RECV_BUF)
+        self.rmv = memoryview(self.rbuf)
+        self.rstart = self.rend = 0
+        # transport ciphers (after the handshake)
+        self.enc: Optional[ChaCha20Poly1305] = None
+        self.dec: Optional[ChaCha20Poly1305] = None
+        self.enc_n = self.dec_n = 0
+        # KernelMessage stream parser state
+        self.hdr = bytearray(4)
+        self.hlen = 0
+        self.body: Optional[bytearray] = None
+        self.body_mv: Optional[memoryview] = None
+        self.have = 0
+        self.scratch = memoryview(bytearray(CHUNK))
+        self.out = bytearray(0)
+
+    def __repr__(self) -> str:
+        return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
+
+    @property
+    def label(self) -> str:
+        return f"{self.peer_name} ({self.where})" if self.peer_name else self.where
+
+    # ---- raw I/O ---------------------------------------------------------------------------------
+    async def _wait_io(self, write: bool) -> None:
+        if self.closed:
+            raise _Closed("connection closed")
+        fut = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if write:
+            self._wfut = fut
+            self.loop.add_writer(self.fd, ready)
+        else:
+            self._rfut = fut
+            self.loop.add_reader(self.fd, ready)
+        try:
+            await fut
+        finally:
+            if write:
+                self._wfut = None
+            else:
+                self._rfut = None
+            if not self.closed:
+                (self.loop.remove_writer if write else self.loop.remove_reader)(self.fd)
+
+    async def sendall(self, data: Union[memoryview, bytes]) -> None:
+        mv = memoryview(data)
+        while True:
+            try:
+                n = self.sock.send(mv)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n == len(mv):
+                return
+            mv = mv[n:]
+            await self._wait_io(True)
+
+    def send_now(self, data: bytes) -> None:
+        """Write a small frame on a fresh socket without waiting (it fits the empty send buffer)."""
+        n = self.sock.send(data)
+        if n != len(data):
+            raise _Closed("could not write handshake reply")
+
+    async def _fill(self) -> None:
+        """Read more bytes into the receive buffer; raises _Closed at end of stream."""
+        if self.rstart == self.rend:
+            self.rstart = self.rend = 0
+        elif len(self.rbuf) - self.rend < NOISE_MAX + 2:
+            n = self.rend - self.rstart
+            self.rbuf[0:n] = self.rbuf[self.rstart:self.rend]
+            self.rstart, self.rend = 0, n
+        while True:
+            try:
+                n = self.sock.recv_into(self.rmv[self.rend:])
+            except (BlockingIOError, InterruptedError):
+                await self._wait_io(False)
+                continue
+            if n == 0:
+                raise _Closed("closed by peer")
+            self.rend += n
+            return
+
+    def _next_frame(self) -> Optional[memoryview]:
+        """The next whole Noise message in the receive buffer (a view valid until the next fill)."""
+        start = self.rstart
+        if self.rend - start < 2:
+            return None
+        size = (self.rbuf[start] << 8) | self.rbuf[start + 1]
+        if self.rend - start < 2 + size:
+            return None
+        self.rstart = start + 2 + size
+        return self.rmv[start + 2:start + 2 + size]
+
+    async def read_frame(self, limit: int) -> bytes:
+        while True:
+            if self.rend - self.rstart >= 2:
+                size = (self.rbuf[self.rstart] << 8) | self.rbuf[self.rstart + 1]
+                if size > limit:
+                    raise _ProtocolError(f"handshake message of {size} bytes (limit {limit})")
+            frame = self._next_frame()
+            if frame is not None:
+                return bytes(frame)
+            await self._fill()
+
+    async def write_frame(self, payload: bytes) -> None:
+        await self.sendall(_U16.pack(len(payload)) + bytes(payload))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._rfut is not None:
+            self.loop.remove_reader(self.fd)
+            if not self._rfut.done():
+                self._rfut.set_exception(_Closed("connection closed"))
+        if self._wfut is not None:
+            self.loop.remove_writer(self.fd)
+            if not self._wfut.done():
+                self._wfut.set_exception(_Closed("connection closed"))
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # ---- transport -------------------------------------------------------------------------------
+    def set_keys(self, noise: NoiseConnection) -> None:
+        proto = noise.noise_protocol
+        self.enc = ChaCha20Poly1305(proto.cipher_state_encrypt.k)
+        self.dec = ChaCha20Poly1305(proto.cipher_state_decrypt.k)
+        self.enc_n = proto.cipher_state_encrypt.n
+        self.dec_n = proto.cipher_state_decrypt.n
+
+    def encrypt_frame(self, plaintext: bytes) -> bytes:
+        ct = self.enc.encrypt(_NONCE.pack(self.enc_n), plaintext, None)
+        self.enc_n += 1
+        return _U16.pack(len(ct)) + ct
+
+    def decrypt_frame(self, frame: bytes) -> bytes:
+        try:
+            pt = self.dec.decrypt(_NONCE.pack(self.dec_n), frame, None)
+        except InvalidTag:
+            raise _ProtocolError("decryption failed") from None
+        self.dec_n += 1
+        return pt
+
+    async def send_payloads(self, payloads: list) -> None:
+        """Frame, encrypt and write encoded KernelMessages (one write for the whole batch)."""
+        segs: list = []
+        total = 0
+        for p in payloads:
+            segs.append(_U32.pack(len(p)))
+            segs.append(p)
+            total += 4 + len(p)
+        need = total + -(-total // CHUNK) * (2 + TAG)
+        if need <= OUT_KEEP:
+            if len(self.out) < need:
+                self.out = bytearray(max(need, min(OUT_KEEP, 2 * len(self.out))))
+            out = memoryview(self.out)
+        else:
+            out = memoryview(bytearray(need))
+        enc, pack_nonce = self.enc, _NONCE.pack
+        n = self.enc_n
+        pos = 0
+        si, so = 0, 0          # current segment and offset in it
+        remaining = total
+        while remaining:
+            c = CHUNK if remaining > CHUNK else remaining
+            seg = segs[si]
+            if len(seg) - so >= c:  # the chunk lies inside one segment: no copy
+                data = memoryview(seg)[so:so + c]
+                so += c
+                if so == len(seg):
+                    si, so = si + 1, 0
+            else:                   # the chunk spans segments: join the pieces
+                parts = []
+                want = c
+                while want:
+                    seg = segs[si]
+                    take = min(len(seg) - so, want)
+                    parts.append(memoryview(seg)[so:so + take])
+                    so += take
+                    want -= take
+                    if so == len(seg):
+                        si, so = si + 1, 0
+                data = b"".join(parts)
+            _U16.pack_into(out, pos, c + TAG)
+            enc.encrypt_into(pack_nonce(n), data, None, out[pos + 2:pos + 2 + c + TAG])
+            n += 1
+            pos += 2 + c + TAG
+            remaining -= c
+        self.enc_n = n
+        await self.sendall(out[:pos])
+
+    async def read_loop(self) -> None:
+        """Decrypt and deliver messages until the connection ends (raises on protocol errors)."""
+        while True:
+            frame = self._next_frame()
+            while frame is not None:
+                self._on_frame(frame)
+                frame = self._next_frame()
+            await self._fill()
+
+    def _on_frame(self, frame: memoryview) -> None:
+        size = len(frame)
+        if size < TAG:
+            raise _ProtocolError(f"short transport message ({size} bytes)")
+        plain = size - TAG
+        nonce = _NONCE.pack(self.dec_n)
+        body = self.body
+        try:
+            if body is not None and plain <= len(body) - self.have:
+                # the common case for large messages: decrypt straight into the message buffer
+                self.dec.decrypt_into(nonce, frame, None, self.body_mv[self.have:self.have + plain])
+                self.dec_n += 1
+                self.have += plain
+                if self.have == len(body):
+                    self._deliver()
+                return
+            self.dec.decrypt_into(nonce, frame, None, self.scratch[:plain])
+        except InvalidTag:
+            raise _ProtocolError("decryption failed") from None
+        self.dec_n += 1
+        self._feed(self.scratch[:plain])
+
+    def _feed(self, mv: memoryview) -> None:
+        pos, end = 0, len(mv)
+        while pos < end:
+            if self.body is None:
+                take = min(4 - self.hlen, end - pos)
+                self.hdr[self.hlen:self.hlen + take] = mv[pos:pos + take]
+                self.hlen += take
+                pos += take
+                if self.hlen == 4:
+                    self.hlen = 0
+                    size = _U32.unpack(self.hdr)[0]
+                    if size > MAX_MESSAGE:
+                        raise _ProtocolError(f"declared message length {size} > {MAX_MESSAGE}")
+                    if size == 0:
+                        raise _ProtocolError("empty message")
+                    self.body = bytearray(size)
+                    self.body_mv = memoryview(self.body)
+                    self.have = 0
+            else:
+                take = min(len(self.body) - self.have, end - pos)
+                self.body_mv[self.have:self.have + take] = mv[pos:pos + take]
+                self.have += take
+                pos += take
+                if self.have == len(self.body):
+                    self._deliver()
+
+    def _deliver(self) -> None:
+        body = self.body
+        self.body = self.body_mv = None
+        self.have = 0
+        try:
+            wire = msgpack.unpackb(body, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types
+            raise _ProtocolError(f"undecodable MessagePack ({e})") from None
+        if not isinstance(wire, dict):
+            raise _ProtocolError(f"message is a {type(wire).__name__}, not a map")
+        try:
+            km = KernelMessage.from_wire(wire)
+        except (ParseError, ValueError, TypeError, KeyError) as e:
+            raise _ProtocolError(f"malformed kernel message ({e})") from None
+        self.net._received(self, km)
+
+
+class _Peer:
+    """Per-peer state on the loop: the current connection and the ordered outgoing queue."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.conn: Optional[_Conn] = None
+        self.queue: deque = deque()    # (encoded payload, on_error)
+        self.wake = asyncio.Event()
+        self.pump: Optional[asyncio.Task] = None
+        self.dialling = False
+        self.waiters: list = []        # futures resolved when a connection is installed
+
+
+# ---- the network service -------------------------------------------------------------------------
+OnMessage = Callable[[KernelMessage], None]
+OnPeerLost = Callable[[str], None]
+OnError = Callable[[str], None]
+
+
+class Network:
+    """The node's network service. See the module docstring for the protocol."""
+
+    def __init__(self, our_name: str, identity: Identity, port: int, directory: Directory,
+                 on_message: OnMessage, on_peer_lost: OnPeerLost, host: str = "127.0.0.1", *,
+                 advertise_host: Optional[str] = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 heartbeat_every: float = HEARTBEAT_EVERY):
+        self.our_name = our_name
+        self.identity = identity
+        self.host = host
+        self.port = port
+        self.directory = directory
+        self.on_message = on_message
+        self.on_peer_lost = on_peer_lost
+        if advertise_host is None:
+            advertise_host = host if host not in ("", "0.0.0.0", "::") else socket.gethostname()
+        self.advertise_host = advertise_host
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_every = heartbeat_every
+        self.instance = secrets.token_bytes(INSTANCE_LEN)
+        self._hello = msgpack.packb({"v": 1, "name": our_name, "instance": self.instance})
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._listener: Optional[socket.socket] = None
+        self._peers: dict[str, _Peer] = {}
+        self._tasks: set = set()
+        self._running = False
+        self._closing = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the port (OSError on a clash), register in the directory (NameTaken), start the loop."""
+        if self._running:
+            raise RuntimeError("network already started")
+        infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+        lsock = socket.create_server((self.host, self.port), family=family, backlog=128)
+        try:
+            lsock.setblocking(False)
+            self.port = lsock.getsockname()[1]
+            self.directory.register(self.our_name, self.identity.public, self.advertise_host,
+                                    self.port)
+        except BaseException:
+            lsock.close()
+            raise
+        self._listener = lsock
+        self._closing = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=f"net-{self.our_name}", daemon=True)
+        started = threading.Event()
+        self._loop.call_soon(started.set)
+        self._thread.start()
+        started.wait()
+        self._running = True
+        asyncio.run_coroutine_threadsafe(self._begin(), self._loop).result()
+        log.info("%s listening on %s:%d", self.our_name, self.host, self.port)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def _begin(self) -> None:
+        self._spawn(self._accept_loop())
+        self._spawn(self._heartbeat_loop())
+
+    def stop(self) -> None:
+        """Unregister from the directory, close every connection and join the network thread."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.directory.unregister(self.our_name, self.identity.public)
+        except Exception as e:
+            log.warning("could not unregister %s from the directory: %s", self.our_name, e)
+        loop = self._loop
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
+        except Exception as e:
+            log.warning("network shutdown: %r", e)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout=10)
+        try:
+            loop.run_until_complete(loop.shutdown_default_executor())
+        except Exception:
+            pass
+        loop.close()
+        log.info("%s network stopped", self.our_name)
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for peer in self._peers.values():
+            if peer.pump is not None:
+                tasks.append(peer.pump)
+            if peer.conn is not None and peer.conn.reader_task is not None:
+                tasks.append(peer.conn.reader_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for peer in self._peers.values():
+            if peer.conn is not None:
+                peer.conn.close()
+                peer.conn = None
+            self._fail_queue(peer, "offline: network stopped")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            try:
+                ok = await asyncio.to_thread(self.directory.heartbeat, self.our_name,
+                                             self.identity.public)
+            except Exception as e:
+                log.warning("directory heartbeat failed: %s", e)
+                continue
+            if not ok:
+                log.error("the directory no longer maps %s to our key (re-registered elsewhere?); "
+                          "peers will refuse us", self.our_name)
+
+    # ---- sending ---------------------------------------------------------------------------------
+    def send(self, km: KernelMessage, on_error: OnError) -> None:
+        """Queue ``km`` for its target node; never blocks on the network.
+
+        Failures are reported through ``on_error(reason)`` on the network thread:
+        ``"offline: ..."`` or ``"message too large: N bytes > 10485800"``.
+        """
+        loop = self._loop
+        if not self._running or loop is None or loop.is_closed():
+            _safe_call(on_error, "offline: network is not running")
+            return
+        try:
+            payload = msgpack.packb(km.to_wire())
+        except Exception as e:
+            loop.call_soon_threadsafe(_safe_call, on_error, f"message not encodable: {e}")
+            return
+        if len(payload) > MAX_MESSAGE:
+            loop.call_soon_threadsafe(
+                _safe_call, on_error,
+                f"message too large: {len(payload)} bytes > {MAX_MESSAGE}")
+            return
+        try:
+            loop.call_soon_threadsafe(self._enqueue, km.target.node, payload, on_error)
+        except RuntimeError:  # loop closed under us
+            _safe_call(on_error, "offline: network is not running")
+
+    def _enqueue(self, node: str, payload: bytes, on_error: OnError) -> None:
+        if self._closing:
+            _safe_call(on_error, "offline: network stopped")
+            return
+        if node == self.our_name:  # loopback: deliver a decoded copy, as a peer would
+            try:
+                km = KernelMessage.from_wire(msgpack.unpackb(payload, raw=False))
+            except Exception as e:
+                _safe_call(on_error, f"message not encodable: {e}")
+                return
+            _safe_call(self.on_message, km)
+            return
+        peer = self._peer(node)
+        peer.queue.append((payload, on_error))
+        if peer.pump is None or peer.pump.done():
+            peer.pump = self._loop.create_task(self._pump(peer))
+        else:
+            peer.wake.set()
+
+    def _peer(self, name: str) -> _Peer:
+        peer = self._peers.get(name)
+        if peer is None:
+            peer = self._peers[name] = _Peer(name)
+        return peer
+
+    def _fail_queue(self, peer: _Peer, reason: str) -> None:
+        while peer.queue:
+            _, on_error = peer.queue.popleft()
+            _safe_call(on_error, reason)
+
+    async def _pump(self, peer: _Peer) -> None:
+        """Write the peer's queue in order, dialling when there is no connection."""
+        try:
+            while True:
+                if not peer.queue:
+                    peer.wake.clear()
+                    await peer.wake.wait()
+                    continue
+                conn = peer.conn
+                if conn is None or conn.closed:
+                    try:
+                        conn = await self._dial(peer)
+                    except _DialFailed as e:
+                        log.info("cannot reach %s: %s", peer.name, e)
+                        self._fail_queue(peer, f"offline: {e}")
+                        continue
+                batch = []
+                size = 0
+                while peer.queue and size < SEND_BATCH:
+                    payload, _ = peer.queue.popleft()
+                    batch.append(payload)
+                    size += len(payload)
+                try:
+                    await conn.send_payloads(batch)
+                except (OSError, _Closed) as e:
+                    self._drop(conn, f"write failed: {e}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("network pump for %s failed", peer.name)
+            self._fail_queue(peer, "offline: internal network error")
+
+    # ---- dialling --------------------------------------------------------------------------------
+    async def _dial(self, peer: _Peer) -> _Conn:
+        """Return a usable connection to ``peer``, dialling it; raises _DialFailed."""
+        for attempt in range(2):
+            peer.dialling = True
+            try:
+                conn = await self._dial_once(peer)
+            finally:
+                peer.dialling = False
+            if conn is not None:
+                return conn
+            # Rejected as a duplicate: the peer's own connection to us is (about to be) the one.
+            got = await self._wait_for_conn(peer, self.handshake_timeout if attempt else 2.0)
+            if got is not None:
+                return got
+        raise _DialFailed(f"{peer.name} keeps refusing our connection as a duplicate")
+
+    async def _wait_for_conn(self, peer: _Peer, timeout: float) -> Optional[_Conn]:
+        if peer.conn is not None and not peer.conn.closed:
+            return peer.conn
+        fut = self._loop.create_future()
+        peer.waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if fut in peer.waiters:
+                peer.waiters.remove(fut)
+
+    async def _dial_once(self, peer: _Peer) -> Optional[_Conn]:
+        """Dial and handshake; the connection, or None if the peer rejected it as a duplicate."""
+        name = peer.name
+        try:
+            rec = await asyncio.to_thread(self.directory.lookup, name)
+        except Exception as e:
+            raise _DialFailed(f"directory lookup for {name} failed: {e}") from None
+        if rec is None:
+            raise _DialFailed(f"unknown node {name}")
+        if not rec.online:
+            raise _DialFailed(f"node {name} is not running")
+        if peer.conn is not None and not peer.conn.closed:
+            return peer.conn  # the peer dialled us meanwhile
+        where = f"{rec.host}:{rec.port}"
+        try:
+            infos = await self._loop.getaddrinfo(rec.host, rec.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise _DialFailed(f"cannot resolve {rec.host} for {name}: {e}") from None
+        last: Optional[BaseException] = None
+        sock = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                _tune(sock)
+                await asyncio.wait_for(self._loop.sock_connect(sock, addr), DIAL_TIMEOUT)
+                break
+            except (OSError, asyncio.TimeoutError) as e:
+                sock.close()
+                sock, last = None, e
+        if sock is None:
+            why = "timed out" if isinstance(last, asyncio.TimeoutError) else str(last)
+            raise _DialFailed(f"cannot connect to {name} at {where}: {why}")
+        conn = _Conn(self, sock, dialled=True, where=where)
+        try:
+            accepted = await asyncio.wait_for(self._initiate(conn, name, rec.public_key),
+                                              self.handshake_timeout)
+        except asyncio.TimeoutError:
+            conn.close()
+            raise _DialFailed(f"handshake with {name} at {where} timed out") from None
+        except _DialFailed:
+            conn.close()
+            raise
+        except (_ProtocolError, OSError, _Closed) as e:
+            conn.close()
+            raise _DialFailed(f"handshake with {name} at {where} failed: {e}") from None
+        except Exception as e:  # errors raised by the noise library on bad input
+            conn.close()
+            raise _DialFailed(f"handshake with {name} at {where} failed: {e!r}") from None
+        if not accepted or self._closing:
+            conn.close()
+            if self._closing:
+                raise _DialFailed("network stopped")
+            return None
+        return self._install(peer, conn)
+
+    async def _initiate(self, conn: _Conn, name: str, expected_key: bytes) -> bool:
+        noise = NoiseConnection.from_name(NOISE_PROTOCOL)
+        noise.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.private)
+        noise.set_prologue(PROLOGUE)
+        noise.set_as_initiator()
+        noise.start_handshake()
+        await conn.write_frame(noise.write_message())                      # -> e
+        hs = noise.noise_protocol.handshake_state
+        payload = noise.read_message(await conn.read_frame(HANDSHAKE_MAX))  # <- e, ee, s, es
+        claimed, instance = _parse_hello(payload)
+        remote_key = hs.rs.public_bytes
+        if claimed != name:
+            log.warning("dialled %s at %s but it claims to be %r; refusing", name, conn.where,
+                        claimed)
+            raise _DialFailed(f"the node at {conn.where} claims to be {claimed!r}, not {name}")
+        if remote_key != expected_key:
+            log.warning("dialled %s at %s but its key does not match the directory; refusing",
+                        name, conn.where)
+            raise _DialFailed(f"{name} at {conn.where} did not prove the key the directory holds")
+        await conn.write_frame(noise.write_message(self._hello))           # -> s, se
+        conn.set_keys(noise)
+        conn.peer_name, conn.instance = name, instance
+        reply = msgpack.unpackb(conn.decrypt_frame(await conn.read_frame(NOISE_MAX)), raw=False)
+        if not isinstance(reply, dict) or not isinstance(reply.get("accept"), bool):
+            raise _ProtocolError("bad handshake reply")
+        if not reply["accept"]:
+            reason = str(reply.get("reason", ""))
+            if reason == "duplicate":
+                log.debug("%s rejected our connection as a duplicate", name)
+                return False
+            raise _DialFailed(f"{name} refused the connection: {reason}")
+        return True
+
+    # ---- accepting -------------------------------------------------------------------------------
+    async def _accept_loop(self) -> None:
+        lsock = self._listener
+        while True:
+            try:
+                sock, addr = await self._loop.sock_accept(lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                _tune(sock)
+            except OSError:
+                sock.close()
+                continue
+            where = f"{addr[0]}:{addr[1]}"
+            self._spawn(self._handle_incoming(_Conn(self, sock, dialled=False, where=where)))
+
+    async def _handle_incoming(self, conn: _Conn) -> None:
+        try:
+            await asyncio.wait_for(self._respond(conn), self.handshake_timeout)
+        except asyncio.TimeoutError:
+            log.warning("dropping unauthenticated connection from %s: handshake timed out",
+                        conn.where)
+            conn.close()
+        except _Closed:
+            log.warning("dropping unauthenticated connection from %s: closed during handshake",
+                        conn.where)
+            conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as e:  # garbage, bad Noise messages, bad hello
+            log.warning("dropping unauthenticated connection from %s: bad handshake (%s)",
+                        conn.where, e or type(e).__name__)
+            conn.close()
+
+    async def _respond(self, conn: _Conn) -> None:
+        noise = NoiseConnection.from_name(NOISE_PROTOCOL)
+        noise.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.private)
+        noise.set_prologue(PROLOGUE)
+        noise.set_as_responder()
+        noise.start_handshake()
+        noise.read_message(await conn.read_frame(HANDSHAKE_MAX))           # -> e
+        await conn.write_frame(noise.write_message(self._hello))           # <- e, ee, s, es
+        hs = noise.noise_protocol.handshake_state  # dropped by the library once the handshake ends
+        payload = noise.read_message(await conn.read_frame(HANDSHAKE_MAX))  # -> s, se
+        claimed, instance = _parse_hello(payload)
+        remote_key = hs.rs.public_bytes
+        conn.set_keys(noise)
+        if claimed == self.our_name:
+            log.warning("refused connection from %s claiming our own name %r", conn.where, claimed)
+            conn.close()
+            return
+        rec = await asyncio.to_thread(self.directory.lookup, claimed)
+        if rec is None or rec.public_key != remote_key:
+            log.warning("refused connection from %s claiming to be %r: %s", conn.where, claimed,
+                        "no such node in the directory" if rec is None
+                        else "its key does not match the directory")
+            conn.close()
+            return
+        if self._closing:
+            conn.close()
+            return
+        conn.peer_name, conn.instance = claimed, instance
+        peer = self._peer(claimed)
+        reason = self._judge_incoming(peer, conn)
+        if reason is not None:
+            log.debug("rejecting connection from %s: %s", claimed, reason)
+            conn.send_now(conn.encrypt_frame(msgpack.packb({"accept": False, "reason": reason})))
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            conn.close()
+            return
+        conn.send_now(conn.encrypt_frame(msgpack.packb({"accept": True, "reason": ""})))
+        self._install(peer, conn)
+
+    def _judge_incoming(self, peer: _Peer, conn: _Conn) -> Optional[str]:
+        """Decide whether an authenticated incoming connection replaces or loses to what we have.
+
+        None to accept it, or the reason to reject it. The rule is the same on both nodes, so
+        they agree: between two live connections of one run, the one dialled by the node whose
+        name sorts first wins. A connection from a restarted peer (new instance) always wins.
+        """
+        we_first = self.our_name < peer.name
+        cur = peer.conn
+        if cur is not None and not cur.closed:
+            if cur.instance != conn.instance:
+                self._drop(cur, "peer restarted")
+                return None
+            if cur.dialled and we_first:
+                return "duplicate"
+            # The peer dialled although we have a connection: it no longer uses that one.
+            self._drop(cur, "replaced by a new connection from the peer")
+            return None
+        if peer.dialling and we_first:
+            return "duplicate"  # our own dial wins; the peer will use it
+        return None
+
+    # ---- established connections -----------------------------------------------------------------
+    def _install(self, peer: _Peer, conn: _Conn) -> _Conn:
+        """Make ``conn`` the peer's connection and start reading it."""
+        cur = peer.conn
+        if cur is not None and not cur.closed and cur is not conn:
+            # Only reachable through a race the accept/reject reply should prevent; stay consistent.
+            if cur.instance == conn.instance and (cur.dialled == (self.our_name < peer.name)):
+                log.debug("keeping existing connection to %s; closing the newer one", peer.name)
+                conn.close()
+                return cur
+            self._drop(cur, "superseded")
+        conn.established = True
+        peer.conn = conn
+        conn.reader_task = self._loop.create_task(self._read(conn))
+        for fut in peer.waiters:
+            if not fut.done():
+                fut.set_result(conn)
+        peer.waiters.clear()
+        log.info("connected to %s (%s, %s)", peer.name, conn.where,
+                 "dialled" if conn.dialled else "accepted")
+        if peer.queue:
+            peer.wake.set()
+        return conn
+
+    async def _read(self, conn: _Conn) -> None:
+        try:
+            await conn.read_loop()
+        except asyncio.CancelledError:
+            raise
+        except _ProtocolError as e:
+            log.warning("dropping connection to %s: %s", conn.label, e)
+            self._drop(conn, str(e))
+        except (_Closed, OSError) as e:
+            self._drop(conn, str(e) or type(e).__name__)
+        except Exception as e:
+            log.exception("reading from %s failed", conn.label)
+            self._drop(conn, repr(e))
+
+    def _drop(self, conn: _Conn, reason: str) -> None:
+        """Close ``conn``; if it was a peer's established connection, report the peer lost."""
+        if conn.closed:
+            return
+        conn.close()
+        if conn.reader_task is not None and conn.reader_task is not asyncio.current_task():
+            conn.reader_task.cancel()
+        peer = self._peers.get(conn.peer_name) if conn.peer_name else None
+        if peer is not None and peer.conn is conn:
+            peer.conn = None
+            if not self._closing:
+                log.info("connection to %s lost: %s", conn.label, reason)
+                _safe_call(self.on_peer_lost, peer.name)
+
+    def _received(self, conn: _Conn, km: KernelMessage) -> None:
+        if km.source.node != conn.peer_name:
+            log.warning("dropped message from %s claiming source node %r", conn.label,
+                        km.source.node)
+            return
+        if km.target.node != self.our_name:
+            log.warning("dropped message from %s for another node %r", conn.label,
+                        km.target.node)
+            return
+        _safe_call(self.on_message, km)
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def connected_peers(self) -> list:
+        """Names of peers with an established connection (a snapshot; any thread)."""
+        return sorted(name for name, p in list(self._peers.items())
+                      if p.conn is not None and not p.conn.closed)
+
+
+def _parse_hello(payload: bytes) -> tuple:
+    try:
+        hello = msgpack.unpackb(bytes(payload), raw=False)
+    except Exception as e:
+        raise _ProtocolError(f"undecodable handshake payload ({e})") from None
+    if not isinstance(hello, dict) or hello.get("v") != 1:
+        raise _ProtocolError("bad handshake payload")
+    name, instance = hello.get("name"), hello.get("instance")
+    if not isinstance(name, str) or not name or len(name) > 255:
+        raise _ProtocolError("bad node name in handshake payload")
+    if not isinstance(instance, bytes) or len(instance) != INSTANCE_LEN:
+        raise _ProtocolError("bad instance in handshake payload")
+    return name, instance
+
+
+def _safe_call(fn: Callable, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("network callback %r failed", fn)

@@ -1,0 +1,119 @@
+"""The node's terminal: output from processes and the node, and the command lines users type.
+
+A line is run like Kinode's terminal: `script:package:publisher rest of line` starts that script
+of that package and sends it the rest of the line. A few built-in commands help run the node
+(`help` lists them). The same lines can be sent from another shell through the node's control
+socket (`python -m host run ...`), which streams the output back.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import threading
+from typing import TYPE_CHECKING, Callable, Optional, TextIO
+
+from host.types import Address, ParseError, ProcessId
+
+if TYPE_CHECKING:
+    from host.node import Node
+
+HELP = """\
+Commands:
+  SCRIPT:PACKAGE:PUBLISHER ARGS   run a package's terminal script, e.g.
+                                  list_files:file_transfer:template.os fake2.dev
+                                  download:file_transfer:template.os my_file.txt fake2.dev
+  m ADDRESS BODY                  send BODY (text, e.g. JSON) as a request to ADDRESS
+                                  (NODE@PROCESS:PACKAGE:PUBLISHER)
+  ps                              list running processes
+  kill PROCESS:PACKAGE:PUBLISHER  stop a process
+  scripts                         list the scripts of installed packages
+  verbosity N                     show process output up to verbosity N (default 0)
+  help                            this text
+  exit                            stop the node"""
+
+# C0/C1 control characters other than tab: printed escaped so a peer's text cannot drive the terminal
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def sanitize(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class Terminal:
+    def __init__(self, out: TextIO = sys.stdout):
+        self.out = out
+        self.verbosity = 0
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[str], None]] = []
+
+    # ---- output ------------------------------------------------------------------------------
+    def emit(self, line: str) -> None:
+        with self._lock:
+            try:
+                self.out.write(line + "\n")
+                self.out.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone (closed pipe): keep running for the control socket
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn(line)
+
+    def process_output(self, pid: ProcessId, text: str, verbosity: int = 0) -> None:
+        if verbosity > self.verbosity:
+            return
+        prefix = f"{pid.package_name}:{pid.publisher_node}"
+        for line in text.split("\n"):
+            self.emit(f"{prefix}: {sanitize(line)}")
+
+    def info(self, text: str) -> None:
+        for line in text.split("\n"):
+            self.emit(sanitize(line))
+
+    def error(self, text: str) -> None:
+        self.emit(f"error: {sanitize(text)}")
+
+    def subscribe(self, fn: Callable[[str], None]) -> Callable[[], None]:
+        with self._lock:
+            self._listeners.append(fn)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if fn in self._listeners:
+                    self._listeners.remove(fn)
+        return unsubscribe
+
+    # ---- input -------------------------------------------------------------------------------
+    def run_line(self, node: "Node", line: str) -> Optional[ProcessId]:
+        """Run one command line; returns the pid of a started script, if any."""
+        line = line.strip()
+        if not line:
+            return None
+        head, _, rest = line.partition(" ")
+        rest = rest.strip()
+        try:
+            if head == "help":
+                self.info(HELP)
+            elif head == "exit":
+                node.request_stop()
+            elif head == "ps":
+                self.info(node.describe_processes())
+            elif head == "scripts":
+                self.info("\n".join(node.list_scripts()) or "no scripts installed")
+            elif head == "verbosity":
+                self.verbosity = int(rest)
+                self.info(f"verbosity is now {self.verbosity}")
+            elif head == "kill":
+                pid = ProcessId.parse(rest)
+                self.info(f"stopping {pid}" if node.kernel.kill(pid) else f"no process {pid}")
+            elif head == "m":
+                target, _, body = rest.partition(" ")
+                node.send_message(Address.parse(target), body.strip())
+            elif head.count(":") == 2:
+                return node.run_script(ProcessId.parse(head), rest)
+            else:
+                self.error(f"unknown command {head!r}; type `help` for the list")
+        except (ParseError, ValueError) as e:
+            self.error(str(e))
+        except Exception as e:  # a command must never take the node down
+            self.error(f"{head}: {e}")
+        return None

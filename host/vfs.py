@@ -1,0 +1,906 @@
+"""The VFS service `vfs:distro:sys`: files under `HOME/vfs/<package:publisher>/<drive>/...`.
+
+A request body is JSON `{"path": "/package:publisher/drive/rest", "action": ...}` (serde's externally
+tagged form, see KINODE.md); file data travels in the blob. `Vfs.handle` turns one request into a
+`VfsResult` (JSON body, optional blob, capabilities the kernel must grant) and never raises.
+
+Design notes
+- Paths are split on `/`; empty and `.` parts collapse, `..`, NUL and backslashes are refused. The
+  first part is a package id, the second the drive. Every path is then resolved with `realpath` and
+  must stay inside the real drive directory (a symlink leading out of its drive is refused); files are
+  opened by their resolved path with O_NOFOLLOW, so a symlink swapped in afterwards fails with ELOOP.
+- Each `(process, path)` pair has its own handle: a raw fd plus our own cursor, used with
+  pread/pwrite. A lock per handle keeps a close (by `forget`, `RemoveFile`, `Rename` ...) from
+  racing an operation on that fd; a small set of locks striped by inode serialises writes to one
+  file so `Append` never loses data to a concurrent writer and failed writes can be rolled back.
+- Capabilities: a process may use its own package's drives; anything else needs `has_cap` to accept
+  `{"kind": "read"|"write", "drive": "/pkg:pub/drive"}` (write implies read).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import stat
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import blake3
+
+from host.types import PackageId, ParseError, ProcessId
+
+__all__ = ["Vfs", "VfsResult"]
+
+CHUNK = 1 << 20                   # piece size for Hash and CopyFile
+MAX_OFFSET = 2**63 - 1            # largest file offset the OS accepts (off_t)
+U64_MAX = 2**64 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+_MAX_IO = 0x7FFFF000              # Linux caps one read/write call at this many bytes
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # so a FIFO inside a drive can never block an open
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+# Actions whose unit form is a bare string, and which need only a "read" capability.
+_UNIT_ACTIONS = frozenset({
+    "CreateDrive", "CreateDir", "CreateDirAll", "CreateFile", "CloseFile", "Write", "WriteAll",
+    "Append", "SyncAll", "Read", "ReadDir", "ReadToEnd", "ReadToString", "RemoveFile", "RemoveDir",
+    "RemoveDirAll", "Metadata", "Len", "Hash",
+})
+_ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen"})
+# Actions served through the caller's handle: an existing handle needs no path resolution.
+_HANDLE_ACTIONS = frozenset({
+    "Read", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Write", "WriteAll", "Append", "SetLen",
+    "SyncAll",
+})
+MAX_PATH_BYTES = 4096
+_READ_ACTIONS = frozenset({
+    "Read", "ReadDir", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Metadata", "Len", "Hash",
+    "CloseFile",
+})
+
+
+@dataclass
+class VfsResult:
+    body: bytes                       # JSON response body
+    blob: Optional[bytes] = None      # file data for Read-like responses
+    grant: list = field(default_factory=list)  # capability params the kernel must grant the caller
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+class _Err(Exception):
+    """An `Err` response; `err` is the VfsError value (a bare string for unit variants)."""
+
+    def __init__(self, err: Any):
+        super().__init__(err)
+        self.err = err
+
+
+def _bad_json(msg: str) -> _Err:
+    return _Err({"BadJson": {"error": msg}})
+
+
+def _bad_request(msg: str) -> _Err:
+    return _Err({"BadRequest": {"error": msg}})
+
+
+def _io_error(msg: str, path: str) -> _Err:
+    return _Err({"IOError": {"error": msg, "path": path}})
+
+
+def _no_cap(action: str, path: str) -> _Err:
+    return _Err({"NoCap": {"action": action, "path": path}})
+
+
+_ERRNO_TEXT = {
+    errno.ENOENT: "no such file or directory",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "not a directory",
+    errno.ELOOP: "refusing to follow a symlink",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTEMPTY: "directory not empty",
+    errno.EEXIST: "already exists",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EFBIG: "file too large",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files in the system",
+    errno.EINVAL: "invalid argument",
+    errno.EXDEV: "cannot move between file systems",
+    errno.EIO: "input/output error",
+    errno.EBADF: "file is not open for writing",
+}
+
+
+def _os_text(e: OSError) -> str:
+    if e.errno in _ERRNO_TEXT:
+        return _ERRNO_TEXT[e.errno]
+    if e.errno:
+        return os.strerror(e.errno).lower()
+    return str(e) or type(e).__name__
+
+
+def _from_os(e: OSError, path: str, doing: str = "") -> _Err:
+    """Map an OSError on `path` to NotFound (ENOENT) or IOError with a readable message."""
+    if e.errno == errno.ENOENT and not doing:
+        return _Err("NotFound")
+    text = _os_text(e)
+    return _io_error(f"{doing}: {text}: {path}" if doing else f"{text}: {path}", path)
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:        # a lone surrogate somewhere: fall back to \u escapes
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _err_result(err: Any) -> VfsResult:
+    return VfsResult(_dumps({"Err": err}))
+
+
+_OK = b'"Ok"'
+
+
+# ---- request parsing -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _VPath:
+    package: PackageId
+    drive: str
+    rest: tuple
+
+    @property
+    def text(self) -> str:
+        """`pkg:pub/drive/rest`: the form used in responses, errors and as the handle key."""
+        return "/".join((str(self.package), self.drive) + self.rest)
+
+    @property
+    def drive_text(self) -> str:
+        return f"/{self.package}/{self.drive}"
+
+    @property
+    def is_drive_root(self) -> bool:
+        return not self.rest
+
+
+def _parse_path(raw: Any) -> _VPath:
+    if not isinstance(raw, str):
+        raise _bad_json(f"`path` must be a string, got {_json_type(raw)}")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad_request("path is not valid unicode") from None
+    shown = raw if len(raw) <= 200 else raw[:200] + "..."
+    if len(raw.encode("utf-8")) > MAX_PATH_BYTES:
+        raise _bad_request(f"path is longer than {MAX_PATH_BYTES} bytes: {shown!r}")
+    if "\x00" in raw:
+        raise _bad_request(f"path contains a NUL byte: {shown!r}")
+    if "\\" in raw:
+        raise _bad_request(f"path contains a backslash: {shown!r}")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _bad_request(f"path may not contain '..': {shown!r}")
+    if not parts:
+        raise _bad_request("empty path: expected /package:publisher/drive/...")
+    try:
+        package = PackageId.parse(parts[0])
+    except ParseError as e:
+        raise _Err({"ParseError": {"error": str(e), "path": shown}}) from None
+    if len(parts) < 2:
+        raise _bad_request(f"path names no drive: {shown!r} (expected /package:publisher/drive/...)")
+    return _VPath(package, parts[1], tuple(parts[2:]))
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    return "an object"
+
+
+def _int(v: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad_json(f"{what} must be an integer, got {_json_type(v)}")
+    if not lo <= v <= hi:
+        raise _bad_json(f"{what} must be between {lo} and {hi}")
+    return v
+
+
+def _parse_action(a: Any) -> tuple:
+    """-> (name, argument). Mirrors serde: unit variants as "Name" (or {"Name": null})."""
+    if isinstance(a, str):
+        if a in _UNIT_ACTIONS:
+            return a, None
+        if a in _ARG_ACTIONS:
+            raise _bad_json(f"action {a} needs an argument, e.g. {{\"{a}\": ...}}")
+        raise _bad_json(f"unknown action {a[:100]!r}")
+    if not isinstance(a, dict) or len(a) != 1:
+        raise _bad_json("`action` must be a string or an object with exactly one key")
+    (name, arg), = a.items()
+    if name in _UNIT_ACTIONS:
+        if arg is not None:
+            raise _bad_json(f"action {name} takes no argument")
+        return name, None
+    if name == "OpenFile":
+        if not isinstance(arg, dict) or not isinstance(arg.get("create"), bool):
+            raise _bad_json('OpenFile expects {"create": true|false}')
+        return name, arg["create"]
+    if name == "ReadExact":
+        return name, _int(arg, "ReadExact length", 0, U64_MAX)
+    if name == "SetLen":
+        return name, _int(arg, "SetLen length", 0, U64_MAX)
+    if name == "Seek":
+        sf = arg.get("seek_from") if isinstance(arg, dict) else None
+        if not isinstance(sf, dict) or len(sf) != 1:
+            raise _bad_json('Seek expects {"seek_from": {"Start"|"End"|"Current": n}}')
+        (whence, n), = sf.items()
+        if whence == "Start":
+            return name, (whence, _int(n, "Seek Start offset", 0, U64_MAX))
+        if whence in ("End", "Current"):
+            return name, (whence, _int(n, f"Seek {whence} offset", I64_MIN, I64_MAX))
+        raise _bad_json(f"unknown seek origin {str(whence)[:100]!r} (expected Start, End or Current)")
+    if name in ("Rename", "CopyFile"):
+        if not isinstance(arg, dict) or not isinstance(arg.get("new_path"), str):
+            raise _bad_json(f'{name} expects {{"new_path": "/package:publisher/drive/..."}}')
+        return name, arg["new_path"]
+    raise _bad_json(f"unknown action {str(name)[:100]!r}")
+
+
+# ---- low-level I/O ----------------------------------------------------------------------------------
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _pread_exact(fd: int, n: int, pos: int) -> bytes:
+    data = os.pread(fd, min(n, _MAX_IO), pos)
+    if len(data) == n or len(data) < min(n, _MAX_IO):
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        b = os.pread(fd, min(n - got, _MAX_IO), pos + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _pread_to_eof(fd: int, pos: int) -> bytes:
+    """From `pos` to the end of the file as fstat sees it now, in one pread (below 2 GiB).
+
+    Reading exactly the known size avoids shrinking an over-sized buffer (a copy of the whole
+    result); data appended after the fstat is left for the next read."""
+    want = os.fstat(fd).st_size - pos
+    if want <= 0:
+        return b""
+    return _pread_exact(fd, want, pos)
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view[:_MAX_IO], pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        pos += n
+
+
+class _Handle:
+    __slots__ = ("fd", "pos", "lock", "closed", "key")
+
+    def __init__(self, fd: int, key: str):
+        self.fd = fd
+        self.pos = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        self.key = key
+
+
+@dataclass
+class _Loc:
+    real: str        # fully resolved path (inside the drive)
+    link: str        # resolved parent + final name: the directory entry itself
+    drive: str       # resolved drive directory
+
+
+# ---- the service -------------------------------------------------------------------------------------
+
+class Vfs:
+    MAX_HANDLES_PER_PROCESS = 1024   # beyond this a process's least recently used handle is closed
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._root_s = str(self.root)
+        self._real_root = os.path.realpath(self._root_s)
+        self._lock = threading.Lock()            # guards _handles and _epoch
+        self._handles: dict = {}                 # ProcessId -> OrderedDict[key, _Handle]
+        self._epoch = 0                          # bumped whenever paths are removed/replaced
+        self._ino_locks = [threading.Lock() for _ in range(64)]
+
+    # ---- public API ---------------------------------------------------------------------------------
+    def drive_path(self, package_id: PackageId, drive: str) -> Path:
+        """HOME/vfs/<package:publisher>/<drive>."""
+        if (not drive or drive in (".", "..") or any(c in drive for c in "/\\\x00")):
+            raise ValueError(f"bad drive name {drive!r}")
+        return self.root / str(package_id) / drive
+
+    def forget(self, source: ProcessId) -> None:
+        """The process exited: close all its open handles."""
+        with self._lock:
+            procs = self._handles.pop(source, None)
+        for h in (procs or {}).values():
+            self._close(h)
+
+    def handle(self, source: ProcessId, has_cap: Callable[[dict], bool], body: bytes,
+               blob: Optional[bytes]) -> VfsResult:
+        try:
+            return self._handle(source, has_cap, body, blob)
+        except _Err as e:
+            return _err_result(e.err)
+        except MemoryError:
+            return _err_result({"IOError": {"error": "out of memory", "path": ""}})
+        except OSError as e:                     # should not happen: every OS call maps its own
+            return _err_result({"IOError": {"error": _os_text(e), "path": ""}})
+        except BaseException as e:               # noqa: BLE001 - handle() must never raise
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            try:
+                text = f"internal error: {type(e).__name__}: {e}"[:500]
+            except Exception:                    # noqa: BLE001
+                text = "internal error"
+            return _err_result({"BadRequest": {"error": text}})
+
+    # ---- dispatch -----------------------------------------------------------------------------------
+    def _handle(self, source: ProcessId, has_cap, body, blob) -> VfsResult:
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            raise _bad_json("request body must be bytes")
+        if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise _Err("BadBytes")
+        try:
+            req = json.loads(bytes(body).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise _bad_json(f"request body is not UTF-8: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise _bad_json(f"request body is not valid JSON: {e}"[:300]) from None
+        if not isinstance(req, dict):
+            raise _bad_json('request body must be an object {"path": ..., "action": ...}')
+        if "path" not in req:
+            raise _bad_json("missing field `path`")
+        if "action" not in req:
+            raise _bad_json("missing field `action`")
+        name, arg = _parse_action(req["action"])
+        vp = _parse_path(req["path"])
+
+        if name == "CreateDrive":
+            return self._create_drive(source, vp)
+        if name in ("Rename", "CopyFile"):
+            new = _parse_path(arg)
+            self._check_cap(source, has_cap, vp, "write", name)
+            self._check_cap(source, has_cap, new, "write", name)
+            if vp.is_drive_root or new.is_drive_root:
+                raise _bad_request(f"{name} cannot move or replace a drive root: "
+                                   f"{vp.drive_text if vp.is_drive_root else new.drive_text}")
+            src, dst = self._locate(vp), self._locate(new)
+            return (self._rename if name == "Rename" else self._copy)(vp, src, new, dst)
+
+        kind = "read" if name in _READ_ACTIONS or (name == "OpenFile" and not arg) else "write"
+        self._check_cap(source, has_cap, vp, kind, name)
+        if name in ("RemoveDir", "RemoveDirAll") and vp.is_drive_root \
+                and source.package_id != vp.package:
+            raise _no_cap(name, vp.text)
+        if name == "CloseFile":
+            self._drop(source, vp.text)
+            return VfsResult(_OK)
+        if blob is None and name in ("Write", "WriteAll", "Append"):
+            raise _bad_request("no blob")
+        data = b"" if blob is None else blob if isinstance(blob, bytes) else bytes(blob)
+        # handle actions resolve the path only when they must open a new handle
+        loc = None if name in _HANDLE_ACTIONS else self._locate(vp)
+        return getattr(self, f"_a_{name}")(source, vp, loc, arg, data)
+
+    def _check_cap(self, source: ProcessId, has_cap, vp: _VPath, kind: str, action: str) -> None:
+        if source.package_id == vp.package:
+            return
+
+        def ask(k: str) -> bool:
+            try:
+                return bool(has_cap({"kind": k, "drive": vp.drive_text}))
+            except Exception:                    # noqa: BLE001 - a failing check is a refusal
+                return False
+
+        if kind == "read" and ask("read"):
+            return
+        if ask("write"):
+            return
+        raise _no_cap(action, vp.text)
+
+    def _locate(self, vp: _VPath) -> _Loc:
+        """Resolve symlinks; refuse anything that leaves the drive (or the drive leaving the root)."""
+        drive_dir = os.path.join(self._root_s, str(vp.package), vp.drive)
+        real_drive = os.path.realpath(drive_dir)
+        if real_drive == self._real_root or not _inside(real_drive, self._real_root):
+            raise _bad_request(f"drive {vp.drive_text} leads outside the VFS root")
+        if vp.is_drive_root:
+            return _Loc(real_drive, real_drive, real_drive)
+        parent = os.path.realpath(os.path.join(drive_dir, *vp.rest[:-1]))
+        link = os.path.join(parent, vp.rest[-1])
+        real = os.path.realpath(link)
+        if not (_inside(parent, real_drive) and _inside(real, real_drive)):
+            raise _bad_request(f"path leads outside its drive through a symlink: {vp.text}")
+        return _Loc(real, link, real_drive)
+
+    # ---- handles ------------------------------------------------------------------------------------
+    def _open_fd(self, loc: _Loc, vp: _VPath, create: bool, truncate: bool = False) -> int:
+        flags = os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK
+        if create:
+            flags |= os.O_CREAT
+        if truncate:
+            flags |= os.O_TRUNC
+        try:
+            try:
+                fd = os.open(loc.real, flags, 0o644)
+            except OSError as e:
+                # a read-only file can still be read: fall back to a read-only fd
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or truncate:
+                    raise
+                fd = os.open(loc.real, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as e:
+            os.close(fd)
+            raise _from_os(e, vp.text) from None
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise _io_error(f"{what}: {vp.text}", vp.text)
+        return fd
+
+    def _install(self, source: ProcessId, h: _Handle, epoch: Optional[int], replace: bool):
+        """Register a freshly opened handle. Returns the handle to use, or None to retry."""
+        dropped = []
+        result: Optional[_Handle] = h
+        with self._lock:
+            if epoch is not None and epoch != self._epoch:
+                dropped.append(h)
+                result = None
+            else:
+                procs = self._handles.setdefault(source, OrderedDict())
+                old = procs.get(h.key)
+                if old is not None and not replace:
+                    procs.move_to_end(h.key)
+                    dropped.append(h)
+                    result = old
+                else:
+                    if old is not None:
+                        dropped.append(procs.pop(h.key))
+                    procs[h.key] = h
+                    while len(procs) > self.MAX_HANDLES_PER_PROCESS:
+                        dropped.append(procs.popitem(last=False)[1])
+        for d in dropped:
+            self._close(d)
+        return result
+
+    def _handle_for(self, source: ProcessId, vp: _VPath, loc: Optional[_Loc], create: bool) -> _Handle:
+        for _ in range(16):
+            with self._lock:
+                procs = self._handles.get(source)
+                h = procs.get(vp.text) if procs else None
+                if h is not None:
+                    procs.move_to_end(vp.text)
+                    return h
+                epoch = self._epoch
+            fd = self._open_fd(loc or self._locate(vp), vp, create)
+            h = self._install(source, _Handle(fd, vp.text), epoch, replace=False)
+            if h is not None:
+                return h
+        raise _io_error(f"file keeps being replaced while opening it: {vp.text}", vp.text)
+
+    def _with_handle(self, source, vp, loc, fn, create: bool = False):
+        for _ in range(16):
+            h = self._handle_for(source, vp, loc, create)
+            with h.lock:
+                if h.closed:          # closed under us by a Rename/Remove/eviction: look again
+                    continue
+                try:
+                    return fn(h)
+                except OSError as e:
+                    raise _from_os(e, vp.text) from None
+        raise _io_error(f"file keeps being replaced while using it: {vp.text}", vp.text)
+
+    def _close(self, h: _Handle) -> None:
+        with h.lock:
+            if not h.closed:
+                h.closed = True
+                try:
+                    os.close(h.fd)
+                except OSError:
+                    pass
+
+    def _drop(self, source: ProcessId, key: str) -> None:
+        with self._lock:
+            procs = self._handles.get(source)
+            h = procs.pop(key, None) if procs else None
+            if procs is not None and not procs:
+                del self._handles[source]
+        if h is not None:
+            self._close(h)
+
+    def _sweep(self, *keys: str) -> None:
+        """Close every process's handles on these paths or below them (removed or replaced)."""
+        dropped = []
+        with self._lock:
+            self._epoch += 1
+            for source in list(self._handles):
+                procs = self._handles[source]
+                for k in [k for k in procs if any(k == p or k.startswith(p + "/") for p in keys)]:
+                    dropped.append(procs.pop(k))
+                if not procs:
+                    del self._handles[source]
+        for h in dropped:
+            self._close(h)
+
+    def _ino_lock(self, fd: int) -> threading.Lock:
+        st = os.fstat(fd)
+        return self._ino_locks[hash((st.st_dev, st.st_ino)) % len(self._ino_locks)]
+
+    # ---- actions without a handle -----------------------------------------------------------------
+    def _create_drive(self, source: ProcessId, vp: _VPath) -> VfsResult:
+        if source.package_id != vp.package:
+            raise _no_cap("CreateDrive", vp.text)
+        if not vp.is_drive_root:
+            raise _bad_request(f"CreateDrive expects /package:publisher/drive, got {vp.text}")
+        loc = self._locate(vp)
+        try:
+            os.makedirs(loc.real, exist_ok=True)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTDIR):
+                raise _Err("CreateDirError") from None
+            raise _from_os(e, vp.text, "cannot create drive") from None
+        self._locate(vp)   # re-check: nothing may have redirected it meanwhile
+        return VfsResult(_OK, None, [{"kind": "read", "drive": vp.drive_text},
+                                     {"kind": "write", "drive": vp.drive_text}])
+
+    def _a_CreateDir(self, source, vp, loc, arg, data):
+        try:
+            os.mkdir(loc.real, 0o755)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOENT):
+                raise _Err("CreateDirError") from None
+            raise _from_os(e, vp.text, "cannot create directory") from None
+        return VfsResult(_OK)
+
+    def _a_CreateDirAll(self, source, vp, loc, arg, data):
+        try:
+            os.makedirs(loc.real, 0o755, exist_ok=True)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTDIR):
+                raise _Err("CreateDirError") from None
+            raise _from_os(e, vp.text, "cannot create directory") from None
+        return VfsResult(_OK)
+
+    def _reopen(self, source, vp, loc, create: bool, truncate: bool) -> VfsResult:
+        """Give the caller a fresh handle (cursor 0), replacing any it had on this path."""
+        for _ in range(16):
+            with self._lock:
+                epoch = self._epoch
+            fd = self._open_fd(loc, vp, create=create, truncate=truncate)
+            if self._install(source, _Handle(fd, vp.text), epoch, replace=True) is not None:
+                return VfsResult(_OK)
+        raise _io_error(f"file keeps being replaced while opening it: {vp.text}", vp.text)
+
+    def _a_CreateFile(self, source, vp, loc, arg, data):
+        return self._reopen(source, vp, loc, create=True, truncate=True)
+
+    def _a_OpenFile(self, source, vp, loc, create, data):
+        return self._reopen(source, vp, loc, create=create, truncate=False)
+
+    def _a_ReadDir(self, source, vp, loc, arg, data):
+        try:
+            fd = os.open(loc.real, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        try:
+            entries = []
+            with os.scandir(fd) as it:
+                for ent in it:
+                    if ent.is_symlink():
+                        ft = "Symlink"
+                    elif ent.is_dir(follow_symlinks=False):
+                        ft = "Dir"
+                    elif ent.is_file(follow_symlinks=False):
+                        ft = "File"
+                    else:
+                        ft = "Other"
+                    name = ent.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                    entries.append((name, ft))
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        finally:
+            os.close(fd)
+        entries.sort()
+        return VfsResult(_dumps({"ReadDir": [{"path": f"{vp.text}/{n}", "file_type": t}
+                                             for n, t in entries]}))
+
+    def _lstat(self, loc: _Loc, vp: _VPath) -> os.stat_result:
+        try:
+            st = os.lstat(loc.real)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        if stat.S_ISLNK(st.st_mode):   # `real` is resolved: a link here was swapped in meanwhile
+            raise _io_error(f"refusing to follow a symlink: {vp.text}", vp.text)
+        return st
+
+    def _a_Metadata(self, source, vp, loc, arg, data):
+        st = self._lstat(loc, vp)
+        m = st.st_mode
+        ft = ("File" if stat.S_ISREG(m) else "Dir" if stat.S_ISDIR(m)
+              else "Symlink" if stat.S_ISLNK(m) else "Other")
+        return VfsResult(_dumps({"Metadata": {"file_type": ft, "len": st.st_size}}))
+
+    def _a_Len(self, source, vp, loc, arg, data):
+        st = self._lstat(loc, vp)
+        if not stat.S_ISREG(st.st_mode):
+            what = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise _io_error(f"{what}: {vp.text}", vp.text)
+        return VfsResult(_dumps({"Len": st.st_size}))
+
+    def _a_Hash(self, source, vp, loc, arg, data):
+        try:
+            fd = os.open(loc.real, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise _io_error(f"{what}: {vp.text}", vp.text)
+            hasher = blake3.blake3()
+            while True:
+                piece = os.read(fd, CHUNK)
+                if not piece:
+                    break
+                hasher.update(piece)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        finally:
+            os.close(fd)
+        return VfsResult(_dumps({"Hash": list(hasher.digest())}))
+
+    def _a_RemoveFile(self, source, vp, loc, arg, data):
+        try:
+            if stat.S_ISDIR(os.lstat(loc.link).st_mode):
+                raise _io_error(f"is a directory (use RemoveDir): {vp.text}", vp.text)
+            os.unlink(loc.link)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        self._sweep(vp.text)
+        return VfsResult(_OK)
+
+    def _a_RemoveDir(self, source, vp, loc, arg, data):
+        try:
+            os.rmdir(loc.link)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        self._sweep(vp.text)
+        return VfsResult(_OK)
+
+    def _a_RemoveDirAll(self, source, vp, loc, arg, data):
+        try:
+            st = os.lstat(loc.link)
+            if stat.S_ISLNK(st.st_mode):
+                os.unlink(loc.link)
+            elif stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(loc.link)
+            else:
+                raise _io_error(f"not a directory (use RemoveFile): {vp.text}", vp.text)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        finally:
+            self._sweep(vp.text)
+        return VfsResult(_OK)
+
+    def _rename(self, vp: _VPath, src: _Loc, new: _VPath, dst: _Loc) -> VfsResult:
+        try:
+            os.lstat(src.link)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        try:
+            os.rename(src.link, dst.link)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise _io_error(f"destination directory does not exist: {new.text}", new.text) from None
+            raise _from_os(e, new.text, f"cannot rename {vp.text}") from None
+        finally:
+            self._sweep(vp.text, new.text)
+        return VfsResult(_OK)
+
+    def _copy(self, vp: _VPath, src: _Loc, new: _VPath, dst: _Loc) -> VfsResult:
+        try:
+            sfd = os.open(src.real, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+        tmp = None
+        try:
+            mode = os.fstat(sfd).st_mode
+            if not stat.S_ISREG(mode):
+                what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise _io_error(f"{what}: {vp.text}", vp.text)
+            tmp = os.path.join(os.path.dirname(dst.link), f".vfs-copy-{secrets.token_hex(8)}")
+            try:
+                dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                              0o644)
+            except OSError as e:
+                tmp = None
+                if e.errno == errno.ENOENT:
+                    raise _io_error(f"destination directory does not exist: {new.text}",
+                                    new.text) from None
+                raise
+            try:
+                pos = 0
+                while True:
+                    piece = os.pread(sfd, CHUNK, pos)
+                    if not piece:
+                        break
+                    _pwrite_all(dfd, piece, pos)
+                    pos += len(piece)
+            finally:
+                os.close(dfd)
+            os.rename(tmp, dst.link)
+            tmp = None
+        except OSError as e:
+            raise _from_os(e, new.text, f"cannot copy {vp.text}") from None
+        finally:
+            os.close(sfd)
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        self._sweep(new.text)
+        return VfsResult(_OK)
+
+    # ---- actions on the caller's handle -----------------------------------------------------------
+    def _a_Read(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            out = _pread_to_eof(h.fd, 0)    # Kinode: the whole file, whatever the cursor
+            h.pos = len(out)
+            return VfsResult(b'"Read"', out)
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_ReadToEnd(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            out = _pread_to_eof(h.fd, h.pos)
+            h.pos += len(out)
+            return VfsResult(b'"Read"', out)
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_ReadExact(self, source, vp, loc, n, data):
+        def f(h: _Handle):
+            left = max(os.fstat(h.fd).st_size - h.pos, 0)
+            if n > left:
+                raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
+                                f"{left} available: {vp.text}", vp.text)
+            out = _pread_exact(h.fd, n, h.pos)
+            if len(out) != n:
+                raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
+                                f"{len(out)} available: {vp.text}", vp.text)
+            h.pos += n
+            return VfsResult(b'"Read"', out)
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_ReadToString(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            out = _pread_to_eof(h.fd, h.pos)
+            try:
+                text = out.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _io_error(f"file is not valid UTF-8 text: {vp.text}", vp.text) from None
+            h.pos += len(out)
+            return VfsResult(_dumps({"ReadToString": text}))
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_Seek(self, source, vp, loc, arg, data):
+        whence, n = arg
+
+        def f(h: _Handle):
+            base = 0 if whence == "Start" else h.pos if whence == "Current" else os.fstat(h.fd).st_size
+            new = base + n
+            if new < 0:
+                raise _bad_request(f"invalid seek to a negative position ({new}): {vp.text}")
+            if new > MAX_OFFSET:
+                raise _bad_request(f"invalid seek past the largest file offset ({new}): {vp.text}")
+            h.pos = new
+            return VfsResult(_dumps({"SeekFrom": new}))
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_Write(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            with self._ino_lock(h.fd):
+                os.ftruncate(h.fd, 0)
+                try:
+                    _pwrite_all(h.fd, data, 0)
+                except OSError:
+                    _quietly(os.ftruncate, h.fd, 0)   # all or nothing: leave an empty file
+                    raise
+            h.pos = len(data)
+            return VfsResult(_OK)
+        return self._with_handle(source, vp, loc, f, create=True)
+
+    def _a_WriteAll(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            end = h.pos + len(data)
+            if end > MAX_OFFSET:
+                raise _bad_request(f"write would pass the largest file offset: {vp.text}")
+            with self._ino_lock(h.fd):
+                old = os.fstat(h.fd).st_size
+                try:
+                    _pwrite_all(h.fd, data, h.pos)
+                except OSError:
+                    if end > old:
+                        _quietly(os.ftruncate, h.fd, old)   # undo any growth
+                    raise
+            h.pos = end
+            return VfsResult(_OK)
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_Append(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            with self._ino_lock(h.fd):
+                old = os.fstat(h.fd).st_size
+                if old + len(data) > MAX_OFFSET:
+                    raise _bad_request(f"append would pass the largest file offset: {vp.text}")
+                try:
+                    _pwrite_all(h.fd, data, old)
+                except OSError:
+                    _quietly(os.ftruncate, h.fd, old)
+                    raise
+            h.pos = old + len(data)
+            return VfsResult(_OK)
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_SetLen(self, source, vp, loc, n, data):
+        if n > MAX_OFFSET:
+            raise _bad_request(f"length {n} is larger than the largest file size: {vp.text}")
+
+        def f(h: _Handle):
+            with self._ino_lock(h.fd):
+                os.ftruncate(h.fd, n)
+            return VfsResult(_OK)
+        return self._with_handle(source, vp, loc, f)
+
+    def _a_SyncAll(self, source, vp, loc, arg, data):
+        def f(h: _Handle):
+            os.fsync(h.fd)
+            return VfsResult(_OK)
+        return self._with_handle(source, vp, loc, f)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass

@@ -1,0 +1,180 @@
+"""Wasm loading: one Engine and Linker for the node, compiled components cached on disk, and
+host-side linking of library components (an importer's interface satisfied by a library's export).
+
+Compiling a componentize-py component takes about 5 s; deserialising a cached artefact takes a few
+ms, so the cache (keyed by the wasm's BLAKE3, the wasmtime version and our engine settings) is what
+makes a warm start fast. `build.sh` fills it ahead of time with `python -m host.wasm PATH...`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import blake3
+import wasmtime
+from wasmtime import Config, Engine, WasmtimeError
+from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
+
+from host import fastbytes
+
+log = logging.getLogger("host.wasm")
+
+fastbytes.install()
+
+# The interfaces the host itself supplies; anything else a component imports must come from a
+# library component linked into its package.
+STANDARD = "kinode:process/standard@0.8.0"
+BLOBS = "kinode:process/blobs@0.8.0"
+HOST_INTERFACES = {STANDARD, BLOBS}
+EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
+# compiled artefacts depend on the wasmtime version and the engine settings
+_ENGINE_TAG = f"wasmtime{importlib.metadata.version('wasmtime')}-epoch"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KINODE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kinode-py" / "compiled"
+
+
+@dataclass
+class LoadedComponent:
+    component: Component
+    digest: str
+    imports: set[str]
+    # exported interface name -> {function name: export index path}; only for libraries
+    exports: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def needs(self) -> set[str]:
+        """Non-WASI, non-host interfaces this component imports."""
+        return {i for i in self.imports if not i.startswith("wasi:") and i not in HOST_INTERFACES}
+
+
+class MissingInterface(Exception):
+    pass
+
+
+class Runtime:
+    """The node's Engine, Linker and component cache."""
+
+    def __init__(self, cache_dir: Optional[Path] = None):
+        cfg = Config()
+        cfg.epoch_interruption = True
+        self.engine = Engine(cfg)
+        self.linker = Linker(self.engine)
+        self.linker.add_wasip2()
+        self.cache_dir = Path(cache_dir or default_cache_dir())
+        self._loaded: dict[str, LoadedComponent] = {}
+        self._lock = threading.RLock()
+        self._forwarded: set[str] = set()
+        self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(EPOCH_TICK)
+            self.engine.increment_epoch()
+
+    # ---- host imports ------------------------------------------------------------------------
+    def define(self, interface: str, funcs: dict[str, Callable]) -> None:
+        with self._lock:
+            with self.linker.root() as root:
+                with root.add_instance(interface) as inst:
+                    for name, fn in funcs.items():
+                        inst.add_func(name, fn)
+
+    def define_forwarders(self, lib: LoadedComponent, forward: Callable[[str, str], Callable]) -> None:
+        """Make every interface `lib` exports importable; `forward(iface, func)` builds the host
+        function that calls into the current process's instance of that library."""
+        for iface, names in lib.exports.items():
+            with self._lock:
+                if iface in self._forwarded:
+                    continue
+                self.define(iface, {n: forward(iface, n) for n in names})
+                self._forwarded.add(iface)
+
+    def instantiate(self, store, component: Component):
+        with self._lock:  # never while another thread is adding definitions
+            return self.linker.instantiate(store, component)
+
+    # ---- loading -----------------------------------------------------------------------------
+    def _cache_path(self, digest: str) -> Path:
+        return self.cache_dir / f"{digest[:32]}-{_ENGINE_TAG}.cwasm"
+
+    def load(self, wasm: bytes) -> LoadedComponent:
+        digest = blake3.blake3(wasm, max_threads=blake3.blake3.AUTO).hexdigest()
+        with self._lock:
+            hit = self._loaded.get(digest)
+        if hit:
+            return hit
+        path = self._cache_path(digest)
+        component = None
+        if path.exists():
+            try:
+                component = Component.deserialize_file(self.engine, str(path))
+            except WasmtimeError as e:
+                log.warning("compiled cache entry %s unusable (%s); recompiling", path.name, e)
+        if component is None:
+            t0 = time.perf_counter()
+            component = Component(self.engine, wasm)
+            log.info("compiled a %.1f MB component in %.1f s", len(wasm) / 1e6, time.perf_counter() - t0)
+            self._store_cache(path, component)
+        loaded = self._describe(component, digest)
+        with self._lock:
+            self._loaded[digest] = loaded
+        return loaded
+
+    def load_file(self, path: Path) -> LoadedComponent:
+        return self.load(Path(path).read_bytes())
+
+    def _store_cache(self, path: Path, component: Component) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(component.serialize())
+            os.replace(tmp, path)  # atomic: concurrent nodes never see half an artefact
+        except OSError as e:
+            log.warning("could not write compiled cache %s: %s", path, e)
+
+    def _describe(self, component: Component, digest: str) -> LoadedComponent:
+        ty = component.type
+        imports = set(ty.imports(self.engine))
+        exports: dict[str, list[str]] = {}
+        for name, ext in ty.exports(self.engine).items():
+            item = ext.ty
+            if isinstance(item, ComponentInstanceType) and ":" in name:  # interfaces, not internals
+                exports[name] = [f for f, fx in item.exports(self.engine).items() if isinstance(fx.ty, FuncType)]
+        return LoadedComponent(component, digest, imports, exports)
+
+    def check_links(self, comp: LoadedComponent, libs: list[LoadedComponent], what: str) -> None:
+        provided = set().union(*(set(lib.exports) for lib in libs)) if libs else set()
+        missing = sorted(comp.needs - provided)
+        if missing:
+            raise MissingInterface(
+                f"{what} imports {', '.join(missing)}, which no library linked into its package "
+                f"exports (add the library's wasm to the process's \"libraries\" in manifest.json)")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m host.wasm FILE...`: compile components into the cache ahead of time."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rt = Runtime()
+    for p in argv:
+        t0 = time.perf_counter()
+        rt.load_file(Path(p))
+        print(f"cached {p} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

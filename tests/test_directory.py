@@ -1,0 +1,146 @@
+"""The node directory: registration rules, staleness, the static peers file."""
+import json
+import logging
+import os
+import threading
+
+import pytest
+
+from host import directory as dirmod
+from host.directory import Directory, NameTaken, NodeRecord, default_directory_path
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(1, 33))
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A controllable clock for the directory's notion of time."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(dirmod, "_now", lambda: now[0])
+    return now
+
+
+@pytest.fixture
+def d(tmp_path):
+    return Directory(tmp_path / "dir" / "directory.sqlite")
+
+
+def test_register_and_lookup(d):
+    assert d.lookup("a.os") is None
+    d.register("a.os", KEY_A, "127.0.0.1", 9000)
+    assert d.lookup("a.os") == NodeRecord("a.os", KEY_A, "127.0.0.1", 9000, True)
+    assert (d.path.parent).is_dir()
+    with d._connect() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        pid, online = db.execute("SELECT pid, online FROM nodes").fetchone()
+    assert pid == os.getpid() and online == 1
+
+
+def test_same_key_may_reregister_any_time(d):
+    d.register("a.os", KEY_A, "127.0.0.1", 9000)
+    d.register("a.os", KEY_A, "127.0.0.1", 9001)  # a restart on another port
+    assert d.lookup("a.os").port == 9001
+
+
+def test_name_taken_while_holder_alive(d, clock):
+    d.register("a.os", KEY_A, "127.0.0.1", 9000)
+    clock[0] += 10
+    assert d.heartbeat("a.os", KEY_A)
+    clock[0] += 14  # 14 s since the heartbeat: still alive
+    with pytest.raises(NameTaken) as e:
+        d.register("a.os", KEY_B, "127.0.0.1", 9100)
+    assert "a.os" in str(e.value) and "already registered" in str(e.value)
+    assert e.value.name == "a.os"
+    assert d.lookup("a.os").public_key == KEY_A
+
+
+def test_reregister_after_clean_stop(d, clock, caplog):
+    d.register("a.os", KEY_A, "127.0.0.1", 9000)
+    d.unregister("a.os", KEY_B)  # someone else's key: no effect
+    assert d.lookup("a.os").online
+    d.unregister("a.os", KEY_A)
+    assert not d.lookup("a.os").online
+    with caplog.at_level(logging.WARNING, logger="host.directory"):
+        d.register("a.os", KEY_B, "10.0.0.2", 9100)
+    assert d.lookup("a.os") == NodeRecord("a.os", KEY_B, "10.0.0.2", 9100, True)
+    assert any("a.os re-registered with a new key; previous holder gone" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_reregister_after_staleness(d, clock, caplog):
+    d.register("a.os", KEY_A, "127.0.0.1", 9000)
+    clock[0] += dirmod.STALE_AFTER + 1
+    with caplog.at_level(logging.WARNING, logger="host.directory"):
+        d.register("a.os", KEY_B, "127.0.0.1", 9100)
+    assert d.lookup("a.os").public_key == KEY_B
+    assert any("re-registered with a new key" in r.getMessage() for r in caplog.records)
+    # The old holder's heartbeat no longer touches the record, nor does its unregister.
+    assert not d.heartbeat("a.os", KEY_A)
+    d.unregister("a.os", KEY_A)
+    assert d.lookup("a.os").online
+
+
+def test_bad_key_rejected(d):
+    with pytest.raises(ValueError):
+        d.register("a.os", b"short", "127.0.0.1", 9000)
+
+
+def test_concurrent_claims_one_winner(tmp_path):
+    path = tmp_path / "directory.sqlite"
+    Directory(path)
+    keys = [bytes([i]) * 32 for i in range(8)]
+    results = []
+
+    def claim(key):
+        try:
+            Directory(path).register("race.os", key, "127.0.0.1", 9000)
+            results.append(("ok", key))
+        except NameTaken:
+            results.append(("taken", key))
+
+    threads = [threading.Thread(target=claim, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [k for r, k in results if r == "ok"]
+    assert len(winners) == 1
+    assert Directory(path).lookup("race.os").public_key == winners[0]
+
+
+def test_peers_file(tmp_path, caplog):
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps([
+        {"name": "far.os", "public_key": KEY_B.hex(), "host": "192.0.2.7", "port": 9300},
+        {"name": "both.os", "public_key": KEY_B.hex(), "host": "192.0.2.8", "port": 9301},
+        {"name": "broken.os", "public_key": "zz", "host": "192.0.2.9", "port": 9302},
+        {"name": "noport.os", "public_key": KEY_B.hex(), "host": "192.0.2.9"},
+    ]))
+    d = Directory(tmp_path / "directory.sqlite", peers_file=peers)
+    d.register("both.os", KEY_A, "127.0.0.1", 9000)
+    with caplog.at_level(logging.WARNING, logger="host.directory"):
+        assert d.lookup("far.os") == NodeRecord("far.os", KEY_B, "192.0.2.7", 9300, True)
+        assert d.lookup("both.os") == NodeRecord("both.os", KEY_A, "127.0.0.1", 9000, True)
+        assert d.lookup("broken.os") is None
+        assert d.lookup("noport.os") is None
+        assert d.lookup("nobody.os") is None
+    assert sum("entry" in r.getMessage() for r in caplog.records) == 2
+    # The file is re-read when it changes.
+    peers.write_text(json.dumps([
+        {"name": "new.os", "public_key": KEY_A.hex(), "host": "192.0.2.10", "port": 9400}]))
+    os.utime(peers, ns=(1, 1))
+    assert d.lookup("new.os").port == 9400
+    assert d.lookup("far.os") is None
+
+
+def test_default_directory_path(tmp_path, monkeypatch):
+    target = tmp_path / "x" / "y" / "dir.sqlite"
+    monkeypatch.setenv("KINODE_DIRECTORY", str(target))
+    assert default_directory_path() == target
+    assert target.parent.is_dir()
+    monkeypatch.delenv("KINODE_DIRECTORY")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    p = default_directory_path()
+    assert p == tmp_path / "home" / ".local" / "share" / "kinode-py" / "directory.sqlite"
+    assert p.parent.is_dir()

@@ -1,0 +1,490 @@
+"""The network service: real nodes on loopback ports, plus raw sockets playing hostile peers."""
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+
+import msgpack
+import pytest
+from noise.connection import Keypair, NoiseConnection
+
+from host import net as netmod
+from host.directory import Directory, NameTaken
+from host.net import MAX_MESSAGE, Network, load_or_create_identity
+from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
+                        new_request_id)
+
+PROC = ProcessId.parse("chat:chat:template.os")
+
+
+class Node:
+    """A Network plus the queues its callbacks fill."""
+
+    def __init__(self, name, home, directory, port=0, **kw):
+        self.name = name
+        self.home = home
+        self.inbox = queue.Queue()
+        self.lost = queue.Queue()
+        self.identity = load_or_create_identity(home)
+        self.net = Network(name, self.identity, port, directory, self.inbox.put, self.lost.put,
+                           **kw)
+
+    def start(self):
+        self.net.start()
+        return self
+
+    def stop(self):
+        self.net.stop()
+
+    def send(self, km):
+        """Send and return a queue that receives the error, if any."""
+        errors = queue.Queue()
+        self.net.send(km, errors.put)
+        return errors
+
+    def recv(self, timeout=3.0):
+        return self.inbox.get(timeout=timeout)
+
+
+def addr(node, proc=PROC):
+    return Address(node, proc)
+
+
+def request(src, dst, body=b"hello", blob=None, **kw):
+    return KernelMessage(new_request_id(), addr(src), addr(dst), None, Request(body=body, **kw),
+                         blob)
+
+
+@pytest.fixture
+def directory(tmp_path):
+    return Directory(tmp_path / "directory.sqlite")
+
+
+@pytest.fixture
+def nodes(tmp_path, directory):
+    made = []
+
+    def make(name, start=True, home=None, **kw):
+        n = Node(name, home or tmp_path / name, kw.pop("directory", directory), **kw)
+        made.append(n)
+        return n.start() if start else n
+
+    yield make
+    for n in made:
+        n.stop()
+
+
+@pytest.fixture
+def pair(nodes):
+    return nodes("a.os"), nodes("b.os")
+
+
+def assert_quiet(q, wait=0.2):
+    with pytest.raises(queue.Empty):
+        q.get(timeout=wait)
+
+
+# ---- identity ------------------------------------------------------------------------------------
+def test_identity_persists_with_private_modes(tmp_path):
+    home = tmp_path / "home"
+    ident = load_or_create_identity(home)
+    assert len(ident.private) == 32 and len(ident.public) == 32
+    key_file = home / ".keys" / "networking.key"
+    assert key_file.read_bytes() == ident.private
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / ".keys").stat().st_mode) == 0o700
+    assert load_or_create_identity(home) == ident
+    assert ident.private.hex() not in repr(ident)
+    assert load_or_create_identity(tmp_path / "other").public != ident.public
+
+
+# ---- delivery ------------------------------------------------------------------------------------
+def test_round_trip_preserves_every_field(pair):
+    a, b = pair
+    blob = os.urandom(1 << 20)
+    km = KernelMessage(
+        2**64 - 1, addr("a.os"), addr("b.os", ProcessId.parse("vfs:distro:sys")),
+        addr("a.os", ProcessId.parse("terminal:terminal:sys")),
+        Request(inherit=True, expects_response=30, body=b"\x00\xffbody", metadata='{"offset": 7}',
+                capabilities=[Capability.make(addr("a.os"), {"root": True}),
+                              Capability(addr("b.os"), '"x"')]),
+        Blob("application/octet-stream", blob))
+    errors = a.send(km)
+    got = b.recv()
+    assert got == km
+    assert got.lazy_load_blob.bytes == blob
+    reply = KernelMessage(km.id, addr("b.os"), addr("a.os"), None,
+                          Response(inherit=False, body=b"ok", metadata=None,
+                                   capabilities=[Capability.make(addr("b.os"), ["read"])]),
+                          Blob(None, b""))
+    b.send(reply)
+    assert a.recv() == reply
+    assert_quiet(errors, 0)
+    # One connection serves both directions.
+    assert a.net.connected_peers() == ["b.os"] and b.net.connected_peers() == ["a.os"]
+    ca, cb = a.net._peers["b.os"].conn, b.net._peers["a.os"].conn
+    assert ca.sock.getsockname() == cb.sock.getpeername()
+
+
+def test_order_is_kept(pair):
+    a, b = pair
+    sent = [request("a.os", "b.os", body=str(i).encode()) for i in range(2000)]
+    for km in sent:
+        a.net.send(km, pytest.fail)
+    got = [b.recv() for _ in sent]
+    assert [k.id for k in got] == [k.id for k in sent]
+
+
+def test_loopback_to_own_node(nodes):
+    a = nodes("a.os")
+    km = request("a.os", "a.os")
+    a.send(km)
+    assert a.recv() == km
+
+
+def test_simultaneous_dial_keeps_one_connection(nodes):
+    for i in range(5):
+        a, b = nodes(f"a{i}.os"), nodes(f"b{i}.os")
+        go = threading.Barrier(2)
+
+        def fire(src, dst):
+            go.wait()
+            src.net.send(request(src.name, dst.name), pytest.fail)
+
+        threads = [threading.Thread(target=fire, args=(a, b)), threading.Thread(target=fire, args=(b, a))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert b.recv().source.node == a.name
+        assert a.recv().source.node == b.name
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            ca, cb = a.net._peers[b.name].conn, b.net._peers[a.name].conn
+            if ca and cb and ca.sock.getsockname() == cb.sock.getpeername():
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the two nodes did not settle on one connection")
+        # The connection kept is the one dialled by the name that sorts first.
+        assert ca.dialled and not cb.dialled
+        assert_quiet(a.lost, 0)
+        assert_quiet(b.lost, 0)
+        a.send(request(a.name, b.name, body=b"again"))
+        assert b.recv().message.body == b"again"
+        a.stop()
+        b.stop()
+
+
+# ---- failures at the sender ----------------------------------------------------------------------
+def test_unknown_node_is_offline_promptly(nodes):
+    a = nodes("a.os")
+    t0 = time.monotonic()
+    err = a.send(request("a.os", "ghost.os")).get(timeout=2)
+    assert err.startswith("offline:") and "ghost.os" in err
+    assert time.monotonic() - t0 < 1
+
+
+def test_stopped_or_dead_node_is_offline(nodes, directory):
+    a = nodes("a.os")
+    b = nodes("b.os")
+    b.stop()
+    err = a.send(request("a.os", "b.os")).get(timeout=2)
+    assert err.startswith("offline:")
+    # Registered and marked online, but nothing listens there (a crashed node).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    directory.register("dead.os", os.urandom(32), "127.0.0.1", dead_port)
+    err = a.send(request("a.os", "dead.os")).get(timeout=2)
+    assert err.startswith("offline:") and "cannot connect" in err
+
+
+def test_too_large_refused_at_sender_connection_stays(pair):
+    a, b = pair
+    a.send(request("a.os", "b.os"))
+    b.recv()
+    conn = a.net._peers["b.os"].conn
+    big = request("a.os", "b.os", blob=Blob(None, bytes(MAX_MESSAGE)))
+    size = len(msgpack.packb(big.to_wire()))
+    err = a.send(big).get(timeout=2)
+    assert err == f"message too large: {size} bytes > 10485800"
+    # A message just under the limit goes through, on the same connection.
+    fits = request("a.os", "b.os", body=b"", blob=Blob(None, b""))
+    room = MAX_MESSAGE - len(msgpack.packb(fits.to_wire())) - 8
+    fits.lazy_load_blob = Blob(None, os.urandom(room))
+    assert len(msgpack.packb(fits.to_wire())) <= MAX_MESSAGE
+    errors = a.send(fits)
+    assert b.recv(timeout=5) == fits
+    assert_quiet(errors, 0)
+    assert a.net._peers["b.os"].conn is conn
+    assert_quiet(a.lost, 0)
+
+
+# ---- peers coming and going ----------------------------------------------------------------------
+def test_peer_lost_and_redial_after_restart(nodes, tmp_path):
+    a, b = nodes("a.os"), nodes("b.os")
+    a.send(request("a.os", "b.os"))
+    b.recv()
+    b.stop()
+    assert a.lost.get(timeout=2) == "b.os"
+    assert a.net.connected_peers() == []
+    b2 = nodes("b.os", home=tmp_path / "b.os")  # same identity, new port
+    assert b2.identity == b.identity
+    assert b2.net.port != b.net.port or True
+    km = request("a.os", "b.os", body=b"after restart")
+    errors = a.send(km)
+    assert b2.recv() == km
+    assert_quiet(errors, 0)
+    b2.send(request("b.os", "a.os", body=b"back"))
+    assert a.recv().message.body == b"back"
+
+
+def test_restarted_peer_replaces_stale_connection(nodes, tmp_path):
+    """A peer that comes back before we noticed it left still gets through (new instance wins)."""
+    a, b = nodes("a.os"), nodes("b.os")
+    a.send(request("a.os", "b.os"))
+    b.recv()
+    old = b.net._peers["a.os"].conn
+    # Simulate b not yet having seen a's old connection go: a restarts "silently" by keeping its
+    # socket open in the old Network object while a new one with the same identity dials b.
+    a2 = Node("a.os", tmp_path / "a.os", b.net.directory).start()
+    try:
+        a2.send(request("a.os", "b.os", body=b"from the new a"))
+        assert b.recv().message.body == b"from the new a"
+        assert old.closed
+        assert b.lost.get(timeout=2) == "a.os"
+    finally:
+        a2.stop()
+
+
+def test_name_taken_and_port_clash_at_start(nodes, tmp_path):
+    a = nodes("a.os")
+    impostor = Node("a.os", tmp_path / "impostor", a.net.directory)
+    with pytest.raises(NameTaken):
+        impostor.net.start()
+    with pytest.raises(OSError):
+        Node("c.os", tmp_path / "c.os", a.net.directory, port=a.net.port).net.start()
+    # The impostor's failed start released its port.
+    port = impostor.net.port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+# ---- authentication ------------------------------------------------------------------------------
+def test_node_posing_as_another_name_is_refused(nodes, tmp_path, caplog):
+    a, b = nodes("a.os"), nodes("b.os")
+    # The impostor has its own directory where it registered "a.os" with its own key, and where
+    # b's real record is; b checks the claim against the real directory and refuses.
+    fake_dir = Directory(tmp_path / "fake.sqlite")
+    fake_dir.register("b.os", b.identity.public, "127.0.0.1", b.net.port)
+    impostor = nodes("a.os", home=tmp_path / "impostor", directory=fake_dir)
+    assert impostor.identity.public != a.identity.public
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        err = impostor.send(request("a.os", "b.os", body=b"forged")).get(timeout=3)
+    assert err.startswith("offline:")
+    assert_quiet(b.inbox)
+    assert any("claiming to be 'a.os'" in r.getMessage() and "key does not match" in r.getMessage()
+               for r in caplog.records)
+    # The real a.os still gets through.
+    a.send(request("a.os", "b.os", body=b"real"))
+    assert b.recv().message.body == b"real"
+
+
+def test_dialler_checks_name_and_key(nodes, tmp_path, caplog):
+    a, c = nodes("a.os"), nodes("c.os")
+    # An impostor "a.os" (own key, registered only in its own directory) listens too.
+    fake = nodes("a.os", home=tmp_path / "fake-a", directory=Directory(tmp_path / "fake.sqlite"))
+    # d's directory sends "x.os" to c's port (c answers as c.os) and "a.os" to the impostor's
+    # port, with a's real key, which the impostor cannot prove.
+    odd_dir = Directory(tmp_path / "odd.sqlite")
+    odd_dir.register("x.os", c.identity.public, "127.0.0.1", c.net.port)
+    odd_dir.register("a.os", a.identity.public, "127.0.0.1", fake.net.port)
+    d = nodes("d.os", directory=odd_dir)
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        err1 = d.send(request("d.os", "x.os")).get(timeout=3)
+        err2 = d.send(request("d.os", "a.os")).get(timeout=3)
+    assert err1.startswith("offline:") and "claims to be 'c.os'" in err1
+    assert err2.startswith("offline:") and "did not prove the key" in err2
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("claims to be 'c.os'" in m for m in msgs)
+    assert any("dialled a.os" in m and "key does not match" in m for m in msgs)
+    assert_quiet(c.inbox)
+    assert_quiet(fake.inbox, 0)
+    assert_quiet(a.inbox, 0)
+
+
+# ---- hostile sockets -----------------------------------------------------------------------------
+class RawPeer:
+    """A hand-driven Noise initiator, to send what a well-behaved node never would."""
+
+    def __init__(self, name, identity, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=3)
+        self.noise = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
+        self.noise.set_keypair_from_private_bytes(Keypair.STATIC, identity.private)
+        self.noise.set_prologue(netmod.PROLOGUE)
+        self.noise.set_as_initiator()
+        self.noise.start_handshake()
+        self.frame(self.noise.write_message())
+        self.noise.read_message(self.read_frame())
+        hello = msgpack.packb({"v": 1, "name": name, "instance": os.urandom(16)})
+        self.frame(self.noise.write_message(hello))
+        reply = msgpack.unpackb(self.noise.decrypt(self.read_frame()))
+        assert reply["accept"], reply
+
+    def frame(self, data):
+        self.sock.sendall(len(data).to_bytes(2, "big") + bytes(data))
+
+    def read_frame(self):
+        size = int.from_bytes(self._exact(2), "big")
+        return self._exact(size)
+
+    def _exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    def send_plain(self, data):
+        for i in range(0, len(data), netmod.CHUNK):
+            self.frame(self.noise.encrypt(data[i:i + netmod.CHUNK]))
+
+    def send_km(self, km):
+        payload = msgpack.packb(km.to_wire())
+        self.send_plain(len(payload).to_bytes(4, "big") + payload)
+
+
+def dropped(sock, timeout=2.0):
+    """True if the other side closes ``sock`` within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def still_serves(a, b, body):
+    a.send(request("a.os", "b.os", body=body))
+    assert b.recv().message.body == body
+
+
+def test_unauthenticated_garbage_is_dropped(nodes, caplog):
+    a = nodes("a.os")
+    b = nodes("b.os", handshake_timeout=0.5)
+    still_serves(a, b, b"before")
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        cases = {
+            "text": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "short noise message": b"\x00\x05hello",
+            "oversized handshake frame": b"\xff\xff" + os.urandom(1000),
+        }
+        for what, data in cases.items():
+            s = socket.create_connection(("127.0.0.1", b.net.port))
+            s.sendall(data)
+            assert dropped(s), what
+            s.close()
+            still_serves(a, b, what.encode())
+        # Half a handshake: a valid first message, then silence until the timeout.
+        s = socket.create_connection(("127.0.0.1", b.net.port))
+        n = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
+        n.set_keypair_from_private_bytes(Keypair.STATIC, os.urandom(32))
+        n.set_prologue(netmod.PROLOGUE)
+        n.set_as_initiator()
+        n.start_handshake()
+        m1 = n.write_message()
+        s.sendall(len(m1).to_bytes(2, "big") + m1)
+        still_serves(a, b, b"during half handshake")
+        assert dropped(s, timeout=3)
+        s.close()
+        # Connect and close at once.
+        socket.create_connection(("127.0.0.1", b.net.port)).close()
+        still_serves(a, b, b"after")
+
+        def count():
+            return sum("dropping unauthenticated connection" in r.getMessage()
+                       for r in caplog.records if r.name == "host.net")
+
+        deadline = time.monotonic() + 2
+        while count() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "host.net"]
+    assert count() == 5
+    assert any("timed out" in m for m in msgs)
+    assert_quiet(b.lost, 0)
+
+
+@pytest.mark.parametrize("attack, expect", [
+    ("oversized declared length", "declared message length"),
+    ("undecodable msgpack", "undecodable MessagePack"),
+    ("not a kernel message", "malformed kernel message"),
+    ("not a map", "not a map"),
+    ("bad ciphertext", "decryption failed"),
+])
+def test_authenticated_peer_breaking_protocol_is_dropped(nodes, directory, tmp_path, caplog,
+                                                         attack, expect):
+    a, b = nodes("a.os"), nodes("b.os")
+    evil_id = load_or_create_identity(tmp_path / "evil")
+    directory.register("evil.os", evil_id.public, "127.0.0.1", 1)
+    raw = RawPeer("evil.os", evil_id, b.net.port)
+    good = request("evil.os", "b.os", body=b"fine")
+    raw.send_km(good)
+    assert b.recv() == good
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        if attack == "oversized declared length":
+            raw.send_plain((MAX_MESSAGE + 1).to_bytes(4, "big") + b"\x80")
+        elif attack == "undecodable msgpack":
+            raw.send_plain(b"\x00\x00\x00\x01\xc1")
+        elif attack == "not a kernel message":
+            p = msgpack.packb({"id": 1, "source": "nope"})
+            raw.send_plain(len(p).to_bytes(4, "big") + p)
+        elif attack == "not a map":
+            p = msgpack.packb([1, 2, 3])
+            raw.send_plain(len(p).to_bytes(4, "big") + p)
+        elif attack == "bad ciphertext":
+            raw.frame(os.urandom(100))
+        assert dropped(raw.sock)
+        still_serves(a, b, b"still here")
+    assert any(expect in r.getMessage() and "evil.os" in r.getMessage() for r in caplog.records)
+    assert b.lost.get(timeout=2) == "evil.os"
+    assert_quiet(b.inbox, 0)
+
+
+def test_spoofed_source_is_dropped_connection_kept(nodes, directory, tmp_path, caplog):
+    b = nodes("b.os")
+    evil_id = load_or_create_identity(tmp_path / "evil")
+    directory.register("evil.os", evil_id.public, "127.0.0.1", 1)
+    raw = RawPeer("evil.os", evil_id, b.net.port)
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        raw.send_km(request("a.os", "b.os", body=b"spoofed"))
+        raw.send_km(request("evil.os", "c.os", body=b"misrouted"))
+        honest = request("evil.os", "b.os", body=b"honest")
+        raw.send_km(honest)
+        assert b.recv() == honest
+    assert_quiet(b.inbox, 0)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("claiming source node 'a.os'" in m for m in msgs)
+    assert any("for another node 'c.os'" in m for m in msgs)
+
+
+def test_rejects_messages_split_across_many_noise_frames(nodes, directory, tmp_path):
+    """The receiver reassembles a message however the sender splits the plaintext stream."""
+    b = nodes("b.os")
+    evil_id = load_or_create_identity(tmp_path / "peer")
+    directory.register("peer.os", evil_id.public, "127.0.0.1", 1)
+    raw = RawPeer("peer.os", evil_id, b.net.port)
+    kms = [request("peer.os", "b.os", body=bytes([i]) * (i * 1000)) for i in range(1, 6)]
+    stream = b"".join(len(p).to_bytes(4, "big") + p
+                      for p in (msgpack.packb(k.to_wire()) for k in kms))
+    for i in range(0, len(stream), 7):  # tiny frames that cut headers and bodies anywhere
+        raw.frame(raw.noise.encrypt(stream[i:i + 7]))
+    assert [b.recv() for _ in kms] == kms
