@@ -67,7 +67,9 @@ INSTANCE_LEN = 16
 
 SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
 OUT_KEEP = 4 << 20         # keep a connection's output buffer up to this size between rounds
-RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)
+HANDSHAKE_BUF = 2 * (NOISE_MAX + 2)        # receive buffer while unauthenticated
+RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)  # receive buffer once established
+MAX_HANDSHAKES = 256       # concurrent unauthenticated connections; more are closed at once
 SOCK_BUF = 4 << 20
 
 _NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly nonce: 32 zero bits + 64-bit little-endian counter
@@ -114,8 +116,13 @@ def load_or_create_identity(home: Path) -> Identity:
             log.info("created networking key %s", path)
         except FileExistsError:
             pass
+        except OSError:  # no hard links on this filesystem
+            if not path.exists():
+                os.replace(tmp, path)
+                log.info("created networking key %s", path)
         finally:
-            os.unlink(tmp)
+            if tmp.exists():
+                os.unlink(tmp)
     mode = path.stat().st_mode & 0o777
     if mode != 0o600:
         log.warning("networking key %s had mode %o; setting 0600", path, mode)
@@ -168,8 +175,8 @@ class _Conn:
         self._rfut: Optional[asyncio.Future] = None
         self._wfut: Optional[asyncio.Future] = None
         self.reader_task: Optional[asyncio.Task] = None
-        # receive buffer of whole/partial Noise messages
-        self.rbuf = bytearray(RECV_BUF)
+        # receive buffer of whole/partial Noise messages (small until authenticated)
+        self.rbuf = bytearray(HANDSHAKE_BUF)
         self.rmv = memoryview(self.rbuf)
         self.rstart = self.rend = 0
         # transport ciphers (after the handshake)
@@ -182,7 +189,7 @@ class _Conn:
         self.body: Optional[bytearray] = None
         self.body_mv: Optional[memoryview] = None
         self.have = 0
-        self.scratch = memoryview(bytearray(CHUNK))
+        self.scratch: Optional[memoryview] = None
         self.out = bytearray(0)
 
     def __repr__(self) -> str:
@@ -296,6 +303,17 @@ class _Conn:
             self.sock.close()
         except OSError:
             pass
+
+    def grow(self) -> None:
+        """Switch to the large receive buffer (once the peer is authenticated)."""
+        if len(self.rbuf) >= RECV_BUF:
+            return
+        pending = self.rbuf[self.rstart:self.rend]
+        self.rbuf = bytearray(RECV_BUF)
+        self.rmv = memoryview(self.rbuf)
+        self.rbuf[:len(pending)] = pending
+        self.rstart, self.rend = 0, len(pending)
+        self.scratch = memoryview(bytearray(CHUNK))
 
     # ---- transport -------------------------------------------------------------------------------
     def set_keys(self, noise: NoiseConnection) -> None:
@@ -436,7 +454,7 @@ class _Conn:
         try:
             km = KernelMessage.from_wire(wire)
         except (ParseError, ValueError, TypeError, KeyError) as e:
-            raise _ProtocolError(f"malformed kernel message ({e})") from None
+            raise _ProtocolError(f"bad kernel message ({e})") from None
         self.net._received(self, km)
 
 
@@ -479,13 +497,14 @@ class Network:
         self.advertise_host = advertise_host
         self.handshake_timeout = handshake_timeout
         self.heartbeat_every = heartbeat_every
-        self.instance = secrets.token_bytes(INSTANCE_LEN)
-        self._hello = msgpack.packb({"v": 1, "name": our_name, "instance": self.instance})
+        self.instance = b""
+        self._hello = b""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._listener: Optional[socket.socket] = None
         self._peers: dict[str, _Peer] = {}
         self._tasks: set = set()
+        self._handshakes = 0
         self._running = False
         self._closing = False
 
@@ -508,6 +527,11 @@ class Network:
             raise
         self._listener = lsock
         self._closing = False
+        self._peers = {}
+        self._tasks = set()
+        self._handshakes = 0
+        self.instance = secrets.token_bytes(INSTANCE_LEN)  # new per run: tells peers we restarted
+        self._hello = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"net-{self.our_name}", daemon=True)
         started = threading.Event()
@@ -542,6 +566,9 @@ class Network:
             log.warning("network shutdown: %r", e)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            log.warning("network thread of %s did not stop", self.our_name)
+            return
         try:
             loop.run_until_complete(loop.shutdown_default_executor())
         except Exception:
@@ -736,6 +763,9 @@ class Network:
             except (OSError, asyncio.TimeoutError) as e:
                 sock.close()
                 sock, last = None, e
+            except BaseException:  # cancelled (shutdown)
+                sock.close()
+                raise
         if sock is None:
             why = "timed out" if isinstance(last, asyncio.TimeoutError) else str(last)
             raise _DialFailed(f"cannot connect to {name} at {where}: {why}")
@@ -755,6 +785,9 @@ class Network:
         except Exception as e:  # errors raised by the noise library on bad input
             conn.close()
             raise _DialFailed(f"handshake with {name} at {where} failed: {e!r}") from None
+        except BaseException:  # cancelled (shutdown)
+            conn.close()
+            raise
         if not accepted or self._closing:
             conn.close()
             if self._closing:
@@ -807,15 +840,27 @@ class Network:
                 log.warning("accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
+            where = f"{addr[0]}:{addr[1]}"
+            if self._handshakes >= MAX_HANDSHAKES:
+                log.warning("dropping connection from %s: too many unauthenticated connections",
+                            where)
+                sock.close()
+                continue
             try:
                 _tune(sock)
             except OSError:
                 sock.close()
                 continue
-            where = f"{addr[0]}:{addr[1]}"
             self._spawn(self._handle_incoming(_Conn(self, sock, dialled=False, where=where)))
 
     async def _handle_incoming(self, conn: _Conn) -> None:
+        self._handshakes += 1
+        try:
+            await self._handle_incoming_inner(conn)
+        finally:
+            self._handshakes -= 1
+
+    async def _handle_incoming_inner(self, conn: _Conn) -> None:
         try:
             await asyncio.wait_for(self._respond(conn), self.handshake_timeout)
         except asyncio.TimeoutError:
@@ -910,6 +955,7 @@ class Network:
                 return cur
             self._drop(cur, "superseded")
         conn.established = True
+        conn.grow()
         peer.conn = conn
         conn.reader_task = self._loop.create_task(self._read(conn))
         for fut in peer.waiters:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -25,7 +26,8 @@ log = logging.getLogger("host.node")
 DEFAULT_HOME = "/tmp/kinode-fake-node"
 DEFAULT_PORT = 8080
 CONTROL_SOCKET = "node.sock"
-DONE = "\x00done"  # control-socket marker: the command's script has finished
+DONE = "\x00done"
+_ERROR_LINE = re.compile(r"^(?:[^ ]+: )?error: ")  # the node's or a package's error line  # control-socket marker: the command's script has finished
 
 
 class NodeError(Exception):
@@ -218,7 +220,6 @@ def run_remote(home: Path, command: str, wait: float = 1.0, until: Optional[str]
     `until` (a regex), until a line matches it. Returns (exit code, lines): 0 on success, 1 when an
     `error:` line was seen or `until` never matched, 2 when no node runs there.
     """
-    import re
     import select
     path = Path(home) / CONTROL_SOCKET
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -262,5 +263,5 @@ def run_remote(home: Path, command: str, wait: float = 1.0, until: Optional[str]
                     matched = True
             if matched:
                 break
-    failed = any(line.startswith("error:") for line in lines) or (pattern is not None and not matched)
+    failed = any(_ERROR_LINE.search(line) for line in lines) or (pattern is not None and not matched)
     return (1 if failed else 0), lines

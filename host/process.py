@@ -393,11 +393,15 @@ def send_response(response, blob) -> None:
 
 
 def send_and_await_response(target, request, blob):
+    return _send_and_await(target, request, py_blob(blob))
+
+
+def _send_and_await(target, request, blob: Optional[Blob]):
     p = _proc()
     req = py_request(request)
     if req.expects_response is None:
         req.expects_response = DEFAULT_AWAIT_TIMEOUT
-    p.kernel.send_request(p, py_address(target), req, None, py_blob(blob), awaited=True)
+    p.kernel.send_request(p, py_address(target), req, None, blob, awaited=True)
     item = p.await_box.get()
     if item is _STOP:
         raise WasmtimeError("process was stopped")
@@ -428,6 +432,10 @@ def current_blob_latin1():
 def send_request_with_current_blob(target, request, context) -> None:
     p = _proc()
     p.kernel.send_request(p, py_address(target), py_request(request), context, p.current_blob)
+
+
+def send_and_await_response_with_current_blob(target, request):
+    return _send_and_await(target, request, _proc().current_blob)
 
 
 def send_response_with_current_blob(response) -> None:
@@ -466,6 +474,7 @@ BLOBS_IMPORTS = {
     "current-blob-len": current_blob_len, "current-blob-hash": current_blob_hash,
     "current-blob-latin1": current_blob_latin1,
     "send-request-with-current-blob": send_request_with_current_blob,
+    "send-and-await-response-with-current-blob": send_and_await_response_with_current_blob,
     "send-response-with-current-blob": send_response_with_current_blob,
     "send-request-latin1": send_request_latin1, "send-response-latin1": send_response_latin1,
 }

@@ -289,8 +289,12 @@ class Request(_Builder):
             self._expects = 60
         if self._target is None:
             raise ValueError("request has no target")
+        target = to_wit_address(self._target)
         try:
-            source, msg = wit.send_and_await_response(to_wit_address(self._target), self._wit(), self._wit_blob())
+            if _blobs is not None and self._forward_blob:
+                source, msg = _blobs.send_and_await_response_with_current_blob(target, self._wit())
+            else:
+                source, msg = wit.send_and_await_response(target, self._wit(), self._wit_blob())
         except Err as e:
             raise _send_error(e.value, None) from None
         return _from_wit_message(source, msg)

@@ -1,0 +1,139 @@
+"""Fixtures that run real nodes: separate processes, temporary homes, their own directory DB."""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from host.node import run_remote  # noqa: E402
+
+FT_FILES = "vfs/file_transfer:template.os/files"
+TEST_PACKAGES = REPO / "tests" / "packages"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _require_built() -> None:
+    missing = [p for p in ("file_transfer", "file_transfer_worker", "file_transfer_worker_api", "list_files", "download")
+               if not (REPO / "components/file_transfer/pkg" / f"{p}.wasm").exists()]
+    if missing:
+        pytest.exit(f"components are not built ({', '.join(missing)}): run ./build.sh first", returncode=2)
+
+
+class NodeProc:
+    """A node running as its own OS process; its output is collected line by line."""
+
+    def __init__(self, name: str, home: Path, port: int, env: dict, extra_args: list[str]):
+        self.name, self.home, self.port = name, home, port
+        self.env = env
+        self.extra_args = extra_args
+        self.lines: list[str] = []
+        self._new: "queue.Queue[str]" = queue.Queue()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def files(self) -> Path:
+        return self.home / FT_FILES
+
+    def start(self, timeout: float = 60) -> "NodeProc":
+        cmd = [sys.executable, "-m", "host", "--node", self.name, "--home", str(self.home),
+               "--port", str(self.port), *self.extra_args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.expect(r"ready in|^error:", timeout)
+        if not any("ready in" in ln for ln in self.lines):
+            raise RuntimeError(f"{self.name} failed to start:\n" + "\n".join(self.lines))
+        return self
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            self._new.put(line)
+
+    def expect(self, pattern: str, timeout: float = 30) -> str:
+        """Wait for a NEW output line matching `pattern`; return it."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.name}: no line matching {pattern!r} in {timeout} s; output:\n"
+                                     + "\n".join(self.lines[-40:]))
+            try:
+                line = self._new.get(timeout=left)
+            except queue.Empty:
+                continue
+            if rx.search(line):
+                return line
+
+    def type(self, line: str) -> None:
+        """Type a line into the node's terminal (stdin)."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, command: str, wait: float = 0.5, until: str | None = None, timeout: float = 60) -> tuple[int, list[str]]:
+        """Run a command through the control socket, as `python -m host run` does."""
+        return run_remote(self.home, command, wait=wait, until=until, timeout=timeout)
+
+    def processes(self) -> list[str]:
+        _, lines = self.run("ps", wait=0.1)
+        return [ln.strip().split(" ")[0] for ln in lines if ln.startswith("  ")]
+
+    def workers(self) -> list[str]:
+        return [p for p in self.processes() if p.split(":")[0].isdigit()]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    _require_built()
+    env = dict(os.environ, KINODE_DIRECTORY=str(tmp_path / "directory.sqlite"), PYTHONUNBUFFERED="1")
+    made: list[NodeProc] = []
+
+    def make(name: str = "fake.dev", start: bool = True, extra_args: list[str] | None = None,
+             home: Path | None = None, port: int | None = None) -> NodeProc:
+        node = NodeProc(name, home or tmp_path / name, port or free_port(), env, extra_args or [])
+        made.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in made:
+        node.stop()
+
+
+@pytest.fixture
+def two_nodes(node_factory):
+    return node_factory("fake.dev"), node_factory("fake2.dev")

@@ -1,0 +1,92 @@
+"""One real node: start-up, the terminal, list_files, refusals, and the CLI's errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO, free_port
+
+
+def test_help_text():
+    out = subprocess.run([sys.executable, "-m", "host", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "--node" in out.stdout and "--port" in out.stdout and "/tmp/kinode-fake-node" in out.stdout
+
+
+def test_list_files_shows_each_file_with_its_size(node_factory):
+    node = node_factory("fake.dev")
+    node.files.mkdir(parents=True, exist_ok=True)
+    (node.files / "my_file.txt").write_text("hello world\n")
+    (node.files / "b.bin").write_bytes(b"\0" * 4096)
+    (node.files / "subdir").mkdir()
+    code, lines = node.run("list_files:file_transfer:template.os fake.dev")
+    assert code == 0, lines
+    assert "file_transfer:template.os: fake.dev available files:" in lines
+    rows = [ln.split(": ", 1)[1] for ln in lines if "\t\t" in ln]
+    assert rows == ["File\t\tSize (bytes)", "b.bin\t\t4096", "my_file.txt\t\t12"]
+
+
+def test_terminal_typed_lines_and_unknown_command(node_factory):
+    node = node_factory("fake.dev")
+    node.type("help")
+    node.expect(r"list_files:file_transfer:template.os fake2.dev")
+    node.type("frobnicate now")
+    node.expect(r"^error: unknown command 'frobnicate'; type `help`")
+    node.type("nosuch:file_transfer:template.os x")
+    node.expect(r"^error: .*has no script 'nosuch'")
+    node.type("list_files:file_transfer:template.os")
+    node.expect(r"file_transfer:template.os: error: usage: list_files")
+    assert node.alive()
+
+
+def test_download_from_yourself_is_refused_clearly(node_factory):
+    node = node_factory("fake.dev")
+    node.files.mkdir(parents=True, exist_ok=True)
+    (node.files / "a.txt").write_text("x")
+    code, lines = node.run("download:file_transfer:template.os a.txt fake.dev")
+    assert code == 1
+    assert any("a.txt is on this node already" in ln for ln in lines), lines
+    assert node.workers() == []
+
+
+def test_download_refuses_hostile_names_before_anything_starts(node_factory):
+    node = node_factory("fake.dev")
+    for name in ["../../etc/passwd", "a/b", ".hidden", "..", "a\\b"]:
+        code, lines = node.run(f"download:file_transfer:template.os {name} fake2.dev")
+        assert code == 1, (name, lines)
+        assert any("file name" in ln for ln in lines), (name, lines)
+    assert node.workers() == []
+
+
+def test_home_in_use_by_another_node_is_a_clear_error(node_factory):
+    first = node_factory("fake.dev")
+    out = subprocess.run([sys.executable, "-m", "host", "--node", "other.dev", "--home", str(first.home),
+                          "--port", str(free_port())], cwd=REPO, env=first.env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "is in use by another running node" in out.stderr
+
+
+def test_port_in_use_is_a_clear_error(node_factory, tmp_path):
+    first = node_factory("fake.dev")
+    out = subprocess.run([sys.executable, "-m", "host", "--node", "other.dev", "--home", str(tmp_path / "other"),
+                          "--port", str(first.port)], cwd=REPO, env=first.env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert f"cannot listen on port {first.port}" in out.stderr
+
+
+def test_run_against_no_node_says_so(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "host", "run", "--home", str(tmp_path), "ps"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "no node is running with home" in out.stdout
+
+
+def test_restart_keeps_files_and_identity(node_factory):
+    node = node_factory("fake.dev")
+    key = (node.home / ".keys" / "networking.key").read_bytes()
+    node.stop()
+    node.start()
+    assert (node.home / ".keys" / "networking.key").read_bytes() == key
+    assert "file_transfer:file_transfer:template.os" in node.processes()
