@@ -49,7 +49,7 @@ build_one() {  # package_dir process_dir
 
 echo "== building components"
 pids=()
-for pkg in components/*/; do
+for pkg in components/*/ tests/packages/*/; do
     pkg=${pkg%/}
     [ -f "$pkg/metadata.json" ] || continue
     for main in "$pkg"/*/main.py; do
@@ -62,5 +62,5 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 
 echo "== compiling components into the wasmtime cache"
-"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm
+"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm
 echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

@@ -29,8 +29,9 @@ def node_parser() -> argparse.ArgumentParser:
                    help="TCP port the node listens on for other nodes (default 8080)")
     p.add_argument("--home", type=Path, default=Path("/tmp/kinode-fake-node"),
                    help="the node's home folder: VFS, state, keys (default /tmp/kinode-fake-node)")
-    p.add_argument("--packages", type=Path, default=REPO / "components",
-                   help="folder of built packages to install and start (default: this repo's components/)")
+    p.add_argument("--packages", type=Path, action="append", default=None, metavar="DIR",
+                   help="folder of built packages to install and start; repeatable "
+                        "(default: this repo's components/)")
     p.add_argument("--directory", type=Path, default=None,
                    help="node directory database (default $KINODE_DIRECTORY or ~/.local/share/kinode-py/directory.sqlite)")
     p.add_argument("--peers", type=Path, default=None,
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
 
     from host.node import Node, NodeError
     t0 = time.perf_counter()
-    node = Node(args.node, args.home, args.port, args.packages, args.directory, args.peers, args.compute_limit)
+    node = Node(args.node, args.home, args.port, args.packages or [REPO / "components"], args.directory, args.peers, args.compute_limit)
     try:
         node.start()
     except NodeError as e:

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from host import packages
 from host.kernel import Kernel
@@ -35,13 +35,13 @@ class NodeError(Exception):
 
 
 class Node:
-    def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dir: Optional[Path] = None,
+    def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dirs: Sequence[Path] = (),
                  directory: Optional[Path] = None, peers_file: Optional[Path] = None,
                  compute_limit: float = 30.0, terminal: Optional[Terminal] = None, networking: bool = True):
         self.name = name
         self.home = Path(home).absolute()
         self.port = port
-        self.packages_dir = packages_dir
+        self.packages_dirs = list(packages_dirs)
         self.directory_path = directory
         self.peers_file = peers_file
         self.compute_limit = compute_limit
@@ -62,8 +62,11 @@ class Node:
         if self.networking:
             self._start_network()
         self._start_control()
-        if self.packages_dir is not None:
-            for src in packages.find_packages(self.packages_dir):
+        for folder in self.packages_dirs:
+            if not folder.is_dir():
+                self.terminal.error(f"packages folder {folder} does not exist (run ./build.sh?)")
+                continue
+            for src in packages.find_packages(folder):
                 try:
                     pkg = packages.install(self.kernel, src)
                     self.packages[str(pkg.id)] = pkg

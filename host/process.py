@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import re
 import threading
 import time
 import traceback
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("host.process")
 _current = threading.local()
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
 _STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
 DEFAULT_AWAIT_TIMEOUT = 60
 
@@ -235,9 +237,11 @@ class WasmProcess:
         head = text[0] if text else type(e).__name__
         if "epoch" in str(e) or "interrupt" in str(e):
             return f"trapped: used more than {self.kernel.compute_limit:g} s of compute without yielding"
-        tb = [ln for ln in self.stderr_tail if ln.strip()]
-        if tb:
-            return f"crashed: {tb[-1].strip()}"
+        log.info("%s stderr before it ended:\n%s", self.id, "\n".join(self.stderr_tail))
+        # a guest's uncaught Python exception: its traceback ends with "SomeError: message"
+        raised = [ln for ln in self.stderr_tail if _EXCEPTION_LINE.match(ln)]
+        if raised:
+            return f"crashed: {raised[-1].strip()}"
         return f"trapped: {head}"
 
     # ---- delivery (called by the kernel from any thread) -----------------------------------

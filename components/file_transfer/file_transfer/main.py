@@ -94,9 +94,13 @@ def _pid(p: dict) -> ProcessId:
     return ProcessId(p["process_name"], p["package_name"], p["publisher_node"])
 
 
-def handle_progress(msg: Message, req: dict, transfers: Transfers) -> None:
-    Response().body("Progress").send()
+def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers) -> None:
     name, progress = req.get("name"), req.get("progress")
+    if msg.source.node != our.node or msg.source.package_id() != our.package_id():
+        raise ValueError("Progress is taken only from this package's workers")
+    if not isinstance(progress, int) or not 0 <= progress <= 100 or check_name(name):
+        raise ValueError("malformed Progress")
+    Response().body("Progress").send()
     meta = msg.meta()
     key = (meta.get("peer"), name)
     if meta.get("done") or meta.get("error"):
@@ -127,7 +131,7 @@ def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfe
         elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
             handle_download(our, msg, body["Download"], files_dir, transfers)
         elif isinstance(body, dict) and isinstance(body.get("Progress"), dict):
-            handle_progress(msg, body["Progress"], transfers)
+            handle_progress(our, msg, body["Progress"], transfers)
         else:
             raise ValueError(f"unknown request from {msg.source}")
     elif isinstance(body, dict) and "ListFiles" in body:

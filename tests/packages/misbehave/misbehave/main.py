@@ -1,0 +1,65 @@
+# world: process-v0-ext
+"""A process that misbehaves when asked (by a terminal `m` command), for the fault tests."""
+import wit_world
+from wit_world.imports import standard
+
+from process_lib import Address, ProcessId, Request, SendError, await_message, println, run, to_wit_address
+
+FT = ProcessId("file_transfer", "file_transfer", "template.os")
+VFS = ProcessId("vfs", "distro", "sys")
+
+GARBAGE_BODIES = [b"\xff\xfe\x00garbage", b"{", b"[]", b"42", b'"Nope"', b'{"Download": 5}',
+                  b'{"Download": {"name": 7, "target": null, "is_requestor": "yes"}}',
+                  b'{"Chunk": {"name": "x", "offset": 0, "length": 99}}', b'{"Size": 1e400}',
+                  b'{"Progress": {"name": "x", "progress": 123456789012345678901234567890}}']
+VFS_BODIES = [b"garbage", b'{"path": 5, "action": "Read"}', b'{"path": "/misbehave:test.os/d", "action": {"Nope": 1}}',
+              b'{"path": "/misbehave:test.os/d/x", "action": {"ReadExact": -1}}',
+              b'{"path": "/misbehave:test.os/d/x", "action": {"SetLen": 1e30}}']
+ESCAPES = ["/misbehave:test.os/d/../../../etc/passwd", "/file_transfer:template.os/files/my_file.txt",
+           "/../etc/passwd", "/misbehave:test.os/d/a\\..\\..\\b"]
+
+
+def ask(target: Address, body: bytes) -> str:
+    try:
+        return Request.to(target).body(body).expects_response(3).send_and_await_response().body.decode("utf-8", "replace")
+    except SendError as e:
+        return f"no answer ({e.kind})"
+
+
+def main(our: Address) -> None:
+    println("begin")
+    while True:
+        try:
+            msg = await_message()
+        except SendError:
+            continue
+        cmd = msg.body.decode("utf-8", "replace").strip().strip('"')
+        if cmd == "ping":
+            println("pong")
+        elif cmd == "raise":
+            raise RuntimeError("asked to raise")
+        elif cmd == "spin":
+            n = 0
+            while True:
+                n += 1
+        elif cmd == "bigblob":
+            blob = standard.LazyLoadBlob(None, bytes(3 << 20))
+            standard.send_request(to_wit_address(our), standard.Request(False, None, b"x", None, []), None, blob)
+        elif cmd == "garbage":
+            for body in GARBAGE_BODIES:
+                println(f"file_transfer answered {body[:20]!r}: {ask(Address(our.node, FT), body)[:120]}")
+            for body in VFS_BODIES:
+                println(f"vfs answered {body[:20]!r}: {ask(Address(our.node, VFS), body)[:160]}")
+            println("garbage done")
+        elif cmd == "escape":
+            Request.to(Address(our.node, VFS)).body({"path": "/misbehave:test.os/d", "action": "CreateDrive"}) \
+                .send_and_await_response(3)
+            for path in ESCAPES:
+                answer = ask(Address(our.node, VFS), f'{{"path": "{path}", "action": "Read"}}'.replace("\\", "\\\\").encode())
+                println(f"escape {path}: {answer[:160]}")
+            println("escape done")
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        run(main, our)
