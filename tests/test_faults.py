@@ -64,3 +64,23 @@ def test_vfs_paths_cannot_escape_their_drive(node):
         assert '"Err"' in ln and "hello world" not in ln and "root:" not in ln, ln
     assert any("NoCap" in ln for ln in escapes if "file_transfer:template.os/files" in ln)
     still_serving(node)
+
+
+def test_state_survives_a_crash_and_a_node_restart(node):
+    node.expect(r"misbehave:test.os: begin", 30) if not any("misbehave:test.os: begin" in ln for ln in node.lines) else None
+    node.type(f'{MIS} "setstate seven"')
+    node.expect(r"misbehave:test.os: state saved")
+    node.type(f'{MIS} "raise"')
+    node.expect(r"misbehave:test.os: begin", 20)
+    node.type(f'{MIS} "getstate"')
+    node.expect(r"misbehave:test.os: state is seven")
+    node.stop()
+    node.start()
+    node.type(f'{MIS} "getstate"')
+    node.expect(r"misbehave:test.os: state is seven")
+
+
+def test_unanswered_request_times_out_with_its_context(node):
+    node.type(f'{MIS} "timeout"')
+    line = node.expect(r"misbehave:test.os: send error", 10)
+    assert "timeout" in line and "misbehave:misbehave:test.os" in line and "b'ctx-123'" in line

@@ -3,7 +3,8 @@
 import wit_world
 from wit_world.imports import standard
 
-from process_lib import Address, ProcessId, Request, SendError, await_message, println, run, to_wit_address
+from process_lib import (Address, ProcessId, Request, SendError, await_message, get_state, println, run, set_state,
+                         to_wit_address)
 
 FT = ProcessId("file_transfer", "file_transfer", "template.os")
 VFS = ProcessId("vfs", "distro", "sys")
@@ -31,11 +32,23 @@ def main(our: Address) -> None:
     while True:
         try:
             msg = await_message()
-        except SendError:
+        except SendError as e:
+            println(f"send error {e.kind} for {e.target} with context {e.context!r}")
             continue
         cmd = msg.body.decode("utf-8", "replace").strip().strip('"')
         if cmd == "ping":
             println("pong")
+        elif cmd.startswith("setstate "):
+            set_state(cmd.split(" ", 1)[1].encode())
+            println("state saved")
+        elif cmd == "getstate":
+            state = get_state()
+            println(f"state is {state.decode() if state is not None else None}")
+        elif cmd == "timeout":
+            # a request to ourselves that we never answer: the kernel must time it out, with its context
+            Request.to(our).body("unanswered").expects_response(1).context(b"ctx-123").send()
+        elif cmd == "unanswered":
+            pass
         elif cmd == "raise":
             raise RuntimeError("asked to raise")
         elif cmd == "spin":
