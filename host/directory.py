@@ -100,11 +100,21 @@ class Directory:
         self.peers_file = Path(peers_file) if peers_file is not None else None
         self._peers_cache: tuple[object, dict[str, NodeRecord]] = (None, {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+        # switching to WAL takes an exclusive lock that SQLite's busy timeout does not wait for,
+        # so nodes that start at the same moment on a new database retry here
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                with self._connect() as db:
+                    mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+                    if str(mode).lower() != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _connect(self) -> "_Conn":

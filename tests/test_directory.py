@@ -1,5 +1,6 @@
 """The node directory: registration rules, staleness, the static peers file."""
 import json
+from pathlib import Path
 import logging
 import os
 import threading
@@ -144,3 +145,19 @@ def test_default_directory_path(tmp_path, monkeypatch):
     p = default_directory_path()
     assert p == tmp_path / "home" / ".local" / "share" / "kinode-py" / "directory.sqlite"
     assert p.parent.is_dir()
+
+
+def test_nodes_starting_at_once_on_a_new_database(tmp_path):
+    """Several processes opening a brand-new directory at the same moment all succeed."""
+    import subprocess
+    import sys
+    db = tmp_path / "fresh.sqlite"
+    code = ("import sys; sys.path.insert(0, %r); from host.directory import Directory; "
+            "d = Directory(%r); d.register(sys.argv[1], bytes([int(sys.argv[2])]) * 32, '127.0.0.1', 1)")
+    repo = str(Path(__file__).resolve().parent.parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code % (repo, str(db)), f"n{i}.dev", str(i)],
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    d = Directory(db)
+    assert all(d.lookup(f"n{i}.dev") is not None for i in range(6))
