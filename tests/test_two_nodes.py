@@ -122,3 +122,46 @@ def test_a_node_claiming_another_nodes_name_is_refused(node_factory, tmp_path):
     with pytest.raises(RuntimeError, match="fake2.dev"):
         impostor.start(timeout=30)
     assert real.alive()
+
+
+def test_network_capability_is_enforced_both_ways(node_factory):
+    from conftest import REPO, TEST_PACKAGES
+    args = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
+    fake = node_factory("fake.dev", extra_args=args)
+    fake2 = node_factory("fake2.dev", extra_args=args)
+    # outgoing: misbehave did not request networking, so its request is refused at once
+    fake.type('m fake.dev@misbehave:misbehave:test.os "remote fake2.dev"')
+    fake.expect(r"^error: misbehave:misbehave:test.os has no network capability", 10)
+    fake.expect(r"misbehave:test.os: send error offline .*context b'remote'", 10)
+    # incoming: a remote request to a process without the network capability is dropped
+    fake.type('m fake2.dev@misbehave:misbehave:test.os "ping"')
+    fake.type('m fake.dev@misbehave:misbehave:test.os "ping"')
+    fake.expect(r"misbehave:test.os: pong", 10)
+    time.sleep(1)
+    assert not any("pong" in ln for ln in fake2.lines)
+
+
+def test_peer_restart_is_redialled(two_nodes):
+    fake, fake2 = two_nodes
+    assert fake.run("list_files:file_transfer:template.os fake2.dev")[0] == 0
+    fake2.stop()
+    code, lines = fake.run("list_files:file_transfer:template.os fake2.dev", timeout=20)
+    assert code == 1 and any("fake2.dev did not answer" in ln for ln in lines), lines
+    fake2.start()
+    code, lines = fake.run("list_files:file_transfer:template.os fake2.dev", timeout=20)
+    assert code == 0, lines
+
+
+def test_provider_vanishing_mid_transfer_fails_clearly_and_node_keeps_running(two_nodes):
+    fake, fake2 = two_nodes
+    fake2.files.mkdir(parents=True, exist_ok=True)
+    (fake2.files / "big.bin").write_bytes(os.urandom(300 << 20))
+    fake.type("download:file_transfer:template.os big.bin fake2.dev")
+    fake.expect(r"big\.bin progress: [1-9]", 60)
+    fake2.kill()
+    line = fake.expect(r"error: download of big\.bin from fake2\.dev failed", 90)
+    assert "resume" in line or "offline" in line or "acknowledg" in line or "no progress" in line, line
+    assert not (fake.files / "big.bin").exists()
+    time.sleep(0.5)
+    assert fake.workers() == []
+    assert fake.run("list_files:file_transfer:template.os fake.dev")[0] == 0

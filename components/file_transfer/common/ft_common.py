@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import unicodedata
 
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
+EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
 WINDOW = 8                 # chunks in flight per transfer
 ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving up
 HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size

@@ -13,25 +13,33 @@ from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
 from ft_common import STALL_TIMEOUT, check_name, human_size
-from process_lib import (Address, Message, ProcessId, Response, SendError, await_message, println, run,
+from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, print_to_terminal, println, run,
                          to_wit_address, vfs)
 
 
 class Transfers:
-    """Downloads in progress on this node, so the same file is not fetched twice at once."""
+    """Downloads in progress on this node, keyed by (peer node, file name): so the same file is not
+    fetched twice at once, and so `transfers` can list them and `cancel` can stop one."""
 
     def __init__(self):
-        self.active: dict[tuple, float] = {}
+        self.active: dict[tuple, dict] = {}
 
     def busy(self, key: tuple) -> bool:
-        seen = self.active.get(key)
-        return seen is not None and time.monotonic() - seen < STALL_TIMEOUT
+        t = self.active.get(key)
+        return t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT
 
-    def touch(self, key: tuple) -> None:
-        self.active[key] = time.monotonic()
+    def touch(self, key: tuple, **fields) -> dict:
+        t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": 0.0})
+        t.update(fields, seen=time.monotonic())
+        return t
 
     def end(self, key: tuple) -> None:
         self.active.pop(key, None)
+
+    def table(self) -> list:
+        now = time.monotonic()
+        return [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"]}
+                for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
 
 
 def ls_files(files_dir: vfs.Directory) -> list:
@@ -71,7 +79,7 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         if transfers.busy(key):
             Response().body({"Download": {"Err": f"{name} is already being downloaded from {target_addr.node}"}}).send()
             return
-        transfers.touch(key)
+        transfers.touch(key, worker=None)
     else:
         # we serve: refuse a missing file here, before a worker exists, and create nothing
         try:
@@ -105,9 +113,18 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     key = (meta.get("peer"), name)
     if meta.get("done") or meta.get("error"):
         transfers.end(key)
+        verbosity = 0
     else:
-        transfers.touch(key)
-    if meta.get("error"):
+        t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
+                            rate=meta.get("rate", 0.0))
+        now = time.monotonic()
+        # at most one progress line a second per transfer; every step at terminal verbosity 1
+        verbosity = 1 if now - t["printed"] < 1.0 and progress < 100 else 0
+        if verbosity == 0:
+            t["printed"] = now
+    if meta.get("error") == "cancelled":
+        println(f"download of {name} from {meta.get('peer')} cancelled")
+    elif meta.get("error"):
         println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
     elif meta.get("done"):
         secs = max(meta.get("secs", 0), 1e-9)
@@ -117,15 +134,42 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     elif "total" in meta:
         rate = meta.get("rate", 0)
         left = (meta["total"] - meta.get("bytes", 0)) / rate if rate else 0
-        println(f"{name} progress: {progress}% ({human_size(meta.get('bytes', 0))} of "
-                f"{human_size(meta['total'])}, {rate / 2**20:.1f} MiB/s, ETA {left:.0f} s)")
+        print_to_terminal(verbosity, f"{name} progress: {progress}% ({human_size(meta.get('bytes', 0))} of "
+                                     f"{human_size(meta['total'])}, {rate / 2**20:.1f} MiB/s, ETA {left:.0f} s)")
     else:
-        println(f"{name} progress: {progress}%")
+        print_to_terminal(verbosity, f"{name} progress: {progress}%")
+
+
+def handle_local(our: Address, msg: Message, body, transfers: Transfers) -> bool:
+    """This package's own scripts on this node (never a peer): `Transfers` and `Cancel`."""
+    if msg.source.node != our.node or msg.source.package_id() != our.package_id():
+        return False
+    if body == "Transfers":
+        Response().body({"Transfers": transfers.table()}).send()
+        return True
+    if isinstance(body, dict) and isinstance(body.get("Cancel"), dict):
+        name, node = body["Cancel"].get("name"), body["Cancel"].get("node")
+        matches = [k for k in transfers.active if k[1] == name and (node is None or k[0] == node)]
+        if len(matches) != 1:
+            why = "no transfer of" if not matches else "several transfers of"
+            Response().body({"Cancel": {"Err": f"{why} {name}{' from ' + node if node else ''}"}}).send()
+            return True
+        t = transfers.active[matches[0]]
+        if t["worker"] is None:
+            Response().body({"Cancel": {"Err": f"{name} has not started yet; try again"}}).send()
+            return True
+        (Request.to(t["worker"]).body({"Progress": {"name": name, "progress": 0}})
+         .metadata({"ft": 1, "cancel": True}).send())
+        Response().body({"Cancel": {"Ok": None}}).send()
+        return True
+    return False
 
 
 def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfers: Transfers) -> None:
     body = msg.json()
     if msg.is_request:
+        if handle_local(our, msg, body, transfers):
+            return
         if body == "ListFiles":
             Response().body({"ListFiles": ls_files(files_dir)}).send()
         elif isinstance(body, dict) and isinstance(body.get("Download"), dict):

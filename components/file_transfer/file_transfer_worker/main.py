@@ -12,7 +12,7 @@ import time
 
 import wit_world
 
-from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT, TICK, WINDOW,
+from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT, TICK, WINDOW,
                        check_name)
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message,
                          current_blob_hash, current_blob_len, println, run, vfs)
@@ -79,6 +79,8 @@ class Worker:
             return
         if self.role is None:
             raise ValueError(f"unexpected message before Download from {msg.source}")
+        if msg.is_request and msg.source == self.parent and msg.meta().get("cancel"):
+            raise Failed("cancelled", keep=False)
         self.role.handle(msg, body)
 
     def on_error(self, err: SendError) -> None:
@@ -112,6 +114,7 @@ class Requestor:
         self.last_report = 0.0
         self.last_percent = -1
         self.resumed_from = 0
+        self.keepalive_out = False
 
     def begin(self) -> None:
         vfs.open_dir(self.partial_dir, create=True)
@@ -125,6 +128,9 @@ class Requestor:
     def handle(self, msg: Message, body) -> None:
         w = self.w
         if not msg.is_request:
+            if msg.context and json.loads(msg.context) == "keepalive":
+                self.keepalive_out = False
+                return
             if isinstance(body, dict) and isinstance(body.get("Download"), dict):
                 result = body["Download"]
                 if "Err" in result:
@@ -210,13 +216,22 @@ class Requestor:
             Response().body("Progress").metadata({"ft": 1, "ack": offset}).send()
         self.w.last_activity = time.monotonic()
         self.chunks_since_save += 1
-        if self.ext and self.chunks_since_save >= 16:
+        if self.ext and self.chunks_since_save >= 4:
             self.file.sync_all()
             self.save_state(self.received)
             self.chunks_since_save = 0
         self.report()
+        self.keepalive()
         if self.received >= self.size:
             self.finish()
+
+    def keepalive(self) -> None:
+        """Keep one Progress request outstanding to the provider (ext peers only): if the
+        provider's node goes away, the kernel fails it at once and we learn of it."""
+        if self.ext and not self.keepalive_out and self.provider is not None:
+            (Request.to(self.provider).body({"Progress": {"name": self.w.name, "progress": self.last_percent}})
+             .metadata({"ft": 1}).expects_response(ACK_TIMEOUT).context("keepalive").send())
+            self.keepalive_out = True
 
     def report(self, **extra) -> None:
         now = time.monotonic()
@@ -254,6 +269,10 @@ class Requestor:
                 pass
 
     def fail(self, error: Failed) -> None:
+        if self.provider is not None and self.ext:
+            # tell the provider to stop now rather than after its ack timeout
+            (Request.to(self.provider).body({"Progress": {"name": self.w.name, "progress": max(self.last_percent, 0)}})
+             .metadata({"ft": 1, "error": str(error)}).send())
         if self.file is not None and error.keep and self.ext:
             try:
                 self.file.sync_all()
@@ -271,6 +290,9 @@ class Requestor:
         if what == "download":
             reason = "is offline" if err.kind == "offline" else f"did not answer within {HANDSHAKE_TIMEOUT} s"
             raise Failed(f"{self.peer_node} {reason}", keep=True)
+        if what == "keepalive":
+            reason = "went offline" if err.kind == "offline" else "stopped answering"
+            raise Failed(f"{self.peer_node} {reason} during the transfer", keep=True)
 
 
 class Provider:
@@ -300,7 +322,12 @@ class Provider:
 
     def handle(self, msg: Message, body) -> None:
         if msg.is_request:
-            raise ValueError("a provider takes no requests")
+            if msg.source == self.target and isinstance(body, dict) and "Progress" in body:
+                if msg.meta().get("error"):
+                    raise Failed(f"the requestor stopped: {msg.meta()['error']}", keep=False)
+                Response().body("Progress").send()  # the requestor's keepalive
+                return
+            raise ValueError("a provider takes only keepalives from its requestor")
         meta = msg.meta()
         if msg.context and json.loads(msg.context) == "size":
             offset = meta.get("offset", 0)
@@ -325,7 +352,7 @@ class Provider:
 
     def send_chunk(self) -> None:
         offset = self.next_offset
-        length = min(CHUNK_SIZE, self.size - offset)
+        length = min(EXT_CHUNK_SIZE if self.ext else CHUNK_SIZE, self.size - offset)
         try:
             got = self.file.read_at_to_blob(length)
         except vfs.VfsError as e:
@@ -373,9 +400,10 @@ def main(our: Address) -> None:
             failure = e if isinstance(e, Failed) else Failed(str(e))
             if isinstance(w.role, Requestor):
                 w.role.fail(failure)
+            elif isinstance(w.role, Provider):
+                println(f"upload of {w.name} to {w.peer.node} stopped: {failure}")
             else:
-                println(f"error: {'upload' if isinstance(w.role, Provider) else 'transfer'} of {w.name or '?'} "
-                        f"failed: {failure}")
+                println(f"error: transfer of {w.name or '?'} failed: {failure}")
             return
 
 

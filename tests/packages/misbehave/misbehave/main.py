@@ -47,6 +47,10 @@ def main(our: Address) -> None:
         elif cmd == "timeout":
             # a request to ourselves that we never answer: the kernel must time it out, with its context
             Request.to(our).body("unanswered").expects_response(1).context(b"ctx-123").send()
+        elif cmd.startswith("remote "):
+            # misbehave has no network capability: the kernel must refuse this
+            target = Address(cmd.split(" ", 1)[1], ProcessId("misbehave", "misbehave", "test.os"))
+            Request.to(target).body("ping").expects_response(5).context(b"remote").send()
         elif cmd == "unanswered":
             pass
         elif cmd == "raise":

@@ -1,0 +1,32 @@
+# world: process-v0-ext
+"""transfers: list this node's downloads in progress (node, file, bytes, rate, ETA)."""
+import wit_world
+
+from ft_common import human_size
+from process_lib import Address, ProcessId, Request, SendError, script
+
+
+def transfers(our: Address, args: str) -> str:
+    main = Address(our.node, ProcessId("file_transfer", our.process.package_name, our.process.publisher_node))
+    try:
+        answer = Request.to(main).body("Transfers").send_and_await_response(5).json()
+    except SendError as e:
+        raise ValueError(f"file_transfer did not answer ({e.kind})") from None
+    rows = answer.get("Transfers", []) if isinstance(answer, dict) else []
+    if not rows:
+        return "no transfers in progress"
+    lines = [f"{len(rows)} transfer(s) in progress:"]
+    for t in rows:
+        total, done, rate = t.get("total"), t.get("bytes", 0), t.get("rate", 0)
+        if total is None:
+            lines.append(f"  {t['name']} from {t['node']}: starting")
+            continue
+        eta = f"{(total - done) / rate:.0f} s" if rate else "?"
+        lines.append(f"  {t['name']} from {t['node']}: {human_size(done)} of {human_size(total)}, "
+                     f"{rate / 2**20:.1f} MiB/s, ETA {eta}")
+    return "\n".join(lines)
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        script(transfers, our)

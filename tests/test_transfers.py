@@ -1,0 +1,138 @@
+"""Transfers people can trust: resume, concurrency, changing files, cancel, hostile names, and
+workers that always end. Real nodes, real files, bytes compared."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+
+import pytest
+
+
+def sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def put(node, name: str, size: int) -> str:
+    node.files.mkdir(parents=True, exist_ok=True)
+    path = node.files / name
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+        f.write(os.urandom(size & ((1 << 20) - 1)))
+    return sha(path)
+
+
+def download(node, name: str, peer: str, timeout: float = 120) -> list[str]:
+    code, lines = node.run(f"download:file_transfer:template.os {name} {peer}",
+                           until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
+    assert code == 0, lines
+    return lines
+
+
+def no_workers(*nodes, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while any(n.workers() for n in nodes):
+        assert time.monotonic() < deadline, {n.name: n.workers() for n in nodes}
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("victim", ["provider", "requestor"])
+def test_resume_after_a_node_is_killed_mid_transfer(two_nodes, victim):
+    fake, fake2 = two_nodes
+    digest = put(fake2, "resume.bin", 100 << 20)
+    fake.type("verbosity 1")  # every progress step, not one a second
+    fake.type("download:file_transfer:template.os resume.bin fake2.dev")
+    fake.expect(r"resume\.bin progress: ([2-9]\d)%", 60)
+    (fake2 if victim == "provider" else fake).kill()
+    if victim == "provider":
+        fake.expect(r"error: download of resume\.bin from fake2\.dev failed", 30)
+    assert not (fake.files / "resume.bin").exists()  # never a partial file under the real name
+    (fake2 if victim == "provider" else fake).start()
+    lines = download(fake, "resume.bin", "fake2.dev")
+    resumed = [ln for ln in lines if "resuming at" in ln]
+    assert resumed, lines
+    offset = int(re.search(r"resuming at (\d+)", resumed[0]).group(1))
+    assert 0 < offset < 100 << 20
+    assert sha(fake.files / "resume.bin") == digest
+    no_workers(fake, fake2)
+
+
+def test_same_file_twice_at_once_second_is_refused(two_nodes):
+    fake, fake2 = two_nodes
+    digest = put(fake2, "twice.bin", 60 << 20)
+    fake.type("download:file_transfer:template.os twice.bin fake2.dev")
+    code, lines = fake.run("download:file_transfer:template.os twice.bin fake2.dev", timeout=20)
+    assert code == 1 and any("already being downloaded" in ln for ln in lines), lines
+    fake.expect(r"twice\.bin downloaded", 60)
+    assert sha(fake.files / "twice.bin") == digest
+    no_workers(fake, fake2)
+
+
+def test_eight_files_at_once_from_two_peers(node_factory):
+    fake = node_factory("fake.dev")
+    peers = [node_factory("p1.dev"), node_factory("p2.dev")]
+    want = {}
+    for i in range(8):
+        peer = peers[i % 2]
+        want[f"f{i}.bin"] = (peer.name, put(peer, f"f{i}.bin", (3 + i) << 20))
+    for name, (peer, _) in want.items():
+        fake.type(f"download:file_transfer:template.os {name} {peer}")
+    for _ in want:
+        fake.expect(r"f\d\.bin downloaded", 120)
+    for name, (_, digest) in want.items():
+        assert sha(fake.files / name) == digest, name
+    no_workers(fake, *peers)
+
+
+def test_a_file_that_changes_while_being_sent_is_detected(two_nodes):
+    fake, fake2 = two_nodes
+    put(fake2, "moving.bin", 300 << 20)
+    fake.type("download:file_transfer:template.os moving.bin fake2.dev")
+    fake.expect(r"moving\.bin progress: [1-9]", 60)
+    with open(fake2.files / "moving.bin", "r+b") as f:  # overwrite the tail, same size
+        f.seek(290 << 20)
+        f.write(os.urandom(10 << 20))
+    line = fake.expect(r"moving\.bin (downloaded|.*failed)", 120)
+    assert "failed" in line and ("changed" in line or "hash" in line), line
+    assert not (fake.files / "moving.bin").exists()
+    no_workers(fake, fake2)
+
+
+def test_cancel_and_list_transfers(two_nodes):
+    fake, fake2 = two_nodes
+    put(fake2, "slow.bin", 400 << 20)
+    fake.type("download:file_transfer:template.os slow.bin fake2.dev")
+    fake.expect(r"slow\.bin progress", 60)
+    code, lines = fake.run("transfers:file_transfer:template.os")
+    assert code == 0 and any(re.search(r"slow\.bin from fake2\.dev: .* of 400\.0 MiB", ln) for ln in lines), lines
+    code, lines = fake.run("cancel:file_transfer:template.os slow.bin fake2.dev")
+    assert code == 0, lines
+    line = fake.expect(r"slow\.bin from fake2\.dev (failed|cancelled)|slow\.bin downloaded", 30)
+    assert "cancelled" in line
+    assert not (fake.files / "slow.bin").exists()
+    no_workers(fake, fake2)
+    code, lines = fake.run("transfers:file_transfer:template.os")
+    assert any("no transfers in progress" in ln for ln in lines), lines
+    code, lines = fake.run("cancel:file_transfer:template.os nothing.bin")
+    assert code == 1 and any("no transfer of nothing.bin" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", "..", "bad\u0007name", "x\x1b[31m"])
+def test_provider_refuses_hostile_names_from_a_peer(two_nodes, name):
+    fake, fake2 = two_nodes
+    import json
+    target = {"node": "fake.dev", "process": {"process_name": "file_transfer", "package_name": "file_transfer",
+                                              "publisher_node": "template.os"}}
+    body = json.dumps({"Download": {"name": name, "target": target, "is_requestor": False}})
+    # the terminal sends as a system process, so this reaches fake2's file_transfer like a peer's request
+    fake.type(f"m fake2.dev@file_transfer:file_transfer:template.os {body}")
+    time.sleep(1.0)
+    assert fake2.workers() == []
+    assert fake2.alive()
+    assert not any("\x1b" in ln or "\x07" in ln for ln in fake2.lines + fake.lines)
