@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import time
 
@@ -37,7 +38,9 @@ def test_50_mib_random_file_arrives_identical(two_nodes):
                            until=r"big\.bin downloaded|error:", timeout=120)
     assert code == 0, lines
     assert sha256(fake.files / "big.bin") == sha256(src)
-    assert any("progress: 50%" in ln or "progress: 5" in ln for ln in lines)
+    assert any(re.search(r"big\.bin progress: \d+% \(.* of 50\.0 MiB, .* MiB/s, ETA", ln) for ln in lines), lines
+    assert any(re.search(r"big\.bin downloaded from fake2\.dev: 50\.0 MiB in .* s \(.* MiB/s\), blake3 [0-9a-f]{64}", ln)
+               for ln in lines), lines
 
 
 def test_download_from_a_node_that_is_not_running(node_factory):
