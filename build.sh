@@ -61,6 +61,18 @@ for pkg in components/*/ tests/packages/*/; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 
+# a package's links.txt names wasm files of other packages to bundle into its pkg/ (kit's -a)
+for links in components/*/links.txt; do
+    [ -f "$links" ] || continue
+    pkg=$(dirname "$links")
+    grep -v '^\s*\(#\|$\)' "$links" | while read -r rel; do
+        src=components/$rel
+        [ -f "$src" ] || { echo "error: $links names $rel, which was not built" >&2; exit 1; }
+        dest=$pkg/pkg/$(basename "$rel")
+        cmp -s "$src" "$dest" 2>/dev/null || { cp "$src" "$dest"; echo "   linked $src into $pkg/pkg/"; }
+    done
+done
+
 echo "== compiling components into the wasmtime cache"
 "$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm
 echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

@@ -222,9 +222,14 @@ class Kernel:
                       ) -> WasmProcess:
         """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text."""
         comp = self.load_vfs_wasm(wasm_path)
-        libs = [self.load_vfs_wasm(p) for p in lib_paths]
+        libs, absent = [], []
+        for path in lib_paths:
+            try:
+                libs.append(self.load_vfs_wasm(path))
+            except OSError:
+                absent.append(path)
         libs = [lib for lib in libs if set(lib.exports) & comp.needs]
-        self.runtime.check_links(comp, libs, f"process {pid}")
+        self.runtime.check_links(comp, libs, f"process {pid}", absent)
         for lib in libs:
             self.runtime.define_forwarders(lib, self._forwarder)
         caps = {c.normalised() for c in capabilities}

@@ -156,13 +156,15 @@ class Runtime:
                 exports[name] = [f for f, fx in item.exports(self.engine).items() if isinstance(fx.ty, FuncType)]
         return LoadedComponent(component, digest, imports, exports)
 
-    def check_links(self, comp: LoadedComponent, libs: list[LoadedComponent], what: str) -> None:
+    def check_links(self, comp: LoadedComponent, libs: list[LoadedComponent], what: str,
+                    absent: list[str] = ()) -> None:
         provided = set().union(*(set(lib.exports) for lib in libs)) if libs else set()
         missing = sorted(comp.needs - provided)
         if missing:
-            raise MissingInterface(
-                f"{what} imports {', '.join(missing)}, which no library linked into its package "
-                f"exports (add the library's wasm to the process's \"libraries\" in manifest.json)")
+            hint = (f"; its library {', '.join(absent)} is missing from the package" if absent else
+                    " (add the library's wasm to the package and to the process's \"libraries\" in manifest.json)")
+            raise MissingInterface(f"{what} imports {', '.join(missing)}, which no library linked into its "
+                                   f"package exports{hint}")
 
 
 def main(argv: list[str]) -> int:
