@@ -22,11 +22,11 @@ import wasmtime
 from wasmtime import Config, Engine, WasmtimeError
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
-from host import fastbytes
+from host import fastconv
 
 log = logging.getLogger("host.wasm")
 
-fastbytes.install()
+fastconv.install()
 
 # The interfaces the host itself supplies; anything else a component imports must come from a
 # library component linked into its package.
