@@ -54,6 +54,22 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _name_os_threads() -> None:
+    """Give each thread its Python name at the OS level too, so `top -H` and /proc show which
+    process, service or network loop is using the CPU."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        original = threading.Thread.run
+
+        def run(self):
+            libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+            original(self)
+        threading.Thread.run = run
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["run"]:
         args = run_parser().parse_args(argv[1:])
@@ -62,6 +78,7 @@ def main(argv: list[str]) -> int:
         return code
 
     args = node_parser().parse_args(argv)
+    _name_os_threads()
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

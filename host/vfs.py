@@ -25,6 +25,7 @@ import secrets
 import shutil
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,14 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
         pos += n
 
 
+# A large WriteAll is answered at once and written by a background thread ("write-behind"), so the
+# writing process handles its next message while the disk works. The process's next VFS request
+# waits for that write first, and is answered with its error if it failed (as an OS reports write
+# errors at the next call, or at fsync). The write holds the handle's lock, so nothing closes or
+# reuses the fd under it.
+WRITE_BEHIND_MIN = 256 * 1024
+
+
 class _Handle:
     __slots__ = ("fd", "pos", "lock", "closed", "key")
 
@@ -338,6 +347,8 @@ class Vfs:
         self._handles: dict = {}                 # ProcessId -> OrderedDict[key, _Handle]
         self._epoch = 0                          # bumped whenever paths are removed/replaced
         self._ino_locks = [threading.Lock() for _ in range(64)]
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vfs-write")
+        self._in_flight: dict = {}               # ProcessId -> (Future, path text): its write-behind
 
     # ---- public API ---------------------------------------------------------------------------------
     def drive_path(self, package_id: PackageId, drive: str) -> Path:
@@ -348,6 +359,7 @@ class Vfs:
 
     def forget(self, source: ProcessId) -> None:
         """The process exited: close all its open handles."""
+        self._settle(source)
         with self._lock:
             procs = self._handles.pop(source, None)
         for h in (procs or {}).values():
@@ -355,6 +367,9 @@ class Vfs:
 
     def handle(self, source: ProcessId, has_cap: Callable[[dict], bool], body: bytes,
                blob: Optional[bytes]) -> VfsResult:
+        failed = self._settle(source)
+        if failed is not None:
+            return failed
         try:
             return self._handle(source, has_cap, body, blob)
         except _Err as e:
@@ -371,6 +386,21 @@ class Vfs:
             except Exception:                    # noqa: BLE001
                 text = "internal error"
             return _err_result({"BadRequest": {"error": text}})
+
+    def _settle(self, source: ProcessId) -> Optional[VfsResult]:
+        """Wait for the process's write-behind; its failure becomes this answer."""
+        with self._lock:
+            pending = self._in_flight.pop(source, None)
+        if pending is None:
+            return None
+        future, path = pending
+        try:
+            future.result()
+        except OSError as e:
+            return _err_result(_from_os(e, path, "an earlier write failed").err)
+        except Exception as e:  # noqa: BLE001
+            return _err_result({"IOError": {"error": f"an earlier write failed: {e}", "path": path}})
+        return None
 
     # ---- dispatch -----------------------------------------------------------------------------------
     def _handle(self, source: ProcessId, has_cap, body, blob) -> VfsResult:
@@ -851,18 +881,31 @@ class Vfs:
         return self._with_handle(source, vp, loc, f, create=True)
 
     def _a_WriteAll(self, source, vp, loc, arg, data):
-        def f(h: _Handle):
-            end = h.pos + len(data)
-            if end > MAX_OFFSET:
-                raise _bad_request(f"write would pass the largest file offset: {vp.text}")
+        def write(h: _Handle, pos: int, end: int) -> None:
             with self._ino_lock(h.fd):
                 old = os.fstat(h.fd).st_size
                 try:
-                    _pwrite_all(h.fd, data, h.pos)
+                    _pwrite_all(h.fd, data, pos)
                 except OSError:
                     if end > old:
                         _quietly(os.ftruncate, h.fd, old)   # undo any growth
                     raise
+
+        def behind(h: _Handle, pos: int, end: int) -> None:
+            with h.lock:
+                if h.closed:
+                    raise OSError(errno.EBADF, "file was closed before the write")
+                write(h, pos, end)
+
+        def f(h: _Handle):
+            pos, end = h.pos, h.pos + len(data)
+            if end > MAX_OFFSET:
+                raise _bad_request(f"write would pass the largest file offset: {vp.text}")
+            if len(data) >= WRITE_BEHIND_MIN:
+                with self._lock:
+                    self._in_flight[source] = (self._writer.submit(behind, h, pos, end), vp.text)
+            else:
+                write(h, pos, end)
             h.pos = end
             return VfsResult(_OK)
         return self._with_handle(source, vp, loc, f)

@@ -1036,3 +1036,22 @@ def test_concurrent_readers_and_renamers_never_raise(vfs):
     assert not problems, problems[:5]
     for i in range(4):
         vfs.forget(ProcessId(f"r{i}", "app", "pub.os"))
+
+
+def test_large_write_all_is_written_behind_and_its_failure_reported_next(vfs, monkeypatch):
+    from host.vfs import WRITE_BEHIND_MIN
+    path = f"{DRIVE}/wb.bin"
+    ok(vfs, P, path, "CreateFile")
+    big = os.urandom(WRITE_BEHIND_MIN * 2)
+    ok(vfs, P, path, "WriteAll", big)
+    ok(vfs, P, path, "SyncAll")  # waits for the write behind
+    assert (vfs.root / "app:pub.os" / "data" / "wb.bin").read_bytes() == big
+    # a failing write-behind: answered Ok, then the process's next request carries the error
+    monkeypatch.setattr(os, "pwrite", _enospc)
+    ok(vfs, P, path, "WriteAll", big)
+    body = err(vfs, P, path, "SyncAll")
+    assert "an earlier write failed: no space left on device" in json.dumps(body)
+    monkeypatch.undo()
+    # the file was rolled back to its length before the failed write; the handle keeps working
+    assert ok(vfs, P, path, "Len")[0] == {"Len": len(big)}
+    ok(vfs, P, path, "SyncAll")

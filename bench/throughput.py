@@ -1,0 +1,172 @@
+"""File transfer benchmark: speed against scp, memory, and many small files.
+
+    .venv/bin/python bench/throughput.py [--gib 1] [--big-gib 4] [--small 1000]
+
+1. A random file of --gib GiB downloaded between two nodes on this machine, then the same file
+   copied with `scp -c aes128-gcm@openssh.com` to 127.0.0.1 (a private sshd on a free port; needs
+   Debian's openssh-server, else that line is skipped). Prints MiB/s and the ratio.
+2. A --big-gib GiB file: MiB/s and each node's peak memory (VmHWM), which must stay under 300 MB.
+3. --small files of 4 KiB downloaded with 8 downloads running at a time: files/s.
+Every download is checked by hash.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transfer import FILES, peak_rss_mib, run_remote, sha256, start_node, write_random  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pair:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"))
+        self.a_home, self.b_home = tmp / "a", tmp / "b"
+        (self.b_home / FILES).mkdir(parents=True, exist_ok=True)
+        self.a = start_node("bench-a.dev", self.a_home, free_port(), env)
+        self.b = start_node("bench-b.dev", self.b_home, free_port(), env)
+
+    def download(self, name: str, timeout: float = 3600) -> float:
+        t0 = time.perf_counter()
+        code, lines = run_remote(self.a_home, f"download:file_transfer:template.os {name} bench-b.dev",
+                                 until=rf"{name} downloaded|error:", timeout=timeout)
+        if code != 0:
+            raise RuntimeError("\n".join(lines[-5:]))
+        return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        for p in (self.a, self.b):
+            p.terminate()
+            p.wait(10)
+
+
+def scp_seconds(src: Path, tmp: Path) -> float | None:
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+    if sshd is None or shutil.which("scp") is None:
+        return None
+    d = tmp / "ssh"
+    d.mkdir()
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
+        f"PermitRootLogin yes\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\n"
+        "Subsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    server = subprocess.Popen([sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "log")])
+    try:
+        time.sleep(0.5)
+        dest = tmp / "scp-copy.bin"
+        t0 = time.perf_counter()
+        subprocess.run(["scp", "-q", "-c", "aes128-gcm@openssh.com", "-P", str(port), "-i", str(d / "client_key"),
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                        str(src), f"{os.environ.get('USER', 'root')}@127.0.0.1:{dest}"], check=True)
+        secs = time.perf_counter() - t0
+        dest.unlink()
+        return secs
+    finally:
+        server.terminate()
+        server.wait(5)
+
+
+def small_files(pair: Pair, count: int, concurrency: int = 8) -> float:
+    digests = {}
+    for i in range(count):
+        data = os.urandom(4096)
+        (pair.b_home / FILES / f"small{i}.bin").write_bytes(data)
+        digests[f"small{i}.bin"] = data
+    todo: "queue.Queue[str]" = queue.Queue()
+    for name in digests:
+        todo.put(name)
+    failures: list[str] = []
+
+    def worker() -> None:
+        while True:
+            try:
+                name = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                pair.download(name, timeout=120)
+            except RuntimeError as e:
+                failures.append(f"{name}: {e}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    secs = time.perf_counter() - t0
+    bad = [n for n, d in digests.items() if (pair.a_home / FILES / n).read_bytes() != d]
+    if failures or bad:
+        raise RuntimeError(f"{len(failures)} failed, {len(bad)} differ: {(failures or bad)[:3]}")
+    return secs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--big-gib", type=float, default=4.0)
+    ap.add_argument("--small", type=int, default=1000)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
+    try:
+        pair = Pair(tmp)
+        try:
+            size = int(args.gib * (1 << 30))
+            src = pair.b_home / FILES / "one.bin"
+            digest = write_random(src, size)
+            secs = pair.download("one.bin")
+            assert sha256(pair.a_home / FILES / "one.bin") == digest, "hash mismatch"
+            ours = size / secs / 2**20
+            print(f"[1] {args.gib:g} GiB download: {secs:.2f} s, {ours:.0f} MiB/s (verified)")
+            scp = scp_seconds(src, tmp)
+            if scp is None:
+                print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
+            else:
+                theirs = size / scp / 2**20
+                print(f"[1] scp -c aes128-gcm to 127.0.0.1, same file: {scp:.2f} s, {theirs:.0f} MiB/s; "
+                      f"ratio ours/scp = {ours / theirs:.2f}")
+            (pair.a_home / FILES / "one.bin").unlink()
+            src.unlink()
+            if args.big_gib > 0:
+                size = int(args.big_gib * (1 << 30))
+                digest = write_random(pair.b_home / FILES / "big.bin", size)
+                secs = pair.download("big.bin")
+                assert sha256(pair.a_home / FILES / "big.bin") == digest, "hash mismatch"
+                print(f"[2] {args.big_gib:g} GiB download: {secs:.2f} s, {size / secs / 2**20:.0f} MiB/s (verified); "
+                      f"peak RSS requestor {peak_rss_mib(pair.a.pid):.0f} MiB, provider {peak_rss_mib(pair.b.pid):.0f} MiB")
+                (pair.a_home / FILES / "big.bin").unlink()
+                (pair.b_home / FILES / "big.bin").unlink()
+            if args.small > 0:
+                secs = small_files(pair, args.small)
+                print(f"[3] {args.small} files of 4 KiB, 8 at a time: {secs:.1f} s, {args.small / secs:.1f} files/s "
+                      f"(verified)")
+        finally:
+            pair.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
