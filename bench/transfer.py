@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def start_node(name: str, home: Path, port: int, env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "ready in" in line:
+            # keep reading its output, as a terminal would
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc
     raise RuntimeError(f"{name} did not start")
 

@@ -101,6 +101,7 @@ def main(argv: list[str]) -> int:
         pass
     node.terminal.info(f"{args.node}: stopping")
     node.stop()
+    node.terminal.flush()
     return 0
 
 

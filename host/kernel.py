@@ -364,6 +364,8 @@ class Kernel:
             if self.net is None:
                 src.fail(km.id, SendErrorKind.OFFLINE)
                 return
+            if is_request and hasattr(src, "contacted"):
+                src.contacted.add(km.target.node)  # it may now hear back from that node
 
             def offline(reason: str, mid=km.id) -> None:
                 log.info("message to %s failed: %s", km.target, reason)
@@ -387,9 +389,14 @@ class Kernel:
         if dest is None or isinstance(dest, Service):
             log.info("message from %s to missing or local-only process %s dropped", km.source, km.target)
             return
-        if isinstance(km.message, Request) and not dest.has_cap(self.network_cap()):
-            log.warning("%s has no network capability: request from %s dropped", dest.id, km.source)
-            return
+        if isinstance(km.message, Request):
+            if not dest.has_cap(self.network_cap()):
+                log.warning("%s has no network capability: request from %s dropped", dest.id, km.source)
+                return
+            if not dest.public and km.source.node not in dest.contacted:
+                # a private process hears only from nodes it has itself sent requests to
+                log.warning("%s is not public: unsolicited request from %s dropped", dest.id, km.source)
+                return
         dest.deliver(km)
 
     def peer_lost(self, node: str) -> None:

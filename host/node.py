@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import re
 import socket
 import threading
@@ -179,14 +180,27 @@ class Node:
             conn.settimeout(None)
             line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
             gone = threading.Event()
+            outbox: "queue.Queue[Optional[str]]" = queue.Queue(10_000)
 
-            def send(text: str) -> None:
-                if gone.is_set():
-                    return
-                try:
-                    conn.sendall((text + "\n").encode())
-                except OSError:
-                    gone.set()
+            def send(text: str) -> None:  # called by the terminal: must not block
+                if not gone.is_set():
+                    try:
+                        outbox.put_nowait(text)
+                    except queue.Full:
+                        gone.set()  # a client that stopped reading is cut off
+
+            def pump() -> None:
+                while True:
+                    text = outbox.get()
+                    if text is None:
+                        return
+                    try:
+                        conn.sendall((text + "\n").encode())
+                    except OSError:
+                        gone.set()
+                        return
+            sender = threading.Thread(target=pump, daemon=True)
+            sender.start()
 
             finished = threading.Event()
             unsubscribe = self.terminal.subscribe(send)
@@ -213,6 +227,8 @@ class Node:
             finally:
                 unsubscribe()
                 self.kernel.remove_exit_listener(exited)
+                outbox.put(None)
+                sender.join(5)
 
 
 def run_remote(home: Path, command: str, wait: float = 1.0, until: Optional[str] = None,

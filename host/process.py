@@ -173,6 +173,7 @@ class WasmProcess:
         self.started_at = 0.0
         self.stderr_tail: list[str] = []
         self.lib_instances: dict[str, tuple[Store, Any]] = {}  # interface -> (store, instance)
+        self.contacted: set[str] = set()  # nodes this process has sent requests to
 
     def __repr__(self) -> str:
         return f"<process {self.id}>"

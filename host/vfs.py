@@ -313,6 +313,7 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
 # errors at the next call, or at fsync). The write holds the handle's lock, so nothing closes or
 # reuses the fd under it.
 WRITE_BEHIND_MIN = 256 * 1024
+PKG_DRIVE = "pkg"  # where a package is installed: read-only to processes
 
 
 class _Handle:
@@ -427,6 +428,8 @@ class Vfs:
             return self._create_drive(source, vp)
         if name in ("Rename", "CopyFile"):
             new = _parse_path(arg)
+            if PKG_DRIVE in (new.drive, vp.drive if name == "Rename" else None):
+                raise _no_cap(name, (new if new.drive == PKG_DRIVE else vp).text)
             self._check_cap(source, has_cap, vp, "write", name)
             self._check_cap(source, has_cap, new, "write", name)
             if vp.is_drive_root or new.is_drive_root:
@@ -436,6 +439,9 @@ class Vfs:
             return (self._rename if name == "Rename" else self._copy)(vp, src, new, dst)
 
         kind = "read" if name in _READ_ACTIONS or (name == "OpenFile" and not arg) else "write"
+        if kind == "write" and vp.drive == PKG_DRIVE:
+            # installed package files are read-only (the node may share them with its build output)
+            raise _no_cap(name, vp.text)
         self._check_cap(source, has_cap, vp, kind, name)
         if name in ("RemoveDir", "RemoveDirAll") and vp.is_drive_root \
                 and source.package_id != vp.package:

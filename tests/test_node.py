@@ -90,3 +90,30 @@ def test_restart_keeps_files_and_identity(node_factory):
     node.start()
     assert (node.home / ".keys" / "networking.key").read_bytes() == key
     assert "file_transfer:file_transfer:template.os" in node.processes()
+
+
+def test_a_node_whose_stdout_nobody_reads_keeps_working(tmp_path):
+    """A full stdout pipe must not stall the node: output is queued, and dropped if need be."""
+    import os
+    import time
+    from conftest import run_remote
+    home = tmp_path / "fake.dev"
+    files = home / "vfs/file_transfer:template.os/files"
+    files.mkdir(parents=True)
+    (files / "a.txt").write_text("a\n")
+    env = dict(os.environ, KINODE_DIRECTORY=str(tmp_path / "d.sqlite"))
+    proc = subprocess.Popen([sys.executable, "-m", "host", "--node", "fake.dev", "--home", str(home), "--port",
+                             str(free_port())], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # never read
+    try:
+        deadline = time.monotonic() + 60
+        while run_remote(home, "ps", wait=0.05)[0] == 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        for _ in range(150):  # ~2,500 lines of help: far past a pipe's 64 KiB
+            run_remote(home, "help", wait=0.02)
+        code, lines = run_remote(home, "list_files:file_transfer:template.os fake.dev", timeout=20)
+        assert code == 0 and "file_transfer:template.os: a.txt\t\t2" in lines, lines
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1055,3 +1055,16 @@ def test_large_write_all_is_written_behind_and_its_failure_reported_next(vfs, mo
     # the file was rolled back to its length before the failed write; the handle keeps working
     assert ok(vfs, P, path, "Len")[0] == {"Len": len(big)}
     ok(vfs, P, path, "SyncAll")
+
+
+def test_the_pkg_drive_is_read_only(vfs, tmp_path):
+    pkg = vfs.root / "app:pub.os" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "x.wasm").write_bytes(b"\0asm")
+    assert ok(vfs, P, "/app:pub.os/pkg/x.wasm", "Read")[1] == b"\0asm"
+    for action, blob in (("Write", b"evil"), ("WriteAll", b"evil"), ("Append", b"evil"), ({"SetLen": 0}, None),
+                         ("RemoveFile", None), ("CreateFile", None)):
+        body = err(vfs, P, "/app:pub.os/pkg/x.wasm", action, blob)
+        assert "NoCap" in json.dumps(body), (action, body)
+    assert "NoCap" in json.dumps(err(vfs, P, f"{DRIVE}/y", {"Rename": {"new_path": "/app:pub.os/pkg/x.wasm"}}))
+    assert (pkg / "x.wasm").read_bytes() == b"\0asm"

@@ -13,7 +13,8 @@ from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
 from ft_common import STALL_TIMEOUT, check_name, human_size
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, print_to_terminal, println, run,
+from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_state,
+                         print_to_terminal, println, run, set_state,
                          to_wit_address, vfs)
 
 
@@ -42,6 +43,35 @@ class Transfers:
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
 
 
+class Access:
+    """Who may list and download this node's files: everyone (Kinode's default) or named nodes.
+    Kept in the process state, so it survives restarts."""
+
+    def __init__(self):
+        state = get_state()
+        try:
+            saved = json.loads(state) if state else {}
+        except ValueError:
+            saved = {}
+        allow = saved.get("allow") if isinstance(saved, dict) else None
+        self.allow = set(allow) if isinstance(allow, list) else None
+
+    def allows(self, node: str) -> bool:
+        return self.allow is None or node in self.allow
+
+    def set(self, nodes) -> None:
+        self.allow = None if nodes is None else set(nodes)
+        set_state(json.dumps({"allow": None if self.allow is None else sorted(self.allow)}).encode())
+
+    def describe(self) -> str:
+        return "everyone" if self.allow is None else ", ".join(sorted(self.allow)) or "no node"
+
+
+def refuse(what: str, node: str, our: Address) -> str:
+    println(f"refused {what} from {node}: not on this node's allow list")
+    return f"not allowed: {our.node} does not share files with {node}"
+
+
 def ls_files(files_dir: vfs.Directory) -> list:
     files = []
     for entry in files_dir.read():
@@ -54,7 +84,8 @@ def ls_files(files_dir: vfs.Directory) -> list:
     return files
 
 
-def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Directory, transfers: Transfers) -> None:
+def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Directory, transfers: Transfers,
+                    access: Access) -> None:
     name, target, is_requestor = req.get("name"), req.get("target"), req.get("is_requestor")
     problem = check_name(name)
     if not problem and not (isinstance(target, dict) and isinstance(is_requestor, bool)):
@@ -81,6 +112,9 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
             return
         transfers.touch(key, worker=None)
     else:
+        if not access.allows(msg.source.node):
+            Response().body({"Download": {"Err": refuse(f"Download of {name}", msg.source.node, our)}}).send()
+            return
         # we serve: refuse a missing file here, before a worker exists, and create nothing
         try:
             meta = vfs.metadata(f"{files_dir.path}/{name}")
@@ -140,12 +174,20 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         print_to_terminal(verbosity, f"{name} progress: {progress}%")
 
 
-def handle_local(our: Address, msg: Message, body, transfers: Transfers) -> bool:
+def handle_local(our: Address, msg: Message, body, transfers: Transfers, access: Access) -> bool:
     """This package's own scripts on this node (never a peer): `Transfers` and `Cancel`."""
     if msg.source.node != our.node or msg.source.package_id() != our.package_id():
         return False
     if body == "Transfers":
         Response().body({"Transfers": transfers.table()}).send()
+        return True
+    if body == "Allow" or (isinstance(body, dict) and isinstance(body.get("Allow"), dict)):
+        if body != "Allow":
+            nodes = body["Allow"].get("nodes")
+            if nodes is not None and not (isinstance(nodes, list) and all(isinstance(n, str) and n for n in nodes)):
+                raise ValueError("Allow takes a list of node names or null")
+            access.set(nodes)
+        Response().body({"Allow": access.describe()}).send()
         return True
     if isinstance(body, dict) and isinstance(body.get("Cancel"), dict):
         name, node = body["Cancel"].get("name"), body["Cancel"].get("node")
@@ -165,15 +207,19 @@ def handle_local(our: Address, msg: Message, body, transfers: Transfers) -> bool
     return False
 
 
-def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfers: Transfers) -> None:
+def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfers: Transfers,
+                   access: Access) -> None:
     body = msg.json()
     if msg.is_request:
-        if handle_local(our, msg, body, transfers):
+        if handle_local(our, msg, body, transfers, access):
             return
         if body == "ListFiles":
+            if not access.allows(msg.source.node) and msg.source.node != our.node:
+                Response().body({"Err": refuse("ListFiles", msg.source.node, our)}).send()
+                return
             Response().body({"ListFiles": ls_files(files_dir)}).send()
         elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
-            handle_download(our, msg, body["Download"], files_dir, transfers)
+            handle_download(our, msg, body["Download"], files_dir, transfers, access)
         elif isinstance(body, dict) and isinstance(body.get("Progress"), dict):
             handle_progress(our, msg, body["Progress"], transfers)
         else:
@@ -190,6 +236,7 @@ def main(our: Address) -> None:
     drive = vfs.create_drive(our.package_id(), "files")
     files_dir = vfs.open_dir(drive)
     transfers = Transfers()
+    access = Access()
     while True:
         try:
             msg = await_message()
@@ -197,7 +244,7 @@ def main(our: Address) -> None:
             println(f"got SendError: {e}")
             continue
         try:
-            handle_message(our, msg, files_dir, transfers)
+            handle_message(our, msg, files_dir, transfers, access)
         except (ValueError, KeyError, TypeError, AttributeError, vfs.VfsError) as e:
             # a malformed body from anyone: say so, keep serving
             detail = e if not isinstance(e, json.JSONDecodeError) else "body is not JSON"

@@ -16,6 +16,8 @@ def list_files(our: Address, args: str) -> str:
         answer = Request.to(target).body("ListFiles").send_and_await_response(5).json()
     except SendError as e:
         raise ValueError(f"{who} did not answer ({e.kind})") from None
+    if isinstance(answer, dict) and isinstance(answer.get("Err"), str):
+        raise ValueError(f"{who}: {answer['Err']}")
     if not isinstance(answer, dict) or not isinstance(answer.get("ListFiles"), list):
         raise ValueError(f"{who} sent an unexpected answer: {answer!r:.200}")
     rows = "".join(f"\n{f['name'].split('/')[-1]}\t\t{f['size']}" for f in answer["ListFiles"])

@@ -51,6 +51,10 @@ def main(our: Address) -> None:
             # misbehave has no network capability: the kernel must refuse this
             target = Address(cmd.split(" ", 1)[1], ProcessId("misbehave", "misbehave", "test.os"))
             Request.to(target).body("ping").expects_response(5).context(b"remote").send()
+        elif cmd == "poke":
+            # quiet is not public and misbehave holds no capability for it: refused by the kernel
+            Request.to(Address(our.node, ProcessId("quiet", "misbehave", "test.os"))).body("poke") \
+                .expects_response(5).context(b"poke").send()
         elif cmd == "unanswered":
             pass
         elif cmd == "raise":
