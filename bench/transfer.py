@@ -27,8 +27,9 @@ from host.node import run_remote  # noqa: E402
 FILES = "vfs/file_transfer:template.os/files"
 
 
-def start_node(name: str, home: Path, port: int, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "host", "--node", name, "--home", str(home), "--port", str(port)],
+def start_node(name: str, home: Path, port: int, env: dict, extra: list[str] = ()) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "host", "--node", name, "--home", str(home), "--port", str(port),
+                             *extra],
                             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

@@ -493,6 +493,8 @@ def library_forwarder(iface: str, func: str) -> Callable:
         if entry is None:
             raise WasmtimeError(f"no library instance provides {iface} for this process")
         lstore, inst = entry
+        # the library's store may have sat idle past its compute deadline: give it a fresh budget
+        lstore.set_epoch_deadline(p.kernel.compute_ticks)
         idx = inst.get_export_index(lstore, iface)
         f = inst.get_func(lstore, inst.get_export_index(lstore, func, idx))
         try:

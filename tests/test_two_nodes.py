@@ -168,3 +168,18 @@ def test_provider_vanishing_mid_transfer_fails_clearly_and_node_keeps_running(tw
     time.sleep(0.5)
     assert fake.workers() == []
     assert fake.run("list_files:file_transfer:template.os fake.dev")[0] == 0
+
+
+def test_an_idle_library_is_not_mistaken_for_a_spinning_guest(node_factory):
+    """The worker API library runs only inside start-download calls: a long idle gap between two
+    downloads must not count as compute time (it did once: the second call trapped)."""
+    fake = node_factory("fake.dev", extra_args=["--compute-limit", "1"])
+    fake2 = node_factory("fake2.dev")
+    fake2.files.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        (fake2.files / f"f{i}.txt").write_text(f"file {i}\n")
+        code, lines = fake.run(f"download:file_transfer:template.os f{i}.txt fake2.dev",
+                               until=rf"f{i}\.txt downloaded|error:", timeout=30)
+        assert code == 0, lines
+        time.sleep(2.5)
+    assert not any("trapped" in ln for ln in fake.lines)
