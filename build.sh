@@ -49,7 +49,7 @@ build_one() {  # package_dir process_dir
 
 echo "== building components"
 pids=()
-for pkg in components/*/ tests/packages/*/; do
+for pkg in components/*/ tests/packages/*/ tests/liar/*/; do
     pkg=${pkg%/}
     [ -f "$pkg/metadata.json" ] || continue
     for main in "$pkg"/*/main.py; do
@@ -74,5 +74,5 @@ for links in components/*/links.txt; do
 done
 
 echo "== compiling components into the wasmtime cache"
-"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm
+"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm tests/liar/*/pkg/*.wasm
 echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

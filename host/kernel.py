@@ -37,26 +37,34 @@ def messaging_cap(target: Address) -> Capability:
 
 
 class Timers:
-    """One thread running callbacks at deadlines; cancel by handle."""
+    """One thread running callbacks at deadlines; cancel by handle. A cancelled entry lets go of its
+    callback at once (it may hold a finished process and all its memory) and is skipped when due."""
 
     def __init__(self):
         self._heap: list = []
-        self._cancelled: set[int] = set()
+        self._entries: dict[int, list] = {}
         self._seq = itertools.count()
         self._cv = threading.Condition()
         threading.Thread(target=self._run, name="timers", daemon=True).start()
 
     def add(self, delay: float, fn: Callable[[], None]) -> int:
         handle = next(self._seq)
+        entry = [time.monotonic() + delay, handle, fn]
         with self._cv:
-            heapq.heappush(self._heap, (time.monotonic() + delay, handle, fn))
+            self._entries[handle] = entry
+            heapq.heappush(self._heap, entry)
             self._cv.notify()
         return handle
 
     def cancel(self, handle: Optional[int]) -> None:
         if handle is not None:
             with self._cv:
-                self._cancelled.add(handle)
+                entry = self._entries.pop(handle, None)
+                if entry is not None:
+                    entry[2] = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def _run(self) -> None:
         while True:
@@ -64,9 +72,9 @@ class Timers:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
                 _, handle, fn = heapq.heappop(self._heap)
-                if handle in self._cancelled:
-                    self._cancelled.discard(handle)
-                    continue
+                self._entries.pop(handle, None)
+            if fn is None:
+                continue
             try:
                 fn()
             except Exception:
@@ -292,6 +300,7 @@ class Kernel:
             if self.processes.get(proc.id) is proc:
                 del self.processes[proc.id]
         self.vfs.forget(proc.id)
+        proc.drop_pending()  # its timers would keep the finished process (and its memory) alive
         if reason not in ("returned", "killed"):
             self.terminal.error(f"{proc.id} {reason}")
         log.info("%s exited: %s", proc.id, reason)

@@ -278,6 +278,12 @@ class WasmProcess:
         for mid in ids:
             self.fail(mid, kind)
 
+    def drop_pending(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        for p in pending.values():
+            self.kernel.timers.cancel(p.timer)
+
     def has_cap(self, cap: Capability) -> bool:
         return cap.normalised() in self.capabilities
 

@@ -1,0 +1,46 @@
+# world: process-v0-ext
+"""A lying provider, posing as file_transfer (test-only): it answers a peer's Download itself and
+sends what the file name asks for: `size-lies` (chunks past the announced size), `bad-offset`
+(a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `stranger` (a chunk
+from a process that never sent Size)."""
+import wit_world
+
+from process_lib import Address, Request, Response, SendError, await_message, println, run
+
+
+def main(our: Address) -> None:
+    println("liar begin")
+    while True:
+        try:
+            msg = await_message()
+        except SendError:
+            continue
+        if not msg.is_request:
+            continue
+        body = msg.json()
+        req = body.get("Download") if isinstance(body, dict) else None
+        if not isinstance(req, dict):
+            continue
+        name, worker = req["name"], msg.source
+        Response().body({"Download": {"Ok": None}}).send()
+        data = b"x" * 1000
+        wrong_hash = {"ft": 1, "blake3": "00" * 32}
+        if name == "size-lies":
+            Request.to(worker).body({"Size": 500}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}).blob_bytes(data).send()
+        elif name == "bad-offset":
+            Request.to(worker).body({"Size": 2000}).metadata({"ft": 1}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 1000, "length": 1000}}) \
+                .metadata(wrong_hash).blob_bytes(data).send()  # the offset is checked first
+        elif name == "bad-hash":
+            Request.to(worker).body({"Size": 1000}).metadata({"ft": 1}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
+                .metadata(wrong_hash).blob_bytes(data).send()
+        elif name == "length-lies":
+            Request.to(worker).body({"Size": 1000}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 999}}).blob_bytes(data).send()
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        run(main, our)
