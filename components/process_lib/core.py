@@ -313,6 +313,25 @@ class Response(_Builder):
             wit.send_response(self._wit(), self._wit_blob())
 
 
+def ask(target: Address, body: Any, timeout: int = 5, who: Optional[str] = None) -> Any:
+    """Send a request, wait for the answer and parse its JSON body. Raises ValueError with a
+    readable reason ("WHO did not answer (offline)") on failure: what scripts want."""
+    try:
+        answer = Request.to(target).body(body).send_and_await_response(timeout)
+    except SendError as e:
+        raise ValueError(f"{who or target} did not answer ({e.kind})") from None
+    try:
+        return answer.json()
+    except ValueError:
+        raise ValueError(f"{who or target} sent a malformed answer") from None
+
+
+def sibling(our_address: Address, process_name: str, node: Optional[str] = None) -> Address:
+    """The address of a process of our own package, on our node or on `node`."""
+    p = our_address.process
+    return Address(node or our_address.node, ProcessId(process_name, p.package_name, p.publisher_node))
+
+
 # ---- blobs -------------------------------------------------------------------------------------
 def get_blob() -> Optional[Blob]:
     """The blob of the message being handled (or of the last awaited response)."""

@@ -2,15 +2,11 @@
 """inbox: the files other nodes sent to this node's courier, with their notes."""
 import wit_world
 
-from process_lib import Address, ProcessId, Request, SendError, script
+from process_lib import Address, ask, script, sibling
 
 
 def inbox(our: Address, args: str) -> str:
-    courier = Address(our.node, ProcessId("courier", our.process.package_name, our.process.publisher_node))
-    try:
-        answer = Request.to(courier).body("Inbox").send_and_await_response(5).json()
-    except SendError as e:
-        raise ValueError(f"courier did not answer ({e.kind})") from None
+    answer = ask(sibling(our, "courier"), "Inbox", who="courier")
     items = answer.get("Inbox", []) if isinstance(answer, dict) else []
     if not items:
         return "inbox is empty"

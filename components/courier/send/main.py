@@ -2,7 +2,7 @@
 """send NODE FILE [NOTE...]: send FILE from this node's courier drive to NODE, with a note."""
 import wit_world
 
-from process_lib import Address, ProcessId, Request, SendError, script
+from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: send:courier:example.os NODE FILE [NOTE...]"
 
@@ -13,12 +13,7 @@ def send(our: Address, args: str) -> str:
         raise ValueError(USAGE)
     node, name = parts[0], parts[1]
     note = parts[2] if len(parts) == 3 else ""
-    courier = Address(our.node, ProcessId("courier", our.process.package_name, our.process.publisher_node))
-    try:
-        answer = (Request.to(courier).body({"Send": {"node": node, "name": name, "note": note}})
-                  .send_and_await_response(15).json())
-    except SendError as e:
-        raise ValueError(f"courier did not answer ({e.kind})") from None
+    answer = ask(sibling(our, "courier"), {"Send": {"node": node, "name": name, "note": note}}, 15, who="courier")
     result = answer.get("Send") if isinstance(answer, dict) else None
     if not isinstance(result, dict) or "Err" in result:
         raise ValueError((result or {}).get("Err", "unexpected answer"))

@@ -5,7 +5,7 @@ No argument shows the rule; `*` lets every node (the default); names restrict it
 The rule is kept across restarts."""
 import wit_world
 
-from process_lib import Address, ProcessId, Request, SendError, script
+from process_lib import Address, ask, script, sibling
 
 
 def allow(our: Address, args: str) -> str:
@@ -18,11 +18,7 @@ def allow(our: Address, args: str) -> str:
         raise ValueError("usage: allow:file_transfer:template.os [NODE... | *]")
     else:
         body = {"Allow": {"nodes": parts}}
-    main = Address(our.node, ProcessId("file_transfer", our.process.package_name, our.process.publisher_node))
-    try:
-        answer = Request.to(main).body(body).send_and_await_response(5).json()
-    except SendError as e:
-        raise ValueError(f"file_transfer did not answer ({e.kind})") from None
+    answer = ask(sibling(our, "file_transfer"), body, who="file_transfer")
     if not isinstance(answer, dict) or "Allow" not in answer:
         raise ValueError(f"unexpected answer {answer!r:.100}")
     return f"files on {our.node} may be listed and downloaded by: {answer['Allow']}"

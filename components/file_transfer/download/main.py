@@ -6,7 +6,7 @@ to start."""
 import wit_world
 
 from ft_common import check_name
-from process_lib import Address, ProcessId, Request, SendError, script
+from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: download:file_transfer:template.os FILE_NAME NODE"
 
@@ -19,14 +19,11 @@ def download(our: Address, args: str) -> str:
     problem = check_name(name)
     if problem:
         raise ValueError(problem)
-    pid = ProcessId("file_transfer", our.process.package_name, our.process.publisher_node)
+    pid = sibling(our, "file_transfer").process
     body = {"Download": {"name": name, "target": {"node": who, "process": {
         "process_name": pid.process_name, "package_name": pid.package_name, "publisher_node": pid.publisher_node}},
         "is_requestor": True}}
-    try:
-        answer = Request.to(Address(our.node, pid)).body(body).send_and_await_response(5).json()
-    except SendError as e:
-        raise ValueError(f"file_transfer did not answer ({e.kind})") from None
+    answer = ask(sibling(our, "file_transfer"), body, who="file_transfer")
     result = answer.get("Download") if isinstance(answer, dict) else None
     if isinstance(result, dict) and "Err" in result:
         raise ValueError(f"download of {name} from {who} failed: {result['Err']}")

@@ -2,7 +2,7 @@
 """list_files WHO: print the files WHO's file_transfer offers, one per line with its size."""
 import wit_world
 
-from process_lib import Address, ProcessId, Request, SendError, script
+from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: list_files:file_transfer:template.os NODE"
 
@@ -11,11 +11,7 @@ def list_files(our: Address, args: str) -> str:
     who = args.strip()
     if not who or " " in who:
         raise ValueError(USAGE)
-    target = Address(who, ProcessId("file_transfer", our.process.package_name, our.process.publisher_node))
-    try:
-        answer = Request.to(target).body("ListFiles").send_and_await_response(5).json()
-    except SendError as e:
-        raise ValueError(f"{who} did not answer ({e.kind})") from None
+    answer = ask(sibling(our, "file_transfer", who), "ListFiles", who=who)
     if isinstance(answer, dict) and isinstance(answer.get("Err"), str):
         raise ValueError(f"{who}: {answer['Err']}")
     if not isinstance(answer, dict) or not isinstance(answer.get("ListFiles"), list):

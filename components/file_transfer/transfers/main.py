@@ -3,15 +3,11 @@
 import wit_world
 
 from ft_common import human_size
-from process_lib import Address, ProcessId, Request, SendError, script
+from process_lib import Address, ask, script, sibling
 
 
 def transfers(our: Address, args: str) -> str:
-    main = Address(our.node, ProcessId("file_transfer", our.process.package_name, our.process.publisher_node))
-    try:
-        answer = Request.to(main).body("Transfers").send_and_await_response(5).json()
-    except SendError as e:
-        raise ValueError(f"file_transfer did not answer ({e.kind})") from None
+    answer = ask(sibling(our, "file_transfer"), "Transfers", who="file_transfer")
     rows = answer.get("Transfers", []) if isinstance(answer, dict) else []
     if not rows:
         return "no transfers in progress"
