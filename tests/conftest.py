@@ -123,6 +123,14 @@ class NodeProc:
             self.proc.wait()
 
 
+def no_workers(*nodes, within: float = 5.0) -> None:
+    """Assert that every worker on these nodes ends within a few seconds."""
+    deadline = time.monotonic() + within
+    while any(n.workers() for n in nodes):
+        assert time.monotonic() < deadline, {n.name: n.workers() for n in nodes}
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def node_factory(tmp_path):
     _require_built()

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import no_workers
+
 
 def sha(path) -> str:
     h = hashlib.sha256()
@@ -33,13 +35,6 @@ def download(node, name: str, peer: str, timeout: float = 120) -> list[str]:
                            until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
     assert code == 0, lines
     return lines
-
-
-def no_workers(*nodes, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while any(n.workers() for n in nodes):
-        assert time.monotonic() < deadline, {n.name: n.workers() for n in nodes}
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("victim", ["provider", "requestor"])

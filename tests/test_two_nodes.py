@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import no_workers
+
 
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -26,7 +28,7 @@ def test_seed_example_usage(two_nodes):
                            until=r"my_file\.txt downloaded|error:")
     assert code == 0, lines
     assert (fake.files / "my_file.txt").read_bytes() == b"hello world\n"
-    assert not fake.workers() and not fake2.workers()
+    no_workers(fake, fake2)
 
 
 def test_50_mib_random_file_arrives_identical(two_nodes):
@@ -53,7 +55,7 @@ def test_download_from_a_node_that_is_not_running(node_factory):
     assert any("gone.dev" in ln and "offline" in ln for ln in lines), lines
     assert time.monotonic() - t0 < 15
     time.sleep(0.5)
-    assert fake.workers() == []
+    no_workers(fake)
     assert not (fake.files / "my_file.txt").exists()
     assert not list((fake.files / ".partial").rglob("*.part")) if (fake.files / ".partial").exists() else True
 
@@ -74,7 +76,7 @@ def test_missing_file_is_a_clear_error_and_creates_nothing(two_nodes):
     assert not (fake2.files / "nothere.txt").exists()
     assert not (fake.files / "nothere.txt").exists()
     time.sleep(0.5)
-    assert fake.workers() == [] and fake2.workers() == []
+    no_workers(fake, fake2)
 
 
 def test_empty_file_completes(two_nodes):
@@ -86,7 +88,7 @@ def test_empty_file_completes(two_nodes):
     assert code == 0, lines
     assert (fake.files / "empty.txt").read_bytes() == b""
     time.sleep(0.5)
-    assert fake.workers() == [] and fake2.workers() == []
+    no_workers(fake, fake2)
 
 
 def test_older_longer_file_is_replaced_not_appended(two_nodes):
@@ -166,7 +168,7 @@ def test_provider_vanishing_mid_transfer_fails_clearly_and_node_keeps_running(tw
     assert "resume" in line or "offline" in line or "acknowledg" in line or "no progress" in line, line
     assert not (fake.files / "big.bin").exists()
     time.sleep(0.5)
-    assert fake.workers() == []
+    no_workers(fake)
     assert fake.run("list_files:file_transfer:template.os fake.dev")[0] == 0
 
 

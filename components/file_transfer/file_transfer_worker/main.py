@@ -115,6 +115,8 @@ class Requestor:
         self.last_percent = -1
         self.resumed_from = 0
         self.keepalive_out = False
+        self.has_state = False
+        self.whole_hash = None
 
     def begin(self) -> None:
         vfs.open_dir(self.partial_dir, create=True)
@@ -158,14 +160,17 @@ class Requestor:
         self.size = size
         self.ext = meta.get("ft") == 1
         self.file_hash = meta.get("blake3") if self.ext else None
-        offset = self.resume_offset() if self.ext else 0
+        # a file of one chunk has nothing to resume: no state file for it
+        self.has_state = self.ext and size > EXT_CHUNK_SIZE
+        offset = self.resume_offset() if self.has_state else 0
         if offset:
             self.file = vfs.open_file(self.partial, create=True)
             self.file.set_len(offset)
             self.file.seek(offset)
         else:
             self.file = vfs.create_file(self.partial)  # truncates any older, longer leftover
-            self.save_state(0)
+            if self.has_state:
+                self.save_state(0)
         self.received = self.cursor = self.resumed_from = offset
         if msg.expects_response is not None:
             Response().body("Progress").metadata({"ft": 1, "offset": offset}).send()
@@ -205,8 +210,11 @@ class Requestor:
         if self.ext:
             if offset != self.received:
                 raise Failed(f"chunk at offset {offset}, expected {self.received}")
-            if meta.get("blake3") != current_blob_hash():
+            chunk_hash = current_blob_hash()
+            if meta.get("blake3") != chunk_hash:
                 raise Failed(f"chunk at offset {offset} failed its integrity check")
+            if offset == 0 and length == self.size:
+                self.whole_hash = chunk_hash  # the one chunk is the whole file: no need to read it back
         if offset != self.cursor:
             self.file.seek(offset)
         self.file.write_all_current_blob()
@@ -215,15 +223,15 @@ class Requestor:
         if msg.expects_response is not None:
             Response().body("Progress").metadata({"ft": 1, "ack": offset}).send()
         self.w.last_activity = time.monotonic()
+        if self.received >= self.size:
+            self.finish()
         self.chunks_since_save += 1
-        if self.ext and self.chunks_since_save >= 4:
+        if self.has_state and self.chunks_since_save >= 4:
             self.file.sync_all()
             self.save_state(self.received)
             self.chunks_since_save = 0
         self.report()
         self.keepalive()
-        if self.received >= self.size:
-            self.finish()
 
     def keepalive(self) -> None:
         """Keep one Progress request outstanding to the provider (ext peers only): if the
@@ -247,20 +255,19 @@ class Requestor:
          .metadata(meta).expects_response(5).context("progress").send())
 
     def finish(self) -> None:
-        self.file.sync_all()
-        digest = self.file.hash().hex()
+        self.file.sync_all()  # durable before it takes the real name
+        digest = self.whole_hash or self.file.hash().hex()
         if self.file_hash and digest != self.file_hash:
             raise Failed("the downloaded file does not match the provider's hash (it changed while being "
                          "sent, or was corrupted); nothing was saved", keep=False)
-        self.file.close()
-        vfs.rename(self.partial, f"{self.w.drive}/{self.w.name}")
-        self.cleanup()
+        vfs.rename(self.partial, f"{self.w.drive}/{self.w.name}")  # the VFS closes handles on it
+        self.cleanup(partial=False)
         self.report(done=True, hash=digest)
         raise Done()
 
-    def cleanup(self, keep_partial: bool = False) -> None:
-        targets = [self.state_path] if not keep_partial else []
-        if not keep_partial:
+    def cleanup(self, partial: bool = True) -> None:
+        targets = [self.state_path] if self.has_state else []
+        if partial:
             targets.append(self.partial)
         for path in targets:
             try:
