@@ -306,6 +306,8 @@ class Kernel:
         log.info("%s exited: %s", proc.id, reason)
         for fn in self._exit_listeners:
             fn(proc.id, reason)
+        if proc.killed or proc.on_exit.kind != "restart":
+            self._revoke_issued_by(proc.address)
         if proc.killed:
             return
         if proc.on_exit.kind == "restart":
@@ -321,6 +323,18 @@ class Kernel:
             for target, req, blob in proc.on_exit.requests:
                 km = KernelMessage(new_request_id(), proc.address, target, None, req, blob)
                 self.route(km, proc)
+
+    def _revoke_issued_by(self, issuer: Address) -> None:
+        """A process that is gone for good: capabilities to it are dead weight (every script run
+        grants file_transfer one; kept, they would be copied into every worker it spawns)."""
+        with self.lock:
+            holders = list(self.processes.values())
+            for caps in self._grants.values():
+                caps -= {c for c in caps if c.issuer == issuer}
+        for holder in holders:
+            stale = {c for c in holder.capabilities if c.issuer == issuer}
+            if stale:
+                holder.capabilities -= stale
 
     def _restart(self, proc: WasmProcess) -> None:
         try:

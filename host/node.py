@@ -146,6 +146,13 @@ class Node:
             lines.append(f"  {p.id} ({kind}{', public' if p.public else ''})")
         return "\n".join(lines)
 
+    def describe_capabilities(self, pid: ProcessId) -> str:
+        proc = self.kernel.processes.get(pid)
+        if proc is None:
+            raise ValueError(f"no process {pid}")
+        caps = sorted(proc.capabilities, key=lambda c: (str(c.issuer), c.params))
+        return "\n".join([f"{pid} holds {len(caps)} capabilities:"] + [f"  {c.issuer} {c.params}" for c in caps])
+
     # ---- control socket --------------------------------------------------------------------
     def _start_control(self) -> None:
         path = self.home / CONTROL_SOCKET

@@ -28,6 +28,7 @@ Commands:
                                   (NODE@PROCESS:PACKAGE:PUBLISHER)
   ps                              list running processes
   kill PROCESS:PACKAGE:PUBLISHER  stop a process
+  caps PROCESS:PACKAGE:PUBLISHER  list the capabilities a process holds
   scripts                         list the scripts of installed packages
   verbosity N                     show process output up to verbosity N (default 0)
   help                            this text
@@ -129,6 +130,8 @@ class Terminal:
             elif head == "verbosity":
                 self.verbosity = int(rest)
                 self.info(f"verbosity is now {self.verbosity}")
+            elif head == "caps":
+                self.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head == "kill":
                 pid = ProcessId.parse(rest)
                 self.info(f"stopping {pid}" if node.kernel.kill(pid) else f"no process {pid}")

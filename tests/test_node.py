@@ -117,3 +117,16 @@ def test_a_node_whose_stdout_nobody_reads_keeps_working(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_capabilities_to_finished_scripts_do_not_pile_up(node_factory):
+    """Each script run grants file_transfer a capability to the script; once the script is gone the
+    capability goes too (else every worker would inherit an ever longer list)."""
+    from host.kernel import Kernel  # noqa: F401  (the rule lives in Kernel.process_exited)
+    node = node_factory("fake.dev", extra_args=["-v"])
+    for _ in range(5):
+        node.run("transfers:file_transfer:template.os", wait=0.2)
+    code, lines = node.run("caps file_transfer:file_transfer:template.os", wait=0.2)
+    assert code == 0, lines
+    held = [ln for ln in lines if ln.startswith("  ")]
+    assert held and not any(ln.strip().split("@")[1].split(":")[0].isdigit() for ln in held), held
