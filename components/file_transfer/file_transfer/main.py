@@ -30,7 +30,7 @@ class Transfers:
         return t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT
 
     def touch(self, key: tuple, **fields) -> dict:
-        t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": 0.0})
+        t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": float("-inf")})
         t.update(fields, seen=time.monotonic())
         return t
 
