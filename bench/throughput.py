@@ -132,22 +132,23 @@ def main() -> int:
     try:
         pair = Pair(tmp)
         try:
-            size = int(args.gib * (1 << 30))
-            src = pair.b_home / FILES / "one.bin"
-            digest = write_random(src, size)
-            secs = pair.download("one.bin")
-            assert sha256(pair.a_home / FILES / "one.bin") == digest, "hash mismatch"
-            ours = size / secs / 2**20
-            print(f"[1] {args.gib:g} GiB download: {secs:.2f} s, {ours:.0f} MiB/s (verified)")
-            scp = scp_seconds(src, tmp)
-            if scp is None:
-                print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
-            else:
-                theirs = size / scp / 2**20
-                print(f"[1] scp -c aes128-gcm to 127.0.0.1, same file: {scp:.2f} s, {theirs:.0f} MiB/s; "
-                      f"ratio ours/scp = {ours / theirs:.2f}")
-            (pair.a_home / FILES / "one.bin").unlink()
-            src.unlink()
+            if args.gib > 0:
+                size = int(args.gib * (1 << 30))
+                src = pair.b_home / FILES / "one.bin"
+                digest = write_random(src, size)
+                secs = pair.download("one.bin")
+                assert sha256(pair.a_home / FILES / "one.bin") == digest, "hash mismatch"
+                ours = size / secs / 2**20
+                print(f"[1] {args.gib:g} GiB download: {secs:.2f} s, {ours:.0f} MiB/s (verified)")
+                scp = scp_seconds(src, tmp)
+                if scp is None:
+                    print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
+                else:
+                    theirs = size / scp / 2**20
+                    print(f"[1] scp -c aes128-gcm to 127.0.0.1, same file: {scp:.2f} s, {theirs:.0f} MiB/s; "
+                          f"ratio ours/scp = {ours / theirs:.2f}")
+                (pair.a_home / FILES / "one.bin").unlink()
+                src.unlink()
             if args.big_gib > 0:
                 size = int(args.big_gib * (1 << 30))
                 digest = write_random(pair.b_home / FILES / "big.bin", size)
