@@ -2,6 +2,8 @@
 or other processes; the VFS answers malformed requests and path escapes with errors."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conftest import REPO, TEST_PACKAGES
@@ -84,3 +86,13 @@ def test_unanswered_request_times_out_with_its_context(node):
     node.type(f'{MIS} "timeout"')
     line = node.expect(r"misbehave:test.os: send error", 10)
     assert "timeout" in line and "misbehave:misbehave:test.os" in line and "b'ctx-123'" in line
+
+
+def test_on_exit_requests_are_sent_when_the_process_ends(node):
+    node.expect(r"misbehave:test.os: begin", 30) if not any("misbehave:test.os: begin" in ln for ln in node.lines) else None
+    node.type(f'{MIS} "farewell"')
+    node.expect(r"misbehave:test.os: on-exit set", 10)
+    node.type(f'{MIS} "raise"')
+    node.expect(r"^misbehave:test.os: farewell from misbehave$", 10)
+    time.sleep(1)
+    assert "misbehave:misbehave:test.os" not in node.processes()  # requests, not restart

@@ -358,15 +358,21 @@ def current_blob_hash() -> Optional[str]:
 
 # ---- process management ------------------------------------------------------------------------
 class OnExit:
+    """What the kernel does when this process ends: NONE, RESTART, or a list of (target, body)
+    requests to send on its behalf."""
     NONE = "none"
     RESTART = "restart"
 
     @staticmethod
-    def to_wit(kind: str):
+    def to_wit(kind):
+        if isinstance(kind, list):
+            return wit.OnExit_Requests([(to_wit_address(target), wit.Request(False, None, _encode_body(body), None, []),
+                                         None) for target, body in kind])
         return wit.OnExit_Restart() if kind == OnExit.RESTART else wit.OnExit_None_()
 
 
-def set_on_exit(kind: str) -> None:
+def set_on_exit(kind) -> None:
+    """`OnExit.NONE`, `OnExit.RESTART`, or a list of (Address, body) requests."""
     wit.set_on_exit(OnExit.to_wit(kind))
 
 

@@ -3,8 +3,8 @@
 import wit_world
 from wit_world.imports import standard
 
-from process_lib import (Address, ProcessId, Request, SendError, await_message, get_state, println, run, set_state,
-                         to_wit_address)
+from process_lib import (Address, ProcessId, Request, SendError, await_message, get_state, println, run,
+                         set_on_exit, set_state, to_wit_address)
 
 FT = ProcessId("file_transfer", "file_transfer", "template.os")
 VFS = ProcessId("vfs", "distro", "sys")
@@ -51,6 +51,10 @@ def main(our: Address) -> None:
             # misbehave has no network capability: the kernel must refuse this
             target = Address(cmd.split(" ", 1)[1], ProcessId("misbehave", "misbehave", "test.os"))
             Request.to(target).body("ping").expects_response(5).context(b"remote").send()
+        elif cmd == "farewell":
+            # on exit, the kernel sends this to the terminal (which prints it) instead of restarting us
+            set_on_exit([(Address(our.node, ProcessId("terminal", "terminal", "sys")), b"farewell from misbehave")])
+            println("on-exit set")
         elif cmd == "poke":
             # quiet is not public and misbehave holds no capability for it: refused by the kernel
             Request.to(Address(our.node, ProcessId("quiet", "misbehave", "test.os"))).body("poke") \
