@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 from urllib.parse import quote
 
-from host.process import OnExit, Pending, WasmProcess, install_imports
+from host.process import OnExit, Pending, WasmProcess, install_imports, library_forwarder
 from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         SendErrorKind, new_request_id)
 from host.wasm import EPOCH_TICK, LoadedComponent, MissingInterface, Runtime
@@ -239,7 +239,7 @@ class Kernel:
         libs = [lib for lib in libs if set(lib.exports) & comp.needs]
         self.runtime.check_links(comp, libs, f"process {pid}", absent)
         for lib in libs:
-            self.runtime.define_forwarders(lib, self._forwarder)
+            self.runtime.define_forwarders(lib, library_forwarder)
         caps = {c.normalised() for c in capabilities}
         proc = WasmProcess(self, pid, comp, libs, wasm_path, caps, public, on_exit, parent, list(lib_paths))
         with self.lock:
@@ -249,11 +249,6 @@ class Kernel:
             self.processes[pid] = proc
         proc.start()
         return proc
-
-    @staticmethod
-    def _forwarder(iface: str, func: str):
-        from host.process import library_forwarder
-        return library_forwarder(iface, func)
 
     def grant(self, holder: ProcessId, cap: Capability) -> None:
         with self.lock:

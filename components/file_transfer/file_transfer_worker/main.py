@@ -70,12 +70,8 @@ class Worker:
             self.name = req["name"]
             self.peer = _addr(req["target"])
             self.tick()
-            if req.get("is_requestor"):
-                self.role = Requestor(self)
-                self.role.begin()
-            else:
-                self.role = Provider(self)
-                self.role.begin()
+            self.role = Requestor(self) if req.get("is_requestor") else Provider(self)
+            self.role.begin()
             return
         if self.role is None:
             raise ValueError(f"unexpected message before Download from {msg.source}")
@@ -336,7 +332,8 @@ class Provider:
                 return
             raise ValueError("a provider takes only keepalives from its requestor")
         meta = msg.meta()
-        if msg.context and json.loads(msg.context) == "size":
+        what = json.loads(msg.context) if msg.context else None
+        if what == "size":
             offset = meta.get("offset", 0)
             if not isinstance(offset, int) or not 0 <= offset <= self.size:
                 self.error_to_peer("bad resume offset")
@@ -346,7 +343,7 @@ class Provider:
             if offset:
                 self.file.seek(offset)
             self.fill_window()
-        elif msg.context and json.loads(msg.context) == "chunk":
+        elif what == "chunk":
             self.in_flight -= 1
             self.w.last_activity = time.monotonic()
             self.fill_window()
