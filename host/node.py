@@ -18,7 +18,7 @@ from host import packages
 from host.kernel import Kernel
 from host.process import WasmProcess
 from host.terminal import Terminal
-from host.types import Address, KernelMessage, ProcessId, Request, new_request_id
+from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.wasm import Runtime
 

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import blake3
@@ -26,7 +26,7 @@ from wasmtime.component import Record, Variant
 
 from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         SendError)
-from host.wasm import BLOBS, EPOCH_TICK, STANDARD, LoadedComponent
+from host.wasm import BLOBS, STANDARD, LoadedComponent
 
 if TYPE_CHECKING:
     from host.kernel import Kernel

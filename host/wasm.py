@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import blake3
-import wasmtime
 from wasmtime import Config, Engine, WasmtimeError
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 

@@ -5,14 +5,12 @@
 to NODE's courier, which pulls it with file_transfer's worker API (`start-download`) into its own
 courier drive and records the note in its inbox. Serving the file is the same API call on this side.
 """
-import json
-import time
 
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, println, run,
+from process_lib import (Address, Message, Request, Response, SendError, await_message, println, run,
                          to_wit_address, vfs)
 
 MAX_NOTE = 1000
