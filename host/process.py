@@ -162,8 +162,8 @@ class WasmProcess:
         self.public = public
         self.on_exit = on_exit
         self.parent = parent
-        self.inbox: "queue.Queue" = queue.Queue()
-        self.await_box: "queue.Queue" = queue.Queue()
+        self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.await_box: "queue.SimpleQueue" = queue.SimpleQueue()
         self.pending: dict[int, Pending] = {}
         self.lock = threading.Lock()
         self.current: Optional[KernelMessage] = None   # the prompting message

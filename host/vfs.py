@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import secrets
 import shutil
@@ -315,9 +316,43 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
 WRITE_BEHIND_MIN = 256 * 1024
 PKG_DRIVE = "pkg"  # where a package is installed: read-only to processes
 
+# A write-behind write of DIRECT_MIN bytes or more at a block-aligned offset goes around the page
+# cache (O_DIRECT, from a reused aligned buffer). Copying into fresh page-cache pages is the
+# costliest step of a big download on a VM (measured: 2.2 CPU-s per GiB in pwrite, against 0.2 s
+# direct), and the final fsync then has little left to flush. Filesystems without O_DIRECT
+# (tmpfs) and unaligned writes use the page cache as before.
+DIRECT_MIN = 1 << 20
+_ALIGN = 4096
+_direct_buffers = threading.local()
+
+
+def _aligned_buffer(n: int) -> memoryview:
+    buf = getattr(_direct_buffers, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = mmap.mmap(-1, max(n, 4 << 20))   # page-aligned; one per writer thread, reused
+        _direct_buffers.buf = buf
+    return memoryview(buf)
+
+
+class _RunningHash:
+    """BLAKE3 of what one handle wrote sequentially from offset 0, so `Hash` of a file just
+    downloaded need not read it back (with O_DIRECT writes that read would come from disk). It
+    is used only while the file's size, mtime and ctime are what the last such write left; any
+    other change to the file (any handle, any process) alters one of them."""
+    __slots__ = ("hasher", "end", "stamp")
+
+    def __init__(self):
+        self.hasher = blake3.blake3()
+        self.end = 0
+        self.stamp = None
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 class _Handle:
-    __slots__ = ("fd", "pos", "lock", "closed", "key")
+    __slots__ = ("fd", "pos", "lock", "closed", "key", "direct_fd", "running")
 
     def __init__(self, fd: int, key: str):
         self.fd = fd
@@ -325,6 +360,42 @@ class _Handle:
         self.lock = threading.Lock()
         self.closed = False
         self.key = key
+        self.direct_fd: Optional[int] = None   # None: not tried yet; -1: not available here
+        self.running: Optional[_RunningHash] = None
+
+    def direct(self) -> int:
+        if self.direct_fd is None:
+            try:
+                self.direct_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | _O_CLOEXEC)
+            except (OSError, AttributeError):
+                self.direct_fd = -1
+        return self.direct_fd
+
+
+def _write_at(h: _Handle, data, pos: int) -> None:
+    """pwrite all of `data` at `pos`, around the page cache when it is big and aligned."""
+    n = len(data)
+    body = n - n % _ALIGN
+    if n >= DIRECT_MIN and pos % _ALIGN == 0 and h.direct() >= 0:
+        view = _aligned_buffer(body)
+        view[:body] = memoryview(data)[:body]
+        done = 0
+        try:
+            while done < body:
+                k = os.pwrite(h.direct_fd, view[done:body], pos + done)
+                if k <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += k
+        except OSError as e:
+            if e.errno != errno.EINVAL or done:
+                raise
+            _quietly(os.close, h.direct_fd)
+            h.direct_fd = -1        # this filesystem refuses O_DIRECT after all: use the cache
+        if done == body:
+            if n > body:
+                _pwrite_all(h.fd, memoryview(data)[body:], pos + body)
+            return
+    _pwrite_all(h.fd, data, pos)
 
 
 @dataclass
@@ -571,10 +642,9 @@ class Vfs:
         with h.lock:
             if not h.closed:
                 h.closed = True
-                try:
-                    os.close(h.fd)
-                except OSError:
-                    pass
+                for fd in (h.fd, h.direct_fd):
+                    if fd is not None and fd >= 0:
+                        _quietly(os.close, fd)
 
     def _drop(self, source: ProcessId, key: str) -> None:
         with self._lock:
@@ -705,6 +775,9 @@ class Vfs:
         return VfsResult(_dumps({"Len": st.st_size}))
 
     def _a_Hash(self, source, vp, loc, arg, data):
+        digest = self._running_digest(source, vp, loc)
+        if digest is not None:
+            return VfsResult(_dumps({"Hash": list(digest)}))
         try:
             fd = os.open(loc.real, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
         except OSError as e:
@@ -725,6 +798,25 @@ class Vfs:
         finally:
             os.close(fd)
         return VfsResult(_dumps({"Hash": list(hasher.digest())}))
+
+    def _running_digest(self, source, vp, loc) -> Optional[bytes]:
+        """The digest this process's handle on `vp` kept while writing the file, if still valid."""
+        with self._lock:
+            procs = self._handles.get(source)
+            h = procs.get(vp.text) if procs else None
+        if h is None:
+            return None
+        with h.lock:
+            run = h.running
+            if h.closed or run is None or run.stamp is None:
+                return None
+            try:
+                st = os.stat(loc.real, follow_symlinks=False)
+            except OSError:
+                return None
+            if _stamp(st) != run.stamp or st.st_size != run.end:
+                return None
+            return run.hasher.copy().digest()
 
     def _a_RemoveFile(self, source, vp, loc, arg, data):
         try:
@@ -889,13 +981,24 @@ class Vfs:
     def _a_WriteAll(self, source, vp, loc, arg, data):
         def write(h: _Handle, pos: int, end: int) -> None:
             with self._ino_lock(h.fd):
-                old = os.fstat(h.fd).st_size
+                before = os.fstat(h.fd)
+                old = before.st_size
                 try:
-                    _pwrite_all(h.fd, data, pos)
+                    _write_at(h, data, pos)
                 except OSError:
+                    h.running = None
                     if end > old:
                         _quietly(os.ftruncate, h.fd, old)   # undo any growth
                     raise
+                run = h.running
+                if pos == 0 and old == 0:
+                    run = h.running = _RunningHash()
+                elif run is not None and (pos != run.end or old != pos or _stamp(before) != run.stamp):
+                    run = h.running = None       # not the next bytes, or changed since our last write
+                if run is not None:
+                    run.hasher.update(data)
+                    run.end = end
+                    run.stamp = _stamp(os.fstat(h.fd))
 
         def behind(h: _Handle, pos: int, end: int) -> None:
             with h.lock:

@@ -321,6 +321,59 @@ def test_hash(vfs):
     assert ok(vfs, P, DRIVE + "/empty", "Hash")[0] == {"Hash": list(blake3.blake3(b"").digest())}
 
 
+def test_big_sequential_writes_bypass_the_cache_and_hash_without_reading(vfs, monkeypatch):
+    """4 MiB chunks plus an unaligned tail, as a download writes them: the bytes are exact (the
+    aligned part goes out with O_DIRECT where the filesystem has it), and Hash answers from the
+    running digest kept while writing, without reading the file back."""
+    import host.vfs as hv
+    path = DRIVE + "/dl.part"
+    chunks = [os.urandom(4 << 20) for _ in range(3)] + [os.urandom((1 << 20) + 777)]
+    ok(vfs, P, path, "CreateFile")
+    for c in chunks:
+        ok(vfs, P, path, "WriteAll", c)
+    data = b"".join(chunks)
+    ok(vfs, P, path, "SyncAll")
+    real = vfs.drive_path(P.package_id, "data") / "dl.part"
+    assert real.read_bytes() == data
+    reads = []
+    monkeypatch.setattr(hv.os, "read", lambda *a: reads.append(a) or b"")
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(data).digest())}
+    assert reads == []
+
+
+def test_running_hash_is_dropped_when_the_file_changes(vfs):
+    path = DRIVE + "/dl.part"
+    first, second = os.urandom(2 << 20), os.urandom(2 << 20)
+    ok(vfs, P, path, "CreateFile")
+    ok(vfs, P, path, "WriteAll", first)
+    ok(vfs, P, path, "SyncAll")     # waits for the write-behind
+    real = vfs.drive_path(P.package_id, "data") / "dl.part"
+
+    def tamper():                  # changed behind the VFS's back, same size
+        with open(real, "r+b") as f:
+            f.seek(100)
+            f.write(os.urandom(8))
+
+    tamper()                       # between two sequential writes
+    ok(vfs, P, path, "WriteAll", second)
+    ok(vfs, P, path, "SyncAll")
+    now = real.read_bytes()
+    assert now[:100] + now[108:] == (first + second)[:100] + (first + second)[108:]
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
+    ok(vfs, P, path, "CreateFile")  # start again; tamper after the last write
+    ok(vfs, P, path, "WriteAll", first)
+    ok(vfs, P, path, "SyncAll")
+    tamper()
+    now = real.read_bytes()
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
+    # a write that is not sequential from zero also ends the running digest
+    ok(vfs, P, path, {"Seek": {"seek_from": {"Start": 0}}})
+    ok(vfs, P, path, "WriteAll", b"Z" * (1 << 20))
+    ok(vfs, P, path, "SyncAll")
+    now = real.read_bytes()
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
+
+
 def test_directories(vfs):
     ok(vfs, P, DRIVE + "/a", "CreateDir")
     assert err(vfs, P, DRIVE + "/a", "CreateDir") == "CreateDirError"          # exists

@@ -5,7 +5,8 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
 - Size carries `{"ft":1, "blake3": whole-file hash}` and expects an answer; our requestor answers
   `{"ft":1, "offset": N}` (resume point). No answer means a plain peer: chunks are pushed unacked.
 - Chunk carries `{"ft":1, "blake3": chunk hash}` and expects an ack (a `Progress` response), so the
-  provider keeps at most WINDOW chunks in flight.
+  provider keeps at most WINDOW chunks in flight. A file of one chunk is sent whole right behind
+  Size, unacked: the Size answer is its ack.
 - Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import unicodedata
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
 WINDOW = 8                 # chunks in flight per transfer
+STATE_EVERY = 4            # chunks between saves of a big download's resume point (16 MiB)
 ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving up
 HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size
 STALL_TIMEOUT = 60         # seconds without progress before a worker gives up

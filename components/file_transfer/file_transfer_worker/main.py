@@ -12,8 +12,8 @@ import time
 
 import wit_world
 
-from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT, TICK, WINDOW,
-                       check_name)
+from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT,
+                       STATE_EVERY, TICK, WINDOW, check_name)
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message,
                          current_blob_hash, current_blob_len, println, run, vfs)
 
@@ -63,7 +63,8 @@ class Worker:
         if msg.is_request and isinstance(body, dict) and "Download" in body and self.role is None:
             self.parent = msg.source
             req = body["Download"]
-            Response().body({"Download": {"Ok": None}}).send()
+            if msg.expects_response is not None:
+                Response().body({"Download": {"Ok": None}}).send()
             problem = check_name(req.get("name"))
             if problem:
                 raise Failed(problem, keep=False)
@@ -115,7 +116,6 @@ class Requestor:
         self.whole_hash = None
 
     def begin(self) -> None:
-        vfs.open_dir(self.partial_dir, create=True)
         (Request.to(self.w.peer)
          .body({"Download": {"name": self.w.name, "target": _addr_json(self.w.peer), "is_requestor": False}})
          .metadata({"ft": 1})
@@ -164,7 +164,7 @@ class Requestor:
             self.file.set_len(offset)
             self.file.seek(offset)
         else:
-            self.file = vfs.create_file(self.partial)  # truncates any older, longer leftover
+            self.file = self.create_partial()  # truncates any older, longer leftover
             if self.has_state:
                 self.save_state(0)
         self.received = self.cursor = self.resumed_from = offset
@@ -175,6 +175,13 @@ class Requestor:
             println(f"{self.w.name}: resuming at {offset} of {size} bytes")
         if self.received >= self.size:
             self.finish()
+
+    def create_partial(self) -> vfs.File:
+        try:
+            return vfs.create_file(self.partial)
+        except vfs.VfsError:
+            vfs.open_dir(self.partial_dir, create=True)  # the first download from this peer
+            return vfs.create_file(self.partial)
 
     def resume_offset(self) -> int:
         try:
@@ -222,8 +229,10 @@ class Requestor:
         if self.received >= self.size:
             self.finish()
         self.chunks_since_save += 1
-        if self.has_state and self.chunks_since_save >= 4:
-            self.file.sync_all()
+        if self.has_state and self.chunks_since_save >= STATE_EVERY:
+            # Not synced first: a node that is killed keeps its written pages (the OS has them),
+            # and after an OS crash the read-back hash in finish() catches a hole behind the
+            # state; an fsync per save halved the speed of a big download.
             self.save_state(self.received)
             self.chunks_since_save = 0
         self.report()
@@ -307,6 +316,7 @@ class Provider:
         self.next_offset = 0
         self.in_flight = 0
         self.ext = False
+        self.pipelined = False  # a one-chunk file's chunk went out right behind Size
 
     def error_to_peer(self, text: str) -> None:
         Request.to(self.target).body({"Size": 0}).metadata({"ft": 1, "error": text}).send()
@@ -316,12 +326,29 @@ class Provider:
         try:
             self.file = vfs.open_file(path, create=False)
             self.size = self.file.metadata().len
-            digest = self.file.hash().hex()
+            one_chunk = 0 < self.size <= EXT_CHUNK_SIZE
+            if one_chunk:
+                # a small file is read whole now: the chunk's hash is the file's hash, and the
+                # chunk follows Size without waiting for its answer (a one-chunk file has no
+                # resume point, so the answer can only be offset 0)
+                if self.file.read_at_to_blob(self.size) != self.size:
+                    raise vfs.VfsError(f"{self.w.name} changed while being read")
+                digest = current_blob_hash()
+            else:
+                digest = self.file.hash().hex()
         except vfs.VfsError as e:
             self.error_to_peer(f"cannot read {self.w.name}")
             raise Failed(str(e), keep=False)
         (Request.to(self.target).body({"Size": self.size}).metadata({"ft": 1, "blake3": digest})
          .expects_response(HANDSHAKE_TIMEOUT).context("size").send())
+        if one_chunk:
+            (Request.to(self.target)
+             .body({"Chunk": {"name": self.w.name, "offset": 0, "length": self.size}})
+             .metadata({"ft": 1, "blake3": digest})
+             .forward_current_blob()
+             .send())
+            self.next_offset = self.size
+            self.pipelined = True
 
     def handle(self, msg: Message, body) -> None:
         if msg.is_request:
@@ -335,6 +362,10 @@ class Provider:
         what = json.loads(msg.context) if msg.context else None
         if what == "size":
             offset = meta.get("offset", 0)
+            if self.pipelined:
+                if offset not in (0, self.size):
+                    raise Failed(f"peer asked to resume a one-chunk file at {offset!r}", keep=False)
+                raise Done()
             if not isinstance(offset, int) or not 0 <= offset <= self.size:
                 self.error_to_peer("bad resume offset")
                 raise Failed(f"peer asked for a bad resume offset {offset!r}", keep=False)
@@ -377,6 +408,8 @@ class Provider:
     def on_error(self, what, err: SendError) -> None:
         if what == "size":
             # no answer to Size: a peer speaking only the plain protocol; push every chunk unacked
+            if self.pipelined:
+                raise Done()
             self.ext = False
             while self.next_offset < self.size:
                 self.send_chunk()

@@ -18,9 +18,9 @@ def start_download(our: Address, source: Address, name: str, target: Address, is
                    our_capabilities(), [], False)
     peer = target if is_requestor else source
     Response().body({"Download": {"Ok": None}}).send()
+    # no answer asked: the worker reports to its parent with Progress, failures included
     (Request.to(Address(our.node, worker))
      .body({"Download": {"name": name, "target": _wit_json(peer), "is_requestor": is_requestor}})
-     .expects_response(5)
      .send())
 
 
