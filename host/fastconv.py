@@ -1,79 +1,688 @@
 """Faster value conversion for wasmtime-py's component API (50.x).
 
-Two costs dominate a host import call in stock wasmtime-py:
-- `list<u8>` is built one 32-byte `wasmtime_component_val_t` per element in a Python loop (about
-  1 MiB/s). Every element has the same layout (a kind byte at a fixed offset, the value in the union
-  at another), so the whole array is filled or read with two strided slice copies done in C.
-- Type information is fetched again on every call: the function's parameter types, and for each
-  record, list, tuple, variant, option and result, its fields or cases, each through several FFI
-  calls. A host function's type never changes, so `install()` caches the parameter and result types
-  per linked function, and each type object's fields and cases, which the conversions then reuse.
+wasmtime-py converts every component value between Python and wasmtime's C form
+(`wasmtime_component_val_t`) node by node through ctypes: each string, record field name and list
+is a separate C allocation made through a foreign call (with a copy through a temporary ctypes
+buffer for strings), each child gets a fresh `ctypes.pointer`, record field names are re-encoded
+on every call, lifted names are decoded and compared, and an untagged variant recomputes its cases'
+Python classes for every value it lowers. Profiles of a node showed over a third of its GIL-holding
+time in these conversions. This module replaces them with code compiled once per type, with the same
+Python-visible behaviour (same accepted values, same results, same exception types):
+
+- Lifting (C to Python) reads wasmtime's memory directly through `MEM`, a memoryview spanning the
+  address space, with `struct` and slicing: no ctypes objects and no foreign call per node. The
+  whole value is then freed with one `wasmtime_component_val_delete`.
+- Lowering (Python to C) writes the value into a per-thread scratch arena of Python-owned memory
+  whose layout is exactly `wasmtime_component_val_t`'s, with pre-encoded field, case and enum names
+  and strings pointing into their encoded bytes, then has wasmtime deep-copy it into its own
+  allocations with one `wasmtime_component_val_clone`.
+  The destination is owned by whoever owned it under stock wasmtime-py; the arena never reaches
+  wasmtime's allocator. A big `list<u8>` is not copied twice: it is left as an empty placeholder in
+  the arena and, after the clone, its array is allocated in place in the copy ("grafted").
+- Each `list<u8>` is filled or read with strided slice copies done in C, not one element at a time
+  (a `list<u8>` in C is one 32-byte `wasmtime_component_val_t` per byte).
+- Type information is fetched once: each type object's fields and cases are cached, each linked host
+  function's parameter and result converters are cached by function index, and each exported guest
+  function's by its `wasmtime_component_func_t` (store id, instance and export: never reused).
+- Types this module does not model (resources, futures, streams, error contexts), and any type that
+  contains one, keep wasmtime-py's own conversion.
+
+Where stock wasmtime-py leaks (the heap cell behind an option, result or variant payload lifted from
+inside a record, tuple or list; the whole value it lifts from a guest call's result) this frees it.
+
+A last cost appears only under load: ctypes releases the GIL around every foreign call, and stock
+conversion makes dozens of tiny ones. With many process threads wanting the GIL, each release is a
+futex hand-off and a context switch (measured: ~4,700 futex calls per small download, a fifth of the
+node's CPU). `install()` rebinds every wasmtime C function that cannot run guest code or block
+(value constructors, accessors, type queries) to keep the GIL; calls that run a guest, compile,
+instantiate or free a store still release it so guests compute in parallel.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import re
+import struct
+import sys
+import threading
+from ctypes import addressof
 
-from wasmtime import WasmtimeError
+from wasmtime import WasmtimeError, _bindings
 from wasmtime import _ffi as ffi
-from wasmtime.component import _linker, _types
-from wasmtime.component._enter import catch_exceptions
-
-_VAL = ffi.wasmtime_component_val_t
-_STRIDE = ctypes.sizeof(_VAL)
-_KIND_AT = _VAL.kind.offset
-_VALUE_AT = _VAL.of.offset + ffi.wasmtime_component_valunion.u8.offset
-_U8 = ffi.WASMTIME_COMPONENT_U8.value
+from wasmtime.component import _func, _linker, _types
+from wasmtime.component._enter import catch_exceptions, enter_wasm
+from wasmtime.component._types import Record, Variant
 
 # wasmtime charges each list element against a per-call hostcall budget; above about 2.7 MB a
 # guest->host list fails with "fuel allocated for hostcalls has been exhausted". Refuse well below.
 MAX_LIST_BYTES = 2 * 1024 * 1024
 
-_stock_to_c = _types.ListType.convert_to_c
-_stock_from_c = _types.ListType.convert_from_c
+# Every byte of the process, addressable by its address: reads and writes of wasmtime's values and
+# of the arena without creating a ctypes object per access.
+MEM = memoryview((ctypes.c_ubyte * sys.maxsize).from_address(0)).cast("B")
+
+# ---- layout of wasmtime_component_val_t, from wasmtime-py's ctypes definitions ----------------
+_VAL = ffi.wasmtime_component_val_t
+_STRIDE = ctypes.sizeof(_VAL)                                   # one val; also a list/tuple element
+_OF = _VAL.of.offset                                            # the payload union
+_ENTRY = ctypes.sizeof(ffi.wasmtime_component_valrecord_entry_t)  # a record field: name, then val
+_ENTRY_VAL = ffi.wasmtime_component_valrecord_entry_t.val.offset
+_NAME = ctypes.sizeof(ffi.wasm_byte_vec_t)                      # (size, data): strings and names
+_VEC_DATA = _OF + ffi.wasmtime_component_vallist.data.offset    # data pointer of a list/record/...
+_OPTION_PTR = _OF
+_RESULT_PTR = _OF + ffi.wasmtime_component_valresult.val.offset
+_VARIANT_PTR = _OF + ffi.wasmtime_component_valvariant.val.offset
+if (_OF, _VEC_DATA, _RESULT_PTR, _VARIANT_PTR, _NAME) != (8, 16, 16, 24, 16):
+    raise ImportError("unexpected wasmtime_component_val_t layout")  # the struct formats below
+
+_BOOL, _S8, _U8, _S16, _U16, _S32, _U32, _S64, _U64, _F32, _F64, _CHAR, _STRING, _LIST, _RECORD, \
+    _TUPLE, _VARIANT, _ENUM, _OPTION, _RESULT, _FLAGS = (getattr(ffi, f"WASMTIME_COMPONENT_{k}").value for k in (
+        "BOOL", "S8", "U8", "S16", "U16", "S32", "U32", "S64", "U64", "F32", "F64", "CHAR", "STRING", "LIST",
+        "RECORD", "TUPLE", "VARIANT", "ENUM", "OPTION", "RESULT", "FLAGS"))
+
+_VEC = struct.Struct("=B7xQQ")      # kind, (size, data): string, enum, list, record, tuple, flags
+_PTR = struct.Struct("=B7xQ")       # kind, heap cell: option
+_RES = struct.Struct("=B7x?7xQ")    # kind, is_ok, heap cell: result
+_VAR = struct.Struct("=B7xQQQ")     # kind, discriminant (size, data), heap cell: variant
+_PAIR = struct.Struct("=QQ")        # (size, data) of a string or name
+_Q = struct.Struct("=Q")
+_CLEARED = bytes(16)                # Bool(false): what a freed value is left as
+# where a bytes object's contents start, from its address (`id`): a lowered string points into its
+# encoded bytes rather than into a copy
+_BYTES_DATA = bytes.__basicsize__ - 1
+_probe = b"probe"
+if ctypes.cast(ctypes.c_char_p(_probe), ctypes.c_void_p).value != id(_probe) + _BYTES_DATA:
+    raise ImportError("unexpected bytes object layout")
+del _probe
+
+_C = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)     # these keep the GIL: all are quick
 
 
-def _is_u8_list(ty: _types.ListType) -> bool:
-    cached = ty.__dict__.get("_fast_u8")
-    if cached is None:
-        cached = ty.__dict__["_fast_u8"] = bool(ty._is_bytes())
-    return cached
+def _c_fn(name: str, *argtypes):
+    fn = _C[name]  # a private function object: `_keep_gil_for_quick_calls` retypes the shared ones
+    fn.restype, fn.argtypes = None, list(argtypes)
+    return fn
 
 
-def _to_c(self, store, val, ptr):
-    if not _is_u8_list(self):
-        return _stock_to_c(self, store, val, ptr)
-    if not isinstance(val, (bytes, bytearray, memoryview)):
-        raise TypeError(f"expected bytes for list<u8>, got {type(val).__name__}")
-    n = len(val)
-    if n > MAX_LIST_BYTES:
-        raise WasmtimeError(
-            f"list<u8> of {n} bytes is over this host's {MAX_LIST_BYTES}-byte per-call limit; "
-            "use the kinode:process/blobs interface for large blobs")
-    raw = ffi.wasmtime_component_vallist_t()
-    ffi.wasmtime_component_vallist_new_uninit(raw, n)
-    if n:
-        addr = ctypes.cast(raw.data, ctypes.c_void_p).value
-        view = memoryview((ctypes.c_ubyte * (n * _STRIDE)).from_address(addr)).cast("B")
-        view[_KIND_AT::_STRIDE] = bytes((_U8,)) * n
-        view[_VALUE_AT::_STRIDE] = val
-    ptr.contents.kind = ffi.WASMTIME_COMPONENT_LIST
-    ptr.contents.of.list = raw
+_clone = _c_fn("wasmtime_component_val_clone", ctypes.c_void_p, ctypes.c_void_p)
+_delete = _c_fn("wasmtime_component_val_delete", ctypes.c_void_p)
+_new_list = _c_fn("wasmtime_component_vallist_new_uninit", ctypes.c_void_p, ctypes.c_size_t)
 
 
-def _from_c(self, c):
-    if not _is_u8_list(self):
-        return _stock_from_c(self, c)
-    try:
-        n = c.of.list.size
-        if n == 0:
-            return b""
-        addr = ctypes.cast(c.of.list.data, ctypes.c_void_p).value
-        return ctypes.string_at(addr + _VALUE_AT, (n - 1) * _STRIDE + 1)[::_STRIDE]
-    finally:
-        ffi.wasmtime_component_vallist_delete(ctypes.byref(c.of.list))
+# ---- the arena ----------------------------------------------------------------------------------
+_CHUNK = 1 << 16
+# a list<u8> this long is grafted rather than copied (measured: shorter ones gain nothing, a 2 MiB
+# one lowers in half the time, and without a second 64 MiB array)
+_GRAFT_MIN = 32768
 
 
+class _Arena:
+    """Scratch memory for lowering one value: bump-allocated, 8-byte aligned, reused per thread."""
+
+    __slots__ = ("busy", "chunk", "end", "extra", "held", "off", "patches", "start")
+
+    def __init__(self) -> None:
+        self.chunk = (ctypes.c_ubyte * _CHUNK)()
+        self.start = self.off = addressof(self.chunk)
+        self.end = self.start + _CHUNK
+        self.extra: list = []
+        self.held: list = []        # encoded strings the arena's values point into
+        self.patches: dict = {}     # arena address of a placeholder list<u8> -> its bytes
+        self.busy = False
+
+    def grow(self, size: int) -> int:
+        """Room for `size` bytes that did not fit: a new chunk, kept until `release`."""
+        chunk = (ctypes.c_ubyte * max(size, _CHUNK))()
+        self.extra.append(chunk)
+        p = addressof(chunk)
+        self.off, self.end = p + size, p + len(chunk)
+        return p
+
+    def release(self) -> None:
+        self.off, self.end = self.start, self.start + _CHUNK
+        if self.extra:
+            self.extra.clear()
+        self.held.clear()
+        if self.patches:
+            self.patches.clear()
+        self.busy = False
+
+
+_tls = threading.local()
+
+
+def _arena() -> _Arena:
+    a = getattr(_tls, "arena", None)
+    if a is None:
+        a = _tls.arena = _Arena()
+    elif a.busy:  # lowering re-entered on this thread (a getattr calling into Wasm): a private one
+        a = _Arena()
+    a.busy = True
+    return a
+
+
+def _reserve(a: _Arena, size: int) -> int:
+    p = a.off
+    if p + size > a.end:
+        return a.grow(size)
+    a.off = p + size
+    return p
+
+
+def _hold(a: _Arena, b: bytes) -> int:
+    """The address of `b`'s contents, kept alive until the arena is released."""
+    a.held.append(b)
+    return id(b) + _BYTES_DATA
+
+
+class _Names:
+    """Encoded names at fixed addresses, for field names, variant cases and enum cases. Lowered
+    values point at them, so they are never freed: `_names` keeps one per distinct list of names."""
+
+    def __init__(self, names: tuple[str, ...]):
+        encoded = [n.encode() for n in names]
+        self._buf = ctypes.create_string_buffer(b"".join(encoded) or b"\0")
+        base = addressof(self._buf)
+        self.vecs = []          # (size, data) per name
+        self.by_bytes = {}      # encoded name -> (index, name)
+        for i, (n, b) in enumerate(zip(names, encoded)):
+            self.vecs.append((len(b), base))
+            self.by_bytes[b] = (i, n)
+            base += len(b)
+
+
+_NAMES: dict = {}
+
+
+def _names(names: tuple[str, ...]) -> _Names:
+    found = _NAMES.get(names)
+    if found is None:  # setdefault: of two threads compiling at once, both use the one kept
+        found = _NAMES.setdefault(names, _Names(names))
+    return found
+
+
+# ---- converters ---------------------------------------------------------------------------------
+class _Conv:
+    """How to convert one type. Modelled types have `lower(val, at, arena)`, which writes `val` as a
+    wasmtime_component_val_t at arena address `at`, and `lift(at)`, which reads one without freeing
+    it. `to_c(store, val, dst)` and `from_c(src)` convert at a caller-owned address, with stock
+    ownership: `dst` receives a value owned by wasmtime's allocator, `src`'s value is freed."""
+
+    __slots__ = ("from_c", "lift", "lower", "to_c")
+
+    def __init__(self, lower, lift, owns_memory: bool = True, stock=None):
+        self.lower, self.lift = lower, lift
+        if stock is not None:
+            self.to_c, self.from_c = stock
+        elif owns_memory:
+            self.to_c, self.from_c = _top_to_c(lower), _top_from_c(lift)
+        else:  # a scalar: written straight into place, nothing to copy or free
+            self.to_c = lambda store, val, dst: lower(val, dst, None)
+            self.from_c = lift
+
+
+def _top_to_c(lower):
+    def to_c(store, val, dst):
+        a = _arena()
+        try:
+            root = _reserve(a, _STRIDE)
+            lower(val, root, a)
+            _clone(root, dst)
+            if a.patches:
+                try:
+                    _graft(root, dst, a.patches)
+                except BaseException:
+                    _delete(dst)
+                    MEM[dst:dst + 16] = _CLEARED
+                    raise
+        finally:
+            a.release()
+    return to_c
+
+
+def _top_from_c(lift):
+    def from_c(src):
+        try:
+            return lift(src)
+        finally:
+            _delete(src)
+            MEM[src:src + 16] = _CLEARED  # whoever owns `src` may still drop it
+    return from_c
+
+
+_CELL_AT = {_OPTION: _OPTION_PTR, _RESULT: _RESULT_PTR, _VARIANT: _VARIANT_PTR}
+
+
+def _graft(a: int, c: int, patches: dict) -> None:
+    """Allocate each placeholder list<u8> of the arena value at `a` in place in its copy at `c`."""
+    data = patches.pop(a, None)
+    if data is not None:
+        _new_list(c + _OF, len(data))  # the copy's placeholder is empty: it owns nothing to free
+        _write_u8s(_Q.unpack_from(MEM, c + _VEC_DATA)[0], data)
+        return
+    kind = MEM[a]
+    if kind in (_LIST, _TUPLE, _RECORD):
+        n, pa = _PAIR.unpack_from(MEM, a + _OF)
+        if kind == _LIST and n and MEM[pa] == _U8:
+            return  # a small list<u8>: nothing inside
+        pc = _Q.unpack_from(MEM, c + _VEC_DATA)[0]
+        step, at = (_ENTRY, _ENTRY_VAL) if kind == _RECORD else (_STRIDE, 0)
+        for off in range(at, n * step, step):
+            _graft(pa + off, pc + off, patches)
+            if not patches:
+                return
+    elif kind in _CELL_AT:
+        at = _CELL_AT[kind]
+        pa = _Q.unpack_from(MEM, a + at)[0]
+        if pa:
+            _graft(pa, _Q.unpack_from(MEM, c + at)[0], patches)
+
+
+def _scalar(kind: int, code: str, check, message: str, convert=None) -> _Conv:
+    read = struct.Struct("=" + code).unpack_from
+    if code in "bBhHiIqQ":  # ctypes' integer fields wrap out-of-range values; so does this
+        convert = ((1 << (8 * struct.calcsize(code))) - 1).__and__
+        code = code.upper()
+    pack = struct.Struct("=B7x" + code).pack_into
+
+    def lower(val, at, a):
+        if not check(val):
+            raise TypeError(message)
+        pack(MEM, at, kind, convert(val) if convert else val)
+
+    def lift(at):
+        return read(MEM, at + _OF)[0]
+    return _Conv(lower, lift, owns_memory=False)
+
+
+def _is_int(v):
+    return isinstance(v, int)
+
+
+def _is_float(v):
+    return isinstance(v, float)
+
+
+def _char() -> _Conv:
+    pack = struct.Struct("=B7xI").pack_into
+    read = struct.Struct("=I").unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, str) or len(val) != 1:
+            raise TypeError("expected single-character string for Char type")
+        pack(MEM, at, _CHAR, ord(val))
+
+    def lift(at):
+        return chr(read(MEM, at + _OF)[0])
+    return _Conv(lower, lift, owns_memory=False)
+
+
+def _string() -> _Conv:
+    pack = _VEC.pack_into
+    read = _PAIR.unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, str):
+            raise TypeError("expected string type")
+        b = val.encode()
+        a.held.append(b)
+        pack(MEM, at, _STRING, len(b), id(b) + _BYTES_DATA)
+
+    def lift(at):
+        n, p = read(MEM, at + _OF)
+        return MEM[p:p + n].tobytes().decode() if n else ""
+    return _Conv(lower, lift)
+
+
+_PRIMITIVES = {
+    _types.Bool: _scalar(_BOOL, "?", lambda v: isinstance(v, bool), "expected bool for Bool type"),
+    _types.S8: _scalar(_S8, "b", _is_int, "expected int for S8 type"),
+    _types.U8: _scalar(_U8, "B", _is_int, "expected int for U8 type"),
+    _types.S16: _scalar(_S16, "h", _is_int, "expected int for S16 type"),
+    _types.U16: _scalar(_U16, "H", _is_int, "expected int for U16 type"),
+    _types.S32: _scalar(_S32, "i", _is_int, "expected int for S32 type"),
+    _types.U32: _scalar(_U32, "I", _is_int, "expected int for U32 type"),
+    _types.S64: _scalar(_S64, "q", _is_int, "expected int for S64 type"),
+    _types.U64: _scalar(_U64, "Q", _is_int, "expected int for U64 type"),
+    # ctypes rounds to single precision and overflows to infinity; struct would raise instead
+    _types.F32: _scalar(_F32, "f", _is_float, "expected float for F32 type", lambda v: ctypes.c_float(v).value),
+    _types.F64: _scalar(_F64, "d", _is_float, "expected float for F64 type"),
+    _types.Char: _char(),
+    _types.String: _string(),
+}
+
+
+def _list(ty: _types.ListType) -> _Conv | None:
+    if isinstance(ty.element, _types.U8):
+        return _bytes_list()
+    elem = _conv(ty.element)
+    if elem.lower is None:
+        return None
+    elower, elift = elem.lower, elem.lift
+    pack = _VEC.pack_into
+    read = _PAIR.unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, list):
+            raise TypeError("expected list value")
+        n = len(val)
+        p = _reserve(a, n * _STRIDE)
+        for e_at, e in zip(range(p, p + n * _STRIDE, _STRIDE), val):
+            elower(e, e_at, a)
+        if len(val) != n:  # shrunk by a side effect: slots left unwritten
+            raise RuntimeError("list changed size during conversion")
+        pack(MEM, at, _LIST, n, p)
+
+    def lift(at):
+        n, p = read(MEM, at + _OF)
+        return [elift(e_at) for e_at in range(p, p + n * _STRIDE, _STRIDE)]
+    return _Conv(lower, lift)
+
+
+# list<u8> elements are converted this many at a time: a bytearray's strided slice copy is several
+# times faster than a memoryview's, and a bounded step keeps a 2 MiB list from doubling in memory
+_SPAN = 2048
+_U8_RUN = memoryview((bytes((_U8,)) + bytes(_STRIDE - 1)) * _SPAN)  # u8 vals holding 0
+
+
+def _write_u8s(p: int, data) -> None:
+    """Write `data` as list<u8> elements at `p`."""
+    n = len(data)
+    if n > _SPAN:
+        for i in range(0, n, _SPAN):
+            _write_u8s(p + i * _STRIDE, data[i:i + _SPAN])
+        return
+    run = bytearray(_U8_RUN[:n * _STRIDE])
+    run[_OF::_STRIDE] = data
+    MEM[p:p + n * _STRIDE] = run
+
+
+def _read_u8s(p: int, n: int) -> bytes:
+    """The bytes of the `n` list<u8> elements at `p`."""
+    if n <= _SPAN:
+        return MEM[p + _OF:p + n * _STRIDE].tobytes()[::_STRIDE]
+    return b"".join(_read_u8s(p + i * _STRIDE, min(_SPAN, n - i)) for i in range(0, n, _SPAN))
+
+
+def _bytes_list() -> _Conv:
+    pack = _VEC.pack_into
+    read = _PAIR.unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, (bytes, bytearray, memoryview)):
+            raise TypeError(f"expected bytes for list<u8>, got {type(val).__name__}")
+        n = len(val)
+        if n > MAX_LIST_BYTES:
+            raise WasmtimeError(
+                f"list<u8> of {n} bytes is over this host's {MAX_LIST_BYTES}-byte per-call limit; "
+                "use the kinode:process/blobs interface for large blobs")
+        if n >= _GRAFT_MIN:
+            a.patches[at] = val
+            pack(MEM, at, _LIST, 0, at)
+            return
+        p = _reserve(a, n * _STRIDE)
+        _write_u8s(p, val)
+        pack(MEM, at, _LIST, n, p)
+
+    def lift(at):
+        n, p = read(MEM, at + _OF)
+        return _read_u8s(p, n) if n else b""
+    return _Conv(lower, lift)
+
+
+def _record(ty: _types.RecordType) -> _Conv | None:
+    fields = ty.fields
+    convs = [_conv(t) for _, t in fields]
+    if any(c.lower is None for c in convs):
+        return None
+    names = [n for n, _ in fields]
+    labels = _names(tuple(names))
+    n = len(fields)
+    size = n * _ENTRY
+    # the field names in place, vals to be written over the zeros
+    template = b"".join(_PAIR.pack(*v) + bytes(_STRIDE) for v in labels.vecs)
+    lowers = [(name, c.lower, i * _ENTRY + _ENTRY_VAL) for i, (name, c) in enumerate(zip(names, convs))]
+    lifts = [(name, c.lift, i * _ENTRY + _ENTRY_VAL) for i, (name, c) in enumerate(zip(names, convs))]
+    pack = _VEC.pack_into
+    read = _Q.unpack_from
+
+    def lower(val, at, a):
+        p = _reserve(a, size)
+        MEM[p:p + size] = template
+        for name, flower, off in lowers:
+            flower(getattr(val, name), p + off, a)
+        pack(MEM, at, _RECORD, n, p)
+
+    def lift(at):
+        p = read(MEM, at + _VEC_DATA)[0]
+        r = Record()
+        d = r.__dict__
+        for name, flift, off in lifts:
+            d[name] = flift(p + off)
+        return r
+    return _Conv(lower, lift)
+
+
+def _tuple(ty: _types.TupleType) -> _Conv | None:
+    convs = [_conv(t) for t in ty.elements]
+    if any(c.lower is None for c in convs):
+        return None
+    n = len(convs)
+    size = n * _STRIDE
+    lowers = [c.lower for c in convs]
+    lifts = [(c.lift, i * _STRIDE) for i, c in enumerate(convs)]
+    pack = _VEC.pack_into
+    read = _Q.unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, tuple):
+            raise TypeError("expected tuple type")
+        if len(val) != n:
+            raise TypeError("tuple length mismatch")
+        p = _reserve(a, size)
+        for elower, e_at, e in zip(lowers, range(p, p + size, _STRIDE), val):
+            elower(e, e_at, a)
+        pack(MEM, at, _TUPLE, n, p)
+
+    def lift(at):
+        p = read(MEM, at + _VEC_DATA)[0]
+        return tuple([elift(p + off) for elift, off in lifts])
+    return _Conv(lower, lift)
+
+
+def _enum(ty: _types.EnumType) -> _Conv:
+    labels = _names(tuple(ty.names))
+    known = dict(zip(ty.names, labels.vecs))
+    by_bytes = {b: name for b, (_, name) in labels.by_bytes.items()}
+    pack = _VEC.pack_into
+    read = _PAIR.unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, str):
+            raise TypeError("expected str type")
+        vec = known.get(val)
+        if vec is None:  # not a case: wasmtime rejects it, as with stock conversion
+            b = val.encode()
+            vec = (len(b), _hold(a, b))
+        pack(MEM, at, _ENUM, *vec)
+
+    def lift(at):
+        n, p = read(MEM, at + _OF)
+        b = MEM[p:p + n].tobytes()
+        name = by_bytes.get(b)
+        return b.decode() if name is None else name
+    return _Conv(lower, lift)
+
+
+def _flags(ty: _types.FlagsType) -> _Conv:
+    labels = _names(tuple(ty.names))
+    known = dict(zip(ty.names, labels.vecs))
+    by_bytes = {b: name for b, (_, name) in labels.by_bytes.items()}
+    pack = _VEC.pack_into
+    pack_name = _PAIR.pack_into
+    read = _PAIR.unpack_from
+
+    def lower(val, at, a):
+        if not isinstance(val, set):
+            raise TypeError("expected set type for Flags type")
+        for s in val:
+            if not isinstance(s, str):
+                raise TypeError("expected set of strings for Flags type")
+        p = _reserve(a, len(val) * _NAME)
+        for s_at, s in zip(range(p, p + len(val) * _NAME, _NAME), val):
+            vec = known.get(s)
+            if vec is None:
+                b = s.encode()
+                vec = (len(b), _hold(a, b))
+            pack_name(MEM, s_at, *vec)
+        pack(MEM, at, _FLAGS, len(val), p)
+
+    def lift(at):
+        n, p = read(MEM, at + _OF)
+        out = set()
+        for s_at in range(p, p + n * _NAME, _NAME):
+            size, data = read(MEM, s_at)
+            b = MEM[data:data + size].tobytes()
+            name = by_bytes.get(b)
+            out.add(b.decode() if name is None else name)
+        return out
+    return _Conv(lower, lift)
+
+
+def _variant_like(ty) -> _Conv | None:
+    """variant, option and result: choose the case (by tag, or by the value's Python class when the
+    cases' classes are disjoint, as `VariantLikeType._tagged` decides) and box its payload."""
+    cases = ty._cases()
+    convs = [None if t is None else _conv(t) for _, t in cases]
+    if any(c is not None and c.lower is None for c in convs):
+        return None
+    names = [n for n, _ in cases]
+    tagged = ty._tagged()
+    lowers = [None if c is None else c.lower for c in convs]
+    lifts = [None if c is None else c.lift for c in convs]
+
+    if tagged:
+        index = {n: i for i, n in enumerate(names)}
+
+        def pick(val):
+            if not isinstance(val, Variant):
+                raise TypeError("expected Variant type")
+            try:
+                return index[val.tag], val.payload
+            except (KeyError, TypeError):
+                raise ValueError("value not valid for this variant") from None
+    else:
+        tests = []
+        for i, (_, t) in enumerate(cases):
+            classes: set = set()
+            if t is not None:
+                t.add_classes(classes)
+            tests.append((i, tuple(classes) if t is not None else None))
+
+        def pick(val):
+            for i, classes in tests:
+                if classes is None:
+                    if val is None:
+                        return i, None
+                elif isinstance(val, classes):
+                    return i, val
+            raise ValueError("value not valid for this variant")
+
+    def box(val, a):
+        """The chosen case and the arena address of its payload's cell (0 for none)."""
+        i, payload = pick(val)
+        plower = lowers[i]
+        if plower is None:
+            return i, 0
+        p = _reserve(a, _STRIDE)
+        plower(payload, p, a)
+        return i, p
+
+    def unbox(i, p):
+        plift = lifts[i]
+        if plift is None:
+            return Variant(names[i]) if tagged else None
+        payload = plift(p)
+        return Variant(names[i], payload) if tagged else payload
+
+    read = _Q.unpack_from
+    if isinstance(ty, _types.OptionType):
+        pack = _PTR.pack_into
+
+        def lower(val, at, a):
+            pack(MEM, at, _OPTION, box(val, a)[1])
+
+        def lift(at):
+            p = read(MEM, at + _OPTION_PTR)[0]
+            return unbox(1 if p else 0, p)
+    elif isinstance(ty, _types.ResultType):
+        pack = _RES.pack_into
+
+        def lower(val, at, a):
+            i, p = box(val, a)
+            pack(MEM, at, _RESULT, i == 0, p)
+
+        def lift(at):
+            return unbox(0 if MEM[at + _OF] else 1, read(MEM, at + _RESULT_PTR)[0])
+    else:
+        labels = _names(tuple(names))
+        by_bytes = labels.by_bytes
+        pack = _VAR.pack_into
+        read_tag = _PAIR.unpack_from
+
+        def lower(val, at, a):
+            i, p = box(val, a)
+            pack(MEM, at, _VARIANT, *labels.vecs[i], p)
+
+        def lift(at):
+            n, data = read_tag(MEM, at + _OF)
+            tag = MEM[data:data + n].tobytes()
+            case = by_bytes.get(tag)
+            if case is None:
+                raise ValueError(f"tag {tag.decode()} not found in variant cases")
+            return unbox(case[0], read(MEM, at + _VARIANT_PTR)[0])
+    return _Conv(lower, lift)
+
+
+_COMPILERS = {
+    _types.ListType: _list, _types.RecordType: _record, _types.TupleType: _tuple,
+    _types.VariantType: _variant_like, _types.OptionType: _variant_like, _types.ResultType: _variant_like,
+    _types.EnumType: _enum, _types.FlagsType: _flags,
+}
+# the classes whose conversions are replaced, with wasmtime-py's own methods (set by `install`)
+_STOCK: dict = {}
+
+
+def _stock(ty) -> _Conv:
+    """A type with a part this module does not model (resource, future, ...): stock conversion."""
+    cls = type(ty)
+    to_c, from_c = _STOCK.get(cls) or (cls.convert_to_c, cls.convert_from_c)
+    return _Conv(None, None, stock=(
+        lambda store, val, dst: to_c(ty, store, val, ctypes.pointer(_VAL.from_address(dst))),
+        lambda src: from_c(ty, _VAL.from_address(src))))
+
+
+def _conv(ty) -> _Conv:
+    """The converter of a type object, compiled on first use and kept on the object."""
+    conv = _PRIMITIVES.get(type(ty))
+    if conv is None:
+        conv = ty.__dict__.get("_fast_conv")
+        if conv is None:
+            compiler = _COMPILERS.get(type(ty))
+            conv = (compiler and compiler(ty)) or _stock(ty)
+            ty.__dict__["_fast_conv"] = conv
+    return conv
+
+
+def _convert_to_c(self, store, val, ptr):
+    _conv(self).to_c(store, val, addressof(ptr.contents))
+
+
+def _convert_from_c(self, c):
+    return _conv(self).from_c(addressof(c))
+
+
+# ---- type property caches -------------------------------------------------------------------------
 def _cached_property(prop: property) -> property:
     """A property whose value is kept on the instance after the first FFI lookup."""
     key = f"_cache_{prop.fget.__name__}"
@@ -99,37 +708,104 @@ def _cached_method(fn):
     return method
 
 
-# linked function index -> (param types, result type); each host function has one fixed type
-_FUNC_TYPES: dict = {}
+# ---- calls in both directions -----------------------------------------------------------------------
+# linked function index -> (param from_c converters, result to_c converter or None); a host function
+# has one fixed type
+_HOST_SIGS: dict = {}
 
 
 @ffi.wasmtime_component_func_callback_t
 def _func_impl(idx, context, ty_raw, args, nargs, results, nresults):  # mirrors wasmtime-py's func_impl
     def run(store) -> None:
-        types = _FUNC_TYPES.get(idx)
-        if types is None:
+        sig = _HOST_SIGS.get(idx)
+        if sig is None:
             with _types.FuncType._from_ptr(ty_raw, owner=store) as fty:
-                types = _FUNC_TYPES[idx] = ([ty for _, ty in fty.params], fty.result)
-        param_tys, result_ty = types
+                result_ty = fty.result
+                sig = _HOST_SIGS[idx] = ([_conv(ty).from_c for _, ty in fty.params],
+                                         None if result_ty is None else _conv(result_ty).to_c)
+        lifts, lower = sig
         func = _linker.FUNCTIONS.get(idx or 0)
-        pyargs = [ty.convert_from_c(args[i]) for i, ty in enumerate(param_tys)]
+        base = addressof(args.contents) if lifts else 0
+        pyargs = [lift(base + i * _STRIDE) for i, lift in enumerate(lifts)]
         result = func(store, *pyargs)
-        if result_ty is not None:
-            result_ty.convert_to_c(store, result, results)
+        if lower is not None:
+            lower(store, result, addressof(results.contents))
     return catch_exceptions(context, run)
+
+
+# bytes of a wasmtime_component_func_t (store id, instance, export) -> (param to_c converters,
+# result from_c converter or None). Store ids are never reused, so a key never changes meaning; the
+# cache is emptied now and then because stores come and go.
+_EXPORT_SIGS: dict = {}
+_EXPORT_SIGS_MAX = 512
+
+
+def _func_call(self, store, *params):  # mirrors wasmtime-py's Func.__call__
+    key = bytes(self._func)
+    sig = _EXPORT_SIGS.get(key)
+    if sig is None:
+        with self.type(store) as fty:
+            result_ty = fty.result
+            sig = (tuple(_conv(ty).to_c for _, ty in fty.params),
+                   None if result_ty is None else _conv(result_ty).from_c)
+        if len(_EXPORT_SIGS) >= _EXPORT_SIGS_MAX:
+            _EXPORT_SIGS.clear()
+        _EXPORT_SIGS[key] = sig
+    lowers, lift = sig
+    if len(params) != len(lowers):
+        raise TypeError(f"wrong number of parameters provided: given {len(params)}, expected {len(lowers)}")
+    param_capi = (_VAL * len(params))()
+    base = addressof(param_capi)
+    n = 0
+    try:
+        for lower, val in zip(lowers, params):
+            lower(store, val, base + n * _STRIDE)
+            n += 1
+        result_space = None if lift is None else _VAL()
+
+        def run():
+            return ffi.wasmtime_component_func_call(
+                ctypes.byref(self._func), store._context(), param_capi, n,
+                None if result_space is None else ctypes.byref(result_space), 0 if lift is None else 1)
+        enter_wasm(run)
+        return None if lift is None else lift(addressof(result_space))
+    finally:
+        for i in range(n):
+            _delete(base + i * _STRIDE)
+
+
+# C functions that may run guest code, compile, instantiate or unmap memory: these must let other
+# threads run meanwhile, so they keep ctypes' default of releasing the GIL
+_RELEASES_GIL = re.compile(r"call|instantiate|post_return|serialize|validate|wat2wasm|"
+                           r"(module|component|store|engine)_(new|delete)|linker_add_wasip|future")
+
+
+def _keep_gil_for_quick_calls() -> None:
+    for name, fn in list(vars(_bindings).items()):
+        if not (name.startswith("_was") and isinstance(fn, ctypes._CFuncPtr)) or _RELEASES_GIL.search(name):
+            continue
+        quick = getattr(_C, name[1:])
+        quick.restype, quick.argtypes = fn.restype, fn.argtypes
+        setattr(_bindings, name, quick)
 
 
 def install() -> None:
     """Patch wasmtime-py; call before any `add_func` (the callback is bound when a func is added)."""
-    _types.ListType.convert_to_c = _to_c
-    _types.ListType.convert_from_c = _from_c
+    if _STOCK:  # patched already: `_STOCK` must keep wasmtime-py's methods, not ours
+        return
+    _keep_gil_for_quick_calls()
     for cls, names in ((_types.ListType, ["element"]), (_types.RecordType, ["fields"]),
                        (_types.TupleType, ["elements"]), (_types.VariantType, ["cases"]),
                        (_types.OptionType, ["payload"]), (_types.ResultType, ["ok", "err"]),
-                       (_types.EnumType, ["names"])):
+                       (_types.EnumType, ["names"]), (_types.FlagsType, ["names"])):
         for name in names:
             setattr(cls, name, _cached_property(getattr(cls, name)))
     for cls in (_types.VariantType, _types.OptionType, _types.ResultType):
         cls._cases = _cached_method(cls._cases)
         cls._tagged = _cached_method(cls._tagged)
+    for cls in (*_COMPILERS, _types.String):
+        _STOCK[cls] = (cls.convert_to_c, cls.convert_from_c)
+        cls.convert_to_c = _convert_to_c
+        cls.convert_from_c = _convert_from_c
     _linker.func_impl = _func_impl
+    _func.Func.__call__ = _func_call

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import blake3
 from wasmtime import Config, Engine, WasmtimeError
+from wasmtime import _ffi as ffi
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
 from host import fastconv
@@ -33,6 +34,41 @@ STANDARD = "kinode:process/standard@0.8.0"
 BLOBS = "kinode:process/blobs@0.8.0"
 HOST_INTERFACES = {STANDARD, BLOBS}
 EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
+
+# Pooling instance allocator. A worker per transfer means thousands of short-lived instances. With
+# the default allocator each maps fresh linear memory and copy-on-write faults in every page its
+# Python touches, and in a multi-threaded process each such fault is a TLB shoot-down across cores.
+# A pooled slot stays mapped, and up to KEEP_RESIDENT bytes of it are reset in place when it is
+# reused, so the next instance does not fault them in again. Measured on 600 downloads of 4 KiB, 8
+# at a time: 42 -> 48-50 files/s, the requestor's system time 7.1 -> 3.6 s, for about 200 MB more
+# resident memory on a node that has run many at once. The totals are hard caps on what runs at
+# once (a spawn beyond them fails with a clear error); the address space they reserve is virtual.
+POOL_INSTANCES = 1000              # live component instances (processes and the libraries they link)
+POOL_MEMORIES = 2000
+POOL_TABLES = 16_000
+POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
+POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
+POOL_KEEP_RESIDENT = 32 << 20
+POOL_WARM_SLOTS = 16
+
+
+def _use_pooling(cfg: Config) -> None:
+    pc = ffi.wasmtime_pooling_allocation_config_new()
+    try:
+        for name, value in (("total_component_instances", POOL_INSTANCES),
+                            ("total_core_instances", POOL_INSTANCES * 16),
+                            ("max_core_instances_per_component", 32),
+                            ("max_memories_per_component", 8), ("max_tables_per_component", 32),
+                            ("total_memories", POOL_MEMORIES), ("total_tables", POOL_TABLES),
+                            ("table_elements", POOL_TABLE_ELEMENTS), ("max_memory_size", POOL_MAX_MEMORY),
+                            ("max_core_instance_size", 4 << 20), ("max_component_instance_size", 4 << 20),
+                            ("linear_memory_keep_resident", POOL_KEEP_RESIDENT),
+                            ("table_keep_resident", 1 << 20), ("max_unused_warm_slots", POOL_WARM_SLOTS),
+                            ("total_stacks", 0)):
+            getattr(ffi, f"wasmtime_pooling_allocation_config_{name}_set")(pc, value)
+        ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)
+    finally:
+        ffi.wasmtime_pooling_allocation_config_delete(pc)
 # compiled artefacts depend on the wasmtime version and the engine settings
 _ENGINE_TAG = f"wasmtime{importlib.metadata.version('wasmtime')}-epoch"
 
@@ -69,6 +105,8 @@ class Runtime:
     def __init__(self, cache_dir: Optional[Path] = None):
         cfg = Config()
         cfg.epoch_interruption = True
+        if os.environ.get("KINODE_POOLING", "1") != "0":  # 0: wasmtime's on-demand allocator
+            _use_pooling(cfg)
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()

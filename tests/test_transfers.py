@@ -101,11 +101,11 @@ def test_a_file_that_changes_while_being_sent_is_detected(two_nodes):
 
 def test_cancel_and_list_transfers(two_nodes):
     fake, fake2 = two_nodes
-    put(fake2, "slow.bin", 400 << 20)
+    put(fake2, "slow.bin", 1 << 30)  # a second or two at today's speed: time to list and cancel
     fake.type("download:file_transfer:template.os slow.bin fake2.dev")
     fake.expect(r"slow\.bin progress", 60)
     code, lines = fake.run("transfers:file_transfer:template.os")
-    assert code == 0 and any(re.search(r"slow\.bin from fake2\.dev: .* of 400\.0 MiB", ln) for ln in lines), lines
+    assert code == 0 and any(re.search(r"slow\.bin from fake2\.dev: .* of 1\.0 GiB", ln) for ln in lines), lines
     code, lines = fake.run("cancel:file_transfer:template.os slow.bin fake2.dev")
     assert code == 0, lines
     line = fake.expect(r"slow\.bin from fake2\.dev (failed|cancelled)|slow\.bin downloaded", 30)
@@ -116,6 +116,36 @@ def test_cancel_and_list_transfers(two_nodes):
     assert any("no transfers in progress" in ln for ln in lines), lines
     code, lines = fake.run("cancel:file_transfer:template.os nothing.bin")
     assert code == 1 and any("no transfer of nothing.bin" in ln for ln in lines), lines
+
+
+def test_many_files_in_one_command_wait_their_turn(two_nodes):
+    """`download A B C... NODE`: at most 8 run at once, the rest are queued (listed by `transfers`,
+    cancellable), and every file arrives intact."""
+    fake, fake2 = two_nodes
+    digests = {f"m{i}.bin": put(fake2, f"m{i}.bin", 32 << 20) for i in range(16)}
+    fake.type("verbosity 1")
+    fake.type(f"download:file_transfer:template.os {' '.join(digests)} fake2.dev")
+    fake.expect(r"m\d+\.bin from fake2\.dev: queued \(\d+ waiting, 8 downloads at once\)", 30)
+    code, lines = fake.run("transfers:file_transfer:template.os")
+    waiting = [m.group(1) for ln in lines if (m := re.search(r"(m\d+\.bin) from fake2\.dev: queued", ln))]
+    assert code == 0 and waiting, lines
+    victim = waiting[-1]
+    code, lines = fake.run(f"cancel:file_transfer:template.os {victim} fake2.dev")
+    assert code == 0, lines
+    fake.expect(rf"{re.escape(victim)} from fake2\.dev cancelled", 30)
+    deadline = time.monotonic() + 60
+    while True:  # expect() skips lines before its match, so read the whole output
+        done = {m.group(1) for ln in fake.lines if (m := re.search(r"(m\d+\.bin) downloaded", ln))}
+        assert not any("error:" in ln for ln in fake.lines), fake.lines[-20:]
+        if len(done) >= len(digests) - 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert done == set(digests) - {victim}, sorted(done)
+    for name, digest in digests.items():
+        if name != victim:
+            assert sha(fake.files / name) == digest, name
+    assert not (fake.files / victim).exists()
+    no_workers(fake, fake2)
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", "..", "bad\u0007name", "x\x1b[31m"])

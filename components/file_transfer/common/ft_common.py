@@ -16,6 +16,7 @@ import unicodedata
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
 WINDOW = 8                 # chunks in flight per transfer
+MAX_DOWNLOADS = 8          # downloads a node runs at once; more wait their turn in file_transfer
 STATE_EVERY = 4            # chunks between saves of a big download's resume point (16 MiB)
 ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving up
 HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size

@@ -1,32 +1,37 @@
 # world: process-v0-ext
-"""download NAME WHO: fetch NAME from WHO's file_transfer into our files drive.
+"""download NAME... WHO: fetch each NAME from WHO's file_transfer into our files drive.
 
-The local file_transfer starts a worker and reports progress; this script prints only a failure
-to start."""
+The local file_transfer starts a worker per file (at most MAX_DOWNLOADS at once; the rest wait
+their turn) and reports progress; this script prints only failures to start."""
 import wit_world
 
 from ft_common import check_name
 from process_lib import Address, ask, script, sibling
 
-USAGE = "usage: download:file_transfer:template.os FILE_NAME NODE"
+USAGE = "usage: download:file_transfer:template.os FILE_NAME [FILE_NAME...] NODE"
 
 
 def download(our: Address, args: str) -> str:
     parts = args.split()
-    if len(parts) != 2:
+    if len(parts) < 2:
         raise ValueError(USAGE)
-    name, who = parts
-    problem = check_name(name)
-    if problem:
-        raise ValueError(problem)
+    *names, who = parts
+    for name in names:  # all names are checked before any download starts
+        problem = check_name(name)
+        if problem:
+            raise ValueError(f"{name!r}: {problem}" if len(names) > 1 else problem)
     pid = sibling(our, "file_transfer").process
-    body = {"Download": {"name": name, "target": {"node": who, "process": {
-        "process_name": pid.process_name, "package_name": pid.package_name, "publisher_node": pid.publisher_node}},
-        "is_requestor": True}}
-    answer = ask(sibling(our, "file_transfer"), body, who="file_transfer")
-    result = answer.get("Download") if isinstance(answer, dict) else None
-    if isinstance(result, dict) and "Err" in result:
-        raise ValueError(f"download of {name} from {who} failed: {result['Err']}")
+    target = {"node": who, "process": {"process_name": pid.process_name, "package_name": pid.package_name,
+                                       "publisher_node": pid.publisher_node}}
+    failed = []
+    for name in names:
+        answer = ask(sibling(our, "file_transfer"),
+                     {"Download": {"name": name, "target": target, "is_requestor": True}}, who="file_transfer")
+        result = answer.get("Download") if isinstance(answer, dict) else None
+        if isinstance(result, dict) and "Err" in result:
+            failed.append(f"download of {name} from {who} failed: {result['Err']}")
+    if failed:
+        raise ValueError("\nerror: ".join(failed))
     return ""
 
 

@@ -7,12 +7,13 @@ remote worker (we serve), and shows the workers' progress.
 """
 import json
 import time
+from collections import OrderedDict
 
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
-from ft_common import STALL_TIMEOUT, check_name, human_size
+from ft_common import MAX_DOWNLOADS, STALL_TIMEOUT, check_name, human_size
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_state,
                          print_to_terminal, println, run, set_state,
                          to_wit_address, vfs)
@@ -24,10 +25,18 @@ class Transfers:
 
     def __init__(self):
         self.active: dict[tuple, dict] = {}
+        # downloads asked for while MAX_DOWNLOADS ran, in order: key -> target Address
+        self.waiting: "OrderedDict[tuple, Address]" = OrderedDict()
 
     def busy(self, key: tuple) -> bool:
         t = self.active.get(key)
-        return t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT
+        return key in self.waiting or (t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT)
+
+    def running(self) -> int:
+        """Downloads that hold a slot; one whose worker went silent gives it up after the stall
+        timeout."""
+        now = time.monotonic()
+        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT)
 
     def touch(self, key: tuple, **fields) -> dict:
         t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": float("-inf")})
@@ -39,8 +48,9 @@ class Transfers:
 
     def table(self) -> list:
         now = time.monotonic()
-        return [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"]}
+        rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"]}
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
+        return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
 
 
 class Access:
@@ -110,6 +120,12 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         if transfers.busy(key):
             Response().body({"Download": {"Err": f"{name} is already being downloaded from {target_addr.node}"}}).send()
             return
+        if transfers.running() >= MAX_DOWNLOADS:
+            transfers.waiting[key] = target_addr
+            Response().body({"Download": {"Ok": None}}).send()
+            print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
+                                 f"{MAX_DOWNLOADS} downloads at once)")
+            return
         transfers.touch(key, worker=None)
     else:
         if not access.allows(msg.source.node):
@@ -123,13 +139,26 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         except vfs.VfsError:
             Response().body({"Download": {"Err": f"no such file: {name}"}}).send()
             return
+    start_worker(our, msg.source, name, target_addr, is_requestor, transfers)
+
+
+def start_worker(our: Address, source: Address, name: str, target: Address, is_requestor: bool,
+                 transfers: Transfers) -> None:
     try:
-        worker_api.start_download(to_wit_address(our), to_wit_address(msg.source), name,
-                                  to_wit_address(target_addr), is_requestor)
+        worker_api.start_download(to_wit_address(our), to_wit_address(source), name,
+                                  to_wit_address(target), is_requestor)
     except Err as e:
         if is_requestor:
-            transfers.end((target_addr.node, name))
+            transfers.end((target.node, name))
         println(f"error: could not start a worker for {name}: {e.value}")
+
+
+def start_waiting(our: Address, transfers: Transfers) -> None:
+    """Start queued downloads while slots are free (after one ends, or one went silent)."""
+    while transfers.waiting and transfers.running() < MAX_DOWNLOADS:
+        key, target = transfers.waiting.popitem(last=False)
+        transfers.touch(key, worker=None)
+        start_worker(our, our, key[1], target, True, transfers)
 
 
 def _pid(p: dict) -> ProcessId:
@@ -191,6 +220,12 @@ def handle_local(our: Address, msg: Message, body, transfers: Transfers, access:
         return True
     if isinstance(body, dict) and isinstance(body.get("Cancel"), dict):
         name, node = body["Cancel"].get("name"), body["Cancel"].get("node")
+        queued = [k for k in transfers.waiting if k[1] == name and (node is None or k[0] == node)]
+        if len(queued) == 1:
+            del transfers.waiting[queued[0]]
+            println(f"download of {name} from {queued[0][0]} cancelled (it had not started)")
+            Response().body({"Cancel": {"Ok": None}}).send()
+            return True
         matches = [k for k in transfers.active if k[1] == name and (node is None or k[0] == node)]
         if len(matches) != 1:
             why = "no transfer of" if not matches else "several transfers of"
@@ -245,6 +280,8 @@ def main(our: Address) -> None:
             continue
         try:
             handle_message(our, msg, files_dir, transfers, access)
+            if transfers.waiting:
+                start_waiting(our, transfers)
         except (ValueError, KeyError, TypeError, AttributeError, vfs.VfsError) as e:
             # a malformed body from anyone: say so, keep serving
             detail = e if not isinstance(e, json.JSONDecodeError) else "body is not JSON"

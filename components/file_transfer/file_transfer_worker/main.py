@@ -85,6 +85,10 @@ class Worker:
         if what == "tick":
             if time.monotonic() - self.last_activity > STALL_TIMEOUT:
                 raise Failed(f"no progress for {STALL_TIMEOUT} s; giving up")
+            if isinstance(self.role, Requestor):
+                # a provider can vanish between two keepalives: ask again, and an offline node
+                # fails the request at once rather than after the stall timeout
+                self.role.keepalive()
             self.tick()
         elif what == "progress":
             pass  # the parent is busy or gone: progress is advisory

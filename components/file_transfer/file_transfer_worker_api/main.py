@@ -3,7 +3,8 @@
 
 `start-download` runs inside the importing process (the host links it there), so the spawn, the
 answer and the request below all act as that process: a worker is spawned in the importer's
-package, the importer's current request is answered, and the worker is told what to do.
+package, the importer's current request is answered (unless the importer itself started a queued
+download), and the worker is told what to do.
 """
 import wit_world
 from componentize_py_types import Err
@@ -17,7 +18,8 @@ def start_download(our: Address, source: Address, name: str, target: Address, is
     worker = spawn(None, f"{our.package_id()}/pkg/file_transfer_worker.wasm", OnExit.NONE,
                    our_capabilities(), [], False)
     peer = target if is_requestor else source
-    Response().body({"Download": {"Ok": None}}).send()
+    if source != our:  # our own process starting a queued download has no request to answer
+        Response().body({"Download": {"Ok": None}}).send()
     # no answer asked: the worker reports to its parent with Progress, failures included
     (Request.to(Address(our.node, worker))
      .body({"Download": {"name": name, "target": _wit_json(peer), "is_requestor": is_requestor}})

@@ -1,5 +1,5 @@
 # world: process-v0-ext
-"""transfers: list this node's downloads in progress (node, file, bytes, rate, ETA)."""
+"""transfers: list this node's downloads in progress (node, file, bytes, rate, ETA) and queued."""
 import wit_world
 
 from ft_common import human_size
@@ -14,6 +14,9 @@ def transfers(our: Address, args: str) -> str:
     lines = [f"{len(rows)} transfer(s) in progress:"]
     for t in rows:
         total, done, rate = t.get("total"), t.get("bytes", 0), t.get("rate", 0)
+        if t.get("queued"):
+            lines.append(f"  {t['name']} from {t['node']}: queued")
+            continue
         if total is None:
             lines.append(f"  {t['name']} from {t['node']}: starting")
             continue
