@@ -7,7 +7,9 @@
    Debian's openssh-server, else that line is skipped). Prints MiB/s and the ratio.
 2. A --big-gib GiB file: MiB/s and each node's peak memory (VmHWM), which must stay under 300 MB.
 3. --small files of 4 KiB downloaded with 8 downloads running at a time: files/s.
-Every download is checked by hash.
+4. The same files again in commands of 100 names each (`download A B ... NODE`; file_transfer
+   runs 8 at a time and queues the rest): files/s.
+Every download is checked by hash or byte for byte.
 """
 from __future__ import annotations
 
@@ -122,6 +124,30 @@ def small_files(pair: Pair, count: int, concurrency: int = 8) -> float:
     return secs
 
 
+def small_files_batched(pair: Pair, count: int, per_command: int = 100, timeout: float = 600) -> float:
+    """Download the files small_files() wrote, again, `per_command` names per `download` command."""
+    names = [f"small{i}.bin" for i in range(count)]
+    for n in names:
+        (pair.a_home / FILES / n).unlink()
+    t0 = time.perf_counter()
+    for i in range(0, count, per_command):
+        code, lines = run_remote(pair.a_home, f"download:file_transfer:template.os {' '.join(names[i:i + per_command])} "
+                                 "bench-b.dev", wait=0.0)
+        if code != 0:
+            raise RuntimeError("\n".join(lines[-5:]))
+    left = set(names)
+    while left:  # a file takes its real name only once verified
+        left = {n for n in left if not (pair.a_home / FILES / n).exists()}
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"{len(left)} files never arrived")
+        time.sleep(0.02)
+    secs = time.perf_counter() - t0
+    bad = [n for n in names if (pair.a_home / FILES / n).read_bytes() != (pair.b_home / FILES / n).read_bytes()]
+    if bad:
+        raise RuntimeError(f"{len(bad)} differ: {bad[:3]}")
+    return secs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0)
@@ -162,6 +188,9 @@ def main() -> int:
                 secs = small_files(pair, args.small)
                 print(f"[3] {args.small} files of 4 KiB, 8 at a time: {secs:.1f} s, {args.small / secs:.1f} files/s "
                       f"(verified)")
+                secs = small_files_batched(pair, args.small)
+                print(f"[4] the same {args.small} files in commands of 100 names: {secs:.1f} s, "
+                      f"{args.small / secs:.1f} files/s (verified)")
         finally:
             pair.stop()
     finally:
