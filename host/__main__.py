@@ -38,6 +38,9 @@ def node_parser() -> argparse.ArgumentParser:
                    help="JSON file of peers on other machines: [{name, public_key (hex), host, port}]")
     p.add_argument("--compute-limit", type=float, default=float(os.environ.get("KINODE_COMPUTE_LIMIT", 30)),
                    help="seconds a process may compute without calling the host before it is stopped (default 30)")
+    p.add_argument("--max-processes", type=int, default=int(os.environ.get("KINODE_MAX_PROCESSES", 1000)),
+                   metavar="N", help="Wasm instances the node runs at once, processes and the libraries they link "
+                                     "(default 1000); starting one more fails with an error")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     return p
 
@@ -96,7 +99,10 @@ def main(argv: list[str]) -> int:
 
     from host.node import Node, NodeError
     t0 = time.perf_counter()
-    node = Node(args.node, args.home, args.port, args.packages or [REPO / "components"], args.directory, args.peers, args.compute_limit)
+    if args.max_processes < 1:
+        node_parser().error("--max-processes must be at least 1")
+    node = Node(args.node, args.home, args.port, args.packages or [REPO / "components"], args.directory, args.peers,
+                args.compute_limit, max_processes=args.max_processes)
     try:
         node.start()
     except NodeError as e:

@@ -20,7 +20,7 @@ from host.process import WasmProcess
 from host.terminal import Terminal
 from host.types import Address, ProcessId
 from host.vfs import Vfs
-from host.wasm import Runtime
+from host.wasm import MAX_INSTANCES, Runtime
 
 log = logging.getLogger("host.node")
 
@@ -38,8 +38,10 @@ class NodeError(Exception):
 class Node:
     def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dirs: Sequence[Path] = (),
                  directory: Optional[Path] = None, peers_file: Optional[Path] = None,
-                 compute_limit: float = 30.0, terminal: Optional[Terminal] = None, networking: bool = True):
+                 compute_limit: float = 30.0, terminal: Optional[Terminal] = None, networking: bool = True,
+                 max_processes: int = MAX_INSTANCES):
         self.name = name
+        self.max_processes = max_processes
         self.home = Path(home).absolute()
         self.port = port
         self.packages_dirs = list(packages_dirs)
@@ -57,7 +59,7 @@ class Node:
     # ---- start and stop --------------------------------------------------------------------
     def start(self) -> None:
         self._lock_home()
-        self.runtime = Runtime()
+        self.runtime = Runtime(max_instances=self.max_processes)
         self.vfs = Vfs(self.home / "vfs")
         self.kernel = Kernel(self.name, self.home, self.runtime, self.vfs, self.terminal, self.compute_limit)
         if self.networking:

@@ -238,6 +238,9 @@ class WasmProcess:
         head = text[0] if text else type(e).__name__
         if "epoch" in str(e) or "interrupt" in str(e):
             return f"trapped: used more than {self.kernel.compute_limit:g} s of compute without yielding"
+        if "maximum concurrent limit" in head:   # the pooling allocator's cap (host/wasm.py)
+            return (f"could not start: the node already runs its maximum of "
+                    f"{self.kernel.runtime.max_instances} Wasm instances (--max-processes)")
         log.info("%s stderr before it ended:\n%s", self.id, "\n".join(self.stderr_tail))
         # a guest's uncaught Python exception: its traceback ends with "SomeError: message"
         raised = [ln for ln in self.stderr_tail if _EXCEPTION_LINE.match(ln)]

@@ -43,23 +43,21 @@ EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted 
 # at a time: 42 -> 48-50 files/s, the requestor's system time 7.1 -> 3.6 s, for about 200 MB more
 # resident memory on a node that has run many at once. The totals are hard caps on what runs at
 # once (a spawn beyond them fails with a clear error); the address space they reserve is virtual.
-POOL_INSTANCES = 1000              # live component instances (processes and the libraries they link)
-POOL_MEMORIES = 2000
-POOL_TABLES = 16_000
+MAX_INSTANCES = 1000               # default cap on live component instances (processes and their libraries)
 POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
 POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
 POOL_KEEP_RESIDENT = 32 << 20
 POOL_WARM_SLOTS = 16
 
 
-def _use_pooling(cfg: Config) -> None:
+def _use_pooling(cfg: Config, instances: int) -> None:
     pc = ffi.wasmtime_pooling_allocation_config_new()
     try:
-        for name, value in (("total_component_instances", POOL_INSTANCES),
-                            ("total_core_instances", POOL_INSTANCES * 16),
+        for name, value in (("total_component_instances", instances),
+                            ("total_core_instances", instances * 16),
                             ("max_core_instances_per_component", 32),
                             ("max_memories_per_component", 8), ("max_tables_per_component", 32),
-                            ("total_memories", POOL_MEMORIES), ("total_tables", POOL_TABLES),
+                            ("total_memories", instances * 2), ("total_tables", instances * 16),
                             ("table_elements", POOL_TABLE_ELEMENTS), ("max_memory_size", POOL_MAX_MEMORY),
                             ("max_core_instance_size", 4 << 20), ("max_component_instance_size", 4 << 20),
                             ("linear_memory_keep_resident", POOL_KEEP_RESIDENT),
@@ -102,11 +100,12 @@ class MissingInterface(Exception):
 class Runtime:
     """The node's Engine, Linker and component cache."""
 
-    def __init__(self, cache_dir: Optional[Path] = None):
+    def __init__(self, cache_dir: Optional[Path] = None, max_instances: int = MAX_INSTANCES):
         cfg = Config()
         cfg.epoch_interruption = True
+        self.max_instances = max_instances
         if os.environ.get("KINODE_POOLING", "1") != "0":  # 0: wasmtime's on-demand allocator
-            _use_pooling(cfg)
+            _use_pooling(cfg, max_instances)
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()

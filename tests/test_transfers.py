@@ -161,3 +161,30 @@ def test_provider_refuses_hostile_names_from_a_peer(two_nodes, name):
     assert fake2.workers() == []
     assert fake2.alive()
     assert not any("\x1b" in ln or "\x07" in ln for ln in fake2.lines + fake.lines)
+
+
+def test_a_provider_at_its_process_limit_says_so_and_keeps_serving(node_factory):
+    """--max-processes caps the Wasm instances a node runs at once: the uploads past it fail with
+    a clear error on both sides, the ones within it complete, and the node serves again after."""
+    fake = node_factory("fake.dev")
+    fake2 = node_factory("fake2.dev", extra_args=["--max-processes", "6"])  # 4 at rest: 2 workers fit
+    digests = {f"cap{i}.bin": put(fake2, f"cap{i}.bin", 64 << 20) for i in range(4)}
+    fake.type(f"download:file_transfer:template.os {' '.join(digests)} fake2.dev")
+    fake2.expect(r"could not start: the node already runs its maximum of 6 Wasm instances \(--max-processes\)", 30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ended = [ln for ln in fake.lines if re.search(r"cap\d\.bin downloaded|download of cap\d\.bin .*failed", ln)]
+        if len(ended) == len(digests):
+            break
+        time.sleep(0.2)
+    assert len(ended) == len(digests), fake.lines[-20:]
+    failed = [ln for ln in ended if "failed" in ln]
+    assert failed and all(re.search(r"fake2\.dev did not (answer|start sending)", ln) for ln in failed), failed
+    for ln in ended:
+        if "downloaded" in ln:
+            name = re.search(r"(cap\d\.bin)", ln).group(1)
+            assert sha(fake.files / name) == digests[name]
+    retry = re.search(r"(cap\d\.bin)", failed[0]).group(1)
+    download(fake, retry, "fake2.dev")
+    assert sha(fake.files / retry) == digests[retry]
+    no_workers(fake, fake2)

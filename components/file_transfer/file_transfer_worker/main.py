@@ -86,6 +86,9 @@ class Worker:
             if time.monotonic() - self.last_activity > STALL_TIMEOUT:
                 raise Failed(f"no progress for {STALL_TIMEOUT} s; giving up")
             if isinstance(self.role, Requestor):
+                if self.role.size is None and time.monotonic() - self.started > HANDSHAKE_TIMEOUT:
+                    # the peer accepted but its worker never began (it may be at its process limit)
+                    raise Failed(f"{self.peer.node} did not start sending within {HANDSHAKE_TIMEOUT} s")
                 # a provider can vanish between two keepalives: ask again, and an offline node
                 # fails the request at once rather than after the stall timeout
                 self.role.keepalive()
