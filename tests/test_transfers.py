@@ -188,3 +188,13 @@ def test_a_provider_at_its_process_limit_says_so_and_keeps_serving(node_factory)
     download(fake, retry, "fake2.dev")
     assert sha(fake.files / retry) == digests[retry]
     no_workers(fake, fake2)
+
+
+def test_one_bad_name_in_a_multi_file_download_starts_none(two_nodes):
+    fake, fake2 = two_nodes
+    put(fake2, "good.bin", 4096)
+    code, lines = fake.run("download:file_transfer:template.os good.bin ../up.bin fake2.dev", wait=1.0)
+    assert code == 1 and any("'../up.bin'" in ln and "error:" in ln for ln in lines), lines
+    time.sleep(1)
+    assert not (fake.files / "good.bin").exists()
+    no_workers(fake, fake2)

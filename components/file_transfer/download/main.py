@@ -19,7 +19,7 @@ def download(our: Address, args: str) -> str:
     for name in names:  # all names are checked before any download starts
         problem = check_name(name)
         if problem:
-            raise ValueError(f"{name!r}: {problem}" if len(names) > 1 else problem)
+            raise ValueError(problem if name in problem or len(names) == 1 else f"{problem}: {name[:40]!r}...")
     pid = sibling(our, "file_transfer").process
     target = {"node": who, "process": {"process_name": pid.process_name, "package_name": pid.package_name,
                                        "publisher_node": pid.publisher_node}}
