@@ -335,10 +335,11 @@ def _aligned_buffer(n: int) -> memoryview:
 
 
 class _RunningHash:
-    """BLAKE3 of what one handle wrote sequentially from offset 0, so `Hash` of a file just
-    downloaded need not read it back (with O_DIRECT writes that read would come from disk). It
-    is used only while the file's size, mtime and ctime are what the last such write left; any
-    other change to the file (any handle, any process) alters one of them."""
+    """BLAKE3 of what one handle wrote, or read, in sequence from offset 0: `Hash` of a file just
+    downloaded need not read it back (with O_DIRECT writes that read would come from disk), nor
+    `Hash` of a file just sent read it again. It is used only while the file's size, mtime and
+    ctime are what the last such write left, or what the first such read saw; any other change to
+    the file (any handle, any process) alters one of them."""
     __slots__ = ("hasher", "end", "stamp")
 
     def __init__(self):
@@ -370,6 +371,19 @@ class _Handle:
             except (OSError, AttributeError):
                 self.direct_fd = -1
         return self.direct_fd
+
+
+def _note_read(h: _Handle, before: os.stat_result, pos: int, data: bytes) -> None:
+    """Extend the handle's running digest with bytes read in sequence from offset 0."""
+    run = h.running
+    if pos == 0:
+        run = h.running = _RunningHash()
+        run.stamp = _stamp(before)
+    elif run is None or pos != run.end or _stamp(before) != run.stamp:
+        h.running = None                # a jump, or the file changed since: no whole-file digest
+        return
+    run.hasher.update(data)
+    run.end = pos + len(data)
 
 
 def _write_at(h: _Handle, data, pos: int) -> None:
@@ -765,7 +779,11 @@ class Vfs:
         m = st.st_mode
         ft = ("File" if stat.S_ISREG(m) else "Dir" if stat.S_ISDIR(m)
               else "Symlink" if stat.S_ISLNK(m) else "Other")
-        return VfsResult(_dumps({"Metadata": {"file_type": ft, "len": st.st_size}}))
+        # "stamp" is this host's addition (Kinode's FileMetadata has the first two fields; serde
+        # ignores a field it does not know): an opaque token that changes whenever the file does,
+        # so a process can tell that a file changed under it without reading it all again
+        stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return VfsResult(_dumps({"Metadata": {"file_type": ft, "len": st.st_size, "stamp": stamp}}))
 
     def _a_Len(self, source, vp, loc, arg, data):
         st = self._lstat(loc, vp)
@@ -928,7 +946,8 @@ class Vfs:
 
     def _a_ReadExact(self, source, vp, loc, n, data):
         def f(h: _Handle):
-            left = max(os.fstat(h.fd).st_size - h.pos, 0)
+            before = os.fstat(h.fd)
+            left = max(before.st_size - h.pos, 0)
             if n > left:
                 raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
                                 f"{left} available: {vp.text}", vp.text)
@@ -936,6 +955,7 @@ class Vfs:
             if len(out) != n:
                 raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
                                 f"{len(out)} available: {vp.text}", vp.text)
+            _note_read(h, before, h.pos, out)
             h.pos += n
             return VfsResult(b'"Read"', out)
         return self._with_handle(source, vp, loc, f)

@@ -135,7 +135,11 @@ def test_write_read_roundtrip_and_shapes(vfs):
     assert ok(vfs, P, DRIVE + "/f.txt", "Write", b"hello world") == ("Ok", None)
     assert read(vfs, P, DRIVE + "/f.txt") == b"hello world"
     assert ok(vfs, P, DRIVE + "/f.txt", "Len")[0] == {"Len": 11}
-    assert ok(vfs, P, DRIVE + "/f.txt", "Metadata")[0] == {"Metadata": {"file_type": "File", "len": 11}}
+    md = ok(vfs, P, DRIVE + "/f.txt", "Metadata")[0]["Metadata"]
+    assert md["file_type"] == "File" and md["len"] == 11 and isinstance(md["stamp"], str)
+    ok(vfs, P, DRIVE + "/f.txt", {"Seek": {"seek_from": {"Start": 0}}})
+    ok(vfs, P, DRIVE + "/f.txt", "WriteAll", b"H")   # same length, other bytes: another stamp
+    assert ok(vfs, P, DRIVE + "/f.txt", "Metadata")[0]["Metadata"]["stamp"] != md["stamp"]
     md = ok(vfs, P, DRIVE, "Metadata")[0]["Metadata"]
     assert md["file_type"] == "Dir"
     # Write replaces the whole file (a shorter write truncates)
@@ -339,6 +343,34 @@ def test_big_sequential_writes_bypass_the_cache_and_hash_without_reading(vfs, mo
     monkeypatch.setattr(hv.os, "read", lambda *a: reads.append(a) or b"")
     assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(data).digest())}
     assert reads == []
+
+
+def test_a_file_read_in_sequence_hashes_without_reading_again(vfs, monkeypatch):
+    """A provider reads its file chunk by chunk from offset 0; Hash then answers from the digest
+    kept while reading, and reads again only if the file changed meanwhile."""
+    import host.vfs as hv
+    path = DRIVE + "/out.bin"
+    real = vfs.drive_path(P.package_id, "data") / "out.bin"
+    data = os.urandom((4 << 20) * 2 + 999)
+    real.write_bytes(data)
+    for n in (4 << 20, 4 << 20, 999):
+        ok(vfs, P, path, {"ReadExact": n})
+    reads = []
+    stock_read = hv.os.read
+    monkeypatch.setattr(hv.os, "read", lambda *a: reads.append(a) or stock_read(*a))
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(data).digest())}
+    assert reads == []
+    with open(real, "r+b") as f:   # changed after it was read: Hash reads the file as it is now
+        f.write(b"new!")
+    now = real.read_bytes()
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
+    assert reads
+    # a read that does not start at 0 (a resumed upload) gives no digest: Hash reads the file
+    ok(vfs, P, path, {"Seek": {"seek_from": {"Start": 4 << 20}}})
+    ok(vfs, P, path, {"ReadExact": 4 << 20})
+    reads.clear()
+    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
+    assert reads
 
 
 def test_running_hash_is_dropped_when_the_file_changes(vfs):
@@ -721,7 +753,8 @@ def test_symlink_within_drive_is_followed(vfs):
     os.symlink("sub/real/f", drive / "flink")
     assert read(vfs, P, DRIVE + "/alias/f") == b"inside"
     assert read(vfs, P, DRIVE + "/flink") == b"inside"
-    assert ok(vfs, P, DRIVE + "/flink", "Metadata")[0] == {"Metadata": {"file_type": "File", "len": 6}}
+    md = ok(vfs, P, DRIVE + "/flink", "Metadata")[0]["Metadata"]
+    assert (md["file_type"], md["len"]) == ("File", 6)
     # removing a link removes the link, not its target
     ok(vfs, P, DRIVE + "/flink", "RemoveFile")
     assert read(vfs, P, DRIVE + "/sub/real/f") == b"inside"

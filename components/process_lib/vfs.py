@@ -25,6 +25,7 @@ class VfsError(Exception):
 class FileMetadata:
     file_type: str
     len: int
+    stamp: Optional[str] = None  # this host's VFS: changes whenever the file does
 
 
 @dataclass
@@ -75,7 +76,7 @@ def create_drive(package_id: PackageId, drive: str, timeout: int = DEFAULT_TIMEO
 
 def metadata(path: str, timeout: int = DEFAULT_TIMEOUT) -> FileMetadata:
     m = vfs_request(path, "Metadata", timeout=timeout)["Metadata"]
-    return FileMetadata(m["file_type"], m["len"])
+    return FileMetadata(m["file_type"], m["len"], m.get("stamp"))
 
 
 def remove_file(path: str) -> None:

@@ -2,8 +2,11 @@
 
 The seed's WIT is the wire protocol. This package's additions ride in request `metadata` JSON
 (marked `"ft": 1`), so a peer that speaks only the plain protocol still works with us:
-- Size carries `{"ft":1, "blake3": whole-file hash}` and expects an answer; our requestor answers
-  `{"ft":1, "offset": N}` (resume point). No answer means a plain peer: chunks are pushed unacked.
+- Size carries `{"ft":1}` and expects an answer; our requestor answers `{"ft":1, "offset": N}`
+  (resume point). No answer means a plain peer: chunks are pushed unacked.
+- After the last chunk the provider sends a `Progress` request with `{"ft":1, "final": true,
+  "blake3": whole-file hash}`; the requestor renames its partial only if its own hash of the file
+  matches. (A one-chunk file's hash rides in Size instead.)
 - Chunk carries `{"ft":1, "blake3": chunk hash}` and expects an ack (a `Progress` response), so the
   provider keeps at most WINDOW chunks in flight. A file of one chunk is sent whole right behind
   Size, unacked: the Size answer is its ack.

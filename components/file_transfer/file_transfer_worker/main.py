@@ -121,6 +121,7 @@ class Requestor:
         self.keepalive_out = False
         self.has_state = False
         self.whole_hash = None
+        self.hash_follows = False  # the provider sends the file's hash after the last chunk
 
     def begin(self) -> None:
         (Request.to(self.w.peer)
@@ -146,11 +147,14 @@ class Requestor:
             raise ValueError(f"{msg.source} is not the peer of this transfer")
         meta = msg.meta()
         if meta.get("error"):
-            raise Failed(f"{self.peer_node}: {meta['error']}")
+            # keep the partial for a resume, unless the provider says it is of no use
+            raise Failed(f"{self.peer_node}: {meta['error']}", keep=meta.get("keep") is not False)
         if isinstance(body, dict) and "Size" in body:
             self.on_size(msg, body["Size"], meta)
         elif isinstance(body, dict) and isinstance(body.get("Chunk"), dict):
             self.on_chunk(msg, body["Chunk"], meta)
+        elif isinstance(body, dict) and "Progress" in body and meta.get("final") and self.hash_follows:
+            self.on_final_hash(msg, meta)
         else:
             raise ValueError("unknown request")
 
@@ -163,6 +167,7 @@ class Requestor:
         self.size = size
         self.ext = meta.get("ft") == 1
         self.file_hash = meta.get("blake3") if self.ext else None
+        self.hash_follows = self.ext and self.file_hash is None
         # a file of one chunk has nothing to resume: no state file for it
         self.has_state = self.ext and size > EXT_CHUNK_SIZE
         offset = self.resume_offset() if self.has_state else 0
@@ -180,8 +185,7 @@ class Requestor:
         self.w.last_activity = time.monotonic()
         if offset:
             println(f"{self.w.name}: resuming at {offset} of {size} bytes")
-        if self.received >= self.size:
-            self.finish()
+        self.maybe_finish()
 
     def create_partial(self) -> vfs.File:
         try:
@@ -196,8 +200,11 @@ class Requestor:
             partial_len = vfs.metadata(self.partial).len
         except (vfs.VfsError, ValueError):
             return 0
-        if (state.get("size") == self.size and state.get("blake3") == self.file_hash and self.file_hash
-                and isinstance(state.get("verified"), int) and 0 <= state["verified"] <= min(partial_len, self.size)):
+        # The provider's whole-file hash comes only after the last chunk, so a partial is resumed
+        # on its size alone: if the file changed in between, that final check fails the download
+        # and removes the partial (the next run starts from zero).
+        if (state.get("size") == self.size and isinstance(state.get("verified"), int)
+                and 0 <= state["verified"] <= min(partial_len, self.size)):
             return state["verified"]
         return 0
 
@@ -233,8 +240,7 @@ class Requestor:
         if msg.expects_response is not None:
             Response().body("Progress").metadata({"ft": 1, "ack": offset}).send()
         self.w.last_activity = time.monotonic()
-        if self.received >= self.size:
-            self.finish()
+        self.maybe_finish()
         self.chunks_since_save += 1
         if self.has_state and self.chunks_since_save >= STATE_EVERY:
             # Not synced first: a node that is killed keeps its written pages (the OS has them),
@@ -265,6 +271,22 @@ class Requestor:
         meta.update(extra)
         (Request.to(self.w.parent).body({"Progress": {"name": self.w.name, "progress": percent}})
          .metadata(meta).expects_response(5).context("progress").send())
+
+    def on_final_hash(self, msg: Message, meta: dict) -> None:
+        if msg.source != self.provider:
+            raise ValueError(f"{msg.source} is not this transfer's provider")
+        digest = meta.get("blake3")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise Failed("peer sent a malformed file hash", keep=False)
+        self.file_hash = digest
+        self.hash_follows = False
+        self.w.last_activity = time.monotonic()
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        """All bytes are here and the provider's file hash too (unless it sends none)."""
+        if self.size is not None and self.received >= self.size and not self.hash_follows:
+            self.finish()
 
     def finish(self) -> None:
         self.file.sync_all()  # durable before it takes the real name
@@ -324,29 +346,34 @@ class Provider:
         self.in_flight = 0
         self.ext = False
         self.pipelined = False  # a one-chunk file's chunk went out right behind Size
+        self.hash_sent = False  # the whole-file hash, sent after the last chunk
+        self.stamp = None       # the file's VFS stamp when we began: it changes if the file does
 
-    def error_to_peer(self, text: str) -> None:
-        Request.to(self.target).body({"Size": 0}).metadata({"ft": 1, "error": text}).send()
+    def error_to_peer(self, text: str, keep: bool = True) -> None:
+        """`keep`: whether the requestor's partial may still serve a resume."""
+        Request.to(self.target).body({"Size": 0}).metadata({"ft": 1, "error": text, "keep": keep}).send()
 
     def begin(self) -> None:
         path = f"{self.w.drive}/{self.w.name}"
         try:
             self.file = vfs.open_file(path, create=False)
-            self.size = self.file.metadata().len
+            meta = self.file.metadata()
+            self.size, self.stamp = meta.len, meta.stamp
             one_chunk = 0 < self.size <= EXT_CHUNK_SIZE
+            meta = {"ft": 1}
             if one_chunk:
                 # a small file is read whole now: the chunk's hash is the file's hash, and the
                 # chunk follows Size without waiting for its answer (a one-chunk file has no
                 # resume point, so the answer can only be offset 0)
                 if self.file.read_at_to_blob(self.size) != self.size:
                     raise vfs.VfsError(f"{self.w.name} changed while being read")
-                digest = current_blob_hash()
-            else:
-                digest = self.file.hash().hex()
+                meta["blake3"] = digest = current_blob_hash()
+            # else the whole-file hash follows the last chunk: hashing first would hold the first
+            # byte back by a read of the whole file (seconds for a big one)
         except vfs.VfsError as e:
-            self.error_to_peer(f"cannot read {self.w.name}")
+            self.error_to_peer(f"cannot read {self.w.name}", keep=False)
             raise Failed(str(e), keep=False)
-        (Request.to(self.target).body({"Size": self.size}).metadata({"ft": 1, "blake3": digest})
+        (Request.to(self.target).body({"Size": self.size}).metadata(meta)
          .expects_response(HANDSHAKE_TIMEOUT).context("size").send())
         if one_chunk:
             (Request.to(self.target)
@@ -374,7 +401,7 @@ class Provider:
                     raise Failed(f"peer asked to resume a one-chunk file at {offset!r}", keep=False)
                 raise Done()
             if not isinstance(offset, int) or not 0 <= offset <= self.size:
-                self.error_to_peer("bad resume offset")
+                self.error_to_peer("bad resume offset", keep=False)
                 raise Failed(f"peer asked for a bad resume offset {offset!r}", keep=False)
             self.ext = True
             self.next_offset = offset
@@ -389,8 +416,27 @@ class Provider:
     def fill_window(self) -> None:
         while self.in_flight < WINDOW and self.next_offset < self.size:
             self.send_chunk()
+        if self.next_offset >= self.size and not self.hash_sent:
+            self.send_file_hash()
         if self.in_flight == 0 and self.next_offset >= self.size:
             raise Done()
+
+    def send_file_hash(self) -> None:
+        """After the last chunk: the hash of the whole file as it is now. The VFS kept it while the
+        file was read in order, so this costs nothing unless the file changed (or the transfer
+        resumed part way), when it reads the file again: the requestor then sees the mismatch."""
+        try:
+            changed = self.stamp is not None and self.file.metadata().stamp != self.stamp
+            digest = None if changed else self.file.hash().hex()
+        except vfs.VfsError as e:
+            self.error_to_peer(f"{self.w.name} became unreadable while being sent")
+            raise Failed(str(e), keep=False)
+        if changed:  # even where no byte already sent differs: the copy would be of no one instant
+            self.error_to_peer(f"{self.w.name} changed while being sent; nothing was saved", keep=False)
+            raise Failed("file changed while being sent", keep=False)
+        (Request.to(self.target).body({"Progress": {"name": self.w.name, "progress": 100}})
+         .metadata({"ft": 1, "final": True, "blake3": digest}).send())
+        self.hash_sent = True
 
     def send_chunk(self) -> None:
         offset = self.next_offset
@@ -398,10 +444,10 @@ class Provider:
         try:
             got = self.file.read_at_to_blob(length)
         except vfs.VfsError as e:
-            self.error_to_peer(f"{self.w.name} changed or became unreadable while being sent")
+            self.error_to_peer(f"{self.w.name} changed or became unreadable while being sent", keep=False)
             raise Failed(str(e), keep=False)
         if got != length:
-            self.error_to_peer(f"{self.w.name} changed while being sent")
+            self.error_to_peer(f"{self.w.name} changed while being sent", keep=False)
             raise Failed("file changed while being sent", keep=False)
         req = (Request.to(self.target)
                .body({"Chunk": {"name": self.w.name, "offset": offset, "length": length}})
