@@ -189,9 +189,22 @@ class Kernel:
         self._restarts: dict[ProcessId, list[float]] = {}
         self._component_memo: dict[tuple, LoadedComponent] = {}
         self._exit_listeners: list[Callable[[ProcessId, str], None]] = []
+        self._instances = 0          # live Wasm instances: processes and the libraries they link
         install_imports(runtime)
         for svc in (VfsService(self, vfs), TerminalService(self, TERMINAL_ID)):
             self.processes[svc.id] = svc
+
+    def take_instances(self, n: int) -> bool:
+        """Count `n` more live instances, unless that would pass the node's --max-processes."""
+        with self.lock:
+            if self._instances + n > self.runtime.max_instances:
+                return False
+            self._instances += n
+            return True
+
+    def give_back_instances(self, n: int) -> None:
+        with self.lock:
+            self._instances -= n
 
     @property
     def kernel_address(self) -> Address:

@@ -36,6 +36,10 @@ _current = threading.local()
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
 _STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
+
+
+class _AtCapacity(Exception):
+    """The node already runs --max-processes Wasm instances."""
 DEFAULT_AWAIT_TIMEOUT = 60
 
 
@@ -211,7 +215,11 @@ class WasmProcess:
         _current.proc = self
         rt = self.kernel.runtime
         reason = "returned"
+        held = 1 + len(self.libraries)
         try:
+            if not self.kernel.take_instances(held):
+                held = 0
+                raise _AtCapacity()
             store = self._new_store()
             for lib in self.libraries:
                 lstore = self._new_store()
@@ -227,6 +235,7 @@ class WasmProcess:
         except Exception as e:  # a trap, a guest exception, a kill: never the node's problem
             reason = self._describe_failure(e)
         finally:
+            self.kernel.give_back_instances(held)
             _current.proc = None
             self.lib_instances.clear()
             self.kernel.process_exited(self, reason)
@@ -238,7 +247,7 @@ class WasmProcess:
         head = text[0] if text else type(e).__name__
         if "epoch" in str(e) or "interrupt" in str(e):
             return f"trapped: used more than {self.kernel.compute_limit:g} s of compute without yielding"
-        if "maximum concurrent limit" in head:   # the pooling allocator's cap (host/wasm.py)
+        if isinstance(e, _AtCapacity) or "maximum concurrent limit" in head:  # ours, or the pool's
             return (f"could not start: the node already runs its maximum of "
                     f"{self.kernel.runtime.max_instances} Wasm instances (--max-processes)")
         log.info("%s stderr before it ended:\n%s", self.id, "\n".join(self.stderr_tail))

@@ -35,14 +35,15 @@ BLOBS = "kinode:process/blobs@0.8.0"
 HOST_INTERFACES = {STANDARD, BLOBS}
 EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
 
-# Pooling instance allocator. A worker per transfer means thousands of short-lived instances. With
-# the default allocator each maps fresh linear memory and copy-on-write faults in every page its
-# Python touches, and in a multi-threaded process each such fault is a TLB shoot-down across cores.
-# A pooled slot stays mapped, and up to KEEP_RESIDENT bytes of it are reset in place when it is
-# reused, so the next instance does not fault them in again. Measured on 600 downloads of 4 KiB, 8
-# at a time: 42 -> 48-50 files/s, the requestor's system time 7.1 -> 3.6 s, for about 200 MB more
-# resident memory on a node that has run many at once. The totals are hard caps on what runs at
-# once (a spawn beyond them fails with a clear error); the address space they reserve is virtual.
+# Pooling instance allocator, opt-in (KINODE_POOLING=1). A worker per transfer means many
+# short-lived instances; with the default allocator each maps fresh linear memory and copy-on-write
+# faults in every page its Python touches (in a multi-threaded process each fault is a TLB
+# shoot-down across cores). A pooled slot stays mapped and up to KEEP_RESIDENT bytes of it are reset
+# in place for the next instance. Measured: it halved the system time of small downloads, but once
+# value conversion got fast (fastconv) 1,000 small downloads took the same time with or without it,
+# while a node kept ~11 MiB per warm slot: ~650 MB RSS after a burst instead of ~340, up to 818 MiB
+# in bench/load.py. So it is off by default. Its totals are hard caps; the kernel applies the same
+# cap (--max-processes) either way.
 MAX_INSTANCES = 1000               # default cap on live component instances (processes and their libraries)
 POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
 POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
@@ -104,7 +105,7 @@ class Runtime:
         cfg = Config()
         cfg.epoch_interruption = True
         self.max_instances = max_instances
-        if os.environ.get("KINODE_POOLING", "1") != "0":  # 0: wasmtime's on-demand allocator
+        if os.environ.get("KINODE_POOLING", "0") == "1":  # see above
             _use_pooling(cfg, max_instances)
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
