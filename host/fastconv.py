@@ -490,34 +490,45 @@ def _tuple(ty: _types.TupleType) -> _Conv | None:
     return _Conv(lower, lift)
 
 
+class _Labels:
+    """An enum's or flags' case names, to their encoded (size, data) and back; a name that is not a
+    case still converts (wasmtime rejects it, as with stock conversion)."""
+
+    def __init__(self, names: list[str]):
+        encoded = _names(tuple(names))
+        self.known = dict(zip(names, encoded.vecs))
+        self.by_bytes = {b: name for b, (_, name) in encoded.by_bytes.items()}
+
+    def vec(self, name: str, arena) -> tuple:
+        vec = self.known.get(name)
+        if vec is None:
+            b = name.encode()
+            vec = (len(b), _hold(arena, b))
+        return vec
+
+    def name(self, size: int, data: int) -> str:
+        b = MEM[data:data + size].tobytes()
+        name = self.by_bytes.get(b)
+        return b.decode() if name is None else name
+
+
 def _enum(ty: _types.EnumType) -> _Conv:
-    labels = _names(tuple(ty.names))
-    known = dict(zip(ty.names, labels.vecs))
-    by_bytes = {b: name for b, (_, name) in labels.by_bytes.items()}
+    labels = _Labels(ty.names)
     pack = _VEC.pack_into
     read = _PAIR.unpack_from
 
     def lower(val, at, a):
         if not isinstance(val, str):
             raise TypeError("expected str type")
-        vec = known.get(val)
-        if vec is None:  # not a case: wasmtime rejects it, as with stock conversion
-            b = val.encode()
-            vec = (len(b), _hold(a, b))
-        pack(MEM, at, _ENUM, *vec)
+        pack(MEM, at, _ENUM, *labels.vec(val, a))
 
     def lift(at):
-        n, p = read(MEM, at + _OF)
-        b = MEM[p:p + n].tobytes()
-        name = by_bytes.get(b)
-        return b.decode() if name is None else name
+        return labels.name(*read(MEM, at + _OF))
     return _Conv(lower, lift)
 
 
 def _flags(ty: _types.FlagsType) -> _Conv:
-    labels = _names(tuple(ty.names))
-    known = dict(zip(ty.names, labels.vecs))
-    by_bytes = {b: name for b, (_, name) in labels.by_bytes.items()}
+    labels = _Labels(ty.names)
     pack = _VEC.pack_into
     pack_name = _PAIR.pack_into
     read = _PAIR.unpack_from
@@ -530,22 +541,12 @@ def _flags(ty: _types.FlagsType) -> _Conv:
                 raise TypeError("expected set of strings for Flags type")
         p = _reserve(a, len(val) * _NAME)
         for s_at, s in zip(range(p, p + len(val) * _NAME, _NAME), val):
-            vec = known.get(s)
-            if vec is None:
-                b = s.encode()
-                vec = (len(b), _hold(a, b))
-            pack_name(MEM, s_at, *vec)
+            pack_name(MEM, s_at, *labels.vec(s, a))
         pack(MEM, at, _FLAGS, len(val), p)
 
     def lift(at):
         n, p = read(MEM, at + _OF)
-        out = set()
-        for s_at in range(p, p + n * _NAME, _NAME):
-            size, data = read(MEM, s_at)
-            b = MEM[data:data + size].tobytes()
-            name = by_bytes.get(b)
-            out.add(b.decode() if name is None else name)
-        return out
+        return {labels.name(*read(MEM, s_at)) for s_at in range(p, p + n * _NAME, _NAME)}
     return _Conv(lower, lift)
 
 

@@ -373,17 +373,20 @@ class _Handle:
         return self.direct_fd
 
 
-def _note_read(h: _Handle, before: os.stat_result, pos: int, data: bytes) -> None:
-    """Extend the handle's running digest with bytes read in sequence from offset 0."""
+def _follow(h: _Handle, data, pos: int, before: os.stat_result, fresh: bool,
+            after: Optional[os.stat_result] = None) -> None:
+    """Extend the handle's running digest with `data`, just read or written at `pos`: from a
+    `fresh` start at 0, or right where it ended if the file is as the digest last left it
+    (`before` is the file's stat before this read or write, `after` after a write)."""
     run = h.running
-    if pos == 0:
+    if fresh:
         run = h.running = _RunningHash()
-        run.stamp = _stamp(before)
     elif run is None or pos != run.end or _stamp(before) != run.stamp:
         h.running = None                # a jump, or the file changed since: no whole-file digest
         return
     run.hasher.update(data)
     run.end = pos + len(data)
+    run.stamp = _stamp(after or before)
 
 
 def _write_at(h: _Handle, data, pos: int) -> None:
@@ -782,7 +785,7 @@ class Vfs:
         # "stamp" is this host's addition (Kinode's FileMetadata has the first two fields; serde
         # ignores a field it does not know): an opaque token that changes whenever the file does,
         # so a process can tell that a file changed under it without reading it all again
-        stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        stamp = ":".join(map(str, _stamp(st)))
         return VfsResult(_dumps({"Metadata": {"file_type": ft, "len": st.st_size, "stamp": stamp}}))
 
     def _a_Len(self, source, vp, loc, arg, data):
@@ -955,7 +958,7 @@ class Vfs:
             if len(out) != n:
                 raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
                                 f"{len(out)} available: {vp.text}", vp.text)
-            _note_read(h, before, h.pos, out)
+            _follow(h, out, h.pos, before, fresh=h.pos == 0)
             h.pos += n
             return VfsResult(b'"Read"', out)
         return self._with_handle(source, vp, loc, f)
@@ -1010,15 +1013,7 @@ class Vfs:
                     if end > old:
                         _quietly(os.ftruncate, h.fd, old)   # undo any growth
                     raise
-                run = h.running
-                if pos == 0 and old == 0:
-                    run = h.running = _RunningHash()
-                elif run is not None and (pos != run.end or old != pos or _stamp(before) != run.stamp):
-                    run = h.running = None       # not the next bytes, or changed since our last write
-                if run is not None:
-                    run.hasher.update(data)
-                    run.end = end
-                    run.stamp = _stamp(os.fstat(h.fd))
+                _follow(h, data, pos, before, fresh=pos == 0 and old == 0, after=os.fstat(h.fd))
 
         def behind(h: _Handle, pos: int, end: int) -> None:
             with h.lock:

@@ -203,6 +203,11 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         print_to_terminal(verbosity, f"{name} progress: {progress}%")
 
 
+def _matching(keys, name: str, node) -> list:
+    """The (node, name) keys of transfers of `name`, from `node` if it is given."""
+    return [k for k in keys if k[1] == name and (node is None or k[0] == node)]
+
+
 def handle_local(our: Address, msg: Message, body, transfers: Transfers, access: Access) -> bool:
     """This package's own scripts on this node (never a peer): `Transfers` and `Cancel`."""
     if msg.source.node != our.node or msg.source.package_id() != our.package_id():
@@ -220,13 +225,13 @@ def handle_local(our: Address, msg: Message, body, transfers: Transfers, access:
         return True
     if isinstance(body, dict) and isinstance(body.get("Cancel"), dict):
         name, node = body["Cancel"].get("name"), body["Cancel"].get("node")
-        queued = [k for k in transfers.waiting if k[1] == name and (node is None or k[0] == node)]
+        queued = _matching(transfers.waiting, name, node)
         if len(queued) == 1:
             del transfers.waiting[queued[0]]
             println(f"download of {name} from {queued[0][0]} cancelled (it had not started)")
             Response().body({"Cancel": {"Ok": None}}).send()
             return True
-        matches = [k for k in transfers.active if k[1] == name and (node is None or k[0] == node)]
+        matches = _matching(transfers.active, name, node)
         if len(matches) != 1:
             why = "no transfer of" if not matches else "several transfers of"
             Response().body({"Cancel": {"Err": f"{why} {name}{' from ' + node if node else ''}"}}).send()

@@ -209,7 +209,7 @@ class Requestor:
         return 0
 
     def save_state(self, verified: int) -> None:
-        data = json.dumps({"size": self.size, "blake3": self.file_hash, "verified": verified}).encode()
+        data = json.dumps({"size": self.size, "verified": verified}).encode()
         vfs.create_file(self.state_path).write(data)
 
     def on_chunk(self, msg: Message, chunk: dict, meta: dict) -> None:
@@ -357,8 +357,8 @@ class Provider:
         path = f"{self.w.drive}/{self.w.name}"
         try:
             self.file = vfs.open_file(path, create=False)
-            meta = self.file.metadata()
-            self.size, self.stamp = meta.len, meta.stamp
+            found = self.file.metadata()
+            self.size, self.stamp = found.len, found.stamp
             one_chunk = 0 < self.size <= EXT_CHUNK_SIZE
             meta = {"ft": 1}
             if one_chunk:
