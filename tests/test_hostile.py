@@ -181,6 +181,8 @@ def test_sigkill_and_restart_keeps_files_identity_and_state(node_factory):
     ("length-lies", "does not fit the file"),
     ("bad-offset", "chunk at offset 1000, expected 0"),
     ("bad-hash", "failed its integrity check"),
+    ("bad-final", "does not match the provider's hash"),
+    ("garbled-final", "malformed file hash"),
 ])
 def test_a_lying_provider_fails_the_download_and_leaves_nothing(node_factory, name, why):
     fake = node_factory("fake.dev")

@@ -1,11 +1,14 @@
 # world: process-v0-ext
 """A lying provider, posing as file_transfer (test-only): it answers a peer's Download itself and
 sends what the file name asks for: `size-lies` (chunks past the announced size), `bad-offset`
-(a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `stranger` (a chunk
-from a process that never sent Size)."""
+(a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `bad-final` and
+`garbled-final` (good bytes, then a wrong or malformed whole-file hash), `stranger` (a chunk from
+a process that never sent Size)."""
 import wit_world
 
 from process_lib import Address, Request, Response, SendError, await_message, println, run
+
+DATA_HASH = "ff6f2cf7750b0d32858b758ef1cd7971064f53e81ec62ff560a953792599ca69"  # BLAKE3 of b"x" * 1000
 
 
 def main(our: Address) -> None:
@@ -36,6 +39,13 @@ def main(our: Address) -> None:
             Request.to(worker).body({"Size": 1000}).metadata({"ft": 1}).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
                 .metadata(wrong_hash).blob_bytes(data).send()
+        elif name in ("bad-final", "garbled-final"):  # good chunk, then a wrong or malformed file hash
+            Request.to(worker).body({"Size": 1000}).metadata({"ft": 1}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
+                .metadata({"ft": 1, "blake3": DATA_HASH}).blob_bytes(data).send()
+            final = "00" * 32 if name == "bad-final" else "not a hash"
+            Request.to(worker).body({"Progress": {"name": name, "progress": 100}}) \
+                .metadata({"ft": 1, "final": True, "blake3": final}).send()
         elif name == "length-lies":
             Request.to(worker).body({"Size": 1000}).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 999}}).blob_bytes(data).send()
