@@ -4,7 +4,10 @@
 
 1. A random file of --gib GiB downloaded between two nodes on this machine, then the same file
    copied with `scp -c aes128-gcm@openssh.com` to 127.0.0.1 (a private sshd on a free port; needs
-   Debian's openssh-server, else that line is skipped). Prints MiB/s and the ratio.
+   Debian's openssh-server, else scp is skipped), --rounds times in turn. Before each timed copy
+   the page cache's dirty pages are written out (`sync`), so neither pays for the other's (or the
+   source file's) writeback. Our download ends with an fsync; scp's copy does not. Prints MiB/s
+   and the ratio per round, then the median.
 2. A --big-gib GiB file: MiB/s and each node's peak memory (VmHWM), which must stay under 300 MB.
 3. --small files of 4 KiB downloaded with 8 downloads running at a time: files/s.
 4. The same files again in commands of 100 names each (`download A B ... NODE`; file_transfer
@@ -18,6 +21,7 @@ import os
 import queue
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +48,9 @@ class Pair:
         self.a = start_node("bench-a.dev", self.a_home, free_port(), env)
         self.b = start_node("bench-b.dev", self.b_home, free_port(), env)
 
-    def download(self, name: str, timeout: float = 3600) -> float:
+    def download(self, name: str, timeout: float = 3600, sync: bool = False) -> float:
+        if sync:
+            os.sync()
         t0 = time.perf_counter()
         code, lines = run_remote(self.a_home, f"download:file_transfer:template.os {name} bench-b.dev",
                                  until=rf"{name} downloaded|error:", timeout=timeout)
@@ -58,35 +64,49 @@ class Pair:
             p.wait(10)
 
 
-def scp_seconds(src: Path, tmp: Path) -> float | None:
-    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
-    if sshd is None or shutil.which("scp") is None:
-        return None
-    d = tmp / "ssh"
-    d.mkdir()
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
-        f"PermitRootLogin yes\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\n"
-        "Subsystem sftp internal-sftp\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    server = subprocess.Popen([sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "log")])
-    try:
+class Scp:
+    """A private sshd on 127.0.0.1 and an `scp -c aes128-gcm` client for it (None if unavailable)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.server: subprocess.Popen | None = None
+
+    def start(self) -> bool:
+        sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+        if sshd is None or shutil.which("scp") is None:
+            return False
+        d = self.dir = self.tmp / "ssh"
+        d.mkdir()
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+        shutil.copy(d / "client_key.pub", d / "authorized_keys")
+        self.port = free_port()
+        (d / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
+            f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin yes\nPasswordAuthentication no\n"
+            f"StrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\nSubsystem sftp internal-sftp\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.server = subprocess.Popen([sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "log")])
         time.sleep(0.5)
-        dest = tmp / "scp-copy.bin"
+        return True
+
+    def seconds(self, src: Path) -> float:
+        """Time one copy of `src` (the copy is then deleted)."""
+        dest = self.tmp / "scp-copy.bin"
+        os.sync()
         t0 = time.perf_counter()
-        subprocess.run(["scp", "-q", "-c", "aes128-gcm@openssh.com", "-P", str(port), "-i", str(d / "client_key"),
-                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+        subprocess.run(["scp", "-q", "-c", "aes128-gcm@openssh.com", "-P", str(self.port),
+                        "-i", str(self.dir / "client_key"), "-o", "StrictHostKeyChecking=no",
+                        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                         str(src), f"{os.environ.get('USER', 'root')}@127.0.0.1:{dest}"], check=True)
         secs = time.perf_counter() - t0
         dest.unlink()
         return secs
-    finally:
-        server.terminate()
-        server.wait(5)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(5)
 
 
 def small_files(pair: Pair, count: int, concurrency: int = 8) -> float:
@@ -148,33 +168,52 @@ def small_files_batched(pair: Pair, count: int, per_command: int = 100, timeout:
     return secs
 
 
+def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
+    size = int(gib * (1 << 30))
+    src = pair.b_home / FILES / "one.bin"
+    digest = write_random(src, size)
+    scp = Scp(tmp)
+    if not scp.start():
+        print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
+        scp = None
+    ours_all, ratios = [], []
+    try:
+        for r in range(1, rounds + 1):
+            secs = pair.download("one.bin", sync=True)
+            assert sha256(pair.a_home / FILES / "one.bin") == digest, "hash mismatch"
+            (pair.a_home / FILES / "one.bin").unlink()
+            ours = size / secs / 2**20
+            ours_all.append(ours)
+            line = f"[1] round {r}: {gib:g} GiB download {secs:.2f} s, {ours:.0f} MiB/s (verified)"
+            if scp is not None:
+                theirs = size / scp.seconds(src) / 2**20
+                ratios.append(ours / theirs)
+                line += f"; scp -c aes128-gcm {theirs:.0f} MiB/s; ratio ours/scp {ours / theirs:.2f}"
+            print(line, flush=True)
+    finally:
+        if scp is not None:
+            scp.stop()
+        src.unlink()
+    line = f"[1] median of {rounds}: {statistics.median(ours_all):.0f} MiB/s"
+    if ratios:
+        line += (f"; ratio ours/scp median {statistics.median(ratios):.2f} "
+                 f"(lowest {min(ratios):.2f}, highest {max(ratios):.2f})")
+    print(line)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--big-gib", type=float, default=4.0)
     ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of ours-then-scp for [1]")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     try:
         pair = Pair(tmp)
         try:
             if args.gib > 0:
-                size = int(args.gib * (1 << 30))
-                src = pair.b_home / FILES / "one.bin"
-                digest = write_random(src, size)
-                secs = pair.download("one.bin")
-                assert sha256(pair.a_home / FILES / "one.bin") == digest, "hash mismatch"
-                ours = size / secs / 2**20
-                print(f"[1] {args.gib:g} GiB download: {secs:.2f} s, {ours:.0f} MiB/s (verified)")
-                scp = scp_seconds(src, tmp)
-                if scp is None:
-                    print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
-                else:
-                    theirs = size / scp / 2**20
-                    print(f"[1] scp -c aes128-gcm to 127.0.0.1, same file: {scp:.2f} s, {theirs:.0f} MiB/s; "
-                          f"ratio ours/scp = {ours / theirs:.2f}")
-                (pair.a_home / FILES / "one.bin").unlink()
-                src.unlink()
+                speed_vs_scp(pair, tmp, args.gib, args.rounds)
             if args.big_gib > 0:
                 size = int(args.big_gib * (1 << 30))
                 digest = write_random(pair.b_home / FILES / "big.bin", size)

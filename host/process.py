@@ -172,6 +172,7 @@ class WasmProcess:
         self.lock = threading.Lock()
         self.current: Optional[KernelMessage] = None   # the prompting message
         self.current_blob: Optional[Blob] = None
+        self.blob_chain = None                          # BLAKE3 fed by current-blob-hash-chained
         self.thread: Optional[threading.Thread] = None
         self.killed = False
         self.started_at = 0.0
@@ -447,6 +448,17 @@ def current_blob_hash():
     return None if b is None else blake3.blake3(b.bytes).hexdigest()
 
 
+def current_blob_hash_chained(restart):
+    p = _proc()
+    b = p.current_blob
+    if b is None:
+        return None
+    if restart or p.blob_chain is None:
+        p.blob_chain = blake3.blake3()
+    p.blob_chain.update(b.bytes)
+    return p.blob_chain.copy().hexdigest()
+
+
 def current_blob_latin1():
     b = _proc().current_blob
     return None if b is None else b.bytes.decode("latin-1")
@@ -495,6 +507,7 @@ STANDARD_IMPORTS = {
 }
 BLOBS_IMPORTS = {
     "current-blob-len": current_blob_len, "current-blob-hash": current_blob_hash,
+    "current-blob-hash-chained": current_blob_hash_chained,
     "current-blob-latin1": current_blob_latin1,
     "send-request-with-current-blob": send_request_with_current_blob,
     "send-and-await-response-with-current-blob": send_and_await_response_with_current_blob,

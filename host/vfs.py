@@ -38,7 +38,8 @@ from host.types import PackageId, ParseError, ProcessId
 
 __all__ = ["Vfs", "VfsResult"]
 
-CHUNK = 1 << 20                   # piece size for Hash and CopyFile
+CHUNK = 1 << 20                   # piece size for CopyFile
+HASH_PIECE = 4 << 20              # piece size for Hash (big enough for BLAKE3 to use several threads)
 MAX_OFFSET = 2**63 - 1            # largest file offset the OS accepts (off_t)
 U64_MAX = 2**64 - 1
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -334,26 +335,12 @@ def _aligned_buffer(n: int) -> memoryview:
     return memoryview(buf)
 
 
-class _RunningHash:
-    """BLAKE3 of what one handle wrote, or read, in sequence from offset 0: `Hash` of a file just
-    downloaded need not read it back (with O_DIRECT writes that read would come from disk), nor
-    `Hash` of a file just sent read it again. It is used only while the file's size, mtime and
-    ctime are what the last such write left, or what the first such read saw; any other change to
-    the file (any handle, any process) alters one of them."""
-    __slots__ = ("hasher", "end", "stamp")
-
-    def __init__(self):
-        self.hasher = blake3.blake3()
-        self.end = 0
-        self.stamp = None
-
-
 def _stamp(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class _Handle:
-    __slots__ = ("fd", "pos", "lock", "closed", "key", "direct_fd", "running")
+    __slots__ = ("fd", "pos", "lock", "closed", "key", "direct_fd")
 
     def __init__(self, fd: int, key: str):
         self.fd = fd
@@ -362,7 +349,6 @@ class _Handle:
         self.closed = False
         self.key = key
         self.direct_fd: Optional[int] = None   # None: not tried yet; -1: not available here
-        self.running: Optional[_RunningHash] = None
 
     def direct(self) -> int:
         if self.direct_fd is None:
@@ -371,22 +357,6 @@ class _Handle:
             except (OSError, AttributeError):
                 self.direct_fd = -1
         return self.direct_fd
-
-
-def _follow(h: _Handle, data, pos: int, before: os.stat_result, fresh: bool,
-            after: Optional[os.stat_result] = None) -> None:
-    """Extend the handle's running digest with `data`, just read or written at `pos`: from a
-    `fresh` start at 0, or right where it ended if the file is as the digest last left it
-    (`before` is the file's stat before this read or write, `after` after a write)."""
-    run = h.running
-    if fresh:
-        run = h.running = _RunningHash()
-    elif run is None or pos != run.end or _stamp(before) != run.stamp:
-        h.running = None                # a jump, or the file changed since: no whole-file digest
-        return
-    run.hasher.update(data)
-    run.end = pos + len(data)
-    run.stamp = _stamp(after or before)
 
 
 def _write_at(h: _Handle, data, pos: int) -> None:
@@ -796,9 +766,6 @@ class Vfs:
         return VfsResult(_dumps({"Len": st.st_size}))
 
     def _a_Hash(self, source, vp, loc, arg, data):
-        digest = self._running_digest(source, vp, loc)
-        if digest is not None:
-            return VfsResult(_dumps({"Hash": list(digest)}))
         try:
             fd = os.open(loc.real, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
         except OSError as e:
@@ -808,9 +775,9 @@ class Vfs:
             if not stat.S_ISREG(mode):
                 what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
                 raise _io_error(f"{what}: {vp.text}", vp.text)
-            hasher = blake3.blake3()
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)  # every core: a big file takes a while
             while True:
-                piece = os.read(fd, CHUNK)
+                piece = os.read(fd, HASH_PIECE)
                 if not piece:
                     break
                 hasher.update(piece)
@@ -819,25 +786,6 @@ class Vfs:
         finally:
             os.close(fd)
         return VfsResult(_dumps({"Hash": list(hasher.digest())}))
-
-    def _running_digest(self, source, vp, loc) -> Optional[bytes]:
-        """The digest this process's handle on `vp` kept while writing the file, if still valid."""
-        with self._lock:
-            procs = self._handles.get(source)
-            h = procs.get(vp.text) if procs else None
-        if h is None:
-            return None
-        with h.lock:
-            run = h.running
-            if h.closed or run is None or run.stamp is None:
-                return None
-            try:
-                st = os.stat(loc.real, follow_symlinks=False)
-            except OSError:
-                return None
-            if _stamp(st) != run.stamp or st.st_size != run.end:
-                return None
-            return run.hasher.copy().digest()
 
     def _a_RemoveFile(self, source, vp, loc, arg, data):
         try:
@@ -958,7 +906,6 @@ class Vfs:
             if len(out) != n:
                 raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
                                 f"{len(out)} available: {vp.text}", vp.text)
-            _follow(h, out, h.pos, before, fresh=h.pos == 0)
             h.pos += n
             return VfsResult(b'"Read"', out)
         return self._with_handle(source, vp, loc, f)
@@ -1004,16 +951,13 @@ class Vfs:
     def _a_WriteAll(self, source, vp, loc, arg, data):
         def write(h: _Handle, pos: int, end: int) -> None:
             with self._ino_lock(h.fd):
-                before = os.fstat(h.fd)
-                old = before.st_size
+                old = os.fstat(h.fd).st_size
                 try:
                     _write_at(h, data, pos)
                 except OSError:
-                    h.running = None
                     if end > old:
                         _quietly(os.ftruncate, h.fd, old)   # undo any growth
                     raise
-                _follow(h, data, pos, before, fresh=pos == 0 and old == 0, after=os.fstat(h.fd))
 
         def behind(h: _Handle, pos: int, end: int) -> None:
             with h.lock:

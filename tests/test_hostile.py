@@ -176,21 +176,23 @@ def test_sigkill_and_restart_keeps_files_identity_and_state(node_factory):
 
 
 # ---- a provider that lies ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name, why", [
-    ("size-lies", "does not fit the file"),
-    ("length-lies", "does not fit the file"),
-    ("bad-offset", "chunk at offset 1000, expected 0"),
-    ("bad-hash", "failed its integrity check"),
-    ("bad-final", "does not match the provider's hash"),
-    ("garbled-final", "malformed file hash"),
+@pytest.mark.parametrize("name, why, verified", [
+    ("size-lies", "does not fit the file", b""),
+    ("length-lies", "does not fit the file", b""),
+    ("bad-offset", "chunk at offset 1000, expected 0", b""),
+    ("bad-hash", "chunk at offset 0 failed its integrity check", b""),
+    ("no-hash", "chunk at offset 0 failed its integrity check", b""),
+    ("chunk-hash-only", "chunk at offset 1000 failed its integrity check", b"x" * 1000),
+    ("bad-final", "does not match the provider's hash", b""),
+    ("garbled-final", "malformed file hash", b""),
 ])
-def test_a_lying_provider_fails_the_download_and_leaves_nothing(node_factory, name, why):
+def test_a_lying_provider_fails_the_download_and_leaves_nothing(node_factory, name, why, verified):
     fake = node_factory("fake.dev")
     node_factory("liar.dev", extra_args=["--packages", str(REPO / "tests" / "liar")])
     code, lines = fake.run(f"download:file_transfer:template.os {name} liar.dev", until=r"error:", timeout=30)
     assert code == 1 and any(why in ln for ln in lines), lines
     assert not (fake.files / name).exists()
-    # a bad chunk is never written: a partial kept for resuming holds only verified bytes (none here)
-    assert all(p.stat().st_size == 0 for p in (fake.files / ".partial").rglob("*.part"))
+    # a bad chunk is never written: a partial kept for resuming holds only verified bytes
+    assert all(p.read_bytes() in (b"", verified) for p in (fake.files / ".partial").rglob("*.part"))
     time.sleep(0.5)
     assert [p for p in fake.processes() if p.split(":")[0].isdigit()] == []

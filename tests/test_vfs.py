@@ -325,11 +325,9 @@ def test_hash(vfs):
     assert ok(vfs, P, DRIVE + "/empty", "Hash")[0] == {"Hash": list(blake3.blake3(b"").digest())}
 
 
-def test_big_sequential_writes_bypass_the_cache_and_hash_without_reading(vfs, monkeypatch):
+def test_big_sequential_writes_bypass_the_cache_and_are_exact(vfs):
     """4 MiB chunks plus an unaligned tail, as a download writes them: the bytes are exact (the
-    aligned part goes out with O_DIRECT where the filesystem has it), and Hash answers from the
-    running digest kept while writing, without reading the file back."""
-    import host.vfs as hv
+    aligned part goes out with O_DIRECT where the filesystem has it), and Hash reads them back."""
     path = DRIVE + "/dl.part"
     chunks = [os.urandom(4 << 20) for _ in range(3)] + [os.urandom((1 << 20) + 777)]
     ok(vfs, P, path, "CreateFile")
@@ -339,41 +337,11 @@ def test_big_sequential_writes_bypass_the_cache_and_hash_without_reading(vfs, mo
     ok(vfs, P, path, "SyncAll")
     real = vfs.drive_path(P.package_id, "data") / "dl.part"
     assert real.read_bytes() == data
-    reads = []
-    monkeypatch.setattr(hv.os, "read", lambda *a: reads.append(a) or b"")
     assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(data).digest())}
-    assert reads == []
 
 
-def test_a_file_read_in_sequence_hashes_without_reading_again(vfs, monkeypatch):
-    """A provider reads its file chunk by chunk from offset 0; Hash then answers from the digest
-    kept while reading, and reads again only if the file changed meanwhile."""
-    import host.vfs as hv
-    path = DRIVE + "/out.bin"
-    real = vfs.drive_path(P.package_id, "data") / "out.bin"
-    data = os.urandom((4 << 20) * 2 + 999)
-    real.write_bytes(data)
-    for n in (4 << 20, 4 << 20, 999):
-        ok(vfs, P, path, {"ReadExact": n})
-    reads = []
-    stock_read = hv.os.read
-    monkeypatch.setattr(hv.os, "read", lambda *a: reads.append(a) or stock_read(*a))
-    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(data).digest())}
-    assert reads == []
-    with open(real, "r+b") as f:   # changed after it was read: Hash reads the file as it is now
-        f.write(b"new!")
-    now = real.read_bytes()
-    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
-    assert reads
-    # a read that does not start at 0 (a resumed upload) gives no digest: Hash reads the file
-    ok(vfs, P, path, {"Seek": {"seek_from": {"Start": 4 << 20}}})
-    ok(vfs, P, path, {"ReadExact": 4 << 20})
-    reads.clear()
-    assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
-    assert reads
-
-
-def test_running_hash_is_dropped_when_the_file_changes(vfs):
+def test_hash_is_of_the_file_as_it_is_now(vfs):
+    """Also after the file changed behind the VFS's back, between or after a handle's writes."""
     path = DRIVE + "/dl.part"
     first, second = os.urandom(2 << 20), os.urandom(2 << 20)
     ok(vfs, P, path, "CreateFile")
@@ -398,7 +366,7 @@ def test_running_hash_is_dropped_when_the_file_changes(vfs):
     tamper()
     now = real.read_bytes()
     assert ok(vfs, P, path, "Hash")[0] == {"Hash": list(blake3.blake3(now).digest())}
-    # a write that is not sequential from zero also ends the running digest
+    # and after a write that is not sequential from zero
     ok(vfs, P, path, {"Seek": {"seek_from": {"Start": 0}}})
     ok(vfs, P, path, "WriteAll", b"Z" * (1 << 20))
     ok(vfs, P, path, "SyncAll")

@@ -356,6 +356,14 @@ def current_blob_hash() -> Optional[str]:
     raise RuntimeError("current_blob_hash needs the kinode:process/blobs host extension")
 
 
+def current_blob_hash_chained(restart: bool = False) -> Optional[str]:
+    """Feed the current blob to this process's running BLAKE3 (emptied first if `restart`) and
+    return the hex digest of all fed since; None, feeding nothing, if there is no blob."""
+    if _blobs is not None:
+        return _blobs.current_blob_hash_chained(restart)
+    raise RuntimeError("current_blob_hash_chained needs the kinode:process/blobs host extension")
+
+
 # ---- process management ------------------------------------------------------------------------
 class OnExit:
     """What the kernel does when this process ends: NONE, RESTART, or a list of (target, body)

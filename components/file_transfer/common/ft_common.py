@@ -7,9 +7,11 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
 - After the last chunk the provider sends a `Progress` request with `{"ft":1, "final": true,
   "blake3": whole-file hash}`; the requestor renames its partial only if its own hash of the file
   matches. (A one-chunk file's hash rides in Size instead.)
-- Chunk carries `{"ft":1, "blake3": chunk hash}` and expects an ack (a `Progress` response), so the
-  provider keeps at most WINDOW chunks in flight. A file of one chunk is sent whole right behind
-  Size, unacked: the Size answer is its ack.
+- Chunk carries `{"ft":1, "upto": BLAKE3 of this session's bytes up to the chunk's end}` (from
+  offset 0, or from the resume point) and expects an ack (a `Progress` response), so the provider
+  keeps at most WINDOW chunks in flight. Each chunk is thus checked by a hash that covers it, and
+  both sides hash the data once: from 0, the last chunk's `upto` is the whole file's hash. A file
+  of one chunk is sent whole right behind Size, unacked: the Size answer is its ack.
 - Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ import wit_world
 from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT,
                        STATE_EVERY, TICK, WINDOW, check_name)
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message,
-                         current_blob_hash, current_blob_len, println, run, vfs)
+                         current_blob_hash, current_blob_hash_chained, current_blob_len, println, run, vfs)
 
 
 class Done(Exception):
@@ -120,7 +120,8 @@ class Requestor:
         self.resumed_from = 0
         self.keepalive_out = False
         self.has_state = False
-        self.whole_hash = None
+        self.chain_end = None      # where the bytes hashed in order (from offset 0) end, if they do
+        self.chain_digest = None   # their BLAKE3: the whole file's once all have arrived
         self.hash_follows = False  # the provider sends the file's hash after the last chunk
 
     def begin(self) -> None:
@@ -224,14 +225,11 @@ class Requestor:
         if blob_len is None or blob_len != length or offset < 0 or offset + length > self.size:
             raise Failed(f"peer sent a chunk that does not fit the file (offset {offset}, length {length}, "
                          f"{blob_len} bytes, size {self.size})")
-        if self.ext:
-            if offset != self.received:
-                raise Failed(f"chunk at offset {offset}, expected {self.received}")
-            chunk_hash = current_blob_hash()
-            if meta.get("blake3") != chunk_hash:
-                raise Failed(f"chunk at offset {offset} failed its integrity check")
-            if offset == 0 and length == self.size:
-                self.whole_hash = chunk_hash  # the one chunk is the whole file: no need to read it back
+        if self.ext and offset != self.received:
+            raise Failed(f"chunk at offset {offset}, expected {self.received}")
+        self.hash_chunk(offset, length)
+        if self.ext and (self.chain_digest is None or meta.get("upto") != self.chain_digest):
+            raise Failed(f"chunk at offset {offset} failed its integrity check")
         if offset != self.cursor:
             self.file.seek(offset)
         self.file.write_all_current_blob()
@@ -250,6 +248,17 @@ class Requestor:
             self.chunks_since_save = 0
         self.report()
         self.keepalive()
+
+    def hash_chunk(self, offset: int, length: int) -> None:
+        """Extend the running hash of this session's bytes, which an ext provider's `upto` must
+        match. It starts at the session's first chunk (the resume point); while it holds every
+        byte from 0 in order, its digest at the end is the whole file's."""
+        restart = self.chain_end is None and offset == self.resumed_from
+        if restart or (self.chain_end is not None and offset == self.chain_end):
+            self.chain_digest = current_blob_hash_chained(restart)
+            self.chain_end = offset + length
+        else:  # out of order (a plain peer may): no running hash from here on
+            self.chain_end = self.chain_digest = None
 
     def keepalive(self) -> None:
         """Keep one Progress request outstanding to the provider (ext peers only): if the
@@ -290,7 +299,8 @@ class Requestor:
 
     def finish(self) -> None:
         self.file.sync_all()  # durable before it takes the real name
-        digest = self.whole_hash or self.file.hash().hex()
+        whole = self.resumed_from == 0 and self.chain_end == self.size and self.size
+        digest = self.chain_digest if whole else self.file.hash().hex()  # a resumed file is read back
         if self.file_hash and digest != self.file_hash:
             raise Failed("the downloaded file does not match the provider's hash (it changed while being "
                          "sent, or was corrupted); nothing was saved", keep=False)
@@ -348,6 +358,8 @@ class Provider:
         self.pipelined = False  # a one-chunk file's chunk went out right behind Size
         self.hash_sent = False  # the whole-file hash, sent after the last chunk
         self.stamp = None       # the file's VFS stamp when we began: it changes if the file does
+        self.first_offset = 0   # where this session's chunks begin (a resume point)
+        self.chain_digest = None  # BLAKE3 of the bytes sent from first_offset on
 
     def error_to_peer(self, text: str, keep: bool = True) -> None:
         """`keep`: whether the requestor's partial may still serve a resume."""
@@ -378,7 +390,7 @@ class Provider:
         if one_chunk:
             (Request.to(self.target)
              .body({"Chunk": {"name": self.w.name, "offset": 0, "length": self.size}})
-             .metadata({"ft": 1, "blake3": digest})
+             .metadata({"ft": 1, "upto": digest})
              .forward_current_blob()
              .send())
             self.next_offset = self.size
@@ -404,7 +416,7 @@ class Provider:
                 self.error_to_peer("bad resume offset", keep=False)
                 raise Failed(f"peer asked for a bad resume offset {offset!r}", keep=False)
             self.ext = True
-            self.next_offset = offset
+            self.next_offset = self.first_offset = offset
             if offset:
                 self.file.seek(offset)
             self.fill_window()
@@ -422,12 +434,17 @@ class Provider:
             raise Done()
 
     def send_file_hash(self) -> None:
-        """After the last chunk: the hash of the whole file as it is now. The VFS kept it while the
-        file was read in order, so this costs nothing unless the file changed (or the transfer
-        resumed part way), when it reads the file again: the requestor then sees the mismatch."""
+        """After the last chunk: the hash of the whole file. The chunks' running hash is that hash
+        if they began at 0 and the file's VFS stamp (size, mtime, ctime) is unchanged since Size;
+        a transfer that resumed part way reads the whole file for it."""
         try:
             changed = self.stamp is not None and self.file.metadata().stamp != self.stamp
-            digest = None if changed else self.file.hash().hex()
+            if changed:
+                digest = None
+            elif self.first_offset == 0 and self.size:
+                digest = self.chain_digest  # the file unchanged, what was sent is the whole file
+            else:
+                digest = self.file.hash().hex()  # a resumed transfer: read the whole file
         except vfs.VfsError as e:
             self.error_to_peer(f"{self.w.name} became unreadable while being sent")
             raise Failed(str(e), keep=False)
@@ -453,7 +470,8 @@ class Provider:
                .body({"Chunk": {"name": self.w.name, "offset": offset, "length": length}})
                .forward_current_blob())
         if self.ext:
-            req.metadata({"ft": 1, "blake3": current_blob_hash()}).expects_response(ACK_TIMEOUT).context("chunk")
+            self.chain_digest = current_blob_hash_chained(offset == self.first_offset)
+            req.metadata({"ft": 1, "upto": self.chain_digest}).expects_response(ACK_TIMEOUT).context("chunk")
             self.in_flight += 1
         req.send()
         self.next_offset = offset + length

@@ -1,14 +1,16 @@
 # world: process-v0-ext
 """A lying provider, posing as file_transfer (test-only): it answers a peer's Download itself and
 sends what the file name asks for: `size-lies` (chunks past the announced size), `bad-offset`
-(a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `bad-final` and
-`garbled-final` (good bytes, then a wrong or malformed whole-file hash), `stranger` (a chunk from
-a process that never sent Size)."""
+(a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `no-hash` (a chunk
+with no hash), `chunk-hash-only` (a second chunk whose `upto` hashes that chunk alone, not the
+file up to its end), `bad-final` and `garbled-final` (good bytes, then a wrong or malformed
+whole-file hash), `stranger` (a chunk from a process that never sent Size)."""
 import wit_world
 
 from process_lib import Address, Request, Response, SendError, await_message, println, run
 
 DATA_HASH = "ff6f2cf7750b0d32858b758ef1cd7971064f53e81ec62ff560a953792599ca69"  # BLAKE3 of b"x" * 1000
+Y_HASH = "2ea5a8a36ffa187910093ac95efa7fc1d451a867d14a45adc03a8b6c574c3e72"     # BLAKE3 of b"y" * 1000
 
 
 def main(our: Address) -> None:
@@ -27,7 +29,7 @@ def main(our: Address) -> None:
         name, worker = req["name"], msg.source
         Response().body({"Download": {"Ok": None}}).send()
         data = b"x" * 1000
-        wrong_hash = {"ft": 1, "blake3": "00" * 32}
+        wrong_hash = {"ft": 1, "upto": "00" * 32}
         if name == "size-lies":
             Request.to(worker).body({"Size": 500}).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}).blob_bytes(data).send()
@@ -42,10 +44,20 @@ def main(our: Address) -> None:
         elif name in ("bad-final", "garbled-final"):  # good chunk, then a wrong or malformed file hash
             Request.to(worker).body({"Size": 1000}).metadata({"ft": 1}).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
-                .metadata({"ft": 1, "blake3": DATA_HASH}).blob_bytes(data).send()
+                .metadata({"ft": 1, "upto": DATA_HASH}).blob_bytes(data).send()
             final = "00" * 32 if name == "bad-final" else "not a hash"
             Request.to(worker).body({"Progress": {"name": name, "progress": 100}}) \
                 .metadata({"ft": 1, "final": True, "blake3": final}).send()
+        elif name == "no-hash":
+            Request.to(worker).body({"Size": 1000}).metadata({"ft": 1}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
+                .metadata({"ft": 1}).blob_bytes(data).send()
+        elif name == "chunk-hash-only":  # a good first chunk, then one hashed on its own
+            Request.to(worker).body({"Size": 2000}).metadata({"ft": 1}).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
+                .metadata({"ft": 1, "upto": DATA_HASH}).blob_bytes(data).send()
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 1000, "length": 1000}}) \
+                .metadata({"ft": 1, "upto": Y_HASH}).blob_bytes(b"y" * 1000).send()
         elif name == "length-lies":
             Request.to(worker).body({"Size": 1000}).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 999}}).blob_bytes(data).send()
