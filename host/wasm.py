@@ -35,19 +35,19 @@ BLOBS = "kinode:process/blobs@0.8.0"
 HOST_INTERFACES = {STANDARD, BLOBS}
 EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
 
-# Pooling instance allocator, opt-in (KINODE_POOLING=1). A worker per transfer means many
+# Pooling instance allocator, on unless KINODE_POOLING=0. A worker per transfer means many
 # short-lived instances; with the default allocator each maps fresh linear memory and copy-on-write
 # faults in every page its Python touches (in a multi-threaded process each fault is a TLB
 # shoot-down across cores). A pooled slot stays mapped and up to KEEP_RESIDENT bytes of it are reset
-# in place for the next instance. Measured: it halved the system time of small downloads, but once
-# value conversion got fast (fastconv) 1,000 small downloads took the same time with or without it,
-# while a node kept ~11 MiB per warm slot: ~650 MB RSS after a burst instead of ~340, up to 818 MiB
-# in bench/load.py. So it is off by default. Its totals are hard caps; the kernel applies the same
-# cap (--max-processes) either way.
+# in place for the next instance. Measured (bench/throughput.py, 2 cores): 1,000 small downloads
+# 15.5 s instead of 18-20.5 s, a 1 GiB download 690 MiB/s instead of 560-620. The price: each slot
+# used keeps what it dirtied (up to KEEP_RESIDENT), so after a burst of 8 downloads at a time a node
+# holds ~440 MB instead of ~250 (16 MiB kept: 32 kept no more speed, 0 kept lost it all). Its totals
+# are hard caps; the kernel applies the same cap (--max-processes) either way.
 MAX_INSTANCES = 1000               # default cap on live component instances (processes and their libraries)
 POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
 POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
-POOL_KEEP_RESIDENT = 32 << 20
+POOL_KEEP_RESIDENT = 16 << 20
 POOL_WARM_SLOTS = 16
 
 
@@ -105,7 +105,8 @@ class Runtime:
         cfg = Config()
         cfg.epoch_interruption = True
         self.max_instances = max_instances
-        if os.environ.get("KINODE_POOLING", "0") == "1":  # see above
+        self.pooling = os.environ.get("KINODE_POOLING", "1") != "0"  # see above
+        if self.pooling:
             _use_pooling(cfg, max_instances)
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)

@@ -9,6 +9,7 @@ from ft_common import check_name
 from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: download:file_transfer:template.os FILE_NAME [FILE_NAME...] NODE"
+ASK_TIMEOUT = 30  # seconds
 
 
 def download(our: Address, args: str) -> str:
@@ -25,8 +26,10 @@ def download(our: Address, args: str) -> str:
                                        "publisher_node": pid.publisher_node}}
     failed = []
     for name in names:
+        # file_transfer answers once the worker runs: on a loaded machine that can take seconds
         answer = ask(sibling(our, "file_transfer"),
-                     {"Download": {"name": name, "target": target, "is_requestor": True}}, who="file_transfer")
+                     {"Download": {"name": name, "target": target, "is_requestor": True}},
+                     timeout=ASK_TIMEOUT, who="file_transfer")
         result = answer.get("Download") if isinstance(answer, dict) else None
         if isinstance(result, dict) and "Err" in result:
             failed.append(f"download of {name} from {who} failed: {result['Err']}")
