@@ -35,19 +35,20 @@ BLOBS = "kinode:process/blobs@0.8.0"
 HOST_INTERFACES = {STANDARD, BLOBS}
 EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
 
-# Pooling instance allocator, on unless KINODE_POOLING=0. A worker per transfer means many
+# Pooling instance allocator, opt-in (KINODE_POOLING=1). A worker per transfer means many
 # short-lived instances; with the default allocator each maps fresh linear memory and copy-on-write
 # faults in every page its Python touches (in a multi-threaded process each fault is a TLB
 # shoot-down across cores). A pooled slot stays mapped and up to KEEP_RESIDENT bytes of it are reset
-# in place for the next instance. Measured (bench/throughput.py, 2 cores): 1,000 small downloads
-# 15.5 s instead of 18-20.5 s, a 1 GiB download 690 MiB/s instead of 560-620. The price: each slot
-# used keeps what it dirtied (up to KEEP_RESIDENT), so after a burst of 8 downloads at a time a node
-# holds ~440 MB instead of ~250 (16 MiB kept: 32 kept no more speed, 0 kept lost it all). Its totals
-# are hard caps; the kernel applies the same cap (--max-processes) either way.
+# in place for the next instance. Measured (2 cores, 2026-11-25): 1,000 small downloads 8 at a time
+# take 15.5 s with it instead of 18-20.5 s, but 50 downloads at once (bench/load.py) take 3.2-3.9 s
+# instead of 2.3 s, and every slot used keeps what it dirtied: peak RSS 640-730 MiB instead of 530, and
+# ~650 MB after a burst instead of ~340 (keeping 16 or 8 MiB per slot instead of 32 changed little;
+# keeping none lost the speed). So it is off by default. Its totals are hard caps; the kernel
+# applies the same cap (--max-processes) either way.
 MAX_INSTANCES = 1000               # default cap on live component instances (processes and their libraries)
 POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
 POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
-POOL_KEEP_RESIDENT = 16 << 20
+POOL_KEEP_RESIDENT = 32 << 20
 POOL_WARM_SLOTS = 16
 
 
@@ -105,8 +106,7 @@ class Runtime:
         cfg = Config()
         cfg.epoch_interruption = True
         self.max_instances = max_instances
-        self.pooling = os.environ.get("KINODE_POOLING", "1") != "0"  # see above
-        if self.pooling:
+        if os.environ.get("KINODE_POOLING", "0") == "1":  # see above
             _use_pooling(cfg, max_instances)
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
