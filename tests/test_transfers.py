@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -101,15 +102,19 @@ def test_a_file_that_changes_while_being_sent_is_detected(two_nodes):
 
 def test_cancel_and_list_transfers(two_nodes):
     fake, fake2 = two_nodes
-    put(fake2, "slow.bin", 1 << 30)  # a second or two at today's speed: time to list and cancel
+    put(fake2, "slow.bin", 1 << 30)
     fake.type("download:file_transfer:template.os slow.bin fake2.dev")
     fake.expect(r"slow\.bin progress", 60)
-    code, lines = fake.run("transfers:file_transfer:template.os")
-    assert code == 0 and any(re.search(r"slow\.bin from fake2\.dev: .* of 1\.0 GiB", ln) for ln in lines), lines
-    code, lines = fake.run("cancel:file_transfer:template.os slow.bin fake2.dev")
-    assert code == 0, lines
-    line = fake.expect(r"slow\.bin from fake2\.dev (failed|cancelled)|slow\.bin downloaded", 30)
-    assert "cancelled" in line
+    os.kill(fake2.proc.pid, signal.SIGSTOP)  # the provider frozen: the download cannot finish first
+    try:
+        code, lines = fake.run("transfers:file_transfer:template.os")
+        assert code == 0 and any(re.search(r"slow\.bin from fake2\.dev: .* of 1\.0 GiB", ln) for ln in lines), lines
+        code, lines = fake.run("cancel:file_transfer:template.os slow.bin fake2.dev")
+        assert code == 0, lines
+        line = fake.expect(r"slow\.bin from fake2\.dev (failed|cancelled)|slow\.bin downloaded", 30)
+        assert "cancelled" in line
+    finally:
+        os.kill(fake2.proc.pid, signal.SIGCONT)
     assert not (fake.files / "slow.bin").exists()
     no_workers(fake, fake2)
     code, lines = fake.run("transfers:file_transfer:template.os")
@@ -126,13 +131,19 @@ def test_many_files_in_one_command_wait_their_turn(two_nodes):
     fake.type("verbosity 1")
     fake.type(f"download:file_transfer:template.os {' '.join(digests)} fake2.dev")
     fake.expect(r"m\d+\.bin from fake2\.dev: queued \(\d+ waiting, 8 downloads at once\)", 30)
-    code, lines = fake.run("transfers:file_transfer:template.os")
-    waiting = [m.group(1) for ln in lines if (m := re.search(r"(m\d+\.bin) from fake2\.dev: queued", ln))]
-    assert code == 0 and waiting, lines
-    victim = waiting[-1]
-    code, lines = fake.run(f"cancel:file_transfer:template.os {victim} fake2.dev")
-    assert code == 0, lines
-    fake.expect(rf"{re.escape(victim)} from fake2\.dev cancelled", 30)
+    # freeze the provider so the queue cannot drain under us (a fast machine finishes 8 downloads
+    # of 32 MiB before two commands have run); the requestor's own commands do not need it
+    os.kill(fake2.proc.pid, signal.SIGSTOP)
+    try:
+        code, lines = fake.run("transfers:file_transfer:template.os")
+        waiting = [m.group(1) for ln in lines if (m := re.search(r"(m\d+\.bin) from fake2\.dev: queued", ln))]
+        assert code == 0 and waiting, lines
+        victim = waiting[-1]
+        code, lines = fake.run(f"cancel:file_transfer:template.os {victim} fake2.dev")
+        assert code == 0, lines
+        fake.expect(rf"{re.escape(victim)} from fake2\.dev cancelled", 30)
+    finally:
+        os.kill(fake2.proc.pid, signal.SIGCONT)
     deadline = time.monotonic() + 60
     while True:  # expect() skips lines before its match, so read the whole output
         done = {m.group(1) for ln in fake.lines if (m := re.search(r"(m\d+\.bin) downloaded", ln))}
