@@ -335,10 +335,6 @@ def _aligned_buffer(n: int) -> memoryview:
     return memoryview(buf)
 
 
-def _stamp(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class _Handle:
     __slots__ = ("fd", "pos", "lock", "closed", "key", "direct_fd")
 
@@ -755,7 +751,7 @@ class Vfs:
         # "stamp" is this host's addition (Kinode's FileMetadata has the first two fields; serde
         # ignores a field it does not know): an opaque token that changes whenever the file does,
         # so a process can tell that a file changed under it without reading it all again
-        stamp = ":".join(map(str, _stamp(st)))
+        stamp = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
         return VfsResult(_dumps({"Metadata": {"file_type": ft, "len": st.st_size, "stamp": stamp}}))
 
     def _a_Len(self, source, vp, loc, arg, data):
@@ -897,8 +893,7 @@ class Vfs:
 
     def _a_ReadExact(self, source, vp, loc, n, data):
         def f(h: _Handle):
-            before = os.fstat(h.fd)
-            left = max(before.st_size - h.pos, 0)
+            left = max(os.fstat(h.fd).st_size - h.pos, 0)
             if n > left:
                 raise _io_error(f"unexpected end of file: {n} bytes requested at offset {h.pos}, "
                                 f"{left} available: {vp.text}", vp.text)

@@ -120,8 +120,8 @@ class Requestor:
         self.resumed_from = 0
         self.keepalive_out = False
         self.has_state = False
-        self.chain_end = None      # where the bytes hashed in order (from offset 0) end, if they do
-        self.chain_digest = None   # their BLAKE3: the whole file's once all have arrived
+        self.chain_end = None      # where the bytes hashed in order from the resume point end, if they do
+        self.chain_digest = None   # their BLAKE3: from offset 0, the whole file's once all have arrived
         self.hash_follows = False  # the provider sends the file's hash after the last chunk
 
     def begin(self) -> None:
@@ -180,7 +180,7 @@ class Requestor:
             self.file = self.create_partial()  # truncates any older, longer leftover
             if self.has_state:
                 self.save_state(0)
-        self.received = self.cursor = self.resumed_from = offset
+        self.received = self.cursor = self.resumed_from = self.chain_end = offset
         if msg.expects_response is not None:
             Response().body("Progress").metadata({"ft": 1, "offset": offset}).send()
         self.w.last_activity = time.monotonic()
@@ -251,11 +251,10 @@ class Requestor:
 
     def hash_chunk(self, offset: int, length: int) -> None:
         """Extend the running hash of this session's bytes, which an ext provider's `upto` must
-        match. It starts at the session's first chunk (the resume point); while it holds every
-        byte from 0 in order, its digest at the end is the whole file's."""
-        restart = self.chain_end is None and offset == self.resumed_from
-        if restart or (self.chain_end is not None and offset == self.chain_end):
-            self.chain_digest = current_blob_hash_chained(restart)
+        match. It starts at the resume point; while it holds every byte from 0 in order, its
+        digest at the end is the whole file's."""
+        if self.chain_end is not None and offset == self.chain_end:
+            self.chain_digest = current_blob_hash_chained(offset == self.resumed_from)
             self.chain_end = offset + length
         else:  # out of order (a plain peer may): no running hash from here on
             self.chain_end = self.chain_digest = None
