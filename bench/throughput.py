@@ -1,6 +1,11 @@
 """File transfer benchmark: speed against scp, memory, and many small files.
 
-    .venv/bin/python bench/throughput.py [--gib 1] [--big-gib 4] [--small 1000]
+    .venv/bin/python bench/throughput.py [--gib 1] [--big-gib 4] [--small 1000] [--shared-cpus]
+
+The two nodes run on one machine as on two: each on its own half of the CPUs (`--cpus`), as scp's
+client and server are one single-threaded process each. With --shared-cpus both nodes may use every
+CPU; then a node's threads often run on two cores at once, and every copy-on-write fault in a
+Wasm instance's memory interrupts the other core to flush its TLB (costly in a VM).
 
 1. A random file of --gib GiB downloaded between two nodes on this machine, then the same file
    copied with `scp -c aes128-gcm@openssh.com` to 127.0.0.1 (a private sshd on a free port; needs
@@ -28,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer import FILES, peak_rss_mib, run_remote, sha256, start_node, write_random  # noqa: E402
@@ -39,14 +45,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def split_cpus() -> Optional[tuple[str, str]]:
+    """This process's CPUs in two halves, as `--cpus` lists; None on a single CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:]))
+
+
 class Pair:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, cpus: Optional[tuple[str, str]] = None):
+        """`cpus`: the --cpus of the requestor (a) and the provider (b); None: both use all."""
         self.tmp = tmp
         env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"))
         self.a_home, self.b_home = tmp / "a", tmp / "b"
         (self.b_home / FILES).mkdir(parents=True, exist_ok=True)
-        self.a = start_node("bench-a.dev", self.a_home, free_port(), env)
-        self.b = start_node("bench-b.dev", self.b_home, free_port(), env)
+        a_extra, b_extra = (["--cpus", cpus[0]], ["--cpus", cpus[1]]) if cpus else ([], [])
+        self.a = start_node("bench-a.dev", self.a_home, free_port(), env, a_extra)
+        self.b = start_node("bench-b.dev", self.b_home, free_port(), env, b_extra)
 
     def download(self, name: str, timeout: float = 3600, sync: bool = False) -> float:
         if sync:
@@ -207,10 +224,15 @@ def main() -> int:
     ap.add_argument("--big-gib", type=float, default=4.0)
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of ours-then-scp for [1]")
+    ap.add_argument("--shared-cpus", action="store_true",
+                    help="let both nodes use every CPU instead of half each")
     args = ap.parse_args()
+    cpus = None if args.shared_cpus else split_cpus()
+    print("CPUs: " + (f"requestor node {cpus[0]}, provider node {cpus[1]}" if cpus
+                      else f"both nodes share all {len(os.sched_getaffinity(0))}"), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     try:
-        pair = Pair(tmp)
+        pair = Pair(tmp, cpus)
         try:
             if args.gib > 0:
                 speed_vs_scp(pair, tmp, args.gib, args.rounds)

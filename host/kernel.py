@@ -53,7 +53,8 @@ class Timers:
         with self._cv:
             self._entries[handle] = entry
             heapq.heappush(self._heap, entry)
-            self._cv.notify()
+            if self._heap[0] is entry:  # the thread sleeps until the earliest deadline: wake it only for a new one
+                self._cv.notify()
         return handle
 
     def cancel(self, handle: Optional[int]) -> None:

@@ -1,8 +1,12 @@
 """One real node: start-up, the terminal, list_files, refusals, and the CLI's errors."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO, free_port
 
@@ -130,3 +134,43 @@ def test_capabilities_to_finished_scripts_do_not_pile_up(node_factory):
     assert code == 0, lines
     held = [ln for ln in lines if ln.startswith("  ")]
     assert held and not any(ln.strip().split("@")[1].split(":")[0].isdigit() for ln in held), held
+
+
+def _thread_cpus(pid: int) -> set[str]:
+    """Each thread's allowed-CPU list, as the kernel reports it."""
+    lists = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        lists.update(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Cpus_allowed_list:"))
+    return lists
+
+
+def test_cpus_keeps_every_thread_of_the_node_there(node_factory):
+    """--cpus 0: the node's threads, those started later for processes and the network included,
+    run on CPU 0 only, and a download between a pinned and an unpinned node works."""
+    fake = node_factory("fake.dev", extra_args=["--cpus", "0"])
+    fake2 = node_factory("fake2.dev")
+    fake2.files.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(3 << 20)
+    (fake2.files / "pinned.bin").write_bytes(data)
+    code, lines = fake.run("download:file_transfer:template.os pinned.bin fake2.dev",
+                           until=r"pinned\.bin downloaded|error:", timeout=60)
+    assert code == 0, lines
+    assert (fake.files / "pinned.bin").read_bytes() == data
+    assert _thread_cpus(fake.proc.pid) == {"0"}
+
+
+@pytest.mark.parametrize("value, error", [
+    ("a", "'a' is not a CPU list such as 0 or 0-3,6"),
+    ("3-1", "'3-1' names no CPU"),
+    ("4096", "--cpus: CPU 4096 is not available here"),
+])
+def test_bad_cpus_is_a_clear_error(tmp_path, value, error):
+    out = subprocess.run([sys.executable, "-m", "host", "--node", "x.dev", "--home", str(tmp_path / "x"),
+                          "--cpus", value], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert error in out.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything starts
