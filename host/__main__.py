@@ -58,7 +58,7 @@ def _cpu_list(text: str) -> set[int]:
             cpus.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list such as 0 or 0-3,6") from None
-    if not cpus or min(cpus) < 0:
+    if not cpus:
         raise argparse.ArgumentTypeError(f"{text!r} names no CPU")
     return cpus
 
