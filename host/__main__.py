@@ -43,8 +43,7 @@ def node_parser() -> argparse.ArgumentParser:
                                      "(default 1000); starting one more fails with an error")
     p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
                    help="run the node on these CPUs only, e.g. 0 or 0-3,6 (default: all). Several nodes on "
-                        "one machine run faster on cores of their own: a node's threads on two cores at "
-                        "once pay for keeping both cores' view of its memory in step")
+                        "one machine run faster on cores of their own")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     return p
 
