@@ -81,7 +81,8 @@ class Pair:
 
 
 class Scp:
-    """A private sshd on 127.0.0.1 and an `scp -c aes128-gcm` client for it (None if unavailable)."""
+    """A private sshd on 127.0.0.1 and an `scp -c aes128-gcm` client for it; `start()` says whether
+    sshd and scp are there."""
 
     def __init__(self, tmp: Path):
         self.tmp = tmp

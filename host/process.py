@@ -36,11 +36,11 @@ _current = threading.local()
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
 _STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
+DEFAULT_AWAIT_TIMEOUT = 60
 
 
 class _AtCapacity(Exception):
     """The node already runs --max-processes Wasm instances."""
-DEFAULT_AWAIT_TIMEOUT = 60
 
 
 class OnExit:
