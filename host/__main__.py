@@ -163,7 +163,7 @@ def _read_stdin(node) -> None:
             line = sys.stdin.readline()
             if not line:
                 break  # stdin closed: keep running; the control socket still takes commands
-        node.terminal.run_line(node, line)
+        node.run_line(line)
 
 
 if __name__ == "__main__":

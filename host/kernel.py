@@ -1,32 +1,34 @@
 """The kernel: the process table, message routing, request ids and expects-response timers,
 capabilities, spawn and on-exit.
 
-Messages are routed on the sender's thread: a local target's inbox is a thread-safe queue, a host
-service (the VFS) answers inline, and a remote target goes to `host.net`, which has its own loop.
+Messages are routed on the sender's thread: every endpoint's `deliver` must not block (a process
+queues the message, a host service answers inline); a remote target goes to `net`, which has its
+own loop. Host services are registered by the node; the kernel knows them only as `Endpoint`s.
 """
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import os
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
-from urllib.parse import quote
+from typing import Callable, Optional, Protocol
 
-from host.process import OnExit, Pending, WasmProcess, install_imports, library_forwarder
+from host.abi import install_imports, library_forwarder
+from host.endpoint import Endpoint, Pending
+from host.kernel_api import OnExit, OutputApi
+from host.process import WasmProcess
+from host.state import StateStore
+from host.timers import Timers
 from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         SendErrorKind, new_request_id)
 from host.wasm import EPOCH_TICK, LoadedComponent, MissingInterface, Runtime
 
+__all__ = ["Kernel", "Timers", "StateStore", "messaging_cap", "KERNEL_ID"]
+
 log = logging.getLogger("host.kernel")
 
 KERNEL_ID = ProcessId("kernel", "distro", "sys")
-VFS_ID = ProcessId("vfs", "distro", "sys")
-TERMINAL_ID = ProcessId("terminal", "terminal", "sys")
 MAX_TIMEOUT = 7 * 24 * 3600
 RESTART_LIMIT = 5         # restarts within RESTART_WINDOW before the kernel gives up
 RESTART_WINDOW = 30.0
@@ -36,164 +38,39 @@ def messaging_cap(target: Address) -> Capability:
     return Capability.make(target, "messaging")
 
 
-class Timers:
-    """One thread running callbacks at deadlines; cancel by handle. A cancelled entry lets go of its
-    callback at once (it may hold a finished process and all its memory) and is skipped when due."""
+class Transport(Protocol):
+    """The network, as the kernel uses it: `on_error(reason)` if the message cannot be delivered."""
 
-    def __init__(self):
-        self._heap: list = []
-        self._entries: dict[int, list] = {}
-        self._seq = itertools.count()
-        self._cv = threading.Condition()
-        threading.Thread(target=self._run, name="timers", daemon=True).start()
-
-    def add(self, delay: float, fn: Callable[[], None]) -> int:
-        handle = next(self._seq)
-        entry = [time.monotonic() + delay, handle, fn]
-        with self._cv:
-            self._entries[handle] = entry
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:  # the thread sleeps until the earliest deadline: wake it only for a new one
-                self._cv.notify()
-        return handle
-
-    def cancel(self, handle: Optional[int]) -> None:
-        if handle is not None:
-            with self._cv:
-                entry = self._entries.pop(handle, None)
-                if entry is not None:
-                    entry[2] = None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, handle, fn = heapq.heappop(self._heap)
-                self._entries.pop(handle, None)
-            if fn is None:
-                continue
-            try:
-                fn()
-            except Exception:
-                log.exception("timer callback failed")
-
-
-class StateStore:
-    """get/set/clear-state, one file per process under HOME/state, written atomically."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, pid: ProcessId) -> Path:
-        return self.root / quote(str(pid), safe="")
-
-    def get(self, pid: ProcessId) -> Optional[bytes]:
-        try:
-            return self._path(pid).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def set(self, pid: ProcessId, data: bytes) -> None:
-        path = self._path(pid)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def clear(self, pid: ProcessId) -> None:
-        self._path(pid).unlink(missing_ok=True)
-
-
-class Service:
-    """A process implemented by the host (the VFS, the terminal)."""
-    public = False
-
-    def __init__(self, kernel: "Kernel", pid: ProcessId):
-        self.kernel = kernel
-        self.id = pid
-        self.address = Address(kernel.node, pid)
-        self.capabilities: set[Capability] = set()
-        self.parent = None
-        self.current = None
-        self.current_blob = None
-
-    def deliver(self, km: KernelMessage) -> None:  # pragma: no cover - overridden
-        pass
-
-    def has_cap(self, cap: Capability) -> bool:
-        return True
-
-    def fail(self, mid: int, kind: str) -> None:
-        pass
-
-    def add_pending(self, mid, pending) -> None:
-        pass
-
-
-class VfsService(Service):
-    def __init__(self, kernel: "Kernel", vfs):
-        super().__init__(kernel, VFS_ID)
-        self.vfs = vfs
-
-    def deliver(self, km: KernelMessage) -> None:
-        if not isinstance(km.message, Request):
-            return
-        src = self.kernel.processes.get(km.source.process)
-        if km.source.node != self.kernel.node or src is None:
-            log.warning("vfs: refused a request from %s", km.source)
-            return
-
-        def has_cap(params: dict) -> bool:
-            return src.has_cap(Capability.make(self.address, params))
-
-        blob = km.lazy_load_blob.bytes if km.lazy_load_blob else None
-        res = self.vfs.handle(km.source.process, has_cap, km.message.body, blob)
-        for params in res.grant:
-            src.capabilities.add(Capability.make(self.address, params))
-        if km.rsvp is not None:
-            out = Blob(None, res.blob) if res.blob is not None else None
-            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=res.body), out), self)
-
-
-class TerminalService(Service):
-    """Scripts are started by the terminal and may answer it; answers are printed."""
-    public = True
-
-    def deliver(self, km: KernelMessage) -> None:
-        body = km.message.body.decode("utf-8", "replace")
-        if body:
-            self.kernel.terminal.process_output(km.source.process, body)
+    def send(self, km: KernelMessage, on_error: Callable[[str], None]) -> None: ...
 
 
 class Kernel:
-    def __init__(self, node: str, home: Path, runtime: Runtime, vfs, terminal, compute_limit: float = 30.0):
+    def __init__(self, node: str, home: Path, runtime: Runtime, terminal: OutputApi, compute_limit: float = 30.0):
         self.node = node
         self.home = home
         self.runtime = runtime
         self.terminal = terminal
-        self.vfs = vfs
-        self.net = None  # set by the node once networking is up
+        self.net: Optional[Transport] = None  # set by the node once networking is up
         self.compute_limit = compute_limit
         self.compute_ticks = max(1, int(compute_limit / EPOCH_TICK))
         self.timers = Timers()
         self.state = StateStore(home / "state")
-        self.processes: dict[ProcessId, Union[WasmProcess, Service]] = {}
+        self.processes: dict[ProcessId, Endpoint] = {}
         self.lock = threading.RLock()
         self._grants: dict[ProcessId, set[Capability]] = {}  # caps waiting for a process to start
         self._restarts: dict[ProcessId, list[float]] = {}
         self._component_memo: dict[tuple, LoadedComponent] = {}
         self._exit_listeners: list[Callable[[ProcessId, str], None]] = []
         self._instances = 0          # live Wasm instances: processes and the libraries they link
+        self._network_cap = Capability.make(self.kernel_address, "network")
         install_imports(runtime)
-        for svc in (VfsService(self, vfs), TerminalService(self, TERMINAL_ID)):
-            self.processes[svc.id] = svc
+
+    def register(self, endpoint: Endpoint) -> None:
+        """Route messages for `endpoint.id` to `endpoint` (a host service) from now on."""
+        with self.lock:
+            if endpoint.id in self.processes:
+                raise ValueError(f"a process named {endpoint.id} is already running")
+            self.processes[endpoint.id] = endpoint
 
     def take_instances(self, n: int) -> bool:
         """Count `n` more live instances, unless that would pass the node's --max-processes."""
@@ -212,7 +89,7 @@ class Kernel:
         return Address(self.node, KERNEL_ID)
 
     def network_cap(self) -> Capability:
-        return Capability.make(self.kernel_address, "network")
+        return self._network_cap
 
     def on_exit_listener(self, fn: Callable[[ProcessId, str], None]) -> None:
         self._exit_listeners.append(fn)
@@ -272,15 +149,16 @@ class Kernel:
             else:
                 self._grants.setdefault(holder, set()).add(cap.normalised())
 
-    def spawn(self, parent: WasmProcess, name: Optional[str], wasm_path: str, on_exit: OnExit,
-              request_caps: list[Capability], grant_to: list[ProcessId], public: bool):
+    def spawn(self, parent: Endpoint, name: Optional[str], wasm_path: str, on_exit: OnExit,
+              request_caps: list[Capability], grant_to: list[ProcessId], public: bool,
+              lib_paths: list[str]) -> ProcessId | str:
         """The `spawn` import: returns a ProcessId or the spawn-error name."""
         pid = ProcessId(name or str(secrets.randbits(64)), parent.id.package_name, parent.id.publisher_node)
         if pid in self.processes:
             return "name-taken"
         caps = {c for c in request_caps if parent.has_cap(c)}
         try:
-            self.start_process(pid, wasm_path.lstrip("/"), caps, public, on_exit, parent.lib_paths, parent.id)
+            self.start_process(pid, wasm_path.lstrip("/"), caps, public, on_exit, lib_paths, parent.id)
         except MissingInterface as e:
             self.terminal.error(f"spawn by {parent.id} failed: {e}")
             return "no-file-at-path"
@@ -291,24 +169,23 @@ class Kernel:
             self.grant(g, messaging_cap(Address(self.node, pid)))
         return pid
 
-    def save_capabilities(self, proc: WasmProcess, caps: list[Capability]) -> None:
+    def save_capabilities(self, holder: Endpoint, caps: list[Capability]) -> None:
         # a process may only keep capabilities it could already exercise: ones it holds or issued
         for c in caps:
-            if proc.has_cap(c) or c.issuer == proc.address:
-                proc.capabilities.add(c.normalised())
+            if holder.has_cap(c) or c.issuer == holder.address:
+                holder.capabilities.add(c.normalised())
 
     def kill(self, pid: ProcessId) -> bool:
         proc = self.processes.get(pid)
-        if isinstance(proc, WasmProcess):
-            proc.stop()
-            return True
-        return False
+        if proc is None or proc.trusted:  # the node's own services are not the user's to stop
+            return False
+        proc.stop()
+        return True
 
     def process_exited(self, proc: WasmProcess, reason: str) -> None:
         with self.lock:
             if self.processes.get(proc.id) is proc:
                 del self.processes[proc.id]
-        self.vfs.forget(proc.id)
         proc.drop_pending()  # its timers would keep the finished process (and its memory) alive
         if reason not in ("returned", "killed"):
             self.terminal.error(f"{proc.id} {reason}")
@@ -354,7 +231,7 @@ class Kernel:
             self.terminal.error(f"could not restart {proc.id}: {e}")
 
     # ---- messaging -------------------------------------------------------------------------
-    def send_request(self, src, target: Address, req: Request, context: Optional[bytes],
+    def send_request(self, src: Endpoint, target: Address, req: Request, context: Optional[bytes],
                      blob: Optional[Blob], awaited: bool = False) -> None:
         prompting = src.current
         if req.inherit and prompting is not None:
@@ -371,7 +248,7 @@ class Kernel:
             pending.timer = self.timers.add(timeout, lambda: src.fail(mid, SendErrorKind.TIMEOUT))
         self.route(KernelMessage(mid, src.address, target, rsvp, req, blob), src)
 
-    def send_response(self, src, resp: Response, blob: Optional[Blob]) -> None:
+    def send_response(self, src: Endpoint, resp: Response, blob: Optional[Blob]) -> None:
         prompting = src.current
         if prompting is None or prompting.rsvp is None:
             return  # nothing asked for an answer: dropped, as in Kinode
@@ -379,14 +256,14 @@ class Kernel:
             blob = src.current_blob
         self.route(KernelMessage(prompting.id, src.address, prompting.rsvp, None, resp, blob), src)
 
-    def may_message(self, src, dest) -> bool:
-        if dest.public or isinstance(src, Service) or src is dest:
+    def may_message(self, src: Endpoint, dest: Endpoint) -> bool:
+        if dest.public or src.trusted or src is dest:
             return True
         if dest.parent == src.id or src.parent == dest.id:
             return True
         return src.has_cap(messaging_cap(dest.address))
 
-    def route(self, km: KernelMessage, src) -> None:
+    def route(self, km: KernelMessage, src: Endpoint) -> None:
         is_request = isinstance(km.message, Request)
         if km.target.node != self.node:
             if is_request and not src.has_cap(self.network_cap()):
@@ -396,7 +273,7 @@ class Kernel:
             if self.net is None:
                 src.fail(km.id, SendErrorKind.OFFLINE)
                 return
-            if is_request and hasattr(src, "contacted"):
+            if is_request:
                 src.contacted.add(km.target.node)  # it may now hear back from that node
 
             def offline(reason: str, mid=km.id) -> None:
@@ -418,7 +295,7 @@ class Kernel:
     def from_network(self, km: KernelMessage) -> None:
         """A message from a peer whose identity `host.net` has verified."""
         dest = self.processes.get(km.target.process)
-        if dest is None or isinstance(dest, Service):
+        if dest is None or not dest.hears_network:
             log.info("message from %s to missing or local-only process %s dropped", km.source, km.target)
             return
         if isinstance(km.message, Request):
@@ -433,16 +310,8 @@ class Kernel:
 
     def peer_lost(self, node: str) -> None:
         for proc in list(self.processes.values()):
-            if isinstance(proc, WasmProcess):
-                proc.fail_node(node, SendErrorKind.OFFLINE)
-
-    def send_from_terminal(self, target: Address, body: bytes) -> None:
-        term = self.processes[TERMINAL_ID]
-        km = KernelMessage(new_request_id(), term.address, target, None, Request(body=body), None)
-        self.route(km, term)
+            proc.fail_node(node, SendErrorKind.OFFLINE)
 
     def shutdown(self) -> None:
         for proc in list(self.processes.values()):
-            if isinstance(proc, WasmProcess):
-                proc.killed = True
-                proc.stop()
+            proc.stop()

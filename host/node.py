@@ -1,5 +1,5 @@
-"""A node: its home, the runtime, the kernel and its services, the network, the packages, and the
-control socket through which other shells run terminal commands on it.
+"""A node: its home, the runtime, the kernel and the services it registers (as Kinode's main.rs
+does), the network, the packages, and the control socket through which other shells run commands.
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from host import packages
+from host.commands import Commands
 from host.kernel import Kernel
-from host.process import WasmProcess
-from host.terminal import Terminal
+from host.terminal import TerminalOutput
+from host.terminal_service import TerminalService
 from host.types import Address, ProcessId
 from host.vfs import Vfs
+from host.vfs_service import VfsService
 from host.wasm import MAX_INSTANCES, Runtime
 
 log = logging.getLogger("host.node")
@@ -38,7 +40,7 @@ class NodeError(Exception):
 class Node:
     def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dirs: Sequence[Path] = (),
                  directory: Optional[Path] = None, peers_file: Optional[Path] = None,
-                 compute_limit: float = 30.0, terminal: Optional[Terminal] = None, networking: bool = True,
+                 compute_limit: float = 30.0, terminal: Optional[TerminalOutput] = None, networking: bool = True,
                  max_processes: int = MAX_INSTANCES):
         self.name = name
         self.max_processes = max_processes
@@ -48,7 +50,8 @@ class Node:
         self.directory_path = directory
         self.peers_file = peers_file
         self.compute_limit = compute_limit
-        self.terminal = terminal or Terminal()
+        self.terminal = terminal or TerminalOutput()
+        self.commands = Commands(self, self.terminal)
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
         self.net = None
@@ -61,7 +64,10 @@ class Node:
         self._lock_home()
         self.runtime = Runtime(max_instances=self.max_processes)
         self.vfs = Vfs(self.home / "vfs")
-        self.kernel = Kernel(self.name, self.home, self.runtime, self.vfs, self.terminal, self.compute_limit)
+        self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit)
+        self.terminal_service = TerminalService(self.kernel, self.terminal)
+        for service in (VfsService(self.kernel, self.vfs), self.terminal_service):
+            self.kernel.register(service)
         if self.networking:
             self._start_network()
         self._start_control()
@@ -126,15 +132,24 @@ class Node:
         if self.net is not None:
             self.net.stop()
 
-    # ---- terminal actions ------------------------------------------------------------------
+    # ---- terminal actions (host.commands.NodeControl) ---------------------------------------
+    def run_line(self, line: str) -> Optional[ProcessId]:
+        """Run a typed command line; returns the pid of the script it started, if any."""
+        return self.commands.run_line(line)
+
     def run_script(self, head: ProcessId, args: str) -> ProcessId:
         pkg = self.packages.get(f"{head.package_name}:{head.publisher_node}")
         if pkg is None:
             raise ValueError(f"no package {head.package_name}:{head.publisher_node} is installed")
-        return packages.run_script(self.kernel, pkg, head.process_name, args)
+        pid = packages.start_script(self.kernel, pkg, head.process_name)
+        self.terminal_service.send(Address(self.name, pid), args.encode())
+        return pid
 
     def send_message(self, target: Address, body: str) -> None:
-        self.kernel.send_from_terminal(target, body.encode())
+        self.terminal_service.send(target, body.encode())
+
+    def kill(self, pid: ProcessId) -> bool:
+        return self.kernel.kill(pid)
 
     def list_scripts(self) -> list[str]:
         return [f"{name.removesuffix('.wasm')}:{pid}" for pid, pkg in sorted(self.packages.items())
@@ -144,7 +159,7 @@ class Node:
         procs = sorted(self.kernel.processes.values(), key=lambda p: str(p.id))
         lines = [f"{len(procs)} processes:"]
         for p in procs:
-            kind = "wasm" if isinstance(p, WasmProcess) else "host"
+            kind = "host" if p.trusted else "wasm"
             lines.append(f"  {p.id} ({kind}{', public' if p.public else ''})")
         return "\n".join(lines)
 
@@ -220,7 +235,7 @@ class Node:
                     finished.set()
             self.kernel.on_exit_listener(exited)
             try:
-                script[0] = self.terminal.run_line(self, line)
+                script[0] = self.run_line(line)
                 if script[0] is None or script[0] not in self.kernel.processes:
                     finished.set()
                 # the client decides how long to keep listening after the script ends

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from host.kernel import Kernel, messaging_cap
-from host.process import OnExit
+from host.kernel_api import OnExit
 from host.types import Address, Capability, PackageId, ProcessId
 
 log = logging.getLogger("host.packages")
@@ -123,8 +123,8 @@ def install(kernel: Kernel, src: Path) -> Package:
     return package
 
 
-def run_script(kernel: Kernel, package: Package, script: str, args: str) -> ProcessId:
-    """Start `script` of `package` under a random name and send it `args` as its request body."""
+def start_script(kernel: Kernel, package: Package, script: str) -> ProcessId:
+    """Start `script` of `package` under a random name; the terminal then sends it its arguments."""
     entry = package.scripts.get(f"{script}.wasm")
     if entry is None:
         raise PackageError(f"package {package.id} has no script {script!r}")
@@ -132,5 +132,4 @@ def run_script(kernel: Kernel, package: Package, script: str, args: str) -> Proc
     wasm = f"{package.id}/pkg/{script}.wasm"
     _grant_from(kernel, pid, entry)
     kernel.start_process(pid, wasm, _caps_for(kernel, entry), bool(entry.get("public")), OnExit("none"))
-    kernel.send_from_terminal(Address(kernel.node, pid), args.encode())
     return pid

@@ -1,157 +1,50 @@
-"""One Wasm process: a Store, an instance and a thread running its `init`, and the `standard` and
-`blobs` host imports bound to it.
+"""One Wasm process: a Store, an instance and a thread running its `init`.
 
-The Linker is shared by every process, so each host function finds its process through a
-thread-local: a process's thread, and any library component it calls into on that thread, act as
-that process. Host functions never let an ordinary Python exception escape (wasmtime-py keeps the
-last one in a single global that other threads can overwrite): they log it and raise
-`WasmtimeError`, which traps only the calling guest.
+Its host imports live in host/abi.py and find the process through `current` (a thread-local): a
+process's thread, and any library component it calls into on that thread, act as that process.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import re
 import threading
 import time
-import traceback
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Optional, Protocol
 
-import blake3
 from wasmtime import Store, WasiConfig, WasmtimeError
-from wasmtime import _ffi as ffi
-from wasmtime.component import Record, Variant
 
-from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
-                        SendError)
-from host.wasm import BLOBS, STANDARD, LoadedComponent
-
-if TYPE_CHECKING:
-    from host.kernel import Kernel
+from host.endpoint import Pending
+from host.kernel_api import KernelApi, OnExit
+from host.types import Address, Blob, Capability, KernelMessage, ProcessId, Response, SendError
+from host.wasm import LoadedComponent, Runtime
 
 log = logging.getLogger("host.process")
-_current = threading.local()
+current = threading.local()  # .proc: the WasmProcess whose thread this is
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
-_STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
-DEFAULT_AWAIT_TIMEOUT = 60
+STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
 
 
 class _AtCapacity(Exception):
     """The node already runs --max-processes Wasm instances."""
 
 
-class OnExit:
-    """Host form of `on-exit`: kind is none|restart|requests."""
+class ProcessHost(KernelApi, Protocol):
+    """What a process's own lifecycle needs from the kernel, beyond the ABI's calls."""
+    runtime: Runtime
+    compute_limit: float
 
-    def __init__(self, kind: str = "none", requests: Optional[list] = None):
-        self.kind = kind
-        self.requests = requests or []  # [(Address, Request, Optional[Blob])]
-
-
-@dataclass
-class Pending:
-    """A request this process sent that expects a response."""
-    context: Optional[bytes]
-    target: Address
-    request: Request
-    blob: Optional[Blob]
-    timer: Any = None
-    awaited: bool = False  # send-and-await-response: the answer goes to the await box
+    def take_instances(self, n: int) -> bool: ...
+    def give_back_instances(self, n: int) -> None: ...
+    def process_exited(self, proc: "WasmProcess", reason: str) -> None: ...
 
 
-# ---- WIT value conversion ------------------------------------------------------------------------
-def _rec(**fields) -> Record:
-    r = Record()
-    for k, v in fields.items():
-        setattr(r, k.replace("_", "-"), v)
-    return r
-
-
-def _f(r: Any, name: str) -> Any:
-    return getattr(r, name.replace("_", "-"))
-
-
-def wit_pid(p: ProcessId) -> Record:
-    return _rec(process_name=p.process_name, package_name=p.package_name, publisher_node=p.publisher_node)
-
-
-def wit_address(a: Address) -> Record:
-    return _rec(node=a.node, process=wit_pid(a.process))
-
-
-def py_pid(r: Any) -> ProcessId:
-    return ProcessId(_f(r, "process_name"), _f(r, "package_name"), _f(r, "publisher_node"))
-
-
-def py_address(r: Any) -> Address:
-    return Address(r.node, py_pid(r.process))
-
-
-def wit_cap(c: Capability) -> Record:
-    return _rec(issuer=wit_address(c.issuer), params=c.params)
-
-
-def py_cap(r: Any) -> Capability:
-    return Capability(py_address(r.issuer), r.params).normalised()
-
-
-def wit_blob(b: Optional[Blob]) -> Optional[Record]:
-    return None if b is None else _rec(mime=b.mime, bytes=b.bytes)
-
-
-def py_blob(r: Any) -> Optional[Blob]:
-    return None if r is None else Blob(r.mime, r.bytes)
-
-
-def wit_request(q: Request) -> Record:
-    return _rec(inherit=q.inherit, expects_response=q.expects_response, body=q.body,
-                metadata=q.metadata, capabilities=[wit_cap(c) for c in q.capabilities])
-
-
-def py_request(r: Any) -> Request:
-    return Request(r.inherit, _f(r, "expects_response"), r.body, r.metadata,
-                   [py_cap(c) for c in r.capabilities])
-
-
-def wit_response(q: Response) -> Record:
-    return _rec(inherit=q.inherit, body=q.body, metadata=q.metadata,
-                capabilities=[wit_cap(c) for c in q.capabilities])
-
-
-def py_response(r: Any) -> Response:
-    return Response(r.inherit, r.body, r.metadata, [py_cap(c) for c in r.capabilities])
-
-
-def wit_message(m, context: Optional[bytes] = None):
-    # `message` is an untagged variant: a Record is a request, a tuple a response
-    if isinstance(m, Request):
-        return wit_request(m)
-    return (wit_response(m), context)
-
-
-def wit_send_error(e: SendError) -> Record:
-    return _rec(kind=e.kind, target=wit_address(e.target), message=wit_message(e.message),
-                lazy_load_blob=wit_blob(e.lazy_load_blob))
-
-
-def wit_on_exit(o: OnExit) -> Variant:
-    if o.kind == "requests":
-        return Variant("requests", [(wit_address(a), wit_request(q), wit_blob(b)) for a, q, b in o.requests])
-    return Variant(o.kind)
-
-
-def py_on_exit(v: Any) -> OnExit:
-    if v.tag == "requests":
-        return OnExit("requests", [(py_address(a), py_request(q), py_blob(b)) for a, q, b in v.payload])
-    return OnExit(v.tag)
-
-
-# ---- the process ---------------------------------------------------------------------------------
 class WasmProcess:
-    def __init__(self, kernel: "Kernel", pid: ProcessId, component: LoadedComponent,
+    hears_network = True
+    trusted = False
+
+    def __init__(self, kernel: ProcessHost, pid: ProcessId, component: LoadedComponent,
                  libraries: list[LoadedComponent], wasm_path: str, capabilities: set[Capability],
                  public: bool, on_exit: OnExit, parent: Optional[ProcessId] = None,
                  lib_paths: Optional[list[str]] = None):
@@ -191,8 +84,8 @@ class WasmProcess:
 
     def stop(self) -> None:
         self.killed = True
-        self.inbox.put(_STOP)
-        self.await_box.put(_STOP)
+        self.inbox.put(STOP)
+        self.await_box.put(STOP)
 
     def _new_store(self) -> Store:
         store = Store(self.kernel.runtime.engine)
@@ -213,7 +106,7 @@ class WasmProcess:
         self.stderr_tail = (self.stderr_tail + text.splitlines())[-40:]
 
     def _run(self) -> None:
-        _current.proc = self
+        current.proc = self
         rt = self.kernel.runtime
         reason = "returned"
         held = 1 + len(self.libraries)
@@ -237,7 +130,7 @@ class WasmProcess:
             reason = self._describe_failure(e)
         finally:
             self.kernel.give_back_instances(held)
-            _current.proc = None
+            current.proc = None
             self.lib_instances.clear()
             self.kernel.process_exited(self, reason)
 
@@ -299,248 +192,3 @@ class WasmProcess:
 
     def has_cap(self, cap: Capability) -> bool:
         return cap.normalised() in self.capabilities
-
-
-# ---- host imports ----------------------------------------------------------------------------------
-def _proc() -> WasmProcess:
-    p = getattr(_current, "proc", None)
-    if p is None:
-        raise WasmtimeError("host import called outside a process thread")
-    return p
-
-
-def _host(fn: Callable) -> Callable:
-    """Wrap a host import: refresh the caller's compute budget and keep exceptions contained."""
-    @functools.wraps(fn)
-    def wrapper(store, *args):
-        try:
-            return fn(*args)
-        except WasmtimeError:
-            raise
-        except Exception as e:
-            log.error("host import %s failed:\n%s", fn.__name__, traceback.format_exc())
-            raise WasmtimeError(f"host import {fn.__name__} failed: {e}") from None
-        finally:
-            p = getattr(_current, "proc", None)
-            if p is not None:
-                ffi.wasmtime_context_set_epoch_deadline(store._context(), p.kernel.compute_ticks)
-    return wrapper
-
-
-def print_to_terminal(verbosity: int, message: str) -> None:
-    p = _proc()
-    p.kernel.terminal.process_output(p.id, message, verbosity)
-
-
-def set_on_exit(on_exit) -> None:
-    _proc().on_exit = py_on_exit(on_exit)
-
-
-def get_on_exit():
-    return wit_on_exit(_proc().on_exit)
-
-
-def get_state():
-    p = _proc()
-    return p.kernel.state.get(p.id)
-
-
-def set_state(data: bytes) -> None:
-    p = _proc()
-    p.kernel.state.set(p.id, data)
-
-
-def clear_state() -> None:
-    p = _proc()
-    p.kernel.state.clear(p.id)
-
-
-def spawn(name, wasm_path, on_exit, request_caps, grant_caps, public):
-    p = _proc()
-    result = p.kernel.spawn(p, name, wasm_path, py_on_exit(on_exit), [py_cap(c) for c in request_caps],
-                            [py_pid(g) for g in grant_caps], public)
-    return result if isinstance(result, str) else wit_pid(result)  # untagged: enum str or record
-
-
-def save_capabilities(caps) -> None:
-    p = _proc()
-    p.kernel.save_capabilities(p, [py_cap(c) for c in caps])
-
-
-def drop_capabilities(caps) -> None:
-    p = _proc()
-    for c in caps:
-        p.capabilities.discard(py_cap(c))
-
-
-def our_capabilities():
-    return [wit_cap(c) for c in sorted(_proc().capabilities, key=lambda c: (str(c.issuer), c.params))]
-
-
-def _take(p: WasmProcess, item) -> tuple:
-    """Make a delivered inbox item the current message; return the WIT value for it."""
-    if item is _STOP:
-        raise WasmtimeError("process was stopped")
-    kind, value, context = item
-    if kind == "err":
-        p.current_blob = value.lazy_load_blob
-        return Variant("err", (wit_send_error(value), context))
-    km: KernelMessage = value
-    p.current_blob = km.lazy_load_blob
-    if isinstance(km.message, Request):
-        p.current = km
-    return Variant("ok", (wit_address(km.source), wit_message(km.message, context)))
-
-
-def receive():
-    p = _proc()
-    return _take(p, p.inbox.get())
-
-
-def get_blob():
-    return wit_blob(_proc().current_blob)
-
-
-def send_request(target, request, context, blob) -> None:
-    p = _proc()
-    p.kernel.send_request(p, py_address(target), py_request(request), context, py_blob(blob))
-
-
-def send_requests(requests) -> None:
-    for target, request, context, blob in requests:
-        send_request(target, request, context, blob)
-
-
-def send_response(response, blob) -> None:
-    p = _proc()
-    p.kernel.send_response(p, py_response(response), py_blob(blob))
-
-
-def send_and_await_response(target, request, blob):
-    return _send_and_await(target, request, py_blob(blob))
-
-
-def _send_and_await(target, request, blob: Optional[Blob]):
-    p = _proc()
-    req = py_request(request)
-    if req.expects_response is None:
-        req.expects_response = DEFAULT_AWAIT_TIMEOUT
-    p.kernel.send_request(p, py_address(target), req, None, blob, awaited=True)
-    item = p.await_box.get()
-    if item is _STOP:
-        raise WasmtimeError("process was stopped")
-    kind, value, _context = item
-    if kind == "err":
-        return wit_send_error(value)  # untagged result: a Record is the error
-    km: KernelMessage = value
-    p.current_blob = km.lazy_load_blob
-    return (wit_address(km.source), wit_message(km.message, None))
-
-
-# ---- blobs extension ---------------------------------------------------------------------------------
-def current_blob_len():
-    b = _proc().current_blob
-    return None if b is None else len(b.bytes)
-
-
-def current_blob_hash():
-    b = _proc().current_blob
-    return None if b is None else blake3.blake3(b.bytes).hexdigest()
-
-
-def current_blob_hash_chained(restart):
-    p = _proc()
-    b = p.current_blob
-    if b is None:
-        return None
-    if restart or p.blob_chain is None:
-        p.blob_chain = blake3.blake3()
-    p.blob_chain.update(b.bytes)
-    return p.blob_chain.copy().hexdigest()
-
-
-def current_blob_latin1():
-    b = _proc().current_blob
-    return None if b is None else b.bytes.decode("latin-1")
-
-
-def send_request_with_current_blob(target, request, context) -> None:
-    p = _proc()
-    p.kernel.send_request(p, py_address(target), py_request(request), context, p.current_blob)
-
-
-def send_and_await_response_with_current_blob(target, request):
-    return _send_and_await(target, request, _proc().current_blob)
-
-
-def send_response_with_current_blob(response) -> None:
-    p = _proc()
-    p.kernel.send_response(p, py_response(response), p.current_blob)
-
-
-def _latin1_blob(s: Optional[str]) -> Optional[Blob]:
-    if s is None:
-        return None
-    try:
-        return Blob(None, s.encode("latin-1"))
-    except UnicodeEncodeError:
-        raise WasmtimeError("latin-1 blob holds a character above U+00FF") from None
-
-
-def send_request_latin1(target, request, context, blob) -> None:
-    p = _proc()
-    p.kernel.send_request(p, py_address(target), py_request(request), context, _latin1_blob(blob))
-
-
-def send_response_latin1(response, blob) -> None:
-    p = _proc()
-    p.kernel.send_response(p, py_response(response), _latin1_blob(blob))
-
-
-STANDARD_IMPORTS = {
-    "print-to-terminal": print_to_terminal, "set-on-exit": set_on_exit, "get-on-exit": get_on_exit,
-    "get-state": get_state, "set-state": set_state, "clear-state": clear_state, "spawn": spawn,
-    "save-capabilities": save_capabilities, "drop-capabilities": drop_capabilities,
-    "our-capabilities": our_capabilities, "receive": receive, "get-blob": get_blob,
-    "send-request": send_request, "send-requests": send_requests, "send-response": send_response,
-    "send-and-await-response": send_and_await_response,
-}
-BLOBS_IMPORTS = {
-    "current-blob-len": current_blob_len, "current-blob-hash": current_blob_hash,
-    "current-blob-hash-chained": current_blob_hash_chained,
-    "current-blob-latin1": current_blob_latin1,
-    "send-request-with-current-blob": send_request_with_current_blob,
-    "send-and-await-response-with-current-blob": send_and_await_response_with_current_blob,
-    "send-response-with-current-blob": send_response_with_current_blob,
-    "send-request-latin1": send_request_latin1, "send-response-latin1": send_response_latin1,
-}
-
-
-def library_forwarder(iface: str, func: str) -> Callable:
-    """Host function for an importer's `iface.func`: call the current process's library instance."""
-    def forward(store, *args):
-        p = getattr(_current, "proc", None)
-        entry = p.lib_instances.get(iface) if p else None
-        if entry is None:
-            raise WasmtimeError(f"no library instance provides {iface} for this process")
-        lstore, inst = entry
-        # the library's store may have sat idle past its compute deadline: give it a fresh budget
-        lstore.set_epoch_deadline(p.kernel.compute_ticks)
-        idx = inst.get_export_index(lstore, iface)
-        f = inst.get_func(lstore, inst.get_export_index(lstore, func, idx))
-        try:
-            result = f(lstore, *args)
-            f.post_return(lstore)
-        except WasmtimeError:
-            raise
-        except Exception as e:
-            raise WasmtimeError(f"library call {iface}#{func} failed: {e}") from None
-        finally:
-            ffi.wasmtime_context_set_epoch_deadline(store._context(), p.kernel.compute_ticks)
-        return result
-    return forward
-
-
-def install_imports(runtime) -> None:
-    runtime.define(STANDARD, {k: _host(v) for k, v in STANDARD_IMPORTS.items()})
-    runtime.define(BLOBS, {k: _host(v) for k, v in BLOBS_IMPORTS.items()})

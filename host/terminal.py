@@ -1,10 +1,5 @@
-"""The node's terminal: output from processes and the node, and the command lines users type.
-
-A line is run like Kinode's terminal: `script:package:publisher rest of line` starts that script
-of that package and sends it the rest of the line. A few built-in commands help run the node
-(`help` lists them). The same lines can be sent from another shell through the node's control
-socket (`python -m host run ...`), which streams the output back.
-"""
+"""The node's terminal output: process output, the node's messages and errors, each line escaped
+and written to stdout by its own thread, and copied to subscribers (the control socket)."""
 from __future__ import annotations
 
 import queue
@@ -12,27 +7,9 @@ import re
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Optional, TextIO
+from typing import Callable, TextIO
 
-from host.types import Address, ParseError, ProcessId
-
-if TYPE_CHECKING:
-    from host.node import Node
-
-HELP = """\
-Commands:
-  SCRIPT:PACKAGE:PUBLISHER ARGS   run a package's terminal script, e.g.
-                                  list_files:file_transfer:template.os fake2.dev
-                                  download:file_transfer:template.os my_file.txt fake2.dev
-  m ADDRESS BODY                  send BODY (text, e.g. JSON) as a request to ADDRESS
-                                  (NODE@PROCESS:PACKAGE:PUBLISHER)
-  ps                              list running processes
-  kill PROCESS:PACKAGE:PUBLISHER  stop a process
-  caps PROCESS:PACKAGE:PUBLISHER  list the capabilities a process holds
-  scripts                         list the scripts of installed packages
-  verbosity N                     show process output up to verbosity N (default 0)
-  help                            this text
-  exit                            stop the node"""
+from host.types import ProcessId
 
 # C0/C1 control characters other than tab: printed escaped so a peer's text cannot drive the terminal
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -45,7 +22,7 @@ def sanitize(text: str) -> str:
 OUTPUT_BACKLOG = 10_000  # lines waiting for a slow stdout before older output is dropped
 
 
-class Terminal:
+class TerminalOutput:
     def __init__(self, out: TextIO = sys.stdout):
         self.out = out
         self.verbosity = 0
@@ -109,41 +86,3 @@ class Terminal:
                 if fn in self._listeners:
                     self._listeners.remove(fn)
         return unsubscribe
-
-    # ---- input -------------------------------------------------------------------------------
-    def run_line(self, node: "Node", line: str) -> Optional[ProcessId]:
-        """Run one command line; returns the pid of a started script, if any."""
-        line = line.strip()
-        if not line:
-            return None
-        head, _, rest = line.partition(" ")
-        rest = rest.strip()
-        try:
-            if head == "help":
-                self.info(HELP)
-            elif head == "exit":
-                node.request_stop()
-            elif head == "ps":
-                self.info(node.describe_processes())
-            elif head == "scripts":
-                self.info("\n".join(node.list_scripts()) or "no scripts installed")
-            elif head == "verbosity":
-                self.verbosity = int(rest)
-                self.info(f"verbosity is now {self.verbosity}")
-            elif head == "caps":
-                self.info(node.describe_capabilities(ProcessId.parse(rest)))
-            elif head == "kill":
-                pid = ProcessId.parse(rest)
-                self.info(f"stopping {pid}" if node.kernel.kill(pid) else f"no process {pid}")
-            elif head == "m":
-                target, _, body = rest.partition(" ")
-                node.send_message(Address.parse(target), body.strip())
-            elif head.count(":") == 2:
-                return node.run_script(ProcessId.parse(head), rest)
-            else:
-                self.error(f"unknown command {head!r}; type `help` for the list")
-        except (ParseError, ValueError) as e:
-            self.error(str(e))
-        except Exception as e:  # a command must never take the node down
-            self.error(f"{head}: {e}")
-        return None

@@ -6,7 +6,8 @@ import os
 import blake3
 import pytest
 
-from host import process as hp
+from host import abi as hp
+from host.process import current
 from host.types import Blob
 
 
@@ -20,9 +21,9 @@ class _Proc:
 @pytest.fixture()
 def proc():
     p = _Proc()
-    hp._current.proc = p
+    current.proc = p
     yield p
-    del hp._current.proc
+    del current.proc
 
 
 def test_len_and_hash_of_the_current_blob(proc):

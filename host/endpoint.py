@@ -1,0 +1,52 @@
+"""What the kernel sees of anything it routes messages to: a Wasm process or a host service.
+
+The kernel tells endpoints apart only by these flags, never by their classes, so a new service is
+a class with these members and one `kernel.register(...)` call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from host.types import Address, Blob, Capability, KernelMessage, ProcessId, Request
+
+
+@dataclass
+class Pending:
+    """A request an endpoint sent that expects a response."""
+    context: Optional[bytes]
+    target: Address
+    request: Request
+    blob: Optional[Blob]
+    timer: Any = None
+    awaited: bool = False  # send-and-await-response: the answer goes to the await box
+
+
+class Endpoint(Protocol):
+    id: ProcessId
+    address: Address
+    public: bool            # any local process may message it without a capability
+    hears_network: bool     # requests from other nodes may reach it (given the network capability)
+    trusted: bool           # part of the node: messages any process, holds every capability, cannot be killed
+    parent: Optional[ProcessId]
+    capabilities: set[Capability]
+    contacted: set[str]     # nodes it has sent requests to: a private endpoint hears back only from them
+    current: Optional[KernelMessage]   # the request it is handling (for inherit and responses)
+    current_blob: Optional[Blob]
+
+    def deliver(self, km: KernelMessage) -> None:
+        """Take a message; called on the sender's thread, so it must not block."""
+
+    def fail(self, mid: int, kind: str) -> None:
+        """Turn its outstanding request `mid` into a send-error of `kind`."""
+
+    def fail_node(self, node: str, kind: str) -> None:
+        """Fail its outstanding requests to `node` (the peer is gone)."""
+
+    def add_pending(self, mid: int, pending: Pending) -> None:
+        """Remember a request that expects a response."""
+
+    def has_cap(self, cap: Capability) -> bool: ...
+
+    def stop(self) -> None:
+        """The node is shutting down (or, unless trusted, the user killed it)."""

@@ -1,0 +1,57 @@
+"""The calls the process ABI (host/abi.py, host/process.py) makes on the kernel, and nothing more.
+
+The kernel satisfies these Protocols structurally; the ABI never imports the kernel.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Union
+
+from host.endpoint import Endpoint
+from host.types import Address, Blob, Capability, ProcessId, Request, Response
+
+
+class OnExit:
+    """Host form of `on-exit`: kind is none|restart|requests."""
+
+    def __init__(self, kind: str = "none", requests: Optional[list] = None):
+        self.kind = kind
+        self.requests = requests or []  # [(Address, Request, Optional[Blob])]
+
+
+class OutputApi(Protocol):
+    """Where process output and the node's messages go (the terminal)."""
+
+    def process_output(self, pid: ProcessId, text: str, verbosity: int = 0) -> None: ...
+    def info(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+
+
+class TimerApi(Protocol):
+    def add(self, delay: float, fn: Callable[[], None]) -> int: ...
+    def cancel(self, handle: Optional[int]) -> None: ...
+
+
+class StateApi(Protocol):
+    def get(self, pid: ProcessId) -> Optional[bytes]: ...
+    def set(self, pid: ProcessId, data: bytes) -> None: ...
+    def clear(self, pid: ProcessId) -> None: ...
+
+
+class KernelApi(Protocol):
+    node: str
+    compute_ticks: int       # a guest's compute budget between host calls, in epoch ticks
+    terminal: OutputApi
+    timers: TimerApi
+    state: StateApi
+
+    def send_request(self, src: Endpoint, target: Address, req: Request, context: Optional[bytes],
+                     blob: Optional[Blob], awaited: bool = False) -> None: ...
+
+    def send_response(self, src: Endpoint, resp: Response, blob: Optional[Blob]) -> None: ...
+
+    def spawn(self, parent: Endpoint, name: Optional[str], wasm_path: str, on_exit: OnExit,
+              request_caps: list[Capability], grant_to: list[ProcessId], public: bool,
+              lib_paths: list[str]) -> Union[ProcessId, str]:
+        """A ProcessId, or the spawn-error name."""
+
+    def save_capabilities(self, holder: Endpoint, caps: list[Capability]) -> None: ...

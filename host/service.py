@@ -1,0 +1,46 @@
+"""The base of a process implemented by the host (the VFS, the terminal): an `Endpoint` that is
+part of the node. A new service subclasses it, overrides `deliver`, and is `kernel.register`ed."""
+from __future__ import annotations
+
+from typing import Optional
+
+from host.endpoint import Pending
+from host.kernel import Kernel
+from host.types import Address, Blob, Capability, KernelMessage, ProcessId
+
+
+class HostService:
+    public = False
+    hears_network = False   # peers reach the node's services only through processes
+    trusted = True
+
+    def __init__(self, kernel: Kernel, pid: ProcessId):
+        self.kernel = kernel
+        self.id = pid
+        self.address = Address(kernel.node, pid)
+        self.capabilities: set[Capability] = set()
+        self.contacted: set[str] = set()
+        self.parent: Optional[ProcessId] = None
+        self.current: Optional[KernelMessage] = None
+        self.current_blob: Optional[Blob] = None
+
+    def __repr__(self) -> str:
+        return f"<service {self.id}>"
+
+    def deliver(self, km: KernelMessage) -> None:  # pragma: no cover - overridden
+        pass
+
+    def has_cap(self, cap: Capability) -> bool:
+        return True
+
+    def fail(self, mid: int, kind: str) -> None:
+        pass
+
+    def fail_node(self, node: str, kind: str) -> None:
+        pass
+
+    def add_pending(self, mid: int, pending: Pending) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass

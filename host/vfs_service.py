@@ -1,0 +1,39 @@
+"""`vfs:distro:sys`: the VFS (host/vfs.py) as a service answering local processes' requests."""
+from __future__ import annotations
+
+import logging
+
+from host.kernel import Kernel
+from host.service import HostService
+from host.types import Blob, Capability, KernelMessage, ProcessId, Request, Response
+from host.vfs import Vfs
+
+log = logging.getLogger("host.vfs_service")
+
+VFS_ID = ProcessId("vfs", "distro", "sys")
+
+
+class VfsService(HostService):
+    def __init__(self, kernel: Kernel, vfs: Vfs):
+        super().__init__(kernel, VFS_ID)
+        self.vfs = vfs
+        kernel.on_exit_listener(lambda pid, _reason: vfs.forget(pid))  # close what it left open
+
+    def deliver(self, km: KernelMessage) -> None:
+        if not isinstance(km.message, Request):
+            return
+        src = self.kernel.processes.get(km.source.process)
+        if km.source.node != self.kernel.node or src is None:
+            log.warning("vfs: refused a request from %s", km.source)
+            return
+
+        def has_cap(params: dict) -> bool:
+            return src.has_cap(Capability.make(self.address, params))
+
+        blob = km.lazy_load_blob.bytes if km.lazy_load_blob else None
+        res = self.vfs.handle(km.source.process, has_cap, km.message.body, blob)
+        for params in res.grant:
+            src.capabilities.add(Capability.make(self.address, params))
+        if km.rsvp is not None:
+            out = Blob(None, res.blob) if res.blob is not None else None
+            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=res.body), out), self)

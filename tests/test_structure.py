@@ -1,0 +1,139 @@
+"""host/ has no import cycle: every import counts, including ones under `if TYPE_CHECKING:` and
+inside functions (a cycle hidden there still couples the modules)."""
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+HOST = Path(__file__).resolve().parent.parent / "host"
+
+
+def import_graph(package_dir: Path, package: str) -> dict[str, set[str]]:
+    """Module name -> the package's modules it imports, from every import statement in its source."""
+    modules = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir).with_suffix("")
+        parts = [package, *rel.parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: resolve against this module's package
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[:len(base) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
+                subs = [f"{source}.{alias.name}" for alias in node.names if f"{source}.{alias.name}" in modules]
+                targets = subs or [source]
+            for target in targets:
+                # importing a.b.c runs a.b.c (its parents are packages, not counted as edges)
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+                elif target == name and not is_package:
+                    graph[name].add(target)  # a module importing itself is a cycle too
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module, or a module importing itself."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm; host/ is small enough for recursion
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _describe(graph: dict[str, set[str]], component: list[str]) -> str:
+    members = set(component)
+    edges = [f"{a} -> {b}" for a in component for b in sorted(graph[a]) if b in members]
+    return f"{', '.join(component)} ({'; '.join(edges)})"
+
+
+def test_host_has_no_import_cycle():
+    graph = import_graph(HOST, "host")
+    assert "host.kernel" in graph and "host.process" in graph  # the walk found host/'s modules
+    assert "host.kernel" in graph["host.node"]                 # and their imports
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles in host/: " + " | ".join(_describe(graph, c) for c in cycles)
+
+
+def _write_package(root: Path, files: dict[str, str]) -> Path:
+    pkg = root / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, text in files.items():
+        (pkg / name).write_text(textwrap.dedent(text))
+    return pkg
+
+
+def test_checker_finds_a_cycle_through_a_type_only_import(tmp_path):
+    pkg = _write_package(tmp_path, {
+        "a.py": "from pkg import b\n",
+        "b.py": """
+            from typing import TYPE_CHECKING
+            if TYPE_CHECKING:
+                from pkg.a import Thing
+        """,
+    })
+    graph = import_graph(pkg, "pkg")
+    assert find_cycles(graph) == [["pkg.a", "pkg.b"]]
+
+
+def test_checker_finds_longer_cycles_through_function_level_and_relative_imports(tmp_path):
+    pkg = _write_package(tmp_path, {
+        "a.py": "import pkg.b\n",
+        "b.py": "def later():\n    from .c import x\n",
+        "c.py": "from . import a\n",
+        "d.py": "from pkg.a import y\n",  # imports into the cycle but is not part of it
+    })
+    graph = import_graph(pkg, "pkg")
+    assert find_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_checker_passes_an_acyclic_package(tmp_path):
+    pkg = _write_package(tmp_path, {
+        "a.py": "from pkg import b\nimport os\n",
+        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.c import X\n",
+        "c.py": "import json\n",
+    })
+    graph = import_graph(pkg, "pkg")
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"}
+    assert find_cycles(graph) == []
