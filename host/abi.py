@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import traceback
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import blake3
 from wasmtime import WasmtimeError
@@ -104,7 +104,7 @@ def our_capabilities():
     return [wit_cap(c) for c in sorted(_proc().capabilities, key=lambda c: (str(c.issuer), c.params))]
 
 
-def _take(p: WasmProcess, item) -> tuple:
+def _take(p: WasmProcess, item) -> Variant:
     """Make a delivered inbox item the current message; return the WIT value for it."""
     if item is STOP:
         raise WasmtimeError("process was stopped")
@@ -224,7 +224,7 @@ def send_response_latin1(response, blob) -> None:
     p.kernel.send_response(p, py_response(response), _latin1_blob(blob))
 
 
-STANDARD_IMPORTS = {
+STANDARD_IMPORTS: dict[str, Callable[..., Any]] = {
     "print-to-terminal": print_to_terminal, "set-on-exit": set_on_exit, "get-on-exit": get_on_exit,
     "get-state": get_state, "set-state": set_state, "clear-state": clear_state, "spawn": spawn,
     "save-capabilities": save_capabilities, "drop-capabilities": drop_capabilities,
@@ -232,7 +232,7 @@ STANDARD_IMPORTS = {
     "send-request": send_request, "send-requests": send_requests, "send-response": send_response,
     "send-and-await-response": send_and_await_response,
 }
-BLOBS_IMPORTS = {
+BLOBS_IMPORTS: dict[str, Callable[..., Any]] = {
     "current-blob-len": current_blob_len, "current-blob-hash": current_blob_hash,
     "current-blob-hash-chained": current_blob_hash_chained,
     "current-blob-latin1": current_blob_latin1,

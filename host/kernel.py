@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 from host.abi import install_imports, library_forwarder
 from host.endpoint import Endpoint, Pending
@@ -117,7 +117,7 @@ class Kernel:
         return comp
 
     def start_process(self, pid: ProcessId, wasm_path: str, capabilities: set[Capability], public: bool,
-                      on_exit: OnExit, lib_paths: list[str] = (), parent: Optional[ProcessId] = None
+                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None
                       ) -> WasmProcess:
         """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text."""
         comp = self.load_vfs_wasm(wasm_path)
@@ -266,7 +266,7 @@ class Kernel:
     def route(self, km: KernelMessage, src: Endpoint) -> None:
         is_request = isinstance(km.message, Request)
         if km.target.node != self.node:
-            if is_request and not src.has_cap(self.network_cap()):
+            if is_request and not src.has_cap(self._network_cap):
                 self.terminal.error(f"{src.id} has no network capability: request to {km.target} refused")
                 src.fail(km.id, SendErrorKind.OFFLINE)
                 return
@@ -299,7 +299,7 @@ class Kernel:
             log.info("message from %s to missing or local-only process %s dropped", km.source, km.target)
             return
         if isinstance(km.message, Request):
-            if not dest.has_cap(self.network_cap()):
+            if not dest.has_cap(self._network_cap):
                 log.warning("%s has no network capability: request from %s dropped", dest.id, km.source)
                 return
             if not dest.public and km.source.node not in dest.contacted:

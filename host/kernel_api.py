@@ -38,11 +38,17 @@ class StateApi(Protocol):
 
 
 class KernelApi(Protocol):
-    node: str
-    compute_ticks: int       # a guest's compute budget between host calls, in epoch ticks
-    terminal: OutputApi
-    timers: TimerApi
-    state: StateApi
+    @property
+    def node(self) -> str: ...
+    @property
+    def compute_ticks(self) -> int:
+        """A guest's compute budget between host calls, in epoch ticks."""
+    @property
+    def terminal(self) -> OutputApi: ...
+    @property
+    def timers(self) -> TimerApi: ...
+    @property
+    def state(self) -> StateApi: ...
 
     def send_request(self, src: Endpoint, target: Address, req: Request, context: Optional[bytes],
                      blob: Optional[Blob], awaited: bool = False) -> None: ...

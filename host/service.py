@@ -1,5 +1,6 @@
 """The base of a process implemented by the host (the VFS, the terminal): an `Endpoint` that is
-part of the node. A new service subclasses it, overrides `deliver`, and is `kernel.register`ed."""
+part of the node. A new service subclasses it, overrides `deliver` (and `add_pending`/`fail` if it
+sends requests whose timeouts it must hear of), and is `kernel.register`ed by the node."""
 from __future__ import annotations
 
 from typing import Optional
