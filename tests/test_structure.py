@@ -6,6 +6,8 @@ import ast
 import textwrap
 from pathlib import Path
 
+import pytest
+
 HOST = Path(__file__).resolve().parent.parent / "host"
 
 
@@ -137,3 +139,53 @@ def test_checker_passes_an_acyclic_package(tmp_path):
     graph = import_graph(pkg, "pkg")
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"}
     assert find_cycles(graph) == []
+
+
+def test_a_registered_service_gets_its_messages_without_the_kernel_knowing_its_class(tmp_path):
+    from host.kernel import Kernel
+    from host.service import HostService
+    from host.types import Address, KernelMessage, ProcessId, Request, SendErrorKind
+    from host.wasm import Runtime
+
+    class Output:
+        def __init__(self):
+            self.errors = []
+
+        def process_output(self, pid, text, verbosity=0):
+            pass
+
+        def info(self, text):
+            pass
+
+        def error(self, text):
+            self.errors.append(text)
+
+    class Echo(HostService):
+        def __init__(self, kernel, pid):
+            super().__init__(kernel, pid)
+            self.got, self.failed, self.stopped = [], [], False
+
+        def deliver(self, km):
+            self.got.append(km.message.body)
+
+        def fail(self, mid, kind):
+            self.failed.append((mid, kind))
+
+        def stop(self):
+            self.stopped = True
+
+    kernel = Kernel("a.dev", tmp_path, Runtime(cache_dir=tmp_path / "cache"), Output())
+    echo, sender = Echo(kernel, ProcessId("echo", "test", "sys")), Echo(kernel, ProcessId("sender", "test", "sys"))
+    kernel.register(echo)
+    kernel.register(sender)
+    kernel.route(KernelMessage(1, sender.address, echo.address, None, Request(body=b"hi"), None), sender)
+    assert echo.got == [b"hi"] and sender.failed == []
+    # control: an id nobody registered fails back to the sender
+    nobody = Address("a.dev", ProcessId("nobody", "test", "sys"))
+    kernel.route(KernelMessage(2, sender.address, nobody, None, Request(body=b"hi"), None), sender)
+    assert sender.failed == [(2, SendErrorKind.OFFLINE)] and echo.got == [b"hi"]
+    with pytest.raises(ValueError, match="already running"):
+        kernel.register(Echo(kernel, echo.id))
+    assert not kernel.kill(echo.id) and not echo.stopped  # the node's services are not the user's to kill
+    kernel.shutdown()
+    assert echo.stopped and sender.stopped
