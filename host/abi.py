@@ -246,9 +246,9 @@ BLOBS_IMPORTS: dict[str, Callable[..., Any]] = {
 def library_forwarder(iface: str, func: str) -> Callable:
     """Host function for an importer's `iface.func`: call the current process's library instance."""
     def forward(store, *args):
-        p = getattr(current, "proc", None)
-        entry = p.lib_instances.get(iface) if p else None
-        if entry is None:
+        p: Optional[WasmProcess] = getattr(current, "proc", None)
+        entry = p.lib_instances.get(iface) if p is not None else None
+        if p is None or entry is None:
             raise WasmtimeError(f"no library instance provides {iface} for this process")
         lstore, inst = entry
         # the library's store may have sat idle past its compute deadline: give it a fresh budget

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 from host import packages
 from host.commands import Commands
@@ -22,6 +22,9 @@ from host.terminal_service import TerminalService
 from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.vfs_service import VfsService
+
+if TYPE_CHECKING:
+    from host.net import Network
 from host.wasm import MAX_INSTANCES, Runtime
 
 log = logging.getLogger("host.node")
@@ -54,9 +57,9 @@ class Node:
         self.commands = Commands(self, self.terminal)
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
-        self.net = None
+        self.net: Optional[Network] = None
         self._stop = threading.Event()
-        self._lock_file = None
+        self._lock_file: Optional[TextIO] = None
         self._control: Optional[socket.socket] = None
 
     # ---- start and stop --------------------------------------------------------------------

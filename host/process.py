@@ -67,7 +67,7 @@ class WasmProcess:
         self.lock = threading.Lock()
         self.current: Optional[KernelMessage] = None   # the prompting message
         self.current_blob: Optional[Blob] = None
-        self.blob_chain = None                          # BLAKE3 fed by current-blob-hash-chained
+        self.blob_chain: Any = None                     # BLAKE3 fed by current-blob-hash-chained
         self.thread: Optional[threading.Thread] = None
         self.killed = False
         self.started_at = 0.0
