@@ -22,10 +22,10 @@ from host.terminal_service import TerminalService
 from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.vfs_service import VfsService
+from host.wasm import MAX_INSTANCES, Runtime
 
 if TYPE_CHECKING:
     from host.net import Network
-from host.wasm import MAX_INSTANCES, Runtime
 
 log = logging.getLogger("host.node")
 
