@@ -1,46 +1,32 @@
-"""Faster value conversion for wasmtime-py's component API (50.x).
+"""Faster value conversion for wasmtime-py's component API, written for wasmtime-py 50.x.
 
-wasmtime-py converts every component value between Python and wasmtime's C form
-(`wasmtime_component_val_t`) node by node through ctypes: each string, record field name and list
-is a separate C allocation made through a foreign call (with a copy through a temporary ctypes
-buffer for strings), each child gets a fresh `ctypes.pointer`, record field names are re-encoded
-on every call, lifted names are decoded and compared, and an untagged variant recomputes its cases'
-Python classes for every value it lowers. Profiles of a node showed over a third of its GIL-holding
-time in these conversions. This module replaces them with code compiled once per type, with the same
-Python-visible behaviour (same accepted values, same results, same exception types):
+wasmtime-py converts each component value between Python and wasmtime's C form
+(`wasmtime_component_val_t`) node by node through ctypes: a foreign call and a ctypes object per
+string, field name and list element. This module compiles a converter once per type instead, with
+the same Python-visible behaviour (same accepted values, results and exception types):
 
 - Lifting (C to Python) reads wasmtime's memory directly through `MEM`, a memoryview spanning the
-  address space, with `struct` and slicing: no ctypes objects and no foreign call per node. The
-  whole value is then freed with one `wasmtime_component_val_delete`.
-- Lowering (Python to C) writes the value into a per-thread scratch arena of Python-owned memory
-  whose layout is exactly `wasmtime_component_val_t`'s, with pre-encoded field, case and enum names
-  and strings pointing into their encoded bytes, then has wasmtime deep-copy it into its own
-  allocations with one `wasmtime_component_val_clone`.
-  The destination is owned by whoever owned it under stock wasmtime-py; the arena never reaches
-  wasmtime's allocator. A big `list<u8>` is not copied twice: it is left as an empty placeholder in
-  the arena and, after the clone, its array is allocated in place in the copy ("grafted").
-- Each `list<u8>` is filled or read with strided slice copies done in C, not one element at a time
-  (a `list<u8>` in C is one 32-byte `wasmtime_component_val_t` per byte).
-- Type information is fetched once: each type object's fields and cases are cached, each linked host
-  function's parameter and result converters are cached by function index, and each exported guest
-  function's by its `wasmtime_component_func_t` (store id, instance and export: never reused).
-- Types this module does not model (resources, futures, streams, error contexts), and any type that
-  contains one, keep wasmtime-py's own conversion.
+  address space, then frees the whole value with one `wasmtime_component_val_delete`.
+- Lowering (Python to C) writes the value into a per-thread arena laid out exactly as
+  `wasmtime_component_val_t`, with names pre-encoded, and has wasmtime deep-copy it with one
+  `wasmtime_component_val_clone`. A big `list<u8>` is "grafted": allocated in place in the copy
+  rather than copied twice. Each `list<u8>` is filled and read with strided slice copies.
+- Type information, and each host and guest function's converters, are fetched once and cached.
+- Types it does not model (resources, futures, streams, error contexts) keep wasmtime-py's own
+  conversion; it frees what stock wasmtime-py leaks (payload cells lifted from inside containers).
+- `install()` also rebinds the quick wasmtime C functions (constructors, accessors, type queries)
+  to keep the GIL: under load, ctypes' release around each tiny call costs a futex hand-off. Calls
+  that run a guest, compile or instantiate still release it.
 
-Where stock wasmtime-py leaks (the heap cell behind an option, result or variant payload lifted from
-inside a record, tuple or list; the whole value it lifts from a guest call's result) this frees it.
-
-A last cost appears only under load: ctypes releases the GIL around every foreign call, and stock
-conversion makes dozens of tiny ones. With many process threads wanting the GIL, each release is a
-futex hand-off and a context switch (measured: ~4,700 futex calls per small download, a fifth of the
-node's CPU). `install()` rebinds every wasmtime C function that cannot run guest code or block
-(value constructors, accessors, type queries) to keep the GIL; calls that run a guest, compile,
-instantiate or free a store still release it so guests compute in parallel.
+Nothing changes until the runtime calls `install()` (host/wasm.py), which refuses, leaving
+wasmtime-py as it is, on a wasmtime version this module was not written for.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
+import logging
 import re
 import struct
 import sys
@@ -52,6 +38,11 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import _func, _linker, _types
 from wasmtime.component._enter import catch_exceptions, enter_wasm
 from wasmtime.component._types import Record, Variant
+
+log = logging.getLogger("host.fastconv")
+
+# the wasmtime-py major version whose private modules and C layout this module was written against
+WRITTEN_FOR = "50"
 
 # wasmtime charges each list element against a per-call hostcall budget; above about 2.7 MB a
 # guest->host list fails with "fuel allocated for hostcalls has been exhausted". Refuse well below.
@@ -790,10 +781,21 @@ def _keep_gil_for_quick_calls() -> None:
         setattr(_bindings, name, quick)
 
 
-def install() -> None:
-    """Patch wasmtime-py; call before any `add_func` (the callback is bound when a func is added)."""
+def wasmtime_version() -> str:
+    return importlib.metadata.version("wasmtime")
+
+
+def install() -> bool:
+    """Patch wasmtime-py, once per process; call before any `add_func` (a host function's callback
+    is bound when it is added). Returns False, patching nothing, on a wasmtime version this module
+    was not written for."""
     if _STOCK:  # patched already: `_STOCK` must keep wasmtime-py's methods, not ours
-        return
+        return True
+    version = wasmtime_version()
+    if version.split(".")[0] != WRITTEN_FOR:
+        log.warning("fastconv was written for wasmtime %s.x and this is wasmtime %s: not installed; "
+                    "using wasmtime-py's own value conversion, which is slower", WRITTEN_FOR, version)
+        return False
     _keep_gil_for_quick_calls()
     for cls, names in ((_types.ListType, ["element"]), (_types.RecordType, ["fields"]),
                        (_types.TupleType, ["elements"]), (_types.VariantType, ["cases"]),
@@ -810,3 +812,5 @@ def install() -> None:
         cls.convert_from_c = _convert_from_c
     _linker.func_impl = _func_impl
     _func.Func.__call__ = _func_call
+    log.debug("fastconv installed")
+    return True

@@ -9,7 +9,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import secrets
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 from urllib.parse import quote
 
+from host import fsutil
 from host.process import OnExit, Pending, WasmProcess, install_imports, library_forwarder
 from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         SendErrorKind, new_request_id)
@@ -99,13 +99,7 @@ class StateStore:
             return None
 
     def set(self, pid: ProcessId, data: bytes) -> None:
-        path = self._path(pid)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsutil.write_atomic(self._path(pid), data, fsync=True)
 
     def clear(self, pid: ProcessId) -> None:
         self._path(pid).unlink(missing_ok=True)

@@ -39,7 +39,10 @@ from wasmtime.component import (
 )
 
 from host import fastconv
+from host.settings import runtime_from_environment
 from host.wasm import STANDARD, Runtime
+
+assert fastconv.install(), "fastconv refused this wasmtime version"
 
 # ---- the echo component ---------------------------------------------------------------------------
 # named types, in dependency order: (name, definition); `$other` names another of them
@@ -356,7 +359,7 @@ def test_same_c_value_as_stock(echo, name, value):
 
 
 def test_kinode_types_from_a_built_component():
-    rt = Runtime()
+    rt = Runtime(runtime_from_environment())
     comp = rt.load_file(REPO / "components/file_transfer/pkg/file_transfer_worker.wasm")
     iface = comp.component.type.imports(rt.engine)[STANDARD].ty
     funcs = {n: e.ty for n, e in iface.exports(rt.engine).items()}
@@ -500,7 +503,7 @@ def _rss_kb() -> int:
 
 
 def test_no_leak():
-    rt = Runtime()
+    rt = Runtime(runtime_from_environment())
     comp = rt.load_file(REPO / "components/file_transfer/pkg/file_transfer_worker.wasm")
     iface = comp.component.type.imports(rt.engine)[STANDARD].ty
     ty = {n: e.ty for n, e in iface.exports(rt.engine).items()}["receive"].result
@@ -547,7 +550,7 @@ def _time(fn, n: int) -> float:
 
 
 def main() -> None:
-    rt = Runtime()
+    rt = Runtime(runtime_from_environment())
     comp = rt.load_file(REPO / "components/file_transfer/pkg/file_transfer_worker.wasm")
     iface = comp.component.type.imports(rt.engine)[STANDARD].ty
     ty = {n: e.ty for n, e in iface.exports(rt.engine).items()}["receive"].result
