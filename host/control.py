@@ -175,6 +175,7 @@ class ControlServer:
                     request = Request.parse(decode(_read_line(conn)))
                 except BadFrame as e:
                     _send_quietly(conn, {"type": "end", "status": FAILED, "reason": f"malformed request: {e}"})
+                    _drain(conn)
                     return
                 except OSError:
                     return  # the client left, or sent nothing in time
@@ -203,6 +204,19 @@ def _read_line(conn: socket.socket) -> bytes:
 def _send_quietly(conn: socket.socket, frame: dict) -> None:
     try:
         conn.sendall(encode(frame))
+    except OSError:
+        pass
+
+
+def _drain(conn: socket.socket) -> None:
+    """Read what the client still sends (briefly), so closing does not reset the connection before
+    it has read our answer."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        for _ in range(64):
+            if not conn.recv(65536):
+                return
     except OSError:
         pass
 
@@ -342,7 +356,10 @@ def run_command(home: Path, command: str, wait: float = 1.0, until: Optional[str
     with sock:
         sock.settimeout(timeout + END_GRACE)
         try:
-            sock.sendall(encode({"run": command, "linger": wait, "until": until, "timeout": timeout}))
+            try:
+                sock.sendall(encode({"run": command, "linger": wait, "until": until, "timeout": timeout}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the node refused us at once: its end frame says why
             reader = sock.makefile("rb")
             for raw in reader:
                 frame = decode(raw)
