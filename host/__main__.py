@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Optional
 
 from host import settings as settings_mod
-from host.settings import DEFAULT_HOME, DEFAULT_PACKAGES, DEFAULT_PORT, Defaults, RuntimeSettings, Settings, SettingsError
+from host.settings import (
+    DEFAULT_HOME,
+    DEFAULT_PACKAGES,
+    DEFAULT_PORT,
+    Defaults,
+    RuntimeSettings,
+    Settings,
+    SettingsError,
+)
 
 
 def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
@@ -112,7 +120,7 @@ def _name_os_threads() -> None:
         def run(self):
             libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
             original(self)
-        threading.Thread.run = run
+        threading.Thread.run = run  # type: ignore[method-assign]
     except (OSError, AttributeError):
         pass
 

@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 from ctypes import addressof
+from typing import Any, Callable, Optional
 
 from wasmtime import WasmtimeError, _bindings
 from wasmtime import _ffi as ffi
@@ -55,14 +56,20 @@ MEM = memoryview((ctypes.c_ubyte * sys.maxsize).from_address(0)).cast("B")
 # ---- layout of wasmtime_component_val_t, from wasmtime-py's ctypes definitions ----------------
 _VAL = ffi.wasmtime_component_val_t
 _STRIDE = ctypes.sizeof(_VAL)                                   # one val; also a list/tuple element
-_OF = _VAL.of.offset                                            # the payload union
+
+
+def _offset(struct_type, field: str) -> int:
+    return getattr(struct_type, field).offset
+
+
+_OF = _offset(_VAL, "of")                                       # the payload union
 _ENTRY = ctypes.sizeof(ffi.wasmtime_component_valrecord_entry_t)  # a record field: name, then val
-_ENTRY_VAL = ffi.wasmtime_component_valrecord_entry_t.val.offset
+_ENTRY_VAL = _offset(ffi.wasmtime_component_valrecord_entry_t, "val")
 _NAME = ctypes.sizeof(ffi.wasm_byte_vec_t)                      # (size, data): strings and names
-_VEC_DATA = _OF + ffi.wasmtime_component_vallist.data.offset    # data pointer of a list/record/...
+_VEC_DATA = _OF + _offset(ffi.wasmtime_component_vallist, "data")  # data pointer of a list/record/...
 _OPTION_PTR = _OF
-_RESULT_PTR = _OF + ffi.wasmtime_component_valresult.val.offset
-_VARIANT_PTR = _OF + ffi.wasmtime_component_valvariant.val.offset
+_RESULT_PTR = _OF + _offset(ffi.wasmtime_component_valresult, "val")
+_VARIANT_PTR = _OF + _offset(ffi.wasmtime_component_valvariant, "val")
 if (_OF, _VEC_DATA, _RESULT_PTR, _VARIANT_PTR, _NAME) != (8, 16, 16, 24, 16):
     raise ImportError("unexpected wasmtime_component_val_t layout")  # the struct formats below
 
@@ -636,7 +643,7 @@ def _variant_like(ty) -> _Conv | None:
     return _Conv(lower, lift)
 
 
-_COMPILERS = {
+_COMPILERS: dict[type[_types.ValType], Callable[[Any], Optional[_Conv]]] = {
     _types.ListType: _list, _types.RecordType: _record, _types.TupleType: _tuple,
     _types.VariantType: _variant_like, _types.OptionType: _variant_like, _types.ResultType: _variant_like,
     _types.EnumType: _enum, _types.FlagsType: _flags,
@@ -677,13 +684,15 @@ def _convert_from_c(self, c):
 # ---- type property caches -------------------------------------------------------------------------
 def _cached_property(prop: property) -> property:
     """A property whose value is kept on the instance after the first FFI lookup."""
-    key = f"_cache_{prop.fget.__name__}"
+    fget = prop.fget
+    assert fget is not None
+    key = f"_cache_{fget.__name__}"
 
-    @functools.wraps(prop.fget)
+    @functools.wraps(fget)
     def get(self):
         d = self.__dict__
         if key not in d:
-            d[key] = prop.fget(self)
+            d[key] = fget(self)
         return d[key]
     return property(get)
 
@@ -760,7 +769,7 @@ def _func_call(self, store, *params):  # mirrors wasmtime-py's Func.__call__
                 ctypes.byref(self._func), store._context(), param_capi, n,
                 None if result_space is None else ctypes.byref(result_space), 0 if lift is None else 1)
         enter_wasm(run)
-        return None if lift is None else lift(addressof(result_space))
+        return None if lift is None or result_space is None else lift(addressof(result_space))
     finally:
         for i in range(n):
             _delete(base + i * _STRIDE)
@@ -772,9 +781,12 @@ _RELEASES_GIL = re.compile(r"call|instantiate|post_return|serialize|validate|wat
                            r"(module|component|store|engine)_(new|delete)|linker_add_wasip|future")
 
 
+_C_FUNCTION: Any = ctypes.CFUNCTYPE(None).__base__  # the class of every foreign function
+
+
 def _keep_gil_for_quick_calls() -> None:
     for name, fn in list(vars(_bindings).items()):
-        if not (name.startswith("_was") and isinstance(fn, ctypes._CFuncPtr)) or _RELEASES_GIL.search(name):
+        if not (name.startswith("_was") and isinstance(fn, _C_FUNCTION)) or _RELEASES_GIL.search(name):
             continue
         quick = getattr(_C, name[1:])
         quick.restype, quick.argtypes = fn.restype, fn.argtypes
@@ -803,14 +815,16 @@ def install() -> bool:
                        (_types.EnumType, ["names"]), (_types.FlagsType, ["names"])):
         for name in names:
             setattr(cls, name, _cached_property(getattr(cls, name)))
-    for cls in (_types.VariantType, _types.OptionType, _types.ResultType):
-        cls._cases = _cached_method(cls._cases)
-        cls._tagged = _cached_method(cls._tagged)
-    for cls in (*_COMPILERS, _types.String):
-        _STOCK[cls] = (cls.convert_to_c, cls.convert_from_c)
-        cls.convert_to_c = _convert_to_c
-        cls.convert_from_c = _convert_from_c
+    # replacing methods of wasmtime-py's classes is what this module is for
+    for tagged in (_types.VariantType, _types.OptionType, _types.ResultType):
+        tagged._cases = _cached_method(tagged._cases)  # type: ignore[method-assign]
+        tagged._tagged = _cached_method(tagged._tagged)  # type: ignore[method-assign]
+    converted: type[_types.ValType]
+    for converted in (*_COMPILERS, _types.String):
+        _STOCK[converted] = (converted.convert_to_c, converted.convert_from_c)
+        converted.convert_to_c = _convert_to_c  # type: ignore[method-assign]
+        converted.convert_from_c = _convert_from_c  # type: ignore[method-assign]
     _linker.func_impl = _func_impl
-    _func.Func.__call__ = _func_call
+    _func.Func.__call__ = _func_call  # type: ignore[method-assign]
     log.debug("fastconv installed")
     return True

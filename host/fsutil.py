@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+Data = Union[bytes, bytearray, memoryview]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
@@ -21,7 +22,7 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: Data) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -59,13 +60,13 @@ def atomic_writer(path: PathLike, *, fsync: bool = False, mode: int = 0o644) -> 
         _fsync_folder(path.parent)
 
 
-def write_atomic(path: PathLike, data: bytes, *, fsync: bool = False, mode: int = 0o644) -> None:
+def write_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int = 0o644) -> None:
     """Replace `path` with `data`, atomically."""
     with atomic_writer(path, fsync=fsync, mode=mode) as fd:
         _write_all(fd, data)
 
 
-def create_atomic(path: PathLike, data: bytes, *, fsync: bool = False, mode: int = 0o644) -> bool:
+def create_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int = 0o644) -> bool:
     """Create `path` holding `data` unless it exists (then leave it alone): False if it existed.
     Two processes racing to create it end up with the same file, one of the two writers'."""
     path = Path(path)

@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 from urllib.parse import quote
 
 from host import fsutil
@@ -173,7 +173,7 @@ class Kernel:
         self.runtime = runtime
         self.terminal = terminal
         self.vfs = vfs
-        self.net = None  # set by the node once networking is up
+        self.net: Any = None  # host.net.Network, set by the node once networking is up
         self.compute_limit = compute_limit
         self.compute_ticks = max(1, int(compute_limit / EPOCH_TICK))
         self.timers = Timers()
@@ -234,7 +234,7 @@ class Kernel:
         return comp
 
     def start_process(self, pid: ProcessId, wasm_path: str, capabilities: set[Capability], public: bool,
-                      on_exit: OnExit, lib_paths: list[str] = (), parent: Optional[ProcessId] = None
+                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None
                       ) -> WasmProcess:
         """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text."""
         comp = self.load_vfs_wasm(wasm_path)

@@ -379,7 +379,7 @@ class _Conn:
             c = CHUNK if remaining > CHUNK else remaining
             seg = segs[si]
             if len(seg) - so >= c:  # the chunk lies inside one segment: no copy
-                data = memoryview(seg)[so:so + c]
+                data: bytes | memoryview = memoryview(seg)[so:so + c]
                 so += c
                 if so == len(seg):
                     si, so = si + 1, 0

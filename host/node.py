@@ -7,7 +7,7 @@ import fcntl
 import logging
 import os
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, TextIO
 
 from host import packages
 from host.control import ControlServer, NodeCommands
@@ -18,6 +18,9 @@ from host.terminal import Terminal
 from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.wasm import Runtime
+
+if TYPE_CHECKING:
+    from host import net
 
 log = logging.getLogger("host.node")
 
@@ -38,9 +41,9 @@ class Node:
         self.terminal = terminal or Terminal()
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
-        self.net = None
+        self.net: Optional[net.Network] = None
         self._stop = threading.Event()
-        self._lock_file = None
+        self._lock_file: Optional[TextIO] = None
         self._control: Optional[ControlServer] = None
 
     # ---- start and stop --------------------------------------------------------------------

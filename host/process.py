@@ -172,7 +172,7 @@ class WasmProcess:
         self.lock = threading.Lock()
         self.current: Optional[KernelMessage] = None   # the prompting message
         self.current_blob: Optional[Blob] = None
-        self.blob_chain = None                          # BLAKE3 fed by current-blob-hash-chained
+        self.blob_chain: Optional[Any] = None           # BLAKE3 fed by current-blob-hash-chained
         self.thread: Optional[threading.Thread] = None
         self.killed = False
         self.started_at = 0.0
@@ -377,7 +377,7 @@ def our_capabilities():
     return [wit_cap(c) for c in sorted(_proc().capabilities, key=lambda c: (str(c.issuer), c.params))]
 
 
-def _take(p: WasmProcess, item) -> tuple:
+def _take(p: WasmProcess, item) -> Variant:
     """Make a delivered inbox item the current message; return the WIT value for it."""
     if item is _STOP:
         raise WasmtimeError("process was stopped")
@@ -497,7 +497,7 @@ def send_response_latin1(response, blob) -> None:
     p.kernel.send_response(p, py_response(response), _latin1_blob(blob))
 
 
-STANDARD_IMPORTS = {
+STANDARD_IMPORTS: dict[str, Callable] = {
     "print-to-terminal": print_to_terminal, "set-on-exit": set_on_exit, "get-on-exit": get_on_exit,
     "get-state": get_state, "set-state": set_state, "clear-state": clear_state, "spawn": spawn,
     "save-capabilities": save_capabilities, "drop-capabilities": drop_capabilities,
@@ -505,7 +505,7 @@ STANDARD_IMPORTS = {
     "send-request": send_request, "send-requests": send_requests, "send-response": send_response,
     "send-and-await-response": send_and_await_response,
 }
-BLOBS_IMPORTS = {
+BLOBS_IMPORTS: dict[str, Callable] = {
     "current-blob-len": current_blob_len, "current-blob-hash": current_blob_hash,
     "current-blob-hash-chained": current_blob_hash_chained,
     "current-blob-latin1": current_blob_latin1,
@@ -521,7 +521,7 @@ def library_forwarder(iface: str, func: str) -> Callable:
     def forward(store, *args):
         p = getattr(_current, "proc", None)
         entry = p.lib_instances.get(iface) if p else None
-        if entry is None:
+        if p is None or entry is None:
             raise WasmtimeError(f"no library instance provides {iface} for this process")
         lstore, inst = entry
         # the library's store may have sat idle past its compute deadline: give it a fresh budget

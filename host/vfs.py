@@ -299,7 +299,7 @@ def _pread_to_eof(fd: int, pos: int) -> bytes:
     return _pread_exact(fd, want, pos)
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view[:_MAX_IO], pos)
@@ -365,7 +365,7 @@ def _write_at(h: _Handle, data, pos: int) -> None:
         done = 0
         try:
             while done < body:
-                k = os.pwrite(h.direct_fd, view[done:body], pos + done)
+                k = os.pwrite(h.direct(), view[done:body], pos + done)
                 if k <= 0:
                     raise OSError(errno.EIO, "short write")
                 done += k
@@ -599,7 +599,7 @@ class Vfs:
             with self._lock:
                 procs = self._handles.get(source)
                 h = procs.get(vp.text) if procs else None
-                if h is not None:
+                if procs and h is not None:
                     procs.move_to_end(vp.text)
                     return h
                 epoch = self._epoch
