@@ -264,6 +264,9 @@ class _Watch:
             self.running_line = True
             try:
                 self.script = self.host.run_command(self.request.line)
+            except Exception as e:  # the terminal reports its own errors; this is a bug, not the client's
+                log.exception("control command %r failed", self.request.line)
+                self.failures.append(f"the node failed to run the command: {e}")
             finally:
                 self.running_line = False
             if self.script is None or not self.host.is_running(self.script):

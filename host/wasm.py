@@ -22,7 +22,7 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
 from host import fsutil
-from host.settings import RuntimeSettings, runtime_from_environment
+from host.settings import RuntimeSettings, SettingsError, runtime_from_environment
 
 log = logging.getLogger("host.wasm")
 
@@ -206,7 +206,11 @@ class Runtime:
 def main(argv: list[str]) -> int:
     """`python -m host.wasm FILE...`: compile components into the cache ahead of time."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rt = Runtime(runtime_from_environment())
+    try:
+        rt = Runtime(runtime_from_environment())
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for p in argv:
         t0 = time.perf_counter()
         rt.load_file(Path(p))
