@@ -14,33 +14,48 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
-REPO = Path(__file__).resolve().parent.parent
+from host import settings as settings_mod
+from host.settings import (
+    DEFAULT_HOME,
+    DEFAULT_PACKAGES,
+    DEFAULT_PORT,
+    Defaults,
+    RuntimeSettings,
+    Settings,
+    SettingsError,
+)
 
 
-def node_parser() -> argparse.ArgumentParser:
+def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
+    d = defaults or settings_mod.defaults_from({})
     p = argparse.ArgumentParser(
         prog="python -m host",
         description="Run a Kinode-style node that runs packages compiled to Wasm components. "
                     "Type `help` at its prompt for the commands. To run a command on a running node "
                     "from another shell: python -m host run --home HOME 'COMMAND'.")
     p.add_argument("--node", required=True, metavar="NAME", help="the node's name, e.g. fake.dev")
-    p.add_argument("--port", type=int, default=8080,
-                   help="TCP port the node listens on for other nodes (default 8080)")
-    p.add_argument("--home", type=Path, default=Path("/tmp/kinode-fake-node"),
-                   help="the node's home folder: VFS, state, keys (default /tmp/kinode-fake-node)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"TCP port the node listens on for other nodes (default {DEFAULT_PORT})")
+    p.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                   help=f"the node's home folder: VFS, state, keys (default {DEFAULT_HOME})")
     p.add_argument("--packages", type=Path, action="append", default=None, metavar="DIR",
                    help="folder of built packages to install and start; repeatable "
                         "(default: this repo's components/)")
-    p.add_argument("--directory", type=Path, default=None,
-                   help="node directory database (default $KINODE_DIRECTORY or ~/.local/share/kinode-py/directory.sqlite)")
+    p.add_argument("--directory", type=Path, default=d.directory,
+                   help=f"node directory database (default {d.directory}; or set $KINODE_DIRECTORY)")
     p.add_argument("--peers", type=Path, default=None,
                    help="JSON file of peers on other machines: [{name, public_key (hex), host, port}]")
-    p.add_argument("--compute-limit", type=float, default=float(os.environ.get("KINODE_COMPUTE_LIMIT", 30)),
-                   help="seconds a process may compute without calling the host before it is stopped (default 30)")
-    p.add_argument("--max-processes", type=int, default=int(os.environ.get("KINODE_MAX_PROCESSES", 1000)),
-                   metavar="N", help="Wasm instances the node runs at once, processes and the libraries they link "
-                                     "(default 1000); starting one more fails with an error")
+    p.add_argument("--compute-limit", type=float, default=d.compute_limit, metavar="S",
+                   help="seconds a process may compute without calling the host before it is stopped "
+                        f"(default {d.compute_limit:g}, or $KINODE_COMPUTE_LIMIT)")
+    p.add_argument("--max-processes", type=int, default=d.max_processes, metavar="N",
+                   help="Wasm instances the node runs at once, processes and the libraries they link "
+                        f"(default {d.max_processes}, or $KINODE_MAX_PROCESSES); starting one more fails")
+    p.add_argument("--no-fastconv", dest="fastconv", action="store_false", default=d.fastconv,
+                   help="convert values with wasmtime-py's own code, not host/fastconv.py (slower; "
+                        "also KINODE_FASTCONV=0)")
     p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
                    help="run the node on these CPUs only, e.g. 0 or 0-3,6 (default: all). Several nodes on "
                         "one machine run faster on cores of their own")
@@ -62,7 +77,18 @@ def _cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def _pin(cpus: set[int]) -> None:
+def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
+    """The node's settings from its command line (whose defaults came from the environment)."""
+    return Settings(
+        name=args.node, home=args.home, port=args.port,
+        packages=tuple(args.packages or [DEFAULT_PACKAGES]),
+        directory=args.directory, peers=args.peers, compute_limit=args.compute_limit,
+        cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
+        runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,
+                                pooling=defaults.pooling, fastconv=args.fastconv))
+
+
+def _pin(cpus: frozenset[int]) -> None:
     """Keep the node's threads on `cpus`; called before any thread starts, so all inherit it."""
     usable = os.sched_getaffinity(0)
     if not cpus <= usable:
@@ -74,7 +100,7 @@ def _pin(cpus: set[int]) -> None:
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m host run",
                                 description="Run one terminal command on a running node and print its output.")
-    p.add_argument("--home", type=Path, default=Path("/tmp/kinode-fake-node"), help="the node's home (default /tmp/kinode-fake-node)")
+    p.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"the node's home (default {DEFAULT_HOME})")
     p.add_argument("--wait", type=float, default=1.0,
                    help="seconds to keep printing output after the command's script ends (default 1)")
     p.add_argument("--until", metavar="REGEX", help="instead, print output until a line matches REGEX")
@@ -94,15 +120,15 @@ def _name_os_threads() -> None:
         def run(self):
             libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
             original(self)
-        threading.Thread.run = run
+        threading.Thread.run = run  # type: ignore[method-assign]
     except (OSError, AttributeError):
         pass
 
 
 def _limit_malloc_arenas() -> None:
     """glibc gives threads that allocate big buffers (network, VFS writers, processes) arenas of
-    their own, each keeping freed megabytes for reuse. Two arenas keep a big download's peak RSS
-    about 45 MB lower at the same speed (measured: 313 -> 265 MiB for 2 GiB). Call before threads."""
+    their own, each keeping freed megabytes for reuse; two arenas keep a big download's peak memory
+    lower at the same speed. Call before any thread starts."""
     try:
         import ctypes
         ctypes.CDLL(None).mallopt(-8, 2)   # M_ARENA_MAX
@@ -113,24 +139,31 @@ def _limit_malloc_arenas() -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["run"]:
         args = run_parser().parse_args(argv[1:])
-        from host.node import run_remote
-        code, _ = run_remote(args.home, " ".join(args.command), args.wait, args.until, args.timeout, out=sys.stdout)
-        return code
+        from host.control import run_command
+        outcome = run_command(args.home, " ".join(args.command), args.wait, args.until, args.timeout, out=sys.stdout)
+        if outcome.status != 0:
+            print(f"error: {outcome.reason}", file=sys.stderr)
+        return outcome.status
 
-    args = node_parser().parse_args(argv)
-    if args.cpus is not None:
-        _pin(args.cpus)
+    try:
+        defaults = settings_mod.defaults_from(os.environ)
+    except SettingsError as e:
+        node_parser().error(str(e))
+    args = node_parser(defaults).parse_args(argv)
+    try:
+        settings = build_settings(args, defaults)
+    except SettingsError as e:
+        node_parser(defaults).error(str(e))
+    if settings.cpus is not None:
+        _pin(settings.cpus)
     _limit_malloc_arenas()
     _name_os_threads()
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(settings.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     from host.node import Node, NodeError
     t0 = time.perf_counter()
-    if args.max_processes < 1:
-        node_parser().error("--max-processes must be at least 1")
-    node = Node(args.node, args.home, args.port, args.packages or [REPO / "components"], args.directory, args.peers,
-                args.compute_limit, max_processes=args.max_processes)
+    node = Node(settings)
     try:
         node.start()
     except NodeError as e:
@@ -138,14 +171,14 @@ def main(argv: list[str]) -> int:
         node.stop()
         return 1
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
-    node.terminal.info(f"{args.node}: ready in {time.perf_counter() - t0:.2f} s "
-                       f"(port {args.port}, home {node.home}); type `help` for commands")
+    node.terminal.info(f"{settings.name}: ready in {time.perf_counter() - t0:.2f} s "
+                       f"(port {settings.port}, home {node.home}); type `help` for commands")
     threading.Thread(target=_read_stdin, args=(node,), name="stdin", daemon=True).start()
     try:
         node.wait()
     except KeyboardInterrupt:
         pass
-    node.terminal.info(f"{args.node}: stopping")
+    node.terminal.info(f"{settings.name}: stopping")
     node.stop()
     node.terminal.flush()
     return 0

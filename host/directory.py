@@ -74,18 +74,6 @@ class NodeRecord:
     online: bool = True  # False once the node stopped cleanly; peers-file entries are always True
 
 
-def default_directory_path() -> Path:
-    """``$KINODE_DIRECTORY`` if set, else ``~/.local/share/kinode-py/directory.sqlite``.
-
-    The parent directory is created if missing.
-    """
-    env = os.environ.get("KINODE_DIRECTORY")
-    path = Path(env).expanduser() if env else (
-        Path.home() / ".local" / "share" / "kinode-py" / "directory.sqlite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _check_key(public_key: bytes) -> bytes:
     if not isinstance(public_key, (bytes, bytearray)) or len(public_key) != KEY_LEN:
         raise ValueError(f"public key must be {KEY_LEN} bytes")

@@ -1,57 +1,49 @@
-"""Faster value conversion for wasmtime-py's component API (50.x).
+"""Faster value conversion for wasmtime-py's component API, written for wasmtime-py 50.x.
 
-wasmtime-py converts every component value between Python and wasmtime's C form
-(`wasmtime_component_val_t`) node by node through ctypes: each string, record field name and list
-is a separate C allocation made through a foreign call (with a copy through a temporary ctypes
-buffer for strings), each child gets a fresh `ctypes.pointer`, record field names are re-encoded
-on every call, lifted names are decoded and compared, and an untagged variant recomputes its cases'
-Python classes for every value it lowers. Profiles of a node showed over a third of its GIL-holding
-time in these conversions. This module replaces them with code compiled once per type, with the same
-Python-visible behaviour (same accepted values, same results, same exception types):
+wasmtime-py converts each component value between Python and wasmtime's C form
+(`wasmtime_component_val_t`) node by node through ctypes: a foreign call and a ctypes object per
+string, field name and list element. This module compiles a converter once per type instead, with
+the same Python-visible behaviour (same accepted values, results and exception types):
 
 - Lifting (C to Python) reads wasmtime's memory directly through `MEM`, a memoryview spanning the
-  address space, with `struct` and slicing: no ctypes objects and no foreign call per node. The
-  whole value is then freed with one `wasmtime_component_val_delete`.
-- Lowering (Python to C) writes the value into a per-thread scratch arena of Python-owned memory
-  whose layout is exactly `wasmtime_component_val_t`'s, with pre-encoded field, case and enum names
-  and strings pointing into their encoded bytes, then has wasmtime deep-copy it into its own
-  allocations with one `wasmtime_component_val_clone`.
-  The destination is owned by whoever owned it under stock wasmtime-py; the arena never reaches
-  wasmtime's allocator. A big `list<u8>` is not copied twice: it is left as an empty placeholder in
-  the arena and, after the clone, its array is allocated in place in the copy ("grafted").
-- Each `list<u8>` is filled or read with strided slice copies done in C, not one element at a time
-  (a `list<u8>` in C is one 32-byte `wasmtime_component_val_t` per byte).
-- Type information is fetched once: each type object's fields and cases are cached, each linked host
-  function's parameter and result converters are cached by function index, and each exported guest
-  function's by its `wasmtime_component_func_t` (store id, instance and export: never reused).
-- Types this module does not model (resources, futures, streams, error contexts), and any type that
-  contains one, keep wasmtime-py's own conversion.
+  address space, then frees the whole value with one `wasmtime_component_val_delete`.
+- Lowering (Python to C) writes the value into a per-thread arena laid out exactly as
+  `wasmtime_component_val_t`, with names pre-encoded, and has wasmtime deep-copy it with one
+  `wasmtime_component_val_clone`. A big `list<u8>` is "grafted": allocated in place in the copy
+  rather than copied twice. Each `list<u8>` is filled and read with strided slice copies.
+- Type information, and each host and guest function's converters, are fetched once and cached.
+- Types it does not model (resources, futures, streams, error contexts) keep wasmtime-py's own
+  conversion; it frees what stock wasmtime-py leaks (payload cells lifted from inside containers).
+- `install()` also rebinds the quick wasmtime C functions (constructors, accessors, type queries)
+  to keep the GIL: under load, ctypes' release around each tiny call costs a futex hand-off. Calls
+  that run a guest, compile or instantiate still release it.
 
-Where stock wasmtime-py leaks (the heap cell behind an option, result or variant payload lifted from
-inside a record, tuple or list; the whole value it lifts from a guest call's result) this frees it.
-
-A last cost appears only under load: ctypes releases the GIL around every foreign call, and stock
-conversion makes dozens of tiny ones. With many process threads wanting the GIL, each release is a
-futex hand-off and a context switch (measured: ~4,700 futex calls per small download, a fifth of the
-node's CPU). `install()` rebinds every wasmtime C function that cannot run guest code or block
-(value constructors, accessors, type queries) to keep the GIL; calls that run a guest, compile,
-instantiate or free a store still release it so guests compute in parallel.
+Nothing changes until the runtime calls `install()` (host/wasm.py), which refuses, leaving
+wasmtime-py as it is, on a wasmtime version this module was not written for.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
+import logging
 import re
 import struct
 import sys
 import threading
 from ctypes import addressof
+from typing import Any, Callable, Optional
 
 from wasmtime import WasmtimeError, _bindings
 from wasmtime import _ffi as ffi
 from wasmtime.component import _func, _linker, _types
 from wasmtime.component._enter import catch_exceptions, enter_wasm
 from wasmtime.component._types import Record, Variant
+
+log = logging.getLogger("host.fastconv")
+
+# the wasmtime-py major version whose private modules and C layout this module was written against
+WRITTEN_FOR = "50"
 
 # wasmtime charges each list element against a per-call hostcall budget; above about 2.7 MB a
 # guest->host list fails with "fuel allocated for hostcalls has been exhausted". Refuse well below.
@@ -64,14 +56,20 @@ MEM = memoryview((ctypes.c_ubyte * sys.maxsize).from_address(0)).cast("B")
 # ---- layout of wasmtime_component_val_t, from wasmtime-py's ctypes definitions ----------------
 _VAL = ffi.wasmtime_component_val_t
 _STRIDE = ctypes.sizeof(_VAL)                                   # one val; also a list/tuple element
-_OF = _VAL.of.offset                                            # the payload union
+
+
+def _offset(struct_type, field: str) -> int:
+    return getattr(struct_type, field).offset
+
+
+_OF = _offset(_VAL, "of")                                       # the payload union
 _ENTRY = ctypes.sizeof(ffi.wasmtime_component_valrecord_entry_t)  # a record field: name, then val
-_ENTRY_VAL = ffi.wasmtime_component_valrecord_entry_t.val.offset
+_ENTRY_VAL = _offset(ffi.wasmtime_component_valrecord_entry_t, "val")
 _NAME = ctypes.sizeof(ffi.wasm_byte_vec_t)                      # (size, data): strings and names
-_VEC_DATA = _OF + ffi.wasmtime_component_vallist.data.offset    # data pointer of a list/record/...
+_VEC_DATA = _OF + _offset(ffi.wasmtime_component_vallist, "data")  # data pointer of a list/record/...
 _OPTION_PTR = _OF
-_RESULT_PTR = _OF + ffi.wasmtime_component_valresult.val.offset
-_VARIANT_PTR = _OF + ffi.wasmtime_component_valvariant.val.offset
+_RESULT_PTR = _OF + _offset(ffi.wasmtime_component_valresult, "val")
+_VARIANT_PTR = _OF + _offset(ffi.wasmtime_component_valvariant, "val")
 if (_OF, _VEC_DATA, _RESULT_PTR, _VARIANT_PTR, _NAME) != (8, 16, 16, 24, 16):
     raise ImportError("unexpected wasmtime_component_val_t layout")  # the struct formats below
 
@@ -645,7 +643,7 @@ def _variant_like(ty) -> _Conv | None:
     return _Conv(lower, lift)
 
 
-_COMPILERS = {
+_COMPILERS: dict[type[_types.ValType], Callable[[Any], Optional[_Conv]]] = {
     _types.ListType: _list, _types.RecordType: _record, _types.TupleType: _tuple,
     _types.VariantType: _variant_like, _types.OptionType: _variant_like, _types.ResultType: _variant_like,
     _types.EnumType: _enum, _types.FlagsType: _flags,
@@ -686,13 +684,15 @@ def _convert_from_c(self, c):
 # ---- type property caches -------------------------------------------------------------------------
 def _cached_property(prop: property) -> property:
     """A property whose value is kept on the instance after the first FFI lookup."""
-    key = f"_cache_{prop.fget.__name__}"
+    fget = prop.fget
+    assert fget is not None
+    key = f"_cache_{fget.__name__}"
 
-    @functools.wraps(prop.fget)
+    @functools.wraps(fget)
     def get(self):
         d = self.__dict__
         if key not in d:
-            d[key] = prop.fget(self)
+            d[key] = fget(self)
         return d[key]
     return property(get)
 
@@ -769,7 +769,7 @@ def _func_call(self, store, *params):  # mirrors wasmtime-py's Func.__call__
                 ctypes.byref(self._func), store._context(), param_capi, n,
                 None if result_space is None else ctypes.byref(result_space), 0 if lift is None else 1)
         enter_wasm(run)
-        return None if lift is None else lift(addressof(result_space))
+        return None if lift is None or result_space is None else lift(addressof(result_space))
     finally:
         for i in range(n):
             _delete(base + i * _STRIDE)
@@ -781,19 +781,33 @@ _RELEASES_GIL = re.compile(r"call|instantiate|post_return|serialize|validate|wat
                            r"(module|component|store|engine)_(new|delete)|linker_add_wasip|future")
 
 
+_C_FUNCTION: Any = ctypes.CFUNCTYPE(None).__base__  # the class of every foreign function
+
+
 def _keep_gil_for_quick_calls() -> None:
     for name, fn in list(vars(_bindings).items()):
-        if not (name.startswith("_was") and isinstance(fn, ctypes._CFuncPtr)) or _RELEASES_GIL.search(name):
+        if not (name.startswith("_was") and isinstance(fn, _C_FUNCTION)) or _RELEASES_GIL.search(name):
             continue
         quick = getattr(_C, name[1:])
         quick.restype, quick.argtypes = fn.restype, fn.argtypes
         setattr(_bindings, name, quick)
 
 
-def install() -> None:
-    """Patch wasmtime-py; call before any `add_func` (the callback is bound when a func is added)."""
+def wasmtime_version() -> str:
+    return importlib.metadata.version("wasmtime")
+
+
+def install() -> bool:
+    """Patch wasmtime-py, once per process; call before any `add_func` (a host function's callback
+    is bound when it is added). Returns False, patching nothing, on a wasmtime version this module
+    was not written for."""
     if _STOCK:  # patched already: `_STOCK` must keep wasmtime-py's methods, not ours
-        return
+        return True
+    version = wasmtime_version()
+    if version.split(".")[0] != WRITTEN_FOR:
+        log.warning("fastconv was written for wasmtime %s.x and this is wasmtime %s: not installed; "
+                    "using wasmtime-py's own value conversion, which is slower", WRITTEN_FOR, version)
+        return False
     _keep_gil_for_quick_calls()
     for cls, names in ((_types.ListType, ["element"]), (_types.RecordType, ["fields"]),
                        (_types.TupleType, ["elements"]), (_types.VariantType, ["cases"]),
@@ -801,12 +815,16 @@ def install() -> None:
                        (_types.EnumType, ["names"]), (_types.FlagsType, ["names"])):
         for name in names:
             setattr(cls, name, _cached_property(getattr(cls, name)))
-    for cls in (_types.VariantType, _types.OptionType, _types.ResultType):
-        cls._cases = _cached_method(cls._cases)
-        cls._tagged = _cached_method(cls._tagged)
-    for cls in (*_COMPILERS, _types.String):
-        _STOCK[cls] = (cls.convert_to_c, cls.convert_from_c)
-        cls.convert_to_c = _convert_to_c
-        cls.convert_from_c = _convert_from_c
+    # replacing methods of wasmtime-py's classes is what this module is for
+    for tagged in (_types.VariantType, _types.OptionType, _types.ResultType):
+        tagged._cases = _cached_method(tagged._cases)  # type: ignore[method-assign]
+        tagged._tagged = _cached_method(tagged._tagged)  # type: ignore[method-assign]
+    converted: type[_types.ValType]
+    for converted in (*_COMPILERS, _types.String):
+        _STOCK[converted] = (converted.convert_to_c, converted.convert_from_c)
+        converted.convert_to_c = _convert_to_c  # type: ignore[method-assign]
+        converted.convert_from_c = _convert_from_c  # type: ignore[method-assign]
     _linker.func_impl = _func_impl
-    _func.Func.__call__ = _func_call
+    _func.Func.__call__ = _func_call  # type: ignore[method-assign]
+    log.debug("fastconv installed")
+    return True

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from noise.connection import Keypair, NoiseConnection
 
+from . import fsutil
 from .directory import Directory, NameTaken  # noqa: F401  (NameTaken re-exported for callers)
 from .types import KernelMessage, ParseError
 
@@ -136,25 +137,8 @@ def load_or_create_identity(home: Path) -> Identity:
         private = x25519.X25519PrivateKey.generate().private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
             serialization.NoEncryption())
-        tmp = keys / f".networking.key.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, private)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # fails if another process won the race; then we use its key
+        if fsutil.create_atomic(path, private, fsync=True, mode=0o600):  # else a racing process made it: use its key
             log.info("created networking key %s", path)
-        except FileExistsError:
-            pass
-        except OSError:  # no hard links on this filesystem
-            if not path.exists():
-                os.replace(tmp, path)
-                log.info("created networking key %s", path)
-        finally:
-            if tmp.exists():
-                os.unlink(tmp)
     mode = path.stat().st_mode & 0o777
     if mode != 0o600:
         log.warning("networking key %s had mode %o; setting 0600", path, mode)
@@ -395,7 +379,7 @@ class _Conn:
             c = CHUNK if remaining > CHUNK else remaining
             seg = segs[si]
             if len(seg) - so >= c:  # the chunk lies inside one segment: no copy
-                data = memoryview(seg)[so:so + c]
+                data: bytes | memoryview = memoryview(seg)[so:so + c]
                 so += c
                 if so == len(seg):
                     si, so = si + 1, 0

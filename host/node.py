@@ -6,34 +6,25 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import queue
-import re
-import socket
 import threading
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
 from host import packages
 from host.commands import Commands
+from host.control import ControlServer, NodeCommands
 from host.kernel import Kernel
+from host.settings import Settings
 from host.terminal import TerminalOutput
 from host.terminal_service import TerminalService
 from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.vfs_service import VfsService
-from host.wasm import MAX_INSTANCES, Runtime
+from host.wasm import Runtime
 
 if TYPE_CHECKING:
     from host.net import Network
 
 log = logging.getLogger("host.node")
-
-DEFAULT_HOME = "/tmp/kinode-fake-node"
-DEFAULT_PORT = 8080
-CONTROL_SOCKET = "node.sock"
-DONE = "\x00done"
-_ERROR_LINE = re.compile(r"^(?:[^ ]+: )?error: ")  # the node's or a package's error line  # control-socket marker: the command's script has finished
 
 
 class NodeError(Exception):
@@ -41,18 +32,13 @@ class NodeError(Exception):
 
 
 class Node:
-    def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dirs: Sequence[Path] = (),
-                 directory: Optional[Path] = None, peers_file: Optional[Path] = None,
-                 compute_limit: float = 30.0, terminal: Optional[TerminalOutput] = None, networking: bool = True,
-                 max_processes: int = MAX_INSTANCES):
-        self.name = name
-        self.max_processes = max_processes
-        self.home = Path(home).absolute()
-        self.port = port
-        self.packages_dirs = list(packages_dirs)
-        self.directory_path = directory
-        self.peers_file = peers_file
-        self.compute_limit = compute_limit
+    def __init__(self, settings: Settings, terminal: Optional[TerminalOutput] = None, networking: bool = True):
+        self.settings = settings
+        self.name = settings.name
+        self.home = settings.home.absolute()
+        self.port = settings.port
+        self.packages_dirs = list(settings.packages)
+        self.compute_limit = settings.compute_limit
         self.terminal = terminal or TerminalOutput()
         self.commands = Commands(self, self.terminal)
         self.networking = networking
@@ -60,12 +46,12 @@ class Node:
         self.net: Optional[Network] = None
         self._stop = threading.Event()
         self._lock_file: Optional[TextIO] = None
-        self._control: Optional[socket.socket] = None
+        self._control: Optional[ControlServer] = None
 
     # ---- start and stop --------------------------------------------------------------------
     def start(self) -> None:
         self._lock_home()
-        self.runtime = Runtime(max_instances=self.max_processes)
+        self.runtime = Runtime(self.settings.runtime)
         self.vfs = Vfs(self.home / "vfs")
         self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit)
         self.terminal_service = TerminalService(self.kernel, self.terminal)
@@ -73,7 +59,8 @@ class Node:
             self.kernel.register(service)
         if self.networking:
             self._start_network()
-        self._start_control()
+        self._control = ControlServer(self.home, NodeCommands(self))
+        self._control.start()
         for folder in self.packages_dirs:
             if not folder.is_dir():
                 self.terminal.error(f"packages folder {folder} does not exist (run ./build.sh?)")
@@ -104,9 +91,9 @@ class Node:
 
     def _start_network(self) -> None:
         from host import net
-        from host.directory import Directory, NameTaken, default_directory_path
+        from host.directory import Directory, NameTaken
         identity = net.load_or_create_identity(self.home)
-        directory = Directory(self.directory_path or default_directory_path(), peers_file=self.peers_file)
+        directory = Directory(self.settings.directory, peers_file=self.settings.peers)
         self.net = net.Network(self.name, identity, self.port, directory,
                                on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost)
         try:
@@ -121,6 +108,9 @@ class Node:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def wait(self) -> None:
         while not self._stop.wait(0.5):
             pass
@@ -128,8 +118,7 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
         if self._control is not None:
-            self._control.close()
-            (self.home / CONTROL_SOCKET).unlink(missing_ok=True)
+            self._control.stop()
         if getattr(self, "kernel", None) is not None:
             self.kernel.shutdown()
         if self.net is not None:
@@ -172,142 +161,3 @@ class Node:
             raise ValueError(f"no process {pid}")
         caps = sorted(proc.capabilities, key=lambda c: (str(c.issuer), c.params))
         return "\n".join([f"{pid} holds {len(caps)} capabilities:"] + [f"  {c.issuer} {c.params}" for c in caps])
-
-    # ---- control socket --------------------------------------------------------------------
-    def _start_control(self) -> None:
-        path = self.home / CONTROL_SOCKET
-        path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(16)
-        self._control = sock
-        threading.Thread(target=self._accept_loop, name="control", daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._control.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve_control, args=(conn,), daemon=True).start()
-
-    def _serve_control(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            data = b""
-            try:
-                while b"\n" not in data and len(data) < 65536:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            except OSError:
-                return
-            conn.settimeout(None)
-            line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
-            gone = threading.Event()
-            outbox: "queue.Queue[Optional[str]]" = queue.Queue(10_000)
-
-            def send(text: str) -> None:  # called by the terminal: must not block
-                if not gone.is_set():
-                    try:
-                        outbox.put_nowait(text)
-                    except queue.Full:
-                        gone.set()  # a client that stopped reading is cut off
-
-            def pump() -> None:
-                while True:
-                    text = outbox.get()
-                    if text is None:
-                        return
-                    try:
-                        conn.sendall((text + "\n").encode())
-                    except OSError:
-                        gone.set()
-                        return
-            sender = threading.Thread(target=pump, daemon=True)
-            sender.start()
-
-            finished = threading.Event()
-            unsubscribe = self.terminal.subscribe(send)
-            script: list[Optional[ProcessId]] = [None]
-
-            def exited(pid: ProcessId, reason: str) -> None:
-                if pid == script[0]:
-                    finished.set()
-            self.kernel.on_exit_listener(exited)
-            try:
-                script[0] = self.run_line(line)
-                if script[0] is None or script[0] not in self.kernel.processes:
-                    finished.set()
-                # the client decides how long to keep listening after the script ends
-                while not gone.is_set() and not finished.wait(0.2):
-                    pass
-                send(DONE)
-                while not gone.is_set():
-                    try:
-                        if not conn.recv(4096):
-                            break
-                    except OSError:
-                        break
-            finally:
-                unsubscribe()
-                self.kernel.remove_exit_listener(exited)
-                outbox.put(None)
-                sender.join(5)
-
-
-def run_remote(home: Path, command: str, wait: float = 1.0, until: Optional[str] = None,
-               timeout: float = 60.0, out=None) -> tuple[int, list[str]]:
-    """Run `command` on the node whose home is `home`; collect (and print to `out`) its output.
-
-    Output is collected until the command's script has ended and then `wait` more seconds, or, with
-    `until` (a regex), until a line matches it. Returns (exit code, lines): 0 on success, 1 when an
-    `error:` line was seen or `until` never matched, 2 when no node runs there.
-    """
-    import select
-    path = Path(home) / CONTROL_SOCKET
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        msg = f"error: no node is running with home {home} (no control socket at {path})"
-        if out is not None:
-            print(msg, file=out)
-        return 2, [msg]
-    lines: list[str] = []
-    pattern = re.compile(until) if until else None
-    matched = False
-    with sock:
-        sock.sendall(command.encode() + b"\n")
-        buf = b""
-        deadline = time.monotonic() + timeout
-        done_at: Optional[float] = None
-        while True:
-            now = time.monotonic()
-            end = deadline if pattern else min(deadline, (done_at + wait) if done_at else deadline)
-            if now >= end:
-                break
-            ready, _, _ = select.select([sock], [], [], end - now)
-            if not ready:
-                continue
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            *complete, buf = buf.split(b"\n")
-            for raw in complete:
-                text = raw.decode("utf-8", "replace")
-                if text == DONE:
-                    done_at = time.monotonic()
-                    continue
-                lines.append(text)
-                if out is not None:
-                    print(text, file=out, flush=True)
-                if pattern and pattern.search(text):
-                    matched = True
-            if matched:
-                break
-    failed = any(_ERROR_LINE.search(line) for line in lines) or (pattern is not None and not matched)
-    return (1 if failed else 0), lines

@@ -1,11 +1,11 @@
 """Processes' get/set/clear-state: one file per process under HOME/state, written atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
+from host import fsutil
 from host.types import ProcessId
 
 
@@ -24,13 +24,7 @@ class StateStore:
             return None
 
     def set(self, pid: ProcessId, data: bytes) -> None:
-        path = self._path(pid)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsutil.write_atomic(self._path(pid), data, fsync=True)
 
     def clear(self, pid: ProcessId) -> None:
         self._path(pid).unlink(missing_ok=True)

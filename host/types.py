@@ -134,7 +134,7 @@ class KernelMessage:
     # ---- wire form: plain lists/dicts/bytes for MessagePack --------------------------------------
     def to_wire(self) -> dict:
         m = self.message
-        msg = {
+        msg: dict[str, Any] = {
             "kind": "request" if isinstance(m, Request) else "response",
             "inherit": m.inherit,
             "body": m.body,

@@ -22,7 +22,6 @@ import errno
 import json
 import mmap
 import os
-import secrets
 import shutil
 import stat
 import threading
@@ -34,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import blake3
 
+from host import fsutil
 from host.types import PackageId, ParseError, ProcessId
 
 __all__ = ["Vfs", "VfsResult"]
@@ -299,7 +299,7 @@ def _pread_to_eof(fd: int, pos: int) -> bytes:
     return _pread_exact(fd, want, pos)
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view[:_MAX_IO], pos)
@@ -365,7 +365,7 @@ def _write_at(h: _Handle, data, pos: int) -> None:
         done = 0
         try:
             while done < body:
-                k = os.pwrite(h.direct_fd, view[done:body], pos + done)
+                k = os.pwrite(h.direct(), view[done:body], pos + done)
                 if k <= 0:
                     raise OSError(errno.EIO, "short write")
                 done += k
@@ -599,7 +599,7 @@ class Vfs:
             with self._lock:
                 procs = self._handles.get(source)
                 h = procs.get(vp.text) if procs else None
-                if h is not None:
+                if procs and h is not None:
                     procs.move_to_end(vp.text)
                     return h
                 epoch = self._epoch
@@ -836,43 +836,26 @@ class Vfs:
             sfd = os.open(src.real, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
         except OSError as e:
             raise _from_os(e, vp.text) from None
-        tmp = None
         try:
             mode = os.fstat(sfd).st_mode
             if not stat.S_ISREG(mode):
                 what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
                 raise _io_error(f"{what}: {vp.text}", vp.text)
-            tmp = os.path.join(os.path.dirname(dst.link), f".vfs-copy-{secrets.token_hex(8)}")
             try:
-                dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                              0o644)
-            except OSError as e:
-                tmp = None
-                if e.errno == errno.ENOENT:
-                    raise _io_error(f"destination directory does not exist: {new.text}",
-                                    new.text) from None
-                raise
-            try:
-                pos = 0
-                while True:
-                    piece = os.pread(sfd, CHUNK, pos)
-                    if not piece:
-                        break
-                    _pwrite_all(dfd, piece, pos)
-                    pos += len(piece)
-            finally:
-                os.close(dfd)
-            os.rename(tmp, dst.link)
-            tmp = None
+                with fsutil.atomic_writer(dst.link) as dfd:
+                    pos = 0
+                    while True:
+                        piece = os.pread(sfd, CHUNK, pos)
+                        if not piece:
+                            break
+                        _pwrite_all(dfd, piece, pos)
+                        pos += len(piece)
+            except FileNotFoundError:
+                raise _io_error(f"destination directory does not exist: {new.text}", new.text) from None
         except OSError as e:
             raise _from_os(e, new.text, f"cannot copy {vp.text}") from None
         finally:
             os.close(sfd)
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
         self._sweep(new.text)
         return VfsResult(_OK)
 

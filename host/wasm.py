@@ -1,32 +1,30 @@
 """Wasm loading: one Engine and Linker for the node, compiled components cached on disk, and
 host-side linking of library components (an importer's interface satisfied by a library's export).
 
-Compiling a componentize-py component takes about 5 s; deserialising a cached artefact takes a few
-ms, so the cache (keyed by the wasm's BLAKE3, the wasmtime version and our engine settings) is what
-makes a warm start fast. `build.sh` fills it ahead of time with `python -m host.wasm PATH...`.
+Compiling a component takes seconds, loading it from the cache milliseconds: the cache (keyed by the
+wasm's BLAKE3, the wasmtime version and our engine settings) makes a warm start fast. `build.sh`
+fills it ahead of time with `python -m host.wasm PATH...`.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Sequence
 
 import blake3
 from wasmtime import Config, Engine, WasmtimeError
 from wasmtime import _ffi as ffi
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
-from host import fastconv
+from host import fsutil
+from host.settings import RuntimeSettings, SettingsError, runtime_from_environment
 
 log = logging.getLogger("host.wasm")
-
-fastconv.install()
 
 # The interfaces the host itself supplies; anything else a component imports must come from a
 # library component linked into its package.
@@ -35,17 +33,11 @@ BLOBS = "kinode:process/blobs@0.8.0"
 HOST_INTERFACES = {STANDARD, BLOBS}
 EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
 
-# Pooling instance allocator, opt-in (KINODE_POOLING=1). A worker per transfer means many
-# short-lived instances; with the default allocator each maps fresh linear memory and copy-on-write
-# faults in every page its Python touches (in a multi-threaded process each fault is a TLB
-# shoot-down across cores). A pooled slot stays mapped and up to KEEP_RESIDENT bytes of it are reset
-# in place for the next instance. Measured (2 cores, 2026-11-25): 1,000 small downloads 8 at a time
-# take 15.5 s with it instead of 18-20.5 s, but 50 downloads at once (bench/load.py) take 3.2-3.9 s
-# instead of 2.3 s, and every slot used keeps what it dirtied: peak RSS 640-730 MiB instead of 530, and
-# ~650 MB after a burst instead of ~340 (keeping 16 or 8 MiB per slot instead of 32 changed little;
-# keeping none lost the speed). So it is off by default. Its totals are hard caps; the kernel
-# applies the same cap (--max-processes) either way.
-MAX_INSTANCES = 1000               # default cap on live component instances (processes and their libraries)
+# Pooling instance allocator, opt-in (KINODE_POOLING=1). A worker per transfer means many short-lived
+# instances; with the default allocator each maps fresh memory and copy-on-write faults in every page
+# its Python touches, while a pooled slot stays mapped and is reset in place. It speeds up many small
+# downloads but keeps each used slot's memory and slows bursts of parallel ones (figures: README), so
+# it is off by default. Its totals are hard caps; the kernel applies --max-processes either way.
 POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
 POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
 POOL_KEEP_RESIDENT = 32 << 20
@@ -73,12 +65,19 @@ def _use_pooling(cfg: Config, instances: int) -> None:
 _ENGINE_TAG = f"wasmtime{importlib.metadata.version('wasmtime')}-epoch"
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("KINODE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kinode-py" / "compiled"
+def install_fastconv(enabled: bool) -> bool:
+    """Use host/fastconv.py's value conversion unless turned off or unusable here (then wasmtime-py's
+    own, slower conversion stays, with the reason logged). True if fastconv is in use."""
+    if not enabled:
+        log.info("fastconv is off: wasmtime-py's own value conversion is used")
+        return False
+    try:
+        from host import fastconv
+    except Exception as e:  # it reads wasmtime-py's private modules: a new wasmtime may lack them
+        log.warning("fastconv cannot load on wasmtime %s (%s: %s); using wasmtime-py's own value "
+                    "conversion, which is slower", importlib.metadata.version("wasmtime"), type(e).__name__, e)
+        return False
+    return fastconv.install()
 
 
 @dataclass
@@ -102,16 +101,17 @@ class MissingInterface(Exception):
 class Runtime:
     """The node's Engine, Linker and component cache."""
 
-    def __init__(self, cache_dir: Optional[Path] = None, max_instances: int = MAX_INSTANCES):
+    def __init__(self, settings: RuntimeSettings):
+        self.fastconv = install_fastconv(settings.fastconv)  # before any host function is defined
         cfg = Config()
         cfg.epoch_interruption = True
-        self.max_instances = max_instances
-        if os.environ.get("KINODE_POOLING", "0") == "1":  # see above
-            _use_pooling(cfg, max_instances)
+        self.max_instances = settings.max_instances
+        if settings.pooling:  # see above
+            _use_pooling(cfg, settings.max_instances)
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()
-        self.cache_dir = Path(cache_dir or default_cache_dir())
+        self.cache_dir = settings.cache_dir
         self._loaded: dict[str, LoadedComponent] = {}
         self._lock = threading.RLock()
         self._forwarded: set[str] = set()
@@ -178,9 +178,7 @@ class Runtime:
     def _store_cache(self, path: Path, component: Component) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(component.serialize())
-            os.replace(tmp, path)  # atomic: concurrent nodes never see half an artefact
+            fsutil.write_atomic(path, component.serialize())  # concurrent nodes never see half of one
         except OSError as e:
             log.warning("could not write compiled cache %s: %s", path, e)
 
@@ -195,7 +193,7 @@ class Runtime:
         return LoadedComponent(component, digest, imports, exports)
 
     def check_links(self, comp: LoadedComponent, libs: list[LoadedComponent], what: str,
-                    absent: list[str] = ()) -> None:
+                    absent: Sequence[str] = ()) -> None:
         provided = set().union(*(set(lib.exports) for lib in libs)) if libs else set()
         missing = sorted(comp.needs - provided)
         if missing:
@@ -208,7 +206,11 @@ class Runtime:
 def main(argv: list[str]) -> int:
     """`python -m host.wasm FILE...`: compile components into the cache ahead of time."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rt = Runtime()
+    try:
+        rt = Runtime(runtime_from_environment())
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for p in argv:
         t0 = time.perf_counter()
         rt.load_file(Path(p))

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from host.node import run_remote  # noqa: E402
+from host.control import run_remote  # noqa: E402
 
 FT_FILES = "vfs/file_transfer:template.os/files"
 TEST_PACKAGES = REPO / "tests" / "packages"
@@ -45,13 +45,14 @@ class NodeProc:
         self.lines: list[str] = []
         self._new: "queue.Queue[str]" = queue.Queue()
         self.proc: subprocess.Popen | None = None
+        self.launcher = [sys.executable, "-m", "host"]  # a test may run the CLI another way
 
     @property
     def files(self) -> Path:
         return self.home / FT_FILES
 
     def start(self, timeout: float = 60) -> "NodeProc":
-        cmd = [sys.executable, "-m", "host", "--node", self.name, "--home", str(self.home),
+        cmd = [*self.launcher, "--node", self.name, "--home", str(self.home),
                "--port", str(self.port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)

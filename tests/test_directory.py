@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from host import directory as dirmod
-from host.directory import Directory, NameTaken, NodeRecord, default_directory_path
+from host.directory import Directory, NameTaken, NodeRecord
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
@@ -133,18 +133,6 @@ def test_peers_file(tmp_path, caplog):
     os.utime(peers, ns=(1, 1))
     assert d.lookup("new.os").port == 9400
     assert d.lookup("far.os") is None
-
-
-def test_default_directory_path(tmp_path, monkeypatch):
-    target = tmp_path / "x" / "y" / "dir.sqlite"
-    monkeypatch.setenv("KINODE_DIRECTORY", str(target))
-    assert default_directory_path() == target
-    assert target.parent.is_dir()
-    monkeypatch.delenv("KINODE_DIRECTORY")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    p = default_directory_path()
-    assert p == tmp_path / "home" / ".local" / "share" / "kinode-py" / "directory.sqlite"
-    assert p.parent.is_dir()
 
 
 def test_nodes_starting_at_once_on_a_new_database(tmp_path):

@@ -39,7 +39,10 @@ from wasmtime.component import (
 )
 
 from host import fastconv
+from host.settings import runtime_from_environment
 from host.wasm import STANDARD, Runtime
+
+assert fastconv.install(), "fastconv refused this wasmtime version"
 
 # ---- the echo component ---------------------------------------------------------------------------
 # named types, in dependency order: (name, definition); `$other` names another of them
@@ -356,7 +359,7 @@ def test_same_c_value_as_stock(echo, name, value):
 
 
 def test_kinode_types_from_a_built_component():
-    rt = Runtime()
+    rt = Runtime(runtime_from_environment())
     comp = rt.load_file(REPO / "components/file_transfer/pkg/file_transfer_worker.wasm")
     iface = comp.component.type.imports(rt.engine)[STANDARD].ty
     funcs = {n: e.ty for n, e in iface.exports(rt.engine).items()}
@@ -500,7 +503,7 @@ def _rss_kb() -> int:
 
 
 def test_no_leak():
-    rt = Runtime()
+    rt = Runtime(runtime_from_environment())
     comp = rt.load_file(REPO / "components/file_transfer/pkg/file_transfer_worker.wasm")
     iface = comp.component.type.imports(rt.engine)[STANDARD].ty
     ty = {n: e.ty for n, e in iface.exports(rt.engine).items()}["receive"].result
@@ -547,7 +550,7 @@ def _time(fn, n: int) -> float:
 
 
 def main() -> None:
-    rt = Runtime()
+    rt = Runtime(runtime_from_environment())
     comp = rt.load_file(REPO / "components/file_transfer/pkg/file_transfer_worker.wasm")
     iface = comp.component.type.imports(rt.engine)[STANDARD].ty
     ty = {n: e.ty for n, e in iface.exports(rt.engine).items()}["receive"].result
@@ -575,3 +578,37 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- without fastconv ------------------------------------------------------------------------------
+# runs the node's command line with fastconv believing wasmtime is a version it was not written for
+FAKE_VERSION_LAUNCHER = ("import sys; from host import fastconv; fastconv.wasmtime_version = lambda: '99.0.0'; "
+                         "from host.__main__ import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_a_node_without_fastconv_still_transfers_files(node_factory):
+    """One node turned off with --no-fastconv, its peer refusing fastconv on a faked wasmtime 99:
+    both convert with wasmtime-py's own code, and a file of several chunks still arrives intact."""
+    import hashlib
+    import os
+    fake = node_factory("fake.dev", extra_args=["--no-fastconv", "-v"])
+    peer = node_factory("fake2.dev", start=False)
+    peer.launcher = [sys.executable, "-c", FAKE_VERSION_LAUNCHER]
+    peer.start()
+    assert any("fastconv is off" in ln for ln in fake.lines), fake.lines
+    assert any("fastconv was written for wasmtime 50.x and this is wasmtime 99.0.0: not installed" in ln
+               for ln in peer.lines), peer.lines
+    data = os.urandom(9 << 20)  # three chunks between our nodes
+    peer.files.mkdir(parents=True, exist_ok=True)
+    (peer.files / "big.bin").write_bytes(data)
+    code, lines = fake.run("download:file_transfer:template.os big.bin fake2.dev",
+                           until=r"big\.bin downloaded|error:", timeout=240)
+    assert code == 0, lines
+    assert hashlib.sha256((fake.files / "big.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_fastconv_is_in_use_by_default(node_factory):
+    """The positive control of the test above: a plain node installs fastconv and says nothing of it."""
+    node = node_factory("fake.dev", extra_args=["-vv"])
+    assert any("fastconv installed" in ln for ln in node.lines), node.lines
+    assert not any("fastconv is off" in ln or "not installed" in ln for ln in node.lines)

@@ -150,7 +150,7 @@ def test_simultaneous_dial_keeps_one_connection(nodes):
         a, b = nodes(f"a{i}.os"), nodes(f"b{i}.os")
         go = threading.Barrier(2)
 
-        def fire(src, dst):
+        def fire(src, dst, go=go):
             go.wait()
             src.net.send(request(src.name, dst.name), pytest.fail)
 

@@ -84,7 +84,7 @@ def test_run_against_no_node_says_so(tmp_path):
     out = subprocess.run([sys.executable, "-m", "host", "run", "--home", str(tmp_path), "ps"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert "no node is running with home" in out.stdout
+    assert "no node is running with home" in out.stderr
 
 
 def test_restart_keeps_files_and_identity(node_factory):

@@ -146,6 +146,7 @@ def test_a_registered_service_gets_its_messages_without_the_kernel_knowing_its_c
     from host.service import HostService
     from host.types import Address, KernelMessage, ProcessId, Request, SendErrorKind
     from host.wasm import Runtime
+    from host.settings import RuntimeSettings
 
     class Output:
         def __init__(self):
@@ -174,7 +175,7 @@ def test_a_registered_service_gets_its_messages_without_the_kernel_knowing_its_c
         def stop(self):
             self.stopped = True
 
-    kernel = Kernel("a.dev", tmp_path, Runtime(cache_dir=tmp_path / "cache"), Output())
+    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output())
     echo, sender = Echo(kernel, ProcessId("echo", "test", "sys")), Echo(kernel, ProcessId("sender", "test", "sys"))
     kernel.register(echo)
     kernel.register(sender)

@@ -1,0 +1,122 @@
+"""The node's settings: defaults written once, the environment read in one place.
+
+The command line (`host/__main__.py`) builds one frozen `Settings` and passes it down; nothing else
+reads `KINODE_*` variables. Each variable only changes a default: a command-line flag wins.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+
+DEFAULT_HOME = Path("/tmp/kinode-fake-node")
+DEFAULT_PORT = 8080
+DEFAULT_PACKAGES = REPO / "components"
+DEFAULT_COMPUTE_LIMIT = 30.0   # seconds a guest may compute without calling the host
+DEFAULT_MAX_PROCESSES = 1000   # live Wasm instances: processes and the libraries they link
+
+
+class SettingsError(ValueError):
+    """A setting (flag or environment variable) with a value the node cannot use."""
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What the Wasm runtime (`host/wasm.py`) needs; also used alone by `python -m host.wasm`."""
+    cache_dir: Path                         # compiled components, shared by the nodes of a machine
+    max_instances: int = DEFAULT_MAX_PROCESSES
+    pooling: bool = False                   # wasmtime's pooling allocator (see host/wasm.py)
+    fastconv: bool = True                   # host/fastconv.py's value conversion
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str
+    runtime: RuntimeSettings
+    directory: Path                         # the node directory's SQLite file
+    home: Path = DEFAULT_HOME
+    port: int = DEFAULT_PORT
+    packages: tuple[Path, ...] = (DEFAULT_PACKAGES,)
+    peers: Optional[Path] = None            # JSON list of peers on other machines
+    compute_limit: float = DEFAULT_COMPUTE_LIMIT
+    cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} is not a TCP port (0-65535)")
+        if not self.compute_limit > 0:
+            raise SettingsError(f"the compute limit must be above 0 seconds, not {self.compute_limit:g}")
+        if self.runtime.max_instances < 1:
+            raise SettingsError("the process limit (--max-processes) must be at least 1")
+
+
+# ---- the environment ------------------------------------------------------------------------------
+def _number(env: Mapping[str, str], name: str, kind: type, default):
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingsError(f"{name}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    text = env.get(name, "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    if text == "":
+        return default
+    raise SettingsError(f"{name}={env[name]!r} is not 0 or 1")
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """`$KINODE_CACHE`, else `$XDG_CACHE_HOME/kinode-py/compiled` (XDG's default: ~/.cache)."""
+    if env.get("KINODE_CACHE"):
+        return Path(env["KINODE_CACHE"]).expanduser()
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME") or Path.home()) / ".cache"
+    return base / "kinode-py" / "compiled"
+
+
+def default_directory(env: Mapping[str, str]) -> Path:
+    """`$KINODE_DIRECTORY`, else ~/.local/share/kinode-py/directory.sqlite."""
+    if env.get("KINODE_DIRECTORY"):
+        return Path(env["KINODE_DIRECTORY"]).expanduser()
+    return Path(env.get("HOME") or Path.home()) / ".local" / "share" / "kinode-py" / "directory.sqlite"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Defaults of the command-line flags, after the environment (shown by --help)."""
+    compute_limit: float
+    max_processes: int
+    directory: Path
+    cache_dir: Path
+    pooling: bool
+    fastconv: bool
+
+
+def defaults_from(env: Mapping[str, str]) -> Defaults:
+    """The one place that reads the environment. Raises SettingsError on an unusable value."""
+    return Defaults(
+        compute_limit=_number(env, "KINODE_COMPUTE_LIMIT", float, DEFAULT_COMPUTE_LIMIT),
+        max_processes=_number(env, "KINODE_MAX_PROCESSES", int, DEFAULT_MAX_PROCESSES),
+        directory=default_directory(env),
+        cache_dir=default_cache_dir(env),
+        pooling=_flag(env, "KINODE_POOLING", False),
+        fastconv=_flag(env, "KINODE_FASTCONV", True),
+    )
+
+
+def runtime_from_environment(env: Optional[Mapping[str, str]] = None) -> RuntimeSettings:
+    """Runtime settings for tools without a command line of their own (build.sh's cache filler)."""
+    d = defaults_from(os.environ if env is None else env)
+    return RuntimeSettings(cache_dir=d.cache_dir, max_instances=d.max_processes, pooling=d.pooling,
+                           fastconv=d.fastconv)

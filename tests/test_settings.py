@@ -1,0 +1,75 @@
+"""host/settings.py: defaults written once, the environment read in one place, flags win."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host import settings
+from host.__main__ import build_settings, node_parser
+from host.settings import SettingsError, defaults_from
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_without_environment():
+    d = defaults_from({"HOME": "/home/u"})
+    assert (d.compute_limit, d.max_processes, d.pooling, d.fastconv) == (30.0, 1000, False, True)
+    assert d.directory == Path("/home/u/.local/share/kinode-py/directory.sqlite")
+    assert d.cache_dir == Path("/home/u/.cache/kinode-py/compiled")
+
+
+def test_each_variable_changes_its_default():
+    d = defaults_from({"HOME": "/home/u", "KINODE_COMPUTE_LIMIT": "2.5", "KINODE_MAX_PROCESSES": "7",
+                       "KINODE_DIRECTORY": "/x/d.sqlite", "KINODE_POOLING": "1", "KINODE_FASTCONV": "0",
+                       "XDG_CACHE_HOME": "/xdg"})
+    assert (d.compute_limit, d.max_processes, d.pooling, d.fastconv) == (2.5, 7, True, False)
+    assert d.directory == Path("/x/d.sqlite") and d.cache_dir == Path("/xdg/kinode-py/compiled")
+    assert defaults_from({"KINODE_CACHE": "/c", "XDG_CACHE_HOME": "/xdg"}).cache_dir == Path("/c")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KINODE_MAX_PROCESSES": "many"}, "KINODE_MAX_PROCESSES='many' is not an integer"),
+    ({"KINODE_COMPUTE_LIMIT": "1s"}, "KINODE_COMPUTE_LIMIT='1s' is not a number"),
+    ({"KINODE_POOLING": "maybe"}, "KINODE_POOLING='maybe' is not 0 or 1"),
+])
+def test_a_bad_variable_is_a_clear_error(env, message):
+    with pytest.raises(SettingsError, match=message):
+        defaults_from(env)
+
+
+def test_flags_win_over_the_environment():
+    d = defaults_from({"HOME": "/home/u", "KINODE_MAX_PROCESSES": "7", "KINODE_COMPUTE_LIMIT": "3"})
+    s = build_settings(node_parser(d).parse_args(["--node", "a.dev", "--max-processes", "9", "--no-fastconv"]), d)
+    assert (s.runtime.max_instances, s.compute_limit, s.runtime.fastconv) == (9, 3.0, False)
+    assert (s.home, s.port, s.packages) == (settings.DEFAULT_HOME, settings.DEFAULT_PORT, (settings.DEFAULT_PACKAGES,))
+    with pytest.raises(SettingsError, match="at least 1"):
+        build_settings(node_parser(d).parse_args(["--node", "a.dev", "--max-processes", "0"]), d)
+
+
+def test_only_the_settings_module_reads_the_environment():
+    readers = []
+    for path in sorted((REPO / "host").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in ("environ", "getenv", "environb"):
+                readers.append(f"{path.name}:{node.lineno}")
+    # __main__ hands os.environ to settings.defaults_from, once
+    assert [r for r in readers if not r.startswith("settings.py")] == [
+        f"__main__.py:{n}" for n in _lines(REPO / "host/__main__.py", "defaults_from(os.environ)")], readers
+
+
+def _lines(path: Path, text: str) -> list[int]:
+    return [i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line]
+
+
+def test_the_cli_reports_a_bad_variable_before_starting(tmp_path):
+    env = dict(os.environ, KINODE_MAX_PROCESSES="lots")
+    out = subprocess.run([sys.executable, "-m", "host", "--node", "x.dev", "--home", str(tmp_path / "x")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "KINODE_MAX_PROCESSES='lots' is not an integer" in out.stderr, out.stderr
+    assert not (tmp_path / "x").exists()
