@@ -3,6 +3,7 @@
     python -m host --node fake.dev                       # port 8080, home /tmp/kinode-fake-node
     python -m host --node fake2.dev --port 8081 --home /tmp/kinode-fake-node-2
     python -m host run --home /tmp/kinode-fake-node 'list_files:file_transfer:template.os fake2.dev'
+    python -m host id --home /tmp/kinode-fake-node --advertise 192.0.2.7:8080   # this node's peers entry
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def node_parser() -> argparse.ArgumentParser:
                    help="node directory database (default $KINODE_DIRECTORY or ~/.local/share/kinode-py/directory.sqlite)")
     p.add_argument("--peers", type=Path, default=None,
                    help="JSON file of peers on other machines: [{name, public_key (hex), host, port}]")
+    p.add_argument("--bind", action="append", default=None, metavar="ADDR",
+                   help="address to listen on for other nodes, IPv4 or IPv6; repeatable or a comma list "
+                        "(default: loopback only, 127.0.0.1, unless --peers is given: then every address)")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
+                   help="the address other nodes should dial, if not the --bind address "
+                        "(a hostname, a NAT's forwarded port); shown by `python -m host id`")
     p.add_argument("--compute-limit", type=float, default=float(os.environ.get("KINODE_COMPUTE_LIMIT", 30)),
                    help="seconds a process may compute without calling the host before it is stopped (default 30)")
     p.add_argument("--max-processes", type=int, default=int(os.environ.get("KINODE_MAX_PROCESSES", 1000)),
@@ -111,6 +118,9 @@ def _limit_malloc_arenas() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["id"]:
+        from host.net import id_command
+        return id_command(argv[1:])
     if argv[:1] == ["run"]:
         args = run_parser().parse_args(argv[1:])
         from host.node import run_remote
@@ -130,7 +140,7 @@ def main(argv: list[str]) -> int:
     if args.max_processes < 1:
         node_parser().error("--max-processes must be at least 1")
     node = Node(args.node, args.home, args.port, args.packages or [REPO / "components"], args.directory, args.peers,
-                args.compute_limit, max_processes=args.max_processes)
+                args.compute_limit, max_processes=args.max_processes, bind=args.bind, advertise=args.advertise)
     try:
         node.start()
     except NodeError as e:

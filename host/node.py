@@ -39,8 +39,10 @@ class Node:
     def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dirs: Sequence[Path] = (),
                  directory: Optional[Path] = None, peers_file: Optional[Path] = None,
                  compute_limit: float = 30.0, terminal: Optional[Terminal] = None, networking: bool = True,
-                 max_processes: int = MAX_INSTANCES):
+                 max_processes: int = MAX_INSTANCES, bind: Optional[Sequence[str]] = None,
+                 advertise: Optional[str] = None):
         self.name = name
+        self.bind, self.advertise = bind, advertise  # see host.net.listen_addresses
         self.max_processes = max_processes
         self.home = Path(home).absolute()
         self.port = port
@@ -95,11 +97,20 @@ class Node:
 
     def _start_network(self) -> None:
         from host import net
-        from host.directory import Directory, NameTaken, default_directory_path
+        from host.directory import Directory, NameTaken, PeersFileError, default_directory_path, parse_host_port
         identity = net.load_or_create_identity(self.home)
-        directory = Directory(self.directory_path or default_directory_path(), peers_file=self.peers_file)
+        directory = Directory(self.directory_path or default_directory_path(), peers_file=self.peers_file,
+                              on_problem=self.terminal.error)
+        try:
+            directory.check_peers_file()
+            adv_host, adv_port = parse_host_port(self.advertise, None) if self.advertise else (None, None)
+        except (PeersFileError, ValueError) as e:
+            raise NodeError(f"--advertise {e}" if not isinstance(e, PeersFileError) else str(e)) from None
         self.net = net.Network(self.name, identity, self.port, directory,
-                               on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost)
+                               on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost,
+                               host=net.listen_addresses(self.bind, self.peers_file),
+                               advertise_host=adv_host, advertise_port=adv_port,
+                               on_problem=lambda text: self.terminal.info(f"warning: {text}"))
         try:
             self.net.start()
         except NameTaken as e:

@@ -7,6 +7,7 @@ socket (`python -m host run ...`), which streams the output back.
 """
 from __future__ import annotations
 
+import json
 import queue
 import re
 import sys
@@ -31,6 +32,8 @@ Commands:
   caps PROCESS:PACKAGE:PUBLISHER  list the capabilities a process holds
   scripts                         list the scripts of installed packages
   verbosity N                     show process output up to verbosity N (default 0)
+  id                              this node's entry for other nodes' peers files (JSON)
+  peers                           re-read the peers file now and list its entries
   help                            this text
   exit                            stop the node"""
 
@@ -130,6 +133,10 @@ class Terminal:
             elif head == "verbosity":
                 self.verbosity = int(rest)
                 self.info(f"verbosity is now {self.verbosity}")
+            elif head in ("id", "peers"):
+                if node.net is None:
+                    raise ValueError("networking is off on this node")
+                self.info(json.dumps(node.net.entry()) if head == "id" else node.net.directory.reload_peers())
             elif head == "caps":
                 self.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head == "kill":
