@@ -70,6 +70,7 @@ HEARTBEAT_EVERY = 5.0      # directory heartbeat
 KEEPALIVE_EVERY = 5.0      # an idle connection sends an empty transport message this often
 DEAD_AFTER = 20.0          # a connection that hears nothing this long is dropped (a half-open link);
                            # longer than a short outage plus TCP's retransmission back-off
+PEERS_CHECK = 0.1          # the peers file is checked for changes at most this often
 REPORT_AGAIN_AFTER = 30.0  # the same dial failure is told to the user at most this often
 INSTANCE_LEN = 16
 
@@ -565,6 +566,8 @@ class Network:
         self.keepalive_every = keepalive_every
         self.dead_after = dead_after
         self._reported: dict = {}          # (peer, text) -> when it was last told
+        self._peers_checked = float("-inf")
+        self._retired: set = set()         # connections replaced after a peers-file edit
         self.instance = b""
         self._hello = b""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -589,6 +592,7 @@ class Network:
                 self.port = lsock.getsockname()[1]  # port 0: the first listener's port for all
             self.directory.register(self.our_name, self.identity.public, self.advertise_host,
                                     self.advertised_port)
+            self.directory.changed_peers()  # what is there now is no change: connections are new
         except BaseException:
             for lsock in listeners:
                 lsock.close()
@@ -666,9 +670,13 @@ class Network:
                 tasks.append(peer.pump)
             if peer.conn is not None and peer.conn.reader_task is not None:
                 tasks.append(peer.conn.reader_task)
+        tasks.extend(c.reader_task for c in self._retired if c.reader_task is not None)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in self._retired:
+            conn.close()
+        self._retired.clear()
         for peer in self._peers.values():
             if peer.conn is not None:
                 peer.conn.close()
@@ -719,16 +727,32 @@ class Network:
                         and not conn.pinging:
                     conn.pinging = True
                     self._spawn(self._ping(conn))
-            try:
-                changed = self.directory.changed_peers()  # a stat() unless the file changed
-            except Exception as e:
-                log.warning("peers file check failed: %s", e)
-                continue
-            for name in changed:
-                peer = self._peers.get(name)
-                if peer is not None and peer.conn is not None and not peer.conn.closed:
-                    log.info("peers-file entry of %s changed: dropping its connection", name)
-                    self._drop(peer.conn, "its peers-file entry changed")
+            for conn in list(self._retired):
+                if conn.closed or now - conn.last_recv > self.dead_after:
+                    self._retired.discard(conn)
+                    self._drop(conn, "retired")
+            self._check_peers()
+
+    def _check_peers(self) -> None:
+        """Drop connections whose peers-file entry changed (at most every PEERS_CHECK seconds)."""
+        now = self._loop.time()
+        if now - self._peers_checked < PEERS_CHECK:
+            return
+        self._peers_checked = now
+        try:
+            changed = self.directory.changed_peers()  # a stat() unless the file changed
+        except Exception as e:
+            log.warning("peers file check failed: %s", e)
+            return
+        for name in changed:
+            peer = self._peers.get(name)
+            if peer is not None and peer.conn is not None and not peer.conn.closed:
+                # Retire the connection rather than drop it: new messages dial the new entry, and
+                # answers to what was sent before may still arrive on the old one. Reporting the
+                # peer lost would fail requests queued for the new connection too.
+                log.info("peers-file entry of %s changed: new messages dial it afresh", name)
+                self._retired.add(peer.conn)
+                peer.conn = None
 
     async def _ping(self, conn: _Conn) -> None:
         try:
@@ -817,6 +841,7 @@ class Network:
                     peer.wake.clear()
                     await peer.wake.wait()
                     continue
+                self._check_peers()  # an edited entry: dial the new address, not the old connection
                 conn = peer.conn
                 if conn is None or conn.closed:
                     try:
@@ -985,7 +1010,8 @@ class Network:
                 log.warning("accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            where = host_port(addr[0], addr[1])
+            host = addr[0][7:] if addr[0].startswith("::ffff:") and "." in addr[0] else addr[0]
+            where = host_port(host, addr[1])  # an IPv4 peer of a dual-stack socket shown as IPv4
             if self._handshakes >= MAX_HANDSHAKES:
                 log.warning("dropping connection from %s: too many unauthenticated connections",
                             where)

@@ -141,6 +141,16 @@ class NetnsNode(NodeProc):
             self._new.get_nowait()
         return self
 
+    def thread_names(self) -> list[str]:
+        pid = self.proc.pid
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
+            except OSError:
+                pass
+        return sorted(names)
+
     def counts(self) -> tuple[int, int]:
         """(threads, open sockets) of the node's OS process."""
         pid = self.proc.pid
