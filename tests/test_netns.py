@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -39,11 +40,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pair(net: Netns, v6: bool = False):
+def pair(net: Netns, v6: bool = False, b_bind: bool = False):
     """Requestor a.dev and provider b.dev in two namespaces, each listing the other (by IPv4 or
-    IPv6 address), their entries made by `python -m host id`."""
+    IPv6 address), their entries made by `python -m host id`. By default a node with a peers file
+    listens on every address; `b_bind`: b names its two addresses with --bind."""
     ha, hb = net.host("a"), net.host("b")
-    a, b = net.node(ha, "a.dev"), net.node(hb, "b.dev")
+    a = net.node(ha, "a.dev")
+    b = net.node(hb, "b.dev", ["--bind", f"{hb.addr4},[{hb.addr6}]"] if b_bind else [])
     addr = (lambda h: f"[{h.addr6}]:8080") if v6 else (lambda h: h.addr4)
     a.set_peers([b.entry(addr(hb))])
     b.set_peers([a.entry(addr(ha))])
@@ -145,7 +148,11 @@ def test_provider_moves_to_another_address_and_a_bad_peers_file_keeps_the_last_g
 
 
 def test_node_missing_from_the_peers_file_is_refused_and_errors_say_why(netns):
-    a, b = pair(netns)
+    a, b = pair(netns, b_bind=True)
+    listening = subprocess.run(["ip", "netns", "exec", b.host.ns, "ss", "-tlnH"], capture_output=True, text=True,
+                               check=True).stdout
+    assert sorted(ln.split()[3] for ln in listening.splitlines()) == sorted(
+        [f"{b.host.addr4}:8080", f"[{b.host.addr6}]:8080"]), listening
     c = netns.node(netns.host("c"), "c.dev")
     c.set_peers([b.entry(b.host.addr4),
                  {**a.entry(a.host.addr4), "name": "far.dev", "host": "10.231.0.99"}])  # nobody there
@@ -208,3 +215,34 @@ def test_half_open_connection_is_detected_and_nothing_leaks(netns):
         time.sleep(0.2)
     assert a.counts() == (threads0, sockets0 - 1), (a.counts(), threads0, sockets0)
     assert a.thread_names() == names0
+
+
+def test_bind_and_advertise_errors_and_parsing(node_factory):
+    from host.directory import parse_host_port
+    from host.net import listen_addresses
+    assert parse_host_port("[fd00:231::2]:9000", 8080) == ("fd00:231::2", 9000)
+    assert parse_host_port("fd00:231::2", 8080) == ("fd00:231::2", 8080)
+    assert parse_host_port("[fd00:231::2]", 8080) == ("fd00:231::2", 8080)
+    assert parse_host_port("node.example:81", 8080) == ("node.example", 81)
+    assert parse_host_port("10.0.0.1", None) == ("10.0.0.1", None)
+    for bad in ("h:0", "h:x", "[::1", "[::1]x", ":80"):
+        with pytest.raises(ValueError):
+            parse_host_port(bad, 8080)
+    assert listen_addresses(None, None) == ["127.0.0.1"]
+    assert listen_addresses(None, Path("peers.json")) in (["::"], ["0.0.0.0"])
+    assert listen_addresses(["10.0.0.1,[::1]", " fd00::1 "], None) == ["10.0.0.1", "::1", "fd00::1"]
+    # an address this machine does not have, and a bad --advertise: the node says so and exits
+    for args, says in ((["--bind", "192.0.2.1"], r"cannot listen on port \d+: .*\(192\.0\.2\.1:\d+\)"),
+                       (["--advertise", "h:70000"], r"--advertise 'h:70000': port must be")):
+        node = node_factory("x.dev", start=False, extra_args=args)
+        with pytest.raises(RuntimeError) as err:
+            node.start()
+        assert re.search(says, str(err.value)), str(err.value)
+    try:  # loopback IPv6 may be disabled in a container
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            both = "127.0.0.1,::1"
+    except OSError:
+        both = "127.0.0.1"
+    node = node_factory("y.dev", start=False, extra_args=["--bind", both])
+    node.start()
+    assert node.alive()
