@@ -3,6 +3,7 @@
     python -m host --node fake.dev                       # port 8080, home /tmp/kinode-fake-node
     python -m host --node fake2.dev --port 8081 --home /tmp/kinode-fake-node-2
     python -m host run --home /tmp/kinode-fake-node 'list_files:file_transfer:template.os fake2.dev'
+    python -m host id --home /tmp/kinode-fake-node --advertise 192.0.2.7:8080   # this node's peers entry
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
                    help=f"node directory database (default {d.directory}; or set $KINODE_DIRECTORY)")
     p.add_argument("--peers", type=Path, default=None,
                    help="JSON file of peers on other machines: [{name, public_key (hex), host, port}]")
+    p.add_argument("--bind", action="append", default=None, metavar="ADDR",
+                   help="address to listen on for other nodes, IPv4 or IPv6; repeatable or a comma list "
+                        "(default: loopback only, 127.0.0.1, unless --peers is given: then every address)")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
+                   help="the address other nodes should dial, if not the --bind address "
+                        "(a hostname, a NAT's forwarded port); shown by `python -m host id`")
     p.add_argument("--compute-limit", type=float, default=d.compute_limit, metavar="S",
                    help="seconds a process may compute without calling the host before it is stopped "
                         f"(default {d.compute_limit:g}, or $KINODE_COMPUTE_LIMIT)")
@@ -83,6 +90,7 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         name=args.node, home=args.home, port=args.port,
         packages=tuple(args.packages or [DEFAULT_PACKAGES]),
         directory=args.directory, peers=args.peers, compute_limit=args.compute_limit,
+        bind=tuple(args.bind) if args.bind else None, advertise=args.advertise,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
         runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,
                                 pooling=defaults.pooling, fastconv=args.fastconv))
@@ -137,6 +145,9 @@ def _limit_malloc_arenas() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["id"]:
+        from host.net import id_command
+        return id_command(argv[1:])
     if argv[:1] == ["run"]:
         args = run_parser().parse_args(argv[1:])
         from host.control import run_command

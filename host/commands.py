@@ -19,6 +19,8 @@ Commands:
   caps PROCESS:PACKAGE:PUBLISHER  list the capabilities a process holds
   scripts                         list the scripts of installed packages
   verbosity N                     show process output up to verbosity N (default 0)
+  id                              this node's entry for other nodes' peers files (JSON)
+  peers                           re-read the peers file now and list its entries
   help                            this text
   exit                            stop the node"""
 
@@ -41,6 +43,8 @@ class NodeControl(Protocol):
     def kill(self, pid: ProcessId) -> bool: ...
     def send_message(self, target: Address, body: str) -> None: ...
     def run_script(self, head: ProcessId, args: str) -> ProcessId: ...
+    def peers_entry(self) -> str: ...
+    def reload_peers(self) -> str: ...
 
 
 class Commands:
@@ -68,6 +72,10 @@ class Commands:
             elif head == "verbosity":
                 console.verbosity = int(rest)
                 console.info(f"verbosity is now {console.verbosity}")
+            elif head == "id":
+                console.info(node.peers_entry())
+            elif head == "peers":
+                console.info(node.reload_peers())
             elif head == "caps":
                 console.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head == "kill":

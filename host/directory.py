@@ -7,7 +7,8 @@ look names up here to know where to dial and which static key the Noise handshak
 The directory is an SQLite file (WAL mode) shared by every node on the machine; several machines can
 share one by pointing at the same file, or list each other in a static peers file (JSON list of
 ``{"name", "public_key" (hex), "host", "port"}``). The database wins for the names it holds; the
-peers file supplies the rest.
+peers file supplies the rest. The peers file is re-read whenever it changes; a bad one is reported
+(naming the bad entry) and the last good one stays in use.
 
 Every call opens its own short-lived connection, so one ``Directory`` may be used from any thread,
 and any number of processes may use the same file at once.
@@ -18,10 +19,11 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 log = logging.getLogger("host.directory")
 
@@ -72,6 +74,7 @@ class NodeRecord:
     host: str
     port: int
     online: bool = True  # False once the node stopped cleanly; peers-file entries are always True
+    source: str = field(default="directory", compare=False)  # or "peers file": named in errors
 
 
 def _check_key(public_key: bytes) -> bytes:
@@ -83,10 +86,16 @@ def _check_key(public_key: bytes) -> bytes:
 class Directory:
     """Node name registry backed by an SQLite file; safe to use from many threads and processes."""
 
-    def __init__(self, path: Union[str, Path], peers_file: Union[str, Path, None] = None):
+    def __init__(self, path: Union[str, Path], peers_file: Union[str, Path, None] = None,
+                 on_problem: Optional[Callable[[str], None]] = None):
         self.path = Path(path)
         self.peers_file = Path(peers_file) if peers_file is not None else None
-        self._peers_cache: tuple[object, dict[str, NodeRecord]] = (None, {})
+        self.on_problem = on_problem       # also told of a bad peers file (e.g. the terminal)
+        self._peers_lock = threading.Lock()
+        self._peers_stamp: object = None
+        self._peers_good: dict[str, NodeRecord] = {}
+        self.peers_error: Optional[str] = None
+        self._changed: set[str] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # switching to WAL takes an exclusive lock that SQLite's busy timeout does not wait for,
         # so nodes that start at the same moment on a new database retry here
@@ -165,42 +174,155 @@ class Directory:
             return NodeRecord(row[0], bytes(row[1]), row[2], int(row[3]), bool(row[4]))
         return self._peers().get(name)
 
-    def _peers(self) -> dict[str, NodeRecord]:
-        """The static peers file, re-read when it changes; a bad file or entry is logged and skipped."""
+    def _peers(self, force: bool = False) -> dict[str, NodeRecord]:
+        """The peers file's entries, re-read when the file changes (or when forced). A bad file is
+        reported once, naming the bad entry, and the last good entries stay in use."""
         if self.peers_file is None:
             return {}
-        try:
-            st = self.peers_file.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-        except OSError as e:
-            if self._peers_cache[0] != "missing":  # log once per disappearance, not every lookup
-                log.warning("peers file %s unreadable: %s", self.peers_file, e)
-            self._peers_cache = ("missing", {})
-            return {}
-        if stamp == self._peers_cache[0]:
-            return self._peers_cache[1]
-        peers: dict[str, NodeRecord] = {}
-        try:
-            entries = json.loads(self.peers_file.read_text())
-            if not isinstance(entries, list):
-                raise ValueError("expected a JSON list")
-        except (OSError, ValueError) as e:
-            log.warning("peers file %s ignored: %s", self.peers_file, e)
-            entries = []
-        for i, ent in enumerate(entries):
+        with self._peers_lock:
+            problem: Optional[str]
             try:
-                name, host, port = ent["name"], ent["host"], ent["port"]
-                if not isinstance(name, str) or not isinstance(host, str):
-                    raise ValueError("name and host must be strings")
-                if not isinstance(port, int) or not 0 < port < 65536:
-                    raise ValueError(f"bad port {port!r}")
-                key = _check_key(bytes.fromhex(ent["public_key"]))
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("peers file %s: entry %d ignored: %s", self.peers_file, i, e)
-                continue
-            peers[name] = NodeRecord(name, key, host, port, True)
-        self._peers_cache = (stamp, peers)
-        return peers
+                st = self.peers_file.stat()
+                stamp: object = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError as e:
+                stamp, problem = "missing", f"peers file {self.peers_file} unreadable: {e.strerror or e}"
+            else:
+                problem = None
+            if stamp == self._peers_stamp and not force:
+                return self._peers_good
+            self._peers_stamp = stamp
+            if problem is None:
+                try:
+                    peers = parse_peers(self.peers_file.read_text(), str(self.peers_file))
+                except OSError as e:
+                    problem = f"peers file {self.peers_file} unreadable: {e.strerror or e}"
+                except PeersFileError as e:
+                    problem = str(e)
+            if problem is not None:
+                if problem != self.peers_error or force:
+                    self._problem(f"{problem}; still using the last good peers "
+                                  f"({len(self._peers_good)} entries)")
+                self.peers_error = problem
+                return self._peers_good
+            old = self._peers_good
+            self._changed |= {n for n in old.keys() | peers.keys() if old.get(n) != peers.get(n)}
+            if self.peers_error is not None or old != peers:
+                log.info("peers file %s read: %d entries", self.peers_file, len(peers))
+            self._peers_good, self.peers_error = peers, None
+            return peers
+
+    def _problem(self, text: str) -> None:
+        log.error("%s", text)
+        if self.on_problem is not None:
+            self.on_problem(text)
+
+    def check_peers_file(self) -> None:
+        """Raise PeersFileError if the peers file (if any) is missing or bad: for start-up."""
+        self._peers(force=True)
+        if self.peers_error is not None:
+            raise PeersFileError(self.peers_error)
+
+    def changed_peers(self) -> set[str]:
+        """Names whose peers-file entry was added, removed or changed since the last call
+        (re-reading the file if it changed)."""
+        self._peers()
+        with self._peers_lock:
+            changed, self._changed = self._changed, set()
+        return changed
+
+    def reload_peers(self) -> str:
+        """Re-read the peers file now; a description of its entries (or of its problem)."""
+        if self.peers_file is None:
+            return "no peers file (start the node with --peers FILE)"
+        peers = self._peers(force=True)
+        head = (f"peers file {self.peers_file}: {len(peers)} entries"
+                if self.peers_error is None else
+                f"peers file {self.peers_file} NOT loaded ({self.peers_error}); "
+                f"using the last good one, {len(peers)} entries")
+        return "\n".join([head] + [f"  {r.name} {host_port(r.host, r.port)} key {fingerprint(r.public_key)}"
+                                   for r in sorted(peers.values(), key=lambda r: r.name)])
+
+
+class PeersFileError(ValueError):
+    """The peers file is not a valid list of entries; the message names the bad entry."""
+
+
+def fingerprint(public_key: bytes) -> str:
+    """A short form of a networking key for messages: the first 16 hex digits, as a peers file
+    entry's public_key begins."""
+    return bytes(public_key).hex()[:16]
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_host_port(text: str, default_port: Optional[int]) -> tuple[str, Optional[int]]:
+    """`HOST`, `HOST:PORT`, `[IPV6]`, `[IPV6]:PORT` or a bare IPv6 address -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPV6] or [IPV6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""   # a name, an IPv4 address, or an IPv6 address without a port
+    if not host:
+        raise ValueError(f"{text!r}: no host")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def peers_entry(name: str, public_key: bytes, host: str, port: int) -> dict:
+    """This node's entry for other nodes' peers files."""
+    return {"name": name, "public_key": bytes(public_key).hex(), "host": host, "port": port}
+
+
+def parse_peers(text: str, source: str = "peers file") -> dict[str, NodeRecord]:
+    """Parse a peers file: a JSON list of {"name", "public_key" (64 hex digits), "host", "port"}."""
+    try:
+        entries = json.loads(text)
+    except ValueError as e:
+        raise PeersFileError(f"peers file {source} is not valid JSON: {e}") from None
+    if not isinstance(entries, list):
+        raise PeersFileError(f"peers file {source} must be a JSON list of entries, not a "
+                             f"{type(entries).__name__}")
+    peers: dict[str, NodeRecord] = {}
+    for i, ent in enumerate(entries):
+        label = f"entry {i + 1}"
+        try:
+            if not isinstance(ent, dict):
+                raise ValueError("must be an object {name, public_key, host, port}")
+            if isinstance(ent.get("name"), str):
+                label += f" ({ent['name']})"
+            missing = [k for k in ("name", "public_key", "host", "port") if k not in ent]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            name, host, port, key = ent["name"], ent["host"], ent["port"], ent["public_key"]
+            if not isinstance(name, str) or not name:
+                raise ValueError("name must be a non-empty string")
+            if not isinstance(host, str) or not host:
+                raise ValueError("host must be a non-empty string")
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+            if not isinstance(key, str) or len(key) != 2 * KEY_LEN:
+                raise ValueError(f"public_key must be {2 * KEY_LEN} hex digits")
+            try:
+                key_bytes = bytes.fromhex(key)
+            except ValueError:
+                raise ValueError(f"public_key {key[:16]}... is not hex") from None
+            if name in peers:
+                raise ValueError("the same name appears twice")
+        except ValueError as e:
+            raise PeersFileError(f"peers file {source}, {label}: {e}") from None
+        peers[name] = NodeRecord(name, key_bytes, host, port, True, source="peers file")
+    return peers
 
 
 class _Conn:

@@ -1,7 +1,10 @@
 """Authenticated, encrypted transport between nodes.
 
-Each node listens on one TCP port and keeps at most one connection per peer, opened on first use
-(by either side) and reused in both directions. Connections are secured with
+Each node listens on one TCP port (on one or more addresses, IPv4 or IPv6) and keeps at most one
+connection per peer, opened on first use (by either side) and reused in both directions. An idle
+connection sends an empty transport message every few seconds; one that hears nothing for
+``DEAD_AFTER`` seconds is dropped, so a peer that vanished without closing (a cut link, a deleted
+host) is noticed and its pending requests fail as offline. Connections are secured with
 ``Noise_XX_25519_AESGCM_BLAKE2s`` (Kinode uses ChaChaPoly; AES-GCM is 2.7x faster with AES-NI and
 only our nodes speak this transport): each side's static key is its networking identity, and each
 side's handshake payload names the node it claims to be. A claim is accepted only if the directory
@@ -38,7 +41,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -48,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from noise.connection import Keypair, NoiseConnection
 
 from . import fsutil
-from .directory import Directory, NameTaken  # noqa: F401  (NameTaken re-exported for callers)
+from .directory import Directory, NameTaken, fingerprint, host_port, peers_entry  # noqa: F401
 from .types import KernelMessage, ParseError
 
 log = logging.getLogger("host.net")
@@ -64,7 +67,12 @@ CHUNK = NOISE_MAX - TAG    # plaintext bytes per transport message
 HANDSHAKE_MAX = 4096       # largest handshake message we accept from an unauthenticated socket
 HANDSHAKE_TIMEOUT = 5.0
 DIAL_TIMEOUT = 5.0
-HEARTBEAT_EVERY = 5.0
+HEARTBEAT_EVERY = 5.0      # directory heartbeat
+KEEPALIVE_EVERY = 5.0      # an idle connection sends an empty transport message this often
+DEAD_AFTER = 20.0          # a connection that hears nothing this long is dropped (a half-open link);
+                           # longer than a short outage plus TCP's retransmission back-off
+PEERS_CHECK = 0.1          # the peers file is checked for changes at most this often
+REPORT_AGAIN_AFTER = 30.0  # the same dial failure is told to the user at most this often
 INSTANCE_LEN = 16
 
 SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
@@ -207,6 +215,10 @@ class _Conn:
         self.have = 0
         self.scratch: Optional[memoryview] = None
         self.out = bytearray(0)
+        # liveness: when bytes last arrived and were last written; one writer at a time
+        self.last_recv = self.last_sent = self.loop.time()
+        self.wlock = asyncio.Lock()
+        self.pinging = False
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
@@ -276,6 +288,7 @@ class _Conn:
             if n == 0:
                 raise _Closed("closed by peer")
             self.rend += n
+            self.last_recv = self.loop.time()
             return
 
     def _next_frame(self) -> Optional[memoryview]:
@@ -402,6 +415,15 @@ class _Conn:
             remaining -= c
         self.enc_n = n
         await self.sendall(out[:pos])
+        self.last_sent = self.loop.time()
+
+    async def ping(self) -> None:
+        """An empty transport message: tells the peer we are alive (it carries no KernelMessage,
+        so any version of this transport ignores it)."""
+        async with self.wlock:
+            if not self.closed:
+                await self.sendall(self.encrypt_frame(b""))
+                self.last_sent = self.loop.time()
 
     async def read_loop(self) -> None:
         """Decrypt and deliver messages until the connection ends (raises on protocol errors)."""
@@ -500,27 +522,41 @@ class Network:
     """The node's network service. See the module docstring for the protocol."""
 
     def __init__(self, our_name: str, identity: Identity, port: int, directory: Directory,
-                 on_message: OnMessage, on_peer_lost: OnPeerLost, host: str = "127.0.0.1", *,
-                 advertise_host: Optional[str] = None,
+                 on_message: OnMessage, on_peer_lost: OnPeerLost,
+                 host: Union[str, Sequence[str]] = "127.0.0.1", *,
+                 advertise_host: Optional[str] = None, advertise_port: Optional[int] = None,
+                 on_problem: Optional[OnError] = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 heartbeat_every: float = HEARTBEAT_EVERY):
+                 heartbeat_every: float = HEARTBEAT_EVERY,
+                 keepalive_every: float = KEEPALIVE_EVERY, dead_after: float = DEAD_AFTER):
         self.our_name = our_name
         self.identity = identity
-        self.host = host
+        self.bind = [host] if isinstance(host, str) else list(host)   # addresses to listen on
+        if not self.bind:
+            raise ValueError("no address to listen on")
+        self.host = self.bind[0]
         self.port = port
         self.directory = directory
         self.on_message = on_message
         self.on_peer_lost = on_peer_lost
+        self.on_problem = on_problem       # told (besides the log) why a peer cannot be reached
         if advertise_host is None:
-            advertise_host = host if host not in ("", "0.0.0.0", "::") else socket.gethostname()
+            specific = [h for h in self.bind if h not in ("", "0.0.0.0", "::")]
+            advertise_host = specific[0] if specific else socket.gethostname()
         self.advertise_host = advertise_host
+        self.advertise_port = advertise_port  # None: the port we listen on
         self.handshake_timeout = handshake_timeout
         self.heartbeat_every = heartbeat_every
+        self.keepalive_every = keepalive_every
+        self.dead_after = dead_after
+        self._reported: dict = {}          # (peer, text) -> when it was last told
+        self._peers_checked = float("-inf")
+        self._retired: set = set()         # connections replaced after a peers-file edit
         self.instance = b""
         self._hello = b""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
-        self._listener: Optional[socket.socket] = None
+        self._listeners: list[socket.socket] = []
         self._peers: dict[str, _Peer] = {}
         self._tasks: set = set()
         self._handshakes = 0
@@ -532,19 +568,20 @@ class Network:
         """Bind the port (OSError on a clash), register in the directory (NameTaken), start the loop."""
         if self._running:
             raise RuntimeError("network already started")
-        infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family = infos[0][0]
-        lsock = socket.create_server((self.host, self.port), family=family, backlog=128)
+        listeners: list[socket.socket] = []
         try:
-            lsock.setblocking(False)
-            self.port = lsock.getsockname()[1]
+            for addr in self.bind:
+                lsock = _listen(addr, self.port, dual_stack="0.0.0.0" not in self.bind)
+                listeners.append(lsock)
+                self.port = lsock.getsockname()[1]  # port 0: the first listener's port for all
             self.directory.register(self.our_name, self.identity.public, self.advertise_host,
-                                    self.port)
+                                    self.advertised_port)
+            self.directory.changed_peers()  # what is there now is no change: connections are new
         except BaseException:
-            lsock.close()
+            for lsock in listeners:
+                lsock.close()
             raise
-        self._listener = lsock
+        self._listeners = listeners
         self._closing = False
         self._peers = {}
         self._tasks = set()
@@ -559,15 +596,28 @@ class Network:
         started.wait()
         self._running = True
         asyncio.run_coroutine_threadsafe(self._begin(), self._loop).result()
-        log.info("%s listening on %s:%d", self.our_name, self.host, self.port)
+        log.info("%s listening on %s, advertised as %s", self.our_name,
+                 ", ".join(host_port(h or "*", self.port) for h in self.bind),
+                 host_port(self.advertise_host, self.advertised_port))
+
+    @property
+    def advertised_port(self) -> int:
+        return self.advertise_port or self.port
+
+    def entry(self) -> dict:
+        """This node's entry for other nodes' peers files."""
+        return peers_entry(self.our_name, self.identity.public, self.advertise_host,
+                           self.advertised_port)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
     async def _begin(self) -> None:
-        self._spawn(self._accept_loop())
+        for lsock in self._listeners:
+            self._spawn(self._accept_loop(lsock))
         self._spawn(self._heartbeat_loop())
+        self._spawn(self._liveness_loop())
 
     def stop(self) -> None:
         """Unregister from the directory, close every connection and join the network thread."""
@@ -604,17 +654,21 @@ class Network:
                 tasks.append(peer.pump)
             if peer.conn is not None and peer.conn.reader_task is not None:
                 tasks.append(peer.conn.reader_task)
+        tasks.extend(c.reader_task for c in self._retired if c.reader_task is not None)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in self._retired:
+            conn.close()
+        self._retired.clear()
         for peer in self._peers.values():
             if peer.conn is not None:
                 peer.conn.close()
                 peer.conn = None
             self._fail_queue(peer, "offline: network stopped")
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for lsock in self._listeners:
+            lsock.close()
+        self._listeners = []
 
     def _spawn(self, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
@@ -634,6 +688,77 @@ class Network:
             if not ok:
                 log.error("the directory no longer maps %s to our key (re-registered elsewhere?); "
                           "peers will refuse us", self.our_name)
+
+    async def _liveness_loop(self) -> None:
+        """Keep idle connections audibly alive, drop those that have heard nothing for
+        ``dead_after`` (the peer or the link vanished without a FIN or RST: a half-open
+        connection), and drop connections whose peers-file entry changed, so the next message
+        dials the new address."""
+        tick = min(1.0, self.keepalive_every / 2)
+        while True:
+            await asyncio.sleep(tick)
+            now = self._loop.time()
+            for peer in list(self._peers.values()):
+                conn = peer.conn
+                if conn is None or conn.closed or not conn.established:
+                    continue
+                silent = now - conn.last_recv
+                if silent > self.dead_after:
+                    log.warning("dropping connection to %s: nothing heard for %.0f s "
+                                "(the peer or the link is gone)", conn.label, silent)
+                    self._drop(conn, f"nothing heard for {silent:.0f} s")
+                elif now - conn.last_sent >= self.keepalive_every and not conn.wlock.locked() \
+                        and not conn.pinging:
+                    conn.pinging = True
+                    self._spawn(self._ping(conn))
+            for conn in list(self._retired):
+                if conn.closed or now - conn.last_recv > self.dead_after:
+                    self._retired.discard(conn)
+                    self._drop(conn, "retired")
+            self._check_peers()
+
+    def _check_peers(self) -> None:
+        """Drop connections whose peers-file entry changed (at most every PEERS_CHECK seconds)."""
+        now = self._loop.time()
+        if now - self._peers_checked < PEERS_CHECK:
+            return
+        self._peers_checked = now
+        try:
+            changed = self.directory.changed_peers()  # a stat() unless the file changed
+        except Exception as e:
+            log.warning("peers file check failed: %s", e)
+            return
+        for name in changed:
+            peer = self._peers.get(name)
+            if peer is not None and peer.conn is not None and not peer.conn.closed:
+                # Retire the connection rather than drop it: new messages dial the new entry, and
+                # answers to what was sent before may still arrive on the old one. Reporting the
+                # peer lost would fail requests queued for the new connection too.
+                log.info("peers-file entry of %s changed: new messages dial it afresh", name)
+                self._retired.add(peer.conn)
+                peer.conn = None
+
+    async def _ping(self, conn: _Conn) -> None:
+        try:
+            await conn.ping()
+        except (OSError, _Closed) as e:
+            self._drop(conn, f"write failed: {e}")
+        finally:
+            conn.pinging = False
+
+    def _report(self, peer: str, text: str) -> None:
+        """Tell the user why `peer` cannot be reached; the same text at most every 30 s."""
+        now = self._loop.time()
+        key = (peer, text)
+        if now - self._reported.get(key, -REPORT_AGAIN_AFTER) < REPORT_AGAIN_AFTER:
+            log.info("cannot reach %s: %s", peer, text)
+            return
+        if len(self._reported) > 1000:
+            self._reported.clear()
+        self._reported[key] = now
+        log.warning("cannot reach %s: %s", peer, text)
+        if self.on_problem is not None:
+            _safe_call(self.on_problem, f"cannot reach {peer}: {text}")
 
     # ---- sending ---------------------------------------------------------------------------------
     def send(self, km: KernelMessage, on_error: OnError) -> None:
@@ -700,12 +825,14 @@ class Network:
                     peer.wake.clear()
                     await peer.wake.wait()
                     continue
+                self._check_peers()  # an edited entry: dial the new address, not the old connection
                 conn = peer.conn
                 if conn is None or conn.closed:
                     try:
                         conn = await self._dial(peer)
                     except _DialFailed as e:
-                        log.info("cannot reach %s: %s", peer.name, e)
+                        if not self._closing:
+                            self._report(peer.name, str(e))
                         self._fail_queue(peer, f"offline: {e}")
                         continue
                 batch = []
@@ -715,7 +842,8 @@ class Network:
                     batch.append(payload)
                     size += len(payload)
                 try:
-                    await conn.send_payloads(batch)
+                    async with conn.wlock:
+                        await conn.send_payloads(batch)
                 except (OSError, _Closed) as e:
                     self._drop(conn, f"write failed: {e}")
         except asyncio.CancelledError:
@@ -762,17 +890,19 @@ class Network:
         except Exception as e:
             raise _DialFailed(f"directory lookup for {name} failed: {e}") from None
         if rec is None:
-            raise _DialFailed(f"unknown node {name}")
+            pf = self.directory.peers_file
+            raise _DialFailed(f"{name} is not in the node directory ({self.directory.path})"
+                              + (f" nor in the peers file ({pf})" if pf else " and no --peers file is given"))
         if not rec.online:
-            raise _DialFailed(f"node {name} is not running")
+            raise _DialFailed(f"node {name} is not running (it stopped; the directory says so)")
         if peer.conn is not None and not peer.conn.closed:
             return peer.conn  # the peer dialled us meanwhile
-        where = f"{rec.host}:{rec.port}"
+        where = host_port(rec.host, rec.port)
         try:
             infos = await self._loop.getaddrinfo(rec.host, rec.port, type=socket.SOCK_STREAM)
         except OSError as e:
             raise _DialFailed(f"cannot resolve {rec.host} for {name}: {e}") from None
-        last: Optional[BaseException] = None
+        tried: list[str] = []
         sock = None
         for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
@@ -782,16 +912,18 @@ class Network:
                 break
             except (OSError, asyncio.TimeoutError) as e:
                 sock.close()
-                sock, last = None, e
+                sock = None
+                why = (f"no answer in {DIAL_TIMEOUT:.0f} s" if isinstance(e, asyncio.TimeoutError)
+                       else e.strerror or str(e))
+                tried.append(f"{host_port(addr[0], addr[1])}: {why}")
             except BaseException:  # cancelled (shutdown)
                 sock.close()
                 raise
         if sock is None:
-            why = "timed out" if isinstance(last, asyncio.TimeoutError) else str(last)
-            raise _DialFailed(f"cannot connect to {name} at {where}: {why}")
+            raise _DialFailed(f"cannot connect to {where} ({rec.source} entry): {'; '.join(tried)}")
         conn = _Conn(self, sock, dialled=True, where=where)
         try:
-            accepted = await asyncio.wait_for(self._initiate(conn, name, rec.public_key),
+            accepted = await asyncio.wait_for(self._initiate(conn, name, rec.public_key, rec.source),
                                               self.handshake_timeout)
         except asyncio.TimeoutError:
             conn.close()
@@ -815,7 +947,8 @@ class Network:
             return None
         return self._install(peer, conn)
 
-    async def _initiate(self, conn: _Conn, name: str, expected_key: bytes) -> bool:
+    async def _initiate(self, conn: _Conn, name: str, expected_key: bytes,
+                        source: str = "directory") -> bool:
         noise = NoiseConnection.from_name(NOISE_PROTOCOL)
         noise.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.private)
         noise.set_prologue(PROLOGUE)
@@ -831,9 +964,11 @@ class Network:
                         claimed)
             raise _DialFailed(f"the node at {conn.where} claims to be {claimed!r}, not {name}")
         if remote_key != expected_key:
-            log.warning("dialled %s at %s but its key does not match the directory; refusing",
-                        name, conn.where)
-            raise _DialFailed(f"{name} at {conn.where} did not prove the key the directory holds")
+            log.warning("dialled %s at %s but its key does not match the %s (%s answered, %s expected); "
+                        "refusing", name, conn.where, source, fingerprint(remote_key), fingerprint(expected_key))
+            raise _DialFailed(f"{name} at {conn.where} did not prove the key the {source} holds: "
+                              f"key {fingerprint(remote_key)} answered, {fingerprint(expected_key)} "
+                              f"expected (an outdated entry, or another node at that address)")
         await conn.write_frame(noise.write_message(self._hello))           # -> s, se
         conn.set_keys(noise)
         conn.peer_name, conn.instance = name, instance
@@ -849,8 +984,7 @@ class Network:
         return True
 
     # ---- accepting -------------------------------------------------------------------------------
-    async def _accept_loop(self) -> None:
-        lsock = self._listener
+    async def _accept_loop(self, lsock: socket.socket) -> None:
         while True:
             try:
                 sock, addr = await self._loop.sock_accept(lsock)
@@ -860,7 +994,8 @@ class Network:
                 log.warning("accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            where = f"{addr[0]}:{addr[1]}"
+            host = addr[0][7:] if addr[0].startswith("::ffff:") and "." in addr[0] else addr[0]
+            where = host_port(host, addr[1])  # an IPv4 peer of a dual-stack socket shown as IPv4
             if self._handshakes >= MAX_HANDSHAKES:
                 log.warning("dropping connection from %s: too many unauthenticated connections",
                             where)
@@ -918,10 +1053,15 @@ class Network:
             return
         rec = await asyncio.to_thread(self.directory.lookup, claimed)
         if rec is None or rec.public_key != remote_key:
-            log.warning("refused connection from %s claiming to be %r: %s", conn.where, claimed,
-                        "no such node in the directory" if rec is None
-                        else "its key does not match the directory")
-            conn.close()
+            pf = self.directory.peers_file
+            if rec is None:
+                why = (f"{claimed} is not in {self.our_name}'s node directory"
+                       + (" nor its peers file" if pf else " (and it has no peers file)"))
+            else:
+                why = (f"key does not match: {claimed} connected with key {fingerprint(remote_key)}, "
+                       f"but {self.our_name}'s {rec.source} has {fingerprint(rec.public_key)} for it")
+            log.warning("refused connection from %s claiming to be %r: %s", conn.where, claimed, why)
+            self._reject(conn, why)
             return
         if self._closing:
             conn.close()
@@ -931,15 +1071,20 @@ class Network:
         reason = self._judge_incoming(peer, conn)
         if reason is not None:
             log.debug("rejecting connection from %s: %s", claimed, reason)
-            conn.send_now(conn.encrypt_frame(msgpack.packb({"accept": False, "reason": reason})))
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            conn.close()
+            self._reject(conn, reason)
             return
         conn.send_now(conn.encrypt_frame(msgpack.packb({"accept": True, "reason": ""})))
         self._install(peer, conn)
+
+    @staticmethod
+    def _reject(conn: _Conn, reason: str) -> None:
+        """Refuse an authenticated connection, telling the dialler why, and close it."""
+        try:
+            conn.send_now(conn.encrypt_frame(msgpack.packb({"accept": False, "reason": reason})))
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.close()
 
     def _judge_incoming(self, peer: _Peer, conn: _Conn) -> Optional[str]:
         """Decide whether an authenticated incoming connection replaces or loses to what we have.
@@ -1034,6 +1179,29 @@ class Network:
                       if p.conn is not None and not p.conn.closed)
 
 
+def _listen(addr: str, port: int, dual_stack: bool) -> socket.socket:
+    """A listening socket on `addr` (an IPv4 or IPv6 address or a name; "::" also takes IPv4
+    when `dual_stack`); OSError naming the address if it cannot be had."""
+    try:
+        infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, type_, proto)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} (address {addr})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            wildcard = sockaddr[0] == "::"
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard and dual_stack else 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"{e.strerror or e} ({host_port(addr, port)})") from None
+    return sock
+
+
 def _parse_hello(payload: bytes) -> tuple:
     try:
         hello = msgpack.unpackb(bytes(payload), raw=False)
@@ -1054,3 +1222,55 @@ def _safe_call(fn: Callable, *args) -> None:
         fn(*args)
     except Exception:
         log.exception("network callback %r failed", fn)
+
+
+# ---- command-line helpers ------------------------------------------------------------------------
+def listen_addresses(bind: Optional[Sequence[str]], peers_file: Optional[Path]) -> list[str]:
+    """The addresses to listen on: `--bind` values (each may be a comma list; IPv6 with or without
+    brackets), else loopback only, or every address (IPv4 and IPv6) for a node with a peers file,
+    which expects nodes on other machines."""
+    if bind:
+        addrs = [a.strip() for item in bind for a in item.split(",") if a.strip()]
+        return [a[1:-1] if a.startswith("[") and a.endswith("]") else a for a in addrs]
+    if peers_file is not None:
+        return ["::"] if socket.has_dualstack_ipv6() else ["0.0.0.0"]
+    return ["127.0.0.1"]
+
+
+def id_command(argv: list[str]) -> int:
+    """`python -m host id`: print this node's peers-file entry without starting the node."""
+    import argparse
+    import json
+    import sys
+    from .directory import parse_host_port
+    from .settings import DEFAULT_HOME
+    p = argparse.ArgumentParser(
+        prog="python -m host id",
+        description="Print this node's entry for other nodes' peers files, as JSON, without starting it. "
+                    "The key is HOME/.keys/networking.key, created now if the home has none yet "
+                    "(the node uses the same key when it starts).")
+    p.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"the node's home (default {DEFAULT_HOME})")
+    p.add_argument("--node", metavar="NAME", default=None,
+                   help="the node's name (default: the name the node last ran with in this home)")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
+                   help="the address other nodes should dial (default: this machine's hostname); "
+                        "give the port if the node does not use the default 8080")
+    args = p.parse_args(argv)
+    name = args.node
+    if name is None:
+        try:  # the node writes "NAME, pid N" into its lock file when it runs
+            name = (args.home / ".node.lock").read_text().split(",")[0].strip() or None
+        except OSError:
+            pass
+    if name is None:
+        p.error(f"no node has run with home {args.home} yet: give its name with --node NAME")
+    try:
+        host, port = parse_host_port(args.advertise, 8080) if args.advertise else (None, 8080)
+    except ValueError as e:
+        p.error(f"--advertise {e}")
+    if host is None:
+        host = socket.gethostname()
+        print(f"note: no --advertise given; using this machine's hostname {host!r}", file=sys.stderr)
+    identity = load_or_create_identity(args.home)
+    print(json.dumps(peers_entry(name, identity.public, host, port)))
+    return 0

@@ -4,6 +4,7 @@ does), the network, the packages, and the control socket through which other she
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -91,11 +92,20 @@ class Node:
 
     def _start_network(self) -> None:
         from host import net
-        from host.directory import Directory, NameTaken
+        from host.directory import Directory, NameTaken, PeersFileError, parse_host_port
         identity = net.load_or_create_identity(self.home)
-        directory = Directory(self.settings.directory, peers_file=self.settings.peers)
+        directory = Directory(self.settings.directory, peers_file=self.settings.peers,
+                              on_problem=self.terminal.error)
+        try:
+            directory.check_peers_file()
+            adv_host, adv_port = parse_host_port(self.settings.advertise, None) if self.settings.advertise else (None, None)
+        except (PeersFileError, ValueError) as e:
+            raise NodeError(f"--advertise {e}" if not isinstance(e, PeersFileError) else str(e)) from None
         self.net = net.Network(self.name, identity, self.port, directory,
-                               on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost)
+                               on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost,
+                               host=net.listen_addresses(self.settings.bind, self.settings.peers),
+                               advertise_host=adv_host, advertise_port=adv_port,
+                               on_problem=lambda text: self.terminal.info(f"warning: {text}"))
         try:
             self.net.start()
         except NameTaken as e:
@@ -139,6 +149,16 @@ class Node:
 
     def send_message(self, target: Address, body: str) -> None:
         self.terminal_service.send(target, body.encode())
+
+    def peers_entry(self) -> str:
+        if self.net is None:
+            raise ValueError("networking is off on this node")
+        return json.dumps(self.net.entry())
+
+    def reload_peers(self) -> str:
+        if self.net is None:
+            raise ValueError("networking is off on this node")
+        return self.net.directory.reload_peers()
 
     def kill(self, pid: ProcessId) -> bool:
         return self.kernel.kill(pid)

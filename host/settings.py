@@ -42,6 +42,8 @@ class Settings:
     port: int = DEFAULT_PORT
     packages: tuple[Path, ...] = (DEFAULT_PACKAGES,)
     peers: Optional[Path] = None            # JSON list of peers on other machines
+    bind: Optional[tuple[str, ...]] = None  # listen addresses; None: see host.net.listen_addresses
+    advertise: Optional[str] = None         # HOST[:PORT] other nodes should dial, if not the bound one
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
     verbose: int = 0

@@ -112,27 +112,36 @@ def test_concurrent_claims_one_winner(tmp_path):
 
 def test_peers_file(tmp_path, caplog):
     peers = tmp_path / "peers.json"
-    peers.write_text(json.dumps([
-        {"name": "far.os", "public_key": KEY_B.hex(), "host": "192.0.2.7", "port": 9300},
-        {"name": "both.os", "public_key": KEY_B.hex(), "host": "192.0.2.8", "port": 9301},
-        {"name": "broken.os", "public_key": "zz", "host": "192.0.2.9", "port": 9302},
-        {"name": "noport.os", "public_key": KEY_B.hex(), "host": "192.0.2.9"},
-    ]))
-    d = Directory(tmp_path / "directory.sqlite", peers_file=peers)
+    good = [{"name": "far.os", "public_key": KEY_B.hex(), "host": "192.0.2.7", "port": 9300},
+            {"name": "both.os", "public_key": KEY_B.hex(), "host": "192.0.2.8", "port": 9301}]
+    peers.write_text(json.dumps(good))
+    problems = []
+    d = Directory(tmp_path / "directory.sqlite", peers_file=peers, on_problem=problems.append)
     d.register("both.os", KEY_A, "127.0.0.1", 9000)
-    with caplog.at_level(logging.WARNING, logger="host.directory"):
-        assert d.lookup("far.os") == NodeRecord("far.os", KEY_B, "192.0.2.7", 9300, True)
-        assert d.lookup("both.os") == NodeRecord("both.os", KEY_A, "127.0.0.1", 9000, True)
-        assert d.lookup("broken.os") is None
-        assert d.lookup("noport.os") is None
-        assert d.lookup("nobody.os") is None
-    assert sum("entry" in r.getMessage() for r in caplog.records) == 2
+    assert d.lookup("far.os") == NodeRecord("far.os", KEY_B, "192.0.2.7", 9300, True)
+    assert d.lookup("far.os").source == "peers file"
+    assert d.lookup("both.os") == NodeRecord("both.os", KEY_A, "127.0.0.1", 9000, True)
+    assert d.lookup("nobody.os") is None
+    assert problems == []
+    # A bad entry: the whole file is refused, the entry named, the last good entries kept.
+    for bad, says in [({"name": "broken.os", "public_key": "zz", "host": "192.0.2.9", "port": 9302},
+                       "entry 3 (broken.os): public_key must be 64 hex digits"),
+                      ({"name": "noport.os", "public_key": KEY_B.hex(), "host": "192.0.2.9"},
+                       "entry 3 (noport.os): missing port")]:
+        peers.write_text(json.dumps(good + [bad]))
+        os.utime(peers, ns=(len(problems) + 1, len(problems) + 1))
+        with caplog.at_level(logging.WARNING, logger="host.directory"):
+            assert d.lookup("far.os").port == 9300
+            assert d.lookup(bad["name"]) is None
+        assert says in problems[-1] and "still using the last good peers (2 entries)" in problems[-1]
+    assert len(problems) == 2  # told once per bad version, not at every lookup
     # The file is re-read when it changes.
     peers.write_text(json.dumps([
         {"name": "new.os", "public_key": KEY_A.hex(), "host": "192.0.2.10", "port": 9400}]))
-    os.utime(peers, ns=(1, 1))
+    os.utime(peers, ns=(9, 9))
     assert d.lookup("new.os").port == 9400
     assert d.lookup("far.os") is None
+    assert d.changed_peers() == {"far.os", "both.os", "new.os"} and d.changed_peers() == set()
 
 
 def test_nodes_starting_at_once_on_a_new_database(tmp_path):

@@ -1,0 +1,235 @@
+"""Network namespaces joined by a real link, with a node in each: the `netns` fixture.
+
+Each test gets its own namespaces (named after this process, so parallel runs do not clash): a hub
+namespace holding a bridge, and one namespace per host joined to it by a veth pair, with addresses
+10.231.0.N/24 and fd00:231::N/64 of its own. Nodes run inside with `ip netns exec`, each with its
+own home, directory database and peers file (no shared directory). Everything (processes,
+namespaces and with them the links) is removed afterwards, also when the test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, NodeProc, _require_built
+
+SUBNET4, SUBNET6 = "10.231.0", "fd00:231:"
+PREFIX = f"kpy{os.getpid()}"   # namespace names of this test run
+PORT = 8080                    # every namespace has its own ports: all nodes use the default
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _can_make_namespaces() -> str | None:
+    """None if namespaces can be made here, else why not."""
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "making network namespaces needs root"
+    probe = f"{PREFIX}probe"
+    r = ip("netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return f"`ip netns add` fails here: {r.stderr.strip()}"
+    ip("netns", "del", probe, check=False)
+    return None
+
+
+def _has_netem() -> bool:
+    probe = f"{PREFIX}netem"
+    ip("netns", "add", probe)
+    try:
+        ip("-n", probe, "link", "set", "lo", "up")
+        r = subprocess.run(["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+                           capture_output=True, text=True) if shutil.which("tc") else None
+        return r is not None and r.returncode == 0
+    finally:
+        ip("netns", "del", probe, check=False)
+
+
+class Host:
+    """One namespace on the bridge: `addr4`, `addr6`; the hub side of its link is `port`."""
+
+    def __init__(self, net: "Netns", name: str, index: int):
+        self.net, self.name, self.index = net, name, index
+        self.ns = f"{PREFIX}{net.tag}{index}"
+        self.port = f"p{index}"
+        self.addr4, self.addr6 = f"{SUBNET4}.{index}", f"{SUBNET6}:{index}"
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return ip("-n", self.ns, *args, check=check)
+
+    def cut(self) -> None:
+        """Unplug the cable at the hub: the host keeps its address, nothing passes."""
+        ip("-n", self.net.hub, "link", "set", self.port, "down")
+
+    def restore(self) -> None:
+        ip("-n", self.net.hub, "link", "set", self.port, "up")
+
+    def unplug_for_good(self) -> None:
+        """Delete the link (both ends) and the namespace: the host is gone without a FIN or RST."""
+        ip("-n", self.net.hub, "link", "del", self.port, check=False)
+        for node in self.net.nodes:
+            if node.host is self:
+                node.kill()
+        ip("netns", "del", self.ns, check=False)
+
+    def rate_limit(self, mbit: int) -> None:
+        """Limit what this host sends, so a transfer lasts long enough to be interrupted."""
+        subprocess.run(["tc", "-n", self.ns, "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate",
+                        f"{mbit}mbit", "burst", "256kb", "latency", "100ms"], check=True, capture_output=True)
+
+    def move(self, new_index: int) -> None:
+        """Lose both addresses and come back on new ones."""
+        self.ip("addr", "flush", "dev", "eth0", "scope", "global")
+        self.addr4, self.addr6 = f"{SUBNET4}.{new_index}", f"{SUBNET6}:{new_index}"
+        self.ip("addr", "add", f"{self.addr4}/24", "dev", "eth0")
+        self.ip("addr", "add", f"{self.addr6}/64", "dev", "eth0", "nodad")
+
+
+class NetnsNode(NodeProc):
+    """A node running inside a namespace, with its own directory and peers file."""
+
+    def __init__(self, host: Host, name: str, home: Path, extra_args: list[str]):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("KINODE_DIRECTORY", None)
+        self.host = host
+        self.peers_file = home.parent / f"{name}.peers.json"
+        self.peers_file.write_text("[]")
+        super().__init__(name, home, PORT, env,
+                         ["--directory", str(home.parent / f"{name}.directory.sqlite"),
+                          "--peers", str(self.peers_file), *extra_args])
+
+    def entry(self, advertise: str) -> dict:
+        """This node's peers entry from `python -m host id` (run in the root namespace)."""
+        out = subprocess.run([sys.executable, "-m", "host", "id", "--home", str(self.home), "--node", self.name,
+                              "--advertise", advertise], cwd=REPO, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    def set_peers(self, entries: list[dict]) -> None:
+        """Replace the peers file as an editor would (write a new file, rename it over the old one)."""
+        tmp = self.peers_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, self.peers_file)
+
+    def start(self, timeout: float = 60) -> "NetnsNode":
+        cmd = ["ip", "netns", "exec", self.host.ns, sys.executable, "-m", "host", "--node", self.name,
+               "--home", str(self.home), "--port", str(self.port), *self.extra_args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        first = len(self.lines)
+        while not any("ready in" in ln for ln in self.lines[first:]):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                time.sleep(0.2)
+                raise RuntimeError(f"{self.name} failed to start:\n" + "\n".join(self.lines[first:]))
+            time.sleep(0.02)
+        while not self._new.empty():
+            self._new.get_nowait()
+        return self
+
+    def thread_names(self) -> list[str]:
+        pid = self.proc.pid
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
+            except OSError:
+                pass
+        return sorted(names)
+
+    def counts(self) -> tuple[int, int]:
+        """(threads, open sockets) of the node's OS process."""
+        pid = self.proc.pid
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+        sockets = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+        return threads, sockets
+
+
+class Netns:
+    """Namespaces on one bridge, and the nodes in them."""
+    _count = 0
+
+    def __init__(self, tmp: Path):
+        Netns._count += 1
+        self.tag = chr(ord("a") + Netns._count % 26)
+        self.tmp = tmp
+        self.hub = f"{PREFIX}{self.tag}hub"
+        self.hosts: list[Host] = []
+        self.nodes: list[NetnsNode] = []
+        self.netem = _has_netem()
+        ip("netns", "add", self.hub)
+        ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.hub, "link", "set", "br0", "up")
+
+    def host(self, name: str) -> Host:
+        h = Host(self, name, len(self.hosts) + 2)
+        self.hosts.append(h)
+        ip("netns", "add", h.ns)
+        ip("link", "add", "eth0", "netns", h.ns, "type", "veth", "peer", "name", h.port, "netns", self.hub)
+        ip("-n", self.hub, "link", "set", h.port, "master", "br0", "up")
+        h.ip("link", "set", "lo", "up")
+        h.ip("addr", "add", f"{h.addr4}/24", "dev", "eth0")
+        h.ip("addr", "add", f"{h.addr6}/64", "dev", "eth0", "nodad")
+        h.ip("link", "set", "eth0", "up")
+        if self.netem:  # delay and a little loss on what the hub sends to this host
+            subprocess.run(["tc", "-n", self.hub, "qdisc", "add", "dev", h.port, "root", "netem",
+                            "delay", "1ms", "loss", "0.01%"], check=True, capture_output=True)
+        return h
+
+    def node(self, host: Host, name: str, extra_args: list[str] | None = None, start: bool = False) -> NetnsNode:
+        node = NetnsNode(host, name, self.tmp / name, extra_args or [])
+        self.nodes.append(node)
+        return node.start() if start else node
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)  # a stopped node must be able to exit
+            node.stop()
+        for h in self.hosts:
+            ip("netns", "del", h.ns, check=False)
+        ip("netns", "del", self.hub, check=False)
+
+
+def _remove_stale_namespaces() -> None:
+    """Namespaces left by an earlier run that was killed before its clean-up (its pid is gone)."""
+    for line in ip("netns", "list", check=False).stdout.splitlines():
+        m = re.match(r"(kpy(\d+)[a-z]\S*)", line)
+        if m and not m.group(1).startswith(PREFIX) and not Path(f"/proc/{m.group(2)}").exists():
+            ip("netns", "del", m.group(1), check=False)
+
+
+@pytest.fixture
+def netns(tmp_path):
+    why = _can_make_namespaces()
+    if why:
+        pytest.skip(f"network namespaces cannot be made: {why}")
+    _require_built()
+    _remove_stale_namespaces()
+    net = Netns(tmp_path)
+    if not net.netem:
+        warnings.warn("sch_netem is not in this kernel: the namespace links run without added delay or loss",
+                      stacklevel=2)
+    try:
+        yield net
+    finally:
+        net.cleanup()

@@ -1,0 +1,262 @@
+"""Nodes on several machines, over a real link: network namespaces joined by veth pairs and a
+bridge, a node in each with only a peers file (see tests/netns.py). Needs root; skipped otherwise."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import no_workers
+from netns import Netns, netns  # noqa: F401  (the fixture)
+
+LIST = "list_files:file_transfer:template.os"
+DOWNLOAD = "download:file_transfer:template.os"
+
+
+def write_random(path: Path, size: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size >> 22):
+            block = os.urandom(1 << 22)
+            f.write(block)
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def settled_counts(node, within: float = 10.0) -> tuple[int, int]:
+    """The node's (threads, sockets) once two readings half a second apart agree (a control-socket
+    client just served may take a moment to be let go under load)."""
+    deadline = time.monotonic() + within
+    last = node.counts()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = node.counts()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def pair(net: Netns, v6: bool = False, b_bind: bool = False):
+    """Requestor a.dev and provider b.dev in two namespaces, each listing the other (by IPv4 or
+    IPv6 address), their entries made by `python -m host id`. By default a node with a peers file
+    listens on every address; `b_bind`: b names its two addresses with --bind."""
+    ha, hb = net.host("a"), net.host("b")
+    a = net.node(ha, "a.dev")
+    b = net.node(hb, "b.dev", ["--bind", f"{hb.addr4},[{hb.addr6}]"] if b_bind else [])
+    addr = (lambda h: f"[{h.addr6}]:8080") if v6 else (lambda h: h.addr4)
+    a.set_peers([b.entry(addr(hb))])
+    b.set_peers([a.entry(addr(ha))])
+    return a.start(), b.start()
+
+
+def test_list_files_and_a_256_mib_download_across_the_link(netns):
+    a, b = pair(netns)
+    (b.files / "my_file.txt").parent.mkdir(parents=True, exist_ok=True)
+    (b.files / "my_file.txt").write_text("hello world\n")
+    code, lines = a.run(f"{LIST} b.dev")
+    assert code == 0, lines
+    assert "file_transfer:template.os: my_file.txt\t\t12" in lines, lines
+    digest = write_random(b.files / "big.bin", 256 << 20)
+    code, lines = a.run(f"{DOWNLOAD} big.bin b.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    assert code == 0, lines
+    assert sha256(a.files / "big.bin") == digest
+    # The node's `id` command prints the entry `python -m host id` made (the same key), with the
+    # address it advertises (no --advertise: the hostname).
+    _, lines = b.run("id", wait=0.1)
+    shown = json.loads(lines[0])
+    assert shown["public_key"] == b.entry("x")["public_key"] and shown["name"] == "b.dev"
+    # The connection really is over the link, to the provider's port on its veth address.
+    ss = subprocess.run(["ip", "netns", "exec", b.host.ns, "ss", "-tnH", "state", "established"],
+                        capture_output=True, text=True, check=True).stdout
+    v4 = lambda addr: rf"\[?(::ffff:)?{re.escape(addr)}\]?"  # noqa: E731  (a dual-stack socket shows ::ffff:)
+    assert re.search(rf"{v4(b.host.addr4)}:8080\s+{v4(a.host.addr4)}:\d+", ss), ss
+    no_workers(a, b)
+
+
+def test_link_cut_for_10_s_mid_download(netns):
+    a, b = pair(netns)
+    digest = write_random(b.files / "cut.bin", 200 << 20)
+    b.host.rate_limit(400)  # about 48 MiB/s: the download lasts a few seconds, the cut lands inside it
+    result: dict = {}
+
+    def download(key: str) -> None:
+        result[key] = a.run(f"{DOWNLOAD} cut.bin b.dev", until=r"cut\.bin downloaded|error:", timeout=120)
+    first = threading.Thread(target=download, args=("first",))
+    first.start()
+    a.expect(r"cut\.bin progress: ([1-9]|[1-6]\d)%", timeout=30)
+    b.host.cut()
+    t_cut = time.monotonic()
+    try:
+        time.sleep(5)
+        progress = [ln for ln in a.lines if "cut.bin progress" in ln]
+        time.sleep(5)
+        # nothing passes while the link is down, and nothing stands under the real name
+        assert [ln for ln in a.lines if "cut.bin progress" in ln][-1:] == progress[-1:]
+        assert not (a.files / "cut.bin").exists()
+    finally:
+        b.host.restore()
+    print(f"link down for {time.monotonic() - t_cut:.1f} s")
+    first.join(150)
+    code, lines = result["first"]
+    if code != 0:  # failed: the message says why, and a second download resumes it
+        assert any(re.search(r"cut\.bin.*(offline|stopped answering|no progress)", ln) for ln in lines), lines
+        assert not (a.files / "cut.bin").exists()
+        code, lines = a.run(f"{DOWNLOAD} cut.bin b.dev", until=r"cut\.bin downloaded|error:", timeout=120)
+        assert code == 0, lines
+        print("the first download failed; the second resumed it:", [ln for ln in lines if "resum" in ln])
+    else:
+        print("the download finished by itself after the link came back")
+    assert sha256(a.files / "cut.bin") == digest
+    assert not list((a.files / ".partial").rglob("*.part"))
+    no_workers(a, b)
+
+
+def test_provider_moves_to_another_address_and_a_bad_peers_file_keeps_the_last_good(netns):
+    a, b = pair(netns)
+    (b.files / "here.txt").parent.mkdir(parents=True, exist_ok=True)
+    (b.files / "here.txt").write_text("still here\n")
+    good = json.loads(a.peers_file.read_text())
+    code, lines = a.run(f"{LIST} b.dev")
+    assert code == 0 and "file_transfer:template.os: here.txt\t\t11" in lines, lines
+    # A broken edit: a clear error naming the entry; the last good entries stay in use.
+    a.set_peers(good + [{"name": "c.dev", "public_key": "12ab", "host": "10.231.0.9", "port": 8080}])
+    code, lines = a.run("peers", wait=0.1)
+    assert any("entry 2 (c.dev): public_key must be 64 hex digits" in ln for ln in lines), lines
+    assert any("using the last good one, 1 entries" in ln for ln in lines), lines
+    code, lines = a.run(f"{LIST} b.dev")
+    assert code == 0 and "file_transfer:template.os: here.txt\t\t11" in lines, lines
+    # b loses its addresses and comes back on another one (IPv6 this time); a's peers file gets
+    # b's new entry while a runs, and a reaches b there without a restart.
+    old = b.host.addr4
+    b.host.move(12)
+    code, lines = a.run(f"{LIST} b.dev", timeout=30)  # the old entry: b is not there any more
+    assert code == 1, lines
+    a.set_peers([b.entry(f"[{b.host.addr6}]:8080")])
+    t0 = time.monotonic()
+    code, lines = a.run(f"{LIST} b.dev", timeout=30)
+    if code:
+        print("\n".join(a.lines[-15:]), "\n----\n", "\n".join(b.lines[-15:]))
+    assert code == 0 and "file_transfer:template.os: here.txt\t\t11" in lines, lines
+    print(f"b moved from {old} to {b.host.addr6}; a reached it there in {time.monotonic() - t0:.1f} s")
+    code, lines = a.run("peers", wait=0.1)
+    assert any(f"b.dev [{b.host.addr6}]:8080" in ln for ln in lines), lines
+    assert a.alive() and b.alive()
+
+
+def test_node_missing_from_the_peers_file_is_refused_and_errors_say_why(netns):
+    a, b = pair(netns, b_bind=True)
+    listening = subprocess.run(["ip", "netns", "exec", b.host.ns, "ss", "-tlnH"], capture_output=True, text=True,
+                               check=True).stdout
+    assert sorted(ln.split()[3] for ln in listening.splitlines()) == sorted(
+        [f"{b.host.addr4}:8080", f"[{b.host.addr6}]:8080"]), listening
+    c = netns.node(netns.host("c"), "c.dev")
+    c.set_peers([b.entry(b.host.addr4),
+                 {**a.entry(a.host.addr4), "name": "far.dev", "host": "10.231.0.99"}])  # nobody there
+    c.start()
+    (b.files / "x.txt").parent.mkdir(parents=True, exist_ok=True)
+    (b.files / "x.txt").write_text("x")
+    # c is not in b's peers file: b refuses it and logs why; c is told the reason
+    code, lines = c.run(f"{LIST} b.dev", timeout=30)
+    assert code == 1, lines
+    assert any("b.dev refused the connection: c.dev is not in b.dev's node directory nor its peers file" in ln
+               for ln in lines), lines
+    assert any(re.search(rf"WARNING host.net: refused connection from {re.escape(c.host.addr4)}:\d+ claiming to be "
+                         r"'c.dev': c\.dev is not in b\.dev's node directory nor its peers file", ln)
+               for ln in b.lines), b.lines[-10:]
+    # positive control: a, which b lists, gets through at the same time
+    code, lines = a.run(f"{LIST} b.dev")
+    assert code == 0 and "file_transfer:template.os: x.txt\t\t1" in lines, lines
+    # a name in no directory or peers file
+    code, lines = c.run(f"{LIST} nobody.dev", timeout=30)
+    assert any("cannot reach nobody.dev: nobody.dev is not in the node directory" in ln
+               and str(c.peers_file) in ln for ln in lines), lines
+    # an address where nobody answers: the address tried
+    code, lines = c.run(f"{LIST} far.dev", timeout=30)
+    assert any("cannot reach far.dev: cannot connect to 10.231.0.99:8080 (peers file entry)" in ln
+               for ln in lines), lines
+    # a key that does not match: both fingerprints
+    c.set_peers([{**b.entry(b.host.addr4), "public_key": a.entry("x")["public_key"]}])
+    code, lines = c.run(f"{LIST} b.dev", timeout=30)
+    key_a, key_b = a.entry("x")["public_key"][:16], b.entry("x")["public_key"][:16]
+    assert any(f"key {key_b} answered, {key_a} expected" in ln for ln in lines), lines
+
+
+def test_half_open_connection_is_detected_and_nothing_leaks(netns):
+    a, b = pair(netns)
+    write_random(b.files / "half.bin", 64 << 20)
+    write_random(b.files / "warm.bin", 16 << 20)  # a first download starts the node's thread pools
+    code, lines = a.run(f"{DOWNLOAD} warm.bin b.dev", until=r"warm\.bin downloaded|error:")
+    assert code == 0, lines
+    no_workers(a, b)
+    threads0, sockets0 = settled_counts(a)
+    names0 = a.thread_names()
+    b.host.rate_limit(80)  # about 10 MiB/s: the download is under way when b vanishes
+    a.type(f"{DOWNLOAD} half.bin b.dev")
+    a.expect(r"half\.bin progress: ([1-9]|[1-5]\d)%", timeout=30)
+    b.host.unplug_for_good()  # link and namespace deleted, b's process gone: a hears nothing, no FIN
+    t0 = time.monotonic()
+    line = a.expect(r"half\.bin.*(went offline|stopped answering|error)", timeout=40)
+    took = time.monotonic() - t0
+    print(f"a noticed in {took:.1f} s: {line}")
+    assert "b.dev went offline during the transfer" in line, line
+    assert took < 25  # the keepalive window (DEAD_AFTER 20 s) and a tick
+    assert any(re.search(r"dropping connection to b\.dev .*nothing heard for 2\d s", ln) for ln in a.lines), \
+        a.lines[-20:]
+    no_workers(a)
+    assert not (a.files / "half.bin").exists()
+    # the connection's socket is gone; the threads are those of before
+    # (a message a sends b after the loss, e.g. the worker's last word, dials again: up to 5 s)
+    deadline = time.monotonic() + 15
+    while a.counts() != (threads0, sockets0 - 1) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert a.counts() == (threads0, sockets0 - 1), (a.counts(), threads0, sockets0)
+    assert a.thread_names() == names0
+
+
+def test_bind_and_advertise_errors_and_parsing(node_factory):
+    from host.directory import parse_host_port
+    from host.net import listen_addresses
+    assert parse_host_port("[fd00:231::2]:9000", 8080) == ("fd00:231::2", 9000)
+    assert parse_host_port("fd00:231::2", 8080) == ("fd00:231::2", 8080)
+    assert parse_host_port("[fd00:231::2]", 8080) == ("fd00:231::2", 8080)
+    assert parse_host_port("node.example:81", 8080) == ("node.example", 81)
+    assert parse_host_port("10.0.0.1", None) == ("10.0.0.1", None)
+    for bad in ("h:0", "h:x", "[::1", "[::1]x", ":80"):
+        with pytest.raises(ValueError):
+            parse_host_port(bad, 8080)
+    assert listen_addresses(None, None) == ["127.0.0.1"]
+    assert listen_addresses(None, Path("peers.json")) in (["::"], ["0.0.0.0"])
+    assert listen_addresses(["10.0.0.1,[::1]", " fd00::1 "], None) == ["10.0.0.1", "::1", "fd00::1"]
+    # an address this machine does not have, and a bad --advertise: the node says so and exits
+    for args, says in ((["--bind", "192.0.2.1"], r"cannot listen on port \d+: .*\(192\.0\.2\.1:\d+\)"),
+                       (["--advertise", "h:70000"], r"--advertise 'h:70000': port must be")):
+        node = node_factory("x.dev", start=False, extra_args=args)
+        with pytest.raises(RuntimeError) as err:
+            node.start()
+        assert re.search(says, str(err.value)), str(err.value)
+    try:  # loopback IPv6 may be disabled in a container
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            both = "127.0.0.1,::1"
+    except OSError:
+        both = "127.0.0.1"
+    node = node_factory("y.dev", start=False, extra_args=["--bind", both])
+    node.start()
+    assert node.alive()
