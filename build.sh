@@ -21,10 +21,12 @@ if [ ! -f "$deps_stamp" ]; then
     touch "$deps_stamp"
 fi
 
-# process_lib is staged alone so componentize-py bundles only it, not the rest of components/
+# process_lib is staged alone so componentize-py bundles only it, not the rest of components/,
+# with the host's kinode_types (ids and naming rules) beside it as a top-level module
 STAGE=$ROOT/build/pylib
 rm -rf "$STAGE" && mkdir -p "$STAGE/process_lib"
 cp components/process_lib/*.py "$STAGE/process_lib/"
+cp host/kinode_types.py "$STAGE/"
 
 build_one() {  # package_dir process_dir
     local pkg=$1 dir=$2 name world out inputs
@@ -32,7 +34,7 @@ build_one() {  # package_dir process_dir
     world=$(sed -n 's/^# world: *//p' "$dir/main.py" | head -n1)
     if [ -z "$world" ]; then echo "error: $dir/main.py has no '# world: NAME' line" >&2; return 1; fi
     out=$pkg/pkg/$name.wasm
-    inputs=$(cat wit/*.wit components/process_lib/*.py "$dir"/*.py $( [ -d "$pkg/common" ] && echo "$pkg"/common/*.py ) \
+    inputs=$(cat wit/*.wit components/process_lib/*.py host/kinode_types.py "$dir"/*.py $( [ -d "$pkg/common" ] && echo "$pkg"/common/*.py ) \
              | sha256sum | cut -c1-32)-$world
     if [ -f "$out" ] && [ "$(cat "$out.inputs" 2>/dev/null)" = "$inputs" ]; then
         echo "   $out is up to date"

@@ -1,4 +1,5 @@
-"""The kernel's data model: addresses, messages and capabilities, mirroring `kinode:process@0.8.0`.
+"""The kernel's data model: messages and capabilities, mirroring `kinode:process@0.8.0` (addresses
+and ids are host/kinode_types.py's, shared with the guests).
 
 These are plain host-side values. `host.process` converts them to and from wasmtime's component
 values; `to_wire`/`from_wire` give the MessagePack-ready form that `host.net` sends between nodes.
@@ -10,70 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-
-class ParseError(ValueError):
-    """A malformed address, process id or package id."""
-
-
-def _check_part(part: str, what: str, text: str) -> str:
-    if not part:
-        raise ParseError(f"{what} {text!r}: empty part")
-    if any(c in part for c in "@:/\\") or any(ord(c) < 32 for c in part):
-        raise ParseError(f"{what} {text!r}: bad character in {part!r}")
-    return part
-
-
-@dataclass(frozen=True)
-class PackageId:
-    package_name: str
-    publisher_node: str
-
-    @classmethod
-    def parse(cls, text: str) -> "PackageId":
-        parts = text.split(":")
-        if len(parts) != 2:
-            raise ParseError(f"package id {text!r}: expected package:publisher")
-        return cls(*(_check_part(p, "package id", text) for p in parts))
-
-    def __str__(self) -> str:
-        return f"{self.package_name}:{self.publisher_node}"
-
-
-@dataclass(frozen=True)
-class ProcessId:
-    process_name: str
-    package_name: str
-    publisher_node: str
-
-    @classmethod
-    def parse(cls, text: str) -> "ProcessId":
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise ParseError(f"process id {text!r}: expected process:package:publisher")
-        return cls(*(_check_part(p, "process id", text) for p in parts))
-
-    @property
-    def package_id(self) -> PackageId:
-        return PackageId(self.package_name, self.publisher_node)
-
-    def __str__(self) -> str:
-        return f"{self.process_name}:{self.package_name}:{self.publisher_node}"
-
-
-@dataclass(frozen=True)
-class Address:
-    node: str
-    process: ProcessId
-
-    @classmethod
-    def parse(cls, text: str) -> "Address":
-        node, at, rest = text.partition("@")
-        if not at or "@" in rest:
-            raise ParseError(f"address {text!r}: expected node@process:package:publisher")
-        return cls(_check_part(node, "address", text), ProcessId.parse(rest))
-
-    def __str__(self) -> str:
-        return f"{self.node}@{self.process}"
+from host.kinode_types import Address, PackageId, ParseError, ProcessId  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from componentize_py_types import Err
+# the host's own ids and parsing rules: build.sh stages host/kinode_types.py beside process_lib
+from kinode_types import Address, PackageId, ParseError, ProcessId, check_file_name  # noqa: F401
 from wit_world.imports import standard as wit
 
 try:  # the host extension is optional: guests built without it use `standard` only
@@ -17,68 +19,7 @@ except ImportError:  # pragma: no cover - depends on the world the component was
 _OUR: Optional["Address"] = None
 
 
-# ---- identities --------------------------------------------------------------------------------
-def _part(text: str, part: str) -> str:
-    if not part or any(c in part for c in "@:/") or any(ord(c) < 32 for c in part):
-        raise ValueError(f"malformed id {text!r}")
-    return part
-
-
-@dataclass(frozen=True)
-class PackageId:
-    package_name: str
-    publisher_node: str
-
-    @classmethod
-    def parse(cls, text: str) -> "PackageId":
-        parts = text.split(":")
-        if len(parts) != 2:
-            raise ValueError(f"package id {text!r}: expected package:publisher")
-        return cls(*(_part(text, p) for p in parts))
-
-    def __str__(self) -> str:
-        return f"{self.package_name}:{self.publisher_node}"
-
-
-@dataclass(frozen=True)
-class ProcessId:
-    process_name: str
-    package_name: str
-    publisher_node: str
-
-    @classmethod
-    def parse(cls, text: str) -> "ProcessId":
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"process id {text!r}: expected process:package:publisher")
-        return cls(*(_part(text, p) for p in parts))
-
-    def package_id(self) -> PackageId:
-        return PackageId(self.package_name, self.publisher_node)
-
-    def __str__(self) -> str:
-        return f"{self.process_name}:{self.package_name}:{self.publisher_node}"
-
-
-@dataclass(frozen=True)
-class Address:
-    node: str
-    process: ProcessId
-
-    @classmethod
-    def parse(cls, text: str) -> "Address":
-        node, at, rest = text.partition("@")
-        if not at:
-            raise ValueError(f"address {text!r}: expected node@process:package:publisher")
-        return cls(_part(text, node), ProcessId.parse(rest))
-
-    def package_id(self) -> PackageId:
-        return self.process.package_id()
-
-    def __str__(self) -> str:
-        return f"{self.node}@{self.process}"
-
-
+# ---- identities ----------------------------------------------------------------------------------
 def to_wit_pid(p: ProcessId) -> wit.ProcessId:
     return wit.ProcessId(p.process_name, p.package_name, p.publisher_node)
 

@@ -10,15 +10,14 @@ import wit_world
 from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
-from process_lib import (Address, Message, Request, Response, SendError, await_message, println, run,
+from process_lib import (Address, Message, check_file_name, Request, Response, SendError, await_message, println, run,
                          to_wit_address, vfs)
 
 MAX_NOTE = 1000
 
 
 def plain_name(name) -> bool:
-    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
-            and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name))
+    return not check_file_name(name)
 
 
 class Courier:

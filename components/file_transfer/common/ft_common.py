@@ -1,4 +1,4 @@
-"""What file_transfer's processes share: the file-name rule and the protocol's constants.
+"""What file_transfer's processes share: the protocol's constants (the file-name rule is kinode_types').
 
 The seed's WIT is the wire protocol. This package's additions ride in request `metadata` JSON
 (marked `"ft": 1`), so a peer that speaks only the plain protocol still works with us:
@@ -16,7 +16,10 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
 """
 from __future__ import annotations
 
-import unicodedata
+try:  # one file-name rule for every package: the guests have kinode_types staged beside them
+    from kinode_types import check_file_name as check_name  # noqa: F401
+except ImportError:  # plain CPython from the repository root (tests)
+    from host.kinode_types import check_file_name as check_name  # noqa: F401
 
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
@@ -27,22 +30,7 @@ ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving u
 HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size
 STALL_TIMEOUT = 60         # seconds without progress before a worker gives up
 TICK = 5                   # seconds between a worker's stall checks
-MAX_NAME_BYTES = 255
 PARTIAL_DIR = ".partial"   # inside the files drive; hidden from ListFiles (only files are listed)
-
-
-def check_name(name: object) -> str:
-    """Return an error text if `name` is not a plain file name, else ''."""
-    if not isinstance(name, str) or not name:
-        return "file name is empty"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return f"file name is longer than {MAX_NAME_BYTES} bytes"
-    if name in (".", "..") or name.startswith("."):
-        return f"file name {name!r} may not start with '.'"
-    for ch in name:
-        if ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cs"):
-            return f"file name {name!r} holds a path separator or control character"
-    return ""
 
 
 def human_size(n: float) -> str:

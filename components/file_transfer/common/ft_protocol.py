@@ -1,0 +1,654 @@
+"""The transfer protocol (see ft_common) as two sans-I/O state machines, Requestor and Provider.
+
+Each method takes one event (a message's parsed parts, an I/O result, a timer tick, a failed
+request) with the time passed in, and returns the actions to take, in order. An action that
+produces a result (a hash, a read) is always the last of its list; the driver feeds its result to
+the method the action names, which returns the next actions. Addresses are opaque values compared
+with `==` (they need only a `.node`); the machines do no I/O and import no process_lib.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, STATE_EVERY,
+                       TICK, WINDOW)
+
+HEX = frozenset("0123456789abcdef")
+
+
+# ---- actions -----------------------------------------------------------------------------------
+@dataclass
+class Send:
+    """Send a request; `forward_blob` carries the blob of the message or read being handled."""
+    target: Any
+    body: Any
+    metadata: Optional[dict] = None
+    timeout: Optional[int] = None
+    context: Optional[str] = None
+    forward_blob: bool = False
+
+
+@dataclass
+class Reply:
+    """Answer the request being handled."""
+    body: Any
+    metadata: Optional[dict] = None
+
+
+@dataclass
+class ArmTimer:
+    """A request to ourselves that nobody answers: its timeout comes back as `tick`."""
+    seconds: int
+
+
+@dataclass
+class Log:
+    text: str
+
+
+@dataclass
+class Exit:
+    """The worker's job has ended; `error` is None on success."""
+    error: Optional[str] = None
+
+
+# requestor side
+@dataclass
+class LoadState:
+    """Read the resume state (JSON object or None) and the partial's length; -> state_loaded."""
+
+
+@dataclass
+class OpenPartial:
+    """Offset 0: create (or truncate) the partial, making its folder if need be. Else open it,
+    cut it to `offset` and seek there; -> partial_opened."""
+    offset: int
+
+
+@dataclass
+class SaveState:
+    size: int
+    verified: int
+
+
+@dataclass
+class HashChunk:
+    """Feed the chunk's blob to the running BLAKE3 (emptied first if `restart`); -> chunk_hashed."""
+    restart: bool
+
+
+@dataclass
+class WriteChunk:
+    """Write the chunk's blob at `offset` (seek first if `seek`); -> chunk_written."""
+    offset: int
+    seek: bool
+
+
+@dataclass
+class VerifyFile:
+    """Sync the partial; with `read_back`, hash it whole; -> file_verified(digest or None)."""
+    read_back: bool
+
+
+@dataclass
+class Rename:
+    """The partial takes the file's real name."""
+
+
+@dataclass
+class RemoveFiles:
+    """Remove the state file and/or the partial; a missing one is no error."""
+    state: bool
+    partial: bool
+
+
+@dataclass
+class KeepForResume:
+    """Sync the partial and save the state for a later resume; an I/O error here is no matter."""
+    size: int
+    verified: int
+
+
+# provider side
+@dataclass
+class OpenFile:
+    """Open the file to send; -> opened(size, stamp)."""
+
+
+@dataclass
+class Seek:
+    offset: int
+
+
+# what ReadChunk hashes the bytes read with
+HASH_NONE, HASH_WHOLE, HASH_CHAIN, HASH_CHAIN_RESTART = "none", "whole", "chain", "chain-restart"
+
+
+@dataclass
+class ReadChunk:
+    """Read `length` bytes at the cursor into the blob and hash them as `hash` says;
+    -> chunk_read(bytes read, hex digest or None)."""
+    length: int
+    hash: str
+
+
+@dataclass
+class CheckFile:
+    """Read the file's stamp, and with `read_back` its whole hash; -> file_checked(stamp, digest)."""
+    read_back: bool
+
+
+def address_json(a: Any) -> dict:
+    p = a.process
+    return {"node": a.node, "process": {"process_name": p.process_name, "package_name": p.package_name,
+                                        "publisher_node": p.publisher_node}}
+
+
+# ---- the requestor -----------------------------------------------------------------------------
+class Requestor:
+    """Fetches `name` from `peer` (its file_transfer, then its worker) into a partial file."""
+
+    REQUESTING = "requesting"        # Download sent to the peer, waiting for Size
+    OPENING = "opening"              # Size taken, reading the resume state and opening the partial
+    RECEIVING = "receiving"          # taking chunks
+    HASHING = "hashing"              # a chunk passed its checks, its digest is being computed
+    WRITING = "writing"              # a chunk passed its hash check, its bytes are being written
+    AWAITING_HASH = "awaiting-hash"  # every byte is here, the provider's file hash is not yet
+    VERIFYING = "verifying"          # the whole file is being checked
+    DONE = "done"
+    FAILED = "failed"
+    STATES = frozenset({REQUESTING, OPENING, RECEIVING, HASHING, WRITING, AWAITING_HASH, VERIFYING, DONE, FAILED})
+
+    def __init__(self, name: str, peer: Any, parent: Any, now: float):
+        self.name = name
+        self.peer = peer
+        self.peer_node = peer.node
+        self.parent = parent
+        self.state = self.REQUESTING
+        self.started = self.last_activity = now
+        self.provider = None         # the peer's worker, once it sent Size
+        self.size: Optional[int] = None
+        self.file_hash: Optional[str] = None
+        self.ext = False             # the provider speaks our extensions
+        self.hash_follows = False    # the provider sends the file's hash after the last chunk
+        self.has_state = False       # a resume state file is kept (big ext files)
+        self.file_open = False
+        self.wants_answer = False    # Size expects our answer (the resume offset)
+        self.received = 0
+        self.cursor = 0
+        self.resumed_from = 0
+        self.chunks_since_save = 0
+        self.last_report = 0.0
+        self.last_percent = -1
+        self.keepalive_out = False
+        self.chain_end: Optional[int] = None  # where the bytes hashed in order since the resume point end
+        self.chain_digest: Optional[str] = None  # their BLAKE3: the whole file's once all arrived from 0
+        self.pending: Optional[tuple] = None  # (offset, length, upto, wants_ack) of the chunk being hashed
+
+    # ---- events ----
+    def start(self) -> list:
+        return [ArmTimer(TICK),
+                Send(self.peer, {"Download": {"name": self.name, "target": address_json(self.peer),
+                                              "is_requestor": False}},
+                     {"ft": 1}, HANDSHAKE_TIMEOUT, "download")]
+
+    def response(self, context: Optional[str], body: Any, now: float) -> list:
+        """A response to one of our requests (the Download answer, a keepalive answer)."""
+        if context == "keepalive":
+            self.keepalive_out = False
+        elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
+            result = body["Download"]
+            if "Err" in result:
+                return self.fail(str(result["Err"]), keep=False, now=now)
+            self.last_activity = now
+        return []
+
+    def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: Optional[int],
+                now: float) -> list:
+        """A request from the peer's node: Size, Chunk, the final hash, or an error."""
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        if source == self.parent and meta.get("cancel"):
+            return self.fail("cancelled", keep=False, now=now)
+        if source.node != self.peer_node:
+            return [Log(f"worker: ignored a bad message from {source}: not the peer of this transfer")]
+        if meta.get("error"):
+            # keep the partial for a resume, unless the provider says it is of no use
+            return self.fail(f"{self.peer_node}: {meta['error']}", keep=meta.get("keep") is not False, now=now)
+        if isinstance(body, dict):
+            if "Size" in body:
+                return self.size_announced(source, body["Size"], meta, wants_answer, now)
+            if isinstance(body.get("Chunk"), dict):
+                return self.chunk(source, body["Chunk"], meta, wants_answer, blob_len, now)
+            if "Progress" in body and meta.get("final") and self.hash_follows:
+                return self.final_hash(source, meta, now)
+        return [Log(f"worker: ignored a bad message from {source}: unknown request")]
+
+    def size_announced(self, source: Any, size: Any, meta: dict, wants_answer: bool, now: float) -> list:
+        if self.size is not None:
+            return [Log(f"worker: ignored a bad message from {source}: second Size for this transfer")]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size >= 2**63:
+            return self.fail(f"peer sent an invalid size {size!r}", keep=False, now=now)
+        self.provider = source
+        self.size = size
+        self.ext = meta.get("ft") == 1
+        self.file_hash = meta.get("blake3") if self.ext else None
+        self.hash_follows = self.ext and self.file_hash is None
+        # a file of one chunk has nothing to resume: no state file for it
+        self.has_state = self.ext and size > EXT_CHUNK_SIZE
+        self.wants_answer = wants_answer
+        self.last_activity = now
+        if self.has_state:
+            self.state = self.OPENING
+            return [LoadState()]
+        return self._open(0, now)
+
+    def state_loaded(self, saved: Any, partial_len: Optional[int], now: float) -> list:
+        """The resume state file's content (None if absent or unreadable) and the partial's length.
+        A partial is resumed on its size alone: if the file changed in between, the final check
+        fails the download and removes the partial (the next run starts from zero)."""
+        if self.state != self.OPENING:
+            raise RuntimeError(f"state_loaded in state {self.state}")
+        offset = 0
+        if (isinstance(saved, dict) and isinstance(partial_len, int) and saved.get("size") == self.size
+                and isinstance(saved.get("verified"), int) and not isinstance(saved["verified"], bool)
+                and 0 <= saved["verified"] <= min(partial_len, self.size)):
+            offset = saved["verified"]
+        return self._open(offset, now)
+
+    def _open(self, offset: int, now: float) -> list:
+        self.state = self.OPENING
+        self.received = self.cursor = self.resumed_from = self.chain_end = offset
+        return [OpenPartial(offset)]
+
+    def partial_opened(self, now: float) -> list:
+        if self.state != self.OPENING:
+            raise RuntimeError(f"partial_opened in state {self.state}")
+        self.file_open = True
+        self.state = self.RECEIVING
+        offset = self.resumed_from
+        actions: list = []
+        if not offset and self.has_state:
+            actions.append(SaveState(self.size, 0))
+        if self.wants_answer:
+            actions.append(Reply("Progress", {"ft": 1, "offset": offset}))
+        if offset:
+            actions.append(Log(f"{self.name}: resuming at {offset} of {self.size} bytes"))
+        return self._maybe_finish(actions, now)
+
+    def chunk(self, source: Any, chunk: dict, meta: dict, wants_ack: bool, blob_len: Optional[int],
+              now: float) -> list:
+        if self.state not in (self.RECEIVING, self.AWAITING_HASH):
+            return [Log(f"worker: ignored a bad message from {source}: Chunk before Size")]
+        if source != self.provider:
+            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+        offset, length = chunk.get("offset"), chunk.get("length")
+        if (chunk.get("name") != self.name or not isinstance(offset, int) or not isinstance(length, int)
+                or isinstance(offset, bool) or isinstance(length, bool)):
+            return self.fail("peer sent a malformed chunk", keep=True, now=now)
+        if blob_len is None or blob_len != length or offset < 0 or offset + length > self.size:
+            return self.fail(f"peer sent a chunk that does not fit the file (offset {offset}, length {length}, "
+                             f"{blob_len} bytes, size {self.size})", keep=True, now=now)
+        if self.ext and offset != self.received:
+            return self.fail(f"chunk at offset {offset}, expected {self.received}", keep=True, now=now)
+        self.pending = (offset, length, meta.get("upto"), wants_ack)
+        if self.chain_end is not None and offset == self.chain_end:
+            self.state = self.HASHING
+            return [HashChunk(offset == self.resumed_from)]
+        # out of order (a plain peer may): no running hash from here on
+        self.chain_end = self.chain_digest = None
+        return self._chunk_checked(now)
+
+    def chunk_hashed(self, digest: Optional[str], now: float) -> list:
+        if self.state != self.HASHING:
+            raise RuntimeError(f"chunk_hashed in state {self.state}")
+        offset, length, _, _ = self.pending
+        self.chain_digest = digest
+        self.chain_end = offset + length
+        self.state = self.RECEIVING
+        return self._chunk_checked(now)
+
+    def _chunk_checked(self, now: float) -> list:
+        offset, _, upto, _ = self.pending
+        if self.ext and (self.chain_digest is None or upto != self.chain_digest):
+            self.pending = None
+            return self.fail(f"chunk at offset {offset} failed its integrity check", keep=True, now=now)
+        self.state = self.WRITING
+        return [WriteChunk(offset, offset != self.cursor)]
+
+    def chunk_written(self, now: float) -> list:
+        if self.state != self.WRITING:
+            raise RuntimeError(f"chunk_written in state {self.state}")
+        offset, length, _, wants_ack = self.pending
+        self.pending = None
+        self.cursor = offset + length
+        self.received = max(self.received, self.cursor) if not self.ext else self.cursor
+        actions: list = []
+        if wants_ack:
+            actions.append(Reply("Progress", {"ft": 1, "ack": offset}))
+        self.last_activity = now
+        if self._complete():
+            return self._finish(actions)
+        self.chunks_since_save += 1
+        if self.has_state and self.chunks_since_save >= STATE_EVERY:
+            # not synced first: a killed node's written pages survive in the OS, and after an OS
+            # crash the final check catches a hole behind the state (an fsync per save halved the speed)
+            actions.append(SaveState(self.size, self.received))
+            self.chunks_since_save = 0
+        self._report(actions, now)
+        self._keepalive(actions)
+        self.state = self.AWAITING_HASH if self.received >= self.size else self.RECEIVING
+        return actions
+
+    def final_hash(self, source: Any, meta: dict, now: float) -> list:
+        if source != self.provider:
+            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+        digest = meta.get("blake3")
+        if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
+            return self.fail("peer sent a malformed file hash", keep=False, now=now)
+        self.file_hash = digest
+        self.hash_follows = False
+        self.last_activity = now
+        return self._maybe_finish([], now)
+
+    def file_verified(self, read_back: Optional[str], now: float) -> list:
+        if self.state != self.VERIFYING:
+            raise RuntimeError(f"file_verified in state {self.state}")
+        digest = read_back if read_back is not None else self.chain_digest
+        if self.file_hash and digest != self.file_hash:
+            return self.fail("the downloaded file does not match the provider's hash (it changed while being "
+                             "sent, or was corrupted); nothing was saved", keep=False, now=now)
+        actions: list = [Rename(), RemoveFiles(state=self.has_state, partial=False)]
+        self._report(actions, now, done=True, hash=digest)
+        self.state = self.DONE
+        actions.append(Exit())
+        return actions
+
+    def tick(self, now: float) -> list:
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        if now - self.last_activity > STALL_TIMEOUT:
+            return self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", keep=True, now=now)
+        if self.size is None and now - self.started > HANDSHAKE_TIMEOUT:
+            # the peer accepted but its worker never began (it may be at its process limit)
+            return self.fail(f"{self.peer_node} did not start sending within {HANDSHAKE_TIMEOUT} s",
+                             keep=True, now=now)
+        # a provider can vanish between two keepalives: ask again, and an offline node fails the
+        # request at once rather than after the stall timeout
+        actions: list = []
+        self._keepalive(actions)
+        actions.append(ArmTimer(TICK))
+        return actions
+
+    def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
+        """A request of ours got no answer: `kind` is "offline" or "timeout"."""
+        if context == "tick":
+            return self.tick(now)
+        if context == "download":
+            reason = "is offline" if kind == "offline" else f"did not answer within {HANDSHAKE_TIMEOUT} s"
+            return self.fail(f"{self.peer_node} {reason}", keep=True, now=now)
+        if context == "keepalive":
+            reason = "went offline" if kind == "offline" else "stopped answering"
+            return self.fail(f"{self.peer_node} {reason} during the transfer", keep=True, now=now)
+        return []  # "progress": the parent is busy or gone, progress is advisory
+
+    def io_failed(self, error: str, now: float) -> list:
+        """An action's I/O failed: the partial is kept for a resume."""
+        return self.fail(error, keep=True, now=now)
+
+    def fail(self, error: str, keep: bool, now: float) -> list:
+        """Tell the provider, keep or remove the partial, tell the parent, end."""
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        self.state = self.FAILED
+        actions: list = []
+        if self.provider is not None and self.ext:
+            # the provider stops now rather than after its ack timeout
+            actions.append(Send(self.provider, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
+                                {"ft": 1, "error": error}))
+        if self.file_open and keep and self.ext:
+            actions.append(KeepForResume(self.size, self.received))
+        else:
+            actions.append(RemoveFiles(state=self.has_state, partial=True))
+        resumable = keep and self.ext and self.received
+        self._report(actions, now, error=error + (" (run the download again to resume)" if resumable else ""))
+        actions.append(Exit(error))
+        return actions
+
+    # ---- helpers ----
+    def _complete(self) -> bool:
+        """All bytes are here and the provider's file hash too (unless it sends none)."""
+        return self.size is not None and self.received >= self.size and not self.hash_follows
+
+    def _maybe_finish(self, actions: list, now: float) -> list:
+        if self._complete():
+            return self._finish(actions)
+        self.state = self.AWAITING_HASH if self.received >= self.size else self.RECEIVING
+        return actions
+
+    def _finish(self, actions: list) -> list:
+        # from offset 0 with every chunk hashed in order, the running hash is the file's; a resumed
+        # file is read back whole
+        whole = self.resumed_from == 0 and self.chain_end == self.size and self.size
+        self.state = self.VERIFYING
+        actions.append(VerifyFile(read_back=not whole))
+        return actions
+
+    def _keepalive(self, actions: list) -> None:
+        """Keep one request outstanding to the provider (ext peers only): if its node goes away,
+        the kernel fails the request at once and we learn of it."""
+        if self.ext and not self.keepalive_out and self.provider is not None:
+            actions.append(Send(self.provider, {"Progress": {"name": self.name, "progress": self.last_percent}},
+                                {"ft": 1}, ACK_TIMEOUT, "keepalive"))
+            self.keepalive_out = True
+
+    def _report(self, actions: list, now: float, **extra) -> None:
+        """Progress to the parent: at most once a second or per percent, always with `extra`."""
+        percent = 100 if not self.size else int(self.received * 100 / self.size)
+        if not extra and percent == self.last_percent and now - self.last_report < 1.0:
+            return
+        self.last_percent, self.last_report = percent, now
+        secs = max(now - self.started, 1e-6)
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "total": self.size or 0,
+                "rate": (self.received - self.resumed_from) / secs, "secs": secs}
+        meta.update(extra)
+        actions.append(Send(self.parent, {"Progress": {"name": self.name, "progress": percent}}, meta, 5, "progress"))
+
+
+# ---- the provider ------------------------------------------------------------------------------
+class Provider:
+    """Sends `name` to the requestor worker `target`, at most WINDOW chunks unacknowledged."""
+
+    OPENING = "opening"          # opening the file (a one-chunk file is read and hashed whole)
+    OFFERED = "offered"          # Size sent, waiting for the resume offset
+    SENDING = "sending"          # chunks in flight; waiting for acks
+    READING = "reading"          # a chunk is being read (and hashed)
+    PUSHING = "pushing"          # a plain peer: every chunk sent unacked
+    CHECKING = "checking"        # all sent: checking the file is unchanged, for the final hash
+    DRAINING = "draining"        # final hash sent, waiting for the last acks
+    DONE = "done"
+    FAILED = "failed"
+    STATES = frozenset({OPENING, OFFERED, SENDING, READING, PUSHING, CHECKING, DRAINING, DONE, FAILED})
+
+    def __init__(self, name: str, target: Any, parent: Any, now: float):
+        self.name = name
+        self.target = target
+        self.parent = parent
+        self.state = self.OPENING
+        self.started = self.last_activity = now
+        self.size = 0
+        self.stamp: Any = None        # the file's VFS stamp when we began: it changes if the file does
+        self.next_offset = 0
+        self.in_flight = 0
+        self.ext = False
+        self.pipelined = False       # a one-chunk file's chunk went out right behind Size
+        self.hash_sent = False
+        self.first_offset = 0        # where this session's chunks begin (a resume point)
+        self.chain_digest: Optional[str] = None  # BLAKE3 of the bytes sent from first_offset on
+        self.reading: Optional[tuple] = None  # (offset, length) of the chunk being read
+
+    def _error_to_peer(self, text: str, keep: bool = True) -> Send:
+        """`keep`: whether the requestor's partial may still serve a resume."""
+        return Send(self.target, {"Size": 0}, {"ft": 1, "error": text, "keep": keep})
+
+    # ---- events ----
+    def start(self) -> list:
+        return [ArmTimer(TICK), OpenFile()]
+
+    def opened(self, size: int, stamp: Any, now: float) -> list:
+        if self.state != self.OPENING:
+            raise RuntimeError(f"opened in state {self.state}")
+        self.size, self.stamp = size, stamp
+        if 0 < size <= EXT_CHUNK_SIZE:
+            # a small file is read whole now: the chunk's hash is the file's, and the chunk follows
+            # Size without waiting for its answer (a one-chunk file has no resume point)
+            self.reading = (0, size)
+            return [ReadChunk(size, HASH_WHOLE)]
+        # else the whole-file hash follows the last chunk: hashing first would hold the first byte
+        # back by a read of the whole file
+        self.state = self.OFFERED
+        return [Send(self.target, {"Size": size}, {"ft": 1}, HANDSHAKE_TIMEOUT, "size")]
+
+    def chunk_read(self, got: int, digest: Optional[str], now: float) -> list:
+        if self.state == self.OPENING:
+            if got != self.size:
+                return self.io_failed(f"{self.name} changed while being read", now)
+            self.next_offset = self.size
+            self.pipelined = True
+            self.state = self.OFFERED
+            return [Send(self.target, {"Size": self.size}, {"ft": 1, "blake3": digest}, HANDSHAKE_TIMEOUT, "size"),
+                    Send(self.target, {"Chunk": {"name": self.name, "offset": 0, "length": self.size}},
+                         {"ft": 1, "upto": digest}, forward_blob=True)]
+        if self.state not in (self.READING, self.PUSHING):
+            raise RuntimeError(f"chunk_read in state {self.state}")
+        offset, length = self.reading
+        self.reading = None
+        if got != length:
+            return [self._error_to_peer(f"{self.name} changed while being sent", keep=False)] + \
+                self._failed("file changed while being sent")
+        body = {"Chunk": {"name": self.name, "offset": offset, "length": length}}
+        self.next_offset = offset + length
+        if not self.ext:
+            actions: list = [Send(self.target, body, forward_blob=True)]
+            return actions + self._push_next()
+        self.chain_digest = digest
+        self.in_flight += 1
+        actions = [Send(self.target, body, {"ft": 1, "upto": digest}, ACK_TIMEOUT, "chunk", forward_blob=True)]
+        self.state = self.SENDING
+        return self._fill_window(actions)
+
+    def response(self, context: Optional[str], meta: dict, now: float) -> list:
+        """The answer to Size (the resume offset) or a chunk's ack."""
+        if context == "size" and self.state == self.OFFERED:
+            offset = meta.get("offset", 0)
+            if self.pipelined:
+                if offset not in (0, self.size) or isinstance(offset, bool):
+                    return self._failed(f"peer asked to resume a one-chunk file at {offset!r}")
+                return self._done()
+            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= self.size:
+                return [self._error_to_peer("bad resume offset", keep=False)] + \
+                    self._failed(f"peer asked for a bad resume offset {offset!r}")
+            self.ext = True
+            self.next_offset = self.first_offset = offset
+            self.state = self.SENDING
+            return self._fill_window([Seek(offset)] if offset else [])
+        if context == "chunk" and self.state in (self.SENDING, self.DRAINING):
+            self.in_flight -= 1
+            self.last_activity = now
+            return self._fill_window([])
+        return []
+
+    def request(self, source: Any, body: Any, meta: dict, now: float) -> list:
+        """A request from the requestor: a keepalive, or its error."""
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        if source == self.parent and meta.get("cancel"):
+            return self._failed("cancelled")
+        if source == self.target and isinstance(body, dict) and "Progress" in body:
+            if meta.get("error"):
+                return self._failed(f"the requestor stopped: {meta['error']}")
+            return [Reply("Progress")]
+        return [Log(f"worker: ignored a bad message from {source}: a provider takes only keepalives "
+                    f"from its requestor")]
+
+    def file_checked(self, stamp: Any, digest: Optional[str], now: float) -> list:
+        if self.state != self.CHECKING:
+            raise RuntimeError(f"file_checked in state {self.state}")
+        if self.stamp is not None and stamp != self.stamp:
+            # even where no byte already sent differs: the copy would be of no one instant
+            return [self._error_to_peer(f"{self.name} changed while being sent; nothing was saved", keep=False)] + \
+                self._failed("file changed while being sent")
+        if digest is None:
+            digest = self.chain_digest  # sent from 0, the file unchanged: what was sent is the whole file
+        self.hash_sent = True
+        self.state = self.DRAINING
+        return self._fill_window([Send(self.target, {"Progress": {"name": self.name, "progress": 100}},
+                                       {"ft": 1, "final": True, "blake3": digest})])
+
+    def tick(self, now: float) -> list:
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        if now - self.last_activity > STALL_TIMEOUT:
+            return self._failed(f"no progress for {STALL_TIMEOUT} s; giving up")
+        return [ArmTimer(TICK)]
+
+    def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
+        if context == "tick":
+            return self.tick(now)
+        if context == "size" and self.state == self.OFFERED:
+            # no answer to Size: a peer speaking only the plain protocol; push every chunk unacked
+            if self.pipelined:
+                return self._done()
+            self.ext = False
+            self.state = self.PUSHING
+            return self._push_next()
+        if context == "chunk" and self.state not in (self.DONE, self.FAILED):
+            return self._failed(f"{self.target.node} stopped acknowledging chunks ({kind})")
+        return []
+
+    def io_failed(self, error: str, now: float) -> list:
+        """An action's I/O failed (the error text is for our log; the peer gets a plain reason)."""
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        if self.state == self.OPENING:
+            text, keep = f"cannot read {self.name}", False
+        elif self.state == self.CHECKING:
+            text, keep = f"{self.name} became unreadable while being sent", True
+        else:
+            text, keep = f"{self.name} changed or became unreadable while being sent", False
+        return [self._error_to_peer(text, keep)] + self._failed(error)
+
+    # ---- helpers ----
+    def _read(self, length: int, how: str) -> ReadChunk:
+        self.reading = (self.next_offset, length)
+        return ReadChunk(length, how)
+
+    def _push_next(self) -> list:
+        if self.next_offset < self.size:
+            return [self._read(min(CHUNK_SIZE, self.size - self.next_offset), HASH_NONE)]
+        return self._done()
+
+    def _fill_window(self, actions: list) -> list:
+        if self.in_flight < WINDOW and self.next_offset < self.size:
+            self.state = self.READING
+            how = HASH_CHAIN_RESTART if self.next_offset == self.first_offset else HASH_CHAIN
+            actions.append(self._read(min(EXT_CHUNK_SIZE, self.size - self.next_offset), how))
+            return actions
+        if self.next_offset >= self.size and not self.hash_sent:
+            # the chunks' running hash is the file's if they began at 0 and the file's stamp is
+            # unchanged; a resumed transfer reads the whole file for it
+            self.state = self.CHECKING
+            actions.append(CheckFile(read_back=not (self.first_offset == 0 and self.size)))
+            return actions
+        if self.in_flight == 0 and self.next_offset >= self.size:
+            return actions + self._done()
+        return actions
+
+    def _done(self) -> list:
+        self.state = self.DONE
+        return [Exit()]
+
+    def _failed(self, error: str) -> list:
+        self.state = self.FAILED
+        return [Log(f"upload of {self.name} to {self.target.node} stopped: {error}"), Exit(error)]

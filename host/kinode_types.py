@@ -1,0 +1,98 @@
+"""Kinode's identities and naming rules, shared by the host and the guests.
+
+Standard library only: build.sh stages this file as the top-level module `kinode_types` beside
+process_lib, so a guest parses an address exactly as the host does.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_FILE_NAME_BYTES = 255
+
+# a part of an id may not hold its separators, a path separator or a control character
+_BAD_PART_CHAR = re.compile(r"[@:/\\\x00-\x1f\x7f-\x9f]")
+# a file name may not hold a path separator, a control character or a lone surrogate
+_BAD_NAME_CHAR = re.compile("[/\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class ParseError(ValueError):
+    """A malformed address, process id or package id."""
+
+
+def _check_part(part: str, what: str, text: str) -> str:
+    if not part:
+        raise ParseError(f"{what} {text!r}: empty part")
+    if _BAD_PART_CHAR.search(part):
+        raise ParseError(f"{what} {text!r}: bad character in {part!r}")
+    return part
+
+
+@dataclass(frozen=True)
+class PackageId:
+    package_name: str
+    publisher_node: str
+
+    @classmethod
+    def parse(cls, text: str) -> "PackageId":
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ParseError(f"package id {text!r}: expected package:publisher")
+        return cls(*(_check_part(p, "package id", text) for p in parts))
+
+    def __str__(self) -> str:
+        return f"{self.package_name}:{self.publisher_node}"
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    process_name: str
+    package_name: str
+    publisher_node: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ProcessId":
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ParseError(f"process id {text!r}: expected process:package:publisher")
+        return cls(*(_check_part(p, "process id", text) for p in parts))
+
+    @property
+    def package_id(self) -> PackageId:
+        return PackageId(self.package_name, self.publisher_node)
+
+    def __str__(self) -> str:
+        return f"{self.process_name}:{self.package_name}:{self.publisher_node}"
+
+
+@dataclass(frozen=True)
+class Address:
+    node: str
+    process: ProcessId
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        node, at, rest = text.partition("@")
+        if not at or "@" in rest:
+            raise ParseError(f"address {text!r}: expected node@process:package:publisher")
+        return cls(_check_part(node, "address", text), ProcessId.parse(rest))
+
+    def package_id(self) -> PackageId:
+        """A method, as in kinode_process_lib (ProcessId's is a property, as the host uses it)."""
+        return self.process.package_id
+
+    def __str__(self) -> str:
+        return f"{self.node}@{self.process}"
+
+
+def check_file_name(name: object) -> str:
+    """Why `name` is not a plain file name (one path component, not hidden), or '' if it is."""
+    if not isinstance(name, str) or not name:
+        return "file name is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
+        return f"file name is longer than {MAX_FILE_NAME_BYTES} bytes"
+    if name.startswith("."):
+        return f"file name {name!r} may not start with '.'"
+    if _BAD_NAME_CHAR.search(name):
+        return f"file name {name!r} holds a path separator or control character"
+    return ""

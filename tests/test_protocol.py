@@ -1,0 +1,719 @@
+"""The transfer protocol's state machines (components/file_transfer/common/ft_protocol.py) on plain
+CPython: a requestor and a provider wired together through an in-memory network and file store,
+with BLAKE3 computed here, plus each machine fed a lying or silent peer directly."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from blake3 import blake3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parent.parent
+for folder in (REPO / "host", REPO / "components/file_transfer/common"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import ft_common  # noqa: E402
+import ft_protocol as ft  # noqa: E402
+from kinode_types import Address  # noqa: E402
+
+REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
+REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")
+PEER_MAIN = Address.parse("bob.os@file_transfer:file_transfer:template.os")
+PROV_WORKER = Address.parse("bob.os@w2:file_transfer:template.os")
+PROV_PARENT = PEER_MAIN
+STRANGER = Address.parse("bob.os@other:file_transfer:template.os")
+
+VISITED: dict[str, set] = {"Requestor": set(), "Provider": set()}
+
+
+def _tracked(cls):
+    class Tracked(cls):
+        def __setattr__(self, key, value):
+            if key == "state":
+                VISITED[cls.__name__].add(value)
+            super().__setattr__(key, value)
+    Tracked.__name__ = cls.__name__
+    return Tracked
+
+
+Requestor = _tracked(ft.Requestor)
+Provider = _tracked(ft.Provider)
+
+
+def h(data: bytes) -> str:
+    return blake3(data).hexdigest()
+
+
+@contextlib.contextmanager
+def small_chunks(chunk: int = 16, ext_chunk: int = 64, window: int = ft_common.WINDOW, state_every: int = 2):
+    """Shrink the chunk sizes so a file of a few hundred bytes has many chunks."""
+    saved = {k: getattr(ft, k) for k in ("CHUNK_SIZE", "EXT_CHUNK_SIZE", "WINDOW", "STATE_EVERY")}
+    ft.CHUNK_SIZE, ft.EXT_CHUNK_SIZE, ft.WINDOW, ft.STATE_EVERY = chunk, ext_chunk, window, state_every
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ft, k, v)
+
+
+@dataclass
+class Msg:
+    source: Any
+    target: Any
+    is_request: bool
+    body: Any
+    meta: dict
+    expects: Optional[int] = None
+    context: Optional[str] = None
+    blob: Optional[bytes] = None
+
+
+def wire(x: Any) -> Any:
+    """What the other side parses: the value through JSON."""
+    return json.loads(json.dumps(x))
+
+
+class RequestorSide:
+    """A requestor worker's I/O, in memory: the partial, its state file, the finished file."""
+
+    def __init__(self, store: Optional[dict] = None):
+        self.store = store if store is not None else {}  # "part", "state", "file"
+        self.chain = None
+        self.blob: Optional[bytes] = None
+        self.cursor = 0
+        self.fail_io: set = set()  # action types that raise
+
+    def perform(self, m, a) -> Optional[list]:
+        if type(a).__name__ in self.fail_io:
+            raise OSError(f"{type(a).__name__} failed")
+        s = self.store
+        if isinstance(a, ft.LoadState):
+            saved = json.loads(s["state"]) if "state" in s else None
+            return m.state_loaded(saved, len(s["part"]) if "part" in s else None, 0.0)
+        if isinstance(a, ft.OpenPartial):
+            if a.offset:
+                s.setdefault("part", bytearray())
+                del s["part"][a.offset:]
+            else:
+                s["part"] = bytearray()
+            self.cursor = a.offset
+            return m.partial_opened(0.0)
+        if isinstance(a, ft.SaveState):
+            s["state"] = json.dumps({"size": a.size, "verified": a.verified})
+        elif isinstance(a, ft.HashChunk):
+            if a.restart:
+                self.chain = blake3()
+            self.chain.update(self.blob)
+            return m.chunk_hashed(self.chain.hexdigest(), 0.0)
+        elif isinstance(a, ft.WriteChunk):
+            if a.seek:
+                self.cursor = a.offset
+            part = s["part"]
+            if len(part) < self.cursor:
+                part.extend(bytes(self.cursor - len(part)))
+            part[self.cursor:self.cursor + len(self.blob)] = self.blob
+            self.cursor += len(self.blob)
+            return m.chunk_written(0.0)
+        elif isinstance(a, ft.VerifyFile):
+            return m.file_verified(h(bytes(s["part"])) if a.read_back else None, 0.0)
+        elif isinstance(a, ft.Rename):
+            s["file"] = bytes(s.pop("part"))
+        elif isinstance(a, ft.RemoveFiles):
+            if a.state:
+                s.pop("state", None)
+            if a.partial:
+                s.pop("part", None)
+        elif isinstance(a, ft.KeepForResume):
+            s["state"] = json.dumps({"size": a.size, "verified": a.verified})
+        else:
+            raise AssertionError(f"unexpected requestor action {a}")
+        return None
+
+
+class ProviderSide:
+    """A provider worker's I/O, in memory: the file being sent and its stamp."""
+
+    def __init__(self, data: Optional[bytes], stamp: int = 1):
+        self.data, self.stamp = data, stamp
+        self.cursor = 0
+        self.chain = None
+        self.blob: Optional[bytes] = None
+        self.short_read = False
+
+    def perform(self, m, a) -> Optional[list]:
+        if isinstance(a, ft.OpenFile):
+            if self.data is None:
+                return m.io_failed("no such file", 0.0)
+            return m.opened(len(self.data), self.stamp, 0.0)
+        if isinstance(a, ft.Seek):
+            self.cursor = a.offset
+        elif isinstance(a, ft.ReadChunk):
+            self.blob = self.data[self.cursor:self.cursor + a.length]
+            if self.short_read:
+                self.blob = self.blob[:-1]
+            self.cursor += len(self.blob)
+            digest = None
+            if a.hash == ft.HASH_WHOLE:
+                digest = h(self.blob)
+            elif a.hash in (ft.HASH_CHAIN, ft.HASH_CHAIN_RESTART):
+                if a.hash == ft.HASH_CHAIN_RESTART:
+                    self.chain = blake3()
+                self.chain.update(self.blob)
+                digest = self.chain.hexdigest()
+            return m.chunk_read(len(self.blob), digest, 0.0)
+        elif isinstance(a, ft.CheckFile):
+            return m.file_checked(self.stamp, h(self.data) if a.read_back else None, 0.0)
+        else:
+            raise AssertionError(f"unexpected provider action {a}")
+        return None
+
+
+class Net:
+    """Both workers and their parents, messages delivered in order. `plain_requestor` answers
+    nothing and acks nothing (the provider then sees its Size time out)."""
+
+    def __init__(self, data: Optional[bytes], store: Optional[dict] = None, name: str = "f.bin",
+                 stall_acks: bool = False):
+        self.name = name
+        self.req = Requestor(name, PEER_MAIN, REQ_PARENT, 0.0)
+        self.rside = RequestorSide(store)
+        self.pside = ProviderSide(data)
+        self.prov: Optional[ft.Provider] = None
+        self.queue: list[Msg] = []
+        self.sent: list[Msg] = []       # every message, in order
+        self.logs: list[str] = []
+        self.exits: dict[str, Optional[str]] = {}
+        self.progress: list[dict] = []  # what the requestor told its parent
+        self.max_in_flight = 0
+        self.stall_acks = stall_acks
+
+    # the actions of one side, results fed back, messages queued
+    def act(self, who: str, actions: list, current: Optional[Msg]) -> None:
+        me = REQ_WORKER if who == "req" else PROV_WORKER
+        machine = self.req if who == "req" else self.prov
+        side = self.rside if who == "req" else self.pside
+        while actions:
+            follow = None
+            for i, a in enumerate(actions):
+                if follow is not None:
+                    raise AssertionError("an action with a result must be the last of its list")
+                if isinstance(a, ft.Exit):
+                    self.exits[who] = a.error
+                    assert i == len(actions) - 1
+                    return
+                if isinstance(a, ft.Send):
+                    blob = side.blob if a.forward_blob else None
+                    self.post(Msg(me, a.target, True, wire(a.body), wire(a.metadata or {}), a.timeout, a.context, blob))
+                elif isinstance(a, ft.Reply):
+                    self.post(Msg(me, current.source, False, wire(a.body), wire(a.metadata or {}), None,
+                                  current.context))
+                elif isinstance(a, ft.Log):
+                    self.logs.append(a.text)
+                elif isinstance(a, ft.ArmTimer):
+                    assert a.seconds == ft_common.TICK
+                else:
+                    try:
+                        follow = side.perform(machine, a)
+                    except OSError as e:  # as the driver does with a VfsError: the rest is not done
+                        follow = machine.io_failed(str(e), 0.0)
+                        break
+            actions = follow
+        if self.prov is not None:
+            self.max_in_flight = max(self.max_in_flight, self.prov.in_flight)
+
+    def post(self, m: Msg) -> None:
+        self.sent.append(m)
+        if m.target == REQ_PARENT:
+            self.progress.append(m.meta)
+        elif m.target == PEER_MAIN and "Download" in m.body:
+            # the peer's file_transfer accepts and starts a provider worker
+            self.queue.append(Msg(PEER_MAIN, REQ_WORKER, False, {"Download": {"Ok": None}}, {}, None, "download"))
+            self.prov = Provider(m.body["Download"]["name"], REQ_WORKER, PROV_PARENT, 0.0)
+            self.act("prov", self.prov.start(), None)
+        else:
+            self.queue.append(m)
+
+    def deliver(self, m: Msg, now: float = 0.0) -> None:
+        if m.target == REQ_WORKER:
+            who, machine = "req", self.req
+            self.rside.blob = m.blob
+            if m.is_request:
+                actions = machine.request(m.source, m.body, m.meta, m.expects is not None,
+                                          None if m.blob is None else len(m.blob), now)
+            else:
+                actions = machine.response(m.context, m.body, now)
+        else:
+            who, machine = "prov", self.prov
+            if m.is_request:
+                actions = machine.request(m.source, m.body, m.meta, now)
+            elif self.stall_acks and m.context == "chunk":
+                return
+            else:
+                actions = machine.response(m.context, m.meta, now)
+        if who in self.exits:
+            return
+        self.act(who, actions, m)
+
+    def run(self, limit: int = 100_000) -> "Net":
+        self.act("req", self.req.start(), None)
+        steps = 0
+        while self.queue and steps < limit:
+            self.deliver(self.queue.pop(0))
+            steps += 1
+        return self
+
+    def chunks(self) -> list[Msg]:
+        return [m for m in self.sent if isinstance(m.body, dict) and "Chunk" in m.body]
+
+
+def download(data: bytes, **kw) -> Net:
+    return Net(data, **kw).run()
+
+
+# ---- whole transfers -------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=700))
+def test_any_file_arrives_whole_and_verified(data):
+    with small_chunks():
+        net = download(data)
+    assert net.exits == {"req": None, "prov": None}
+    assert net.rside.store == {"file": data}  # no partial, no state left behind
+    assert net.req.state == ft.Requestor.DONE and net.prov.state == ft.Provider.DONE
+    assert net.progress[-1]["done"] is True and net.progress[-1]["hash"] == h(data)
+    assert net.max_in_flight <= 8
+
+
+def test_window_keeps_eight_chunks_in_flight_and_chains_hashes():
+    data = bytes(range(256)) * 8  # 2048 bytes: 32 chunks of 64
+    with small_chunks():
+        net = download(data)
+    assert net.rside.store == {"file": data}
+    assert net.max_in_flight == 8
+    chunks = net.chunks()
+    assert [c.body["Chunk"]["offset"] for c in chunks] == list(range(0, 2048, 64))
+    for c in chunks:  # each chunk's `upto` is the hash of the file from 0 to its end
+        end = c.body["Chunk"]["offset"] + c.body["Chunk"]["length"]
+        assert c.meta["upto"] == h(data[:end]) and c.expects == ft_common.ACK_TIMEOUT
+    final = [m for m in net.sent if m.meta.get("final")]
+    assert len(final) == 1 and final[0].meta["blake3"] == h(data)
+    # the final hash is the chunks' running hash: no read-back on either side
+    assert net.sent.index(final[0]) > net.sent.index(chunks[-1])
+
+
+def test_real_sizes_four_mib_chunks_and_state_saves():
+    data = (b"0123456789abcdef" * 65536) * 9 + b"tail"  # 9 MiB + 4 bytes: three chunks of up to 4 MiB
+    net = download(data)
+    assert net.rside.store == {"file": data}
+    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [4 << 20, 4 << 20, (1 << 20) + 4]
+
+
+def test_one_chunk_file_is_sent_behind_size_with_its_hash():
+    data = b"hello world\n"
+    net = download(data)
+    size = [m for m in net.sent if "Size" in m.body][0]
+    assert size.meta == {"ft": 1, "blake3": h(data)}
+    first_chunk = net.chunks()[0]
+    assert net.sent.index(first_chunk) == net.sent.index(size) + 1  # right behind Size, before its answer
+    assert first_chunk.expects is None
+    assert net.rside.store == {"file": data} and net.exits == {"req": None, "prov": None}
+
+
+def test_empty_file_completes_at_100_percent():
+    net = download(b"")
+    assert net.rside.store == {"file": b""}
+    assert net.progress[-1]["done"] is True and net.progress[-1]["hash"] == h(b"")
+
+
+def test_missing_file_is_refused_and_nothing_is_kept():
+    net = Net(None).run()
+    assert "cannot read f.bin" in net.exits["req"]
+    assert net.rside.store == {}
+    assert net.logs[-1].startswith("upload of f.bin to alice.os stopped")
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+def interrupted(data: bytes, after_chunks: int) -> dict:
+    """Run a download until the requestor took `after_chunks` chunks, then lose the provider."""
+    net = Net(data)
+    net.act("req", net.req.start(), None)
+    taken = 0
+    while net.queue:
+        m = net.queue.pop(0)
+        if m.target == REQ_WORKER and "Chunk" in m.body:
+            if taken == after_chunks:
+                break
+            taken += 1
+        net.deliver(m)
+    net.act("req", net.req.request_failed("keepalive", "offline", 1.0), None)
+    assert "alice" not in (net.exits["req"] or "") and "went offline" in net.exits["req"]
+    assert "run the download again to resume" in net.progress[-1]["error"]
+    return net.rside.store
+
+
+@pytest.mark.parametrize("after", [1, 3, 5, 9])
+def test_resume_continues_from_the_saved_offset(after):
+    data = bytes((i * 7) % 251 for i in range(1000))
+    with small_chunks():
+        store = interrupted(data, after)
+        saved = json.loads(store["state"])
+        assert saved["size"] == 1000 and saved["verified"] == after * 64
+        net = Net(data, store=store).run()
+    answer = [m for m in net.sent if m.context == "size" and not m.is_request][0]
+    assert answer.meta == {"ft": 1, "offset": after * 64}
+    assert net.chunks()[0].body["Chunk"]["offset"] == after * 64
+    # the running hash restarts at the resume point
+    assert net.chunks()[0].meta["upto"] == h(data[after * 64:after * 64 + 64])
+    assert store == {"file": data} and net.exits == {"req": None, "prov": None}
+    assert f"resuming at {after * 64} of 1000 bytes" in " ".join(net.logs)
+
+
+def test_resume_of_a_changed_file_fails_and_removes_the_partial():
+    data = bytes(1000)
+    with small_chunks():
+        store = interrupted(data, 4)
+        changed = b"\x01" * 1000  # same size: the resume is allowed, the final check catches it
+        net = Net(changed, store=store).run()
+    assert "does not match the provider's hash" in net.exits["req"]
+    assert store == {}
+
+
+def test_a_state_that_does_not_fit_the_partial_starts_over():
+    data = bytes(range(200)) * 5
+    with small_chunks():
+        store = {"part": bytearray(10), "state": json.dumps({"size": 1000, "verified": 500})}
+        net = Net(data, store=store).run()
+    answer = [m for m in net.sent if m.context == "size" and not m.is_request][0]
+    assert answer.meta["offset"] == 0  # verified 500 > partial's 10 bytes
+    assert store == {"file": data}
+
+
+# ---- timeouts --------------------------------------------------------------------------------------
+def test_requestor_gives_up_when_the_handshake_never_comes():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+    r.start()
+    assert isinstance(r.tick(5.0)[-1], ft.ArmTimer)
+    actions = r.tick(ft_common.HANDSHAKE_TIMEOUT + 0.5)
+    assert actions[-1] == ft.Exit(f"bob.os did not start sending within {ft_common.HANDSHAKE_TIMEOUT} s")
+    assert r.state == ft.Requestor.FAILED and r.tick(100.0) == []
+
+
+def test_requestor_stalls_out_and_keeps_its_partial():
+    data = bytes(300)
+    with small_chunks():
+        net = Net(data)
+        net.act("req", net.req.start(), None)
+        for _ in range(6):
+            net.deliver(net.queue.pop(0))
+        r = net.req
+        assert r.state == ft.Requestor.RECEIVING
+        net.act("req", r.tick(ft_common.STALL_TIMEOUT), None)  # just within the limit
+        assert "req" not in net.exits
+        net.act("req", r.tick(ft_common.STALL_TIMEOUT + 1), None)
+    assert net.exits["req"] == f"no progress for {ft_common.STALL_TIMEOUT} s; giving up"
+    assert "part" in net.rside.store and "state" in net.rside.store
+
+
+def test_tick_sends_a_keepalive_when_none_is_outstanding():
+    with small_chunks():
+        net = Net(bytes(300))
+        net.act("req", net.req.start(), None)
+        while net.queue and not net.req.keepalive_out:
+            net.deliver(net.queue.pop(0))
+        assert net.req.tick(1.0) == [ft.ArmTimer(ft_common.TICK)]  # one is out: no second
+        net.req.keepalive_out = False
+        actions = net.req.tick(1.0)
+    assert actions[0].context == "keepalive" and actions[0].target == PROV_WORKER
+
+
+def test_provider_fails_when_acks_stop():
+    with small_chunks():
+        net = Net(bytes(1000), stall_acks=True).run()
+        assert net.prov.in_flight == 8 and "prov" not in net.exits
+        net.act("prov", net.prov.tick(ft_common.STALL_TIMEOUT + 1), None)
+    assert net.exits["prov"] == f"no progress for {ft_common.STALL_TIMEOUT} s; giving up"
+    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0)
+    p.state, p.in_flight = ft.Provider.SENDING, 3
+    assert p.request_failed("chunk", "timeout", 5.0)[-1] == ft.Exit("alice.os stopped acknowledging chunks (timeout)")
+
+
+def test_requestor_fails_when_the_peer_never_answers_download():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+    r.start()
+    assert r.request_failed("download", "offline", 1.0)[-1] == ft.Exit("bob.os is offline")
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+    assert r.request_failed("download", "timeout", 1.0)[-1].error.endswith("did not answer within 10 s")
+    assert r.request_failed("progress", "timeout", 1.0) == []  # advisory, and already failed anyway
+
+
+# ---- plain peers -----------------------------------------------------------------------------------
+def test_provider_pushes_seed_sized_chunks_to_a_plain_requestor():
+    data = bytes(range(100)) * 3
+    with small_chunks():
+        p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+        side = ProviderSide(data)
+        sent = []
+
+        def run(actions):
+            while actions:
+                follow = None
+                for a in actions:
+                    if isinstance(a, ft.Send):
+                        sent.append((a, side.blob if a.forward_blob else None))
+                    elif not isinstance(a, (ft.ArmTimer, ft.Exit, ft.Log)):
+                        follow = side.perform(p, a)
+                actions = follow
+        run(p.start())
+        assert p.state == ft.Provider.OFFERED
+        run(p.request_failed("size", "timeout", 10.0))  # no answer to Size
+    assert p.state == ft.Provider.DONE
+    chunks = [(a, b) for a, b in sent if "Chunk" in a.body]
+    assert [a.body["Chunk"]["length"] for a, _ in chunks] == [16] * 18 + [12]  # the seed's chunk size
+    assert all(a.metadata is None and a.timeout is None for a, _ in chunks)  # unacked, no hash
+    assert b"".join(b for _, b in chunks) == data
+
+
+def test_requestor_takes_a_plain_provider():
+    data = b"a" * 40 + b"b" * 40
+    with small_chunks():
+        r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+        side = RequestorSide()
+        net = Net(None)
+        net.req, net.rside = r, side
+        net.act("req", r.start(), None)
+        net.queue.clear()
+        net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Size": 80}, {}))
+        assert not [m for m in net.sent if not m.is_request]  # a plain Size expects no answer
+        for off in range(0, 80, 16):
+            net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Chunk": {"name": "f", "offset": off, "length": 16}},
+                            {}, blob=data[off:off + 16]))
+    assert net.exits["req"] is None and side.store == {"file": data}
+    assert not [m for m in net.sent if m.context == "keepalive"]  # keepalives are for our peers only
+
+
+# ---- a lying peer ------------------------------------------------------------------------------------
+def sized(size: int, meta: Optional[dict] = None) -> tuple[Net, Requestor]:
+    """A requestor that has taken Size from PROV_WORKER."""
+    net = Net(None)
+    net.act("req", net.req.start(), None)
+    net.queue.clear()
+    net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Size": size}, {"ft": 1} if meta is None else meta, 10, "size"))
+    return net, net.req
+
+
+def chunk(offset: int, data: bytes, upto: Optional[str], length: Optional[int] = None, source=PROV_WORKER,
+          name: str = "f.bin") -> Msg:
+    return Msg(source, REQ_WORKER, True, {"Chunk": {"name": name, "offset": offset,
+                                                     "length": len(data) if length is None else length}},
+               {"ft": 1, "upto": upto}, 60, "chunk", data)
+
+
+def test_liar_wrong_hash_fails_and_tells_the_provider():
+    net, r = sized(20)
+    net.deliver(chunk(0, b"x" * 10, "00" * 32))
+    assert net.exits["req"] == "chunk at offset 0 failed its integrity check"
+    told = [m for m in net.sent if m.target == PROV_WORKER and m.meta.get("error")]
+    assert told and told[0].meta["error"] == net.exits["req"]
+    assert net.rside.store["part"] == b"" and json.loads(net.rside.store["state"]) == {"size": 20, "verified": 0}
+
+
+def test_liar_hash_of_the_chunk_alone_fails_the_second_chunk():
+    net, r = sized(20)
+    net.deliver(chunk(0, b"x" * 10, h(b"x" * 10)))
+    assert "req" not in net.exits and r.received == 10
+    net.deliver(chunk(10, b"y" * 10, h(b"y" * 10)))  # not the hash from 0
+    assert net.exits["req"] == "chunk at offset 10 failed its integrity check"
+
+
+def test_liar_wrong_offset_oversize_short_blob_and_malformed():
+    cases = [
+        (chunk(10, b"x" * 10, h(b"x" * 10)), "chunk at offset 10, expected 0"),
+        (chunk(15, b"x" * 10, None), "does not fit the file (offset 15, length 10, 10 bytes, size 20)"),
+        (chunk(0, b"x" * 9, None, length=10), "does not fit the file (offset 0, length 10, 9 bytes, size 20)"),
+        (chunk(-1, b"", None), "does not fit the file"),
+        (chunk(0, b"x", None, name="other"), "peer sent a malformed chunk"),
+        (Msg(PROV_WORKER, REQ_WORKER, True, {"Chunk": {"name": "f.bin", "offset": "0", "length": 1}}, {}, blob=b"x"),
+         "peer sent a malformed chunk"),
+    ]
+    for msg, expected in cases:
+        net, r = sized(20)
+        net.deliver(msg)
+        assert expected in net.exits["req"], (msg, net.exits)
+        assert r.state == ft.Requestor.FAILED
+
+
+def test_liar_stranger_chunk_is_ignored_and_the_transfer_goes_on():
+    net, r = sized(20)
+    net.deliver(chunk(0, b"z" * 10, h(b"z" * 10), source=STRANGER))
+    assert "req" not in net.exits and r.received == 0 and r.chain_digest is None
+    assert "not this transfer's provider" in net.logs[-1]
+    net.deliver(chunk(0, b"x" * 10, h(b"x" * 10)))
+    net.deliver(chunk(10, b"x" * 10, h(b"x" * 20)))
+    assert r.state == ft.Requestor.AWAITING_HASH
+    net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Progress": {"name": "f.bin", "progress": 100}},
+                    {"ft": 1, "final": True, "blake3": h(b"x" * 20)}))
+    assert net.exits["req"] is None and net.rside.store == {"file": b"x" * 20}
+
+
+def test_liar_chunk_before_size_and_from_another_node_are_ignored():
+    net = Net(None)
+    net.act("req", net.req.start(), None)
+    net.deliver(chunk(0, b"x", None))
+    assert "Chunk before Size" in net.logs[-1] and net.req.state == ft.Requestor.REQUESTING
+    other = Address.parse("carol.os@w:file_transfer:template.os")
+    net.deliver(Msg(other, REQ_WORKER, True, {"Size": 5}, {"ft": 1}))
+    assert "not the peer of this transfer" in net.logs[-1] and net.req.size is None
+
+
+@pytest.mark.parametrize("final,expected", [
+    ("00" * 32, "does not match the provider's hash"),
+    ("not a hash", "peer sent a malformed file hash"),
+    ("AB" * 32, "peer sent a malformed file hash"),
+])
+def test_liar_bad_final_hash(final, expected):
+    net, r = sized(10)
+    net.deliver(chunk(0, b"x" * 10, h(b"x" * 10)))
+    net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Progress": {"name": "f.bin", "progress": 100}},
+                    {"ft": 1, "final": True, "blake3": final}))
+    assert expected in net.exits["req"]
+    assert "file" not in net.rside.store and "part" not in net.rside.store  # nothing saved, nothing kept
+
+
+@pytest.mark.parametrize("size", [-1, 2**63, "10", None, 1.5])
+def test_liar_invalid_size(size):
+    net, r = sized(size)
+    assert net.exits["req"] == f"peer sent an invalid size {size!r}"
+
+
+def test_second_size_is_ignored():
+    net, r = sized(20)
+    net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Size": 5}, {"ft": 1}))
+    assert r.size == 20 and "second Size" in net.logs[-1]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_provider_error_keeps_the_partial_only_when_allowed(keep):
+    with small_chunks():
+        net, r = sized(200)
+        net.deliver(chunk(0, b"x" * 64, h(b"x" * 64)))
+        net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Size": 0}, {"ft": 1, "error": "boom", "keep": keep}))
+    assert net.exits["req"] == "bob.os: boom"
+    assert ("part" in net.rside.store) is keep
+
+
+def test_cancel_from_the_parent_removes_the_partial():
+    with small_chunks():
+        net, r = sized(200)
+        net.deliver(chunk(0, b"x" * 64, h(b"x" * 64)))
+        net.deliver(Msg(REQ_PARENT, REQ_WORKER, True, {"Cancel": None}, {"cancel": True}))
+    assert net.exits["req"] == "cancelled" and net.rside.store == {}
+    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0)
+    assert p.request(PROV_PARENT, {"Cancel": None}, {"cancel": True}, 0.0)[-1] == ft.Exit("cancelled")
+
+
+def test_requestor_io_error_keeps_the_partial_for_a_resume():
+    with small_chunks():
+        net = Net(bytes(500))
+        net.rside.fail_io = {"WriteChunk"}
+        net.run()
+    assert net.exits["req"] == "WriteChunk failed"
+    assert "part" in net.rside.store and json.loads(net.rside.store["state"])["verified"] == 0
+
+
+# ---- a lying requestor, seen by the provider ------------------------------------------------------------
+def offered(data: bytes) -> tuple[Provider, ProviderSide, list]:
+    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+    side = ProviderSide(data)
+    out: list = []
+
+    def run(actions):
+        while actions:
+            follow = None
+            for a in actions:
+                if isinstance(a, (ft.Send, ft.Log, ft.Exit)):
+                    out.append(a)
+                elif not isinstance(a, ft.ArmTimer):
+                    follow = side.perform(p, a)
+            actions = follow
+    run(p.start())
+    return p, side, out, run
+
+
+@pytest.mark.parametrize("offset", [-1, 201, "5", True])
+def test_provider_refuses_a_bad_resume_offset(offset):
+    with small_chunks():
+        p, side, out, run = offered(bytes(200))
+        run(p.response("size", {"ft": 1, "offset": offset}, 0.0))
+    assert out[-3] == ft.Send(REQ_WORKER, {"Size": 0}, {"ft": 1, "error": "bad resume offset", "keep": False})
+    assert out[-1] == ft.Exit(f"peer asked for a bad resume offset {offset!r}")
+
+
+def test_provider_one_chunk_file_refuses_a_resume_and_ends_on_the_size_answer():
+    p, side, out, run = offered(b"hello")
+    assert p.pipelined and p.state == ft.Provider.OFFERED
+    run(p.response("size", {"ft": 1, "offset": 3}, 0.0))
+    assert out[-1] == ft.Exit("peer asked to resume a one-chunk file at 3")
+    p, side, out, run = offered(b"hello")
+    run(p.response("size", {"ft": 1, "offset": 0}, 0.0))
+    assert out[-1] == ft.Exit() and p.state == ft.Provider.DONE
+    p, side, out, run = offered(b"hello")
+    run(p.request_failed("size", "timeout", 0.0))  # a plain requestor: it already has the chunk
+    assert out[-1] == ft.Exit() and len([a for a in out if isinstance(a, ft.Send)]) == 2
+
+
+def test_provider_detects_a_file_changed_while_being_sent():
+    with small_chunks():
+        p, side, out, run = offered(bytes(1000))
+        run(p.response("size", {"ft": 1, "offset": 0}, 0.0))
+        side.stamp = 2  # the file changed under us
+        while p.state not in (ft.Provider.DONE, ft.Provider.FAILED):
+            run(p.response("chunk", {"ft": 1}, 0.0))
+    assert out[-1] == ft.Exit("file changed while being sent")
+    assert out[-3].metadata == {"ft": 1, "error": "f.bin changed while being sent; nothing was saved", "keep": False}
+
+
+def test_provider_short_read_and_unreadable_file():
+    with small_chunks():
+        p, side, out, run = offered(bytes(200))
+        side.short_read = True
+        run(p.response("size", {"ft": 1, "offset": 0}, 0.0))
+    assert out[-1] == ft.Exit("file changed while being sent")
+    p, side, out, run = offered(b"abc")
+    assert p.state == ft.Provider.OFFERED
+    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+    p.start()
+    actions = p.io_failed("gone", 0.0)
+    assert actions[0].metadata == {"ft": 1, "error": "cannot read f.bin", "keep": False}
+    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+    p.state = ft.Provider.CHECKING
+    assert p.io_failed("gone", 0.0)[0].metadata["error"] == "f.bin became unreadable while being sent"
+
+
+def test_provider_answers_keepalives_and_stops_on_the_requestors_error():
+    p, side, out, run = offered(bytes(100))
+    assert p.request(REQ_WORKER, {"Progress": {"name": "f.bin", "progress": 5}}, {"ft": 1}, 0.0) == \
+        [ft.Reply("Progress")]
+    assert "only keepalives" in p.request(STRANGER, {"Progress": {}}, {}, 0.0)[0].text
+    assert p.request(REQ_WORKER, {"Progress": {}}, {"ft": 1, "error": "no space"}, 0.0)[-1] == \
+        ft.Exit("the requestor stopped: no space")
+
+
+# ---- every state ------------------------------------------------------------------------------------
+def test_every_declared_state_is_reached():
+    """Run the scenarios above that reach each state, then compare with the declared states."""
+    test_any_file_arrives_whole_and_verified()
+    test_window_keeps_eight_chunks_in_flight_and_chains_hashes()
+    test_resume_continues_from_the_saved_offset(3)
+    test_missing_file_is_refused_and_nothing_is_kept()
+    test_provider_pushes_seed_sized_chunks_to_a_plain_requestor()
+    test_liar_wrong_hash_fails_and_tells_the_provider()
+    test_provider_detects_a_file_changed_while_being_sent()
+    assert VISITED["Requestor"] == ft.Requestor.STATES
+    assert VISITED["Provider"] == ft.Provider.STATES
