@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -68,10 +69,17 @@ def test_allow_list_refuses_other_nodes_and_survives_a_restart(node_factory):
 def test_unsolicited_remote_request_to_a_private_process_is_dropped(node_factory):
     fake = node_factory("fake.dev", extra_args=WITH_TESTS)
     fake2 = node_factory("fake2.dev", extra_args=WITH_TESTS)
-    fake2.expect(r"quiet begin", 20) if not any("quiet begin" in ln for ln in fake2.lines) else None
-    fake.type('m fake2.dev@quiet:misbehave:test.os "hello"')
-    time.sleep(1.5)
-    assert not any("quiet got a message" in ln for ln in fake2.lines), fake2.lines[-5:]
+    terminal = "fake.dev@terminal:terminal:sys"
+    # refused: quiet (private) never sent fake.dev anything; fake2 says it dropped the request
+    fake.type('m fake2.dev@quiet:misbehave:test.os first')
+    fake2.expect(rf"quiet:misbehave:test.os is not public: unsolicited request from {terminal} dropped", 20)
+    # the positive control, on the same path: once quiet has asked fake.dev something, fake.dev's
+    # requests reach it (so the refusal above was the rule, not a lost message)
+    fake2.type("m fake2.dev@quiet:misbehave:test.os ask fake.dev@pinger:misbehave:test.os ping 0")
+    fake2.expect(r"quiet got a message from fake\.dev@pinger:misbehave:test\.os: b'pong'", 20)
+    fake.type('m fake2.dev@quiet:misbehave:test.os second')
+    fake2.expect(rf"quiet got a message from {terminal}: b'second'", 20)
+    assert not any("b'first'" in ln for ln in fake2.lines), fake2.lines[-20:]
 
 
 def test_a_process_cannot_message_a_private_process_it_holds_no_capability_for(node_factory):
@@ -196,3 +204,21 @@ def test_a_lying_provider_fails_the_download_and_leaves_nothing(node_factory, na
     assert all(p.read_bytes() in (b"", verified) for p in (fake.files / ".partial").rglob("*.part"))
     time.sleep(0.5)
     assert [p for p in fake.processes() if p.split(":")[0].isdigit()] == []
+
+
+def test_a_chunk_from_a_stranger_is_ignored_and_the_true_one_completes(node_factory):
+    """The liar's child, which never sent Size, sends a chunk (of other bytes, hashed correctly)
+    before the provider's own: the worker ignores it, says so, and saves only the provider's bytes."""
+    fake = node_factory("fake.dev")
+    node_factory("liar.dev", extra_args=["--packages", str(REPO / "tests" / "liar")])
+    code, lines = fake.run("download:file_transfer:template.os stranger liar.dev",
+                           until=r"stranger downloaded|error:", timeout=30)
+    assert code == 0, lines
+    assert (fake.files / "stranger").read_bytes() == b"x" * 1000
+    ignored = [ln for ln in fake.lines if "ignored a bad message" in ln]
+    assert len(ignored) == 1, fake.lines[-20:]
+    assert re.search(r"worker: ignored a bad message from liar\.dev@(\d+):file_transfer:template\.os: "
+                     r"Chunk from liar\.dev@\1:file_transfer:template\.os, not from this transfer's provider",
+                     ignored[0]), ignored
+    time.sleep(0.5)
+    assert fake.workers() == []

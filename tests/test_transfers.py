@@ -2,15 +2,21 @@
 workers that always end. Real nodes, real files, bytes compared."""
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
 
-from conftest import no_workers
+from conftest import REPO, TEST_PACKAGES, no_workers
+
+sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
+from ft_common import check_name  # noqa: E402  (the guest's own name rule, plain Python)
 
 
 def sha(path) -> str:
@@ -159,17 +165,33 @@ def test_many_files_in_one_command_wait_their_turn(two_nodes):
     no_workers(fake, fake2)
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", "..", "bad\u0007name", "x\x1b[31m"])
-def test_provider_refuses_hostile_names_from_a_peer(two_nodes, name):
-    fake, fake2 = two_nodes
-    import json
-    target = {"node": "fake.dev", "process": {"process_name": "file_transfer", "package_name": "file_transfer",
-                                              "publisher_node": "template.os"}}
-    body = json.dumps({"Download": {"name": name, "target": target, "is_requestor": False}})
-    # the terminal sends as a system process, so this reaches fake2's file_transfer like a peer's request
-    fake.type(f"m fake2.dev@file_transfer:file_transfer:template.os {body}")
-    time.sleep(1.0)
-    assert fake2.workers() == []
+def test_provider_refuses_hostile_names_from_a_peer(node_factory):
+    """A peer's Download naming a path is refused by the provider's file_transfer itself (its answer
+    is checked, not only that no worker started); the same request with a plain name is served."""
+    args = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
+    fake, fake2 = node_factory("fake.dev", extra_args=args), node_factory("fake2.dev", extra_args=args)
+    fake2.files.mkdir(parents=True, exist_ok=True)
+    (fake2.files / "plain.txt").write_text("plain\n")
+    provider = "fake2.dev@file_transfer:file_transfer:template.os"
+    # quiet (on fake) sends the request as a peer's worker would, and prints the answer and what
+    # follows; the target of the transfer is quiet itself
+    target = {"node": "fake.dev", "process": {"process_name": "quiet", "package_name": "misbehave",
+                                              "publisher_node": "test.os"}}
+
+    def ask(name: str) -> None:
+        body = json.dumps({"Download": {"name": name, "target": target, "is_requestor": False}})
+        fake.type(f"m fake.dev@quiet:misbehave:test.os ask {provider} {body}")
+
+    # the positive control: a plain name is accepted, and fake2's worker sends quiet the file's Size
+    ask("plain.txt")
+    fake.expect(rf"quiet got a message from {provider}: b'{{\"Download\":{{\"Ok\":null}}}}'", 20)
+    fake.expect(r"quiet got a message from fake2\.dev@\d+:file_transfer:template\.os: b'{\"Size\":6}'", 20)
+    for name in ["../../etc/passwd", "a/b", "..", "bad\u0007name", "x\x1b[31m"]:
+        ask(name)
+        line = fake.expect(rf"quiet got a message from {re.escape(provider)}: ", 20)
+        answer = json.loads(ast.literal_eval(line.split(": ", 2)[2]))  # quiet prints the bytes' repr
+        assert answer == {"Download": {"Err": check_name(name)}}, (name, line)
+    no_workers(fake2, within=30)  # the plain name's worker too (quiet never answers its Size)
     assert fake2.alive()
     assert not any("\x1b" in ln or "\x07" in ln for ln in fake2.lines + fake.lines)
 
