@@ -326,7 +326,8 @@ class Requestor:
         if self.file is not None and error.keep and self.ext:
             try:
                 self.file.sync_all()
-                self.save_state(self.received)
+                # a write that failed (a full disk) is rolled back: the partial holds less than was received
+                self.save_state(min(self.received, vfs.metadata(self.partial).len))
             except vfs.VfsError:
                 pass
         else:
