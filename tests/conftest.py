@@ -24,6 +24,10 @@ FT_FILES = "vfs/file_transfer:template.os/files"
 TEST_PACKAGES = REPO / "tests" / "packages"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a costly test (over 1 GiB, or a minute long); the normal suite and CI run it")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,13 +51,14 @@ class NodeProc:
         self.lines: list[str] = []
         self._new: "queue.Queue[str]" = queue.Queue()
         self.proc: subprocess.Popen | None = None
+        self.wrap: list[str] = []  # a command to run the node under (e.g. unshare), exec'ing it
 
     @property
     def files(self) -> Path:
         return self.home / FT_FILES
 
     def start(self, timeout: float = 60) -> "NodeProc":
-        cmd = [sys.executable, "-m", "host", "--node", self.name, "--home", str(self.home),
+        cmd = [*self.wrap, sys.executable, "-m", "host", "--node", self.name, "--home", str(self.home),
                "--port", str(self.port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -136,36 +137,59 @@ def test_random_bodies_to_file_transfer_never_stop_it(node_factory):
 
 
 # ---- a full disk -------------------------------------------------------------------------------------
-@pytest.fixture
-def small_files_drive(tmp_path):
-    """fake.dev's home whose file_transfer `files` drive is a 24 MB filesystem."""
-    home = tmp_path / "fake.dev"
-    mnt = home / "vfs" / "file_transfer:template.os" / "files"
-    mnt.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    yield home
-    subprocess.run(["umount", "-l", str(mnt)])
+def _userns_tmpfs_works() -> str:
+    """'' if this machine lets us mount a tmpfs in a user namespace of our own (as root or not)."""
+    try:
+        done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                               "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True, timeout=30)
+    except FileNotFoundError:
+        return "unshare is not installed"
+    return done.stderr.decode().strip() if done.returncode else ""
 
 
-def test_a_full_disk_fails_the_download_clearly_and_keeps_the_node(node_factory, small_files_drive):
-    fake = node_factory("fake.dev", home=small_files_drive)
+def test_a_full_disk_fails_the_download_clearly_and_the_partial_resumes_when_space_returns(node_factory):
+    """fake.dev runs in its own user and mount namespace whose `files` drive is a 48 MiB tmpfs, a
+    24 MiB file already on it: a real ENOSPC (not a monkeypatch; the VFS unit tests have those)."""
+    problem = _userns_tmpfs_works()
+    if problem:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {problem}")
+    fake = node_factory("fake.dev", start=False)
+    fake.files.mkdir(parents=True)
+    fake.wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                 'mount -t tmpfs -o size=48m tmpfs "$0" && exec "$@"', str(fake.files)]
+    fake.start()
     fake2 = node_factory("fake2.dev")
+    drive = Path(f"/proc/{fake.proc.pid}/root") / str(fake.files).lstrip("/")  # the drive as the node sees it
+    assert os.statvfs(drive).f_blocks * os.statvfs(drive).f_frsize == 48 << 20  # (the control: it is the tmpfs)
+    (drive / "ballast.bin").write_bytes(b"\xaa" * (24 << 20))  # 24 MiB left: full part way through 40 MiB
     fake2.files.mkdir(parents=True, exist_ok=True)
-    (fake2.files / "huge.bin").write_bytes(os.urandom(40 << 20))
+    data = os.urandom(40 << 20)
+    (fake2.files / "huge.bin").write_bytes(data)
     (fake2.files / "small.txt").write_text("fits\n")
     code, lines = fake.run("download:file_transfer:template.os huge.bin fake2.dev",
                            until=r"huge\.bin downloaded|error:", timeout=60)
-    assert code == 1 and any("no space left on device" in ln.lower() for ln in lines), lines
-    assert not (fake.files / "huge.bin").exists()
-    # the partial is removed or kept for resume, but never under the real name; the node keeps working
-    for p in (fake.files / ".partial").rglob("*.part"):
-        p.unlink()
+    # (a 4 MiB chunk is written behind: its failure is reported by the next operation on the file)
+    assert code == 1 and re.fullmatch(
+        r"file_transfer:template\.os: error: download of huge\.bin from fake2\.dev failed: "
+        r"/file_transfer:template\.os/files/\.partial/fake2\.dev/huge\.bin\.part: IOError: (an earlier write failed: )?"
+        r"no space left on device: file_transfer:template\.os/files/\.partial/fake2\.dev/huge\.bin\.part "
+        r"\(run the download again to resume\)", lines[-1]), lines
+    assert not (drive / "huge.bin").exists()  # nothing under the real name
+    part = drive / ".partial" / "fake2.dev" / "huge.bin.part"
+    held = json.loads((drive / ".partial" / "fake2.dev" / "huge.bin.state").read_text())["verified"]
+    # the resume point counts only bytes on disk (the chunk whose write failed is not among them)
+    assert 0 < held <= part.stat().st_size < len(data) and part.read_bytes()[:held] == data[:held]
+    # the node keeps working: a file that fits arrives
     code, lines = fake.run("download:file_transfer:template.os small.txt fake2.dev",
                            until=r"small\.txt downloaded|error:", timeout=30)
-    assert code == 0, lines
-    assert (fake.files / "small.txt").read_text() == "fits\n"
+    assert code == 0 and (drive / "small.txt").read_text() == "fits\n", lines
+    # space returns: the download resumes where it stopped and completes
+    (drive / "ballast.bin").unlink()
+    code, lines = fake.run("download:file_transfer:template.os huge.bin fake2.dev",
+                           until=r"huge\.bin downloaded|error:", timeout=60)
+    assert code == 0 and f"file_transfer:template.os: huge.bin: resuming at {held} of {len(data)} bytes" in lines, lines
+    assert (drive / "huge.bin").read_bytes() == data
+    assert not part.exists()
 
 
 # ---- SIGKILL and restart ----------------------------------------------------------------------------
