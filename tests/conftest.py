@@ -251,3 +251,14 @@ def stop_mid_transfer(fake, fake2, name: str, size: int, need_resume_point: bool
             return
         os.kill(fake2.proc.pid, signal.SIGCONT)
         fake.expect(rf"{re.escape(name)} progress: ", 60)
+
+
+def thread_names(node: NodeProc) -> list[str]:
+    """The names of the node process's threads (Python names them for the OS), sorted."""
+    names = []
+    for comm in Path(f"/proc/{node.proc.pid}/task").glob("*/comm"):
+        try:
+            names.append(comm.read_text().strip())
+        except FileNotFoundError:
+            pass  # the thread ended meanwhile
+    return sorted(names)
