@@ -54,6 +54,7 @@ def test_a_download_over_1_gib_arrives_intact_within_300_mb_per_node(two_nodes):
         dest = fake.files / "big.bin"
         assert dest.stat().st_size == size and file_blake3(dest) == digest
         peaks = {n.name: peak_rss_bytes(n) for n in (fake, fake2)}
+        print(f"peak RSS: {peaks}")
         assert all(p < PEAK_RSS_LIMIT for p in peaks.values()), peaks
         no_workers(fake, fake2)
     finally:  # two GiB of test data: do not leave them in pytest's kept temporary folders
@@ -117,7 +118,13 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
         pooled = {p: sum(t.rsplit("_", 1)[0] == p for t in threads) for p in pools}
         return fixed, pooled, open_fds(nodes[name])
 
-    before = {name: footprint(name) for name in nodes}
+    def steady(name: str):
+        """The footprint once it holds still for a second (a control command's own threads end)."""
+        first = footprint(name)
+        time.sleep(1)
+        return first if footprint(name) == first else None
+
+    before = {name: wait_for(lambda: steady(name), 30, f"{name} at rest") for name in nodes}
     assert all(f[0] and f[2] > 3 for f in before.values()), before  # (the control: we see the counts)
 
     attempts: list[Attempt] = []
