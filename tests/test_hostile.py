@@ -147,16 +147,22 @@ def _userns_tmpfs_works() -> str:
     return done.stderr.decode().strip() if done.returncode else ""
 
 
-def test_a_full_disk_fails_the_download_clearly_and_the_partial_resumes_when_space_returns(node_factory):
+def test_a_full_disk_fails_the_download_clearly_and_the_partial_resumes_when_space_returns(node_factory, request):
     """fake.dev runs in its own user and mount namespace whose `files` drive is a 48 MiB tmpfs, a
     24 MiB file already on it: a real ENOSPC (not a monkeypatch; the VFS unit tests have those)."""
-    problem = _userns_tmpfs_works()
-    if problem:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {problem}")
     fake = node_factory("fake.dev", start=False)
     fake.files.mkdir(parents=True)
-    fake.wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                 'mount -t tmpfs -o size=48m tmpfs "$0" && exec "$@"', str(fake.files)]
+    problem = _userns_tmpfs_works()
+    if not problem:
+        fake.wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                     'mount -t tmpfs -o size=48m tmpfs "$0" && exec "$@"', str(fake.files)]
+    else:  # (a container that forbids user namespaces may still let root mount)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(fake.files)],
+                                 capture_output=True)
+        if mounted.returncode:
+            pytest.skip(f"cannot mount a tmpfs, in a user namespace ({problem}) or not "
+                        f"({mounted.stderr.decode().strip()})")
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(fake.files)]))
     fake.start()
     fake2 = node_factory("fake2.dev")
     drive = Path(f"/proc/{fake.proc.pid}/root") / str(fake.files).lstrip("/")  # the drive as the node sees it
