@@ -108,6 +108,7 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
                                        until=rf"{re.escape(fname)} downloaded|error:", timeout=60)
                 assert code == 0, lines
     no_workers(*nodes.values(), within=30)
+    processes_before = {name: sorted(n.processes()) for name, n in nodes.items()}
 
     pools = {"vfs-write": 2, "asyncio": min(32, (os.cpu_count() or 1) + 4)}
 
@@ -210,6 +211,7 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
     # nothing leaked: no workers, and each node's threads and descriptors are back where they were
     # (the restarted node is compared with its first life, after the same warm-up work)
     no_workers(*nodes.values(), within=90)
+    assert {name: sorted(n.processes()) for name, n in nodes.items()} == processes_before
 
     # thread pools grow on demand up to a bound (the VFS's write-behind pool 2, asyncio's executor
     # min(32, CPUs + 4)): those need only stay within it; every other thread (a process's, the
