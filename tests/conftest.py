@@ -1,9 +1,11 @@
 """Fixtures that run real nodes: separate processes, temporary homes, their own directory DB."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,10 @@ from host.control import run_remote  # noqa: E402
 
 FT_FILES = "vfs/file_transfer:template.os/files"
 TEST_PACKAGES = REPO / "tests" / "packages"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a costly test (over 1 GiB, or a minute long); the normal suite and CI run it")
 
 
 def free_port() -> int:
@@ -46,13 +52,14 @@ class NodeProc:
         self._new: "queue.Queue[str]" = queue.Queue()
         self.proc: subprocess.Popen | None = None
         self.launcher = [sys.executable, "-m", "host"]  # a test may run the CLI another way
+        self.wrap: list[str] = []  # a command to run the node under (e.g. unshare), exec'ing it
 
     @property
     def files(self) -> Path:
         return self.home / FT_FILES
 
     def start(self, timeout: float = 60) -> "NodeProc":
-        cmd = [*self.launcher, "--node", self.name, "--home", str(self.home),
+        cmd = [*self.wrap, *self.launcher, "--node", self.name, "--home", str(self.home),
                "--port", str(self.port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -152,3 +159,107 @@ def node_factory(tmp_path):
 @pytest.fixture
 def two_nodes(node_factory):
     return node_factory("fake.dev"), node_factory("fake2.dev")
+
+
+# ---- helpers for tests that must mean the same on a fast or a slow machine ------------------------
+class frozen:
+    """`with frozen(node):` the node's process is stopped (SIGSTOP) inside the block, so a transfer
+    it takes part in cannot move on however fast the machine is; SIGCONT on leaving, unless it died."""
+
+    def __init__(self, node: NodeProc):
+        self.node = node
+
+    def __enter__(self) -> NodeProc:
+        os.kill(self.node.proc.pid, signal.SIGSTOP)
+        return self.node
+
+    def __exit__(self, *exc) -> None:
+        if self.node.alive():
+            os.kill(self.node.proc.pid, signal.SIGCONT)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
+    """Poll `predicate` until it returns something true; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict (VmHWM, VmRSS, Threads, ...)."""
+    rows = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (r.partition(":") for r in rows)}
+
+
+def peak_rss_bytes(node: NodeProc) -> int:
+    """The node process's peak resident memory so far (VmHWM)."""
+    kb, unit = proc_status(node.proc.pid)["VmHWM"].split()
+    assert unit == "kB"
+    return int(kb) * 1024
+
+
+def open_fds(node: NodeProc) -> int:
+    return len(os.listdir(f"/proc/{node.proc.pid}/fd"))
+
+
+def thread_count(node: NodeProc) -> int:
+    return int(proc_status(node.proc.pid)["Threads"])
+
+
+def partial_size(node, peer: str, name: str) -> int:
+    part = node.files / ".partial" / peer / f"{name}.part"
+    return part.stat().st_size if part.exists() else -1
+
+
+def saved_resume_point(node, peer: str, name: str) -> int:
+    """The `verified` byte count in the requestor's resume state (0 if none yet)."""
+    try:
+        return json.loads((node.files / ".partial" / peer / f"{name}.state").read_text())["verified"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+def settle(node, peer: str, name: str, quiet_for: float = 1.0, timeout: float = 60) -> int:
+    """Wait until the requestor's partial stops growing (its provider frozen); return its size."""
+    last, since = partial_size(node, peer, name), time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() - since < quiet_for:
+        assert time.monotonic() < deadline, "the partial kept growing with its provider frozen"
+        time.sleep(0.1)
+        now = partial_size(node, peer, name)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def stop_mid_transfer(fake, fake2, name: str, size: int, need_resume_point: bool = False) -> None:
+    """Start downloading `name` and freeze the provider (SIGSTOP) once bytes have arrived: at most
+    its window of chunks still arrives, so the transfer is held part way on any machine. With
+    `need_resume_point`, step on (a chunk at a time) until the requestor has saved one."""
+    fake.type("verbosity 1")  # a progress line for every chunk
+    fake.type(f"download:file_transfer:template.os {name} fake2.dev")
+    fake.expect(rf"{re.escape(name)} progress: [1-9]", 60)
+    while True:
+        os.kill(fake2.proc.pid, signal.SIGSTOP)
+        held = settle(fake, "fake2.dev", name)
+        assert 0 < held < size, held
+        assert not any(f"{name} downloaded" in ln for ln in fake.lines)
+        if not need_resume_point or saved_resume_point(fake, "fake2.dev", name) > 0:
+            return
+        os.kill(fake2.proc.pid, signal.SIGCONT)
+        fake.expect(rf"{re.escape(name)} progress: ", 60)
+
+
+def thread_names(node: NodeProc) -> list[str]:
+    """The names of the node process's threads (Python names them for the OS), sorted."""
+    names = []
+    for comm in Path(f"/proc/{node.proc.pid}/task").glob("*/comm"):
+        try:
+            names.append(comm.read_text().strip())
+        except FileNotFoundError:
+            pass  # the thread ended meanwhile
+    return sorted(names)

@@ -45,7 +45,7 @@ class Node:
         self.net.send(km, errors.put)
         return errors
 
-    def recv(self, timeout=3.0):
+    def recv(self, timeout=10.0):
         return self.inbox.get(timeout=timeout)
 
 
@@ -132,10 +132,12 @@ def test_round_trip_preserves_every_field(pair):
 def test_order_is_kept(pair):
     a, b = pair
     sent = [request("a.os", "b.os", body=str(i).encode()) for i in range(2000)]
+    failures = []  # (a callback raising on the network thread would go unseen: collect, then assert)
     for km in sent:
-        a.net.send(km, pytest.fail)
+        a.net.send(km, failures.append)
     got = [b.recv() for _ in sent]
     assert [k.id for k in got] == [k.id for k in sent]
+    assert failures == []
 
 
 def test_loopback_to_own_node(nodes):
@@ -149,10 +151,11 @@ def test_simultaneous_dial_keeps_one_connection(nodes):
     for i in range(5):
         a, b = nodes(f"a{i}.os"), nodes(f"b{i}.os")
         go = threading.Barrier(2)
+        failures = []
 
         def fire(src, dst, go=go):
             go.wait()
-            src.net.send(request(src.name, dst.name), pytest.fail)
+            src.net.send(request(src.name, dst.name), failures.append)
 
         threads = [threading.Thread(target=fire, args=(a, b)), threading.Thread(target=fire, args=(b, a))]
         for t in threads:
@@ -161,7 +164,7 @@ def test_simultaneous_dial_keeps_one_connection(nodes):
             t.join()
         assert b.recv().source.node == a.name
         assert a.recv().source.node == b.name
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             ca, cb = a.net._peers[b.name].conn, b.net._peers[a.name].conn
             if ca and cb and ca.sock.getsockname() == cb.sock.getpeername():
@@ -174,6 +177,7 @@ def test_simultaneous_dial_keeps_one_connection(nodes):
         assert_quiet(b.lost, 0)
         a.send(request(a.name, b.name, body=b"again"))
         assert b.recv().message.body == b"again"
+        assert failures == []
         a.stop()
         b.stop()
 
@@ -189,9 +193,11 @@ class SlowDirectory(Directory):
 def test_both_dialling_keeps_the_first_names_connection(nodes, tmp_path):
     slow = SlowDirectory(tmp_path / "directory.sqlite")
     a, b = nodes("a.os", directory=slow), nodes("b.os", directory=slow)
-    a.net.send(request("a.os", "b.os"), pytest.fail)
-    b.net.send(request("b.os", "a.os"), pytest.fail)
+    failures = []
+    a.net.send(request("a.os", "b.os"), failures.append)
+    b.net.send(request("b.os", "a.os"), failures.append)
     assert a.recv().source.node == "b.os" and b.recv().source.node == "a.os"
+    assert failures == []
     ca, cb = a.net._peers["b.os"].conn, b.net._peers["a.os"].conn
     assert ca.sock.getsockname() == cb.sock.getpeername()
     assert ca.dialled and not cb.dialled
@@ -203,23 +209,24 @@ def test_both_dialling_keeps_the_first_names_connection(nodes, tmp_path):
 def test_unknown_node_is_offline_promptly(nodes):
     a = nodes("a.os")
     t0 = time.monotonic()
-    err = a.send(request("a.os", "ghost.os")).get(timeout=2)
+    err = a.send(request("a.os", "ghost.os")).get(timeout=10)
     assert err.startswith("offline:") and "ghost.os" in err
-    assert time.monotonic() - t0 < 1
+    # at once: well before the 5 s a dial may take (ms here; the bound is loose for a busy machine)
+    assert time.monotonic() - t0 < 3
 
 
 def test_stopped_or_dead_node_is_offline(nodes, directory):
     a = nodes("a.os")
     b = nodes("b.os")
     b.stop()
-    err = a.send(request("a.os", "b.os")).get(timeout=2)
+    err = a.send(request("a.os", "b.os")).get(timeout=10)
     assert err.startswith("offline:")
     # Registered and marked online, but nothing listens there (a crashed node).
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
     directory.register("dead.os", os.urandom(32), "127.0.0.1", dead_port)
-    err = a.send(request("a.os", "dead.os")).get(timeout=2)
+    err = a.send(request("a.os", "dead.os")).get(timeout=10)
     assert err.startswith("offline:") and "cannot connect" in err
 
 
@@ -230,7 +237,7 @@ def test_too_large_refused_at_sender_connection_stays(pair):
     conn = a.net._peers["b.os"].conn
     big = request("a.os", "b.os", blob=Blob(None, bytes(MAX_MESSAGE)))
     size = len(msgpack.packb(big.to_wire()))
-    err = a.send(big).get(timeout=2)
+    err = a.send(big).get(timeout=10)
     assert err == f"message too large: {size} bytes > 10485800"
     # A message just under the limit goes through, on the same connection.
     fits = request("a.os", "b.os", body=b"", blob=Blob(None, b""))
@@ -250,7 +257,7 @@ def test_peer_lost_and_redial_after_restart(nodes, tmp_path):
     a.send(request("a.os", "b.os"))
     b.recv()
     b.stop()
-    assert a.lost.get(timeout=2) == "b.os"
+    assert a.lost.get(timeout=10) == "b.os"
     assert a.net.connected_peers() == []
     b2 = nodes("b.os", home=tmp_path / "b.os")  # same identity, new port
     assert b2.identity == b.identity
@@ -275,7 +282,7 @@ def test_restarted_peer_replaces_stale_connection(nodes, tmp_path):
         a2.send(request("a.os", "b.os", body=b"from the new a"))
         assert b.recv().message.body == b"from the new a"
         assert old.closed
-        assert b.lost.get(timeout=2) == "a.os"
+        assert b.lost.get(timeout=10) == "a.os"
     finally:
         a2.stop()
 
@@ -291,7 +298,7 @@ def test_registers_heartbeats_and_unregisters(nodes, directory):
             return db.execute("SELECT last_seen FROM nodes WHERE name = 'a.os'").fetchone()[0]
 
     first = last_seen()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10
     while last_seen() == first and time.monotonic() < deadline:
         time.sleep(0.02)
     assert last_seen() > first
@@ -322,7 +329,7 @@ def test_node_posing_as_another_name_is_refused(nodes, tmp_path, caplog):
     impostor = nodes("a.os", home=tmp_path / "impostor", directory=fake_dir)
     assert impostor.identity.public != a.identity.public
     with caplog.at_level(logging.WARNING, logger="host.net"):
-        err = impostor.send(request("a.os", "b.os", body=b"forged")).get(timeout=3)
+        err = impostor.send(request("a.os", "b.os", body=b"forged")).get(timeout=10)
     assert err.startswith("offline:")
     assert_quiet(b.inbox)
     assert any("claiming to be 'a.os'" in r.getMessage() and "key does not match" in r.getMessage()
@@ -343,8 +350,8 @@ def test_dialler_checks_name_and_key(nodes, tmp_path, caplog):
     odd_dir.register("a.os", a.identity.public, "127.0.0.1", fake.net.port)
     d = nodes("d.os", directory=odd_dir)
     with caplog.at_level(logging.WARNING, logger="host.net"):
-        err1 = d.send(request("d.os", "x.os")).get(timeout=3)
-        err2 = d.send(request("d.os", "a.os")).get(timeout=3)
+        err1 = d.send(request("d.os", "x.os")).get(timeout=10)
+        err2 = d.send(request("d.os", "a.os")).get(timeout=10)
     assert err1.startswith("offline:") and "claims to be 'c.os'" in err1
     assert err2.startswith("offline:") and "did not prove the key" in err2
     msgs = [r.getMessage() for r in caplog.records]
@@ -360,7 +367,7 @@ class RawPeer:
     """A hand-driven Noise initiator, to send what a well-behaved node never would."""
 
     def __init__(self, name, identity, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=3)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.noise = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
         self.noise.set_keypair_from_private_bytes(Keypair.STATIC, identity.private)
         self.noise.set_prologue(netmod.PROLOGUE)
@@ -414,7 +421,7 @@ def raw_peer(directory, tmp_path):
         r.sock.close()
 
 
-def dropped(sock, timeout=2.0):
+def dropped(sock, timeout=10.0):
     """True if the other side closes ``sock`` within ``timeout`` seconds."""
     sock.settimeout(timeout)
     try:
@@ -458,7 +465,7 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
         m1 = n.write_message()
         s.sendall(len(m1).to_bytes(2, "big") + m1)
         still_serves(a, b, b"during half handshake")
-        assert dropped(s, timeout=3)
+        assert dropped(s)
         s.close()
         # Connect and close at once.
         socket.create_connection(("127.0.0.1", b.net.port)).close()
@@ -468,7 +475,7 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
             return sum("dropping unauthenticated connection" in r.getMessage()
                        for r in caplog.records if r.name == "host.net")
 
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10
         while count() < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
     msgs = [r.getMessage() for r in caplog.records if r.name == "host.net"]
@@ -506,7 +513,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
         assert dropped(raw.sock)
         still_serves(a, b, b"still here")
     assert any(expect in r.getMessage() and "evil.os" in r.getMessage() for r in caplog.records)
-    assert b.lost.get(timeout=2) == "evil.os"
+    assert b.lost.get(timeout=10) == "evil.os"
     assert_quiet(b.inbox, 0)
 
 

@@ -188,7 +188,9 @@ class Worker:
     def keep_for_resume(self, a: ft.KeepForResume) -> None:
         try:
             self.file.sync_all()
-            self.save_state(a)
+            # a write that failed (a full disk) may have left less on disk than was counted
+            on_disk = vfs.metadata(self.partial).len
+            self.save_state(ft.KeepForResume(a.size, min(a.verified, on_disk)))
         except vfs.VfsError:
             pass
 

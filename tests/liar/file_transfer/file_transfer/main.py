@@ -4,16 +4,31 @@ sends what the file name asks for: `size-lies` (chunks past the announced size),
 (a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `no-hash` (a chunk
 with no hash), `chunk-hash-only` (a second chunk whose `upto` hashes that chunk alone, not the
 file up to its end), `bad-final` and `garbled-final` (good bytes, then a wrong or malformed
-whole-file hash), `stranger` (a chunk from a process that never sent Size)."""
+whole-file hash), `stranger` (a chunk from a process that never sent Size: a child of the liar,
+before the true chunk; the download must ignore it and complete)."""
 import wit_world
 
-from process_lib import Address, Request, Response, SendError, await_message, println, run
+from process_lib import (Address, OnExit, ProcessId, Request, Response, SendError, await_message, our_capabilities,
+                         println, run, spawn)
 
 DATA_HASH = "ff6f2cf7750b0d32858b758ef1cd7971064f53e81ec62ff560a953792599ca69"  # BLAKE3 of b"x" * 1000
 Y_HASH = "2ea5a8a36ffa187910093ac95efa7fc1d451a867d14a45adc03a8b6c574c3e72"     # BLAKE3 of b"y" * 1000
 
 
+def stranger(our: Address) -> None:
+    """The spawned child: send one chunk to the worker its parent names, then say it is done."""
+    msg = await_message()
+    to = msg.json()["Stranger"]
+    worker = Address(to["node"], ProcessId.parse(to["process"]))
+    Request.to(worker).body({"Chunk": {"name": "stranger", "offset": 0, "length": 1000}}) \
+        .metadata({"ft": 1, "upto": Y_HASH}).blob_bytes(b"y" * 1000).send()
+    Response().body("Sent").send()
+
+
 def main(our: Address) -> None:
+    if our.process.process_name != "file_transfer":
+        stranger(our)
+        return
     println("liar begin")
     while True:
         try:
@@ -58,6 +73,14 @@ def main(our: Address) -> None:
                 .metadata({"ft": 1, "upto": DATA_HASH}).blob_bytes(data).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 1000, "length": 1000}}) \
                 .metadata({"ft": 1, "upto": Y_HASH}).blob_bytes(b"y" * 1000).send()
+        elif name == "stranger":  # the true Size (its hash included), a stranger's chunk, the true chunk
+            Request.to(worker).body({"Size": 1000}).metadata({"ft": 1, "blake3": DATA_HASH}).send()
+            child = spawn(None, f"{our.package_id()}/pkg/file_transfer.wasm", OnExit.NONE, our_capabilities())
+            # its chunk is sent before its answer, so it reaches the worker before the true one
+            Request.to(Address(our.node, child)).body({"Stranger": {"node": worker.node, "process": str(worker.process)}}) \
+                .send_and_await_response(10)
+            Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 1000}}) \
+                .metadata({"ft": 1, "upto": DATA_HASH}).blob_bytes(data).send()
         elif name == "length-lies":
             Request.to(worker).body({"Size": 1000}).send()
             Request.to(worker).body({"Chunk": {"name": name, "offset": 0, "length": 999}}).blob_bytes(data).send()

@@ -1,9 +1,10 @@
 # world: process-v0-ext
 """A private process with the network capability: it prints whatever reaches it, so tests can show
-that nothing unsolicited does."""
+that nothing unsolicited does. `ask ADDRESS BODY` from the local terminal sends BODY to ADDRESS as a
+request expecting an answer (printed when it comes); after that, ADDRESS's node may message quiet."""
 import wit_world
 
-from process_lib import SendError, await_message, println, run
+from process_lib import Address, Request, SendError, await_message, println, run
 
 
 def main(our) -> None:
@@ -11,9 +12,17 @@ def main(our) -> None:
     while True:
         try:
             msg = await_message()
-        except SendError:
+        except SendError as e:
+            println(f"quiet send error {e.kind}")
             continue
-        println(f"quiet got a message from {msg.source}: {msg.body[:50]!r}")
+        println(f"quiet got a message from {msg.source}: {msg.body[:300]!r}")
+        local_terminal = msg.source.node == our.node and msg.source.process.process_name == "terminal"
+        if msg.is_request and local_terminal and msg.body.startswith(b"ask "):
+            try:
+                _, target, body = msg.body.decode().split(" ", 2)
+                Request.to(Address.parse(target)).body(body.encode()).expects_response(10).send()
+            except ValueError as e:
+                println(f"quiet: bad ask: {e}")
 
 
 class WitWorld(wit_world.WitWorld):
