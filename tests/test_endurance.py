@@ -125,7 +125,7 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
         time.sleep(1)
         return first if footprint(name) == first else None
 
-    before = {name: wait_for(lambda: steady(name), 30, f"{name} at rest") for name in nodes}
+    before = {name: wait_for(lambda name=name: steady(name), 30, f"{name} at rest") for name in nodes}
     assert all(f[0] and f[2] > 3 for f in before.values()), before  # (the control: we see the counts)
 
     attempts: list[Attempt] = []
@@ -222,6 +222,6 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
 
     for name in nodes:
         try:
-            wait_for(lambda: back_to_before(name), 30, "settled")
+            wait_for(lambda name=name: back_to_before(name), 30, "settled")
         except AssertionError:
             raise AssertionError(f"{name}: threads and fds before {before[name]}, after {footprint(name)}") from None

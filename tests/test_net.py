@@ -153,7 +153,7 @@ def test_simultaneous_dial_keeps_one_connection(nodes):
         go = threading.Barrier(2)
         failures = []
 
-        def fire(src, dst, go=go):
+        def fire(src, dst, go=go, failures=failures):
             go.wait()
             src.net.send(request(src.name, dst.name), failures.append)
 
