@@ -26,7 +26,11 @@ def node_parser() -> argparse.ArgumentParser:
                     "from another shell: python -m host run --home HOME 'COMMAND'.")
     p.add_argument("--node", required=True, metavar="NAME", help="the node's name, e.g. fake.dev")
     p.add_argument("--port", type=int, default=8080,
-                   help="TCP port the node listens on for other nodes (default 8080)")
+                   help="HTTP port of the node's web page, as kit's (default 8080)")
+    p.add_argument("--net-port", type=int, default=0,
+                   help="TCP port other nodes connect to (default: a free one, registered in the directory)")
+    p.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                   help="address the web page listens on (default 127.0.0.1)")
     p.add_argument("--home", type=Path, default=Path("/tmp/kinode-fake-node"),
                    help="the node's home folder: VFS, state, keys (default /tmp/kinode-fake-node)")
     p.add_argument("--packages", type=Path, action="append", default=None, metavar="DIR",
@@ -130,7 +134,8 @@ def main(argv: list[str]) -> int:
     if args.max_processes < 1:
         node_parser().error("--max-processes must be at least 1")
     node = Node(args.node, args.home, args.port, args.packages or [REPO / "components"], args.directory, args.peers,
-                args.compute_limit, max_processes=args.max_processes)
+                args.compute_limit, max_processes=args.max_processes, net_port=args.net_port,
+                http_host=args.http_host)
     try:
         node.start()
     except NodeError as e:
@@ -139,7 +144,7 @@ def main(argv: list[str]) -> int:
         return 1
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
     node.terminal.info(f"{args.node}: ready in {time.perf_counter() - t0:.2f} s "
-                       f"(port {args.port}, home {node.home}); type `help` for commands")
+                       f"(http port {args.port}, net port {node.net.port if node.net else '-'}, home {node.home}); type `help` for commands")
     threading.Thread(target=_read_stdin, args=(node,), name="stdin", daemon=True).start()
     try:
         node.wait()

@@ -39,11 +39,13 @@ class Node:
     def __init__(self, name: str, home: Path, port: int = DEFAULT_PORT, packages_dirs: Sequence[Path] = (),
                  directory: Optional[Path] = None, peers_file: Optional[Path] = None,
                  compute_limit: float = 30.0, terminal: Optional[Terminal] = None, networking: bool = True,
-                 max_processes: int = MAX_INSTANCES):
+                 max_processes: int = MAX_INSTANCES, net_port: int = 0, http_host: Optional[str] = "127.0.0.1"):
         self.name = name
+        self.net_port = net_port      # 0: a free port, registered in the directory
+        self.http_host = http_host    # None: no HTTP server
         self.max_processes = max_processes
         self.home = Path(home).absolute()
-        self.port = port
+        self.port = port              # the HTTP port, as kit's
         self.packages_dirs = list(packages_dirs)
         self.directory_path = directory
         self.peers_file = peers_file
@@ -64,6 +66,8 @@ class Node:
         self.kernel = Kernel(self.name, self.home, self.runtime, self.vfs, self.terminal, self.compute_limit)
         if self.networking:
             self._start_network()
+        if self.http_host is not None:
+            self._start_http()
         self._start_control()
         for folder in self.packages_dirs:
             if not folder.is_dir():
@@ -98,16 +102,27 @@ class Node:
         from host.directory import Directory, NameTaken, default_directory_path
         identity = net.load_or_create_identity(self.home)
         directory = Directory(self.directory_path or default_directory_path(), peers_file=self.peers_file)
-        self.net = net.Network(self.name, identity, self.port, directory,
+        self.net = net.Network(self.name, identity, self.net_port, directory,
                                on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost)
         try:
             self.net.start()
         except NameTaken as e:
             raise NodeError(str(e)) from None
         except OSError as e:
+            raise NodeError(f"cannot listen on port {self.net_port}: {e.strerror or e} "
+                            f"(another node? pick another with --net-port)") from None
+        self.kernel.net = self.net
+
+    def _start_http(self) -> None:
+        from host.http_server import HttpServerService
+        self.http = HttpServerService(self.kernel, self.home, self.port, self.http_host)
+        try:
+            self.http.start()
+        except OSError as e:
             raise NodeError(f"cannot listen on port {self.port}: {e.strerror or e} "
                             f"(another node? pick another with --port)") from None
-        self.kernel.net = self.net
+        self.kernel.processes[self.http.id] = self.http
+        self.terminal.info(f"{self.name}: web page: {self.http.login_url}")
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -125,6 +140,8 @@ class Node:
             self.kernel.shutdown()
         if self.net is not None:
             self.net.stop()
+        if getattr(self, "http", None) is not None:
+            self.http.stop()
 
     # ---- terminal actions ------------------------------------------------------------------
     def run_script(self, head: ProcessId, args: str) -> ProcessId:

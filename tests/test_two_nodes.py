@@ -107,7 +107,7 @@ def test_garbage_on_the_port_is_dropped_and_the_node_keeps_serving(two_nodes):
     fake2.files.mkdir(parents=True, exist_ok=True)
     (fake2.files / "ok.txt").write_text("still here\n")
     for payload in (os.urandom(5000), b"\x00\x20" + b"half a handshake", (0xFFFF).to_bytes(2, "big") + b"x" * 70000):
-        with socket.create_connection(("127.0.0.1", fake2.port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", fake2.net_port), timeout=5) as s:
             try:
                 s.sendall(payload)
                 s.settimeout(3)
