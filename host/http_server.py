@@ -49,7 +49,7 @@ from host.types import Address, Blob, KernelMessage, ProcessId, Request, Respons
 log = logging.getLogger("host.http_server")
 
 HTTP_SERVER_ID = ProcessId("http_server", "distro", "sys")
-RESPONSE_TIMEOUT = 30          # seconds a process has to answer an HTTP request (then 504)
+RESPONSE_TIMEOUT = float(os.environ.get("KINODE_HTTP_TIMEOUT", 30))  # seconds a process has to answer (then 504)
 MAX_BODY = 2 * 1024 * 1024     # a body sent to a process as a blob (a blob crosses into Wasm whole)
 UPLOAD_CHUNK = 1024 * 1024
 TOKEN_FILE = ".keys/http-token"
@@ -216,7 +216,8 @@ class HttpServerService(Service):
             if arg.get("cache"):
                 if blob is None:
                     return {"Err": "NoBlob"}
-                binding.static = Blob(blob.mime or mimetypes.guess_type(path)[0] or "application/octet-stream",
+                mime = arg.get("mime") or blob.mime or mimetypes.guess_type(path)[0] or "application/octet-stream"
+                binding.static = Blob(mime,
                                       bytes(blob.bytes))
             if arg.get("upload_to") is not None:
                 drive = arg["upload_to"]
@@ -313,6 +314,8 @@ class HttpServerService(Service):
             return self._homepage()
         binding, url_params = self._match(path)
         if binding is None:
+            if not self._authed(request):  # strangers learn nothing about which paths exist
+                return self._unauthorized(request)
             if not path.endswith("/") and self._match(path + "/")[0] is not None:
                 raise web.HTTPFound(path + "/")
             return _json_error(404, f"nothing is bound at {path}")
@@ -325,8 +328,8 @@ class HttpServerService(Service):
         if binding.static is not None:
             if request.method not in ("GET", "HEAD"):
                 return _json_error(405, "static file: GET only")
-            return web.Response(body=binding.static.bytes, content_type=binding.static.mime.split(";")[0],
-                                headers={"Cache-Control": "no-cache"})
+            return web.Response(body=binding.static.bytes, headers={"Content-Type": binding.static.mime,
+                                                                    "Cache-Control": "no-cache"})
         blob: Optional[Blob] = None
         if binding.upload_to is not None and request.method == "POST" and \
                 request.content_type == "multipart/form-data":
@@ -363,7 +366,7 @@ class HttpServerService(Service):
             self.pending[mid] = pending
         target = Address(self.kernel.node, binding.pid)
         km = KernelMessage(mid, self.address, target, self.address,
-                           Request(expects_response=RESPONSE_TIMEOUT, body=json.dumps({"Http": incoming}).encode()),
+                           Request(expects_response=int(RESPONSE_TIMEOUT) + 1, body=json.dumps({"Http": incoming}).encode()),
                            blob)
         self.kernel.route(km, self)
         try:
@@ -371,7 +374,7 @@ class HttpServerService(Service):
         except asyncio.TimeoutError:
             with self.lock:
                 self.pending.pop(mid, None)
-            return _json_error(504, f"{binding.pid} did not answer within {RESPONSE_TIMEOUT} s")
+            return _json_error(504, f"{binding.pid} did not answer within {RESPONSE_TIMEOUT:g} s")
         if kind == "gone":
             return _json_error(503, f"{binding.pid} is not running" + (f" ({value})" if value else ""))
         return self._to_http(value, binding)
@@ -380,7 +383,8 @@ class HttpServerService(Service):
         try:
             answer = json.loads(km.message.body)
             status = int(answer.get("status", 200))
-            headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
+            headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()
+                       if str(k).lower() not in ("content-length", "transfer-encoding", "connection")}
             if not 100 <= status <= 599:
                 raise ValueError(f"status {status}")
         except (ValueError, TypeError, AttributeError) as e:
@@ -512,7 +516,7 @@ class HttpServerService(Service):
         with self.lock:
             apps = sorted({b.pid for b in self.bindings.values() if b.static is not None and b.path.endswith("/")
                            and b.path.count("/") == 2}, key=str)
-        items = "".join(f'<li><a href="/{quote(str(p))}/">{html.escape(p.package_name)}</a> '
+        items = "".join(f'<li><a href="/{quote(str(p), safe=":")}/">{html.escape(p.package_name)}</a> '
                         f'<small>{html.escape(str(p))}</small></li>' for p in apps) or "<li>no apps yet</li>"
         return web.Response(text=_page(f"{self.kernel.node}", f"<h1>{html.escape(self.kernel.node)}</h1>"
                                        f"<h2>Apps</h2><ul class=apps>{items}</ul>"), content_type="text/html")
