@@ -72,8 +72,8 @@ def test_the_file_transfer_page_in_chromium(two_nodes, browser, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
     fake2.files.mkdir(parents=True, exist_ok=True)
-    make_file(fake2.files / "big.bin", 1536)
-    make_file(fake2.files / "other.bin", 2048)  # big enough to be caught running
+    make_file(fake2.files / "big.bin", 1024)
+    make_file(fake2.files / "other.bin", 1024)
     (fake2.files / "readme.txt").write_text("hello from fake2\n")
     wait = WebDriverWait(browser, 60, poll_frequency=0.05)
 
@@ -152,7 +152,12 @@ def test_the_file_transfer_page_in_chromium(two_nodes, browser, tmp_path):
         os.kill(fake2.proc.pid, signal.SIGCONT)
     assert not (fake.files / "other.bin").exists()
     shot("05-finished")
+    # on a phone's width nothing is cut off sideways
+    browser.set_window_size(390, 844)
+    time.sleep(0.3)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    shot("06-phone")
     if os.environ.get("UPDATE_SCREENSHOT"):  # the README's picture
         SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copy(shots / "05-finished.png", SCREENSHOT)
+        shutil.copy(shots / "04-downloading.png", SCREENSHOT)
     print(f"screenshots in {shots}")
