@@ -221,6 +221,8 @@ class HttpServerService(Service):
                                       bytes(blob.bytes))
             if arg.get("upload_to") is not None:
                 drive = arg["upload_to"]
+                if drive == "pkg":  # installed package files stay read-only
+                    return {"Err": {"PathBindError": {"error": "uploads cannot go into the pkg drive"}}}
                 try:
                     binding.upload_to = self.kernel.vfs.drive_path(pid.package_id, drive)
                 except ValueError as e:

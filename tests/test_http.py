@@ -224,6 +224,7 @@ def test_json_shapes_through_process_lib(web_node):
     assert set(answers["unknown"]["Err"]) == {"BadRequest"} and "req" in answers["unknown"]["Err"]["BadRequest"]
     assert set(answers["traversal"]["Err"]) == {"BadRequest"}
     assert answers["unbind"] == {"Ok": None}
+    assert set(answers["pkg_upload"]["Err"]) == {"PathBindError"}  # installed files stay read-only
     # static files: a bound blob, and serve_ui's pkg/ui with index.html at "/"
     status, headers, data = request(node, "GET", f"{WT}/static.txt", good)
     assert (status, data) == (200, b"static bytes\n") and headers["Content-Type"].startswith("text/plain")

@@ -28,7 +28,9 @@ def main(our: Address) -> None:
                        ("bad_push", {"WebSocketPush": {"channel_id": 12345, "message_type": "Text"}}),
                        ("unknown", {"Frobnicate": {}}),
                        ("traversal", {"Bind": {"path": "/../x", "authenticated": True, "local_only": False, "cache": False}}),
-                       ("unbind", {"Unbind": {"path": "/nothing"}})]:
+                       ("unbind", {"Unbind": {"path": "/nothing"}}),
+                       ("pkg_upload", {"Bind": {"path": "/y", "authenticated": True, "local_only": False, "cache": False,
+                                                "upload_to": "pkg"}})]:
         answers[name] = Request.to(server).body(body).expects_response(5).send_and_await_response().json()
     channels = {}
     println(f"webtest ready: {json.dumps(ui)}")
