@@ -32,6 +32,22 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "file_transfer-page.png"
 
 
+# records whether the upload progress bar was shown and the highest value it reached
+WATCH_UPLOAD_BAR = """
+window.uploadBar = {shown: false, max: 0};
+new MutationObserver(() => {
+  if (!document.getElementById("upload").hidden) window.uploadBar.shown = true;
+  window.uploadBar.max = Math.max(window.uploadBar.max, document.getElementById("upload-progress").value);
+}).observe(document.getElementById("upload"), {attributes: true, subtree: true});
+"""
+CLICK = "const b = document.querySelector(arguments[0]); if (b) b.click(); return !!b;"
+DROP_FILES = """
+const dt = new DataTransfer();
+for (const [name, text] of arguments[0]) dt.items.add(new File([text], name));
+document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+"""
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -95,14 +111,20 @@ def test_the_file_transfer_page_in_chromium(two_nodes, browser, tmp_path):
     a.write_text("alpha\n")
     b.write_bytes(os.urandom(3_000_000))
     bad.write_text("SECRET=1\n")
+    browser.execute_script(WATCH_UPLOAD_BAR)
     browser.find_element(By.ID, "upload-input").send_keys(f"{a}\n{b}")
     wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "Uploaded alpha.txt, beta.bin"))
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#my-files tr[data-name]")) == 2)
+    assert browser.execute_script("return window.uploadBar") == {"shown": True, "max": 100}
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#my-files tr[data-name]")) >= 2)
     assert (fake.files / "alpha.txt").read_text() == "alpha\n"
     assert sha256(fake.files / "beta.bin") == sha256(b)
     browser.find_element(By.ID, "upload-input").send_keys(str(bad))
     wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "may not start with '.'"))
     assert not (fake.files / ".env").exists()
+    # drag-and-drop: a drop event carrying two files
+    browser.execute_script(DROP_FILES, [["dropped-1.txt", "one"], ["dropped-2.txt", "two"]])
+    wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "Uploaded dropped-1.txt, dropped-2.txt"))
+    assert (fake.files / "dropped-2.txt").read_text() == "two"
     shot("02-uploaded")
 
     # an offline node: the page says so
@@ -145,7 +167,8 @@ def test_the_file_transfer_page_in_chromium(two_nodes, browser, tmp_path):
     wait.until(lambda d: any(_value(b) > 0 for b in d.find_elements(By.CSS_SELECTOR, bar)))
     os.kill(fake2.proc.pid, signal.SIGSTOP)
     try:
-        wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, '#transfers li[data-name="other.bin"] button.cancel'))).click()
+        # the list is redrawn on every push, so find and click the button in one step
+        wait.until(lambda d: d.execute_script(CLICK, '#transfers li[data-name="other.bin"] button.cancel'))
         failed = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '#history li.failed[data-name="other.bin"]')))
         assert "cancelled" in failed.text
     finally:
