@@ -109,6 +109,11 @@ def test_ports_token_and_login(web_node, tmp_path):
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     status, _, page = request(node, "GET", "/", cookie=cookie.split(";")[0])
     assert status == 200 and b"file_transfer" in page and b"webtest" in page
+    # the login goes back only to a path of this node, never to another site
+    for nxt, where in (("/file_transfer%3Afile_transfer%3Atemplate.os/", "/file_transfer:file_transfer:template.os/"),
+                       ("//evil.example/x", "/"), ("https://evil.example/", "/"), ("/\\evil.example", "/")):
+        status, headers, _ = request(node, "GET", f"/login?token={token_of(node)}&next={nxt}")
+        assert (status, headers["Location"]) == (302, where), nxt
     # a wrong token: 401 and no cookie
     status, headers, _ = request(node, "GET", "/login?token=nope")
     assert status == 401 and "Set-Cookie" not in headers
