@@ -173,7 +173,7 @@ class HttpServerService(Service):
         return f"http://{host}:{self.port}/login?token={self.token}"
 
     def stop(self) -> None:
-        if self.loop is None:
+        if self.loop is None or self.loop.is_closed() or not self.loop.is_running():
             return
         if self._runner is not None:
             fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop)
@@ -224,7 +224,7 @@ class HttpServerService(Service):
                 if drive == "pkg":  # installed package files stay read-only
                     return {"Err": {"PathBindError": {"error": "uploads cannot go into the pkg drive"}}}
                 try:
-                    binding.upload_to = self.kernel.vfs.drive_path(pid.package_id, drive)
+                    binding.upload_to = self._drive_path(pid, drive)
                 except ValueError as e:
                     return {"Err": {"PathBindError": {"error": str(e)}}}
             with self.lock:
@@ -253,6 +253,12 @@ class HttpServerService(Service):
                 asyncio.run_coroutine_threadsafe(chan[0].close(), self.loop)
             return ok
         raise ValueError(f"unknown HttpServerAction {kind!r}")
+
+    def _drive_path(self, pid: ProcessId, drive: Any) -> Path:
+        """HOME/vfs/<the process's package>/<drive>: a process reaches only its own package's drives."""
+        if not isinstance(drive, str) or drive in ("", ".", "..") or any(c in drive for c in "/\\\x00"):
+            raise ValueError(f"bad drive name {drive!r}")
+        return self.home / "vfs" / str(pid.package_id) / drive
 
     def _full_path(self, pid: ProcessId, path: Any) -> str:
         if not isinstance(path, str) or _traversal(path) or "?" in path or "#" in path:
@@ -407,7 +413,7 @@ class HttpServerService(Service):
         if len(parts) < 3 or parts[0] != str(pid.package_id) or parts[1] == "pkg":
             return None
         try:
-            drive = self.kernel.vfs.drive_path(pid.package_id, parts[1]).resolve()
+            drive = self._drive_path(pid, parts[1]).resolve()
         except ValueError:
             return None
         path = drive.joinpath(*parts[2:]).resolve()
