@@ -43,7 +43,10 @@ from urllib.parse import quote, unquote
 
 from aiohttp import WSMsgType, web
 
-from host.kernel import Service
+try:  # the service base once services register with `kernel.register` (the kernel restructure)
+    from host.service import HostService as Service
+except ImportError:
+    from host.kernel import Service
 from host.types import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 
 log = logging.getLogger("host.http_server")
