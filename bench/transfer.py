@@ -27,8 +27,8 @@ FILES = "vfs/file_transfer:template.os/files"
 
 
 def start_node(name: str, home: Path, port: int, env: dict, extra: list[str] = ()) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "host", "--node", name, "--home", str(home), "--port", str(port),
-                             *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "host", "--node", name, "--home", str(home), "--net-port", str(port),
+                             "--port", "0", *extra],
                             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
@@ -69,7 +69,7 @@ def sha256(path: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--port", type=int, default=18611)
+    ap.add_argument("--port", type=int, default=18611, help="networking port of the first node (the second: +1)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"))

@@ -38,7 +38,12 @@ def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
                     "from another shell: python -m host run --home HOME 'COMMAND'.")
     p.add_argument("--node", required=True, metavar="NAME", help="the node's name, e.g. fake.dev")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"TCP port the node listens on for other nodes (default {DEFAULT_PORT})")
+                   help=f"HTTP port of the node's web page, as kit's (default {DEFAULT_PORT})")
+    p.add_argument("--net-port", type=int, default=0,
+                   help="TCP port other nodes connect to (default: a free one, registered in the directory; "
+                        "give a fixed one for nodes on other machines)")
+    p.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                   help="address the web page listens on (default 127.0.0.1)")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME,
                    help=f"the node's home folder: VFS, state, keys (default {DEFAULT_HOME})")
     p.add_argument("--packages", type=Path, action="append", default=None, metavar="DIR",
@@ -91,6 +96,7 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         packages=tuple(args.packages or [DEFAULT_PACKAGES]),
         directory=args.directory, peers=args.peers, compute_limit=args.compute_limit,
         bind=tuple(args.bind) if args.bind else None, advertise=args.advertise,
+        net_port=args.net_port, http_host=args.http_host, http_timeout=defaults.http_timeout,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
         runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,
                                 pooling=defaults.pooling, fastconv=args.fastconv))
@@ -182,8 +188,8 @@ def main(argv: list[str]) -> int:
         node.stop()
         return 1
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
-    node.terminal.info(f"{settings.name}: ready in {time.perf_counter() - t0:.2f} s "
-                       f"(port {settings.port}, home {node.home}); type `help` for commands")
+    node.terminal.info(f"{settings.name}: ready in {time.perf_counter() - t0:.2f} s (http port {settings.port}, "
+                       f"net port {node.net.port if node.net else '-'}, home {node.home}); type `help` for commands")
     threading.Thread(target=_read_stdin, args=(node,), name="stdin", daemon=True).start()
     try:
         node.wait()

@@ -23,6 +23,7 @@ from host.vfs_service import VfsService
 from host.wasm import Runtime
 
 if TYPE_CHECKING:
+    from host.http_server import HttpServerService
     from host.net import Network
 
 log = logging.getLogger("host.node")
@@ -48,6 +49,7 @@ class Node:
         self._stop = threading.Event()
         self._lock_file: Optional[TextIO] = None
         self._control: Optional[ControlServer] = None
+        self.http: Optional[HttpServerService] = None
 
     # ---- start and stop --------------------------------------------------------------------
     def start(self) -> None:
@@ -60,6 +62,8 @@ class Node:
             self.kernel.register(service)
         if self.networking:
             self._start_network()
+        if self.settings.http_host is not None:
+            self._start_http()
         self._control = ControlServer(self.home, NodeCommands(self))
         self._control.start()
         for folder in self.packages_dirs:
@@ -101,7 +105,7 @@ class Node:
             adv_host, adv_port = parse_host_port(self.settings.advertise, None) if self.settings.advertise else (None, None)
         except (PeersFileError, ValueError) as e:
             raise NodeError(f"--advertise {e}" if not isinstance(e, PeersFileError) else str(e)) from None
-        self.net = net.Network(self.name, identity, self.port, directory,
+        self.net = net.Network(self.name, identity, self.settings.net_port, directory,
                                on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost,
                                host=net.listen_addresses(self.settings.bind, self.settings.peers),
                                advertise_host=adv_host, advertise_port=adv_port,
@@ -111,9 +115,21 @@ class Node:
         except NameTaken as e:
             raise NodeError(str(e)) from None
         except OSError as e:
+            raise NodeError(f"cannot listen on port {self.settings.net_port}: {e.strerror or e} "
+                            f"(another node? pick another with --net-port)") from None
+        self.kernel.net = self.net
+
+    def _start_http(self) -> None:
+        from host.http_server import HttpServerService
+        self.http = HttpServerService(self.kernel, self.home, self.port, self.settings.http_host or "127.0.0.1",
+                                      self.settings.http_timeout)
+        try:
+            self.http.start()
+        except OSError as e:
             raise NodeError(f"cannot listen on port {self.port}: {e.strerror or e} "
                             f"(another node? pick another with --port)") from None
-        self.kernel.net = self.net
+        self.kernel.register(self.http)
+        self.terminal.info(f"{self.name}: web page: {self.http.login_url}")
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -133,6 +149,8 @@ class Node:
             self.kernel.shutdown()
         if self.net is not None:
             self.net.stop()
+        if self.http is not None:
+            self.http.stop()
 
     # ---- terminal actions (host.commands.NodeControl) ---------------------------------------
     def run_line(self, line: str) -> Optional[ProcessId]:

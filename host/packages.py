@@ -102,9 +102,11 @@ def install(kernel: Kernel, src: Path) -> Package:
     pkg_id = read_package_id(src)
     dest = kernel.home / "vfs" / str(pkg_id) / "pkg"
     dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted((src / "pkg").iterdir()):
-        if f.is_file():
-            _install_file(f, dest / f.name)
+    for f in sorted((src / "pkg").rglob("*")):  # with folders such as pkg/ui (the web page)
+        if f.is_file() and not f.is_symlink():
+            target = dest / f.relative_to(src / "pkg")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _install_file(f, target)
     try:
         manifest = json.loads((dest / "manifest.json").read_text())
         scripts_file = dest / "scripts.json"

@@ -14,7 +14,8 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_HOME = Path("/tmp/kinode-fake-node")
-DEFAULT_PORT = 8080
+DEFAULT_PORT = 8080            # HTTP, as kit's
+DEFAULT_HTTP_TIMEOUT = 30.0    # seconds a process has to answer an HTTP request (then 504)
 DEFAULT_PACKAGES = REPO / "components"
 DEFAULT_COMPUTE_LIMIT = 30.0   # seconds a guest may compute without calling the host
 DEFAULT_MAX_PROCESSES = 1000   # live Wasm instances: processes and the libraries they link
@@ -39,7 +40,10 @@ class Settings:
     runtime: RuntimeSettings
     directory: Path                         # the node directory's SQLite file
     home: Path = DEFAULT_HOME
-    port: int = DEFAULT_PORT
+    port: int = DEFAULT_PORT                # the HTTP port, as kit's
+    net_port: int = 0                       # the networking port; 0: a free one, in the directory
+    http_host: Optional[str] = "127.0.0.1"  # where the web page listens; None: no HTTP server
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT  # seconds a process has to answer an HTTP request
     packages: tuple[Path, ...] = (DEFAULT_PACKAGES,)
     peers: Optional[Path] = None            # JSON list of peers on other machines
     bind: Optional[tuple[str, ...]] = None  # listen addresses; None: see host.net.listen_addresses
@@ -49,8 +53,9 @@ class Settings:
     verbose: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} is not a TCP port (0-65535)")
+        for port in (self.port, self.net_port):
+            if not 0 <= port <= 65535:
+                raise SettingsError(f"port {port} is not a TCP port (0-65535)")
         if not self.compute_limit > 0:
             raise SettingsError(f"the compute limit must be above 0 seconds, not {self.compute_limit:g}")
         if self.runtime.max_instances < 1:
@@ -103,6 +108,7 @@ class Defaults:
     cache_dir: Path
     pooling: bool
     fastconv: bool
+    http_timeout: float
 
 
 def defaults_from(env: Mapping[str, str]) -> Defaults:
@@ -114,6 +120,7 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         cache_dir=default_cache_dir(env),
         pooling=_flag(env, "KINODE_POOLING", False),
         fastconv=_flag(env, "KINODE_FASTCONV", True),
+        http_timeout=_number(env, "KINODE_HTTP_TIMEOUT", float, DEFAULT_HTTP_TIMEOUT),
     )
 
 

@@ -45,7 +45,8 @@ class NodeProc:
     """A node running as its own OS process; its output is collected line by line."""
 
     def __init__(self, name: str, home: Path, port: int, env: dict, extra_args: list[str]):
-        self.name, self.home, self.port = name, home, port
+        self.name, self.home, self.port = name, home, port   # port: HTTP, as kit's
+        self.net_port = free_port()
         self.env = env
         self.extra_args = extra_args
         self.lines: list[str] = []
@@ -60,7 +61,7 @@ class NodeProc:
 
     def start(self, timeout: float = 60) -> "NodeProc":
         cmd = [*self.wrap, *self.launcher, "--node", self.name, "--home", str(self.home),
-               "--port", str(self.port), *self.extra_args]
+               "--port", str(self.port), "--net-port", str(self.net_port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()

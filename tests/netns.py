@@ -126,7 +126,7 @@ class NetnsNode(NodeProc):
 
     def start(self, timeout: float = 60) -> "NetnsNode":
         cmd = ["ip", "netns", "exec", self.host.ns, sys.executable, "-m", "host", "--node", self.name,
-               "--home", str(self.home), "--port", str(self.port), *self.extra_args]
+               "--home", str(self.home), "--net-port", str(self.port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()

@@ -127,7 +127,7 @@ def test_garbage_on_the_port_is_dropped_and_the_node_keeps_serving(two_nodes):
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad handshake (handshake message of 18245 bytes (limit 4096))"),
     ]
     for payload, reason in cases:
-        with socket.create_connection(("127.0.0.1", fake2.port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", fake2.net_port), timeout=5) as s:
             port = s.getsockname()[1]
             s.sendall(payload)
             t0 = time.monotonic()

@@ -27,3 +27,4 @@ from process_lib.core import (  # noqa: F401
     spawn, to_wit_address, from_wit_address,
 )
 from process_lib import vfs  # noqa: F401
+from process_lib import http  # noqa: F401

@@ -13,10 +13,14 @@ import wit_world
 from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
+import web
 from ft_common import MAX_DOWNLOADS, STALL_TIMEOUT, check_name, human_size
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_state,
                          print_to_terminal, println, run, set_state,
                          to_wit_address, vfs)
+
+
+HISTORY = 50  # finished and failed downloads kept for the web page
 
 
 class Transfers:
@@ -27,6 +31,7 @@ class Transfers:
         self.active: dict[tuple, dict] = {}
         # downloads asked for while MAX_DOWNLOADS ran, in order: key -> target Address
         self.waiting: "OrderedDict[tuple, Address]" = OrderedDict()
+        self.history: list[dict] = []
 
     def busy(self, key: tuple) -> bool:
         t = self.active.get(key)
@@ -45,6 +50,12 @@ class Transfers:
 
     def end(self, key: tuple) -> None:
         self.active.pop(key, None)
+
+    def finish(self, key: tuple, error: str = "", **fields) -> None:
+        """Keep the outcome for the web page's finished/failed list (the last HISTORY)."""
+        self.end(key)
+        self.history.append(dict(node=key[0], name=key[1], ok=not error, error=error, **fields))
+        del self.history[:-HISTORY]
 
     def table(self) -> list:
         now = time.monotonic()
@@ -112,21 +123,11 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         if msg.source.node != our.node:
             Response().body({"Download": {"Err": "only local processes may start a download"}}).send()
             return
-        if target_addr.node == our.node:
-            Response().body({"Download": {"Err": f"{name} is on this node already ({our.node}); "
-                                                  "download from another node"}}).send()
-            return
-        key = (target_addr.node, name)
-        if transfers.busy(key):
-            Response().body({"Download": {"Err": f"{name} is already being downloaded from {target_addr.node}"}}).send()
-            return
-        if transfers.running() >= MAX_DOWNLOADS:
-            transfers.waiting[key] = target_addr
-            Response().body({"Download": {"Ok": None}}).send()
-            print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
-                                 f"{MAX_DOWNLOADS} downloads at once)")
-            return
-        transfers.touch(key, worker=None)
+        problem, start = request_download(our, name, target_addr, transfers)
+        Response().body({"Download": {"Err": problem} if problem else {"Ok": None}}).send()
+        if start:  # after the answer, as before: the script hears first
+            start_worker(our, our, name, target_addr, True, transfers)
+        return
     else:
         if not access.allows(msg.source.node):
             Response().body({"Download": {"Err": refuse(f"Download of {name}", msg.source.node, our)}}).send()
@@ -140,6 +141,23 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
             Response().body({"Download": {"Err": f"no such file: {name}"}}).send()
             return
     start_worker(our, msg.source, name, target_addr, is_requestor, transfers)
+
+
+def request_download(our: Address, name: str, target_addr: Address, transfers: Transfers) -> tuple:
+    """Queue a download of `name` from `target_addr`, or take a slot for it: (error text or '',
+    whether the caller must now start its worker)."""
+    if target_addr.node == our.node:
+        return f"{name} is on this node already ({our.node}); download from another node", False
+    key = (target_addr.node, name)
+    if transfers.busy(key):
+        return f"{name} is already being downloaded from {target_addr.node}", False
+    if transfers.running() >= MAX_DOWNLOADS:
+        transfers.waiting[key] = target_addr
+        print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
+                             f"{MAX_DOWNLOADS} downloads at once)")
+        return "", False
+    transfers.touch(key, worker=None)
+    return "", True
 
 
 def start_worker(our: Address, source: Address, name: str, target: Address, is_requestor: bool,
@@ -175,7 +193,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     meta = msg.meta()
     key = (meta.get("peer"), name)
     if meta.get("done") or meta.get("error"):
-        transfers.end(key)
+        transfers.finish(key, str(meta.get("error") or ""), bytes=meta.get("total") or meta.get("bytes", 0),
+                         secs=meta.get("secs", 0))
         verbosity = 0
     else:
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
@@ -224,27 +243,30 @@ def handle_local(our: Address, msg: Message, body, transfers: Transfers, access:
         Response().body({"Allow": access.describe()}).send()
         return True
     if isinstance(body, dict) and isinstance(body.get("Cancel"), dict):
-        name, node = body["Cancel"].get("name"), body["Cancel"].get("node")
-        queued = _matching(transfers.waiting, name, node)
-        if len(queued) == 1:
-            del transfers.waiting[queued[0]]
-            println(f"download of {name} from {queued[0][0]} cancelled (it had not started)")
-            Response().body({"Cancel": {"Ok": None}}).send()
-            return True
-        matches = _matching(transfers.active, name, node)
-        if len(matches) != 1:
-            why = "no transfer of" if not matches else "several transfers of"
-            Response().body({"Cancel": {"Err": f"{why} {name}{' from ' + node if node else ''}"}}).send()
-            return True
-        t = transfers.active[matches[0]]
-        if t["worker"] is None:
-            Response().body({"Cancel": {"Err": f"{name} has not started yet; try again"}}).send()
-            return True
-        (Request.to(t["worker"]).body({"Progress": {"name": name, "progress": 0}})
-         .metadata({"ft": 1, "cancel": True}).send())
-        Response().body({"Cancel": {"Ok": None}}).send()
+        problem = cancel(body["Cancel"].get("name"), body["Cancel"].get("node"), transfers)
+        Response().body({"Cancel": {"Err": problem} if problem else {"Ok": None}}).send()
         return True
     return False
+
+
+def cancel(name: str, node, transfers: Transfers) -> str:
+    """Stop a download or drop it from the queue; an error text, or '' when done."""
+    queued = _matching(transfers.waiting, name, node)
+    if len(queued) == 1:
+        del transfers.waiting[queued[0]]
+        transfers.finish(queued[0], "cancelled (it had not started)")
+        println(f"download of {name} from {queued[0][0]} cancelled (it had not started)")
+        return ""
+    matches = _matching(transfers.active, name, node)
+    if len(matches) != 1:
+        why = "no transfer of" if not matches else "several transfers of"
+        return f"{why} {name}{' from ' + node if node else ''}"
+    t = transfers.active[matches[0]]
+    if t["worker"] is None:
+        return f"{name} has not started yet; try again"
+    (Request.to(t["worker"]).body({"Progress": {"name": name, "progress": 0}})
+     .metadata({"ft": 1, "cancel": True}).send())
+    return ""
 
 
 def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfers: Transfers,
@@ -277,6 +299,7 @@ def main(our: Address) -> None:
     files_dir = vfs.open_dir(drive)
     transfers = Transfers()
     access = Access()
+    page = web.start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files)
     while True:
         try:
             msg = await_message()
@@ -284,9 +307,14 @@ def main(our: Address) -> None:
             println(f"got SendError: {e}")
             continue
         try:
-            handle_message(our, msg, files_dir, transfers, access)
+            if page is not None and page.handles(msg):
+                page.handle(msg)
+            else:
+                handle_message(our, msg, files_dir, transfers, access)
             if transfers.waiting:
                 start_waiting(our, transfers)
+            if page is not None:
+                page.push_state()
         except (ValueError, KeyError, TypeError, AttributeError, vfs.VfsError) as e:
             # a malformed body from anyone: say so, keep serving
             detail = e if not isinstance(e, json.JSONDecodeError) else "body is not JSON"

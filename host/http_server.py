@@ -1,0 +1,567 @@
+"""The HTTP server `http_server:distro:sys`: Kinode's message API over aiohttp, with the node's login.
+
+Processes configure it with JSON `HttpServerAction`s (Bind, SecureBind, Unbind, WebSocketBind,
+WebSocketUnbind, WebSocketPush, WebSocketClose), each answered `{"Ok": null}` or `{"Err": ...}`.
+A bound path is prefixed by the binder's process id (`/file_transfer:file_transfer:template.os/...`);
+a segment `:name` matches any one segment and is passed in `url_params`. A request to it reaches the
+process as `{"Http": IncomingHttpRequest}` with the body as blob; the process answers
+`{"status", "headers"}` with the body as blob (504 if it does not answer in time, 503 if it is gone).
+
+Large bodies never pass whole through memory or a process (a blob crosses into Wasm whole):
+- uploads: a Bind may name `"upload_to": DRIVE`, a drive of the binder's own package. A multipart
+  POST to that path is then streamed by this service, part by part, into `DRIVE/.partial/*.part`
+  and renamed to `DRIVE/NAME` when the part is complete (a hostile name is refused and its bytes
+  skipped). The process then gets the request with the blob
+  `{"Uploaded": {"files": [{name, size}], "refused": [{name, reason}]}}` and answers as usual.
+- downloads: a response may carry `"file": "/package:publisher/drive/path"` (a file of the
+  binder's own package) instead of a blob; the service streams it from disk.
+
+Who may see it: every authenticated path needs the node's token (HOME/.keys/http-token, created
+0600 at first start), sent as the HttpOnly SameSite=Strict cookie set by `/login?token=...` or as
+`Authorization: Bearer TOKEN`. WebSocket upgrades also need a same-origin (or absent) Origin.
+`..` segments, raw or percent-encoded, are refused before any lookup; static files are only the
+blobs processes bound (serve_ui), never looked up on disk.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import json
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import socket
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote, unquote
+
+from aiohttp import WSMsgType, web
+
+from host.service import HostService as Service
+from host.types import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
+
+log = logging.getLogger("host.http_server")
+
+HTTP_SERVER_ID = ProcessId("http_server", "distro", "sys")
+MAX_BODY = 2 * 1024 * 1024     # a body sent to a process as a blob (a blob crosses into Wasm whole)
+UPLOAD_CHUNK = 1024 * 1024
+TOKEN_FILE = ".keys/http-token"
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+def load_or_create_token(home: Path) -> str:
+    path = home / TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if len(token) >= 32:
+            return token
+        path.unlink()  # empty or truncated: make a new one
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def check_file_name(name: Any) -> str:
+    """An error text if `name` is not a plain file name (the files drive's rule), else ''."""
+    if not isinstance(name, str) or not name:
+        return "file name is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "file name is longer than 255 bytes"
+    if name.startswith("."):
+        return f"file name {name!r} may not start with '.'"
+    if any(ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        return f"file name {name!r} holds a path separator or control character"
+    return ""
+
+
+def _traversal(raw_path: str) -> bool:
+    """Does the path hold a `.`/`..` segment, a backslash or NUL, raw or percent-encoded (once or twice)?"""
+    path = raw_path.split("?", 1)[0]
+    for _ in range(3):
+        segments = path.split("/")
+        if any(s in (".", "..") or "\\" in s or "\x00" in s for s in segments):
+            return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # encoded three times over: no honest client does that
+
+
+@dataclass
+class Binding:
+    path: str              # full path, with the process prefix
+    pid: ProcessId
+    authenticated: bool = True
+    local_only: bool = False
+    static: Optional[Blob] = None      # `cache`: served as is for GET
+    upload_to: Optional[Path] = None   # stream multipart uploads into this drive
+    websocket: bool = False
+
+    @property
+    def pattern(self) -> list[str]:
+        return self.path.split("/")
+
+
+class _Pending:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: ProcessId):
+        self.future: asyncio.Future = loop.create_future()
+        self.pid = pid
+
+
+class HttpServerService(Service):
+    """See the module docstring. Messages from processes are handled on the sender's thread; HTTP
+    runs on this service's own asyncio loop and thread."""
+
+    def __init__(self, kernel, home: Path, port: int, host: str = "127.0.0.1", timeout: float = 30.0):
+        super().__init__(kernel, HTTP_SERVER_ID)
+        self.timeout = timeout  # seconds a process has to answer (then 504)
+        self.home = Path(home)
+        self.port = port
+        self.host = host
+        self.token = load_or_create_token(self.home)
+        self.cookie_name = "kinode-auth_" + re.sub(r"[^A-Za-z0-9._-]", "_", kernel.node)
+        self.bindings: dict[str, Binding] = {}
+        self.lock = threading.Lock()
+        self.pending: dict[int, _Pending] = {}
+        self.channels: dict[int, tuple[web.WebSocketResponse, ProcessId]] = {}
+        self.loop = asyncio.new_event_loop()  # run by start()'s thread
+        self._runner: Optional[web.AppRunner] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Listen (raising OSError if the port is taken) and serve on a thread of our own."""
+        sock = socket.create_server((self.host, self.port), family=socket.AF_INET6 if ":" in self.host
+                                    else socket.AF_INET, backlog=128)
+        self.port = sock.getsockname()[1]
+        ready = threading.Event()
+
+        async def serve() -> None:
+            app = web.Application(client_max_size=MAX_BODY)
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock).start()
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(serve())
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="http_server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        self.kernel.on_exit_listener(self._process_exited)
+
+    @property
+    def login_url(self) -> str:
+        host = "localhost" if self.host in ("127.0.0.1", "::1", "0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/login?token={self.token}"
+
+    def stop(self) -> None:
+        if self.loop.is_closed() or not self.loop.is_running():
+            return
+        if self._runner is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop)
+            try:
+                fut.result(5)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    # ---- messages from processes (any thread) ------------------------------------------------------
+    def deliver(self, km: KernelMessage) -> None:
+        if km.source.node != self.kernel.node:
+            return
+        if isinstance(km.message, Response):
+            with self.lock:
+                pending = self.pending.pop(km.id, None)
+            if pending is not None:
+                self.loop.call_soon_threadsafe(_resolve, pending.future, ("response", km))
+            return
+        try:
+            action = json.loads(km.message.body)
+            answer = self._action(km.source.process, action, km.lazy_load_blob)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            answer = {"Err": {"BadRequest": {"req": f"{km.message.body[:200]!r}: {e}"}}}
+        if km.rsvp is not None:
+            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None,
+                                            Response(body=json.dumps(answer).encode()), None), self)
+
+    def _action(self, pid: ProcessId, action: Any, blob: Optional[Blob]) -> dict:
+        if isinstance(action, dict) and len(action) == 1:
+            (kind, arg), = action.items()
+        else:
+            raise ValueError("expected one HttpServerAction")
+        ok: dict = {"Ok": None}
+        if kind in ("Bind", "SecureBind", "WebSocketBind", "WebSocketSecureBind"):
+            path = self._full_path(pid, arg["path"])
+            binding = Binding(path, pid, websocket=kind.startswith("WebSocket"))
+            binding.authenticated = bool(arg.get("authenticated", True)) if kind in ("Bind", "WebSocketBind") else True
+            binding.local_only = bool(arg.get("local_only", False))
+            if arg.get("cache"):
+                if blob is None:
+                    return {"Err": "NoBlob"}
+                mime = arg.get("mime") or blob.mime or mimetypes.guess_type(path)[0] or "application/octet-stream"
+                binding.static = Blob(mime,
+                                      bytes(blob.bytes))
+            if arg.get("upload_to") is not None:
+                drive = arg["upload_to"]
+                if drive == "pkg":  # installed package files stay read-only
+                    return {"Err": {"PathBindError": {"error": "uploads cannot go into the pkg drive"}}}
+                try:
+                    binding.upload_to = self._drive_path(pid, drive)
+                except ValueError as e:
+                    return {"Err": {"PathBindError": {"error": str(e)}}}
+            with self.lock:
+                self.bindings[path] = binding
+            return ok
+        if kind in ("Unbind", "WebSocketUnbind"):
+            path = self._full_path(pid, arg["path"])
+            with self.lock:
+                if self.bindings.get(path) is not None and self.bindings[path].pid == pid:
+                    del self.bindings[path]
+            return ok
+        if kind == "WebSocketPush":
+            cid, mtype = int(arg["channel_id"]), arg.get("message_type", "Text")
+            with self.lock:
+                chan = self.channels.get(cid)
+            if chan is None or chan[1] != pid:
+                return {"Err": {"WebSocketPushError": {"error": f"no open WebSocket channel {cid}"}}}
+            data = b"" if blob is None else bytes(blob.bytes)
+            asyncio.run_coroutine_threadsafe(_ws_send(chan[0], mtype, data), self.loop)
+            return ok
+        if kind == "WebSocketClose":
+            cid = int(arg)
+            with self.lock:
+                chan = self.channels.get(cid)
+            if chan is not None and chan[1] == pid:
+                asyncio.run_coroutine_threadsafe(chan[0].close(), self.loop)
+            return ok
+        raise ValueError(f"unknown HttpServerAction {kind!r}")
+
+    def _drive_path(self, pid: ProcessId, drive: Any) -> Path:
+        """HOME/vfs/<the process's package>/<drive>: a process reaches only its own package's drives."""
+        if not isinstance(drive, str) or drive in ("", ".", "..") or any(c in drive for c in "/\\\x00"):
+            raise ValueError(f"bad drive name {drive!r}")
+        return self.home / "vfs" / str(pid.package_id) / drive
+
+    def _full_path(self, pid: ProcessId, path: Any) -> str:
+        if not isinstance(path, str) or _traversal(path) or "?" in path or "#" in path:
+            raise ValueError(f"bad path {path!r}")
+        return f"/{pid}" + ("" if path.startswith("/") else "/") + path
+
+    def fail(self, mid: int, kind: str) -> None:
+        """The kernel could not deliver our request (the process is gone)."""
+        with self.lock:
+            pending = self.pending.pop(mid, None)
+        if pending is not None:
+            self.loop.call_soon_threadsafe(_resolve, pending.future, ("gone", None))
+
+    def _process_exited(self, pid: ProcessId, reason: str) -> None:
+        with self.lock:
+            gone = [mid for mid, p in self.pending.items() if p.pid == pid]
+            failed = [self.pending.pop(mid) for mid in gone]
+            chans = [ws for ws, owner in self.channels.values() if owner == pid]
+        for p in failed:
+            self.loop.call_soon_threadsafe(_resolve, p.future, ("gone", reason))
+        for ws in chans:
+            asyncio.run_coroutine_threadsafe(ws.close(), self.loop)
+
+    # ---- HTTP (the service's loop) ------------------------------------------------------------------
+    def _authed(self, request: web.Request) -> bool:
+        given = request.cookies.get(self.cookie_name, "")
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[7:].strip()
+        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _match(self, path: str) -> tuple[Optional[Binding], dict]:
+        with self.lock:
+            exact = self.bindings.get(path)
+            if exact is not None:
+                return exact, {}
+            parts = path.split("/")
+            for b in self.bindings.values():
+                pattern = b.pattern
+                if len(pattern) != len(parts) or not any(p.startswith(":") for p in pattern):
+                    continue
+                params = {}
+                for want, got in zip(pattern, parts):
+                    if want.startswith(":") and got:
+                        params[want[1:]] = got
+                    elif want != got:
+                        break
+                else:
+                    return b, params
+        return None, {}
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if _traversal(request.raw_path):
+            return _json_error(400, "bad path: '.' and '..' segments are not allowed")
+        path = request.path
+        if path == "/login":
+            return self._login(request)
+        if path == "/":
+            if not self._authed(request):
+                return self._unauthorized(request)
+            return self._homepage()
+        binding, url_params = self._match(path)
+        if binding is None:
+            if not self._authed(request):  # strangers learn nothing about which paths exist
+                return self._unauthorized(request)
+            if not path.endswith("/") and self._match(path + "/")[0] is not None:
+                raise web.HTTPFound(path + "/")
+            return _json_error(404, f"nothing is bound at {path}")
+        if binding.authenticated and not self._authed(request):
+            return self._unauthorized(request)
+        if binding.local_only and not (request.remote or "").startswith(LOOPBACK):
+            return _json_error(403, "this path is served to local clients only")
+        if binding.websocket:
+            return await self._websocket(request, binding)
+        if binding.static is not None:
+            if request.method not in ("GET", "HEAD"):
+                return _json_error(405, "static file: GET only")
+            return web.Response(body=binding.static.bytes, headers={"Content-Type": binding.static.mime,
+                                                                    "Cache-Control": "no-cache"})
+        blob: Optional[Blob] = None
+        if binding.upload_to is not None and request.method == "POST" and \
+                request.content_type == "multipart/form-data":
+            try:
+                summary = await self._receive_upload(request, binding.upload_to)
+            except (ValueError, OSError) as e:
+                return _json_error(400, f"upload failed: {e}")
+            blob = Blob("application/json", json.dumps({"Uploaded": summary}).encode())
+        elif request.can_read_body:
+            if (request.content_length or 0) > MAX_BODY:
+                return _json_error(413, f"body larger than {MAX_BODY} bytes")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _json_error(413, f"body larger than {MAX_BODY} bytes")
+            blob = Blob(None, body)
+        return await self._ask_process(request, binding, url_params, blob)
+
+    async def _ask_process(self, request: web.Request, binding: Binding, url_params: dict,
+                           blob: Optional[Blob]) -> web.StreamResponse:
+        incoming = {
+            "source_socket_addr": f"{request.remote}",
+            "method": request.method,
+            "url": str(request.url),
+            "bound_path": binding.path,
+            "headers": {k.lower(): v for k, v in request.headers.items() if k.lower() != "cookie"
+                        and k.lower() != "authorization"},
+            "url_params": url_params,
+            "query_params": dict(request.query),
+        }
+        mid = new_request_id()
+        pending = _Pending(self.loop, binding.pid)
+        with self.lock:
+            self.pending[mid] = pending
+        target = Address(self.kernel.node, binding.pid)
+        km = KernelMessage(mid, self.address, target, self.address,
+                           Request(expects_response=int(self.timeout) + 1, body=json.dumps({"Http": incoming}).encode()),
+                           blob)
+        self.kernel.route(km, self)
+        try:
+            kind, value = await asyncio.wait_for(pending.future, self.timeout)
+        except asyncio.TimeoutError:
+            with self.lock:
+                self.pending.pop(mid, None)
+            return _json_error(504, f"{binding.pid} did not answer within {self.timeout:g} s")
+        if kind == "gone":
+            return _json_error(503, f"{binding.pid} is not running" + (f" ({value})" if value else ""))
+        return self._to_http(value, binding)
+
+    def _to_http(self, km: KernelMessage, binding: Binding) -> web.StreamResponse:
+        try:
+            answer = json.loads(km.message.body)
+            status = int(answer.get("status", 200))
+            headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()
+                       if str(k).lower() not in ("content-length", "transfer-encoding", "connection")}
+            if not 100 <= status <= 599:
+                raise ValueError(f"status {status}")
+        except (ValueError, TypeError, AttributeError) as e:
+            return _json_error(502, f"{binding.pid} sent a malformed HttpResponse: {e}")
+        if answer.get("file"):
+            path = self._own_file(binding.pid, answer["file"])
+            if path is None:
+                return _json_error(502, f"{binding.pid} may not serve {answer['file']!r}")
+            return web.FileResponse(path, status=status, headers=headers)
+        body = b"" if km.lazy_load_blob is None else bytes(km.lazy_load_blob.bytes)
+        return web.Response(status=status, headers=headers, body=body)
+
+    def _own_file(self, pid: ProcessId, vfs_path: Any) -> Optional[Path]:
+        """A file of the process's own package drives (not pkg/), resolved inside its drive."""
+        if not isinstance(vfs_path, str) or _traversal(vfs_path):
+            return None
+        parts = vfs_path.strip("/").split("/")
+        if len(parts) < 3 or parts[0] != str(pid.package_id) or parts[1] == "pkg":
+            return None
+        try:
+            drive = self._drive_path(pid, parts[1]).resolve()
+        except ValueError:
+            return None
+        path = drive.joinpath(*parts[2:]).resolve()
+        return path if drive in path.parents and path.is_file() else None
+
+    async def _receive_upload(self, request: web.Request, drive: Path) -> dict:
+        """Stream each `files` part into DRIVE/.partial, then rename it to its name."""
+        files, refused = [], []
+        partial_dir = drive / ".partial"
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        reader = await request.multipart()
+        loop = asyncio.get_running_loop()
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if part.name != "files" or part.filename is None:
+                await part.release()
+                continue
+            name = part.filename
+            problem = check_file_name(name)
+            if problem:
+                refused.append({"name": name, "reason": problem})
+                await part.release()
+                continue
+            tmp = partial_dir / f"upload-{secrets.token_hex(8)}.part"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            size = 0
+            try:
+                while True:
+                    chunk = await part.read_chunk(UPLOAD_CHUNK)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    await loop.run_in_executor(None, _write_all, fd, chunk)
+                os.close(fd)
+                fd = -1
+                dest = drive / name
+                if dest.is_symlink() or dest.is_dir():
+                    raise ValueError(f"{name} exists and is not a plain file")
+                os.replace(tmp, dest)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            files.append({"name": name, "size": size})
+        return {"files": files, "refused": refused}
+
+    async def _websocket(self, request: web.Request, binding: Binding) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            return _json_error(403, f"cross-origin WebSocket refused (Origin {origin})")
+        ws = web.WebSocketResponse(heartbeat=30)
+        if not ws.can_prepare(request).ok:
+            return _json_error(400, "expected a WebSocket upgrade")
+        await ws.prepare(request)
+        cid = secrets.randbits(32)
+        with self.lock:
+            self.channels[cid] = (ws, binding.pid)
+        target = Address(self.kernel.node, binding.pid)
+
+        def tell(body: Any, blob: Optional[Blob] = None) -> None:
+            self.kernel.route(KernelMessage(new_request_id(), self.address, target, None,
+                                            Request(body=json.dumps(body).encode()), blob), self)
+        tell({"WebSocketOpen": {"path": binding.path, "channel_id": cid}})
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    data = msg.data.encode() if msg.type == WSMsgType.TEXT else msg.data
+                    mtype = "Text" if msg.type == WSMsgType.TEXT else "Binary"
+                    tell({"WebSocketPush": {"channel_id": cid, "message_type": mtype}}, Blob(None, data))
+        finally:
+            with self.lock:
+                self.channels.pop(cid, None)
+            tell({"WebSocketClose": cid})
+        return ws
+
+    # ---- login and homepage ------------------------------------------------------------------------
+    def _unauthorized(self, request: web.Request) -> web.StreamResponse:
+        browser = request.method == "GET" and "text/html" in request.headers.get("Accept", "") \
+            and request.headers.get("Upgrade", "").lower() != "websocket"
+        if browser:
+            raise web.HTTPFound("/login?next=" + quote(request.path_qs, safe=""))
+        return _json_error(401, "log in first: open the login link the node printed, or send "
+                                "Authorization: Bearer TOKEN (HOME/.keys/http-token)")
+
+    def _login(self, request: web.Request) -> web.StreamResponse:
+        given = request.query.get("token", "")
+        nxt = request.query.get("next", "/")
+        if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
+            nxt = "/"
+        if given and hmac.compare_digest(given.encode(), self.token.encode()):
+            resp = web.HTTPFound(nxt)
+            resp.set_cookie(self.cookie_name, self.token, httponly=True, samesite="Strict", path="/",
+                            max_age=30 * 24 * 3600)
+            raise resp
+        note = "<p class=err>Wrong token.</p>" if given else ""
+        page = _page(f"{self.kernel.node}: log in", f"""
+<h1>{html.escape(self.kernel.node)}</h1>{note}
+<p>Open the login link the node printed at start, or paste its token
+(<code>HOME/.keys/http-token</code>):</p>
+<form method=get action=/login><input type=hidden name=next value="{html.escape(nxt)}">
+<input name=token type=password autocomplete=off autofocus placeholder=token> <button>Log in</button></form>""")
+        return web.Response(status=401 if given else 200, text=page, content_type="text/html")
+
+    def _homepage(self) -> web.StreamResponse:
+        with self.lock:
+            apps = sorted({b.pid for b in self.bindings.values() if b.static is not None and b.path.endswith("/")
+                           and b.path.count("/") == 2}, key=str)
+        items = "".join(f'<li><a href="/{quote(str(p), safe=":")}/">{html.escape(p.package_name)}</a> '
+                        f'<small>{html.escape(str(p))}</small></li>' for p in apps) or "<li>no apps yet</li>"
+        return web.Response(text=_page(f"{self.kernel.node}", f"<h1>{html.escape(self.kernel.node)}</h1>"
+                                       f"<h2>Apps</h2><ul class=apps>{items}</ul>"), content_type="text/html")
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width,"
+            f"initial-scale=1'><title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;"
+            f"max-width:40rem;margin:2rem auto;padding:0 1rem}}.err{{color:#b00}}input{{font-size:1rem;padding:.3rem}}"
+            f"li{{margin:.5rem 0}}</style></head><body>{body}</body></html>")
+
+
+def _json_error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def _ws_send(ws: web.WebSocketResponse, mtype: str, data: bytes) -> None:
+    try:
+        if mtype == "Text":
+            await ws.send_str(data.decode("utf-8", "replace"))
+        elif mtype == "Binary":
+            await ws.send_bytes(data)
+        elif mtype == "Ping":
+            await ws.ping(data)
+        elif mtype == "Pong":
+            await ws.pong(data)
+        elif mtype == "Close":
+            await ws.close()
+    except (ConnectionError, RuntimeError) as e:
+        log.info("WebSocket push failed: %s", e)

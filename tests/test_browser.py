@@ -1,0 +1,186 @@
+"""file_transfer's web page in a real headless Chromium (Debian's, driven by Selenium): log in with the
+printed link, upload files, list a second node's files, download one while its progress bar moves,
+cancel another, and see the error for an offline node. Screenshots go to the test's tmp dir."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1280,1100"]
+
+if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
+    if os.environ.get("CI"):
+        raise RuntimeError("chromium and chromium-driver are missing: .ci/run installs them")
+    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "file_transfer-page.png"
+
+
+# records whether the upload progress bar was shown and the highest value it reached
+WATCH_UPLOAD_BAR = """
+window.uploadBar = {shown: false, max: 0};
+new MutationObserver(() => {
+  if (!document.getElementById("upload").hidden) window.uploadBar.shown = true;
+  window.uploadBar.max = Math.max(window.uploadBar.max, document.getElementById("upload-progress").value);
+}).observe(document.getElementById("upload"), {attributes: true, subtree: true});
+"""
+CLICK = "const b = document.querySelector(arguments[0]); if (b) b.click(); return !!b;"
+DROP_FILES = """
+const dt = new DataTransfer();
+for (const [name, text] of arguments[0]) dt.items.add(new File([text], name));
+document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+"""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_file(path: Path, mib: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(mib):
+            f.write(i.to_bytes(8, "big") + block[8:])
+
+
+def _value(bar) -> int:
+    try:
+        return int(bar.get_attribute("value") or 0)
+    except Exception:  # redrawn meanwhile
+        return 0
+
+
+@pytest.fixture
+def browser(tmp_path):
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_the_file_transfer_page_in_chromium(two_nodes, browser, tmp_path):
+    fake, fake2 = two_nodes
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    fake2.files.mkdir(parents=True, exist_ok=True)
+    make_file(fake2.files / "big.bin", 1024)
+    make_file(fake2.files / "other.bin", 1024)
+    (fake2.files / "readme.txt").write_text("hello from fake2\n")
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+
+    def shot(name: str) -> None:
+        browser.save_screenshot(str(shots / f"{name}.png"))
+
+    # log in with the link the node printed; the homepage lists the app
+    link = next(ln for ln in fake.lines if "web page:" in ln).split("web page: ")[1]
+    browser.get(f"http://localhost:{fake.port}/file_transfer:file_transfer:template.os/")
+    assert "/login" in browser.current_url  # not logged in yet: sent to the login page
+    browser.get(link)
+    app = wait.until(EC.element_to_be_clickable((By.PARTIAL_LINK_TEXT, "file_transfer")))
+    shot("01-home")
+    app.click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "live"), "live"))
+
+    # upload two files with the file picker, and a hostile name refused with a message
+    a, b, bad = tmp_path / "alpha.txt", tmp_path / "beta.bin", tmp_path / ".env"
+    a.write_text("alpha\n")
+    b.write_bytes(os.urandom(3_000_000))
+    bad.write_text("SECRET=1\n")
+    browser.execute_script(WATCH_UPLOAD_BAR)
+    browser.find_element(By.ID, "upload-input").send_keys(f"{a}\n{b}")
+    wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "Uploaded alpha.txt, beta.bin"))
+    assert browser.execute_script("return window.uploadBar") == {"shown": True, "max": 100}
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#my-files tr[data-name]")) >= 2)
+    assert (fake.files / "alpha.txt").read_text() == "alpha\n"
+    assert sha256(fake.files / "beta.bin") == sha256(b)
+    browser.find_element(By.ID, "upload-input").send_keys(str(bad))
+    wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "may not start with '.'"))
+    assert not (fake.files / ".env").exists()
+    # drag-and-drop: a drop event carrying two files
+    browser.execute_script(DROP_FILES, [["dropped-1.txt", "one"], ["dropped-2.txt", "two"]])
+    wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "Uploaded dropped-1.txt, dropped-2.txt"))
+    assert (fake.files / "dropped-2.txt").read_text() == "two"
+    shot("02-uploaded")
+
+    # an offline node: the page says so
+    browser.find_element(By.ID, "peer-node").send_keys("offline.dev")
+    browser.find_element(By.ID, "peer-list").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "peer-error"), "offline.dev"))
+    shot("03-offline")
+
+    # the second node's files
+    box = browser.find_element(By.ID, "peer-node")
+    box.clear()
+    box.send_keys("fake2.dev")
+    browser.find_element(By.ID, "peer-list").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peer-files tr[data-name]")) == 3)
+    assert browser.find_element(By.ID, "peer-error").text == ""
+
+    # one-click download; the progress bar is seen moving; the file arrives whole
+    browser.find_element(By.CSS_SELECTOR, '#peer-files button[data-name="big.bin"]').click()
+    seen, details = set(), set()
+    deadline = time.monotonic() + 120
+    while not browser.find_elements(By.CSS_SELECTOR, '#history li.done[data-name="big.bin"]'):
+        assert time.monotonic() < deadline, "big.bin did not finish"
+        for bar in browser.find_elements(By.CSS_SELECTOR, '#transfers li[data-name="big.bin"] progress'):
+            try:
+                seen.add(int(bar.get_attribute("value")))
+                details.add(browser.find_element(By.CSS_SELECTOR, '#transfers li[data-name="big.bin"] .detail').text)
+            except Exception:  # the row was redrawn between the two calls
+                pass
+        if len(seen) == 2:
+            shot("04-downloading")
+        time.sleep(0.03)
+    moving = sorted(v for v in seen if 0 < v < 100)
+    assert len(moving) >= 2, f"progress values seen: {sorted(seen)}"
+    assert any("MiB/s" in d and "ETA" in d for d in details), details
+    assert sha256(fake.files / "big.bin") == sha256(fake2.files / "big.bin")
+
+    # another download, cancelled while it runs (the provider frozen so it cannot finish first)
+    browser.find_element(By.CSS_SELECTOR, '#peer-files button[data-name="other.bin"]').click()
+    bar = '#transfers li.active[data-name="other.bin"] progress'
+    wait.until(lambda d: any(_value(b) > 0 for b in d.find_elements(By.CSS_SELECTOR, bar)))
+    os.kill(fake2.proc.pid, signal.SIGSTOP)
+    try:
+        # the list is redrawn on every push, so find and click the button in one step
+        wait.until(lambda d: d.execute_script(CLICK, '#transfers li[data-name="other.bin"] button.cancel'))
+        failed = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '#history li.failed[data-name="other.bin"]')))
+        assert "cancelled" in failed.text
+    finally:
+        os.kill(fake2.proc.pid, signal.SIGCONT)
+    assert not (fake.files / "other.bin").exists()
+    shot("05-finished")
+    # on a phone's width nothing is cut off sideways
+    browser.set_window_size(390, 844)
+    time.sleep(0.3)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    shot("06-phone")
+    if os.environ.get("UPDATE_SCREENSHOT"):  # the README's picture
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copy(shots / "04-downloading.png", SCREENSHOT)
+    print(f"screenshots in {shots}")

@@ -1,0 +1,387 @@
+"""The node's HTTP server with real nodes: ports, login, who may see what, Kinode's JSON shapes (through
+the webtest package), 504/503, streamed uploads and file_transfer's JSON API."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.parse
+import uuid
+
+import aiohttp
+import pytest
+
+from conftest import REPO, TEST_PACKAGES
+
+WITH_TESTS = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
+FT = "/file_transfer:file_transfer:template.os"
+WT = "/webtest:webtest:test.os"
+
+
+def token_of(node) -> str:
+    return (node.home / ".keys" / "http-token").read_text().strip()
+
+
+def request(node, method: str, path: str, token: str | None = None, body: bytes | None = None,
+            headers: dict | None = None, host: str = "127.0.0.1", cookie: str | None = None):
+    """One HTTP request with the path sent exactly as given; (status, headers, body)."""
+    conn = http.client.HTTPConnection(host, node.port, timeout=60)
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    if cookie is not None:
+        h["Cookie"] = cookie
+    conn.request(method, path, body=body, headers=h)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data
+
+
+def get_json(node, path: str, token: str, method: str = "GET", body=None):
+    status, _, data = request(node, method, path, token, None if body is None else json.dumps(body).encode(),
+                              {"Content-Type": "application/json"} if body is not None else None)
+    return status, json.loads(data)
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = b""
+    for name, data in files:
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def ws_try(node, path: str, token: str | None, origin: str | None = None, send: str | None = None):
+    """Open a WebSocket; return ("refused", status) or ("open", [messages received])."""
+    headers = {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if origin:
+        headers["Origin"] = origin
+    async with aiohttp.ClientSession() as s:
+        try:
+            async with s.ws_connect(f"http://127.0.0.1:{node.port}{path}", headers=headers) as ws:
+                got = [json.loads((await ws.receive(timeout=10)).data)]
+                if send is not None:
+                    await ws.send_str(send)
+                    got.append(json.loads((await ws.receive(timeout=10)).data))
+                return "open", got
+        except aiohttp.WSServerHandshakeError as e:
+            return "refused", e.status
+
+
+@pytest.fixture
+def web_node(node_factory):
+    node = node_factory("fake.dev", start=False, extra_args=WITH_TESTS)
+    node.env = dict(node.env, KINODE_HTTP_TIMEOUT="3")
+    node.start()
+    node_lines = "\n".join(node.lines)
+    deadline = time.monotonic() + 30
+    while "webtest ready" not in "\n".join(node.lines):
+        assert time.monotonic() < deadline, node.lines[-20:]
+        time.sleep(0.1)
+    assert "web page: http://localhost:" in node_lines
+    return node
+
+
+def test_ports_token_and_login(web_node, tmp_path):
+    node = web_node
+    tok = node.home / ".keys" / "http-token"
+    assert tok.stat().st_mode & 0o777 == 0o600
+    link = next(ln for ln in node.lines if "web page:" in ln).split("web page: ")[1]
+    assert link == f"http://localhost:{node.port}/login?token={token_of(node)}"
+    # the networking port is another one, and the directory has it
+    import sqlite3
+    db = sqlite3.connect(node.env["KINODE_DIRECTORY"])
+    ports = [r[0] for r in db.execute("select port from nodes where name = 'fake.dev'")]
+    assert ports == [node.net_port] and node.net_port != node.port
+    # the login link sets an HttpOnly, SameSite=Strict cookie that then opens the homepage
+    status, headers, _ = request(node, "GET", urllib.parse.urlsplit(link).path + "?" + urllib.parse.urlsplit(link).query)
+    assert status == 302
+    cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    status, _, page = request(node, "GET", "/", cookie=cookie.split(";")[0])
+    assert status == 200 and b"file_transfer" in page and b"webtest" in page
+    # the login goes back only to a path of this node, never to another site
+    for nxt, where in (("/file_transfer%3Afile_transfer%3Atemplate.os/", "/file_transfer:file_transfer:template.os/"),
+                       ("//evil.example/x", "/"), ("https://evil.example/", "/"), ("/\\evil.example", "/")):
+        status, headers, _ = request(node, "GET", f"/login?token={token_of(node)}&next={nxt}")
+        assert (status, headers["Location"]) == (302, where), nxt
+    # a wrong token: 401 and no cookie
+    status, headers, _ = request(node, "GET", "/login?token=nope")
+    assert status == 401 and "Set-Cookie" not in headers
+    # the token survives a restart
+    before = token_of(node)
+    node.stop()
+    node.start()
+    assert token_of(node) == before
+
+
+def test_http_listens_on_loopback_only_by_default(web_node):
+    with socket.socket() as s:
+        s.connect(("127.0.0.1", web_node.port))
+    addrs = [ln for ln in open(f"/proc/{web_node.proc.pid}/net/tcp").read().splitlines()[1:]
+             if ln.split()[3] == "0A" and int(ln.split()[1].split(":")[1], 16) == web_node.port]
+    assert addrs and all(ln.split()[1].split(":")[0] == "0100007F" for ln in addrs), addrs
+
+
+PATHS = ["/", f"{WT}/echo", f"{WT}/echo/abc", f"{WT}/static.txt", f"{WT}/", f"{WT}/index.html", f"{WT}/sub/style.css",
+         f"{WT}/upload", f"{WT}/file/a.txt", f"{WT}/local", f"{FT}/", f"{FT}/index.html", f"{FT}/app.js", f"{FT}/files",
+         f"{FT}/files?node=fake2.dev", f"{FT}/files/a.txt", f"{FT}/download", f"{FT}/transfers", f"{FT}/transfers/a.txt",
+         f"{FT}/allow"]
+
+
+def test_every_bound_path_needs_the_token(web_node):
+    node = web_node
+    good = token_of(node)
+    for path in PATHS:
+        for method in ("GET", "POST", "DELETE"):
+            assert request(node, method, path)[0] == 401, (method, path)
+            assert request(node, method, path, token="x" * 43)[0] == 401, (method, path)
+            assert request(node, method, path, cookie="kinode-auth_fake.dev=" + "y" * 43)[0] == 401, (method, path)
+        # a browser is sent to the login page, which comes back here
+        status, headers, _ = request(node, "GET", path, headers={"Accept": "text/html"})
+        assert status == 302 and headers["Location"].startswith("/login?next="), path
+        # positive control: with the token, the path answers (whatever it answers)
+        assert request(node, "GET", path, token=good)[0] not in (401, 404), path
+        assert request(node, "GET", path, cookie=f"kinode-auth_fake.dev={good}")[0] not in (401, 404), path
+    # a path bound with authenticated=false needs none
+    assert request(node, "GET", f"{WT}/public")[0] == 200
+    for ws in (f"{WT}/ws", f"{FT}/ws"):
+        assert asyncio.run(ws_try(node, ws, None)) == ("refused", 401)
+        assert asyncio.run(ws_try(node, ws, "z" * 43)) == ("refused", 401)
+        assert asyncio.run(ws_try(node, ws, good))[0] == "open"
+
+
+def test_traversal_in_urls_is_refused(web_node):
+    node = web_node
+    good = token_of(node)
+    for path in [f"{FT}/../../../../etc/passwd", f"{FT}/%2e%2e/%2e%2e/%2e%2e/etc/passwd", f"{FT}/%2E%2E%2Fpkg%2Fmanifest.json",
+                 f"{FT}/..%2f..%2fpkg/manifest.json", f"{FT}/%252e%252e/%252e%252e/etc/passwd", "/../etc/passwd",
+                 f"{FT}/./index.html", f"{FT}/..\\..\\etc\\passwd", f"{FT}//etc/passwd", "//etc/passwd",
+                 f"{FT}/pkg/manifest.json", f"{FT}/file_transfer.wasm", f"{FT}/files/..%2fpkg%2fmanifest.json",
+                 f"{FT}/files/%2e%2e", "/file_transfer:template.os/pkg/manifest.json", "/etc/passwd"]:
+        status, _, body = request(node, "GET", path, token=good)
+        assert status in (400, 404), (path, status, body[:200])
+        assert b"root:" not in body and b"process_wasm_path" not in body, path
+    assert request(node, "GET", f"{FT}/index.html", token=good)[0] == 200  # positive control
+
+
+def test_cross_origin_websocket_is_refused(web_node):
+    node = web_node
+    good = token_of(node)
+    assert asyncio.run(ws_try(node, f"{FT}/ws", good, origin="http://evil.example")) == ("refused", 403)
+    assert asyncio.run(ws_try(node, f"{FT}/ws", good, origin=f"http://localhost:{node.port + 1}")) == ("refused", 403)
+    assert asyncio.run(ws_try(node, f"{FT}/ws", good, origin=f"http://127.0.0.1:{node.port}"))[0] == "open"
+
+
+def _non_loopback_ip() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+        return None if ip.startswith("127.") else ip
+    except OSError:
+        return None
+
+
+def test_local_only_refuses_other_hosts(node_factory):
+    ip = _non_loopback_ip()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback address")
+    node = node_factory("fake.dev", extra_args=WITH_TESTS + ["--http-host", "0.0.0.0"])
+    node.expect("webtest ready")
+    good = token_of(node)
+    assert request(node, "GET", f"{WT}/local", token=good)[0] == 200
+    status, _, body = request(node, "GET", f"{WT}/local", token=good, host=ip)
+    assert status == 403 and b"local" in body
+    assert request(node, "GET", f"{WT}/echo", token=good, host=ip)[0] == 200  # not local_only
+
+
+def test_json_shapes_through_process_lib(web_node):
+    node = web_node
+    good = token_of(node)
+    status, headers, data = request(node, "POST", f"{WT}/echo?x=1&y=two", good, b"hello body", {"X-Thing": "v"})
+    assert status == 201 and headers["X-Webtest"] == "yes"
+    out = json.loads(data)
+    (kind, inc), = out["raw"].items()
+    assert kind == "Http"
+    assert set(inc) == {"source_socket_addr", "method", "url", "bound_path", "headers", "url_params", "query_params"}
+    assert inc["method"] == "POST" and inc["bound_path"] == f"{WT}/echo" and out["path"] == "/echo"
+    assert inc["query_params"] == {"x": "1", "y": "two"} and inc["url_params"] == {}
+    assert inc["url"].endswith(f"{WT}/echo?x=1&y=two") and inc["source_socket_addr"].startswith("127.0.0.1")
+    assert inc["headers"]["x-thing"] == "v" and "authorization" not in inc["headers"] and "cookie" not in inc["headers"]
+    assert out["body"] == "hello body"
+    # a `:name` segment
+    out = json.loads(request(node, "GET", f"{WT}/echo/some%20file.txt", good)[2])
+    assert out["raw"]["Http"]["url_params"] == {"name": "some file.txt"} and out["path"] == "/echo/:name"
+    # the server's answers to the binder's actions: Result<(), HttpServerError>
+    answers = out["answers"]
+    assert answers["no_blob"] == {"Err": "NoBlob"}
+    assert set(answers["bad_push"]["Err"]) == {"WebSocketPushError"} and "12345" in answers["bad_push"]["Err"]["WebSocketPushError"]["error"]
+    assert set(answers["unknown"]["Err"]) == {"BadRequest"} and "req" in answers["unknown"]["Err"]["BadRequest"]
+    assert set(answers["traversal"]["Err"]) == {"BadRequest"}
+    assert answers["unbind"] == {"Ok": None}
+    assert set(answers["pkg_upload"]["Err"]) == {"PathBindError"}  # installed files stay read-only
+    # static files: a bound blob, and serve_ui's pkg/ui with index.html at "/"
+    status, headers, data = request(node, "GET", f"{WT}/static.txt", good)
+    assert (status, data) == (200, b"static bytes\n") and headers["Content-Type"].startswith("text/plain")
+    index = (REPO / "tests/packages/webtest/pkg/ui/index.html").read_bytes()
+    assert request(node, "GET", f"{WT}/", good)[2] == index
+    assert request(node, "GET", f"{WT}/index.html", good)[2] == index
+    status, headers, data = request(node, "GET", f"{WT}/sub/style.css", good)
+    assert status == 200 and headers["Content-Type"].startswith("text/css") and b"#123456" in data
+    assert request(node, "GET", WT, good)[0] == 302  # to the trailing slash
+    # WebSocket: open, push both ways, close
+    kind, msgs = asyncio.run(ws_try(node, f"{WT}/ws", good, send="ping from the test"))
+    assert kind == "open"
+    opened = msgs[0]["open"]
+    assert opened["path"] == f"{WT}/ws" and isinstance(opened["channel_id"], int)
+    assert msgs[1]["push"] == {"channel_id": opened["channel_id"], "message_type": "Text"}
+    assert msgs[1]["data"] == "ping from the test"
+    node.expect(rf"webtest ws closed: {opened['channel_id']}\b")
+
+
+def test_silent_process_504_and_crashed_process_503(web_node):
+    node = web_node
+    good = token_of(node)
+    t0 = time.monotonic()
+    status, _, body = request(node, "GET", f"{WT}/slow", good)
+    assert status == 504 and b"did not answer" in body and 2.5 < time.monotonic() - t0 < 20
+    status, _, body = request(node, "GET", f"{WT}/crash", good)
+    assert status == 503 and b"not running" in body, body
+    # restarted (on_exit Restart), it binds again and answers
+    deadline = time.monotonic() + 30
+    while request(node, "GET", f"{WT}/echo", good)[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
+def test_uploads_stream_into_the_drive_and_hostile_names_are_refused(web_node):
+    node = web_node
+    good = token_of(node)
+    body, ctype = multipart([("a.txt", b"first file\n"), ("../../x", b"evil"), ("b.bin", os.urandom(3_000_000)),
+                             (".hidden", b"no")])
+    status, _, data = request(node, "POST", f"{WT}/upload", good, body, {"Content-Type": ctype})
+    assert status == 201, data
+    summary = json.loads(json.loads(data)["body"])["Uploaded"]
+    assert [f["name"] for f in summary["files"]] == ["a.txt", "b.bin"]
+    assert summary["files"][1]["size"] == 3_000_000
+    assert sorted(r["name"] for r in summary["refused"]) == ["../../x", ".hidden"]
+    drive = node.home / "vfs/webtest:test.os/uploads"
+    assert (drive / "a.txt").read_bytes() == b"first file\n"
+    assert not (node.home / "x").exists() and not (node.home / "vfs/x").exists() and not (drive.parent / "x").exists()
+    assert [p.name for p in (drive / ".partial").iterdir()] == []
+    # a file streamed back from disk by the server (the process answers with its VFS path)
+    status, _, data = request(node, "GET", f"{WT}/file/a.txt", good)
+    assert (status, data) == (200, b"first file\n")
+    assert request(node, "GET", f"{WT}/file/nope.txt", good)[0] == 502
+
+
+def _vm_hwm_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_one_gib_upload_keeps_the_node_small(node_factory):
+    node = node_factory("fake.dev")
+    good = token_of(node)
+    size = 1 << 30
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    deadline = time.monotonic() + 30
+    while request(node, "GET", f"{FT}/files", good)[0] != 200:  # file_transfer has bound its paths
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=300)
+    conn.putrequest("POST", f"{FT}/files")
+    conn.putheader("Authorization", f"Bearer {good}")
+    conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+    conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+    conn.endheaders()
+    conn.send(head)
+    for i in range(size >> 20):
+        chunk = i.to_bytes(8, "big") + block[8:]
+        digest.update(chunk)
+        conn.send(chunk)
+    conn.send(tail)
+    resp = conn.getresponse()
+    data = resp.read()
+    assert resp.status == 200, data
+    assert json.loads(data)["files"] == [{"name": "big.bin", "size": size}]
+    peak = _vm_hwm_mib(node.proc.pid)
+    print(f"1 GiB upload: node peak RSS {peak:.0f} MiB")
+    assert peak < 300, peak
+    got = hashlib.sha256()
+    with open(node.files / "big.bin", "rb") as f:
+        while chunk := f.read(1 << 22):
+            got.update(chunk)
+    assert got.digest() == digest.digest()
+    (node.files / "big.bin").unlink()
+
+
+def test_file_transfer_api_between_two_nodes(two_nodes):
+    fake, fake2 = two_nodes
+    t1, t2 = token_of(fake), token_of(fake2)
+    for n, t in ((fake, t1), (fake2, t2)):
+        deadline = time.monotonic() + 30
+        while request(n, "GET", f"{FT}/files", t)[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    data = os.urandom(5_000_000)
+    body, ctype = multipart([("shared.bin", data), ("note.txt", b"hi\n")])
+    status, _, out = request(fake2, "POST", f"{FT}/files", t2, body, {"Content-Type": ctype})
+    assert status == 200, out
+    status, listing = get_json(fake2, f"{FT}/files", t2)
+    assert status == 200 and sorted(listing["ListFiles"], key=lambda f: f["name"]) == [
+        {"name": "file_transfer:template.os/files/note.txt", "size": 3},
+        {"name": "file_transfer:template.os/files/shared.bin", "size": 5_000_000}]
+    # fake lists fake2's files, downloads one, sees it finish
+    status, listing = get_json(fake, f"{FT}/files?node=fake2.dev", t1)
+    assert status == 200 and len(listing["ListFiles"]) == 2
+    status, out = get_json(fake, f"{FT}/download", t1, "POST", {"name": "shared.bin", "node": "fake2.dev"})
+    assert status == 200 and out == {"Download": {"Ok": None}}
+    deadline = time.monotonic() + 60
+    while True:
+        status, state = get_json(fake, f"{FT}/transfers", t1)
+        if state["history"]:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["history"][0]["ok"] and state["history"][0]["name"] == "shared.bin", state
+    assert (fake.files / "shared.bin").read_bytes() == data
+    # errors: a hostile name, an unknown node, cancelling nothing
+    status, out = get_json(fake, f"{FT}/download", t1, "POST", {"name": "../../x", "node": "fake2.dev"})
+    assert status == 400 and "file name" in out["error"]
+    status, out = get_json(fake, f"{FT}/files?node=nobody.dev", t1)
+    assert status == 502 and "nobody.dev" in out["error"]
+    status, out = get_json(fake, f"{FT}/transfers/nothing.txt", t1, "DELETE")
+    assert status == 400 and "no transfer" in out["error"]
+    # the allow rule: fake2 shares with nobody, and fake is told so
+    status, out = get_json(fake2, f"{FT}/allow", t2, "PUT", {"allow": ["other.dev"]})
+    assert status == 200 and get_json(fake2, f"{FT}/allow", t2)[1] == {"allow": ["other.dev"]}
+    status, out = get_json(fake, f"{FT}/files?node=fake2.dev", t1)
+    assert status == 403 and "not allowed" in out["error"]
+    status, out = get_json(fake2, f"{FT}/allow", t2, "PUT", {"allow": None})
+    assert get_json(fake, f"{FT}/files?node=fake2.dev", t1)[0] == 200
+
+
+def test_traversal_check_unit():
+    from host.http_server import _traversal
+    for bad in ["/a/../b", "/a/%2e%2e/b", "/a/%2E%2e%2Fb", "/a/%252e%252e/b", "/./a", "/a/..", "/a/b\\..\\c",
+                "/a/%00b", "/a/%25252e%25252e/b"]:
+        assert _traversal(bad), bad
+    for good in ["/", "/a/b.c/d", "/a/..b/c", "/a/b..", "/a/%20b?x=../y", "/file_transfer:file_transfer:template.os/"]:
+        assert not _traversal(good), good
