@@ -107,7 +107,7 @@ class Worker:
                 try:
                     follow = self.perform[type(action)](action)
                 except vfs.VfsError as e:
-                    if self.machine is not None and self.machine.state == "failed":
+                    if self.machine is not None and self.machine.state == self.machine.FAILED:
                         continue  # winding down: what can be tidied up, is
                     follow = self.machine.io_failed(str(e), time.monotonic())
                     break
