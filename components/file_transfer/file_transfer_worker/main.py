@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """file_transfer_worker: moves one file, then exits.
 
 A requestor worker asks the serving node's file_transfer for a file, receives its chunks into a
@@ -299,7 +299,7 @@ class Requestor:
     def finish(self) -> None:
         self.file.sync_all()  # durable before it takes the real name
         whole = self.resumed_from == 0 and self.chain_end == self.size and self.size
-        digest = self.chain_digest if whole else self.file.hash().hex()  # a resumed file is read back
+        digest = self.chain_digest if whole else self.file.blake3()  # a resumed file is read back
         if self.file_hash and digest != self.file_hash:
             raise Failed("the downloaded file does not match the provider's hash (it changed while being "
                          "sent, or was corrupted); nothing was saved", keep=False)
@@ -443,7 +443,7 @@ class Provider:
             elif self.first_offset == 0 and self.size:
                 digest = self.chain_digest  # the file unchanged, what was sent is the whole file
             else:
-                digest = self.file.hash().hex()  # a resumed transfer: read the whole file
+                digest = self.file.blake3()  # a resumed transfer: read the whole file
         except vfs.VfsError as e:
             self.error_to_peer(f"{self.w.name} became unreadable while being sent")
             raise Failed(str(e), keep=False)
