@@ -158,7 +158,7 @@ class VfsService(Service):
         for params in res.grant:
             src.capabilities.add(Capability.make(self.address, params))
         if km.rsvp is not None:
-            out = Blob(None, res.blob) if res.blob is not None else None
+            out = Blob(res.mime, res.blob) if res.blob is not None else None
             self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=res.body), out), self)
 
 
@@ -387,11 +387,13 @@ class Kernel:
         return src.has_cap(messaging_cap(dest.address))
 
     def route(self, km: KernelMessage, src) -> None:
+        if km.target.node == "our":  # Kinode's alias for this node (process_lib sends to our@vfs:distro:sys)
+            km.target = Address(self.node, km.target.process)
         is_request = isinstance(km.message, Request)
         if km.target.node != self.node:
             if is_request and not src.has_cap(self.network_cap()):
                 self.terminal.error(f"{src.id} has no network capability: request to {km.target} refused")
-                src.fail(km.id, SendErrorKind.OFFLINE)
+                src.fail(km.id, SendErrorKind.TIMEOUT)   # Kinode reports a refused send as a timeout
                 return
             if self.net is None:
                 src.fail(km.id, SendErrorKind.OFFLINE)
@@ -407,11 +409,11 @@ class Kernel:
         dest = self.processes.get(km.target.process)
         if dest is None:
             log.info("no process %s: message from %s dropped", km.target.process, km.source)
-            src.fail(km.id, SendErrorKind.OFFLINE)
+            src.fail(km.id, SendErrorKind.TIMEOUT)
             return
         if is_request and not self.may_message(src, dest):
             self.terminal.error(f"{src.id} may not message {dest.id} (no messaging capability)")
-            src.fail(km.id, SendErrorKind.OFFLINE)
+            src.fail(km.id, SendErrorKind.TIMEOUT)
             return
         dest.deliver(km)
 

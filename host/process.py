@@ -36,7 +36,6 @@ _current = threading.local()
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
 _STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
-DEFAULT_AWAIT_TIMEOUT = 60
 
 
 class _AtCapacity(Exception):
@@ -422,10 +421,13 @@ def send_and_await_response(target, request, blob):
 
 def _send_and_await(target, request, blob: Optional[Blob]):
     p = _proc()
-    req = py_request(request)
+    req, dest = py_request(request), py_address(target)
+    # as Kinode's kernel: both are errors that end the process, not a wait
     if req.expects_response is None:
-        req.expects_response = DEFAULT_AWAIT_TIMEOUT
-    p.kernel.send_request(p, py_address(target), req, None, blob, awaited=True)
+        raise WasmtimeError("send-and-await-response needs expects-response (a timeout)")
+    if dest.process == p.id and dest.node in (p.address.node, "our"):
+        raise WasmtimeError("send-and-await-response to itself would deadlock")
+    p.kernel.send_request(p, dest, req, None, blob, awaited=True)
     item = p.await_box.get()
     if item is _STOP:
         raise WasmtimeError("process was stopped")
