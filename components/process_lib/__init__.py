@@ -17,7 +17,7 @@ A process's app module implements the world's `init` by handing control to `run`
 
 Bodies are bytes; `Message.json()` parses JSON bodies, and builders' `.body(obj)` writes JSON in
 serde's externally tagged form when given a dict, list, str or number. When the host offers the
-`kinode:process/blobs` extension, blob bytes travel through it (in bulk, or not at all when a blob
+`kinode-py:host-ext/blobs` extension, blob bytes travel through it (in bulk, or not at all when a blob
 is only forwarded); otherwise through `standard`.
 """
 from process_lib.core import (  # noqa: F401

@@ -353,7 +353,7 @@ def current_blob_hash() -> Optional[str]:
     """Hex BLAKE3 of the current blob (computed by the host when it can)."""
     if _blobs is not None:
         return _blobs.current_blob_hash()
-    raise RuntimeError("current_blob_hash needs the kinode:process/blobs host extension")
+    raise RuntimeError("current_blob_hash needs the kinode-py:host-ext/blobs host extension")
 
 
 def current_blob_hash_chained(restart: bool = False) -> Optional[str]:
@@ -361,7 +361,7 @@ def current_blob_hash_chained(restart: bool = False) -> Optional[str]:
     return the hex digest of all fed since; None, feeding nothing, if there is no blob."""
     if _blobs is not None:
         return _blobs.current_blob_hash_chained(restart)
-    raise RuntimeError("current_blob_hash_chained needs the kinode:process/blobs host extension")
+    raise RuntimeError("current_blob_hash_chained needs the kinode-py:host-ext/blobs host extension")
 
 
 # ---- process management ------------------------------------------------------------------------
