@@ -526,13 +526,7 @@ class Vfs:
         if source.package_id == vp.package:
             return
 
-        def ask(params: dict) -> bool:
-            try:
-                return bool(has_cap(params))
-            except Exception:                    # noqa: BLE001 - a failing check is a refusal
-                return False
-
-        if ask({"kind": kind, "drive": vp.drive_text}) or ask({"root": True}):
+        if _asks(has_cap, {"kind": kind, "drive": vp.drive_text}) or _asks(has_cap, {"root": True}):
             return
         raise _no_cap(action, vp.text)
 
