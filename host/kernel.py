@@ -356,6 +356,8 @@ class Kernel:
     # ---- messaging -------------------------------------------------------------------------
     def send_request(self, src, target: Address, req: Request, context: Optional[bytes],
                      blob: Optional[Blob], awaited: bool = False) -> None:
+        if target.node == "our":  # before it is kept as a pending request's (and SendError's) target
+            target = Address(self.node, target.process)
         prompting = src.current
         if req.inherit and prompting is not None:
             mid, rsvp = prompting.id, prompting.rsvp

@@ -245,6 +245,8 @@ class WasmProcess:
             return "killed"
         text = str(e).strip().splitlines()
         head = text[0] if text else type(e).__name__
+        if "Caused by:" in text:   # a host import's own error says more than the backtrace's head
+            head = next((ln.strip() for ln in text[text.index("Caused by:") + 1:] if ln.strip()), head)
         if "epoch" in str(e) or "interrupt" in str(e):
             return f"trapped: used more than {self.kernel.compute_limit:g} s of compute without yielding"
         if isinstance(e, _AtCapacity) or "maximum concurrent limit" in head:  # ours, or the pool's
