@@ -21,7 +21,7 @@ serde's externally tagged form when given a dict, list, str or number. When the 
 is only forwarded); otherwise through `standard`.
 """
 from process_lib.core import (  # noqa: F401
-    Address, Blob, ask, sibling, Capability, Message, OnExit, PackageId, ProcessId, Request, Response, SendError,
+    HAS_BLOBS, Address, Blob, ask, sibling, Capability, Message, OnExit, PackageId, ProcessId, Request, Response, SendError,
     SpawnError, await_message, current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, get_state, our,
     our_capabilities, print_to_terminal, println, run, script, set_on_exit, set_state, clear_state,
     spawn, to_wit_address, from_wit_address,

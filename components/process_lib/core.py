@@ -13,6 +13,7 @@ try:  # the host extension is optional: guests built without it use `standard` o
     from wit_world.imports import blobs as _blobs
 except ImportError:  # pragma: no cover - depends on the world the component was built against
     _blobs = None
+HAS_BLOBS = _blobs is not None  # built against a `-ext` world, so the blob extension is there
 
 _OUR: Optional["Address"] = None
 

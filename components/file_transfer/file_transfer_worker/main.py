@@ -14,8 +14,12 @@ import wit_world
 
 from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, PARTIAL_DIR, STALL_TIMEOUT,
                        STATE_EVERY, TICK, WINDOW, check_name)
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message,
+from process_lib import (HAS_BLOBS, Address, Message, ProcessId, Request, Response, SendError, await_message,
                          current_blob_hash, current_blob_hash_chained, current_blob_len, println, run, vfs)
+
+# The extended protocol (acks, resume, BLAKE3 checks) needs the host's blob extension to hash in the
+# host; a portable build (PORTABLE=1 ./build.sh) speaks the seed's plain protocol.
+EXT = HAS_BLOBS
 
 
 class Done(Exception):
@@ -127,7 +131,7 @@ class Requestor:
     def begin(self) -> None:
         (Request.to(self.w.peer)
          .body({"Download": {"name": self.w.name, "target": _addr_json(self.w.peer), "is_requestor": False}})
-         .metadata({"ft": 1})
+         .metadata({"ft": 1} if EXT else None)
          .expects_response(HANDSHAKE_TIMEOUT)
          .context("download")
          .send())
@@ -166,7 +170,7 @@ class Requestor:
             raise Failed(f"peer sent an invalid size {size!r}", keep=False)
         self.provider = msg.source
         self.size = size
-        self.ext = meta.get("ft") == 1
+        self.ext = EXT and meta.get("ft") == 1
         self.file_hash = meta.get("blake3") if self.ext else None
         self.hash_follows = self.ext and self.file_hash is None
         # a file of one chunk has nothing to resume: no state file for it
@@ -181,8 +185,8 @@ class Requestor:
             if self.has_state:
                 self.save_state(0)
         self.received = self.cursor = self.resumed_from = self.chain_end = offset
-        if msg.expects_response is not None:
-            Response().body("Progress").metadata({"ft": 1, "offset": offset}).send()
+        if msg.expects_response is not None:   # a plain answer tells an ext provider to go plain
+            Response().body("Progress").metadata({"ft": 1, "offset": offset} if self.ext else None).send()
         self.w.last_activity = time.monotonic()
         if offset:
             println(f"{self.w.name}: resuming at {offset} of {size} bytes")
@@ -253,7 +257,7 @@ class Requestor:
         """Extend the running hash of this session's bytes, which an ext provider's `upto` must
         match. It starts at the resume point; while it holds every byte from 0 in order, its
         digest at the end is the whole file's."""
-        if self.chain_end is not None and offset == self.chain_end:
+        if self.ext and self.chain_end is not None and offset == self.chain_end:
             self.chain_digest = current_blob_hash_chained(offset == self.resumed_from)
             self.chain_end = offset + length
         else:  # out of order (a plain peer may): no running hash from here on
@@ -299,7 +303,7 @@ class Requestor:
     def finish(self) -> None:
         self.file.sync_all()  # durable before it takes the real name
         whole = self.resumed_from == 0 and self.chain_end == self.size and self.size
-        digest = self.chain_digest if whole else self.file.blake3()  # a resumed file is read back
+        digest = None if not self.ext else self.chain_digest if whole else self.file.blake3()  # a resumed file is read back
         if self.file_hash and digest != self.file_hash:
             raise Failed("the downloaded file does not match the provider's hash (it changed while being "
                          "sent, or was corrupted); nothing was saved", keep=False)
@@ -370,8 +374,9 @@ class Provider:
             self.file = vfs.open_file(path, create=False)
             found = self.file.metadata()
             self.size, self.stamp = found.len, found.stamp
-            one_chunk = 0 < self.size <= EXT_CHUNK_SIZE
-            meta = {"ft": 1}
+            # up to the seed's chunk size, which any requestor takes in one piece (a portable one too)
+            one_chunk = EXT and 0 < self.size <= CHUNK_SIZE
+            meta = {"ft": 1} if EXT else None
             if one_chunk:
                 # a small file is read whole now: the chunk's hash is the file's hash, and the
                 # chunk follows Size without waiting for its answer (a one-chunk file has no
@@ -414,6 +419,8 @@ class Provider:
             if not isinstance(offset, int) or not 0 <= offset <= self.size:
                 self.error_to_peer("bad resume offset", keep=False)
                 raise Failed(f"peer asked for a bad resume offset {offset!r}", keep=False)
+            if not (EXT and meta.get("ft") == 1):
+                self.push_plain()   # a plain answer: the requestor speaks the seed's protocol
             self.ext = True
             self.next_offset = self.first_offset = offset
             if offset:
@@ -423,6 +430,13 @@ class Provider:
             self.in_flight -= 1
             self.w.last_activity = time.monotonic()
             self.fill_window()
+
+    def push_plain(self) -> None:
+        """The seed's protocol: every chunk at once, unacknowledged."""
+        self.ext = False
+        while self.next_offset < self.size:
+            self.send_chunk()
+        raise Done()
 
     def fill_window(self) -> None:
         while self.in_flight < WINDOW and self.next_offset < self.size:
@@ -480,10 +494,7 @@ class Provider:
             # no answer to Size: a peer speaking only the plain protocol; push every chunk unacked
             if self.pipelined:
                 raise Done()
-            self.ext = False
-            while self.next_offset < self.size:
-                self.send_chunk()
-            raise Done()
+            self.push_plain()
         if what == "chunk":
             raise Failed(f"{self.target.node} stopped acknowledging chunks ({err.kind})", keep=False)
 
