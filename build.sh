@@ -50,7 +50,8 @@ build_one() {  # package_dir process_dir [output_package_dir]
 }
 
 if [ "${PORTABLE:-}" = 1 ]; then
-    # Every package (or those named in PORTABLE_PACKAGES) built against Kinode's worlds only, into
+    # Every package (or those named in PORTABLE_PACKAGES; of their processes, those named in
+    # PORTABLE_PROCESSES) built against Kinode's worlds only, into
     # build/portable/<package>/: installable with --packages build/portable, runnable on any host.
     echo "== building portable components into build/portable/"
     pids=()
@@ -63,6 +64,7 @@ if [ "${PORTABLE:-}" = 1 ]; then
         cp "$pkg/metadata.json" "$dest/"
         cp "$pkg"/pkg/*.json "$dest/pkg/"
         for main in "$pkg"/*/main.py; do
+            [ -z "${PORTABLE_PROCESSES:-}" ] || [[ " $PORTABLE_PROCESSES " == *" $(basename "$(dirname "$main")") "* ]] || continue
             build_one "$pkg" "$(dirname "$main")" "$dest" &
             pids+=($!)
             if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
