@@ -28,12 +28,14 @@ rm -rf "$STAGE" && mkdir -p "$STAGE/process_lib"
 cp components/process_lib/*.py "$STAGE/process_lib/"
 cp host/kinode_types.py "$STAGE/"
 
-build_one() {  # package_dir process_dir
-    local pkg=$1 dir=$2 name world out inputs
+build_one() {  # package_dir process_dir [output_package_dir]
+    local pkg=$1 dir=$2 dest=${3:-$1} name world out inputs
     name=$(basename "$dir")
     world=$(sed -n 's/^# world: *//p' "$dir/main.py" | head -n1)
     if [ -z "$world" ]; then echo "error: $dir/main.py has no '# world: NAME' line" >&2; return 1; fi
-    out=$pkg/pkg/$name.wasm
+    # a portable build uses each world's twin without the host extension (wit/host-ext.wit)
+    [ "$dest" != "$pkg" ] && world=$(echo "$world" | sed -E 's/-ext@/-portable@/; s/courier-process@/courier-process-portable@/')
+    out=$dest/pkg/$name.wasm
     inputs=$(cat wit/*.wit components/process_lib/*.py host/kinode_types.py "$dir"/*.py $( [ -d "$pkg/common" ] && echo "$pkg"/common/*.py ) \
              | sha256sum | cut -c1-32)-$world
     if [ -f "$out" ] && [ "$(cat "$out.inputs" 2>/dev/null)" = "$inputs" ]; then
@@ -49,9 +51,45 @@ build_one() {  # package_dir process_dir
     echo "$inputs" > "$out.inputs"
 }
 
+if [ "${PORTABLE:-}" = 1 ]; then
+    # Every package (or those named in PORTABLE_PACKAGES; of their processes, those named in
+    # PORTABLE_PROCESSES) built against Kinode's worlds only, into
+    # build/portable/<package>/: installable with --packages build/portable, runnable on any host.
+    echo "== building portable components into build/portable/"
+    pids=()
+    for pkg in components/*/; do
+        pkg=${pkg%/}
+        [ -f "$pkg/metadata.json" ] || continue
+        [ -z "${PORTABLE_PACKAGES:-}" ] || [[ " $PORTABLE_PACKAGES " == *" $(basename "$pkg") "* ]] || continue
+        dest=build/portable/$(basename "$pkg")
+        mkdir -p "$dest/pkg"
+        cp "$pkg/metadata.json" "$dest/"
+        cp "$pkg"/pkg/*.json "$dest/pkg/"
+        for main in "$pkg"/*/main.py; do
+            [ -z "${PORTABLE_PROCESSES:-}" ] || [[ " $PORTABLE_PROCESSES " == *" $(basename "$(dirname "$main")") "* ]] || continue
+            build_one "$pkg" "$(dirname "$main")" "$dest" &
+            pids+=($!)
+            if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+        done
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    for links in components/*/links.txt; do
+        dest=build/portable/$(basename "$(dirname "$links")")
+        [ -d "$dest" ] || continue
+        grep -v '^\s*\(#\|$\)' "$links" | while read -r rel; do
+            src=build/portable/$rel
+            [ -f "$src" ] || { echo "error: $links names $rel, which was not built portable" >&2; exit 1; }
+            cmp -s "$src" "$dest/pkg/$(basename "$rel")" 2>/dev/null || cp "$src" "$dest/pkg/"
+        done
+    done
+    "$VENV/bin/python" -m host.wasm build/portable/*/pkg/*.wasm
+    echo "== done: portable packages in build/portable/ (run them with --packages build/portable)"
+    exit 0
+fi
+
 echo "== building components"
 pids=()
-for pkg in components/*/ tests/packages/*/ tests/liar/*/; do
+for pkg in components/*/ tests/packages/*/ tests/liar/*/ tests/conformance/packages/*/; do
     pkg=${pkg%/}
     [ -f "$pkg/metadata.json" ] || continue
     for main in "$pkg"/*/main.py; do
@@ -76,5 +114,6 @@ for links in components/*/links.txt; do
 done
 
 echo "== compiling components into the wasmtime cache"
-"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm tests/liar/*/pkg/*.wasm
+"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm tests/liar/*/pkg/*.wasm \
+    tests/conformance/packages/*/pkg/*.wasm
 echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

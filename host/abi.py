@@ -26,7 +26,6 @@ from host.wit_values import (py_address, py_blob, py_cap, py_on_exit, py_pid, py
                              wit_send_error)
 
 log = logging.getLogger("host.abi")
-DEFAULT_AWAIT_TIMEOUT = 60
 
 
 def _proc() -> WasmProcess:
@@ -149,10 +148,13 @@ def send_and_await_response(target, request, blob):
 
 def _send_and_await(target, request, blob: Optional[Blob]):
     p = _proc()
-    req = py_request(request)
+    req, dest = py_request(request), py_address(target)
+    # as Kinode's kernel: both are errors that end the process, not a wait
     if req.expects_response is None:
-        req.expects_response = DEFAULT_AWAIT_TIMEOUT
-    p.kernel.send_request(p, py_address(target), req, None, blob, awaited=True)
+        raise WasmtimeError("send-and-await-response needs expects-response (a timeout)")
+    if dest.process == p.id and dest.node in (p.address.node, "our"):
+        raise WasmtimeError("send-and-await-response to itself would deadlock")
+    p.kernel.send_request(p, dest, req, None, blob, awaited=True)
     item = p.await_box.get()
     if item is STOP:
         raise WasmtimeError("process was stopped")

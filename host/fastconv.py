@@ -413,7 +413,7 @@ def _bytes_list() -> _Conv:
         if n > MAX_LIST_BYTES:
             raise WasmtimeError(
                 f"list<u8> of {n} bytes is over this host's {MAX_LIST_BYTES}-byte per-call limit; "
-                "use the kinode:process/blobs interface for large blobs")
+                "use the kinode-py:host-ext/blobs interface for large blobs")
         if n >= _GRAFT_MIN:
             a.patches[at] = val
             pack(MEM, at, _LIST, 0, at)

@@ -233,6 +233,8 @@ class Kernel:
     # ---- messaging -------------------------------------------------------------------------
     def send_request(self, src: Endpoint, target: Address, req: Request, context: Optional[bytes],
                      blob: Optional[Blob], awaited: bool = False) -> None:
+        if target.node == "our":  # before it is kept as a pending request's (and SendError's) target
+            target = Address(self.node, target.process)
         prompting = src.current
         if req.inherit and prompting is not None:
             mid, rsvp = prompting.id, prompting.rsvp
@@ -264,11 +266,13 @@ class Kernel:
         return src.has_cap(messaging_cap(dest.address))
 
     def route(self, km: KernelMessage, src: Endpoint) -> None:
+        if km.target.node == "our":  # Kinode's alias for this node (process_lib sends to our@vfs:distro:sys)
+            km.target = Address(self.node, km.target.process)
         is_request = isinstance(km.message, Request)
         if km.target.node != self.node:
             if is_request and not src.has_cap(self._network_cap):
                 self.terminal.error(f"{src.id} has no network capability: request to {km.target} refused")
-                src.fail(km.id, SendErrorKind.OFFLINE)
+                src.fail(km.id, SendErrorKind.TIMEOUT)   # Kinode reports a refused send as a timeout
                 return
             if self.net is None:
                 src.fail(km.id, SendErrorKind.OFFLINE)
@@ -284,11 +288,11 @@ class Kernel:
         dest = self.processes.get(km.target.process)
         if dest is None:
             log.info("no process %s: message from %s dropped", km.target.process, km.source)
-            src.fail(km.id, SendErrorKind.OFFLINE)
+            src.fail(km.id, SendErrorKind.TIMEOUT)
             return
         if is_request and not self.may_message(src, dest):
             self.terminal.error(f"{src.id} may not message {dest.id} (no messaging capability)")
-            src.fail(km.id, SendErrorKind.OFFLINE)
+            src.fail(km.id, SendErrorKind.TIMEOUT)
             return
         dest.deliver(km)
 

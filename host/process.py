@@ -141,8 +141,8 @@ class WasmProcess:
             return "killed"
         text = str(e).strip().splitlines()
         head = text[0] if text else type(e).__name__
-        if "Caused by:" in text[:-1]:  # a wasmtime trap: the reason follows its backtrace
-            head = text[text.index("Caused by:") + 1].strip()
+        if "Caused by:" in text:  # a wasmtime trap (or a host import's error): the reason follows its backtrace
+            head = next((ln.strip() for ln in text[text.index("Caused by:") + 1:] if ln.strip()), head)
         if "epoch" in str(e) or "interrupt" in str(e):
             return f"trapped: used more than {self.kernel.compute_limit:g} s of compute without yielding"
         if isinstance(e, _AtCapacity) or "maximum concurrent limit" in head:  # ours, or the pool's

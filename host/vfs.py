@@ -13,25 +13,31 @@ Design notes
   pread/pwrite. A lock per handle keeps a close (by `forget`, `RemoveFile`, `Rename` ...) from
   racing an operation on that fd; a small set of locks striped by inode serialises writes to one
   file so `Append` never loses data to a concurrent writer and failed writes can be rolled back.
-- Capabilities: a process may use its own package's drives; anything else needs `has_cap` to accept
-  `{"kind": "read"|"write", "drive": "/pkg:pub/drive"}` (write implies read).
+- Capabilities as kinode 0.9.5's vfs.rs: a process may use its own package's drives (its `pkg`
+  drive too); anything else needs `has_cap` to accept `{"kind": "read"|"write", "drive":
+  "/pkg:pub/drive"}` or `{"root": true}`. Reading needs "read", everything else (OpenFile and
+  CloseFile too) "write"; write does not imply read.
+- The `pkg` drive may hold hard links to the build output (see host/packages.py): a file there is
+  copied to a private inode before any handle is opened on it, so no write reaches the build.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import mmap
 import os
 import shutil
 import stat
 import threading
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import blake3
 
 from host import fsutil
 from host.types import PackageId, ParseError, ProcessId
@@ -39,7 +45,7 @@ from host.types import PackageId, ParseError, ProcessId
 __all__ = ["Vfs", "VfsResult"]
 
 CHUNK = 1 << 20                   # piece size for CopyFile
-HASH_PIECE = 4 << 20              # piece size for Hash (big enough for BLAKE3 to use several threads)
+HASH_PIECE = 1 << 20              # piece size for Hash
 MAX_OFFSET = 2**63 - 1            # largest file offset the OS accepts (off_t)
 U64_MAX = 2**64 - 1
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -54,7 +60,7 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _UNIT_ACTIONS = frozenset({
     "CreateDrive", "CreateDir", "CreateDirAll", "CreateFile", "CloseFile", "Write", "WriteAll",
     "Append", "SyncAll", "Read", "ReadDir", "ReadToEnd", "ReadToString", "RemoveFile", "RemoveDir",
-    "RemoveDirAll", "Metadata", "Len", "Hash",
+    "RemoveDirAll", "Metadata", "Len", "Hash", "AddZip",
 })
 _ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen"})
 # Actions served through the caller's handle: an existing handle needs no path resolution.
@@ -63,10 +69,14 @@ _HANDLE_ACTIONS = frozenset({
     "SyncAll",
 })
 MAX_PATH_BYTES = 4096
+# Upstream's check_caps: these need a "read" capability, every other action a "write" one.
 _READ_ACTIONS = frozenset({
     "Read", "ReadDir", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Metadata", "Len", "Hash",
-    "CloseFile",
 })
+READ_MIME = "application/octet-stream"   # the mime upstream puts on every blob the VFS returns
+# AddZip refuses an archive beyond these before writing anything (a zip bomb).
+MAX_ZIP_ENTRIES = 10_000
+MAX_ZIP_BYTES = 1 << 30                   # total uncompressed size, as the entries declare it
 
 
 @dataclass
@@ -74,6 +84,10 @@ class VfsResult:
     body: bytes                       # JSON response body
     blob: Optional[bytes] = None      # file data for Read-like responses
     grant: list = field(default_factory=list)  # capability params the kernel must grant the caller
+
+    @property
+    def mime(self) -> Optional[str]:
+        return READ_MIME if self.blob is not None else None
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -134,9 +148,8 @@ def _os_text(e: OSError) -> str:
 
 
 def _from_os(e: OSError, path: str, doing: str = "") -> _Err:
-    """Map an OSError on `path` to NotFound (ENOENT) or IOError with a readable message."""
-    if e.errno == errno.ENOENT and not doing:
-        return _Err("NotFound")
+    """Map an OSError on `path` to IOError with a readable message (upstream sends every I/O
+    failure, a missing file too, as IOError; it never sends NotFound)."""
     text = _os_text(e)
     return _io_error(f"{doing}: {text}: {path}" if doing else f"{text}: {path}", path)
 
@@ -201,7 +214,8 @@ def _parse_path(raw: Any) -> _VPath:
     except ParseError as e:
         raise _Err({"ParseError": {"error": str(e), "path": shown}}) from None
     if len(parts) < 2:
-        raise _bad_request(f"path names no drive: {shown!r} (expected /package:publisher/drive/...)")
+        raise _Err({"ParseError": {"error": "malformed path: expected /package:publisher/drive/...",
+                                   "path": shown}})
     return _VPath(package, parts[1], tuple(parts[2:]))
 
 
@@ -315,7 +329,7 @@ def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
 # errors at the next call, or at fsync). The write holds the handle's lock, so nothing closes or
 # reuses the fd under it.
 WRITE_BEHIND_MIN = 256 * 1024
-PKG_DRIVE = "pkg"  # where a package is installed: read-only to processes
+PKG_DRIVE = "pkg"  # where a package is installed (its files may be hard links to the build)
 
 # A write-behind write of DIRECT_MIN bytes or more at a block-aligned offset goes around the page
 # cache (O_DIRECT, from a reused aligned buffer). Copying into fresh page-cache pages is the
@@ -402,6 +416,7 @@ class Vfs:
         self._handles: dict = {}                 # ProcessId -> OrderedDict[key, _Handle]
         self._epoch = 0                          # bumped whenever paths are removed/replaced
         self._ino_locks = [threading.Lock() for _ in range(64)]
+        self._unshare_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vfs-write")
         self._in_flight: dict = {}               # ProcessId -> (Future, path text): its write-behind
 
@@ -461,8 +476,6 @@ class Vfs:
     def _handle(self, source: ProcessId, has_cap, body, blob) -> VfsResult:
         if not isinstance(body, (bytes, bytearray, memoryview)):
             raise _bad_json("request body must be bytes")
-        if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise _Err("BadBytes")
         try:
             req = json.loads(bytes(body).decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -477,25 +490,24 @@ class Vfs:
             raise _bad_json("missing field `action`")
         name, arg = _parse_action(req["action"])
         vp = _parse_path(req["path"])
+        if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise _Err({"BadBytes": {"action": name, "path": vp.text}})
 
         if name == "CreateDrive":
-            return self._create_drive(source, vp)
+            return self._create_drive(source, has_cap, vp)
         if name in ("Rename", "CopyFile"):
             new = _parse_path(arg)
-            if PKG_DRIVE in (new.drive, vp.drive if name == "Rename" else None):
-                raise _no_cap(name, (new if new.drive == PKG_DRIVE else vp).text)
             self._check_cap(source, has_cap, vp, "write", name)
             self._check_cap(source, has_cap, new, "write", name)
             if vp.is_drive_root or new.is_drive_root:
                 raise _bad_request(f"{name} cannot move or replace a drive root: "
                                    f"{vp.drive_text if vp.is_drive_root else new.drive_text}")
             src, dst = self._locate(vp), self._locate(new)
+            if name == "Rename" and vp.drive == PKG_DRIVE:
+                self._unshare(src, vp)   # a build output's link must not move where it can be written
             return (self._rename if name == "Rename" else self._copy)(vp, src, new, dst)
 
-        kind = "read" if name in _READ_ACTIONS or (name == "OpenFile" and not arg) else "write"
-        if kind == "write" and vp.drive == PKG_DRIVE:
-            # installed package files are read-only (the node may share them with its build output)
-            raise _no_cap(name, vp.text)
+        kind = "read" if name in _READ_ACTIONS else "write"
         self._check_cap(source, has_cap, vp, kind, name)
         if name in ("RemoveDir", "RemoveDirAll") and vp.is_drive_root \
                 and source.package_id != vp.package:
@@ -503,8 +515,8 @@ class Vfs:
         if name == "CloseFile":
             self._drop(source, vp.text)
             return VfsResult(_OK)
-        if blob is None and name in ("Write", "WriteAll", "Append"):
-            raise _bad_request("no blob")
+        if blob is None and name in ("Write", "WriteAll", "Append", "AddZip"):
+            raise _bad_request(f"blob needs to exist for {name}")
         data = b"" if blob is None else blob if isinstance(blob, bytes) else bytes(blob)
         # handle actions resolve the path only when they must open a new handle
         loc = None if name in _HANDLE_ACTIONS else self._locate(vp)
@@ -514,15 +526,7 @@ class Vfs:
         if source.package_id == vp.package:
             return
 
-        def ask(k: str) -> bool:
-            try:
-                return bool(has_cap({"kind": k, "drive": vp.drive_text}))
-            except Exception:                    # noqa: BLE001 - a failing check is a refusal
-                return False
-
-        if kind == "read" and ask("read"):
-            return
-        if ask("write"):
+        if _asks(has_cap, {"kind": kind, "drive": vp.drive_text}) or _asks(has_cap, {"root": True}):
             return
         raise _no_cap(action, vp.text)
 
@@ -543,6 +547,8 @@ class Vfs:
 
     # ---- handles ------------------------------------------------------------------------------------
     def _open_fd(self, loc: _Loc, vp: _VPath, create: bool, truncate: bool = False) -> int:
+        if vp.drive == PKG_DRIVE:
+            self._unshare(loc, vp)
         flags = os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK
         if create:
             flags |= os.O_CREAT
@@ -652,13 +658,40 @@ class Vfs:
         for h in dropped:
             self._close(h)
 
+    def _unshare(self, loc: _Loc, vp: _VPath) -> None:
+        """Give a hard-linked file in the pkg drive (installed from the build) an inode of its own,
+        so a write cannot reach the build output; for a directory, every such file inside it."""
+        with self._unshare_lock:     # two openers must not each make (and one lose) a copy
+            try:
+                st = os.lstat(loc.real)
+            except OSError:
+                return               # missing: the action itself reports it
+            if stat.S_ISDIR(st.st_mode):
+                for top, _dirs, names in os.walk(loc.real):
+                    for n in names:
+                        self._unshare_file(os.path.join(top, n), vp)
+            else:
+                self._unshare_file(loc.real, vp)
+
+    def _unshare_file(self, real: str, vp: _VPath) -> None:
+        st = os.lstat(real)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return
+        tmp = os.path.join(os.path.dirname(real), f".vfs-unshare-{secrets.token_hex(8)}")
+        try:
+            shutil.copy2(real, tmp, follow_symlinks=False)
+            os.rename(tmp, real)
+        except OSError as e:
+            _quietly(os.unlink, tmp)
+            raise _from_os(e, vp.text, "cannot copy an installed file before writing it") from None
+
     def _ino_lock(self, fd: int) -> threading.Lock:
         st = os.fstat(fd)
         return self._ino_locks[hash((st.st_dev, st.st_ino)) % len(self._ino_locks)]
 
     # ---- actions without a handle -----------------------------------------------------------------
-    def _create_drive(self, source: ProcessId, vp: _VPath) -> VfsResult:
-        if source.package_id != vp.package:
+    def _create_drive(self, source: ProcessId, has_cap, vp: _VPath) -> VfsResult:
+        if source.package_id != vp.package and not _asks(has_cap, {"root": True}):
             raise _no_cap("CreateDrive", vp.text)
         if not vp.is_drive_root:
             raise _bad_request(f"CreateDrive expects /package:publisher/drive, got {vp.text}")
@@ -666,8 +699,6 @@ class Vfs:
         try:
             os.makedirs(loc.real, exist_ok=True)
         except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTDIR):
-                raise _Err("CreateDirError") from None
             raise _from_os(e, vp.text, "cannot create drive") from None
         self._locate(vp)   # re-check: nothing may have redirected it meanwhile
         return VfsResult(_OK, None, [{"kind": "read", "drive": vp.drive_text},
@@ -677,8 +708,6 @@ class Vfs:
         try:
             os.mkdir(loc.real, 0o755)
         except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOENT):
-                raise _Err("CreateDirError") from None
             raise _from_os(e, vp.text, "cannot create directory") from None
         return VfsResult(_OK)
 
@@ -686,8 +715,6 @@ class Vfs:
         try:
             os.makedirs(loc.real, 0o755, exist_ok=True)
         except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTDIR):
-                raise _Err("CreateDirError") from None
             raise _from_os(e, vp.text, "cannot create directory") from None
         return VfsResult(_OK)
 
@@ -719,7 +746,7 @@ class Vfs:
                     if ent.is_symlink():
                         ft = "Symlink"
                     elif ent.is_dir(follow_symlinks=False):
-                        ft = "Dir"
+                        ft = "Directory"
                     elif ent.is_file(follow_symlinks=False):
                         ft = "File"
                     else:
@@ -746,7 +773,7 @@ class Vfs:
     def _a_Metadata(self, source, vp, loc, arg, data):
         st = self._lstat(loc, vp)
         m = st.st_mode
-        ft = ("File" if stat.S_ISREG(m) else "Dir" if stat.S_ISDIR(m)
+        ft = ("File" if stat.S_ISREG(m) else "Directory" if stat.S_ISDIR(m)
               else "Symlink" if stat.S_ISLNK(m) else "Other")
         # "stamp" is this host's addition (Kinode's FileMetadata has the first two fields; serde
         # ignores a field it does not know): an opaque token that changes whenever the file does,
@@ -771,7 +798,7 @@ class Vfs:
             if not stat.S_ISREG(mode):
                 what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
                 raise _io_error(f"{what}: {vp.text}", vp.text)
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)  # every core: a big file takes a while
+            hasher = hashlib.sha256()   # upstream's Hash is SHA-256
             while True:
                 piece = os.read(fd, HASH_PIECE)
                 if not piece:
@@ -782,6 +809,57 @@ class Vfs:
         finally:
             os.close(fd)
         return VfsResult(_dumps({"Hash": list(hasher.digest())}))
+
+    def _a_AddZip(self, source, vp, loc, arg, data):
+        """Unpack the zip in the blob below `vp` (created if missing), as upstream. Every entry is
+        checked first, then unpacked into a staging folder inside the drive, then moved into place:
+        a refused or corrupt archive leaves nothing behind."""
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+            plan = _zip_plan(zf, vp)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
+            raise _Err({"ParseError": {"error": f"not a readable zip archive: {e}", "path": vp.text}}) from None
+        # where each entry lands, every one resolved inside the drive, nothing in the way
+        targets = []
+        for parts, info in plan:
+            tl = self._locate(_VPath(vp.package, vp.drive, vp.rest + parts))
+            try:
+                st = os.lstat(tl.real)
+            except FileNotFoundError:
+                st = None
+            except OSError as e:
+                raise _from_os(e, "/".join((vp.text,) + parts)) from None
+            if st is not None and stat.S_ISDIR(st.st_mode) == (info is not None):
+                what = "a directory" if info is not None else "a file"
+                raise _io_error(f"zip entry would replace {what}: {'/'.join((vp.text,) + parts)}",
+                                vp.text)
+            targets.append((tl, info))
+        stage = os.path.join(loc.drive, f".vfs-zip-{secrets.token_hex(8)}")
+        try:
+            os.mkdir(stage, 0o700)
+            staged = []
+            for n, (tl, info) in enumerate(targets):
+                if info is None:
+                    continue
+                tmp = os.path.join(stage, str(n))
+                with zf.open(info) as src, open(tmp, "xb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)   # zipfile stops at the declared size, checks the CRC
+                staged.append((tmp, tl))
+            os.makedirs(loc.real, 0o755, exist_ok=True)
+            for tl, info in targets:
+                if info is None:
+                    os.makedirs(tl.real, 0o755, exist_ok=True)
+            for tmp, tl in staged:
+                os.makedirs(os.path.dirname(tl.real), 0o755, exist_ok=True)
+                os.replace(tmp, tl.real)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise _Err({"ParseError": {"error": f"corrupt zip archive: {e}", "path": vp.text}}) from None
+        except OSError as e:
+            raise _from_os(e, vp.text, "cannot unpack zip") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            self._sweep(vp.text)
+        return VfsResult(_OK)
 
     def _a_RemoveFile(self, source, vp, loc, arg, data):
         try:
@@ -986,6 +1064,51 @@ class Vfs:
             os.fsync(h.fd)
             return VfsResult(_OK)
         return self._with_handle(source, vp, loc, f)
+
+
+def _asks(has_cap, params: dict) -> bool:
+    try:
+        return bool(has_cap(params))
+    except Exception:                            # noqa: BLE001 - a failing check is a refusal
+        return False
+
+
+def _zip_plan(zf: zipfile.ZipFile, vp: _VPath) -> list:
+    """Check every entry of an archive before anything is written: -> [(parts, ZipInfo or None)]
+    (None for a directory). Refuses absolute, `..`, backslash and NUL names, encrypted entries, a
+    file and a directory of one name, and archives over MAX_ZIP_ENTRIES or MAX_ZIP_BYTES."""
+    infos = zf.infolist()
+    if len(infos) > MAX_ZIP_ENTRIES:
+        raise _bad_request(f"zip has {len(infos)} entries, more than {MAX_ZIP_ENTRIES}: {vp.text}")
+    total = sum(i.file_size for i in infos)
+    if total > MAX_ZIP_BYTES:
+        raise _bad_request(f"zip would unpack to {total} bytes, more than {MAX_ZIP_BYTES}: {vp.text}")
+    plan, files, dirs = [], set(), set()
+    for info in infos:
+        name = info.filename
+        shown = name if len(name) <= 200 else name[:200] + "..."
+        if name.startswith("/") or "\\" in name or "\x00" in name or (len(name) > 1 and name[1] == ":"):
+            raise _bad_request(f"zip entry has an absolute or non-portable path: {shown!r}")
+        parts = tuple(p for p in name.split("/") if p not in ("", "."))
+        if ".." in parts:
+            raise _bad_request(f"zip entry may not contain '..': {shown!r}")
+        if len("/".join(vp.rest + parts).encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+            raise _bad_request(f"zip entry path is too long: {shown!r}")
+        if info.flag_bits & 0x1:
+            raise _bad_request(f"zip entry is encrypted: {shown!r}")
+        if not parts:
+            continue
+        is_dir = info.is_dir()
+        for i in range(1, len(parts)):
+            dirs.add(parts[:i])
+        (dirs if is_dir else files).add(parts)
+        plan.append((parts, None if is_dir else info))
+    clash = files & dirs
+    if clash:
+        raise _bad_request(f"zip names {'/'.join(min(clash))!r} both as a file and a directory")
+    if len(files) != sum(1 for _, i in plan if i is not None):
+        raise _bad_request("zip names a file twice")
+    return plan
 
 
 def _quietly(fn, *args) -> None:

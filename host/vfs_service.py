@@ -35,5 +35,5 @@ class VfsService(HostService):
         for params in res.grant:
             src.capabilities.add(Capability.make(self.address, params))
         if km.rsvp is not None:
-            out = Blob(None, res.blob) if res.blob is not None else None
+            out = Blob(res.mime, res.blob) if res.blob is not None else None
             self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=res.body), out), self)

@@ -29,7 +29,7 @@ log = logging.getLogger("host.wasm")
 # The interfaces the host itself supplies; anything else a component imports must come from a
 # library component linked into its package.
 STANDARD = "kinode:process/standard@0.8.0"
-BLOBS = "kinode:process/blobs@0.8.0"
+BLOBS = "kinode-py:host-ext/blobs@0.1.0"
 HOST_INTERFACES = {STANDARD, BLOBS}
 EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted in ticks
 

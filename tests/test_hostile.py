@@ -87,7 +87,7 @@ def test_a_process_cannot_message_a_private_process_it_holds_no_capability_for(n
     fake = node_factory("fake.dev", extra_args=WITH_TESTS)
     fake.type('m fake.dev@misbehave:misbehave:test.os "poke"')
     fake.expect(r"^error: misbehave:misbehave:test.os may not message quiet:misbehave:test.os", 10)
-    fake.expect(r"send error offline .*context b'poke'", 10)
+    fake.expect(r"send error timeout .*context b'poke'", 10)  # Kinode: a refused send is a timeout
     assert not any("quiet got a message" in ln for ln in fake.lines)
 
 

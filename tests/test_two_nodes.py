@@ -160,7 +160,7 @@ def test_network_capability_is_enforced_both_ways(node_factory):
     # outgoing: misbehave did not request networking, so its request is refused at once
     fake.type('m fake.dev@misbehave:misbehave:test.os "remote fake2.dev"')
     fake.expect(r"^error: misbehave:misbehave:test.os has no network capability", 10)
-    fake.expect(r"misbehave:test.os: send error offline .*context b'remote'", 10)
+    fake.expect(r"misbehave:test.os: send error timeout .*context b'remote'", 10)  # as Kinode
     # incoming, the positive control first: a remote request to fake2's pinger (public, networked)
     # arrives and is acted on (it pings fake.dev back and reports)
     fake.type("m fake2.dev@pinger:misbehave:test.os ping fake.dev 1")

@@ -17,11 +17,12 @@ A process's app module implements the world's `init` by handing control to `run`
 
 Bodies are bytes; `Message.json()` parses JSON bodies, and builders' `.body(obj)` writes JSON in
 serde's externally tagged form when given a dict, list, str or number. When the host offers the
-`kinode:process/blobs` extension, blob bytes travel through it (in bulk, or not at all when a blob
+`kinode-py:host-ext/blobs` extension, blob bytes travel through it (in bulk, or not at all when a blob
 is only forwarded); otherwise through `standard`.
 """
 from process_lib.core import (  # noqa: F401
-    Address, Blob, ParseError, ask, check_file_name, sibling, Capability, Message, OnExit, PackageId, ProcessId, Request, Response, SendError,
+    HAS_BLOBS, Address, Blob, ParseError, ask, check_file_name, sibling, Capability, Message, OnExit, PackageId, ProcessId,
+    Request, Response, SendError,
     SpawnError, await_message, current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, get_state, our,
     our_capabilities, print_to_terminal, println, run, script, set_on_exit, set_state, clear_state,
     spawn, to_wit_address, from_wit_address,

@@ -15,6 +15,7 @@ try:  # the host extension is optional: guests built without it use `standard` o
     from wit_world.imports import blobs as _blobs
 except ImportError:  # pragma: no cover - depends on the world the component was built against
     _blobs = None
+HAS_BLOBS = _blobs is not None  # built against a `-ext` world, so the blob extension is there
 
 _OUR: Optional["Address"] = None
 
@@ -294,7 +295,7 @@ def current_blob_hash() -> Optional[str]:
     """Hex BLAKE3 of the current blob (computed by the host when it can)."""
     if _blobs is not None:
         return _blobs.current_blob_hash()
-    raise RuntimeError("current_blob_hash needs the kinode:process/blobs host extension")
+    raise RuntimeError("current_blob_hash needs the kinode-py:host-ext/blobs host extension")
 
 
 def current_blob_hash_chained(restart: bool = False) -> Optional[str]:
@@ -302,7 +303,7 @@ def current_blob_hash_chained(restart: bool = False) -> Optional[str]:
     return the hex digest of all fed since; None, feeding nothing, if there is no blob."""
     if _blobs is not None:
         return _blobs.current_blob_hash_chained(restart)
-    raise RuntimeError("current_blob_hash_chained needs the kinode:process/blobs host extension")
+    raise RuntimeError("current_blob_hash_chained needs the kinode-py:host-ext/blobs host extension")
 
 
 # ---- process management ------------------------------------------------------------------------

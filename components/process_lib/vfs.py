@@ -10,15 +10,26 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from process_lib.core import (Address, PackageId, ProcessId, Request, current_blob_len, get_blob,
-                              our)
+from process_lib.core import (Address, PackageId, ProcessId, Request, current_blob_hash_chained,
+                              current_blob_len, get_blob)
 
 VFS = ProcessId("vfs", "distro", "sys")
+_BLAKE3_EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 DEFAULT_TIMEOUT = 30
 
 
 class VfsError(Exception):
-    pass
+    """A failed VFS call; `kind` is upstream's VfsError variant ("IOError", "NoCap", ...) when the
+    VFS answered with one, `detail` its fields."""
+
+    def __init__(self, message: str, kind: Optional[str] = None, detail: Optional[dict] = None):
+        super().__init__(message)
+        self.kind = kind
+        self.detail = detail or {}
+
+
+# upstream's FileType variants
+FILE, DIRECTORY, SYMLINK, OTHER = "File", "Directory", "Symlink", "Other"
 
 
 @dataclass
@@ -34,25 +45,31 @@ class DirEntry:
     file_type: str
 
 
-def _describe(err: Any) -> str:
-    if isinstance(err, str):
-        return {"NotFound": "not found", "BadBytes": "bad bytes", "CreateDirError": "could not create dir"}.get(err, err)
+def _error(path: str, err: Any) -> VfsError:
+    """Upstream's VfsError (serde's externally tagged struct variants) as a VfsError exception."""
     if isinstance(err, dict) and len(err) == 1:
         (kind, detail), = err.items()
         if isinstance(detail, dict):
-            text = detail.get("error") or ""
-            path = detail.get("path") or ""
+            text = str(detail.get("error") or "")
+            where = str(detail.get("path") or "")
             if kind == "NoCap":
-                return f"no capability for {detail.get('action')} on {path}"
-            return f"{kind}: {text}{' (' + path + ')' if path and path not in text else ''}"
-        return f"{kind}: {detail}"
-    return repr(err)
+                text = f"no capability for {detail.get('action')} on {where}"
+            elif kind == "BadBytes":
+                text = f"{detail.get('action')} needs a blob of bytes"
+            elif kind == "NotFound":
+                text = "not found"
+            elif where and where not in text:
+                text = f"{text} ({where})"
+            return VfsError(f"{path}: {kind}: {text}", kind, detail)
+        return VfsError(f"{path}: {kind}: {detail}", kind)
+    return VfsError(f"{path}: {err!r}")
 
 
 def vfs_request(path: str, action: Any, blob: Optional[bytes] = None, forward_blob: bool = False,
                 timeout: int = DEFAULT_TIMEOUT) -> Any:
     """Send one VFS action; return the parsed response body (raising VfsError on Err)."""
-    req = (Request.to(Address(our().node, VFS)).body({"path": path, "action": action})
+    # as Rust's process_lib: to the node alias "our", which the kernel reads as this node
+    req = (Request.to(Address("our", VFS)).body({"path": path, "action": action})
            .expects_response(timeout))
     if forward_blob:
         req.forward_current_blob()
@@ -64,7 +81,7 @@ def vfs_request(path: str, action: Any, blob: Optional[bytes] = None, forward_bl
     except ValueError:
         raise VfsError(f"vfs sent a malformed answer: {msg.body[:100]!r}") from None
     if isinstance(answer, dict) and "Err" in answer:
-        raise VfsError(f"{path}: {_describe(answer['Err'])}")
+        raise _error(path, answer["Err"])
     return answer
 
 
@@ -102,7 +119,7 @@ def open_dir(path: str, create: bool = False, timeout: int = DEFAULT_TIMEOUT) ->
         vfs_request(path, "CreateDirAll", timeout=timeout)
     else:
         m = metadata(path, timeout)
-        if m.file_type != "Dir":
+        if m.file_type != DIRECTORY:
             raise VfsError(f"{path} is not a directory")
     return Directory(path, timeout)
 
@@ -171,7 +188,23 @@ class File:
         return metadata(self.path, self.timeout)
 
     def hash(self) -> bytes:
+        """SHA-256 of the whole file (the VFS's `Hash`, as upstream)."""
         return bytes(self._do("Hash")["Hash"])
+
+    def blake3(self, piece: int = 4 << 20) -> str:
+        """Hex BLAKE3 of the whole file, hashed by the host piece by piece as it is read (this
+        host's blobs extension; the bytes never enter the guest). Leaves the cursor where it was."""
+        pos = self.seek(0, "Current")
+        size = self.metadata().len
+        self.seek(0)
+        digest = _BLAKE3_EMPTY
+        try:
+            for offset in range(0, size, piece):
+                self.read_at_to_blob(min(piece, size - offset))
+                digest = current_blob_hash_chained(offset == 0)
+        finally:
+            self.seek(pos)
+        return digest
 
     def close(self) -> None:
         self._do("CloseFile")

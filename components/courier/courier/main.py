@@ -1,4 +1,4 @@
-# world: courier-process
+# world: example:courier/courier-process@0.1.0
 """courier: send a file with a note to another node.
 
 `send NODE FILE NOTE...` offers a file from this node's courier drive (`courier:example.os/files`)

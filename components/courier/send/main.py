@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """send NODE FILE [NOTE...]: send FILE from this node's courier drive to NODE, with a note."""
 import wit_world
 

@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """allow [NODE... | *]: who may list and download this node's files.
 
 No argument shows the rule; `*` lets every node (the default); names restrict it to those nodes.

@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """cancel NAME [NODE]: stop a download in progress; its partial file is removed."""
 import wit_world
 

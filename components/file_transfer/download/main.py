@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """download NAME... WHO: fetch each NAME from WHO's file_transfer into our files drive.
 
 The local file_transfer starts a worker per file (at most MAX_DOWNLOADS at once; the rest wait

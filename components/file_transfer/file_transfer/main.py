@@ -1,4 +1,4 @@
-# world: file-transfer-ext
+# world: kinode-py:host-ext/file-transfer-ext@0.1.0
 """file_transfer: the package's main process.
 
 Answers ListFiles with the files in its `files` drive, starts a worker (through the imported

@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """file_transfer_worker: moves one file, then exits.
 
 A requestor worker asks the serving node's file_transfer for a file, receives its chunks into a
@@ -171,7 +171,7 @@ class Worker:
 
     def verify_file(self, a: ft.VerifyFile) -> list:
         self.file.sync_all()  # durable before it takes the real name
-        digest = self.file.hash().hex() if a.read_back else None
+        digest = self.file.blake3() if a.read_back else None
         return self.machine.file_verified(digest, time.monotonic())
 
     def rename(self, a: ft.Rename) -> None:
@@ -208,7 +208,7 @@ class Worker:
 
     def check_file(self, a: ft.CheckFile) -> list:
         stamp = self.file.metadata().stamp
-        digest = self.file.hash().hex() if a.read_back else None
+        digest = self.file.blake3() if a.read_back else None
         return self.machine.file_checked(stamp, digest, time.monotonic())
 
 

@@ -1,4 +1,4 @@
-# world: file-transfer-worker-api-ext
+# world: kinode-py:host-ext/file-transfer-worker-api-ext@0.1.0
 """file_transfer_worker_api: a library component exporting `file-transfer-worker`.
 
 `start-download` runs inside the importing process (the host links it there), so the spawn, the

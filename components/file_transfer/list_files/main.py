@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """list_files WHO: print the files WHO's file_transfer offers, one per line with its size."""
 import wit_world
 

@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """transfers: list this node's downloads in progress (node, file, bytes, rate, ETA) and queued."""
 import wit_world
 

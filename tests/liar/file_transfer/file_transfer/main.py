@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """A lying provider, posing as file_transfer (test-only): it answers a peer's Download itself and
 sends what the file name asks for: `size-lies` (chunks past the announced size), `bad-offset`
 (a chunk at the wrong offset), `bad-hash` (a chunk whose hash does not match), `no-hash` (a chunk

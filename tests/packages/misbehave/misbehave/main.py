@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """A process that misbehaves when asked (by a terminal `m` command), for the fault tests."""
 import wit_world
 from wit_world.imports import standard

@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """Load helper: `ping NODE N` sends N small requests to NODE's pinger, at most 64 unanswered at a
 time, and reports how many were answered and how fast; a pinger answers every ping."""
 import time

@@ -1,4 +1,4 @@
-# world: process-v0-ext
+# world: kinode-py:host-ext/process-v0-ext@0.1.0
 """Binds paths and a WebSocket through process_lib.http and answers with what it was sent, so the
 tests can check http_server's JSON shapes, its refusals, and its 504/503 for a silent or dead process."""
 import json
