@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, unquote
 
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 from host.service import HostService as Service
 from host.types import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
@@ -335,7 +335,7 @@ class HttpServerService(Service):
         if binding.static is not None:
             if request.method not in ("GET", "HEAD"):
                 return _json_error(405, "static file: GET only")
-            return web.Response(body=binding.static.bytes, headers={"Content-Type": binding.static.mime,
+            return web.Response(body=binding.static.bytes, headers={"Content-Type": binding.static.mime or "application/octet-stream",
                                                                     "Cache-Control": "no-cache"})
         blob: Optional[Blob] = None
         if binding.upload_to is not None and request.method == "POST" and \
@@ -429,7 +429,7 @@ class HttpServerService(Service):
             part = await reader.next()
             if part is None:
                 break
-            if part.name != "files" or part.filename is None:
+            if not isinstance(part, BodyPartReader) or part.name != "files" or part.filename is None:
                 await part.release()
                 continue
             name = part.filename

@@ -28,6 +28,7 @@ import io
 import json
 import mmap
 import os
+import secrets
 import shutil
 import stat
 import threading
@@ -1083,7 +1084,9 @@ def _zip_plan(zf: zipfile.ZipFile, vp: _VPath) -> list:
     total = sum(i.file_size for i in infos)
     if total > MAX_ZIP_BYTES:
         raise _bad_request(f"zip would unpack to {total} bytes, more than {MAX_ZIP_BYTES}: {vp.text}")
-    plan, files, dirs = [], set(), set()
+    plan: list = []
+    files: set[tuple[str, ...]] = set()
+    dirs: set[tuple[str, ...]] = set()
     for info in infos:
         name = info.filename
         shown = name if len(name) <= 200 else name[:200] + "..."
