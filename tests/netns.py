@@ -26,7 +26,8 @@ from conftest import REPO, NodeProc, _require_built
 
 SUBNET4, SUBNET6 = "10.231.0", "fd00:231:"
 PREFIX = f"kpy{os.getpid()}"   # namespace names of this test run
-PORT = 8080                    # every namespace has its own ports: all nodes use the default
+PORT = 8080                    # the networking port; every namespace has its own ports
+HTTP_PORT = 8081               # the web page (--port), beside the networking port (--net-port PORT)
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -126,7 +127,7 @@ class NetnsNode(NodeProc):
 
     def start(self, timeout: float = 60) -> "NetnsNode":
         cmd = ["ip", "netns", "exec", self.host.ns, sys.executable, "-m", "host", "--node", self.name,
-               "--home", str(self.home), "--net-port", str(self.port), *self.extra_args]
+               "--home", str(self.home), "--net-port", str(self.port), "--port", str(HTTP_PORT), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()

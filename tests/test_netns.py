@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import no_workers
-from netns import Netns, netns  # noqa: F401  (the fixture)
+from netns import HTTP_PORT, Netns, netns  # noqa: F401  (the fixture)
 
 LIST = "list_files:file_transfer:template.os"
 DOWNLOAD = "download:file_transfer:template.os"
@@ -165,8 +165,9 @@ def test_node_missing_from_the_peers_file_is_refused_and_errors_say_why(netns):
     a, b = pair(netns, b_bind=True)
     listening = subprocess.run(["ip", "netns", "exec", b.host.ns, "ss", "-tlnH"], capture_output=True, text=True,
                                check=True).stdout
+    # the networking port on exactly the two bound addresses; the web page on loopback only
     assert sorted(ln.split()[3] for ln in listening.splitlines()) == sorted(
-        [f"{b.host.addr4}:8080", f"[{b.host.addr6}]:8080"]), listening
+        [f"{b.host.addr4}:8080", f"[{b.host.addr6}]:8080", f"127.0.0.1:{HTTP_PORT}"]), listening
     c = netns.node(netns.host("c"), "c.dev")
     c.set_peers([b.entry(b.host.addr4),
                  {**a.entry(a.host.addr4), "name": "far.dev", "host": "10.231.0.99"}])  # nobody there

@@ -89,10 +89,10 @@ def serve_ui(our_address: Address, directory: str = "ui", authenticated: bool = 
         folder = stack.pop()
         for entry in vfs.Directory(folder).read():
             full = "/" + entry.path.lstrip("/")
-            if entry.file_type == "Dir":
+            if entry.file_type == vfs.DIRECTORY:
                 stack.append(full)
                 continue
-            if entry.file_type != "File":
+            if entry.file_type != vfs.FILE:
                 continue
             rel = full[len(root):]
             mime = _MIME.get(rel.rsplit(".", 1)[-1].lower(), "application/octet-stream")
