@@ -58,7 +58,8 @@ def entry(home: Path, name: str, advertise: str) -> dict:
 
 def start_node(ns: str, name: str, home: Path, peers: Path, cpus: str | None) -> subprocess.Popen:
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "host", "--node", name, "--home", str(home),
-           "--directory", str(home.parent / f"{name}.sqlite"), "--peers", str(peers)]
+           "--directory", str(home.parent / f"{name}.sqlite"), "--peers", str(peers),
+           "--net-port", "8080", "--port", "8081"]  # the networking port the peers entries name (id's default)
     if cpus:
         cmd += ["--cpus", cpus]
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
