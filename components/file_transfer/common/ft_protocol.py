@@ -287,7 +287,7 @@ class Requestor:
         if self.state not in (self.RECEIVING, self.AWAITING_HASH):
             return [Log(f"worker: ignored a bad message from {source}: Chunk before Size")]
         if source != self.provider:
-            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+            return [Log(f"worker: ignored a bad message from {source}: a Chunk not from this transfer's provider")]
         offset, length = chunk.get("offset"), chunk.get("length")
         if (chunk.get("name") != self.name or not isinstance(offset, int) or not isinstance(length, int)
                 or isinstance(offset, bool) or isinstance(length, bool)):
@@ -348,7 +348,7 @@ class Requestor:
 
     def final_hash(self, source: Any, meta: dict, now: float) -> list:
         if source != self.provider:
-            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+            return [Log(f"worker: ignored a bad message from {source}: a final hash not from this transfer's provider")]
         digest = meta.get("blake3")
         if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
             return self.fail("peer sent a malformed file hash", keep=False, now=now)
