@@ -65,6 +65,7 @@ if [ "${PORTABLE:-}" = 1 ]; then
         mkdir -p "$dest/pkg"
         cp "$pkg/metadata.json" "$dest/"
         cp "$pkg"/pkg/*.json "$dest/pkg/"
+        for dir in "$pkg"/pkg/*/; do [ -d "$dir" ] && cp -r "${dir%/}" "$dest/pkg/"; done  # e.g. its web UI
         for main in "$pkg"/*/main.py; do
             [ -z "${PORTABLE_PROCESSES:-}" ] || [[ " $PORTABLE_PROCESSES " == *" $(basename "$(dirname "$main")") "* ]] || continue
             build_one "$pkg" "$(dirname "$main")" "$dest" &

@@ -248,6 +248,6 @@ def test_a_chunk_from_a_stranger_is_ignored_and_the_true_one_completes(node_fact
     ignored = [ln for ln in fake.lines if "ignored a bad message" in ln]
     assert len(ignored) == 1, fake.lines[-20:]
     assert re.search(r"worker: ignored a bad message from liar\.dev@\d+:file_transfer:template\.os: "
-                     r"not this transfer's provider", ignored[0]), ignored
+                     r"a Chunk not from this transfer's provider", ignored[0]), ignored
     time.sleep(0.5)
     assert fake.workers() == []

@@ -39,6 +39,7 @@ def _tracked(cls):
         def __setattr__(self, key, value):
             if key == "state":
                 VISITED[cls.__name__].add(value)
+                self.__dict__.setdefault("trail", []).append(value)  # this machine's states, in order
             super().__setattr__(key, value)
     Tracked.__name__ = cls.__name__
     return Tracked
@@ -74,6 +75,7 @@ class Msg:
     expects: Optional[int] = None
     context: Optional[str] = None
     blob: Optional[bytes] = None
+    raw_meta: Any = None  # the metadata as the machine gave it (None: the message has none)
 
 
 def wire(x: Any) -> Any:
@@ -82,9 +84,11 @@ def wire(x: Any) -> Any:
 
 
 class RequestorSide:
-    """A requestor worker's I/O, in memory: the partial, its state file, the finished file."""
+    """A requestor worker's I/O, in memory: the partial, its state file, the finished file.
+    Not `extended` (a portable worker): it cannot hash, and a hashing action fails the test."""
 
-    def __init__(self, store: Optional[dict] = None):
+    def __init__(self, store: Optional[dict] = None, extended: bool = True):
+        self.extended = extended
         self.store = store if store is not None else {}  # "part", "state", "file"
         self.chain = None
         self.blob: Optional[bytes] = None
@@ -94,6 +98,9 @@ class RequestorSide:
     def perform(self, m, a) -> Optional[list]:
         if type(a).__name__ in self.fail_io:
             raise OSError(f"{type(a).__name__} failed")
+        if not self.extended:
+            assert not isinstance(a, ft.HashChunk) and not (isinstance(a, ft.VerifyFile) and a.read_back), \
+                f"a portable requestor cannot hash: {a}"
         s = self.store
         if isinstance(a, ft.LoadState):
             saved = json.loads(s["state"]) if "state" in s else None
@@ -139,9 +146,11 @@ class RequestorSide:
 
 
 class ProviderSide:
-    """A provider worker's I/O, in memory: the file being sent and its stamp."""
+    """A provider worker's I/O, in memory: the file being sent and its stamp. Not `extended`: it
+    cannot hash, as RequestorSide."""
 
-    def __init__(self, data: Optional[bytes], stamp: int = 1):
+    def __init__(self, data: Optional[bytes], stamp: int = 1, extended: bool = True):
+        self.extended = extended
         self.data, self.stamp = data, stamp
         self.cursor = 0
         self.chain = None
@@ -149,6 +158,9 @@ class ProviderSide:
         self.short_read = False
 
     def perform(self, m, a) -> Optional[list]:
+        if not self.extended:
+            assert not (isinstance(a, ft.ReadChunk) and a.hash != ft.HASH_NONE) and \
+                not (isinstance(a, ft.CheckFile) and a.read_back), f"a portable provider cannot hash: {a}"
         if isinstance(a, ft.OpenFile):
             if self.data is None:
                 return m.io_failed("no such file", 0.0)
@@ -177,15 +189,16 @@ class ProviderSide:
 
 
 class Net:
-    """Both workers and their parents, messages delivered in order. `plain_requestor` answers
-    nothing and acks nothing (the provider then sees its Size time out)."""
+    """Both workers and their parents, messages delivered in order; each worker extended (built
+    with the blobs extension) or portable."""
 
     def __init__(self, data: Optional[bytes], store: Optional[dict] = None, name: str = "f.bin",
-                 stall_acks: bool = False):
+                 stall_acks: bool = False, req_extended: bool = True, prov_extended: bool = True):
         self.name = name
-        self.req = Requestor(name, PEER_MAIN, REQ_PARENT, 0.0)
-        self.rside = RequestorSide(store)
-        self.pside = ProviderSide(data)
+        self.prov_extended = prov_extended
+        self.req = Requestor(name, PEER_MAIN, REQ_PARENT, 0.0, extended=req_extended)
+        self.rside = RequestorSide(store, req_extended)
+        self.pside = ProviderSide(data, extended=prov_extended)
         self.prov: Optional[ft.Provider] = None
         self.queue: list[Msg] = []
         self.sent: list[Msg] = []       # every message, in order
@@ -211,10 +224,11 @@ class Net:
                     return
                 if isinstance(a, ft.Send):
                     blob = side.blob if a.forward_blob else None
-                    self.post(Msg(me, a.target, True, wire(a.body), wire(a.metadata or {}), a.timeout, a.context, blob))
+                    self.post(Msg(me, a.target, True, wire(a.body), wire(a.metadata or {}), a.timeout, a.context, blob,
+                                  a.metadata))
                 elif isinstance(a, ft.Reply):
                     self.post(Msg(me, current.source, False, wire(a.body), wire(a.metadata or {}), None,
-                                  current.context))
+                                  current.context, raw_meta=a.metadata))
                 elif isinstance(a, ft.Log):
                     self.logs.append(a.text)
                 elif isinstance(a, ft.ArmTimer):
@@ -236,7 +250,7 @@ class Net:
         elif m.target == PEER_MAIN and "Download" in m.body:
             # the peer's file_transfer accepts and starts a provider worker
             self.queue.append(Msg(PEER_MAIN, REQ_WORKER, False, {"Download": {"Ok": None}}, {}, None, "download"))
-            self.prov = Provider(m.body["Download"]["name"], REQ_WORKER, PROV_PARENT, 0.0)
+            self.prov = Provider(m.body["Download"]["name"], REQ_WORKER, PROV_PARENT, 0.0, extended=self.prov_extended)
             self.act("prov", self.prov.start(), None)
         else:
             self.queue.append(m)
@@ -397,7 +411,7 @@ def test_a_state_that_does_not_fit_the_partial_starts_over():
 
 # ---- timeouts --------------------------------------------------------------------------------------
 def test_requestor_gives_up_when_the_handshake_never_comes():
-    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
     r.start()
     assert isinstance(r.tick(5.0)[-1], ft.ArmTimer)
     actions = r.tick(ft_common.HANDSHAKE_TIMEOUT + 0.5)
@@ -439,16 +453,16 @@ def test_provider_fails_when_acks_stop():
         assert net.prov.in_flight == 8 and "prov" not in net.exits
         net.act("prov", net.prov.tick(ft_common.STALL_TIMEOUT + 1), None)
     assert net.exits["prov"] == f"no progress for {ft_common.STALL_TIMEOUT} s; giving up"
-    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0)
+    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     p.state, p.in_flight = ft.Provider.SENDING, 3
     assert p.request_failed("chunk", "timeout", 5.0)[-1] == ft.Exit("alice.os stopped acknowledging chunks (timeout)")
 
 
 def test_requestor_fails_when_the_peer_never_answers_download():
-    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
     r.start()
     assert r.request_failed("download", "offline", 1.0)[-1] == ft.Exit("bob.os is offline")
-    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
     assert r.request_failed("download", "timeout", 1.0)[-1].error.endswith("did not answer within 10 s")
     assert r.request_failed("progress", "timeout", 1.0) == []  # advisory, and already failed anyway
 
@@ -457,7 +471,7 @@ def test_requestor_fails_when_the_peer_never_answers_download():
 def test_provider_pushes_seed_sized_chunks_to_a_plain_requestor():
     data = bytes(range(100)) * 3
     with small_chunks():
-        p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+        p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
         side = ProviderSide(data)
         sent = []
 
@@ -483,7 +497,7 @@ def test_provider_pushes_seed_sized_chunks_to_a_plain_requestor():
 def test_requestor_takes_a_plain_provider():
     data = b"a" * 40 + b"b" * 40
     with small_chunks():
-        r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0)
+        r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
         side = RequestorSide()
         net = Net(None)
         net.req, net.rside = r, side
@@ -496,6 +510,156 @@ def test_requestor_takes_a_plain_provider():
                             {}, blob=data[off:off + 16]))
     assert net.exits["req"] is None and side.store == {"file": data}
     assert not [m for m in net.sent if m.context == "keepalive"]  # keepalives are for our peers only
+
+
+# ---- portable workers (built without the blobs extension: the seed's plain protocol) ----------------
+MIXES = {"portable requestor, extended provider": (False, True),
+         "extended requestor, portable provider": (True, False),
+         "portable requestor, portable provider": (False, False)}
+
+
+def between_workers(net: Net) -> list[Msg]:
+    return [m for m in net.sent if m.target not in (REQ_PARENT, PROV_PARENT) or m.source != REQ_WORKER]
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@settings(max_examples=25, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_portable_worker_with_any_peer_moves_any_file_plainly(mix, data):
+    req_ext, prov_ext = MIXES[mix]
+    with small_chunks():  # the seed's chunk: 16 bytes here
+        net = Net(data, req_extended=req_ext, prov_extended=prov_ext).run()
+    assert net.exits == {"req": None, "prov": None}
+    assert net.rside.store == {"file": data}  # no partial, no state file
+    assert net.progress[-1]["done"] is True and net.progress[-1]["hash"] is None  # nothing was hashed
+    # the plain protocol: Size answered without metadata, chunks of the seed's size, unacked
+    answer = [m for m in net.sent if m.context == "size" and not m.is_request]
+    assert len(answer) == 1 and answer[0].raw_meta is None
+    one_chunk = req_ext is False and prov_ext and 0 < len(data) <= 16  # sent behind Size, hash ignored
+    for c in net.chunks():
+        assert c.expects is None and c.body["Chunk"]["length"] <= 16
+        assert (c.raw_meta is None) is not one_chunk
+    assert b"".join(c.blob for c in net.chunks()) == data
+    assert not [m for m in net.sent if m.context == "keepalive" or m.meta.get("final")]
+    download_request = [m for m in net.sent if m.target == PEER_MAIN][0]
+    assert (download_request.raw_meta is None) is not req_ext  # {"ft": 1} only when it can speak it
+    size = [m for m in net.sent if "Size" in m.body][0]
+    assert size.expects == ft_common.HANDSHAKE_TIMEOUT and (size.raw_meta is None) is not prov_ext
+    if not req_ext and not prov_ext:  # no extension in any message between the workers
+        assert all(m.raw_meta is None for m in between_workers(net) if m.source != PEER_MAIN)
+
+
+def test_portable_machines_take_the_plain_path_through_their_states():
+    data = bytes(range(100))
+    with small_chunks():
+        net = Net(data, req_extended=False, prov_extended=False).run()
+    R, P = ft.Requestor, ft.Provider
+
+    def path(trail):  # a state set again is no step
+        return [s for i, s in enumerate(trail) if i == 0 or trail[i - 1] != s]
+    assert path(net.req.trail) == [R.REQUESTING, R.OPENING, R.RECEIVING] + [R.WRITING, R.RECEIVING] * 6 + \
+        [R.WRITING, R.VERIFYING, R.DONE]  # no HASHING, no AWAITING_HASH
+    assert path(net.prov.trail) == [P.OPENING, P.OFFERED, P.PUSHING, P.DONE]
+    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [16] * 6 + [4]
+
+
+def test_extended_provider_goes_plain_on_a_plain_size_answer_whatever_it_holds():
+    with small_chunks():
+        p, side, out, run = offered(bytes(range(40)))
+        run(p.response("size", {"offset": 7}, 0.0))  # no ft: a portable requestor's answer
+    assert p.state == ft.Provider.DONE and out[-1] == ft.Exit()
+    chunks = [a for a in out if isinstance(a, ft.Send) and "Chunk" in a.body]
+    assert [c.body["Chunk"]["offset"] for c in chunks] == [0, 16, 32]  # from 0, the seed's chunks
+    assert all(c.metadata is None and c.timeout is None for c in chunks)
+
+
+def test_portable_provider_ignores_an_extended_size_answer():
+    with small_chunks():
+        p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=False)
+        side = ProviderSide(bytes(40), extended=False)
+        sends = []
+
+        def run(actions):
+            while actions:
+                follow = None
+                for a in actions:
+                    if isinstance(a, ft.Send):
+                        sends.append(a)
+                    elif not isinstance(a, (ft.ArmTimer, ft.Exit, ft.Log)):
+                        follow = side.perform(p, a)
+                actions = follow
+        run(p.start())
+        assert sends == [ft.Send(REQ_WORKER, {"Size": 40}, None, ft_common.HANDSHAKE_TIMEOUT, "size")]
+        run(p.response("size", {"ft": 1, "offset": 16}, 0.0))  # it cannot resume nor hash
+    assert p.state == ft.Provider.DONE
+    assert [a.body["Chunk"]["offset"] for a in sends[1:]] == [0, 16, 32]
+
+
+def test_portable_requestor_ignores_extensions_in_size_and_keeps_no_partial():
+    r = Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=False)
+    assert r.start()[1].metadata is None
+    with small_chunks():
+        net = Net(bytes(200), req_extended=False)
+        net.req = r
+        net.act("req", [], None)
+        net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Size": 200}, {"ft": 1}, 10, "size"))
+        assert not r.ext and r.state == ft.Requestor.RECEIVING
+        assert net.sent[-1].raw_meta is None and not net.sent[-1].is_request  # the plain answer
+        net.deliver(Msg(PROV_WORKER, REQ_WORKER, True, {"Chunk": {"name": "f.bin", "offset": 0, "length": 16}},
+                        {}, blob=bytes(16)))
+        assert "req" not in net.exits and r.received == 16
+        net.act("req", r.tick(ft_common.STALL_TIMEOUT + 1), None)
+    assert net.exits["req"] == f"no progress for {ft_common.STALL_TIMEOUT} s; giving up"
+    # no resume in the plain protocol: the partial goes, no error is sent to the provider
+    assert net.rside.store == {} and "run the download again" not in net.progress[-1]["error"]
+    assert not [m for m in net.sent if m.target == PROV_WORKER and m.meta.get("error")]
+
+
+@pytest.mark.parametrize("extended", [True, False])
+def test_provider_pushes_plainly_when_size_gets_no_answer(extended):
+    """A seed requestor answers nothing: the provider's Size times out and it pushes."""
+    with small_chunks():
+        net = Net(bytes(range(50)), prov_extended=extended)
+        net.act("req", net.req.start(), None)
+        net.queue = [m for m in net.queue if m.target != REQ_WORKER]  # the requestor hears nothing
+        net.act("prov", net.prov.request_failed("size", "timeout", 10.0), None)
+    assert net.exits["prov"] is None
+    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [16, 16, 16, 2]
+
+
+# ---- the one-chunk limit: the seed's chunk (1 MiB), which any requestor takes in one piece --------------
+@pytest.mark.parametrize("req_ext", [True, False])
+def test_file_of_one_seed_chunk_goes_behind_size(req_ext):
+    data = bytes(range(256)) * 4096
+    assert len(data) == ft_common.CHUNK_SIZE == 1 << 20
+    net = Net(data, req_extended=req_ext).run()
+    size = [m for m in net.sent if "Size" in m.body][0]
+    assert size.meta == {"ft": 1, "blake3": h(data)}
+    assert len(net.chunks()) == 1 and net.sent.index(net.chunks()[0]) == net.sent.index(size) + 1
+    assert net.chunks()[0].expects is None and net.chunks()[0].body["Chunk"]["length"] == 1 << 20
+    assert net.rside.store == {"file": data} and net.exits == {"req": None, "prov": None}
+    assert net.progress[-1]["hash"] == (h(data) if req_ext else None)
+
+
+def test_file_over_one_seed_chunk_waits_for_the_size_answer():
+    data = bytes(range(256)) * 4096 + b"!"
+    net = Net(data).run()
+    size = [m for m in net.sent if "Size" in m.body][0]
+    assert size.meta == {"ft": 1}  # its hash follows the last chunk
+    answer = [m for m in net.sent if m.context == "size" and not m.is_request][0]
+    chunks = net.chunks()
+    assert len(chunks) == 1 and net.sent.index(chunks[0]) > net.sent.index(answer)
+    assert chunks[0].expects == ft_common.ACK_TIMEOUT and chunks[0].meta["upto"] == h(data)  # one 4 MiB chunk
+    assert net.rside.store == {"file": data} and net.exits == {"req": None, "prov": None}
+    # a portable requestor gets it in the seed's chunks
+    net = Net(data, req_extended=False).run()
+    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [1 << 20, 1]
+    assert net.rside.store == {"file": data}
+    # and a portable provider never sends a chunk before the Size answer
+    net = Net(b"tiny", prov_extended=False).run()
+    assert [m for m in net.sent if "Size" in m.body][0].raw_meta is None
+    answer = [m for m in net.sent if m.context == "size" and not m.is_request][0]
+    assert net.sent.index(net.chunks()[0]) > net.sent.index(answer) and net.rside.store == {"file": b"tiny"}
 
 
 # ---- a lying peer ------------------------------------------------------------------------------------
@@ -553,7 +717,7 @@ def test_liar_stranger_chunk_is_ignored_and_the_transfer_goes_on():
     net, r = sized(20)
     net.deliver(chunk(0, b"z" * 10, h(b"z" * 10), source=STRANGER))
     assert "req" not in net.exits and r.received == 0 and r.chain_digest is None
-    assert "not this transfer's provider" in net.logs[-1]
+    assert net.logs[-1] == f"worker: ignored a bad message from {STRANGER}: a Chunk not from this transfer's provider"
     net.deliver(chunk(0, b"x" * 10, h(b"x" * 10)))
     net.deliver(chunk(10, b"x" * 10, h(b"x" * 20)))
     assert r.state == ft.Requestor.AWAITING_HASH
@@ -614,7 +778,7 @@ def test_cancel_from_the_parent_removes_the_partial():
         net.deliver(chunk(0, b"x" * 64, h(b"x" * 64)))
         net.deliver(Msg(REQ_PARENT, REQ_WORKER, True, {"Cancel": None}, {"cancel": True}))
     assert net.exits["req"] == "cancelled" and net.rside.store == {}
-    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0)
+    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     assert p.request(PROV_PARENT, {"Cancel": None}, {"cancel": True}, 0.0)[-1] == ft.Exit("cancelled")
 
 
@@ -629,7 +793,7 @@ def test_requestor_io_error_keeps_the_partial_for_a_resume():
 
 # ---- a lying requestor, seen by the provider ------------------------------------------------------------
 def offered(data: bytes) -> tuple[Provider, ProviderSide, list]:
-    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     side = ProviderSide(data)
     out: list = []
 
@@ -687,11 +851,11 @@ def test_provider_short_read_and_unreadable_file():
     assert out[-1] == ft.Exit("file changed while being sent")
     p, side, out, run = offered(b"abc")
     assert p.state == ft.Provider.OFFERED
-    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     p.start()
     actions = p.io_failed("gone", 0.0)
     assert actions[0].metadata == {"ft": 1, "error": "cannot read f.bin", "keep": False}
-    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0)
+    p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     p.state = ft.Provider.CHECKING
     assert p.io_failed("gone", 0.0)[0].metadata["error"] == "f.bin became unreadable while being sent"
 
@@ -715,5 +879,6 @@ def test_every_declared_state_is_reached():
     test_provider_pushes_seed_sized_chunks_to_a_plain_requestor()
     test_liar_wrong_hash_fails_and_tells_the_provider()
     test_provider_detects_a_file_changed_while_being_sent()
+    test_portable_machines_take_the_plain_path_through_their_states()
     assert VISITED["Requestor"] == ft.Requestor.STATES
     assert VISITED["Provider"] == ft.Provider.STATES

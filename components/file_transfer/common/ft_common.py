@@ -11,7 +11,10 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
   offset 0, or from the resume point) and expects an ack (a `Progress` response), so the provider
   keeps at most WINDOW chunks in flight. Each chunk is thus checked by a hash that covers it, and
   both sides hash the data once: from 0, the last chunk's `upto` is the whole file's hash. A file
-  of one chunk is sent whole right behind Size, unacked: the Size answer is its ack.
+  of up to CHUNK_SIZE is sent whole right behind Size, unacked: the Size answer is its ack.
+- A worker built without the host's blobs extension (a portable build) cannot hash in the host,
+  so it speaks only the plain protocol: no `ft` in its Download or Size, a plain Size answer
+  (which tells our provider to push plainly), no hash checks.
 - Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.
 """
 from __future__ import annotations

@@ -5,6 +5,10 @@ request) with the time passed in, and returns the actions to take, in order. An 
 produces a result (a hash, a read) is always the last of its list; the driver feeds its result to
 the method the action names, which returns the next actions. Addresses are opaque values compared
 with `==` (they need only a `.node`); the machines do no I/O and import no process_lib.
+
+`extended` says whether this side can speak the extended protocol, i.e. hash in the host (a worker
+built with the blobs extension). Without it a machine speaks the seed's plain protocol and never
+asks for a hash: no HashChunk, no read-back, ReadChunk only with HASH_NONE.
 """
 from __future__ import annotations
 
@@ -160,8 +164,9 @@ class Requestor:
     FAILED = "failed"
     STATES = frozenset({REQUESTING, OPENING, RECEIVING, HASHING, WRITING, AWAITING_HASH, VERIFYING, DONE, FAILED})
 
-    def __init__(self, name: str, peer: Any, parent: Any, now: float):
+    def __init__(self, name: str, peer: Any, parent: Any, now: float, *, extended: bool):
         self.name = name
+        self.extended = extended     # we can speak the extended protocol
         self.peer = peer
         self.peer_node = peer.node
         self.parent = parent
@@ -170,7 +175,7 @@ class Requestor:
         self.provider = None         # the peer's worker, once it sent Size
         self.size: Optional[int] = None
         self.file_hash: Optional[str] = None
-        self.ext = False             # the provider speaks our extensions
+        self.ext = False             # both sides speak the extended protocol
         self.hash_follows = False    # the provider sends the file's hash after the last chunk
         self.has_state = False       # a resume state file is kept (big ext files)
         self.file_open = False
@@ -191,7 +196,7 @@ class Requestor:
         return [ArmTimer(TICK),
                 Send(self.peer, {"Download": {"name": self.name, "target": address_json(self.peer),
                                               "is_requestor": False}},
-                     {"ft": 1}, HANDSHAKE_TIMEOUT, "download")]
+                     {"ft": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "download")]
 
     def response(self, context: Optional[str], body: Any, now: float) -> list:
         """A response to one of our requests (the Download answer, a keepalive answer)."""
@@ -232,7 +237,7 @@ class Requestor:
             return self.fail(f"peer sent an invalid size {size!r}", keep=False, now=now)
         self.provider = source
         self.size = size
-        self.ext = meta.get("ft") == 1
+        self.ext = self.extended and meta.get("ft") == 1
         self.file_hash = meta.get("blake3") if self.ext else None
         self.hash_follows = self.ext and self.file_hash is None
         # a file of one chunk has nothing to resume: no state file for it
@@ -271,8 +276,8 @@ class Requestor:
         actions: list = []
         if not offset and self.has_state:
             actions.append(SaveState(self.size, 0))
-        if self.wants_answer:
-            actions.append(Reply("Progress", {"ft": 1, "offset": offset}))
+        if self.wants_answer:  # a plain answer tells an extended provider to go plain
+            actions.append(Reply("Progress", {"ft": 1, "offset": offset} if self.ext else None))
         if offset:
             actions.append(Log(f"{self.name}: resuming at {offset} of {self.size} bytes"))
         return self._maybe_finish(actions, now)
@@ -282,7 +287,7 @@ class Requestor:
         if self.state not in (self.RECEIVING, self.AWAITING_HASH):
             return [Log(f"worker: ignored a bad message from {source}: Chunk before Size")]
         if source != self.provider:
-            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+            return [Log(f"worker: ignored a bad message from {source}: a Chunk not from this transfer's provider")]
         offset, length = chunk.get("offset"), chunk.get("length")
         if (chunk.get("name") != self.name or not isinstance(offset, int) or not isinstance(length, int)
                 or isinstance(offset, bool) or isinstance(length, bool)):
@@ -293,10 +298,10 @@ class Requestor:
         if self.ext and offset != self.received:
             return self.fail(f"chunk at offset {offset}, expected {self.received}", keep=True, now=now)
         self.pending = (offset, length, meta.get("upto"), wants_ack)
-        if self.chain_end is not None and offset == self.chain_end:
+        if self.ext and offset == self.chain_end:
             self.state = self.HASHING
             return [HashChunk(offset == self.resumed_from)]
-        # out of order (a plain peer may): no running hash from here on
+        # plain, or out of order (a plain peer may): no running hash from here on
         self.chain_end = self.chain_digest = None
         return self._chunk_checked(now)
 
@@ -343,7 +348,7 @@ class Requestor:
 
     def final_hash(self, source: Any, meta: dict, now: float) -> list:
         if source != self.provider:
-            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+            return [Log(f"worker: ignored a bad message from {source}: a final hash not from this transfer's provider")]
         digest = meta.get("blake3")
         if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
             return self.fail("peer sent a malformed file hash", keep=False, now=now)
@@ -429,10 +434,10 @@ class Requestor:
 
     def _finish(self, actions: list) -> list:
         # from offset 0 with every chunk hashed in order, the running hash is the file's; a resumed
-        # file is read back whole
+        # file is read back whole. A plain transfer has no hash to check.
         whole = self.resumed_from == 0 and self.chain_end == self.size and self.size
         self.state = self.VERIFYING
-        actions.append(VerifyFile(read_back=not whole))
+        actions.append(VerifyFile(read_back=self.ext and not whole))
         return actions
 
     def _keepalive(self, actions: list) -> None:
@@ -471,8 +476,9 @@ class Provider:
     FAILED = "failed"
     STATES = frozenset({OPENING, OFFERED, SENDING, READING, PUSHING, CHECKING, DRAINING, DONE, FAILED})
 
-    def __init__(self, name: str, target: Any, parent: Any, now: float):
+    def __init__(self, name: str, target: Any, parent: Any, now: float, *, extended: bool):
         self.name = name
+        self.extended = extended     # we can speak the extended protocol
         self.target = target
         self.parent = parent
         self.state = self.OPENING
@@ -500,15 +506,16 @@ class Provider:
         if self.state != self.OPENING:
             raise RuntimeError(f"opened in state {self.state}")
         self.size, self.stamp = size, stamp
-        if 0 < size <= EXT_CHUNK_SIZE:
+        if self.extended and 0 < size <= CHUNK_SIZE:
             # a small file is read whole now: the chunk's hash is the file's, and the chunk follows
-            # Size without waiting for its answer (a one-chunk file has no resume point)
+            # Size without waiting for its answer (a one-chunk file has no resume point). Up to the
+            # seed's chunk size, which any requestor, a plain one too, takes in one piece.
             self.reading = (0, size)
             return [ReadChunk(size, HASH_WHOLE)]
         # else the whole-file hash follows the last chunk: hashing first would hold the first byte
         # back by a read of the whole file
         self.state = self.OFFERED
-        return [Send(self.target, {"Size": size}, {"ft": 1}, HANDSHAKE_TIMEOUT, "size")]
+        return [Send(self.target, {"Size": size}, {"ft": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "size")]
 
     def chunk_read(self, got: int, digest: Optional[str], now: float) -> list:
         if self.state == self.OPENING:
@@ -546,6 +553,8 @@ class Provider:
                 if offset not in (0, self.size) or isinstance(offset, bool):
                     return self._failed(f"peer asked to resume a one-chunk file at {offset!r}")
                 return self._done()
+            if not (self.extended and meta.get("ft") == 1):
+                return self._push_plain()  # a plain answer: the requestor speaks the seed's protocol
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= self.size:
                 return [self._error_to_peer("bad resume offset", keep=False)] + \
                     self._failed(f"peer asked for a bad resume offset {offset!r}")
@@ -600,9 +609,7 @@ class Provider:
             # no answer to Size: a peer speaking only the plain protocol; push every chunk unacked
             if self.pipelined:
                 return self._done()
-            self.ext = False
-            self.state = self.PUSHING
-            return self._push_next()
+            return self._push_plain()
         if context == "chunk" and self.state not in (self.DONE, self.FAILED):
             return self._failed(f"{self.target.node} stopped acknowledging chunks ({kind})")
         return []
@@ -623,6 +630,12 @@ class Provider:
     def _read(self, length: int, how: str) -> ReadChunk:
         self.reading = (self.next_offset, length)
         return ReadChunk(length, how)
+
+    def _push_plain(self) -> list:
+        """The seed's protocol: every chunk in its 1 MiB pieces, unacknowledged, then the end."""
+        self.ext = False
+        self.state = self.PUSHING
+        return self._push_next()
 
     def _push_next(self) -> list:
         if self.next_offset < self.size:

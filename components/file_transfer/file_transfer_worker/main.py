@@ -17,8 +17,12 @@ import wit_world
 
 import ft_protocol as ft
 from ft_common import PARTIAL_DIR, check_name
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message,
+from process_lib import (HAS_BLOBS, Address, Message, ProcessId, Request, Response, SendError, await_message,
                          current_blob_hash, current_blob_hash_chained, current_blob_len, println, run, vfs)
+
+# The extended protocol hashes in the host through its blobs extension; a portable build (without
+# it) speaks the seed's plain protocol, and its machines then ask for no hash at all.
+EXTENDED = HAS_BLOBS
 
 _HASHERS = {  # how a ReadChunk's bytes are hashed
     ft.HASH_NONE: lambda: None,
@@ -92,9 +96,9 @@ class Worker:
             self.partial_dir = f"{self.drive}/{PARTIAL_DIR}/{peer.node}"
             self.partial = f"{self.partial_dir}/{name}.part"
             self.state_path = f"{self.partial_dir}/{name}.state"
-            self.machine = ft.Requestor(name, peer, self.parent, self.started)
+            self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
         else:
-            self.machine = ft.Provider(name, peer, self.parent, self.started)
+            self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED)
         return self.machine.start()
 
     def run(self, actions: list) -> bool:
