@@ -28,6 +28,7 @@ import io
 import json
 import mmap
 import os
+import secrets
 import shutil
 import stat
 import threading
