@@ -145,22 +145,25 @@ class Commands:
         usage = "Usage: m <target> <body> [-a <await_time>]"
         if not rest:
             raise UsageError(f"Send a request to a process.\n{usage}")
-        words = [w[1:-1] if len(w) > 1 and w[0] == w[-1] == "'" else w for w in M_WORDS.findall(rest)]
+        words = list(M_WORDS.finditer(rest))
         seconds: Optional[int] = None
-        positional: list[str] = []
-        i = 0
-        while i < len(words):  # -a/--await may stand anywhere, as clap allows
-            if words[i] in ("-a", "--await"):
-                if i + 1 >= len(words) or not words[i + 1].isdigit():
+        # -a/--await N: before the target (as clap allows anywhere), or as the line's last two words
+        for at in (0, len(words) - 2):
+            if 0 <= at < len(words) and words[at].group() in ("-a", "--await"):
+                if at + 1 >= len(words) or not words[at + 1].group().isdigit():
                     raise UsageError(f"Failed to parse args.\n{usage}")
-                seconds = int(words[i + 1])
-                i += 2
-            else:
-                positional.append(words[i])
-                i += 1
-        if len(positional) != 2:
+                seconds = int(words[at + 1].group())
+                del words[at:at + 2]
+                break
+        if len(words) < 2 or words[-1].group() in ("-a", "--await"):
             raise UsageError(f"Failed to parse args.\n{usage}")
-        target_text, body = positional
+        target_text = words[0].group()
+        if len(words) == 2:
+            body = words[1].group()
+            if len(body) > 1 and body[0] == body[-1] == "'":
+                body = body[1:-1]
+        else:  # ours: several words are the rest of the line, as typed (upstream needs them quoted)
+            body = rest[words[1].start():words[-1].end()]
         try:
             target = Address.parse(target_text)
         except ParseError:

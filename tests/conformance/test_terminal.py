@@ -50,10 +50,13 @@ def test_m_sends_awaits_and_prints_the_response_or_the_send_error(node_factory):
     # bad input: upstream's texts, as errors; the node keeps running
     refused(node, "m", "error: Send a request to a process.", USAGE_M)
     refused(node, "m our@a:b:c", "error: Failed to parse args.", USAGE_M)
-    refused(node, "m our@a:b:c x y", "error: Failed to parse args.", USAGE_M)
+    refused(node, "m our@a:b:c -a", "error: Failed to parse args.", USAGE_M)
     refused(node, "m -a soon our@a:b:c x", "error: Failed to parse args.", USAGE_M)
     refused(node, "m no_address body", 'error: Invalid address: "no_address"', USAGE_M)
     assert ok(node, "echo still  here") == ["still  here"]   # positive control; echo keeps the spaces
+    # ours: a body of several words is the rest of the line as typed (upstream needs quotes)
+    lines = ok(node, """m -a 5 our@kernel:distro:sys {"Debug":  "ProcessMap"}""", until=r"^\{")
+    assert "vfs:distro:sys" in json.loads(lines[-1])["Debug"]["ProcessMap"]
 
 
 def test_kernel_commands_kill_and_has_cap(node_factory):
