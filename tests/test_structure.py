@@ -184,7 +184,7 @@ def test_a_registered_service_gets_its_messages_without_the_kernel_knowing_its_c
     # control: an id nobody registered fails back to the sender
     nobody = Address("a.dev", ProcessId("nobody", "test", "sys"))
     kernel.route(KernelMessage(2, sender.address, nobody, None, Request(body=b"hi"), None), sender)
-    assert sender.failed == [(2, SendErrorKind.OFFLINE)] and echo.got == [b"hi"]
+    assert sender.failed == [(2, SendErrorKind.TIMEOUT)] and echo.got == [b"hi"]
     with pytest.raises(ValueError, match="already running"):
         kernel.register(Echo(kernel, echo.id))
     assert not kernel.kill(echo.id) and not echo.stopped  # the node's services are not the user's to kill
