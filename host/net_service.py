@@ -1,7 +1,7 @@
 """`net:distro:sys`: the network as a process sees it. Local processes ask it, in Kinode's `NetAction`
 MessagePack shapes (rmp-serde's: unit variants as their name, others as a one-entry map, structs as
-arrays), for the connected peers, one peer's identity or a diagnostics text; a request whose body is
-no `NetAction` is a `hi`: its text is printed and answered "delivered", as upstream does."""
+arrays), for the connected peers, one peer's identity or a diagnostics text; any other request (a
+text from a peer, or local text that is no `NetAction`) is a `hi`: printed and answered "delivered"."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("host.net_service")
 
 NET_ID = ProcessId("net", "distro", "sys")
+# what upstream's net takes from peers (router business); anything else from a peer is a `hi`
+REMOTE_ACTIONS = {"ConnectionRequest", "KnsUpdate", "KnsBatchUpdate"}
 # upstream's NetAction variants in declaration order (the old rmp-serde form uses the index)
 ACTIONS = ["ConnectionRequest", "KnsUpdate", "KnsBatchUpdate", "GetPeers", "GetPeer",
            "GetDiagnostics", "Sign", "Verify"]
@@ -96,16 +98,20 @@ class NetService(HostService):
         body = km.message.body
         action = decode_action(body)
         local = km.source.node == self.kernel.node
-        if action is None:
-            # a `hi`: printed at verbosity 0 as upstream, without its colour codes
-            text = body.decode("utf-8", "replace") if body else ""
+        if action is not None and not local and action[0] in REMOTE_ACTIONS:
+            log.info("net: %s from %s ignored (no routers here)", action[0], km.source)
+            return
+        if action is None or not local:
+            # a `hi` (upstream: anything from a peer but its routing actions): printed at verbosity 0
+            # as upstream, without its colour codes, and answered
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "!!message parse error!!"
             self.kernel.terminal.info(f"{km.source.node}: {text}")
             self._answer(km, b"delivered")
             return
         name, arg = action
-        if not local:
-            log.info("net: %s from %s ignored (only local processes may ask)", name, km.source)
-            return
         if name == "GetPeers":
             self._answer(km, encode_response("Peers", self.peers()))
         elif name == "GetPeer":

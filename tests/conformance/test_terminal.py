@@ -222,8 +222,10 @@ def test_net_service_answers_upstreams_shapes():
     assert ask(service, msgpack.packb({"GetPeer": "nobody.dev"})) == [{"Peer": None}]
     (diag,) = ask(service, UPSTREAM_GET_DIAGNOSTICS)
     assert "we have connections with 1 peers:\r\n    fake2.dev, last message 3s ago\r\n" in diag["Diagnostics"]
-    # queries are for local processes only; a text from anywhere is a `hi`
-    assert ask(service, UPSTREAM_GET_PEERS, source_node="evil.dev") == []
+    # queries are for local processes only: from a peer, as upstream, they are a `hi` like any text
+    assert ask(service, UPSTREAM_GET_PEERS, source_node="evil.dev") == ["delivered"]
+    assert service.kernel.printed[-1] == "evil.dev: !!message parse error!!"
+    assert ask(service, msgpack.packb({"KnsUpdate": []}), source_node="evil.dev") == []
     assert ask(service, b"hello there", source_node="fake2.dev") == ["delivered"]
     assert service.kernel.printed[-1] == "fake2.dev: hello there"
     # recognised but not served here: no answer, a line saying why
