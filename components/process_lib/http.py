@@ -89,7 +89,7 @@ def serve_ui(our_address: Address, directory: str = "ui", authenticated: bool = 
         folder = stack.pop()
         for entry in vfs.Directory(folder).read():
             full = "/" + entry.path.lstrip("/")
-            if entry.file_type == "Dir":
+            if entry.file_type == vfs.DIRECTORY:
                 stack.append(full)
                 continue
             if entry.file_type != "File":
