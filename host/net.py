@@ -1178,6 +1178,14 @@ class Network:
         return sorted(name for name, p in list(self._peers.items())
                       if p.conn is not None and not p.conn.closed)
 
+    def peer_activity(self) -> dict:
+        """Seconds since each connected peer last sent us anything (a snapshot; any thread)."""
+        if self._loop is None:
+            return {}
+        now = self._loop.time()
+        return {name: max(0.0, now - p.conn.last_recv) for name, p in list(self._peers.items())
+                if p.conn is not None and not p.conn.closed}
+
 
 def _listen(addr: str, port: int, dual_stack: bool) -> socket.socket:
     """A listening socket on `addr` (an IPv4 or IPv6 address or a name; "::" also takes IPv4

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Optional, TextIO
 from host import packages
 from host.commands import Commands
 from host.control import ControlServer, NodeCommands
+from host import fsutil
 from host.kernel import Kernel
+from host.kernel_service import KernelService
+from host.net_service import NetService
 from host.settings import Settings
 from host.terminal import TerminalOutput
-from host.terminal_service import TerminalService
+from host.terminal_service import TERMINAL_ID, TerminalService
 from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.vfs_service import VfsService
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from host.net import Network
 
 log = logging.getLogger("host.node")
+
+ALIASES_FILE = "aliases.json"   # the terminal's aliases (`alias NAME PROCESS`), kept across restarts
 
 
 class NodeError(Exception):
@@ -58,10 +63,13 @@ class Node:
         self.vfs = Vfs(self.home / "vfs")
         self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit)
         self.terminal_service = TerminalService(self.kernel, self.terminal)
-        for service in (VfsService(self.kernel, self.vfs), self.terminal_service):
+        self.kernel_service = KernelService(self.kernel)
+        for service in (VfsService(self.kernel, self.vfs), self.terminal_service, self.kernel_service):
             self.kernel.register(service)
         if self.networking:
             self._start_network()
+        self.net_service = NetService(self.kernel, self.net)
+        self.kernel.register(self.net_service)
         if self.settings.http_host is not None:
             self._start_http()
         self._control = ControlServer(self.home, NodeCommands(self))
@@ -153,6 +161,10 @@ class Node:
             self.http.stop()
 
     # ---- terminal actions (host.commands.NodeControl) ---------------------------------------
+    @property
+    def node_name(self) -> str:
+        return self.name
+
     def run_line(self, line: str) -> Optional[ProcessId]:
         """Run a typed command line; returns the pid of the script it started, if any."""
         return self.commands.run_line(line)
@@ -167,6 +179,50 @@ class Node:
 
     def send_message(self, target: Address, body: str) -> None:
         self.terminal_service.send(target, body.encode())
+
+    def send_and_await(self, target: Address, body: str, seconds: int, on_answer) -> None:
+        self.terminal_service.send_and_await(target, body.encode(), seconds, on_answer)
+
+    def process_record(self, pid: ProcessId) -> Optional[dict]:
+        return self.kernel_service.persisted_process(pid)
+
+    def process_map(self) -> dict:
+        return self.kernel_service.process_map()
+
+    def net_peers(self) -> list:
+        return self.net_service.peers()
+
+    def net_peer(self, name: str) -> Optional[list]:
+        return self.net_service.identity(name)
+
+    def net_diagnostics(self) -> str:
+        return self.net_service.diagnostics()
+
+    def read_vfs_file(self, path: str) -> bytes:
+        """A VFS file for `cat`. The terminal is the node owner's console: like upstream's `cat`
+        (which holds the VFS root capability) it may read any file, by the VFS's path rules."""
+        res = self.vfs.handle(TERMINAL_ID, lambda _params: True,
+                              json.dumps({"path": path, "action": "Read"}).encode(), None)
+        if res.blob is None:
+            raise ValueError(res.body.decode("utf-8", "replace"))
+        return res.blob
+
+    def load_aliases(self) -> dict[str, str]:
+        try:
+            aliases = json.loads((self.home / ALIASES_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            self.terminal.error(f"aliases file {self.home / ALIASES_FILE} unreadable ({e}): no aliases")
+            return {}
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            self.terminal.error(f"aliases file {self.home / ALIASES_FILE} is not a JSON object of names: no aliases")
+            return {}
+        return aliases
+
+    def save_aliases(self, aliases: dict[str, str]) -> None:
+        fsutil.write_atomic(self.home / ALIASES_FILE, json.dumps(aliases, indent=1, sort_keys=True).encode(),
+                            fsync=True)
 
     def peers_entry(self) -> str:
         if self.net is None:

@@ -138,7 +138,7 @@ def test_provider_moves_to_another_address_and_a_bad_peers_file_keeps_the_last_g
     assert code == 0 and "file_transfer:template.os: here.txt\t\t11" in lines, lines
     # A broken edit: a clear error naming the entry; the last good entries stay in use.
     a.set_peers(good + [{"name": "c.dev", "public_key": "12ab", "host": "10.231.0.9", "port": 8080}])
-    code, lines = a.run("peers", wait=0.1)
+    code, lines = a.run("peers-file", wait=0.1)
     assert any("entry 2 (c.dev): public_key must be 64 hex digits" in ln for ln in lines), lines
     assert any("using the last good one, 1 entries" in ln for ln in lines), lines
     code, lines = a.run(f"{LIST} b.dev")
@@ -156,7 +156,7 @@ def test_provider_moves_to_another_address_and_a_bad_peers_file_keeps_the_last_g
         print("\n".join(a.lines[-15:]), "\n----\n", "\n".join(b.lines[-15:]))
     assert code == 0 and "file_transfer:template.os: here.txt\t\t11" in lines, lines
     print(f"b moved from {old} to {b.host.addr6}; a reached it there in {time.monotonic() - t0:.1f} s")
-    code, lines = a.run("peers", wait=0.1)
+    code, lines = a.run("peers-file", wait=0.1)
     assert any(f"b.dev [{b.host.addr6}]:8080" in ln for ln in lines), lines
     assert a.alive() and b.alive()
 

@@ -1,0 +1,140 @@
+"""`net:distro:sys`: the network as a process sees it. Local processes ask it, in Kinode's `NetAction`
+MessagePack shapes (rmp-serde's: unit variants as their name, others as a one-entry map, structs as
+arrays), for the connected peers, one peer's identity or a diagnostics text; any other request (a
+text from a peer, or local text that is no `NetAction`) is a `hi`: printed and answered "delivered"."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+import msgpack
+
+from host.kernel import Kernel
+from host.service import HostService
+from host.types import KernelMessage, ProcessId, Request, Response
+
+if TYPE_CHECKING:
+    from host.net import Network
+
+log = logging.getLogger("host.net_service")
+
+NET_ID = ProcessId("net", "distro", "sys")
+# what upstream's net takes from peers (router business); anything else from a peer is a `hi`
+REMOTE_ACTIONS = {"ConnectionRequest", "KnsUpdate", "KnsBatchUpdate"}
+# upstream's NetAction variants in declaration order (the old rmp-serde form uses the index)
+ACTIONS = ["ConnectionRequest", "KnsUpdate", "KnsBatchUpdate", "GetPeers", "GetPeer",
+           "GetDiagnostics", "Sign", "Verify"]
+
+
+def decode_action(body: bytes) -> Optional[tuple[str, Any]]:
+    """(variant, value) if `body` is a MessagePack `NetAction`, else None. Accepts rmp-serde's
+    current enum form and its older `[index, [args]]` one."""
+    try:
+        value = msgpack.unpackb(body, raw=False)
+    except Exception:
+        return None
+    names = ACTIONS
+    if isinstance(value, str) and value in names:
+        return value, None
+    if isinstance(value, dict) and len(value) == 1:
+        (name, arg), = value.items()
+        if name in names:
+            return name, arg
+    if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], int)
+            and 0 <= value[0] < len(names) and isinstance(value[1], list)):
+        args = value[1]
+        return names[value[0]], args[0] if len(args) == 1 else args
+    return None
+
+
+def encode_response(variant: str, value: Any) -> bytes:
+    """A `NetResponse` as rmp-serde writes it (newtype variant: a one-entry map)."""
+    return msgpack.packb({variant: value}, use_bin_type=True)
+
+
+class NetService(HostService):
+    public = True          # any process may ask; peers may send it `hi`s
+    hears_network = True
+
+    def __init__(self, kernel: Kernel, net: Optional["Network"]):
+        super().__init__(kernel, NET_ID)
+        self.net = net
+
+    # ---- what the queries answer (also used by the terminal's built-ins) -------------------
+    def identity(self, name: str) -> Optional[list]:
+        """Kinode's `Identity` (name, networking_key, routing) of a node we know an address for."""
+        if self.net is None:
+            return None
+        if name == self.kernel.node:
+            e = self.net.entry()
+            host, port, key = e["host"], e["port"], e["public_key"]
+        else:
+            rec = self.net.directory.lookup(name)
+            if rec is None:
+                return None
+            host, port, key = rec.host, rec.port, bytes(rec.public_key).hex()
+        return [name, f"0x{key}", {"Direct": [host, {"tcp": port}]}]
+
+    def peers(self) -> list[list]:
+        if self.net is None:
+            return []
+        found = (self.identity(name) for name in self.net.connected_peers())
+        return [i for i in found if i is not None]
+
+    def diagnostics(self) -> str:
+        if self.net is None:
+            return "networking is off on this node\r\n"
+        me = self.identity(self.kernel.node)
+        activity = self.net.peer_activity()
+        lines = [f"our Identity: {format_identity(me)}",
+                 f"we have connections with {len(activity)} peers:"]
+        lines += [f"    {name}, last message {age:.0f}s ago" for name, age in sorted(activity.items())]
+        return "".join(line + "\r\n" for line in lines)
+
+    # ---- messages ----------------------------------------------------------------------------
+    def deliver(self, km: KernelMessage) -> None:
+        if not isinstance(km.message, Request):
+            return
+        body = km.message.body
+        action = decode_action(body)
+        local = km.source.node == self.kernel.node
+        if action is not None and not local and action[0] in REMOTE_ACTIONS:
+            log.info("net: %s from %s ignored (no routers here)", action[0], km.source)
+            return
+        if action is None or not local:
+            # a `hi` (upstream: anything from a peer but its routing actions): printed at verbosity 0
+            # as upstream, without its colour codes, and answered
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "!!message parse error!!"
+            self.kernel.terminal.info(f"{km.source.node}: {text}")
+            self._answer(km, b"delivered")
+            return
+        name, arg = action
+        if name == "GetPeers":
+            self._answer(km, encode_response("Peers", self.peers()))
+        elif name == "GetPeer":
+            self._answer(km, encode_response("Peer", self.identity(arg) if isinstance(arg, str) else None))
+        elif name == "GetDiagnostics":
+            self._answer(km, encode_response("Diagnostics", self.diagnostics()))
+        else:  # no error variant upstream: the asker times out; say why here
+            self.kernel.terminal.error(f"net:distro:sys: {name} from {km.source} is not supported on this node")
+
+    def _answer(self, km: KernelMessage, body: bytes) -> None:
+        if km.rsvp is not None:
+            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=body), None), self)
+
+
+def format_identity(identity: Optional[list]) -> str:
+    """An `Identity` as the terminal shows it (upstream prints Rust's Debug form of the routing)."""
+    if identity is None:
+        return "(none)"
+    name, key, routing = identity
+    return f"{name}, networking key {key}, routing {format_routing(routing)}"
+
+
+def format_routing(routing: dict) -> str:
+    host, ports = routing["Direct"]
+    shown = ", ".join(f'"{k}": {v}' for k, v in ports.items())
+    return f'Direct {{ ip: "{host}", ports: {{{shown}}} }}'
