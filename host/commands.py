@@ -61,7 +61,8 @@ class Console(Protocol):
 class NodeControl(Protocol):
     """What a typed command may do to the node."""
 
-    node_name: str
+    @property
+    def node_name(self) -> str: ...
 
     def request_stop(self) -> None: ...
     def describe_processes(self) -> str: ...

@@ -37,7 +37,7 @@ class KernelService(HostService):
             on_exit_json: Any = "Restart"
         elif kind == "requests":
             on_exit_json = {"Requests": [[str(target), {"body": list(req.body)}, None]
-                                         for target, req, _blob in on_exit.requests]}
+                                         for target, req, _blob in getattr(on_exit, "requests", [])]}
         else:
             on_exit_json = "None"
         return {
@@ -81,14 +81,15 @@ class KernelService(HostService):
         if name == "Debug":
             return {"Debug": self.debug(arg)}
         if name == "KillProcess":
-            pid = ProcessId.parse(arg)
+            pid = ProcessId.parse(str(arg))
             if not self.kernel.kill(pid):
                 self.kernel.terminal.error(f"kernel: no such process {pid} to kill")
                 return None
             self.kernel.terminal.info(f"kernel: killing process {pid}")
-            return {"KilledProcess": str(pid)} if km.message.expects_response is not None else None
+            asked = isinstance(km.message, Request) and km.message.expects_response is not None
+            return {"KilledProcess": str(pid)} if asked else None
         if name == "RunProcess":
-            pid = ProcessId.parse(arg)
+            pid = ProcessId.parse(str(arg))
             self.kernel.terminal.info(f"kernel: no such process {pid} to run "   # upstream's printout
                                       "(processes start here when their package is installed)")
             return "RunProcessError"
