@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from types import SimpleNamespace
 
 import msgpack
@@ -62,14 +63,21 @@ def test_m_sends_awaits_and_prints_the_response_or_the_send_error(node_factory):
 def test_kernel_commands_kill_and_has_cap(node_factory):
     node = node_factory("fake.dev")
     assert FT in node.processes()
-    has = ok(node, f"""m -a 5 our@kernel:distro:sys '{{"Debug": {{"HasCap": {{"on": "{FT}", "cap": """
-                   f"""{{"issuer": "fake.dev@vfs:distro:sys", "params": "{{\\"kind\\": \\"read\\"}}"}}}}}}}}'""",
-             until=r"^\{")
-    assert json.loads(has[-1]) in ({"Debug": {"HasCap": True}}, {"Debug": {"HasCap": False}})
+    def has_cap(params: str) -> object:
+        body = json.dumps({"Debug": {"HasCap": {"on": FT, "cap": {"issuer": "fake.dev@vfs:distro:sys",
+                                                                    "params": params}}}})
+        return json.loads(ok(node, f"m -a 5 our@kernel:distro:sys '{body}'", until=r"^\{")[-1])
+
+    # file_transfer holds read access to its own files drive (granted at install), not to another's
+    assert has_cap('{"drive": "/file_transfer:template.os/files", "kind": "read"}') == {"Debug": {"HasCap": True}}
+    assert has_cap('{"drive": "/courier:example.os/files", "kind": "read"}') == {"Debug": {"HasCap": False}}
     lines = ok(node, """m -a 5 our@kernel:distro:sys '{"RunProcess": "x:y:z"}'""", until=r"Error")
     assert lines[-1] == '"RunProcessError"'
     lines = ok(node, f"""m -a 5 our@kernel:distro:sys '{{"KillProcess": "{FT}"}}'""", until=r"^\{")
     assert json.loads(lines[-1]) == {"KilledProcess": FT}
+    deadline = time.monotonic() + 10   # the process unwinds on its own thread
+    while FT in node.processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert FT not in node.processes()
     # a body that is no KernelCommand: upstream prints that it could not parse it
     code, lines = node.run("m our@kernel:distro:sys '{\"Frobnicate\": 1}'", until="couldn't parse")
