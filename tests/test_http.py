@@ -81,13 +81,18 @@ def web_node(node_factory):
     node = node_factory("fake.dev", start=False, extra_args=WITH_TESTS)
     node.env = dict(node.env, KINODE_HTTP_TIMEOUT="3")
     node.start()
-    node_lines = "\n".join(node.lines)
+    assert "web page: http://localhost:" in "\n".join(node.lines)
+    wait_for_webtest(node)
+    return node
+
+
+def wait_for_webtest(node) -> None:
+    """The test package says when its paths are bound; the line may come before or after `ready`
+    (which the node fixture waits for), so look at the whole output, not only new lines."""
     deadline = time.monotonic() + 30
     while "webtest ready" not in "\n".join(node.lines):
         assert time.monotonic() < deadline, node.lines[-20:]
         time.sleep(0.1)
-    assert "web page: http://localhost:" in node_lines
-    return node
 
 
 def test_ports_token_and_login(web_node, tmp_path):
@@ -196,7 +201,7 @@ def test_local_only_refuses_other_hosts(node_factory):
     if ip is None:
         pytest.skip("this machine has no non-loopback address")
     node = node_factory("fake.dev", extra_args=WITH_TESTS + ["--http-host", "0.0.0.0"])
-    node.expect("webtest ready")
+    wait_for_webtest(node)
     good = token_of(node)
     assert request(node, "GET", f"{WT}/local", token=good)[0] == 200
     status, _, body = request(node, "GET", f"{WT}/local", token=good, host=ip)
