@@ -717,10 +717,12 @@ class Network:
                     self._drop(conn, "retired")
             self._check_peers()
 
-    def _check_peers(self) -> None:
-        """Drop connections whose peers-file entry changed (at most every PEERS_CHECK seconds)."""
+    def _check_peers(self, now_please: bool = False) -> None:
+        """Retire connections whose peers-file entry changed (at most every PEERS_CHECK seconds
+        unless `now_please`: a pump waking from idle checks at once, so an edit made just before a
+        command is seen by that command)."""
         now = self._loop.time()
-        if now - self._peers_checked < PEERS_CHECK:
+        if now - self._peers_checked < PEERS_CHECK and not now_please:
             return
         self._peers_checked = now
         try:
@@ -820,12 +822,16 @@ class Network:
     async def _pump(self, peer: _Peer) -> None:
         """Write the peer's queue in order, dialling when there is no connection."""
         try:
+            idle = True
             while True:
                 if not peer.queue:
                     peer.wake.clear()
                     await peer.wake.wait()
+                    idle = True
                     continue
-                self._check_peers()  # an edited entry: dial the new address, not the old connection
+                # an edited entry: dial the new address, not the old connection
+                self._check_peers(now_please=idle)
+                idle = False
                 conn = peer.conn
                 if conn is None or conn.closed:
                     try:

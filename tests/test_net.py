@@ -287,6 +287,45 @@ def test_restarted_peer_replaces_stale_connection(nodes, tmp_path):
         a2.stop()
 
 
+def test_peers_file_edit_just_before_a_send_is_used_by_that_send(nodes, tmp_path):
+    """A user edits a peer's entry and at once runs a command: even if the periodic check ran a
+    moment before the edit, that message dials the new entry, not the old connection."""
+    import json
+
+    def write_peers(path, *entries):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(entries)))
+        os.replace(tmp, path)
+
+    def own(name):  # a directory of one's own, with a peers file: as on separate machines
+        return Directory(tmp_path / f"{name}.sqlite", tmp_path / f"{name}.peers.json")
+
+    a = nodes("a.os", directory=own("a"))
+    b_old = nodes("b.os", home=tmp_path / "b.os", directory=own("b_old"))   # b where it was
+    b_new = nodes("b.os", home=tmp_path / "b.os", directory=own("b_new"))   # b where it moved
+    write_peers(tmp_path / "b_old.peers.json", a.net.entry())
+    write_peers(tmp_path / "b_new.peers.json", a.net.entry())
+    write_peers(tmp_path / "a.peers.json", b_old.net.entry())
+    # positive control: the first entry is used
+    a.send(request("a.os", "b.os", body=b"to the old place"))
+    assert b_old.recv().message.body == b"to the old place"
+    # the periodic check runs (on the network's loop), then the entry changes, then a message
+    checked = threading.Event()
+
+    def check():
+        a.net._peers_checked = float("-inf")
+        a.net._check_peers()
+        checked.set()
+    a.net._loop.call_soon_threadsafe(check)
+    assert checked.wait(5)
+    write_peers(tmp_path / "a.peers.json", b_new.net.entry())
+    errors = a.send(request("a.os", "b.os", body=b"to the new place"))
+    assert b_new.recv().message.body == b"to the new place"
+    assert_quiet(errors, 0)
+    with pytest.raises(queue.Empty):
+        b_old.inbox.get(timeout=0.5)
+
+
 def test_registers_heartbeats_and_unregisters(nodes, directory):
     a = nodes("a.os", heartbeat_every=0.05)
     rec = directory.lookup("a.os")
