@@ -113,6 +113,7 @@ def _take(p: WasmProcess, item) -> Variant:
         return Variant("err", (wit_send_error(value), context))
     km: KernelMessage = value
     p.current_blob = km.lazy_load_blob
+    p.note_given(km.message.capabilities)
     if isinstance(km.message, Request):
         p.current = km
     return Variant("ok", (wit_address(km.source), wit_message(km.message, context)))
@@ -163,6 +164,7 @@ def _send_and_await(target, request, blob: Optional[Blob]):
         return wit_send_error(value)  # untagged result: a Record is the error
     km: KernelMessage = value
     p.current_blob = km.lazy_load_blob
+    p.note_given(km.message.capabilities)
     return (wit_address(km.source), wit_message(km.message, None))
 
 

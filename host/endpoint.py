@@ -30,7 +30,6 @@ class Endpoint(Protocol):
     trusted: bool           # part of the node: messages any process, holds every capability, cannot be killed
     parent: Optional[ProcessId]
     capabilities: set[Capability]
-    contacted: set[str]     # nodes it has sent requests to: a private endpoint hears back only from them
     current: Optional[KernelMessage]   # the request it is handling (for inherit and responses)
     current_blob: Optional[Blob]
 
@@ -47,6 +46,9 @@ class Endpoint(Protocol):
         """Remember a request that expects a response."""
 
     def has_cap(self, cap: Capability) -> bool: ...
+
+    def was_given(self, cap: Capability) -> bool:
+        """Whether a message it received carried `cap` (so it may save it)."""
 
     def stop(self) -> None:
         """The node is shutting down (or, unless trusted, the user killed it)."""

@@ -11,6 +11,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -32,6 +33,7 @@ KERNEL_ID = ProcessId("kernel", "distro", "sys")
 MAX_TIMEOUT = 7 * 24 * 3600
 RESTART_LIMIT = 5         # restarts within RESTART_WINDOW before the kernel gives up
 RESTART_WINDOW = 30.0
+MAX_EXPORTED_CAPS = 4096  # our caps remembered as given to peers (the oldest are forgotten first)
 
 
 def messaging_cap(target: Address) -> Capability:
@@ -63,6 +65,9 @@ class Kernel:
         self._exit_listeners: list[Callable[[ProcessId, str], None]] = []
         self._instances = 0          # live Wasm instances: processes and the libraries they link
         self._network_cap = Capability.make(self.kernel_address, "network")
+        # caps issued here that left on a message to a peer: upstream signs such caps and takes them
+        # back only with a valid signature; our wire carries none, so the kernel remembers them
+        self._exported: OrderedDict[Capability, None] = OrderedDict()
         install_imports(runtime)
 
     def register(self, endpoint: Endpoint) -> None:
@@ -156,7 +161,11 @@ class Kernel:
         pid = ProcessId(name or str(secrets.randbits(64)), parent.id.package_name, parent.id.publisher_node)
         if pid in self.processes:
             return "name-taken"
-        caps = {c for c in request_caps if parent.has_cap(c)}
+        # as upstream's spawn (kernel/standard_host.rs): the child gets what the parent may pass on,
+        # plus messaging caps to itself and to its parent; the parent gets one to the child
+        caps = set(self.filter_caps(parent, request_caps))
+        child = Address(self.node, pid)
+        caps |= {messaging_cap(child), messaging_cap(parent.address)}
         try:
             self.start_process(pid, wasm_path.lstrip("/"), caps, public, on_exit, lib_paths, parent.id)
         except MissingInterface as e:
@@ -166,14 +175,29 @@ class Kernel:
             self.terminal.error(f"spawn by {parent.id} failed: {wasm_path}: {e}")
             return "no-file-at-path"
         for g in grant_to:
-            self.grant(g, messaging_cap(Address(self.node, pid)))
+            self.grant(g, messaging_cap(child))
+        self.grant(parent.id, messaging_cap(child))
         return pid
 
-    def save_capabilities(self, holder: Endpoint, caps: list[Capability]) -> None:
-        # a process may only keep capabilities it could already exercise: ones it holds or issued
+    def filter_caps(self, src: Endpoint, caps: list[Capability]) -> list[Capability]:
+        """Upstream's FilterCaps (kernel/mod.rs): of the caps a process attaches or passes on, keep
+        those it issued itself and those it holds; the rest are silently left out."""
+        kept = []
         for c in caps:
-            if holder.has_cap(c) or c.issuer == holder.address:
-                holder.capabilities.add(c.normalised())
+            c = c.normalised()
+            if (c.issuer == src.address or src.has_cap(c)) and c not in kept:
+                kept.append(c)
+        return kept
+
+    def save_capabilities(self, holder: Endpoint, caps: list[Capability]) -> None:
+        """Upstream saves whatever it is given; here a process keeps only caps it could already
+        exercise or pass on: ones it holds, issued, or was given on a message."""
+        for c in caps:
+            c = c.normalised()
+            if holder.has_cap(c) or c.issuer == holder.address or holder.was_given(c):
+                holder.capabilities.add(c)
+            else:
+                log.info("%s may not save %s: never given to it", holder.id, c)
 
     def kill(self, pid: ProcessId) -> bool:
         proc = self.processes.get(pid)
@@ -235,6 +259,8 @@ class Kernel:
                      blob: Optional[Blob], awaited: bool = False) -> None:
         if target.node == "our":  # before it is kept as a pending request's (and SendError's) target
             target = Address(self.node, target.process)
+        if req.capabilities:
+            req.capabilities = self.filter_caps(src, req.capabilities)
         prompting = src.current
         if req.inherit and prompting is not None:
             mid, rsvp = prompting.id, prompting.rsvp
@@ -256,60 +282,80 @@ class Kernel:
             return  # nothing asked for an answer: dropped, as in Kinode
         if resp.inherit and blob is None:
             blob = src.current_blob
+        if resp.capabilities:
+            resp.capabilities = self.filter_caps(src, resp.capabilities)
         self.route(KernelMessage(prompting.id, src.address, prompting.rsvp, None, resp, blob), src)
 
-    def may_message(self, src: Endpoint, dest: Endpoint) -> bool:
-        if dest.public or src.trusted or src is dest:
-            return True
-        if dest.parent == src.id or src.parent == dest.id:
+    def may_message(self, src: Endpoint, dest: Endpoint, is_request: bool = True) -> bool:
+        """Upstream's check (kernel/mod.rs), for requests and responses alike: the target is public
+        or the source holds a messaging cap to it. Parent and child hold such caps from spawn.
+        The node's services message anyone and hear the answers to their own requests."""
+        if dest.public or src.trusted or src is dest or (dest.trusted and not is_request):
             return True
         return src.has_cap(messaging_cap(dest.address))
+
+    def _note_exported(self, km: KernelMessage) -> None:
+        """Remember our node's caps that a message takes to a peer (upstream signs them)."""
+        with self.lock:
+            for c in km.message.capabilities:
+                if c.issuer.node == self.node:
+                    self._exported[c] = None
+                    self._exported.move_to_end(c)
+            while len(self._exported) > MAX_EXPORTED_CAPS:
+                self._exported.popitem(last=False)
 
     def route(self, km: KernelMessage, src: Endpoint) -> None:
         if km.target.node == "our":  # Kinode's alias for this node (process_lib sends to our@vfs:distro:sys)
             km.target = Address(self.node, km.target.process)
         is_request = isinstance(km.message, Request)
+        kind = "request" if is_request else "response"
+        # as upstream, a refused response is dropped (its requester times out); a refused request
+        # fails at once with timeout
+        refuse = (lambda: src.fail(km.id, SendErrorKind.TIMEOUT)) if is_request else (lambda: None)
         if km.target.node != self.node:
-            if is_request and not src.has_cap(self._network_cap):
-                self.terminal.error(f"{src.id} has no network capability: request to {km.target} refused")
-                src.fail(km.id, SendErrorKind.TIMEOUT)   # Kinode reports a refused send as a timeout
+            if not src.has_cap(self._network_cap):
+                self.terminal.error(f"{src.id} has no network capability: {kind} to {km.target} refused")
+                refuse()
                 return
             if self.net is None:
-                src.fail(km.id, SendErrorKind.OFFLINE)
+                if is_request:
+                    src.fail(km.id, SendErrorKind.OFFLINE)
                 return
-            if is_request:
-                src.contacted.add(km.target.node)  # it may now hear back from that node
+            self._note_exported(km)
 
             def offline(reason: str, mid=km.id) -> None:
                 log.info("message to %s failed: %s", km.target, reason)
-                src.fail(mid, SendErrorKind.OFFLINE)
+                if is_request:
+                    src.fail(mid, SendErrorKind.OFFLINE)
             self.net.send(km, offline)
             return
         dest = self.processes.get(km.target.process)
         if dest is None:
             log.info("no process %s: message from %s dropped", km.target.process, km.source)
-            src.fail(km.id, SendErrorKind.TIMEOUT)
+            refuse()
             return
-        if is_request and not self.may_message(src, dest):
-            self.terminal.error(f"{src.id} may not message {dest.id} (no messaging capability)")
-            src.fail(km.id, SendErrorKind.TIMEOUT)
+        if not self.may_message(src, dest, is_request):
+            self.terminal.error(f"{src.id} may not message {dest.id} (no messaging capability): {kind} refused")
+            refuse()
             return
         dest.deliver(km)
 
     def from_network(self, km: KernelMessage) -> None:
-        """A message from a peer whose identity `host.net` has verified."""
+        """A message from a peer whose identity `host.net` has verified. As upstream, any process
+        holding the network capability hears it, public or not; requests and responses alike."""
         dest = self.processes.get(km.target.process)
         if dest is None or not dest.hears_network:
             log.info("message from %s to missing or local-only process %s dropped", km.source, km.target)
             return
-        if isinstance(km.message, Request):
-            if not dest.has_cap(self._network_cap):
-                log.warning("%s has no network capability: request from %s dropped", dest.id, km.source)
-                return
-            if not dest.public and km.source.node not in dest.contacted:
-                # a private process hears only from nodes it has itself sent requests to
-                log.warning("%s is not public: unsolicited request from %s dropped", dest.id, km.source)
-                return
+        kind = "request" if isinstance(km.message, Request) else "response"
+        if not dest.has_cap(self._network_cap):
+            log.warning("%s has no network capability: %s from %s dropped", dest.id, kind, km.source)
+            return
+        if km.message.capabilities:
+            # a peer may hand us back only our caps we gave out (upstream: only those we signed)
+            caps = [c.normalised() for c in km.message.capabilities]
+            with self.lock:
+                km.message.capabilities = [c for c in caps if c.issuer.node != self.node or c in self._exported]
         dest.deliver(km)
 
     def peer_lost(self, node: str) -> None:

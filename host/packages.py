@@ -80,8 +80,9 @@ def _on_exit(node: str, value: Any) -> OnExit:
     raise PackageError(f"unsupported on_exit {value!r} (use \"None\" or \"Restart\")")
 
 
-def _caps_for(kernel: Kernel, entry: dict) -> set[Capability]:
+def _caps_for(kernel: Kernel, pid: ProcessId, entry: dict) -> set[Capability]:
     caps = {_cap(kernel.node, c) for c in entry.get("request_capabilities", [])}
+    caps.add(messaging_cap(Address(kernel.node, pid)))  # as upstream's install: one to itself
     if entry.get("request_networking"):
         caps.add(kernel.network_cap())
     return caps
@@ -119,7 +120,7 @@ def install(kernel: Kernel, src: Path) -> Package:
         wasm = f"{pkg_id}/pkg/{entry['process_wasm_path'].lstrip('/')}"
         libs = [f"{pkg_id}/pkg/{lib.lstrip('/')}" for lib in entry.get("libraries", [])]
         _grant_from(kernel, pid, entry)
-        kernel.start_process(pid, wasm, _caps_for(kernel, entry), bool(entry.get("public")),
+        kernel.start_process(pid, wasm, _caps_for(kernel, pid, entry), bool(entry.get("public")),
                              _on_exit(kernel.node, entry.get("on_exit")), libs)
     log.info("installed %s (%d processes, %d scripts)", pkg_id, len(manifest), len(scripts))
     return package
@@ -133,5 +134,5 @@ def start_script(kernel: Kernel, package: Package, script: str) -> ProcessId:
     pid = ProcessId(str(secrets.randbits(64)), package.id.package_name, package.id.publisher_node)
     wasm = f"{package.id}/pkg/{script}.wasm"
     _grant_from(kernel, pid, entry)
-    kernel.start_process(pid, wasm, _caps_for(kernel, entry), bool(entry.get("public")), OnExit("none"))
+    kernel.start_process(pid, wasm, _caps_for(kernel, pid, entry), bool(entry.get("public")), OnExit("none"))
     return pid

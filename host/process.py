@@ -10,6 +10,7 @@ import queue
 import re
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Optional, Protocol
 
 from wasmtime import Store, WasiConfig, WasmtimeError
@@ -24,6 +25,7 @@ current = threading.local()  # .proc: the WasmProcess whose thread this is
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
 STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
+MAX_GIVEN_CAPS = 1024  # caps received on messages, remembered so the process may save them
 
 
 class _AtCapacity(Exception):
@@ -73,7 +75,7 @@ class WasmProcess:
         self.started_at = 0.0
         self.stderr_tail: list[str] = []
         self.lib_instances: dict[str, tuple[Store, Any]] = {}  # interface -> (store, instance)
-        self.contacted: set[str] = set()  # nodes this process has sent requests to
+        self.given: OrderedDict[Capability, None] = OrderedDict()  # caps messages brought it
 
     def __repr__(self) -> str:
         return f"<process {self.id}>"
@@ -196,3 +198,14 @@ class WasmProcess:
 
     def has_cap(self, cap: Capability) -> bool:
         return cap.normalised() in self.capabilities
+
+    def note_given(self, caps: list[Capability]) -> None:
+        """A message it takes in carried `caps`: it may save them (the oldest are forgotten first)."""
+        for c in caps:
+            self.given[c] = None
+            self.given.move_to_end(c)
+        while len(self.given) > MAX_GIVEN_CAPS:
+            self.given.popitem(last=False)
+
+    def was_given(self, cap: Capability) -> bool:
+        return cap.normalised() in self.given

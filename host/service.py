@@ -20,7 +20,6 @@ class HostService:
         self.id = pid
         self.address = Address(kernel.node, pid)
         self.capabilities: set[Capability] = set()
-        self.contacted: set[str] = set()
         self.parent: Optional[ProcessId] = None
         self.current: Optional[KernelMessage] = None
         self.current_blob: Optional[Blob] = None
@@ -33,6 +32,9 @@ class HostService:
 
     def has_cap(self, cap: Capability) -> bool:
         return True
+
+    def was_given(self, cap: Capability) -> bool:
+        return False
 
     def fail(self, mid: int, kind: str) -> None:
         pass

@@ -1,7 +1,7 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
-"""A private process with the network capability: it prints whatever reaches it, so tests can show
-that nothing unsolicited does. `ask ADDRESS BODY` from the local terminal sends BODY to ADDRESS as a
-request expecting an answer (printed when it comes); after that, ADDRESS's node may message quiet."""
+"""A private process with the network capability: it prints whatever reaches it (as in Kinode,
+other nodes may message it). `ask ADDRESS BODY` from the local terminal sends BODY to ADDRESS as a
+request expecting an answer (printed when it comes)."""
 import wit_world
 
 from process_lib import Address, Request, SendError, await_message, println, run
