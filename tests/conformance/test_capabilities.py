@@ -134,3 +134,83 @@ def test_remote_requests_reach_private_processes_that_hold_the_network_cap(node_
                  r"refused", 10)
     assert not any("answer" in ln for ln in lines), lines
     assert not any(re.search(r"hidden heard .*\"hello\"", ln) for ln in fake2.lines)
+
+
+class _Stub:
+    """A minimal endpoint for the kernel: records what reaches it."""
+    public = False
+    hears_network = True
+    trusted = False
+    parent = None
+    current = None
+    current_blob = None
+
+    def __init__(self, node: str, name: str, caps: set):
+        from host.types import Address, ProcessId
+        self.id = ProcessId(name, "capprobe", "test.os")
+        self.address = Address(node, self.id)
+        self.capabilities = caps
+        self.delivered: list = []
+        self.failed: list = []
+
+    def deliver(self, km) -> None:
+        self.delivered.append(km)
+
+    def fail(self, mid: int, kind: str) -> None:
+        self.failed.append(kind)
+
+    def fail_node(self, node: str, kind: str) -> None: ...
+    def add_pending(self, mid: int, pending) -> None: ...
+    def stop(self) -> None: ...
+
+    def has_cap(self, cap) -> bool:
+        return cap.normalised() in self.capabilities
+
+    def was_given(self, cap) -> bool:
+        return False
+
+
+def test_our_caps_come_back_from_a_peer_only_if_we_gave_them_out(tmp_path):
+    """Upstream prunes a cap issued by this node that a peer sends, unless this node signed it
+    (kernel/standard_host.rs, kernel_message_to_process_receive); our wire has no signatures, so
+    the kernel remembers which of its caps went to peers."""
+    from host.kernel import Kernel, messaging_cap
+    from host.settings import runtime_from_environment
+    from host.types import Address, Capability, KernelMessage, ProcessId, Request
+    from host.wasm import Runtime
+
+    class Terminal:
+        def process_output(self, pid, text, verbosity=0) -> None: ...
+        def info(self, text) -> None: ...
+        def error(self, text) -> None: ...
+
+    class Net:
+        def __init__(self) -> None:
+            self.sent: list = []
+
+        def send(self, km, on_error) -> None:
+            self.sent.append(km)
+
+    kernel = Kernel("fake.dev", tmp_path, Runtime(runtime_from_environment()), Terminal())
+    net = kernel.net = Net()
+    ours = Capability.make(Address("fake.dev", ProcessId("secret", "capprobe", "test.os")), "messaging")
+    never_sent = Capability.make(Address("fake.dev", ProcessId("hidden", "capprobe", "test.os")), "messaging")
+    theirs = Capability.make(Address("fake2.dev", ProcessId("x", "y", "z")), {"kind": "read"})
+    sender = _Stub("fake.dev", "giver", {kernel.network_cap(), ours})
+    listener = _Stub("fake.dev", "listener", {kernel.network_cap()})
+    for e in (sender, listener):
+        kernel.register(e)
+    peer = Address("fake2.dev", ProcessId("p", "q", "r"))
+    # giver gives fake2 a cap it holds, and tries one it does not hold: only the first leaves
+    kernel.send_request(sender, peer, Request(body=b"take", capabilities=[ours, never_sent]), None, None)
+    assert net.sent[-1].message.capabilities == [ours]
+    # fake2 hands caps to listener: ours that went out, ours that never did, and its own
+    km = KernelMessage(1, peer, listener.address, None, Request(body=b"back", capabilities=[ours, never_sent, theirs]))
+    kernel.from_network(km)
+    assert listener.delivered[-1].message.capabilities == [ours, theirs.normalised()]
+    # the refusal's control: a process without the network cap hears nothing from fake2
+    deaf = _Stub("fake.dev", "hidden", {messaging_cap(Address("fake.dev", ProcessId("hidden", "capprobe", "test.os")))})
+    kernel.register(deaf)
+    kernel.from_network(KernelMessage(2, peer, deaf.address, None, Request(body=b"hi")))
+    kernel.from_network(KernelMessage(3, peer, listener.address, None, Request(body=b"hi")))
+    assert deaf.delivered == [] and listener.delivered[-1].message.body == b"hi"
