@@ -20,6 +20,7 @@ from typing import Any
 from host.kernel import Kernel, messaging_cap
 from host.kernel_api import OnExit
 from host.types import Address, Capability, PackageId, ProcessId
+from host.vfs_service import VFS_ID
 
 log = logging.getLogger("host.packages")
 
@@ -82,7 +83,12 @@ def _on_exit(node: str, value: Any) -> OnExit:
 
 def _caps_for(kernel: Kernel, pid: ProcessId, entry: dict) -> set[Capability]:
     caps = {_cap(kernel.node, c) for c in entry.get("request_capabilities", [])}
-    caps.add(messaging_cap(Address(kernel.node, pid)))  # as upstream's install: one to itself
+    # as upstream's install (kinode/src/state.rs): a messaging cap to itself, and read and write
+    # caps to its package's pkg drive (which it may then pass on to other processes)
+    caps.add(messaging_cap(Address(kernel.node, pid)))
+    vfs = Address(kernel.node, VFS_ID)
+    drive = f"/{pid.package_id}/pkg"
+    caps |= {Capability.make(vfs, {"kind": kind, "drive": drive}) for kind in ("read", "write")}
     if entry.get("request_networking"):
         caps.add(kernel.network_cap())
     return caps

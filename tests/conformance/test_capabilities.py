@@ -64,16 +64,19 @@ def node(node_factory):
 def test_attached_caps_are_filtered_delivered_and_kept_by_save(node):
     me = "fake.dev"
     node.type(f"m {addr(me, 'giver')} give")
-    # giver attached three caps: messaging to secret (held), to hidden (not held), and one it
-    # issues itself; the kernel delivered the first and the last only
+    # giver attached messaging caps to secret (held) and to hidden (not held), one it issues itself,
+    # and the read cap to its pkg drive (held since its install, as upstream's); all but hidden's
+    # were delivered (params in upstream's encoding: serde_json's compact text, keys sorted)
     got = step(node, "taker", "got")
-    assert got["caps"] == sorted([messaging(me, "secret"), f'{addr(me, "giver")} "custom"'])
+    pkg_read = f'{me}@vfs:distro:sys {{"drive":"/{PKG}/pkg","kind":"read"}}'
+    assert got["caps"] == sorted([messaging(me, "secret"), f'{addr(me, "giver")} "custom"', pkg_read])
     # given is not held: before saving, taker may not message secret (refused: timeout, as upstream)
     assert step(node, "taker", "before-save") == {"answer": "error:timeout"}
     # after save-capabilities the given caps are held; the cap it was never given is not
     saved = step(node, "taker", "saved")["held"]
     assert messaging(me, "secret") in saved and f'{addr(me, "giver")} "custom"' in saved
-    assert messaging(me, "hidden") not in saved
+    assert messaging(me, "hidden") not in saved and pkg_read in saved
+    assert messaging(me, "taker") in saved      # every installed process holds one to itself
     after = step(node, "taker", "after-save")
     assert after == {"answer": "secret here", "hidden": "error:timeout"}
     # the response's caps went through the same filter: its own messaging cap kept, hidden's not

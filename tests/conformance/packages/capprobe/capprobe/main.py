@@ -8,7 +8,7 @@ import json
 import wit_world
 from wit_world.imports import standard
 
-from process_lib import (Address, Capability, Request, Response, SendError, await_message,
+from process_lib import (Address, Capability, ProcessId, Request, Response, SendError, await_message,
                          our_capabilities, println, run, sibling, spawn)
 
 MESSAGING = '"messaging"'   # upstream's params of a messaging cap: the JSON string "messaging"
@@ -51,9 +51,13 @@ def drop(caps) -> None:
 
 def giver(our: Address, cmd: str) -> None:
     if cmd == "give":
-        # one cap it holds, one it does not, one it issues itself: the kernel keeps the first and last
+        # caps it holds (from its manifest, and its pkg drive's read cap from the install), one it
+        # does not hold, one it issues itself: the kernel keeps all but the one not held
+        vfs = Address(our.node, ProcessId("vfs", "distro", "sys"))
+        pkg_read = Capability(vfs, json.dumps({"drive": f"/{our.package_id()}/pkg", "kind": "read"},
+                                              separators=(",", ":")))
         caps = [messaging(sibling(our, "secret")), messaging(sibling(our, "hidden")),
-                Capability(our, '"custom"')]
+                Capability(our, '"custom"'), pkg_read]
         try:
             answer = Request.to(sibling(our, "taker")).body(b"take").capabilities(caps) \
                 .send_and_await_response(10)
