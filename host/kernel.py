@@ -231,6 +231,9 @@ class Kernel:
             self.timers.add(delay, lambda: self._restart(proc))
         elif proc.on_exit.kind == "requests":
             for target, req, blob in proc.on_exit.requests:
+                # as upstream: nobody is left to hear an answer; attached caps are filtered here too
+                req.expects_response = None
+                req.capabilities = self.filter_caps(proc, req.capabilities)
                 km = KernelMessage(new_request_id(), proc.address, target, None, req, blob)
                 self.route(km, proc)
 

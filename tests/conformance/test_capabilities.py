@@ -116,6 +116,11 @@ def test_parent_and_child_get_messaging_caps_as_upstream_grants_them(node):
     # upstream has no parent exception: once the parent drops its cap, the child refuses it
     after = step(node, "secret", "after-drop")
     assert after["answer"] == "error:timeout" and messaging(me, "kid") not in after["held"]
+    # the child's on-exit request reaches its parent with its caps filtered as any request's, and
+    # expecting no answer (upstream: nobody is left to hear it)
+    node.type(f"m {addr(me, 'kid')} leave")
+    step(node, "kid", "leaving")
+    assert step(node, "secret", "bye") == {"caps": [messaging(me, "secret")], "expects_response": None}
 
 
 def test_remote_requests_reach_private_processes_that_hold_the_network_cap(node_factory):

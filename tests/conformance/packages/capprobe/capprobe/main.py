@@ -9,7 +9,7 @@ import wit_world
 from wit_world.imports import standard
 
 from process_lib import (Address, Capability, ProcessId, Request, Response, SendError, await_message,
-                         our_capabilities, println, run, sibling, spawn)
+                         our_capabilities, println, run, sibling, spawn, to_wit_address)
 
 MESSAGING = '"messaging"'   # upstream's params of a messaging cap: the JSON string "messaging"
 ME = {"name": ""}
@@ -119,6 +119,14 @@ def kid(our: Address) -> None:
     show("to-hidden", {"answer": ask(sibling(our, "hidden"), "who")})
 
 
+def leave(our: Address) -> None:
+    """End, leaving a request for the parent that carries a cap held and one not held."""
+    caps = [messaging(sibling(our, "secret")), messaging(sibling(our, "hidden"))]
+    request = standard.Request(False, 5, b"bye", None, [c.to_wit() for c in caps])
+    standard.set_on_exit(standard.OnExit_Requests([(to_wit_address(sibling(our, "secret")), request, None)]))
+    show("leaving", {})
+
+
 def main(our: Address) -> None:
     name = ME["name"] = our.process.process_name
     println(f"{name} ready")
@@ -134,6 +142,12 @@ def main(our: Address) -> None:
             continue
         cmd = msg.body.decode("utf-8", "replace").strip().strip('"')
         show("heard", {"from": str(msg.source), "body": cmd})
+        if cmd == "bye":
+            show("bye", {"caps": sorted(cap_text(c) for c in msg.capabilities),
+                         "expects_response": msg.expects_response})
+        if name == "kid" and cmd == "leave":
+            leave(our)
+            return
         if name == "giver":
             giver(our, cmd)
         elif name == "taker" and cmd == "take":
