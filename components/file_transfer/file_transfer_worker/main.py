@@ -62,7 +62,9 @@ class Worker:
             return []  # our own tick: leave it unanswered
         m = self.machine
         if m is None:
-            if msg.is_request and isinstance(body, dict) and "Download" in body:
+            # the first Download comes from the process that spawned us, on this node (other nodes
+            # may message any process holding the network cap)
+            if msg.is_request and msg.source.node == self.our.node and isinstance(body, dict) and "Download" in body:
                 return self.begin(msg, body["Download"])
             raise ValueError(f"unexpected message before Download from {msg.source}")
         now = time.monotonic()
