@@ -2,7 +2,7 @@
 against plain `process-v0`): caps attached to a message, save and drop, the messaging check on
 responses, what spawn grants, and who hears requests from other nodes.
 
-The rules, from kinode-dao/kinode v0.9.5:
+The rules (also in fixtures/capabilities.json, with the encodings), from kinode-dao/kinode v0.9.5:
 - kinode/src/kernel/standard_host.rs, `send_request`/`send_response`: attached caps go through the
   caps oracle's `FilterCaps` before the message leaves; `spawn`: the child gets the filtered
   requested caps plus messaging caps to itself and to its parent, the parent one to the child.
@@ -23,6 +23,7 @@ from conftest import REPO, wait_for
 
 PACKAGES = REPO / "tests" / "conformance" / "packages"
 PKG = "capprobe:test.os"
+FIX = json.loads((REPO / "tests" / "conformance" / "fixtures" / "capabilities.json").read_text())["encodings"]
 NAMES = ("giver", "taker", "secret", "hidden", "listener")
 
 
@@ -32,7 +33,7 @@ def addr(node: str, name: str) -> str:
 
 def messaging(node: str, name: str) -> str:
     """A messaging cap as the probe prints it: issuer, then params (upstream: the JSON "messaging")."""
-    return f'{addr(node, name)} "messaging"'
+    return f'{addr(node, name)} {FIX["messaging_params"]}'
 
 
 def start(node_factory, name: str = "fake.dev"):
@@ -68,7 +69,7 @@ def test_attached_caps_are_filtered_delivered_and_kept_by_save(node):
     # and the read cap to its pkg drive (held since its install, as upstream's); all but hidden's
     # were delivered (params in upstream's encoding: serde_json's compact text, keys sorted)
     got = step(node, "taker", "got")
-    pkg_read = f'{me}@vfs:distro:sys {{"drive":"/{PKG}/pkg","kind":"read"}}'
+    pkg_read = f'{me}@vfs:distro:sys {FIX["pkg_drive_read_params"].replace("PACKAGE", PKG)}'
     assert got["caps"] == sorted([messaging(me, "secret"), f'{addr(me, "giver")} "custom"', pkg_read])
     # given is not held: before saving, taker may not message secret (refused: timeout, as upstream)
     assert step(node, "taker", "before-save") == {"answer": "error:timeout"}
@@ -76,7 +77,9 @@ def test_attached_caps_are_filtered_delivered_and_kept_by_save(node):
     saved = step(node, "taker", "saved")["held"]
     assert messaging(me, "secret") in saved and f'{addr(me, "giver")} "custom"' in saved
     assert messaging(me, "hidden") not in saved and pkg_read in saved
-    assert messaging(me, "taker") in saved      # every installed process holds one to itself
+    # what every installed process holds (state.rs's bootstrap): messaging to itself, its pkg drive
+    assert messaging(me, "taker") in saved
+    assert f'{me}@vfs:distro:sys {FIX["pkg_drive_write_params"].replace("PACKAGE", PKG)}' in saved
     after = step(node, "taker", "after-save")
     assert after == {"answer": "secret here", "hidden": "error:timeout"}
     # the response's caps went through the same filter: its own messaging cap kept, hidden's not
@@ -201,6 +204,9 @@ def test_our_caps_come_back_from_a_peer_only_if_we_gave_them_out(tmp_path):
 
     kernel = Kernel("fake.dev", tmp_path, Runtime(runtime_from_environment()), Terminal())
     net = kernel.net = Net()
+    network = kernel.network_cap()       # upstream's encoding of the network cap
+    assert (str(network.issuer.process), network.params) == (FIX["network"]["issuer_process"],
+                                                              FIX["network"]["params"])
     ours = Capability.make(Address("fake.dev", ProcessId("secret", "capprobe", "test.os")), "messaging")
     never_sent = Capability.make(Address("fake.dev", ProcessId("hidden", "capprobe", "test.os")), "messaging")
     theirs = Capability.make(Address("fake2.dev", ProcessId("x", "y", "z")), {"kind": "read"})
