@@ -60,10 +60,10 @@ function messageJson(source, msg) {
   return out;
 }
 
-function awaitResponse(target, req, blob) {
+function awaitResponse(target, req, blob, showBlob = true) {
   try {
     const [source, msg] = sendAndAwaitResponse(target, req, blob);
-    return { ...messageJson(source, msg), blob: blobJson(getBlob()) };
+    return { ...messageJson(source, msg), blob: showBlob ? blobJson(getBlob()) : undefined };
   } catch (e) {
     const err = errorValue(e);
     return { error: err.kind, target: addrText(err.target) };
@@ -83,8 +83,8 @@ function receiveOne() {  // -> ['msg', source, message] or ['err', sendError, co
 const vfsAddress = () => parseAddress('our@vfs:distro:sys');
 const drive = () => `/${OUR.process.packageName}:${OUR.process.publisherNode}/d`;
 
-function vfs(path, action, blob) {
-  return awaitResponse(vfsAddress(), request({ path, action }), blob);
+function vfs(path, action, blob, showBlob = true) {
+  return awaitResponse(vfsAddress(), request({ path, action }), blob, showBlob);
 }
 
 // ---- commands -----------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ function bigBlob(n) {
   const path = `${drive()}/big.bin`;
   vfs(drive(), 'CreateDrive');
   const data = pattern(n, 5);
-  const w = vfs(path, 'Write', { mime: 'application/octet-stream', bytes: data });
-  const r = vfs(path, 'Read');
+  const w = vfs(path, 'Write', { mime: 'application/octet-stream', bytes: data }, false);
+  const r = vfs(path, 'Read', undefined, false);
   const back = getBlob();
   let same = back != null && back.bytes.length === n;
   for (let i = 0; same && i < n; i++) if (back.bytes[i] !== data[i]) same = false;

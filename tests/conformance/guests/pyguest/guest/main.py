@@ -63,12 +63,12 @@ def message_json(source, msg) -> dict:
     return out
 
 
-def await_response(target, req, blob=None) -> dict:
+def await_response(target, req, blob=None, show_blob=True) -> dict:
     try:
         source, msg = wit.send_and_await_response(target, req, blob)
     except Err as e:
         return {"error": enum_name(e.value.kind), "target": addr_text(e.value.target)}
-    return {**message_json(source, msg), "blob": blob_json(wit.get_blob())}
+    return {**message_json(source, msg), "blob": blob_json(wit.get_blob()) if show_blob else None}
 
 
 def receive_one():
@@ -84,8 +84,9 @@ def drive() -> str:
     return f"/{OUR.process.package_name}:{OUR.process.publisher_node}/d"
 
 
-def vfs(path: str, action, blob=None) -> dict:
-    return await_response(parse_address("our@vfs:distro:sys"), request({"path": path, "action": action}), blob)
+def vfs(path: str, action, blob=None, show_blob=True) -> dict:
+    return await_response(parse_address("our@vfs:distro:sys"), request({"path": path, "action": action}), blob,
+                          show_blob)
 
 
 # ---- commands -------------------------------------------------------------------------------------
@@ -127,8 +128,8 @@ def big_blob(n: int) -> None:
     path = f"{drive()}/big.bin"
     vfs(drive(), "CreateDrive")
     data = pattern(n, 5)
-    w = vfs(path, "Write", wit.LazyLoadBlob("application/octet-stream", data))
-    r = vfs(path, "Read")
+    w = vfs(path, "Write", wit.LazyLoadBlob("application/octet-stream", data), False)
+    r = vfs(path, "Read", None, False)
     back = wit.get_blob()
     show("bigblob", {"write": w["body"], "read": r["body"], "len": None if back is None else len(back.bytes),
                      "same": back is not None and back.bytes == data})
