@@ -82,7 +82,7 @@ def ask(node: NodeProc, lang: str, command: str, steps: list[str], timeout: floa
 def test_requests_responses_and_blobs_between_toolchains(node, lang):
     other = OTHER[lang]
     start = len(node.lines)
-    got = ask(node, lang, f"peer {addr(other)}", ["peer", "peer-context"])
+    got = ask(node, lang, f"peer {addr(other)}", ["peer", "peer-context", "peer-batch"])
     heard = wait_steps(node, start, other, ["echo-heard"])["echo-heard"]
     sent = pattern(300, 3)
     # what the other toolchain's guest received: body, metadata and blob as sent
@@ -98,6 +98,9 @@ def test_requests_responses_and_blobs_between_toolchains(node, lang):
     second = got["peer-context"]
     assert json.loads(second["body"]) == {"echoed": "second", "by": other}
     assert second["context"] == f"ctx-{lang}"
+    # `send-requests`: three at once, each answered with its own context and its blob reversed
+    assert got["peer-batch"] == [{"context": f"batch-ctx {i}", "body": {"echoed": f"batch {i}", "by": other},
+                                  "blob_len": i * 10} for i in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -151,12 +154,14 @@ def test_a_timer(node, lang):
 
 def test_the_timer_refuses_a_bad_body(node):
     start = len(node.lines)
+    node.type('m fake.dev@timer:distro:sys "Debug"')
     node.type('m fake.dev@timer:distro:sys "soon"')
     node.type('m fake.dev@timer:distro:sys {"SetTimer": -5}')
     deadline = time.monotonic() + 20
     while sum("timer: request from" in ln and "invalid body" in ln for ln in node.lines[start:]) < 2:
         assert time.monotonic() < deadline, node.lines[start:]
         time.sleep(0.05)
+    assert "timer service active timers (0)" in node.lines[start:]
     assert ask(node, "py", "timer", ["timer"])["timer"]["context"] == "timer-ctx"   # it still answers
 
 
@@ -231,3 +236,30 @@ def test_the_js_guest_imports_only_kinodes_abi_and_wasi():
         assert "kinode:process/standard@0.8.0" in imports, wasm
         assert {i for i in imports if not i.startswith("wasi:")} == {"kinode:process/standard@0.8.0"}, wasm
         assert not any(i.startswith("wasi:http") for i in imports), wasm   # built with http disabled
+
+
+def test_a_crash_reason_from_either_toolchains_stderr():
+    """What a guest wrote to stderr before it ended, in the pieces it wrote, becomes the reason."""
+    from types import SimpleNamespace
+
+    from host.process import WasmProcess
+    trap = Exception("error while executing at wasm backtrace:\n  0: x\n\nCaused by:\n    wasm trap: wasm "
+                     "`unreachable` instruction executed")
+
+    def reason(*pieces: bytes) -> str:
+        p = WasmProcess.__new__(WasmProcess)
+        p.id, p.killed, p.stderr_tail, p._stderr_line_open = "g:p:t.os", False, [], False
+        p.kernel = SimpleNamespace(compute_limit=30.0, runtime=SimpleNamespace(max_instances=10))
+        for piece in pieces:
+            p._on_stderr(piece)
+        return p._describe_failure(trap)
+
+    # componentize-py writes the exception's type, ": " and its message apart
+    assert reason(b"Traceback (most recent call last):\n  File \"/0/main.py\", line 3\n", b"RuntimeError",
+                  b": ", b"crash requested", b"\n\n", b"thread panicked\n") == "crashed: RuntimeError: crash requested"
+    # componentize-js prints the message, then "Stack:"; a console line before it is not the reason
+    assert reason(b"TypeError: logged, not thrown\n", b"BigInt value can't be serialized\nStack:\n",
+                  b"  show@main.js:26:72\n\nRedirecting call to abort()\n") == "crashed: BigInt value can't be serialized"
+    # nothing recognisable: the trap itself
+    assert reason(b"some output\n", b"no newline at the end") == "trapped: wasm trap: wasm `unreachable` instruction executed"
+

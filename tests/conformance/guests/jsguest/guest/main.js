@@ -4,7 +4,7 @@
 // so tests/conformance/test_two_toolchains.py can ask both the same questions. It calls Kinode's
 // ABI directly, as a JavaScript process built with Kinode's kit does.
 import {
-  printToTerminal, receive, getBlob, sendRequest, sendResponse, sendAndAwaitResponse,
+  printToTerminal, receive, getBlob, sendRequest, sendRequests, sendResponse, sendAndAwaitResponse,
   getState, setState, clearState, spawn, setOnExit, getOnExit,
   ourCapabilities, saveCapabilities, dropCapabilities,
 } from 'kinode:process/standard@0.8.0';
@@ -98,6 +98,17 @@ function peer(target) {
   sendRequest(parseAddress(target), request({ echo: 'second' }), enc.encode('ctx-js'), undefined);
   const [kind, source, msg] = receiveOne();
   show('peer-context', kind === 'msg' ? messageJson(source, msg) : { error: source.kind });
+  // several at once (`send-requests`), each with its context and blob
+  sendRequests([1, 2, 3].map((i) => [parseAddress(target), request({ echo: `batch ${i}` }),
+    enc.encode(`batch-ctx ${i}`), { mime: undefined, bytes: pattern(i * 10, i) }]));
+  const answers = [];
+  for (let i = 0; i < 3; i++) {
+    const [k, src, m] = receiveOne();
+    answers.push(k === 'msg' ? { context: dec.decode(m.val[1]), body: JSON.parse(dec.decode(m.val[0].body)),
+      blob_len: getBlob()?.bytes.length ?? 0 } : { error: src.kind });
+  }
+  answers.sort((a, b) => (a.context ?? '').localeCompare(b.context ?? ''));
+  show('peer-batch', answers);
 }
 
 function answerEcho(source, req) {

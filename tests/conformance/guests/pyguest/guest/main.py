@@ -97,6 +97,18 @@ def peer(target: str) -> None:
     wit.send_request(parse_address(target), request({"echo": "second"}), b"ctx-py", None)
     kind, source, msg = receive_one()
     show("peer-context", message_json(source, msg) if kind == "msg" else {"error": enum_name(source.kind)})
+    wit.send_requests([(parse_address(target), request({"echo": f"batch {i}"}), f"batch-ctx {i}".encode(),
+                        wit.LazyLoadBlob(None, pattern(i * 10, i))) for i in (1, 2, 3)])
+    answers = []
+    for _ in range(3):
+        k, src, m = receive_one()
+        if k == "msg":
+            blob = wit.get_blob()
+            answers.append({"context": m.value[1].decode(), "body": json.loads(m.value[0].body),
+                            "blob_len": len(blob.bytes) if blob else 0})
+        else:
+            answers.append({"error": enum_name(src.kind)})
+    show("peer-batch", sorted(answers, key=lambda a: a.get("context", "")))
 
 
 def answer_echo(source, req) -> None:
