@@ -104,6 +104,14 @@ def test_requests_responses_and_blobs_between_toolchains(node, lang):
 
 
 @pytest.mark.parametrize("lang", LANGS)
+def test_a_request_forwarded_with_inherit(node, lang):
+    # the peer, asked for a file, forwards a Read to the VFS with `inherit`: the VFS answers us
+    relay = ask(node, lang, f"relay {addr(OTHER[lang])}", ["relay"])["relay"]
+    assert relay["source"] == "fake.dev@vfs:distro:sys" and relay["body"] == '"Read"'
+    assert relay["blob"]["hex"] == f"relayed by {OTHER[lang]}".encode().hex()
+
+
+@pytest.mark.parametrize("lang", LANGS)
 def test_a_request_from_the_terminal(node, lang):
     pong = ask(node, lang, "ping", ["pong"])["pong"]
     assert pong == {"source": "fake.dev@terminal:terminal:sys", "kind": "request", "body": '"ping"',

@@ -28,7 +28,7 @@ const jsonBytes = (v) => enc.encode(JSON.stringify(v));
 
 function request(body, opts = {}) {  // expects-response 5 s unless `expects` is given (undefined: none)
   const expects = 'expects' in opts ? opts.expects : 5n;
-  return { inherit: false, expectsResponse: expects, body: jsonBytes(body), metadata: opts.metadata,
+  return { inherit: opts.inherit ?? false, expectsResponse: expects, body: jsonBytes(body), metadata: opts.metadata,
     capabilities: opts.caps ?? [] };
 }
 
@@ -81,7 +81,7 @@ function receiveOne() {  // -> ['msg', source, message] or ['err', sendError, co
 }
 
 const vfsAddress = () => parseAddress('our@vfs:distro:sys');
-const drive = () => `/${OUR.process.packageName}:${OUR.process.publisherNode}/d`;
+const drive = (name = 'd') => `/${OUR.process.packageName}:${OUR.process.publisherNode}/${name}`;
 
 function vfs(path, action, blob, showBlob = true) {
   return awaitResponse(vfsAddress(), request({ path, action }), blob, showBlob);
@@ -120,6 +120,18 @@ function answerEcho(source, req) {
   const back = bytes.slice().reverse();
   sendResponse({ inherit: false, body: jsonBytes({ echoed: body.echo, by: 'js' }), metadata: '{"answer":true}',
     capabilities: [] }, back.length ? { mime: 'application/x-reversed', bytes: back } : undefined);
+}
+
+function relay(target) {  // ask the peer for a file of its drive, which the VFS sends us on its behalf
+  show('relay', awaitResponse(parseAddress(target), request({ relay_read: true })));
+}
+
+function answerRelay() {  // forward with `inherit`: the VFS answers the request we are handling
+  const path = `${drive('r')}/relay.txt`;
+  vfs(drive('r'), 'CreateDrive');
+  vfs(path, 'Write', { mime: undefined, bytes: enc.encode('relayed by js') });
+  sendRequest(vfsAddress(), request({ path, action: 'Read' }, { expects: undefined, inherit: true }),
+    undefined, undefined);
 }
 
 function vfsSteps() {
@@ -262,6 +274,7 @@ function handle(source, msg) {
   if (typeof body === 'object' && body !== null) {
     if ('echo' in body) answerEcho(source, req);
     else if ('take_caps' in body) takeCaps(req);
+    else if ('relay_read' in body) answerRelay();
     return;
   }
   const [cmd, arg] = String(body).split(' ');
@@ -269,6 +282,7 @@ function handle(source, msg) {
     case 'ping': show('pong', messageJson(source, msg)); break;
     case 'peer': peer(arg); break;
     case 'vfs': vfsSteps(); break;
+    case 'relay': relay(arg); break;
     case 'bigblob': bigBlob(Number(arg)); break;
     case 'spawn': spawnSteps(); break;
     case 'timer': timer(); break;

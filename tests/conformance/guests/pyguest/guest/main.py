@@ -44,8 +44,8 @@ def json_bytes(v) -> bytes:
     return json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def request(body, expects=5, metadata=None, caps=None) -> wit.Request:
-    return wit.Request(False, expects, json_bytes(body), metadata, caps or [])
+def request(body, expects=5, metadata=None, caps=None, inherit=False) -> wit.Request:
+    return wit.Request(inherit, expects, json_bytes(body), metadata, caps or [])
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -80,8 +80,8 @@ def receive_one():
         return "err", err, context
 
 
-def drive() -> str:
-    return f"/{OUR.process.package_name}:{OUR.process.publisher_node}/d"
+def drive(name: str = "d") -> str:
+    return f"/{OUR.process.package_name}:{OUR.process.publisher_node}/{name}"
 
 
 def vfs(path: str, action, blob=None, show_blob=True) -> dict:
@@ -121,6 +121,20 @@ def answer_echo(source, req) -> None:
     back = data[::-1]
     wit.send_response(wit.Response(False, json_bytes({"echoed": body["echo"], "by": "py"}), '{"answer":true}', []),
                       wit.LazyLoadBlob("application/x-reversed", back) if back else None)
+
+
+def relay(target: str) -> None:
+    """Ask the peer for a file of its drive, which the VFS sends us on its behalf."""
+    show("relay", await_response(parse_address(target), request({"relay_read": True})))
+
+
+def answer_relay() -> None:
+    """Forward with `inherit`: the VFS answers the request being handled."""
+    path = f"{drive('r')}/relay.txt"
+    vfs(drive("r"), "CreateDrive")
+    vfs(path, "Write", wit.LazyLoadBlob(None, b"relayed by py"))
+    wit.send_request(parse_address("our@vfs:distro:sys"), request({"path": path, "action": "Read"}, expects=None,
+                                                                  inherit=True), None, None)
 
 
 def vfs_steps() -> None:
@@ -267,10 +281,12 @@ def handle(source, msg) -> None:
             answer_echo(source, req)
         elif "take_caps" in body:
             take_caps(req)
+        elif "relay_read" in body:
+            answer_relay()
         return
     cmd, _, arg = str(body).partition(" ")
     commands = {"ping": lambda: show("pong", message_json(source, msg)), "peer": lambda: peer(arg),
-                "vfs": vfs_steps, "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
+                "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
                 "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
                 "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode}
     if cmd == "crash":
