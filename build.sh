@@ -62,7 +62,9 @@ js_tools() {
     local stamp=$ROOT/node_modules/.lock-$(sha256sum package-lock.json | cut -c1-16)
     if [ ! -f "$stamp" ] || [ ! -x "$JS_TOOL" ]; then
         echo "== installing pinned JavaScript build tools (package-lock.json)"
-        npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
+        # (called as an `if` condition, where set -e does not apply: check by hand)
+        npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null \
+            || { echo "error: npm ci failed (is the npm registry reachable?)" >&2; exit 1; }
         touch "$stamp"
     fi
 }
