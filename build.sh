@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and build everything: the virtualenv with the pinned packages (pyproject.toml), every
-# process of every package in components/ compiled to a Wasm component with componentize-py, and
+# process of every package in components/ compiled to a Wasm component with componentize-py (a
+# JavaScript one, `main.js`, with componentize-js, pinned in package-lock.json), and
 # those components compiled ahead of time into wasmtime's cache so a node starts warm.
 # Re-running it rebuilds only what changed.
 set -euo pipefail
@@ -54,6 +55,7 @@ build_one() {  # package_dir process_dir [output_package_dir]
 # JavaScript processes (`*/main.js`) are built with componentize-js, pinned in package.json and
 # package-lock.json and installed by `npm ci` into node_modules/ whenever the lock file changes
 JS_TOOL=$ROOT/node_modules/.bin/componentize-js
+JS_FLAGS=(--disable http fetch-event)  # no wasi:http: a process reaches the world through the kernel
 js_tools() {
     if ! command -v npm >/dev/null; then
         echo "warning: npm is not installed: JavaScript processes are not built (their tests are skipped)" >&2
@@ -75,14 +77,13 @@ build_js() {  # package_dir process_dir: DIR/main.js -> PACKAGE/pkg/NAME.wasm
     world=$(sed -n 's|^// world: *||p' "$dir/main.js" | head -n1)
     if [ -z "$world" ]; then echo "error: $dir/main.js has no '// world: NAME' line" >&2; return 1; fi
     out=$pkg/pkg/$name.wasm
-    inputs=$(cat wit/*.wit package-lock.json "$dir"/*.js | sha256sum | cut -c1-32)-$world
+    inputs=$( (cat wit/*.wit package-lock.json "$dir"/*.js; echo "${JS_FLAGS[*]}") | sha256sum | cut -c1-32)-$world
     if [ -f "$out" ] && [ "$(cat "$out.inputs" 2>/dev/null)" = "$inputs" ]; then
         echo "   $out is up to date"
         return 0
     fi
     echo "   building $out (JavaScript, world $world)"
-    # no wasi:http: a process talks to the world through the kernel only
-    "$JS_TOOL" "$dir/main.js" --wit wit --world-name "$world" --disable http fetch-event \
+    "$JS_TOOL" "$dir/main.js" --wit wit --world-name "$world" "${JS_FLAGS[@]}" \
         --out "$out.tmp" > "$ROOT/build/$(basename "$pkg")-$name-js.log" 2>&1 || { cat "$ROOT/build/$(basename "$pkg")-$name-js.log" >&2; return 1; }
     mv "$out.tmp" "$out"
     echo "$inputs" > "$out.inputs"
