@@ -33,16 +33,18 @@ def pattern(n: int, seed: int) -> bytes:  # as both guests build it
     return bytes((i * 7 + seed) & 0xFF for i in range(n))
 
 
-@pytest.fixture(scope="module", params=["fastconv", "wasmtime-py"])
+@pytest.fixture(scope="module", params=["fastconv", "wasmtime-py", "pooling"])
 def node(request, tmp_path_factory):
     """One node running both guests (each test gives each guest its own commands); the suite runs
-    once with host/fastconv.py's value conversion and once with wasmtime-py's own."""
+    with host/fastconv.py's value conversion, with wasmtime-py's own, and with the pooling instance
+    allocator (its per-component limits must fit both toolchains' components)."""
     _require_built()
     if not (GUESTS_DIR / "jsguest" / "pkg" / "guest.wasm").exists():
         pytest.skip("the JavaScript guest is not built: ./build.sh builds it when npm is installed")
     tmp = tmp_path_factory.mktemp("two-toolchains")
     env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"), PYTHONUNBUFFERED="1",
-               KINODE_FASTCONV="1" if request.param == "fastconv" else "0")
+               KINODE_FASTCONV="0" if request.param == "wasmtime-py" else "1",
+               KINODE_POOLING="1" if request.param == "pooling" else "0")
     n = NodeProc("fake.dev", tmp / "fake.dev", free_port(), env, ["--packages", str(GUESTS_DIR)])
     n.start()
     n.conversion = request.param  # type: ignore[attr-defined]
@@ -135,7 +137,7 @@ def test_vfs_reads_and_writes(node, lang):
 @pytest.mark.parametrize("lang", LANGS)
 def test_a_big_blob_written_and_read_back(node, lang):
     # over a MiB with fastconv; wasmtime-py's own conversion takes seconds per 100 KB, so less there
-    n = 1_200_000 if node.conversion == "fastconv" else 200_000
+    n = 200_000 if node.conversion == "wasmtime-py" else 1_200_000
     got = ask(node, lang, f"bigblob {n}", ["bigblob"], timeout=60)["bigblob"]
     assert got == {"write": '"Ok"', "read": '"Read"', "len": n, "same": True}
     assert (node.home / "vfs" / pkg(lang) / "d" / "big.bin").read_bytes() == pattern(n, 5)
