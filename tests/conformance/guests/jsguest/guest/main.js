@@ -246,6 +246,26 @@ function sendErrors() {
     request('hello')));
 }
 
+function rounds(n) {  // for bench/guests.py: N awaited requests to the VFS, timed
+  vfs(drive(), 'CreateDrive');
+  const start = Date.now();
+  for (let i = 0; i < n; i++) vfs(drive(), 'Metadata', undefined, false);
+  show('rounds', { n, ms: Date.now() - start });
+}
+
+function spawns(n) {  // for bench/guests.py: N children spawned, asked once and let go, timed
+  const wasm = `/${OUR.process.packageName}:${OUR.process.publisherNode}/pkg/guest.wasm`;
+  const start = Date.now();
+  let ok = 0;
+  for (let i = 0; i < n; i++) {
+    const child = spawn(`bench-${i}`, wasm, { tag: 'none' }, [], [OUR.process], false);
+    const target = { node: OUR.node, process: child };
+    if (awaitResponse(target, request({ child: 'hi' }), undefined, false).kind === 'response') ok += 1;
+    sendRequest(target, request('bye', { expects: undefined }), undefined, undefined);
+  }
+  show('spawns', { n, ok, ms: Date.now() - start });
+}
+
 function unicode() {
   const text = 'héllo ✓ 🎉 \u00ff end';
   setState(enc.encode(text));
@@ -292,6 +312,8 @@ function handle(source, msg) {
     case 'caps': capsSteps(arg); break;
     case 'senderr': sendErrors(); break;
     case 'unicode': unicode(); break;
+    case 'rounds': rounds(Number(arg)); break;
+    case 'spawns': spawns(Number(arg)); break;
     case 'crash': throw new Error('crash requested');
     default: show('unknown', { cmd });
   }

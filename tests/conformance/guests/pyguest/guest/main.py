@@ -250,6 +250,27 @@ def send_errors() -> None:
                                                 request("hello")))
 
 
+def rounds(n: int) -> None:
+    """For bench/guests.py: N awaited requests to the VFS, timed."""
+    vfs(drive(), "CreateDrive")
+    start = time.time()
+    for _ in range(n):
+        vfs(drive(), "Metadata", None, False)
+    show("rounds", {"n": n, "ms": int((time.time() - start) * 1000)})
+
+
+def spawns(n: int) -> None:
+    """For bench/guests.py: N children spawned, asked once and let go, timed."""
+    wasm = f"/{OUR.process.package_name}:{OUR.process.publisher_node}/pkg/guest.wasm"
+    start, ok = time.time(), 0
+    for i in range(n):
+        child = wit.spawn(f"bench-{i}", wasm, wit.OnExit_None_(), [], [OUR.process], False)
+        target = wit.Address(OUR.node, child)
+        ok += await_response(target, request({"child": "hi"}), None, False).get("kind") == "response"
+        wit.send_request(target, request("bye", expects=None), None, None)
+    show("spawns", {"n": n, "ok": ok, "ms": int((time.time() - start) * 1000)})
+
+
 def unicode() -> None:
     text = "héllo ✓ 🎉 \u00ff end"
     wit.set_state(text.encode())
@@ -288,7 +309,8 @@ def handle(source, msg) -> None:
     commands = {"ping": lambda: show("pong", message_json(source, msg)), "peer": lambda: peer(arg),
                 "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
                 "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
-                "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode}
+                "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode,
+                "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
     if cmd == "crash":
         raise RuntimeError("crash requested")
     commands.get(cmd, lambda: show("unknown", {"cmd": cmd}))()
