@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and build everything: the virtualenv with the pinned packages (pyproject.toml), every
-# process of every package in components/ compiled to a Wasm component with componentize-py, and
+# process of every package in components/ compiled to a Wasm component with componentize-py (a
+# JavaScript one, `main.js`, with componentize-js, pinned in package-lock.json), and
 # those components compiled ahead of time into wasmtime's cache so a node starts warm.
 # Re-running it rebuilds only what changed.
 set -euo pipefail
@@ -51,6 +52,43 @@ build_one() {  # package_dir process_dir [output_package_dir]
     echo "$inputs" > "$out.inputs"
 }
 
+# JavaScript processes (`*/main.js`) are built with componentize-js, pinned in package.json and
+# package-lock.json and installed by `npm ci` into node_modules/ whenever the lock file changes
+JS_TOOL=$ROOT/node_modules/.bin/componentize-js
+JS_FLAGS=(--disable http fetch-event)  # no wasi:http: a process reaches the world through the kernel
+js_tools() {
+    if ! command -v npm >/dev/null; then
+        echo "warning: npm is not installed: JavaScript processes are not built (their tests are skipped)" >&2
+        return 1
+    fi
+    local stamp=$ROOT/node_modules/.lock-$(sha256sum package-lock.json | cut -c1-16)
+    if [ ! -f "$stamp" ] || [ ! -x "$JS_TOOL" ]; then
+        echo "== installing pinned JavaScript build tools (package-lock.json)"
+        # (called as an `if` condition, where set -e does not apply: check by hand)
+        npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null \
+            || { echo "error: npm ci failed (is the npm registry reachable?)" >&2; exit 1; }
+        touch "$stamp"
+    fi
+}
+
+build_js() {  # package_dir process_dir: DIR/main.js -> PACKAGE/pkg/NAME.wasm
+    local pkg=$1 dir=$2 name world out inputs
+    name=$(basename "$dir")
+    world=$(sed -n 's|^// world: *||p' "$dir/main.js" | head -n1)
+    if [ -z "$world" ]; then echo "error: $dir/main.js has no '// world: NAME' line" >&2; return 1; fi
+    out=$pkg/pkg/$name.wasm
+    inputs=$( (cat wit/*.wit package-lock.json "$dir"/*.js; echo "${JS_FLAGS[*]}") | sha256sum | cut -c1-32)-$world
+    if [ -f "$out" ] && [ "$(cat "$out.inputs" 2>/dev/null)" = "$inputs" ]; then
+        echo "   $out is up to date"
+        return 0
+    fi
+    echo "   building $out (JavaScript, world $world)"
+    "$JS_TOOL" "$dir/main.js" --wit wit --world-name "$world" "${JS_FLAGS[@]}" \
+        --out "$out.tmp" > "$ROOT/build/$(basename "$pkg")-$name-js.log" 2>&1 || { cat "$ROOT/build/$(basename "$pkg")-$name-js.log" >&2; return 1; }
+    mv "$out.tmp" "$out"
+    echo "$inputs" > "$out.inputs"
+}
+
 if [ "${PORTABLE:-}" = 1 ]; then
     # Every package (or those named in PORTABLE_PACKAGES; of their processes, those named in
     # PORTABLE_PROCESSES) built against Kinode's worlds only, into
@@ -90,10 +128,13 @@ fi
 
 echo "== building components"
 pids=()
-for pkg in components/*/ tests/packages/*/ tests/liar/*/ tests/conformance/packages/*/; do
+js_mains=()
+for pkg in components/*/ tests/packages/*/ tests/liar/*/ tests/conformance/packages/*/ tests/conformance/guests/*/; do
     pkg=${pkg%/}
     [ -f "$pkg/metadata.json" ] || continue
+    for main in "$pkg"/*/main.js; do if [ -f "$main" ]; then js_mains+=("$main"); fi; done
     for main in "$pkg"/*/main.py; do
+        [ -f "$main" ] || continue
         build_one "$pkg" "$(dirname "$main")" &
         pids+=($!)
         # two at a time: componentize-py is CPU-bound and this machine has two cores
@@ -101,6 +142,12 @@ for pkg in components/*/ tests/packages/*/ tests/liar/*/ tests/conformance/packa
     done
 done
 for p in "${pids[@]}"; do wait "$p"; done
+
+if [ ${#js_mains[@]} -gt 0 ] && js_tools; then
+    for main in "${js_mains[@]}"; do
+        build_js "$(dirname "$(dirname "$main")")" "$(dirname "$main")"
+    done
+fi
 
 # a package's links.txt names wasm files of other packages to bundle into its pkg/ (kit's -a)
 for links in components/*/links.txt; do
@@ -116,5 +163,5 @@ done
 
 echo "== compiling components into the wasmtime cache"
 "$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm tests/liar/*/pkg/*.wasm \
-    tests/conformance/packages/*/pkg/*.wasm
+    tests/conformance/packages/*/pkg/*.wasm $(ls tests/conformance/guests/*/pkg/*.wasm 2>/dev/null)
 echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

@@ -20,6 +20,7 @@ from host.net_service import NetService
 from host.settings import Settings
 from host.terminal import TerminalOutput
 from host.terminal_service import TERMINAL_ID, TerminalService
+from host.timer_service import TimerService
 from host.types import Address, ProcessId
 from host.vfs import Vfs
 from host.vfs_service import VfsService
@@ -64,7 +65,8 @@ class Node:
         self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit)
         self.terminal_service = TerminalService(self.kernel, self.terminal)
         self.kernel_service = KernelService(self.kernel)
-        for service in (VfsService(self.kernel, self.vfs), self.terminal_service, self.kernel_service):
+        for service in (VfsService(self.kernel, self.vfs), self.terminal_service, self.kernel_service,
+                        TimerService(self.kernel)):
             self.kernel.register(service)
         if self.networking:
             self._start_network()

@@ -74,6 +74,7 @@ class WasmProcess:
         self.killed = False
         self.started_at = 0.0
         self.stderr_tail: list[str] = []
+        self._stderr_line_open = False  # the last stderr line has had no newline yet
         self.lib_instances: dict[str, tuple[Store, Any]] = {}  # interface -> (store, instance)
         self.given: OrderedDict[Capability, None] = OrderedDict()  # caps messages brought it
 
@@ -106,8 +107,16 @@ class WasmProcess:
             self.kernel.terminal.process_output(self.id, text)
 
     def _on_stderr(self, data) -> None:
-        text = bytes(data).decode("utf-8", "replace")
-        self.stderr_tail = (self.stderr_tail + text.splitlines())[-40:]
+        # a guest may write one line in several pieces (componentize-py writes an exception's type,
+        # ": " and its message apart): a piece continues the last line until a newline ends it
+        pieces = bytes(data).decode("utf-8", "replace").split("\n")
+        ended = pieces[-1] == ""   # the last piece is the start of a line still open, or nothing
+        if ended:
+            pieces.pop()
+        if self._stderr_line_open and self.stderr_tail and pieces:
+            self.stderr_tail[-1] += pieces.pop(0)
+        self._stderr_line_open = not ended
+        self.stderr_tail = (self.stderr_tail + pieces)[-40:]
 
     def _run(self) -> None:
         current.proc = self
@@ -151,10 +160,13 @@ class WasmProcess:
             return (f"could not start: the node already runs its maximum of "
                     f"{self.kernel.runtime.max_instances} Wasm instances (--max-processes)")
         log.info("%s stderr before it ended:\n%s", self.id, "\n".join(self.stderr_tail))
-        # a guest's uncaught Python exception: its traceback ends with "SomeError: message"
-        raised = [ln for ln in self.stderr_tail if _EXCEPTION_LINE.match(ln)]
+        # an uncaught exception: a Python guest's traceback ends with "SomeError: message"; a
+        # JavaScript guest (componentize-js) prints the message, then "Stack:" and the frames
+        tail = self.stderr_tail
+        raised = [i for i, ln in enumerate(tail) if _EXCEPTION_LINE.match(ln)]
+        raised += [i - 1 for i, ln in enumerate(tail) if ln.strip() == "Stack:" and i > 0 and tail[i - 1].strip()]
         if raised:
-            return f"crashed: {raised[-1].strip()}"
+            return f"crashed: {tail[max(raised)].strip()}"
         return f"trapped: {head}"
 
     # ---- delivery (called by the kernel from any thread) -----------------------------------

@@ -1,0 +1,59 @@
+"""`timer:distro:sys`: Kinode's timer. A local request with body `{"SetTimer": MILLISECONDS}` (serde
+JSON of upstream's `TimerAction`) is answered, once that time has passed, by a Response with an
+empty body (to the request's rsvp, else its source), which carries the sender's context as any
+response does. `"Debug"` prints the number of active timers. Public, as upstream; unlike upstream,
+timers are not kept across a restart of the node."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from host.kernel import Kernel
+from host.service import HostService
+from host.types import KernelMessage, ProcessId, Request, Response
+
+log = logging.getLogger("host.timer_service")
+
+TIMER_ID = ProcessId("timer", "distro", "sys")
+MAX_MILLIS = 7 * 24 * 3600 * 1000  # as the kernel's longest expects-response timeout
+
+
+class TimerService(HostService):
+    public = True
+
+    def __init__(self, kernel: Kernel):
+        super().__init__(kernel, TIMER_ID)
+        self.active = 0
+        self._lock = threading.Lock()  # requests arrive on senders' threads, timers pop on another
+
+    def deliver(self, km: KernelMessage) -> None:
+        if not isinstance(km.message, Request):
+            return
+        if km.source.node != self.kernel.node:  # upstream ignores other nodes' timers
+            log.warning("timer: refused a request from %s", km.source)
+            return
+        try:
+            action = json.loads(km.message.body)
+        except ValueError:
+            action = None
+        if action == "Debug":
+            self.kernel.terminal.info(f"timer service active timers ({self.active})")
+            return
+        millis = action.get("SetTimer") if isinstance(action, dict) and len(action) == 1 else None
+        if not isinstance(millis, int) or isinstance(millis, bool) or not 0 <= millis <= MAX_MILLIS:
+            self.kernel.terminal.error(f"timer: request from {km.source} has an invalid body "
+                                       f"(expected {{\"SetTimer\": MILLISECONDS}}): {km.message.body[:80]!r}")
+            return
+        answer = KernelMessage(km.id, self.address, km.rsvp or km.source, None, Response(), None)
+        if millis == 0:
+            self.kernel.route(answer, self)
+            return
+        with self._lock:
+            self.active += 1
+
+        def pop() -> None:
+            with self._lock:
+                self.active -= 1
+            self.kernel.route(answer, self)
+        self.kernel.timers.add(millis / 1000, pop)

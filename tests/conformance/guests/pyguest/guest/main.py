@@ -1,0 +1,333 @@
+# world: kinode-py:host-ext/process-v0-portable@0.1.0
+"""The two-toolchain conformance guest, in Python (componentize-py): the twin of
+../../jsguest/guest/main.js, with the same commands and the same `guest STEP JSON` lines. Like the
+JavaScript one it calls Kinode's ABI (`standard`) directly, not through process_lib, so both
+toolchains make the same calls with the same values."""
+import json
+import time
+
+import wit_world
+from componentize_py_types import Err
+from wit_world.imports import standard as wit
+
+OUR = None
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def parse_address(text: str) -> wit.Address:
+    node, proc = text.split("@")
+    name, package, publisher = proc.split(":")
+    return wit.Address(node, wit.ProcessId(name, package, publisher))
+
+
+def addr_text(a) -> str:
+    return f"{a.node}@{a.process.process_name}:{a.process.package_name}:{a.process.publisher_node}"
+
+
+def cap_json(c) -> dict:
+    return {"issuer": addr_text(c.issuer), "params": c.params}
+
+
+def blob_json(b):
+    return None if b is None else {"mime": b.mime, "hex": b.bytes.hex()}
+
+
+def enum_name(e) -> str:   # as the WIT spells it, and as JavaScript sees it
+    return e.name.lower().replace("_", "-")
+
+
+def show(step: str, value) -> None:
+    wit.print_to_terminal(0, f"guest {step} {json.dumps(value, ensure_ascii=False, separators=(',', ':'))}")
+
+
+def json_bytes(v) -> bytes:
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def request(body, expects=5, metadata=None, caps=None, inherit=False) -> wit.Request:
+    return wit.Request(inherit, expects, json_bytes(body), metadata, caps or [])
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+def message_json(source, msg) -> dict:
+    m = msg.value if isinstance(msg, wit.Message_Request) else msg.value[0]
+    out = {"source": addr_text(source), "kind": "request" if isinstance(msg, wit.Message_Request) else "response",
+           "body": m.body.decode(), "metadata": m.metadata, "caps": [cap_json(c) for c in m.capabilities]}
+    if isinstance(msg, wit.Message_Request):
+        out["expects"] = m.expects_response
+    else:
+        out["context"] = None if msg.value[1] is None else msg.value[1].decode()
+    return out
+
+
+def await_response(target, req, blob=None, show_blob=True) -> dict:
+    try:
+        source, msg = wit.send_and_await_response(target, req, blob)
+    except Err as e:
+        return {"error": enum_name(e.value.kind), "target": addr_text(e.value.target)}
+    return {**message_json(source, msg), "blob": blob_json(wit.get_blob()) if show_blob else None}
+
+
+def receive_one():
+    try:
+        source, msg = wit.receive()
+        return "msg", source, msg
+    except Err as e:
+        err, context = e.value
+        return "err", err, context
+
+
+def drive(name: str = "d") -> str:
+    return f"/{OUR.process.package_name}:{OUR.process.publisher_node}/{name}"
+
+
+def vfs(path: str, action, blob=None, show_blob=True) -> dict:
+    return await_response(parse_address("our@vfs:distro:sys"), request({"path": path, "action": action}), blob,
+                          show_blob)
+
+
+# ---- commands -------------------------------------------------------------------------------------
+def peer(target: str) -> None:
+    got = await_response(parse_address(target), request({"echo": "héllo ✓ 🎉"}, metadata='{"from":"py"}'),
+                         wit.LazyLoadBlob("application/x-test", pattern(300, 3)))
+    show("peer", got)
+    wit.send_request(parse_address(target), request({"echo": "second"}), b"ctx-py", None)
+    kind, source, msg = receive_one()
+    show("peer-context", message_json(source, msg) if kind == "msg" else {"error": enum_name(source.kind)})
+    wit.send_requests([(parse_address(target), request({"echo": f"batch {i}"}), f"batch-ctx {i}".encode(),
+                        wit.LazyLoadBlob(None, pattern(i * 10, i))) for i in (1, 2, 3)])
+    answers = []
+    for _ in range(3):
+        k, src, m = receive_one()
+        if k == "msg":
+            blob = wit.get_blob()
+            answers.append({"context": m.value[1].decode(), "body": json.loads(m.value[0].body),
+                            "blob_len": len(blob.bytes) if blob else 0})
+        else:
+            answers.append({"error": enum_name(src.kind)})
+    show("peer-batch", sorted(answers, key=lambda a: a.get("context", "")))
+
+
+def answer_echo(source, req) -> None:
+    blob = wit.get_blob()
+    data = blob.bytes if blob else b""
+    body = json.loads(req.body)
+    show("echo-heard", {"source": addr_text(source), "body": body, "metadata": req.metadata,
+                        "blob_len": len(data), "blob_sum": sum(data) % 1000000007,
+                        "mime": blob.mime if blob else None})
+    back = data[::-1]
+    wit.send_response(wit.Response(False, json_bytes({"echoed": body["echo"], "by": "py"}), '{"answer":true}', []),
+                      wit.LazyLoadBlob("application/x-reversed", back) if back else None)
+
+
+def relay(target: str) -> None:
+    """Ask the peer for a file of its drive, which the VFS sends us on its behalf."""
+    show("relay", await_response(parse_address(target), request({"relay_read": True})))
+
+
+def answer_relay() -> None:
+    """Forward with `inherit`: the VFS answers the request being handled."""
+    path = f"{drive('r')}/relay.txt"
+    vfs(drive("r"), "CreateDrive")
+    vfs(path, "Write", wit.LazyLoadBlob(None, b"relayed by py"))
+    wit.send_request(parse_address("our@vfs:distro:sys"), request({"path": path, "action": "Read"}, expects=None,
+                                                                  inherit=True), None, None)
+
+
+def vfs_steps() -> None:
+    d = drive()
+    show("vfs create-drive", vfs(d, "CreateDrive"))
+    data = pattern(1000, 11)
+    show("vfs write", vfs(f"{d}/f.bin", "Write", wit.LazyLoadBlob(None, data)))
+    read = vfs(f"{d}/f.bin", "Read")
+    b = read["blob"]
+    show("vfs read", {"body": read["body"], "mime": b and b["mime"], "same": bool(b) and b["hex"] == data.hex()})
+    vfs(f"{d}/sub", "CreateDirAll")
+    show("vfs read-dir", json.loads(vfs(d, "ReadDir")["body"]))
+    show("vfs read-missing", json.loads(vfs(f"{d}/missing", "Read")["body"]))
+
+
+def big_blob(n: int) -> None:
+    path = f"{drive()}/big.bin"
+    vfs(drive(), "CreateDrive")
+    data = pattern(n, 5)
+    w = vfs(path, "Write", wit.LazyLoadBlob("application/octet-stream", data), False)
+    r = vfs(path, "Read", None, False)
+    back = wit.get_blob()
+    show("bigblob", {"write": w["body"], "read": r["body"], "len": None if back is None else len(back.bytes),
+                     "same": back is not None and back.bytes == data})
+
+
+def spawn_steps() -> None:
+    wasm = f"/{OUR.process.package_name}:{OUR.process.publisher_node}/pkg/guest.wasm"
+    try:
+        child = wit.spawn("child", wasm, wit.OnExit_None_(), [], [OUR.process], False)
+    except Err as e:
+        show("spawn", {"error": enum_name(e.value)})
+        return
+    show("spawn", {"child": f"{child.process_name}:{child.package_name}:{child.publisher_node}"})
+    show("spawn-answer", await_response(wit.Address(OUR.node, child), request({"child": "hello child"})))
+    for what, name, path in (("taken", "child", wasm), ("missing", "other", "/nowhere/pkg/none.wasm")):
+        try:
+            wit.spawn(name, path, wit.OnExit_None_(), [], [], False)
+            show(f"spawn-{what}", {"error": None})
+        except Err as e:
+            show(f"spawn-{what}", {"error": enum_name(e.value)})
+    wit.send_request(wit.Address(OUR.node, child), request("bye", expects=None), None, None)
+
+
+def timer() -> None:
+    start = time.time()
+    wit.send_request(parse_address("our@timer:distro:sys"), request({"SetTimer": 300}), b"timer-ctx", None)
+    kind, source, msg = receive_one()
+    got = message_json(source, msg) if kind == "msg" else {"error": enum_name(source.kind)}
+    show("timer", {**got, "elapsed_ms": int((time.time() - start) * 1000)})
+
+
+def state_set(value: str) -> None:
+    wit.set_state(value.encode())
+    kept = wit.get_state()
+    show("state-set", {"state": None if kept is None else kept.decode()})
+
+
+def state_clear() -> None:
+    wit.clear_state()
+    show("state-cleared", {"state": wit.get_state()})
+
+
+def on_exit_steps(target: str) -> None:
+    req = request({"echo": "on-exit"}, expects=None, metadata="m")
+    wit.set_on_exit(wit.OnExit_Requests([(parse_address(target), req, wit.LazyLoadBlob("text/plain", b"bye"))]))
+    got = wit.get_on_exit()
+    addr, r, blob = got.value[0]
+    show("on-exit", {"tag": "requests" if isinstance(got, wit.OnExit_Requests) else str(got),
+                     "target": addr_text(addr), "body": r.body.decode(), "metadata": r.metadata,
+                     "expects": r.expects_response, "blob": blob_json(blob)})
+    wit.set_on_exit(wit.OnExit_Restart())
+    show("on-exit-restored", {"tag": "restart" if isinstance(wit.get_on_exit(), wit.OnExit_Restart) else "other"})
+
+
+def caps_steps(target: str) -> None:
+    mine = sorted((cap_json(c) for c in wit.our_capabilities()), key=lambda c: c["issuer"] + c["params"])
+    show("caps", mine)
+    drv = vfs(drive(), "CreateDrive")
+    read_cap = next((c for c in wit.our_capabilities() if '"read"' in c.params and drive() in c.params), None)
+    got = await_response(parse_address(target), request({"take_caps": True}, caps=[read_cap] if read_cap else []))
+    show("caps-given", {"drive": drv["body"], "given": cap_json(read_cap) if read_cap else None,
+                        "answer": json.loads(got["body"]) if "body" in got else got})
+
+
+def take_caps(req) -> None:
+    given = req.capabilities
+    wit.save_capabilities(given)
+
+    def held(c) -> bool:
+        return any(o.params == c.params and addr_text(o.issuer) == addr_text(c.issuer) for o in wit.our_capabilities())
+    saved = [held(c) for c in given]
+    wit.drop_capabilities(given)
+    dropped = [not held(c) for c in given]
+    wit.send_response(wit.Response(False, json_bytes({"received": [cap_json(c) for c in given], "saved": saved,
+                                                      "dropped": dropped}), None, []), None)
+
+
+def send_errors() -> None:
+    pkg = f"{OUR.process.package_name}:{OUR.process.publisher_node}"
+    wit.send_request(parse_address(f"our@nosuch:{pkg}"), request("hello", metadata="meta"), b"ctx-missing",
+                     wit.LazyLoadBlob("text/plain", b"held"))
+    kind, err, context = receive_one()
+    if kind == "err":
+        show("senderr missing-local", {
+            "kind": enum_name(err.kind), "target": addr_text(err.target),
+            "context": None if context is None else context.decode(), "body": err.message.value.body.decode(),
+            "message": "request" if isinstance(err.message, wit.Message_Request) else "response",
+            "blob": blob_json(err.lazy_load_blob)})
+    else:
+        show("senderr missing-local", {"kind": None})
+    show("senderr unknown-node", await_response(parse_address(f"ghost.os@guest:{OUR.process.package_name}:test.os"),
+                                                request("hello")))
+
+
+def rounds(n: int) -> None:
+    """For bench/guests.py: N awaited requests to the VFS, timed."""
+    vfs(drive(), "CreateDrive")
+    start = time.time()
+    for _ in range(n):
+        vfs(drive(), "Metadata", None, False)
+    show("rounds", {"n": n, "ms": int((time.time() - start) * 1000)})
+
+
+def spawns(n: int) -> None:
+    """For bench/guests.py: N children spawned, asked once and let go, timed."""
+    wasm = f"/{OUR.process.package_name}:{OUR.process.publisher_node}/pkg/guest.wasm"
+    start, ok = time.time(), 0
+    for i in range(n):
+        child = wit.spawn(f"bench-{i}", wasm, wit.OnExit_None_(), [], [OUR.process], False)
+        target = wit.Address(OUR.node, child)
+        ok += await_response(target, request({"child": "hi"}), None, False).get("kind") == "response"
+        wit.send_request(target, request("bye", expects=None), None, None)
+    show("spawns", {"n": n, "ok": ok, "ms": int((time.time() - start) * 1000)})
+
+
+def unicode() -> None:
+    text = "héllo ✓ 🎉 \u00ff end"
+    wit.set_state(text.encode())
+    # `len` as JavaScript counts it (UTF-16 code units), so both guests print the same line
+    show("unicode", {"text": text, "len": sum(2 if ord(c) > 0xFFFF else 1 for c in text), "state": wit.get_state().decode()})
+
+
+def child(parent: str) -> None:
+    kind, source, msg = receive_one()
+    if kind != "msg":
+        return
+    body = json.loads(msg.value.body)
+    wit.send_response(wit.Response(False, json_bytes({"reply": f"{body['child']}, from {OUR.process.process_name}",
+                                                      "parent_heard": addr_text(source) == parent}), None, []), None)
+    receive_one()  # live on until the parent says goodbye, so its name stays taken meanwhile
+
+
+def handle(source, msg) -> None:
+    if not isinstance(msg, wit.Message_Request):
+        return
+    req = msg.value
+    try:
+        body = json.loads(req.body)
+    except ValueError as e:
+        show("bad-body", {"error": str(e)})
+        return
+    if isinstance(body, dict):
+        if "echo" in body:
+            answer_echo(source, req)
+        elif "take_caps" in body:
+            take_caps(req)
+        elif "relay_read" in body:
+            answer_relay()
+        return
+    cmd, _, arg = str(body).partition(" ")
+    commands = {"ping": lambda: show("pong", message_json(source, msg)), "peer": lambda: peer(arg),
+                "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
+                "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
+                "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode,
+                "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
+    if cmd == "crash":
+        raise RuntimeError("crash requested")
+    commands.get(cmd, lambda: show("unknown", {"cmd": cmd}))()
+
+
+class WitWorld(wit_world.WitWorld):
+    def init(self, our: str) -> None:
+        global OUR
+        OUR = parse_address(our)
+        if OUR.process.process_name != "guest":
+            child(f"{OUR.node}@guest:{OUR.process.package_name}:{OUR.process.publisher_node}")
+            return
+        state = wit.get_state()
+        show("ready", {"our": our, "state": None if state is None else state.decode()})
+        while True:
+            kind, a, b = receive_one()
+            if kind == "err":
+                show("send-error", {"kind": enum_name(a.kind)})
+            else:
+                handle(a, b)

@@ -1,0 +1,275 @@
+"""One conformance suite, two guests from two toolchains: the same process written in Python
+(componentize-py, tests/conformance/guests/pyguest) and in JavaScript (componentize-js, .../jsguest),
+both built against Kinode's `process-v0` and calling its ABI directly. Each test asks both guests
+the same question on one real node and checks the real outcome (bytes on disk, answers heard by the
+other guest), so the host's linking and value conversions are shown to be those of the component
+model, not of one toolchain's bindings. The guests also talk to each other, across toolchains."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, NodeProc, _require_built, free_port
+
+GUESTS_DIR = REPO / "tests" / "conformance" / "guests"
+LANGS = ("py", "js")
+OTHER = {"py": "js", "js": "py"}
+
+
+def pkg(lang: str) -> str:
+    return f"{lang}guest:test.os"
+
+
+def addr(lang: str) -> str:
+    return f"fake.dev@guest:{pkg(lang)}"
+
+
+def pattern(n: int, seed: int) -> bytes:  # as both guests build it
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+@pytest.fixture(scope="module", params=["fastconv", "wasmtime-py", "pooling"])
+def node(request, tmp_path_factory):
+    """One node running both guests (each test gives each guest its own commands); the suite runs
+    with host/fastconv.py's value conversion, with wasmtime-py's own, and with the pooling instance
+    allocator (its per-component limits must fit both toolchains' components)."""
+    _require_built()
+    if not (GUESTS_DIR / "jsguest" / "pkg" / "guest.wasm").exists():
+        pytest.skip("the JavaScript guest is not built: ./build.sh builds it when npm is installed")
+    tmp = tmp_path_factory.mktemp("two-toolchains")
+    env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"), PYTHONUNBUFFERED="1",
+               KINODE_FASTCONV="0" if request.param == "wasmtime-py" else "1",
+               KINODE_POOLING="1" if request.param == "pooling" else "0")
+    n = NodeProc("fake.dev", tmp / "fake.dev", free_port(), env, ["--packages", str(GUESTS_DIR)])
+    n.start()
+    n.conversion = request.param  # type: ignore[attr-defined]
+    try:
+        for lang in LANGS:
+            wait_steps(n, 0, lang, ["ready"], 60)
+        yield n
+    finally:
+        n.stop()
+
+
+def wait_steps(node: NodeProc, start: int, lang: str, steps: list[str], timeout: float = 30) -> dict:
+    """Wait for `LANGguest:test.os: guest STEP JSON` lines printed after line `start`; -> {step: value}."""
+    rx = re.compile(rf"^{re.escape(pkg(lang))}: guest (.+?) (\{{.*\}}|\[.*\])$")
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {}
+        for line in node.lines[start:]:
+            m = rx.match(line)
+            if m and m.group(1) in steps and m.group(1) not in got:  # the first of each
+                got[m.group(1)] = json.loads(m.group(2))
+        if len(got) == len(steps):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{lang} guest: no {sorted(set(steps) - set(got))} in {timeout} s; output:\n"
+                                 + "\n".join(node.lines[start:][-40:]))
+        time.sleep(0.05)
+
+
+def ask(node: NodeProc, lang: str, command: str, steps: list[str], timeout: float = 30) -> dict:
+    start = len(node.lines)
+    node.type(f'm {addr(lang)} "{command}"')
+    return wait_steps(node, start, lang, steps, timeout)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_requests_responses_and_blobs_between_toolchains(node, lang):
+    other = OTHER[lang]
+    start = len(node.lines)
+    got = ask(node, lang, f"peer {addr(other)}", ["peer", "peer-context", "peer-batch"])
+    heard = wait_steps(node, start, other, ["echo-heard"])["echo-heard"]
+    sent = pattern(300, 3)
+    # what the other toolchain's guest received: body, metadata and blob as sent
+    assert heard == {"source": addr(lang), "body": {"echo": "héllo ✓ 🎉"}, "metadata": json.dumps({"from": lang}, separators=(",", ":")),
+                     "blob_len": 300, "blob_sum": sum(sent), "mime": "application/x-test"}
+    # and what came back: its response, with its blob (the bytes reversed)
+    reply = got["peer"]
+    assert reply["source"] == addr(other) and reply["kind"] == "response"
+    assert json.loads(reply["body"]) == {"echoed": "héllo ✓ 🎉", "by": other}
+    assert reply["metadata"] == '{"answer":true}' and reply["context"] is None and reply["caps"] == []
+    assert reply["blob"] == {"mime": "application/x-reversed", "hex": sent[::-1].hex()}
+    # an unawaited request: its response comes through `receive` with the sender's context
+    second = got["peer-context"]
+    assert json.loads(second["body"]) == {"echoed": "second", "by": other}
+    assert second["context"] == f"ctx-{lang}"
+    # `send-requests`: three at once, each answered with its own context and its blob reversed
+    assert got["peer-batch"] == [{"context": f"batch-ctx {i}", "body": {"echoed": f"batch {i}", "by": other},
+                                  "blob_len": i * 10} for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_request_forwarded_with_inherit(node, lang):
+    # the peer, asked for a file, forwards a Read to the VFS with `inherit`: the VFS answers us
+    relay = ask(node, lang, f"relay {addr(OTHER[lang])}", ["relay"])["relay"]
+    assert relay["source"] == "fake.dev@vfs:distro:sys" and relay["body"] == '"Read"'
+    assert relay["blob"]["hex"] == f"relayed by {OTHER[lang]}".encode().hex()
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_request_from_the_terminal(node, lang):
+    pong = ask(node, lang, "ping", ["pong"])["pong"]
+    assert pong == {"source": "fake.dev@terminal:terminal:sys", "kind": "request", "body": '"ping"',
+                    "metadata": None, "caps": [], "expects": None}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_vfs_reads_and_writes(node, lang):
+    got = ask(node, lang, "vfs", ["vfs create-drive", "vfs write", "vfs read", "vfs read-dir", "vfs read-missing"])
+    assert got["vfs create-drive"]["body"] == '"Ok"' and got["vfs create-drive"]["source"] == "fake.dev@vfs:distro:sys"
+    assert got["vfs write"]["body"] == '"Ok"'
+    on_disk = node.home / "vfs" / pkg(lang) / "d" / "f.bin"
+    assert on_disk.read_bytes() == pattern(1000, 11)          # the guest's bytes, on disk
+    assert got["vfs read"] == {"body": '"Read"', "mime": "application/octet-stream", "same": True}
+    assert sorted(got["vfs read-dir"]["ReadDir"], key=lambda e: e["path"]) == [
+        {"path": f"{pkg(lang)}/d/f.bin", "file_type": "File"},
+        {"path": f"{pkg(lang)}/d/sub", "file_type": "Directory"}]
+    assert list(got["vfs read-missing"]["Err"]) == ["IOError"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_big_blob_written_and_read_back(node, lang):
+    # over a MiB with fastconv; wasmtime-py's own conversion takes seconds per 100 KB, so less there
+    n = 200_000 if node.conversion == "wasmtime-py" else 1_200_000
+    got = ask(node, lang, f"bigblob {n}", ["bigblob"], timeout=60)["bigblob"]
+    assert got == {"write": '"Ok"', "read": '"Read"', "len": n, "same": True}
+    assert (node.home / "vfs" / pkg(lang) / "d" / "big.bin").read_bytes() == pattern(n, 5)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_spawn_a_child_and_talk_to_it(node, lang):
+    got = ask(node, lang, "spawn", ["spawn", "spawn-answer", "spawn-taken", "spawn-missing"])
+    assert got["spawn"] == {"child": f"child:{pkg(lang)}"}
+    answer = got["spawn-answer"]
+    assert answer["source"] == f"fake.dev@child:{pkg(lang)}"
+    assert json.loads(answer["body"]) == {"reply": "hello child, from child", "parent_heard": True}
+    assert got["spawn-taken"] == {"error": "name-taken"}          # the child is still running
+    assert got["spawn-missing"] == {"error": "no-file-at-path"}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_timer(node, lang):
+    got = ask(node, lang, "timer", ["timer"])["timer"]
+    assert got["source"] == "fake.dev@timer:distro:sys" and got["kind"] == "response"
+    assert got["body"] == "" and got["context"] == "timer-ctx"
+    assert 250 <= got["elapsed_ms"] < 20_000   # a 300 ms timer: not at once, and not the 5 s timeout
+
+
+def test_the_timer_refuses_a_bad_body(node):
+    start = len(node.lines)
+    node.type('m fake.dev@timer:distro:sys "Debug"')
+    node.type('m fake.dev@timer:distro:sys "soon"')
+    node.type('m fake.dev@timer:distro:sys {"SetTimer": -5}')
+    deadline = time.monotonic() + 20
+    while sum("timer: request from" in ln and "invalid body" in ln for ln in node.lines[start:]) < 2:
+        assert time.monotonic() < deadline, node.lines[start:]
+        time.sleep(0.05)
+    assert "timer service active timers (0)" in node.lines[start:]
+    assert ask(node, "py", "timer", ["timer"])["timer"]["context"] == "timer-ctx"   # it still answers
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_state_survives_a_crash_and_is_cleared(node, lang):
+    assert ask(node, lang, f"state-set kept-{lang}", ["state-set"])["state-set"] == {"state": f"kept-{lang}"}
+    start = len(node.lines)
+    node.type(f'm {addr(lang)} "crash"')
+    ready = wait_steps(node, start, lang, ["ready"], 30)["ready"]           # restarted (on_exit Restart)
+    assert ready == {"our": addr(lang), "state": f"kept-{lang}"}
+    # the crash is reported with the guest's own message, whichever toolchain raised it
+    expected = {"py": "crashed: RuntimeError: crash requested", "js": "crashed: crash requested"}[lang]
+    assert f"error: guest:{pkg(lang)} {expected}" in node.lines[start:], node.lines[start:]
+    assert ask(node, lang, "state-clear", ["state-cleared"])["state-cleared"] == {"state": None}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_on_exit_requests_round_trip(node, lang):
+    got = ask(node, lang, f"on-exit {addr(OTHER[lang])}", ["on-exit", "on-exit-restored"])
+    assert got["on-exit"] == {"tag": "requests", "target": addr(OTHER[lang]), "body": '{"echo":"on-exit"}',
+                              "metadata": "m", "expects": None, "blob": {"mime": "text/plain", "hex": b"bye".hex()}}
+    assert got["on-exit-restored"] == {"tag": "restart"}
+
+
+def test_capabilities_the_same_for_both_toolchains(node):
+    seen = {}
+    for lang in LANGS:
+        got = ask(node, lang, f"caps {addr(OTHER[lang])}", ["caps", "caps-given"])
+        seen[lang] = got
+        # what the manifest gives (and, once the VFS tests ran, the drive's caps)
+        assert {"issuer": "fake.dev@kernel:distro:sys", "params": '"network"'} in got["caps"]
+        assert {"issuer": "fake.dev@vfs:distro:sys", "params": '"messaging"'} in got["caps"]
+        given = got["caps-given"]
+        assert given["drive"] == '"Ok"'
+        assert given["given"] == {"issuer": "fake.dev@vfs:distro:sys",
+                                  "params": json.dumps({"drive": f"/{pkg(lang)}/d", "kind": "read"},
+                                                       separators=(",", ":"))}
+        # the capability attached to the request reached the other toolchain's guest as sent
+        assert given["answer"]["received"] == [given["given"]]
+        assert given["answer"]["dropped"] == [True]
+    # the same manifest and the same steps give the same capabilities, whichever toolchain built the process
+    assert json.dumps(seen["py"]["caps"]).replace(pkg("py"), "PKG") == json.dumps(seen["js"]["caps"]).replace(pkg("js"), "PKG")
+    # whatever the kernel lets a receiver keep, it lets either toolchain keep it
+    assert seen["py"]["caps-given"]["answer"]["saved"] == seen["js"]["caps-given"]["answer"]["saved"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_send_errors(node, lang):
+    got = ask(node, lang, "senderr", ["senderr missing-local", "senderr unknown-node"])
+    assert got["senderr missing-local"] == {
+        "kind": "timeout", "target": f"fake.dev@nosuch:{pkg(lang)}", "context": "ctx-missing", "body": '"hello"',
+        "message": "request", "blob": {"mime": "text/plain", "hex": b"held".hex()}}
+    assert got["senderr unknown-node"] == {"error": "offline", "target": f"ghost.os@guest:{pkg(lang)}"}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_unicode_strings_and_state_bytes(node, lang):
+    text = "héllo ✓ 🎉 \u00ff end"
+    got = ask(node, lang, "unicode", ["unicode"])["unicode"]
+    assert got == {"text": text, "len": 16, "state": text}   # len: UTF-16 code units, as JavaScript counts
+
+
+def test_the_js_guest_imports_only_kinodes_abi_and_wasi():
+    from host.settings import runtime_from_environment
+    from host.wasm import Runtime
+    path = GUESTS_DIR / "jsguest" / "pkg" / "guest.wasm"
+    if not path.exists():
+        pytest.skip("the JavaScript guest is not built: ./build.sh builds it when npm is installed")
+    rt = Runtime(runtime_from_environment())
+    for wasm in (path, GUESTS_DIR / "pyguest" / "pkg" / "guest.wasm"):
+        imports = rt.load_file(Path(wasm)).imports
+        assert "kinode:process/standard@0.8.0" in imports, wasm
+        assert {i for i in imports if not i.startswith("wasi:")} == {"kinode:process/standard@0.8.0"}, wasm
+        assert not any(i.startswith("wasi:http") for i in imports), wasm   # built with http disabled
+
+
+def test_a_crash_reason_from_either_toolchains_stderr():
+    """What a guest wrote to stderr before it ended, in the pieces it wrote, becomes the reason."""
+    from types import SimpleNamespace
+
+    from host.process import WasmProcess
+    trap = Exception("error while executing at wasm backtrace:\n  0: x\n\nCaused by:\n    wasm trap: wasm "
+                     "`unreachable` instruction executed")
+
+    def reason(*pieces: bytes) -> str:
+        p = WasmProcess.__new__(WasmProcess)
+        p.id, p.killed, p.stderr_tail, p._stderr_line_open = "g:p:t.os", False, [], False
+        p.kernel = SimpleNamespace(compute_limit=30.0, runtime=SimpleNamespace(max_instances=10))
+        for piece in pieces:
+            p._on_stderr(piece)
+        return p._describe_failure(trap)
+
+    # componentize-py writes the exception's type, ": " and its message apart
+    assert reason(b"Traceback (most recent call last):\n  File \"/0/main.py\", line 3\n", b"RuntimeError",
+                  b": ", b"crash requested", b"\n\n", b"thread panicked\n") == "crashed: RuntimeError: crash requested"
+    # componentize-js prints the message, then "Stack:"; a console line before it is not the reason
+    assert reason(b"TypeError: logged, not thrown\n", b"BigInt value can't be serialized\nStack:\n",
+                  b"  show@main.js:26:72\n\nRedirecting call to abort()\n") == "crashed: BigInt value can't be serialized"
+    # nothing recognisable: the trap itself
+    assert reason(b"some output\n", b"no newline at the end") == "trapped: wasm trap: wasm `unreachable` instruction executed"
+
