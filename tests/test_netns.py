@@ -374,3 +374,28 @@ def netns_route(node, addr: str) -> str | None:
     """The route `node`'s namespace has to `addr`, or None."""
     r = node.host.ip("route", "get", addr, check=False)
     return r.stdout.strip() if r.returncode == 0 else None
+
+
+def test_router_flags_bad_values_and_the_id_of_an_indirect_node(tmp_path):
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+
+    def host(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "host", *args], cwd=repo, capture_output=True, text=True,
+                              env=dict(os.environ, **(env or {})), timeout=60)
+    home = ["--home", str(tmp_path / "h"), "--directory", str(tmp_path / "d.sqlite")]
+    for args, env, says in ((["--router", "x.dev"], None, "a node cannot be its own --router"),
+                            (["--is-router", "--router-max-nodes", "0"], None, "--router-max-nodes must be at least 1"),
+                            (["--is-router", "--router-max-rate", "-1"], None, "--router-max-rate must be 0"),
+                            ([], {"KINODE_NET_TIMEOUT": "1"}, "KINODE_NET_TIMEOUT must be at least 2 seconds"),
+                            ([], {"KINODE_NET_TIMEOUT": "soon"}, "KINODE_NET_TIMEOUT='soon' is not a number")):
+        r = host("--node", "x.dev", *home, *args, env=env)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+    # an indirect node's entry: its routers and no address; with --advertise, both
+    r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--router", "r1.dev", "--router", "r2.dev")
+    entry = json.loads(r.stdout)
+    assert set(entry) == {"name", "public_key", "routers"} and entry["routers"] == ["r1.dev", "r2.dev"], r.stdout
+    r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--router", "r1.dev", "--advertise", "10.0.0.9:81")
+    assert json.loads(r.stdout) == {**entry, "routers": ["r1.dev"], "host": "10.0.0.9", "port": 81}, r.stdout
+    r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--router", "x.dev")
+    assert r.returncode == 2 and "a node cannot be its own --router" in r.stderr, r.stderr
