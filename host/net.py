@@ -1373,7 +1373,7 @@ class Network:
         conn = self._served.get(target)
         if conn is None or conn.closed:
             return f"{target} is not connected to {self.our_name} as to its router"
-        if self._relays >= MAX_RELAYS:
+        if self._relays + len(self._pending_relays) >= MAX_RELAYS:
             return f"{self.our_name} relays its limit of {MAX_RELAYS} sessions"
         return None
 

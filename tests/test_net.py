@@ -679,3 +679,30 @@ def test_router_rate_limit_holds_relayed_bytes(nodes):
         b.recv(timeout=30)
     took = time.monotonic() - t0
     assert took > 1.0, took  # 6 MiB at 4 MiB/s, less a quarter-second burst: at least 1.25 s
+
+
+def test_the_indirect_nodes_key_is_pinned_through_the_router(nodes, tmp_path):
+    """A router (or whoever answers through it) cannot pose as the indirect node: the dialler
+    checks the key of its own entry, as for a direct peer."""
+    import json
+    shared = Directory(tmp_path / "shared.sqlite")          # where r and b register
+    r = nodes("r.os", is_router=True, directory=shared)
+    b = nodes("b.os", routers=["r.os"], directory=shared)
+    wait_served(r, "b.os")
+    peers = tmp_path / "a.peers.json"
+    a = nodes("a.os", directory=Directory(tmp_path / "a.sqlite", peers))
+    shared.register("a.os", a.identity.public, "127.0.0.1", a.net.port)  # b knows a's key
+
+    def a_knows_b_as(key):
+        tmp = peers.with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.net.entry(), {**b.net.entry(), "public_key": key.hex()}]))
+        os.replace(tmp, peers)
+    a_knows_b_as(r.identity.public)                         # a wrong key for b
+    why = a.send(request("a.os", "b.os")).get(timeout=15)
+    assert (f"key {b.identity.public.hex()[:16]} answered, {r.identity.public.hex()[:16]} expected" in why
+            and "r.os relaying" in why), why
+    assert_quiet(b.inbox, 0.2)
+    a_knows_b_as(b.identity.public)                         # positive control: the right one
+    errors = a.send(request("a.os", "b.os", body=b"pinned"))
+    assert b.recv().message.body == b"pinned"
+    assert_quiet(errors, 0)
