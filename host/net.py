@@ -1481,6 +1481,20 @@ class Network:
         return sorted(name for name, p in list(self._peers.items())
                       if p.conn is not None and not p.conn.closed)
 
+    def routing_status(self) -> list[str]:
+        """Lines about routers for diagnostics: ours (connected or not), and whom we route for."""
+        lines = []
+        if self.routers:
+            up = set(self.connected_peers())
+            lines.append("our routers: " + ", ".join(f"{r} ({'connected' if r in up else 'not connected'})"
+                                                    for r in self.routers))
+        if self.is_router:
+            served = sorted(n for n, c in list(self._served.items()) if not c.closed)
+            lines.append(f"we route for {len(served)} nodes (limit {self.router_max_nodes})"
+                         + (": " + ", ".join(served) if served else "")
+                         + f"; {self._relays} relayed sessions")
+        return lines
+
     def peer_activity(self) -> dict:
         """Seconds since each connected peer last sent us anything (a snapshot; any thread)."""
         if self._loop is None:

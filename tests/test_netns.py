@@ -354,6 +354,10 @@ def test_indirect_node_through_routers_and_the_next_router_when_one_is_killed(ne
         print("the first download failed when r1 died; the second resumed it through r2:",
               [ln for ln in lines if "resum" in ln])
     assert (a.files / "marked.bin").read_bytes() == marked
+    _, lines = b.run("net_diagnostics", wait=0.1)
+    assert any("our routers: r1.dev (not connected), r2.dev (connected)" in ln for ln in lines), lines
+    _, lines = r2.run("net_diagnostics", wait=0.1)
+    assert any("we route for 1 nodes (limit 100): b.dev" in ln for ln in lines), lines
     # what r2 relayed: the relay request in plain text (the recorder sees plain text when there is
     # some), then at least the resumed part of the file, never the marker
     relayed = record.read_bytes()
