@@ -708,3 +708,53 @@ def test_the_indirect_nodes_key_is_pinned_through_the_router(nodes, tmp_path):
     errors = a.send(request("a.os", "b.os", body=b"pinned"))
     assert b.recv().message.body == b"pinned"
     assert_quiet(errors, 0)
+
+
+def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_serving(nodes, raw_peer, caplog):
+    r = nodes("r.os", is_router=True)
+    b = nodes("b.os", routers=["r.os"])
+    plain = nodes("p.os")                     # not a router
+    wait_served(r, "b.os")
+    a = nodes("a.os")
+
+    def relay_frame(port, msg, raw=None):
+        """Send one relay frame to `port`; the reply frame's map, or None if the socket is dropped."""
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        data = netmod.RELAY_MAGIC + (raw if raw is not None else msgpack.packb(msg))
+        s.sendall(len(data).to_bytes(2, "big") + data)
+        try:
+            head = s.recv(2)
+            if len(head) < 2:
+                return None
+            body = b""
+            while len(body) < int.from_bytes(head, "big"):
+                body += s.recv(65536)
+            return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+        except ConnectionResetError:
+            return None
+        finally:
+            s.close()
+
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        assert relay_frame(r.net.port, None, raw=b"\xc1garbage") is None
+        assert relay_frame(r.net.port, {"relay": 7, "from": None}) is None
+        assert relay_frame(r.net.port, {"answer": os.urandom(16)}) is None
+        assert relay_frame(r.net.port, {"relay": "nobody.os", "from": "a.os"}) == {
+            "ok": False, "reason": "nobody.os is not connected to r.os as to its router"}
+        assert relay_frame(plain.net.port, {"relay": "b.os", "from": "a.os"}) == {
+            "ok": False, "reason": "p.os is not a router"}
+        # an authenticated peer that is not b's router asks b to call it back: ignored
+        raw = raw_peer("evil.os", b)
+        ctl = msgpack.packb({"ctl": "relay", "token": os.urandom(16), "from": "a.os"})
+        raw.send_plain(len(ctl).to_bytes(4, "big") + ctl)
+        deadline = time.monotonic() + 10
+        while not any("ignored a control message 'relay' from evil.os" in m.getMessage() for m in caplog.records):
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+    msgs = [m.getMessage() for m in caplog.records]
+    assert any("malformed relay frame" in m for m in msgs), msgs
+    assert any("unknown or expired token" in m for m in msgs), msgs
+    # positive control: a real relayed session still goes through, and b kept evil's connection
+    a.send(request("a.os", "b.os", body=b"through"))
+    assert b.recv().message.body == b"through"
+    assert "evil.os" in b.net.connected_peers()
