@@ -59,6 +59,17 @@ def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
     p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
                    help="the address other nodes should dial, if not the --bind address "
                         "(a hostname, a NAT's forwarded port); shown by `python -m host id`")
+    p.add_argument("--router", action="append", default=None, metavar="NODE", dest="routers",
+                   help="this node cannot be dialled (behind NAT): it keeps a connection to NODE, which "
+                        "relays other nodes' connections to it; repeatable (the next is used when one is "
+                        "gone); its peers entry (`python -m host id --router NODE`) names them")
+    p.add_argument("--is-router", action="store_true",
+                   help="relay connections to indirect nodes that name this node with --router (off by "
+                        "default); the relayed sessions stay encrypted end to end")
+    p.add_argument("--router-max-nodes", type=int, default=100, metavar="N",
+                   help="as a router, serve at most N indirect nodes (default 100)")
+    p.add_argument("--router-max-rate", type=float, default=0.0, metavar="MIB_S",
+                   help="as a router, relay at most this many MiB/s in all (default 0: no limit)")
     p.add_argument("--compute-limit", type=float, default=d.compute_limit, metavar="S",
                    help="seconds a process may compute without calling the host before it is stopped "
                         f"(default {d.compute_limit:g}, or $KINODE_COMPUTE_LIMIT)")
@@ -96,6 +107,9 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         packages=tuple(args.packages or [DEFAULT_PACKAGES]),
         directory=args.directory, peers=args.peers, compute_limit=args.compute_limit,
         bind=tuple(args.bind) if args.bind else None, advertise=args.advertise,
+        routers=tuple(dict.fromkeys(args.routers or ())), is_router=args.is_router,
+        router_max_nodes=args.router_max_nodes, router_max_rate=args.router_max_rate * (1 << 20),
+        net_timeout=defaults.net_timeout, relay_record=defaults.relay_record,
         net_port=args.net_port, http_host=args.http_host, http_timeout=defaults.http_timeout,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
         runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,

@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     online     INTEGER NOT NULL
 )
 """
+# added later: an indirect node's routers, comma-joined ('' for a direct node)
+_ADD_ROUTERS = "ALTER TABLE nodes ADD COLUMN routers TEXT NOT NULL DEFAULT ''"
 
 
 def _now() -> float:
@@ -75,6 +77,14 @@ class NodeRecord:
     port: int
     online: bool = True  # False once the node stopped cleanly; peers-file entries are always True
     source: str = field(default="directory", compare=False)  # or "peers file": named in errors
+    routers: tuple[str, ...] = ()  # an indirect node: reached only through these nodes (host unused)
+
+    @property
+    def where(self) -> str:
+        """How the node is reached, for listings and errors."""
+        if self.routers:
+            return "via " + ", ".join(self.routers)
+        return host_port(self.host, self.port)
 
 
 def _check_key(public_key: bytes) -> bytes:
@@ -107,6 +117,9 @@ class Directory:
                     if str(mode).lower() != "wal":
                         db.execute("PRAGMA journal_mode=WAL")
                     db.execute(_SCHEMA)
+                    columns = [row[1] for row in db.execute("PRAGMA table_info(nodes)")]
+                    if "routers" not in columns:
+                        db.execute(_ADD_ROUTERS)
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
@@ -118,8 +131,10 @@ class Directory:
         return _Conn(self.path)
 
     # ---- registration ----------------------------------------------------------------------------
-    def register(self, name: str, public_key: bytes, host: str, port: int) -> None:
-        """Claim ``name`` for ``public_key`` at host:port and mark it online.
+    def register(self, name: str, public_key: bytes, host: str, port: int,
+                 routers: tuple[str, ...] = ()) -> None:
+        """Claim ``name`` for ``public_key`` at host:port (or through ``routers``: an indirect
+        node) and mark it online.
 
         Allowed when the name is free, already held by the same key, or held by a different key
         whose holder is gone (stopped cleanly, or silent for more than ``STALE_AFTER`` seconds).
@@ -140,11 +155,11 @@ class Directory:
                 log.warning("name %s re-registered with a new key; previous holder gone (%s)", name,
                             "stopped cleanly" if not old_online else f"silent for {age:.0f}s")
             db.execute(
-                "INSERT INTO nodes (name, public_key, host, port, pid, last_seen, online) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT(name) DO UPDATE SET "
+                "INSERT INTO nodes (name, public_key, host, port, pid, last_seen, online, routers) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(name) DO UPDATE SET "
                 "public_key = excluded.public_key, host = excluded.host, port = excluded.port, "
-                "pid = excluded.pid, last_seen = excluded.last_seen, online = 1",
-                (name, key, host, int(port), os.getpid(), now))
+                "pid = excluded.pid, last_seen = excluded.last_seen, online = 1, routers = excluded.routers",
+                (name, key, host, int(port), os.getpid(), now, ",".join(routers)))
             db.execute("COMMIT")
         static = self._peers().get(name)
         if static is not None and static.public_key != key:
@@ -168,10 +183,11 @@ class Directory:
     def lookup(self, name: str) -> Optional[NodeRecord]:
         """The record for ``name``: from the database if it has one, else from the peers file."""
         with self._connect() as db:
-            row = db.execute("SELECT name, public_key, host, port, online FROM nodes WHERE name = ?",
+            row = db.execute("SELECT name, public_key, host, port, online, routers FROM nodes WHERE name = ?",
                              (name,)).fetchone()
         if row is not None:
-            return NodeRecord(row[0], bytes(row[1]), row[2], int(row[3]), bool(row[4]))
+            return NodeRecord(row[0], bytes(row[1]), row[2], int(row[3]), bool(row[4]),
+                              routers=tuple(r for r in (row[5] or "").split(",") if r))
         return self._peers().get(name)
 
     def _peers(self, force: bool = False) -> dict[str, NodeRecord]:
@@ -239,7 +255,7 @@ class Directory:
                 if self.peers_error is None else
                 f"peers file {self.peers_file} NOT loaded ({self.peers_error}); "
                 f"using the last good one, {len(peers)} entries")
-        return "\n".join([head] + [f"  {r.name} {host_port(r.host, r.port)} key {fingerprint(r.public_key)}"
+        return "\n".join([head] + [f"  {r.name} {r.where} key {fingerprint(r.public_key)}"
                                    for r in sorted(peers.values(), key=lambda r: r.name)])
 
 
@@ -279,13 +295,22 @@ def parse_host_port(text: str, default_port: Optional[int]) -> tuple[str, Option
     return host, int(port_text)
 
 
-def peers_entry(name: str, public_key: bytes, host: str, port: int) -> dict:
-    """This node's entry for other nodes' peers files."""
-    return {"name": name, "public_key": bytes(public_key).hex(), "host": host, "port": port}
+def peers_entry(name: str, public_key: bytes, host: Optional[str], port: Optional[int],
+                routers: tuple[str, ...] = ()) -> dict:
+    """This node's entry for other nodes' peers files; an indirect node's names its routers
+    (and an address only if it has one to give)."""
+    entry: dict = {"name": name, "public_key": bytes(public_key).hex()}
+    if host is not None and port is not None:
+        entry.update(host=host, port=port)
+    if routers:
+        entry["routers"] = list(routers)
+    return entry
 
 
 def parse_peers(text: str, source: str = "peers file") -> dict[str, NodeRecord]:
-    """Parse a peers file: a JSON list of {"name", "public_key" (64 hex digits), "host", "port"}."""
+    """Parse a peers file: a JSON list of {"name", "public_key" (64 hex digits), "host", "port"},
+    or, for an indirect node, {"name", "public_key", "routers": [NAME, ...]} (host and port may
+    then be left out)."""
     try:
         entries = json.loads(text)
     except ValueError as e:
@@ -301,15 +326,23 @@ def parse_peers(text: str, source: str = "peers file") -> dict[str, NodeRecord]:
                 raise ValueError("must be an object {name, public_key, host, port}")
             if isinstance(ent.get("name"), str):
                 label += f" ({ent['name']})"
-            missing = [k for k in ("name", "public_key", "host", "port") if k not in ent]
+            routers = ent.get("routers", [])
+            if not isinstance(routers, list) or not all(isinstance(r, str) and r and "," not in r
+                                                        for r in routers):
+                raise ValueError("routers must be a list of node names")
+            needed = ("name", "public_key") if routers else ("name", "public_key", "host", "port")
+            missing = [k for k in needed if k not in ent]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
-            name, host, port, key = ent["name"], ent["host"], ent["port"], ent["public_key"]
+            name, key = ent["name"], ent["public_key"]
+            host, port = ent.get("host", ""), ent.get("port", 0)
             if not isinstance(name, str) or not name:
                 raise ValueError("name must be a non-empty string")
-            if not isinstance(host, str) or not host:
+            if name in routers:
+                raise ValueError("a node cannot be its own router")
+            if not isinstance(host, str) or not (host or routers):
                 raise ValueError("host must be a non-empty string")
-            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            if isinstance(port, bool) or not isinstance(port, int) or not (0 < port < 65536 or (routers and not port)):
                 raise ValueError(f"port {port!r} is not a number from 1 to 65535")
             if not isinstance(key, str) or len(key) != 2 * KEY_LEN:
                 raise ValueError(f"public_key must be {2 * KEY_LEN} hex digits")
@@ -321,7 +354,7 @@ def parse_peers(text: str, source: str = "peers file") -> dict[str, NodeRecord]:
                 raise ValueError("the same name appears twice")
         except ValueError as e:
             raise PeersFileError(f"peers file {source}, {label}: {e}") from None
-        peers[name] = NodeRecord(name, key_bytes, host, port, True, source="peers file")
+        peers[name] = NodeRecord(name, key_bytes, host, port, True, source="peers file", routers=tuple(routers))
     return peers
 
 

@@ -25,6 +25,17 @@ One connection per peer pair: the responder answers the handshake with accept or
 nodes dial each other at once, the connection dialled by the node whose name sorts first wins; the
 other is rejected before any message passes on it, and its dialler uses the winner instead.
 
+Routers (Kinode's indirect nodes): a node that cannot be dialled names routers; it keeps a
+connection to each (its hello says ``"route": true``), and a router started with ``is_router``
+serves it. A peer that wants the indirect node opens a TCP connection to one of its routers and
+sends, instead of Noise message 1, a relay frame: ``u16 length, RELAY_MAGIC, msgpack {"relay":
+target, "from": name}``. The router asks the target over their connection (a control map
+``{"ctl": "relay", "token", "from"}`` in the plaintext stream) to open a connection back, which
+starts with the relay frame ``{"answer": token}``; the router then answers the dialler ``{"ok":
+true}`` (or ``false`` and a ``reason``) and copies bytes between the two sockets. The two ends
+then run the usual Noise XX handshake and session through it: the router never holds their
+keys, and the dialler pins the indirect node's key as for a direct peer.
+
 Threading: everything runs on one asyncio loop on a daemon thread. ``send`` may be called from any
 thread; ``on_message``, ``on_peer_lost`` and every ``on_error`` are called on the network thread
 and must only enqueue.
@@ -51,7 +62,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from noise.connection import Keypair, NoiseConnection
 
 from . import fsutil
-from .directory import Directory, NameTaken, fingerprint, host_port, peers_entry  # noqa: F401
+from .directory import Directory, NameTaken, NodeRecord, fingerprint, host_port, peers_entry  # noqa: F401
 from .types import KernelMessage, ParseError
 
 log = logging.getLogger("host.net")
@@ -74,6 +85,11 @@ DEAD_AFTER = 20.0          # a connection that hears nothing this long is droppe
 PEERS_CHECK = 0.1          # the peers file is checked for changes at most this often
 REPORT_AGAIN_AFTER = 30.0  # the same dial failure is told to the user at most this often
 INSTANCE_LEN = 16
+RELAY_MAGIC = b"kinode-py relay\x00"  # starts a relay frame (a Noise message 1 is 32 random bytes)
+RELAY_TIMEOUT = 5.0        # seconds a router waits for the indirect node to call back
+RELAY_BUF = 256 << 10      # bytes a router copies per read
+ROUTER_RETRY = 2.0         # seconds between an indirect node's attempts to reach a lost router
+MAX_RELAYS = 512           # relayed sessions a router carries at once
 
 SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
 OUT_KEEP = 5 << 20         # keep a connection's output buffer up to this size between rounds (a 4 MiB chunk fits)
@@ -219,6 +235,8 @@ class _Conn:
         self.last_recv = self.last_sent = self.loop.time()
         self.wlock = asyncio.Lock()
         self.pinging = False
+        self.route = False              # the peer asked us (a router) to serve it on this connection
+        self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
@@ -492,6 +510,9 @@ class _Conn:
             raise _ProtocolError(f"undecodable MessagePack ({e})") from None
         if not isinstance(wire, dict):
             raise _ProtocolError(f"message is a {type(wire).__name__}, not a map")
+        if "ctl" in wire:
+            self.net._control(self, wire)
+            return
         try:
             km = KernelMessage.from_wire(wire)
         except (ParseError, ValueError, TypeError, KeyError) as e:
@@ -526,6 +547,9 @@ class Network:
                  host: Union[str, Sequence[str]] = "127.0.0.1", *,
                  advertise_host: Optional[str] = None, advertise_port: Optional[int] = None,
                  on_problem: Optional[OnError] = None,
+                 routers: Sequence[str] = (), is_router: bool = False,
+                 router_max_nodes: int = 100, router_max_rate: float = 0.0,
+                 relay_tap: Optional[Callable[[memoryview], None]] = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  heartbeat_every: float = HEARTBEAT_EVERY,
                  keepalive_every: float = KEEPALIVE_EVERY, dead_after: float = DEAD_AFTER):
@@ -540,6 +564,12 @@ class Network:
         self.on_message = on_message
         self.on_peer_lost = on_peer_lost
         self.on_problem = on_problem       # told (besides the log) why a peer cannot be reached
+        self.routers = tuple(routers)      # we are an indirect node, reached through these
+        self.is_router = is_router         # we relay for indirect nodes that name us
+        self.router_max_nodes = router_max_nodes
+        self.router_max_rate = router_max_rate  # bytes/s over all relayed sessions; 0: no limit
+        self.relay_tap = relay_tap         # sees every byte a relay reads (tests record them)
+        self._address_given = advertise_host is not None
         if advertise_host is None:
             specific = [h for h in self.bind if h not in ("", "0.0.0.0", "::")]
             advertise_host = specific[0] if specific else socket.gethostname()
@@ -562,6 +592,12 @@ class Network:
         self._handshakes = 0
         self._running = False
         self._closing = False
+        self._served: dict[str, _Conn] = {}          # router: indirect nodes' connections to us
+        self._pending_relays: dict[bytes, asyncio.Future] = {}  # router: token -> the call-back
+        self._relays = 0                             # router: sessions being relayed
+        self._relay_clock = 0.0                      # router: when the rate limit frees the link
+        self._via: dict[str, str] = {}               # indirect peer -> the router that worked last
+        self._keeping: set[str] = set()              # routers being dialled by the keeper
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -575,7 +611,7 @@ class Network:
                 listeners.append(lsock)
                 self.port = lsock.getsockname()[1]  # port 0: the first listener's port for all
             self.directory.register(self.our_name, self.identity.public, self.advertise_host,
-                                    self.advertised_port)
+                                    self.advertised_port, self.routers)
             self.directory.changed_peers()  # what is there now is no change: connections are new
         except BaseException:
             for lsock in listeners:
@@ -588,6 +624,8 @@ class Network:
         self._handshakes = 0
         self.instance = secrets.token_bytes(INSTANCE_LEN)  # new per run: tells peers we restarted
         self._hello = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance})
+        self._hello_route = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance,
+                                           "route": True})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"net-{self.our_name}", daemon=True)
         started = threading.Event()
@@ -596,18 +634,23 @@ class Network:
         started.wait()
         self._running = True
         asyncio.run_coroutine_threadsafe(self._begin(), self._loop).result()
-        log.info("%s listening on %s, advertised as %s", self.our_name,
+        log.info("%s listening on %s, advertised as %s%s%s", self.our_name,
                  ", ".join(host_port(h or "*", self.port) for h in self.bind),
-                 host_port(self.advertise_host, self.advertised_port))
+                 host_port(self.advertise_host, self.advertised_port),
+                 f", reached through {', '.join(self.routers)}" if self.routers else "",
+                 ", routing for indirect nodes" if self.is_router else "")
 
     @property
     def advertised_port(self) -> int:
         return self.advertise_port or self.port
 
     def entry(self) -> dict:
-        """This node's entry for other nodes' peers files."""
+        """This node's entry for other nodes' peers files (an indirect node's names its routers,
+        and its address only if --advertise gave one)."""
+        if self.routers and not self._address_given:
+            return peers_entry(self.our_name, self.identity.public, None, None, self.routers)
         return peers_entry(self.our_name, self.identity.public, self.advertise_host,
-                           self.advertised_port)
+                           self.advertised_port, self.routers)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -618,6 +661,8 @@ class Network:
             self._spawn(self._accept_loop(lsock))
         self._spawn(self._heartbeat_loop())
         self._spawn(self._liveness_loop())
+        if self.routers:
+            self._spawn(self._keep_routers())
 
     def stop(self) -> None:
         """Unregister from the directory, close every connection and join the network thread."""
@@ -888,9 +933,8 @@ class Network:
             if fut in peer.waiters:
                 peer.waiters.remove(fut)
 
-    async def _dial_once(self, peer: _Peer) -> Optional[_Conn]:
-        """Dial and handshake; the connection, or None if the peer rejected it as a duplicate."""
-        name = peer.name
+    async def _lookup(self, name: str) -> NodeRecord:
+        """The directory's record for a node we mean to dial; _DialFailed says why there is none."""
         try:
             rec = await asyncio.to_thread(self.directory.lookup, name)
         except Exception as e:
@@ -901,33 +945,94 @@ class Network:
                               + (f" nor in the peers file ({pf})" if pf else " and no --peers file is given"))
         if not rec.online:
             raise _DialFailed(f"node {name} is not running (it stopped; the directory says so)")
-        if peer.conn is not None and not peer.conn.closed:
-            return peer.conn  # the peer dialled us meanwhile
+        return rec
+
+    async def _connect(self, rec: NodeRecord) -> tuple[socket.socket, str]:
+        """A TCP connection to a direct node's address (and that address, for messages)."""
         where = host_port(rec.host, rec.port)
         try:
             infos = await self._loop.getaddrinfo(rec.host, rec.port, type=socket.SOCK_STREAM)
         except OSError as e:
-            raise _DialFailed(f"cannot resolve {rec.host} for {name}: {e}") from None
+            raise _DialFailed(f"cannot resolve {rec.host} for {rec.name}: {e}") from None
         tried: list[str] = []
-        sock = None
         for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
             try:
                 _tune(sock)
                 await asyncio.wait_for(self._loop.sock_connect(sock, addr), DIAL_TIMEOUT)
-                break
+                return sock, where
             except (OSError, asyncio.TimeoutError) as e:
                 sock.close()
-                sock = None
                 why = (f"no answer in {DIAL_TIMEOUT:.0f} s" if isinstance(e, asyncio.TimeoutError)
                        else e.strerror or str(e))
                 tried.append(f"{host_port(addr[0], addr[1])}: {why}")
             except BaseException:  # cancelled (shutdown)
                 sock.close()
                 raise
-        if sock is None:
-            raise _DialFailed(f"cannot connect to {where} ({rec.source} entry): {'; '.join(tried)}")
-        conn = _Conn(self, sock, dialled=True, where=where)
+        raise _DialFailed(f"cannot connect to {where} ({rec.source} entry): {'; '.join(tried)}")
+
+    async def _dial_once(self, peer: _Peer) -> Optional[_Conn]:
+        """Dial and handshake; the connection, or None if the peer rejected it as a duplicate."""
+        rec = await self._lookup(peer.name)
+        if peer.conn is not None and not peer.conn.closed:
+            return peer.conn  # the peer dialled us meanwhile
+        if rec.routers:
+            return await self._dial_indirect(peer, rec)
+        sock, where = await self._connect(rec)
+        return await self._handshake_out(peer, _Conn(self, sock, dialled=True, where=where), rec)
+
+    async def _dial_indirect(self, peer: _Peer, rec: NodeRecord) -> Optional[_Conn]:
+        """Reach an indirect node through the first of its routers that relays for us (starting
+        with the one that worked last)."""
+        routers = [r for r in rec.routers if r != self.our_name]
+        last = self._via.get(rec.name)
+        if last in routers:
+            routers.remove(last)
+            routers.insert(0, last)
+        if not routers:
+            raise _DialFailed(f"{rec.name} is reached only through routers, and names no router but us")
+        failures = []
+        for router in routers:
+            conn: Optional[_Conn] = None
+            try:
+                rrec = await self._lookup(router)
+                if rrec.routers:
+                    raise _DialFailed(f"{router} is itself an indirect node")
+                sock, where = await self._connect(rrec)
+                conn = _Conn(self, sock, dialled=True, where=f"{where} ({router} relaying)")
+                await asyncio.wait_for(self._ask_relay(conn, rec.name, router),
+                                       RELAY_TIMEOUT + self.handshake_timeout)
+            except (_DialFailed, asyncio.TimeoutError, _ProtocolError, _Closed, OSError) as e:
+                if conn is not None:
+                    conn.close()
+                why = str(e) if isinstance(e, _DialFailed) else (
+                    "no answer to the relay request" if isinstance(e, asyncio.TimeoutError)
+                    else f"relay request failed: {e or type(e).__name__}")
+                failures.append(f"{router}: {why}")
+                log.info("cannot reach %s through %s: %s", rec.name, router, why)
+                continue
+            try:
+                got = await self._handshake_out(peer, conn, rec)
+            except _DialFailed as e:
+                failures.append(f"{router}: {e}")
+                continue
+            self._via[rec.name] = router
+            return got
+        raise _DialFailed(f"cannot reach {rec.name} through its routers: {'; '.join(failures)}")
+
+    async def _ask_relay(self, conn: _Conn, target: str, router: str) -> None:
+        """Ask a router for a relayed connection to `target`; returns once it is through."""
+        await conn.write_frame(RELAY_MAGIC + msgpack.packb({"relay": target, "from": self.our_name}))
+        frame = await conn.read_frame(HANDSHAKE_MAX)
+        reply = _parse_relay_frame(frame)
+        if reply is None:
+            raise _DialFailed(f"{router} did not answer the relay request as a router would")
+        if reply.get("ok") is not True:
+            raise _DialFailed(f"{router} does not relay to {target}: {reply.get('reason')}")
+
+    async def _handshake_out(self, peer: _Peer, conn: _Conn, rec: NodeRecord) -> Optional[_Conn]:
+        """The initiator's handshake on a connected socket, then install it as the peer's."""
+        name, where = rec.name, conn.where
         try:
             accepted = await asyncio.wait_for(self._initiate(conn, name, rec.public_key, rec.source),
                                               self.handshake_timeout)
@@ -963,7 +1068,7 @@ class Network:
         await conn.write_frame(noise.write_message())                      # -> e
         hs = noise.noise_protocol.handshake_state
         payload = noise.read_message(await conn.read_frame(HANDSHAKE_MAX))  # <- e, ee, s, es
-        claimed, instance = _parse_hello(payload)
+        claimed, instance, _ = _parse_hello(payload)
         remote_key = hs.rs.public_bytes
         if claimed != name:
             log.warning("dialled %s at %s but it claims to be %r; refusing", name, conn.where,
@@ -975,12 +1080,19 @@ class Network:
             raise _DialFailed(f"{name} at {conn.where} did not prove the key the {source} holds: "
                               f"key {fingerprint(remote_key)} answered, {fingerprint(expected_key)} "
                               f"expected (an outdated entry, or another node at that address)")
-        await conn.write_frame(noise.write_message(self._hello))           # -> s, se
+        route = name in self.routers   # ask our router to serve us
+        await conn.write_frame(noise.write_message(self._hello_route if route else self._hello))  # -> s, se
         conn.set_keys(noise)
         conn.peer_name, conn.instance = name, instance
         reply = msgpack.unpackb(conn.decrypt_frame(await conn.read_frame(NOISE_MAX)), raw=False)
         if not isinstance(reply, dict) or not isinstance(reply.get("accept"), bool):
             raise _ProtocolError("bad handshake reply")
+        if route and reply["accept"]:
+            routing = reply.get("routing")
+            if routing == "ok":
+                log.info("%s routes for us", name)
+            else:
+                self._report(name, f"{name} does not route for us: {routing or 'it is an older node'}")
         if not reply["accept"]:
             reason = str(reply.get("reason", ""))
             if reason == "duplicate":
@@ -1014,16 +1126,18 @@ class Network:
                 continue
             self._spawn(self._handle_incoming(_Conn(self, sock, dialled=False, where=where)))
 
-    async def _handle_incoming(self, conn: _Conn) -> None:
+    async def _handle_incoming(self, conn: _Conn, allow_relay: bool = True) -> None:
         self._handshakes += 1
         try:
-            await self._handle_incoming_inner(conn)
+            await self._handle_incoming_inner(conn, allow_relay)
         finally:
             self._handshakes -= 1
+        if conn.relay_frame is not None and not conn.closed:
+            self._spawn(self._on_relay_frame(conn))
 
-    async def _handle_incoming_inner(self, conn: _Conn) -> None:
+    async def _handle_incoming_inner(self, conn: _Conn, allow_relay: bool) -> None:
         try:
-            await asyncio.wait_for(self._respond(conn), self.handshake_timeout)
+            await asyncio.wait_for(self._respond(conn, allow_relay), self.handshake_timeout)
         except asyncio.TimeoutError:
             log.warning("dropping unauthenticated connection from %s: handshake timed out",
                         conn.where)
@@ -1040,17 +1154,21 @@ class Network:
                         conn.where, e or type(e).__name__)
             conn.close()
 
-    async def _respond(self, conn: _Conn) -> None:
+    async def _respond(self, conn: _Conn, allow_relay: bool = True) -> None:
+        first = await conn.read_frame(HANDSHAKE_MAX)
+        if first.startswith(RELAY_MAGIC) and allow_relay:
+            conn.relay_frame = first   # a relay request or call-back: handled after this
+            return
         noise = NoiseConnection.from_name(NOISE_PROTOCOL)
         noise.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.private)
         noise.set_prologue(PROLOGUE)
         noise.set_as_responder()
         noise.start_handshake()
-        noise.read_message(await conn.read_frame(HANDSHAKE_MAX))           # -> e
+        noise.read_message(first)                                          # -> e
         await conn.write_frame(noise.write_message(self._hello))           # <- e, ee, s, es
         hs = noise.noise_protocol.handshake_state  # dropped by the library once the handshake ends
         payload = noise.read_message(await conn.read_frame(HANDSHAKE_MAX))  # -> s, se
-        claimed, instance = _parse_hello(payload)
+        claimed, instance, route = _parse_hello(payload)
         remote_key = hs.rs.public_bytes
         conn.set_keys(noise)
         if claimed == self.our_name:
@@ -1079,8 +1197,18 @@ class Network:
             log.debug("rejecting connection from %s: %s", claimed, reason)
             self._reject(conn, reason)
             return
-        conn.send_now(conn.encrypt_frame(msgpack.packb({"accept": True, "reason": ""})))
-        self._install(peer, conn)
+        reply: dict = {"accept": True, "reason": ""}
+        refusal = self._routing_refusal(claimed) if route else None
+        if route:
+            reply["routing"] = refusal or "ok"
+        conn.send_now(conn.encrypt_frame(msgpack.packb(reply)))
+        conn = self._install(peer, conn)
+        if route and refusal is None:
+            conn.route = True
+            self._served[claimed] = conn
+            log.info("routing for %s (%d nodes served)", claimed, len(self._served))
+        elif route:
+            log.warning("not routing for %s: %s", claimed, refusal)
 
     @staticmethod
     def _reject(conn: _Conn, reason: str) -> None:
@@ -1160,6 +1288,9 @@ class Network:
         conn.close()
         if conn.reader_task is not None and conn.reader_task is not asyncio.current_task():
             conn.reader_task.cancel()
+        if conn.route and self._served.get(conn.peer_name or "") is conn:
+            del self._served[conn.peer_name or ""]
+            log.info("no longer routing for %s: %s", conn.peer_name, reason)
         peer = self._peers.get(conn.peer_name) if conn.peer_name else None
         if peer is not None and peer.conn is conn:
             peer.conn = None
@@ -1178,11 +1309,191 @@ class Network:
             return
         _safe_call(self.on_message, km)
 
+    # ---- routers: the indirect node's side ---------------------------------------------------------
+    async def _keep_routers(self) -> None:
+        """An indirect node keeps a connection to each of its routers, dialling again when one is lost."""
+        while True:
+            for name in self.routers:
+                peer = self._peer(name)
+                if (peer.conn is None or peer.conn.closed) and not peer.dialling and name not in self._keeping:
+                    self._keeping.add(name)
+                    self._spawn(self._reach_router(peer))
+            await asyncio.sleep(ROUTER_RETRY)
+
+    async def _reach_router(self, peer: _Peer) -> None:
+        try:
+            await self._dial(peer)
+        except _DialFailed as e:
+            if not self._closing:
+                self._report(peer.name, f"{e} (it is one of our routers)")
+        finally:
+            self._keeping.discard(peer.name)
+
+    def _control(self, conn: _Conn, wire: dict) -> None:
+        """A control map from a peer (not a KernelMessage): a router asking us to call it back."""
+        token, source = wire.get("token"), wire.get("from")
+        if (wire.get("ctl") == "relay" and conn.peer_name in self.routers and isinstance(token, bytes)
+                and isinstance(source, str)):
+            self._spawn(self._call_back(conn.peer_name or "", token, source[:255]))
+        else:
+            log.warning("ignored a control message %r from %s (not one of our routers, or malformed)",
+                        wire.get("ctl"), conn.label)
+
+    async def _call_back(self, router: str, token: bytes, source: str) -> None:
+        """Open the connection a router asked for; the peer behind it then handshakes with us as if
+        it had dialled us (and is judged as any incoming peer is)."""
+        try:
+            rrec = await self._lookup(router)
+            sock, where = await self._connect(rrec)
+        except _DialFailed as e:
+            log.warning("cannot call %s back for a relayed connection from %s: %s", router, source, e)
+            return
+        conn = _Conn(self, sock, dialled=False, where=f"{where} ({router} relaying)")
+        try:
+            await conn.write_frame(RELAY_MAGIC + msgpack.packb({"answer": token}))
+        except (OSError, _Closed) as e:
+            log.warning("cannot call %s back for a relayed connection from %s: %s", router, source, e)
+            conn.close()
+            return
+        await self._handle_incoming(conn, allow_relay=False)
+
+    # ---- routers: the router's side ----------------------------------------------------------------
+    def _routing_refusal(self, name: str) -> Optional[str]:
+        """Why we will not serve `name` as its router, or None if we will."""
+        if not self.is_router:
+            return f"{self.our_name} is not a router (start it with --is-router)"
+        live = {n for n, c in self._served.items() if not c.closed}
+        if name not in live and len(live) >= self.router_max_nodes:
+            return f"{self.our_name} already routes for its limit of {self.router_max_nodes} nodes"
+        return None
+
+    def _relay_refusal(self, target: str) -> Optional[str]:
+        if not self.is_router:
+            return f"{self.our_name} is not a router"
+        conn = self._served.get(target)
+        if conn is None or conn.closed:
+            return f"{target} is not connected to {self.our_name} as to its router"
+        if self._relays + len(self._pending_relays) >= MAX_RELAYS:
+            return f"{self.our_name} relays its limit of {MAX_RELAYS} sessions"
+        return None
+
+    async def _on_relay_frame(self, conn: _Conn) -> None:
+        """A connection that began with a relay frame: a peer asking us to relay it to a node we
+        serve, or that node calling back for such a request."""
+        frame = conn.relay_frame or b""
+        if self.relay_tap is not None:
+            self.relay_tap(memoryview(frame))
+        msg = _parse_relay_frame(frame)
+        if msg is not None and isinstance(msg.get("answer"), bytes):
+            fut = self._pending_relays.pop(msg["answer"], None)
+            if fut is None or fut.done():
+                log.warning("dropping relay call-back from %s: unknown or expired token", conn.where)
+                conn.close()
+            else:
+                fut.set_result(conn)
+            return
+        target, source = (msg or {}).get("relay"), (msg or {}).get("from")
+        if not isinstance(target, str) or not isinstance(source, str):
+            log.warning("dropping connection from %s: malformed relay frame", conn.where)
+            conn.close()
+            return
+        source = source[:255]
+        reason = self._relay_refusal(target)
+        other: Optional[_Conn] = None
+        if reason is None:
+            token = secrets.token_bytes(16)
+            fut = self._loop.create_future()
+            self._pending_relays[token] = fut
+            try:
+                served = self._served[target]
+                async with served.wlock:
+                    await served.send_payloads([msgpack.packb({"ctl": "relay", "token": token, "from": source})])
+                other = await asyncio.wait_for(fut, RELAY_TIMEOUT)
+            except asyncio.TimeoutError:
+                reason = f"{target} did not call back within {RELAY_TIMEOUT:.0f} s"
+            except (OSError, _Closed) as e:
+                reason = f"{target}'s connection failed: {e}"
+            finally:
+                self._pending_relays.pop(token, None)
+        if other is None:
+            log.warning("not relaying %s (%s) to %s: %s", source, conn.where, target, reason)
+            try:
+                await conn.write_frame(RELAY_MAGIC + msgpack.packb({"ok": False, "reason": reason}))
+            except (OSError, _Closed):
+                pass
+            conn.close()
+            return
+        try:
+            await conn.write_frame(RELAY_MAGIC + msgpack.packb({"ok": True}))
+        except (OSError, _Closed):
+            conn.close()
+            other.close()
+            return
+        log.info("relaying %s (%s) to %s", source, conn.where, target)
+        await self._splice(conn, other, f"{source} -> {target}")
+
+    async def _splice(self, a: _Conn, b: _Conn, what: str) -> None:
+        """Copy bytes both ways until either side ends; then close both. What passes is the two
+        ends' Noise session: we can neither read nor alter it undetected."""
+        self._relays += 1
+        copiers = [self._loop.create_task(self._copy(a, b)), self._loop.create_task(self._copy(b, a))]
+        try:
+            await asyncio.wait(copiers, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in copiers:
+                t.cancel()
+            await asyncio.gather(*copiers, return_exceptions=True)
+            a.close()
+            b.close()
+            self._relays -= 1
+            log.info("relay %s ended", what)
+
+    async def _copy(self, src: _Conn, dst: _Conn) -> None:
+        loop = self._loop
+        leftover = bytes(src.rbuf[src.rstart:src.rend])  # read past the relay frame, if anything
+        if leftover:
+            if self.relay_tap is not None:
+                self.relay_tap(memoryview(leftover))
+            await loop.sock_sendall(dst.sock, leftover)
+        buf = bytearray(RELAY_BUF)
+        view = memoryview(buf)
+        while True:
+            n = await loop.sock_recv_into(src.sock, buf)
+            if n == 0:
+                return
+            if self.relay_tap is not None:
+                self.relay_tap(view[:n])
+            if self.router_max_rate > 0:
+                await self._throttle(n)
+            await loop.sock_sendall(dst.sock, view[:n])
+
+    async def _throttle(self, n: int) -> None:
+        """Hold relayed bytes to router_max_rate over all sessions (a burst of a quarter second)."""
+        now = self._loop.time()
+        self._relay_clock = max(self._relay_clock, now) + n / self.router_max_rate
+        wait = self._relay_clock - now - 0.25
+        if wait > 0:
+            await asyncio.sleep(wait)
+
     # ---- introspection ---------------------------------------------------------------------------
     def connected_peers(self) -> list:
         """Names of peers with an established connection (a snapshot; any thread)."""
         return sorted(name for name, p in list(self._peers.items())
                       if p.conn is not None and not p.conn.closed)
+
+    def routing_status(self) -> list[str]:
+        """Lines about routers for diagnostics: ours (connected or not), and whom we route for."""
+        lines = []
+        if self.routers:
+            up = set(self.connected_peers())
+            lines.append("our routers: " + ", ".join(f"{r} ({'connected' if r in up else 'not connected'})"
+                                                    for r in self.routers))
+        if self.is_router:
+            served = sorted(n for n, c in list(self._served.items()) if not c.closed)
+            lines.append(f"we route for {len(served)} nodes (limit {self.router_max_nodes})"
+                         + (": " + ", ".join(served) if served else "")
+                         + f"; {self._relays} relayed sessions")
+        return lines
 
     def peer_activity(self) -> dict:
         """Seconds since each connected peer last sent us anything (a snapshot; any thread)."""
@@ -1228,7 +1539,18 @@ def _parse_hello(payload: bytes) -> tuple:
         raise _ProtocolError("bad node name in handshake payload")
     if not isinstance(instance, bytes) or len(instance) != INSTANCE_LEN:
         raise _ProtocolError("bad instance in handshake payload")
-    return name, instance
+    return name, instance, hello.get("route") is True
+
+
+def _parse_relay_frame(frame: bytes) -> Optional[dict]:
+    """The map a relay frame carries, or None if it is no relay frame."""
+    if not frame.startswith(RELAY_MAGIC):
+        return None
+    try:
+        msg = msgpack.unpackb(frame[len(RELAY_MAGIC):], raw=False)
+    except Exception:
+        return None
+    return msg if isinstance(msg, dict) else None
 
 
 def _safe_call(fn: Callable, *args) -> None:
@@ -1269,6 +1591,9 @@ def id_command(argv: list[str]) -> int:
     p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
                    help="the address other nodes should dial (default: this machine's hostname); "
                         "give the port if the node does not use the default 8080")
+    p.add_argument("--router", action="append", default=None, metavar="NODE", dest="routers",
+                   help="an indirect node: other nodes reach it through NODE (repeatable, as the node's "
+                        "own --router); the entry then has no address unless --advertise gives one")
     args = p.parse_args(argv)
     name = args.node
     if name is None:
@@ -1282,9 +1607,12 @@ def id_command(argv: list[str]) -> int:
         host, port = parse_host_port(args.advertise, 8080) if args.advertise else (None, 8080)
     except ValueError as e:
         p.error(f"--advertise {e}")
-    if host is None:
+    routers = tuple(dict.fromkeys(args.routers or ()))
+    if name in routers:
+        p.error("a node cannot be its own --router")
+    if host is None and not routers:
         host = socket.gethostname()
         print(f"note: no --advertise given; using this machine's hostname {host!r}", file=sys.stderr)
     identity = load_or_create_identity(args.home)
-    print(json.dumps(peers_entry(name, identity.public, host, port)))
+    print(json.dumps(peers_entry(name, identity.public, host, port if host else None, routers)))
     return 0

@@ -67,12 +67,14 @@ class NetService(HostService):
             return None
         if name == self.kernel.node:
             e = self.net.entry()
-            host, port, key = e["host"], e["port"], e["public_key"]
+            host, port, key, routers = e.get("host"), e.get("port"), e["public_key"], e.get("routers")
         else:
             rec = self.net.directory.lookup(name)
             if rec is None:
                 return None
-            host, port, key = rec.host, rec.port, bytes(rec.public_key).hex()
+            host, port, key, routers = rec.host, rec.port, bytes(rec.public_key).hex(), list(rec.routers)
+        if routers:  # an indirect node, as upstream's NodeRouting::Routers
+            return [name, f"0x{key}", {"Routers": list(routers)}]
         return [name, f"0x{key}", {"Direct": [host, {"tcp": port}]}]
 
     def peers(self) -> list[list]:
@@ -89,6 +91,7 @@ class NetService(HostService):
         lines = [f"our Identity: {format_identity(me)}",
                  f"we have connections with {len(activity)} peers:"]
         lines += [f"    {name}, last message {age:.0f}s ago" for name, age in sorted(activity.items())]
+        lines += self.net.routing_status()
         return "".join(line + "\r\n" for line in lines)
 
     # ---- messages ----------------------------------------------------------------------------
@@ -135,6 +138,8 @@ def format_identity(identity: Optional[list]) -> str:
 
 
 def format_routing(routing: dict) -> str:
+    if "Routers" in routing:
+        return "Routers([" + ", ".join(f'"{r}"' for r in routing["Routers"]) + "])"
     host, ports = routing["Direct"]
     shown = ", ".join(f'"{k}": {v}' for k, v in ports.items())
     return f'Direct {{ ip: "{host}", ports: {{{shown}}} }}'

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional, TextIO
 
 from host import packages
@@ -119,7 +120,13 @@ class Node:
                                on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost,
                                host=net.listen_addresses(self.settings.bind, self.settings.peers),
                                advertise_host=adv_host, advertise_port=adv_port,
-                               on_problem=lambda text: self.terminal.info(f"warning: {text}"))
+                               on_problem=lambda text: self.terminal.info(f"warning: {text}"),
+                               routers=self.settings.routers, is_router=self.settings.is_router,
+                               router_max_nodes=self.settings.router_max_nodes,
+                               router_max_rate=self.settings.router_max_rate,
+                               relay_tap=_recorder(self.settings.relay_record),
+                               dead_after=self.settings.net_timeout,
+                               keepalive_every=min(net.KEEPALIVE_EVERY, self.settings.net_timeout / 4))
         try:
             self.net.start()
         except NameTaken as e:
@@ -257,3 +264,11 @@ class Node:
             raise ValueError(f"no process {pid}")
         caps = sorted(proc.capabilities, key=lambda c: (str(c.issuer), c.params))
         return "\n".join([f"{pid} holds {len(caps)} capabilities:"] + [f"  {c.issuer} {c.params}" for c in caps])
+
+
+def _recorder(path: Optional[Path]):
+    """A relay tap appending every relayed byte to `path` (KINODE_RELAY_RECORD, for tests), or None."""
+    if path is None:
+        return None
+    out = open(path, "ab", buffering=0)
+    return lambda data: out.write(data)

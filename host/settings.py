@@ -19,6 +19,7 @@ DEFAULT_HTTP_TIMEOUT = 30.0    # seconds a process has to answer an HTTP request
 DEFAULT_PACKAGES = REPO / "components"
 DEFAULT_COMPUTE_LIMIT = 30.0   # seconds a guest may compute without calling the host
 DEFAULT_MAX_PROCESSES = 1000   # live Wasm instances: processes and the libraries they link
+DEFAULT_NET_TIMEOUT = 20.0     # seconds of silence after which a connection to a peer is dropped
 
 
 class SettingsError(ValueError):
@@ -48,6 +49,12 @@ class Settings:
     peers: Optional[Path] = None            # JSON list of peers on other machines
     bind: Optional[tuple[str, ...]] = None  # listen addresses; None: see host.net.listen_addresses
     advertise: Optional[str] = None         # HOST[:PORT] other nodes should dial, if not the bound one
+    routers: tuple[str, ...] = ()           # an indirect node: reached through these nodes
+    is_router: bool = False                 # relay for indirect nodes that name this one
+    router_max_nodes: int = 100             # indirect nodes a router serves at once
+    router_max_rate: float = 0.0            # bytes/s a router relays in all; 0: no limit
+    net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
+    relay_record: Optional[Path] = None     # tests: a router appends every byte it relays here
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
     verbose: int = 0
@@ -58,6 +65,14 @@ class Settings:
                 raise SettingsError(f"port {port} is not a TCP port (0-65535)")
         if not self.compute_limit > 0:
             raise SettingsError(f"the compute limit must be above 0 seconds, not {self.compute_limit:g}")
+        if self.router_max_nodes < 1:
+            raise SettingsError("--router-max-nodes must be at least 1")
+        if self.router_max_rate < 0:
+            raise SettingsError("--router-max-rate must be 0 (no limit) or more")
+        if not self.net_timeout >= 2:
+            raise SettingsError(f"KINODE_NET_TIMEOUT must be at least 2 seconds, not {self.net_timeout:g}")
+        if self.name in self.routers:
+            raise SettingsError("a node cannot be its own --router")
         if self.runtime.max_instances < 1:
             raise SettingsError("the process limit (--max-processes) must be at least 1")
 
@@ -109,6 +124,8 @@ class Defaults:
     pooling: bool
     fastconv: bool
     http_timeout: float
+    net_timeout: float
+    relay_record: Optional[Path]
 
 
 def defaults_from(env: Mapping[str, str]) -> Defaults:
@@ -121,6 +138,8 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         pooling=_flag(env, "KINODE_POOLING", False),
         fastconv=_flag(env, "KINODE_FASTCONV", True),
         http_timeout=_number(env, "KINODE_HTTP_TIMEOUT", float, DEFAULT_HTTP_TIMEOUT),
+        net_timeout=_number(env, "KINODE_NET_TIMEOUT", float, DEFAULT_NET_TIMEOUT),
+        relay_record=Path(env["KINODE_RELAY_RECORD"]) if env.get("KINODE_RELAY_RECORD") else None,
     )
 
 

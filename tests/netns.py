@@ -1,8 +1,10 @@
 """Network namespaces joined by a real link, with a node in each: the `netns` fixture.
 
 Each test gets its own namespaces (named after this process, so parallel runs do not clash): a hub
-namespace holding a bridge, and one namespace per host joined to it by a veth pair, with addresses
-10.231.0.N/24 and fd00:231::N/64 of its own. Nodes run inside with `ip netns exec`, each with its
+namespace holding a bridge per LAN, and one namespace per host joined to the bridge of each of its
+LANs by a veth pair, with addresses 10.231.L.N/24 and fd00:231:L::N/64 of its own (LAN 0 by
+default; a host on two LANs has no forwarding between them, so hosts on LANs 1 and 2 have no route
+to each other, only to a host on both). Nodes run inside with `ip netns exec`, each with its
 own home, directory database and peers file (no shared directory). Everything (processes,
 namespaces and with them the links) is removed afterwards, also when the test fails.
 """
@@ -60,14 +62,21 @@ def _has_netem() -> bool:
         ip("netns", "del", probe, check=False)
 
 
-class Host:
-    """One namespace on the bridge: `addr4`, `addr6`; the hub side of its link is `port`."""
+def lan_addrs(lan: int, index: int) -> tuple[str, str]:
+    """Host `index`'s IPv4 and IPv6 addresses on LAN `lan` (LAN 0: 10.231.0.N, fd00:231::N)."""
+    return f"10.231.{lan}.{index}", (f"fd00:231:{lan}::{index}" if lan else f"{SUBNET6}:{index}")
 
-    def __init__(self, net: "Netns", name: str, index: int):
-        self.net, self.name, self.index = net, name, index
+
+class Host:
+    """One namespace on the bridge(s): `addr4`, `addr6` on its first LAN (`addrs4[lan]` on each);
+    the hub side of its first link is `port`, its own side `eth0` (then eth1, ...)."""
+
+    def __init__(self, net: "Netns", name: str, index: int, lans: tuple[int, ...] = (0,)):
+        self.net, self.name, self.index, self.lans = net, name, index, lans
         self.ns = f"{PREFIX}{net.tag}{index}"
         self.port = f"p{index}"
-        self.addr4, self.addr6 = f"{SUBNET4}.{index}", f"{SUBNET6}:{index}"
+        self.addrs4 = {lan: lan_addrs(lan, index)[0] for lan in lans}
+        self.addr4, self.addr6 = lan_addrs(lans[0], index)
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return ip("-n", self.ns, *args, check=check)
@@ -95,7 +104,7 @@ class Host:
     def move(self, new_index: int) -> None:
         """Lose both addresses and come back on new ones."""
         self.ip("addr", "flush", "dev", "eth0", "scope", "global")
-        self.addr4, self.addr6 = f"{SUBNET4}.{new_index}", f"{SUBNET6}:{new_index}"
+        self.addr4, self.addr6 = lan_addrs(self.lans[0], new_index)
         self.ip("addr", "add", f"{self.addr4}/24", "dev", "eth0")
         self.ip("addr", "add", f"{self.addr6}/64", "dev", "eth0", "nodad")
 
@@ -103,8 +112,8 @@ class Host:
 class NetnsNode(NodeProc):
     """A node running inside a namespace, with its own directory and peers file."""
 
-    def __init__(self, host: Host, name: str, home: Path, extra_args: list[str]):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def __init__(self, host: Host, name: str, home: Path, extra_args: list[str], env_extra: dict | None = None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         env.pop("KINODE_DIRECTORY", None)
         self.host = host
         self.peers_file = home.parent / f"{name}.peers.json"
@@ -113,10 +122,13 @@ class NetnsNode(NodeProc):
                          ["--directory", str(home.parent / f"{name}.directory.sqlite"),
                           "--peers", str(self.peers_file), *extra_args])
 
-    def entry(self, advertise: str) -> dict:
-        """This node's peers entry from `python -m host id` (run in the root namespace)."""
+    def entry(self, advertise: str | None, routers: tuple[str, ...] = ()) -> dict:
+        """This node's peers entry from `python -m host id` (run in the root namespace); an
+        indirect node's names its routers."""
+        args = ["--advertise", advertise] if advertise else []
+        args += [a for r in routers for a in ("--router", r)]
         out = subprocess.run([sys.executable, "-m", "host", "id", "--home", str(self.home), "--node", self.name,
-                              "--advertise", advertise], cwd=REPO, capture_output=True, text=True, check=True)
+                              *args], cwd=REPO, capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
     def set_peers(self, entries: list[dict]) -> None:
@@ -178,26 +190,36 @@ class Netns:
         self.nodes: list[NetnsNode] = []
         self.netem = _has_netem()
         ip("netns", "add", self.hub)
-        ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
-        ip("-n", self.hub, "link", "set", "br0", "up")
+        self.bridges: set[int] = set()
 
-    def host(self, name: str) -> Host:
-        h = Host(self, name, len(self.hosts) + 2)
+    def _bridge(self, lan: int) -> str:
+        if lan not in self.bridges:
+            ip("-n", self.hub, "link", "add", f"br{lan}", "type", "bridge")
+            ip("-n", self.hub, "link", "set", f"br{lan}", "up")
+            self.bridges.add(lan)
+        return f"br{lan}"
+
+    def host(self, name: str, lans: tuple[int, ...] = (0,)) -> Host:
+        h = Host(self, name, len(self.hosts) + 2, lans)
         self.hosts.append(h)
         ip("netns", "add", h.ns)
-        ip("link", "add", "eth0", "netns", h.ns, "type", "veth", "peer", "name", h.port, "netns", self.hub)
-        ip("-n", self.hub, "link", "set", h.port, "master", "br0", "up")
         h.ip("link", "set", "lo", "up")
-        h.ip("addr", "add", f"{h.addr4}/24", "dev", "eth0")
-        h.ip("addr", "add", f"{h.addr6}/64", "dev", "eth0", "nodad")
-        h.ip("link", "set", "eth0", "up")
-        if self.netem:  # delay and a little loss on what the hub sends to this host
-            subprocess.run(["tc", "-n", self.hub, "qdisc", "add", "dev", h.port, "root", "netem",
-                            "delay", "1ms", "loss", "0.01%"], check=True, capture_output=True)
+        for i, lan in enumerate(lans):
+            dev, port = f"eth{i}", h.port if i == 0 else f"{h.port}l{lan}"
+            ip("link", "add", dev, "netns", h.ns, "type", "veth", "peer", "name", port, "netns", self.hub)
+            ip("-n", self.hub, "link", "set", port, "master", self._bridge(lan), "up")
+            addr4, addr6 = lan_addrs(lan, h.index)
+            h.ip("addr", "add", f"{addr4}/24", "dev", dev)
+            h.ip("addr", "add", f"{addr6}/64", "dev", dev, "nodad")
+            h.ip("link", "set", dev, "up")
+            if self.netem:  # delay and a little loss on what the hub sends to this host
+                subprocess.run(["tc", "-n", self.hub, "qdisc", "add", "dev", port, "root", "netem",
+                                "delay", "1ms", "loss", "0.01%"], check=True, capture_output=True)
         return h
 
-    def node(self, host: Host, name: str, extra_args: list[str] | None = None, start: bool = False) -> NetnsNode:
-        node = NetnsNode(host, name, self.tmp / name, extra_args or [])
+    def node(self, host: Host, name: str, extra_args: list[str] | None = None, start: bool = False,
+             env: dict | None = None) -> NetnsNode:
+        node = NetnsNode(host, name, self.tmp / name, extra_args or [], env)
         self.nodes.append(node)
         return node.start() if start else node
 

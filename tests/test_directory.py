@@ -158,3 +158,31 @@ def test_nodes_starting_at_once_on_a_new_database(tmp_path):
     assert [p.returncode for p in procs] == [0] * 6, errors
     d = Directory(db)
     assert all(d.lookup(f"n{i}.dev") is not None for i in range(6))
+
+
+def test_indirect_nodes_in_the_peers_file_and_the_database(tmp_path):
+    """An indirect node's entry names its routers instead of an address; the database keeps a
+    registered node's routers too (and an older database gains the column)."""
+    import sqlite3
+    db = tmp_path / "directory.sqlite"
+    with sqlite3.connect(db) as old:  # a database made before routers existed
+        old.execute(dirmod._SCHEMA)
+        old.execute("INSERT INTO nodes VALUES ('old.os', ?, '127.0.0.1', 1, 1, 0, 1)", (KEY_A,))
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps([{"name": "nat.os", "public_key": KEY_B.hex(), "routers": ["r1.os", "r2.os"]}]))
+    d = Directory(db, peers_file=peers)
+    assert d.lookup("old.os").routers == ()
+    rec = d.lookup("nat.os")
+    assert rec.routers == ("r1.os", "r2.os") and rec.where == "via r1.os, r2.os"
+    assert "nat.os via r1.os, r2.os" in d.reload_peers()
+    d.register("home.os", KEY_A, "10.0.0.2", 9000, routers=("r1.os",))
+    assert d.lookup("home.os").routers == ("r1.os",)
+    assert dirmod.peers_entry("nat.os", KEY_B, None, None, ("r1.os",)) == \
+        {"name": "nat.os", "public_key": KEY_B.hex(), "routers": ["r1.os"]}
+    for bad, says in [({"name": "x.os", "public_key": KEY_B.hex(), "routers": "r1.os"},
+                       "routers must be a list of node names"),
+                      ({"name": "x.os", "public_key": KEY_B.hex(), "routers": ["x.os"]},
+                       "a node cannot be its own router"),
+                      ({"name": "x.os", "public_key": KEY_B.hex(), "routers": []}, "missing host, port")]:
+        with pytest.raises(dirmod.PeersFileError, match=says):
+            dirmod.parse_peers(json.dumps([bad]))

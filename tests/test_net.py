@@ -581,3 +581,180 @@ def test_messages_split_across_many_noise_frames(nodes, raw_peer):
     for i in range(0, len(stream), 7):  # tiny frames that cut headers and bodies anywhere
         raw.frame(raw.noise.encrypt(stream[i:i + 7]))
     assert [b.recv() for _ in kms] == kms
+
+
+# ---- routers: indirect nodes reached through a relay ---------------------------------------------
+MARKER = b"PLAINTEXT-MARKER-6b1f0e"
+
+
+def wait_served(router, *names, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not all(n in router.net._served for n in names):
+        assert time.monotonic() < deadline, (names, router.net._served)
+        time.sleep(0.02)
+
+
+def test_indirect_node_is_reached_through_its_router_which_sees_only_ciphertext(nodes):
+    recorded = bytearray()
+    r = nodes("r.os", is_router=True, relay_tap=recorded.extend)
+    b = nodes("b.os", routers=["r.os"])
+    wait_served(r, "b.os")
+    a = nodes("a.os")
+    assert b.net.entry() == {"name": "b.os", "public_key": b.identity.public.hex(), "routers": ["r.os"]}
+    assert a.net.directory.lookup("b.os").routers == ("r.os",)
+    km = request("a.os", "b.os", body=MARKER, blob=Blob(None, MARKER * 40000))
+    errors = a.send(km)
+    assert b.recv() == km
+    b.send(request("b.os", "a.os", body=b"back " + MARKER))
+    assert a.recv().message.body == b"back " + MARKER
+    assert_quiet(errors, 0)
+    assert "r.os relaying" in a.net._peers["b.os"].conn.where
+    assert "r.os relaying" in b.net._peers["a.os"].conn.where
+    assert r.net.routing_status() == ["we route for 1 nodes (limit 100): b.os; 1 relayed sessions"]
+    assert b.net.routing_status() == ["our routers: r.os (connected)"] and a.net.routing_status() == []
+    # The router read all of it (the request frame in plain text, then the session), and no marker.
+    assert b"b.os" in recorded and len(recorded) > len(MARKER) * 40000
+    assert MARKER not in bytes(recorded)
+
+
+def test_a_router_cannot_alter_what_it_relays(nodes, caplog):
+    tamper = threading.Event()
+
+    def tap(data):
+        if tamper.is_set() and len(data) > 4096:
+            data[len(data) // 2] ^= 1
+    r = nodes("r.os", is_router=True, relay_tap=tap)
+    b = nodes("b.os", routers=["r.os"])
+    wait_served(r, "b.os")
+    a = nodes("a.os")
+    a.send(request("a.os", "b.os", body=b"first"))
+    assert b.recv().message.body == b"first"  # positive control: untouched, it arrives
+    tamper.set()
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        a.send(request("a.os", "b.os", body=b"second", blob=Blob(None, os.urandom(1 << 20))))
+        assert b.lost.get(timeout=10) == "a.os"
+    assert_quiet(b.inbox, 0.5)
+    assert any("decryption failed" in rec.getMessage() for rec in caplog.records), caplog.text
+
+
+def test_routers_refuse_with_reasons_and_the_next_router_is_used(nodes):
+    problems = queue.Queue()
+    r1 = nodes("r1.os", is_router=True)
+    r2 = nodes("r2.os", is_router=True, router_max_nodes=1)
+    plain = nodes("p.os")                                    # not a router
+    b = nodes("b.os", routers=["p.os", "r1.os", "r2.os"])
+    wait_served(r1, "b.os")
+    wait_served(r2, "b.os")
+    nodes("c.os", routers=["r2.os"], on_problem=problems.put)   # r2 is full: it says so
+    assert "r2.os does not route for us: r2.os already routes for its limit of 1 nodes" in problems.get(timeout=10)
+    a = nodes("a.os")
+    errors = a.send(request("a.os", "c.os"))
+    why = errors.get(timeout=15)
+    assert why.startswith("offline: cannot reach c.os through its routers: r2.os: r2.os does not relay to c.os: "
+                          "c.os is not connected to r2.os as to its router"), why
+    # b names p.os first, which is no router; r1.os relays
+    a.send(request("a.os", "b.os", body=b"one"))
+    assert b.recv().message.body == b"one"
+    assert "r1.os relaying" in a.net._peers["b.os"].conn.where
+    assert b.net.entry()["routers"] == ["p.os", "r1.os", "r2.os"]
+    assert "b.os" not in plain.net._served and "b.os" in r1.net._served  # p.os refused to serve b
+    # r1 goes away: the relayed session ends, and the next message goes through r2
+    r1.stop()
+    assert a.lost.get(timeout=10) == "b.os"
+    errors = a.send(request("a.os", "b.os", body=b"two"))
+    assert b.recv().message.body == b"two"
+    assert "r2.os relaying" in a.net._peers["b.os"].conn.where
+    assert_quiet(errors, 0)
+
+
+def test_router_rate_limit_holds_relayed_bytes(nodes):
+    r = nodes("r.os", is_router=True, router_max_rate=4 << 20)
+    b = nodes("b.os", routers=["r.os"])
+    wait_served(r, "b.os")
+    a = nodes("a.os")
+    a.send(request("a.os", "b.os", body=b"warm"))
+    assert b.recv().message.body == b"warm"
+    t0 = time.monotonic()
+    for _ in range(6):
+        a.send(request("a.os", "b.os", blob=Blob(None, os.urandom(1 << 20))))
+    for _ in range(6):
+        b.recv(timeout=30)
+    took = time.monotonic() - t0
+    assert took > 1.0, took  # 6 MiB at 4 MiB/s, less a quarter-second burst: at least 1.25 s
+
+
+def test_the_indirect_nodes_key_is_pinned_through_the_router(nodes, tmp_path):
+    """A router (or whoever answers through it) cannot pose as the indirect node: the dialler
+    checks the key of its own entry, as for a direct peer."""
+    import json
+    shared = Directory(tmp_path / "shared.sqlite")          # where r and b register
+    r = nodes("r.os", is_router=True, directory=shared)
+    b = nodes("b.os", routers=["r.os"], directory=shared)
+    wait_served(r, "b.os")
+    peers = tmp_path / "a.peers.json"
+    a = nodes("a.os", directory=Directory(tmp_path / "a.sqlite", peers))
+    shared.register("a.os", a.identity.public, "127.0.0.1", a.net.port)  # b knows a's key
+
+    def a_knows_b_as(key):
+        tmp = peers.with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.net.entry(), {**b.net.entry(), "public_key": key.hex()}]))
+        os.replace(tmp, peers)
+    a_knows_b_as(r.identity.public)                         # a wrong key for b
+    why = a.send(request("a.os", "b.os")).get(timeout=15)
+    assert (f"key {b.identity.public.hex()[:16]} answered, {r.identity.public.hex()[:16]} expected" in why
+            and "r.os relaying" in why), why
+    assert_quiet(b.inbox, 0.2)
+    a_knows_b_as(b.identity.public)                         # positive control: the right one
+    errors = a.send(request("a.os", "b.os", body=b"pinned"))
+    assert b.recv().message.body == b"pinned"
+    assert_quiet(errors, 0)
+
+
+def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_serving(nodes, raw_peer, caplog):
+    r = nodes("r.os", is_router=True)
+    b = nodes("b.os", routers=["r.os"])
+    plain = nodes("p.os")                     # not a router
+    wait_served(r, "b.os")
+    a = nodes("a.os")
+
+    def relay_frame(port, msg, raw=None):
+        """Send one relay frame to `port`; the reply frame's map, or None if the socket is dropped."""
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        data = netmod.RELAY_MAGIC + (raw if raw is not None else msgpack.packb(msg))
+        s.sendall(len(data).to_bytes(2, "big") + data)
+        try:
+            head = s.recv(2)
+            if len(head) < 2:
+                return None
+            body = b""
+            while len(body) < int.from_bytes(head, "big"):
+                body += s.recv(65536)
+            return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+        except ConnectionResetError:
+            return None
+        finally:
+            s.close()
+
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        assert relay_frame(r.net.port, None, raw=b"\xc1garbage") is None
+        assert relay_frame(r.net.port, {"relay": 7, "from": None}) is None
+        assert relay_frame(r.net.port, {"answer": os.urandom(16)}) is None
+        assert relay_frame(r.net.port, {"relay": "nobody.os", "from": "a.os"}) == {
+            "ok": False, "reason": "nobody.os is not connected to r.os as to its router"}
+        assert relay_frame(plain.net.port, {"relay": "b.os", "from": "a.os"}) == {
+            "ok": False, "reason": "p.os is not a router"}
+        # an authenticated peer that is not b's router asks b to call it back: ignored
+        raw = raw_peer("evil.os", b)
+        ctl = msgpack.packb({"ctl": "relay", "token": os.urandom(16), "from": "a.os"})
+        raw.send_plain(len(ctl).to_bytes(4, "big") + ctl)
+        deadline = time.monotonic() + 10
+        while not any("ignored a control message 'relay' from evil.os" in m.getMessage() for m in caplog.records):
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+    msgs = [m.getMessage() for m in caplog.records]
+    assert any("malformed relay frame" in m for m in msgs), msgs
+    assert any("unknown or expired token" in m for m in msgs), msgs
+    # positive control: a real relayed session still goes through, and b kept evil's connection
+    a.send(request("a.os", "b.os", body=b"through"))
+    assert b.recv().message.body == b"through"
+    assert "evil.os" in b.net.connected_peers()

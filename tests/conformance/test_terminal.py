@@ -218,16 +218,21 @@ def test_net_service_answers_upstreams_shapes():
     assert decode_action(UPSTREAM_GET_DIAGNOSTICS) == ("GetDiagnostics", None)
     assert decode_action(bytes([0x92, 0x03, 0x90])) == ("GetPeers", [])     # rmp-serde's older enum form
     assert decode_action(b"hello") is None and decode_action(b"7") is None  # text: a `hi`
-    record = SimpleNamespace(host="10.0.0.2", port=9000, public_key=bytes(range(32)))
+    record = SimpleNamespace(host="10.0.0.2", port=9000, public_key=bytes(range(32)), routers=())
+    indirect = SimpleNamespace(host="", port=0, public_key=bytes(range(32)), routers=("r1.dev", "r2.dev"))
+    records = {"fake2.dev": record, "nat.dev": indirect}
     net = SimpleNamespace(connected_peers=lambda: ["fake2.dev"],
-                          directory=SimpleNamespace(lookup=lambda n: record if n == "fake2.dev" else None),
+                          directory=SimpleNamespace(lookup=records.get),
                           entry=lambda: {"host": "127.0.0.1", "port": 8080, "public_key": "ab" * 32},
-                          peer_activity=lambda: {"fake2.dev": 3.2})
+                          peer_activity=lambda: {"fake2.dev": 3.2}, routing_status=lambda: [])
     service = NetService(StubKernel(), net)
     identity = ["fake2.dev", "0x" + bytes(range(32)).hex(), {"Direct": ["10.0.0.2", {"tcp": 9000}]}]
     assert ask(service, UPSTREAM_GET_PEERS) == [{"Peers": [identity]}]
     assert ask(service, UPSTREAM_GET_PEER) == [{"Peer": identity}]
     assert ask(service, msgpack.packb({"GetPeer": "nobody.dev"})) == [{"Peer": None}]
+    # an indirect node: upstream's NodeRouting::Routers
+    assert ask(service, msgpack.packb({"GetPeer": "nat.dev"})) == [
+        {"Peer": ["nat.dev", "0x" + bytes(range(32)).hex(), {"Routers": ["r1.dev", "r2.dev"]}]}]
     (diag,) = ask(service, UPSTREAM_GET_DIAGNOSTICS)
     assert "we have connections with 1 peers:\r\n    fake2.dev, last message 3s ago\r\n" in diag["Diagnostics"]
     # queries are for local processes only: from a peer, as upstream, they are a `hi` like any text
