@@ -1111,8 +1111,15 @@ class Vfs:
             os.makedirs(loc.real, 0o755, exist_ok=True)
         except OSError as e:
             raise _from_os(e, vp.text, "cannot create directory") from None
-        self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state)
-        self._sweep(vp.text)   # handles on files just rewritten would see stale data
+        job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state)  # checks every hash
+        if len(data) >= WRITE_BEHIND_MIN:
+            # written behind, as a big WriteAll: the process's next VFS request waits for it (and
+            # gets its error); the state file is written last, so it never claims unwritten data
+            with self._lock:
+                self._in_flight[source] = (self._writer.submit(job), vp.text)
+        else:
+            self._tree(vp, job)
+        self._sweep(vp.text)   # handles on files being rewritten would see stale data
         return VfsResult(_OK)
 
 

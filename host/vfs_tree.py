@@ -9,15 +9,65 @@ walk included: its open fails). Names are given as lists of components, each che
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Optional
 
 import blake3
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO swapped in can never block an open
+
+
+# A big piece at an aligned offset is written around the page cache, as the VFS's big writes are
+# (host/vfs.py, DIRECT_MIN): copying into fresh page-cache pages is the costliest step there.
+DIRECT_MIN = 1 << 20
+_ALIGN = 4096
+_buffers = threading.local()
+
+
+def _aligned(n: int) -> memoryview:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = mmap.mmap(-1, max(n, 4 << 20))   # page-aligned; one per thread, reused
+        _buffers.buf = buf
+    return memoryview(buf)
+
+
+def _pwrite_all(fd: int, data, pos: int) -> None:
+    done = 0
+    while done < len(data):
+        k = os.pwrite(fd, data[done:], pos + done)
+        if k <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += k
+
+
+def _write_piece(fd: int, piece: memoryview, offset: int) -> None:
+    n = len(piece)
+    body = n - n % _ALIGN
+    if n >= DIRECT_MIN and offset % _ALIGN == 0 and hasattr(os, "O_DIRECT"):
+        try:
+            dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            dfd = -1   # no O_DIRECT here (tmpfs): the page cache, as for small pieces
+        if dfd >= 0:
+            try:
+                view = _aligned(body)
+                view[:body] = piece[:body]
+                _pwrite_all(dfd, view[:body], offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                body = 0   # refused after all: write it all the ordinary way
+            finally:
+                os.close(dfd)
+            _pwrite_all(fd, piece[body:], offset + body)
+            return
+    _pwrite_all(fd, piece, offset)
 
 
 class TreeError(Exception):
@@ -192,11 +242,11 @@ def read_many(real: str, items: list) -> tuple:
     return hashes, buf
 
 
-def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Optional[dict]) -> None:
-    """Check every piece [path, offset, length, blake3] against its hash first, then create the
-    folders `make_dirs`, write the pieces (a piece at offset 0 starts its file anew) and last the
-    small `state` file {"path", "text"} (atomically), all beneath `real`, without following a
-    symlink. A piece that fails its check writes nothing of the batch."""
+def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Optional[dict]) -> Callable[[], None]:
+    """Check every piece [path, offset, length, blake3] against its hash now; return the job that
+    creates the folders `make_dirs`, writes the pieces (a piece at offset 0 starts its file anew)
+    and last the small `state` file {"path", "text"} (atomically), all beneath `real`, without
+    following a symlink. A piece that fails its check raises here: nothing of the batch is written."""
     plan = []
     pos = 0
     view = memoryview(data)
@@ -218,31 +268,33 @@ def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Opti
         raise TreeError(f"the data is longer than its pieces ({len(data)} bytes, pieces {pos})")
     dir_parts = [check_parts(d) for d in make_dirs]
     state_parts = check_parts(state.get("path")) if state else None
-    if state and not isinstance(state.get("text"), str):
+    state_text = state.get("text") if state else None
+    if state and not isinstance(state_text, str):
         raise TreeError("WriteMany state is {\"path\", \"text\"}")
-    dirs = _Dirs(open_root(real))
-    try:
-        for parts in dir_parts:
-            dirs.get(parts, create=True)
-        for parts, offset, piece in plan:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
-            fd = _open_file(dirs, parts, flags)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise TreeError(f"not a regular file: {'/'.join(parts)}", "/".join(parts))
-                done = 0
-                while done < len(piece):
-                    done += os.pwrite(fd, piece[done:], offset + done)
-            finally:
-                os.close(fd)
-        if state_parts:
-            parent = dirs.get(state_parts[:-1])
-            tmp = f".{state_parts[-1]}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644, dir_fd=parent)
-            try:
-                os.write(fd, state["text"].encode("utf-8"))
-            finally:
-                os.close(fd)
-            os.rename(tmp, state_parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-    finally:
-        dirs.close()
+
+    def job() -> None:
+        dirs = _Dirs(open_root(real))
+        try:
+            for parts in dir_parts:
+                dirs.get(parts, create=True)
+            for parts, offset, piece in plan:
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
+                fd = _open_file(dirs, parts, flags)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise TreeError(f"not a regular file: {'/'.join(parts)}", "/".join(parts))
+                    _write_piece(fd, piece, offset)
+                finally:
+                    os.close(fd)
+            if state_parts and isinstance(state_text, str):
+                parent = dirs.get(state_parts[:-1])
+                tmp = f".{state_parts[-1]}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644, dir_fd=parent)
+                try:
+                    _pwrite_all(fd, state_text.encode("utf-8"), 0)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, state_parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+        finally:
+            dirs.close()
+    return job
