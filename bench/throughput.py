@@ -257,17 +257,21 @@ def folders(tmp: Path, cpus, count: int, many: int, mixed_mib: int, rounds: int)
             print(f"[5] folder of {count} small files + one {mixed_mib} MiB file: {together:.2f} s; apart "
                   f"{t_big:.2f} + {t_small:.2f} = {t_big + t_small:.2f} s; ratio together/apart "
                   f"{together / (t_big + t_small):.2f} (verified)", flush=True)
-        if many > 0:
+    finally:
+        if scp is not None:
+            scp.stop()
+        pair.stop()
+    if many > 0:  # on fresh nodes, so their peak memory is this step's
+        pair = Pair(tmp / "many", cpus)
+        try:
             files = make_folder(pair.b_home / FILES / "many", many)
             secs = pair.download("many", sync=True)
             check_folder(pair.a_home / FILES / "many", files)
             print(f"[5] folder of {many} files of 4 KiB: {secs:.2f} s, {many / secs:.0f} files/s (verified); peak RSS "
                   f"requestor {peak_rss_mib(pair.a.pid):.0f} MiB, provider {peak_rss_mib(pair.b.pid):.0f} MiB",
                   flush=True)
-    finally:
-        if scp is not None:
-            scp.stop()
-        pair.stop()
+        finally:
+            pair.stop()
 
 
 def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
