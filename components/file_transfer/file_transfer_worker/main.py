@@ -1,5 +1,5 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
-"""file_transfer_worker: moves one file, then exits.
+"""file_transfer_worker: moves one file, or one folder (ft_folder), then exits.
 
 A requestor worker asks the serving node's file_transfer for a file, receives its chunks into a
 partial file inside the drive, verifies every chunk and the whole file, and renames the partial
@@ -8,7 +8,8 @@ them with at most WINDOW unacknowledged. Both end on completion, on error and af
 data stays in the host (VFS reads and network chunks are forwarded as host-held blobs).
 
 The protocol itself is ft_protocol's Requestor and Provider; this module maps messages to their
-events and their actions to process_lib calls.
+events and their actions to process_lib calls. A folder's machines (ft_folder) take over when the
+provider's file turns out to be a folder, and the requestor's when the provider's Size says so.
 """
 import json
 import time
