@@ -17,8 +17,8 @@ CPU, and a node's threads hand work to each other across cores (the README has t
 4. The same files again in commands of 100 names each (`download A B ... NODE`; file_transfer
    runs 8 at a time and queues the rest): files/s.
 5. Folders (--folder N, on two fresh nodes): a folder of N files of 4 KiB in 10 subfolders, one
-   `download` of the folder against `scp -r -c aes128-gcm` of the same folder, --rounds times in
-   turn; then --folder-many files (each node's peak RSS printed), and with --mixed-mib M a folder of
+   `download` of the folder against `scp -r -c aes128-gcm` of the same folder (and `rsync -a` over
+   the same ssh, if rsync is installed), --rounds times in turn; then --folder-many files (each node's peak RSS printed), and with --mixed-mib M a folder of
    the N small files plus one file of M MiB against the two downloaded apart.
 Every download is checked by hash or byte for byte.
 """
@@ -137,6 +137,21 @@ class Scp:
         shutil.rmtree(dest)
         return secs
 
+    def rsync_seconds(self, src: Path) -> Optional[float]:
+        """Time one `rsync -a` of the folder `src` over this ssh (None without rsync)."""
+        if shutil.which("rsync") is None:
+            return None
+        dest = self.tmp / "rsync-tree"
+        ssh = (f"ssh -c aes128-gcm@openssh.com -p {self.port} -i {self.dir / 'client_key'} "
+               "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+        os.sync()
+        t0 = time.perf_counter()
+        subprocess.run(["rsync", "-a", "-e", ssh, f"{src}/", f"{os.environ.get('USER', 'root')}@127.0.0.1:{dest}/"],
+                       check=True)
+        secs = time.perf_counter() - t0
+        shutil.rmtree(dest)
+        return secs
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.terminate()
@@ -237,6 +252,9 @@ def folders(tmp: Path, cpus, count: int, many: int, mixed_mib: int, rounds: int)
                 theirs = scp.seconds_tree(src)
                 ratios.append(secs / theirs)
                 line += f"; scp -r -c aes128-gcm {theirs:.2f} s; time ours/scp {secs / theirs:.2f}"
+                rsync = scp.rsync_seconds(src)
+                if rsync is not None:
+                    line += f"; rsync -a over ssh {rsync:.2f} s; time ours/rsync {secs / rsync:.2f}"
             print(line, flush=True)
         if ratios:
             print(f"[5] time ours/scp -r: median {statistics.median(ratios):.2f} (lowest {min(ratios):.2f}, "
@@ -247,16 +265,23 @@ def folders(tmp: Path, cpus, count: int, many: int, mixed_mib: int, rounds: int)
             write_random(big, mixed_mib << 20)
             shutil.copytree(src, pair.b_home / FILES / "mixed" / "small")
             os.link(big, pair.b_home / FILES / "alone.bin")
-            together = pair.download("mixed", sync=True)
-            check_folder(pair.a_home / FILES / "mixed" / "small", files)
-            if sha256(pair.a_home / FILES / "mixed" / "big.bin") != sha256(big):
-                raise RuntimeError("big.bin differs")
-            shutil.rmtree(pair.a_home / FILES / "mixed")
-            t_big = pair.download("alone.bin", sync=True)
-            t_small = pair.download("tree", sync=True)
-            print(f"[5] folder of {count} small files + one {mixed_mib} MiB file: {together:.2f} s; apart "
-                  f"{t_big:.2f} + {t_small:.2f} = {t_big + t_small:.2f} s; ratio together/apart "
-                  f"{together / (t_big + t_small):.2f} (verified)", flush=True)
+            mixed_ratios = []
+            for r in range(1, rounds + 1):  # in turn: together, then apart
+                together = pair.download("mixed", sync=True)
+                check_folder(pair.a_home / FILES / "mixed" / "small", files)
+                if sha256(pair.a_home / FILES / "mixed" / "big.bin") != sha256(big):
+                    raise RuntimeError("big.bin differs")
+                shutil.rmtree(pair.a_home / FILES / "mixed")
+                t_big = pair.download("alone.bin", sync=True)
+                (pair.a_home / FILES / "alone.bin").unlink()
+                t_small = pair.download("tree", sync=True)
+                shutil.rmtree(pair.a_home / FILES / "tree")
+                mixed_ratios.append(together / (t_big + t_small))
+                print(f"[5] round {r}: folder of {count} small files + one {mixed_mib} MiB file: {together:.2f} s; "
+                      f"apart {t_big:.2f} + {t_small:.2f} = {t_big + t_small:.2f} s; time together/apart "
+                      f"{mixed_ratios[-1]:.2f} (verified)", flush=True)
+            print(f"[5] time together/apart: median {statistics.median(mixed_ratios):.2f} "
+                  f"(lowest {min(mixed_ratios):.2f}, highest {max(mixed_ratios):.2f})", flush=True)
     finally:
         if scp is not None:
             scp.stop()

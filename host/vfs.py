@@ -1101,7 +1101,8 @@ class Vfs:
         if not isinstance(items, list):
             raise _bad_json("ReadMany expects {\"items\": [[path, offset, length, stamp]]}")
         hashes, out = self._tree(vp, vfs_tree.read_many, loc.link, items)
-        return VfsResult(_dumps({"ReadMany": hashes}), bytes(out) if len(out) else None)
+        blob = out if isinstance(out, bytes) else bytes(out)
+        return VfsResult(_dumps({"ReadMany": hashes}), blob if blob else None)
 
     def _a_WriteMany(self, source, vp, loc, arg, data):
         items, dirs, state = arg.get("items", []), arg.get("dirs", []), arg.get("state")
@@ -1111,13 +1112,16 @@ class Vfs:
             os.makedirs(loc.real, 0o755, exist_ok=True)
         except OSError as e:
             raise _from_os(e, vp.text, "cannot create directory") from None
-        job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state)  # checks every hash
         if len(data) >= WRITE_BEHIND_MIN:
-            # written behind, as a big WriteAll: the process's next VFS request waits for it (and
-            # gets its error); the state file is written last, so it never claims unwritten data
+            # checked and written behind, as a big WriteAll: the process's next VFS request waits
+            # for it (and gets its error); the hashes are checked before any write, and the state
+            # file is written last, so it never claims data not written and verified
+            def behind() -> None:
+                vfs_tree.write_many(loc.link, items, dirs, data, state)()
             with self._lock:
-                self._in_flight[source] = (self._writer.submit(job), vp.text)
+                self._in_flight[source] = (self._writer.submit(behind), vp.text)
         else:
+            job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state)
             self._tree(vp, job)
         self._sweep(vp.text)   # handles on files being rewritten would see stale data
         return VfsResult(_OK)

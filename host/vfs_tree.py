@@ -208,8 +208,9 @@ def read_many(real: str, items: list) -> tuple:
             raise TreeError("ReadMany offsets and lengths are non-negative integers", str(path))
         plan.append((check_parts(path), path, offset, length, want))
         total += length
-    buf = bytearray(total)
-    view = memoryview(buf)
+    # one piece (a big file's) is read straight into its own bytes; several into one buffer
+    buf: Optional[bytes | bytearray] = bytearray(total) if len(plan) > 1 else None
+    view = memoryview(buf) if isinstance(buf, bytearray) else None
     hashes = []
     dirs = _Dirs(open_root(real))
     pos = 0
@@ -224,13 +225,18 @@ def read_many(real: str, items: list) -> tuple:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode) or stamp(before) != want:
                     raise TreeError(f"{path} changed since the folder was listed", path)
-                piece = view[pos:pos + length]
-                got = 0
-                while got < length:
-                    n = os.preadv(fd, [piece[got:]], offset + got)
-                    if n <= 0:
-                        break
-                    got += n
+                if view is None:
+                    whole = os.pread(fd, length, offset)
+                    piece, got = memoryview(whole), len(whole)
+                    buf = whole
+                else:
+                    piece = view[pos:pos + length]
+                    got = 0
+                    while got < length:
+                        n = os.preadv(fd, [piece[got:]], offset + got)
+                        if n <= 0:
+                            break
+                        got += n
                 if got != length or stamp(os.fstat(fd)) != want:
                     raise TreeError(f"{path} changed while being read", path)
             finally:
@@ -239,7 +245,7 @@ def read_many(real: str, items: list) -> tuple:
             pos += length
     finally:
         dirs.close()
-    return hashes, buf
+    return hashes, buf if buf is not None else b""
 
 
 def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Optional[dict]) -> Callable[[], None]:

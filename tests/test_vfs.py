@@ -1215,6 +1215,15 @@ def test_folder_actions_walk_read_write_and_refuse(vfs, tmp_path, outside):
     bad = [["new/x.txt", 0, 5, "0" * 64]]
     e = err(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": bad, "dirs": ["new"], "state": None}}, b"hello")
     assert "failed its integrity check" in str(e) and not (root.parent / "part" / "new").exists()
+    # a big batch is checked behind the answer: its failure is the next request's answer, and
+    # nothing of it is written, its state neither
+    big = os.urandom(1 << 20)
+    bad = [["new/big", 0, len(big), "0" * 64]]
+    ok(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": bad, "dirs": ["new"], "state": {"path": "st", "text": "x"}}},
+       big)
+    e = err(vfs, P, f"{DRIVE}/part", "Metadata")
+    assert "an earlier write failed" in str(e) and "new/big (at offset 0) failed its integrity check" in str(e)
+    assert not (root.parent / "part" / "new").exists() and (root.parent / "part" / "st").read_text() == "{}"
     # paths that could leave the tree, or pass through a symlink, are refused
     empty = blake3.blake3(b"").hexdigest()
     for path in ("../escape", "copy/../../escape", "/abs", "a\\b"):

@@ -48,4 +48,4 @@ MAX_FOLDER_DEPTH = 32
 MAX_FOLDER_ENTRIES = 50_000
 BATCH_BYTES = 4 * CHUNK_SIZE   # a folder's files are sent in batches of up to this many bytes ...
 BATCH_FILES = 256              # ... and files (a big file is cut into pieces of BATCH_BYTES)
-FOLDER_WINDOW = 4              # batches in flight per folder transfer
+FOLDER_WINDOW = 8              # batches in flight per folder transfer (as a file's chunks)
