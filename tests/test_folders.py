@@ -120,6 +120,10 @@ def test_folder_download_with_nested_and_empty_folders_and_listing(two_nodes, tm
     assert code == 0 and "in photos/sub:" in text and "b.bin\t\t300000" in text and "deeper/\t\t%d\t(2 files)" % (
         (9 << 20) + 5000) in text and "emptier/\t\t0\t(0 files)" in text, text
 
+    for bad, why in (("../etc", "may not start with '.'"), ("nothere", "no such file")):
+        code, lines = fake.run(f"list_files:file_transfer:template.os {PEER} {bad}", wait=1.0)
+        assert code == 1 and any("error:" in ln and why in ln for ln in lines), lines
+
     lines = fetch(fake, "photos")
     done = [ln for ln in lines if "photos downloaded" in ln]
     assert done and "folder of 5 files" in done[0] and "every file verified" in done[0], lines
