@@ -82,10 +82,15 @@ def big_folder(node, name: str) -> dict:
 
 
 def hold_in_second_file(fake, fake2, name: str) -> dict:
-    """Start downloading `name` and freeze the provider once the first file is written; wait until
-    the requestor's saved point stops moving; return it."""
+    """Start downloading `name` and freeze the provider once the first file and a piece of the
+    second are written (at most its window of batches then still arrives); wait until the
+    requestor's saved point stops moving; return it."""
     fake.type(f"download:file_transfer:template.os {name} {PEER}")
-    wait_for(lambda: (tree_state(fake, name) or {}).get("index", 0) >= 1, 60, "the first file written", every=0.01)
+
+    def into_second() -> bool:
+        saved = tree_state(fake, name) or {}
+        return (saved.get("index", 0), saved.get("offset", 0)) >= (1, 1)
+    wait_for(into_second, 60, "the first file written", every=0.01)
     os.kill(fake2.proc.pid, signal.SIGSTOP)
     last, since = tree_state(fake, name), time.monotonic()
     while time.monotonic() - since < 1.0:
