@@ -204,10 +204,19 @@ def test_folder_cancel_then_download_again(two_nodes):
 
 
 def test_folder_that_changes_while_being_sent_fails_cleanly(two_nodes):
-    """The folder is sent as it was listed: a file changed after the listing fails the transfer
-    and nothing is kept; the next download takes the new content."""
+    """The folder is sent as it was listed: a file added after the listing is not sent; a file
+    changed after it fails the transfer and nothing is kept; the next download takes both."""
     fake, fake2 = two_nodes
     spec = big_folder(fake2, "moving")
+    # a file added after the listing is not part of this download (which completes)
+    fake.type(f"download:file_transfer:template.os moving {PEER}")
+    wait_for(lambda: tree_state(fake, "moving") is not None, 60, "the listing taken")
+    with frozen(fake):
+        (fake2.files / "moving" / "s" / "new.txt").write_bytes(b"added later")
+    fake.expect(r"moving downloaded", 60)
+    assert tree(fake.files / "moving") == with_parents(spec)
+    spec["s/new.txt"] = b"added later"
+    # a file changed after the listing fails the download, and nothing is kept
     fake.type(f"download:file_transfer:template.os moving {PEER}")
     wait_for(lambda: tree_state(fake, "moving") is not None, 60, "the listing taken")  # after the walk
     with frozen(fake):  # the provider can get at most its window ahead: s/029.txt is not read yet
@@ -216,7 +225,7 @@ def test_folder_that_changes_while_being_sent_fails_cleanly(two_nodes):
     assert re.search(r"error: download of moving from fake2\.dev failed: fake2\.dev: folder moving: s/029\.txt "
                      r"changed since the folder was listed.*; nothing was saved$", line), line
     wait_for(lambda: not (fake.files / ".partial" / PEER / "moving.tree").exists(), 10, "the partial tree removed")
-    assert not (fake.files / "moving").exists()
+    assert not (fake.files / "moving" / "s" / "new.txt").exists()  # the older copy is kept as it was
     fetch(fake, "moving")
     spec["s/029.txt"] = b"new content"
     assert tree(fake.files / "moving") == with_parents(spec)
