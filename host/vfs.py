@@ -290,7 +290,7 @@ def _parse_action(a: Any) -> tuple:
 
 # this host's folder actions (host/vfs_tree.py) and the shape of their argument
 _TREE_ACTIONS = {
-    "WalkDir": '{"max_depth": n, "max_entries": n}',
+    "WalkDir": '{"max_depth": n, "max_entries": n}',   # -> {"WalkDir": counts}, the listing as the blob
     "ReadMany": '{"items": [[path, offset, length, stamp]]}',
     "WriteMany": '{"items": [[path, offset, length, blake3]], "dirs": [path], "state": {"path", "text"} | null}',
 }
@@ -1094,7 +1094,9 @@ class Vfs:
         depth = _int(arg.get("max_depth"), "WalkDir max_depth", 1, 4096)
         entries = _int(arg.get("max_entries"), "WalkDir max_entries", 1, 10_000_000)
         found = self._tree(vp, vfs_tree.walk, loc.link, depth, entries)
-        return VfsResult(_dumps({"WalkDir": found}))
+        # the listing rides in the blob: a body crosses into Wasm only up to 2 MiB, a blob whole
+        counts = {k: len(v) for k, v in found.items()}
+        return VfsResult(_dumps({"WalkDir": counts}), _dumps(found))
 
     def _a_ReadMany(self, source, vp, loc, arg, data):
         items = arg.get("items")

@@ -16,9 +16,8 @@ from wit_world.imports import file_transfer_worker as worker_api
 import web
 import ft_folder
 from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_state,
-                         print_to_terminal, println, run, set_state,
-                         to_wit_address, vfs)
+from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
+                         get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
 
 
 HISTORY = 50  # finished and failed downloads kept for the web page
@@ -169,8 +168,10 @@ def ls_listing(files_dir: vfs.Directory, folder) -> list:
             if entry.file_type == "File":
                 rows.append({"name": name, "size": vfs.metadata(entry.path).len})
             elif entry.file_type == "Directory":
-                found = vfs.vfs_request(entry.path, {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH,
-                                                                 "max_entries": MAX_FOLDER_ENTRIES}})["WalkDir"]
+                vfs.vfs_request(entry.path, {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH,
+                                                         "max_entries": MAX_FOLDER_ENTRIES}})
+                blob = get_blob()  # the listing rides in the blob
+                found = json.loads(blob.bytes) if blob is not None else {"files": []}
                 rows.append({"name": name + "/", "size": sum(f[1] for f in found["files"]),
                              "files": len(found["files"])})
         except vfs.VfsError as e:

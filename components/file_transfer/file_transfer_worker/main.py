@@ -35,6 +35,9 @@ _HASHERS = {  # how a ReadChunk's bytes are hashed
 }
 
 
+DIRS_PER_CALL = 2000  # folders created per VFS call when a partial tree is prepared
+
+
 def _addr(d: dict) -> Address:
     p = d["process"]
     return Address(d["node"], ProcessId(p["process_name"], p["package_name"], p["publisher_node"]))
@@ -252,10 +255,10 @@ class Worker:
          .blob_bytes(a.blob).send())
 
     def walk_tree(self, a: ft_folder.WalkTree) -> list:
-        found = vfs.vfs_request(f"{self.drive}/{self.name}",
-                                {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH, "max_entries": MAX_FOLDER_ENTRIES}},
-                                timeout=120)["WalkDir"]
-        return self.machine.walked(found, time.monotonic())
+        vfs.vfs_request(f"{self.drive}/{self.name}",
+                        {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH, "max_entries": MAX_FOLDER_ENTRIES}}, timeout=120)
+        blob = get_blob()  # the listing (a body crosses into Wasm only up to 2 MiB, a blob whole)
+        return self.machine.walked(json.loads(blob.bytes) if blob is not None else None, time.monotonic())
 
     def read_batch(self, a: ft_folder.ReadBatch) -> list:
         hashes = vfs.vfs_request(f"{self.drive}/{self.name}", {"ReadMany": {"items": a.items}})["ReadMany"]
@@ -282,7 +285,9 @@ class Worker:
                 vfs.vfs_request(f"{self.partial_dir}/{self.tree}", "RemoveDirAll")
             except vfs.VfsError:
                 pass  # none yet
-        self._write_many([], [self.tree] + [f"{self.tree}/{d}" for d in a.dirs], a.state, False)
+        dirs = [self.tree] + [f"{self.tree}/{d}" for d in a.dirs]
+        for i in range(0, len(dirs), DIRS_PER_CALL):  # each request body stays well under 2 MiB
+            self._write_many([], dirs[i:i + DIRS_PER_CALL], a.state, False)
         return self.machine.tree_prepared(time.monotonic())
 
     def write_batch(self, a: ft_folder.WriteBatch) -> list:
