@@ -283,3 +283,22 @@ def test_a_folder_of_2000_files(two_nodes):
     got = tree(fake.files / "many")
     assert {k: v for k, v in got.items() if v is not None} == spec
     assert took < 60, took  # generous: one transfer, not 2,000
+
+
+def test_a_folder_whose_listing_is_over_2_mib(two_nodes):
+    """A listing (and a tree's folders) too big to cross into Wasm as one message body still goes:
+    16,000 files with long names and 2,500 empty folders (the listing is about 2.4 MB)."""
+    fake, fake2 = two_nodes
+    root = fake2.files / "wide"
+    names = [f"d{i % 10}/{'n' * 60}{i:05}.txt" for i in range(16000)]
+    for d in range(10):
+        (root / f"d{d}").mkdir(parents=True)
+    for n in names:
+        (root / n).touch()
+    for e in range(2500):
+        (root / "empty" / f"e{e:04}").mkdir(parents=True)
+    lines = fetch(fake, "wide", timeout=120)
+    assert any("folder of 16000 files" in ln for ln in lines), lines
+    got = tree(fake.files / "wide")
+    assert len(got) == 16000 + 10 + 1 + 2500
+    assert all(got[n] == b"" for n in names) and got["empty/e2499"] is None
