@@ -16,6 +16,10 @@ CPU, and a node's threads hand work to each other across cores (the README has t
 3. --small files of 4 KiB downloaded with 8 downloads running at a time: files/s.
 4. The same files again in commands of 100 names each (`download A B ... NODE`; file_transfer
    runs 8 at a time and queues the rest): files/s.
+5. Folders (--folder N, on two fresh nodes): a folder of N files of 4 KiB in 10 subfolders, one
+   `download` of the folder against `scp -r -c aes128-gcm` of the same folder (and `rsync -a` over
+   the same ssh, if rsync is installed), --rounds times in turn; then --folder-many files (each node's peak RSS printed), and with --mixed-mib M a folder of
+   the N small files plus one file of M MiB against the two downloaded apart.
 Every download is checked by hash or byte for byte.
 """
 from __future__ import annotations
@@ -120,6 +124,34 @@ class Scp:
         dest.unlink()
         return secs
 
+    def seconds_tree(self, src: Path) -> float:
+        """Time one `scp -r` of the folder `src` (the copy is then deleted)."""
+        dest = self.tmp / "scp-tree"
+        os.sync()
+        t0 = time.perf_counter()
+        subprocess.run(["scp", "-q", "-r", "-c", "aes128-gcm@openssh.com", "-P", str(self.port),
+                        "-i", str(self.dir / "client_key"), "-o", "StrictHostKeyChecking=no",
+                        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                        str(src), f"{os.environ.get('USER', 'root')}@127.0.0.1:{dest}"], check=True)
+        secs = time.perf_counter() - t0
+        shutil.rmtree(dest)
+        return secs
+
+    def rsync_seconds(self, src: Path) -> Optional[float]:
+        """Time one `rsync -a` of the folder `src` over this ssh (None without rsync)."""
+        if shutil.which("rsync") is None:
+            return None
+        dest = self.tmp / "rsync-tree"
+        ssh = (f"ssh -c aes128-gcm@openssh.com -p {self.port} -i {self.dir / 'client_key'} "
+               "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+        os.sync()
+        t0 = time.perf_counter()
+        subprocess.run(["rsync", "-a", "-e", ssh, f"{src}/", f"{os.environ.get('USER', 'root')}@127.0.0.1:{dest}/"],
+                       check=True)
+        secs = time.perf_counter() - t0
+        shutil.rmtree(dest)
+        return secs
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.terminate()
@@ -186,6 +218,87 @@ def small_files_batched(pair: Pair, count: int, per_command: int = 100, timeout:
     return secs
 
 
+def make_folder(root: Path, count: int, size: int = 4096, subfolders: int = 10) -> dict:
+    """`count` random files of `size` bytes spread over `subfolders` folders: {relative path: bytes}."""
+    files = {f"d{i % subfolders}/f{i:05}.bin": os.urandom(size) for i in range(count)}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def check_folder(root: Path, files: dict) -> None:
+    bad = [rel for rel, data in files.items() if (root / rel).read_bytes() != data]
+    if bad:
+        raise RuntimeError(f"{len(bad)} files differ: {bad[:3]}")
+
+
+def folders(tmp: Path, cpus, count: int, many: int, mixed_mib: int, rounds: int) -> None:
+    pair = Pair(tmp / "folders", cpus)
+    scp = Scp(tmp / "folders")
+    if not scp.start():
+        print("[5] scp -r: skipped (needs sshd: apt-get install openssh-server)")
+        scp = None
+    try:
+        src = pair.b_home / FILES / "tree"
+        files = make_folder(src, count)
+        ratios = []
+        for r in range(1, rounds + 1):
+            secs = pair.download("tree", sync=True)
+            check_folder(pair.a_home / FILES / "tree", files)
+            shutil.rmtree(pair.a_home / FILES / "tree")
+            line = f"[5] round {r}: folder of {count} files of 4 KiB in 10 subfolders: {secs:.2f} s (verified)"
+            if scp is not None:
+                theirs = scp.seconds_tree(src)
+                ratios.append(secs / theirs)
+                line += f"; scp -r -c aes128-gcm {theirs:.2f} s; time ours/scp {secs / theirs:.2f}"
+                rsync = scp.rsync_seconds(src)
+                if rsync is not None:
+                    line += f"; rsync -a over ssh {rsync:.2f} s; time ours/rsync {secs / rsync:.2f}"
+            print(line, flush=True)
+        if ratios:
+            print(f"[5] time ours/scp -r: median {statistics.median(ratios):.2f} (lowest {min(ratios):.2f}, "
+                  f"highest {max(ratios):.2f})", flush=True)
+        if mixed_mib > 0:
+            big = pair.b_home / FILES / "mixed" / "big.bin"
+            big.parent.mkdir(parents=True)
+            write_random(big, mixed_mib << 20)
+            shutil.copytree(src, pair.b_home / FILES / "mixed" / "small")
+            os.link(big, pair.b_home / FILES / "alone.bin")
+            mixed_ratios = []
+            for r in range(1, rounds + 1):  # in turn: together, then apart
+                together = pair.download("mixed", sync=True)
+                check_folder(pair.a_home / FILES / "mixed" / "small", files)
+                if sha256(pair.a_home / FILES / "mixed" / "big.bin") != sha256(big):
+                    raise RuntimeError("big.bin differs")
+                shutil.rmtree(pair.a_home / FILES / "mixed")
+                t_big = pair.download("alone.bin", sync=True)
+                (pair.a_home / FILES / "alone.bin").unlink()
+                t_small = pair.download("tree", sync=True)
+                shutil.rmtree(pair.a_home / FILES / "tree")
+                mixed_ratios.append(together / (t_big + t_small))
+                print(f"[5] round {r}: folder of {count} small files + one {mixed_mib} MiB file: {together:.2f} s; "
+                      f"apart {t_big:.2f} + {t_small:.2f} = {t_big + t_small:.2f} s; time together/apart "
+                      f"{mixed_ratios[-1]:.2f} (verified)", flush=True)
+            print(f"[5] time together/apart: median {statistics.median(mixed_ratios):.2f} "
+                  f"(lowest {min(mixed_ratios):.2f}, highest {max(mixed_ratios):.2f})", flush=True)
+    finally:
+        if scp is not None:
+            scp.stop()
+        pair.stop()
+    if many > 0:  # on fresh nodes, so their peak memory is this step's
+        pair = Pair(tmp / "many", cpus)
+        try:
+            files = make_folder(pair.b_home / FILES / "many", many)
+            secs = pair.download("many", sync=True)
+            check_folder(pair.a_home / FILES / "many", files)
+            print(f"[5] folder of {many} files of 4 KiB: {secs:.2f} s, {many / secs:.0f} files/s (verified); peak RSS "
+                  f"requestor {peak_rss_mib(pair.a.pid):.0f} MiB, provider {peak_rss_mib(pair.b.pid):.0f} MiB",
+                  flush=True)
+        finally:
+            pair.stop()
+
+
 def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
     size = int(gib * (1 << 30))
     src = pair.b_home / FILES / "one.bin"
@@ -224,7 +337,10 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--big-gib", type=float, default=4.0)
     ap.add_argument("--small", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of ours-then-scp for [1]")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of ours-then-scp for [1] and [5]")
+    ap.add_argument("--folder", type=int, default=1000, help="files of 4 KiB in the folder of [5] (0: skip [5])")
+    ap.add_argument("--folder-many", type=int, default=10000, help="files in [5]'s large folder (0: skip)")
+    ap.add_argument("--mixed-mib", type=int, default=1024, help="the big file of [5]'s mixed folder (0: skip)")
     ap.add_argument("--shared-cpus", action="store_true",
                     help="let both nodes use every CPU instead of half each")
     args = ap.parse_args()
@@ -255,6 +371,8 @@ def main() -> int:
                       f"{args.small / secs:.1f} files/s (verified)")
         finally:
             pair.stop()
+        if args.folder > 0:
+            folders(tmp, cpus, args.folder, args.folder_many, args.mixed_mib, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

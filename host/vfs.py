@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from host import fsutil
+from host import fsutil, vfs_tree
 from host.types import PackageId, ParseError, ProcessId
 
 __all__ = ["Vfs", "VfsResult"]
@@ -63,7 +63,8 @@ _UNIT_ACTIONS = frozenset({
     "Append", "SyncAll", "Read", "ReadDir", "ReadToEnd", "ReadToString", "RemoveFile", "RemoveDir",
     "RemoveDirAll", "Metadata", "Len", "Hash", "AddZip",
 })
-_ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen"})
+_ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen",
+                          "WalkDir", "ReadMany", "WriteMany"})  # the last three: this host's folder actions
 # Actions served through the caller's handle: an existing handle needs no path resolution.
 _HANDLE_ACTIONS = frozenset({
     "Read", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Write", "WriteAll", "Append", "SetLen",
@@ -73,6 +74,7 @@ MAX_PATH_BYTES = 4096
 # Upstream's check_caps: these need a "read" capability, every other action a "write" one.
 _READ_ACTIONS = frozenset({
     "Read", "ReadDir", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Metadata", "Len", "Hash",
+    "WalkDir", "ReadMany",
 })
 READ_MIME = "application/octet-stream"   # the mime upstream puts on every blob the VFS returns
 # AddZip refuses an archive beyond these before writing anything (a zip bomb).
@@ -279,7 +281,19 @@ def _parse_action(a: Any) -> tuple:
         if not isinstance(arg, dict) or not isinstance(arg.get("new_path"), str):
             raise _bad_json(f'{name} expects {{"new_path": "/package:publisher/drive/..."}}')
         return name, arg["new_path"]
+    if name in _TREE_ACTIONS:
+        if not isinstance(arg, dict):
+            raise _bad_json(f"{name} expects an object ({_TREE_ACTIONS[name]})")
+        return name, arg
     raise _bad_json(f"unknown action {str(name)[:100]!r}")
+
+
+# this host's folder actions (host/vfs_tree.py) and the shape of their argument
+_TREE_ACTIONS = {
+    "WalkDir": '{"max_depth": n, "max_entries": n}',   # -> {"WalkDir": counts}, the listing as the blob
+    "ReadMany": '{"items": [[path, offset, length, stamp]]}',
+    "WriteMany": '{"items": [[path, offset, length, blake3]], "dirs": [path], "state": {"path", "text"} | null}',
+}
 
 
 # ---- low-level I/O ----------------------------------------------------------------------------------
@@ -1065,6 +1079,54 @@ class Vfs:
             os.fsync(h.fd)
             return VfsResult(_OK)
         return self._with_handle(source, vp, loc, f)
+
+    # ---- this host's folder actions: the path is the folder, the tree's paths are relative to it
+    def _tree(self, vp: _VPath, fn, *args):
+        try:
+            return fn(*args)
+        except vfs_tree.TreeError as e:
+            where = "/".join((vp.text, e.path)) if e.path else vp.text
+            raise _bad_request(f"{e}: {vp.text}") if not e.path else _io_error(str(e), where) from None
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+
+    def _a_WalkDir(self, source, vp, loc, arg, data):
+        depth = _int(arg.get("max_depth"), "WalkDir max_depth", 1, 4096)
+        entries = _int(arg.get("max_entries"), "WalkDir max_entries", 1, 10_000_000)
+        found = self._tree(vp, vfs_tree.walk, loc.link, depth, entries)
+        # the listing rides in the blob: a body crosses into Wasm only up to 2 MiB, a blob whole
+        counts = {k: len(v) for k, v in found.items()}
+        return VfsResult(_dumps({"WalkDir": counts}), _dumps(found))
+
+    def _a_ReadMany(self, source, vp, loc, arg, data):
+        items = arg.get("items")
+        if not isinstance(items, list):
+            raise _bad_json("ReadMany expects {\"items\": [[path, offset, length, stamp]]}")
+        hashes, out = self._tree(vp, vfs_tree.read_many, loc.link, items)
+        blob = out if isinstance(out, bytes) else bytes(out)
+        return VfsResult(_dumps({"ReadMany": hashes}), blob if blob else None)
+
+    def _a_WriteMany(self, source, vp, loc, arg, data):
+        items, dirs, state = arg.get("items", []), arg.get("dirs", []), arg.get("state")
+        if not (isinstance(items, list) and isinstance(dirs, list) and (state is None or isinstance(state, dict))):
+            raise _bad_json(f"WriteMany expects {_TREE_ACTIONS['WriteMany']}")
+        try:
+            os.makedirs(loc.real, 0o755, exist_ok=True)
+        except OSError as e:
+            raise _from_os(e, vp.text, "cannot create directory") from None
+        if len(data) >= WRITE_BEHIND_MIN:
+            # checked and written behind, as a big WriteAll: the process's next VFS request waits
+            # for it (and gets its error); the hashes are checked before any write, and the state
+            # file is written last, so it never claims data not written and verified
+            def behind() -> None:
+                vfs_tree.write_many(loc.link, items, dirs, data, state)()
+            with self._lock:
+                self._in_flight[source] = (self._writer.submit(behind), vp.text)
+        else:
+            job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state)
+            self._tree(vp, job)
+        self._sweep(vp.text)   # handles on files being rewritten would see stale data
+        return VfsResult(_OK)
 
 
 def _asks(has_cap, params: dict) -> bool:

@@ -27,7 +27,8 @@ def test_list_files_shows_each_file_with_its_size(node_factory):
     assert code == 0, lines
     assert "file_transfer:template.os: fake.dev available files:" in lines
     rows = [ln.split(": ", 1)[1] for ln in lines if "\t\t" in ln]
-    assert rows == ["File\t\tSize (bytes)", "b.bin\t\t4096", "my_file.txt\t\t12"]
+    # a folder is listed too, with a trailing `/`, its total size and file count
+    assert rows == ["File\t\tSize (bytes)", "b.bin\t\t4096", "my_file.txt\t\t12", "subdir/\t\t0\t(0 files)"]
 
 
 def test_terminal_typed_lines_and_unknown_command(node_factory):

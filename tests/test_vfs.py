@@ -1168,3 +1168,77 @@ def test_the_pkg_drive_is_writable_but_never_writes_through_to_the_build(vfs, tm
     body = err(vfs, O, root + "w.wasm", "Write", b"evil")
     assert "NoCap" in body
     assert (pkg / "w.wasm").read_bytes() == b"new"
+
+
+# ---- this host's folder actions: WalkDir, ReadMany, WriteMany --------------------------------------
+def test_folder_actions_walk_read_write_and_refuse(vfs, tmp_path, outside):
+    import blake3
+    root = tmp_path / "home" / "vfs" / "app:pub.os" / "data" / "tree"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "x.txt").write_bytes(b"hello")
+    (root / "a" / "y.bin").write_bytes(os.urandom(3 << 20))   # a big piece: written behind, maybe directly
+    (root / "a" / "b" / "z").write_bytes(b"")
+    os.symlink(outside / "secret", root / "a" / "link")
+    os.symlink(outside, root / "outlink")
+    os.mkfifo(root / "fifo")
+    walk = {"WalkDir": {"max_depth": 8, "max_entries": 100}}
+    body, listing = ok(vfs, P, f"{DRIVE}/tree", walk)
+    found = json.loads(listing)  # in the blob (a body crosses into Wasm only up to 2 MiB)
+    assert body == {"WalkDir": {"dirs": 3, "files": 3, "skipped": 3}}
+    assert found["dirs"] == ["a", "empty", "a/b"]
+    assert [f[:2] for f in found["files"]] == [["x.txt", 5], ["a/y.bin", 3 << 20], ["a/b/z", 0]]
+    assert sorted(found["skipped"]) == ["a/link", "fifo", "outlink"]  # never followed nor read
+    # limits, and a folder that is itself a symlink
+    assert "deeper than 1 levels" in str(err(vfs, P, f"{DRIVE}/tree", {"WalkDir": {"max_depth": 1, "max_entries": 100}}))
+    assert "more than 3 entries" in str(err(vfs, P, f"{DRIVE}/tree", {"WalkDir": {"max_depth": 8, "max_entries": 3}}))
+    os.symlink(root, root.parent / "treelink")
+    assert "symlink" in str(err(vfs, P, f"{DRIVE}/treelink", walk))
+    # another package needs a read capability for it
+    assert list(err(vfs, O, f"{DRIVE}/tree", walk)) == ["NoCap"]
+
+    items = [[f[0], 0, f[1], f[2]] for f in found["files"]]
+    body, data = ok(vfs, P, f"{DRIVE}/tree", {"ReadMany": {"items": items}})
+    assert data == b"hello" + (root / "a" / "y.bin").read_bytes()
+    hashes = body["ReadMany"]
+    assert hashes[0] == blake3.blake3(b"hello").hexdigest()
+
+    pieces = [[f"copy/{f[0]}", 0, f[1], h] for f, h in zip(found["files"], hashes)]
+    dirs = ["copy", "copy/a", "copy/a/b", "copy/empty"]
+    ok(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": pieces, "dirs": dirs, "state": {"path": "st", "text": "{}"}}},
+       data)
+    ok(vfs, P, f"{DRIVE}/part", "Metadata")  # the next request waits for a write behind
+    copy = root.parent / "part" / "copy"
+    assert (copy / "x.txt").read_bytes() == b"hello" and (copy / "empty").is_dir()
+    assert (copy / "a" / "y.bin").read_bytes() == (root / "a" / "y.bin").read_bytes()
+    assert (copy / "a" / "b" / "z").read_bytes() == b"" and (root.parent / "part" / "st").read_text() == "{}"
+
+    # a piece that fails its hash: nothing of the batch is written
+    bad = [["new/x.txt", 0, 5, "0" * 64]]
+    e = err(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": bad, "dirs": ["new"], "state": None}}, b"hello")
+    assert "failed its integrity check" in str(e) and not (root.parent / "part" / "new").exists()
+    # a big batch is checked behind the answer: its failure is the next request's answer, and
+    # nothing of it is written, its state neither
+    big = os.urandom(1 << 20)
+    bad = [["new/big", 0, len(big), "0" * 64]]
+    ok(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": bad, "dirs": ["new"], "state": {"path": "st", "text": "x"}}},
+       big)
+    e = err(vfs, P, f"{DRIVE}/part", "Metadata")
+    assert "an earlier write failed" in str(e) and "new/big (at offset 0) failed its integrity check" in str(e)
+    assert not (root.parent / "part" / "new").exists() and (root.parent / "part" / "st").read_text() == "{}"
+    # paths that could leave the tree, or pass through a symlink, are refused
+    empty = blake3.blake3(b"").hexdigest()
+    for path in ("../escape", "copy/../../escape", "/abs", "a\\b"):
+        assert "bad path component" in str(err(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": [[path, 0, 0, empty]]}}))
+    os.symlink(outside, root.parent / "part" / "out")
+    e = err(vfs, P, f"{DRIVE}/part", {"WriteMany": {"items": [["out/planted", 0, 0, empty]]}})
+    assert is_io_error(e) and not (outside / "planted").exists()
+    assert "bad path component" in str(err(vfs, P, f"{DRIVE}/tree", {"ReadMany": {"items": [["../part/st", 0, 2, "s"]]}}))
+    assert is_io_error(err(vfs, P, f"{DRIVE}/tree", {"ReadMany": {"items": [["a/link", 0, 3, "s"]]}}))
+    # a file changed since it was listed is not read
+    (root / "x.txt").write_bytes(b"HELLO")
+    e = err(vfs, P, f"{DRIVE}/tree", {"ReadMany": {"items": items[:1]}})
+    assert "x.txt changed since the folder was listed" in str(e)
+    # malformed arguments
+    assert list(err(vfs, P, f"{DRIVE}/tree", {"ReadMany": []})) == ["BadJson"]
+    assert list(err(vfs, P, f"{DRIVE}/tree", {"WalkDir": {"max_depth": 0, "max_entries": 1}})) == ["BadJson"]

@@ -42,3 +42,10 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+# folders (ft_folder): a tree beyond these is refused by both sides, with an error saying which
+MAX_FOLDER_DEPTH = 32
+MAX_FOLDER_ENTRIES = 50_000
+BATCH_BYTES = 4 * CHUNK_SIZE   # a folder's files are sent in batches of up to this many bytes ...
+BATCH_FILES = 256              # ... and files (a big file is cut into pieces of BATCH_BYTES)
+FOLDER_WINDOW = 8              # batches in flight per folder transfer (as a file's chunks)

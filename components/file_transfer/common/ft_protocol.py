@@ -196,7 +196,8 @@ class Requestor:
         return [ArmTimer(TICK),
                 Send(self.peer, {"Download": {"name": self.name, "target": address_json(self.peer),
                                               "is_requestor": False}},
-                     {"ft": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "download")]
+                     # "folders": a folder of that name may be sent (ft_folder)
+                     {"ft": 1, "folders": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "download")]
 
     def response(self, context: Optional[str], body: Any, now: float) -> list:
         """A response to one of our requests (the Download answer, a keepalive answer)."""

@@ -1,5 +1,5 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
-"""download NAME... WHO: fetch each NAME from WHO's file_transfer into our files drive.
+"""download NAME... WHO: fetch each NAME (a file or a folder) from WHO's file_transfer into our files drive.
 
 The local file_transfer starts a worker per file (at most MAX_DOWNLOADS at once; the rest wait
 their turn) and reports progress; this script prints only failures to start."""
@@ -8,7 +8,7 @@ import wit_world
 from ft_common import check_name
 from process_lib import Address, ask, script, sibling
 
-USAGE = "usage: download:file_transfer:template.os FILE_NAME [FILE_NAME...] NODE"
+USAGE = "usage: download:file_transfer:template.os NAME [NAME...] NODE  (a NAME may be a folder)"
 ASK_TIMEOUT = 30  # seconds
 
 

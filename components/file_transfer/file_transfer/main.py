@@ -14,10 +14,10 @@ from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
 import web
-from ft_common import MAX_DOWNLOADS, STALL_TIMEOUT, check_name, human_size
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_state,
-                         print_to_terminal, println, run, set_state,
-                         to_wit_address, vfs)
+import ft_folder
+from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size
+from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
+                         get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
 
 
 HISTORY = 50  # finished and failed downloads kept for the web page
@@ -59,7 +59,8 @@ class Transfers:
 
     def table(self) -> list:
         now = time.monotonic()
-        rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"]}
+        rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"],
+                 **({"files": t["files"], "of": t["of"]} if t.get("of") is not None else {})}  # a folder
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
         return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
 
@@ -135,12 +136,48 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         # we serve: refuse a missing file here, before a worker exists, and create nothing
         try:
             meta = vfs.metadata(f"{files_dir.path}/{name}")
-            if meta.file_type != "File":
+            if meta.file_type not in servable_types(msg):
                 raise vfs.VfsError("not a file")
         except vfs.VfsError:
             Response().body({"Download": {"Err": f"no such file: {name}"}}).send()
             return
     start_worker(our, msg.source, name, target_addr, is_requestor, transfers)
+
+
+def servable_types(msg: Message) -> tuple:
+    """What a Download may fetch: a folder too if the requestor's worker can take one (ft_folder)."""
+    meta = msg.meta()
+    return ("File", "Directory") if meta.get("ft") == 1 and meta.get("folders") == 1 else ("File",)
+
+
+def ls_listing(files_dir: vfs.Directory, folder) -> list:
+    """ListFiles with folders: the files and folders in the drive, or in `folder` inside it; a
+    folder's row is `NAME/` with its file count and total size (as its download would fetch it)."""
+    base = files_dir.path
+    if folder is not None:
+        problem = "folder must be a string" if not isinstance(folder, str) else ft_folder.check_path(folder.strip("/"))
+        if problem:
+            raise ValueError(f"bad folder: {problem}")
+        base = f"{base}/{folder.strip('/')}"
+    rows = []
+    for entry in vfs.open_dir(base).read():
+        name = entry.path.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            continue  # .partial and other hidden entries are never served
+        try:
+            if entry.file_type == "File":
+                rows.append({"name": name, "size": vfs.metadata(entry.path).len})
+            elif entry.file_type == "Directory":
+                vfs.vfs_request(entry.path, {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH,
+                                                         "max_entries": MAX_FOLDER_ENTRIES}})
+                blob = get_blob()  # the listing rides in the blob
+                found = json.loads(blob.bytes) if blob is not None else {"files": []}
+                rows.append({"name": name + "/", "size": sum(f[1] for f in found["files"]),
+                             "files": len(found["files"])})
+        except vfs.VfsError as e:
+            if entry.file_type == "Directory":  # too deep, too many entries: shown, not counted
+                rows.append({"name": name + "/", "size": 0, "files": None, "error": str(e).rsplit(": ", 1)[-1]})
+    return rows
 
 
 def request_download(our: Address, name: str, target_addr: Address, transfers: Transfers) -> tuple:
@@ -198,13 +235,15 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         verbosity = 0
     else:
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
-                            rate=meta.get("rate", 0.0))
+                            rate=meta.get("rate", 0.0), files=meta.get("files"), of=meta.get("of"))
         now = time.monotonic()
         # at most one progress line a second per transfer; every step at terminal verbosity 1
         verbosity = 1 if now - t["printed"] < 1.0 and progress < 100 else 0
         if verbosity == 0:
             t["printed"] = now
-    if meta.get("error") == "cancelled":
+    if meta.get("folder") and not meta.get("error"):
+        print_to_terminal(verbosity, folder_progress_line(name, progress, meta))
+    elif meta.get("error") == "cancelled":
         println(f"download of {name} from {meta.get('peer')} cancelled")
     elif meta.get("error"):
         println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
@@ -220,6 +259,18 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
                                      f"{human_size(meta['total'])}, {rate / 2**20:.1f} MiB/s, ETA {left:.0f} s)")
     else:
         print_to_terminal(verbosity, f"{name} progress: {progress}%")
+
+
+def folder_progress_line(name: str, progress: int, meta: dict) -> str:
+    total, done, files, of = meta.get("total", 0), meta.get("bytes", 0), meta.get("files", 0), meta.get("of", 0)
+    if meta.get("done"):
+        secs = max(meta.get("secs", 0), 1e-9)
+        return (f"{name} downloaded from {meta.get('peer')}: folder of {of} files, {human_size(total)} in "
+                f"{secs:.2f} s ({total / secs / 2**20:.1f} MiB/s), every file verified (blake3)")
+    rate = meta.get("rate", 0)
+    left = (total - done) / rate if rate else 0
+    return (f"{name} progress: {progress}% ({files} of {of} files, {human_size(done)} of {human_size(total)}, "
+            f"{rate / 2**20:.1f} MiB/s, ETA {left:.0f} s)")
 
 
 def _matching(keys, name: str, node) -> list:
@@ -279,7 +330,8 @@ def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfe
             if not access.allows(msg.source.node) and msg.source.node != our.node:
                 Response().body({"Err": refuse("ListFiles", msg.source.node, our)}).send()
                 return
-            Response().body({"ListFiles": ls_files(files_dir)}).send()
+            Response().body({"ListFiles": ls_listing(files_dir, msg.meta().get("folder"))
+                             if msg.meta().get("ft") == 1 else ls_files(files_dir)}).send()
         elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
             handle_download(our, msg, body["Download"], files_dir, transfers, access)
         elif isinstance(body, dict) and isinstance(body.get("Progress"), dict):

@@ -1,5 +1,5 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
-"""file_transfer_worker: moves one file, then exits.
+"""file_transfer_worker: moves one file, or one folder (ft_folder), then exits.
 
 A requestor worker asks the serving node's file_transfer for a file, receives its chunks into a
 partial file inside the drive, verifies every chunk and the whole file, and renames the partial
@@ -8,17 +8,20 @@ them with at most WINDOW unacknowledged. Both end on completion, on error and af
 data stays in the host (VFS reads and network chunks are forwarded as host-held blobs).
 
 The protocol itself is ft_protocol's Requestor and Provider; this module maps messages to their
-events and their actions to process_lib calls.
+events and their actions to process_lib calls. A folder's machines (ft_folder) take over when the
+provider's file turns out to be a folder, and the requestor's when the provider's Size says so.
 """
 import json
 import time
 
 import wit_world
 
+import ft_folder
 import ft_protocol as ft
-from ft_common import PARTIAL_DIR, check_name
+from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, check_name
 from process_lib import (HAS_BLOBS, Address, Message, ProcessId, Request, Response, SendError, await_message,
-                         current_blob_hash, current_blob_hash_chained, current_blob_len, println, run, vfs)
+                         current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, println, run,
+                         vfs)
 
 # The extended protocol hashes in the host through its blobs extension; a portable build (without
 # it) speaks the seed's plain protocol, and its machines then ask for no hash at all.
@@ -30,6 +33,9 @@ _HASHERS = {  # how a ReadChunk's bytes are hashed
     ft.HASH_CHAIN: lambda: current_blob_hash_chained(False),
     ft.HASH_CHAIN_RESTART: lambda: current_blob_hash_chained(True),
 }
+
+
+DIRS_PER_CALL = 2000  # folders created per VFS call when a partial tree is prepared
 
 
 def _addr(d: dict) -> Address:
@@ -53,6 +59,11 @@ class Worker:
             ft.Rename: self.rename, ft.RemoveFiles: self.remove_files, ft.KeepForResume: self.keep_for_resume,
             ft.OpenFile: self.open_file, ft.Seek: self.seek, ft.ReadChunk: self.read_chunk,
             ft.CheckFile: self.check_file,
+            # folders (ft_folder)
+            ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
+            ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
+            ft_folder.PrepareTree: self.prepare_tree, ft_folder.WriteBatch: self.write_batch,
+            ft_folder.FinishTree: self.finish_tree, ft_folder.RemoveTree: self.remove_tree,
         }
 
     # ---- messages to events ----------------------------------------------------------------------
@@ -68,6 +79,11 @@ class Worker:
                 return self.begin(msg, body["Download"])
             raise ValueError(f"unexpected message before Download from {msg.source}")
         now = time.monotonic()
+        if msg.is_request and self.requestor and type(m) is ft.Requestor:
+            meta = msg.meta()
+            if (isinstance(meta.get("folder"), dict) and isinstance(body, dict) and "Size" in body
+                    and m.state == m.REQUESTING and msg.source.node == m.peer_node and not meta.get("error")):
+                return self.take_folder(msg, body["Size"], meta, now)
         if msg.is_request:
             if self.requestor:
                 return m.request(msg.source, body, msg.meta(), msg.expects_response is not None,
@@ -102,6 +118,17 @@ class Worker:
         else:
             self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED)
         return self.machine.start()
+
+    def take_folder(self, msg: Message, size, meta: dict, now: float) -> list:
+        """The peer is sending a folder: a FolderRequestor takes over from the Requestor."""
+        self.machine = ft_folder.FolderRequestor(self.name, self.machine.peer, self.parent, self.started)
+        self.tree = f"{self.name}.tree"
+        self.tree_state = f"{self.partial_dir}/{self.name}.tree-state"
+        blob = get_blob()
+        text = blob.bytes.decode("utf-8", "replace") if blob is not None else None
+        digest = current_blob_hash() if blob is not None else None
+        return self.machine.size_announced(msg.source, size, meta, text, digest,
+                                           msg.expects_response is not None, now)
 
     def run(self, actions: list) -> bool:
         """Carry out the actions (and those their results lead to); True once the job has ended."""
@@ -201,7 +228,14 @@ class Worker:
             pass
 
     def open_file(self, a: ft.OpenFile) -> list:
-        self.file = vfs.open_file(f"{self.drive}/{self.name}", create=False)
+        try:
+            self.file = vfs.open_file(f"{self.drive}/{self.name}", create=False)
+        except vfs.VfsError:
+            # our file_transfer serves a folder only to a requestor that asked for folders
+            if vfs.metadata(f"{self.drive}/{self.name}").file_type != vfs.DIRECTORY:
+                raise
+            self.machine = ft_folder.FolderProvider(self.name, self.machine.target, self.parent, self.started)
+            return self.machine.start()
         found = self.file.metadata()
         return self.machine.opened(found.len, found.stamp, time.monotonic())
 
@@ -216,6 +250,75 @@ class Worker:
         stamp = self.file.metadata().stamp
         digest = self.file.blake3() if a.read_back else None
         return self.machine.file_checked(stamp, digest, time.monotonic())
+
+    # ---- folders -----------------------------------------------------------------------------------
+    def send_blob(self, a: ft_folder.SendBlob) -> None:
+        (Request.to(a.target).body(a.body).metadata(a.metadata).expects_response(a.timeout).context(a.context)
+         .blob_bytes(a.blob).send())
+
+    def walk_tree(self, a: ft_folder.WalkTree) -> list:
+        vfs.vfs_request(f"{self.drive}/{self.name}",
+                        {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH, "max_entries": MAX_FOLDER_ENTRIES}}, timeout=120)
+        blob = get_blob()  # the listing (a body crosses into Wasm only up to 2 MiB, a blob whole)
+        return self.machine.walked(json.loads(blob.bytes) if blob is not None else None, time.monotonic())
+
+    def read_batch(self, a: ft_folder.ReadBatch) -> list:
+        hashes = vfs.vfs_request(f"{self.drive}/{self.name}", {"ReadMany": {"items": a.items}})["ReadMany"]
+        return self.machine.batch_read(a.items, hashes, time.monotonic())
+
+    def load_folder_state(self, a: ft_folder.LoadFolderState) -> list:
+        try:
+            saved = json.loads(vfs.open_file(self.tree_state).read_to_string())
+        except (vfs.VfsError, ValueError):
+            saved = None
+        return self.machine.state_loaded(saved, time.monotonic())
+
+    def _write_many(self, items: list, dirs: list, state: dict, forward: bool) -> None:
+        """Pieces and folders beneath the partial tree, and the state beside it, in one VFS call."""
+        tree = self.tree
+        vfs.vfs_request(self.partial_dir, {"WriteMany": {
+            "items": [[f"{tree}/{p}", off, n, h] for p, off, n, h in items],
+            "dirs": dirs, "state": {"path": f"{self.name}.tree-state", "text": json.dumps(state)}}},
+            forward_blob=forward, timeout=120)
+
+    def prepare_tree(self, a: ft_folder.PrepareTree) -> list:
+        if a.fresh:
+            try:
+                vfs.vfs_request(f"{self.partial_dir}/{self.tree}", "RemoveDirAll")
+            except vfs.VfsError:
+                pass  # none yet
+        dirs = [self.tree] + [f"{self.tree}/{d}" for d in a.dirs]
+        for i in range(0, len(dirs), DIRS_PER_CALL):  # each request body stays well under 2 MiB
+            self._write_many([], dirs[i:i + DIRS_PER_CALL], a.state, False)
+        return self.machine.tree_prepared(time.monotonic())
+
+    def write_batch(self, a: ft_folder.WriteBatch) -> list:
+        self._write_many(a.items, [], a.state, any(n for _, _, n, _ in a.items))
+        return self.machine.batch_written(time.monotonic())
+
+    def finish_tree(self, a: ft_folder.FinishTree) -> list:
+        final = f"{self.drive}/{self.name}"
+        try:
+            old = vfs.metadata(final).file_type
+        except vfs.VfsError:
+            old = None
+        if old == vfs.DIRECTORY:  # an older copy is replaced only now, all of the new one verified
+            vfs.vfs_request(final, "RemoveDirAll")
+        elif old is not None:
+            vfs.remove_file(final)
+        vfs.rename(f"{self.partial_dir}/{self.tree}", final)
+        try:
+            vfs.remove_file(self.tree_state)
+        except vfs.VfsError:
+            pass
+        return self.machine.tree_finished(time.monotonic())
+
+    def remove_tree(self, a: ft_folder.RemoveTree) -> None:
+        for path, action in ((f"{self.partial_dir}/{self.tree}", "RemoveDirAll"), (self.tree_state, "RemoveFile")):
+            try:
+                vfs.vfs_request(path, action)
+            except vfs.VfsError:
+                pass
 
 
 def main(our: Address) -> None:

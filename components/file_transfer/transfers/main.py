@@ -1,5 +1,5 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
-"""transfers: list this node's downloads in progress (node, file, bytes, rate, ETA) and queued."""
+"""transfers: list this node's downloads in progress (node, file or folder, files, bytes, rate, ETA) and queued."""
 import wit_world
 
 from ft_common import human_size
@@ -21,7 +21,8 @@ def transfers(our: Address, args: str) -> str:
             lines.append(f"  {t['name']} from {t['node']}: starting")
             continue
         eta = f"{(total - done) / rate:.0f} s" if rate else "?"
-        lines.append(f"  {t['name']} from {t['node']}: {human_size(done)} of {human_size(total)}, "
+        files = f"folder, {t['files']} of {t['of']} files, " if t.get("of") is not None else ""
+        lines.append(f"  {t['name']} from {t['node']}: {files}{human_size(done)} of {human_size(total)}, "
                      f"{rate / 2**20:.1f} MiB/s, ETA {eta}")
     return "\n".join(lines)
 

@@ -1,0 +1,304 @@
+"""Folders: one download moves a whole tree (nested and empty folders), verified file by file,
+resumable, cancellable, refusing hostile names, symlinks and trees beyond the limits; a folder
+that changes while being sent fails cleanly. Real nodes, real files, bytes compared."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, frozen, no_workers, wait_for
+
+sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
+import ft_folder  # noqa: E402  (the guest's own manifest check, plain Python)
+from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES  # noqa: E402
+
+PEER = "fake2.dev"
+
+
+def tree(root: Path) -> dict:
+    """Every folder and regular file beneath `root`: {relative path: bytes, or None for a folder}."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for d in dirs:
+            p = Path(top, d)
+            if not p.is_symlink():
+                found[str(p.relative_to(root))] = None
+        for f in files:
+            p = Path(top, f)
+            if not p.is_symlink():
+                found[str(p.relative_to(root))] = p.read_bytes()
+    return found
+
+
+def with_parents(spec: dict) -> dict:
+    """spec plus every folder its paths imply (as tree() reports them)."""
+    out = dict(spec)
+    for rel in spec:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            out.setdefault("/".join(parts[:i]), None)
+    return out
+
+
+def make_files(root: Path, spec: dict) -> None:
+    """spec: relative path -> bytes (a file) or None (a folder)."""
+    for rel, data in spec.items():
+        p = root / rel
+        if data is None:
+            p.mkdir(parents=True, exist_ok=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+
+
+def fetch(node, name: str, timeout: float = 120) -> list[str]:
+    code, lines = node.run(f"download:file_transfer:template.os {name} {PEER}",
+                           until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
+    assert code == 0, lines
+    return lines
+
+
+def tree_state(node, name: str):
+    try:
+        return json.loads((node.files / ".partial" / PEER / f"{name}.tree-state").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def big_folder(node, name: str) -> dict:
+    """Two big files first (in manifest order), then small ones: a transfer stopped in the second
+    has one file done and one half done."""
+    spec = {"a1.bin": os.urandom(24 << 20), "a2.bin": os.urandom(80 << 20), "empty": None}
+    spec.update({f"s/{i:03}.txt": os.urandom(3000) for i in range(30)})
+    make_files(node.files / name, spec)
+    return spec
+
+
+def hold_in_second_file(fake, fake2, name: str) -> dict:
+    """Start downloading `name` and freeze the provider once the first file and a piece of the
+    second are written (at most its window of batches then still arrives); wait until the
+    requestor's saved point stops moving; return it."""
+    fake.type(f"download:file_transfer:template.os {name} {PEER}")
+
+    def into_second() -> bool:
+        saved = tree_state(fake, name) or {}
+        return (saved.get("index", 0), saved.get("offset", 0)) >= (1, 1)
+    wait_for(into_second, 60, "the first file written", every=0.01)
+    os.kill(fake2.proc.pid, signal.SIGSTOP)
+    last, since = tree_state(fake, name), time.monotonic()
+    while time.monotonic() - since < 1.0:
+        time.sleep(0.1)
+        now = tree_state(fake, name)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_folder_download_with_nested_and_empty_folders_and_listing(two_nodes, tmp_path):
+    fake, fake2 = two_nodes
+    spec = {
+        "a.txt": b"hello folder\n", "zero.txt": b"", "empty": None, "sub/emptier": None,
+        "sub/b.bin": os.urandom(300_000), "sub/deeper/c.bin": os.urandom(9 << 20),  # c.bin: three pieces
+        "sub/deeper/d.txt": b"d" * 5000,
+    }
+    make_files(fake2.files / "photos", spec)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"not to be served")
+    os.symlink(outside / "secret.txt", fake2.files / "photos" / "link.txt")     # a file symlink
+    os.symlink(outside, fake2.files / "photos" / "sub" / "linkdir")              # a folder symlink
+    (fake2.files / "single.txt").write_bytes(b"one file")
+
+    code, lines = fake.run(f"list_files:file_transfer:template.os {PEER}", wait=1.0)
+    text = "\n".join(lines)
+    assert code == 0 and "photos/\t\t%d\t(5 files)" % sum(len(v) for v in spec.values() if v) in text, text
+    assert "single.txt\t\t8" in text, text
+    code, lines = fake.run(f"list_files:file_transfer:template.os {PEER} photos/sub", wait=1.0)
+    text = "\n".join(lines)
+    assert code == 0 and "in photos/sub:" in text and "b.bin\t\t300000" in text and "deeper/\t\t%d\t(2 files)" % (
+        (9 << 20) + 5000) in text and "emptier/\t\t0\t(0 files)" in text, text
+
+    for bad, why in (("../etc", "may not start with '.'"), ("nothere", "no such file")):
+        code, lines = fake.run(f"list_files:file_transfer:template.os {PEER} {bad}", wait=1.0)
+        assert code == 1 and any("error:" in ln and why in ln for ln in lines), lines
+
+    lines = fetch(fake, "photos")
+    done = [ln for ln in lines if "photos downloaded" in ln]
+    assert done and "folder of 5 files" in done[0] and "every file verified" in done[0], lines
+    got = tree(fake.files / "photos")
+    assert got == with_parents(spec)  # every file's bytes, the empty folders, and no symlink nor what it points at
+    assert not any(p.is_symlink() for p in (fake.files / "photos").rglob("*"))
+    assert not (fake.files / ".partial" / PEER / "photos.tree").exists()
+    assert not (fake.files / ".partial" / PEER / "photos.tree-state").exists()
+    assert fake2.lines and any("not sending 2 symlink(s)" in ln for ln in fake2.lines), fake2.lines[-10:]
+
+    # again: the older copy is replaced only by a complete new one
+    (fake2.files / "photos" / "a.txt").write_bytes(b"changed\n")
+    fetch(fake, "photos")
+    assert (fake.files / "photos" / "a.txt").read_bytes() == b"changed\n"
+    # a single file still downloads as before
+    fetch(fake, "single.txt")
+    assert (fake.files / "single.txt").read_bytes() == b"one file"
+
+    # a requestor that did not ask for folders (a plain peer) is refused a folder, served a file
+    target = json.dumps({"node": "fake.dev", "process": {"process_name": "file_transfer", "package_name":
+                                                         "file_transfer", "publisher_node": "template.os"}})
+    fake.type('m -a 5 fake2.dev@file_transfer:file_transfer:template.os '
+              '{"Download": {"name": "photos", "target": %s, "is_requestor": false}}' % target)
+    fake.expect(r'no such file: photos', 20)
+    no_workers(fake, fake2, within=20)
+
+
+@pytest.mark.parametrize("victim", ["provider", "requestor"])
+def test_folder_resumes_after_a_node_is_killed(two_nodes, victim):
+    fake, fake2 = two_nodes
+    spec = big_folder(fake2, "data")
+    held = hold_in_second_file(fake, fake2, "data")
+    assert held["index"] == 1 and 0 < held["offset"] < (80 << 20), held  # a1 done, a2 half done
+    first = fake.files / ".partial" / PEER / "data.tree" / "a1.bin"
+    first_inode = first.stat().st_ino
+    if victim == "provider":
+        fake2.kill()
+        fake.expect(r"error: download of data from fake2\.dev failed: fake2\.dev went offline during the transfer "
+                    r"\(run the download again to resume\)$", 30)
+        fake2.start()
+    else:
+        fake.kill()
+        os.kill(fake2.proc.pid, signal.SIGCONT)
+        fake.start()
+    saved = tree_state(fake, "data")
+    assert saved["index"] == 1 and saved["offset"] >= held["offset"], (saved, held)
+    assert not (fake.files / "data").exists()  # never a partial tree under the real name
+    lines = fetch(fake, "data")
+    resumed = [ln for ln in lines if "data: resuming at file 2 of 32" in ln]
+    assert resumed and f"({(24 << 20) + saved['offset']} of " in resumed[0], lines
+    assert tree(fake.files / "data") == with_parents(spec)
+    assert (fake.files / "data" / "a1.bin").stat().st_ino == first_inode  # the file done was not fetched again
+    no_workers(fake, fake2, within=30)
+
+
+def test_folder_cancel_then_download_again(two_nodes):
+    fake, fake2 = two_nodes
+    spec = big_folder(fake2, "data")
+    hold_in_second_file(fake, fake2, "data")
+    try:
+        code, lines = fake.run("transfers:file_transfer:template.os", until="data")
+        assert code == 0 and any(re.search(r"data from fake2\.dev: folder, \d+ of 32 files, ", ln) for ln in lines), lines
+        code, lines = fake.run("cancel:file_transfer:template.os data fake2.dev")
+        assert code == 0, lines
+        fake.expect(r"download of data from fake2\.dev cancelled", 30)
+    finally:
+        os.kill(fake2.proc.pid, signal.SIGCONT)
+    wait_for(lambda: not (fake.files / ".partial" / PEER / "data.tree").exists(), 10, "the partial tree removed")
+    assert not (fake.files / "data").exists() and tree_state(fake, "data") is None
+    fetch(fake, "data")  # positive control: the same folder, whole
+    assert tree(fake.files / "data") == with_parents(spec)
+    no_workers(fake, fake2, within=30)
+
+
+def test_folder_that_changes_while_being_sent_fails_cleanly(two_nodes):
+    """The folder is sent as it was listed: a file added after the listing is not sent; a file
+    changed after it fails the transfer and nothing is kept; the next download takes both."""
+    fake, fake2 = two_nodes
+    spec = big_folder(fake2, "moving")
+    # a file added after the listing is not part of this download (which completes)
+    fake.type(f"download:file_transfer:template.os moving {PEER}")
+    wait_for(lambda: tree_state(fake, "moving") is not None, 60, "the listing taken")
+    with frozen(fake):
+        (fake2.files / "moving" / "s" / "new.txt").write_bytes(b"added later")
+    fake.expect(r"moving downloaded", 60)
+    assert tree(fake.files / "moving") == with_parents(spec)
+    spec["s/new.txt"] = b"added later"
+    # a file changed after the listing fails the download, and nothing is kept
+    fake.type(f"download:file_transfer:template.os moving {PEER}")
+    wait_for(lambda: tree_state(fake, "moving") is not None, 60, "the listing taken")  # after the walk
+    with frozen(fake):  # the provider can get at most its window ahead: s/029.txt is not read yet
+        (fake2.files / "moving" / "s" / "029.txt").write_bytes(b"new content")
+    line = fake.expect(r"moving downloaded|error: download of moving", 60)
+    assert re.search(r"error: download of moving from fake2\.dev failed: fake2\.dev: folder moving: s/029\.txt "
+                     r"changed since the folder was listed.*; nothing was saved$", line), line
+    wait_for(lambda: not (fake.files / ".partial" / PEER / "moving.tree").exists(), 10, "the partial tree removed")
+    assert not (fake.files / "moving" / "s" / "new.txt").exists()  # the older copy is kept as it was
+    fetch(fake, "moving")
+    spec["s/029.txt"] = b"new content"
+    assert tree(fake.files / "moving") == with_parents(spec)
+
+
+def test_hostile_names_symlinks_and_limits_are_refused(two_nodes):
+    fake, fake2 = two_nodes
+    make_files(fake2.files / "hidden", {"ok.txt": b"ok", "sub/.secret": b"x"})
+    make_files(fake2.files / "ctrl", {"ok.txt": b"ok", "bad\nname.txt": b"x"})
+    deep = "/".join(["d"] * (MAX_FOLDER_DEPTH + 1))
+    make_files(fake2.files / "deep", {deep: None})
+    make_files(fake2.files / "good", {"ok.txt": b"ok", "sub/fine.txt": b"fine"})
+    os.symlink(fake2.files / "good", fake2.files / "linked")  # the folder itself a symlink
+    for name, why in (("hidden", r"'sub/\.secret': file name '\.secret' may not start with '\.'"),
+                      ("ctrl", r"bad\\nname\.txt"),
+                      ("deep", rf"deeper than {MAX_FOLDER_DEPTH} levels"),
+                      ("linked", r"no such file: linked|symlink")):
+        code, lines = fake.run(f"download:file_transfer:template.os {name} {PEER}",
+                               until=rf"{name} downloaded|error:", timeout=60)
+        text = "\n".join(lines)
+        assert re.search(rf"error: download of {name} from fake2\.dev failed: .*({why})", text), text
+        assert not (fake.files / name).exists()
+    fetch(fake, "good")  # positive control
+    assert tree(fake.files / "good") == {"ok.txt": b"ok", "sub": None, "sub/fine.txt": b"fine"}
+    assert fake.alive() and fake2.alive()
+    no_workers(fake, fake2, within=20)
+
+
+def test_requestor_refuses_a_hostile_listing():
+    """The requestor checks the provider's listing itself (a hostile provider may send anything)."""
+    good = {"dirs": ["a", "a/b"], "files": [["a/b/x.txt", 3, "s"], ["y", 0, "s"]]}
+    assert ft_folder.check_manifest(good) == ""
+    for bad, why in (
+        ({"dirs": [], "files": [["../x", 1, "s"]]}, "may not start with '.'"),
+        ({"dirs": [], "files": [["a/x", 1, "s"]]}, "malformed at 'a/x'"),            # outside a listed folder
+        ({"dirs": ["a"], "files": [["a", 1, "s"]]}, "malformed at 'a'"),             # a file and a folder
+        ({"dirs": [], "files": [["x", 1, "s"], ["x", 1, "s"]]}, "malformed at 'x'"),  # twice
+        ({"dirs": [], "files": [["x\\y", 1, "s"]]}, "x\\\\y"),
+        ({"dirs": [], "files": [["x", -1, "s"]]}, "malformed"),
+        ({"dirs": ["/".join(["d"] * i) for i in range(1, MAX_FOLDER_DEPTH + 2)], "files": []}, "deeper than"),
+        ({"dirs": [f"d{i}" for i in range(MAX_FOLDER_ENTRIES + 1)], "files": []}, "more than"),
+    ):
+        problem = ft_folder.check_manifest(bad)
+        assert why in problem, (bad if len(str(bad)) < 300 else why, problem)
+
+
+def test_a_folder_of_2000_files(two_nodes):
+    fake, fake2 = two_nodes
+    spec = {f"d{i % 10}/f{i:04}.txt": os.urandom(1024) for i in range(2000)}
+    make_files(fake2.files / "many", spec)
+    start = time.monotonic()
+    lines = fetch(fake, "many", timeout=120)
+    took = time.monotonic() - start
+    assert any("folder of 2000 files" in ln for ln in lines), lines
+    got = tree(fake.files / "many")
+    assert {k: v for k, v in got.items() if v is not None} == spec
+    assert took < 60, took  # generous: one transfer, not 2,000
+
+
+def test_a_folder_whose_listing_is_over_2_mib(two_nodes):
+    """A listing (and a tree's folders) too big to cross into Wasm as one message body still goes:
+    16,000 files with long names and 2,500 empty folders (the listing is about 2.4 MB)."""
+    fake, fake2 = two_nodes
+    root = fake2.files / "wide"
+    names = [f"d{i % 10}/{'n' * 60}{i:05}.txt" for i in range(16000)]
+    for d in range(10):
+        (root / f"d{d}").mkdir(parents=True)
+    for n in names:
+        (root / n).touch()
+    for e in range(2500):
+        (root / "empty" / f"e{e:04}").mkdir(parents=True)
+    lines = fetch(fake, "wide", timeout=120)
+    assert any("folder of 16000 files" in ln for ln in lines), lines
+    got = tree(fake.files / "wide")
+    assert len(got) == 16000 + 10 + 1 + 2500
+    assert all(got[n] == b"" for n in names) and got["empty/e2499"] is None
