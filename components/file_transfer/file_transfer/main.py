@@ -13,6 +13,7 @@ import wit_world
 from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
+import serving
 import web
 from ft_common import MAX_DOWNLOADS, STALL_TIMEOUT, check_name, human_size
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_state,
@@ -140,7 +141,7 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         except vfs.VfsError:
             Response().body({"Download": {"Err": f"no such file: {name}"}}).send()
             return
-    start_worker(our, msg.source, name, target_addr, is_requestor, transfers)
+    serving.serve(our, msg, name, target_addr)  # now, or in its turn
 
 
 def request_download(our: Address, name: str, target_addr: Address, transfers: Transfers) -> tuple:
@@ -208,6 +209,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         println(f"download of {name} from {meta.get('peer')} cancelled")
     elif meta.get("error"):
         println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
+    elif isinstance(meta.get("queued"), int):
+        println(f"{name}: queued at {meta.get('peer')}, position {meta['queued']}")
     elif meta.get("done"):
         secs = max(meta.get("secs", 0), 1e-9)
         total = meta.get("total", 0)
@@ -309,8 +312,9 @@ def main(our: Address) -> None:
         try:
             if page is not None and page.handles(msg):
                 page.handle(msg)
-            else:
+            elif not serving.handles(our, msg):
                 handle_message(our, msg, files_dir, transfers, access)
+            serving.after_message(our)
             if transfers.waiting:
                 start_waiting(our, transfers)
             if page is not None:
