@@ -44,6 +44,13 @@ class Transport(Protocol):
     def send(self, km: KernelMessage, on_error: Callable[[str], None]) -> None: ...
 
 
+# Terminal scripts running at once. Each is a Wasm instance of several MB; a burst of commands (50
+# `download`s from a shell loop) would otherwise instantiate them all together. Scripts are short:
+# one that finds no turn within SCRIPT_WAIT seconds runs anyway, so a long one never blocks the rest.
+SCRIPTS_AT_ONCE = 4
+SCRIPT_WAIT = 10.0
+
+
 class Kernel:
     def __init__(self, node: str, home: Path, runtime: Runtime, terminal: OutputApi, compute_limit: float = 30.0):
         self.node = node
@@ -62,6 +69,7 @@ class Kernel:
         self._component_memo: dict[tuple, LoadedComponent] = {}
         self._exit_listeners: list[Callable[[ProcessId, str], None]] = []
         self._instances = 0          # live Wasm instances: processes and the libraries they link
+        self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
         self._network_cap = Capability.make(self.kernel_address, "network")
         install_imports(runtime)
 
@@ -117,9 +125,10 @@ class Kernel:
         return comp
 
     def start_process(self, pid: ProcessId, wasm_path: str, capabilities: set[Capability], public: bool,
-                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None
-                      ) -> WasmProcess:
-        """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text."""
+                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None,
+                      script: bool = False) -> WasmProcess:
+        """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text.
+        A `script` waits for one of SCRIPTS_AT_ONCE turns before it is instantiated."""
         comp = self.load_vfs_wasm(wasm_path)
         libs, absent = [], []
         for path in lib_paths:
@@ -133,6 +142,8 @@ class Kernel:
             self.runtime.define_forwarders(lib, library_forwarder)
         caps = {c.normalised() for c in capabilities}
         proc = WasmProcess(self, pid, comp, libs, wasm_path, caps, public, on_exit, parent, list(lib_paths))
+        if script:
+            proc.turns, proc.turn_wait = self.script_turns, SCRIPT_WAIT
         with self.lock:
             if pid in self.processes:
                 raise ValueError(f"a process named {pid} is already running")

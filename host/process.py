@@ -74,6 +74,8 @@ class WasmProcess:
         self.stderr_tail: list[str] = []
         self.lib_instances: dict[str, tuple[Store, Any]] = {}  # interface -> (store, instance)
         self.contacted: set[str] = set()  # nodes this process has sent requests to
+        self.turns: Optional[threading.Semaphore] = None  # taken (up to turn_wait s) before instantiating
+        self.turn_wait = 0.0
 
     def __repr__(self) -> str:
         return f"<process {self.id}>"
@@ -112,6 +114,7 @@ class WasmProcess:
         rt = self.kernel.runtime
         reason = "returned"
         held = 1 + len(self.libraries)
+        turn = self.turns is not None and self.turns.acquire(timeout=self.turn_wait)
         try:
             if not self.kernel.take_instances(held):
                 held = 0
@@ -131,6 +134,8 @@ class WasmProcess:
         except Exception as e:  # a trap, a guest exception, a kill: never the node's problem
             reason = self._describe_failure(e)
         finally:
+            if turn:
+                self.turns.release()
             self.kernel.give_back_instances(held)
             current.proc = None
             self.lib_instances.clear()
