@@ -67,6 +67,7 @@ class Kernel:
         self._grants: dict[ProcessId, set[Capability]] = {}  # caps waiting for a process to start
         self._restarts: dict[ProcessId, list[float]] = {}
         self._component_memo: dict[tuple, LoadedComponent] = {}
+        self._memo_locks: dict[tuple, threading.Lock] = {}
         self._exit_listeners: list[Callable[[ProcessId, str], None]] = []
         self._instances = 0          # live Wasm instances: processes and the libraries they link
         self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
@@ -121,7 +122,12 @@ class Kernel:
         key = (str(path), st.st_size, st.st_mtime_ns)
         comp = self._component_memo.get(key)
         if comp is None:
-            comp = self._component_memo[key] = self.runtime.load(path.read_bytes())
+            # one reader per file: a burst of first starts (20 scripts) would otherwise each read and
+            # hash the whole wasm (~18 MB) at once, and the freed copies stay in the malloc heap
+            with self._memo_locks.setdefault(key, threading.Lock()):
+                comp = self._component_memo.get(key)
+                if comp is None:
+                    comp = self._component_memo[key] = self.runtime.load(path.read_bytes())
         return comp
 
     def start_process(self, pid: ProcessId, wasm_path: str, capabilities: set[Capability], public: bool,

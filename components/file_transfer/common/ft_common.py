@@ -34,7 +34,7 @@ except ImportError:  # plain CPython from the repository root (tests)
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
 WINDOW = 8                 # chunks in flight per transfer
-MAX_DOWNLOADS = 8          # downloads a node runs at once; more wait their turn in file_transfer
+MAX_DOWNLOADS = 4          # downloads a node runs at once; more wait their turn in file_transfer
 MAX_SERVING = 4            # files a node sends at once; more requestors wait in its queue (each
                            # serving worker is a Wasm instance plus its chunks in flight)
 SERVING_LEASE = 20         # seconds a serving slot is held without word from its worker
