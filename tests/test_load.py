@@ -1,0 +1,85 @@
+"""Many downloads at once with bounded memory: a provider sends at most MAX_SERVING files at once and
+queues the other requestors, which are told they wait and then complete. Real nodes, bytes compared."""
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+
+from conftest import REPO, frozen, no_workers, peak_rss_bytes, wait_for
+from test_transfers import download, put, sha
+
+sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
+from ft_common import MAX_DOWNLOADS, MAX_SERVING  # noqa: E402
+
+PEAK_LIMIT = 300 * 10**6  # bytes, each node
+
+
+def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_factory):
+    provider = node_factory("prov.dev")
+    requestors = [node_factory(f"req{i}.dev") for i in range(1, 4)]
+    sizes = [(1 << 20) + 4096 * i if i % 2 else (2 << 20) - 4096 * i for i in range(50)]
+    want = {f"load{i}.bin": put(provider, f"load{i}.bin", size) for i, size in enumerate(sizes)}
+    outcomes: dict[str, tuple[int, list[str]]] = {}
+    serving_seen: list[int] = []
+    done = threading.Event()
+
+    def fetch(node, name: str) -> None:  # one `download` command each, as a shell loop would
+        outcomes[name] = node.run(f"download:file_transfer:template.os {name} prov.dev",
+                                  until=rf"{re.escape(name)} downloaded|error:", timeout=180)
+
+    def count_serving() -> None:  # the provider's workers, sampled through the burst
+        while not done.is_set():
+            serving_seen.append(len(provider.workers()))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=count_serving)
+    sampler.start()
+    threads = [threading.Thread(target=fetch, args=(requestors[i % 3], name)) for i, name in enumerate(want)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    sampler.join()
+    failed = {n: lines[-3:] for n, (code, lines) in outcomes.items() if code != 0}
+    assert len(outcomes) == 50 and not failed, failed
+    for i, (name, digest) in enumerate(want.items()):
+        assert sha(requestors[i % 3].files / name) == digest, name
+    no_workers(provider, *requestors, within=30)
+    # the provider ran no more serving workers than its slots (and did serve: the control); one that
+    # has just given its slot back may still be unwinding. Unbounded, the three requestors' own
+    # limits would let 3 x MAX_DOWNLOADS run.
+    assert 1 <= max(serving_seen) <= MAX_SERVING + 2 < 3 * MAX_DOWNLOADS, serving_seen
+    for node in (provider, *requestors):
+        assert peak_rss_bytes(node) < PEAK_LIMIT, (node.name, peak_rss_bytes(node) / 2**20)
+
+
+def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
+    provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
+    first, small = put(provider, "first.bin", 2 << 20), put(provider, "small.bin", 2 << 20)
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
+    assert MAX_SERVING <= MAX_DOWNLOADS  # one requestor can hold every slot
+    # the control: with the provider idle, a download is served at once, never queued
+    download(late, "first.bin", "prov.dev")
+    assert sha(late.files / "first.bin") == first
+    assert not any("queued at" in ln for ln in late.lines)
+    # busy takes every serving slot, then is frozen mid-transfer: the slots stay taken
+    busy.type("verbosity 1")
+    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
+    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
+             "every big file under way")
+    with frozen(busy):
+        assert not any("downloaded" in ln for ln in busy.lines)
+        late.type("download:file_transfer:template.os small.bin prov.dev")
+        line = late.expect(r"small\.bin: queued at", 30)
+        assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 1", line
+        time.sleep(6)  # past a tick: it asks its place and keeps waiting, nothing fails
+        assert not any("error" in ln or "small.bin downloaded" in ln for ln in late.lines), late.lines[-5:]
+    late.expect(r"small\.bin downloaded", 120)
+    assert sha(late.files / "small.bin") == small
+    wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
+    for name, digest in big.items():
+        assert sha(busy.files / name) == digest, name
+    no_workers(provider, busy, late, within=30)
