@@ -114,7 +114,8 @@ class WasmProcess:
         rt = self.kernel.runtime
         reason = "returned"
         held = 1 + len(self.libraries)
-        turn = self.turns is not None and self.turns.acquire(timeout=self.turn_wait)
+        turns = self.turns
+        turn = turns is not None and turns.acquire(timeout=self.turn_wait)
         try:
             if not self.kernel.take_instances(held):
                 held = 0
@@ -134,8 +135,8 @@ class WasmProcess:
         except Exception as e:  # a trap, a guest exception, a kill: never the node's problem
             reason = self._describe_failure(e)
         finally:
-            if turn:
-                self.turns.release()
+            if turn and turns is not None:
+                turns.release()
             self.kernel.give_back_instances(held)
             current.proc = None
             self.lib_instances.clear()

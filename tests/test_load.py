@@ -75,6 +75,9 @@ def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
         late.type("download:file_transfer:template.os small.bin prov.dev")
         line = late.expect(r"small\.bin: queued at", 30)
         assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 1", line
+        code, lines = late.run("transfers:file_transfer:template.os")
+        assert code == 0 and any(ln.endswith(" small.bin from prov.dev: queued at prov.dev, position 1")
+                                 for ln in lines), lines
         time.sleep(6)  # past a tick: it asks its place and keeps waiting, nothing fails
         assert not any("error" in ln or "small.bin downloaded" in ln for ln in late.lines), late.lines[-5:]
     late.expect(r"small\.bin downloaded", 120)
@@ -83,3 +86,38 @@ def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
     for name, digest in big.items():
         assert sha(busy.files / name) == digest, name
     no_workers(provider, busy, late, within=30)
+
+
+def test_a_burst_of_first_starts_reads_a_wasm_file_once(tmp_path):
+    """Twenty starts of one script at once: the kernel reads and loads its wasm once, the others
+    wait for that; another file is read on its own (the control)."""
+    from host.kernel import Kernel
+    from host.settings import RuntimeSettings
+    from host.wasm import Runtime
+
+    class Output:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output())
+    pkg = tmp_path / "vfs" / "p:pub" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "s.wasm").write_bytes(b"one")
+    (pkg / "t.wasm").write_bytes(b"two")
+    loads: list[bytes] = []
+
+    def slow_load(wasm: bytes):
+        loads.append(wasm)
+        time.sleep(0.2)  # as a real read, hash and deserialize take a while
+        return object()
+
+    kernel.runtime.load = slow_load  # type: ignore[method-assign]
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(kernel.load_vfs_wasm("p:pub/pkg/s.wasm"))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [b"one"] and len(got) == 20 and all(c is got[0] for c in got)
+    assert kernel.load_vfs_wasm("p:pub/pkg/t.wasm") is not got[0] and loads == [b"one", b"two"]
+    kernel.shutdown()

@@ -60,7 +60,8 @@ class Transfers:
 
     def table(self) -> list:
         now = time.monotonic()
-        rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"]}
+        rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"],
+                 "queued_at": t.get("queued_at")}
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
         return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
 
@@ -199,7 +200,7 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         verbosity = 0
     else:
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
-                            rate=meta.get("rate", 0.0))
+                            rate=meta.get("rate", 0.0), queued_at=meta.get("queued"))
         now = time.monotonic()
         # at most one progress line a second per transfer; every step at terminal verbosity 1
         verbosity = 1 if now - t["printed"] < 1.0 and progress < 100 else 0
