@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import free_port  # noqa: E402
 from transfer import FILES, REPO, peak_rss_mib, run_remote, start_node  # noqa: E402
 
+from host.control import run_command  # noqa: E402
+
 TEST_PACKAGES = ["--packages", str(REPO / "components"), "--packages", str(REPO / "tests" / "packages")]
 
 
@@ -46,10 +48,10 @@ class Node:
         self.subprocess = subprocess
 
     def download(self, name: str, peer: "Node", timeout: float = 600) -> None:
-        code, lines = run_remote(self.home, f"download:file_transfer:template.os {name} {peer.name}",
-                                 until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
-        if code != 0:
-            raise RuntimeError(f"{self.name} <- {peer.name} {name}: {lines[-3:]}")
+        outcome = run_command(self.home, f"download:file_transfer:template.os {name} {peer.name}",
+                              until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
+        if outcome.status != 0:
+            raise RuntimeError(f"{self.name} <- {peer.name} {name}: {outcome.reason}; {outcome.lines[-3:]}")
 
     def workers(self) -> int:
         _, lines = run_remote(self.home, "ps", wait=0.1)

@@ -909,6 +909,10 @@ def test_queued_requestor_waits_asks_its_place_and_completes_when_its_turn_comes
         net.act("req", r.tick(t + ft_common.HANDSHAKE_TIMEOUT), None)  # within 10 s of the last word
         assert r.state == ft.Requestor.QUEUED and len(net.queue_asks) == 2
         net.deliver(Msg(PEER_MAIN, REQ_WORKER, False, "Progress", {"ft": 1, "queued": 0}, context="queue"), t + 20)
+        # "your turn" again does not move the deadline: a worker that never comes fails the wait
+        net.deliver(Msg(PEER_MAIN, REQ_WORKER, False, "Progress", {"ft": 1, "queued": 0}, context="queue"), t + 29)
+        assert r.handshake_from == t + 20 and r.tick(t + 29)[-1] == ft.ArmTimer(ft_common.TICK)
+        r.queue_ask_out = False
         # its turn: the provider's worker starts and the transfer runs as any other
         net.start_provider("f.bin")
         while net.queue:
@@ -933,6 +937,13 @@ def test_queued_requestor_gives_up_when_the_provider_goes_silent_or_offline():
     r.response("download", {"Download": {"Ok": None}}, 1.0, {"ft": 1, "queued": 1})
     assert r.request_failed("queue", "timeout", 2.0) == [] and r.state == ft.Requestor.QUEUED
     assert r.request_failed("queue", "offline", 2.0)[-1] == ft.Exit("bob.os went offline while we waited in its queue")
+    # its turn came, but no Size follows: the usual handshake failure, counted from "your turn"
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 1.0, {"ft": 1, "queued": 1})
+    assert r.queue_answer({"ft": 1, "queued": 0}, 30.0) == []
+    assert r.tick(30.0 + ft_common.HANDSHAKE_TIMEOUT)[-1] == ft.ArmTimer(ft_common.TICK)
+    assert r.tick(31.0 + ft_common.HANDSHAKE_TIMEOUT)[-1] == ft.Exit(
+        f"bob.os did not start sending within {ft_common.HANDSHAKE_TIMEOUT} s")
 
 
 def test_queue_answers_that_are_not_a_place_change_nothing():

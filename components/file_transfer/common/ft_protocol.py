@@ -244,7 +244,9 @@ class Requestor:
             return []
         place = meta.get("queued")
         if place == 0 and not isinstance(place, bool):
-            self.handshake_from = self.last_activity = now  # its worker is starting: the Size follows
+            if self.queue_place != 0:  # its worker is starting: the Size is due within the timeout
+                self.queue_place = 0
+                self.handshake_from = self.last_activity = now
             return []
         if not _place(place):
             return []
@@ -431,7 +433,7 @@ class Requestor:
             return self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", keep=True, now=now)
         if self.size is None and now - self.handshake_from > HANDSHAKE_TIMEOUT:
             # the peer accepted but its worker never began (it may be at its process limit)
-            if self.state == self.QUEUED:
+            if self.state == self.QUEUED and self.queue_place != 0:
                 return self.fail(f"{self.peer_node} stopped answering while we waited in its queue",
                                  keep=True, now=now)
             return self.fail(f"{self.peer_node} did not start sending within {HANDSHAKE_TIMEOUT} s",

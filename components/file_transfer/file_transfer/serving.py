@@ -24,8 +24,8 @@ class Serving:
     def __init__(self, limit: int = MAX_SERVING):
         self.limit = limit
         self.slots: list = []  # [(requestor node, name), last word] per file being sent
-        # (requestor worker as text, name) -> (requestor worker, our target address), in order
-        self.queue: "OrderedDict[tuple, tuple]" = OrderedDict()
+        # (requestor worker as text, name) -> [requestor worker, our target address, its last word], in order
+        self.queue: "OrderedDict[tuple, list]" = OrderedDict()
         self.next_asked = False
 
     def _expire(self, now: float) -> None:
@@ -54,6 +54,9 @@ class Serving:
                 return True
         return False
 
+    def serves(self, node: str, name: str) -> bool:
+        return any(s[0] == (node, name) for s in self.slots)
+
     def place(self, key: tuple) -> Optional[int]:
         for i, k in enumerate(self.queue, 1):
             if k == key:
@@ -72,7 +75,7 @@ def serve(our: Address, msg: Message, name: str, target: Address) -> None:
         _start(our, msg.source, name, target)
         return
     key = (str(msg.source), name)
-    SLOTS.queue[key] = (msg.source, target)
+    SLOTS.queue[key] = [msg.source, target, time.monotonic()]
     place = SLOTS.place(key)
     print_to_terminal(1, f"{name} for {msg.source.node}: queued, place {place} ({SLOTS.limit} sent at once)")
     Response().body({"Download": {"Ok": None}}).metadata({"ft": 1, "queued": place}).send()
@@ -102,8 +105,9 @@ def handles(our: Address, msg: Message) -> bool:
     if body == SERVE_NEXT and msg.source == our:
         SLOTS.next_asked = False
         while SLOTS.queue and SLOTS.has_free():
-            (_, name), (requestor, target) = SLOTS.queue.popitem(last=False)
-            _start(our, requestor, name, target)
+            (_, name), (requestor, target, heard) = SLOTS.queue.popitem(last=False)
+            if time.monotonic() - heard < SERVING_LEASE:  # else it went away without leaving
+                _start(our, requestor, name, target)
         return True
     progress = body.get("Progress") if isinstance(body, dict) else None
     if not isinstance(progress, dict) or not isinstance(progress.get("name"), str):
@@ -122,7 +126,9 @@ def handles(our: Address, msg: Message) -> bool:
             SLOTS.queue.pop(key, None)  # it gave up waiting: its place goes to the next
             return True
         place = SLOTS.place(key)
-        if place is None and SLOTS.seen(msg.source.node, name):
+        if place is not None:
+            SLOTS.queue[key][2] = time.monotonic()
+        elif SLOTS.serves(msg.source.node, name):
             place = 0  # its turn came: the worker is starting
         Response().body("Progress").metadata({"ft": 1, "queued": place}).send()
         return True
