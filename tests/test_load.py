@@ -59,6 +59,7 @@ def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_fa
 def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
     provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
     first, small = put(provider, "first.bin", 2 << 20), put(provider, "small.bin", 2 << 20)
+    put(provider, "gone.bin", 2 << 20)
     big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
     assert MAX_SERVING <= MAX_DOWNLOADS  # one requestor can hold every slot
     # the control: with the provider idle, a download is served at once, never queued
@@ -72,16 +73,26 @@ def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
              "every big file under way")
     with frozen(busy):
         assert not any("downloaded" in ln for ln in busy.lines)
+        late.type("download:file_transfer:template.os gone.bin prov.dev")
+        line = late.expect(r"gone\.bin: queued at", 30)
+        assert line == "file_transfer:template.os: gone.bin: queued at prov.dev, position 1", line
         late.type("download:file_transfer:template.os small.bin prov.dev")
         line = late.expect(r"small\.bin: queued at", 30)
-        assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 1", line
+        assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 2", line
         code, lines = late.run("transfers:file_transfer:template.os")
-        assert code == 0 and any(ln.endswith(" small.bin from prov.dev: queued at prov.dev, position 1")
+        assert code == 0 and any(ln.endswith(" small.bin from prov.dev: queued at prov.dev, position 2")
                                  for ln in lines), lines
-        time.sleep(6)  # past a tick: it asks its place and keeps waiting, nothing fails
+        # the first in line is cancelled: it leaves the provider's queue, and at its next ask (a
+        # tick) the second hears it moved up; meanwhile nothing fails
+        code, lines = late.run("cancel:file_transfer:template.os gone.bin prov.dev")
+        assert code == 0, lines
+        late.expect(r"download of gone\.bin from prov\.dev cancelled", 30)
+        line = late.expect(r"small\.bin: queued at", 30)
+        assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 1", line
         assert not any("error" in ln or "small.bin downloaded" in ln for ln in late.lines), late.lines[-5:]
     late.expect(r"small\.bin downloaded", 120)
     assert sha(late.files / "small.bin") == small
+    assert not (late.files / "gone.bin").exists()
     wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
     for name, digest in big.items():
         assert sha(busy.files / name) == digest, name
