@@ -2,12 +2,13 @@
 queues the other requestors, which are told they wait and then complete. Real nodes, bytes compared."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 import threading
 import time
 
-from conftest import REPO, frozen, no_workers, peak_rss_bytes, wait_for
+from conftest import REPO, TEST_PACKAGES, frozen, no_workers, peak_rss_bytes, wait_for
 from test_transfers import download, put, sha
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
@@ -132,3 +133,36 @@ def test_a_burst_of_first_starts_reads_a_wasm_file_once(tmp_path):
     assert loads == [b"one"] and len(got) == 20 and all(c is got[0] for c in got)
     assert kernel.load_vfs_wasm("p:pub/pkg/t.wasm") is not got[0] and loads == [b"one", b"two"]
     kernel.shutdown()
+
+
+def test_a_peer_cannot_queue_without_bound(node_factory):
+    """With every serving slot taken, a peer's Downloads queue up to MAX_QUEUED_PER_NODE; the next
+    one is refused with a clear error, and the provider keeps serving."""
+    serving = (REPO / "components/file_transfer/file_transfer/serving.py").read_text()
+    MAX_QUEUED_PER_NODE = int(re.search(r"^MAX_QUEUED_PER_NODE = (\d+)", serving, re.M).group(1))
+    args = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
+    provider, busy = node_factory("prov.dev"), node_factory("busy.dev")
+    evil = node_factory("evil.dev", extra_args=args)
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
+    for i in range(MAX_QUEUED_PER_NODE + 1):
+        (provider.files / f"tiny{i}.txt").write_text(f"tiny {i}\n")
+    busy.type("verbosity 1")
+    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
+    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
+             "every big file under way")
+    main = "prov.dev@file_transfer:file_transfer:template.os"
+    target = {"node": "evil.dev", "process": {"process_name": "quiet", "package_name": "misbehave",
+                                              "publisher_node": "test.os"}}
+    answer = re.compile(rf"quiet got a message from {re.escape(main)}: b'(.*)'$")
+    with frozen(busy):  # its transfers hold every slot
+        for i in range(MAX_QUEUED_PER_NODE + 1):
+            body = json.dumps({"Download": {"name": f"tiny{i}.txt", "target": target, "is_requestor": False}})
+            evil.type(f"m evil.dev@quiet:misbehave:test.os askft {main} {body}")
+        wait_for(lambda: sum(bool(answer.search(ln)) for ln in evil.lines) == MAX_QUEUED_PER_NODE + 1, 60,
+                 "every answer")
+        answers = [json.loads(m.group(1)) for ln in evil.lines if (m := answer.search(ln))]
+    assert answers.count({"Download": {"Ok": None}}) == MAX_QUEUED_PER_NODE  # queued (the control)
+    assert answers[-1] == {"Download": {"Err": f"prov.dev is busy: {MAX_QUEUED_PER_NODE} downloads from "
+                                               f"evil.dev wait already; try again later"}}, answers[-1]
+    wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
+    assert provider.alive() and "file_transfer:file_transfer:template.os" in provider.processes()

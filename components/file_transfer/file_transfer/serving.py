@@ -18,6 +18,8 @@ from ft_common import MAX_SERVING, SERVING_LEASE
 from process_lib import Address, Message, Request, Response, print_to_terminal, println, to_wit_address
 
 SERVE_NEXT = "ServeNext"
+MAX_QUEUED_PER_NODE = 64  # downloads one requestor node may have waiting; more are refused
+MAX_QUEUED = 1024         # all nodes together: a queue entry is small, but never unbounded
 
 
 class Serving:
@@ -75,6 +77,13 @@ def serve(our: Address, msg: Message, name: str, target: Address) -> None:
         _start(our, msg.source, name, target)
         return
     key = (str(msg.source), name)
+    if key not in SLOTS.queue:
+        mine = sum(1 for requestor, _, _ in SLOTS.queue.values() if requestor.node == msg.source.node)
+        if mine >= MAX_QUEUED_PER_NODE or len(SLOTS.queue) >= MAX_QUEUED:
+            waiting = (f"{mine} downloads from {msg.source.node}" if mine >= MAX_QUEUED_PER_NODE
+                       else f"{len(SLOTS.queue)} downloads")
+            Response().body({"Download": {"Err": f"{our.node} is busy: {waiting} wait already; try again later"}}).send()
+            return
     SLOTS.queue[key] = [msg.source, target, time.monotonic()]
     place = SLOTS.place(key)
     print_to_terminal(1, f"{name} for {msg.source.node}: queued, place {place} ({SLOTS.limit} sent at once)")
