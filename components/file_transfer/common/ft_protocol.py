@@ -438,15 +438,13 @@ class Requestor:
                                  keep=True, now=now)
             return self.fail(f"{self.peer_node} did not start sending within {HANDSHAKE_TIMEOUT} s",
                              keep=True, now=now)
-        if self.state == self.QUEUED:
-            actions = []
-            self._ask_queue_place(actions)
-            actions.append(ArmTimer(TICK))
-            return actions
         # a provider can vanish between two keepalives: ask again, and an offline node fails the
-        # request at once rather than after the stall timeout
+        # request at once rather than after the stall timeout; while queued, ask our place instead
         actions: list = []
-        self._keepalive(actions)
+        if self.state == self.QUEUED:
+            self._ask_queue_place(actions)
+        else:
+            self._keepalive(actions)
         actions.append(ArmTimer(TICK))
         return actions
 
