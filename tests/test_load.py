@@ -166,3 +166,64 @@ def test_a_peer_cannot_queue_without_bound(node_factory):
                                                f"evil.dev wait already; try again later"}}, answers[-1]
     wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
     assert provider.alive() and "file_transfer:file_transfer:template.os" in provider.processes()
+
+
+def test_scripts_take_turns_to_be_instantiated(tmp_path):
+    """Ten scripts started at once: at most SCRIPTS_AT_ONCE are instantiated together, the others
+    wait for a turn; processes that are not scripts (the control) all start at once."""
+    from host.kernel import SCRIPTS_AT_ONCE
+    from host.process import WasmProcess
+    from host.settings import RuntimeSettings
+    from host.types import ProcessId
+    from host.wasm import LoadedComponent, Runtime
+
+    runtime = Runtime(RuntimeSettings(cache_dir=tmp_path / "cache"))
+    inside, most, release = [0], [0], threading.Event()
+    lock = threading.Lock()
+
+    def instantiate(store, component):  # stands for a real instance: held until released
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        release.wait(30)
+        with lock:
+            inside[0] -= 1
+        raise RuntimeError("not a real component")
+
+    runtime.instantiate = instantiate  # type: ignore[method-assign]
+    ended: list[str] = []
+
+    class Kernel:  # what a process's own lifecycle uses of the kernel
+        node, compute_limit, compute_ticks = "a.dev", 30.0, 300
+
+        def __init__(self):
+            self.runtime = runtime
+            self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
+
+        def take_instances(self, n):
+            return True
+
+        def give_back_instances(self, n):
+            pass
+
+        def process_exited(self, proc, reason):
+            ended.append(reason)
+
+    for script in (True, False):
+        kernel, most[0] = Kernel(), 0
+        at_once = SCRIPTS_AT_ONCE if script else 10
+        release.clear()
+        procs = [WasmProcess(kernel, ProcessId(str(i), "p", "pub"), LoadedComponent(None, "", set()), [], "w",
+                             set(), False, None) for i in range(10)]
+        for p in procs:
+            if script:
+                p.turns, p.turn_wait = kernel.script_turns, 30.0
+            p.start()
+        wait_for(lambda: inside[0] == at_once, 10, "the first instances")  # noqa: B023 (used at once)
+        time.sleep(0.3)  # no more come in while those are held
+        assert most[0] == at_once
+        release.set()
+        for p in procs:
+            p.thread.join(10)
+        assert len(ended) == 10 and inside[0] == 0 and most[0] == at_once
+        ended.clear()
