@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import free_port  # noqa: E402
 from transfer import FILES, REPO, peak_rss_mib, run_remote, start_node  # noqa: E402
 
+from host.control import run_command  # noqa: E402
+
 TEST_PACKAGES = ["--packages", str(REPO / "components"), "--packages", str(REPO / "tests" / "packages")]
 
 
@@ -38,18 +40,18 @@ def rss_mib(pid: int) -> float:
 
 
 class Node:
-    def __init__(self, name: str, tmp: Path, env: dict):
+    def __init__(self, name: str, tmp: Path, env: dict, extra: list[str] = TEST_PACKAGES):
         import subprocess
         self.name, self.home = name, tmp / name
         (self.home / FILES).mkdir(parents=True, exist_ok=True)
-        self.proc = start_node(name, self.home, free_port(), env, extra=TEST_PACKAGES)
+        self.proc = start_node(name, self.home, free_port(), env, extra=extra)
         self.subprocess = subprocess
 
     def download(self, name: str, peer: "Node", timeout: float = 600) -> None:
-        code, lines = run_remote(self.home, f"download:file_transfer:template.os {name} {peer.name}",
-                                 until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
-        if code != 0:
-            raise RuntimeError(f"{self.name} <- {peer.name} {name}: {lines[-3:]}")
+        outcome = run_command(self.home, f"download:file_transfer:template.os {name} {peer.name}",
+                              until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
+        if outcome.status != 0:
+            raise RuntimeError(f"{self.name} <- {peer.name} {name}: {outcome.reason}; {outcome.lines[-3:]}")
 
     def workers(self) -> int:
         _, lines = run_remote(self.home, "ps", wait=0.1)
@@ -144,7 +146,9 @@ def main() -> int:
     env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"))
     nodes: list[Node] = []
     try:
-        nodes = [Node(n, tmp, env) for n in ("prov.dev", "req1.dev", "req2.dev", "req3.dev")]
+        # the test packages (the pinger of part 2) only when part 2 runs: they add ~45 MB to each node
+        extra = TEST_PACKAGES if args.messages else []
+        nodes = [Node(n, tmp, env, extra) for n in ("prov.dev", "req1.dev", "req2.dev", "req3.dev")]
         provider, requestors = nodes[0], nodes[1:]
         if args.downloads:
             concurrent_downloads(provider, requestors, args.downloads, args.size_mib << 20)

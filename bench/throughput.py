@@ -15,7 +15,7 @@ CPU, and a node's threads hand work to each other across cores (the README has t
 2. A --big-gib GiB file: MiB/s and each node's peak memory (VmHWM), which must stay under 300 MB.
 3. --small files of 4 KiB downloaded with 8 downloads running at a time: files/s.
 4. The same files again in commands of 100 names each (`download A B ... NODE`; file_transfer
-   runs 8 at a time and queues the rest): files/s.
+   runs 4 at a time and queues the rest): files/s.
 5. Folders (--folder N, on two fresh nodes): a folder of N files of 4 KiB in 10 subfolders, one
    `download` of the folder against `scp -r -c aes128-gcm` of the same folder (and `rsync -a` over
    the same ssh, if rsync is installed), --rounds times in turn; then --folder-many files (each node's peak RSS printed), and with --mixed-mib M a folder of

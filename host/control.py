@@ -33,7 +33,7 @@ SOCKET_NAME = "node.sock"
 MAX_REQUEST = 65536        # bytes of the one request frame
 REQUEST_WAIT = 10.0        # seconds a client has to send its request
 SEND_WAIT = 10.0           # a client that takes no output for this long is cut off
-MAX_CLIENTS = 64           # commands watched at once; more are refused
+MAX_CLIENTS = 256          # commands watched at once (a shell loop of downloads); more are refused
 OUTPUT_BACKLOG = 10_000    # lines queued for one client before it counts as not reading
 END_GRACE = 10.0           # the client's margin over `timeout` for the node's end frame
 

@@ -46,6 +46,13 @@ class Transport(Protocol):
     def send(self, km: KernelMessage, on_error: Callable[[str], None]) -> None: ...
 
 
+# Terminal scripts running at once. Each is a Wasm instance of several MB; a burst of commands (50
+# `download`s from a shell loop) would otherwise instantiate them all together. Scripts are short:
+# one that finds no turn within SCRIPT_WAIT seconds runs anyway, so a long one never blocks the rest.
+SCRIPTS_AT_ONCE = 4
+SCRIPT_WAIT = 10.0
+
+
 class Kernel:
     def __init__(self, node: str, home: Path, runtime: Runtime, terminal: OutputApi, compute_limit: float = 30.0):
         self.node = node
@@ -62,8 +69,10 @@ class Kernel:
         self._grants: dict[ProcessId, set[Capability]] = {}  # caps waiting for a process to start
         self._restarts: dict[ProcessId, list[float]] = {}
         self._component_memo: dict[tuple, LoadedComponent] = {}
+        self._memo_locks: dict[tuple, threading.Lock] = {}
         self._exit_listeners: list[Callable[[ProcessId, str], None]] = []
         self._instances = 0          # live Wasm instances: processes and the libraries they link
+        self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
         self._network_cap = Capability.make(self.kernel_address, "network")
         # caps issued here that left on a message to a peer: upstream signs such caps and takes them
         # back only with a valid signature; our wire carries none, so the kernel remembers them
@@ -118,13 +127,19 @@ class Kernel:
         key = (str(path), st.st_size, st.st_mtime_ns)
         comp = self._component_memo.get(key)
         if comp is None:
-            comp = self._component_memo[key] = self.runtime.load(path.read_bytes())
+            # one reader per file: a burst of first starts (20 scripts) would otherwise each read and
+            # hash the whole wasm (~18 MB) at once, and the freed copies stay in the malloc heap
+            with self._memo_locks.setdefault(key, threading.Lock()):
+                comp = self._component_memo.get(key)
+                if comp is None:
+                    comp = self._component_memo[key] = self.runtime.load(path.read_bytes())
         return comp
 
     def start_process(self, pid: ProcessId, wasm_path: str, capabilities: set[Capability], public: bool,
-                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None
-                      ) -> WasmProcess:
-        """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text."""
+                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None,
+                      script: bool = False) -> WasmProcess:
+        """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text.
+        A `script` waits for one of SCRIPTS_AT_ONCE turns before it is instantiated."""
         comp = self.load_vfs_wasm(wasm_path)
         libs, absent = [], []
         for path in lib_paths:
@@ -138,6 +153,8 @@ class Kernel:
             self.runtime.define_forwarders(lib, library_forwarder)
         caps = {c.normalised() for c in capabilities}
         proc = WasmProcess(self, pid, comp, libs, wasm_path, caps, public, on_exit, parent, list(lib_paths))
+        if script:
+            proc.turns, proc.turn_wait = self.script_turns, SCRIPT_WAIT
         with self.lock:
             if pid in self.processes:
                 raise ValueError(f"a process named {pid} is already running")

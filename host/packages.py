@@ -140,5 +140,5 @@ def start_script(kernel: Kernel, package: Package, script: str) -> ProcessId:
     pid = ProcessId(str(secrets.randbits(64)), package.id.package_name, package.id.publisher_node)
     wasm = f"{package.id}/pkg/{script}.wasm"
     _grant_from(kernel, pid, entry)
-    kernel.start_process(pid, wasm, _caps_for(kernel, pid, entry), bool(entry.get("public")), OnExit("none"))
+    kernel.start_process(pid, wasm, _caps_for(kernel, pid, entry), bool(entry.get("public")), OnExit("none"), script=True)
     return pid

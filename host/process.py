@@ -77,6 +77,8 @@ class WasmProcess:
         self._stderr_line_open = False  # the last stderr line has had no newline yet
         self.lib_instances: dict[str, tuple[Store, Any]] = {}  # interface -> (store, instance)
         self.given: OrderedDict[Capability, None] = OrderedDict()  # caps messages brought it
+        self.turns: Optional[threading.Semaphore] = None  # taken (up to turn_wait s) before instantiating
+        self.turn_wait = 0.0
 
     def __repr__(self) -> str:
         return f"<process {self.id}>"
@@ -123,6 +125,8 @@ class WasmProcess:
         rt = self.kernel.runtime
         reason = "returned"
         held = 1 + len(self.libraries)
+        turns = self.turns
+        turn = turns is not None and turns.acquire(timeout=self.turn_wait)
         try:
             if not self.kernel.take_instances(held):
                 held = 0
@@ -142,6 +146,8 @@ class WasmProcess:
         except Exception as e:  # a trap, a guest exception, a kill: never the node's problem
             reason = self._describe_failure(e)
         finally:
+            if turn and turns is not None:
+                turns.release()
             self.kernel.give_back_instances(held)
             current.proc = None
             self.lib_instances.clear()

@@ -205,6 +205,9 @@ class Net:
         self.logs: list[str] = []
         self.exits: dict[str, Optional[str]] = {}
         self.progress: list[dict] = []  # what the requestor told its parent
+        self.serving: list[dict] = []   # what the provider told its parent (its slot)
+        self.queued_at: Optional[int] = None  # the peer's main queues the Download at this place
+        self.queue_asks: list[Msg] = []  # the requestor's asks about its place
         self.max_in_flight = 0
         self.stall_acks = stall_acks
 
@@ -247,13 +250,24 @@ class Net:
         self.sent.append(m)
         if m.target == REQ_PARENT:
             self.progress.append(m.meta)
+        elif m.target == PROV_PARENT and m.source == PROV_WORKER:
+            self.serving.append(m.meta)
+        elif m.target == PEER_MAIN and m.meta.get(ft.QUEUE_META):
+            self.queue_asks.append(m)
+        elif m.target == PEER_MAIN and "Download" in m.body and self.queued_at:
+            # the peer's file_transfer serves others first: it answers with our place
+            self.queue.append(Msg(PEER_MAIN, REQ_WORKER, False, {"Download": {"Ok": None}},
+                                  {"ft": 1, "queued": self.queued_at}, None, "download"))
         elif m.target == PEER_MAIN and "Download" in m.body:
             # the peer's file_transfer accepts and starts a provider worker
             self.queue.append(Msg(PEER_MAIN, REQ_WORKER, False, {"Download": {"Ok": None}}, {}, None, "download"))
-            self.prov = Provider(m.body["Download"]["name"], REQ_WORKER, PROV_PARENT, 0.0, extended=self.prov_extended)
-            self.act("prov", self.prov.start(), None)
+            self.start_provider(m.body["Download"]["name"])
         else:
             self.queue.append(m)
+
+    def start_provider(self, name: str) -> None:
+        self.prov = Provider(name, REQ_WORKER, PROV_PARENT, 0.0, extended=self.prov_extended)
+        self.act("prov", self.prov.start(), None)
 
     def deliver(self, m: Msg, now: float = 0.0) -> None:
         if m.target == REQ_WORKER:
@@ -263,7 +277,7 @@ class Net:
                 actions = machine.request(m.source, m.body, m.meta, m.expects is not None,
                                           None if m.blob is None else len(m.blob), now)
             else:
-                actions = machine.response(m.context, m.body, now)
+                actions = machine.response(m.context, m.body, now, m.meta)
         else:
             who, machine = "prov", self.prov
             if m.is_request:
@@ -519,7 +533,8 @@ MIXES = {"portable requestor, extended provider": (False, True),
 
 
 def between_workers(net: Net) -> list[Msg]:
-    return [m for m in net.sent if m.target not in (REQ_PARENT, PROV_PARENT) or m.source != REQ_WORKER]
+    return [m for m in net.sent if not (m.target in (REQ_PARENT, PROV_PARENT) and m.source == REQ_WORKER)
+            and not (m.target == PROV_PARENT and m.source == PROV_WORKER)]
 
 
 @pytest.mark.parametrize("mix", MIXES)
@@ -592,7 +607,8 @@ def test_portable_provider_ignores_an_extended_size_answer():
         assert sends == [ft.Send(REQ_WORKER, {"Size": 40}, None, ft_common.HANDSHAKE_TIMEOUT, "size")]
         run(p.response("size", {"ft": 1, "offset": 16}, 0.0))  # it cannot resume nor hash
     assert p.state == ft.Provider.DONE
-    assert [a.body["Chunk"]["offset"] for a in sends[1:]] == [0, 16, 32]
+    assert [a.body["Chunk"]["offset"] for a in sends[1:-1]] == [0, 16, 32]
+    assert sends[-1].target == PROV_PARENT and sends[-1].metadata["serving"] is False  # its slot is free
 
 
 def test_portable_requestor_ignores_extensions_in_size_and_keeps_no_partial():
@@ -815,7 +831,8 @@ def test_provider_refuses_a_bad_resume_offset(offset):
     with small_chunks():
         p, side, out, run = offered(bytes(200))
         run(p.response("size", {"ft": 1, "offset": offset}, 0.0))
-    assert out[-3] == ft.Send(REQ_WORKER, {"Size": 0}, {"ft": 1, "error": "bad resume offset", "keep": False})
+    assert out[-4] == ft.Send(REQ_WORKER, {"Size": 0}, {"ft": 1, "error": "bad resume offset", "keep": False})
+    assert out[-2].target == PROV_PARENT and out[-2].metadata["serving"] is False
     assert out[-1] == ft.Exit(f"peer asked for a bad resume offset {offset!r}")
 
 
@@ -829,7 +846,7 @@ def test_provider_one_chunk_file_refuses_a_resume_and_ends_on_the_size_answer():
     assert out[-1] == ft.Exit() and p.state == ft.Provider.DONE
     p, side, out, run = offered(b"hello")
     run(p.request_failed("size", "timeout", 0.0))  # a plain requestor: it already has the chunk
-    assert out[-1] == ft.Exit() and len([a for a in out if isinstance(a, ft.Send)]) == 2
+    assert out[-1] == ft.Exit() and len([a for a in out if isinstance(a, ft.Send) and a.target == REQ_WORKER]) == 2
 
 
 def test_provider_detects_a_file_changed_while_being_sent():
@@ -840,7 +857,7 @@ def test_provider_detects_a_file_changed_while_being_sent():
         while p.state not in (ft.Provider.DONE, ft.Provider.FAILED):
             run(p.response("chunk", {"ft": 1}, 0.0))
     assert out[-1] == ft.Exit("file changed while being sent")
-    assert out[-3].metadata == {"ft": 1, "error": "f.bin changed while being sent; nothing was saved", "keep": False}
+    assert out[-4].metadata == {"ft": 1, "error": "f.bin changed while being sent; nothing was saved", "keep": False}
 
 
 def test_provider_short_read_and_unreadable_file():
@@ -869,6 +886,97 @@ def test_provider_answers_keepalives_and_stops_on_the_requestors_error():
         ft.Exit("the requestor stopped: no space")
 
 
+# ---- the provider's queue ---------------------------------------------------------------------------
+def test_queued_requestor_waits_asks_its_place_and_completes_when_its_turn_comes():
+    data = bytes(range(256)) * 2
+    with small_chunks():
+        net = Net(data)
+        net.queued_at = 3
+        net.run()
+        r = net.req
+        assert r.state == ft.Requestor.QUEUED and "req" not in net.exits
+        assert net.progress[-1]["queued"] == 3 and net.progress[-1]["peer"] == "bob.os"  # the parent shows it
+        # past the handshake timeout, still queued: it asks its place instead of giving up
+        t = ft_common.HANDSHAKE_TIMEOUT - 1
+        actions = r.tick(t)
+        net.act("req", actions, None)
+        assert [m.meta for m in net.queue_asks] == [{"ft": 1, "queue": True}] and r.state == ft.Requestor.QUEUED
+        assert net.queue_asks[0].context == "queue" and net.queue_asks[0].target == PEER_MAIN
+        net.act("req", r.tick(t + 1), None)
+        assert len(net.queue_asks) == 1  # one ask at a time
+        net.deliver(Msg(PEER_MAIN, REQ_WORKER, False, "Progress", {"ft": 1, "queued": 1}, context="queue"), t + 2)
+        assert net.progress[-1]["queued"] == 1  # moved up: the parent hears of it
+        net.act("req", r.tick(t + ft_common.HANDSHAKE_TIMEOUT), None)  # within 10 s of the last word
+        assert r.state == ft.Requestor.QUEUED and len(net.queue_asks) == 2
+        net.deliver(Msg(PEER_MAIN, REQ_WORKER, False, "Progress", {"ft": 1, "queued": 0}, context="queue"), t + 20)
+        # "your turn" again does not move the deadline: a worker that never comes fails the wait
+        net.deliver(Msg(PEER_MAIN, REQ_WORKER, False, "Progress", {"ft": 1, "queued": 0}, context="queue"), t + 29)
+        assert r.handshake_from == t + 20 and r.tick(t + 29)[-1] == ft.ArmTimer(ft_common.TICK)
+        r.queue_ask_out = False
+        # its turn: the provider's worker starts and the transfer runs as any other
+        net.start_provider("f.bin")
+        while net.queue:
+            net.deliver(net.queue.pop(0))
+    assert net.exits == {"req": None, "prov": None} and net.rside.store == {"file": data}
+    assert net.progress[-1]["done"] is True
+    assert net.serving[-1] == {"ft": 1, "serving": False, "peer": "alice.os"}  # the slot is given back
+
+
+def test_queued_requestor_gives_up_when_the_provider_goes_silent_or_offline():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.start()
+    assert r.response("download", {"Download": {"Ok": None}}, 1.0, {"ft": 1, "queued": 2})[0].metadata["queued"] == 2
+    assert r.state == ft.Requestor.QUEUED
+    assert r.tick(1.0 + ft_common.HANDSHAKE_TIMEOUT)[-1] == ft.ArmTimer(ft_common.TICK)  # just within
+    actions = r.tick(1.5 + ft_common.HANDSHAKE_TIMEOUT)
+    assert actions[-1] == ft.Exit("bob.os stopped answering while we waited in its queue")
+    # it leaves the queue, so the place goes to the next in line
+    leave = [a for a in actions if isinstance(a, ft.Send) and a.target == PEER_MAIN]
+    assert leave[0].metadata == {"ft": 1, "queue": True, "error": "bob.os stopped answering while we waited in its queue"}
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 1.0, {"ft": 1, "queued": 1})
+    assert r.request_failed("queue", "timeout", 2.0) == [] and r.state == ft.Requestor.QUEUED
+    assert r.request_failed("queue", "offline", 2.0)[-1] == ft.Exit("bob.os went offline while we waited in its queue")
+    # its turn came, but no Size follows: the usual handshake failure, counted from "your turn"
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 1.0, {"ft": 1, "queued": 1})
+    assert r.queue_answer({"ft": 1, "queued": 0}, 30.0) == []
+    assert r.tick(30.0 + ft_common.HANDSHAKE_TIMEOUT)[-1] == ft.ArmTimer(ft_common.TICK)
+    assert r.tick(31.0 + ft_common.HANDSHAKE_TIMEOUT)[-1] == ft.Exit(
+        f"bob.os did not start sending within {ft_common.HANDSHAKE_TIMEOUT} s")
+
+
+def test_queue_answers_that_are_not_a_place_change_nothing():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": 4})
+    for bad in (None, -1, True, "2", 2.5):
+        assert r.queue_answer({"queued": bad}, 5.0) == [] and r.queue_place == 4
+    assert r.tick(0.0 + ft_common.HANDSHAKE_TIMEOUT + 1)[-1].error.endswith("waited in its queue")  # no word came
+    # a portable requestor never queues (it has no way to ask), nor does a bad place
+    for extended, place in ((False, 1), (True, 0), (True, True), (True, "1")):
+        r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=extended)
+        assert r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": place}) == []
+        assert r.state == ft.Requestor.REQUESTING
+
+
+def test_cancel_while_queued_leaves_the_queue():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": 1})
+    actions = r.request(REQ_PARENT, {"Progress": {"name": "f", "progress": 0}}, {"ft": 1, "cancel": True}, True, None, 1.0)
+    assert actions[0] == ft.Send(PEER_MAIN, {"Progress": {"name": "f", "progress": 0}},
+                                 {"ft": 1, "queue": True, "error": "cancelled"})
+    assert actions[-1] == ft.Exit("cancelled")
+
+
+def test_provider_tells_its_parent_it_still_serves_on_every_tick():
+    p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
+    p.start()
+    p.opened(100, 1, 0.0)
+    report, timer = p.tick(5.0)
+    assert report.target == PROV_PARENT and report.metadata == {"ft": 1, "serving": True, "peer": "alice.os"}
+    assert report.timeout is None and timer == ft.ArmTimer(ft_common.TICK)  # no answer wanted
+
+
 # ---- every state ------------------------------------------------------------------------------------
 def test_every_declared_state_is_reached():
     """Run the scenarios above that reach each state, then compare with the declared states."""
@@ -880,5 +988,33 @@ def test_every_declared_state_is_reached():
     test_liar_wrong_hash_fails_and_tells_the_provider()
     test_provider_detects_a_file_changed_while_being_sent()
     test_portable_machines_take_the_plain_path_through_their_states()
+    test_queued_requestor_waits_asks_its_place_and_completes_when_its_turn_comes()
     assert VISITED["Requestor"] == ft.Requestor.STATES
     assert VISITED["Provider"] == ft.Provider.STATES
+
+
+# ---- a folder's provider holds a serving slot as a file's does ------------------------------------
+def test_folder_provider_reports_its_serving_slot_while_sending_and_gives_it_back():
+    import ft_folder
+
+    def walk_and_offer(p):
+        p.start()
+        p.walked({"dirs": ["d"], "files": [["d/a.txt", 3, 1], ["b.txt", 2, 1]]}, 0.0)
+        return p.response("size", {"resume": [0, 0]}, 0.1)
+
+    p = ft_folder.FolderProvider("docs", REQ_WORKER, PROV_PARENT, 0.0)
+    read = walk_and_offer(p)
+    assert [type(a).__name__ for a in read] == ["ReadBatch"]
+    tick = p.tick(1.0)  # while sending: "still serving" to the parent, as Provider.tick says
+    assert tick[0].target == PROV_PARENT and tick[0].metadata == {"ft": 1, "serving": True, "peer": "alice.os"}
+    sent = p.batch_read(read[0].items, ["h1", "h2"], 1.1)
+    assert sent[0].target == REQ_WORKER  # the batch goes to the requestor
+    done = p.response("chunk", {}, 1.2)
+    assert p.state == p.DONE and done[-1] == ft.Exit()
+    assert done[-2].target == PROV_PARENT and done[-2].metadata == {"ft": 1, "serving": False, "peer": "alice.os"}
+    # a failure gives the slot back too
+    p = ft_folder.FolderProvider("docs", REQ_WORKER, PROV_PARENT, 0.0)
+    walk_and_offer(p)
+    failed = p.request(PROV_PARENT, {"Cancel": None}, {"cancel": True}, 2.0)
+    assert failed[-1] == ft.Exit("cancelled")
+    assert failed[-2].target == PROV_PARENT and failed[-2].metadata["serving"] is False

@@ -144,14 +144,14 @@ def test_cancel_and_list_transfers(two_nodes):
 
 
 def test_many_files_in_one_command_wait_their_turn(two_nodes):
-    """`download A B C... NODE`: at most 8 run at once, the rest are queued (listed by `transfers`,
+    """`download A B C... NODE`: at most 4 run at once, the rest are queued (listed by `transfers`,
     cancellable), and every file arrives intact."""
     fake, fake2 = two_nodes
     digests = {f"m{i}.bin": put(fake2, f"m{i}.bin", 32 << 20) for i in range(16)}
     fake.type("verbosity 1")
     fake.type(f"download:file_transfer:template.os {' '.join(digests)} fake2.dev")
-    fake.expect(r"m\d+\.bin from fake2\.dev: queued \(\d+ waiting, 8 downloads at once\)", 30)
-    # freeze the provider so the queue cannot drain under us (a fast machine finishes 8 downloads
+    fake.expect(r"m\d+\.bin from fake2\.dev: queued \(\d+ waiting, 4 downloads at once\)", 30)
+    # freeze the provider so the queue cannot drain under us (a fast machine finishes 4 downloads
     # of 32 MiB before two commands have run); the requestor's own commands do not need it
     os.kill(fake2.proc.pid, signal.SIGSTOP)
     try:

@@ -15,6 +15,13 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
 - A worker built without the host's blobs extension (a portable build) cannot hash in the host,
   so it speaks only the plain protocol: no `ft` in its Download or Size, a plain Size answer
   (which tells our provider to push plainly), no hash checks.
+- Queue (extended requestors only): a provider serving MAX_SERVING files answers a Download with
+  `{"ft":1, "queued": K}` (place K in its queue); the requestor waits, asking its place every TICK
+  (a `Progress` request with `{"ft":1, "queue": true}`, answered `{"ft":1, "queued": K}`, K = 0 once
+  its worker starts, null if unknown) and leaves the queue with `{"ft":1, "queue": true, "error"}`.
+  A plain requestor cannot be told to wait (it gives up when no Size comes): it is served at once.
+- A provider worker tells its parent every TICK that it still serves, and when it ends
+  (`Progress` with `{"ft":1, "serving": true|false, "peer"}`), so the parent knows its free slots.
 - Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.
 """
 from __future__ import annotations
@@ -27,7 +34,10 @@ except ImportError:  # plain CPython from the repository root (tests)
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
 WINDOW = 8                 # chunks in flight per transfer
-MAX_DOWNLOADS = 8          # downloads a node runs at once; more wait their turn in file_transfer
+MAX_DOWNLOADS = 4          # downloads a node runs at once; more wait their turn in file_transfer
+MAX_SERVING = 4            # files a node sends at once; more requestors wait in its queue (each
+                           # serving worker is a Wasm instance plus its chunks in flight)
+SERVING_LEASE = 20         # seconds a serving slot is held without word from its worker
 STATE_EVERY = 4            # chunks between saves of a big download's resume point (16 MiB)
 ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving up
 HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size

@@ -438,8 +438,14 @@ class FolderProvider:
             return actions
         if self.in_flight == 0 and self.index >= len(self.files):
             self.state = self.DONE
-            actions.append(Exit())
+            actions += [self._serving(False), Exit()]
         return actions
+
+    def _serving(self, still: bool) -> Send:
+        """Tell the parent we hold (or gave up) one of its serving slots, as a file's provider does."""
+        percent = 100 if not self.files else int(self.index * 100 / len(self.files))
+        return Send(self.parent, {"Progress": {"name": self.name, "progress": percent}},
+                    {"ft": 1, "serving": still, "peer": self.target.node})
 
     def batch_read(self, items: list, hashes: Any, now: float) -> list:
         if self.state != self.READING:
@@ -471,7 +477,7 @@ class FolderProvider:
             return []
         if now - self.last_activity > STALL_TIMEOUT:
             return self._failed(f"no progress for {STALL_TIMEOUT} s; giving up")
-        return [ArmTimer(TICK)]
+        return [self._serving(True), ArmTimer(TICK)]
 
     def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
         if context == "tick":
@@ -489,4 +495,5 @@ class FolderProvider:
 
     def _failed(self, error: str) -> list:
         self.state = self.FAILED
-        return [Log(f"upload of folder {self.name} to {self.target.node} stopped: {error}"), Exit(error)]
+        return [Log(f"upload of folder {self.name} to {self.target.node} stopped: {error}"), self._serving(False),
+                Exit(error)]

@@ -18,7 +18,14 @@ from typing import Any, Optional
 from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, STATE_EVERY,
                        TICK, WINDOW)
 
+QUEUE_META = "queue"   # metadata key of a requestor's ask about its place in a provider's queue
+
 HEX = frozenset("0123456789abcdef")
+
+
+def _place(v: Any) -> bool:
+    """A place in a queue: an int from 1 (bool is no int here)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 # ---- actions -----------------------------------------------------------------------------------
@@ -154,6 +161,7 @@ class Requestor:
     """Fetches `name` from `peer` (its file_transfer, then its worker) into a partial file."""
 
     REQUESTING = "requesting"        # Download sent to the peer, waiting for Size
+    QUEUED = "queued"                # the peer serves others first; waiting for our turn
     OPENING = "opening"              # Size taken, reading the resume state and opening the partial
     RECEIVING = "receiving"          # taking chunks
     HASHING = "hashing"              # a chunk passed its checks, its digest is being computed
@@ -162,7 +170,8 @@ class Requestor:
     VERIFYING = "verifying"          # the whole file is being checked
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({REQUESTING, OPENING, RECEIVING, HASHING, WRITING, AWAITING_HASH, VERIFYING, DONE, FAILED})
+    STATES = frozenset({REQUESTING, QUEUED, OPENING, RECEIVING, HASHING, WRITING, AWAITING_HASH, VERIFYING, DONE,
+                        FAILED})
 
     def __init__(self, name: str, peer: Any, parent: Any, now: float, *, extended: bool):
         self.name = name
@@ -190,6 +199,9 @@ class Requestor:
         self.chain_end: Optional[int] = None  # where the bytes hashed in order since the resume point end
         self.chain_digest: Optional[str] = None  # their BLAKE3: the whole file's once all arrived from 0
         self.pending: Optional[tuple] = None  # (offset, length, upto, wants_ack) of the chunk being hashed
+        self.handshake_from = now    # the Size is due HANDSHAKE_TIMEOUT after this (reset by the queue)
+        self.queue_place: Optional[int] = None  # our place in the provider's queue while QUEUED
+        self.queue_ask_out = False   # an ask about our place is outstanding
 
     # ---- events ----
     def start(self) -> list:
@@ -199,16 +211,60 @@ class Requestor:
                      # "folders": a folder of that name may be sent (ft_folder)
                      {"ft": 1, "folders": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "download")]
 
-    def response(self, context: Optional[str], body: Any, now: float) -> list:
-        """A response to one of our requests (the Download answer, a keepalive answer)."""
+    def response(self, context: Optional[str], body: Any, now: float, meta: Optional[dict] = None) -> list:
+        """A response to one of our requests (the Download answer, a keepalive answer, our place in
+        the provider's queue)."""
         if context == "keepalive":
             self.keepalive_out = False
+        elif context == "queue":
+            return self.queue_answer(meta or {}, now)
         elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
             result = body["Download"]
             if "Err" in result:
                 return self.fail(str(result["Err"]), keep=False, now=now)
             self.last_activity = now
+            place = (meta or {}).get("queued")
+            if self.extended and self.state == self.REQUESTING and _place(place):
+                return self._wait_in_queue(place, now)
         return []
+
+    # ---- the provider's queue ----
+    def _wait_in_queue(self, place: int, now: float) -> list:
+        self.state = self.QUEUED
+        self.queue_place = place
+        self.handshake_from = self.last_activity = now
+        actions: list = []
+        self._report(actions, now, queued=place)
+        return actions
+
+    def queue_answer(self, meta: dict, now: float) -> list:
+        """The provider's answer to our ask about our place: K, 0 once our turn came, None if it
+        does not know of us (then the Size is still due within HANDSHAKE_TIMEOUT of the last word)."""
+        self.queue_ask_out = False
+        if self.state != self.QUEUED:
+            return []
+        place = meta.get("queued")
+        if place == 0 and not isinstance(place, bool):
+            if self.queue_place != 0:  # its worker is starting: the Size is due within the timeout
+                self.queue_place = 0
+                self.handshake_from = self.last_activity = now
+            return []
+        if not _place(place):
+            return []
+        self.handshake_from = self.last_activity = now
+        if place == self.queue_place:
+            return []
+        self.queue_place = place
+        actions: list = []
+        self._report(actions, now, queued=place)
+        return actions
+
+    def _ask_queue_place(self, actions: list, **extra) -> None:
+        if not self.queue_ask_out or extra:
+            actions.append(Send(self.peer, {"Progress": {"name": self.name, "progress": 0}},
+                                {"ft": 1, QUEUE_META: True, **extra}, None if extra else HANDSHAKE_TIMEOUT,
+                                None if extra else "queue"))
+            self.queue_ask_out = self.queue_ask_out or not extra
 
     def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: Optional[int],
                 now: float) -> list:
@@ -376,14 +432,20 @@ class Requestor:
             return []
         if now - self.last_activity > STALL_TIMEOUT:
             return self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", keep=True, now=now)
-        if self.size is None and now - self.started > HANDSHAKE_TIMEOUT:
+        if self.size is None and now - self.handshake_from > HANDSHAKE_TIMEOUT:
             # the peer accepted but its worker never began (it may be at its process limit)
+            if self.state == self.QUEUED and self.queue_place != 0:
+                return self.fail(f"{self.peer_node} stopped answering while we waited in its queue",
+                                 keep=True, now=now)
             return self.fail(f"{self.peer_node} did not start sending within {HANDSHAKE_TIMEOUT} s",
                              keep=True, now=now)
         # a provider can vanish between two keepalives: ask again, and an offline node fails the
-        # request at once rather than after the stall timeout
+        # request at once rather than after the stall timeout; while queued, ask our place instead
         actions: list = []
-        self._keepalive(actions)
+        if self.state == self.QUEUED:
+            self._ask_queue_place(actions)
+        else:
+            self._keepalive(actions)
         actions.append(ArmTimer(TICK))
         return actions
 
@@ -397,6 +459,10 @@ class Requestor:
         if context == "keepalive":
             reason = "went offline" if kind == "offline" else "stopped answering"
             return self.fail(f"{self.peer_node} {reason} during the transfer", keep=True, now=now)
+        if context == "queue":
+            self.queue_ask_out = False
+            if kind == "offline" and self.state == self.QUEUED:
+                return self.fail(f"{self.peer_node} went offline while we waited in its queue", keep=True, now=now)
         return []  # "progress": the parent is busy or gone, progress is advisory
 
     def io_failed(self, error: str, now: float) -> list:
@@ -407,8 +473,11 @@ class Requestor:
         """Tell the provider, keep or remove the partial, tell the parent, end."""
         if self.state in (self.DONE, self.FAILED):
             return []
+        queued = self.state == self.QUEUED
         self.state = self.FAILED
         actions: list = []
+        if queued:  # free our place for the next in line
+            self._ask_queue_place(actions, error=error)
         if self.provider is not None and self.ext:
             # the provider stops now rather than after its ack timeout
             actions.append(Send(self.provider, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
@@ -601,7 +670,13 @@ class Provider:
             return []
         if now - self.last_activity > STALL_TIMEOUT:
             return self._failed(f"no progress for {STALL_TIMEOUT} s; giving up")
-        return [ArmTimer(TICK)]
+        return [self._serving(True), ArmTimer(TICK)]
+
+    def _serving(self, still: bool) -> Send:
+        """Tell the parent we hold (or gave up) one of its serving slots; no answer wanted."""
+        percent = 100 if not self.size else int(self.next_offset * 100 / self.size)
+        return Send(self.parent, {"Progress": {"name": self.name, "progress": percent}},
+                    {"ft": 1, "serving": still, "peer": self.target.node})
 
     def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
         if context == "tick":
@@ -661,8 +736,9 @@ class Provider:
 
     def _done(self) -> list:
         self.state = self.DONE
-        return [Exit()]
+        return [self._serving(False), Exit()]
 
     def _failed(self, error: str) -> list:
         self.state = self.FAILED
-        return [Log(f"upload of {self.name} to {self.target.node} stopped: {error}"), Exit(error)]
+        return [Log(f"upload of {self.name} to {self.target.node} stopped: {error}"), self._serving(False),
+                Exit(error)]

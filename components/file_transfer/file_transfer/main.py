@@ -13,6 +13,7 @@ import wit_world
 from componentize_py_types import Err
 from wit_world.imports import file_transfer_worker as worker_api
 
+import serving
 import web
 import ft_folder
 from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size
@@ -60,6 +61,7 @@ class Transfers:
     def table(self) -> list:
         now = time.monotonic()
         rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"],
+                 "queued_at": t.get("queued_at"),
                  **({"files": t["files"], "of": t["of"]} if t.get("of") is not None else {})}  # a folder
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
         return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
@@ -141,7 +143,7 @@ def handle_download(our: Address, msg: Message, req: dict, files_dir: vfs.Direct
         except vfs.VfsError:
             Response().body({"Download": {"Err": f"no such file: {name}"}}).send()
             return
-    start_worker(our, msg.source, name, target_addr, is_requestor, transfers)
+    serving.serve(our, msg, name, target_addr)  # now, or in its turn
 
 
 def servable_types(msg: Message) -> tuple:
@@ -235,7 +237,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         verbosity = 0
     else:
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
-                            rate=meta.get("rate", 0.0), files=meta.get("files"), of=meta.get("of"))
+                            rate=meta.get("rate", 0.0), queued_at=meta.get("queued"),
+                            files=meta.get("files"), of=meta.get("of"))
         now = time.monotonic()
         # at most one progress line a second per transfer; every step at terminal verbosity 1
         verbosity = 1 if now - t["printed"] < 1.0 and progress < 100 else 0
@@ -247,6 +250,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         println(f"download of {name} from {meta.get('peer')} cancelled")
     elif meta.get("error"):
         println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
+    elif isinstance(meta.get("queued"), int):
+        println(f"{name}: queued at {meta.get('peer')}, position {meta['queued']}")
     elif meta.get("done"):
         secs = max(meta.get("secs", 0), 1e-9)
         total = meta.get("total", 0)
@@ -361,8 +366,9 @@ def main(our: Address) -> None:
         try:
             if page is not None and page.handles(msg):
                 page.handle(msg)
-            else:
+            elif not serving.handles(our, msg):
                 handle_message(our, msg, files_dir, transfers, access)
+            serving.after_message(our)
             if transfers.waiting:
                 start_waiting(our, transfers)
             if page is not None:

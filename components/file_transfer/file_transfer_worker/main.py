@@ -91,7 +91,7 @@ class Worker:
             return m.request(msg.source, body, msg.meta(), now)
         context = json.loads(msg.context) if msg.context else None
         if self.requestor:
-            return m.response(context, body, now)
+            return m.response(context, body, now, msg.meta())
         return m.response(context, msg.meta(), now)
 
     def on_send_error(self, err: SendError) -> list:

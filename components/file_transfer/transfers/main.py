@@ -17,6 +17,9 @@ def transfers(our: Address, args: str) -> str:
         if t.get("queued"):
             lines.append(f"  {t['name']} from {t['node']}: queued")
             continue
+        if t.get("queued_at"):  # our worker waits in the provider's queue
+            lines.append(f"  {t['name']} from {t['node']}: queued at {t['node']}, position {t['queued_at']}")
+            continue
         if total is None:
             lines.append(f"  {t['name']} from {t['node']}: starting")
             continue

@@ -133,6 +133,11 @@ function showState(state) {
         el("div", { className: "row" }, el("span", { className: "name" }, `${t.name} from ${t.node}`), cancelButton),
         el("div", { className: "detail" }, "queued: waits for a free slot"));
     }
+    if (t.queued_at) {  // our worker waits in the provider's queue
+      return el("li", { "data-name": t.name, className: "queued" },
+        el("div", { className: "row" }, el("span", { className: "name" }, `${t.name} from ${t.node}`), cancelButton),
+        el("div", { className: "detail" }, `queued at ${t.node}, position ${t.queued_at}`));
+    }
     const pct = t.total ? Math.floor(100 * t.bytes / t.total) : 0;
     const eta = t.rate > 0 && t.total ? (t.total - t.bytes) / t.rate : Infinity;
     return el("li", { "data-name": t.name, className: "active" },

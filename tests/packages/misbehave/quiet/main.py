@@ -1,7 +1,8 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """A private process with the network capability: it prints whatever reaches it (as in Kinode,
 other nodes may message it). `ask ADDRESS BODY` from the local terminal sends BODY to ADDRESS as a
-request expecting an answer (printed when it comes)."""
+request expecting an answer (printed when it comes).
+`askft ADDRESS BODY` does the same with file_transfer's extension metadata `{"ft": 1}`."""
 import wit_world
 
 from process_lib import Address, Request, SendError, await_message, println, run
@@ -17,10 +18,13 @@ def main(our) -> None:
             continue
         println(f"quiet got a message from {msg.source}: {msg.body[:300]!r}")
         local_terminal = msg.source.node == our.node and msg.source.process.process_name == "terminal"
-        if msg.is_request and local_terminal and msg.body.startswith(b"ask "):
+        if msg.is_request and local_terminal and msg.body.startswith((b"ask ", b"askft ")):
             try:
-                _, target, body = msg.body.decode().split(" ", 2)
-                Request.to(Address.parse(target)).body(body.encode()).expects_response(10).send()
+                verb, target, body = msg.body.decode().split(" ", 2)
+                req = Request.to(Address.parse(target)).body(body.encode()).expects_response(10)
+                if verb == "askft":
+                    req.metadata({"ft": 1})
+                req.send()
             except ValueError as e:
                 println(f"quiet: bad ask: {e}")
 

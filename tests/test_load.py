@@ -1,0 +1,229 @@
+"""Many downloads at once with bounded memory: a provider sends at most MAX_SERVING files at once and
+queues the other requestors, which are told they wait and then complete. Real nodes, bytes compared."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+
+from conftest import REPO, TEST_PACKAGES, frozen, no_workers, peak_rss_bytes, wait_for
+from test_transfers import download, put, sha
+
+sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
+from ft_common import MAX_DOWNLOADS, MAX_SERVING  # noqa: E402
+
+PEAK_LIMIT = 300 * 10**6  # bytes, each node
+
+
+def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_factory):
+    provider = node_factory("prov.dev")
+    requestors = [node_factory(f"req{i}.dev") for i in range(1, 4)]
+    sizes = [(1 << 20) + 4096 * i if i % 2 else (2 << 20) - 4096 * i for i in range(50)]
+    want = {f"load{i}.bin": put(provider, f"load{i}.bin", size) for i, size in enumerate(sizes)}
+    outcomes: dict[str, tuple[int, list[str]]] = {}
+    serving_seen: list[int] = []
+    done = threading.Event()
+
+    def fetch(node, name: str) -> None:  # one `download` command each, as a shell loop would
+        outcomes[name] = node.run(f"download:file_transfer:template.os {name} prov.dev",
+                                  until=rf"{re.escape(name)} downloaded|error:", timeout=180)
+
+    def count_serving() -> None:  # the provider's workers, sampled through the burst
+        while not done.is_set():
+            serving_seen.append(len(provider.workers()))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=count_serving)
+    sampler.start()
+    threads = [threading.Thread(target=fetch, args=(requestors[i % 3], name)) for i, name in enumerate(want)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    sampler.join()
+    failed = {n: lines[-3:] for n, (code, lines) in outcomes.items() if code != 0}
+    assert len(outcomes) == 50 and not failed, failed
+    for i, (name, digest) in enumerate(want.items()):
+        assert sha(requestors[i % 3].files / name) == digest, name
+    no_workers(provider, *requestors, within=30)
+    # the provider ran no more serving workers than its slots (and did serve: the control); one that
+    # has just given its slot back may still be unwinding. Unbounded, the three requestors' own
+    # limits would let 3 x MAX_DOWNLOADS run.
+    assert 1 <= max(serving_seen) <= MAX_SERVING + 2 < 3 * MAX_DOWNLOADS, serving_seen
+    for node in (provider, *requestors):
+        assert peak_rss_bytes(node) < PEAK_LIMIT, (node.name, peak_rss_bytes(node) / 2**20)
+
+
+def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
+    provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
+    first, small = put(provider, "first.bin", 2 << 20), put(provider, "small.bin", 2 << 20)
+    put(provider, "gone.bin", 2 << 20)
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
+    assert MAX_SERVING <= MAX_DOWNLOADS  # one requestor can hold every slot
+    # the control: with the provider idle, a download is served at once, never queued
+    download(late, "first.bin", "prov.dev")
+    assert sha(late.files / "first.bin") == first
+    assert not any("queued at" in ln for ln in late.lines)
+    # busy takes every serving slot, then is frozen mid-transfer: the slots stay taken
+    busy.type("verbosity 1")
+    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
+    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
+             "every big file under way")
+    with frozen(busy):
+        assert not any("downloaded" in ln for ln in busy.lines)
+        late.type("download:file_transfer:template.os gone.bin prov.dev")
+        line = late.expect(r"gone\.bin: queued at", 30)
+        assert line == "file_transfer:template.os: gone.bin: queued at prov.dev, position 1", line
+        late.type("download:file_transfer:template.os small.bin prov.dev")
+        line = late.expect(r"small\.bin: queued at", 30)
+        assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 2", line
+        code, lines = late.run("transfers:file_transfer:template.os")
+        assert code == 0 and any(ln.endswith(" small.bin from prov.dev: queued at prov.dev, position 2")
+                                 for ln in lines), lines
+        # the first in line is cancelled: it leaves the provider's queue, and at its next ask (a
+        # tick) the second hears it moved up; meanwhile nothing fails
+        code, lines = late.run("cancel:file_transfer:template.os gone.bin prov.dev")
+        assert code == 0, lines
+        late.expect(r"download of gone\.bin from prov\.dev cancelled", 30)
+        line = late.expect(r"small\.bin: queued at", 30)
+        assert line == "file_transfer:template.os: small.bin: queued at prov.dev, position 1", line
+        assert not any("error" in ln or "small.bin downloaded" in ln for ln in late.lines), late.lines[-5:]
+    late.expect(r"small\.bin downloaded", 120)
+    assert sha(late.files / "small.bin") == small
+    assert not (late.files / "gone.bin").exists()
+    wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
+    for name, digest in big.items():
+        assert sha(busy.files / name) == digest, name
+    no_workers(provider, busy, late, within=30)
+
+
+def test_a_burst_of_first_starts_reads_a_wasm_file_once(tmp_path):
+    """Twenty starts of one script at once: the kernel reads and loads its wasm once, the others
+    wait for that; another file is read on its own (the control)."""
+    from host.kernel import Kernel
+    from host.settings import RuntimeSettings
+    from host.wasm import Runtime
+
+    class Output:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output())
+    pkg = tmp_path / "vfs" / "p:pub" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "s.wasm").write_bytes(b"one")
+    (pkg / "t.wasm").write_bytes(b"two")
+    loads: list[bytes] = []
+
+    def slow_load(wasm: bytes):
+        loads.append(wasm)
+        time.sleep(0.2)  # as a real read, hash and deserialize take a while
+        return object()
+
+    kernel.runtime.load = slow_load  # type: ignore[method-assign]
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(kernel.load_vfs_wasm("p:pub/pkg/s.wasm"))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [b"one"] and len(got) == 20 and all(c is got[0] for c in got)
+    assert kernel.load_vfs_wasm("p:pub/pkg/t.wasm") is not got[0] and loads == [b"one", b"two"]
+    kernel.shutdown()
+
+
+def test_a_peer_cannot_queue_without_bound(node_factory):
+    """With every serving slot taken, a peer's Downloads queue up to MAX_QUEUED_PER_NODE; the next
+    one is refused with a clear error, and the provider keeps serving."""
+    serving = (REPO / "components/file_transfer/file_transfer/serving.py").read_text()
+    MAX_QUEUED_PER_NODE = int(re.search(r"^MAX_QUEUED_PER_NODE = (\d+)", serving, re.M).group(1))
+    args = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
+    provider, busy = node_factory("prov.dev"), node_factory("busy.dev")
+    evil = node_factory("evil.dev", extra_args=args)
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
+    for i in range(MAX_QUEUED_PER_NODE + 1):
+        (provider.files / f"tiny{i}.txt").write_text(f"tiny {i}\n")
+    busy.type("verbosity 1")
+    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
+    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
+             "every big file under way")
+    main = "prov.dev@file_transfer:file_transfer:template.os"
+    target = {"node": "evil.dev", "process": {"process_name": "quiet", "package_name": "misbehave",
+                                              "publisher_node": "test.os"}}
+    answer = re.compile(rf"quiet got a message from {re.escape(main)}: b'(.*)'$")
+    with frozen(busy):  # its transfers hold every slot
+        for i in range(MAX_QUEUED_PER_NODE + 1):
+            body = json.dumps({"Download": {"name": f"tiny{i}.txt", "target": target, "is_requestor": False}})
+            evil.type(f"m evil.dev@quiet:misbehave:test.os askft {main} {body}")
+        wait_for(lambda: sum(bool(answer.search(ln)) for ln in evil.lines) == MAX_QUEUED_PER_NODE + 1, 60,
+                 "every answer")
+        answers = [json.loads(m.group(1)) for ln in evil.lines if (m := answer.search(ln))]
+    assert answers.count({"Download": {"Ok": None}}) == MAX_QUEUED_PER_NODE  # queued (the control)
+    assert answers[-1] == {"Download": {"Err": f"prov.dev is busy: {MAX_QUEUED_PER_NODE} downloads from "
+                                               f"evil.dev wait already; try again later"}}, answers[-1]
+    wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
+    assert provider.alive() and "file_transfer:file_transfer:template.os" in provider.processes()
+
+
+def test_scripts_take_turns_to_be_instantiated(tmp_path):
+    """Ten scripts started at once: at most SCRIPTS_AT_ONCE are instantiated together, the others
+    wait for a turn; processes that are not scripts (the control) all start at once."""
+    from host.kernel import SCRIPTS_AT_ONCE
+    from host.process import WasmProcess
+    from host.settings import RuntimeSettings
+    from host.types import ProcessId
+    from host.wasm import LoadedComponent, Runtime
+
+    runtime = Runtime(RuntimeSettings(cache_dir=tmp_path / "cache"))
+    inside, most, release = [0], [0], threading.Event()
+    lock = threading.Lock()
+
+    def instantiate(store, component):  # stands for a real instance: held until released
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        release.wait(30)
+        with lock:
+            inside[0] -= 1
+        raise RuntimeError("not a real component")
+
+    runtime.instantiate = instantiate  # type: ignore[method-assign]
+    ended: list[str] = []
+
+    class Kernel:  # what a process's own lifecycle uses of the kernel
+        node, compute_limit, compute_ticks = "a.dev", 30.0, 300
+
+        def __init__(self):
+            self.runtime = runtime
+            self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
+
+        def take_instances(self, n):
+            return True
+
+        def give_back_instances(self, n):
+            pass
+
+        def process_exited(self, proc, reason):
+            ended.append(reason)
+
+    for script in (True, False):
+        kernel, most[0] = Kernel(), 0
+        at_once = SCRIPTS_AT_ONCE if script else 10
+        release.clear()
+        procs = [WasmProcess(kernel, ProcessId(str(i), "p", "pub"), LoadedComponent(None, "", set()), [], "w",
+                             set(), False, None) for i in range(10)]
+        for p in procs:
+            if script:
+                p.turns, p.turn_wait = kernel.script_turns, 30.0
+            p.start()
+        wait_for(lambda: inside[0] == at_once, 10, "the first instances")  # noqa: B023 (used at once)
+        time.sleep(0.3)  # no more come in while those are held
+        assert most[0] == at_once
+        release.set()
+        for p in procs:
+            p.thread.join(10)
+        assert len(ended) == 10 and inside[0] == 0 and most[0] == at_once
+        ended.clear()
