@@ -481,6 +481,22 @@ def test_requestor_fails_when_the_peer_never_answers_download():
     assert r.request_failed("progress", "timeout", 1.0) == []  # advisory, and already failed anyway
 
 
+def test_requestor_failing_before_the_size_leaves_an_older_partial_for_a_resume():
+    """A retry while the provider is offline (or gone from its queue) must not cost the partial an
+    earlier attempt kept; a provider that answers "no such file" may."""
+    def fails(how):
+        r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+        r.start()
+        return how(r)
+    out = fails(lambda r: r.request_failed("download", "offline", 1.0))
+    assert out[-1] == ft.Exit("bob.os is offline")
+    assert not any(isinstance(a, ft.RemoveFiles) and a.partial for a in out), out
+    # positive control: the provider says the file is not there: the partial is of no use
+    out = fails(lambda r: r.response("download", {"Download": {"Err": "no such file: f"}}, 1.0))
+    assert isinstance(out[-1], ft.Exit)
+    assert any(isinstance(a, ft.RemoveFiles) and a.partial for a in out), out
+
+
 # ---- plain peers -----------------------------------------------------------------------------------
 def test_provider_pushes_seed_sized_chunks_to_a_plain_requestor():
     data = bytes(range(100)) * 3

@@ -484,8 +484,10 @@ class Requestor:
                                 {"ft": 1, "error": error}))
         if self.file_open and keep and self.ext:
             actions.append(KeepForResume(self.size, self.received))
-        else:
+        elif self.file_open or not keep:
             actions.append(RemoveFiles(state=self.has_state, partial=True))
+        # else: failed before the partial was opened (the provider offline, gone from its queue):
+        # an older partial is left as it was, for a later resume
         resumable = keep and self.ext and self.received
         self._report(actions, now, error=error + (" (run the download again to resume)" if resumable else ""))
         actions.append(Exit(error))
