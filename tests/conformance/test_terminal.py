@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import msgpack
 
+from conftest import wait_for
 from host.net_service import NetService, decode_action
 from host.types import Address, KernelMessage, ProcessId, Request
 
@@ -176,6 +177,9 @@ def test_cat_prints_a_vfs_file(node_factory):
     node = node_factory("fake.dev")
     node.files.mkdir(parents=True, exist_ok=True)
     (node.files / "note.txt").write_text("first line\nsecond line\n")
+    # file_transfer's own start-up line may come after the node's ready line: let it pass first,
+    # so the command's output is only cat's
+    wait_for(lambda: any("file_transfer:template.os: begin" in ln for ln in node.lines), 30, "file_transfer's start")
     assert ok(node, "cat /file_transfer:template.os/files/note.txt") == ["first line", "second line", ""]
     lines = refused(node, "cat /file_transfer:template.os/files/missing.txt")
     assert lines[0].startswith("error: failed to read file /file_transfer:template.os/files/missing.txt from VFS")

@@ -295,7 +295,8 @@ class FolderRequestor:
         actions.append(Exit())
         return actions
 
-    def response(self, context: Optional[str], body: Any, now: float) -> list:
+    def response(self, context: Optional[str], body: Any, now: float, meta: Optional[dict] = None) -> list:
+        """An answer to one of our requests (as Requestor.response, whose place this takes)."""
         if context == "keepalive":
             self.keepalive_out = False
         return []
