@@ -75,8 +75,9 @@ class Kernel:
         self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
         self._network_cap = Capability.make(self.kernel_address, "network")
         # caps issued here that left on a message to a peer: upstream signs such caps and takes them
-        # back only with a valid signature; our wire carries none, so the kernel remembers them
-        self._exported: OrderedDict[Capability, None] = OrderedDict()
+        # back only with a valid signature, which only the peer it went to holds; our wire carries
+        # none, so the kernel remembers each (peer node, cap) it sent
+        self._exported: OrderedDict[tuple[str, Capability], None] = OrderedDict()
         install_imports(runtime)
 
     def register(self, endpoint: Endpoint) -> None:
@@ -315,12 +316,13 @@ class Kernel:
         return src.has_cap(messaging_cap(dest.address))
 
     def _note_exported(self, km: KernelMessage) -> None:
-        """Remember our node's caps that a message takes to a peer (upstream signs them)."""
+        """Remember our node's caps that a message takes to a peer (upstream signs them for it)."""
         with self.lock:
             for c in km.message.capabilities:
                 if c.issuer.node == self.node:
-                    self._exported[c] = None
-                    self._exported.move_to_end(c)
+                    key = (km.target.node, c.normalised())
+                    self._exported[key] = None
+                    self._exported.move_to_end(key)
             while len(self._exported) > MAX_EXPORTED_CAPS:
                 self._exported.popitem(last=False)
 
@@ -372,10 +374,13 @@ class Kernel:
             log.warning("%s has no network capability: %s from %s dropped", dest.id, kind, km.source)
             return
         if km.message.capabilities:
-            # a peer may hand us back only our caps we gave out (upstream: only those we signed)
+            # a peer may hand us back only our caps we gave out to it (upstream: only those we
+            # signed, and only the peer we sent one to holds its signature)
             caps = [c.normalised() for c in km.message.capabilities]
+            peer = km.source.node
             with self.lock:
-                km.message.capabilities = [c for c in caps if c.issuer.node != self.node or c in self._exported]
+                km.message.capabilities = [c for c in caps
+                                           if c.issuer.node != self.node or (peer, c) in self._exported]
         dest.deliver(km)
 
     def peer_lost(self, node: str) -> None:

@@ -34,7 +34,9 @@ target, "from": name}``. The router asks the target over their connection (a con
 starts with the relay frame ``{"answer": token}``; the router then answers the dialler ``{"ok":
 true}`` (or ``false`` and a ``reason``) and copies bytes between the two sockets. The two ends
 then run the usual Noise XX handshake and session through it: the router never holds their
-keys, and the dialler pins the indirect node's key as for a direct peer.
+keys, and the dialler pins the indirect node's key as for a direct peer. A relay request is
+unauthenticated, so the router shares its relays out per source address and the indirect node
+bounds its call-backs (each one a dial and a handshake) and counts them as handshakes.
 
 Threading: everything runs on one asyncio loop on a daemon thread. ``send`` may be called from any
 thread; ``on_message``, ``on_peer_lost`` and every ``on_error`` are called on the network thread
@@ -43,13 +45,14 @@ and must only enqueue.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
 import socket
 import struct
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -90,6 +93,10 @@ RELAY_TIMEOUT = 5.0        # seconds a router waits for the indirect node to cal
 RELAY_BUF = 256 << 10      # bytes a router copies per read
 ROUTER_RETRY = 2.0         # seconds between an indirect node's attempts to reach a lost router
 MAX_RELAYS = 512           # relayed sessions a router carries at once
+# relay requests carry no proof of who asks: one address (an IPv6 /64) gets only a share of the router
+MAX_RELAYS_PER_SOURCE = 16          # sessions, waiting or relayed, for diallers at one address
+MAX_PENDING_RELAYS_PER_SOURCE = 4   # of those, still waiting for the indirect node's call-back
+MAX_CALL_BACKS = 32        # an indirect node's call-backs to its routers under way (dial and handshake)
 
 SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
 OUT_KEEP = 5 << 20         # keep a connection's output buffer up to this size between rounds (a 4 MiB chunk fits)
@@ -237,6 +244,7 @@ class _Conn:
         self.pinging = False
         self.route = False              # the peer asked us (a router) to serve it on this connection
         self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
+        self.source = where             # the remote address (an IPv6 /64) that relay limits count by
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
@@ -595,6 +603,9 @@ class Network:
         self._served: dict[str, _Conn] = {}          # router: indirect nodes' connections to us
         self._pending_relays: dict[bytes, asyncio.Future] = {}  # router: token -> the call-back
         self._relays = 0                             # router: sessions being relayed
+        self._relays_from: Counter[str] = Counter()  # router: sessions, waiting or relayed, per source
+        self._waiting_from: Counter[str] = Counter()  # router: of those, still waiting for a call-back
+        self._calling_back = 0                       # indirect node: call-backs under way
         self._relay_clock = 0.0                      # router: when the rate limit frees the link
         self._via: dict[str, str] = {}               # indirect peer -> the router that worked last
         self._keeping: set[str] = set()              # routers being dialled by the keeper
@@ -622,6 +633,7 @@ class Network:
         self._peers = {}
         self._tasks = set()
         self._handshakes = 0
+        self._calling_back = 0
         self.instance = secrets.token_bytes(INSTANCE_LEN)  # new per run: tells peers we restarted
         self._hello = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance})
         self._hello_route = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance,
@@ -1124,7 +1136,9 @@ class Network:
             except OSError:
                 sock.close()
                 continue
-            self._spawn(self._handle_incoming(_Conn(self, sock, dialled=False, where=where)))
+            conn = _Conn(self, sock, dialled=False, where=where)
+            conn.source = _source_key(host)
+            self._spawn(self._handle_incoming(conn))
 
     async def _handle_incoming(self, conn: _Conn, allow_relay: bool = True) -> None:
         self._handshakes += 1
@@ -1334,6 +1348,20 @@ class Network:
         token, source = wire.get("token"), wire.get("from")
         if (wire.get("ctl") == "relay" and conn.peer_name in self.routers and isinstance(token, bytes)
                 and isinstance(source, str)):
+            # each call-back dials and starts a handshake for whoever asked the router: bounded,
+            # and counted as an unauthenticated connection from the start
+            if self._calling_back >= MAX_CALL_BACKS:
+                refusal = f"{MAX_CALL_BACKS} call-backs already under way"
+            elif self._handshakes >= MAX_HANDSHAKES:
+                refusal = "too many unauthenticated connections"
+            else:
+                refusal = None
+            if refusal is not None:
+                log.warning("not calling %s back for a relayed connection from %s: %s",
+                            conn.peer_name, source[:255], refusal)
+                return
+            self._calling_back += 1
+            self._handshakes += 1
             self._spawn(self._call_back(conn.peer_name or "", token, source[:255]))
         else:
             log.warning("ignored a control message %r from %s (not one of our routers, or malformed)",
@@ -1341,7 +1369,14 @@ class Network:
 
     async def _call_back(self, router: str, token: bytes, source: str) -> None:
         """Open the connection a router asked for; the peer behind it then handshakes with us as if
-        it had dialled us (and is judged as any incoming peer is)."""
+        it had dialled us (and is judged as any incoming peer is). `_control` counted it."""
+        try:
+            await self._call_back_inner(router, token, source)
+        finally:
+            self._calling_back -= 1
+            self._handshakes -= 1
+
+    async def _call_back_inner(self, router: str, token: bytes, source: str) -> None:
         try:
             rrec = await self._lookup(router)
             sock, where = await self._connect(rrec)
@@ -1355,7 +1390,7 @@ class Network:
             log.warning("cannot call %s back for a relayed connection from %s: %s", router, source, e)
             conn.close()
             return
-        await self._handle_incoming(conn, allow_relay=False)
+        await self._handle_incoming_inner(conn, allow_relay=False)
 
     # ---- routers: the router's side ----------------------------------------------------------------
     def _routing_refusal(self, name: str) -> Optional[str]:
@@ -1367,12 +1402,17 @@ class Network:
             return f"{self.our_name} already routes for its limit of {self.router_max_nodes} nodes"
         return None
 
-    def _relay_refusal(self, target: str) -> Optional[str]:
+    def _relay_refusal(self, target: str, source: str) -> Optional[str]:
+        """Why we will not relay a dialler at address `source` to `target`, or None if we will."""
         if not self.is_router:
             return f"{self.our_name} is not a router"
         conn = self._served.get(target)
         if conn is None or conn.closed:
             return f"{target} is not connected to {self.our_name} as to its router"
+        if self._waiting_from[source] >= MAX_PENDING_RELAYS_PER_SOURCE:
+            return f"{source} already has {MAX_PENDING_RELAYS_PER_SOURCE} relay requests waiting"
+        if self._relays_from[source] >= MAX_RELAYS_PER_SOURCE:
+            return f"{self.our_name} relays its limit of {MAX_RELAYS_PER_SOURCE} sessions for {source}"
         if self._relays + len(self._pending_relays) >= MAX_RELAYS:
             return f"{self.our_name} relays its limit of {MAX_RELAYS} sessions"
         return None
@@ -1398,30 +1438,42 @@ class Network:
             conn.close()
             return
         source = source[:255]
-        reason = self._relay_refusal(target)
+        reason = self._relay_refusal(target, conn.source)
+        if reason is not None:
+            await self._refuse_relay(conn, source, target, reason)
+            return
+        self._relays_from[conn.source] += 1
+        try:
+            await self._relay(conn, source, target)
+        finally:
+            self._relays_from[conn.source] -= 1
+            if self._relays_from[conn.source] <= 0:
+                del self._relays_from[conn.source]
+
+    async def _relay(self, conn: _Conn, source: str, target: str) -> None:
+        """Have `target` call us back, then relay `conn` to it until either side ends."""
         other: Optional[_Conn] = None
-        if reason is None:
-            token = secrets.token_bytes(16)
-            fut = self._loop.create_future()
-            self._pending_relays[token] = fut
-            try:
-                served = self._served[target]
-                async with served.wlock:
-                    await served.send_payloads([msgpack.packb({"ctl": "relay", "token": token, "from": source})])
-                other = await asyncio.wait_for(fut, RELAY_TIMEOUT)
-            except asyncio.TimeoutError:
-                reason = f"{target} did not call back within {RELAY_TIMEOUT:.0f} s"
-            except (OSError, _Closed) as e:
-                reason = f"{target}'s connection failed: {e}"
-            finally:
-                self._pending_relays.pop(token, None)
+        reason = ""
+        token = secrets.token_bytes(16)
+        fut = self._loop.create_future()
+        self._pending_relays[token] = fut
+        self._waiting_from[conn.source] += 1
+        try:
+            served = self._served[target]
+            async with served.wlock:
+                await served.send_payloads([msgpack.packb({"ctl": "relay", "token": token, "from": source})])
+            other = await asyncio.wait_for(fut, RELAY_TIMEOUT)
+        except asyncio.TimeoutError:
+            reason = f"{target} did not call back within {RELAY_TIMEOUT:.0f} s"
+        except (OSError, _Closed) as e:
+            reason = f"{target}'s connection failed: {e}"
+        finally:
+            self._pending_relays.pop(token, None)
+            self._waiting_from[conn.source] -= 1
+            if self._waiting_from[conn.source] <= 0:
+                del self._waiting_from[conn.source]
         if other is None:
-            log.warning("not relaying %s (%s) to %s: %s", source, conn.where, target, reason)
-            try:
-                await conn.write_frame(RELAY_MAGIC + msgpack.packb({"ok": False, "reason": reason}))
-            except (OSError, _Closed):
-                pass
-            conn.close()
+            await self._refuse_relay(conn, source, target, reason)
             return
         try:
             await conn.write_frame(RELAY_MAGIC + msgpack.packb({"ok": True}))
@@ -1431,6 +1483,15 @@ class Network:
             return
         log.info("relaying %s (%s) to %s", source, conn.where, target)
         await self._splice(conn, other, f"{source} -> {target}")
+
+    async def _refuse_relay(self, conn: _Conn, source: str, target: str, reason: str) -> None:
+        """Tell the dialler why we do not relay it, and close its connection."""
+        log.warning("not relaying %s (%s) to %s: %s", source, conn.where, target, reason)
+        try:
+            await conn.write_frame(RELAY_MAGIC + msgpack.packb({"ok": False, "reason": reason}))
+        except (OSError, _Closed):
+            pass
+        conn.close()
 
     async def _splice(self, a: _Conn, b: _Conn, what: str) -> None:
         """Copy bytes both ways until either side ends; then close both. What passes is the two
@@ -1540,6 +1601,17 @@ def _parse_hello(payload: bytes) -> tuple:
     if not isinstance(instance, bytes) or len(instance) != INSTANCE_LEN:
         raise _ProtocolError("bad instance in handshake payload")
     return name, instance, hello.get("route") is True
+
+
+def _source_key(host: str) -> str:
+    """What relay limits count a dialler by: its IPv4 address, or its IPv6 /64 (one host's usual share)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return host
 
 
 def _parse_relay_frame(frame: bytes) -> Optional[dict]:

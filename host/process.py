@@ -26,6 +26,8 @@ current = threading.local()  # .proc: the WasmProcess whose thread this is
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")
 STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
 MAX_GIVEN_CAPS = 1024  # caps received on messages, remembered so the process may save them
+STDERR_LINES_KEPT = 40        # the last lines of a guest's stderr, read for a crash reason
+STDERR_LINE_KEPT = 4096       # characters kept of each such line (a guest may write one without end)
 
 
 class _AtCapacity(Exception):
@@ -115,10 +117,16 @@ class WasmProcess:
         ended = pieces[-1] == ""   # the last piece is the start of a line still open, or nothing
         if ended:
             pieces.pop()
+        # each line keeps its head (where an exception's type is) so a guest writing without a
+        # newline cannot grow the node's memory
         if self._stderr_line_open and self.stderr_tail and pieces:
-            self.stderr_tail[-1] += pieces.pop(0)
+            last = self.stderr_tail[-1]
+            first = pieces.pop(0)
+            if len(last) < STDERR_LINE_KEPT:
+                self.stderr_tail[-1] = last + first[:STDERR_LINE_KEPT - len(last)]
         self._stderr_line_open = not ended
-        self.stderr_tail = (self.stderr_tail + pieces)[-40:]
+        kept = [piece[:STDERR_LINE_KEPT] for piece in pieces[-STDERR_LINES_KEPT:]]
+        self.stderr_tail = (self.stderr_tail + kept)[-STDERR_LINES_KEPT:]
 
     def _run(self) -> None:
         current.proc = self

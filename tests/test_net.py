@@ -758,3 +758,120 @@ def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_
     a.send(request("a.os", "b.os", body=b"through"))
     assert b.recv().message.body == b"through"
     assert "evil.os" in b.net.connected_peers()
+
+
+def open_relay(port, target, source_ip):
+    """A socket from `source_ip` that asked the router at `port` to relay it to `target`, then
+    stalls (never starts its handshake)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.bind((source_ip, 0))
+    s.connect(("127.0.0.1", port))
+    data = netmod.RELAY_MAGIC + msgpack.packb({"relay": target, "from": "flood.os"})
+    s.sendall(len(data).to_bytes(2, "big") + data)
+    return s
+
+
+def relay_reply(s):
+    """The router's answer on a socket from open_relay, or None if it closed without one."""
+    try:
+        head = s.recv(2)
+        if len(head) < 2:
+            return None
+        body = b""
+        while len(body) < int.from_bytes(head, "big"):
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+        return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+    except ConnectionResetError:
+        return None
+
+
+def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nodes, monkeypatch):
+    """Relay requests prove nothing about who asks: one address gets at most
+    MAX_RELAYS_PER_SOURCE sessions and MAX_PENDING_RELAYS_PER_SOURCE waiting requests."""
+    r = nodes("r.os", is_router=True)
+    b = nodes("b.os", routers=["r.os"], handshake_timeout=60)  # each stalled relay stays open
+    wait_served(r, "b.os")
+    per_source, waiting = netmod.MAX_RELAYS_PER_SOURCE, netmod.MAX_PENDING_RELAYS_PER_SOURCE
+    flood: list = []
+    try:
+        # 127.0.0.2 asks in rounds, each waiting for its answers: it gets its share, then is refused
+        replies = []
+        for _ in range(3 * per_source // waiting):
+            batch = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(waiting)]
+            flood += batch
+            replies += [relay_reply(s) for s in batch]
+        assert replies[:per_source] == [{"ok": True}] * per_source, replies
+        assert replies[per_source:] == [{"ok": False, "reason": f"r.os relays its limit of {per_source} "
+                                         f"sessions for 127.0.0.2"}] * (2 * per_source), replies
+        assert r.net._relays == per_source
+        # control: another address (a node at 127.0.0.1) is still relayed to b
+        a = nodes("a.os")
+        errors = a.send(request("a.os", "b.os", body=b"through the flood"))
+        assert b.recv().message.body == b"through the flood"
+        assert "r.os relaying" in a.net._peers["b.os"].conn.where
+        assert_quiet(errors, 0)
+        # waiting requests: b now calls nobody back, so a burst from 127.0.0.3 waits; past the
+        # share, it is refused at once
+        monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 0)
+        monkeypatch.setattr(netmod, "RELAY_TIMEOUT", 4.0)
+        burst = [open_relay(r.net.port, "b.os", "127.0.0.3") for _ in range(waiting + 4)]
+        flood += burst
+        answers = [relay_reply(s) for s in burst]
+        assert answers.count({"ok": False, "reason": f"127.0.0.3 already has {waiting} relay requests waiting"}) == 4
+        assert answers.count({"ok": False, "reason": "b.os did not call back within 4 s"}) == waiting, answers
+    finally:
+        for s in flood:
+            s.close()
+
+
+def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(nodes, monkeypatch, caplog):
+    """Each relay request makes the indirect node dial its router and start a handshake for an
+    unknown dialler: at most MAX_CALL_BACKS at once, and none past MAX_HANDSHAKES."""
+    monkeypatch.setattr(netmod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
+    monkeypatch.setattr(netmod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
+    monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 3)
+    monkeypatch.setattr(netmod, "RELAY_TIMEOUT", 2.0)
+    r = nodes("r.os", is_router=True)
+    b = nodes("b.os", routers=["r.os"], handshake_timeout=60)
+    wait_served(r, "b.os")
+    flood = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(8)]
+    with caplog.at_level(logging.WARNING, logger="host.net"):
+        replies = [relay_reply(s) for s in flood]
+    assert replies.count({"ok": True}) == 3, replies
+    assert replies.count({"ok": False, "reason": "b.os did not call back within 2 s"}) == 5, replies
+    assert b.net._calling_back == 3
+    assert "3 call-backs already under way" in caplog.text
+    for s in flood:
+        s.close()
+    deadline = time.monotonic() + 10                 # the relays end, and b's call-backs with them
+    while b.net._calling_back or b.net._handshakes:
+        assert time.monotonic() < deadline, (b.net._calling_back, b.net._handshakes)
+        time.sleep(0.02)
+    a = nodes("a.os")                                 # control: a relayed session goes through
+    a.send(request("a.os", "b.os", body=b"one"))
+    assert b.recv().message.body == b"one"
+    # call-backs count as unauthenticated connections: with b's full, b calls nobody back
+    monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 100)
+    monkeypatch.setattr(netmod, "MAX_HANDSHAKES", 2)
+    stalled = [socket.create_connection(("127.0.0.1", b.net.port), timeout=10) for _ in range(2)]
+    try:
+        while b.net._handshakes < 2:
+            assert time.monotonic() < deadline + 10, b.net._handshakes
+            time.sleep(0.02)
+        c = nodes("c.os")
+        with caplog.at_level(logging.WARNING, logger="host.net"):
+            why = c.send(request("c.os", "b.os", body=b"refused")).get(timeout=15)
+        assert "b.os did not call back within 2 s" in why, why
+        assert any(m.getMessage().startswith("not calling r.os back") and
+                   m.getMessage().endswith("too many unauthenticated connections") for m in caplog.records)
+    finally:
+        for s in stalled:
+            s.close()
+    errors = c.send(request("c.os", "b.os", body=b"two"))  # control: once they close, it goes through
+    assert b.recv().message.body == b"two"
+    assert_quiet(errors, 0)
+    assert_quiet(b.inbox, 0)

@@ -222,6 +222,15 @@ def test_our_caps_come_back_from_a_peer_only_if_we_gave_them_out(tmp_path):
     km = KernelMessage(1, peer, listener.address, None, Request(body=b"back", capabilities=[ours, never_sent, theirs]))
     kernel.from_network(km)
     assert listener.delivered[-1].message.capabilities == [ours, theirs.normalised()]
+    # a third node hands back the same cap of ours, which we gave to fake2, not to it: pruned
+    # (upstream: only fake2 holds our signature on it); its own cap still passes
+    other = Address("fake3.dev", ProcessId("p", "q", "r"))
+    mine3 = Capability.make(Address("fake3.dev", ProcessId("x", "y", "z")), "messaging")
+    kernel.from_network(KernelMessage(4, other, listener.address, None, Request(body=b"steal", capabilities=[ours, mine3])))
+    assert listener.delivered[-1].message.capabilities == [mine3.normalised()]
+    kernel.send_request(sender, other, Request(body=b"take", capabilities=[ours]), None, None)
+    kernel.from_network(KernelMessage(5, other, listener.address, None, Request(body=b"back", capabilities=[ours])))
+    assert listener.delivered[-1].message.capabilities == [ours]
     # the refusal's control: a process without the network cap hears nothing from fake2
     deaf = _Stub("fake.dev", "hidden", {messaging_cap(Address("fake.dev", ProcessId("hidden", "capprobe", "test.os")))})
     kernel.register(deaf)

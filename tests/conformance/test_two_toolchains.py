@@ -273,3 +273,26 @@ def test_a_crash_reason_from_either_toolchains_stderr():
     # nothing recognisable: the trap itself
     assert reason(b"some output\n", b"no newline at the end") == "trapped: wasm trap: wasm `unreachable` instruction executed"
 
+
+
+def test_a_guest_writing_stderr_without_end_keeps_a_bounded_tail():
+    """A guest looping on stderr writes without a newline, or with many, keeps at most
+    STDERR_LINES_KEPT lines of STDERR_LINE_KEPT characters; the crash reason still reads right."""
+    from types import SimpleNamespace
+
+    from host.process import STDERR_LINE_KEPT, STDERR_LINES_KEPT, WasmProcess
+    trap = Exception("error while executing at wasm backtrace:\n  0: x\n\nCaused by:\n    wasm trap: unreachable")
+    p = WasmProcess.__new__(WasmProcess)
+    p.id, p.killed, p.stderr_tail, p._stderr_line_open = "g:p:t.os", False, [], False
+    p.kernel = SimpleNamespace(compute_limit=30.0, runtime=SimpleNamespace(max_instances=10))
+    for _ in range(400):                       # one line of 25600 characters, written in pieces
+        p._on_stderr(b"x" * 64)
+    assert len(p.stderr_tail) == 1 and p.stderr_tail[0] == "x" * STDERR_LINE_KEPT
+    p._on_stderr(b"\n" + b"line\n" * 5000)  # many lines in one write
+    assert len(p.stderr_tail) == STDERR_LINES_KEPT and p.stderr_tail[-1] == "line"
+    # control: the reason still reads right after the flood, also from an over-long message
+    p._on_stderr(b"RuntimeError")
+    p._on_stderr(b": ")
+    p._on_stderr(b"y" * 10000 + b"\n")
+    assert p._describe_failure(trap) == "crashed: RuntimeError: " + "y" * (STDERR_LINE_KEPT - len("RuntimeError: "))
+    assert sum(len(line) for line in p.stderr_tail) <= STDERR_LINES_KEPT * STDERR_LINE_KEPT
