@@ -1,6 +1,7 @@
 """Fixtures that run real nodes: separate processes, temporary homes, their own directory DB."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -177,6 +178,30 @@ class frozen:
     def __exit__(self, *exc) -> None:
         if self.node.alive():
             os.kill(self.node.proc.pid, signal.SIGCONT)
+
+
+
+def sha256(path: Path) -> str:
+    """A file's SHA-256, read in 4 MiB blocks (files in these tests reach several GiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_random(path: Path, size: int) -> str:
+    """Write `size` random bytes (a multiple of 4 MiB, or any size below it); their SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 1 << 22))
+            f.write(block)
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 0.1):

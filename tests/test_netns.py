@@ -2,7 +2,6 @@
 bridge, a node in each with only a peers file (see tests/netns.py). Needs root; skipped otherwise."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,30 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import no_workers
+from conftest import no_workers, sha256, write_random
 from netns import HTTP_PORT, Netns, netns  # noqa: F401  (the fixture)
 
 LIST = "list_files:file_transfer:template.os"
 DOWNLOAD = "download:file_transfer:template.os"
 
 
-def write_random(path: Path, size: int) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(size >> 22):
-            block = os.urandom(1 << 22)
-            f.write(block)
-            h.update(block)
-    return h.hexdigest()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def settled_counts(node, within: float = 10.0) -> tuple[int, int]:

@@ -1,7 +1,6 @@
 """Two real nodes on this machine: the seed's Example Usage and what can go wrong around it."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -9,11 +8,9 @@ import time
 
 import pytest
 
-from conftest import no_workers, stop_mid_transfer
+from conftest import no_workers, stop_mid_transfer, sha256
 
 
-def sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_seed_example_usage(two_nodes):
