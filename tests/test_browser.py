@@ -299,3 +299,10 @@ def test_folders_on_the_page_in_chromium(two_nodes, browser, tmp_path):
         browser.execute_script(RENDER_STATE)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         browser.save_screenshot(str(SCREENSHOT))
+    # inside folders on a phone's width nothing is cut off sideways
+    browser.execute_script("listPeer('fake2.dev', 'album/2024')")
+    wait.until(lambda d: sorted(rows(d, "peer-files")) == ["big.bin", "empty/", "notes.md"])
+    browser.set_window_size(390, 844)
+    time.sleep(0.3)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.save_screenshot(str(tmp_path / "04-phone.png"))

@@ -22,9 +22,9 @@ PUSH_EVERY = 0.25  # seconds between state pushes while downloads report progres
 JSON = {"Content-Type": "application/json"}
 
 
-def start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files):
+def start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing):
     """Bind the page; None if this node has no web server (the package works without it)."""
-    page = Page(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files)
+    page = Page(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing)
     try:
         http.serve_ui(our)
         http.bind_http_path("/files", upload_to="files")
@@ -41,7 +41,7 @@ def start(our, files_dir, transfers, access, request_download, start_worker, can
 
 
 class Page:
-    def __init__(self, our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files):
+    def __init__(self, our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing):
         self.our = our
         self.files_dir = files_dir
         self.transfers = transfers
@@ -49,7 +49,7 @@ class Page:
         self.request_download = request_download
         self.start_worker = start_worker
         self.cancel = cancel
-        self.ls_files = ls_files
+        self.ls_listing = ls_listing
         self.channels: set = set()
         self.last_state = ""
         self.last_push = 0.0
@@ -84,7 +84,7 @@ class Page:
             if node and node != self.our.node:
                 return self.peer_files(node, folder)
             try:
-                return http.send_json(200, {"ListFiles": self.ls_files(self.files_dir, folder)})
+                return http.send_json(200, {"ListFiles": self.ls_listing(self.files_dir, folder)})
             except vfs.VfsError:
                 return http.send_json(404, {"error": f"no such folder on {self.our.node}: {folder}"})
         if path == "/files" and method == "POST":
