@@ -105,8 +105,8 @@ class Page:
             except vfs.VfsError:
                 kind = None
             if kind != "File":
-                what = "a folder: open it, or download it from another node" if kind == "Directory" else "not found"
-                return http.send_json(404 if kind is None else 400, {"error": f"{full} is {what}"})
+                problem = f"{full} is a folder: open it on the page" if kind == "Directory" else f"no such file: {full}"
+                return http.send_json(404 if kind is None else 400, {"error": problem})
             return http.send_file(f"{self.files_dir.path}/{full}",
                                   {"Content-Disposition": "attachment"})
         if path == "/download" and method == "POST":
@@ -159,7 +159,8 @@ class Page:
         if err.startswith("not allowed"):
             return http.send_json(403, {"error": err})
         if folder is not None:  # the peer could not list it: it has no such folder
-            return http.send_json(404, {"error": f"{node} has no folder {folder} ({err})"})
+            why = "" if "no such file" in err or "not a directory" in err.lower() else f" ({err})"
+            return http.send_json(404, {"error": f"{node} has no folder {folder}{why}"})
         return http.send_json(502, {"error": f"{node}: {err}"})
 
     def state(self) -> dict:
