@@ -213,8 +213,9 @@ return [Array.from(document.querySelectorAll("#transfers li")).map(li => li.text
 
 
 def test_folders_on_the_page_in_chromium(two_nodes, browser, tmp_path):
-    """A nested folder on the provider: listed as a folder, opened (and back up by the path above
-    the table), downloaded with one click, its progress in files, and the tree arrives byte-identical."""
+    """A folder uploaded from the browser; a nested folder on the provider: listed as a folder, opened
+    (and back up by the path above the table), downloaded with one click, its progress in files, and
+    the tree arrives byte-identical."""
     fake, fake2 = two_nodes
     album = fake2.files / "album"
     (album / "2024" / "empty").mkdir(parents=True)
@@ -227,6 +228,17 @@ def test_folders_on_the_page_in_chromium(two_nodes, browser, tmp_path):
     browser.get(link)
     browser.get(f"http://localhost:{fake.port}/file_transfer:file_transfer:template.os/")
     wait.until(EC.text_to_be_present_in_element((By.ID, "live"), "live"))
+
+    # a folder uploaded with the folder picker arrives as a folder
+    holiday = tmp_path / "holiday"
+    (holiday / "day1").mkdir(parents=True)
+    (holiday / "day1" / "beach.txt").write_text("sand\n")
+    (holiday / "plan.txt").write_text("go\n")
+    browser.find_element(By.ID, "upload-folder").send_keys(str(holiday))
+    wait.until(EC.text_to_be_present_in_element((By.ID, "upload-msg"), "Uploaded holiday/"))
+    wait.until(lambda d: "holiday/" in rows(d, "my-files"))
+    assert "2 files" in browser.find_element(By.CSS_SELECTOR, '#my-files tr[data-name="holiday/"]').text
+    assert tree_of(fake.files / "holiday") == tree_of(holiday)
 
     browser.find_element(By.ID, "peer-node").send_keys("fake2.dev")
     browser.find_element(By.ID, "peer-list").click()

@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import socket
 import time
 import urllib.parse
@@ -426,6 +427,27 @@ def test_file_transfer_api_folders(two_nodes):
     assert status == 404 and "no folder docs/a.txt" in out["error"], out
     status, out = get_json(fake2, f"{FT}/files?folder=nope", t2)
     assert status == 404 and "no such folder on fake2.dev: nope" in out["error"], out
+    # a folder upload (files named by their path inside it): made as sent; hostile parts, a file or a
+    # symlink where a folder should be, are refused and nothing lands outside the drive
+    outside = fake2.home / "outside"
+    outside.mkdir()
+    (fake2.files / "link").symlink_to(outside)
+    body, ctype = multipart([("trip/day1/a.txt", b"day one\n"), ("trip/b.txt", b"bee\n"), ("trip/../../x", b"evil"),
+                             ("trip/.git/config", b"no"), ("docs/a.txt/c.txt", b"no"), ("link/evil.txt", b"no")])
+    status, _, out = request(fake2, "POST", f"{FT}/files", t2, body, {"Content-Type": ctype})
+    summary = json.loads(out)
+    assert status == 200 and [f["name"] for f in summary["files"]] == ["trip/day1/a.txt", "trip/b.txt"], summary
+    refused = {r["name"]: r["reason"] for r in summary["refused"]}
+    assert sorted(refused) == ["docs/a.txt/c.txt", "link/evil.txt", "trip/../../x", "trip/.git/config"]
+    assert "docs/a.txt is not a folder" in refused["docs/a.txt/c.txt"] and "link is not a folder" in refused["link/evil.txt"]
+    assert (fake2.files / "trip" / "day1" / "a.txt").read_bytes() == b"day one\n"
+    assert sorted(p.name for p in (fake2.files / "trip").iterdir()) == ["b.txt", "day1"]
+    assert list(outside.iterdir()) == [] and not (fake2.home / "x").exists() and (docs / "a.txt").read_bytes() == b"a" * 10
+    assert [p.name for p in (fake2.files / ".partial").iterdir()] == []
+    status, listing = get_json(fake2, f"{FT}/files", t2)
+    assert {"name": "trip/", "size": 12, "files": 2} in listing["ListFiles"], listing
+    (fake2.files / "link").unlink()
+    shutil.rmtree(fake2.files / "trip")
     # a file inside a folder, from the node's own drive; the folder itself and escapes are refused
     status, _, got = request(fake2, "GET", f"{FT}/files/docs?path=deep/b.bin", t2)
     assert status == 200 and got == data

@@ -105,7 +105,8 @@ async function loadMine(folder = myFolder) {
 function upload(files) {
   if (!files.length) return;
   const form = new FormData();
-  for (const f of files) form.append("files", f, f.name);
+  // a folder picked with the folder input: each file named by its path inside it (checked by the node)
+  for (const f of files) form.append("files", f, f.webkitRelativePath || f.name);
   const xhr = new XMLHttpRequest();
   const bar = $("#upload-progress"), text = $("#upload-text"), msg = $("#upload-msg");
   $("#upload").hidden = false;
@@ -122,8 +123,10 @@ function upload(files) {
     try { data = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
     if (xhr.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); return; }
     const parts = [];
-    if (data.files && data.files.length) parts.push(`Uploaded ${data.files.map((f) => f.name).join(", ")}.`);
-    if (data.refused && data.refused.length) parts.push(`Refused: ${data.refused.map((f) => f.reason).join("; ")}.`);
+    // a folder may hold many files: name the first few
+    const few = (items, sep) => items.slice(0, 5).join(sep) + (items.length > 5 ? ` and ${items.length - 5} more` : "");
+    if (data.files && data.files.length) parts.push(`Uploaded ${few(data.files.map((f) => f.name), ", ")}.`);
+    if (data.refused && data.refused.length) parts.push(`Refused: ${few(data.refused.map((f) => f.reason), "; ")}.`);
     if (!parts.length) parts.push(data.error || `Upload failed (${xhr.status}).`);
     msg.textContent = parts.join(" ");
     msg.className = "msg " + (xhr.status === 200 && !(data.refused && data.refused.length) ? "ok" : "err");
@@ -246,6 +249,7 @@ async function saveAllow(text) {
 
 // ---- wiring ------------------------------------------------------------------------------------
 $("#upload-input").addEventListener("change", (e) => { upload(e.target.files); e.target.value = ""; });
+$("#upload-folder").addEventListener("change", (e) => { upload(e.target.files); e.target.value = ""; });
 const drop = $("#drop");
 for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
 for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
