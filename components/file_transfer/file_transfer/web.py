@@ -89,8 +89,13 @@ class Page:
                 return http.send_json(404, {"error": f"no such folder on {self.our.node}: {folder}"})
         if path == "/files" and method == "POST":
             summary = json.loads(body)["Uploaded"]
-            for f in summary["files"]:
-                print_to_terminal(0, f"uploaded {f['name']} ({f['size']} bytes) from the web page")
+            files = summary["files"]
+            if len(files) > 5:  # a folder upload: one line, not one per file
+                print_to_terminal(0, f"uploaded {len(files)} files ({sum(f['size'] for f in files)} bytes, "
+                                     f"{files[0]['name']} first) from the web page")
+            else:
+                for f in files:
+                    print_to_terminal(0, f"uploaded {f['name']} ({f['size']} bytes) from the web page")
             self.push_state(force=True)
             return http.send_json(200 if summary["files"] or not summary["refused"] else 400, summary)
         if path == "/files/:name" and method == "GET":
