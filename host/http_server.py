@@ -11,7 +11,8 @@ Large bodies never pass whole through memory or a process (a blob crosses into W
 - uploads: a Bind may name `"upload_to": DRIVE`, a drive of the binder's own package. A multipart
   POST to that path is then streamed by this service, part by part, into `DRIVE/.partial/*.part`
   and renamed to `DRIVE/NAME` when the part is complete (a hostile name is refused and its bytes
-  skipped). The process then gets the request with the blob
+  skipped). NAME may be a relative path, `folder/sub/file` (a browser's folder upload), each part
+  checked as a file name; missing folders are made, symlinks never followed. The process then gets the request with the blob
   `{"Uploaded": {"files": [{name, size}], "refused": [{name, reason}]}}` and answers as usual.
 - downloads: a response may carry `"file": "/package:publisher/drive/path"` (a file of the
   binder's own package) instead of a blob; the service streams it from disk.
@@ -34,6 +35,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import unicodedata
 from dataclasses import dataclass
@@ -83,6 +85,43 @@ def check_file_name(name: Any) -> str:
     if any(ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
         return f"file name {name!r} holds a path separator or control character"
     return ""
+
+
+MAX_UPLOAD_DEPTH = 32  # folders in an uploaded file's relative path (a browser's folder upload)
+
+
+def check_upload_path(name: Any) -> str:
+    """check_file_name for every part of an uploaded file's relative path (`trip/day1/a.jpg`, as a
+    browser's folder upload names its files), or ''."""
+    if not isinstance(name, str) or not name:
+        return "file name is empty"
+    parts = name.split("/")
+    if len(parts) > MAX_UPLOAD_DEPTH:
+        return f"{name[:200]!r} is deeper than {MAX_UPLOAD_DEPTH} folders"
+    for part in parts:
+        problem = check_file_name(part)
+        if problem:
+            return problem
+    return ""
+
+
+def _open_folders(drive: Path, folders: list[str]) -> int:
+    """A descriptor of DRIVE/folders..., each made if missing, none followed if it is a symlink
+    (O_NOFOLLOW), so an upload cannot leave the drive."""
+    fd = os.open(drive, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            try:
+                os.mkdir(folder, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _traversal(raw_path: str) -> bool:
@@ -433,7 +472,7 @@ class HttpServerService(Service):
                 await part.release()
                 continue
             name = part.filename
-            problem = check_file_name(name)
+            problem = check_upload_path(name)
             if problem:
                 refused.append({"name": name, "reason": problem})
                 await part.release()
@@ -450,10 +489,23 @@ class HttpServerService(Service):
                     await loop.run_in_executor(None, _write_all, fd, chunk)
                 os.close(fd)
                 fd = -1
-                dest = drive / name
-                if dest.is_symlink() or dest.is_dir():
-                    raise ValueError(f"{name} exists and is not a plain file")
-                os.replace(tmp, dest)
+                *folders, leaf = name.split("/")
+                try:
+                    dir_fd = _open_folders(drive, folders)
+                except OSError as e:  # a file or a symlink where a folder should be
+                    tmp.unlink(missing_ok=True)
+                    refused.append({"name": name, "reason": f"{'/'.join(folders)} is not a folder ({e.strerror})"})
+                    continue
+                try:
+                    try:
+                        mode = os.lstat(leaf, dir_fd=dir_fd).st_mode
+                    except FileNotFoundError:
+                        mode = stat.S_IFREG  # a new file
+                    if not stat.S_ISREG(mode):
+                        raise ValueError(f"{name} exists and is not a plain file")
+                    os.replace(tmp, leaf, dst_dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
             except BaseException:
                 if fd >= 0:
                     os.close(fd)

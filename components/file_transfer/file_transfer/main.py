@@ -233,7 +233,7 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     key = (meta.get("peer"), name)
     if meta.get("done") or meta.get("error"):
         transfers.finish(key, str(meta.get("error") or ""), bytes=meta.get("total") or meta.get("bytes", 0),
-                         secs=meta.get("secs", 0))
+                         secs=meta.get("secs", 0), **({"files": meta.get("of")} if meta.get("folder") else {}))
         verbosity = 0
     else:
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
@@ -356,7 +356,7 @@ def main(our: Address) -> None:
     files_dir = vfs.open_dir(drive)
     transfers = Transfers()
     access = Access()
-    page = web.start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files)
+    page = web.start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing)
     while True:
         try:
             msg = await_message()

@@ -1,8 +1,10 @@
 """file_transfer's web page and JSON API, under /file_transfer:file_transfer:template.os/.
 
-    GET files [?node=NODE]     {"ListFiles": [...]}: ours, or NODE's (asked over the network)
+    GET files [?node=NODE] [&folder=PATH]
+                               {"ListFiles": [...]}: ours, or NODE's (asked over the network); a folder
+                               is a row {"name": "NAME/", "size", "files"}; with PATH, what is inside it
     POST files                 multipart, field `files`: streamed into the files drive by http_server
-    GET files/NAME             one of our files, streamed from disk
+    GET files/NAME [?path=P]   one of our files (with P, the file P inside the folder NAME), from disk
     POST download              {"name", "node"}: start (or queue) a download
     GET transfers              {"Transfers": [...], "history": [...]}
     DELETE transfers/NAME      [?node=NODE]: cancel a download or drop it from the queue
@@ -13,15 +15,16 @@ import json
 import time
 
 from ft_common import check_name
-from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling
+from ft_folder import check_path
+from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
 
 PUSH_EVERY = 0.25  # seconds between state pushes while downloads report progress
 JSON = {"Content-Type": "application/json"}
 
 
-def start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files):
+def start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing):
     """Bind the page; None if this node has no web server (the package works without it)."""
-    page = Page(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files)
+    page = Page(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing)
     try:
         http.serve_ui(our)
         http.bind_http_path("/files", upload_to="files")
@@ -38,7 +41,7 @@ def start(our, files_dir, transfers, access, request_download, start_worker, can
 
 
 class Page:
-    def __init__(self, our, files_dir, transfers, access, request_download, start_worker, cancel, ls_files):
+    def __init__(self, our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing):
         self.our = our
         self.files_dir = files_dir
         self.transfers = transfers
@@ -46,7 +49,7 @@ class Page:
         self.request_download = request_download
         self.start_worker = start_worker
         self.cancel = cancel
-        self.ls_files = ls_files
+        self.ls_listing = ls_listing
         self.channels: set = set()
         self.last_state = ""
         self.last_push = 0.0
@@ -72,21 +75,44 @@ class Page:
     def route(self, req, body: bytes) -> None:
         path, method = req.path(self.our.process), req.method
         if path == "/files" and method == "GET":
-            node = req.query_params.get("node")
-            if not node or node == self.our.node:
-                return http.send_json(200, {"ListFiles": self.ls_files(self.files_dir)})
-            return self.peer_files(node)
+            node, folder = req.query_params.get("node"), req.query_params.get("folder") or None
+            if folder is not None:
+                folder = folder.strip("/")
+                problem = check_path(folder)
+                if problem:
+                    return http.send_json(400, {"error": f"bad folder name: {problem}"})
+            if node and node != self.our.node:
+                return self.peer_files(node, folder)
+            try:
+                return http.send_json(200, {"ListFiles": self.ls_listing(self.files_dir, folder)})
+            except vfs.VfsError:
+                return http.send_json(404, {"error": f"no such folder on {self.our.node}: {folder}"})
         if path == "/files" and method == "POST":
             summary = json.loads(body)["Uploaded"]
-            for f in summary["files"]:
-                print_to_terminal(0, f"uploaded {f['name']} ({f['size']} bytes) from the web page")
+            files = summary["files"]
+            if len(files) > 5:  # a folder upload: one line, not one per file
+                print_to_terminal(0, f"uploaded {len(files)} files ({sum(f['size'] for f in files)} bytes, "
+                                     f"{files[0]['name']} first) from the web page")
+            else:
+                for f in files:
+                    print_to_terminal(0, f"uploaded {f['name']} ({f['size']} bytes) from the web page")
             self.push_state(force=True)
             return http.send_json(200 if summary["files"] or not summary["refused"] else 400, summary)
         if path == "/files/:name" and method == "GET":
             name = req.url_params.get("name", "")
-            if check_name(name):
-                return http.send_json(400, {"error": check_name(name)})
-            return http.send_file(f"{self.files_dir.path}/{name}",
+            inner = req.query_params.get("path")  # a file inside the folder `name`
+            full = name if inner is None else f"{name}/{inner}"
+            problem = check_name(name) or (check_path(full) if inner is not None else "")
+            if problem:
+                return http.send_json(400, {"error": problem})
+            try:
+                kind = vfs.metadata(f"{self.files_dir.path}/{full}").file_type
+            except vfs.VfsError:
+                kind = None
+            if kind != "File":
+                problem = f"{full} is a folder: open it on the page" if kind == "Directory" else f"no such file: {full}"
+                return http.send_json(404 if kind is None else 400, {"error": problem})
+            return http.send_file(f"{self.files_dir.path}/{full}",
                                   {"Content-Disposition": "attachment"})
         if path == "/download" and method == "POST":
             args = json.loads(body)
@@ -118,17 +144,29 @@ class Page:
             return http.send_json(200, {"allow": nodes})
         http.send_json(405, {"error": f"{method} {path} is not part of this API"})
 
-    def peer_files(self, node: str) -> None:
+    def peer_files(self, node: str, folder) -> None:
         target = sibling(self.our, "file_transfer", node)
+        # "ft": our peers answer with folders (a plain peer ignores the metadata and lists its files)
+        meta = {"ft": 1} if folder is None else {"ft": 1, "folder": folder}
         try:
-            answer = Request.to(target).body("ListFiles").send_and_await_response(5).json()
+            answer = Request.to(target).body("ListFiles").metadata(meta).send_and_await_response(5).json()
         except SendError as e:
             return http.send_json(502, {"error": f"{node} did not answer ({e.kind}): is it online?"})
         except ValueError:
             return http.send_json(502, {"error": f"{node} sent a malformed answer"})
-        if isinstance(answer, dict) and "ListFiles" in answer:
+        if isinstance(answer, dict) and isinstance(answer.get("ListFiles"), list):
+            # a plain peer ignores `folder` and lists its drive (with full paths): not what was asked
+            if folder is not None and any("/" in str(f.get("name", "")).rstrip("/") for f in answer["ListFiles"]
+                                          if isinstance(f, dict)):
+                return http.send_json(400, {"error": f"{node} does not list folders"})
             return http.send_json(200, answer)
-        return http.send_json(403, {"error": str(answer.get("Err") if isinstance(answer, dict) else answer)})
+        err = str(answer.get("Err") if isinstance(answer, dict) else answer)[:500]
+        if err.startswith("not allowed"):
+            return http.send_json(403, {"error": err})
+        if folder is not None:  # the peer could not list it: it has no such folder
+            why = "" if "no such file" in err or "not a directory" in err.lower() else f" ({err})"
+            return http.send_json(404, {"error": f"{node} has no folder {folder}{why}"})
+        return http.send_json(502, {"error": f"{node}: {err}"})
 
     def state(self) -> dict:
         return {"Transfers": self.transfers.table(), "history": self.transfers.history[::-1],
