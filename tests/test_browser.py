@@ -4,7 +4,6 @@ cancel another, and see the error for an offline node; folders listed, opened an
 Screenshots go to the test's tmp dir (UPDATE_SCREENSHOT=1 also refreshes the README's picture)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
                 allow_module_level=True)
 
+from conftest import sha256  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -46,14 +46,6 @@ const dt = new DataTransfer();
 for (const [name, text] of arguments[0]) dt.items.add(new File([text], name));
 document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
 """
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_file(path: Path, mib: int) -> None:
