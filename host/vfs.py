@@ -62,6 +62,7 @@ _UNIT_ACTIONS = frozenset({
     "CreateDrive", "CreateDir", "CreateDirAll", "CreateFile", "CloseFile", "Write", "WriteAll",
     "Append", "SyncAll", "Read", "ReadDir", "ReadToEnd", "ReadToString", "RemoveFile", "RemoveDir",
     "RemoveDirAll", "Metadata", "Len", "Hash", "AddZip",
+    "SyncTree",  # this host's folder action
 })
 _ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen",
                           "WalkDir", "ReadMany", "WriteMany"})  # the last three: this host's folder actions
@@ -294,6 +295,7 @@ _TREE_ACTIONS = {
     "ReadMany": '{"items": [[path, offset, length, stamp]]}',
     "WriteMany": '{"items": [[path, offset, length, blake3]], "dirs": [path], "state": {"path", "text"} | null}',
 }
+# and "SyncTree" (a unit action): waits for the process's last write, then makes the tree durable
 
 
 # ---- low-level I/O ----------------------------------------------------------------------------------
@@ -1106,8 +1108,15 @@ class Vfs:
         blob = out if isinstance(out, bytes) else bytes(out)
         return VfsResult(_dumps({"ReadMany": hashes}), blob if blob else None)
 
+    def _a_SyncTree(self, source, vp, loc, arg, data):
+        # handle() has already waited for the process's write-behind: a failed one is this answer
+        self._tree(vp, vfs_tree.sync_tree, loc.link)
+        return VfsResult(_OK)
+
     def _a_WriteMany(self, source, vp, loc, arg, data):
         items, dirs, state = arg.get("items", []), arg.get("dirs", []), arg.get("state")
+        if vp.drive == PKG_DRIVE:   # its files are hard links to the build output
+            raise _bad_request(f"WriteMany cannot write the {PKG_DRIVE} drive (installed files): {vp.text}")
         if not (isinstance(items, list) and isinstance(dirs, list) and (state is None or isinstance(state, dict))):
             raise _bad_json(f"WriteMany expects {_TREE_ACTIONS['WriteMany']}")
         try:
