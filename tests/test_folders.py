@@ -439,3 +439,15 @@ def test_a_listing_too_big_for_one_message_is_refused_clearly():
         f"more than one message carries ({ft_folder.MAX_LISTING_BYTES})" in errors[0].metadata["error"], actions[:2]
     assert any(type(a).__name__ == "Exit" for a in actions)
     assert not any(type(a).__name__ == "SendBlob" for a in actions)
+
+
+def test_a_listing_counts_at_most_1000_entries_of_a_folder(two_nodes):
+    """ListFiles walks each folder only up to 1000 entries: a bigger one shows "1000+ entries";
+    one of exactly 1000 files is counted (the control)."""
+    fake, fake2 = two_nodes
+    make_files(fake2.files / "thousand", {f"f{i:04}": b"x" for i in range(1000)})
+    make_files(fake2.files / "more", {f"f{i:04}": b"x" for i in range(1001)})
+    code, lines = fake.run(f"list_files:file_transfer:template.os {PEER}", wait=1.0)
+    text = "\n".join(lines)
+    assert code == 0 and "thousand/\t\t1000\t(1000 files)" in text, text
+    assert "more/\t\t0\t(1000+ entries)" in text, text
