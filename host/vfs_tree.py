@@ -2,9 +2,10 @@
 write many files in one call, so a folder of small files costs one VFS round trip per batch
 instead of several per file.
 
-Every path is opened one component at a time beneath an already open directory with O_NOFOLLOW,
-so a symlink anywhere in a tree is never followed, whatever it points at (one swapped in after a
-walk included: its open fails). Names are given as lists of components, each checked here.
+Every path is opened one component at a time with O_NOFOLLOW, from the drive's own directory
+down to the tree and beneath it, so a symlink anywhere in a tree or above it is never followed,
+whatever it points at (one swapped in after the VFS checked the path, or after a walk, included:
+its open fails). Names are given as lists of components, each checked here.
 """
 from __future__ import annotations
 
@@ -104,10 +105,27 @@ def check_parts(path: Any) -> tuple:
     return parts
 
 
-def open_root(real: str) -> int:
-    """The tree's top folder, itself no symlink."""
+def open_root(real: str, drive: str = "") -> int:
+    """The tree's top folder, itself no symlink. With `drive` (the drive's resolved directory, of
+    which `real` is a path beneath), it is opened one component at a time from the drive without
+    following a symlink, so one swapped in above the folder after the path was checked is refused too."""
     try:
-        return os.open(real, _DIR_FLAGS)
+        if not drive or real == drive:
+            return os.open(real, _DIR_FLAGS)
+        if not real.startswith(drive.rstrip("/") + "/"):
+            raise TreeError("the folder is outside its drive")
+        fd = os.open(drive, _DIR_FLAGS)
+        try:
+            for part in real[len(drive.rstrip("/")) + 1:].split("/"):
+                if part in ("", "."):
+                    continue
+                sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
     except OSError as e:
         # O_NOFOLLOW with O_DIRECTORY fails a symlink with ELOOP or ENOTDIR
         if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(real):
@@ -144,7 +162,7 @@ class _Dirs:
                 pass
 
 
-def walk(real: str, max_depth: int, max_entries: int) -> dict:
+def walk(real: str, max_depth: int, max_entries: int, drive: str = "") -> dict:
     """Every folder and regular file beneath `real`, depth first in name order:
     {"dirs": [path], "files": [[path, size, stamp]], "skipped": [path]} (skipped: symlinks and
     special files, never followed). Refuses a tree deeper than `max_depth` levels or with more than
@@ -156,7 +174,7 @@ def walk(real: str, max_depth: int, max_entries: int) -> dict:
     # Only the folders on the path to the one being listed are open (at most max_depth fds): a
     # folder waiting its turn is a name on the stack, opened when popped. Depth first, each popped
     # folder's parent is on that path, so it is opened beneath its parent's fd, never by a path.
-    chain: list = [open_root(real)]   # fds of the folders on the path, the root first
+    chain: list = [open_root(real, drive)]   # fds of the folders on the path, the root first
     stack: list = [()]
     try:
         while stack:
@@ -207,7 +225,7 @@ def _open_file(dirs: _Dirs, parts: tuple, flags: int) -> int:
     return os.open(parts[-1], flags | _NOFOLLOW | _NONBLOCK, 0o644, dir_fd=dirs.get(parts[:-1]))
 
 
-def read_many(real: str, items: list) -> tuple:
+def read_many(real: str, items: list, drive: str = "") -> tuple:
     """Read pieces [path, offset, length, stamp] of files beneath `real` into one buffer; each
     file must still have the stamp it had when listed, before and after its read. -> (BLAKE3 hex
     of each piece, the bytes)."""
@@ -231,7 +249,7 @@ def read_many(real: str, items: list) -> tuple:
     buf: Optional[bytes | bytearray] = bytearray(total) if len(plan) > 1 else None
     view = memoryview(buf) if isinstance(buf, bytearray) else None
     hashes = []
-    dirs = _Dirs(open_root(real))
+    dirs = _Dirs(open_root(real, drive))
     pos = 0
     try:
         for parts, path, offset, length, want in plan:
@@ -270,7 +288,8 @@ def read_many(real: str, items: list) -> tuple:
     return hashes, buf if buf is not None else b""
 
 
-def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Optional[dict]) -> Callable[[], None]:
+def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Optional[dict],
+               drive: str = "") -> Callable[[], None]:
     """Check every piece [path, offset, length, blake3] against its hash now; return the job that
     creates the folders `make_dirs`, writes the pieces (a piece at offset 0 starts its file anew)
     and last the small `state` file {"path", "text"} (atomically), all beneath `real`, without
@@ -301,7 +320,7 @@ def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Opti
         raise TreeError("WriteMany state is {\"path\", \"text\"}")
 
     def job() -> None:
-        dirs = _Dirs(open_root(real))
+        dirs = _Dirs(open_root(real, drive))
         try:
             for parts in dir_parts:
                 dirs.get(parts, create=True)
@@ -346,10 +365,10 @@ def _syncfs(fd: int) -> bool:
     return True
 
 
-def sync_tree(real: str) -> None:
+def sync_tree(real: str, drive: str = "") -> None:
     """Make every file and folder beneath `real` durable (before the tree takes its real name): one
     syncfs of its filesystem, or without it an fsync of each file and folder."""
-    root = open_root(real)
+    root = open_root(real, drive)
     try:
         if _syncfs(root):
             return

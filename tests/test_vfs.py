@@ -1328,3 +1328,23 @@ def test_sync_tree_answers_with_the_last_write_behind_failure(vfs, monkeypatch):
     monkeypatch.undo()
     assert ok(vfs, P, f"{DRIVE}/t", "SyncTree")[0] == "Ok"
     assert list(err(vfs, P, f"{DRIVE}/missing", "SyncTree")) == ["IOError"]
+
+
+def test_folder_actions_open_their_folder_from_the_drive_without_following_a_symlink(tmp_path, outside):
+    """A folder above the tree swapped for a symlink after its path was checked: the walk is
+    refused (opened from the drive, component by component); before the swap it works (control)."""
+    from host import vfs_tree
+    drive = tmp_path / "drive"
+    (drive / "x" / "tree").mkdir(parents=True)
+    (drive / "x" / "tree" / "f").write_bytes(b"in the drive")
+    (outside / "tree").mkdir()
+    (outside / "tree" / "secret2").write_bytes(b"outside")
+    real = str(drive / "x" / "tree")
+    assert [f[0] for f in vfs_tree.walk(real, 4, 10, str(drive))["files"]] == ["f"]
+    os.rename(drive / "x", drive / "moved")
+    os.symlink(outside, drive / "x")   # the checked path now leads outside through x
+    with pytest.raises(OSError) as e:
+        vfs_tree.walk(real, 4, 10, str(drive))
+    assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    with pytest.raises(vfs_tree.TreeError):
+        vfs_tree.walk(str(outside / "tree"), 4, 10, str(drive))   # not beneath the drive at all
