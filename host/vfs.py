@@ -62,6 +62,7 @@ _UNIT_ACTIONS = frozenset({
     "CreateDrive", "CreateDir", "CreateDirAll", "CreateFile", "CloseFile", "Write", "WriteAll",
     "Append", "SyncAll", "Read", "ReadDir", "ReadToEnd", "ReadToString", "RemoveFile", "RemoveDir",
     "RemoveDirAll", "Metadata", "Len", "Hash", "AddZip",
+    "SyncTree",  # this host's folder action
 })
 _ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen",
                           "WalkDir", "ReadMany", "WriteMany"})  # the last three: this host's folder actions
@@ -294,6 +295,7 @@ _TREE_ACTIONS = {
     "ReadMany": '{"items": [[path, offset, length, stamp]]}',
     "WriteMany": '{"items": [[path, offset, length, blake3]], "dirs": [path], "state": {"path", "text"} | null}',
 }
+# and "SyncTree" (a unit action): waits for the process's last write, then makes the tree durable
 
 
 # ---- low-level I/O ----------------------------------------------------------------------------------
@@ -1093,7 +1095,7 @@ class Vfs:
     def _a_WalkDir(self, source, vp, loc, arg, data):
         depth = _int(arg.get("max_depth"), "WalkDir max_depth", 1, 4096)
         entries = _int(arg.get("max_entries"), "WalkDir max_entries", 1, 10_000_000)
-        found = self._tree(vp, vfs_tree.walk, loc.link, depth, entries)
+        found = self._tree(vp, vfs_tree.walk, loc.link, depth, entries, loc.drive)
         # the listing rides in the blob: a body crosses into Wasm only up to 2 MiB, a blob whole
         counts = {k: len(v) for k, v in found.items()}
         return VfsResult(_dumps({"WalkDir": counts}), _dumps(found))
@@ -1102,12 +1104,19 @@ class Vfs:
         items = arg.get("items")
         if not isinstance(items, list):
             raise _bad_json("ReadMany expects {\"items\": [[path, offset, length, stamp]]}")
-        hashes, out = self._tree(vp, vfs_tree.read_many, loc.link, items)
+        hashes, out = self._tree(vp, vfs_tree.read_many, loc.link, items, loc.drive)
         blob = out if isinstance(out, bytes) else bytes(out)
         return VfsResult(_dumps({"ReadMany": hashes}), blob if blob else None)
 
+    def _a_SyncTree(self, source, vp, loc, arg, data):
+        # handle() has already waited for the process's write-behind: a failed one is this answer
+        self._tree(vp, vfs_tree.sync_tree, loc.link, loc.drive)
+        return VfsResult(_OK)
+
     def _a_WriteMany(self, source, vp, loc, arg, data):
         items, dirs, state = arg.get("items", []), arg.get("dirs", []), arg.get("state")
+        if vp.drive == PKG_DRIVE:   # its files are hard links to the build output
+            raise _bad_request(f"WriteMany cannot write the {PKG_DRIVE} drive (installed files): {vp.text}")
         if not (isinstance(items, list) and isinstance(dirs, list) and (state is None or isinstance(state, dict))):
             raise _bad_json(f"WriteMany expects {_TREE_ACTIONS['WriteMany']}")
         try:
@@ -1119,11 +1128,11 @@ class Vfs:
             # for it (and gets its error); the hashes are checked before any write, and the state
             # file is written last, so it never claims data not written and verified
             def behind() -> None:
-                vfs_tree.write_many(loc.link, items, dirs, data, state)()
+                vfs_tree.write_many(loc.link, items, dirs, data, state, loc.drive)()
             with self._lock:
                 self._in_flight[source] = (self._writer.submit(behind), vp.text)
         else:
-            job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state)
+            job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state, loc.drive)
             self._tree(vp, job)
         self._sweep(vp.text)   # handles on files being rewritten would see stale data
         return VfsResult(_OK)

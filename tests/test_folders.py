@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -302,3 +303,151 @@ def test_a_folder_whose_listing_is_over_2_mib(two_nodes):
     got = tree(fake.files / "wide")
     assert len(got) == 16000 + 10 + 1 + 2500
     assert all(got[n] == b"" for n in names) and got["empty/e2499"] is None
+
+
+def test_a_full_disk_fails_a_folder_download_and_nothing_takes_its_name(node_factory, request):
+    """The requestor's drive is an 8 MiB tmpfs with 6 MiB taken: the folder's one (last) batch of
+    3 MiB is written behind and fails with a real ENOSPC. The failure is reported, the partial tree
+    never takes the real name; with space back, the same download completes (the control)."""
+    from test_hostile import _userns_tmpfs_works
+    fake = node_factory("fake.dev", start=False)
+    fake.files.mkdir(parents=True)
+    problem = _userns_tmpfs_works()
+    if not problem:
+        fake.wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                     'mount -t tmpfs -o size=8m tmpfs "$0" && exec "$@"', str(fake.files)]
+    else:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(fake.files)],
+                                 capture_output=True)
+        if mounted.returncode:
+            pytest.skip(f"cannot mount a tmpfs ({problem}; {mounted.stderr.decode().strip()})")
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(fake.files)]))
+    fake.start()
+    fake2 = node_factory(PEER)
+    drive = Path(f"/proc/{fake.proc.pid}/root") / str(fake.files).lstrip("/")  # the drive as the node sees it
+    assert os.statvfs(drive).f_blocks * os.statvfs(drive).f_frsize == 8 << 20  # (it is the tmpfs)
+    (drive / "ballast.bin").write_bytes(b"\xaa" * (6 << 20))
+    spec = {"a.txt": b"small", "b.bin": os.urandom(3 << 20)}
+    make_files(fake2.files / "full", spec)
+    code, lines = fake.run(f"download:file_transfer:template.os full {PEER}", until=r"full downloaded|error:",
+                           timeout=60)
+    assert code == 1 and re.search(r"error: download of full from fake2\.dev failed: .*no space left on device",
+                                   lines[-1]), lines
+    assert not (drive / "full").exists()  # nothing under the real name
+    assert fake.alive()
+    (drive / "ballast.bin").unlink()
+    code, lines = fake.run(f"download:file_transfer:template.os full {PEER}", until=r"full downloaded|error:",
+                           timeout=60)
+    assert code == 0, lines
+    assert tree(drive / "full") == spec
+
+
+def _manifest_digest(folder: Path) -> str:
+    """The BLAKE3 of the listing the provider sends for `folder` (its resume states name it)."""
+    import blake3
+    from host import vfs_tree
+    found = vfs_tree.walk(str(folder), MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES)
+    text = json.dumps({"dirs": found["dirs"], "files": found["files"]}, separators=(",", ":"))
+    return blake3.blake3(text.encode("utf-8")).hexdigest()
+
+
+def test_a_resume_state_the_partial_tree_does_not_bear_out_starts_afresh(two_nodes):
+    """A crash between a tree's rename and its state's removal (or a partial tree damaged) left a
+    state that does not match the disk: the next download starts afresh and the folder is whole;
+    a state the tree bears out is resumed (the control)."""
+    fake, fake2 = two_nodes
+    spec = {"a.txt": b"a" * 1000, "b.bin": os.urandom(300_000), "empty": None, "sub/c.txt": b"c" * 5000}
+    make_files(fake2.files / "kept", spec)
+    digest = _manifest_digest(fake2.files / "kept")
+    part = fake.files / ".partial" / PEER
+    part.mkdir(parents=True)
+    state = part / "kept.tree-state"
+    partial = part / "kept.tree"
+
+    # the control: file 1 whole in the partial tree, the state says so: resumed at file 2
+    make_files(partial, {"a.txt": spec["a.txt"], "empty": None, "sub": None})
+    state.write_text(json.dumps({"digest": digest, "index": 1, "offset": 0}))
+    inode = (partial / "a.txt").stat().st_ino
+    lines = fetch(fake, "kept")
+    assert any("kept: resuming at file 2 of 3" in ln for ln in lines), lines
+    assert tree(fake.files / "kept") == with_parents(spec)
+    assert (fake.files / "kept" / "a.txt").stat().st_ino == inode
+
+    # case A: the folder is complete, its state still says "all done" and no partial tree is left
+    state.write_text(json.dumps({"digest": digest, "index": 3, "offset": 0}))
+    lines = fetch(fake, "kept")
+    assert not any("resuming" in ln for ln in lines), lines
+    assert tree(fake.files / "kept") == with_parents(spec)
+
+    # case B: the state says two files done, but the first is missing and the second is short
+    make_files(partial, {"b.bin": spec["b.bin"][:10], "empty": None, "sub": None})
+    state.write_text(json.dumps({"digest": digest, "index": 2, "offset": 0}))
+    fetch(fake, "kept")
+    assert tree(fake.files / "kept") == with_parents(spec)
+    # ... and a state in the middle of a file the tree holds less of
+    make_files(partial, {"a.txt": spec["a.txt"], "b.bin": spec["b.bin"][:10], "empty": None, "sub": None})
+    state.write_text(json.dumps({"digest": digest, "index": 1, "offset": 200_000}))
+    fetch(fake, "kept")
+    assert tree(fake.files / "kept") == with_parents(spec)
+    assert not state.exists() and not partial.exists()
+
+
+def test_a_folder_download_queued_at_a_busy_provider_completes(node_factory):
+    """A provider serving MAX_SERVING files queues the next requestor; a folder asked for then is
+    told it waits, and is received whole once a slot frees (a queued requestor's Size is a folder's)."""
+    from test_transfers import put, sha
+    from ft_common import MAX_SERVING
+    provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
+    spec = {"x.txt": b"x" * 100, "d/y.bin": os.urandom(1 << 20), "d/e": None}
+    make_files(provider.files / "pics", spec)
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 64 << 20) for i in range(MAX_SERVING)}
+    busy.type("verbosity 1")
+    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
+    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
+             "every big file under way")
+    with frozen(busy):
+        assert not any("downloaded" in ln for ln in busy.lines)
+        late.type("download:file_transfer:template.os pics prov.dev")
+        line = late.expect(r"pics: queued at", 30)
+        assert line == "file_transfer:template.os: pics: queued at prov.dev, position 1", line
+    late.expect(r"pics downloaded|error:", 120)
+    assert tree(late.files / "pics") == with_parents(spec), late.lines[-5:]
+    wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")
+    for name, digest in big.items():
+        assert sha(busy.files / name) == digest, name
+    no_workers(provider, busy, late, within=30)
+
+
+def test_a_listing_too_big_for_one_message_is_refused_clearly():
+    """Sans-I/O: a provider whose listing would not fit in one message tells both sides why; a
+    listing that fits is offered (the control)."""
+    from types import SimpleNamespace
+    target = SimpleNamespace(node="fake.dev")
+
+    def walked(files: list) -> list:
+        p = ft_folder.FolderProvider("wide", target, "parent", 0.0)
+        p.start()
+        return p.walked({"dirs": [], "files": files, "skipped": []}, 0.0)
+
+    small = walked([["a.txt", 1, "1:2:1:4:5"]])
+    assert [type(a).__name__ for a in small] == ["SendBlob"]
+    long_name = "n" * 240
+    actions = walked([[f"{long_name}{i:05}", 1, "64769:123456789:1:1700000000000000000:1700000000000000000"]
+                      for i in range(40_000)])
+    errors = [a for a in actions if isinstance(a, ft_folder.Send) and a.metadata and a.metadata.get("error")]
+    assert errors and "listing is" in errors[0].metadata["error"] and \
+        f"more than one message carries ({ft_folder.MAX_LISTING_BYTES})" in errors[0].metadata["error"], actions[:2]
+    assert any(type(a).__name__ == "Exit" for a in actions)
+    assert not any(type(a).__name__ == "SendBlob" for a in actions)
+
+
+def test_a_listing_counts_at_most_1000_entries_of_a_folder(two_nodes):
+    """ListFiles walks each folder only up to 1000 entries: a bigger one shows "1000+ entries";
+    one of exactly 1000 files is counted (the control)."""
+    fake, fake2 = two_nodes
+    make_files(fake2.files / "thousand", {f"f{i:04}": b"x" for i in range(1000)})
+    make_files(fake2.files / "more", {f"f{i:04}": b"x" for i in range(1001)})
+    code, lines = fake.run(f"list_files:file_transfer:template.os {PEER}", wait=1.0)
+    text = "\n".join(lines)
+    assert code == 0 and "thousand/\t\t1000\t(1000 files)" in text, text
+    assert "more/\t\t0\t(1000+ entries)" in text, text

@@ -1242,3 +1242,109 @@ def test_folder_actions_walk_read_write_and_refuse(vfs, tmp_path, outside):
     # malformed arguments
     assert list(err(vfs, P, f"{DRIVE}/tree", {"ReadMany": []})) == ["BadJson"]
     assert list(err(vfs, P, f"{DRIVE}/tree", {"WalkDir": {"max_depth": 0, "max_entries": 1}})) == ["BadJson"]
+
+
+def test_write_many_never_writes_through_a_hard_link_to_the_build(vfs, tmp_path):
+    """The pkg drive's files are hard links to the build output: WriteMany there is refused, and
+    a hard-linked file anywhere is never written; the same batch elsewhere is written (control)."""
+    import blake3
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_bytes(b'{"caps": []}')
+    pkg = vfs.root / "app:pub.os" / "pkg"
+    pkg.mkdir(parents=True)
+    os.link(build / "manifest.json", pkg / "manifest.json")
+    evil = b'{"caps": ["root"]}'
+    batch = {"WriteMany": {"items": [["manifest.json", 0, len(evil), blake3.blake3(evil).hexdigest()]]}}
+    e = err(vfs, P, "/app:pub.os/pkg", batch, evil)
+    assert "WriteMany cannot write the pkg drive" in str(e)
+    # a hard link elsewhere (the drive's own file linked from outside it) is refused too
+    data_dir = vfs.root / "app:pub.os" / "data"
+    os.link(build / "manifest.json", data_dir / "manifest.json")
+    e = err(vfs, P, DRIVE, batch, evil)
+    assert "refusing to write a file with other hard links: manifest.json" in str(e)
+    assert (build / "manifest.json").read_bytes() == b'{"caps": []}'
+    assert (pkg / "manifest.json").read_bytes() == b'{"caps": []}'
+    # the control: a file of its own is written
+    os.unlink(data_dir / "manifest.json")
+    ok(vfs, P, DRIVE, batch, evil)
+    assert (data_dir / "manifest.json").read_bytes() == evil
+    assert (build / "manifest.json").read_bytes() == b'{"caps": []}'
+
+
+def test_read_many_refuses_a_huge_or_overlong_read_before_allocating(vfs):
+    from host.vfs_tree import MAX_READ_MANY
+    root = vfs.root / "app:pub.os" / "data" / "t"
+    root.mkdir()
+    (root / "a").write_bytes(b"0123456789")
+    body, listing = ok(vfs, P, f"{DRIVE}/t", {"WalkDir": {"max_depth": 4, "max_entries": 10}})
+    (path, size, stamp), = json.loads(listing)["files"]
+    # the control: a piece inside the file is read
+    body, data = ok(vfs, P, f"{DRIVE}/t", {"ReadMany": {"items": [[path, 2, 5, stamp], [path, 0, 1, stamp]]}})
+    assert data == b"234560"
+    huge = [[path, 0, 1 << 62, stamp], [path, 0, 1, stamp]]
+    e = err(vfs, P, f"{DRIVE}/t", {"ReadMany": {"items": huge}})
+    assert "passes the file's end (10 bytes)" in str(e)
+    many = [[path, 0, 1 << 20, "x"]] * (MAX_READ_MANY // (1 << 20) + 1)   # "x": no stamp, no size known
+    e = err(vfs, P, f"{DRIVE}/t", {"ReadMany": {"items": many}})
+    assert f"ReadMany asks for more than {MAX_READ_MANY} bytes" in str(e)
+    e = err(vfs, P, f"{DRIVE}/t", {"ReadMany": {"items": [[path, 8, 5, stamp]]}})
+    assert "the piece at 8 of 5 bytes passes the file's end" in str(e)
+    assert ok(vfs, P, f"{DRIVE}/t/a", "Read")[1] == b"0123456789"   # the service keeps working
+
+
+def test_walk_dir_holds_few_fds_whatever_the_number_of_subfolders(vfs):
+    """A folder with 1,500 subfolders is listed under a limit of open files far below that."""
+    import resource
+    root = vfs.root / "app:pub.os" / "data" / "wide"
+    for i in range(1500):
+        (root / f"d{i:04}" / "inner").mkdir(parents=True)
+    (root / "d0007" / "inner" / "f").write_bytes(b"x")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(open_fds() + 200, hard), hard))
+    try:
+        body, listing = ok(vfs, P, f"{DRIVE}/wide", {"WalkDir": {"max_depth": 4, "max_entries": 10_000}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    found = json.loads(listing)
+    assert body["WalkDir"] == {"dirs": 3000, "files": 1, "skipped": 0}
+    assert found["dirs"][:4] == [f"d{i:04}" for i in range(4)] and found["dirs"][1500] == "d0000/inner"
+    assert found["files"][0][0] == "d0007/inner/f"
+
+
+def test_sync_tree_answers_with_the_last_write_behind_failure(vfs, monkeypatch):
+    """A big WriteMany is written behind; SyncTree, the step before a tree takes its real name,
+    reports its failure (and succeeds after a good one: the control)."""
+    import blake3
+    big = os.urandom(1 << 20)
+    batch = {"WriteMany": {"items": [["t/big", 0, len(big), blake3.blake3(big).hexdigest()]], "dirs": ["t"]}}
+    ok(vfs, P, DRIVE, batch, big)
+    assert ok(vfs, P, f"{DRIVE}/t", "SyncTree")[0] == "Ok"
+    assert (vfs.root / "app:pub.os" / "data" / "t" / "big").read_bytes() == big
+    monkeypatch.setattr(os, "pwrite", _enospc)
+    ok(vfs, P, DRIVE, batch, big)
+    e = err(vfs, P, f"{DRIVE}/t", "SyncTree")
+    assert "an earlier write failed: no space left on device" in str(e)
+    monkeypatch.undo()
+    assert ok(vfs, P, f"{DRIVE}/t", "SyncTree")[0] == "Ok"
+    assert list(err(vfs, P, f"{DRIVE}/missing", "SyncTree")) == ["IOError"]
+
+
+def test_folder_actions_open_their_folder_from_the_drive_without_following_a_symlink(tmp_path, outside):
+    """A folder above the tree swapped for a symlink after its path was checked: the walk is
+    refused (opened from the drive, component by component); before the swap it works (control)."""
+    from host import vfs_tree
+    drive = tmp_path / "drive"
+    (drive / "x" / "tree").mkdir(parents=True)
+    (drive / "x" / "tree" / "f").write_bytes(b"in the drive")
+    (outside / "tree").mkdir()
+    (outside / "tree" / "secret2").write_bytes(b"outside")
+    real = str(drive / "x" / "tree")
+    assert [f[0] for f in vfs_tree.walk(real, 4, 10, str(drive))["files"]] == ["f"]
+    os.rename(drive / "x", drive / "moved")
+    os.symlink(outside, drive / "x")   # the checked path now leads outside through x
+    with pytest.raises(OSError) as e:
+        vfs_tree.walk(real, 4, 10, str(drive))
+    assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    with pytest.raises(vfs_tree.TreeError):
+        vfs_tree.walk(str(outside / "tree"), 4, 10, str(drive))   # not beneath the drive at all

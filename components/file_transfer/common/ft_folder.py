@@ -30,6 +30,9 @@ from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HAN
 from ft_protocol import ArmTimer, Exit, Log, Reply, Send
 
 HEX = frozenset("0123456789abcdef")
+# The listing travels as one message's blob; a node refuses a message over 10,485,800 bytes
+# (host/net.py MAX_MESSAGE), body and metadata included.
+MAX_LISTING_BYTES = 10_000_000
 
 
 # ---- actions -----------------------------------------------------------------------------------
@@ -193,14 +196,19 @@ class FolderRequestor:
     def _state(self, index: int, offset: int) -> dict:
         return {"digest": self.digest, "index": index, "offset": offset}
 
-    def state_loaded(self, saved: Any, now: float) -> list:
+    def state_loaded(self, saved: Any, now: float, on_disk: Optional[dict] = None) -> list:
+        """`on_disk`: the partial tree's files and their sizes ({path: size}). The saved point is
+        kept only if every file before it is there whole and the file it is in has its offset."""
         if self.state != self.OPENING:
             raise RuntimeError(f"state_loaded in state {self.state}")
         fresh = True
+        on_disk = on_disk or {}
         if isinstance(saved, dict) and saved.get("digest") == self.digest and _is_count(saved.get("index")) \
                 and _is_count(saved.get("offset")):
             i, off = saved["index"], saved["offset"]
-            if i < len(self.files) and off <= self.files[i][1] or i == len(self.files) and off == 0:
+            if (i < len(self.files) and off <= self.files[i][1] or i == len(self.files) and off == 0) \
+                    and all(on_disk.get(p) == s for p, s in self.files[:i]) \
+                    and (off == 0 or on_disk.get(self.files[i][0], -1) >= off):
                 self.index, self.offset, fresh = i, off, False
         return [PrepareTree(fresh, self.dirs, self._state(self.index, self.offset))]
 
@@ -393,12 +401,17 @@ class FolderProvider:
             actions.append(Log(f"{self.name}: not sending {len(skipped)} symlink(s) or special file(s), "
                                f"e.g. {skipped[0][:200]!r}"))
         total = sum(f[1] for f in self.files)
+        listing = json.dumps(manifest, separators=(",", ":")).encode("utf-8")
+        if len(listing) > MAX_LISTING_BYTES:
+            problem = (f"its listing is {len(listing)} bytes, more than one message carries ({MAX_LISTING_BYTES}); "
+                       f"download its subfolders one at a time")
+            return [self._error_to_peer(f"cannot send folder {self.name}: {problem}")] + \
+                self._failed(f"cannot send: {problem}")
         self.state = self.OFFERED
         actions.append(SendBlob(self.target, {"Size": total},
                                 {"ft": 1, "folder": {"files": len(self.files), "dirs": len(manifest["dirs"]),
                                                      "bytes": total}},
-                                HANDSHAKE_TIMEOUT, "size",
-                                json.dumps(manifest, separators=(",", ":")).encode("utf-8")))
+                                HANDSHAKE_TIMEOUT, "size", listing))
         return actions
 
     def response(self, context: Optional[str], meta: dict, now: float) -> list:

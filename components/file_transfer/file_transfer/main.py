@@ -152,6 +152,11 @@ def servable_types(msg: Message) -> tuple:
     return ("File", "Directory") if meta.get("ft") == 1 and meta.get("folders") == 1 else ("File",)
 
 
+# A remote may list as often as it likes: each folder's row counts at most this many entries
+# (beyond, it shows "1000+ entries"), so one listing costs at most that per folder.
+LIST_COUNT_MAX = 1000
+
+
 def ls_listing(files_dir: vfs.Directory, folder) -> list:
     """ListFiles with folders: the files and folders in the drive, or in `folder` inside it; a
     folder's row is `NAME/` with its file count and total size (as its download would fetch it)."""
@@ -171,13 +176,15 @@ def ls_listing(files_dir: vfs.Directory, folder) -> list:
                 rows.append({"name": name, "size": vfs.metadata(entry.path).len})
             elif entry.file_type == "Directory":
                 vfs.vfs_request(entry.path, {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH,
-                                                         "max_entries": MAX_FOLDER_ENTRIES}})
+                                                         "max_entries": LIST_COUNT_MAX}})
                 blob = get_blob()  # the listing rides in the blob
                 found = json.loads(blob.bytes) if blob is not None else {"files": []}
                 rows.append({"name": name + "/", "size": sum(f[1] for f in found["files"]),
                              "files": len(found["files"])})
         except vfs.VfsError as e:
-            if entry.file_type == "Directory":  # too deep, too many entries: shown, not counted
+            if entry.file_type == "Directory" and f"more than {LIST_COUNT_MAX} entries" in str(e):
+                rows.append({"name": name + "/", "size": 0, "files": None, "error": f"{LIST_COUNT_MAX}+ entries"})
+            elif entry.file_type == "Directory":  # too deep, unreadable: shown, not counted
                 rows.append({"name": name + "/", "size": 0, "files": None, "error": str(e).rsplit(": ", 1)[-1]})
     return rows
 

@@ -82,7 +82,7 @@ class Worker:
         if msg.is_request and self.requestor and type(m) is ft.Requestor:
             meta = msg.meta()
             if (isinstance(meta.get("folder"), dict) and isinstance(body, dict) and "Size" in body
-                    and m.state == m.REQUESTING and msg.source.node == m.peer_node and not meta.get("error")):
+                    and m.state in (m.REQUESTING, m.QUEUED) and msg.source.node == m.peer_node and not meta.get("error")):
                 return self.take_folder(msg, body["Size"], meta, now)
         if msg.is_request:
             if self.requestor:
@@ -271,7 +271,18 @@ class Worker:
             saved = json.loads(vfs.open_file(self.tree_state).read_to_string())
         except (vfs.VfsError, ValueError):
             saved = None
-        return self.machine.state_loaded(saved, time.monotonic())
+        on_disk: dict = {}
+        if saved is not None:  # a resume trusts the state only as far as the partial tree bears it out
+            try:
+                vfs.vfs_request(f"{self.partial_dir}/{self.tree}",
+                                {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH, "max_entries": MAX_FOLDER_ENTRIES}},
+                                timeout=120)
+                blob = get_blob()
+                listing = json.loads(blob.bytes) if blob is not None else {}
+                on_disk = {f[0]: f[1] for f in listing.get("files", [])}
+            except (vfs.VfsError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+                on_disk = {}  # no partial tree (or an unreadable one): start afresh
+        return self.machine.state_loaded(saved, time.monotonic(), on_disk)
 
     def _write_many(self, items: list, dirs: list, state: dict, forward: bool) -> None:
         """Pieces and folders beneath the partial tree, and the state beside it, in one VFS call."""
@@ -297,24 +308,30 @@ class Worker:
         return self.machine.batch_written(time.monotonic())
 
     def finish_tree(self, a: ft_folder.FinishTree) -> list:
-        final = f"{self.drive}/{self.name}"
-        try:
-            old = vfs.metadata(final).file_type
-        except vfs.VfsError:
-            old = None
-        if old == vfs.DIRECTORY:  # an older copy is replaced only now, all of the new one verified
-            vfs.vfs_request(final, "RemoveDirAll")
-        elif old is not None:
-            vfs.remove_file(final)
-        vfs.rename(f"{self.partial_dir}/{self.tree}", final)
+        tree, final = f"{self.partial_dir}/{self.tree}", f"{self.drive}/{self.name}"
+        # the last batch may still be being written: this answers with its failure (a full disk),
+        # and makes every file durable before the tree takes its real name
+        vfs.vfs_request(tree, "SyncTree", timeout=300)
+        # the state goes first: a crash from here on leaves a tree without a state, fetched afresh
+        # next time, never a state that claims a tree no longer there
         try:
             vfs.remove_file(self.tree_state)
         except vfs.VfsError:
             pass
+        try:
+            old = vfs.metadata(final).file_type
+        except vfs.VfsError:
+            old = None  # (no write of ours is pending any more: only a missing folder lands here)
+        if old == vfs.DIRECTORY:  # an older copy is replaced only now, all of the new one verified
+            vfs.vfs_request(final, "RemoveDirAll")
+        elif old is not None:
+            vfs.remove_file(final)
+        vfs.rename(tree, final)
         return self.machine.tree_finished(time.monotonic())
 
     def remove_tree(self, a: ft_folder.RemoveTree) -> None:
-        for path, action in ((f"{self.partial_dir}/{self.tree}", "RemoveDirAll"), (self.tree_state, "RemoveFile")):
+        # the state first: a state without its tree could otherwise be trusted on the next download
+        for path, action in ((self.tree_state, "RemoveFile"), (f"{self.partial_dir}/{self.tree}", "RemoveDirAll")):
             try:
                 vfs.vfs_request(path, action)
             except vfs.VfsError:
