@@ -444,6 +444,9 @@ class Requestor:
         actions: list = []
         if self.state == self.QUEUED:
             self._ask_queue_place(actions)
+            # the parent drops a download it has not heard of for STALL_TIMEOUT: a long wait at one
+            # place must not look like a dead worker (and let a second one start on the same partial)
+            self._report(actions, now, **({"queued": self.queue_place} if self.queue_place else {}))
         else:
             self._keepalive(actions)
         actions.append(ArmTimer(TICK))

@@ -22,6 +22,9 @@ from process_lib import (Address, Message, ProcessId, Request, Response, SendErr
 
 
 HISTORY = 50  # finished and failed downloads kept for the web page
+# downloads waiting in their providers' queues: they do not hold one of the MAX_DOWNLOADS (a busy
+# node must not stall downloads from idle ones), but each is a worker instance, so they are bounded
+MAX_QUEUED_AT_PEERS = 16
 
 
 class Transfers:
@@ -39,10 +42,19 @@ class Transfers:
         return key in self.waiting or (t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT)
 
     def running(self) -> int:
-        """Downloads that hold a slot; one whose worker went silent gives it up after the stall
-        timeout."""
+        """Downloads that hold a slot: not those waiting in their provider's queue; one whose worker
+        went silent gives it up after the stall timeout."""
         now = time.monotonic()
-        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT)
+        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and not _at_peer(t))
+
+    def queued_at_peers(self) -> int:
+        now = time.monotonic()
+        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and _at_peer(t))
+
+    def full(self) -> bool:
+        """No new worker now: MAX_DOWNLOADS run, or MAX_QUEUED_AT_PEERS wait at their providers (so
+        at most MAX_DOWNLOADS + MAX_QUEUED_AT_PEERS requestor workers exist)."""
+        return self.running() >= MAX_DOWNLOADS or self.queued_at_peers() >= MAX_QUEUED_AT_PEERS
 
     def touch(self, key: tuple, **fields) -> dict:
         t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": float("-inf")})
@@ -65,6 +77,12 @@ class Transfers:
                  **({"files": t["files"], "of": t["of"]} if t.get("of") is not None else {})}  # a folder
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
         return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
+
+
+def _at_peer(t: dict) -> bool:
+    """The download waits in its provider's queue (place 1 or more)."""
+    place = t.get("queued_at")
+    return isinstance(place, int) and not isinstance(place, bool) and place > 0
 
 
 class Access:
@@ -190,7 +208,7 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     key = (target_addr.node, name)
     if transfers.busy(key):
         return f"{name} is already being downloaded from {target_addr.node}", False
-    if transfers.running() >= MAX_DOWNLOADS:
+    if transfers.full():
         transfers.waiting[key] = target_addr
         print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
                              f"{MAX_DOWNLOADS} downloads at once)")
@@ -212,7 +230,7 @@ def start_worker(our: Address, source: Address, name: str, target: Address, is_r
 
 def start_waiting(our: Address, transfers: Transfers) -> None:
     """Start queued downloads while slots are free (after one ends, or one went silent)."""
-    while transfers.waiting and transfers.running() < MAX_DOWNLOADS:
+    while transfers.waiting and not transfers.full():
         key, target = transfers.waiting.popitem(last=False)
         transfers.touch(key, worker=None)
         start_worker(our, our, key[1], target, True, transfers)
@@ -236,6 +254,7 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
                          secs=meta.get("secs", 0))
         verbosity = 0
     else:
+        was_at = transfers.active.get(key, {}).get("queued_at")
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
                             rate=meta.get("rate", 0.0), queued_at=meta.get("queued"),
                             files=meta.get("files"), of=meta.get("of"))
@@ -251,7 +270,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     elif meta.get("error"):
         println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
     elif isinstance(meta.get("queued"), int):
-        println(f"{name}: queued at {meta.get('peer')}, position {meta['queued']}")
+        if meta["queued"] != was_at:  # a queued worker reports every tick; its place is said once
+            println(f"{name}: queued at {meta.get('peer')}, position {meta['queued']}")
     elif meta.get("done"):
         secs = max(meta.get("secs", 0), 1e-9)
         total = meta.get("total", 0)

@@ -70,11 +70,16 @@ SLOTS = Serving()
 
 
 def serve(our: Address, msg: Message, name: str, target: Address) -> None:
-    """A requestor's Download that passed the checks: start its worker now, or queue it (a plain
-    requestor cannot be told to wait, so it is served at once)."""
+    """A requestor's Download that passed the checks: start its worker now if a slot is free and
+    nobody waits for one, else queue it; a plain requestor cannot be told to wait, so it is refused."""
     extended = msg.meta().get("ft") == 1
-    if SLOTS.has_free() or not extended:
-        _start(our, msg.source, name, target)
+    if SLOTS.has_free() and not SLOTS.queue:
+        _start(our, msg.source, name, target, answer=True)
+        return
+    if not extended:
+        Response().body({"Download": {"Err": f"{our.node} is busy: {len(SLOTS.slots)} downloads being served"
+                                              f"{f', {len(SLOTS.queue)} waiting' if SLOTS.queue else ''}; "
+                                              f"try again later"}}).send()
         return
     key = (str(msg.source), name)
     if key not in SLOTS.queue:
@@ -90,13 +95,17 @@ def serve(our: Address, msg: Message, name: str, target: Address) -> None:
     Response().body({"Download": {"Ok": None}}).metadata({"ft": 1, "queued": place}).send()
 
 
-def _start(our: Address, requestor: Address, name: str, target: Address) -> None:
+def _start(our: Address, requestor: Address, name: str, target: Address, answer: bool = False) -> None:
+    """Start a serving worker; `answer`: the requestor's Download is the request being handled (the
+    worker API answers it Ok once the worker exists, so a failure is ours to answer)."""
     SLOTS.take(requestor.node, name)
     try:
         worker_api.start_download(to_wit_address(our), to_wit_address(requestor), name, to_wit_address(target), False)
     except Err as e:
         SLOTS.give_back(requestor.node, name)
         println(f"error: could not start a worker to send {name}: {e.value}")
+        if answer:  # else the requestor would wait for a Size until its handshake timeout
+            Response().body({"Download": {"Err": f"{our.node} could not start sending {name}: {e.value}"}}).send()
 
 
 def handles(our: Address, msg: Message) -> bool:
