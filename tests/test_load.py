@@ -12,7 +12,7 @@ from conftest import REPO, TEST_PACKAGES, frozen, no_workers, peak_rss_bytes, wa
 from test_transfers import download, put, sha
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
-from ft_common import MAX_DOWNLOADS, MAX_SERVING  # noqa: E402
+from ft_common import MAX_DOWNLOADS, MAX_SERVING, STALL_TIMEOUT  # noqa: E402
 
 PEAK_LIMIT = 300 * 10**6  # bytes, each node
 
@@ -94,7 +94,8 @@ def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
                                  for ln in lines), lines
         assert sum("queued at prov.dev" in ln for ln in lines) == MAX_DOWNLOADS, lines
         # they hold none of late's MAX_DOWNLOADS: a download from an idle node runs and completes
-        download(late, "elsewhere.bin", "idle.dev")
+        # (well within STALL_TIMEOUT: unreported, the queued ones would drop off the books then)
+        download(late, "elsewhere.bin", "idle.dev", timeout=STALL_TIMEOUT - 15)
         assert sha(late.files / "elsewhere.bin") == elsewhere
         # the first in line is cancelled: it leaves the provider's queue, and at its next ask (a
         # tick) the second hears it moved up; meanwhile nothing fails

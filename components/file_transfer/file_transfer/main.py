@@ -23,8 +23,9 @@ from process_lib import (Address, Message, ProcessId, Request, Response, SendErr
 
 HISTORY = 50  # finished and failed downloads kept for the web page
 # downloads waiting in their providers' queues: they do not hold one of the MAX_DOWNLOADS (a busy
-# node must not stall downloads from idle ones), but each is a worker instance, so they are bounded
-MAX_QUEUED_AT_PEERS = 16
+# node must not stall downloads from idle ones), but each is a worker instance, so they are bounded:
+# this many in all, MAX_DOWNLOADS at any one provider (more wait here, as workers would wait there)
+MAX_QUEUED_AT_PEERS = 8
 
 
 class Transfers:
@@ -47,14 +48,18 @@ class Transfers:
         now = time.monotonic()
         return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and not _at_peer(t))
 
-    def queued_at_peers(self) -> int:
+    def queued_at_peers(self, node=None) -> int:
+        """Downloads waiting in their provider's queue (node's only, if given)."""
         now = time.monotonic()
-        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and _at_peer(t))
+        return sum(1 for (peer, _), t in self.active.items()
+                   if now - t["seen"] < STALL_TIMEOUT and _at_peer(t) and node in (None, peer))
 
-    def full(self) -> bool:
-        """No new worker now: MAX_DOWNLOADS run, or MAX_QUEUED_AT_PEERS wait at their providers (so
-        at most MAX_DOWNLOADS + MAX_QUEUED_AT_PEERS requestor workers exist)."""
-        return self.running() >= MAX_DOWNLOADS or self.queued_at_peers() >= MAX_QUEUED_AT_PEERS
+    def full(self, node=None) -> bool:
+        """No new worker now (toward `node`): MAX_DOWNLOADS run, or MAX_QUEUED_AT_PEERS wait at their
+        providers, or MAX_DOWNLOADS at that one. So at most MAX_DOWNLOADS + MAX_QUEUED_AT_PEERS
+        requestor workers exist, and MAX_DOWNLOADS * 2 toward one provider."""
+        return (self.running() >= MAX_DOWNLOADS or self.queued_at_peers() >= MAX_QUEUED_AT_PEERS
+                or (node is not None and self.queued_at_peers(node) >= MAX_DOWNLOADS))
 
     def touch(self, key: tuple, **fields) -> dict:
         t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": float("-inf")})
@@ -208,7 +213,7 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     key = (target_addr.node, name)
     if transfers.busy(key):
         return f"{name} is already being downloaded from {target_addr.node}", False
-    if transfers.full():
+    if transfers.full(target_addr.node):
         transfers.waiting[key] = target_addr
         print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
                              f"{MAX_DOWNLOADS} downloads at once)")
@@ -230,8 +235,12 @@ def start_worker(our: Address, source: Address, name: str, target: Address, is_r
 
 def start_waiting(our: Address, transfers: Transfers) -> None:
     """Start queued downloads while slots are free (after one ends, or one went silent)."""
-    while transfers.waiting and not transfers.full():
-        key, target = transfers.waiting.popitem(last=False)
+    for key, target in list(transfers.waiting.items()):
+        if transfers.full():
+            return
+        if transfers.full(key[0]):
+            continue  # its provider has enough of ours waiting; others may start
+        del transfers.waiting[key]
         transfers.touch(key, worker=None)
         start_worker(our, our, key[1], target, True, transfers)
 
