@@ -374,3 +374,19 @@ def test_a_failed_worker_start_answers_the_download_with_an_error(monkeypatch):
     assert sent == [("response", {"Download": {"Err": "prov.dev could not start sending broken: no-file-at-path"}},
                      None)]
     assert not serving.SLOTS.serves("req.dev", "broken") and serving.SLOTS.serves("req.dev", "fine")
+    # queued, its turn comes and its worker cannot start: its next ask about its place hears why
+    for i in range(MAX_SERVING - 1):
+        serving.serve(our, _Msg(_requestor(Address, "busy.dev"), {}, {"ft": 1}), f"big{i}", our)
+    waiter = _requestor(Address, "wait.dev")
+    for name in ("broken", "fine2"):
+        serving.serve(our, _Msg(waiter, {}, {"ft": 1}), name, our)
+    ask = {"Progress": {"name": "broken", "progress": 0}}
+    assert serving.handles(our, _Msg(waiter, ask, {"ft": 1, "queue": True}))
+    assert sent[-1] == ("response", "Progress", {"ft": 1, "queued": 1})  # the control: waiting, first
+    serving.SLOTS.give_back("busy.dev", "big0")
+    serving.SLOTS.give_back("busy.dev", "big1")
+    assert serving.handles(our, _Msg(our, serving.SERVE_NEXT))
+    assert started[-1] == ("wait.dev", "fine2")  # the next in line still starts
+    assert serving.handles(our, _Msg(waiter, ask, {"ft": 1, "queue": True}))
+    assert sent[-1] == ("response", "Progress", {"ft": 1, "queued": None,
+                                                 "error": "prov.dev could not start sending broken: no-file-at-path"})

@@ -996,6 +996,16 @@ def test_queue_answers_that_are_not_a_place_change_nothing():
         assert r.state == ft.Requestor.REQUESTING
 
 
+def test_a_queued_requestor_fails_with_the_providers_reason_when_its_worker_cannot_start():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": 1})
+    assert r.queue_answer({"ft": 1, "queued": 1}, 1.0) == [] and r.state == ft.Requestor.QUEUED  # the control
+    actions = r.queue_answer({"ft": 1, "queued": None, "error": "bob.os could not start sending f: no-file-at-path"}, 2.0)
+    assert actions[-1] == ft.Exit("bob.os could not start sending f: no-file-at-path")
+    assert [a.metadata["error"] for a in actions if isinstance(a, ft.Send) and a.target == REQ_PARENT] == \
+        ["bob.os could not start sending f: no-file-at-path"]
+
+
 def test_cancel_while_queued_leaves_the_queue():
     r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
     r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": 1})

@@ -243,6 +243,8 @@ class Requestor:
         self.queue_ask_out = False
         if self.state != self.QUEUED:
             return []
+        if isinstance(meta.get("error"), str):  # our turn came but the provider could not start its worker
+            return self.fail(meta["error"], keep=True, now=now)
         place = meta.get("queued")
         if place == 0 and not isinstance(place, bool):
             if self.queue_place != 0:  # its worker is starting: the Size is due within the timeout

@@ -29,6 +29,9 @@ class Serving:
         # (requestor worker as text, name) -> [requestor worker, our target address, its last word], in order
         self.queue: "OrderedDict[tuple, list]" = OrderedDict()
         self.next_asked = False
+        # (requestor worker as text, name) -> why its worker could not start when its turn came:
+        # said in answer to its next ask (a few kept: one that never asks again is forgotten)
+        self.failed: "OrderedDict[tuple, str]" = OrderedDict()
 
     def _expire(self, now: float) -> None:
         kept = [s for s in self.slots if now - s[1] < SERVING_LEASE]
@@ -104,8 +107,13 @@ def _start(our: Address, requestor: Address, name: str, target: Address, answer:
     except Err as e:
         SLOTS.give_back(requestor.node, name)
         println(f"error: could not start a worker to send {name}: {e.value}")
+        why = f"{our.node} could not start sending {name}: {e.value}"
         if answer:  # else the requestor would wait for a Size until its handshake timeout
-            Response().body({"Download": {"Err": f"{our.node} could not start sending {name}: {e.value}"}}).send()
+            Response().body({"Download": {"Err": why}}).send()
+        else:  # its turn came from the queue: its next ask hears why
+            SLOTS.failed[(str(requestor), name)] = why
+            while len(SLOTS.failed) > MAX_QUEUED_PER_NODE:
+                SLOTS.failed.popitem(last=False)
 
 
 def handles(our: Address, msg: Message) -> bool:
@@ -142,6 +150,9 @@ def handles(our: Address, msg: Message) -> bool:
         key = (str(msg.source), name)
         if meta.get("error"):
             SLOTS.queue.pop(key, None)  # it gave up waiting: its place goes to the next
+            return True
+        if key in SLOTS.failed:
+            Response().body("Progress").metadata({"ft": 1, "queued": None, "error": SLOTS.failed.pop(key)}).send()
             return True
         place = SLOTS.place(key)
         if place is not None:
