@@ -962,6 +962,27 @@ def test_queued_requestor_gives_up_when_the_provider_goes_silent_or_offline():
         f"bob.os did not start sending within {ft_common.HANDSHAKE_TIMEOUT} s")
 
 
+def test_a_long_wait_at_one_place_is_reported_on_every_tick():
+    """The parent forgets a download it has not heard of for STALL_TIMEOUT: a requestor waiting at
+    the same place for twice that still reports on every tick, and a move is reported too."""
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.start()
+    first = r.response("download", {"Download": {"Ok": None}}, 1.0, {"ft": 1, "queued": 2})
+    heard = [1.0] if first[0].target == REQ_PARENT else []
+    now = 1.0
+    while now < 1.0 + 2 * ft_common.STALL_TIMEOUT:
+        now += ft_common.TICK
+        actions = r.tick(now)
+        assert actions[-1] == ft.ArmTimer(ft_common.TICK) and r.state == ft.Requestor.QUEUED
+        assert any(isinstance(a, ft.Send) and a.target == PEER_MAIN and a.context == "queue" for a in actions)
+        heard += [now for a in actions if isinstance(a, ft.Send) and a.target == REQ_PARENT and a.metadata.get("queued") == 2]
+        assert r.queue_answer({"ft": 1, "queued": 2}, now + 0.1) == []  # the same place: no report of its own
+        assert now - heard[-1] < ft_common.STALL_TIMEOUT, (now, heard)
+    assert heard == [1.0] + [1.0 + ft_common.TICK * i for i in range(1, len(heard))]  # every tick
+    moved = r.queue_answer({"ft": 1, "queued": 1}, now + 1)  # the control: a move is reported at once
+    assert [a.metadata["queued"] for a in moved if isinstance(a, ft.Send) and a.target == REQ_PARENT] == [1]
+
+
 def test_queue_answers_that_are_not_a_place_change_nothing():
     r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
     r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": 4})
@@ -973,6 +994,16 @@ def test_queue_answers_that_are_not_a_place_change_nothing():
         r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=extended)
         assert r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": place}) == []
         assert r.state == ft.Requestor.REQUESTING
+
+
+def test_a_queued_requestor_fails_with_the_providers_reason_when_its_worker_cannot_start():
+    r = Requestor("f", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.response("download", {"Download": {"Ok": None}}, 0.0, {"ft": 1, "queued": 1})
+    assert r.queue_answer({"ft": 1, "queued": 1}, 1.0) == [] and r.state == ft.Requestor.QUEUED  # the control
+    actions = r.queue_answer({"ft": 1, "queued": None, "error": "bob.os could not start sending f: no-file-at-path"}, 2.0)
+    assert actions[-1] == ft.Exit("bob.os could not start sending f: no-file-at-path")
+    assert [a.metadata["error"] for a in actions if isinstance(a, ft.Send) and a.target == REQ_PARENT] == \
+        ["bob.os could not start sending f: no-file-at-path"]
 
 
 def test_cancel_while_queued_leaves_the_queue():

@@ -18,8 +18,10 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
 - Queue (extended requestors only): a provider serving MAX_SERVING files answers a Download with
   `{"ft":1, "queued": K}` (place K in its queue); the requestor waits, asking its place every TICK
   (a `Progress` request with `{"ft":1, "queue": true}`, answered `{"ft":1, "queued": K}`, K = 0 once
-  its worker starts, null if unknown) and leaves the queue with `{"ft":1, "queue": true, "error"}`.
-  A plain requestor cannot be told to wait (it gives up when no Size comes): it is served at once.
+  its worker starts, null if unknown, with `"error"` if its worker could not be started) and leaves
+  the queue with `{"ft":1, "queue": true, "error"}`.
+  A plain requestor cannot be told to wait (it gives up when no Size comes): with no slot free, or
+  others waiting, its Download is answered with an Err saying the node is busy.
 - A provider worker tells its parent every TICK that it still serves, and when it ends
   (`Progress` with `{"ft":1, "serving": true|false, "peer"}`), so the parent knows its free slots.
 - Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.

@@ -243,6 +243,8 @@ class Requestor:
         self.queue_ask_out = False
         if self.state != self.QUEUED:
             return []
+        if isinstance(meta.get("error"), str):  # our turn came but the provider could not start its worker
+            return self.fail(meta["error"], keep=True, now=now)
         place = meta.get("queued")
         if place == 0 and not isinstance(place, bool):
             if self.queue_place != 0:  # its worker is starting: the Size is due within the timeout
@@ -444,6 +446,9 @@ class Requestor:
         actions: list = []
         if self.state == self.QUEUED:
             self._ask_queue_place(actions)
+            # the parent drops a download it has not heard of for STALL_TIMEOUT: a long wait at one
+            # place must not look like a dead worker (and let a second one start on the same partial)
+            self._report(actions, now, **({"queued": self.queue_place} if self.queue_place else {}))
         else:
             self._keepalive(actions)
         actions.append(ArmTimer(TICK))

@@ -22,6 +22,10 @@ from process_lib import (Address, Message, ProcessId, Request, Response, SendErr
 
 
 HISTORY = 50  # finished and failed downloads kept for the web page
+# downloads waiting in their providers' queues: they do not hold one of the MAX_DOWNLOADS (a busy
+# node must not stall downloads from idle ones), but each is a worker instance, so they are bounded:
+# this many in all, MAX_DOWNLOADS at any one provider (more wait here, as workers would wait there)
+MAX_QUEUED_AT_PEERS = 8
 
 
 class Transfers:
@@ -39,10 +43,23 @@ class Transfers:
         return key in self.waiting or (t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT)
 
     def running(self) -> int:
-        """Downloads that hold a slot; one whose worker went silent gives it up after the stall
-        timeout."""
+        """Downloads that hold a slot: not those waiting in their provider's queue; one whose worker
+        went silent gives it up after the stall timeout."""
         now = time.monotonic()
-        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT)
+        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and not _at_peer(t))
+
+    def queued_at_peers(self, node=None) -> int:
+        """Downloads waiting in their provider's queue (node's only, if given)."""
+        now = time.monotonic()
+        return sum(1 for (peer, _), t in self.active.items()
+                   if now - t["seen"] < STALL_TIMEOUT and _at_peer(t) and node in (None, peer))
+
+    def full(self, node=None) -> bool:
+        """No new worker now (toward `node`): MAX_DOWNLOADS run, or MAX_QUEUED_AT_PEERS wait at their
+        providers, or MAX_DOWNLOADS at that one. So at most MAX_DOWNLOADS + MAX_QUEUED_AT_PEERS
+        requestor workers exist, and MAX_DOWNLOADS * 2 toward one provider."""
+        return (self.running() >= MAX_DOWNLOADS or self.queued_at_peers() >= MAX_QUEUED_AT_PEERS
+                or (node is not None and self.queued_at_peers(node) >= MAX_DOWNLOADS))
 
     def touch(self, key: tuple, **fields) -> dict:
         t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": float("-inf")})
@@ -65,6 +82,12 @@ class Transfers:
                  **({"files": t["files"], "of": t["of"]} if t.get("of") is not None else {})}  # a folder
                 for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
         return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
+
+
+def _at_peer(t: dict) -> bool:
+    """The download waits in its provider's queue (place 1 or more)."""
+    place = t.get("queued_at")
+    return isinstance(place, int) and not isinstance(place, bool) and place > 0
 
 
 class Access:
@@ -197,7 +220,7 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     key = (target_addr.node, name)
     if transfers.busy(key):
         return f"{name} is already being downloaded from {target_addr.node}", False
-    if transfers.running() >= MAX_DOWNLOADS:
+    if transfers.full(target_addr.node):
         transfers.waiting[key] = target_addr
         print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
                              f"{MAX_DOWNLOADS} downloads at once)")
@@ -219,8 +242,12 @@ def start_worker(our: Address, source: Address, name: str, target: Address, is_r
 
 def start_waiting(our: Address, transfers: Transfers) -> None:
     """Start queued downloads while slots are free (after one ends, or one went silent)."""
-    while transfers.waiting and transfers.running() < MAX_DOWNLOADS:
-        key, target = transfers.waiting.popitem(last=False)
+    for key, target in list(transfers.waiting.items()):
+        if transfers.full():
+            return
+        if transfers.full(key[0]):
+            continue  # its provider has enough of ours waiting; others may start
+        del transfers.waiting[key]
         transfers.touch(key, worker=None)
         start_worker(our, our, key[1], target, True, transfers)
 
@@ -243,6 +270,7 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
                          secs=meta.get("secs", 0), **({"files": meta.get("of")} if meta.get("folder") else {}))
         verbosity = 0
     else:
+        was_at = transfers.active.get(key, {}).get("queued_at")
         t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
                             rate=meta.get("rate", 0.0), queued_at=meta.get("queued"),
                             files=meta.get("files"), of=meta.get("of"))
@@ -258,7 +286,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     elif meta.get("error"):
         println(f"error: download of {name} from {meta.get('peer')} failed: {meta['error']}")
     elif isinstance(meta.get("queued"), int):
-        println(f"{name}: queued at {meta.get('peer')}, position {meta['queued']}")
+        if meta["queued"] != was_at:  # a queued worker reports every tick; its place is said once
+            println(f"{name}: queued at {meta.get('peer')}, position {meta['queued']}")
     elif meta.get("done"):
         secs = max(meta.get("secs", 0), 1e-9)
         total = meta.get("total", 0)

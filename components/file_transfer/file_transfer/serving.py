@@ -29,6 +29,9 @@ class Serving:
         # (requestor worker as text, name) -> [requestor worker, our target address, its last word], in order
         self.queue: "OrderedDict[tuple, list]" = OrderedDict()
         self.next_asked = False
+        # (requestor worker as text, name) -> why its worker could not start when its turn came:
+        # said in answer to its next ask (a few kept: one that never asks again is forgotten)
+        self.failed: "OrderedDict[tuple, str]" = OrderedDict()
 
     def _expire(self, now: float) -> None:
         kept = [s for s in self.slots if now - s[1] < SERVING_LEASE]
@@ -70,11 +73,16 @@ SLOTS = Serving()
 
 
 def serve(our: Address, msg: Message, name: str, target: Address) -> None:
-    """A requestor's Download that passed the checks: start its worker now, or queue it (a plain
-    requestor cannot be told to wait, so it is served at once)."""
+    """A requestor's Download that passed the checks: start its worker now if a slot is free and
+    nobody waits for one, else queue it; a plain requestor cannot be told to wait, so it is refused."""
     extended = msg.meta().get("ft") == 1
-    if SLOTS.has_free() or not extended:
-        _start(our, msg.source, name, target)
+    if SLOTS.has_free() and not SLOTS.queue:
+        _start(our, msg.source, name, target, answer=True)
+        return
+    if not extended:
+        Response().body({"Download": {"Err": f"{our.node} is busy: {len(SLOTS.slots)} downloads being served"
+                                              f"{f', {len(SLOTS.queue)} waiting' if SLOTS.queue else ''}; "
+                                              f"try again later"}}).send()
         return
     key = (str(msg.source), name)
     if key not in SLOTS.queue:
@@ -90,13 +98,22 @@ def serve(our: Address, msg: Message, name: str, target: Address) -> None:
     Response().body({"Download": {"Ok": None}}).metadata({"ft": 1, "queued": place}).send()
 
 
-def _start(our: Address, requestor: Address, name: str, target: Address) -> None:
+def _start(our: Address, requestor: Address, name: str, target: Address, answer: bool = False) -> None:
+    """Start a serving worker; `answer`: the requestor's Download is the request being handled (the
+    worker API answers it Ok once the worker exists, so a failure is ours to answer)."""
     SLOTS.take(requestor.node, name)
     try:
         worker_api.start_download(to_wit_address(our), to_wit_address(requestor), name, to_wit_address(target), False)
     except Err as e:
         SLOTS.give_back(requestor.node, name)
         println(f"error: could not start a worker to send {name}: {e.value}")
+        why = f"{our.node} could not start sending {name}: {e.value}"
+        if answer:  # else the requestor would wait for a Size until its handshake timeout
+            Response().body({"Download": {"Err": why}}).send()
+        else:  # its turn came from the queue: its next ask hears why
+            SLOTS.failed[(str(requestor), name)] = why
+            while len(SLOTS.failed) > MAX_QUEUED_PER_NODE:
+                SLOTS.failed.popitem(last=False)
 
 
 def handles(our: Address, msg: Message) -> bool:
@@ -133,6 +150,9 @@ def handles(our: Address, msg: Message) -> bool:
         key = (str(msg.source), name)
         if meta.get("error"):
             SLOTS.queue.pop(key, None)  # it gave up waiting: its place goes to the next
+            return True
+        if key in SLOTS.failed:
+            Response().body("Progress").metadata({"ft": 1, "queued": None, "error": SLOTS.failed.pop(key)}).send()
             return True
         place = SLOTS.place(key)
         if place is not None:
