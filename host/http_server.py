@@ -37,7 +37,6 @@ import secrets
 import socket
 import stat
 import threading
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +44,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from host.kinode_types import check_relative_path
 from host.service import HostService as Service
 from host.types import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 
@@ -74,35 +74,13 @@ def load_or_create_token(home: Path) -> str:
     return token
 
 
-def check_file_name(name: Any) -> str:
-    """An error text if `name` is not a plain file name (the files drive's rule), else ''."""
-    if not isinstance(name, str) or not name:
-        return "file name is empty"
-    if len(name.encode("utf-8", "surrogatepass")) > 255:
-        return "file name is longer than 255 bytes"
-    if name.startswith("."):
-        return f"file name {name!r} may not start with '.'"
-    if any(ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
-        return f"file name {name!r} holds a path separator or control character"
-    return ""
-
-
 MAX_UPLOAD_DEPTH = 32  # folders in an uploaded file's relative path (a browser's folder upload)
 
 
 def check_upload_path(name: Any) -> str:
-    """check_file_name for every part of an uploaded file's relative path (`trip/day1/a.jpg`, as a
+    """The file-name rule for every part of an uploaded file's relative path (`trip/day1/a.jpg`, as a
     browser's folder upload names its files), or ''."""
-    if not isinstance(name, str) or not name:
-        return "file name is empty"
-    parts = name.split("/")
-    if len(parts) > MAX_UPLOAD_DEPTH:
-        return f"{name[:200]!r} is deeper than {MAX_UPLOAD_DEPTH} folders"
-    for part in parts:
-        problem = check_file_name(part)
-        if problem:
-            return problem
-    return ""
+    return check_relative_path(name, MAX_UPLOAD_DEPTH)
 
 
 def _open_folders(drive: Path, folders: list[str]) -> int:

@@ -96,3 +96,18 @@ def check_file_name(name: object) -> str:
     if _BAD_NAME_CHAR.search(name):
         return f"file name {name!r} holds a path separator or control character"
     return ""
+
+
+def check_relative_path(path: object, max_depth: int) -> str:
+    """Why `path` is not a relative path of plain file names (`trip/day1/a.jpg`, at most `max_depth`
+    parts: a folder's entry, a browser's folder upload), or '' if it is."""
+    if not isinstance(path, str) or not path:
+        return "file name is empty"
+    parts = path.split("/")
+    if len(parts) > max_depth:
+        return f"deeper than {max_depth} levels (the limit): {path[:200]!r}"
+    for part in parts:
+        problem = check_file_name(part)
+        if problem:
+            return f"{path[:200]!r}: {problem}" if len(parts) > 1 else problem
+    return ""

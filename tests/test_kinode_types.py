@@ -106,3 +106,15 @@ def test_file_name_rule_matches_its_definition(name):
     plain = (0 < len(name.encode("utf-8", "surrogatepass")) <= 255 and not name.startswith(".")
              and not any(c in "/\\" or unicodedata.category(c) in ("Cc", "Cs") for c in name))
     assert (kt.check_file_name(name) == "") == plain
+
+
+@pytest.mark.parametrize("path,why", [
+    ("a/b/c.txt", ""), ("one.txt", ""),
+    ("", "file name is empty"), (None, "file name is empty"),
+    ("a/../b", "may not start with '.'"), ("a//b", "file name is empty"), ("/abs", "file name is empty"),
+    ("a/.git/x", "may not start with '.'"), ("a\\b/c", "path separator"),
+    ("/".join(["d"] * 5), "deeper than 4 levels (the limit)"),
+])
+def test_relative_paths_follow_the_file_name_rule_in_every_part(path, why):
+    got = kt.check_relative_path(path, 4)
+    assert (why in got and got != "") if why else got == "", got

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HANDSHAKE_TIMEOUT, MAX_FOLDER_DEPTH,
-                       MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_name)
+                       MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path)
 from ft_protocol import ArmTimer, Exit, Log, Reply, Send
 
 HEX = frozenset("0123456789abcdef")
@@ -95,14 +95,7 @@ def check_path(path: Any) -> str:
     """Why a tree-relative path may not be sent or written, or ''."""
     if not isinstance(path, str) or not path:
         return "a path that is not a non-empty string"
-    parts = path.split("/")
-    if len(parts) > MAX_FOLDER_DEPTH:
-        return f"deeper than {MAX_FOLDER_DEPTH} levels (the limit): {path[:200]!r}"
-    for part in parts:
-        problem = check_name(part)
-        if problem:
-            return f"{path[:200]!r}: {problem}"
-    return ""
+    return check_relative_path(path, MAX_FOLDER_DEPTH)
 
 
 def check_manifest(manifest: Any) -> str:
