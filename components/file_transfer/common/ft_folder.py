@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HANDSHAKE_TIMEOUT, MAX_FOLDER_DEPTH,
                        MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path)
-from ft_protocol import ArmTimer, Exit, Log, Reply, Send
+from ft_protocol import ArmTimer, Exit, Log, Reply, Send, screen_request
 
 HEX = frozenset("0123456789abcdef")
 # The listing travels as one message's blob; a node refuses a message over 10,485,800 bytes
@@ -223,14 +223,9 @@ class FolderRequestor:
 
     def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: Optional[int],
                 now: float) -> list:
-        if self.state in (self.DONE, self.FAILED):
-            return []
-        if source == self.parent and meta.get("cancel"):
-            return self.fail("cancelled", keep=False, now=now)
-        if source.node != self.peer_node:
-            return [Log(f"worker: ignored a bad message from {source}: not the peer of this transfer")]
-        if meta.get("error"):
-            return self.fail(f"{self.peer_node}: {meta['error']}", keep=meta.get("keep") is not False, now=now)
+        screened = screen_request(self, source, meta, now)
+        if screened is not None:
+            return screened
         if isinstance(body, dict) and isinstance(body.get("Chunk"), dict) and source == self.provider:
             return self.batch(meta.get("batch"), wants_answer, blob_len or 0, now)
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]

@@ -157,6 +157,21 @@ def address_json(a: Any) -> dict:
 
 
 # ---- the requestor -----------------------------------------------------------------------------
+def screen_request(m: Any, source: Any, meta: dict, now: float) -> Optional[list]:
+    """What a requestor (a file's or a folder's) does with a request before looking at its body: the
+    actions if it is an end, a cancel, a stranger's or the provider's error; None to go on."""
+    if m.state in (m.DONE, m.FAILED):
+        return []
+    if source == m.parent and meta.get("cancel"):
+        return m.fail("cancelled", keep=False, now=now)
+    if source.node != m.peer_node:
+        return [Log(f"worker: ignored a bad message from {source}: not the peer of this transfer")]
+    if meta.get("error"):
+        # keep the partial for a resume, unless the provider says it is of no use
+        return m.fail(f"{m.peer_node}: {meta['error']}", keep=meta.get("keep") is not False, now=now)
+    return None
+
+
 class Requestor:
     """Fetches `name` from `peer` (its file_transfer, then its worker) into a partial file."""
 
@@ -271,15 +286,9 @@ class Requestor:
     def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: Optional[int],
                 now: float) -> list:
         """A request from the peer's node: Size, Chunk, the final hash, or an error."""
-        if self.state in (self.DONE, self.FAILED):
-            return []
-        if source == self.parent and meta.get("cancel"):
-            return self.fail("cancelled", keep=False, now=now)
-        if source.node != self.peer_node:
-            return [Log(f"worker: ignored a bad message from {source}: not the peer of this transfer")]
-        if meta.get("error"):
-            # keep the partial for a resume, unless the provider says it is of no use
-            return self.fail(f"{self.peer_node}: {meta['error']}", keep=meta.get("keep") is not False, now=now)
+        screened = screen_request(self, source, meta, now)
+        if screened is not None:
+            return screened
         if isinstance(body, dict):
             if "Size" in body:
                 return self.size_announced(source, body["Size"], meta, wants_answer, now)
