@@ -1,16 +1,48 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a part.
+"""File writing helpers: atomic writes (a reader sees the old file or the whole new one, never a
+part), and the pieces of a write around the page cache shared by the VFS's writers.
 
 The new contents go to a temporary file in the same folder (so the rename stays on one filesystem),
 then `os.replace` swaps it in. With `fsync=True` the data and the rename survive a power cut too.
 """
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
+
+MAX_IO = 0x7FFFF000      # Linux caps one read/write call at this many bytes
+# A write of DIRECT_MIN bytes or more at a DIRECT_ALIGN-aligned offset may go around the page cache
+# (O_DIRECT, from a page-aligned buffer): copying into fresh page-cache pages is the costliest step
+# of a big write on a VM, and the final fsync then has little left to flush.
+DIRECT_MIN = 1 << 20
+DIRECT_ALIGN = 4096
+_aligned_buffers = threading.local()
+
+
+def aligned_buffer(n: int) -> memoryview:
+    """A page-aligned buffer of at least `n` bytes, one per thread, reused."""
+    buf = getattr(_aligned_buffers, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = mmap.mmap(-1, max(n, 4 << 20))
+        _aligned_buffers.buf = buf
+    return memoryview(buf)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    """pwrite all of `data` at `pos` (a short write is retried; none at all is an error)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view[:MAX_IO], pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        pos += n
 
 PathLike = Union[str, "os.PathLike[str]"]
 Data = Union[bytes, bytearray, memoryview]

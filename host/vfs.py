@@ -26,7 +26,6 @@ import errno
 import hashlib
 import io
 import json
-import mmap
 import os
 import secrets
 import shutil
@@ -50,7 +49,6 @@ HASH_PIECE = 1 << 20              # piece size for Hash
 MAX_OFFSET = 2**63 - 1            # largest file offset the OS accepts (off_t)
 U64_MAX = 2**64 - 1
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
-_MAX_IO = 0x7FFFF000              # Linux caps one read/write call at this many bytes
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -305,13 +303,13 @@ def _inside(path: str, base: str) -> bool:
 
 
 def _pread_exact(fd: int, n: int, pos: int) -> bytes:
-    data = os.pread(fd, min(n, _MAX_IO), pos)
-    if len(data) == n or len(data) < min(n, _MAX_IO):
+    data = os.pread(fd, min(n, fsutil.MAX_IO), pos)
+    if len(data) == n or len(data) < min(n, fsutil.MAX_IO):
         return data
     parts = [data]
     got = len(data)
     while got < n:
-        b = os.pread(fd, min(n - got, _MAX_IO), pos + got)
+        b = os.pread(fd, min(n - got, fsutil.MAX_IO), pos + got)
         if not b:
             break
         parts.append(b)
@@ -330,16 +328,6 @@ def _pread_to_eof(fd: int, pos: int) -> bytes:
     return _pread_exact(fd, want, pos)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[:_MAX_IO], pos)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        view = view[n:]
-        pos += n
-
-
 # A large WriteAll is answered at once and written by a background thread ("write-behind"), so the
 # writing process handles its next message while the disk works. The process's next VFS request
 # waits for that write first, and is answered with its error if it failed (as an OS reports write
@@ -347,24 +335,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
 # reuses the fd under it.
 WRITE_BEHIND_MIN = 256 * 1024
 PKG_DRIVE = "pkg"  # where a package is installed (its files may be hard links to the build)
-
-# A write-behind write of DIRECT_MIN bytes or more at a block-aligned offset goes around the page
-# cache (O_DIRECT, from a reused aligned buffer). Copying into fresh page-cache pages is the
-# costliest step of a big download on a VM (measured: 2.2 CPU-s per GiB in pwrite, against 0.2 s
-# direct), and the final fsync then has little left to flush. Filesystems without O_DIRECT
-# (tmpfs) and unaligned writes use the page cache as before.
-DIRECT_MIN = 1 << 20
-_ALIGN = 4096
-_direct_buffers = threading.local()
-
-
-def _aligned_buffer(n: int) -> memoryview:
-    buf = getattr(_direct_buffers, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = mmap.mmap(-1, max(n, 4 << 20))   # page-aligned; one per writer thread, reused
-        _direct_buffers.buf = buf
-    return memoryview(buf)
-
 
 class _Handle:
     __slots__ = ("fd", "pos", "lock", "closed", "key", "direct_fd")
@@ -389,9 +359,9 @@ class _Handle:
 def _write_at(h: _Handle, data, pos: int) -> None:
     """pwrite all of `data` at `pos`, around the page cache when it is big and aligned."""
     n = len(data)
-    body = n - n % _ALIGN
-    if n >= DIRECT_MIN and pos % _ALIGN == 0 and h.direct() >= 0:
-        view = _aligned_buffer(body)
+    body = n - n % fsutil.DIRECT_ALIGN
+    if n >= fsutil.DIRECT_MIN and pos % fsutil.DIRECT_ALIGN == 0 and h.direct() >= 0:
+        view = fsutil.aligned_buffer(body)
         view[:body] = memoryview(data)[:body]
         done = 0
         try:
@@ -407,9 +377,9 @@ def _write_at(h: _Handle, data, pos: int) -> None:
             h.direct_fd = -1        # this filesystem refuses O_DIRECT after all: use the cache
         if done == body:
             if n > body:
-                _pwrite_all(h.fd, memoryview(data)[body:], pos + body)
+                fsutil.pwrite_all(h.fd, memoryview(data)[body:], pos + body)
             return
-    _pwrite_all(h.fd, data, pos)
+    fsutil.pwrite_all(h.fd, data, pos)
 
 
 @dataclass
@@ -943,7 +913,7 @@ class Vfs:
                         piece = os.pread(sfd, CHUNK, pos)
                         if not piece:
                             break
-                        _pwrite_all(dfd, piece, pos)
+                        fsutil.pwrite_all(dfd, piece, pos)
                         pos += len(piece)
             except FileNotFoundError:
                 raise _io_error(f"destination directory does not exist: {new.text}", new.text) from None
@@ -1013,7 +983,7 @@ class Vfs:
             with self._ino_lock(h.fd):
                 os.ftruncate(h.fd, 0)
                 try:
-                    _pwrite_all(h.fd, data, 0)
+                    fsutil.pwrite_all(h.fd, data, 0)
                 except OSError:
                     _quietly(os.ftruncate, h.fd, 0)   # all or nothing: leave an empty file
                     raise
@@ -1058,7 +1028,7 @@ class Vfs:
                 if old + len(data) > MAX_OFFSET:
                     raise _bad_request(f"append would pass the largest file offset: {vp.text}")
                 try:
-                    _pwrite_all(h.fd, data, old)
+                    fsutil.pwrite_all(h.fd, data, old)
                 except OSError:
                     _quietly(os.ftruncate, h.fd, old)
                     raise

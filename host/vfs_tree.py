@@ -11,68 +11,46 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import stat
-import threading
 from typing import Any, Callable, Optional
 
 import blake3
+
+from host import fsutil
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO swapped in can never block an open
 
 
-# A big piece at an aligned offset is written around the page cache, as the VFS's big writes are
-# (host/vfs.py, DIRECT_MIN): copying into fresh page-cache pages is the costliest step there.
-DIRECT_MIN = 1 << 20
 # One ReadMany's bytes are held in memory whole: a caller may not ask for more (a folder's batch is
 # far smaller).
 MAX_READ_MANY = 64 << 20
-_ALIGN = 4096
-_buffers = threading.local()
-
-
-def _aligned(n: int) -> memoryview:
-    buf = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = mmap.mmap(-1, max(n, 4 << 20))   # page-aligned; one per thread, reused
-        _buffers.buf = buf
-    return memoryview(buf)
-
-
-def _pwrite_all(fd: int, data, pos: int) -> None:
-    done = 0
-    while done < len(data):
-        k = os.pwrite(fd, data[done:], pos + done)
-        if k <= 0:
-            raise OSError(errno.EIO, "short write")
-        done += k
 
 
 def _write_piece(fd: int, piece: memoryview, offset: int) -> None:
     n = len(piece)
-    body = n - n % _ALIGN
-    if n >= DIRECT_MIN and offset % _ALIGN == 0 and hasattr(os, "O_DIRECT"):
+    body = n - n % fsutil.DIRECT_ALIGN
+    if n >= fsutil.DIRECT_MIN and offset % fsutil.DIRECT_ALIGN == 0 and hasattr(os, "O_DIRECT"):
         try:
             dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
             dfd = -1   # no O_DIRECT here (tmpfs): the page cache, as for small pieces
         if dfd >= 0:
             try:
-                view = _aligned(body)
+                view = fsutil.aligned_buffer(body)
                 view[:body] = piece[:body]
-                _pwrite_all(dfd, view[:body], offset)
+                fsutil.pwrite_all(dfd, view[:body], offset)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 body = 0   # refused after all: write it all the ordinary way
             finally:
                 os.close(dfd)
-            _pwrite_all(fd, piece[body:], offset + body)
+            fsutil.pwrite_all(fd, piece[body:], offset + body)
             return
-    _pwrite_all(fd, piece, offset)
+    fsutil.pwrite_all(fd, piece, offset)
 
 
 class TreeError(Exception):
@@ -343,7 +321,7 @@ def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Opti
                 tmp = f".{state_parts[-1]}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644, dir_fd=parent)
                 try:
-                    _pwrite_all(fd, state_text.encode("utf-8"), 0)
+                    fsutil.pwrite_all(fd, state_text.encode("utf-8"), 0)
                 finally:
                     os.close(fd)
                 os.rename(tmp, state_parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
