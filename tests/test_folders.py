@@ -400,7 +400,7 @@ def test_a_folder_download_queued_at_a_busy_provider_completes(node_factory):
     provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
     spec = {"x.txt": b"x" * 100, "d/y.bin": os.urandom(1 << 20), "d/e": None}
     make_files(provider.files / "pics", spec)
-    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 64 << 20) for i in range(MAX_SERVING)}
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 192 << 20) for i in range(MAX_SERVING)}
     busy.type("verbosity 1")
     busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
     wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
