@@ -23,11 +23,13 @@ if [ ! -f "$deps_stamp" ]; then
 fi
 
 # process_lib is staged alone so componentize-py bundles only it, not the rest of components/,
-# with the host's kinode_types (ids and naming rules) beside it as a top-level module
+# with the host's kinode_types (ids and naming rules) beside it, importable as host.kinode_types in
+# guests as in the host
 STAGE=$ROOT/build/pylib
-rm -rf "$STAGE" && mkdir -p "$STAGE/process_lib"
+rm -rf "$STAGE" && mkdir -p "$STAGE/process_lib" "$STAGE/host"
 cp components/process_lib/*.py "$STAGE/process_lib/"
-cp host/kinode_types.py "$STAGE/"
+cp host/kinode_types.py "$STAGE/host/"
+echo '"""The host modules that guests share: kinode_types only."""' > "$STAGE/host/__init__.py"
 
 build_one() {  # package_dir process_dir [output_package_dir]
     local pkg=$1 dir=$2 dest=${3:-$1} name world out inputs
@@ -121,7 +123,7 @@ if [ "${PORTABLE:-}" = 1 ]; then
             cmp -s "$src" "$dest/pkg/$(basename "$rel")" 2>/dev/null || cp "$src" "$dest/pkg/"
         done
     done
-    "$VENV/bin/python" -m host.wasm build/portable/*/pkg/*.wasm
+    "$VENV/bin/python" -m host.runtime.wasm build/portable/*/pkg/*.wasm
     echo "== done: portable packages in build/portable/ (run them with --packages build/portable)"
     exit 0
 fi
@@ -162,6 +164,6 @@ for links in components/*/links.txt; do
 done
 
 echo "== compiling components into the wasmtime cache"
-"$VENV/bin/python" -m host.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm tests/liar/*/pkg/*.wasm \
+"$VENV/bin/python" -m host.runtime.wasm components/*/pkg/*.wasm tests/packages/*/pkg/*.wasm tests/liar/*/pkg/*.wasm \
     tests/conformance/packages/*/pkg/*.wasm $(ls tests/conformance/guests/*/pkg/*.wasm 2>/dev/null)
 echo "== done. Run a node: .venv/bin/python -m host --node fake.dev"

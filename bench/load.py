@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import free_port  # noqa: E402
 from transfer import FILES, REPO, peak_rss_mib, run_remote, start_node  # noqa: E402
 
-from host.control import run_command  # noqa: E402
+from host.terminal.control import run_command  # noqa: E402
 
 TEST_PACKAGES = ["--packages", str(REPO / "components"), "--packages", str(REPO / "tests" / "packages")]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from host.control import run_remote  # noqa: E402
+from host.terminal.control import run_remote  # noqa: E402
 
 FILES = "vfs/file_transfer:template.os/files"
 

@@ -77,7 +77,7 @@ def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
                    help="Wasm instances the node runs at once, processes and the libraries they link "
                         f"(default {d.max_processes}, or $KINODE_MAX_PROCESSES); starting one more fails")
     p.add_argument("--no-fastconv", dest="fastconv", action="store_false", default=d.fastconv,
-                   help="convert values with wasmtime-py's own code, not host/fastconv.py (slower; "
+                   help="convert values with wasmtime-py's own code, not host/runtime/fastconv.py (slower; "
                         "also KINODE_FASTCONV=0)")
     p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
                    help="run the node on these CPUs only, e.g. 0 or 0-3,6 (default: all). Several nodes on "
@@ -166,11 +166,11 @@ def _limit_malloc_arenas() -> None:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["id"]:
-        from host.net import id_command
+        from host.net.network import id_command
         return id_command(argv[1:])
     if argv[:1] == ["run"]:
         args = run_parser().parse_args(argv[1:])
-        from host.control import run_command
+        from host.terminal.control import run_command
         outcome = run_command(args.home, " ".join(args.command), args.wait, args.until, args.timeout, out=sys.stdout)
         if outcome.status != 0:
             print(f"error: {outcome.reason}", file=sys.stderr)

@@ -12,24 +12,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, TextIO
 
 from host import packages
-from host.commands import Commands
-from host.control import ControlServer, NodeCommands
+from host.terminal.commands import Commands
+from host.terminal.control import ControlServer, NodeCommands
 from host import fsutil
-from host.kernel import Kernel
-from host.kernel_service import KernelService
-from host.net_service import NetService
+from host.kernel.kernel import Kernel
+from host.kernel.service import KernelService
+from host.net.service import NetService
 from host.settings import Settings
-from host.terminal import TerminalOutput
-from host.terminal_service import TERMINAL_ID, TerminalService
-from host.timer_service import TimerService
-from host.types import Address, ProcessId
-from host.vfs import Vfs
-from host.vfs_service import VfsService
-from host.wasm import Runtime
+from host.terminal.output import TerminalOutput
+from host.terminal.service import TERMINAL_ID, TerminalService
+from host.timer.service import TimerService
+from host.messages import Address, ProcessId
+from host.vfs.store import Vfs
+from host.vfs.service import VfsService
+from host.runtime.wasm import Runtime
 
 if TYPE_CHECKING:
-    from host.http_server import HttpServerService
-    from host.net import Network
+    from host.http.server import HttpServerService
+    from host.net.network import Network
 
 log = logging.getLogger("host.node")
 
@@ -106,8 +106,8 @@ class Node:
         self._lock_file = f
 
     def _start_network(self) -> None:
-        from host import net
-        from host.directory import Directory, NameTaken, PeersFileError, parse_host_port
+        from host.net import network as net
+        from host.net.directory import Directory, NameTaken, PeersFileError, parse_host_port
         identity = net.load_or_create_identity(self.home)
         directory = Directory(self.settings.directory, peers_file=self.settings.peers,
                               on_problem=self.terminal.error)
@@ -137,7 +137,7 @@ class Node:
         self.kernel.net = self.net
 
     def _start_http(self) -> None:
-        from host.http_server import HttpServerService
+        from host.http.server import HttpServerService
         self.http = HttpServerService(self.kernel, self.home, self.port, self.settings.http_host or "127.0.0.1",
                                       self.settings.http_timeout)
         try:
@@ -169,7 +169,7 @@ class Node:
         if self.http is not None:
             self.http.stop()
 
-    # ---- terminal actions (host.commands.NodeControl) ---------------------------------------
+    # ---- terminal actions (host.terminal.commands.NodeControl) ---------------------------------------
     @property
     def node_name(self) -> str:
         return self.name

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from host.kernel import Kernel, messaging_cap
-from host.kernel_api import OnExit
-from host.types import Address, Capability, PackageId, ProcessId
-from host.vfs_service import VFS_ID
+from host.kernel.kernel import Kernel, messaging_cap
+from host.kernel.api import OnExit
+from host.messages import Address, Capability, PackageId, ProcessId
+from host.vfs.service import VFS_ID
 
 log = logging.getLogger("host.packages")
 

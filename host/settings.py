@@ -28,11 +28,11 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """What the Wasm runtime (`host/wasm.py`) needs; also used alone by `python -m host.wasm`."""
+    """What the Wasm runtime (`host/runtime/wasm.py`) needs; also used alone by `python -m host.runtime.wasm`."""
     cache_dir: Path                         # compiled components, shared by the nodes of a machine
     max_instances: int = DEFAULT_MAX_PROCESSES
-    pooling: bool = False                   # wasmtime's pooling allocator (see host/wasm.py)
-    fastconv: bool = True                   # host/fastconv.py's value conversion
+    pooling: bool = False                   # wasmtime's pooling allocator (see host/runtime/wasm.py)
+    fastconv: bool = True                   # host/runtime/fastconv.py's value conversion
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Settings:
     http_timeout: float = DEFAULT_HTTP_TIMEOUT  # seconds a process has to answer an HTTP request
     packages: tuple[Path, ...] = (DEFAULT_PACKAGES,)
     peers: Optional[Path] = None            # JSON list of peers on other machines
-    bind: Optional[tuple[str, ...]] = None  # listen addresses; None: see host.net.listen_addresses
+    bind: Optional[tuple[str, ...]] = None  # listen addresses; None: see host.net.network.listen_addresses
     advertise: Optional[str] = None         # HOST[:PORT] other nodes should dial, if not the bound one
     routers: tuple[str, ...] = ()           # an indirect node: reached through these nodes
     is_router: bool = False                 # relay for indirect nodes that name this one

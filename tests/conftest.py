@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from host.control import run_remote  # noqa: E402
+from host.terminal.control import run_remote  # noqa: E402
 
 FT_FILES = "vfs/file_transfer:template.os/files"
 TEST_PACKAGES = REPO / "tests" / "packages"

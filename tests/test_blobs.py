@@ -6,9 +6,9 @@ import os
 import blake3
 import pytest
 
-from host import abi as hp
-from host.process import current
-from host.types import Blob
+from host.kernel import standard_host as hp
+from host.kernel.process import current
+from host.messages import Blob
 
 
 class _Proc:

@@ -1,4 +1,4 @@
-"""The control socket (host/control.py): frames, statuses, and clients that misbehave.
+"""The control socket (host/terminal/control.py): frames, statuses, and clients that misbehave.
 
 Most tests run the real ControlServer against a scripted stand-in for the node (no Wasm needed);
 the last ones use a real node.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from host import control
-from host.control import ControlServer, run_command
-from host.types import ProcessId
+from host.terminal import control
+from host.terminal.control import ControlServer, run_command
+from host.messages import ProcessId
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = ProcessId("123", "pkg", "pub.os")

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from host import directory as dirmod
-from host.directory import Directory, NameTaken, NodeRecord
+from host.net import directory as dirmod
+from host.net.directory import Directory, NameTaken, NodeRecord
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
@@ -62,7 +62,7 @@ def test_reregister_after_clean_stop(d, clock, caplog):
     assert d.lookup("a.os").online
     d.unregister("a.os", KEY_A)
     assert not d.lookup("a.os").online
-    with caplog.at_level(logging.WARNING, logger="host.directory"):
+    with caplog.at_level(logging.WARNING, logger="host.net.directory"):
         d.register("a.os", KEY_B, "10.0.0.2", 9100)
     assert d.lookup("a.os") == NodeRecord("a.os", KEY_B, "10.0.0.2", 9100, True)
     assert any("a.os re-registered with a new key; previous holder gone" in r.getMessage()
@@ -72,7 +72,7 @@ def test_reregister_after_clean_stop(d, clock, caplog):
 def test_reregister_after_staleness(d, clock, caplog):
     d.register("a.os", KEY_A, "127.0.0.1", 9000)
     clock[0] += dirmod.STALE_AFTER + 1
-    with caplog.at_level(logging.WARNING, logger="host.directory"):
+    with caplog.at_level(logging.WARNING, logger="host.net.directory"):
         d.register("a.os", KEY_B, "127.0.0.1", 9100)
     assert d.lookup("a.os").public_key == KEY_B
     assert any("re-registered with a new key" in r.getMessage() for r in caplog.records)
@@ -130,7 +130,7 @@ def test_peers_file(tmp_path, caplog):
                        "entry 3 (noport.os): missing port")]:
         peers.write_text(json.dumps(good + [bad]))
         os.utime(peers, ns=(len(problems) + 1, len(problems) + 1))
-        with caplog.at_level(logging.WARNING, logger="host.directory"):
+        with caplog.at_level(logging.WARNING, logger="host.net.directory"):
             assert d.lookup("far.os").port == 9300
             assert d.lookup(bad["name"]) is None
         assert says in problems[-1] and "still using the last good peers (2 entries)" in problems[-1]
@@ -149,7 +149,7 @@ def test_nodes_starting_at_once_on_a_new_database(tmp_path):
     import subprocess
     import sys
     db = tmp_path / "fresh.sqlite"
-    code = ("import sys; sys.path.insert(0, %r); from host.directory import Directory; "
+    code = ("import sys; sys.path.insert(0, %r); from host.net.directory import Directory; "
             "d = Directory(%r); d.register(sys.argv[1], bytes([int(sys.argv[2])]) * 32, '127.0.0.1', 1)")
     repo = str(Path(__file__).resolve().parent.parent)
     procs = [subprocess.Popen([sys.executable, "-c", code % (repo, str(db)), f"n{i}.dev", str(i)],

@@ -1,4 +1,4 @@
-"""host.fastconv against wasmtime-py's own conversions and through real components.
+"""host.runtime.fastconv against wasmtime-py's own conversions and through real components.
 
 An echo component (written in component WAT below) imports `f-NAME: func(x: T) -> T` from the host
 and exports `g-NAME: func(x: T) -> T`, which passes its argument to `f-NAME` and returns what that
@@ -38,9 +38,9 @@ from wasmtime.component import (
     Variant,
 )
 
-from host import fastconv
+from host.runtime import fastconv
 from host.settings import runtime_from_environment
-from host.wasm import STANDARD, Runtime
+from host.runtime.wasm import STANDARD, Runtime
 
 assert fastconv.install(), "fastconv refused this wasmtime version"
 
@@ -582,7 +582,7 @@ if __name__ == "__main__":
 
 # ---- without fastconv ------------------------------------------------------------------------------
 # runs the node's command line with fastconv believing wasmtime is a version it was not written for
-FAKE_VERSION_LAUNCHER = ("import sys; from host import fastconv; fastconv.wasmtime_version = lambda: '99.0.0'; "
+FAKE_VERSION_LAUNCHER = ("import sys; from host.runtime import fastconv; fastconv.wasmtime_version = lambda: '99.0.0'; "
                          "from host.__main__ import main; sys.exit(main(sys.argv[1:]))")
 
 

@@ -345,7 +345,7 @@ def test_a_full_disk_fails_a_folder_download_and_nothing_takes_its_name(node_fac
 def _manifest_digest(folder: Path) -> str:
     """The BLAKE3 of the listing the provider sends for `folder` (its resume states name it)."""
     import blake3
-    from host import vfs_tree
+    from host.vfs import tree as vfs_tree
     found = vfs_tree.walk(str(folder), MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES)
     text = json.dumps({"dirs": found["dirs"], "files": found["files"]}, separators=(",", ":"))
     return blake3.blake3(text.encode("utf-8")).hexdigest()

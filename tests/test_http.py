@@ -385,7 +385,7 @@ def test_file_transfer_api_between_two_nodes(two_nodes):
 
 
 def test_traversal_check_unit():
-    from host.http_server import _traversal
+    from host.http.server import _traversal
     for bad in ["/a/../b", "/a/%2e%2e/b", "/a/%2E%2e%2Fb", "/a/%252e%252e/b", "/./a", "/a/..", "/a/b\\..\\c",
                 "/a/%00b", "/a/%25252e%25252e/b"]:
         assert _traversal(bad), bad

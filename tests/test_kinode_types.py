@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from host import kinode_types as kt  # noqa: E402
-from host import types as host_types  # noqa: E402
+from host import messages as host_types  # noqa: E402
 
 BAD_PART_CHARS = "@:/\\" + "".join(map(chr, range(32))) + "".join(map(chr, range(0x7F, 0xA0)))
 parts = st.text(st.characters(blacklist_characters=BAD_PART_CHARS, blacklist_categories=("Cs",)), min_size=1)
@@ -69,7 +69,7 @@ def test_the_host_uses_the_shared_types():
 
 def test_guests_use_the_shared_types_and_it_imports_only_the_standard_library():
     core = (REPO / "components/process_lib/core.py").read_text()
-    assert "from kinode_types import Address, PackageId, ParseError, ProcessId" in core
+    assert "from host.kinode_types import Address, PackageId, ParseError, ProcessId" in core
     assert "class Address" not in core and "class ProcessId" not in core
     tree = ast.parse((REPO / "host/kinode_types.py").read_text())
     imported = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else n.module.split(".")[0]

@@ -120,9 +120,9 @@ def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
 def test_a_burst_of_first_starts_reads_a_wasm_file_once(tmp_path):
     """Twenty starts of one script at once: the kernel reads and loads its wasm once, the others
     wait for that; another file is read on its own (the control)."""
-    from host.kernel import Kernel
+    from host.kernel.kernel import Kernel
     from host.settings import RuntimeSettings
-    from host.wasm import Runtime
+    from host.runtime.wasm import Runtime
 
     class Output:
         def __getattr__(self, name):
@@ -208,11 +208,11 @@ def test_a_peer_cannot_queue_without_bound_nor_pass_the_serving_limit(node_facto
 def test_scripts_take_turns_to_be_instantiated(tmp_path):
     """Ten scripts started at once: at most SCRIPTS_AT_ONCE are instantiated together, the others
     wait for a turn; processes that are not scripts (the control) all start at once."""
-    from host.kernel import SCRIPTS_AT_ONCE
-    from host.process import WasmProcess
+    from host.kernel.kernel import SCRIPTS_AT_ONCE
+    from host.kernel.process import WasmProcess
     from host.settings import RuntimeSettings
-    from host.types import ProcessId
-    from host.wasm import LoadedComponent, Runtime
+    from host.messages import ProcessId
+    from host.runtime.wasm import LoadedComponent, Runtime
 
     runtime = Runtime(RuntimeSettings(cache_dir=tmp_path / "cache"))
     inside, most, release = [0], [0], threading.Event()
@@ -277,8 +277,7 @@ def _serving_module(monkeypatch, failing: set):
     import importlib.util
     import types
 
-    sys.path.insert(0, str(REPO / "host"))
-    from kinode_types import Address
+    from host.kinode_types import Address
 
     sent, started = _Sent(), []
 

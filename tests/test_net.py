@@ -11,10 +11,10 @@ import msgpack
 import pytest
 from noise.connection import Keypair, NoiseConnection
 
-from host import net as netmod
-from host.directory import Directory, NameTaken
-from host.net import MAX_MESSAGE, Network, load_or_create_identity
-from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
+from host.net import network as netmod
+from host.net.directory import Directory, NameTaken
+from host.net.network import MAX_MESSAGE, Network, load_or_create_identity
+from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         new_request_id)
 
 PROC = ProcessId.parse("chat:chat:template.os")
@@ -367,7 +367,7 @@ def test_node_posing_as_another_name_is_refused(nodes, tmp_path, caplog):
     fake_dir.register("b.os", b.identity.public, "127.0.0.1", b.net.port)
     impostor = nodes("a.os", home=tmp_path / "impostor", directory=fake_dir)
     assert impostor.identity.public != a.identity.public
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         err = impostor.send(request("a.os", "b.os", body=b"forged")).get(timeout=10)
     assert err.startswith("offline:")
     assert_quiet(b.inbox)
@@ -388,7 +388,7 @@ def test_dialler_checks_name_and_key(nodes, tmp_path, caplog):
     odd_dir.register("x.os", c.identity.public, "127.0.0.1", c.net.port)
     odd_dir.register("a.os", a.identity.public, "127.0.0.1", fake.net.port)
     d = nodes("d.os", directory=odd_dir)
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         err1 = d.send(request("d.os", "x.os")).get(timeout=10)
         err2 = d.send(request("d.os", "a.os")).get(timeout=10)
     assert err1.startswith("offline:") and "claims to be 'c.os'" in err1
@@ -482,7 +482,7 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
     a = nodes("a.os")
     b = nodes("b.os", handshake_timeout=0.5)
     still_serves(a, b, b"before")
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         cases = {
             "text": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
             "short noise message": b"\x00\x05hello",
@@ -512,12 +512,12 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
 
         def count():
             return sum("dropping unauthenticated connection" in r.getMessage()
-                       for r in caplog.records if r.name == "host.net")
+                       for r in caplog.records if r.name == "host.net.network")
 
         deadline = time.monotonic() + 10
         while count() < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
-    msgs = [r.getMessage() for r in caplog.records if r.name == "host.net"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "host.net.network"]
     assert count() == 5
     assert any("timed out" in m for m in msgs)
     assert_quiet(b.lost, 0)
@@ -536,7 +536,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
     good = request("evil.os", "b.os", body=b"fine")
     raw.send_km(good)
     assert b.recv() == good
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         if attack == "oversized declared length":
             raw.send_plain((MAX_MESSAGE + 1).to_bytes(4, "big") + b"\x80")
         elif attack == "undecodable msgpack":
@@ -559,7 +559,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
 def test_spoofed_source_is_dropped_connection_kept(nodes, raw_peer, caplog):
     b = nodes("b.os")
     raw = raw_peer("evil.os", b)
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         raw.send_km(request("a.os", "b.os", body=b"spoofed"))
         raw.send_km(request("evil.os", "c.os", body=b"misrouted"))
         honest = request("evil.os", "b.os", body=b"honest")
@@ -630,7 +630,7 @@ def test_a_router_cannot_alter_what_it_relays(nodes, caplog):
     a.send(request("a.os", "b.os", body=b"first"))
     assert b.recv().message.body == b"first"  # positive control: untouched, it arrives
     tamper.set()
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         a.send(request("a.os", "b.os", body=b"second", blob=Blob(None, os.urandom(1 << 20))))
         assert b.lost.get(timeout=10) == "a.os"
     assert_quiet(b.inbox, 0.5)
@@ -735,7 +735,7 @@ def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_
         finally:
             s.close()
 
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         assert relay_frame(r.net.port, None, raw=b"\xc1garbage") is None
         assert relay_frame(r.net.port, {"relay": 7, "from": None}) is None
         assert relay_frame(r.net.port, {"answer": os.urandom(16)}) is None
@@ -839,7 +839,7 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)
     wait_served(r, "b.os")
     flood = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(8)]
-    with caplog.at_level(logging.WARNING, logger="host.net"):
+    with caplog.at_level(logging.WARNING, logger="host.net.network"):
         replies = [relay_reply(s) for s in flood]
     assert replies.count({"ok": True}) == 3, replies
     assert replies.count({"ok": False, "reason": "b.os did not call back within 2 s"}) == 5, replies
@@ -863,7 +863,7 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
             assert time.monotonic() < deadline + 10, b.net._handshakes
             time.sleep(0.02)
         c = nodes("c.os")
-        with caplog.at_level(logging.WARNING, logger="host.net"):
+        with caplog.at_level(logging.WARNING, logger="host.net.network"):
             why = c.send(request("c.os", "b.os", body=b"refused")).get(timeout=15)
         assert "b.os did not call back within 2 s" in why, why
         assert any(m.getMessage().startswith("not calling r.os back") and

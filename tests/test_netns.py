@@ -174,7 +174,7 @@ def test_node_missing_from_the_peers_file_is_refused_and_errors_say_why(netns):
     assert code == 1, lines
     assert any("b.dev refused the connection: c.dev is not in b.dev's node directory nor its peers file" in ln
                for ln in lines), lines
-    assert any(re.search(rf"WARNING host.net: refused connection from {re.escape(c.host.addr4)}:\d+ claiming to be "
+    assert any(re.search(rf"WARNING host.net.network: refused connection from {re.escape(c.host.addr4)}:\d+ claiming to be "
                          r"'c.dev': c\.dev is not in b\.dev's node directory nor its peers file", ln)
                for ln in b.lines), b.lines[-10:]
     # positive control: a, which b lists, gets through at the same time
@@ -240,8 +240,8 @@ def test_half_open_connection_is_detected_and_nothing_leaks(netns):
 
 
 def test_bind_and_advertise_errors_and_parsing(node_factory):
-    from host.directory import parse_host_port
-    from host.net import listen_addresses
+    from host.net.directory import parse_host_port
+    from host.net.network import listen_addresses
     assert parse_host_port("[fd00:231::2]:9000", 8080) == ("fd00:231::2", 9000)
     assert parse_host_port("fd00:231::2", 8080) == ("fd00:231::2", 8080)
     assert parse_host_port("[fd00:231::2]", 8080) == ("fd00:231::2", 8080)

@@ -128,7 +128,7 @@ def test_a_node_whose_stdout_nobody_reads_keeps_working(tmp_path):
 def test_capabilities_to_finished_scripts_do_not_pile_up(node_factory):
     """Each script run grants file_transfer a capability to the script; once the script is gone the
     capability goes too (else every worker would inherit an ever longer list)."""
-    from host.kernel import Kernel  # noqa: F401  (the rule lives in Kernel.process_exited)
+    from host.kernel.kernel import Kernel  # noqa: F401  (the rule lives in Kernel.process_exited)
     node = node_factory("fake.dev", extra_args=["-v"])
     for _ in range(5):
         node.run("transfers:file_transfer:template.os", wait=0.2)

@@ -91,8 +91,8 @@ def _describe(graph: dict[str, set[str]], component: list[str]) -> str:
 
 def test_host_has_no_import_cycle():
     graph = import_graph(HOST, "host")
-    assert "host.kernel" in graph and "host.process" in graph  # the walk found host/'s modules
-    assert "host.kernel" in graph["host.node"]                 # and their imports
+    assert "host.kernel.kernel" in graph and "host.kernel.process" in graph  # the walk found host/'s modules
+    assert "host.kernel.kernel" in graph["host.node"]                 # and their imports
     cycles = find_cycles(graph)
     assert not cycles, "import cycles in host/: " + " | ".join(_describe(graph, c) for c in cycles)
 
@@ -142,10 +142,10 @@ def test_checker_passes_an_acyclic_package(tmp_path):
 
 
 def test_a_registered_service_gets_its_messages_without_the_kernel_knowing_its_class(tmp_path):
-    from host.kernel import Kernel
-    from host.service import HostService
-    from host.types import Address, KernelMessage, ProcessId, Request, SendErrorKind
-    from host.wasm import Runtime
+    from host.kernel.kernel import Kernel
+    from host.kernel.host_service import HostService
+    from host.messages import Address, KernelMessage, ProcessId, Request, SendErrorKind
+    from host.runtime.wasm import Runtime
     from host.settings import RuntimeSettings
 
     class Output:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from host.kernel import Timers
+from host.kernel.kernel import Timers
 
 
 def _recorder():
@@ -53,11 +53,11 @@ def test_the_timer_service_bounds_active_timers_per_process_and_in_all(tmp_path)
     and a timeout at once; other processes keep setting timers, and a popped timer frees its slot."""
     import json
 
-    from host.kernel import Kernel
+    from host.kernel.kernel import Kernel
     from host.settings import runtime_from_environment
-    from host.timer_service import TimerService
-    from host.types import Address, KernelMessage, ProcessId, Request, SendErrorKind
-    from host.wasm import Runtime
+    from host.timer.service import TimerService
+    from host.messages import Address, KernelMessage, ProcessId, Request, SendErrorKind
+    from host.runtime.wasm import Runtime
 
     class Terminal:
         def __init__(self) -> None:

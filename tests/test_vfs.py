@@ -1,4 +1,4 @@
-"""Tests for host/vfs.py: the `vfs:distro:sys` service."""
+"""Tests for host/vfs/store.py: the `vfs:distro:sys` service."""
 from __future__ import annotations
 
 import errno
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from host.types import PackageId, ProcessId
-from host.vfs import Vfs, VfsResult
+from host.messages import PackageId, ProcessId
+from host.vfs.store import Vfs, VfsResult
 
 P = ProcessId("p", "app", "pub.os")        # owner of app:pub.os
 Q = ProcessId("q", "app", "pub.os")        # another process of the same package
@@ -1115,7 +1115,7 @@ def test_concurrent_readers_and_renamers_never_raise(vfs):
 
 
 def test_large_write_all_is_written_behind_and_its_failure_reported_next(vfs, monkeypatch):
-    from host.vfs import WRITE_BEHIND_MIN
+    from host.vfs.store import WRITE_BEHIND_MIN
     path = f"{DRIVE}/wb.bin"
     ok(vfs, P, path, "CreateFile")
     big = os.urandom(WRITE_BEHIND_MIN * 2)
@@ -1273,7 +1273,7 @@ def test_write_many_never_writes_through_a_hard_link_to_the_build(vfs, tmp_path)
 
 
 def test_read_many_refuses_a_huge_or_overlong_read_before_allocating(vfs):
-    from host.vfs_tree import MAX_READ_MANY
+    from host.vfs.tree import MAX_READ_MANY
     root = vfs.root / "app:pub.os" / "data" / "t"
     root.mkdir()
     (root / "a").write_bytes(b"0123456789")
@@ -1333,7 +1333,7 @@ def test_sync_tree_answers_with_the_last_write_behind_failure(vfs, monkeypatch):
 def test_folder_actions_open_their_folder_from_the_drive_without_following_a_symlink(tmp_path, outside):
     """A folder above the tree swapped for a symlink after its path was checked: the walk is
     refused (opened from the drive, component by component); before the swap it works (control)."""
-    from host import vfs_tree
+    from host.vfs import tree as vfs_tree
     drive = tmp_path / "drive"
     (drive / "x" / "tree").mkdir(parents=True)
     (drive / "x" / "tree" / "f").write_bytes(b"in the drive")

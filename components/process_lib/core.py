@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from componentize_py_types import Err
-# the host's own ids and parsing rules: build.sh stages host/kinode_types.py beside process_lib
-from kinode_types import Address, PackageId, ParseError, ProcessId, check_file_name  # noqa: F401
+# the host's own ids and parsing rules: build.sh stages host/kinode_types.py as host.kinode_types
+from host.kinode_types import Address, PackageId, ParseError, ProcessId, check_file_name  # noqa: F401
 from wit_world.imports import standard as wit
 
 try:  # the host extension is optional: guests built without it use `standard` only

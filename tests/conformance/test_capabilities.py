@@ -157,7 +157,7 @@ class _Stub:
     current_blob = None
 
     def __init__(self, node: str, name: str, caps: set):
-        from host.types import Address, ProcessId
+        from host.messages import Address, ProcessId
         self.id = ProcessId(name, "capprobe", "test.os")
         self.address = Address(node, self.id)
         self.capabilities = caps
@@ -185,10 +185,10 @@ def test_our_caps_come_back_from_a_peer_only_if_we_gave_them_out(tmp_path):
     """Upstream prunes a cap issued by this node that a peer sends, unless this node signed it
     (kernel/standard_host.rs, kernel_message_to_process_receive); our wire has no signatures, so
     the kernel remembers which of its caps went to peers."""
-    from host.kernel import Kernel, messaging_cap
+    from host.kernel.kernel import Kernel, messaging_cap
     from host.settings import runtime_from_environment
-    from host.types import Address, Capability, KernelMessage, ProcessId, Request
-    from host.wasm import Runtime
+    from host.messages import Address, Capability, KernelMessage, ProcessId, Request
+    from host.runtime.wasm import Runtime
 
     class Terminal:
         def process_output(self, pid, text, verbosity=0) -> None: ...

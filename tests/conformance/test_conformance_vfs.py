@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import host.vfs as vfs_module
-from host.types import ProcessId
-from host.vfs import Vfs
+import host.vfs.store as vfs_module
+from host.messages import ProcessId
+from host.vfs.store import Vfs
 
 FIX = json.loads((Path(__file__).parent / "fixtures" / "vfs.json").read_text())
 OWNER = ProcessId("p", "app", "pub.os")

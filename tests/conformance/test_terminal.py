@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import msgpack
 
 from conftest import wait_for
-from host.net_service import NetService, decode_action
-from host.types import Address, KernelMessage, ProcessId, Request
+from host.net.service import NetService, decode_action
+from host.messages import Address, KernelMessage, ProcessId, Request
 
 FT = "file_transfer:file_transfer:template.os"
 USAGE_M = "error: Usage: m <target> <body> [-a <await_time>]"

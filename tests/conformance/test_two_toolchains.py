@@ -36,7 +36,7 @@ def pattern(n: int, seed: int) -> bytes:  # as both guests build it
 @pytest.fixture(scope="module", params=["fastconv", "wasmtime-py", "pooling"])
 def node(request, tmp_path_factory):
     """One node running both guests (each test gives each guest its own commands); the suite runs
-    with host/fastconv.py's value conversion, with wasmtime-py's own, and with the pooling instance
+    with host/runtime/fastconv.py's value conversion, with wasmtime-py's own, and with the pooling instance
     allocator (its per-component limits must fit both toolchains' components)."""
     _require_built()
     if not (GUESTS_DIR / "jsguest" / "pkg" / "guest.wasm").exists():
@@ -236,7 +236,7 @@ def test_unicode_strings_and_state_bytes(node, lang):
 
 def test_the_js_guest_imports_only_kinodes_abi_and_wasi():
     from host.settings import runtime_from_environment
-    from host.wasm import Runtime
+    from host.runtime.wasm import Runtime
     path = GUESTS_DIR / "jsguest" / "pkg" / "guest.wasm"
     if not path.exists():
         pytest.skip("the JavaScript guest is not built: ./build.sh builds it when npm is installed")
@@ -252,7 +252,7 @@ def test_a_crash_reason_from_either_toolchains_stderr():
     """What a guest wrote to stderr before it ended, in the pieces it wrote, becomes the reason."""
     from types import SimpleNamespace
 
-    from host.process import WasmProcess
+    from host.kernel.process import WasmProcess
     trap = Exception("error while executing at wasm backtrace:\n  0: x\n\nCaused by:\n    wasm trap: wasm "
                      "`unreachable` instruction executed")
 
@@ -280,7 +280,7 @@ def test_a_guest_writing_stderr_without_end_keeps_a_bounded_tail():
     STDERR_LINES_KEPT lines of STDERR_LINE_KEPT characters; the crash reason still reads right."""
     from types import SimpleNamespace
 
-    from host.process import STDERR_LINE_KEPT, STDERR_LINES_KEPT, WasmProcess
+    from host.kernel.process import STDERR_LINE_KEPT, STDERR_LINES_KEPT, WasmProcess
     trap = Exception("error while executing at wasm backtrace:\n  0: x\n\nCaused by:\n    wasm trap: unreachable")
     p = WasmProcess.__new__(WasmProcess)
     p.id, p.killed, p.stderr_tail, p._stderr_line_open = "g:p:t.os", False, [], False

@@ -31,7 +31,7 @@ from ft_protocol import ArmTimer, Exit, Log, Reply, Send, screen_request
 
 HEX = frozenset("0123456789abcdef")
 # The listing travels as one message's blob; a node refuses a message over 10,485,800 bytes
-# (host/net.py MAX_MESSAGE), body and metadata included.
+# (host/net/network.py MAX_MESSAGE), body and metadata included.
 MAX_LISTING_BYTES = 10_000_000
 
 

@@ -15,19 +15,19 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
-from host.abi import install_imports, library_forwarder
-from host.endpoint import Endpoint, Pending
-from host.kernel_api import OnExit, OutputApi
-from host.process import WasmProcess
-from host.state import StateStore
-from host.timers import Timers
-from host.types import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
+from host.kernel.standard_host import install_imports, library_forwarder
+from host.kernel.endpoint import Endpoint, Pending
+from host.kernel.api import OnExit, OutputApi
+from host.kernel.process import WasmProcess
+from host.kernel.state import StateStore
+from host.timer.timers import Timers
+from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         SendErrorKind, new_request_id)
-from host.wasm import EPOCH_TICK, LoadedComponent, MissingInterface, Runtime
+from host.runtime.wasm import EPOCH_TICK, LoadedComponent, MissingInterface, Runtime
 
 __all__ = ["Kernel", "Timers", "StateStore", "messaging_cap", "KERNEL_ID"]
 
-log = logging.getLogger("host.kernel")
+log = logging.getLogger("host.kernel.kernel")
 
 KERNEL_ID = ProcessId("kernel", "distro", "sys")
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -363,7 +363,7 @@ class Kernel:
         dest.deliver(km)
 
     def from_network(self, km: KernelMessage) -> None:
-        """A message from a peer whose identity `host.net` has verified. As upstream, any process
+        """A message from a peer whose identity `host.net.network` has verified. As upstream, any process
         holding the network capability hears it, public or not; requests and responses alike."""
         dest = self.processes.get(km.target.process)
         if dest is None or not dest.hears_network:

@@ -9,11 +9,11 @@ import json
 import logging
 from typing import Any, Optional
 
-from host.kernel import KERNEL_ID, Kernel
-from host.service import HostService
-from host.types import Address, Capability, KernelMessage, ParseError, ProcessId, Request, Response
+from host.kernel.kernel import KERNEL_ID, Kernel
+from host.kernel.host_service import HostService
+from host.messages import Address, Capability, KernelMessage, ParseError, ProcessId, Request, Response
 
-log = logging.getLogger("host.kernel_service")
+log = logging.getLogger("host.kernel.service")
 
 
 def capability_json(cap: Capability) -> dict:

@@ -1,14 +1,14 @@
-"""`vfs:distro:sys`: the VFS (host/vfs.py) as a service answering local processes' requests."""
+"""`vfs:distro:sys`: the VFS (host/vfs/store.py) as a service answering local processes' requests."""
 from __future__ import annotations
 
 import logging
 
-from host.kernel import Kernel
-from host.service import HostService
-from host.types import Blob, Capability, KernelMessage, ProcessId, Request, Response
-from host.vfs import Vfs
+from host.kernel.kernel import Kernel
+from host.kernel.host_service import HostService
+from host.messages import Blob, Capability, KernelMessage, ProcessId, Request, Response
+from host.vfs.store import Vfs
 
-log = logging.getLogger("host.vfs_service")
+log = logging.getLogger("host.vfs.service")
 
 VFS_ID = ProcessId("vfs", "distro", "sys")
 

@@ -45,10 +45,10 @@ from urllib.parse import quote, unquote
 from aiohttp import BodyPartReader, WSMsgType, web
 
 from host.kinode_types import check_relative_path
-from host.service import HostService as Service
-from host.types import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
+from host.kernel.host_service import HostService as Service
+from host.messages import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 
-log = logging.getLogger("host.http_server")
+log = logging.getLogger("host.http.server")
 
 HTTP_SERVER_ID = ProcessId("http_server", "distro", "sys")
 MAX_BODY = 2 * 1024 * 1024     # a body sent to a process as a blob (a blob crosses into Wasm whole)

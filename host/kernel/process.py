@@ -1,6 +1,6 @@
 """One Wasm process: a Store, an instance and a thread running its `init`.
 
-Its host imports live in host/abi.py and find the process through `current` (a thread-local): a
+Its host imports live in host/kernel/standard_host.py and find the process through `current` (a thread-local): a
 process's thread, and any library component it calls into on that thread, act as that process.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, Optional, Protocol
 
 from wasmtime import Store, WasiConfig, WasmtimeError
 
-from host.endpoint import Pending
-from host.kernel_api import KernelApi, OnExit
-from host.types import Address, Blob, Capability, KernelMessage, ProcessId, Response, SendError
-from host.wasm import LoadedComponent, Runtime
+from host.kernel.endpoint import Pending
+from host.kernel.api import KernelApi, OnExit
+from host.messages import Address, Blob, Capability, KernelMessage, ProcessId, Response, SendError
+from host.runtime.wasm import LoadedComponent, Runtime
 
-log = logging.getLogger("host.process")
+log = logging.getLogger("host.kernel.process")
 current = threading.local()  # .proc: the WasmProcess whose thread this is
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b(: .*)?$")

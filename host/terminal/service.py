@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
-from host.endpoint import Pending
-from host.kernel import Kernel
-from host.kernel_api import OutputApi
-from host.service import HostService
-from host.types import Address, KernelMessage, ProcessId, Request, Response, new_request_id
+from host.kernel.endpoint import Pending
+from host.kernel.kernel import Kernel
+from host.kernel.api import OutputApi
+from host.kernel.host_service import HostService
+from host.messages import Address, KernelMessage, ProcessId, Request, Response, new_request_id
 
 # what an awaiting command is told: the response's body, or None and the SendError kind
 OnAnswer = Callable[[Optional[bytes], Optional[str]], None]

@@ -1,8 +1,8 @@
 """The kernel's data model: messages and capabilities, mirroring `kinode:process@0.8.0` (addresses
 and ids are host/kinode_types.py's, shared with the guests).
 
-These are plain host-side values. `host.process` converts them to and from wasmtime's component
-values; `to_wire`/`from_wire` give the MessagePack-ready form that `host.net` sends between nodes.
+These are plain host-side values. `host.kernel.process` converts them to and from wasmtime's component
+values; `to_wire`/`from_wire` give the MessagePack-ready form that `host.net.network` sends between nodes.
 """
 from __future__ import annotations
 

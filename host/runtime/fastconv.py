@@ -18,7 +18,7 @@ the same Python-visible behaviour (same accepted values, results and exception t
   to keep the GIL: under load, ctypes' release around each tiny call costs a futex hand-off. Calls
   that run a guest, compile or instantiate still release it.
 
-Nothing changes until the runtime calls `install()` (host/wasm.py), which refuses, leaving
+Nothing changes until the runtime calls `install()` (host/runtime/wasm.py), which refuses, leaving
 wasmtime-py as it is, on a wasmtime version this module was not written for.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from wasmtime.component import _func, _linker, _types
 from wasmtime.component._enter import catch_exceptions, enter_wasm
 from wasmtime.component._types import Record, Variant
 
-log = logging.getLogger("host.fastconv")
+log = logging.getLogger("host.runtime.fastconv")
 
 # the wasmtime-py major version whose private modules and C layout this module was written against
 WRITTEN_FOR = "50"

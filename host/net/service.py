@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import msgpack
 
-from host.kernel import Kernel
-from host.service import HostService
-from host.types import KernelMessage, ProcessId, Request, Response
+from host.kernel.kernel import Kernel
+from host.kernel.host_service import HostService
+from host.messages import KernelMessage, ProcessId, Request, Response
 
 if TYPE_CHECKING:
-    from host.net import Network
+    from host.net.network import Network
 
-log = logging.getLogger("host.net_service")
+log = logging.getLogger("host.net.service")
 
 NET_ID = ProcessId("net", "distro", "sys")
 # what upstream's net takes from peers (router business); anything else from a peer is a `hi`

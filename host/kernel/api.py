@@ -1,4 +1,4 @@
-"""The calls the process ABI (host/abi.py, host/process.py) makes on the kernel, and nothing more.
+"""The calls the process ABI (host/kernel/standard_host.py, host/kernel/process.py) makes on the kernel, and nothing more.
 
 The kernel satisfies these Protocols structurally; the ABI never imports the kernel.
 """
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Protocol, Union
 
-from host.endpoint import Endpoint
-from host.types import Address, Blob, Capability, ProcessId, Request, Response
+from host.kernel.endpoint import Endpoint
+from host.messages import Address, Blob, Capability, ProcessId, Request, Response
 
 
 class OnExit:

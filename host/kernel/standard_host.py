@@ -18,14 +18,14 @@ from wasmtime import WasmtimeError
 from wasmtime import _ffi as ffi
 from wasmtime.component import Variant
 
-from host.process import STOP, WasmProcess, current
-from host.types import Blob, KernelMessage, Request
-from host.wasm import BLOBS, STANDARD, Runtime
-from host.wit_values import (py_address, py_blob, py_cap, py_on_exit, py_pid, py_request, py_response,
+from host.kernel.process import STOP, WasmProcess, current
+from host.messages import Blob, KernelMessage, Request
+from host.runtime.wasm import BLOBS, STANDARD, Runtime
+from host.kernel.wit_values import (py_address, py_blob, py_cap, py_on_exit, py_pid, py_request, py_response,
                              wit_address, wit_blob, wit_cap, wit_message, wit_on_exit, wit_pid,
                              wit_send_error)
 
-log = logging.getLogger("host.abi")
+log = logging.getLogger("host.kernel.standard_host")
 
 
 def _proc() -> WasmProcess:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Protocol
 
-from host.net_service import format_routing
-from host.types import Address, ParseError, ProcessId
+from host.net.service import format_routing
+from host.messages import Address, ParseError, ProcessId
 
 HELP = """\
 Commands (Kinode's terminal scripts, as built-ins, with their syntax and output):

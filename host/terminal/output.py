@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from host.types import ProcessId
+from host.messages import ProcessId
 
 # C0/C1 control characters other than tab: printed escaped so a peer's text cannot drive the terminal
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")

@@ -64,11 +64,11 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from noise.connection import Keypair, NoiseConnection
 
-from . import fsutil
-from .directory import Directory, NameTaken, NodeRecord, fingerprint, host_port, peers_entry  # noqa: F401
-from .types import KernelMessage, ParseError
+from host import fsutil
+from host.net.directory import Directory, NameTaken, NodeRecord, fingerprint, host_port, peers_entry  # noqa: F401
+from host.messages import KernelMessage, ParseError
 
-log = logging.getLogger("host.net")
+log = logging.getLogger("host.net.network")
 
 MAX_MESSAGE = 10_485_800
 """Largest encoded (MessagePack) KernelMessage accepted, as in Kinode."""
@@ -1650,8 +1650,8 @@ def id_command(argv: list[str]) -> int:
     import argparse
     import json
     import sys
-    from .directory import parse_host_port
-    from .settings import DEFAULT_HOME
+    from host.net.directory import parse_host_port
+    from host.settings import DEFAULT_HOME
     p = argparse.ArgumentParser(
         prog="python -m host id",
         description="Print this node's entry for other nodes' peers files, as JSON, without starting it. "

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from host.endpoint import Pending
-from host.kernel import Kernel
-from host.types import Address, Blob, Capability, KernelMessage, ProcessId
+from host.kernel.endpoint import Pending
+from host.kernel.kernel import Kernel
+from host.messages import Address, Blob, Capability, KernelMessage, ProcessId
 
 
 class HostService:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-log = logging.getLogger("host.directory")
+log = logging.getLogger("host.net.directory")
 
 STALE_AFTER = 15.0
 """Seconds without a heartbeat after which a name's holder counts as gone."""

@@ -11,11 +11,11 @@ import logging
 import threading
 from collections import Counter
 
-from host.kernel import Kernel
-from host.service import HostService
-from host.types import KernelMessage, ProcessId, Request, Response, SendErrorKind
+from host.kernel.kernel import Kernel
+from host.kernel.host_service import HostService
+from host.messages import KernelMessage, ProcessId, Request, Response, SendErrorKind
 
-log = logging.getLogger("host.timer_service")
+log = logging.getLogger("host.timer.service")
 
 TIMER_ID = ProcessId("timer", "distro", "sys")
 MAX_MILLIS = 7 * 24 * 3600 * 1000  # as the kernel's longest expects-response timeout

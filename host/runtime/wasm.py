@@ -3,7 +3,7 @@ host-side linking of library components (an importer's interface satisfied by a 
 
 Compiling a component takes seconds, loading it from the cache milliseconds: the cache (keyed by the
 wasm's BLAKE3, the wasmtime version and our engine settings) makes a warm start fast. `build.sh`
-fills it ahead of time with `python -m host.wasm PATH...`.
+fills it ahead of time with `python -m host.runtime.wasm PATH...`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from wasmtime.component import Component, ComponentInstanceType, FuncType, Linke
 from host import fsutil
 from host.settings import RuntimeSettings, SettingsError, runtime_from_environment
 
-log = logging.getLogger("host.wasm")
+log = logging.getLogger("host.runtime.wasm")
 
 # The interfaces the host itself supplies; anything else a component imports must come from a
 # library component linked into its package.
@@ -66,13 +66,13 @@ _ENGINE_TAG = f"wasmtime{importlib.metadata.version('wasmtime')}-epoch"
 
 
 def install_fastconv(enabled: bool) -> bool:
-    """Use host/fastconv.py's value conversion unless turned off or unusable here (then wasmtime-py's
+    """Use host/runtime/fastconv.py's value conversion unless turned off or unusable here (then wasmtime-py's
     own, slower conversion stays, with the reason logged). True if fastconv is in use."""
     if not enabled:
         log.info("fastconv is off: wasmtime-py's own value conversion is used")
         return False
     try:
-        from host import fastconv
+        from host.runtime import fastconv
     except Exception as e:  # it reads wasmtime-py's private modules: a new wasmtime may lack them
         log.warning("fastconv cannot load on wasmtime %s (%s: %s); using wasmtime-py's own value "
                     "conversion, which is slower", importlib.metadata.version("wasmtime"), type(e).__name__, e)
@@ -204,7 +204,7 @@ class Runtime:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m host.wasm FILE...`: compile components into the cache ahead of time."""
+    """`python -m host.runtime.wasm FILE...`: compile components into the cache ahead of time."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         rt = Runtime(runtime_from_environment())

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-from host.types import Address, Blob, Capability, KernelMessage, ProcessId, Request
+from host.messages import Address, Blob, Capability, KernelMessage, ProcessId, Request
 
 
 @dataclass

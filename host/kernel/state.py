@@ -6,7 +6,7 @@ from typing import Optional
 from urllib.parse import quote
 
 from host import fsutil
-from host.types import ProcessId
+from host.messages import ProcessId
 
 
 class StateStore:

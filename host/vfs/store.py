@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from host import fsutil, vfs_tree
-from host.types import PackageId, ParseError, ProcessId
+from host import fsutil
+
+from host.vfs import tree as vfs_tree
+from host.messages import PackageId, ParseError, ProcessId
 
 __all__ = ["Vfs", "VfsResult"]
 
@@ -287,7 +289,7 @@ def _parse_action(a: Any) -> tuple:
     raise _bad_json(f"unknown action {str(name)[:100]!r}")
 
 
-# this host's folder actions (host/vfs_tree.py) and the shape of their argument
+# this host's folder actions (host/vfs/tree.py) and the shape of their argument
 _TREE_ACTIONS = {
     "WalkDir": '{"max_depth": n, "max_entries": n}',   # -> {"WalkDir": counts}, the listing as the blob
     "ReadMany": '{"items": [[path, offset, length, stamp]]}',

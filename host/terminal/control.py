@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Protocol, TextIO
 
-from host.types import ProcessId
+from host.messages import ProcessId
 
-log = logging.getLogger("host.control")
+log = logging.getLogger("host.terminal.control")
 
 SOCKET_NAME = "node.sock"
 MAX_REQUEST = 65536        # bytes of the one request frame

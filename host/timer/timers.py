@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-log = logging.getLogger("host.timers")
+log = logging.getLogger("host.timer.timers")
 
 
 class Timers:

@@ -1,12 +1,12 @@
-"""WIT values <-> host values for the `standard` interface (wasmtime's Record/Variant <-> host.types)."""
+"""WIT values <-> host values for the `standard` interface (wasmtime's Record/Variant <-> host.messages)."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from wasmtime.component import Record, Variant
 
-from host.kernel_api import OnExit
-from host.types import Address, Blob, Capability, ProcessId, Request, Response, SendError
+from host.kernel.api import OnExit
+from host.messages import Address, Blob, Capability, ProcessId, Request, Response, SendError
 
 
 def _rec(**fields) -> Record:

@@ -1,0 +1,1 @@
+"""Wasmtime: the engine, component loading and caching, fast value conversion."""

@@ -1,0 +1,1 @@
+"""The terminal: output lines, commands, the control socket, terminal:distro:sys."""
