@@ -4,7 +4,7 @@
 
 The two nodes run on one machine as on two: each on its own half of the CPUs (`--cpus`), as scp's
 client and server are one single-threaded process each. With --shared-cpus both nodes may use every
-CPU, and a node's threads hand work to each other across cores (the README has the figures).
+CPU, and a node's threads hand work to each other across cores (docs/BENCHMARKS.md has the figures).
 
 1. A random file of --gib GiB downloaded between two nodes on this machine, then the same file
    copied with `scp -c aes128-gcm@openssh.com` to 127.0.0.1 (a private sshd on a free port; needs
