@@ -37,7 +37,8 @@ EPOCH_TICK = 0.1  # seconds per epoch tick; a guest's compute budget is counted 
 # instances; with the default allocator each maps fresh memory and copy-on-write faults in every page
 # its Python touches, while a pooled slot stays mapped and is reset in place. It speeds up many small
 # downloads but keeps each used slot's memory and slows bursts of parallel ones (figures:
-# docs/BENCHMARKS.md), so it is off by default. Its totals are hard caps; the kernel applies --max-processes either way.
+# docs/BENCHMARKS.md), so it is off by default. Its totals are hard caps; the kernel applies
+# --max-processes either way.
 POOL_TABLE_ELEMENTS = 100_000      # CPython's function table has tens of thousands of entries
 POOL_MAX_MEMORY = 1 << 30          # a process's linear memory may grow to 1 GiB
 POOL_KEEP_RESIDENT = 32 << 20
