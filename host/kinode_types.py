@@ -1,6 +1,6 @@
 """Kinode's identities and naming rules, shared by the host and the guests.
 
-Standard library only: build.sh stages this file as the top-level module `kinode_types` beside
+Standard library only: build.sh stages this file as the module `host.kinode_types` beside
 process_lib, so a guest parses an address exactly as the host does.
 """
 from __future__ import annotations
