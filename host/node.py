@@ -138,8 +138,13 @@ class Node:
 
     def _start_http(self) -> None:
         from host.http.server import HttpServerService
+        from host.net.directory import parse_host_port
+        try:
+            names = (parse_host_port(self.settings.advertise, None)[0],) if self.settings.advertise else ()
+        except ValueError:  # reported by the network, which reads it first
+            names = ()
         self.http = HttpServerService(self.kernel, self.home, self.port, self.settings.http_host or "127.0.0.1",
-                                      self.settings.http_timeout)
+                                      self.settings.http_timeout, names=names)
         try:
             self.http.start()
         except OSError as e:

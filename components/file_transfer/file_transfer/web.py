@@ -74,6 +74,10 @@ class Page:
 
     def route(self, req, body: bytes) -> None:
         path, method = req.path(self.our.process), req.method
+        if path in ("/download", "/allow") and method not in ("GET", "HEAD") and \
+                req.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            # a form another page posts can only be text/plain, urlencoded or multipart
+            return http.send_json(415, {"error": "send the JSON body with Content-Type: application/json"})
         if path == "/files" and method == "GET":
             node, folder = req.query_params.get("node"), req.query_params.get("folder") or None
             if folder is not None:
