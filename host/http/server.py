@@ -41,6 +41,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -61,6 +62,7 @@ MAX_BODY = 2 * 1024 * 1024     # a body sent to a process as a blob (a blob cros
 UPLOAD_CHUNK = 1024 * 1024
 TOKEN_FILE = ".keys/http-token"
 LOOPBACK = ("127.", "::1", "::ffff:127.")
+REFUSALS_SHOWN, REFUSAL_WINDOW = 5, 10.0  # refused requests told on the terminal: 5 per 10 s
 
 
 def load_or_create_token(home: Path) -> str:
@@ -164,6 +166,7 @@ class HttpServerService(Service):
         self.channels: dict[int, tuple[web.WebSocketResponse, ProcessId]] = {}
         self.loop = asyncio.new_event_loop()  # run by start()'s thread
         self._runner: Optional[web.AppRunner] = None
+        self._refusal_window, self._refusals_shown, self._refusals_hidden = 0.0, 0, 0
         self._thread: Optional[threading.Thread] = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -319,6 +322,19 @@ class HttpServerService(Service):
             given = auth[7:].strip()
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
+    def _refused(self, request: web.Request, problem: str) -> None:
+        """Tell the user (a few lines a window at most: a page can send many) that a request was refused."""
+        now = time.monotonic()
+        if now - self._refusal_window >= REFUSAL_WINDOW:
+            if self._refusals_hidden:
+                self.kernel.terminal.info(f"http: {self._refusals_hidden} more requests refused")
+            self._refusal_window, self._refusals_shown, self._refusals_hidden = now, 0, 0
+        if self._refusals_shown < REFUSALS_SHOWN:
+            self._refusals_shown += 1
+            self.kernel.terminal.info(f"http: refused {request.method} {request.path[:200]}: {problem}")
+        else:
+            self._refusals_hidden += 1
+
     def _bearer(self, request: web.Request) -> bool:
         """Does the request carry the token in Authorization (which no page can make a browser send)?"""
         auth = request.headers.get("Authorization", "")
@@ -349,6 +365,7 @@ class HttpServerService(Service):
             return _json_error(400, "bad path: '.' and '..' segments are not allowed")
         problem = guard.host_problem(request.headers.get("Host"), self.names)
         if problem:
+            self._refused(request, problem)
             return _json_error(421, problem)
         path = request.path
         if path == "/login":
@@ -371,6 +388,7 @@ class HttpServerService(Service):
         problem = guard.origin_problem(request.method, request.headers, request.scheme, self._bearer(request),
                                        websocket=binding.websocket)
         if problem:
+            self._refused(request, problem)
             return _json_error(403, problem)
         if binding.websocket:
             return await self._websocket(request, binding)
