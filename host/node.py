@@ -89,7 +89,11 @@ class Node:
                     self.terminal.error(f"could not install package {src.name}: {e}")
 
     def _lock_home(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        try:  # a home others can change is refused before anything is read from it or written to it
+            for line in fsutil.make_private_home(self.home):
+                self.terminal.info(line)
+        except fsutil.NotPrivate as e:
+            raise NodeError(f"home not private: {e}") from None
         f = open(self.home / ".node.lock", "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
