@@ -52,6 +52,8 @@ def test_a_new_home_is_private_and_so_is_everything_the_node_makes(two_nodes):
              if m & 0o077 or (m != 0o700 if (fake.home / p).is_dir() else m & 0o700 not in (0o600, 0o700))}
     assert not wrong, wrong
     assert len(made) > 10, made  # the walk really saw the node's files
+    sockets = [p for p in modes if (fake.home / p).is_socket()]
+    assert sockets and all(modes[p] & 0o077 == 0 for p in sockets), {p: oct(modes[p]) for p in sockets}
 
 
 def start_fails(node: NodeProc) -> str:

@@ -600,3 +600,21 @@ def test_a_control_character_in_an_uploaded_name_is_refused_with_its_reason(web_
     assert request(node, "POST", f"{FT}/files", good, body, {"Content-Type": ctype})[0] == 200
     assert (node.files / "fine.txt").read_bytes() == b"good"
     assert sorted(p.name for p in node.files.iterdir() if not p.name.startswith(".")) == ["fine.txt"]
+
+
+def test_uploaded_names_cannot_lie(web_node):
+    """A bidi override or a zero-width character in an uploaded name is refused with its reason; a
+    decomposed (NFD) name, as a Mac's browser sends it, is stored under its one NFC spelling."""
+    node = web_node
+    good = token_of(node)
+    body, ctype = multipart([("rtl\u202etxt.exe", b"x"), ("zero\u200bwidth.txt", b"y"), ("cafe\u0301.txt", b"nfd")])
+    status, _, data = request(node, "POST", f"{FT}/files", good, body, {"Content-Type": ctype})
+    summary = json.loads(data)
+    assert status == 200 and [f["name"] for f in summary["files"]] == ["caf\u00e9.txt"], summary
+    assert {r["name"]: r["reason"] for r in summary["refused"]} == {
+        "rtl\u202etxt.exe": "file name 'rtl\\u202etxt.exe' holds an invisible formatting character (U+202E) that can disguise it",
+        "zero\u200bwidth.txt": "file name 'zero\\u200bwidth.txt' holds an invisible formatting character (U+200B) that can disguise it"}
+    assert os.listdir(node.files) == ["caf\u00e9.txt"] or sorted(os.listdir(node.files)) == [".partial", "caf\u00e9.txt"]
+    assert (node.files / "caf\u00e9.txt").read_bytes() == b"nfd"
+    status, _, data = request(node, "GET", f"{FT}/files", good)
+    assert [f["name"] for f in json.loads(data)["ListFiles"]] == ["caf\u00e9.txt"]

@@ -51,7 +51,7 @@ from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from host.http import guard
-from host.kinode_types import check_relative_path
+from host.kinode_types import check_relative_path, nfc
 from host.kernel.host_service import HostService as Service
 from host.messages import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 
@@ -495,7 +495,7 @@ class HttpServerService(Service):
             if not isinstance(part, BodyPartReader) or part.name != "files" or part.filename is None:
                 await part.release()
                 continue
-            name = part.filename
+            name = nfc(part.filename)  # a Mac's browser may send a decomposed name
             problem = check_upload_path(name)
             if problem:
                 refused.append({"name": name, "reason": problem})

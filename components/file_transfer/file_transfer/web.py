@@ -14,7 +14,7 @@
 import json
 import time
 
-from ft_common import check_name
+from ft_common import check_name, nfc
 from ft_folder import check_path
 from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
 
@@ -120,7 +120,7 @@ class Page:
                                   {"Content-Disposition": "attachment"})
         if path == "/download" and method == "POST":
             args = json.loads(body)
-            name, node = args.get("name"), args.get("node")
+            name, node = nfc(args.get("name")), args.get("node")
             problem = check_name(name) or ("" if isinstance(node, str) and node else "no node given")
             if not problem:
                 target = sibling(self.our, "file_transfer", node)
