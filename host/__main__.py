@@ -193,6 +193,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     from host.node import Node, NodeError
+    os.umask(0o077)  # what the node makes is its user's alone (the home is private; peers are served by the node)
     t0 = time.perf_counter()
     node = Node(settings)
     try:

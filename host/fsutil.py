@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import pwd
 import secrets
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,7 +71,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_writer(path: PathLike, *, fsync: bool = False, mode: int = 0o644) -> Iterator[int]:
+def atomic_writer(path: PathLike, *, fsync: bool = False, mode: int = 0o600) -> Iterator[int]:
     """Yield a file descriptor to write the new contents of `path` to; on leaving the block without
     an exception they replace `path`, otherwise the temporary file is removed. Raises OSError
     (FileNotFoundError when the folder does not exist)."""
@@ -92,13 +94,13 @@ def atomic_writer(path: PathLike, *, fsync: bool = False, mode: int = 0o644) -> 
         _fsync_folder(path.parent)
 
 
-def write_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int = 0o644) -> None:
+def write_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int = 0o600) -> None:
     """Replace `path` with `data`, atomically."""
     with atomic_writer(path, fsync=fsync, mode=mode) as fd:
         _write_all(fd, data)
 
 
-def create_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int = 0o644) -> bool:
+def create_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int = 0o600) -> bool:
     """Create `path` holding `data` unless it exists (then leave it alone): False if it existed.
     Two processes racing to create it end up with the same file, one of the two writers'."""
     path = Path(path)
@@ -124,3 +126,74 @@ def create_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int 
     if fsync:
         _fsync_folder(path.parent)
     return True
+
+
+# ---- a private home ---------------------------------------------------------------------------------
+PRIVATE_FOLDERS = ("vfs", ".keys")  # beside the home itself: what a node refuses to use if others can change it
+
+
+class NotPrivate(Exception):
+    """A home (or a folder in it) another user owns or may write: the node does not start."""
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def private_problem(path: Path, me: int) -> str:
+    """Why the folder `path` is not private to the user `me`, or '' (also if it does not exist).
+
+    Refused: a folder another user owns, one group or others may write, and a symbolic link another
+    user owns (in a shared folder such as /tmp its owner could point it elsewhere at any time)."""
+    try:
+        link = os.lstat(path)
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ""
+    where = f"{path} (mode {stat.filemode(st.st_mode)[1:]} {st.st_mode & 0o7777:04o}, owner {_owner(st.st_uid)})"
+    mine = _owner(me)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+        return (f"{path} is a symbolic link owned by {_owner(link.st_uid)}, who can point it elsewhere: "
+                f"use a home of your own (--home DIR)")
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{where} is not a folder: use another home (--home DIR)"
+    if st.st_uid != me:
+        return (f"{where} belongs to another user, who could read and replace this node's files; you are "
+                f"{mine}. Use a home of your own (--home DIR), or have it given to you: "
+                f"chown -R {_name(me)} {path} && chmod 700 {path}")
+    if st.st_mode & 0o022:
+        who = "its group and others" if st.st_mode & 0o022 == 0o022 else "its group" if st.st_mode & 0o020 else "others"
+        return f"{where} may be written by {who}, who could swap the node's files; fix: chmod 700 {path}"
+    return ""
+
+
+def make_private_home(home: Path) -> list[str]:
+    """Create `home` (0700) if missing, or check an existing one and what is in it (`PRIVATE_FOLDERS`).
+    Raises NotPrivate with the path, its mode and owner and the fix. An own home others may read
+    is made 0700; what was changed is returned, to be told."""
+    me = os.geteuid()
+    told = []
+    home.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(home, 0o700)
+    except FileExistsError:
+        pass
+    for path in (home, *(home / name for name in PRIVATE_FOLDERS)):
+        problem = private_problem(path, me)
+        if problem:
+            raise NotPrivate(problem)
+    mode = os.stat(home).st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(home, 0o700)
+        told.append(f"home {home} was open to others (mode {mode:04o}): made it 0700")
+    return told

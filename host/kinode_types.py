@@ -6,7 +6,9 @@ process_lib, so a guest parses an address exactly as the host does.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
+from typing import overload
 
 MAX_FILE_NAME_BYTES = 255
 
@@ -85,8 +87,31 @@ class Address:
         return f"{self.node}@{self.process}"
 
 
+# invisible characters that change how a name reads: format characters (bidi controls such as U+202E,
+# which shows `rtl\u202etxt.exe` as `rtlexe.txt`, zero-width spaces and joiners, soft hyphen, BOM) and
+# the line and paragraph separators
+INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp"})
+
+
+@overload
+def nfc(name: str) -> str: ...
+@overload
+def nfc(name: object) -> object: ...
+
+
+def nfc(name: object) -> object:
+    """A name as a person's input becomes one the rule takes: its Unicode NFC form (a Mac sends `é` as
+    `e` + U+0301). Not a string: returned as is, for the rule to refuse."""
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
+
+
 def check_file_name(name: object) -> str:
-    """Why `name` is not a plain file name (one path component, not hidden), or '' if it is."""
+    """Why `name` is not a plain file name (one path component, not hidden, nothing invisible, in
+    Unicode NFC form), or '' if it is.
+
+    A name is compared and stored as given, so the rule takes one spelling only, NFC: two names
+    that look the same are the same string. Where a person's input enters (an upload, a typed
+    name), it is passed through `nfc` first; a peer must send NFC names."""
     if not isinstance(name, str) or not name:
         return "file name is empty"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
@@ -95,6 +120,12 @@ def check_file_name(name: object) -> str:
         return f"file name {name!r} may not start with '.'"
     if _BAD_NAME_CHAR.search(name):
         return f"file name {name!r} holds a path separator or control character"
+    for c in name:
+        if unicodedata.category(c) in INVISIBLE_CATEGORIES:
+            return f"file name {name!r} holds an invisible formatting character (U+{ord(c):04X}) that can disguise it"
+    if not unicodedata.is_normalized("NFC", name):
+        # ascii(): the two spellings look the same on screen
+        return f"file name {ascii(name)} is not in Unicode NFC form ({ascii(unicodedata.normalize('NFC', name))} is)"
     return ""
 
 

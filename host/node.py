@@ -89,7 +89,11 @@ class Node:
                     self.terminal.error(f"could not install package {src.name}: {e}")
 
     def _lock_home(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        try:  # a home others can change is refused before anything is read from it or written to it
+            for line in fsutil.make_private_home(self.home):
+                self.terminal.info(line)
+        except fsutil.NotPrivate as e:
+            raise NodeError(f"home not private: {e}") from None
         f = open(self.home / ".node.lock", "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,8 +142,13 @@ class Node:
 
     def _start_http(self) -> None:
         from host.http.server import HttpServerService
+        from host.net.directory import parse_host_port
+        try:
+            names = (parse_host_port(self.settings.advertise, None)[0],) if self.settings.advertise else ()
+        except ValueError:  # reported by the network, which reads it first
+            names = ()
         self.http = HttpServerService(self.kernel, self.home, self.port, self.settings.http_host or "127.0.0.1",
-                                      self.settings.http_timeout)
+                                      self.settings.http_timeout, names=names)
         try:
             self.http.start()
         except OSError as e:

@@ -310,3 +310,100 @@ def test_folders_on_the_page_in_chromium(two_nodes, browser, tmp_path):
     time.sleep(0.3)
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     browser.save_screenshot(str(tmp_path / "04-phone.png"))
+
+
+# a page on another localhost port, as a site the user visits while logged in to the node: a form
+# POST whose text/plain body is valid JSON (the allow rule), a no-cors multipart upload, a no-cors
+# download request; each goes with the node's cookie (every port of localhost is the same site)
+ATTACK_PAGE = """<!doctype html><html><body>
+<iframe name=sink></iframe>
+<form id=f method=POST enctype=text/plain target=sink action="BASEallow">
+<input name='{"allow":["mallory.dev"],"x":"' value='"}'></form>
+<script>
+async function attack() {
+  document.getElementById("f").submit();
+  const fd = new FormData();
+  fd.append("files", new File(["planted"], "planted.txt"));
+  const opts = {method: "POST", mode: "no-cors", credentials: "include"};
+  await fetch("BASEfiles", {...opts, body: fd}).catch(() => {});
+  await fetch("BASEdownload", {...opts, body: JSON.stringify({name: "readme.txt", node: "fake2.dev"})}).catch(() => {});
+  document.title = "sent";
+}
+attack();
+</script></body></html>"""
+
+# the node's own page does the same three things the way its app does
+OWN_PAGE_ACTS = """
+const done = arguments[arguments.length - 1];
+const base = location.pathname.replace(/[^/]*$/, "");
+const json = {"Content-Type": "application/json"};
+const fd = new FormData();
+fd.append("files", new File(["mine"], "mine.txt"));
+Promise.all([
+  fetch(base + "allow", {method: "PUT", headers: json, body: JSON.stringify({allow: ["mallory.dev"]})}),
+  fetch(base + "files", {method: "POST", body: fd}),
+  fetch(base + "download", {method: "POST", headers: json, body: JSON.stringify({name: "readme.txt", node: "fake2.dev"})}),
+]).then(rs => done(rs.map(r => r.status)), e => done("error " + e));
+"""
+
+
+def test_a_page_on_another_local_port_cannot_act_on_the_node(two_nodes, browser):
+    import http.server
+    import json
+    import threading
+    import urllib.request
+
+    fake, fake2 = two_nodes
+    fake2.files.mkdir(parents=True, exist_ok=True)
+    (fake2.files / "readme.txt").write_text("hello from fake2\n")
+    base = f"http://localhost:{fake.port}/file_transfer:file_transfer:template.os/"
+    page = ATTACK_PAGE.replace("BASE", base).encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    token = (fake.home / ".keys" / "http-token").read_text().strip()
+
+    def api(path: str):
+        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        link = next(ln for ln in fake.lines if "web page:" in ln).split("web page: ")[1]
+        browser.get(link)  # the user is logged in
+        before = len(fake.lines)
+        browser.get(f"http://localhost:{evil.server_port}/")
+        wait.until(lambda d: d.title == "sent")
+        # the three requests reached the node, with the cookie, and were refused
+        wait_for = time.monotonic() + 60
+        while sum("http: refused POST" in ln and "cross-origin" in ln for ln in fake.lines[before:]) < 3:
+            assert time.monotonic() < wait_for, fake.lines[before:]
+            time.sleep(0.05)
+        refused = [ln for ln in fake.lines[before:] if "http: refused" in ln]
+        assert all(f"Origin http://localhost:{evil.server_port}" in ln for ln in refused), refused
+        assert {ln.split(" ")[3].split("/")[-1].rstrip(":") for ln in refused} == {"allow", "files", "download"}
+        assert api("allow") == {"allow": None}
+        assert not (fake.files / "planted.txt").exists() and not (fake.files / "readme.txt").exists()
+        assert api("transfers")["Transfers"] == [] and api("transfers")["history"] == []
+
+        # control: the node's own page does each of them
+        browser.get(base)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "live"), "live"))
+        assert browser.execute_async_script(OWN_PAGE_ACTS) == [200, 200, 200]
+        assert api("allow") == {"allow": ["mallory.dev"]}
+        assert (fake.files / "mine.txt").read_text() == "mine"
+        wait.until(lambda d: (fake.files / "readme.txt").exists()
+                   and (fake.files / "readme.txt").read_text() == "hello from fake2\n")
+    finally:
+        evil.shutdown()

@@ -58,13 +58,16 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def ws_try(node, path: str, token: str | None, origin: str | None = None, send: str | None = None):
+async def ws_try(node, path: str, token: str | None, origin: str | None = None, send: str | None = None,
+                 cookie: str | None = None):
     """Open a WebSocket; return ("refused", status) or ("open", [messages received])."""
     headers = {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     if origin:
         headers["Origin"] = origin
+    if cookie:
+        headers["Cookie"] = cookie
     async with aiohttp.ClientSession() as s:
         try:
             async with s.ws_connect(f"http://127.0.0.1:{node.port}{path}", headers=headers) as ws:
@@ -116,7 +119,9 @@ def test_ports_token_and_login(web_node, tmp_path):
     assert status == 200 and b"file_transfer" in page and b"webtest" in page
     # the login goes back only to a path of this node, never to another site
     for nxt, where in (("/file_transfer%3Afile_transfer%3Atemplate.os/", "/file_transfer:file_transfer:template.os/"),
-                       ("//evil.example/x", "/"), ("https://evil.example/", "/"), ("/\\evil.example", "/")):
+                       ("//evil.example/x", "/"), ("https://evil.example/", "/"), ("/\\evil.example", "/"),
+                       ("/%09/example.com", "/"), ("/%0a/example.com", "/"), ("/%5C/example.com", "/"),
+                       ("%2F%2Fexample.com", "/"), ("/%20/example.com", "/"), ("javascript:alert(1)", "/")):
         status, headers, _ = request(node, "GET", f"/login?token={token_of(node)}&next={nxt}")
         assert (status, headers["Location"]) == (302, where), nxt
     # a wrong token: 401 and no cookie
@@ -186,6 +191,121 @@ def test_cross_origin_websocket_is_refused(web_node):
     assert asyncio.run(ws_try(node, f"{FT}/ws", good, origin="http://evil.example")) == ("refused", 403)
     assert asyncio.run(ws_try(node, f"{FT}/ws", good, origin=f"http://localhost:{node.port + 1}")) == ("refused", 403)
     assert asyncio.run(ws_try(node, f"{FT}/ws", good, origin=f"http://127.0.0.1:{node.port}"))[0] == "open"
+
+
+def test_cookie_requests_that_change_things_need_the_nodes_own_origin(web_node):
+    """A page on another local port gets the cookie sent too (same site): refused unless the request
+    comes from the node's own origin; scripts with the bearer token need no Origin."""
+    node = web_node
+    good = token_of(node)
+    cookie = f"kinode-auth_fake.dev={good}"
+    own = f"http://127.0.0.1:{node.port}"
+    allow = json.dumps({"allow": ["mallory.dev"]}).encode()
+    as_json = {"Content-Type": "application/json"}
+
+    def allow_list():
+        status, out = get_json(node, f"{FT}/allow", good)
+        assert status == 200
+        return out["allow"]
+
+    assert allow_list() is None
+    for headers in ({}, {"Origin": f"http://localhost:{node.port + 1}"}, {"Origin": "null"},
+                    {"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Origin": f"http://127.0.0.1:{node.port + 1}",
+                                                       "Sec-Fetch-Site": "same-origin"}):
+        for method in ("PUT", "POST"):
+            status, _, body = request(node, method, f"{FT}/allow", body=allow, cookie=cookie,
+                                      headers={**as_json, **headers})
+            assert status == 403 and b"refused" in body or b"Origin" in body, (headers, status, body)
+    # a cross-origin upload and download request, and a WebSocket, with the cookie: refused too
+    files, ctype = multipart([("planted.txt", b"x")])
+    foreign = {"Origin": f"http://localhost:{node.port + 1}"}
+    assert request(node, "POST", f"{FT}/files", body=files, cookie=cookie,
+                   headers={"Content-Type": ctype, **foreign})[0] == 403
+    assert request(node, "POST", f"{FT}/download", cookie=cookie, headers={**as_json, **foreign},
+                   body=json.dumps({"name": "a.txt", "node": "fake2.dev"}).encode())[0] == 403
+    assert request(node, "DELETE", f"{FT}/transfers/a.txt", cookie=cookie, headers=foreign)[0] == 403
+    assert asyncio.run(ws_try(node, f"{FT}/ws", None, cookie=cookie)) == ("refused", 403)
+    assert asyncio.run(ws_try(node, f"{FT}/ws", None, cookie=cookie, origin=foreign["Origin"])) == ("refused", 403)
+    assert allow_list() is None and not (node.files / "planted.txt").exists()
+    # reading is still allowed from anywhere the cookie goes (a foreign page cannot read the answer)
+    assert request(node, "GET", f"{FT}/allow", cookie=cookie, headers=foreign)[0] == 200
+
+    # positive controls: the node's own page (Origin, or Sec-Fetch-Site alone), and a bearer script
+    status, _, body = request(node, "PUT", f"{FT}/allow", body=allow, cookie=cookie, headers={**as_json, "Origin": own})
+    assert status == 200, body
+    assert allow_list() == ["mallory.dev"]
+    status, _, body = request(node, "PUT", f"{FT}/allow", body=json.dumps({"allow": ["b.dev"]}).encode(),
+                              cookie=cookie, headers={**as_json, "Sec-Fetch-Site": "same-origin"})
+    assert status == 200 and allow_list() == ["b.dev"], body
+    status, _, body = request(node, "PUT", f"{FT}/allow", good, json.dumps({"allow": None}).encode(), as_json)
+    assert status == 200 and allow_list() is None, body
+    assert request(node, "POST", f"{FT}/files", body=files, cookie=cookie,
+                   headers={"Content-Type": ctype, "Origin": own})[0] == 200
+    assert (node.files / "planted.txt").read_bytes() == b"x"
+    assert asyncio.run(ws_try(node, f"{FT}/ws", None, cookie=cookie, origin=own))[0] == "open"
+    # the JSON endpoints take JSON only: a form's text/plain body (valid JSON) is refused even from here
+    status, _, body = request(node, "PUT", f"{FT}/allow", body=allow, cookie=cookie,
+                              headers={"Content-Type": "text/plain", "Origin": own})
+    assert status == 415 and b"application/json" in body and allow_list() is None
+    status, _, body = request(node, "PUT", f"{FT}/allow", good, allow, {"Content-Type": "text/plain"})
+    assert status == 415 and allow_list() is None
+
+
+def test_host_header_must_name_this_node(web_node):
+    """DNS rebinding: a page under an attacker's name that resolves to 127.0.0.1 sends that name."""
+    node = web_node
+    good = token_of(node)
+    for host in ("evil.example", f"evil.example:{node.port}", f"localhost.evil.example:{node.port}", "127.0.0.1.nip.io"):
+        for auth in ({"token": good}, {"cookie": f"kinode-auth_fake.dev={good}"}, {}):
+            status, _, body = request(node, "GET", f"{FT}/allow", headers={"Host": host}, **auth)
+            assert status == 421 and b"not a name this node serves" in body, (host, status, body)
+    for host in (f"localhost:{node.port}", f"127.0.0.1:{node.port}", f"[::1]:{node.port}", "LOCALHOST", "127.0.0.1"):
+        assert request(node, "GET", f"{FT}/allow", good, headers={"Host": host})[0] == 200, host
+
+
+def test_every_response_forbids_sniffing_framing_and_referrers(web_node):
+    node = web_node
+    good = token_of(node)
+    for method, path, token in (("GET", "/", good), ("GET", "/login", None), ("GET", f"{FT}/allow", None),
+                                ("GET", "/nothing", good), ("GET", f"{FT}/app.js", good), ("GET", f"{FT}/allow", good),
+                                ("GET", f"{WT}/file/a.txt", good), ("GET", f"{FT}/..%2f", good),
+                                ("GET", f"/login?token={good}", None)):
+        status, headers, _ = request(node, method, path, token)
+        assert headers.get("X-Content-Type-Options") == "nosniff", (path, status)
+        assert "frame-ancestors 'none'" in headers.get("Content-Security-Policy", ""), (path, status)
+        assert headers.get("Referrer-Policy") == "no-referrer", (path, status)
+
+
+def test_a_connection_must_send_its_request_head_in_time(web_node):
+    """Slowloris: a header line every second never completes the head; the node hangs up. Control: a
+    request sent at once on a connection opened at the same moment is answered."""
+    from host.http.guard import HEADER_TIMEOUT
+    node = web_node
+    slow = socket.create_connection(("127.0.0.1", node.port))
+    slow.settimeout(HEADER_TIMEOUT + 30)
+    t0 = time.monotonic()
+    slow.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+    assert request(node, "GET", f"{FT}/allow", token_of(node))[0] == 200
+    closed_after = None
+    for i in range(int(HEADER_TIMEOUT) + 30):
+        try:
+            slow.sendall(f"X-Slow-{i}: 1\r\n".encode())
+        except OSError:
+            closed_after = time.monotonic() - t0
+            break
+        time.sleep(1)
+        slow.setblocking(False)
+        try:
+            if slow.recv(1024) == b"":
+                closed_after = time.monotonic() - t0
+                break
+        except BlockingIOError:
+            pass
+        finally:
+            slow.setblocking(True)
+    slow.close()
+    assert closed_after is not None and HEADER_TIMEOUT - 1 <= closed_after <= HEADER_TIMEOUT + 10, closed_after
 
 
 def _non_loopback_ip() -> str | None:
@@ -467,3 +587,34 @@ def test_file_transfer_api_folders(two_nodes):
     assert state["history"][0] == {**state["history"][0], "name": "docs", "ok": True, "files": 2, "bytes": 300_010}
     assert (fake.files / "docs" / "deep" / "b.bin").read_bytes() == data
     assert get_json(fake, f"{FT}/files?folder=docs/deep", t1) == (200, {"ListFiles": [{"name": "b.bin", "size": 300_000}]})
+
+
+def test_a_control_character_in_an_uploaded_name_is_refused_with_its_reason(web_node):
+    node = web_node
+    good = token_of(node)
+    for name in ("ctl\x01.txt", "esc\x1b[31m.txt", "del\x7f.txt"):
+        body, ctype = multipart([(name, b"bad")])
+        status, _, data = request(node, "POST", f"{FT}/files", good, body, {"Content-Type": ctype})
+        assert status == 400 and b"control character" in data and b"Traceback" not in data, (name, status, data)
+    body, ctype = multipart([("fine.txt", b"good")])  # control: the same upload with a plain name
+    assert request(node, "POST", f"{FT}/files", good, body, {"Content-Type": ctype})[0] == 200
+    assert (node.files / "fine.txt").read_bytes() == b"good"
+    assert sorted(p.name for p in node.files.iterdir() if not p.name.startswith(".")) == ["fine.txt"]
+
+
+def test_uploaded_names_cannot_lie(web_node):
+    """A bidi override or a zero-width character in an uploaded name is refused with its reason; a
+    decomposed (NFD) name, as a Mac's browser sends it, is stored under its one NFC spelling."""
+    node = web_node
+    good = token_of(node)
+    body, ctype = multipart([("rtl\u202etxt.exe", b"x"), ("zero\u200bwidth.txt", b"y"), ("cafe\u0301.txt", b"nfd")])
+    status, _, data = request(node, "POST", f"{FT}/files", good, body, {"Content-Type": ctype})
+    summary = json.loads(data)
+    assert status == 200 and [f["name"] for f in summary["files"]] == ["caf\u00e9.txt"], summary
+    assert {r["name"]: r["reason"] for r in summary["refused"]} == {
+        "rtl\u202etxt.exe": "file name 'rtl\\u202etxt.exe' holds an invisible formatting character (U+202E) that can disguise it",
+        "zero\u200bwidth.txt": "file name 'zero\\u200bwidth.txt' holds an invisible formatting character (U+200B) that can disguise it"}
+    assert os.listdir(node.files) == ["caf\u00e9.txt"] or sorted(os.listdir(node.files)) == [".partial", "caf\u00e9.txt"]
+    assert (node.files / "caf\u00e9.txt").read_bytes() == b"nfd"
+    status, _, data = request(node, "GET", f"{FT}/files", good)
+    assert [f["name"] for f in json.loads(data)["ListFiles"]] == ["caf\u00e9.txt"]

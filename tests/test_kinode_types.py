@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -101,11 +102,55 @@ def test_other_file_names_are_refused_with_a_reason(name, why):
 
 @given(st.text(max_size=300))
 def test_file_name_rule_matches_its_definition(name):
-    """Refused exactly when empty, over 255 bytes, hidden, or holding a separator/control char."""
-    import unicodedata
+    """Refused exactly when empty, over 255 bytes, hidden, holding a separator, a control or an
+    invisible formatting character, or not in NFC."""
     plain = (0 < len(name.encode("utf-8", "surrogatepass")) <= 255 and not name.startswith(".")
-             and not any(c in "/\\" or unicodedata.category(c) in ("Cc", "Cs") for c in name))
+             and not any(c in "/\\" or unicodedata.category(c) in ("Cc", "Cs", "Cf", "Zl", "Zp") for c in name)
+             and unicodedata.normalize("NFC", name) == name)
     assert (kt.check_file_name(name) == "") == plain
+
+
+# ---- names cannot lie --------------------------------------------------------------------------
+FORMAT_CHARS = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
+plain_names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp"), blacklist_characters="/\\"),
+                      min_size=1, max_size=60).map(lambda n: unicodedata.normalize("NFC", n)).filter(
+                          lambda n: not n.startswith(".") and kt.check_file_name(n) == "")
+
+
+@pytest.mark.parametrize("name,code", [
+    ("rtl\u202etxt.exe", "U+202E"), ("isolate\u2066x\u2069.txt", "U+2066"), ("lrm\u200e.txt", "U+200E"),
+    ("zero\u200bwidth", "U+200B"), ("joiner\u200d.txt", "U+200D"), ("non\u200cjoiner", "U+200C"),
+    ("bom\ufeff.txt", "U+FEFF"), ("soft\u00adhyphen", "U+00AD"), ("word\u2060joiner", "U+2060"),
+    ("line\u2028sep", "U+2028"), ("para\u2029sep", "U+2029"), ("tag\U000e0041.txt", "U+E0041"),
+])
+def test_invisible_formatting_characters_are_refused(name, code):
+    assert "invisible formatting character" in kt.check_file_name(name) and code in kt.check_file_name(name)
+
+
+@given(plain_names, st.sampled_from(FORMAT_CHARS + ["\u2028", "\u2029"]), st.integers(0, 60))
+def test_a_format_character_anywhere_is_refused(name, bad, at):
+    at = min(at, len(name))
+    assert kt.check_file_name(name) == ""  # the control: the name without it passes
+    assert kt.check_file_name(name[:at] + bad + name[at:]) != ""
+
+
+def test_nfc_and_nfd_look_alikes_are_one_name():
+    composed, decomposed = "caf\u00e9.txt", "cafe\u0301.txt"
+    assert kt.check_file_name(composed) == ""
+    assert "not in Unicode NFC form" in kt.check_file_name(decomposed) and "caf\\xe9.txt" in kt.check_file_name(decomposed)
+    assert kt.nfc(decomposed) == composed and kt.nfc(None) is None and kt.nfc(42) == 42
+    assert "not in Unicode NFC form" in kt.check_relative_path(f"album/{decomposed}", 4)
+    assert kt.check_file_name("\u212b") != "" and kt.check_file_name(kt.nfc("\u212b")) == ""  # ANGSTROM SIGN -> Å
+
+
+@given(st.text(max_size=80))
+def test_accepted_names_are_their_own_single_spelling(text):
+    """Of all the canonically equivalent spellings of a name, the rule takes at most one (its NFC):
+    two accepted names that look the same are the same string."""
+    spellings = {unicodedata.normalize(form, text) for form in ("NFC", "NFD")} | {text}
+    assert len({s for s in spellings if kt.check_file_name(s) == ""}) <= 1
+    # and normalizing a person's input never makes a name the rule refuses for its spelling
+    assert "NFC" not in kt.check_file_name(kt.nfc(text))
 
 
 @pytest.mark.parametrize("path,why", [

@@ -209,3 +209,17 @@ def test_an_idle_library_is_not_mistaken_for_a_spinning_guest(node_factory):
         assert code == 0, lines
         time.sleep(2.5)
     assert not any("trapped" in ln for ln in fake.lines)
+
+
+def test_a_typed_decomposed_name_fetches_the_file_and_a_disguised_one_is_refused(two_nodes):
+    """`cafe\u0301.txt` typed (NFD) is the provider's `caf\u00e9.txt` (NFC); a bidi override is refused
+    before anything is asked."""
+    fake, fake2 = two_nodes
+    (fake2.files / "caf\u00e9.txt").write_text("one spelling\n")
+    code, lines = fake.run("download:file_transfer:template.os cafe\u0301.txt fake2.dev",
+                           until=r"downloaded|error:")
+    assert code == 0 and not any("error:" in ln for ln in lines), lines
+    assert (fake.files / "caf\u00e9.txt").read_text() == "one spelling\n"
+    assert not (fake.files / "cafe\u0301.txt").exists() or (fake.files / "cafe\u0301.txt").samefile(fake.files / "caf\u00e9.txt")
+    code, lines = fake.run("download:file_transfer:template.os invoice\u202etxt.exe fake2.dev", until=r"error|U\+202E")
+    assert any("U+202E" in ln for ln in lines), lines

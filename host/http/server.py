@@ -19,7 +19,11 @@ Large bodies never pass whole through memory or a process (a blob crosses into W
 
 Who may see it: every authenticated path needs the node's token (HOME/.keys/http-token, created
 0600 at first start), sent as the HttpOnly SameSite=Strict cookie set by `/login?token=...` or as
-`Authorization: Bearer TOKEN`. WebSocket upgrades also need a same-origin (or absent) Origin.
+`Authorization: Bearer TOKEN`. What a cookie may do is limited to the node's own origin (host/http/guard.py):
+the Host must be one the node serves, a request that changes something (every method but GET and HEAD,
+every WebSocket upgrade) must come from the node's own page unless it carries the bearer token, and every
+response forbids sniffing, framing and referrers. A connection must send a whole request head within
+HEADER_TIMEOUT seconds (and may idle that long between requests).
 `..` segments, raw or percent-encoded, are refused before any lookup; static files are only the
 blobs processes bound (serve_ui), never looked up on disk.
 """
@@ -37,14 +41,17 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, unquote
 
 from aiohttp import BodyPartReader, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from host.kinode_types import check_relative_path
+from host.http import guard
+from host.kinode_types import check_relative_path, nfc
 from host.kernel.host_service import HostService as Service
 from host.messages import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 
@@ -55,6 +62,7 @@ MAX_BODY = 2 * 1024 * 1024     # a body sent to a process as a blob (a blob cros
 UPLOAD_CHUNK = 1024 * 1024
 TOKEN_FILE = ".keys/http-token"
 LOOPBACK = ("127.", "::1", "::ffff:127.")
+REFUSALS_SHOWN, REFUSAL_WINDOW = 5, 10.0  # refused requests told on the terminal: 5 per 10 s
 
 
 def load_or_create_token(home: Path) -> str:
@@ -90,7 +98,7 @@ def _open_folders(drive: Path, folders: list[str]) -> int:
     try:
         for folder in folders:
             try:
-                os.mkdir(folder, 0o755, dir_fd=fd)
+                os.mkdir(folder, 0o700, dir_fd=fd)
             except FileExistsError:
                 pass
             inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
@@ -141,12 +149,15 @@ class HttpServerService(Service):
     """See the module docstring. Messages from processes are handled on the sender's thread; HTTP
     runs on this service's own asyncio loop and thread."""
 
-    def __init__(self, kernel, home: Path, port: int, host: str = "127.0.0.1", timeout: float = 30.0):
+    def __init__(self, kernel, home: Path, port: int, host: str = "127.0.0.1", timeout: float = 30.0,
+                 names: tuple[str, ...] = ()):
         super().__init__(kernel, HTTP_SERVER_ID)
         self.timeout = timeout  # seconds a process has to answer (then 504)
         self.home = Path(home)
         self.port = port
         self.host = host
+        # Host names a request may use: localhost, the listening host and `names` (--advertise)
+        self.names = guard.served_names((host, "127.0.0.1", "::1", *names))
         self.token = load_or_create_token(self.home)
         self.cookie_name = "kinode-auth_" + re.sub(r"[^A-Za-z0-9._-]", "_", kernel.node)
         self.bindings: dict[str, Binding] = {}
@@ -155,6 +166,7 @@ class HttpServerService(Service):
         self.channels: dict[int, tuple[web.WebSocketResponse, ProcessId]] = {}
         self.loop = asyncio.new_event_loop()  # run by start()'s thread
         self._runner: Optional[web.AppRunner] = None
+        self._refusal_window, self._refusals_shown, self._refusals_hidden = 0.0, 0, 0
         self._thread: Optional[threading.Thread] = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -168,7 +180,11 @@ class HttpServerService(Service):
         async def serve() -> None:
             app = web.Application(client_max_size=MAX_BODY)
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            app.on_response_prepare.append(_add_security_headers)
+            # aiohttp closes a connection that has not sent a whole request head within its keep-alive
+            # timeout (from the connection's start too): that is the slow-header (slowloris) guard
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                         keepalive_timeout=guard.HEADER_TIMEOUT)
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
             ready.set()
@@ -306,6 +322,24 @@ class HttpServerService(Service):
             given = auth[7:].strip()
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
+    def _refused(self, request: web.Request, problem: str) -> None:
+        """Tell the user (a few lines a window at most: a page can send many) that a request was refused."""
+        now = time.monotonic()
+        if now - self._refusal_window >= REFUSAL_WINDOW:
+            if self._refusals_hidden:
+                self.kernel.terminal.info(f"http: {self._refusals_hidden} more requests refused")
+            self._refusal_window, self._refusals_shown, self._refusals_hidden = now, 0, 0
+        if self._refusals_shown < REFUSALS_SHOWN:
+            self._refusals_shown += 1
+            self.kernel.terminal.info(f"http: refused {request.method} {request.path[:200]}: {problem}")
+        else:
+            self._refusals_hidden += 1
+
+    def _bearer(self, request: web.Request) -> bool:
+        """Does the request carry the token in Authorization (which no page can make a browser send)?"""
+        auth = request.headers.get("Authorization", "")
+        return auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode())
+
     def _match(self, path: str) -> tuple[Optional[Binding], dict]:
         with self.lock:
             exact = self.bindings.get(path)
@@ -329,6 +363,10 @@ class HttpServerService(Service):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if _traversal(request.raw_path):
             return _json_error(400, "bad path: '.' and '..' segments are not allowed")
+        problem = guard.host_problem(request.headers.get("Host"), self.names)
+        if problem:
+            self._refused(request, problem)
+            return _json_error(421, problem)
         path = request.path
         if path == "/login":
             return self._login(request)
@@ -347,6 +385,11 @@ class HttpServerService(Service):
             return self._unauthorized(request)
         if binding.local_only and not (request.remote or "").startswith(LOOPBACK):
             return _json_error(403, "this path is served to local clients only")
+        problem = guard.origin_problem(request.method, request.headers, request.scheme, self._bearer(request),
+                                       websocket=binding.websocket)
+        if problem:
+            self._refused(request, problem)
+            return _json_error(403, problem)
         if binding.websocket:
             return await self._websocket(request, binding)
         if binding.static is not None:
@@ -361,6 +404,9 @@ class HttpServerService(Service):
                 summary = await self._receive_upload(request, binding.upload_to)
             except (ValueError, OSError) as e:
                 return _json_error(400, f"upload failed: {e}")
+            except HttpProcessingError as e:  # aiohttp refuses a part header holding a control character
+                return _json_error(400, f"upload failed: a part's headers are malformed ({e.message}): a file "
+                                        f"name may not hold a control character")
             blob = Blob("application/json", json.dumps({"Uploaded": summary}).encode())
         elif request.can_read_body:
             if (request.content_length or 0) > MAX_BODY:
@@ -439,7 +485,7 @@ class HttpServerService(Service):
         """Stream each `files` part into DRIVE/.partial, then rename it to its name."""
         files, refused = [], []
         partial_dir = drive / ".partial"
-        partial_dir.mkdir(parents=True, exist_ok=True)
+        partial_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         reader = await request.multipart()
         loop = asyncio.get_running_loop()
         while True:
@@ -449,14 +495,14 @@ class HttpServerService(Service):
             if not isinstance(part, BodyPartReader) or part.name != "files" or part.filename is None:
                 await part.release()
                 continue
-            name = part.filename
+            name = nfc(part.filename)  # a Mac's browser may send a decomposed name
             problem = check_upload_path(name)
             if problem:
                 refused.append({"name": name, "reason": problem})
                 await part.release()
                 continue
             tmp = partial_dir / f"upload-{secrets.token_hex(8)}.part"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             size = 0
             try:
                 while True:
@@ -493,9 +539,6 @@ class HttpServerService(Service):
         return {"files": files, "refused": refused}
 
     async def _websocket(self, request: web.Request, binding: Binding) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}":
-            return _json_error(403, f"cross-origin WebSocket refused (Origin {origin})")
         ws = web.WebSocketResponse(heartbeat=30)
         if not ws.can_prepare(request).ok:
             return _json_error(400, "expected a WebSocket upgrade")
@@ -532,9 +575,7 @@ class HttpServerService(Service):
 
     def _login(self, request: web.Request) -> web.StreamResponse:
         given = request.query.get("token", "")
-        nxt = request.query.get("next", "/")
-        if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
-            nxt = "/"
+        nxt = guard.safe_next(request.query.get("next", "/"))
         if given and hmac.compare_digest(given.encode(), self.token.encode()):
             resp = web.HTTPFound(nxt)
             resp.set_cookie(self.cookie_name, self.token, httponly=True, samesite="Strict", path="/",
@@ -564,6 +605,10 @@ def _page(title: str, body: str) -> str:
             f"initial-scale=1'><title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;"
             f"max-width:40rem;margin:2rem auto;padding:0 1rem}}.err{{color:#b00}}input{{font-size:1rem;padding:.3rem}}"
             f"li{{margin:.5rem 0}}</style></head><body>{body}</body></html>")
+
+
+async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(guard.with_security_headers(response.headers))
 
 
 def _json_error(status: int, text: str) -> web.Response:

@@ -12,7 +12,7 @@ from host.messages import ProcessId
 class StateStore:
     def __init__(self, root: Path):
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, pid: ProcessId) -> Path:
         return self.root / quote(str(pid), safe="")

@@ -398,7 +398,7 @@ class Vfs:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root_s = str(self.root)
         self._real_root = os.path.realpath(self._root_s)
         self._lock = threading.Lock()            # guards _handles and _epoch
@@ -545,7 +545,7 @@ class Vfs:
             flags |= os.O_TRUNC
         try:
             try:
-                fd = os.open(loc.real, flags, 0o644)
+                fd = os.open(loc.real, flags, 0o600)
             except OSError as e:
                 # a read-only file can still be read: fall back to a read-only fd
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or truncate:
@@ -695,14 +695,14 @@ class Vfs:
 
     def _a_CreateDir(self, source, vp, loc, arg, data):
         try:
-            os.mkdir(loc.real, 0o755)
+            os.mkdir(loc.real, 0o700)
         except OSError as e:
             raise _from_os(e, vp.text, "cannot create directory") from None
         return VfsResult(_OK)
 
     def _a_CreateDirAll(self, source, vp, loc, arg, data):
         try:
-            os.makedirs(loc.real, 0o755, exist_ok=True)
+            os.makedirs(loc.real, 0o700, exist_ok=True)
         except OSError as e:
             raise _from_os(e, vp.text, "cannot create directory") from None
         return VfsResult(_OK)
@@ -834,12 +834,12 @@ class Vfs:
                 with zf.open(info) as src, open(tmp, "xb") as out:
                     shutil.copyfileobj(src, out, CHUNK)   # zipfile stops at the declared size, checks the CRC
                 staged.append((tmp, tl))
-            os.makedirs(loc.real, 0o755, exist_ok=True)
+            os.makedirs(loc.real, 0o700, exist_ok=True)
             for tl, info in targets:
                 if info is None:
-                    os.makedirs(tl.real, 0o755, exist_ok=True)
+                    os.makedirs(tl.real, 0o700, exist_ok=True)
             for tmp, tl in staged:
-                os.makedirs(os.path.dirname(tl.real), 0o755, exist_ok=True)
+                os.makedirs(os.path.dirname(tl.real), 0o700, exist_ok=True)
                 os.replace(tmp, tl.real)
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:
             raise _Err({"ParseError": {"error": f"corrupt zip archive: {e}", "path": vp.text}}) from None
@@ -1092,7 +1092,7 @@ class Vfs:
         if not (isinstance(items, list) and isinstance(dirs, list) and (state is None or isinstance(state, dict))):
             raise _bad_json(f"WriteMany expects {_TREE_ACTIONS['WriteMany']}")
         try:
-            os.makedirs(loc.real, 0o755, exist_ok=True)
+            os.makedirs(loc.real, 0o700, exist_ok=True)
         except OSError as e:
             raise _from_os(e, vp.text, "cannot create directory") from None
         if len(data) >= WRITE_BEHIND_MIN:

@@ -125,7 +125,7 @@ class _Dirs:
         parent = self.get(parts[:-1], create)
         if create:
             try:
-                os.mkdir(parts[-1], 0o755, dir_fd=parent)
+                os.mkdir(parts[-1], 0o700, dir_fd=parent)
             except FileExistsError:
                 pass
         fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
@@ -200,7 +200,7 @@ def walk(real: str, max_depth: int, max_entries: int, drive: str = "") -> dict:
 
 
 def _open_file(dirs: _Dirs, parts: tuple, flags: int) -> int:
-    return os.open(parts[-1], flags | _NOFOLLOW | _NONBLOCK, 0o644, dir_fd=dirs.get(parts[:-1]))
+    return os.open(parts[-1], flags | _NOFOLLOW | _NONBLOCK, 0o600, dir_fd=dirs.get(parts[:-1]))
 
 
 def read_many(real: str, items: list, drive: str = "") -> tuple:
@@ -319,7 +319,7 @@ def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Opti
             if state_parts and isinstance(state_text, str):
                 parent = dirs.get(state_parts[:-1])
                 tmp = f".{state_parts[-1]}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644, dir_fd=parent)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600, dir_fd=parent)
                 try:
                     fsutil.pwrite_all(fd, state_text.encode("utf-8"), 0)
                 finally:

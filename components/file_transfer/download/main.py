@@ -5,7 +5,7 @@ The local file_transfer starts a worker per file (at most MAX_DOWNLOADS at once;
 their turn) and reports progress; this script prints only failures to start."""
 import wit_world
 
-from ft_common import check_name
+from ft_common import check_name, nfc
 from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: download:file_transfer:template.os NAME [NAME...] NODE  (a NAME may be a folder)"
@@ -17,6 +17,7 @@ def download(our: Address, args: str) -> str:
     if len(parts) < 2:
         raise ValueError(USAGE)
     *names, who = parts
+    names = [nfc(name) for name in names]  # as typed: one spelling of each name (see kinode_types)
     for name in names:  # all names are checked before any download starts
         problem = check_name(name)
         if problem:

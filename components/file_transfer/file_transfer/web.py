@@ -14,7 +14,7 @@
 import json
 import time
 
-from ft_common import check_name
+from ft_common import check_name, nfc
 from ft_folder import check_path
 from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
 
@@ -74,6 +74,10 @@ class Page:
 
     def route(self, req, body: bytes) -> None:
         path, method = req.path(self.our.process), req.method
+        if path in ("/download", "/allow") and method not in ("GET", "HEAD") and \
+                req.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            # a form another page posts can only be text/plain, urlencoded or multipart
+            return http.send_json(415, {"error": "send the JSON body with Content-Type: application/json"})
         if path == "/files" and method == "GET":
             node, folder = req.query_params.get("node"), req.query_params.get("folder") or None
             if folder is not None:
@@ -116,7 +120,7 @@ class Page:
                                   {"Content-Disposition": "attachment"})
         if path == "/download" and method == "POST":
             args = json.loads(body)
-            name, node = args.get("name"), args.get("node")
+            name, node = nfc(args.get("name")), args.get("node")
             problem = check_name(name) or ("" if isinstance(node, str) and node else "no node given")
             if not problem:
                 target = sibling(self.our, "file_transfer", node)
