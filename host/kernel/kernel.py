@@ -291,7 +291,7 @@ class Kernel:
             mid, rsvp = new_request_id(), None
         if req.expects_response is not None:
             rsvp = src.address
-            pending = Pending(context, target, req, blob, awaited=awaited)
+            pending = Pending(context, target, req, blob, awaited=awaited, prompting=src.current)
             src.add_pending(mid, pending)
             timeout = min(max(int(req.expects_response), 0), MAX_TIMEOUT)
             pending.timer = self.timers.add(timeout, lambda: src.fail(mid, SendErrorKind.TIMEOUT))
@@ -299,13 +299,17 @@ class Kernel:
 
     def send_response(self, src: Endpoint, resp: Response, blob: Optional[Blob]) -> None:
         prompting = src.current
-        if prompting is None or prompting.rsvp is None:
-            return  # nothing asked for an answer: dropped, as in Kinode
+        if prompting is None:
+            # as upstream (kernel/standard_host_v0.rs send_response_v0): no request to answer
+            log.info("%s sent a Response with no prompting message: dropped", src.id)
+            return
+        # the answer goes to the prompting message's rsvp, else to its source (send_response_v0)
+        target = prompting.rsvp if prompting.rsvp is not None else prompting.source
         if resp.inherit and blob is None:
             blob = src.current_blob
         if resp.capabilities:
             resp.capabilities = self.filter_caps(src, resp.capabilities)
-        self.route(KernelMessage(prompting.id, src.address, prompting.rsvp, None, resp, blob), src)
+        self.route(KernelMessage(prompting.id, src.address, target, None, resp, blob), src)
 
     def may_message(self, src: Endpoint, dest: Endpoint, is_request: bool = True) -> bool:
         """Upstream's check (kernel/mod.rs), for requests and responses alike: the target is public

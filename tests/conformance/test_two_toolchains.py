@@ -114,6 +114,23 @@ def test_a_request_forwarded_with_inherit(node, lang):
 
 
 @pytest.mark.parametrize("lang", LANGS)
+def test_a_response_answers_the_request_that_prompted_it(node, lang):
+    """The usual process_lib pattern: take a request, ask someone else (awaited, then through
+    `receive`), then `Response::send()` to the first. Kinode keeps the prompting message with each
+    outgoing request's context and restores it when that request's response comes back; a request
+    that expects no response and has no rsvp never becomes the prompting message (kinode v0.9.5
+    kinode/src/kernel/standard_host_v0.rs lines 108-112, 118, 132 and 285-288)."""
+    other = OTHER[lang]
+    start = len(node.lines)
+    got = ask(node, lang, f"prompt {addr(other)}", ["prompt"])["prompt"]
+    # the peer heard the request that expected no answer (between the first and its answer) ...
+    assert wait_steps(node, start, other, ["noise-heard"])["noise-heard"] == {"noise": "quiet"}
+    # ... yet answered the first request, after its own sub-requests, and the second at once
+    assert got == [{"context": "p1", "body": {"answer": other, "vfs": '"Ok"', "sub": {"sub_answer": f"from-{other}"}}},
+                   {"context": "p2", "body": {"noise": "loud", "by": other}}]
+
+
+@pytest.mark.parametrize("lang", LANGS)
 def test_a_request_from_the_terminal(node, lang):
     pong = ask(node, lang, "ping", ["pong"])["pong"]
     assert pong == {"source": "fake.dev@terminal:terminal:sys", "kind": "request", "body": '"ping"',

@@ -266,6 +266,56 @@ function spawns(n) {  // for bench/guests.py: N children spawned, asked once and
   show('spawns', { n, ok, ms: Date.now() - start });
 }
 
+// Ask the peer a question it answers only after a sub-request of its own (awaited, then one
+// answered through `receive`), and meanwhile send it two more requests: one expecting no answer
+// (it must not become the peer's prompting message) and one it answers at once.
+function prompt(target) {
+  const t = parseAddress(target);
+  sendRequest(t, request({ prompted: 'js' }, { expects: 15n }), enc.encode('p1'), undefined);
+  sendRequest(t, request({ noise: 'quiet' }, { expects: undefined }), undefined, undefined);
+  sendRequest(t, request({ noise: 'loud' }), enc.encode('p2'), undefined);
+  const answers = [];
+  while (answers.length < 2) {
+    const [kind, a, b] = receiveOne();
+    if (kind === 'err') {
+      answers.push({ context: b == null ? null : dec.decode(b), error: a.kind });
+    } else if (b.tag === 'request') {
+      // the peer's sub-request, answered only now: after all three requests reached it
+      const body = JSON.parse(dec.decode(b.val.body));
+      sendResponse({ inherit: false, body: jsonBytes({ sub_answer: body.sub ?? null }), metadata: undefined,
+        capabilities: [] }, undefined);
+    } else {
+      const ctx = b.val[1];
+      answers.push({ context: ctx == null ? null : dec.decode(ctx), body: JSON.parse(dec.decode(b.val[0].body)) });
+    }
+  }
+  answers.sort((x, y) => (x.context ?? '').localeCompare(y.context ?? ''));
+  show('prompt', answers);
+}
+
+const PROMPTED = {};
+
+// A request answered later: first an awaited sub-request (to the VFS), then one to the asker whose
+// response comes through `receive`; the answer is sent in `answerLater`.
+function answerPrompted(source) {
+  PROMPTED.vfs = vfs(drive(), 'CreateDrive').body;
+  sendRequest(source, request({ sub: 'from-js' }, { expects: 10n }), enc.encode('prompted-sub'), undefined);
+}
+
+function answerLater(source, msg) {
+  if (msg.val[1] == null || dec.decode(msg.val[1]) !== 'prompted-sub') return;
+  // the prompting message is again the request that started it all (Kinode restores it)
+  sendResponse({ inherit: false, body: jsonBytes({ answer: 'js', vfs: PROMPTED.vfs ?? null,
+    sub: JSON.parse(dec.decode(msg.val[0].body)) }), metadata: undefined, capabilities: [] }, undefined);
+}
+
+function noise(req) {
+  const body = JSON.parse(dec.decode(req.body));
+  if (req.expectsResponse == null) show('noise-heard', body);
+  else sendResponse({ inherit: false, body: jsonBytes({ noise: body.noise, by: 'js' }), metadata: undefined,
+    capabilities: [] }, undefined);
+}
+
 function unicode() {
   const text = 'héllo ✓ 🎉 \u00ff end';
   setState(enc.encode(text));
@@ -282,7 +332,10 @@ function child(parent) {  // spawned by `spawnSteps`: answer the parent's reques
 }
 
 function handle(source, msg) {
-  if (msg.tag !== 'request') return;
+  if (msg.tag !== 'request') {
+    answerLater(source, msg);
+    return;
+  }
   const req = msg.val;
   let body;
   try {
@@ -295,6 +348,8 @@ function handle(source, msg) {
     if ('echo' in body) answerEcho(source, req);
     else if ('take_caps' in body) takeCaps(req);
     else if ('relay_read' in body) answerRelay();
+    else if ('prompted' in body) answerPrompted(source);
+    else if ('noise' in body) noise(req);
     return;
   }
   const [cmd, arg] = String(body).split(' ');
@@ -312,6 +367,7 @@ function handle(source, msg) {
     case 'caps': capsSteps(arg); break;
     case 'senderr': sendErrors(); break;
     case 'unicode': unicode(); break;
+    case 'prompt': prompt(arg); break;
     case 'rounds': rounds(Number(arg)); break;
     case 'spawns': spawns(Number(arg)); break;
     case 'crash': throw new Error('crash requested');

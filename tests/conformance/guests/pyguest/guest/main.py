@@ -250,6 +250,55 @@ def send_errors() -> None:
                                                 request("hello")))
 
 
+def prompt(target: str) -> None:
+    """Ask the peer a question it answers only after a sub-request of its own (awaited, then one
+    answered through `receive`), and meanwhile send it two more requests: one expecting no answer
+    (it must not become the peer's prompting message) and one it answers at once."""
+    t = parse_address(target)
+    wit.send_request(t, request({"prompted": "py"}, expects=15), b"p1", None)
+    wit.send_request(t, request({"noise": "quiet"}, expects=None), None, None)
+    wit.send_request(t, request({"noise": "loud"}), b"p2", None)
+    answers = []
+    while len(answers) < 2:
+        kind, a, b = receive_one()
+        if kind == "err":
+            answers.append({"context": None if b is None else b.decode(), "error": enum_name(a.kind)})
+        elif isinstance(b, wit.Message_Request):
+            # the peer's sub-request, answered only now: after all three requests reached it
+            body = json.loads(b.value.body)
+            wit.send_response(wit.Response(False, json_bytes({"sub_answer": body.get("sub")}), None, []), None)
+        else:
+            ctx = b.value[1]
+            answers.append({"context": None if ctx is None else ctx.decode(), "body": json.loads(b.value[0].body)})
+    show("prompt", sorted(answers, key=lambda x: x["context"] or ""))
+
+
+PROMPTED = {}
+
+
+def answer_prompted(source, req) -> None:
+    """A request answered later: first an awaited sub-request (to the VFS), then one to the asker
+    whose response comes through `receive`; the answer is sent in `answer_later`."""
+    PROMPTED["vfs"] = vfs(drive(), "CreateDrive")["body"]
+    wit.send_request(source, request({"sub": "from-py"}, expects=10), b"prompted-sub", None)
+
+
+def answer_later(source, msg) -> None:
+    if msg.value[1] != b"prompted-sub":
+        return
+    # the prompting message is again the request that started it all (Kinode restores it)
+    wit.send_response(wit.Response(False, json_bytes({"answer": "py", "vfs": PROMPTED.get("vfs"),
+                                                      "sub": json.loads(msg.value[0].body)}), None, []), None)
+
+
+def noise(req) -> None:
+    body = json.loads(req.body)
+    if req.expects_response is None:
+        show("noise-heard", body)
+    else:
+        wit.send_response(wit.Response(False, json_bytes({"noise": body["noise"], "by": "py"}), None, []), None)
+
+
 def rounds(n: int) -> None:
     """For bench/guests.py: N awaited requests to the VFS, timed."""
     vfs(drive(), "CreateDrive")
@@ -290,6 +339,7 @@ def child(parent: str) -> None:
 
 def handle(source, msg) -> None:
     if not isinstance(msg, wit.Message_Request):
+        answer_later(source, msg)
         return
     req = msg.value
     try:
@@ -304,13 +354,17 @@ def handle(source, msg) -> None:
             take_caps(req)
         elif "relay_read" in body:
             answer_relay()
+        elif "prompted" in body:
+            answer_prompted(source, req)
+        elif "noise" in body:
+            noise(req)
         return
     cmd, _, arg = str(body).partition(" ")
     commands = {"ping": lambda: show("pong", message_json(source, msg)), "peer": lambda: peer(arg),
                 "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
                 "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
                 "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode,
-                "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
+                "prompt": lambda: prompt(arg), "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
     if cmd == "crash":
         raise RuntimeError("crash requested")
     commands.get(cmd, lambda: show("unknown", {"cmd": cmd}))()
