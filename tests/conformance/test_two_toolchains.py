@@ -313,3 +313,46 @@ def test_a_guest_writing_stderr_without_end_keeps_a_bounded_tail():
     p._on_stderr(b"y" * 10000 + b"\n")
     assert p._describe_failure(trap) == "crashed: RuntimeError: " + "y" * (STDERR_LINE_KEPT - len("RuntimeError: "))
     assert sum(len(line) for line in p.stderr_tail) <= STDERR_LINES_KEPT * STDERR_LINE_KEPT
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_process_installs_and_runs_another_through_the_kernel(node, lang):
+    """kernel:distro:sys as upstream's handle_kernel_request (kinode v0.9.5 kinode/src/kernel/mod.rs
+    lines 131-279 InitializeProcess, 281-310 Grant/DropCapabilities, 312-365 RunProcess; the
+    persisted form is lib/src/core.rs PersistedProcess and OnExit, lines 1488-1494 and 551-555)."""
+    start = len(node.lines)
+    got = ask(node, lang, "kinit", ["kinit"])["kinit"]
+    me, kid = addr(lang), f"kid:{pkg(lang)}"
+    assert got["init"] == "InitializedProcess" and got["run"] == "StartedProcess", node.lines[start:]
+    # the request sent before RunProcess waited for the process, then was answered by it
+    assert got["early"] == {"context": "early", "body": {"reply": "early, from kid", "parent_heard": True}}
+    assert got["granted"] == {"Debug": {"HasCap": True}} and got["dropped"] == {"Debug": {"HasCap": False}}
+    on_exit = {"Requests": [[me, {"inherit": False, "expects_response": None, "body": list(b'{"noise":"kid-exit"}'),
+                                  "metadata": None, "capabilities": []}, None]]}
+    assert got["persisted"] == {"Debug": {"Process": {
+        "wasm_bytes_handle": f"/{pkg(lang)}/pkg/guest.wasm", "wit_version": 0, "on_exit": on_exit,
+        "capabilities": [{"issuer": f"fake.dev@{kid}", "params": '"messaging"'},
+                         {"issuer": "fake.dev@vfs:distro:sys", "params": '"messaging"'}],
+        "public": False}}}
+    assert got["no-bytes"] == "InitializeProcessError" and got["run-missing"] == "RunProcessError"
+    # told goodbye, the process ends and its OnExit::Requests reach us
+    assert wait_steps(node, start, lang, ["noise-heard"])["noise-heard"] == {"noise": "kid-exit"}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_root_script_gets_the_terminals_capabilities(node, lang):
+    """scripts.json `"root": true`: upstream's terminal gives the script all of its own capabilities
+    (kinode v0.9.5 kinode/packages/terminal/terminal/src/lib.rs lines 330-334; the terminal's are
+    those of kinode/packages/terminal/pkg/manifest.json)."""
+    start = len(node.lines)
+    node.type(f'guest:{pkg(lang)} {{"child":"script","caps":true}}')
+    caps = wait_steps(node, start, lang, ["script-caps"])["script-caps"]
+    def messaging(p): return {"issuer": f"fake.dev@{p}", "params": '"messaging"'}
+    for service in ("kernel:distro:sys", "net:distro:sys", "vfs:distro:sys", "http_server:distro:sys",
+                    "timer:distro:sys"):
+        assert messaging(service) in caps, caps
+    assert {"issuer": "fake.dev@vfs:distro:sys", "params": '{"root":true}'} in caps
+    assert {"issuer": "fake.dev@kernel:distro:sys", "params": '"network"'} in caps
+    # and, as every script, its package's drive (what the manifest entry alone gives)
+    assert {"issuer": "fake.dev@vfs:distro:sys", "params": json.dumps({"drive": f"/{pkg(lang)}/pkg", "kind": "read"},
+                                                                      separators=(",", ":"))} in caps

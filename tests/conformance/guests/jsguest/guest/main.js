@@ -316,6 +316,46 @@ function noise(req) {
     capabilities: [] }, undefined);
 }
 
+function kernelAsk(command, inherit = false) {
+  const got = awaitResponse(parseAddress('our@kernel:distro:sys'), request(command, { inherit }), undefined, false);
+  return 'body' in got ? JSON.parse(got.body) : got;
+}
+
+// Install and start another process at run time as Kinode's terminal does a script
+// (kinode/packages/terminal/terminal/src/lib.rs handle_run): read its wasm from the VFS,
+// InitializeProcess with the bytes, message it before it runs, RunProcess; then grant and drop it
+// a capability, read its persisted form back, and let it exit into its OnExit::Requests.
+function kinit() {
+  const pkg = `${OUR.process.packageName}:${OUR.process.publisherNode}`;
+  const wasm = `/${pkg}/pkg/guest.wasm`; const kid = `kid:${pkg}`; const me = addrText(OUR);
+  vfs(wasm, 'Read', undefined, false);  // the wasm is the blob now: passed on with `inherit`, as the terminal does
+  const onExit = { Requests: [[me, { inherit: false, expects_response: null,
+    body: Array.from(jsonBytes({ noise: 'kid-exit' })), metadata: null, capabilities: [] }, null]] };
+  const init = { InitializeProcess: { id: kid, wasm_bytes_handle: wasm, wit_version: 0, on_exit: onExit,
+    initial_capabilities: [{ issuer: `${OUR.node}@vfs:distro:sys`, params: '"messaging"' }], public: false } };
+  const out = { init: kernelAsk(init, true) };
+  const kidAddr = parseAddress(`${OUR.node}@${kid}`);
+  // sent before it runs: it waits for the process (upstream's pre-boot queue)
+  sendRequest(kidAddr, request({ child: 'early' }, { expects: 15n }), enc.encode('early'), undefined);
+  out.run = kernelAsk({ RunProcess: kid });
+  const [kind, a, b] = receiveOne();
+  out.early = kind === 'msg' ? { context: dec.decode(b.val[1]), body: JSON.parse(dec.decode(b.val[0].body)) }
+    : { error: a.kind };
+  const cap = { issuer: me, params: '"granted"' };
+  const has = { Debug: { HasCap: { on: kid, cap } } };
+  sendRequest(parseAddress('our@kernel:distro:sys'),   // unanswered, as upstream
+    request({ GrantCapabilities: { target: kid, capabilities: [cap] } }, { expects: undefined }), undefined, undefined);
+  out.granted = kernelAsk(has);
+  sendRequest(parseAddress('our@kernel:distro:sys'),   // unanswered, as upstream
+    request({ DropCapabilities: { target: kid, capabilities: [cap] } }, { expects: undefined }), undefined, undefined);
+  out.dropped = kernelAsk(has);
+  out.persisted = kernelAsk({ Debug: { Process: kid } });
+  out['no-bytes'] = kernelAsk({ InitializeProcess: { ...init.InitializeProcess, id: `kid2:${pkg}` } });
+  out['run-missing'] = kernelAsk({ RunProcess: `nobody:${pkg}` });
+  sendRequest(kidAddr, request('bye', { expects: undefined }), undefined, undefined);
+  show('kinit', out);
+}
+
 function unicode() {
   const text = 'héllo ✓ 🎉 \u00ff end';
   setState(enc.encode(text));
@@ -326,6 +366,12 @@ function child(parent) {  // spawned by `spawnSteps`: answer the parent's reques
   const [kind, source, msg] = receiveOne();
   if (kind !== 'msg') return;
   const body = JSON.parse(dec.decode(msg.val.body));
+  if (body.caps) {  // run as a script from the terminal (scripts.json): show what it was given
+    const caps = ourCapabilities().map(capJson);
+    caps.sort((x, y) => (x.issuer + x.params < y.issuer + y.params ? -1 : 1));
+    show('script-caps', caps);
+    return;
+  }
   sendResponse({ inherit: false, body: jsonBytes({ reply: `${body.child}, from ${OUR.process.processName}`,
     parent_heard: addrText(source) === parent }), metadata: undefined, capabilities: [] }, undefined);
   receiveOne();  // live on until the parent says goodbye, so its name stays taken meanwhile
@@ -368,6 +414,7 @@ function handle(source, msg) {
     case 'senderr': sendErrors(); break;
     case 'unicode': unicode(); break;
     case 'prompt': prompt(arg); break;
+    case 'kinit': kinit(); break;
     case 'rounds': rounds(Number(arg)); break;
     case 'spawns': spawns(Number(arg)); break;
     case 'crash': throw new Error('crash requested');

@@ -299,6 +299,46 @@ def noise(req) -> None:
         wit.send_response(wit.Response(False, json_bytes({"noise": body["noise"], "by": "py"}), None, []), None)
 
 
+def kernel_ask(command, inherit=False) -> dict:
+    got = await_response(parse_address("our@kernel:distro:sys"), request(command, inherit=inherit), None, False)
+    return json.loads(got["body"]) if "body" in got else got
+
+
+def kinit() -> None:
+    """Install and start another process at run time as Kinode's terminal does a script
+    (kinode/packages/terminal/terminal/src/lib.rs handle_run): read its wasm from the VFS,
+    InitializeProcess with the bytes, message it before it runs, RunProcess; then grant and drop it
+    a capability, read its persisted form back, and let it exit into its OnExit::Requests."""
+    pkg = f"{OUR.process.package_name}:{OUR.process.publisher_node}"
+    wasm, kid, me = f"/{pkg}/pkg/guest.wasm", f"kid:{pkg}", addr_text(OUR)
+    vfs(wasm, "Read", None, False)   # the wasm is the blob now: passed on with `inherit`, as the terminal does
+    on_exit = {"Requests": [[me, {"inherit": False, "expects_response": None, "body": list(json_bytes({"noise": "kid-exit"})),
+                                  "metadata": None, "capabilities": []}, None]]}
+    init = {"InitializeProcess": {"id": kid, "wasm_bytes_handle": wasm, "wit_version": 0, "on_exit": on_exit,
+                                  "initial_capabilities": [{"issuer": f"{OUR.node}@vfs:distro:sys", "params": '"messaging"'}],
+                                  "public": False}}
+    out = {"init": kernel_ask(init, inherit=True)}
+    kid_addr = parse_address(f"{OUR.node}@{kid}")
+    # sent before it runs: it waits for the process (upstream's pre-boot queue)
+    wit.send_request(kid_addr, request({"child": "early"}, expects=15), b"early", None)
+    out["run"] = kernel_ask({"RunProcess": kid})
+    kind, a, b = receive_one()
+    out["early"] = {"context": b.value[1].decode(), "body": json.loads(b.value[0].body)} if kind == "msg" else {"error": enum_name(a.kind)}
+    cap = {"issuer": me, "params": '"granted"'}
+    has = {"Debug": {"HasCap": {"on": kid, "cap": cap}}}
+    wit.send_request(parse_address("our@kernel:distro:sys"),   # unanswered, as upstream
+                     request({"GrantCapabilities": {"target": kid, "capabilities": [cap]}}, expects=None), None, None)
+    out["granted"] = kernel_ask(has)
+    wit.send_request(parse_address("our@kernel:distro:sys"),   # unanswered, as upstream
+                     request({"DropCapabilities": {"target": kid, "capabilities": [cap]}}, expects=None), None, None)
+    out["dropped"] = kernel_ask(has)
+    out["persisted"] = kernel_ask({"Debug": {"Process": kid}})
+    out["no-bytes"] = kernel_ask({"InitializeProcess": {**init["InitializeProcess"], "id": f"kid2:{pkg}"}})
+    out["run-missing"] = kernel_ask({"RunProcess": f"nobody:{pkg}"})
+    wit.send_request(kid_addr, request("bye", expects=None), None, None)
+    show("kinit", out)
+
+
 def rounds(n: int) -> None:
     """For bench/guests.py: N awaited requests to the VFS, timed."""
     vfs(drive(), "CreateDrive")
@@ -332,6 +372,9 @@ def child(parent: str) -> None:
     if kind != "msg":
         return
     body = json.loads(msg.value.body)
+    if body.get("caps"):   # run as a script from the terminal (scripts.json): show what it was given
+        show("script-caps", sorted((cap_json(c) for c in wit.our_capabilities()), key=lambda c: c["issuer"] + c["params"]))
+        return
     wit.send_response(wit.Response(False, json_bytes({"reply": f"{body['child']}, from {OUR.process.process_name}",
                                                       "parent_heard": addr_text(source) == parent}), None, []), None)
     receive_one()  # live on until the parent says goodbye, so its name stays taken meanwhile
@@ -364,7 +407,7 @@ def handle(source, msg) -> None:
                 "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
                 "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
                 "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode,
-                "prompt": lambda: prompt(arg), "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
+                "prompt": lambda: prompt(arg), "kinit": kinit, "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
     if cmd == "crash":
         raise RuntimeError("crash requested")
     commands.get(cmd, lambda: show("unknown", {"cmd": cmd}))()
