@@ -244,6 +244,13 @@ function sendErrors() {
   } : { kind: null });
   show('senderr unknown-node', awaitResponse(parseAddress(`ghost.os@guest:${OUR.process.packageName}:test.os`),
     request('hello')));
+  // a request expecting no response is not followed by an error (upstream drops it: no context)
+  const ghost = parseAddress(`ghost.os@guest:${OUR.process.packageName}:test.os`);
+  sendRequest(ghost, request('quiet', { expects: undefined }), undefined, undefined);
+  sendRequest(ghost, request('loud'), enc.encode('ctx-loud'), undefined);
+  const [k, e, ctx] = receiveOne();
+  show('senderr unawaited', k === 'err' ? { kind: e.kind, body: dec.decode(e.message.val.body),
+    context: ctx == null ? null : dec.decode(ctx) } : { kind: null });
 }
 
 function rounds(n) {  // for bench/guests.py: N awaited requests to the VFS, timed

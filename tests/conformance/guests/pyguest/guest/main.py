@@ -248,6 +248,13 @@ def send_errors() -> None:
         show("senderr missing-local", {"kind": None})
     show("senderr unknown-node", await_response(parse_address(f"ghost.os@guest:{OUR.process.package_name}:test.os"),
                                                 request("hello")))
+    # a request expecting no response is not followed by an error (upstream drops it: no context)
+    ghost = parse_address(f"ghost.os@guest:{OUR.process.package_name}:test.os")
+    wit.send_request(ghost, request("quiet", expects=None), None, None)
+    wit.send_request(ghost, request("loud"), b"ctx-loud", None)
+    kind, err, context = receive_one()
+    show("senderr unawaited", {"kind": enum_name(err.kind), "body": err.message.value.body.decode(),
+                               "context": None if context is None else context.decode()} if kind == "err" else {"kind": None})
 
 
 def prompt(target: str) -> None:
