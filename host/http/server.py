@@ -26,6 +26,8 @@ blobs processes bound (serve_ui), never looked up on disk.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import html
 import json
@@ -55,6 +57,7 @@ MAX_BODY = 2 * 1024 * 1024     # a body sent to a process as a blob (a blob cros
 UPLOAD_CHUNK = 1024 * 1024
 TOKEN_FILE = ".keys/http-token"
 LOOPBACK = ("127.", "::1", "::ffff:127.")
+RPC_PATH = "/rpc:distro:sys/message"
 
 
 def load_or_create_token(home: Path) -> str:
@@ -332,11 +335,16 @@ class HttpServerService(Service):
         path = request.path
         if path == "/login":
             return self._login(request)
+        if path == RPC_PATH:
+            return await self._rpc(request)
         if path == "/":
             if not self._authed(request):
                 return self._unauthorized(request)
             return self._homepage()
         binding, url_params = self._match(path)
+        if binding is None and len(path) > 1 and path.endswith("/"):
+            # upstream normalises a trailing slash away (http/utils.rs normalize_path)
+            binding, url_params = self._match(path[:-1])
         if binding is None:
             if not self._authed(request):  # strangers learn nothing about which paths exist
                 return self._unauthorized(request)
@@ -375,7 +383,7 @@ class HttpServerService(Service):
     async def _ask_process(self, request: web.Request, binding: Binding, url_params: dict,
                            blob: Optional[Blob]) -> web.StreamResponse:
         incoming = {
-            "source_socket_addr": f"{request.remote}",
+            "source_socket_addr": _socket_addr(request),
             "method": request.method,
             "url": str(request.url),
             "bound_path": binding.path,
@@ -402,6 +410,57 @@ class HttpServerService(Service):
         if kind == "gone":
             return _json_error(503, f"{binding.pid} is not running" + (f" ({value})" if value else ""))
         return self._to_http(value, binding)
+
+    async def _rpc(self, request: web.Request) -> web.StreamResponse:
+        """`POST /rpc:distro:sys/message`, as kit's inject-message sends it (kinode v0.9.5
+        kinode/src/http/server.rs handle_rpc_message; utils.rs RpcMessage): a message to a local
+        process, its blob base64 in `data`. Local clients only, as upstream, and here also only with
+        the node's token. With `expects_response` the answer is `{"body", "lazy_load_blob"}`."""
+        if not (request.remote or "").startswith(LOOPBACK):
+            return web.Response(status=403)
+        if not self._authed(request):
+            return self._unauthorized(request)
+        if request.method != "POST":
+            return _json_error(405, "POST a message")
+        if (request.content_length or 0) > 2 * MAX_BODY:
+            return _json_error(413, f"body larger than {2 * MAX_BODY} bytes")
+        try:
+            rpc = json.loads(await request.read())
+            target = Address(str(rpc.get("node") or self.kernel.node), ProcessId.parse(str(rpc["process"])))
+            expects = rpc.get("expects_response")
+            if expects is not None:
+                expects = min(int(expects), int(self.timeout))
+            data = rpc.get("data")
+            blob = None if data is None else Blob(rpc.get("mime"), base64.b64decode(data, validate=True))
+            body = rpc.get("body")
+            req = Request(expects_response=expects, body=b"" if body is None else str(body).encode(),
+                          metadata=rpc.get("metadata"))
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as e:
+            return _json_error(400, f"not an RpcMessage: {e}")
+        if target.node != self.kernel.node:
+            return _json_error(400, "this node passes RPC messages to its own processes only")
+        mid = new_request_id()
+        if expects is None:   # fire and forget
+            self.kernel.route(KernelMessage(mid, self.address, target, None, req, blob), self)
+            return web.Response(status=200)
+        pending = _Pending(self.loop, target.process)
+        with self.lock:
+            self.pending[mid] = pending
+        self.kernel.route(KernelMessage(mid, self.address, target, self.address, req, blob), self)
+        try:
+            kind, km = await asyncio.wait_for(pending.future, expects + 1)
+        except asyncio.TimeoutError:
+            with self.lock:
+                self.pending.pop(mid, None)
+            return web.Response(status=408)
+        if kind == "gone":
+            return web.Response(status=500)
+        out = km.lazy_load_blob
+        answer = {"body": list(km.message.body),
+                  # upstream's RpcResponseBody: the blob's bytes are its base64 text, as serde writes bytes
+                  "lazy_load_blob": None if out is None else {"mime": out.mime,
+                                                              "bytes": list(base64.b64encode(out.bytes))}}
+        return web.Response(status=200, body=json.dumps(answer).encode(), headers={"Content-Type": "text/html"})
 
     def _to_http(self, km: KernelMessage, binding: Binding) -> web.StreamResponse:
         try:
@@ -564,6 +623,15 @@ def _page(title: str, body: str) -> str:
             f"initial-scale=1'><title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;"
             f"max-width:40rem;margin:2rem auto;padding:0 1rem}}.err{{color:#b00}}input{{font-size:1rem;padding:.3rem}}"
             f"li{{margin:.5rem 0}}</style></head><body>{body}</body></html>")
+
+
+def _socket_addr(request: web.Request) -> str:
+    """The client's address as Rust's SocketAddr prints it (ip:port, [ipv6]:port)."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(request.remote)
 
 
 def _json_error(status: int, text: str) -> web.Response:

@@ -139,7 +139,8 @@ def test_a_request_from_the_terminal(node, lang):
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_vfs_reads_and_writes(node, lang):
-    got = ask(node, lang, "vfs", ["vfs create-drive", "vfs write", "vfs read", "vfs read-dir", "vfs read-missing"])
+    got = ask(node, lang, "vfs", ["vfs create-drive", "vfs write", "vfs read", "vfs read-dir", "vfs read-missing",
+                                  "vfs metadata", "vfs root"])
     assert got["vfs create-drive"]["body"] == '"Ok"' and got["vfs create-drive"]["source"] == "fake.dev@vfs:distro:sys"
     assert got["vfs write"]["body"] == '"Ok"'
     on_disk = node.home / "vfs" / pkg(lang) / "d" / "f.bin"
@@ -149,6 +150,11 @@ def test_vfs_reads_and_writes(node, lang):
         {"path": f"{pkg(lang)}/d/f.bin", "file_type": "File"},
         {"path": f"{pkg(lang)}/d/sub", "file_type": "Directory"}]
     assert list(got["vfs read-missing"]["Err"]) == ["IOError"]
+    # the request's metadata comes back on the answer (kinode v0.9.5 kinode/src/vfs.rs lines 627-637)
+    assert got["vfs metadata"]["metadata"] == '{"mine":1}'
+    assert got["vfs metadata"]["body"]["Metadata"]["file_type"] == "Directory"
+    # the list of packages' folders is for holders of the root cap (vfs.rs lines 297-340)
+    assert got["vfs root"] == {"Err": {"NoCap": {"action": "ReadDir", "path": "/"}}}
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -351,7 +357,10 @@ def test_a_root_script_gets_the_terminals_capabilities(node, lang):
     those of kinode/packages/terminal/pkg/manifest.json)."""
     start = len(node.lines)
     node.type(f'guest:{pkg(lang)} {{"child":"script","caps":true}}')
-    caps = wait_steps(node, start, lang, ["script-caps"])["script-caps"]
+    got = wait_steps(node, start, lang, ["script-caps", "script-root"])
+    caps = got["script-caps"]
+    # with the VFS's root cap it lists the packages' folders (kinode/src/vfs.rs lines 297-340)
+    assert {"path": pkg(lang), "file_type": "Directory"} in got["script-root"]["ReadDir"]
     def messaging(p): return {"issuer": f"fake.dev@{p}", "params": '"messaging"'}
     for service in ("kernel:distro:sys", "net:distro:sys", "vfs:distro:sys", "http_server:distro:sys",
                     "timer:distro:sys"):
@@ -361,3 +370,53 @@ def test_a_root_script_gets_the_terminals_capabilities(node, lang):
     # and, as every script, its package's drive (what the manifest entry alone gives)
     assert {"issuer": "fake.dev@vfs:distro:sys", "params": json.dumps({"drive": f"/{pkg(lang)}/pkg", "kind": "read"},
                                                                       separators=(",", ":"))} in caps
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_net_signs_and_verifies(node, lang):
+    """process_lib's net::sign / net::verify (kinode v0.9.5 kinode/src/net/mod.rs lines 265-301;
+    lib/src/core.rs NetAction::Sign/Verify and NetResponse::Signed/Verified): the node signs the
+    source address followed by the blob, the signature comes back in the blob. A local request
+    that is no NetAction is dropped (mod.rs lines 173-177): its asker times out."""
+    import msgpack
+    got = ask(node, lang, "netsign", ["netsign"], timeout=60)["netsign"]
+    assert msgpack.unpackb(bytes.fromhex(got["signed"]["body"])) == "Signed"
+    assert len(bytes.fromhex(got["signed"]["blob"])) == 64                  # an Ed25519 signature
+    assert msgpack.unpackb(bytes.fromhex(got["verified"])) == {"Verified": True}
+    assert msgpack.unpackb(bytes.fromhex(got["tampered"])) == {"Verified": False}   # other bytes: refused
+    assert got["not-an-action"] == "timeout"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_kits_inject_message_over_rpc(node, lang):
+    """`POST /rpc:distro:sys/message` as kit's inject-message sends it (kinode v0.9.5
+    kinode/src/http/server.rs lines 738-794 handle_rpc_message and 1051-1069 the answer;
+    kinode/src/http/utils.rs lines 11-21 RpcMessage). Here it also needs the node's token."""
+    import base64
+    import urllib.error
+    import urllib.request
+    token = (node.home / ".keys" / "http-token").read_text().strip()
+    message = {"node": None, "process": f"guest:{pkg(lang)}", "inherit": False, "expects_response": 15,
+               "body": '{"echo":"rpc"}', "metadata": None, "context": None, "mime": "text/plain",
+               "data": base64.b64encode(b"abc").decode()}
+
+    def post(headers: dict) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{node.port}/rpc:distro:sys/message",
+                                     data=json.dumps(message).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    assert post({})[0] == 401                     # no token: refused (upstream: local clients only)
+    start = len(node.lines)
+    status, body = post({"Authorization": f"Bearer {token}"})
+    assert status == 200
+    heard = wait_steps(node, start, lang, ["echo-heard"])["echo-heard"]
+    assert heard["source"] == "fake.dev@http_server:distro:sys" and heard["blob_len"] == 3
+    answer = json.loads(body)
+    assert json.loads(bytes(answer["body"])) == {"echoed": "rpc", "by": lang}
+    assert answer["lazy_load_blob"]["mime"] == "application/x-reversed"
+    assert base64.b64decode(bytes(answer["lazy_load_blob"]["bytes"])) == b"cba"

@@ -145,6 +145,9 @@ function vfsSteps() {
   const dir = vfs(d, 'ReadDir');
   show('vfs read-dir', JSON.parse(dir.body));
   show('vfs read-missing', JSON.parse(vfs(`${d}/missing`, 'Read').body));
+  const got = awaitResponse(vfsAddress(), request({ path: d, action: 'Metadata' }, { metadata: '{"mine":1}' }));
+  show('vfs metadata', { body: JSON.parse(got.body), metadata: got.metadata });
+  show('vfs root', JSON.parse(vfs('/', 'ReadDir').body));
 }
 
 function bigBlob(n) {
@@ -363,6 +366,40 @@ function kinit() {
   show('kinit', out);
 }
 
+function mpStr(text) {  // MessagePack, just what NetAction needs (rmp-serde's shapes)
+  const b = enc.encode(text);
+  return [...(b.length < 32 ? [0xa0 | b.length] : [0xd9, b.length]), ...b];
+}
+
+function mpBytesAsArray(data) {  // serde writes a Vec<u8> as an array of numbers
+  const out = [0xdc, data.length >> 8, data.length & 0xff];
+  for (const x of data) { if (x < 128) out.push(x); else out.push(0xcc, x); }
+  return out;
+}
+
+function netAsk(body, blob, timeout = 5n) {
+  try {
+    const [, msg] = sendAndAwaitResponse(parseAddress('our@net:distro:sys'),
+      { inherit: false, expectsResponse: timeout, body: new Uint8Array(body), metadata: undefined, capabilities: [] },
+      { mime: undefined, bytes: blob });
+    const back = getBlob();
+    return { body: hex(msg.val[0].body), blob: back == null ? null : hex(back.bytes) };
+  } catch (e) {
+    return { error: errorValue(e).kind };
+  }
+}
+
+// process_lib's net::sign and net::verify: NetAction::Sign and Verify with the bytes in the blob
+function netsign() {
+  const me = addrText(OUR);
+  const signed = netAsk(mpStr('Sign'), enc.encode('sign me'));
+  const sig = new Uint8Array((signed.blob ?? '').match(/../g)?.map((h) => parseInt(h, 16)) ?? []);
+  const verify = [0x81, ...mpStr('Verify'), 0x92, ...mpStr(me), ...mpBytesAsArray(sig)];
+  show('netsign', { signed, verified: netAsk(verify, enc.encode('sign me')).body ?? null,
+    tampered: netAsk(verify, enc.encode('sign me!')).body ?? null,
+    'not-an-action': netAsk(Array.from(enc.encode('hello net')), new Uint8Array(), 1n).error ?? null });
+}
+
 function unicode() {
   const text = 'héllo ✓ 🎉 \u00ff end';
   setState(enc.encode(text));
@@ -377,6 +414,7 @@ function child(parent) {  // spawned by `spawnSteps`: answer the parent's reques
     const caps = ourCapabilities().map(capJson);
     caps.sort((x, y) => (x.issuer + x.params < y.issuer + y.params ? -1 : 1));
     show('script-caps', caps);
+    show('script-root', JSON.parse(vfs('/', 'ReadDir').body));  // the root cap at work
     return;
   }
   sendResponse({ inherit: false, body: jsonBytes({ reply: `${body.child}, from ${OUR.process.processName}`,
@@ -422,6 +460,7 @@ function handle(source, msg) {
     case 'unicode': unicode(); break;
     case 'prompt': prompt(arg); break;
     case 'kinit': kinit(); break;
+    case 'netsign': netsign(); break;
     case 'rounds': rounds(Number(arg)); break;
     case 'spawns': spawns(Number(arg)); break;
     case 'crash': throw new Error('crash requested');

@@ -148,6 +148,9 @@ def vfs_steps() -> None:
     vfs(f"{d}/sub", "CreateDirAll")
     show("vfs read-dir", json.loads(vfs(d, "ReadDir")["body"]))
     show("vfs read-missing", json.loads(vfs(f"{d}/missing", "Read")["body"]))
+    got = await_response(parse_address("our@vfs:distro:sys"), request({"path": d, "action": "Metadata"}, metadata='{"mine":1}'))
+    show("vfs metadata", {"body": json.loads(got["body"]), "metadata": got["metadata"]})
+    show("vfs root", json.loads(vfs("/", "ReadDir")["body"]))
 
 
 def big_blob(n: int) -> None:
@@ -346,6 +349,37 @@ def kinit() -> None:
     show("kinit", out)
 
 
+def mp_str(text: str) -> bytes:   # MessagePack, just what NetAction needs (rmp-serde's shapes)
+    b = text.encode()
+    return (bytes([0xA0 | len(b)]) if len(b) < 32 else bytes([0xD9, len(b)])) + b
+
+
+def mp_bytes_as_array(data: bytes) -> bytes:   # serde writes a Vec<u8> as an array of numbers
+    return bytes([0xDC]) + len(data).to_bytes(2, "big") + b"".join(
+        bytes([x]) if x < 128 else bytes([0xCC, x]) for x in data)
+
+
+def net_ask(body: bytes, blob: bytes, timeout: int = 5) -> dict:
+    try:
+        _src, msg = wit.send_and_await_response(parse_address("our@net:distro:sys"), wit.Request(False, timeout, body, None, []),
+                                                wit.LazyLoadBlob(None, blob))
+    except Err as e:
+        return {"error": enum_name(e.value.kind)}
+    back = wit.get_blob()
+    return {"body": msg.value[0].body.hex(), "blob": None if back is None else back.bytes.hex()}
+
+
+def netsign() -> None:
+    """process_lib's net::sign and net::verify: NetAction::Sign and Verify with the bytes in the blob."""
+    me = addr_text(OUR)
+    signed = net_ask(mp_str("Sign"), b"sign me")
+    sig = bytes.fromhex(signed.get("blob") or "")
+    verify = b"\x81" + mp_str("Verify") + b"\x92" + mp_str(me) + mp_bytes_as_array(sig)
+    show("netsign", {"signed": signed, "verified": net_ask(verify, b"sign me").get("body"),
+                     "tampered": net_ask(verify, b"sign me!").get("body"),
+                     "not-an-action": net_ask(b"hello net", b"", 1).get("error")})
+
+
 def rounds(n: int) -> None:
     """For bench/guests.py: N awaited requests to the VFS, timed."""
     vfs(drive(), "CreateDrive")
@@ -381,6 +415,7 @@ def child(parent: str) -> None:
     body = json.loads(msg.value.body)
     if body.get("caps"):   # run as a script from the terminal (scripts.json): show what it was given
         show("script-caps", sorted((cap_json(c) for c in wit.our_capabilities()), key=lambda c: c["issuer"] + c["params"]))
+        show("script-root", json.loads(vfs("/", "ReadDir")["body"]))   # the root cap at work
         return
     wit.send_response(wit.Response(False, json_bytes({"reply": f"{body['child']}, from {OUR.process.process_name}",
                                                       "parent_heard": addr_text(source) == parent}), None, []), None)
@@ -414,7 +449,7 @@ def handle(source, msg) -> None:
                 "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
                 "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
                 "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode,
-                "prompt": lambda: prompt(arg), "kinit": kinit, "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
+                "prompt": lambda: prompt(arg), "kinit": kinit, "netsign": netsign, "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
     if cmd == "crash":
         raise RuntimeError("crash requested")
     commands.get(cmd, lambda: show("unknown", {"cmd": cmd}))()
