@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -225,6 +226,12 @@ def test_json_shapes_through_process_lib(web_node):
     assert inc["url"].endswith(f"{WT}/echo?x=1&y=two") and inc["source_socket_addr"].startswith("127.0.0.1")
     assert inc["headers"]["x-thing"] == "v" and "authorization" not in inc["headers"] and "cookie" not in inc["headers"]
     assert out["body"] == "hello body"
+    # ip:port, as Rust's SocketAddr prints it: process_lib parses it back (kinode v0.9.5
+    # kinode/src/http/server.rs line 656)
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", inc["source_socket_addr"]), inc["source_socket_addr"]
+    # a trailing slash is normalised away, as upstream (kinode/src/http/utils.rs lines 76-81)
+    out = json.loads(request(node, "POST", f"{WT}/echo/", good, b"slash")[2])
+    assert out["raw"]["Http"]["bound_path"] == f"{WT}/echo" and out["body"] == "slash"
     # a `:name` segment
     out = json.loads(request(node, "GET", f"{WT}/echo/some%20file.txt", good)[2])
     assert out["raw"]["Http"]["url_params"] == {"name": "some file.txt"} and out["path"] == "/echo/:name"
