@@ -385,6 +385,10 @@ def test_net_signs_and_verifies(node, lang):
     assert msgpack.unpackb(bytes.fromhex(got["verified"])) == {"Verified": True}
     assert msgpack.unpackb(bytes.fromhex(got["tampered"])) == {"Verified": False}   # other bytes: refused
     assert got["not-an-action"] == "timeout"
+    # not public, as upstream (only processes holding a messaging cap reach it): refused without the
+    # cap, answered once the kernel grants it back (GrantCapabilities)
+    assert got["private"]["without-cap"] == "timeout"
+    assert msgpack.unpackb(bytes.fromhex(got["private"]["granted-back"])) == {"Peers": []}
 
 
 @pytest.mark.parametrize("lang", LANGS)

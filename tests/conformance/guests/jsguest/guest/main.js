@@ -397,7 +397,21 @@ function netsign() {
   const verify = [0x81, ...mpStr('Verify'), 0x92, ...mpStr(me), ...mpBytesAsArray(sig)];
   show('netsign', { signed, verified: netAsk(verify, enc.encode('sign me')).body ?? null,
     tampered: netAsk(verify, enc.encode('sign me!')).body ?? null,
-    'not-an-action': netAsk(Array.from(enc.encode('hello net')), new Uint8Array(), 1n).error ?? null });
+    'not-an-action': netAsk(Array.from(enc.encode('hello net')), new Uint8Array(), 1n).error ?? null,
+    private: netPrivate() });
+}
+
+// net is not public: without the messaging cap to it a request is refused; granted back through
+// the kernel, it is answered again
+function netPrivate() {
+  const netCap = ourCapabilities().find((c) => addrText(c.issuer).endsWith('@net:distro:sys'));
+  dropCapabilities([netCap]);
+  const without = netAsk(mpStr('GetPeers'), new Uint8Array(), 1n);
+  const p = OUR.process;
+  const grant = { GrantCapabilities: { target: `${p.processName}:${p.packageName}:${p.publisherNode}`,
+    capabilities: [capJson(netCap)] } };
+  sendRequest(parseAddress('our@kernel:distro:sys'), request(grant, { expects: undefined }), undefined, undefined);
+  return { 'without-cap': without.error ?? null, 'granted-back': netAsk(mpStr('GetPeers'), new Uint8Array()).body ?? null };
 }
 
 function unicode() {

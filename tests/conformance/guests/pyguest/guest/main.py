@@ -377,7 +377,20 @@ def netsign() -> None:
     verify = b"\x81" + mp_str("Verify") + b"\x92" + mp_str(me) + mp_bytes_as_array(sig)
     show("netsign", {"signed": signed, "verified": net_ask(verify, b"sign me").get("body"),
                      "tampered": net_ask(verify, b"sign me!").get("body"),
-                     "not-an-action": net_ask(b"hello net", b"", 1).get("error")})
+                     "not-an-action": net_ask(b"hello net", b"", 1).get("error"),
+                     "private": net_private()})
+
+
+def net_private() -> dict:
+    """net is not public: without the messaging cap to it a request is refused; granted back
+    through the kernel, it is answered again."""
+    net_cap = next(c for c in wit.our_capabilities() if addr_text(c.issuer).endswith("@net:distro:sys"))
+    wit.drop_capabilities([net_cap])
+    without = net_ask(mp_str("GetPeers"), b"", 1)
+    grant = {"GrantCapabilities": {"target": f"{OUR.process.process_name}:{OUR.process.package_name}:{OUR.process.publisher_node}",
+                                   "capabilities": [cap_json(net_cap)]}}
+    wit.send_request(parse_address("our@kernel:distro:sys"), request(grant, expects=None), None, None)
+    return {"without-cap": without.get("error"), "granted-back": net_ask(mp_str("GetPeers"), b"").get("body")}
 
 
 def rounds(n: int) -> None:
