@@ -322,8 +322,12 @@ function answerLater(source, msg) {
 function noise(req) {
   const body = JSON.parse(dec.decode(req.body));
   if (req.expectsResponse == null) show('noise-heard', body);
-  else sendResponse({ inherit: false, body: jsonBytes({ noise: body.noise, by: 'js' }), metadata: undefined,
-    capabilities: [] }, undefined);
+  else {  // answered twice: the second finds no request waiting for it and is dropped
+    for (let i = 0; i < 2; i++) {
+      sendResponse({ inherit: false, body: jsonBytes({ noise: body.noise, by: 'js' }), metadata: undefined,
+        capabilities: [] }, undefined);
+    }
+  }
 }
 
 function kernelAsk(command, inherit = false) {
