@@ -232,6 +232,14 @@ def test_json_shapes_through_process_lib(web_node):
     # a trailing slash is normalised away, as upstream (kinode/src/http/utils.rs lines 76-81)
     out = json.loads(request(node, "POST", f"{WT}/echo/", good, b"slash")[2])
     assert out["raw"]["Http"]["bound_path"] == f"{WT}/echo" and out["body"] == "slash"
+    # SecureBind: served on the subdomain `package-publisher` only; elsewhere a redirect there
+    # (kinode v0.9.5 kinode/src/http/server.rs lines 529-569, utils.rs lines 98-104)
+    assert out["answers"]["secure"] == {"Ok": None}
+    status, headers, _ = request(node, "GET", f"{WT}/secure?a=1", good, headers={"Host": f"localhost:{node.port}"})
+    assert status == 307 and headers["Location"] == f"http://webtest-test-os.localhost:{node.port}{WT}/secure?a=1"
+    status, _, data = request(node, "GET", f"{WT}/secure", good, headers={"Host": f"webtest-test-os.localhost:{node.port}"})
+    assert status == 200 and json.loads(data)["raw"]["Http"]["bound_path"] == f"{WT}/secure"
+    assert request(node, "GET", f"{WT}/secure", None, headers={"Host": f"webtest-test-os.localhost:{node.port}"})[0] == 401
     # a `:name` segment
     out = json.loads(request(node, "GET", f"{WT}/echo/some%20file.txt", good)[2])
     assert out["raw"]["Http"]["url_params"] == {"name": "some file.txt"} and out["path"] == "/echo/:name"

@@ -128,6 +128,7 @@ class Binding:
     static: Optional[Blob] = None      # `cache`: served as is for GET
     upload_to: Optional[Path] = None   # stream multipart uploads into this drive
     websocket: bool = False
+    secure_subdomain: Optional[str] = None   # SecureBind: served only on this subdomain of the host
 
     @property
     def pattern(self) -> list[str]:
@@ -232,6 +233,8 @@ class HttpServerService(Service):
             binding = Binding(path, pid, websocket=kind.startswith("WebSocket"))
             binding.authenticated = bool(arg.get("authenticated", True)) if kind in ("Bind", "WebSocketBind") else True
             binding.local_only = bool(arg.get("local_only", False))
+            if kind in ("SecureBind", "WebSocketSecureBind"):
+                binding.secure_subdomain = secure_subdomain(pid)
             if arg.get("cache"):
                 if blob is None:
                     return {"Err": "NoBlob"}
@@ -351,6 +354,13 @@ class HttpServerService(Service):
             if not path.endswith("/") and self._match(path + "/")[0] is not None:
                 raise web.HTTPFound(path + "/")
             return _json_error(404, f"nothing is bound at {path}")
+        if binding.secure_subdomain is not None:
+            # as upstream (kinode/src/http/server.rs http_handler): served on its own subdomain,
+            # where the login cookie is that host's own; elsewhere a redirect there
+            host = request.host or ""
+            if host.split(".")[0] != binding.secure_subdomain:
+                proto = request.headers.get("X-Forwarded-Proto", "http")
+                raise web.HTTPTemporaryRedirect(f"{proto}://{binding.secure_subdomain}.{host}{request.path_qs}")
         if binding.authenticated and not self._authed(request):
             return self._unauthorized(request)
         if binding.local_only and not (request.remote or "").startswith(LOOPBACK):
@@ -623,6 +633,11 @@ def _page(title: str, body: str) -> str:
             f"initial-scale=1'><title>{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;"
             f"max-width:40rem;margin:2rem auto;padding:0 1rem}}.err{{color:#b00}}input{{font-size:1rem;padding:.3rem}}"
             f"li{{margin:.5rem 0}}</style></head><body>{body}</body></html>")
+
+
+def secure_subdomain(pid: ProcessId) -> str:
+    """A SecureBind's subdomain: `package-publisher`, other characters as `-` (http/utils.rs)."""
+    return re.sub(r"[^A-Za-z0-9]", "-", f"{pid.package_name}-{pid.publisher_node}")
 
 
 def _socket_addr(request: web.Request) -> str:

@@ -29,6 +29,7 @@ def main(our: Address) -> None:
                        ("unknown", {"Frobnicate": {}}),
                        ("traversal", {"Bind": {"path": "/../x", "authenticated": True, "local_only": False, "cache": False}}),
                        ("unbind", {"Unbind": {"path": "/nothing"}}),
+                       ("secure", {"SecureBind": {"path": "/secure", "cache": False}}),
                        ("pkg_upload", {"Bind": {"path": "/y", "authenticated": True, "local_only": False, "cache": False,
                                                 "upload_to": "pkg"}})]:
         answers[name] = Request.to(server).body(body).expects_response(5).send_and_await_response().json()
