@@ -482,3 +482,30 @@ def test_file_transfer_api_folders(two_nodes):
     assert state["history"][0] == {**state["history"][0], "name": "docs", "ok": True, "files": 2, "bytes": 300_010}
     assert (fake.files / "docs" / "deep" / "b.bin").read_bytes() == data
     assert get_json(fake, f"{FT}/files?folder=docs/deep", t1) == (200, {"ListFiles": [{"name": "b.bin", "size": 300_000}]})
+
+
+def test_an_extension_websocket_answers_a_request(web_node):
+    """WebSocketBind with `extension`, WebSocketExtPushOutgoing and the extension's
+    WebSocketExtPushData reply (kinode v0.9.5 kinode/src/http/server.rs lines 66-165 send_push,
+    826-906 make_ext_websocket_message, 1316-1331; lib/src/http/server_types.rs lines 128-147): the
+    process's bytes reach the extension wrapped with the request's id, and the reply with that id
+    is the Response the process awaits."""
+    import msgpack
+    node, good = web_node, token_of(web_node)
+
+    async def extension() -> tuple[dict, dict]:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"http://127.0.0.1:{node.port}{WT}/ext",
+                                    headers={"Authorization": f"Bearer {good}"}) as ws:
+                sent = msgpack.unpackb((await ws.receive(timeout=20)).data)
+                data = sent["WebSocketExtPushData"]
+                await ws.send_bytes(msgpack.packb({"WebSocketExtPushData": {
+                    "id": data["id"], "kinode_message_type": "Response", "blob": list(b"from the extension")}}))
+                return sent, json.loads((await ws.receive(timeout=20)).data)
+
+    sent, told = asyncio.run(extension())
+    data = sent["WebSocketExtPushData"]
+    assert bytes(data["blob"]) == b"to the extension" and data["kinode_message_type"] == "Response"
+    assert isinstance(data["id"], int)
+    assert told["kind"] == "ext-reply" and told["blob"] == "from the extension", told
+    assert set(told["body"]) == {"WebSocketPush"} and told["body"]["WebSocketPush"]["message_type"] == "Binary"

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, unquote
 
+import msgpack
 from aiohttp import BodyPartReader, WSMsgType, web
 
 from host.kinode_types import check_relative_path
@@ -129,6 +130,7 @@ class Binding:
     upload_to: Optional[Path] = None   # stream multipart uploads into this drive
     websocket: bool = False
     secure_subdomain: Optional[str] = None   # SecureBind: served only on this subdomain of the host
+    extension: bool = False            # WebSocketBind `extension`: a local program's channel
 
     @property
     def pattern(self) -> list[str]:
@@ -215,14 +217,15 @@ class HttpServerService(Service):
             return
         try:
             action = json.loads(km.message.body)
-            answer = self._action(km.source.process, action, km.lazy_load_blob)
+            answer = self._action(km.source.process, action, km.lazy_load_blob, km.id)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             answer = {"Err": {"BadRequest": {"req": f"{km.message.body[:200]!r}: {e}"}}}
-        if km.rsvp is not None:
+        if answer is not None and km.rsvp is not None:
             self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None,
                                             Response(body=json.dumps(answer).encode()), None), self)
 
-    def _action(self, pid: ProcessId, action: Any, blob: Optional[Blob]) -> dict:
+    def _action(self, pid: ProcessId, action: Any, blob: Optional[Blob], mid: int = 0) -> Optional[dict]:
+        """The answer to one HttpServerAction; None: no answer (a WebSocketExtPushOutgoing sent)."""
         if isinstance(action, dict) and len(action) == 1:
             (kind, arg), = action.items()
         else:
@@ -235,6 +238,8 @@ class HttpServerService(Service):
             binding.local_only = bool(arg.get("local_only", False))
             if kind in ("SecureBind", "WebSocketSecureBind"):
                 binding.secure_subdomain = secure_subdomain(pid)
+            if kind == "WebSocketBind" and arg.get("extension"):
+                binding.extension = binding.local_only = True   # upstream: local clients only
             if arg.get("cache"):
                 if blob is None:
                     return {"Err": "NoBlob"}
@@ -267,6 +272,21 @@ class HttpServerService(Service):
             data = b"" if blob is None else bytes(blob.bytes)
             asyncio.run_coroutine_threadsafe(_ws_send(chan[0], mtype, data), self.loop)
             return ok
+        if kind == "WebSocketExtPushOutgoing":
+            # as upstream (http/server.rs send_push): the blob goes out wrapped in a MessagePack
+            # WebSocketExtPushData carrying this request's id; the extension's reply with that id
+            # comes back to the process as a Request or the Response to this request
+            cid, reply_type = int(arg["channel_id"]), arg["desired_reply_type"]
+            with self.lock:
+                chan = self.channels.get(cid)
+            if blob is None or arg.get("message_type") != "Binary" or reply_type not in ("Request", "Response"):
+                return {"Err": "NoBlob"}
+            if chan is None or chan[1] != pid:
+                return {"Err": {"WebSocketPushError": {"error": f"no open WebSocket channel {cid}"}}}
+            data = msgpack.packb({"WebSocketExtPushData": {"id": mid, "kinode_message_type": reply_type,
+                                                           "blob": list(blob.bytes)}})
+            asyncio.run_coroutine_threadsafe(_ws_send(chan[0], "Binary", data), self.loop)
+            return None
         if kind == "WebSocketClose":
             cid = int(arg)
             with self.lock:
@@ -583,12 +603,28 @@ class HttpServerService(Service):
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     data = msg.data.encode() if msg.type == WSMsgType.TEXT else msg.data
                     mtype = "Text" if msg.type == WSMsgType.TEXT else "Binary"
+                    if binding.extension and self._from_extension(target, cid, mtype, data):
+                        continue
                     tell({"WebSocketPush": {"channel_id": cid, "message_type": mtype}}, Blob(None, data))
         finally:
             with self.lock:
                 self.channels.pop(cid, None)
             tell({"WebSocketClose": cid})
         return ws
+
+    def _from_extension(self, target: Address, cid: int, mtype: str, data: bytes) -> bool:
+        """A MessagePack WebSocketExtPushData from an extension: to the process with its id, as a
+        Request or a Response, body WebSocketPush, the blob its own (upstream's
+        make_ext_websocket_message). False if it is none: then a plain WebSocketPush."""
+        try:
+            ext = msgpack.unpackb(data)["WebSocketExtPushData"]
+            mid, kind, payload = int(ext["id"]), ext["kinode_message_type"], bytes(ext["blob"])
+        except Exception:  # noqa: BLE001 - anything else is an ordinary push
+            return False
+        body = json.dumps({"WebSocketPush": {"channel_id": cid, "message_type": mtype}}).encode()
+        message: Request | Response = Request(body=body) if kind == "Request" else Response(body=body)
+        self.kernel.route(KernelMessage(mid, self.address, target, None, message, Blob(None, payload)), self)
+        return True
 
     # ---- login and homepage ------------------------------------------------------------------------
     def _unauthorized(self, request: web.Request) -> web.StreamResponse:
