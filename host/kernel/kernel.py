@@ -264,6 +264,8 @@ class Kernel:
         if proc is None or proc.trusted:  # the node's own services are not the user's to stop
             return False
         proc.stop()
+        if isinstance(proc, WasmProcess) and proc.thread is None:
+            self.process_exited(proc, "killed")   # initialized, never run: no thread will report it
         return True
 
     def process_exited(self, proc: WasmProcess, reason: str) -> None:
