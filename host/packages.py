@@ -132,6 +132,18 @@ def install(kernel: Kernel, src: Path) -> Package:
     return package
 
 
+def terminal_caps(kernel: Kernel) -> set[Capability]:
+    """What upstream's terminal holds (kinode/packages/terminal/pkg/manifest.json), as this node has
+    it: a messaging cap to each of the node's services, the VFS's root cap and networking. A script
+    marked `"root": true` gets them all (terminal/src/lib.rs handle_run)."""
+    with kernel.lock:
+        services = [ep.address for ep in kernel.processes.values() if ep.trusted]
+    caps = {messaging_cap(a) for a in services}
+    caps.add(Capability.make(Address(kernel.node, VFS_ID), {"root": True}))
+    caps.add(kernel.network_cap())
+    return caps
+
+
 def start_script(kernel: Kernel, package: Package, script: str) -> ProcessId:
     """Start `script` of `package` under a random name; the terminal then sends it its arguments."""
     entry = package.scripts.get(f"{script}.wasm")
@@ -140,5 +152,8 @@ def start_script(kernel: Kernel, package: Package, script: str) -> ProcessId:
     pid = ProcessId(str(secrets.randbits(64)), package.id.package_name, package.id.publisher_node)
     wasm = f"{package.id}/pkg/{script}.wasm"
     _grant_from(kernel, pid, entry)
-    kernel.start_process(pid, wasm, _caps_for(kernel, pid, entry), bool(entry.get("public")), OnExit("none"), script=True)
+    caps = _caps_for(kernel, pid, entry)
+    if entry.get("root"):
+        caps |= terminal_caps(kernel)
+    kernel.start_process(pid, wasm, caps, bool(entry.get("public")), OnExit("none"), script=True)
     return pid

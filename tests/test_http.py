@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -345,6 +346,20 @@ def test_json_shapes_through_process_lib(web_node):
     assert inc["url"].endswith(f"{WT}/echo?x=1&y=two") and inc["source_socket_addr"].startswith("127.0.0.1")
     assert inc["headers"]["x-thing"] == "v" and "authorization" not in inc["headers"] and "cookie" not in inc["headers"]
     assert out["body"] == "hello body"
+    # ip:port, as Rust's SocketAddr prints it: process_lib parses it back (kinode v0.9.5
+    # kinode/src/http/server.rs line 656)
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", inc["source_socket_addr"]), inc["source_socket_addr"]
+    # a trailing slash is normalised away, as upstream (kinode/src/http/utils.rs lines 76-81)
+    out = json.loads(request(node, "POST", f"{WT}/echo/", good, b"slash")[2])
+    assert out["raw"]["Http"]["bound_path"] == f"{WT}/echo" and out["body"] == "slash"
+    # SecureBind: served on the subdomain `package-publisher` only; elsewhere a redirect there
+    # (kinode v0.9.5 kinode/src/http/server.rs lines 529-569, utils.rs lines 98-104)
+    assert out["answers"]["secure"] == {"Ok": None}
+    status, headers, _ = request(node, "GET", f"{WT}/secure?a=1", good, headers={"Host": f"localhost:{node.port}"})
+    assert status == 307 and headers["Location"] == f"http://webtest-test-os.localhost:{node.port}{WT}/secure?a=1"
+    status, _, data = request(node, "GET", f"{WT}/secure", good, headers={"Host": f"webtest-test-os.localhost:{node.port}"})
+    assert status == 200 and json.loads(data)["raw"]["Http"]["bound_path"] == f"{WT}/secure"
+    assert request(node, "GET", f"{WT}/secure", None, headers={"Host": f"webtest-test-os.localhost:{node.port}"})[0] == 401
     # a `:name` segment
     out = json.loads(request(node, "GET", f"{WT}/echo/some%20file.txt", good)[2])
     assert out["raw"]["Http"]["url_params"] == {"name": "some file.txt"} and out["path"] == "/echo/:name"
@@ -618,3 +633,30 @@ def test_uploaded_names_cannot_lie(web_node):
     assert (node.files / "caf\u00e9.txt").read_bytes() == b"nfd"
     status, _, data = request(node, "GET", f"{FT}/files", good)
     assert [f["name"] for f in json.loads(data)["ListFiles"]] == ["caf\u00e9.txt"]
+
+
+def test_an_extension_websocket_answers_a_request(web_node):
+    """WebSocketBind with `extension`, WebSocketExtPushOutgoing and the extension's
+    WebSocketExtPushData reply (kinode v0.9.5 kinode/src/http/server.rs lines 66-165 send_push,
+    826-906 make_ext_websocket_message, 1316-1331; lib/src/http/server_types.rs lines 128-147): the
+    process's bytes reach the extension wrapped with the request's id, and the reply with that id
+    is the Response the process awaits."""
+    import msgpack
+    node, good = web_node, token_of(web_node)
+
+    async def extension() -> tuple[dict, dict]:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"http://127.0.0.1:{node.port}{WT}/ext",
+                                    headers={"Authorization": f"Bearer {good}"}) as ws:
+                sent = msgpack.unpackb((await ws.receive(timeout=20)).data)
+                data = sent["WebSocketExtPushData"]
+                await ws.send_bytes(msgpack.packb({"WebSocketExtPushData": {
+                    "id": data["id"], "kinode_message_type": "Response", "blob": list(b"from the extension")}}))
+                return sent, json.loads((await ws.receive(timeout=20)).data)
+
+    sent, told = asyncio.run(extension())
+    data = sent["WebSocketExtPushData"]
+    assert bytes(data["blob"]) == b"to the extension" and data["kinode_message_type"] == "Response"
+    assert isinstance(data["id"], int)
+    assert told["kind"] == "ext-reply" and told["blob"] == "from the extension", told
+    assert set(told["body"]) == {"WebSocketPush"} and told["body"]["WebSocketPush"]["message_type"] == "Binary"

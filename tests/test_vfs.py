@@ -247,8 +247,8 @@ def test_read_reads_whole_file_from_zero(vfs):
     ok(vfs, P, path, "Write", b"abcdef")
     ok(vfs, P, path, {"Seek": {"seek_from": {"Start": 4}}})
     assert read(vfs, P, path) == b"abcdef"
-    # as in Kinode, the cursor ends after what was read
-    assert ok(vfs, P, path, "ReadToEnd")[1] == b""
+    # as in Kinode (vfs.rs: Read is fs::read, no handle), the cursor stays where it was
+    assert ok(vfs, P, path, "ReadToEnd")[1] == b"ef"
 
 
 def test_read_implicitly_opens(vfs):
@@ -270,7 +270,9 @@ def test_read_to_string_invalid_utf8(vfs):
 def test_read_to_string_unicode(vfs):
     path = DRIVE + "/u"
     ok(vfs, P, path, "Write", "héllo ✓".encode())
-    # like Kinode, Write leaves the cursor after the data and ReadToString reads from the cursor
+    # like Kinode (vfs.rs: Write is fs::write, no handle), Write moves no cursor; ReadToString
+    # reads from the cursor
+    assert ok(vfs, P, path, "ReadToString")[0] == {"ReadToString": "héllo ✓"}
     assert ok(vfs, P, path, "ReadToString")[0] == {"ReadToString": ""}
     ok(vfs, P, path, {"Seek": {"seek_from": {"Start": 0}}})
     assert ok(vfs, P, path, "ReadToString")[0] == {"ReadToString": "héllo ✓"}
@@ -672,6 +674,8 @@ def test_granted_caps_work_through_kernel_style_check(vfs):
 ])
 def test_bad_paths_are_bad_request(vfs, path):
     for action in ("Read", "Write", "CreateDirAll", "ReadDir", "Metadata", "RemoveDirAll"):
+        if path == "/" and action == "ReadDir":
+            continue   # the list of packages' folders (test_read_dir_of_the_root)
         e = err(vfs, P, path, action, b"x")
         assert "BadRequest" in e, (path, action, e)
         assert e["BadRequest"]["error"]
@@ -1348,3 +1352,12 @@ def test_folder_actions_open_their_folder_from_the_drive_without_following_a_sym
     assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)
     with pytest.raises(vfs_tree.TreeError):
         vfs_tree.walk(str(outside / "tree"), 4, 10, str(drive))   # not beneath the drive at all
+
+
+def test_read_dir_of_the_root(vfs):
+    """ReadDir of `/` lists the packages' folders, to a holder of the root cap only (kinode v0.9.5
+    kinode/src/vfs.rs lines 297-340)."""
+    ok(vfs, P, DRIVE + "/f", "Write", b"x")
+    assert err(vfs, P, "/", "ReadDir") == {"NoCap": {"action": "ReadDir", "path": "/"}}
+    body, _ = ok(vfs, P, "/", "ReadDir", has_cap=lambda params: params == {"root": True})
+    assert {"path": str(P.package_id), "file_type": "Directory"} in body["ReadDir"]

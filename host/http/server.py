@@ -30,6 +30,8 @@ blobs processes bound (serve_ui), never looked up on disk.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import html
 import json
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, unquote
 
+import msgpack
 from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -63,6 +66,7 @@ UPLOAD_CHUNK = 1024 * 1024
 TOKEN_FILE = ".keys/http-token"
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 REFUSALS_SHOWN, REFUSAL_WINDOW = 5, 10.0  # refused requests told on the terminal: 5 per 10 s
+RPC_PATH = "/rpc:distro:sys/message"
 
 
 def load_or_create_token(home: Path) -> str:
@@ -133,6 +137,8 @@ class Binding:
     static: Optional[Blob] = None      # `cache`: served as is for GET
     upload_to: Optional[Path] = None   # stream multipart uploads into this drive
     websocket: bool = False
+    secure_subdomain: Optional[str] = None   # SecureBind: served only on this subdomain of the host
+    extension: bool = False            # WebSocketBind `extension`: a local program's channel
 
     @property
     def pattern(self) -> list[str]:
@@ -227,14 +233,15 @@ class HttpServerService(Service):
             return
         try:
             action = json.loads(km.message.body)
-            answer = self._action(km.source.process, action, km.lazy_load_blob)
+            answer = self._action(km.source.process, action, km.lazy_load_blob, km.id)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             answer = {"Err": {"BadRequest": {"req": f"{km.message.body[:200]!r}: {e}"}}}
-        if km.rsvp is not None:
+        if answer is not None and km.rsvp is not None:
             self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None,
                                             Response(body=json.dumps(answer).encode()), None), self)
 
-    def _action(self, pid: ProcessId, action: Any, blob: Optional[Blob]) -> dict:
+    def _action(self, pid: ProcessId, action: Any, blob: Optional[Blob], mid: int = 0) -> Optional[dict]:
+        """The answer to one HttpServerAction; None: no answer (a WebSocketExtPushOutgoing sent)."""
         if isinstance(action, dict) and len(action) == 1:
             (kind, arg), = action.items()
         else:
@@ -245,6 +252,10 @@ class HttpServerService(Service):
             binding = Binding(path, pid, websocket=kind.startswith("WebSocket"))
             binding.authenticated = bool(arg.get("authenticated", True)) if kind in ("Bind", "WebSocketBind") else True
             binding.local_only = bool(arg.get("local_only", False))
+            if kind in ("SecureBind", "WebSocketSecureBind"):
+                binding.secure_subdomain = secure_subdomain(pid)
+            if kind == "WebSocketBind" and arg.get("extension"):
+                binding.extension = binding.local_only = True   # upstream: local clients only
             if arg.get("cache"):
                 if blob is None:
                     return {"Err": "NoBlob"}
@@ -277,6 +288,21 @@ class HttpServerService(Service):
             data = b"" if blob is None else bytes(blob.bytes)
             asyncio.run_coroutine_threadsafe(_ws_send(chan[0], mtype, data), self.loop)
             return ok
+        if kind == "WebSocketExtPushOutgoing":
+            # as upstream (http/server.rs send_push): the blob goes out wrapped in a MessagePack
+            # WebSocketExtPushData carrying this request's id; the extension's reply with that id
+            # comes back to the process as a Request or the Response to this request
+            cid, reply_type = int(arg["channel_id"]), arg["desired_reply_type"]
+            with self.lock:
+                chan = self.channels.get(cid)
+            if blob is None or arg.get("message_type") != "Binary" or reply_type not in ("Request", "Response"):
+                return {"Err": "NoBlob"}
+            if chan is None or chan[1] != pid:
+                return {"Err": {"WebSocketPushError": {"error": f"no open WebSocket channel {cid}"}}}
+            data = msgpack.packb({"WebSocketExtPushData": {"id": mid, "kinode_message_type": reply_type,
+                                                           "blob": list(blob.bytes)}})
+            asyncio.run_coroutine_threadsafe(_ws_send(chan[0], "Binary", data), self.loop)
+            return None
         if kind == "WebSocketClose":
             cid = int(arg)
             with self.lock:
@@ -370,17 +396,29 @@ class HttpServerService(Service):
         path = request.path
         if path == "/login":
             return self._login(request)
+        if path == RPC_PATH:
+            return await self._rpc(request)
         if path == "/":
             if not self._authed(request):
                 return self._unauthorized(request)
             return self._homepage()
         binding, url_params = self._match(path)
+        if binding is None and len(path) > 1 and path.endswith("/"):
+            # upstream normalises a trailing slash away (http/utils.rs normalize_path)
+            binding, url_params = self._match(path[:-1])
         if binding is None:
             if not self._authed(request):  # strangers learn nothing about which paths exist
                 return self._unauthorized(request)
             if not path.endswith("/") and self._match(path + "/")[0] is not None:
                 raise web.HTTPFound(path + "/")
             return _json_error(404, f"nothing is bound at {path}")
+        if binding.secure_subdomain is not None:
+            # as upstream (kinode/src/http/server.rs http_handler): served on its own subdomain,
+            # where the login cookie is that host's own; elsewhere a redirect there
+            host = request.host or ""
+            if host.split(".")[0] != binding.secure_subdomain:
+                proto = request.headers.get("X-Forwarded-Proto", "http")
+                raise web.HTTPTemporaryRedirect(f"{proto}://{binding.secure_subdomain}.{host}{request.path_qs}")
         if binding.authenticated and not self._authed(request):
             return self._unauthorized(request)
         if binding.local_only and not (request.remote or "").startswith(LOOPBACK):
@@ -421,7 +459,7 @@ class HttpServerService(Service):
     async def _ask_process(self, request: web.Request, binding: Binding, url_params: dict,
                            blob: Optional[Blob]) -> web.StreamResponse:
         incoming = {
-            "source_socket_addr": f"{request.remote}",
+            "source_socket_addr": _socket_addr(request),
             "method": request.method,
             "url": str(request.url),
             "bound_path": binding.path,
@@ -448,6 +486,57 @@ class HttpServerService(Service):
         if kind == "gone":
             return _json_error(503, f"{binding.pid} is not running" + (f" ({value})" if value else ""))
         return self._to_http(value, binding)
+
+    async def _rpc(self, request: web.Request) -> web.StreamResponse:
+        """`POST /rpc:distro:sys/message`, as kit's inject-message sends it (kinode v0.9.5
+        kinode/src/http/server.rs handle_rpc_message; utils.rs RpcMessage): a message to a local
+        process, its blob base64 in `data`. Local clients only, as upstream, and here also only with
+        the node's token. With `expects_response` the answer is `{"body", "lazy_load_blob"}`."""
+        if not (request.remote or "").startswith(LOOPBACK):
+            return web.Response(status=403)
+        if not self._authed(request):
+            return self._unauthorized(request)
+        if request.method != "POST":
+            return _json_error(405, "POST a message")
+        if (request.content_length or 0) > 2 * MAX_BODY:
+            return _json_error(413, f"body larger than {2 * MAX_BODY} bytes")
+        try:
+            rpc = json.loads(await request.read())
+            target = Address(str(rpc.get("node") or self.kernel.node), ProcessId.parse(str(rpc["process"])))
+            expects = rpc.get("expects_response")
+            if expects is not None:
+                expects = min(int(expects), int(self.timeout))
+            data = rpc.get("data")
+            blob = None if data is None else Blob(rpc.get("mime"), base64.b64decode(data, validate=True))
+            body = rpc.get("body")
+            req = Request(expects_response=expects, body=b"" if body is None else str(body).encode(),
+                          metadata=rpc.get("metadata"))
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as e:
+            return _json_error(400, f"not an RpcMessage: {e}")
+        if target.node != self.kernel.node:
+            return _json_error(400, "this node passes RPC messages to its own processes only")
+        mid = new_request_id()
+        if expects is None:   # fire and forget
+            self.kernel.route(KernelMessage(mid, self.address, target, None, req, blob), self)
+            return web.Response(status=200)
+        pending = _Pending(self.loop, target.process)
+        with self.lock:
+            self.pending[mid] = pending
+        self.kernel.route(KernelMessage(mid, self.address, target, self.address, req, blob), self)
+        try:
+            kind, km = await asyncio.wait_for(pending.future, expects + 1)
+        except asyncio.TimeoutError:
+            with self.lock:
+                self.pending.pop(mid, None)
+            return web.Response(status=408)
+        if kind == "gone":
+            return web.Response(status=500)
+        out = km.lazy_load_blob
+        answer = {"body": list(km.message.body),
+                  # upstream's RpcResponseBody: the blob's bytes are its base64 text, as serde writes bytes
+                  "lazy_load_blob": None if out is None else {"mime": out.mime,
+                                                              "bytes": list(base64.b64encode(out.bytes))}}
+        return web.Response(status=200, body=json.dumps(answer).encode(), headers={"Content-Type": "text/html"})
 
     def _to_http(self, km: KernelMessage, binding: Binding) -> web.StreamResponse:
         try:
@@ -557,12 +646,28 @@ class HttpServerService(Service):
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     data = msg.data.encode() if msg.type == WSMsgType.TEXT else msg.data
                     mtype = "Text" if msg.type == WSMsgType.TEXT else "Binary"
+                    if binding.extension and self._from_extension(target, cid, mtype, data):
+                        continue
                     tell({"WebSocketPush": {"channel_id": cid, "message_type": mtype}}, Blob(None, data))
         finally:
             with self.lock:
                 self.channels.pop(cid, None)
             tell({"WebSocketClose": cid})
         return ws
+
+    def _from_extension(self, target: Address, cid: int, mtype: str, data: bytes) -> bool:
+        """A MessagePack WebSocketExtPushData from an extension: to the process with its id, as a
+        Request or a Response, body WebSocketPush, the blob its own (upstream's
+        make_ext_websocket_message). False if it is none: then a plain WebSocketPush."""
+        try:
+            ext = msgpack.unpackb(data)["WebSocketExtPushData"]
+            mid, kind, payload = int(ext["id"]), ext["kinode_message_type"], bytes(ext["blob"])
+        except Exception:  # noqa: BLE001 - anything else is an ordinary push
+            return False
+        body = json.dumps({"WebSocketPush": {"channel_id": cid, "message_type": mtype}}).encode()
+        message: Request | Response = Request(body=body) if kind == "Request" else Response(body=body)
+        self.kernel.route(KernelMessage(mid, self.address, target, None, message, Blob(None, payload)), self)
+        return True
 
     # ---- login and homepage ------------------------------------------------------------------------
     def _unauthorized(self, request: web.Request) -> web.StreamResponse:
@@ -609,6 +714,20 @@ def _page(title: str, body: str) -> str:
 
 async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(guard.with_security_headers(response.headers))
+
+
+def secure_subdomain(pid: ProcessId) -> str:
+    """A SecureBind's subdomain: `package-publisher`, other characters as `-` (http/utils.rs)."""
+    return re.sub(r"[^A-Za-z0-9]", "-", f"{pid.package_name}-{pid.publisher_node}")
+
+
+def _socket_addr(request: web.Request) -> str:
+    """The client's address as Rust's SocketAddr prints it (ip:port, [ipv6]:port)."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(request.remote)
 
 
 def _json_error(status: int, text: str) -> web.Response:

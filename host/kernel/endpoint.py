@@ -20,6 +20,9 @@ class Pending:
     blob: Optional[Blob]
     timer: Any = None
     awaited: bool = False  # send-and-await-response: the answer goes to the await box
+    # the sender's prompting message when it sent this request, made prompting again when the
+    # answer or error comes back (upstream's ProcessContext, kernel/standard_host_v0.rs send_request_v0)
+    prompting: Optional[KernelMessage] = None
 
 
 class Endpoint(Protocol):

@@ -164,6 +164,48 @@ class Kernel:
         proc.start()
         return proc
 
+    def initialize_process(self, src: Endpoint, pid: ProcessId, wasm: bytes, wasm_path: str,
+                           caps: list[Capability], public: bool, on_exit: OnExit) -> WasmProcess:
+        """Upstream's KernelCommand::InitializeProcess (kernel/mod.rs): make a process from `wasm`,
+        ready but not running until `run_process`; messages sent to it meanwhile wait in its inbox.
+        It gets those of `caps` the sender holds and a messaging cap to itself; the sender gets one
+        to it. Raises MissingInterface or ValueError with a clear text."""
+        comp = self.runtime.load(wasm)
+        self.runtime.check_links(comp, [], f"process {pid}", [])
+        kept = {c.normalised() for c in caps if src.trusted or src.has_cap(c)}
+        kept.add(messaging_cap(Address(self.node, pid)))
+        proc = WasmProcess(self, pid, comp, [], wasm_path.lstrip("/"), kept, public, on_exit, src.id, [])
+        with self.lock:
+            if pid in self.processes:
+                raise ValueError(f"a process named {pid} is already running")
+            proc.capabilities |= self._grants.pop(pid, set())
+            self.processes[pid] = proc
+        if not src.trusted:
+            src.capabilities.add(messaging_cap(Address(self.node, pid)))
+        return proc
+
+    def run_process(self, pid: ProcessId) -> bool:
+        """Upstream's KernelCommand::RunProcess: start an initialized process; one already running
+        is sent the request `run` from the kernel, as upstream does. False if there is no such process."""
+        proc = self.processes.get(pid)
+        if not isinstance(proc, WasmProcess):
+            return False
+        if proc.thread is None:
+            proc.start()
+        else:
+            proc.deliver(KernelMessage(new_request_id(), self.kernel_address, proc.address, None,
+                                       Request(body=b"run"), None))
+        return True
+
+    def drop_caps(self, holder: ProcessId, caps: list[Capability]) -> None:
+        with self.lock:
+            proc = self.processes.get(holder)
+            gone = {c.normalised() for c in caps}
+            if proc is not None:
+                proc.capabilities -= gone
+            if holder in self._grants:
+                self._grants[holder] -= gone
+
     def grant(self, holder: ProcessId, cap: Capability) -> None:
         with self.lock:
             proc = self.processes.get(holder)
@@ -222,6 +264,8 @@ class Kernel:
         if proc is None or proc.trusted:  # the node's own services are not the user's to stop
             return False
         proc.stop()
+        if isinstance(proc, WasmProcess) and proc.thread is None:
+            self.process_exited(proc, "killed")   # initialized, never run: no thread will report it
         return True
 
     def process_exited(self, proc: WasmProcess, reason: str) -> None:
@@ -283,15 +327,17 @@ class Kernel:
         if req.capabilities:
             req.capabilities = self.filter_caps(src, req.capabilities)
         prompting = src.current
+        # as upstream's send_request_v0: `inherit` takes the prompting message's id and rsvp, if
+        # there is one, and the last blob received either way
         if req.inherit and prompting is not None:
             mid, rsvp = prompting.id, prompting.rsvp
-            if blob is None:
-                blob = src.current_blob
         else:
             mid, rsvp = new_request_id(), None
+        if req.inherit and blob is None:
+            blob = src.current_blob
         if req.expects_response is not None:
             rsvp = src.address
-            pending = Pending(context, target, req, blob, awaited=awaited)
+            pending = Pending(context, target, req, blob, awaited=awaited, prompting=src.current)
             src.add_pending(mid, pending)
             timeout = min(max(int(req.expects_response), 0), MAX_TIMEOUT)
             pending.timer = self.timers.add(timeout, lambda: src.fail(mid, SendErrorKind.TIMEOUT))
@@ -299,13 +345,17 @@ class Kernel:
 
     def send_response(self, src: Endpoint, resp: Response, blob: Optional[Blob]) -> None:
         prompting = src.current
-        if prompting is None or prompting.rsvp is None:
-            return  # nothing asked for an answer: dropped, as in Kinode
+        if prompting is None:
+            # as upstream (kernel/standard_host_v0.rs send_response_v0): no request to answer
+            log.info("%s sent a Response with no prompting message: dropped", src.id)
+            return
+        # the answer goes to the prompting message's rsvp, else to its source (send_response_v0)
+        target = prompting.rsvp if prompting.rsvp is not None else prompting.source
         if resp.inherit and blob is None:
             blob = src.current_blob
         if resp.capabilities:
             resp.capabilities = self.filter_caps(src, resp.capabilities)
-        self.route(KernelMessage(prompting.id, src.address, prompting.rsvp, None, resp, blob), src)
+        self.route(KernelMessage(prompting.id, src.address, target, None, resp, blob), src)
 
     def may_message(self, src: Endpoint, dest: Endpoint, is_request: bool = True) -> bool:
         """Upstream's check (kernel/mod.rs), for requests and responses alike: the target is public

@@ -196,7 +196,7 @@ class WasmProcess:
                 log.debug("%s: dropped response %x with no outstanding request", self.id, km.id)
                 return
             self.kernel.timers.cancel(p.timer)
-            (self.await_box if p.awaited else self.inbox).put(("msg", km, p.context))
+            (self.await_box if p.awaited else self.inbox).put(("msg", km, p))
         else:
             self.inbox.put(("msg", km, None))
 
@@ -208,7 +208,7 @@ class WasmProcess:
             return
         self.kernel.timers.cancel(p.timer)
         err = SendError(kind, p.target, p.request, p.blob)
-        (self.await_box if p.awaited else self.inbox).put(("err", err, p.context))
+        (self.await_box if p.awaited else self.inbox).put(("err", err, p))
 
     def fail_node(self, node: str, kind: str) -> None:
         with self.lock:

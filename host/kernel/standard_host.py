@@ -107,15 +107,20 @@ def _take(p: WasmProcess, item) -> Variant:
     """Make a delivered inbox item the current message; return the WIT value for it."""
     if item is STOP:
         raise WasmtimeError("process was stopped")
-    kind, value, context = item
+    kind, value, pending = item
+    context = None if pending is None else pending.context
+    if pending is not None:
+        # the answer (or error) to one of its requests: the message that prompted that request is
+        # prompting again, so a Response now answers it (kernel_message_to_process_receive_v0)
+        p.current = pending.prompting
     if kind == "err":
         p.current_blob = value.lazy_load_blob
         return Variant("err", (wit_send_error(value), context))
     km: KernelMessage = value
     p.current_blob = km.lazy_load_blob
     p.note_given(km.message.capabilities)
-    if isinstance(km.message, Request):
-        p.current = km
+    if isinstance(km.message, Request) and (km.message.expects_response is not None or km.rsvp is not None):
+        p.current = km   # only a request someone awaits an answer to becomes the prompting message
     return Variant("ok", (wit_address(km.source), wit_message(km.message, context)))
 
 
@@ -159,7 +164,8 @@ def _send_and_await(target, request, blob: Optional[Blob]):
     item = p.await_box.get()
     if item is STOP:
         raise WasmtimeError("process was stopped")
-    kind, value, _context = item
+    kind, value, pending = item
+    p.current = pending.prompting
     if kind == "err":
         return wit_send_error(value)  # untagged result: a Record is the error
     km: KernelMessage = value

@@ -1,17 +1,22 @@
 """`net:distro:sys`: the network as a process sees it. Local processes ask it, in Kinode's `NetAction`
 MessagePack shapes (rmp-serde's: unit variants as their name, others as a one-entry map, structs as
-arrays), for the connected peers, one peer's identity or a diagnostics text; any other request (a
-text from a peer, or local text that is no `NetAction`) is a `hi`: printed and answered "delivered"."""
+arrays), for the connected peers, one peer's identity, a diagnostics text, or to `Sign` and `Verify`
+bytes; a request from a peer that is no routing action is a `hi`: printed and answered "delivered".
+As upstream (kinode v0.9.5 kinode/src/net/mod.rs handle_local_request) it is not public, and a local
+request that is no `NetAction` is dropped."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from host.kernel.kernel import Kernel
 from host.kernel.host_service import HostService
-from host.messages import KernelMessage, ProcessId, Request, Response
+from host.messages import Address, Blob, KernelMessage, ParseError, ProcessId, Request, Response
 
 if TYPE_CHECKING:
     from host.net.network import Network
@@ -53,7 +58,7 @@ def encode_response(variant: str, value: Any) -> bytes:
 
 
 class NetService(HostService):
-    public = True          # any process may ask; peers may send it `hi`s
+    public = False         # as upstream: a process needs a messaging capability; peers send it `hi`s
     hears_network = True
 
     def __init__(self, kernel: Kernel, net: Optional["Network"]):
@@ -94,6 +99,31 @@ class NetService(HostService):
         lines += self.net.routing_status()
         return "".join(line + "\r\n" for line in lines)
 
+    # ---- Sign and Verify ----------------------------------------------------------------------
+    def _signing_key(self) -> Optional[ed25519.Ed25519PrivateKey]:
+        """Upstream signs with its Ed25519 networking key; ours is an X25519 key (it cannot sign),
+        so the signing key is derived from it: one key per node, kept nowhere else."""
+        if self.net is None:
+            return None
+        seed = hashlib.sha256(b"kinode-py net Sign\0" + self.net.identity.private).digest()
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+    def sign(self, source: Address, data: bytes) -> Optional[bytes]:
+        key = self._signing_key()   # upstream signs the source address, then the blob (NetAction::Sign)
+        return None if key is None else key.sign(str(source).encode() + data)
+
+    def verify(self, signer: Address, signature: bytes, data: bytes) -> bool:
+        """Only this node's signatures can be checked: the directory holds each node's X25519 key,
+        not a signing key (upstream too answers false for a signer it has no key for)."""
+        key = self._signing_key()
+        if key is None or signer.node != self.kernel.node:
+            return False
+        try:
+            key.public_key().verify(signature, str(signer).encode() + data)
+            return True
+        except InvalidSignature:
+            return False
+
     # ---- messages ----------------------------------------------------------------------------
     def deliver(self, km: KernelMessage) -> None:
         if not isinstance(km.message, Request):
@@ -103,6 +133,9 @@ class NetService(HostService):
         local = km.source.node == self.kernel.node
         if action is not None and not local and action[0] in REMOTE_ACTIONS:
             log.info("net: %s from %s ignored (no routers here)", action[0], km.source)
+            return
+        if action is None and local:
+            log.info("net: a local request from %s that is no NetAction dropped (as upstream)", km.source)
             return
         if action is None or not local:
             # a `hi` (upstream: anything from a peer but its routing actions): printed at verbosity 0
@@ -121,12 +154,28 @@ class NetService(HostService):
             self._answer(km, encode_response("Peer", self.identity(arg) if isinstance(arg, str) else None))
         elif name == "GetDiagnostics":
             self._answer(km, encode_response("Diagnostics", self.diagnostics()))
+        elif name == "Sign":
+            data = km.lazy_load_blob.bytes if km.lazy_load_blob else b""
+            sig = self.sign(km.source, data)
+            if sig is None:
+                self.kernel.terminal.error(f"net:distro:sys: Sign from {km.source}: networking is off on this node")
+                return
+            self._answer(km, msgpack.packb("Signed"), Blob(None, sig))
+        elif name == "Verify":
+            try:
+                signer, signature = (arg["from"], arg["signature"]) if isinstance(arg, dict) else arg
+                ok = self.verify(Address.parse(str(signer)), bytes(signature),
+                                 km.lazy_load_blob.bytes if km.lazy_load_blob else b"")
+            except (ValueError, TypeError, KeyError, ParseError) as e:
+                log.info("net: bad Verify from %s: %s", km.source, e)
+                return
+            self._answer(km, encode_response("Verified", ok))
         else:  # no error variant upstream: the asker times out; say why here
             self.kernel.terminal.error(f"net:distro:sys: {name} from {km.source} is not supported on this node")
 
-    def _answer(self, km: KernelMessage, body: bytes) -> None:
+    def _answer(self, km: KernelMessage, body: bytes, blob: Optional[Blob] = None) -> None:
         if km.rsvp is not None:
-            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=body), None), self)
+            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=body), blob), self)
 
 
 def format_identity(identity: Optional[list]) -> str:

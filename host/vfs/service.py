@@ -34,6 +34,15 @@ class VfsService(HostService):
         res = self.vfs.handle(km.source.process, has_cap, km.message.body, blob)
         for params in res.grant:
             src.capabilities.add(Capability.make(self.address, params))
-        if km.rsvp is not None:
+        # as upstream (kinode v0.9.5 kinode/src/vfs.rs): an answer goes to the rsvp, else to a
+        # source that expects one, with the request's metadata; an error goes to the rsvp or the
+        # source always, without metadata
+        failed = res.body.startswith(b'{"Err"')
+        target = km.rsvp
+        if target is None and (failed or km.message.expects_response is not None):
+            target = km.source
+        if target is not None:
             out = Blob(res.mime, res.blob) if res.blob is not None else None
-            self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=res.body), out), self)
+            meta = None if failed else km.message.metadata
+            self.kernel.route(KernelMessage(km.id, self.address, target, None,
+                                            Response(body=res.body, metadata=meta), out), self)

@@ -478,6 +478,8 @@ class Vfs:
         if "action" not in req:
             raise _bad_json("missing field `action`")
         name, arg = _parse_action(req["action"])
+        if name == "ReadDir" and req["path"] == "/":
+            return self._list_root(has_cap)
         vp = _parse_path(req["path"])
         if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
             raise _Err({"BadBytes": {"action": name, "path": vp.text}})
@@ -510,6 +512,20 @@ class Vfs:
         # handle actions resolve the path only when they must open a new handle
         loc = None if name in _HANDLE_ACTIONS else self._locate(vp)
         return getattr(self, f"_a_{name}")(source, vp, loc, arg, data)
+
+    def _list_root(self, has_cap) -> VfsResult:
+        """ReadDir of `/`: the packages' folders, for a holder of the root cap (kinode v0.9.5
+        kinode/src/vfs.rs handle_request, its special case for `/`)."""
+        if not _asks(has_cap, {"root": True}):
+            raise _no_cap("ReadDir", "/")
+        entries = []
+        with os.scandir(self._root_s) as it:
+            for e in it:
+                kind = "Directory" if e.is_dir(follow_symlinks=False) else "File" if e.is_file(follow_symlinks=False) \
+                    else "Symlink" if e.is_symlink() else "Other"
+                entries.append({"path": e.name, "file_type": kind})
+        entries.sort(key=lambda d: d["path"])
+        return VfsResult(_dumps({"ReadDir": entries}))
 
     def _check_cap(self, source: ProcessId, has_cap, vp: _VPath, kind: str, action: str) -> None:
         if source.package_id == vp.package:
@@ -929,8 +945,7 @@ class Vfs:
     # ---- actions on the caller's handle -----------------------------------------------------------
     def _a_Read(self, source, vp, loc, arg, data):
         def f(h: _Handle):
-            out = _pread_to_eof(h.fd, 0)    # Kinode: the whole file, whatever the cursor
-            h.pos = len(out)
+            out = _pread_to_eof(h.fd, 0)    # Kinode: the whole file, whatever the cursor, which stays
             return VfsResult(b'"Read"', out)
         return self._with_handle(source, vp, loc, f)
 
@@ -989,8 +1004,7 @@ class Vfs:
                 except OSError:
                     _quietly(os.ftruncate, h.fd, 0)   # all or nothing: leave an empty file
                     raise
-            h.pos = len(data)
-            return VfsResult(_OK)
+            return VfsResult(_OK)   # Kinode writes the whole file (fs::write): no cursor moves
         return self._with_handle(source, vp, loc, f, create=True)
 
     def _a_WriteAll(self, source, vp, loc, arg, data):

@@ -114,6 +114,26 @@ def test_a_request_forwarded_with_inherit(node, lang):
 
 
 @pytest.mark.parametrize("lang", LANGS)
+def test_a_response_answers_the_request_that_prompted_it(node, lang):
+    """The usual process_lib pattern: take a request, ask someone else (awaited, then through
+    `receive`), then `Response::send()` to the first. Kinode keeps the prompting message with each
+    outgoing request's context and restores it when that request's response comes back; a request
+    that expects no response and has no rsvp never becomes the prompting message (kinode v0.9.5
+    kinode/src/kernel/standard_host_v0.rs lines 108-112, 118, 132 and 285-288)."""
+    other = OTHER[lang]
+    start = len(node.lines)
+    got = ask(node, lang, f"prompt {addr(other)}", ["prompt"])["prompt"]
+    # the peer heard the request that expected no answer (between the first and its answer) ...
+    assert wait_steps(node, start, other, ["noise-heard"])["noise-heard"] == {"noise": "quiet"}
+    # ... yet answered the first request, after its own sub-requests, and the second at once (twice:
+    # the duplicate, awaited by no request, is dropped, as upstream's ingest_message_v0 drops a
+    # response it keeps no context for, standard_host_v0.rs lines 73-78; were it delivered, it
+    # would stand here in place of the first request's answer)
+    assert got == [{"context": "p1", "body": {"answer": other, "vfs": '"Ok"', "sub": {"sub_answer": f"from-{other}"}}},
+                   {"context": "p2", "body": {"noise": "loud", "by": other}}]
+
+
+@pytest.mark.parametrize("lang", LANGS)
 def test_a_request_from_the_terminal(node, lang):
     pong = ask(node, lang, "ping", ["pong"])["pong"]
     assert pong == {"source": "fake.dev@terminal:terminal:sys", "kind": "request", "body": '"ping"',
@@ -122,7 +142,8 @@ def test_a_request_from_the_terminal(node, lang):
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_vfs_reads_and_writes(node, lang):
-    got = ask(node, lang, "vfs", ["vfs create-drive", "vfs write", "vfs read", "vfs read-dir", "vfs read-missing"])
+    got = ask(node, lang, "vfs", ["vfs create-drive", "vfs write", "vfs read", "vfs read-dir", "vfs read-missing",
+                                  "vfs metadata", "vfs root"])
     assert got["vfs create-drive"]["body"] == '"Ok"' and got["vfs create-drive"]["source"] == "fake.dev@vfs:distro:sys"
     assert got["vfs write"]["body"] == '"Ok"'
     on_disk = node.home / "vfs" / pkg(lang) / "d" / "f.bin"
@@ -132,6 +153,11 @@ def test_vfs_reads_and_writes(node, lang):
         {"path": f"{pkg(lang)}/d/f.bin", "file_type": "File"},
         {"path": f"{pkg(lang)}/d/sub", "file_type": "Directory"}]
     assert list(got["vfs read-missing"]["Err"]) == ["IOError"]
+    # the request's metadata comes back on the answer (kinode v0.9.5 kinode/src/vfs.rs lines 627-637)
+    assert got["vfs metadata"]["metadata"] == '{"mine":1}'
+    assert got["vfs metadata"]["body"]["Metadata"]["file_type"] == "Directory"
+    # the list of packages' folders is for holders of the root cap (vfs.rs lines 297-340)
+    assert got["vfs root"] == {"Err": {"NoCap": {"action": "ReadDir", "path": "/"}}}
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -220,11 +246,16 @@ def test_capabilities_the_same_for_both_toolchains(node):
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_send_errors(node, lang):
-    got = ask(node, lang, "senderr", ["senderr missing-local", "senderr unknown-node"])
+    got = ask(node, lang, "senderr", ["senderr missing-local", "senderr unknown-node", "senderr unawaited"])
     assert got["senderr missing-local"] == {
         "kind": "timeout", "target": f"fake.dev@nosuch:{pkg(lang)}", "context": "ctx-missing", "body": '"hello"',
         "message": "request", "blob": {"mime": "text/plain", "hex": b"held".hex()}}
     assert got["senderr unknown-node"] == {"error": "offline", "target": f"ghost.os@guest:{pkg(lang)}"}
+    # an Offline error for a request that expects no response is dropped, as upstream: its process
+    # takes in an error only for a request it keeps a context for (kinode v0.9.5
+    # kinode/src/kernel/standard_host_v0.rs lines 83-88), though net sends one for every message
+    # (kinode/src/net/utils.rs lines 375-389); the error that follows it is heard first
+    assert got["senderr unawaited"] == {"kind": "offline", "body": '"loud"', "context": "ctx-loud"}
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -296,3 +327,103 @@ def test_a_guest_writing_stderr_without_end_keeps_a_bounded_tail():
     p._on_stderr(b"y" * 10000 + b"\n")
     assert p._describe_failure(trap) == "crashed: RuntimeError: " + "y" * (STDERR_LINE_KEPT - len("RuntimeError: "))
     assert sum(len(line) for line in p.stderr_tail) <= STDERR_LINES_KEPT * STDERR_LINE_KEPT
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_process_installs_and_runs_another_through_the_kernel(node, lang):
+    """kernel:distro:sys as upstream's handle_kernel_request (kinode v0.9.5 kinode/src/kernel/mod.rs
+    lines 131-279 InitializeProcess, 281-310 Grant/DropCapabilities, 312-365 RunProcess; the
+    persisted form is lib/src/core.rs PersistedProcess and OnExit, lines 1488-1494 and 551-555)."""
+    start = len(node.lines)
+    got = ask(node, lang, "kinit", ["kinit"])["kinit"]
+    me, kid = addr(lang), f"kid:{pkg(lang)}"
+    assert got["init"] == "InitializedProcess" and got["run"] == "StartedProcess", node.lines[start:]
+    # the request sent before RunProcess waited for the process, then was answered by it
+    assert got["early"] == {"context": "early", "body": {"reply": "early, from kid", "parent_heard": True}}
+    assert got["granted"] == {"Debug": {"HasCap": True}} and got["dropped"] == {"Debug": {"HasCap": False}}
+    on_exit = {"Requests": [[me, {"inherit": False, "expects_response": None, "body": list(b'{"noise":"kid-exit"}'),
+                                  "metadata": None, "capabilities": []}, None]]}
+    assert got["persisted"] == {"Debug": {"Process": {
+        "wasm_bytes_handle": f"/{pkg(lang)}/pkg/guest.wasm", "wit_version": 0, "on_exit": on_exit,
+        "capabilities": [{"issuer": f"fake.dev@{kid}", "params": '"messaging"'},
+                         {"issuer": "fake.dev@vfs:distro:sys", "params": '"messaging"'}],
+        "public": False}}}
+    assert got["no-bytes"] == "InitializeProcessError" and got["run-missing"] == "RunProcessError"
+    # told goodbye, the process ends and its OnExit::Requests reach us
+    assert wait_steps(node, start, lang, ["noise-heard"])["noise-heard"] == {"noise": "kid-exit"}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_root_script_gets_the_terminals_capabilities(node, lang):
+    """scripts.json `"root": true`: upstream's terminal gives the script all of its own capabilities
+    (kinode v0.9.5 kinode/packages/terminal/terminal/src/lib.rs lines 330-334; the terminal's are
+    those of kinode/packages/terminal/pkg/manifest.json)."""
+    start = len(node.lines)
+    node.type(f'guest:{pkg(lang)} {{"child":"script","caps":true}}')
+    got = wait_steps(node, start, lang, ["script-caps", "script-root"])
+    caps = got["script-caps"]
+    # with the VFS's root cap it lists the packages' folders (kinode/src/vfs.rs lines 297-340)
+    assert {"path": pkg(lang), "file_type": "Directory"} in got["script-root"]["ReadDir"]
+    def messaging(p): return {"issuer": f"fake.dev@{p}", "params": '"messaging"'}
+    for service in ("kernel:distro:sys", "net:distro:sys", "vfs:distro:sys", "http_server:distro:sys",
+                    "timer:distro:sys"):
+        assert messaging(service) in caps, caps
+    assert {"issuer": "fake.dev@vfs:distro:sys", "params": '{"root":true}'} in caps
+    assert {"issuer": "fake.dev@kernel:distro:sys", "params": '"network"'} in caps
+    # and, as every script, its package's drive (what the manifest entry alone gives)
+    assert {"issuer": "fake.dev@vfs:distro:sys", "params": json.dumps({"drive": f"/{pkg(lang)}/pkg", "kind": "read"},
+                                                                      separators=(",", ":"))} in caps
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_net_signs_and_verifies(node, lang):
+    """process_lib's net::sign / net::verify (kinode v0.9.5 kinode/src/net/mod.rs lines 265-301;
+    lib/src/core.rs NetAction::Sign/Verify and NetResponse::Signed/Verified): the node signs the
+    source address followed by the blob, the signature comes back in the blob. A local request
+    that is no NetAction is dropped (mod.rs lines 173-177): its asker times out."""
+    import msgpack
+    got = ask(node, lang, "netsign", ["netsign"], timeout=60)["netsign"]
+    assert msgpack.unpackb(bytes.fromhex(got["signed"]["body"])) == "Signed"
+    assert len(bytes.fromhex(got["signed"]["blob"])) == 64                  # an Ed25519 signature
+    assert msgpack.unpackb(bytes.fromhex(got["verified"])) == {"Verified": True}
+    assert msgpack.unpackb(bytes.fromhex(got["tampered"])) == {"Verified": False}   # other bytes: refused
+    assert got["not-an-action"] == "timeout"
+    # not public, as upstream (only processes holding a messaging cap reach it): refused without the
+    # cap, answered once the kernel grants it back (GrantCapabilities)
+    assert got["private"]["without-cap"] == "timeout"
+    assert msgpack.unpackb(bytes.fromhex(got["private"]["granted-back"])) == {"Peers": []}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_kits_inject_message_over_rpc(node, lang):
+    """`POST /rpc:distro:sys/message` as kit's inject-message sends it (kinode v0.9.5
+    kinode/src/http/server.rs lines 738-794 handle_rpc_message and 1051-1069 the answer;
+    kinode/src/http/utils.rs lines 11-21 RpcMessage). Here it also needs the node's token."""
+    import base64
+    import urllib.error
+    import urllib.request
+    token = (node.home / ".keys" / "http-token").read_text().strip()
+    message = {"node": None, "process": f"guest:{pkg(lang)}", "inherit": False, "expects_response": 15,
+               "body": '{"echo":"rpc"}', "metadata": None, "context": None, "mime": "text/plain",
+               "data": base64.b64encode(b"abc").decode()}
+
+    def post(headers: dict) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{node.port}/rpc:distro:sys/message",
+                                     data=json.dumps(message).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    assert post({})[0] == 401                     # no token: refused (upstream: local clients only)
+    start = len(node.lines)
+    status, body = post({"Authorization": f"Bearer {token}"})
+    assert status == 200
+    heard = wait_steps(node, start, lang, ["echo-heard"])["echo-heard"]
+    assert heard["source"] == "fake.dev@http_server:distro:sys" and heard["blob_len"] == 3
+    answer = json.loads(body)
+    assert json.loads(bytes(answer["body"])) == {"echoed": "rpc", "by": lang}
+    assert answer["lazy_load_blob"]["mime"] == "application/x-reversed"
+    assert base64.b64decode(bytes(answer["lazy_load_blob"]["bytes"])) == b"cba"

@@ -29,6 +29,9 @@ def main(our: Address) -> None:
                        ("unknown", {"Frobnicate": {}}),
                        ("traversal", {"Bind": {"path": "/../x", "authenticated": True, "local_only": False, "cache": False}}),
                        ("unbind", {"Unbind": {"path": "/nothing"}}),
+                       ("secure", {"SecureBind": {"path": "/secure", "cache": False}}),
+                       ("ext", {"WebSocketBind": {"path": "/ext", "authenticated": True, "encrypted": False,
+                                                  "extension": True}}),
                        ("pkg_upload", {"Bind": {"path": "/y", "authenticated": True, "local_only": False, "cache": False,
                                                 "upload_to": "pkg"}})]:
         answers[name] = Request.to(server).body(body).expects_response(5).send_and_await_response().json()
@@ -39,7 +42,9 @@ def main(our: Address) -> None:
         if msg.source.process != http.HTTP_SERVER:
             continue
         kind, value = http.parse_server_request(msg)
-        if kind == "WebSocketOpen":
+        if kind == "WebSocketOpen" and value["path"].endswith("/ext"):
+            ext_exchange(server, value["channel_id"])
+        elif kind == "WebSocketOpen":
             channels[value["channel_id"]] = value["path"]
             http.send_ws_push(value["channel_id"], json.dumps({"kind": "open", "open": value}))
         elif kind == "WebSocketPush":
@@ -65,6 +70,20 @@ def main(our: Address) -> None:
                    "answers": answers, "channels": sorted(channels)}
             http.send_response(201 if req.method == "POST" else 200,
                                {"Content-Type": "application/json", "X-Webtest": "yes"}, json.dumps(out))
+
+
+def ext_exchange(server: Address, cid: int) -> None:
+    """An extension's channel: send it bytes with WebSocketExtPushOutgoing and await its reply, the
+    Response to that very request; then tell it, with a plain push, what came back."""
+    try:
+        reply = Request.to(server).body({"WebSocketExtPushOutgoing": {"channel_id": cid, "message_type": "Binary",
+                                                                      "desired_reply_type": "Response"}}) \
+            .blob_bytes(b"to the extension").expects_response(10).send_and_await_response()
+        blob = get_blob()
+        out = {"kind": "ext-reply", "body": reply.json(), "blob": blob.bytes.decode() if blob else None}
+    except Exception as e:  # noqa: BLE001 - the test reads what failed
+        out = {"kind": "ext-reply", "error": str(e)}
+    http.send_ws_push(cid, json.dumps(out))
 
 
 class WitWorld(wit_world.WitWorld):

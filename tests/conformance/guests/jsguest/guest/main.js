@@ -145,6 +145,9 @@ function vfsSteps() {
   const dir = vfs(d, 'ReadDir');
   show('vfs read-dir', JSON.parse(dir.body));
   show('vfs read-missing', JSON.parse(vfs(`${d}/missing`, 'Read').body));
+  const got = awaitResponse(vfsAddress(), request({ path: d, action: 'Metadata' }, { metadata: '{"mine":1}' }));
+  show('vfs metadata', { body: JSON.parse(got.body), metadata: got.metadata });
+  show('vfs root', JSON.parse(vfs('/', 'ReadDir').body));
 }
 
 function bigBlob(n) {
@@ -244,6 +247,13 @@ function sendErrors() {
   } : { kind: null });
   show('senderr unknown-node', awaitResponse(parseAddress(`ghost.os@guest:${OUR.process.packageName}:test.os`),
     request('hello')));
+  // a request expecting no response is not followed by an error (upstream drops it: no context)
+  const ghost = parseAddress(`ghost.os@guest:${OUR.process.packageName}:test.os`);
+  sendRequest(ghost, request('quiet', { expects: undefined }), undefined, undefined);
+  sendRequest(ghost, request('loud'), enc.encode('ctx-loud'), undefined);
+  const [k, e, ctx] = receiveOne();
+  show('senderr unawaited', k === 'err' ? { kind: e.kind, body: dec.decode(e.message.val.body),
+    context: ctx == null ? null : dec.decode(ctx) } : { kind: null });
 }
 
 function rounds(n) {  // for bench/guests.py: N awaited requests to the VFS, timed
@@ -266,6 +276,148 @@ function spawns(n) {  // for bench/guests.py: N children spawned, asked once and
   show('spawns', { n, ok, ms: Date.now() - start });
 }
 
+// Ask the peer a question it answers only after a sub-request of its own (awaited, then one
+// answered through `receive`), and meanwhile send it two more requests: one expecting no answer
+// (it must not become the peer's prompting message) and one it answers at once.
+function prompt(target) {
+  const t = parseAddress(target);
+  sendRequest(t, request({ prompted: 'js' }, { expects: 15n }), enc.encode('p1'), undefined);
+  sendRequest(t, request({ noise: 'quiet' }, { expects: undefined }), undefined, undefined);
+  sendRequest(t, request({ noise: 'loud' }), enc.encode('p2'), undefined);
+  const answers = [];
+  while (answers.length < 2) {
+    const [kind, a, b] = receiveOne();
+    if (kind === 'err') {
+      answers.push({ context: b == null ? null : dec.decode(b), error: a.kind });
+    } else if (b.tag === 'request') {
+      // the peer's sub-request, answered only now: after all three requests reached it
+      const body = JSON.parse(dec.decode(b.val.body));
+      sendResponse({ inherit: false, body: jsonBytes({ sub_answer: body.sub ?? null }), metadata: undefined,
+        capabilities: [] }, undefined);
+    } else {
+      const ctx = b.val[1];
+      answers.push({ context: ctx == null ? null : dec.decode(ctx), body: JSON.parse(dec.decode(b.val[0].body)) });
+    }
+  }
+  answers.sort((x, y) => (x.context ?? '').localeCompare(y.context ?? ''));
+  show('prompt', answers);
+}
+
+const PROMPTED = {};
+
+// A request answered later: first an awaited sub-request (to the VFS), then one to the asker whose
+// response comes through `receive`; the answer is sent in `answerLater`.
+function answerPrompted(source) {
+  PROMPTED.vfs = vfs(drive(), 'CreateDrive').body;
+  sendRequest(source, request({ sub: 'from-js' }, { expects: 10n }), enc.encode('prompted-sub'), undefined);
+}
+
+function answerLater(source, msg) {
+  if (msg.val[1] == null || dec.decode(msg.val[1]) !== 'prompted-sub') return;
+  // the prompting message is again the request that started it all (Kinode restores it)
+  sendResponse({ inherit: false, body: jsonBytes({ answer: 'js', vfs: PROMPTED.vfs ?? null,
+    sub: JSON.parse(dec.decode(msg.val[0].body)) }), metadata: undefined, capabilities: [] }, undefined);
+}
+
+function noise(req) {
+  const body = JSON.parse(dec.decode(req.body));
+  if (req.expectsResponse == null) show('noise-heard', body);
+  else {  // answered twice: the second finds no request waiting for it and is dropped
+    for (let i = 0; i < 2; i++) {
+      sendResponse({ inherit: false, body: jsonBytes({ noise: body.noise, by: 'js' }), metadata: undefined,
+        capabilities: [] }, undefined);
+    }
+  }
+}
+
+function kernelAsk(command, inherit = false) {
+  const got = awaitResponse(parseAddress('our@kernel:distro:sys'), request(command, { inherit }), undefined, false);
+  return 'body' in got ? JSON.parse(got.body) : got;
+}
+
+// Install and start another process at run time as Kinode's terminal does a script
+// (kinode/packages/terminal/terminal/src/lib.rs handle_run): read its wasm from the VFS,
+// InitializeProcess with the bytes, message it before it runs, RunProcess; then grant and drop it
+// a capability, read its persisted form back, and let it exit into its OnExit::Requests.
+function kinit() {
+  const pkg = `${OUR.process.packageName}:${OUR.process.publisherNode}`;
+  const wasm = `/${pkg}/pkg/guest.wasm`; const kid = `kid:${pkg}`; const me = addrText(OUR);
+  vfs(wasm, 'Read', undefined, false);  // the wasm is the blob now: passed on with `inherit`, as the terminal does
+  const onExit = { Requests: [[me, { inherit: false, expects_response: null,
+    body: Array.from(jsonBytes({ noise: 'kid-exit' })), metadata: null, capabilities: [] }, null]] };
+  const init = { InitializeProcess: { id: kid, wasm_bytes_handle: wasm, wit_version: 0, on_exit: onExit,
+    initial_capabilities: [{ issuer: `${OUR.node}@vfs:distro:sys`, params: '"messaging"' }], public: false } };
+  const out = { init: kernelAsk(init, true) };
+  const kidAddr = parseAddress(`${OUR.node}@${kid}`);
+  // sent before it runs: it waits for the process (upstream's pre-boot queue)
+  sendRequest(kidAddr, request({ child: 'early' }, { expects: 15n }), enc.encode('early'), undefined);
+  out.run = kernelAsk({ RunProcess: kid });
+  const [kind, a, b] = receiveOne();
+  out.early = kind === 'msg' ? { context: dec.decode(b.val[1]), body: JSON.parse(dec.decode(b.val[0].body)) }
+    : { error: a.kind };
+  const cap = { issuer: me, params: '"granted"' };
+  const has = { Debug: { HasCap: { on: kid, cap } } };
+  sendRequest(parseAddress('our@kernel:distro:sys'),   // unanswered, as upstream
+    request({ GrantCapabilities: { target: kid, capabilities: [cap] } }, { expects: undefined }), undefined, undefined);
+  out.granted = kernelAsk(has);
+  sendRequest(parseAddress('our@kernel:distro:sys'),   // unanswered, as upstream
+    request({ DropCapabilities: { target: kid, capabilities: [cap] } }, { expects: undefined }), undefined, undefined);
+  out.dropped = kernelAsk(has);
+  out.persisted = kernelAsk({ Debug: { Process: kid } });
+  out['no-bytes'] = kernelAsk({ InitializeProcess: { ...init.InitializeProcess, id: `kid2:${pkg}` } });
+  out['run-missing'] = kernelAsk({ RunProcess: `nobody:${pkg}` });
+  sendRequest(kidAddr, request('bye', { expects: undefined }), undefined, undefined);
+  show('kinit', out);
+}
+
+function mpStr(text) {  // MessagePack, just what NetAction needs (rmp-serde's shapes)
+  const b = enc.encode(text);
+  return [...(b.length < 32 ? [0xa0 | b.length] : [0xd9, b.length]), ...b];
+}
+
+function mpBytesAsArray(data) {  // serde writes a Vec<u8> as an array of numbers
+  const out = [0xdc, data.length >> 8, data.length & 0xff];
+  for (const x of data) { if (x < 128) out.push(x); else out.push(0xcc, x); }
+  return out;
+}
+
+function netAsk(body, blob, timeout = 5n) {
+  try {
+    const [, msg] = sendAndAwaitResponse(parseAddress('our@net:distro:sys'),
+      { inherit: false, expectsResponse: timeout, body: new Uint8Array(body), metadata: undefined, capabilities: [] },
+      { mime: undefined, bytes: blob });
+    const back = getBlob();
+    return { body: hex(msg.val[0].body), blob: back == null ? null : hex(back.bytes) };
+  } catch (e) {
+    return { error: errorValue(e).kind };
+  }
+}
+
+// process_lib's net::sign and net::verify: NetAction::Sign and Verify with the bytes in the blob
+function netsign() {
+  const me = addrText(OUR);
+  const signed = netAsk(mpStr('Sign'), enc.encode('sign me'));
+  const sig = new Uint8Array((signed.blob ?? '').match(/../g)?.map((h) => parseInt(h, 16)) ?? []);
+  const verify = [0x81, ...mpStr('Verify'), 0x92, ...mpStr(me), ...mpBytesAsArray(sig)];
+  show('netsign', { signed, verified: netAsk(verify, enc.encode('sign me')).body ?? null,
+    tampered: netAsk(verify, enc.encode('sign me!')).body ?? null,
+    'not-an-action': netAsk(Array.from(enc.encode('hello net')), new Uint8Array(), 1n).error ?? null,
+    private: netPrivate() });
+}
+
+// net is not public: without the messaging cap to it a request is refused; granted back through
+// the kernel, it is answered again
+function netPrivate() {
+  const netCap = ourCapabilities().find((c) => addrText(c.issuer).endsWith('@net:distro:sys'));
+  dropCapabilities([netCap]);
+  const without = netAsk(mpStr('GetPeers'), new Uint8Array(), 1n);
+  const p = OUR.process;
+  const grant = { GrantCapabilities: { target: `${p.processName}:${p.packageName}:${p.publisherNode}`,
+    capabilities: [capJson(netCap)] } };
+  sendRequest(parseAddress('our@kernel:distro:sys'), request(grant, { expects: undefined }), undefined, undefined);
+  return { 'without-cap': without.error ?? null, 'granted-back': netAsk(mpStr('GetPeers'), new Uint8Array()).body ?? null };
+}
+
 function unicode() {
   const text = 'héllo ✓ 🎉 \u00ff end';
   setState(enc.encode(text));
@@ -276,13 +428,23 @@ function child(parent) {  // spawned by `spawnSteps`: answer the parent's reques
   const [kind, source, msg] = receiveOne();
   if (kind !== 'msg') return;
   const body = JSON.parse(dec.decode(msg.val.body));
+  if (body.caps) {  // run as a script from the terminal (scripts.json): show what it was given
+    const caps = ourCapabilities().map(capJson);
+    caps.sort((x, y) => (x.issuer + x.params < y.issuer + y.params ? -1 : 1));
+    show('script-caps', caps);
+    show('script-root', JSON.parse(vfs('/', 'ReadDir').body));  // the root cap at work
+    return;
+  }
   sendResponse({ inherit: false, body: jsonBytes({ reply: `${body.child}, from ${OUR.process.processName}`,
     parent_heard: addrText(source) === parent }), metadata: undefined, capabilities: [] }, undefined);
   receiveOne();  // live on until the parent says goodbye, so its name stays taken meanwhile
 }
 
 function handle(source, msg) {
-  if (msg.tag !== 'request') return;
+  if (msg.tag !== 'request') {
+    answerLater(source, msg);
+    return;
+  }
   const req = msg.val;
   let body;
   try {
@@ -295,6 +457,8 @@ function handle(source, msg) {
     if ('echo' in body) answerEcho(source, req);
     else if ('take_caps' in body) takeCaps(req);
     else if ('relay_read' in body) answerRelay();
+    else if ('prompted' in body) answerPrompted(source);
+    else if ('noise' in body) noise(req);
     return;
   }
   const [cmd, arg] = String(body).split(' ');
@@ -312,6 +476,9 @@ function handle(source, msg) {
     case 'caps': capsSteps(arg); break;
     case 'senderr': sendErrors(); break;
     case 'unicode': unicode(); break;
+    case 'prompt': prompt(arg); break;
+    case 'kinit': kinit(); break;
+    case 'netsign': netsign(); break;
     case 'rounds': rounds(Number(arg)); break;
     case 'spawns': spawns(Number(arg)); break;
     case 'crash': throw new Error('crash requested');

@@ -148,6 +148,9 @@ def vfs_steps() -> None:
     vfs(f"{d}/sub", "CreateDirAll")
     show("vfs read-dir", json.loads(vfs(d, "ReadDir")["body"]))
     show("vfs read-missing", json.loads(vfs(f"{d}/missing", "Read")["body"]))
+    got = await_response(parse_address("our@vfs:distro:sys"), request({"path": d, "action": "Metadata"}, metadata='{"mine":1}'))
+    show("vfs metadata", {"body": json.loads(got["body"]), "metadata": got["metadata"]})
+    show("vfs root", json.loads(vfs("/", "ReadDir")["body"]))
 
 
 def big_blob(n: int) -> None:
@@ -248,6 +251,147 @@ def send_errors() -> None:
         show("senderr missing-local", {"kind": None})
     show("senderr unknown-node", await_response(parse_address(f"ghost.os@guest:{OUR.process.package_name}:test.os"),
                                                 request("hello")))
+    # a request expecting no response is not followed by an error (upstream drops it: no context)
+    ghost = parse_address(f"ghost.os@guest:{OUR.process.package_name}:test.os")
+    wit.send_request(ghost, request("quiet", expects=None), None, None)
+    wit.send_request(ghost, request("loud"), b"ctx-loud", None)
+    kind, err, context = receive_one()
+    show("senderr unawaited", {"kind": enum_name(err.kind), "body": err.message.value.body.decode(),
+                               "context": None if context is None else context.decode()} if kind == "err" else {"kind": None})
+
+
+def prompt(target: str) -> None:
+    """Ask the peer a question it answers only after a sub-request of its own (awaited, then one
+    answered through `receive`), and meanwhile send it two more requests: one expecting no answer
+    (it must not become the peer's prompting message) and one it answers at once."""
+    t = parse_address(target)
+    wit.send_request(t, request({"prompted": "py"}, expects=15), b"p1", None)
+    wit.send_request(t, request({"noise": "quiet"}, expects=None), None, None)
+    wit.send_request(t, request({"noise": "loud"}), b"p2", None)
+    answers = []
+    while len(answers) < 2:
+        kind, a, b = receive_one()
+        if kind == "err":
+            answers.append({"context": None if b is None else b.decode(), "error": enum_name(a.kind)})
+        elif isinstance(b, wit.Message_Request):
+            # the peer's sub-request, answered only now: after all three requests reached it
+            body = json.loads(b.value.body)
+            wit.send_response(wit.Response(False, json_bytes({"sub_answer": body.get("sub")}), None, []), None)
+        else:
+            ctx = b.value[1]
+            answers.append({"context": None if ctx is None else ctx.decode(), "body": json.loads(b.value[0].body)})
+    show("prompt", sorted(answers, key=lambda x: x["context"] or ""))
+
+
+PROMPTED = {}
+
+
+def answer_prompted(source, req) -> None:
+    """A request answered later: first an awaited sub-request (to the VFS), then one to the asker
+    whose response comes through `receive`; the answer is sent in `answer_later`."""
+    PROMPTED["vfs"] = vfs(drive(), "CreateDrive")["body"]
+    wit.send_request(source, request({"sub": "from-py"}, expects=10), b"prompted-sub", None)
+
+
+def answer_later(source, msg) -> None:
+    if msg.value[1] != b"prompted-sub":
+        return
+    # the prompting message is again the request that started it all (Kinode restores it)
+    wit.send_response(wit.Response(False, json_bytes({"answer": "py", "vfs": PROMPTED.get("vfs"),
+                                                      "sub": json.loads(msg.value[0].body)}), None, []), None)
+
+
+def noise(req) -> None:
+    body = json.loads(req.body)
+    if req.expects_response is None:
+        show("noise-heard", body)
+    else:   # answered twice: the second finds no request waiting for it and is dropped
+        for _ in range(2):
+            wit.send_response(wit.Response(False, json_bytes({"noise": body["noise"], "by": "py"}), None, []), None)
+
+
+def kernel_ask(command, inherit=False) -> dict:
+    got = await_response(parse_address("our@kernel:distro:sys"), request(command, inherit=inherit), None, False)
+    return json.loads(got["body"]) if "body" in got else got
+
+
+def kinit() -> None:
+    """Install and start another process at run time as Kinode's terminal does a script
+    (kinode/packages/terminal/terminal/src/lib.rs handle_run): read its wasm from the VFS,
+    InitializeProcess with the bytes, message it before it runs, RunProcess; then grant and drop it
+    a capability, read its persisted form back, and let it exit into its OnExit::Requests."""
+    pkg = f"{OUR.process.package_name}:{OUR.process.publisher_node}"
+    wasm, kid, me = f"/{pkg}/pkg/guest.wasm", f"kid:{pkg}", addr_text(OUR)
+    vfs(wasm, "Read", None, False)   # the wasm is the blob now: passed on with `inherit`, as the terminal does
+    on_exit = {"Requests": [[me, {"inherit": False, "expects_response": None, "body": list(json_bytes({"noise": "kid-exit"})),
+                                  "metadata": None, "capabilities": []}, None]]}
+    init = {"InitializeProcess": {"id": kid, "wasm_bytes_handle": wasm, "wit_version": 0, "on_exit": on_exit,
+                                  "initial_capabilities": [{"issuer": f"{OUR.node}@vfs:distro:sys", "params": '"messaging"'}],
+                                  "public": False}}
+    out = {"init": kernel_ask(init, inherit=True)}
+    kid_addr = parse_address(f"{OUR.node}@{kid}")
+    # sent before it runs: it waits for the process (upstream's pre-boot queue)
+    wit.send_request(kid_addr, request({"child": "early"}, expects=15), b"early", None)
+    out["run"] = kernel_ask({"RunProcess": kid})
+    kind, a, b = receive_one()
+    out["early"] = {"context": b.value[1].decode(), "body": json.loads(b.value[0].body)} if kind == "msg" else {"error": enum_name(a.kind)}
+    cap = {"issuer": me, "params": '"granted"'}
+    has = {"Debug": {"HasCap": {"on": kid, "cap": cap}}}
+    wit.send_request(parse_address("our@kernel:distro:sys"),   # unanswered, as upstream
+                     request({"GrantCapabilities": {"target": kid, "capabilities": [cap]}}, expects=None), None, None)
+    out["granted"] = kernel_ask(has)
+    wit.send_request(parse_address("our@kernel:distro:sys"),   # unanswered, as upstream
+                     request({"DropCapabilities": {"target": kid, "capabilities": [cap]}}, expects=None), None, None)
+    out["dropped"] = kernel_ask(has)
+    out["persisted"] = kernel_ask({"Debug": {"Process": kid}})
+    out["no-bytes"] = kernel_ask({"InitializeProcess": {**init["InitializeProcess"], "id": f"kid2:{pkg}"}})
+    out["run-missing"] = kernel_ask({"RunProcess": f"nobody:{pkg}"})
+    wit.send_request(kid_addr, request("bye", expects=None), None, None)
+    show("kinit", out)
+
+
+def mp_str(text: str) -> bytes:   # MessagePack, just what NetAction needs (rmp-serde's shapes)
+    b = text.encode()
+    return (bytes([0xA0 | len(b)]) if len(b) < 32 else bytes([0xD9, len(b)])) + b
+
+
+def mp_bytes_as_array(data: bytes) -> bytes:   # serde writes a Vec<u8> as an array of numbers
+    return bytes([0xDC]) + len(data).to_bytes(2, "big") + b"".join(
+        bytes([x]) if x < 128 else bytes([0xCC, x]) for x in data)
+
+
+def net_ask(body: bytes, blob: bytes, timeout: int = 5) -> dict:
+    try:
+        _src, msg = wit.send_and_await_response(parse_address("our@net:distro:sys"), wit.Request(False, timeout, body, None, []),
+                                                wit.LazyLoadBlob(None, blob))
+    except Err as e:
+        return {"error": enum_name(e.value.kind)}
+    back = wit.get_blob()
+    return {"body": msg.value[0].body.hex(), "blob": None if back is None else back.bytes.hex()}
+
+
+def netsign() -> None:
+    """process_lib's net::sign and net::verify: NetAction::Sign and Verify with the bytes in the blob."""
+    me = addr_text(OUR)
+    signed = net_ask(mp_str("Sign"), b"sign me")
+    sig = bytes.fromhex(signed.get("blob") or "")
+    verify = b"\x81" + mp_str("Verify") + b"\x92" + mp_str(me) + mp_bytes_as_array(sig)
+    show("netsign", {"signed": signed, "verified": net_ask(verify, b"sign me").get("body"),
+                     "tampered": net_ask(verify, b"sign me!").get("body"),
+                     "not-an-action": net_ask(b"hello net", b"", 1).get("error"),
+                     "private": net_private()})
+
+
+def net_private() -> dict:
+    """net is not public: without the messaging cap to it a request is refused; granted back
+    through the kernel, it is answered again."""
+    net_cap = next(c for c in wit.our_capabilities() if addr_text(c.issuer).endswith("@net:distro:sys"))
+    wit.drop_capabilities([net_cap])
+    without = net_ask(mp_str("GetPeers"), b"", 1)
+    grant = {"GrantCapabilities": {"target": f"{OUR.process.process_name}:{OUR.process.package_name}:{OUR.process.publisher_node}",
+                                   "capabilities": [cap_json(net_cap)]}}
+    wit.send_request(parse_address("our@kernel:distro:sys"), request(grant, expects=None), None, None)
+    return {"without-cap": without.get("error"), "granted-back": net_ask(mp_str("GetPeers"), b"").get("body")}
 
 
 def rounds(n: int) -> None:
@@ -283,6 +427,10 @@ def child(parent: str) -> None:
     if kind != "msg":
         return
     body = json.loads(msg.value.body)
+    if body.get("caps"):   # run as a script from the terminal (scripts.json): show what it was given
+        show("script-caps", sorted((cap_json(c) for c in wit.our_capabilities()), key=lambda c: c["issuer"] + c["params"]))
+        show("script-root", json.loads(vfs("/", "ReadDir")["body"]))   # the root cap at work
+        return
     wit.send_response(wit.Response(False, json_bytes({"reply": f"{body['child']}, from {OUR.process.process_name}",
                                                       "parent_heard": addr_text(source) == parent}), None, []), None)
     receive_one()  # live on until the parent says goodbye, so its name stays taken meanwhile
@@ -290,6 +438,7 @@ def child(parent: str) -> None:
 
 def handle(source, msg) -> None:
     if not isinstance(msg, wit.Message_Request):
+        answer_later(source, msg)
         return
     req = msg.value
     try:
@@ -304,13 +453,17 @@ def handle(source, msg) -> None:
             take_caps(req)
         elif "relay_read" in body:
             answer_relay()
+        elif "prompted" in body:
+            answer_prompted(source, req)
+        elif "noise" in body:
+            noise(req)
         return
     cmd, _, arg = str(body).partition(" ")
     commands = {"ping": lambda: show("pong", message_json(source, msg)), "peer": lambda: peer(arg),
                 "vfs": vfs_steps, "relay": lambda: relay(arg), "bigblob": lambda: big_blob(int(arg)), "spawn": spawn_steps, "timer": timer,
                 "state-set": lambda: state_set(arg), "state-clear": state_clear, "on-exit": lambda: on_exit_steps(arg),
                 "caps": lambda: caps_steps(arg), "senderr": send_errors, "unicode": unicode,
-                "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
+                "prompt": lambda: prompt(arg), "kinit": kinit, "netsign": netsign, "rounds": lambda: rounds(int(arg)), "spawns": lambda: spawns(int(arg))}
     if cmd == "crash":
         raise RuntimeError("crash requested")
     commands.get(cmd, lambda: show("unknown", {"cmd": cmd}))()
