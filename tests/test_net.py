@@ -11,7 +11,8 @@ import msgpack
 import pytest
 from noise.connection import Keypair, NoiseConnection
 
-from host.net import network as netmod
+from host.net import noise as noisemod
+from host.net import relay as relaymod
 from host.net.directory import Directory, NameTaken
 from host.net.network import MAX_MESSAGE, Network, load_or_create_identity
 from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
@@ -367,7 +368,7 @@ def test_node_posing_as_another_name_is_refused(nodes, tmp_path, caplog):
     fake_dir.register("b.os", b.identity.public, "127.0.0.1", b.net.port)
     impostor = nodes("a.os", home=tmp_path / "impostor", directory=fake_dir)
     assert impostor.identity.public != a.identity.public
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         err = impostor.send(request("a.os", "b.os", body=b"forged")).get(timeout=10)
     assert err.startswith("offline:")
     assert_quiet(b.inbox)
@@ -388,7 +389,7 @@ def test_dialler_checks_name_and_key(nodes, tmp_path, caplog):
     odd_dir.register("x.os", c.identity.public, "127.0.0.1", c.net.port)
     odd_dir.register("a.os", a.identity.public, "127.0.0.1", fake.net.port)
     d = nodes("d.os", directory=odd_dir)
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         err1 = d.send(request("d.os", "x.os")).get(timeout=10)
         err2 = d.send(request("d.os", "a.os")).get(timeout=10)
     assert err1.startswith("offline:") and "claims to be 'c.os'" in err1
@@ -407,9 +408,9 @@ class RawPeer:
 
     def __init__(self, name, identity, port):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.noise = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
+        self.noise = NoiseConnection.from_name(noisemod.NOISE_PROTOCOL)
         self.noise.set_keypair_from_private_bytes(Keypair.STATIC, identity.private)
-        self.noise.set_prologue(netmod.PROLOGUE)
+        self.noise.set_prologue(noisemod.PROLOGUE)
         self.noise.set_as_initiator()
         self.noise.start_handshake()
         self.frame(self.noise.write_message())
@@ -436,8 +437,8 @@ class RawPeer:
         return buf
 
     def send_plain(self, data):
-        for i in range(0, len(data), netmod.CHUNK):
-            self.frame(self.noise.encrypt(data[i:i + netmod.CHUNK]))
+        for i in range(0, len(data), noisemod.CHUNK):
+            self.frame(self.noise.encrypt(data[i:i + noisemod.CHUNK]))
 
     def send_km(self, km):
         payload = msgpack.packb(km.to_wire())
@@ -482,7 +483,7 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
     a = nodes("a.os")
     b = nodes("b.os", handshake_timeout=0.5)
     still_serves(a, b, b"before")
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         cases = {
             "text": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
             "short noise message": b"\x00\x05hello",
@@ -496,9 +497,9 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
             still_serves(a, b, what.encode())
         # Half a handshake: a valid first message, then silence until the timeout.
         s = socket.create_connection(("127.0.0.1", b.net.port))
-        n = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
+        n = NoiseConnection.from_name(noisemod.NOISE_PROTOCOL)
         n.set_keypair_from_private_bytes(Keypair.STATIC, os.urandom(32))
-        n.set_prologue(netmod.PROLOGUE)
+        n.set_prologue(noisemod.PROLOGUE)
         n.set_as_initiator()
         n.start_handshake()
         m1 = n.write_message()
@@ -536,7 +537,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
     good = request("evil.os", "b.os", body=b"fine")
     raw.send_km(good)
     assert b.recv() == good
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         if attack == "oversized declared length":
             raw.send_plain((MAX_MESSAGE + 1).to_bytes(4, "big") + b"\x80")
         elif attack == "undecodable msgpack":
@@ -559,7 +560,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
 def test_spoofed_source_is_dropped_connection_kept(nodes, raw_peer, caplog):
     b = nodes("b.os")
     raw = raw_peer("evil.os", b)
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         raw.send_km(request("a.os", "b.os", body=b"spoofed"))
         raw.send_km(request("evil.os", "c.os", body=b"misrouted"))
         honest = request("evil.os", "b.os", body=b"honest")
@@ -630,7 +631,7 @@ def test_a_router_cannot_alter_what_it_relays(nodes, caplog):
     a.send(request("a.os", "b.os", body=b"first"))
     assert b.recv().message.body == b"first"  # positive control: untouched, it arrives
     tamper.set()
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         a.send(request("a.os", "b.os", body=b"second", blob=Blob(None, os.urandom(1 << 20))))
         assert b.lost.get(timeout=10) == "a.os"
     assert_quiet(b.inbox, 0.5)
@@ -720,7 +721,7 @@ def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_
     def relay_frame(port, msg, raw=None):
         """Send one relay frame to `port`; the reply frame's map, or None if the socket is dropped."""
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        data = netmod.RELAY_MAGIC + (raw if raw is not None else msgpack.packb(msg))
+        data = relaymod.RELAY_MAGIC + (raw if raw is not None else msgpack.packb(msg))
         s.sendall(len(data).to_bytes(2, "big") + data)
         try:
             head = s.recv(2)
@@ -729,13 +730,13 @@ def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_
             body = b""
             while len(body) < int.from_bytes(head, "big"):
                 body += s.recv(65536)
-            return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+            return msgpack.unpackb(body[len(relaymod.RELAY_MAGIC):])
         except ConnectionResetError:
             return None
         finally:
             s.close()
 
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         assert relay_frame(r.net.port, None, raw=b"\xc1garbage") is None
         assert relay_frame(r.net.port, {"relay": 7, "from": None}) is None
         assert relay_frame(r.net.port, {"answer": os.urandom(16)}) is None
@@ -767,7 +768,7 @@ def open_relay(port, target, source_ip):
     s.settimeout(20)
     s.bind((source_ip, 0))
     s.connect(("127.0.0.1", port))
-    data = netmod.RELAY_MAGIC + msgpack.packb({"relay": target, "from": "flood.os"})
+    data = relaymod.RELAY_MAGIC + msgpack.packb({"relay": target, "from": "flood.os"})
     s.sendall(len(data).to_bytes(2, "big") + data)
     return s
 
@@ -784,7 +785,7 @@ def relay_reply(s):
             if not chunk:
                 return None
             body += chunk
-        return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+        return msgpack.unpackb(body[len(relaymod.RELAY_MAGIC):])
     except ConnectionResetError:
         return None
 
@@ -795,7 +796,7 @@ def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nod
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)  # each stalled relay stays open
     wait_served(r, "b.os")
-    per_source, waiting = netmod.MAX_RELAYS_PER_SOURCE, netmod.MAX_PENDING_RELAYS_PER_SOURCE
+    per_source, waiting = relaymod.MAX_RELAYS_PER_SOURCE, relaymod.MAX_PENDING_RELAYS_PER_SOURCE
     flood: list = []
     try:
         # 127.0.0.2 asks in rounds, each waiting for its answers: it gets its share, then is refused
@@ -816,8 +817,8 @@ def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nod
         assert_quiet(errors, 0)
         # waiting requests: b now calls nobody back, so a burst from 127.0.0.3 waits; past the
         # share, it is refused at once
-        monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 0)
-        monkeypatch.setattr(netmod, "RELAY_TIMEOUT", 4.0)
+        monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 0)
+        monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 4.0)
         burst = [open_relay(r.net.port, "b.os", "127.0.0.3") for _ in range(waiting + 4)]
         flood += burst
         answers = [relay_reply(s) for s in burst]
@@ -831,15 +832,15 @@ def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nod
 def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(nodes, monkeypatch, caplog):
     """Each relay request makes the indirect node dial its router and start a handshake for an
     unknown dialler: at most MAX_CALL_BACKS at once, and none past MAX_HANDSHAKES."""
-    monkeypatch.setattr(netmod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
-    monkeypatch.setattr(netmod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
-    monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 3)
-    monkeypatch.setattr(netmod, "RELAY_TIMEOUT", 2.0)
+    monkeypatch.setattr(relaymod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
+    monkeypatch.setattr(relaymod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 3)
+    monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 2.0)
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)
     wait_served(r, "b.os")
     flood = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(8)]
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         replies = [relay_reply(s) for s in flood]
     assert replies.count({"ok": True}) == 3, replies
     assert replies.count({"ok": False, "reason": "b.os did not call back within 2 s"}) == 5, replies
@@ -855,15 +856,15 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     a.send(request("a.os", "b.os", body=b"one"))
     assert b.recv().message.body == b"one"
     # call-backs count as unauthenticated connections: with b's full, b calls nobody back
-    monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 100)
-    monkeypatch.setattr(netmod, "MAX_HANDSHAKES", 2)
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 100)
+    monkeypatch.setattr(noisemod, "MAX_HANDSHAKES", 2)
     stalled = [socket.create_connection(("127.0.0.1", b.net.port), timeout=10) for _ in range(2)]
     try:
         while b.net._handshakes < 2:
             assert time.monotonic() < deadline + 10, b.net._handshakes
             time.sleep(0.02)
         c = nodes("c.os")
-        with caplog.at_level(logging.WARNING, logger="host.net.network"):
+        with caplog.at_level(logging.WARNING, logger="host.net"):
             why = c.send(request("c.os", "b.os", body=b"refused")).get(timeout=15)
         assert "b.os did not call back within 2 s" in why, why
         assert any(m.getMessage().startswith("not calling r.os back") and

@@ -119,7 +119,11 @@ class Directory:
                     db.execute(_SCHEMA)
                     columns = [row[1] for row in db.execute("PRAGMA table_info(nodes)")]
                     if "routers" not in columns:
-                        db.execute(_ADD_ROUTERS)
+                        try:
+                            db.execute(_ADD_ROUTERS)
+                        except sqlite3.OperationalError as e:
+                            if "duplicate column" not in str(e):  # else a node starting with us added it
+                                raise
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
