@@ -30,8 +30,17 @@ class Node:
         self.inbox = queue.Queue()
         self.lost = queue.Queue()
         self.identity = load_or_create_identity(home)
-        self.net = Network(name, self.identity, port, directory, self.inbox.put, self.lost.put,
+        self.held = queue.Queue()   # (message, receipt) when `hold`: the test takes them itself
+        self.hold = kw.pop("hold", False)
+        self.net = Network(name, self.identity, port, directory, self._on_message, self.lost.put,
                            **kw)
+
+    def _on_message(self, km, receipt):
+        if self.hold:
+            self.held.put((km, receipt))
+            return
+        receipt.taken()
+        self.inbox.put(km)
 
     def start(self):
         self.net.start()
@@ -876,3 +885,40 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     assert b.recv().message.body == b"two"
     assert_quiet(errors, 0)
     assert_quiet(b.inbox, 0)
+
+
+# ---- back-pressure -------------------------------------------------------------------------------
+def test_a_peer_whose_messages_are_not_taken_is_held_back_and_others_are_not(nodes):
+    """Its messages wait in the node only up to PEER_IN_FLIGHT bytes; then its socket is not read
+    (TCP holds its sender) until they are taken, while another peer's messages keep arriving."""
+    from host.net import peers as peersmod
+    b = nodes("b.os", hold=True)
+    a, c = nodes("a.os"), nodes("c.os")
+    size = 4 << 20
+    count = 2 * peersmod.PEER_IN_FLIGHT // size + 4
+    errors = [a.send(request("a.os", "b.os", body=b"%d" % i, blob=Blob(None, os.urandom(size))))
+              for i in range(count)]
+    deadline = time.monotonic() + 30
+    while b.net.intake_status().get("a.os", (0, 0))[1] < 1:     # b stopped reading a
+        assert time.monotonic() < deadline, b.net.intake_status()
+        time.sleep(0.01)
+    held = []
+    while not b.held.empty():
+        held.append(b.held.get())
+    assert 0 < len(held) <= peersmod.PEER_IN_FLIGHT // size + 1, len(held)
+    # another peer is read meanwhile
+    c.send(request("c.os", "b.os", body=b"from c"))
+    km, receipt = b.held.get(timeout=10)
+    assert km.message.body == b"from c"
+    receipt.taken()
+    # taking a's messages lets the rest through, in order and whole
+    got = [km.message.body for km, _ in held]
+    for _, receipt in held:
+        receipt.taken()
+    while len(got) < count:
+        km, receipt = b.held.get(timeout=30)
+        got.append(km.message.body)
+        receipt.taken()
+    assert got == [b"%d" % i for i in range(count)]
+    for e in errors:
+        assert_quiet(e, 0)

@@ -107,7 +107,8 @@ def _take(p: WasmProcess, item) -> Variant:
     """Make a delivered inbox item the current message; return the WIT value for it."""
     if item is STOP:
         raise WasmtimeError("process was stopped")
-    kind, value, context = item
+    p.took(item)
+    kind, value, context, _ = item
     if kind == "err":
         p.current_blob = value.lazy_load_blob
         return Variant("err", (wit_send_error(value), context))
@@ -159,7 +160,8 @@ def _send_and_await(target, request, blob: Optional[Blob]):
     item = p.await_box.get()
     if item is STOP:
         raise WasmtimeError("process was stopped")
-    kind, value, _context = item
+    p.took(item)
+    kind, value, _context, _ = item
     if kind == "err":
         return wit_send_error(value)  # untagged result: a Record is the error
     km: KernelMessage = value

@@ -114,7 +114,9 @@ class ConnOwner(Protocol):
 
     def _control(self, conn: "Conn", wire: dict) -> None: ...
 
-    def _received(self, conn: "Conn", km: KernelMessage) -> None: ...
+    def _received(self, conn: "Conn", km: KernelMessage, size: int) -> None: ...
+
+    async def _held(self, conn: "Conn") -> None: ...
 
 
 class Conn:
@@ -157,6 +159,7 @@ class Conn:
         self.route = False              # the peer asked us (a router) to serve it on this connection
         self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
         self.source = where             # the remote address (an IPv6 /64) that relay limits count by
+        self.held: object = None        # set while the peer's messages wait to be taken: stop reading
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
@@ -369,6 +372,8 @@ class Conn:
             frame = self._next_frame()
             while frame is not None:
                 self._on_frame(frame)
+                if self.held is not None:  # back-pressure: read on once processes take its messages
+                    await self.net._held(self)
                 frame = self._next_frame()
             await self._fill()
 
@@ -437,7 +442,7 @@ class Conn:
             km = KernelMessage.from_wire(wire)
         except (ParseError, ValueError, TypeError, KeyError) as e:
             raise ProtocolError(f"bad kernel message ({e})") from None
-        self.net._received(self, km)
+        self.net._received(self, km, len(body))
 
 
 def parse_hello(payload: bytes) -> tuple:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from typing import Callable, Optional, Union
 
@@ -22,10 +23,53 @@ log = logging.getLogger(__name__)
 PEERS_CHECK = 0.1          # the peers file is checked for changes at most this often
 REPORT_AGAIN_AFTER = 30.0  # the same dial failure is told to the user at most this often
 SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
+# bytes of one peer's messages handed to processes and not yet taken by them; past it we stop reading
+# that peer's socket (a download's window of 4 MiB chunks fits)
+PEER_IN_FLIGHT = 16 << 20
 
-OnMessage = Callable[[KernelMessage], None]
+OnMessage = Callable[[KernelMessage, "Receipt"], None]
 OnPeerLost = Callable[[str], None]
 OnError = Callable[[str], None]
+
+
+class Intake:
+    """Bytes of one peer's messages handed to processes and not yet taken by them."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.event = asyncio.Event()   # set on the loop when one of its messages is taken
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.holds = 0                 # times its socket was left unread (for diagnostics and tests)
+
+
+class Receipt:
+    """Goes with each message from a peer: the kernel calls `taken()` once the receiving process
+    takes the message, or drops it (from any thread; more than once is harmless). `over` is set by
+    the kernel when the message puts its process's inbox over its cap."""
+    __slots__ = ("intake", "size", "done", "over")
+
+    def __init__(self, intake: Intake, size: int):
+        self.intake, self.size, self.done, self.over = intake, size, False, False
+
+    def taken(self) -> None:
+        intake = self.intake
+        with intake.lock:
+            if self.done:
+                return
+            self.done = True
+            intake.bytes -= self.size
+        loop = intake.loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(intake.event.set)
+            except RuntimeError:   # the loop is closed: nobody waits
+                pass
+
+    def holds_back(self) -> bool:
+        """True while the sender must wait: over its share, or its message over an inbox's cap."""
+        with self.intake.lock:
+            return self.intake.bytes > PEER_IN_FLIGHT or (self.over and not self.done)
 
 
 class Peer:
@@ -33,6 +77,7 @@ class Peer:
 
     def __init__(self, name: str):
         self.name = name
+        self.intake = Intake()
         self.conn: Optional[Conn] = None
         self.queue: deque = deque()    # (encoded payload, on_error)
         self.wake = asyncio.Event()
@@ -79,6 +124,8 @@ class PeerTable:
                 conn = peer.conn
                 if conn is None or conn.closed or not conn.established:
                     continue
+                if conn.held is not None:  # we are not reading it: its silence is ours
+                    conn.last_recv = now
                 silent = now - conn.last_recv
                 if silent > self.dead_after:
                     log.warning("dropping connection to %s: nothing heard for %.0f s "
@@ -175,7 +222,7 @@ class PeerTable:
             except Exception as e:
                 safe_call(on_error, f"message not encodable: {e}")
                 return
-            safe_call(self.on_message, km)
+            safe_call(self.on_message, km, Receipt(Intake(), 0))
             return
         peer = self._peer(node)
         peer.queue.append((payload, on_error))
@@ -324,7 +371,7 @@ class PeerTable:
                 log.info("connection to %s lost: %s", conn.label, reason)
                 safe_call(self.on_peer_lost, peer.name)
 
-    def _received(self, conn: Conn, km: KernelMessage) -> None:
+    def _received(self, conn: Conn, km: KernelMessage, size: int) -> None:
         if km.source.node != conn.peer_name:
             log.warning("dropped message from %s claiming source node %r", conn.label,
                         km.source.node)
@@ -333,7 +380,39 @@ class PeerTable:
             log.warning("dropped message from %s for another node %r", conn.label,
                         km.target.node)
             return
-        safe_call(self.on_message, km)
+        intake = self._peer(km.source.node).intake
+        intake.loop = self._loop
+        with intake.lock:
+            intake.bytes += size
+        receipt = Receipt(intake, size)
+        safe_call(self.on_message, km, receipt)
+        if receipt.holds_back():
+            conn.held = receipt
+
+    async def _held(self, conn: Conn) -> None:
+        """Leave the peer's socket unread (TCP then holds its sender back) until the processes
+        have taken enough of its messages; other peers are read on meanwhile."""
+        receipt = conn.held
+        assert isinstance(receipt, Receipt)
+        intake = receipt.intake
+        intake.holds += 1
+        if intake.holds == 1 or intake.holds % 100 == 0:
+            log.warning("%s sends faster than our processes take its messages: not reading from it "
+                        "until they do (%d times so far)", conn.label, intake.holds)
+        try:
+            while True:
+                intake.event.clear()
+                if not receipt.holds_back():
+                    return
+                await intake.event.wait()
+        finally:
+            conn.held = None
+            conn.last_recv = self._loop.time()  # the silence was ours
+
+    def intake_status(self) -> dict[str, tuple[int, int]]:
+        """Per peer: bytes of its messages not yet taken, times its socket was left unread (any thread)."""
+        return {name: (p.intake.bytes, p.intake.holds) for name, p in list(self._peers.items())
+                if p.intake.bytes or p.intake.holds}
 
     def connected_peers(self) -> list:
         """Names of peers with an established connection (a snapshot; any thread)."""
