@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from conftest import NodeProc, free_port, peak_rss_bytes, sha256, wait_for  # noqa: E402
+import flooder as flooder_mod  # noqa: E402
 from flooder import Flooder  # noqa: E402
 
 
@@ -42,7 +43,11 @@ def main() -> int:
     p.add_argument("--count", type=int, default=400)
     p.add_argument("--size-mib", type=int, default=8)
     p.add_argument("--download-mib", type=int, default=256)
+    p.add_argument("--body-kib", type=int, default=256,
+                   help="of each flood message, this much is JSON body (whitespace) the process parses "
+                        "before it refuses; the rest is a blob")
     args = p.parse_args()
+    flooder_mod.BODY_PAD = args.body_kib << 10
     tmp = Path(tempfile.mkdtemp(prefix="kinode-flood-"))
     env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"), PYTHONUNBUFFERED="1")
     server = NodeProc("server.dev", tmp / "server.dev", free_port(), env, []).start()
@@ -75,7 +80,8 @@ def main() -> int:
         flooder.close()
         peak = peak_rss_bytes(server)
         holds = [ln for ln in server.lines if "not reading from it" in ln]
-        print(f"flood: {args.count} x {args.size_mib} MiB from a peer not allowed, all {refused()} refused "
+        print(f"flood: {args.count} x {args.size_mib} MiB ({args.body_kib} KiB of it JSON body) from a peer not "
+              f"allowed, all {refused()} refused "
               f"in {took:.1f} s ({args.count * args.size_mib / took:.0f} MiB/s taken in)")
         print(f"server peak RSS: {peak / 1e6:.0f} MB (before the flood {before / 1e6:.0f} MB); limit 300 MB: "
               f"{'ok' if peak < 300e6 else 'OVER'}")

@@ -40,6 +40,7 @@ from noise.connection import Keypair, NoiseConnection
 from host.net import noise
 from host.net.directory import Directory, NodeRecord, fingerprint, host_port, peers_entry
 from host.net.identity import Identity, load_or_create_identity
+from host.net.known import KnownPeers
 from host.net.noise import (
     HANDSHAKE_MAX,
     INSTANCE_LEN,
@@ -54,7 +55,7 @@ from host.net.noise import (
     parse_hello,
     tune,
 )
-from host.net.peers import OnError, OnMessage, OnPeerLost, Peer
+from host.net.peers import OnError, OnMessage, OnPeerLost, Peer, safe_call
 from host.net.relay import RELAY_MAGIC, Relay, source_key
 
 __all__ = ["MAX_MESSAGE", "Identity", "Network", "listen_addresses", "load_or_create_identity"]
@@ -80,6 +81,7 @@ class Network(Relay):
                  routers: Sequence[str] = (), is_router: bool = False,
                  router_max_nodes: int = 100, router_max_rate: float = 0.0,
                  relay_tap: Optional[Callable[[memoryview], None]] = None,
+                 known: Optional[KnownPeers] = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  heartbeat_every: float = HEARTBEAT_EVERY,
                  keepalive_every: float = KEEPALIVE_EVERY, dead_after: float = DEAD_AFTER):
@@ -99,6 +101,7 @@ class Network(Relay):
         self.router_max_nodes = router_max_nodes
         self.router_max_rate = router_max_rate  # bytes/s over all relayed sessions; 0: no limit
         self.relay_tap = relay_tap         # sees every byte a relay reads (tests record them)
+        self.known = known                 # the key first seen for each name (None: not remembered)
         self._address_given = advertise_host is not None
         if advertise_host is None:
             specific = [h for h in self.bind if h not in ("", "0.0.0.0", "::")]
@@ -383,6 +386,10 @@ class Network(Relay):
             raise DialFailed(f"{name} at {conn.where} did not prove the key the {source} holds: "
                               f"key {fingerprint(remote_key)} answered, {fingerprint(expected_key)} "
                               f"expected (an outdated entry, or another node at that address)")
+        changed = self._key_changed(name, remote_key, source)
+        if changed is not None:
+            log.warning("dialled %s at %s: refusing it: %s", name, conn.where, changed)
+            raise DialFailed(changed)
         route = name in self.routers   # ask our router to serve us
         await conn.write_frame(noise.write_message(self._hello_route if route else self._hello))  # -> s, se
         conn.set_keys(noise)
@@ -491,6 +498,14 @@ class Network(Relay):
             log.warning("refused connection from %s claiming to be %r: %s", conn.where, claimed, why)
             self._reject(conn, why)
             return
+        changed = self._key_changed(claimed, remote_key, rec.source)
+        if changed is not None:
+            log.warning("refused connection from %s claiming to be %r: %s", conn.where, claimed, changed)
+            if self.on_problem is not None:
+                safe_call(self.on_problem, f"refused a connection from {claimed}: {changed}")
+            self._reject(conn, f"{self.our_name} refuses the key {fingerprint(remote_key)} for {claimed}: "
+                               f"it first saw another")
+            return
         if self._closing:
             conn.close()
             return
@@ -513,6 +528,13 @@ class Network(Relay):
             log.info("routing for %s (%d nodes served)", claimed, len(self._served))
         elif route:
             log.warning("not routing for %s: %s", claimed, refusal)
+
+    def _key_changed(self, name: str, key: bytes, source: str) -> Optional[str]:
+        """Why `key` may not speak for `name` though the directory says so (it is not the key we
+        first saw for it), or None."""
+        if self.known is None:
+            return None
+        return self.known.check(name, key, from_peers_file=source != "directory")
 
     @staticmethod
     def _reject(conn: Conn, reason: str) -> None:
