@@ -802,6 +802,7 @@ def relay_reply(s):
 def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nodes, monkeypatch):
     """Relay requests prove nothing about who asks: one address gets at most
     MAX_RELAYS_PER_SOURCE sessions and MAX_PENDING_RELAYS_PER_SOURCE waiting requests."""
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS_PER_SOURCE", 100)  # b calls back for all
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)  # each stalled relay stays open
     wait_served(r, "b.os")
@@ -844,6 +845,7 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     monkeypatch.setattr(relaymod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
     monkeypatch.setattr(relaymod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
     monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 3)
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS_PER_SOURCE", 100)
     monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 2.0)
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)
@@ -922,3 +924,29 @@ def test_a_peer_whose_messages_are_not_taken_is_held_back_and_others_are_not(nod
     assert got == [b"%d" % i for i in range(count)]
     for e in errors:
         assert_quiet(e, 0)
+
+
+def test_an_indirect_node_shares_its_call_backs_per_dialler_address(nodes, monkeypatch):
+    """Its router tells it each dialler's address: one address gets MAX_CALL_BACKS_PER_SOURCE
+    call-backs under way, and a dialler at another address is still called back."""
+    monkeypatch.setattr(relaymod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
+    monkeypatch.setattr(relaymod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
+    monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 2.0)
+    share = relaymod.MAX_CALL_BACKS_PER_SOURCE
+    r = nodes("r.os", is_router=True)
+    b = nodes("b.os", routers=["r.os"], handshake_timeout=60)          # stalled call-backs stay
+    wait_served(r, "b.os")
+    flood = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(share + 6)]
+    try:
+        replies = [relay_reply(s) for s in flood]
+        assert replies.count({"ok": True}) == share, replies
+        assert b.net._calling_back == share
+        # control: a node dialling from 127.0.0.1 is relayed and heard meanwhile
+        a = nodes("a.os")
+        errors = a.send(request("a.os", "b.os", body=b"past the flood"))
+        assert b.recv().message.body == b"past the flood"
+        assert "r.os relaying" in a.net._peers["b.os"].conn.where
+        assert_quiet(errors, 0)
+    finally:
+        for s in flood:
+            s.close()

@@ -134,6 +134,10 @@ class Network(Relay):
         self._relay_clock = 0.0                      # router: when the rate limit frees the link
         self._via: dict[str, str] = {}               # indirect peer -> the router that worked last
         self._keeping: set[str] = set()              # routers being dialled by the keeper
+        self._handshakes_from: Counter[str] = Counter()  # unauthenticated connections per source
+        self._calls_for: Counter[str] = Counter()    # indirect node: call-backs per dialler's source
+        self._refused_unauthenticated = 0
+        self._refused_logged = float("-inf")
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -159,7 +163,9 @@ class Network(Relay):
         self._peers = {}
         self._tasks = set()
         self._handshakes = 0
+        self._handshakes_from = Counter()
         self._calling_back = 0
+        self._calls_for = Counter()
         self.instance = secrets.token_bytes(INSTANCE_LEN)  # new per run: tells peers we restarted
         self._hello = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance})
         self._hello_route = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance,
@@ -423,9 +429,14 @@ class Network(Relay):
                 continue
             host = addr[0][7:] if addr[0].startswith("::ffff:") and "." in addr[0] else addr[0]
             where = host_port(host, addr[1])  # an IPv4 peer of a dual-stack socket shown as IPv4
+            source = source_key(host)
             if self._handshakes >= noise.MAX_HANDSHAKES:
-                log.warning("dropping connection from %s: too many unauthenticated connections",
-                            where)
+                self._refuse_unauthenticated(where, "too many unauthenticated connections")
+                sock.close()
+                continue
+            if self._handshakes_from[source] >= noise.MAX_HANDSHAKES_PER_SOURCE:
+                self._refuse_unauthenticated(where, f"{source} has {noise.MAX_HANDSHAKES_PER_SOURCE} "
+                                                    "unauthenticated connections already")
                 sock.close()
                 continue
             try:
@@ -434,15 +445,29 @@ class Network(Relay):
                 sock.close()
                 continue
             conn = Conn(self, sock, dialled=False, where=where)
-            conn.source = source_key(host)
+            conn.source = source
+            self._handshakes += 1            # counted at once: the next accept sees it
+            self._handshakes_from[source] += 1
             self._spawn(self._handle_incoming(conn))
 
+    def _refuse_unauthenticated(self, where: str, why: str) -> None:
+        """Log a connection closed unheard (a flood: at most one line a second)."""
+        self._refused_unauthenticated += 1
+        now = self._loop.time()
+        if now - self._refused_logged >= 1.0:
+            self._refused_logged = now
+            log.warning("dropping connection from %s: %s (%d dropped so far)", where, why,
+                        self._refused_unauthenticated)
+
     async def _handle_incoming(self, conn: Conn, allow_relay: bool = True) -> None:
-        self._handshakes += 1
+        """`_accept_loop` counted it in _handshakes and _handshakes_from."""
         try:
             await self._handle_incoming_inner(conn, allow_relay)
         finally:
             self._handshakes -= 1
+            self._handshakes_from[conn.source] -= 1
+            if self._handshakes_from[conn.source] <= 0:
+                del self._handshakes_from[conn.source]
         if conn.relay_frame is not None and not conn.closed:
             self._spawn(self._on_relay_frame(conn))
 

@@ -42,6 +42,7 @@ OUT_KEEP = 5 << 20         # keep a connection's output buffer up to this size b
 HANDSHAKE_BUF = 2 * (NOISE_MAX + 2)        # receive buffer while unauthenticated
 RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)  # receive buffer once established
 MAX_HANDSHAKES = 256       # concurrent unauthenticated connections; more are closed at once
+MAX_HANDSHAKES_PER_SOURCE = 16  # of those, from one address (an IPv6 /64): one cannot take them all
 SOCK_BUF = 4 << 20
 
 _NONCE = struct.Struct(">4xQ")  # Noise AESGCM nonce: 32 zero bits + 64-bit big-endian counter

@@ -3,7 +3,8 @@ connection to each (its hello says ``"route": true``), and a router started with
 serves it. A peer that wants the indirect node opens a TCP connection to one of its routers and
 sends, instead of Noise message 1, a relay frame: ``u16 length, RELAY_MAGIC, msgpack {"relay":
 target, "from": name}``. The router asks the target over their connection (a control map
-``{"ctl": "relay", "token", "from"}`` in the plaintext stream) to open a connection back, which
+``{"ctl": "relay", "token", "from", "addr"}`` in the plaintext stream, "addr" the dialler's
+address, by which the indirect node shares out its call-backs) to open a connection back, which
 starts with the relay frame ``{"answer": token}``; the router then answers the dialler ``{"ok":
 true}`` (or ``false`` and a ``reason``) and copies bytes between the two sockets. The two ends
 then run the usual Noise XX handshake and session through it: the router never holds their
@@ -39,6 +40,7 @@ MAX_RELAYS = 512           # relayed sessions a router carries at once
 MAX_RELAYS_PER_SOURCE = 16          # sessions, waiting or relayed, for diallers at one address
 MAX_PENDING_RELAYS_PER_SOURCE = 4   # of those, still waiting for the indirect node's call-back
 MAX_CALL_BACKS = 32        # an indirect node's call-backs to its routers under way (dial and handshake)
+MAX_CALL_BACKS_PER_SOURCE = 2  # of those, for diallers at one address (as its router tells it)
 
 
 class Relay(PeerTable):
@@ -56,6 +58,8 @@ class Relay(PeerTable):
     _relays_from: Counter[str]
     _waiting_from: Counter[str]
     _calling_back: int
+    _calls_for: Counter[str]
+    _handshakes_from: Counter[str]
     _relay_clock: float
     _via: dict[str, str]
     _keeping: set[str]
@@ -146,9 +150,14 @@ class Relay(PeerTable):
         if (wire.get("ctl") == "relay" and conn.peer_name in self.routers and isinstance(token, bytes)
                 and isinstance(source, str)):
             # each call-back dials and starts a handshake for whoever asked the router: bounded,
+            # shared out per dialler's address (an older router does not say it: all count as one),
             # and counted as an unauthenticated connection from the start
+            addr = wire.get("addr")
+            key = f"{conn.peer_name}/{addr[:64] if isinstance(addr, str) else '?'}"
             if self._calling_back >= MAX_CALL_BACKS:
                 refusal = f"{MAX_CALL_BACKS} call-backs already under way"
+            elif self._calls_for[key] >= MAX_CALL_BACKS_PER_SOURCE:
+                refusal = f"{MAX_CALL_BACKS_PER_SOURCE} call-backs already under way for diallers at {key}"
             elif self._handshakes >= noise.MAX_HANDSHAKES:
                 refusal = "too many unauthenticated connections"
             else:
@@ -158,13 +167,14 @@ class Relay(PeerTable):
                             conn.peer_name, source[:255], refusal)
                 return
             self._calling_back += 1
+            self._calls_for[key] += 1
             self._handshakes += 1
-            self._spawn(self._call_back(conn.peer_name or "", token, source[:255]))
+            self._spawn(self._call_back(conn.peer_name or "", token, source[:255], key))
         else:
             log.warning("ignored a control message %r from %s (not one of our routers, or malformed)",
                         wire.get("ctl"), conn.label)
 
-    async def _call_back(self, router: str, token: bytes, source: str) -> None:
+    async def _call_back(self, router: str, token: bytes, source: str, key: str) -> None:
         """Open the connection a router asked for; the peer behind it then handshakes with us as if
         it had dialled us (and is judged as any incoming peer is). `_control` counted it."""
         try:
@@ -172,6 +182,9 @@ class Relay(PeerTable):
         finally:
             self._calling_back -= 1
             self._handshakes -= 1
+            self._calls_for[key] -= 1
+            if self._calls_for[key] <= 0:
+                del self._calls_for[key]
 
     async def _call_back_inner(self, router: str, token: bytes, source: str) -> None:
         try:
@@ -257,7 +270,8 @@ class Relay(PeerTable):
         try:
             served = self._served[target]
             async with served.wlock:
-                await served.send_payloads([msgpack.packb({"ctl": "relay", "token": token, "from": source})])
+                await served.send_payloads([msgpack.packb({"ctl": "relay", "token": token, "from": source,
+                                                           "addr": conn.source})])
             other = await asyncio.wait_for(fut, RELAY_TIMEOUT)
         except asyncio.TimeoutError:
             reason = f"{target} did not call back within {RELAY_TIMEOUT:.0f} s"
