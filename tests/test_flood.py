@@ -3,6 +3,7 @@ node stops reading its socket; other peers are served meanwhile (bench/flood.py 
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import threading
@@ -45,8 +46,11 @@ def test_a_flood_from_a_peer_not_allowed_keeps_memory_bounded_and_a_download_com
     peak = peak_rss_bytes(server)
     print(f"server's peak RSS {peak >> 20} MiB")
     assert peak < RSS_LIMIT, f"server's peak RSS {peak >> 20} MiB"
-    # the node held the flooder back (it stopped reading it), and said so
+    # the node held the flooder back (it stopped reading it), and says so
     assert any("flood.dev" in ln and "not reading from it" in ln for ln in server.lines), server.lines[-20:]
+    code, lines = server.run("net_diagnostics")
+    held = [re.search(r"flood\.dev: .* left unread (\d+) times", ln) for ln in lines]
+    assert code == 0 and any(m and int(m.group(1)) > 0 for m in held), lines
     assert server.run("ps", wait=0.1)[0] == 0
 
 
@@ -114,6 +118,9 @@ def test_idle_connections_from_one_address_leave_room_for_another(node_factory):
         assert sha256(client.files / "f.bin") == sha256(src)
         assert flood.opened > 300   # it kept re-opening all along
         assert any("127.0.0.2 has 16 unauthenticated connections already" in ln for ln in server.lines)
+        code, lines = server.run("net_diagnostics")
+        turned = [re.search(r"unauthenticated connections: \d+ .*; (\d+) turned away", ln) for ln in lines]
+        assert code == 0 and any(m and int(m.group(1)) > 0 for m in turned), lines
     finally:
         flood.stop.set()
         flood.thread.join(10)

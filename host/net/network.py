@@ -561,6 +561,15 @@ class Network(Relay):
             return None
         return self.known.check(name, key, from_peers_file=source != "directory")
 
+    def guard_status(self) -> list[str]:
+        """Lines for diagnostics: what the limits against floods are doing (any thread)."""
+        lines = [f"unauthenticated connections: {self._handshakes} (limit {noise.MAX_HANDSHAKES}, "
+                 f"{noise.MAX_HANDSHAKES_PER_SOURCE} per address); {self._refused_unauthenticated} turned away"]
+        for name, (waiting, holds) in sorted(self.intake_status().items()):
+            lines.append(f"    {name}: {waiting / 2**20:.1f} MiB of its messages not yet taken; "
+                         f"its socket left unread {holds} times")
+        return lines
+
     @staticmethod
     def _reject(conn: Conn, reason: str) -> None:
         """Refuse an authenticated connection, telling the dialler why, and close it."""
