@@ -363,26 +363,26 @@ class Kernel:
             return
         dest.deliver(km)
 
-    def from_network(self, km: KernelMessage, receipt: Receipt) -> None:
+    def from_network(self, km: KernelMessage, receipt: Optional[Receipt] = None) -> None:
         """A message from a peer whose identity `host.net.network` has verified. As upstream, any process
         holding the network capability hears it, public or not; requests and responses alike.
         `receipt` is told when the message is taken or dropped (the peer's share of our memory)."""
         dest = self.processes.get(km.target.process)
         if dest is None or not dest.hears_network:
             log.info("message from %s to missing or local-only process %s dropped", km.source, km.target)
-            receipt.taken()
+            _taken(receipt)
             return
         kind = "request" if isinstance(km.message, Request) else "response"
         if not dest.has_cap(self._network_cap):
             log.warning("%s has no network capability: %s from %s dropped", dest.id, kind, km.source)
-            receipt.taken()
+            _taken(receipt)
             return
         if len(km.message.body) > MAX_LIST_BYTES:
             # the process could not take it (it would trap): a peer could stop any process so
             log.warning("%s from %s to %s dropped: its body of %d bytes is over the %d a process can take "
                         "(large data goes in the blob)", kind, km.source, dest.id, len(km.message.body),
                         MAX_LIST_BYTES)
-            receipt.taken()
+            _taken(receipt)
             return
         if km.message.capabilities:
             # a peer may hand us back only our caps we gave out to it (upstream: only those we
@@ -396,7 +396,7 @@ class Kernel:
             dest.deliver(km, receipt)
         else:  # the node's own services handle it at once
             dest.deliver(km)
-            receipt.taken()
+            _taken(receipt)
 
     def peer_lost(self, node: str) -> None:
         for proc in list(self.processes.values()):
@@ -405,3 +405,8 @@ class Kernel:
     def shutdown(self) -> None:
         for proc in list(self.processes.values()):
             proc.stop()
+
+
+def _taken(receipt: Optional[Receipt]) -> None:
+    if receipt is not None:
+        receipt.taken()
