@@ -30,7 +30,7 @@ STDERR_LINES_KEPT = 40        # the last lines of a guest's stderr, read for a c
 STDERR_LINE_KEPT = 4096       # characters kept of each such line (a guest may write one without end)
 # bytes of messages from other nodes waiting in one process's inboxes; a message past it holds its
 # sender's connection unread until the process takes it (local senders are not held)
-INBOX_NET_CAP = 48 << 20
+INBOX_NET_CAP = 32 << 20
 
 
 class Receipt(Protocol):

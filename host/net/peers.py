@@ -24,8 +24,8 @@ PEERS_CHECK = 0.1          # the peers file is checked for changes at most this 
 REPORT_AGAIN_AFTER = 30.0  # the same dial failure is told to the user at most this often
 SEND_BATCH = 1 << 20       # plaintext bytes gathered from the queue per encrypt+write round
 # bytes of one peer's messages handed to processes and not yet taken by them; past it we stop reading
-# that peer's socket (a download's window of 4 MiB chunks fits)
-PEER_IN_FLIGHT = 16 << 20
+# that peer's socket (a worker still has chunks queued: more would only wait in memory)
+PEER_IN_FLIGHT = 8 << 20
 
 OnMessage = Callable[[KernelMessage, "Receipt"], None]
 OnPeerLost = Callable[[str], None]
