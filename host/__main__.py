@@ -163,10 +163,53 @@ def _limit_malloc_arenas() -> None:
     except (OSError, AttributeError):
         pass                               # not glibc: nothing to tune
 
+def id_command(argv: list[str]) -> int:
+    """`python -m host id`: print this node's peers-file entry without starting the node."""
+    import json
+    import socket
+    from host.net.directory import parse_host_port, peers_entry
+    from host.net.identity import load_or_create_identity
+    from host.settings import DEFAULT_HOME
+    p = argparse.ArgumentParser(
+        prog="python -m host id",
+        description="Print this node's entry for other nodes' peers files, as JSON, without starting it. "
+                    "The key is HOME/.keys/networking.key, created now if the home has none yet "
+                    "(the node uses the same key when it starts).")
+    p.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"the node's home (default {DEFAULT_HOME})")
+    p.add_argument("--node", metavar="NAME", default=None,
+                   help="the node's name (default: the name the node last ran with in this home)")
+    p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
+                   help="the address other nodes should dial (default: this machine's hostname); "
+                        "give the port if the node does not use the default 8080")
+    p.add_argument("--router", action="append", default=None, metavar="NODE", dest="routers",
+                   help="an indirect node: other nodes reach it through NODE (repeatable, as the node's "
+                        "own --router); the entry then has no address unless --advertise gives one")
+    args = p.parse_args(argv)
+    name = args.node
+    if name is None:
+        try:  # the node writes "NAME, pid N" into its lock file when it runs
+            name = (args.home / ".node.lock").read_text().split(",")[0].strip() or None
+        except OSError:
+            pass
+    if name is None:
+        p.error(f"no node has run with home {args.home} yet: give its name with --node NAME")
+    try:
+        host, port = parse_host_port(args.advertise, 8080) if args.advertise else (None, 8080)
+    except ValueError as e:
+        p.error(f"--advertise {e}")
+    routers = tuple(dict.fromkeys(args.routers or ()))
+    if name in routers:
+        p.error("a node cannot be its own --router")
+    if host is None and not routers:
+        host = socket.gethostname()
+        print(f"note: no --advertise given; using this machine's hostname {host!r}", file=sys.stderr)
+    identity = load_or_create_identity(args.home)
+    print(json.dumps(peers_entry(name, identity.public, host, port if host else None, routers)))
+    return 0
+
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["id"]:
-        from host.net.network import id_command
         return id_command(argv[1:])
     if argv[:1] == ["run"]:
         args = run_parser().parse_args(argv[1:])

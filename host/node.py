@@ -17,6 +17,7 @@ from host.terminal.control import ControlServer, NodeCommands
 from host import fsutil
 from host.kernel.kernel import Kernel
 from host.kernel.service import KernelService
+from host.net.directory import fingerprint
 from host.net.service import NetService
 from host.settings import Settings
 from host.terminal.output import TerminalOutput
@@ -112,6 +113,7 @@ class Node:
     def _start_network(self) -> None:
         from host.net import network as net
         from host.net.directory import Directory, NameTaken, PeersFileError, parse_host_port
+        from host.net.known import KnownPeers
         identity = net.load_or_create_identity(self.home)
         directory = Directory(self.settings.directory, peers_file=self.settings.peers,
                               on_problem=self.terminal.error)
@@ -129,6 +131,7 @@ class Node:
                                router_max_nodes=self.settings.router_max_nodes,
                                router_max_rate=self.settings.router_max_rate,
                                relay_tap=_recorder(self.settings.relay_record),
+                               known=KnownPeers(self.home / ".keys" / "known_peers"),
                                dead_after=self.settings.net_timeout,
                                keepalive_every=min(net.KEEPALIVE_EVERY, self.settings.net_timeout / 4))
         try:
@@ -251,6 +254,16 @@ class Node:
         if self.net is None:
             raise ValueError("networking is off on this node")
         return self.net.directory.reload_peers()
+
+    def forget_peer(self, name: str) -> str:
+        if self.net is None or self.net.known is None:
+            raise ValueError("networking is off on this node")
+        if not name or " " in name:
+            raise ValueError("usage: forget NODE")
+        key = self.net.known.forget(name)
+        if key is None:
+            return f"no key remembered for {name}"
+        return f"forgot key {fingerprint(key)} for {name}: the next key it connects with is remembered"
 
     def kill(self, pid: ProcessId) -> bool:
         return self.kernel.kill(pid)

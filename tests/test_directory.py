@@ -120,7 +120,8 @@ def test_peers_file(tmp_path, caplog):
     d.register("both.os", KEY_A, "127.0.0.1", 9000)
     assert d.lookup("far.os") == NodeRecord("far.os", KEY_B, "192.0.2.7", 9300, True)
     assert d.lookup("far.os").source == "peers file"
-    assert d.lookup("both.os") == NodeRecord("both.os", KEY_A, "127.0.0.1", 9000, True)
+    # a key in the peers file always wins over the directory (test_a_peers_file_key_beats_the_directory)
+    assert d.lookup("both.os") == NodeRecord("both.os", KEY_B, "192.0.2.8", 9301, True)
     assert d.lookup("nobody.os") is None
     assert problems == []
     # A bad entry: the whole file is refused, the entry named, the last good entries kept.
@@ -186,3 +187,20 @@ def test_indirect_nodes_in_the_peers_file_and_the_database(tmp_path):
                       ({"name": "x.os", "public_key": KEY_B.hex(), "routers": []}, "missing host, port")]:
         with pytest.raises(dirmod.PeersFileError, match=says):
             dirmod.parse_peers(json.dumps([bad]))
+
+
+def test_a_peers_file_key_beats_the_directory(tmp_path, caplog):
+    """A name re-registered in the shared directory with another key does not override the key the
+    user wrote in the peers file; with the same key, the directory's fresher address is used."""
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps([{"name": "b.os", "public_key": KEY_B.hex(), "host": "192.0.2.8", "port": 9301}]))
+    d = Directory(tmp_path / "directory.sqlite", peers_file=peers)
+    d.register("b.os", KEY_B, "127.0.0.1", 9000)          # control: same key, the directory's address
+    rec = d.lookup("b.os")
+    assert (rec.public_key, rec.host, rec.port, rec.source) == (KEY_B, "127.0.0.1", 9000, "directory")
+    d.unregister("b.os", KEY_B)
+    d.register("b.os", KEY_A, "203.0.113.5", 9999)        # taken over with another key
+    with caplog.at_level(logging.WARNING, logger="host.net.directory"):
+        rec = d.lookup("b.os")
+    assert (rec.public_key, rec.host, rec.port, rec.source) == (KEY_B, "192.0.2.8", 9301, "peers file")
+    assert "the peers file wins" in caplog.text

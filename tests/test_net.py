@@ -11,7 +11,8 @@ import msgpack
 import pytest
 from noise.connection import Keypair, NoiseConnection
 
-from host.net import network as netmod
+from host.net import noise as noisemod
+from host.net import relay as relaymod
 from host.net.directory import Directory, NameTaken
 from host.net.network import MAX_MESSAGE, Network, load_or_create_identity
 from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
@@ -29,8 +30,17 @@ class Node:
         self.inbox = queue.Queue()
         self.lost = queue.Queue()
         self.identity = load_or_create_identity(home)
-        self.net = Network(name, self.identity, port, directory, self.inbox.put, self.lost.put,
+        self.held = queue.Queue()   # (message, receipt) when `hold`: the test takes them itself
+        self.hold = kw.pop("hold", False)
+        self.net = Network(name, self.identity, port, directory, self._on_message, self.lost.put,
                            **kw)
+
+    def _on_message(self, km, receipt):
+        if self.hold:
+            self.held.put((km, receipt))
+            return
+        receipt.taken()
+        self.inbox.put(km)
 
     def start(self):
         self.net.start()
@@ -367,7 +377,7 @@ def test_node_posing_as_another_name_is_refused(nodes, tmp_path, caplog):
     fake_dir.register("b.os", b.identity.public, "127.0.0.1", b.net.port)
     impostor = nodes("a.os", home=tmp_path / "impostor", directory=fake_dir)
     assert impostor.identity.public != a.identity.public
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         err = impostor.send(request("a.os", "b.os", body=b"forged")).get(timeout=10)
     assert err.startswith("offline:")
     assert_quiet(b.inbox)
@@ -388,7 +398,7 @@ def test_dialler_checks_name_and_key(nodes, tmp_path, caplog):
     odd_dir.register("x.os", c.identity.public, "127.0.0.1", c.net.port)
     odd_dir.register("a.os", a.identity.public, "127.0.0.1", fake.net.port)
     d = nodes("d.os", directory=odd_dir)
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         err1 = d.send(request("d.os", "x.os")).get(timeout=10)
         err2 = d.send(request("d.os", "a.os")).get(timeout=10)
     assert err1.startswith("offline:") and "claims to be 'c.os'" in err1
@@ -407,9 +417,9 @@ class RawPeer:
 
     def __init__(self, name, identity, port):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.noise = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
+        self.noise = NoiseConnection.from_name(noisemod.NOISE_PROTOCOL)
         self.noise.set_keypair_from_private_bytes(Keypair.STATIC, identity.private)
-        self.noise.set_prologue(netmod.PROLOGUE)
+        self.noise.set_prologue(noisemod.PROLOGUE)
         self.noise.set_as_initiator()
         self.noise.start_handshake()
         self.frame(self.noise.write_message())
@@ -436,8 +446,8 @@ class RawPeer:
         return buf
 
     def send_plain(self, data):
-        for i in range(0, len(data), netmod.CHUNK):
-            self.frame(self.noise.encrypt(data[i:i + netmod.CHUNK]))
+        for i in range(0, len(data), noisemod.CHUNK):
+            self.frame(self.noise.encrypt(data[i:i + noisemod.CHUNK]))
 
     def send_km(self, km):
         payload = msgpack.packb(km.to_wire())
@@ -482,7 +492,7 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
     a = nodes("a.os")
     b = nodes("b.os", handshake_timeout=0.5)
     still_serves(a, b, b"before")
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         cases = {
             "text": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
             "short noise message": b"\x00\x05hello",
@@ -496,9 +506,9 @@ def test_unauthenticated_garbage_is_dropped(nodes, caplog):
             still_serves(a, b, what.encode())
         # Half a handshake: a valid first message, then silence until the timeout.
         s = socket.create_connection(("127.0.0.1", b.net.port))
-        n = NoiseConnection.from_name(netmod.NOISE_PROTOCOL)
+        n = NoiseConnection.from_name(noisemod.NOISE_PROTOCOL)
         n.set_keypair_from_private_bytes(Keypair.STATIC, os.urandom(32))
-        n.set_prologue(netmod.PROLOGUE)
+        n.set_prologue(noisemod.PROLOGUE)
         n.set_as_initiator()
         n.start_handshake()
         m1 = n.write_message()
@@ -536,7 +546,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
     good = request("evil.os", "b.os", body=b"fine")
     raw.send_km(good)
     assert b.recv() == good
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         if attack == "oversized declared length":
             raw.send_plain((MAX_MESSAGE + 1).to_bytes(4, "big") + b"\x80")
         elif attack == "undecodable msgpack":
@@ -559,7 +569,7 @@ def test_authenticated_peer_breaking_protocol_is_dropped(nodes, raw_peer, caplog
 def test_spoofed_source_is_dropped_connection_kept(nodes, raw_peer, caplog):
     b = nodes("b.os")
     raw = raw_peer("evil.os", b)
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         raw.send_km(request("a.os", "b.os", body=b"spoofed"))
         raw.send_km(request("evil.os", "c.os", body=b"misrouted"))
         honest = request("evil.os", "b.os", body=b"honest")
@@ -630,7 +640,7 @@ def test_a_router_cannot_alter_what_it_relays(nodes, caplog):
     a.send(request("a.os", "b.os", body=b"first"))
     assert b.recv().message.body == b"first"  # positive control: untouched, it arrives
     tamper.set()
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         a.send(request("a.os", "b.os", body=b"second", blob=Blob(None, os.urandom(1 << 20))))
         assert b.lost.get(timeout=10) == "a.os"
     assert_quiet(b.inbox, 0.5)
@@ -720,7 +730,7 @@ def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_
     def relay_frame(port, msg, raw=None):
         """Send one relay frame to `port`; the reply frame's map, or None if the socket is dropped."""
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        data = netmod.RELAY_MAGIC + (raw if raw is not None else msgpack.packb(msg))
+        data = relaymod.RELAY_MAGIC + (raw if raw is not None else msgpack.packb(msg))
         s.sendall(len(data).to_bytes(2, "big") + data)
         try:
             head = s.recv(2)
@@ -729,13 +739,13 @@ def test_bad_relay_frames_and_control_messages_are_refused_and_the_router_keeps_
             body = b""
             while len(body) < int.from_bytes(head, "big"):
                 body += s.recv(65536)
-            return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+            return msgpack.unpackb(body[len(relaymod.RELAY_MAGIC):])
         except ConnectionResetError:
             return None
         finally:
             s.close()
 
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         assert relay_frame(r.net.port, None, raw=b"\xc1garbage") is None
         assert relay_frame(r.net.port, {"relay": 7, "from": None}) is None
         assert relay_frame(r.net.port, {"answer": os.urandom(16)}) is None
@@ -767,7 +777,7 @@ def open_relay(port, target, source_ip):
     s.settimeout(20)
     s.bind((source_ip, 0))
     s.connect(("127.0.0.1", port))
-    data = netmod.RELAY_MAGIC + msgpack.packb({"relay": target, "from": "flood.os"})
+    data = relaymod.RELAY_MAGIC + msgpack.packb({"relay": target, "from": "flood.os"})
     s.sendall(len(data).to_bytes(2, "big") + data)
     return s
 
@@ -784,7 +794,7 @@ def relay_reply(s):
             if not chunk:
                 return None
             body += chunk
-        return msgpack.unpackb(body[len(netmod.RELAY_MAGIC):])
+        return msgpack.unpackb(body[len(relaymod.RELAY_MAGIC):])
     except ConnectionResetError:
         return None
 
@@ -792,10 +802,11 @@ def relay_reply(s):
 def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nodes, monkeypatch):
     """Relay requests prove nothing about who asks: one address gets at most
     MAX_RELAYS_PER_SOURCE sessions and MAX_PENDING_RELAYS_PER_SOURCE waiting requests."""
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS_PER_SOURCE", 100)  # b calls back for all
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)  # each stalled relay stays open
     wait_served(r, "b.os")
-    per_source, waiting = netmod.MAX_RELAYS_PER_SOURCE, netmod.MAX_PENDING_RELAYS_PER_SOURCE
+    per_source, waiting = relaymod.MAX_RELAYS_PER_SOURCE, relaymod.MAX_PENDING_RELAYS_PER_SOURCE
     flood: list = []
     try:
         # 127.0.0.2 asks in rounds, each waiting for its answers: it gets its share, then is refused
@@ -816,8 +827,8 @@ def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nod
         assert_quiet(errors, 0)
         # waiting requests: b now calls nobody back, so a burst from 127.0.0.3 waits; past the
         # share, it is refused at once
-        monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 0)
-        monkeypatch.setattr(netmod, "RELAY_TIMEOUT", 4.0)
+        monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 0)
+        monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 4.0)
         burst = [open_relay(r.net.port, "b.os", "127.0.0.3") for _ in range(waiting + 4)]
         flood += burst
         answers = [relay_reply(s) for s in burst]
@@ -831,15 +842,16 @@ def test_one_address_cannot_take_a_routers_relays_and_another_still_gets_one(nod
 def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(nodes, monkeypatch, caplog):
     """Each relay request makes the indirect node dial its router and start a handshake for an
     unknown dialler: at most MAX_CALL_BACKS at once, and none past MAX_HANDSHAKES."""
-    monkeypatch.setattr(netmod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
-    monkeypatch.setattr(netmod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
-    monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 3)
-    monkeypatch.setattr(netmod, "RELAY_TIMEOUT", 2.0)
+    monkeypatch.setattr(relaymod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
+    monkeypatch.setattr(relaymod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 3)
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS_PER_SOURCE", 100)
+    monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 2.0)
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)
     wait_served(r, "b.os")
     flood = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(8)]
-    with caplog.at_level(logging.WARNING, logger="host.net.network"):
+    with caplog.at_level(logging.WARNING, logger="host.net"):
         replies = [relay_reply(s) for s in flood]
     assert replies.count({"ok": True}) == 3, replies
     assert replies.count({"ok": False, "reason": "b.os did not call back within 2 s"}) == 5, replies
@@ -855,15 +867,15 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     a.send(request("a.os", "b.os", body=b"one"))
     assert b.recv().message.body == b"one"
     # call-backs count as unauthenticated connections: with b's full, b calls nobody back
-    monkeypatch.setattr(netmod, "MAX_CALL_BACKS", 100)
-    monkeypatch.setattr(netmod, "MAX_HANDSHAKES", 2)
+    monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 100)
+    monkeypatch.setattr(noisemod, "MAX_HANDSHAKES", 2)
     stalled = [socket.create_connection(("127.0.0.1", b.net.port), timeout=10) for _ in range(2)]
     try:
         while b.net._handshakes < 2:
             assert time.monotonic() < deadline + 10, b.net._handshakes
             time.sleep(0.02)
         c = nodes("c.os")
-        with caplog.at_level(logging.WARNING, logger="host.net.network"):
+        with caplog.at_level(logging.WARNING, logger="host.net"):
             why = c.send(request("c.os", "b.os", body=b"refused")).get(timeout=15)
         assert "b.os did not call back within 2 s" in why, why
         assert any(m.getMessage().startswith("not calling r.os back") and
@@ -875,3 +887,66 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     assert b.recv().message.body == b"two"
     assert_quiet(errors, 0)
     assert_quiet(b.inbox, 0)
+
+
+# ---- back-pressure -------------------------------------------------------------------------------
+def test_a_peer_whose_messages_are_not_taken_is_held_back_and_others_are_not(nodes):
+    """Its messages wait in the node only up to PEER_IN_FLIGHT bytes; then its socket is not read
+    (TCP holds its sender) until they are taken, while another peer's messages keep arriving."""
+    from host.net import peers as peersmod
+    b = nodes("b.os", hold=True)
+    a, c = nodes("a.os"), nodes("c.os")
+    size = 4 << 20
+    count = 2 * peersmod.PEER_IN_FLIGHT // size + 4
+    errors = [a.send(request("a.os", "b.os", body=b"%d" % i, blob=Blob(None, os.urandom(size))))
+              for i in range(count)]
+    deadline = time.monotonic() + 30
+    while b.net.intake_status().get("a.os", (0, 0))[1] < 1:     # b stopped reading a
+        assert time.monotonic() < deadline, b.net.intake_status()
+        time.sleep(0.01)
+    held = []
+    while not b.held.empty():
+        held.append(b.held.get())
+    assert 0 < len(held) <= peersmod.PEER_IN_FLIGHT // size + 1, len(held)
+    # another peer is read meanwhile
+    c.send(request("c.os", "b.os", body=b"from c"))
+    km, receipt = b.held.get(timeout=10)
+    assert km.message.body == b"from c"
+    receipt.taken()
+    # taking a's messages lets the rest through, in order and whole
+    got = [km.message.body for km, _ in held]
+    for _, receipt in held:
+        receipt.taken()
+    while len(got) < count:
+        km, receipt = b.held.get(timeout=30)
+        got.append(km.message.body)
+        receipt.taken()
+    assert got == [b"%d" % i for i in range(count)]
+    for e in errors:
+        assert_quiet(e, 0)
+
+
+def test_an_indirect_node_shares_its_call_backs_per_dialler_address(nodes, monkeypatch):
+    """Its router tells it each dialler's address: one address gets MAX_CALL_BACKS_PER_SOURCE
+    call-backs under way, and a dialler at another address is still called back."""
+    monkeypatch.setattr(relaymod, "MAX_RELAYS_PER_SOURCE", 100)        # the router lets all through
+    monkeypatch.setattr(relaymod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
+    monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 2.0)
+    share = relaymod.MAX_CALL_BACKS_PER_SOURCE
+    r = nodes("r.os", is_router=True)
+    b = nodes("b.os", routers=["r.os"], handshake_timeout=60)          # stalled call-backs stay
+    wait_served(r, "b.os")
+    flood = [open_relay(r.net.port, "b.os", "127.0.0.2") for _ in range(share + 6)]
+    try:
+        replies = [relay_reply(s) for s in flood]
+        assert replies.count({"ok": True}) == share, replies
+        assert b.net._calling_back == share
+        # control: a node dialling from 127.0.0.1 is relayed and heard meanwhile
+        a = nodes("a.os")
+        errors = a.send(request("a.os", "b.os", body=b"past the flood"))
+        assert b.recv().message.body == b"past the flood"
+        assert "r.os relaying" in a.net._peers["b.os"].conn.where
+        assert_quiet(errors, 0)
+    finally:
+        for s in flood:
+            s.close()

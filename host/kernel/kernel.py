@@ -18,11 +18,12 @@ from typing import Callable, Optional, Protocol, Sequence
 from host.kernel.standard_host import install_imports, library_forwarder
 from host.kernel.endpoint import Endpoint, Pending
 from host.kernel.api import OnExit, OutputApi
-from host.kernel.process import WasmProcess
+from host.kernel.process import Receipt, WasmProcess
 from host.kernel.state import StateStore
 from host.timer.timers import Timers
 from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
                         SendErrorKind, new_request_id)
+from host.runtime.fastconv import MAX_LIST_BYTES
 from host.runtime.wasm import EPOCH_TICK, LoadedComponent, MissingInterface, Runtime
 
 __all__ = ["Kernel", "Timers", "StateStore", "messaging_cap", "KERNEL_ID"]
@@ -412,16 +413,26 @@ class Kernel:
             return
         dest.deliver(km)
 
-    def from_network(self, km: KernelMessage) -> None:
+    def from_network(self, km: KernelMessage, receipt: Optional[Receipt] = None) -> None:
         """A message from a peer whose identity `host.net.network` has verified. As upstream, any process
-        holding the network capability hears it, public or not; requests and responses alike."""
+        holding the network capability hears it, public or not; requests and responses alike.
+        `receipt` is told when the message is taken or dropped (the peer's share of our memory)."""
         dest = self.processes.get(km.target.process)
         if dest is None or not dest.hears_network:
             log.info("message from %s to missing or local-only process %s dropped", km.source, km.target)
+            _taken(receipt)
             return
         kind = "request" if isinstance(km.message, Request) else "response"
         if not dest.has_cap(self._network_cap):
             log.warning("%s has no network capability: %s from %s dropped", dest.id, kind, km.source)
+            _taken(receipt)
+            return
+        if len(km.message.body) > MAX_LIST_BYTES:
+            # the process could not take it (it would trap): a peer could stop any process so
+            log.warning("%s from %s to %s dropped: its body of %d bytes is over the %d a process can take "
+                        "(large data goes in the blob)", kind, km.source, dest.id, len(km.message.body),
+                        MAX_LIST_BYTES)
+            _taken(receipt)
             return
         if km.message.capabilities:
             # a peer may hand us back only our caps we gave out to it (upstream: only those we
@@ -431,7 +442,11 @@ class Kernel:
             with self.lock:
                 km.message.capabilities = [c for c in caps
                                            if c.issuer.node != self.node or (peer, c) in self._exported]
-        dest.deliver(km)
+        if isinstance(dest, WasmProcess):
+            dest.deliver(km, receipt)
+        else:  # the node's own services handle it at once
+            dest.deliver(km)
+            _taken(receipt)
 
     def peer_lost(self, node: str) -> None:
         for proc in list(self.processes.values()):
@@ -440,3 +455,8 @@ class Kernel:
     def shutdown(self) -> None:
         for proc in list(self.processes.values()):
             proc.stop()
+
+
+def _taken(receipt: Optional[Receipt]) -> None:
+    if receipt is not None:
+        receipt.taken()

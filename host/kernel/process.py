@@ -28,6 +28,17 @@ STOP = object()  # inbox sentinel: makes receive() fail so the guest unwinds
 MAX_GIVEN_CAPS = 1024  # caps received on messages, remembered so the process may save them
 STDERR_LINES_KEPT = 40        # the last lines of a guest's stderr, read for a crash reason
 STDERR_LINE_KEPT = 4096       # characters kept of each such line (a guest may write one without end)
+# bytes of messages from other nodes waiting in one process's inboxes; a message past it holds its
+# sender's connection unread until the process takes it (local senders are not held)
+INBOX_NET_CAP = 32 << 20
+
+
+class Receipt(Protocol):
+    """What goes with a message from another node (host.net.peers.Receipt): told when it is taken."""
+    size: int
+    over: bool
+
+    def taken(self) -> None: ...
 
 
 class _AtCapacity(Exception):
@@ -65,8 +76,11 @@ class WasmProcess:
         self.public = public
         self.on_exit = on_exit
         self.parent = parent
+        # items: ("msg", KernelMessage, context, Receipt or None) or ("err", SendError, context, None)
         self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self.await_box: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.net_bytes = 0              # of messages from other nodes in the boxes (INBOX_NET_CAP)
+        self.inbox_closed = False       # the process ended: what arrives now is dropped at once
         self.pending: dict[int, Pending] = {}
         self.lock = threading.Lock()
         self.current: Optional[KernelMessage] = None   # the prompting message
@@ -159,7 +173,21 @@ class WasmProcess:
             self.kernel.give_back_instances(held)
             current.proc = None
             self.lib_instances.clear()
+            self._close_inbox()
             self.kernel.process_exited(self, reason)
+
+    def _close_inbox(self) -> None:
+        """Nobody will take what is left: free its senders."""
+        with self.lock:
+            self.inbox_closed = True
+        for box in (self.inbox, self.await_box):
+            while True:
+                try:
+                    item = box.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not STOP:
+                    self.took(item)
 
     def _describe_failure(self, e: Exception) -> str:
         if self.killed:
@@ -188,17 +216,35 @@ class WasmProcess:
         with self.lock:
             self.pending[mid] = pending
 
-    def deliver(self, km: KernelMessage) -> None:
+    def deliver(self, km: KernelMessage, receipt: Optional[Receipt] = None) -> None:
+        """Queue `km`; `receipt` (a message from another node) is told when the process takes it."""
+        box, pending = self.inbox, None
         if isinstance(km.message, Response):
             with self.lock:
                 p = self.pending.pop(km.id, None)
             if p is None:
                 log.debug("%s: dropped response %x with no outstanding request", self.id, km.id)
+                if receipt is not None:
+                    receipt.taken()
                 return
             self.kernel.timers.cancel(p.timer)
-            (self.await_box if p.awaited else self.inbox).put(("msg", km, p))
-        else:
-            self.inbox.put(("msg", km, None))
+            box, pending = (self.await_box if p.awaited else self.inbox), p
+        if receipt is not None:
+            with self.lock:
+                if self.inbox_closed:
+                    receipt.taken()
+                    return
+                self.net_bytes += receipt.size
+                receipt.over = self.net_bytes > INBOX_NET_CAP
+        box.put(("msg", km, pending, receipt))
+
+    def took(self, item: tuple) -> None:
+        """The process took (or will never take) an inbox item: count it out."""
+        receipt = item[3]
+        if receipt is not None:
+            with self.lock:
+                self.net_bytes -= receipt.size
+            receipt.taken()
 
     def fail(self, mid: int, kind: str) -> None:
         """Turn an outstanding request into a send-error (timeout or offline)."""
@@ -208,7 +254,7 @@ class WasmProcess:
             return
         self.kernel.timers.cancel(p.timer)
         err = SendError(kind, p.target, p.request, p.blob)
-        (self.await_box if p.awaited else self.inbox).put(("err", err, p))
+        (self.await_box if p.awaited else self.inbox).put(("err", err, p, None))
 
     def fail_node(self, node: str, kind: str) -> None:
         with self.lock:

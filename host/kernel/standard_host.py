@@ -107,7 +107,8 @@ def _take(p: WasmProcess, item) -> Variant:
     """Make a delivered inbox item the current message; return the WIT value for it."""
     if item is STOP:
         raise WasmtimeError("process was stopped")
-    kind, value, pending = item
+    p.took(item)
+    kind, value, pending, _ = item
     context = None if pending is None else pending.context
     if pending is not None:
         # the answer (or error) to one of its requests: the message that prompted that request is
@@ -164,7 +165,8 @@ def _send_and_await(target, request, blob: Optional[Blob]):
     item = p.await_box.get()
     if item is STOP:
         raise WasmtimeError("process was stopped")
-    kind, value, pending = item
+    p.took(item)
+    kind, value, pending, _ = item
     p.current = pending.prompting
     if kind == "err":
         return wit_send_error(value)  # untagged result: a Record is the error

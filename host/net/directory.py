@@ -119,7 +119,11 @@ class Directory:
                     db.execute(_SCHEMA)
                     columns = [row[1] for row in db.execute("PRAGMA table_info(nodes)")]
                     if "routers" not in columns:
-                        db.execute(_ADD_ROUTERS)
+                        try:
+                            db.execute(_ADD_ROUTERS)
+                        except sqlite3.OperationalError as e:
+                            if "duplicate column" not in str(e):  # else a node starting with us added it
+                                raise
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
@@ -181,14 +185,19 @@ class Directory:
 
     # ---- lookup ----------------------------------------------------------------------------------
     def lookup(self, name: str) -> Optional[NodeRecord]:
-        """The record for ``name``: from the database if it has one, else from the peers file."""
+        """The record for ``name``. A peers-file entry's key always wins: the database's record is
+        used (for its fresher address) only if it has the same key, else the peers file's."""
         with self._connect() as db:
             row = db.execute("SELECT name, public_key, host, port, online, routers FROM nodes WHERE name = ?",
                              (name,)).fetchone()
-        if row is not None:
+        pinned = self._peers().get(name)
+        if row is not None and (pinned is None or pinned.public_key == bytes(row[1])):
             return NodeRecord(row[0], bytes(row[1]), row[2], int(row[3]), bool(row[4]),
                               routers=tuple(r for r in (row[5] or "").split(",") if r))
-        return self._peers().get(name)
+        if row is not None:
+            log.warning("the directory maps %s to key %s, but the peers file to %s: the peers file wins",
+                        name, fingerprint(bytes(row[1])), fingerprint(pinned.public_key) if pinned else "?")
+        return pinned
 
     def _peers(self, force: bool = False) -> dict[str, NodeRecord]:
         """The peers file's entries, re-read when the file changes (or when forced). A bad file is

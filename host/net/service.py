@@ -97,6 +97,7 @@ class NetService(HostService):
                  f"we have connections with {len(activity)} peers:"]
         lines += [f"    {name}, last message {age:.0f}s ago" for name, age in sorted(activity.items())]
         lines += self.net.routing_status()
+        lines += self.net.guard_status()
         return "".join(line + "\r\n" for line in lines)
 
     # ---- Sign and Verify ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ Ours:
   verbosity N                     show process output up to verbosity N (default 0)
   id                              this node's entry for other nodes' peers files (JSON)
   peers-file                      re-read the peers file now and list its entries
+  forget NODE                     forget the key remembered for NODE (accept its new key)
   help                            this text
   exit                            stop the node"""
 
@@ -75,6 +76,7 @@ class NodeControl(Protocol):
                        on_answer: Callable[[Optional[bytes], Optional[str]], None]) -> None: ...
     def peers_entry(self) -> str: ...
     def reload_peers(self) -> str: ...
+    def forget_peer(self, name: str) -> str: ...
     def process_record(self, pid: ProcessId) -> Optional[dict]: ...   # upstream's PersistedProcess
     def process_map(self) -> dict: ...
     def net_peers(self) -> list: ...                                   # upstream's Identity lists
@@ -128,6 +130,8 @@ class Commands:
                 console.info(node.peers_entry())
             elif head == "peers-file":
                 console.info(node.reload_peers())
+            elif head == "forget":
+                console.info(node.forget_peer(rest))
             elif head == "caps":
                 console.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head.count(":") == 2:

@@ -228,7 +228,7 @@ def test_net_service_answers_upstreams_shapes():
     net = SimpleNamespace(connected_peers=lambda: ["fake2.dev"],
                           directory=SimpleNamespace(lookup=records.get),
                           entry=lambda: {"host": "127.0.0.1", "port": 8080, "public_key": "ab" * 32},
-                          peer_activity=lambda: {"fake2.dev": 3.2}, routing_status=lambda: [])
+                          peer_activity=lambda: {"fake2.dev": 3.2}, routing_status=lambda: [], guard_status=lambda: [])
     service = NetService(StubKernel(), net)
     identity = ["fake2.dev", "0x" + bytes(range(32)).hex(), {"Direct": ["10.0.0.2", {"tcp": 9000}]}]
     assert ask(service, UPSTREAM_GET_PEERS) == [{"Peers": [identity]}]

@@ -1,0 +1,462 @@
+"""The Noise connection between two nodes: raw non-blocking socket I/O on the network loop, the
+``Noise_XX_25519_AESGCM_BLAKE2s`` handshake's framing, transport encryption and the KernelMessage
+stream parser. See host/net/network.py for the protocol.
+
+Wire format (all integers big-endian)::
+
+    noise message := u16 length, ciphertext          (length <= 65535)
+    handshake     := XX message 1, 2, 3, then one transport message from the responder:
+                     msgpack {"accept": bool, "reason": str}
+    plaintext     := (u32 length, msgpack(KernelMessage.to_wire()))*  split over transport messages
+
+Handshake payload (messages 2 and 3): msgpack ``{"v": 1, "name": str, "instance": 16 bytes}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import Optional, Protocol, Union
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from noise.connection import NoiseConnection
+
+from host.messages import KernelMessage, ParseError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 10_485_800
+"""Largest encoded (MessagePack) KernelMessage accepted, as in Kinode."""
+
+NOISE_PROTOCOL = b"Noise_XX_25519_AESGCM_BLAKE2s"
+PROLOGUE = b"kinode-py net v1"
+NOISE_MAX = 65535          # largest Noise message
+TAG = 16                   # AES-GCM tag
+CHUNK = NOISE_MAX - TAG    # plaintext bytes per transport message
+HANDSHAKE_MAX = 4096       # largest handshake message we accept from an unauthenticated socket
+INSTANCE_LEN = 16
+OUT_KEEP = 5 << 20         # keep a connection's output buffer up to this size between rounds (a 4 MiB chunk fits)
+HANDSHAKE_BUF = 2 * (NOISE_MAX + 2)        # receive buffer while unauthenticated
+RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)  # receive buffer once established
+MAX_HANDSHAKES = 256       # concurrent unauthenticated connections; more are closed at once
+MAX_HANDSHAKES_PER_SOURCE = 16  # of those, from one address (an IPv6 /64): one cannot take them all
+SOCK_BUF = 4 << 20
+
+_NONCE = struct.Struct(">4xQ")  # Noise AESGCM nonce: 32 zero bits + 64-bit big-endian counter
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+
+class Split:
+    """An encoded KernelMessage whose big blob is kept as its own segment: the msgpack head ends
+    with the blob's bin32 header, so head + blob is exactly what `packb` would give, without
+    copying megabytes into a new bytes object only to encrypt them from there."""
+    __slots__ = ("parts", "size")
+
+    def __init__(self, head: bytes, blob: bytes):
+        self.parts = (head, blob)
+        self.size = len(head) + len(blob)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def joined(self) -> bytes:
+        return b"".join(self.parts)
+
+
+SPLIT_BLOB_MIN = 1 << 16   # msgpack encodes a bin this long with a bin32 header
+
+
+def encode(km: KernelMessage) -> Union[bytes, Split]:
+    wire = km.to_wire()
+    blob = wire["blob"]
+    if blob is None or len(blob[1]) < SPLIT_BLOB_MIN:
+        return msgpack.packb(wire)
+    data = blob[1]
+    wire["blob"] = [blob[0], b""]          # the blob is the last thing packed: b"" ends the head
+    head = msgpack.packb(wire)
+    return Split(head[:-2] + b"\xc6" + _U32.pack(len(data)), data)
+
+
+
+
+# ---- connections ---------------------------------------------------------------------------------
+class ProtocolError(Exception):
+    """The peer broke the protocol; its connection is dropped."""
+
+
+class DialFailed(Exception):
+    pass
+
+
+class Closed(ConnectionError):
+    pass
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in ((socket.SO_SNDBUF, socket.SO_RCVBUF) if SOCK_BUF else ()):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+
+
+
+class ConnOwner(Protocol):
+    """What a connection tells about what it reads: the network service."""
+    _loop: Optional[asyncio.AbstractEventLoop]
+
+    def _control(self, conn: "Conn", wire: dict) -> None: ...
+
+    def _received(self, conn: "Conn", km: KernelMessage, size: int) -> None: ...
+
+    async def _held(self, conn: "Conn") -> None: ...
+
+
+class Conn:
+    """One TCP connection: raw non-blocking I/O on the loop, Noise framing, message parsing."""
+
+    def __init__(self, net: ConnOwner, sock: socket.socket, dialled: bool, where: str):
+        self.net = net
+        self.loop = net._loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.dialled = dialled          # True if we dialled it
+        self.where = where              # remote address, for logs
+        self.peer_name: Optional[str] = None
+        self.instance: Optional[bytes] = None
+        self.established = False
+        self.closed = False
+        self._rfut: Optional[asyncio.Future] = None
+        self._wfut: Optional[asyncio.Future] = None
+        self.reader_task: Optional[asyncio.Task] = None
+        # receive buffer of whole/partial Noise messages (small until authenticated)
+        self.rbuf = bytearray(HANDSHAKE_BUF)
+        self.rmv = memoryview(self.rbuf)
+        self.rstart = self.rend = 0
+        # transport ciphers (after the handshake)
+        self.enc: Optional[AESGCM] = None
+        self.dec: Optional[AESGCM] = None
+        self.enc_n = self.dec_n = 0
+        # KernelMessage stream parser state
+        self.hdr = bytearray(4)
+        self.hlen = 0
+        self.body: Optional[bytearray] = None
+        self.body_mv: Optional[memoryview] = None
+        self.have = 0
+        self.scratch: Optional[memoryview] = None
+        self.out = bytearray(0)
+        # liveness: when bytes last arrived and were last written; one writer at a time
+        self.last_recv = self.last_sent = self.loop.time()
+        self.wlock = asyncio.Lock()
+        self.pinging = False
+        self.route = False              # the peer asked us (a router) to serve it on this connection
+        self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
+        self.source = where             # the remote address (an IPv6 /64) that relay limits count by
+        self.held: object = None        # set while the peer's messages wait to be taken: stop reading
+
+    def __repr__(self) -> str:
+        return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
+
+    @property
+    def label(self) -> str:
+        return f"{self.peer_name} ({self.where})" if self.peer_name else self.where
+
+    # ---- raw I/O ---------------------------------------------------------------------------------
+    async def _wait_io(self, write: bool) -> None:
+        if self.closed:
+            raise Closed("connection closed")
+        fut = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if write:
+            self._wfut = fut
+            self.loop.add_writer(self.fd, ready)
+        else:
+            self._rfut = fut
+            self.loop.add_reader(self.fd, ready)
+        try:
+            await fut
+        finally:
+            if write:
+                self._wfut = None
+            else:
+                self._rfut = None
+            if not self.closed:
+                (self.loop.remove_writer if write else self.loop.remove_reader)(self.fd)
+
+    async def sendall(self, data: Union[memoryview, bytes]) -> None:
+        mv = memoryview(data)
+        while True:
+            try:
+                n = self.sock.send(mv)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n == len(mv):
+                return
+            mv = mv[n:]
+            await self._wait_io(True)
+
+    def send_now(self, data: bytes) -> None:
+        """Write a small frame on a fresh socket without waiting (it fits the empty send buffer)."""
+        n = self.sock.send(data)
+        if n != len(data):
+            raise Closed("could not write handshake reply")
+
+    async def _fill(self) -> None:
+        """Read more bytes into the receive buffer; raises Closed at end of stream."""
+        if self.rstart == self.rend:
+            self.rstart = self.rend = 0
+        elif len(self.rbuf) - self.rend < NOISE_MAX + 2:
+            n = self.rend - self.rstart
+            self.rbuf[0:n] = self.rbuf[self.rstart:self.rend]
+            self.rstart, self.rend = 0, n
+        while True:
+            try:
+                n = self.sock.recv_into(self.rmv[self.rend:])
+            except (BlockingIOError, InterruptedError):
+                await self._wait_io(False)
+                continue
+            if n == 0:
+                raise Closed("closed by peer")
+            self.rend += n
+            self.last_recv = self.loop.time()
+            return
+
+    def _next_frame(self) -> Optional[memoryview]:
+        """The next whole Noise message in the receive buffer (a view valid until the next fill)."""
+        start = self.rstart
+        if self.rend - start < 2:
+            return None
+        size = (self.rbuf[start] << 8) | self.rbuf[start + 1]
+        if self.rend - start < 2 + size:
+            return None
+        self.rstart = start + 2 + size
+        return self.rmv[start + 2:start + 2 + size]
+
+    async def read_frame(self, limit: int) -> bytes:
+        while True:
+            if self.rend - self.rstart >= 2:
+                size = (self.rbuf[self.rstart] << 8) | self.rbuf[self.rstart + 1]
+                if size > limit:
+                    raise ProtocolError(f"handshake message of {size} bytes (limit {limit})")
+            frame = self._next_frame()
+            if frame is not None:
+                return bytes(frame)
+            await self._fill()
+
+    async def write_frame(self, payload: bytes) -> None:
+        await self.sendall(_U16.pack(len(payload)) + bytes(payload))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._rfut is not None:
+            self.loop.remove_reader(self.fd)
+            if not self._rfut.done():
+                self._rfut.set_exception(Closed("connection closed"))
+        if self._wfut is not None:
+            self.loop.remove_writer(self.fd)
+            if not self._wfut.done():
+                self._wfut.set_exception(Closed("connection closed"))
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def grow(self) -> None:
+        """Switch to the large receive buffer (once the peer is authenticated)."""
+        if len(self.rbuf) >= RECV_BUF:
+            return
+        pending = self.rbuf[self.rstart:self.rend]
+        self.rbuf = bytearray(RECV_BUF)
+        self.rmv = memoryview(self.rbuf)
+        self.rbuf[:len(pending)] = pending
+        self.rstart, self.rend = 0, len(pending)
+        self.scratch = memoryview(bytearray(CHUNK))
+
+    # ---- transport -------------------------------------------------------------------------------
+    def set_keys(self, noise: NoiseConnection) -> None:
+        proto = noise.noise_protocol
+        self.enc = AESGCM(proto.cipher_state_encrypt.k)
+        self.dec = AESGCM(proto.cipher_state_decrypt.k)
+        self.enc_n = proto.cipher_state_encrypt.n
+        self.dec_n = proto.cipher_state_decrypt.n
+
+    def encrypt_frame(self, plaintext: bytes) -> bytes:
+        ct = self.enc.encrypt(_NONCE.pack(self.enc_n), plaintext, None)
+        self.enc_n += 1
+        return _U16.pack(len(ct)) + ct
+
+    def decrypt_frame(self, frame: bytes) -> bytes:
+        try:
+            pt = self.dec.decrypt(_NONCE.pack(self.dec_n), frame, None)
+        except InvalidTag:
+            raise ProtocolError("decryption failed") from None
+        self.dec_n += 1
+        return pt
+
+    async def send_payloads(self, payloads: list) -> None:
+        """Frame, encrypt and write encoded KernelMessages (one write for the whole batch)."""
+        segs: list = []
+        total = 0
+        for p in payloads:
+            segs.append(_U32.pack(len(p)))
+            if isinstance(p, Split):
+                segs.extend(p.parts)
+            else:
+                segs.append(p)
+            total += 4 + len(p)
+        need = total + -(-total // CHUNK) * (2 + TAG)
+        if need <= OUT_KEEP:
+            if len(self.out) < need:
+                self.out = bytearray(max(need, min(OUT_KEEP, 2 * len(self.out))))
+            out = memoryview(self.out)
+        else:
+            out = memoryview(bytearray(need))
+        enc, pack_nonce = self.enc, _NONCE.pack
+        n = self.enc_n
+        pos = 0
+        si, so = 0, 0          # current segment and offset in it
+        remaining = total
+        while remaining:
+            c = CHUNK if remaining > CHUNK else remaining
+            seg = segs[si]
+            if len(seg) - so >= c:  # the chunk lies inside one segment: no copy
+                data: bytes | memoryview = memoryview(seg)[so:so + c]
+                so += c
+                if so == len(seg):
+                    si, so = si + 1, 0
+            else:                   # the chunk spans segments: join the pieces
+                parts = []
+                want = c
+                while want:
+                    seg = segs[si]
+                    take = min(len(seg) - so, want)
+                    parts.append(memoryview(seg)[so:so + take])
+                    so += take
+                    want -= take
+                    if so == len(seg):
+                        si, so = si + 1, 0
+                data = b"".join(parts)
+            _U16.pack_into(out, pos, c + TAG)
+            enc.encrypt_into(pack_nonce(n), data, None, out[pos + 2:pos + 2 + c + TAG])
+            n += 1
+            pos += 2 + c + TAG
+            remaining -= c
+        self.enc_n = n
+        await self.sendall(out[:pos])
+        self.last_sent = self.loop.time()
+
+    async def ping(self) -> None:
+        """An empty transport message: tells the peer we are alive (it carries no KernelMessage,
+        so any version of this transport ignores it)."""
+        async with self.wlock:
+            if not self.closed:
+                await self.sendall(self.encrypt_frame(b""))
+                self.last_sent = self.loop.time()
+
+    async def read_loop(self) -> None:
+        """Decrypt and deliver messages until the connection ends (raises on protocol errors)."""
+        while True:
+            frame = self._next_frame()
+            while frame is not None:
+                self._on_frame(frame)
+                if self.held is not None:  # back-pressure: read on once processes take its messages
+                    await self.net._held(self)
+                frame = self._next_frame()
+            await self._fill()
+
+    def _on_frame(self, frame: memoryview) -> None:
+        size = len(frame)
+        if size < TAG:
+            raise ProtocolError(f"short transport message ({size} bytes)")
+        plain = size - TAG
+        nonce = _NONCE.pack(self.dec_n)
+        body = self.body
+        try:
+            if body is not None and plain <= len(body) - self.have:
+                # the common case for large messages: decrypt straight into the message buffer
+                self.dec.decrypt_into(nonce, frame, None, self.body_mv[self.have:self.have + plain])
+                self.dec_n += 1
+                self.have += plain
+                if self.have == len(body):
+                    self._deliver()
+                return
+            self.dec.decrypt_into(nonce, frame, None, self.scratch[:plain])
+        except InvalidTag:
+            raise ProtocolError("decryption failed") from None
+        self.dec_n += 1
+        self._feed(self.scratch[:plain])
+
+    def _feed(self, mv: memoryview) -> None:
+        pos, end = 0, len(mv)
+        while pos < end:
+            if self.body is None:
+                take = min(4 - self.hlen, end - pos)
+                self.hdr[self.hlen:self.hlen + take] = mv[pos:pos + take]
+                self.hlen += take
+                pos += take
+                if self.hlen == 4:
+                    self.hlen = 0
+                    size = _U32.unpack(self.hdr)[0]
+                    if size > MAX_MESSAGE:
+                        raise ProtocolError(f"declared message length {size} > {MAX_MESSAGE}")
+                    if size == 0:
+                        raise ProtocolError("empty message")
+                    self.body = bytearray(size)
+                    self.body_mv = memoryview(self.body)
+                    self.have = 0
+            else:
+                take = min(len(self.body) - self.have, end - pos)
+                self.body_mv[self.have:self.have + take] = mv[pos:pos + take]
+                self.have += take
+                pos += take
+                if self.have == len(self.body):
+                    self._deliver()
+
+    def _deliver(self) -> None:
+        body = self.body
+        self.body = self.body_mv = None
+        self.have = 0
+        try:
+            wire = msgpack.unpackb(body, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types
+            raise ProtocolError(f"undecodable MessagePack ({e})") from None
+        if not isinstance(wire, dict):
+            raise ProtocolError(f"message is a {type(wire).__name__}, not a map")
+        if "ctl" in wire:
+            self.net._control(self, wire)
+            return
+        try:
+            km = KernelMessage.from_wire(wire)
+        except (ParseError, ValueError, TypeError, KeyError) as e:
+            raise ProtocolError(f"bad kernel message ({e})") from None
+        self.net._received(self, km, len(body))
+
+
+def parse_hello(payload: bytes) -> tuple:
+    try:
+        hello = msgpack.unpackb(bytes(payload), raw=False)
+    except Exception as e:
+        raise ProtocolError(f"undecodable handshake payload ({e})") from None
+    if not isinstance(hello, dict) or hello.get("v") != 1:
+        raise ProtocolError("bad handshake payload")
+    name, instance = hello.get("name"), hello.get("instance")
+    if not isinstance(name, str) or not name or len(name) > 255:
+        raise ProtocolError("bad node name in handshake payload")
+    if not isinstance(instance, bytes) or len(instance) != INSTANCE_LEN:
+        raise ProtocolError("bad instance in handshake payload")
+    return name, instance, hello.get("route") is True
+
