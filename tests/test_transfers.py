@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TEST_PACKAGES, no_workers, partial_size, saved_resume_point, stop_mid_transfer
+from conftest import (REPO, TEST_PACKAGES, no_workers, partial_size, release, saved_resume_point, stop_mid_transfer)
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
 from ft_common import check_name  # noqa: E402  (the guest's own name rule, plain Python)
@@ -45,13 +45,13 @@ def download(node, name: str, peer: str, timeout: float = 120) -> list[str]:
 
 
 @pytest.mark.parametrize("victim", ["provider", "requestor"])
-def test_resume_after_a_node_is_killed_mid_transfer(two_nodes, victim):
-    fake, fake2 = two_nodes
-    size = 160 << 20
+def test_resume_after_a_node_is_killed_mid_transfer(held_nodes, victim):
+    fake, fake2 = held_nodes
+    size = 40 << 20
     digest = put(fake2, "resume.bin", size)
     stop_mid_transfer(fake, fake2, "resume.bin", size, need_resume_point=True)
     if victim == "provider":
-        fake2.kill()  # (a stopped process is killed all the same)
+        fake2.kill()
         fake.expect(r"error: download of resume\.bin from fake2\.dev failed: fake2\.dev went offline during the "
                     r"transfer \(run the download again to resume\)$", 30)
         # the failing worker saved every byte it had verified
@@ -60,7 +60,7 @@ def test_resume_after_a_node_is_killed_mid_transfer(two_nodes, victim):
     else:
         resume_at = saved_resume_point(fake, "fake2.dev", "resume.bin")  # the last periodic save
         fake.kill()
-        os.kill(fake2.proc.pid, signal.SIGCONT)
+    release(fake2)  # the resumed transfer is not held
     assert not (fake.files / "resume.bin").exists()  # never a partial file under the real name
     (fake2 if victim == "provider" else fake).start()
     lines = download(fake, "resume.bin", "fake2.dev")
@@ -70,9 +70,9 @@ def test_resume_after_a_node_is_killed_mid_transfer(two_nodes, victim):
     no_workers(fake, fake2, within=30)
 
 
-def test_same_file_twice_at_once_second_is_refused(two_nodes):
-    fake, fake2 = two_nodes
-    size = 160 << 20
+def test_same_file_twice_at_once_second_is_refused(held_nodes):
+    fake, fake2 = held_nodes
+    size = 40 << 20
     digest = put(fake2, "twice.bin", size)
     stop_mid_transfer(fake, fake2, "twice.bin", size)  # the first held part way, on any machine
     try:
@@ -80,7 +80,7 @@ def test_same_file_twice_at_once_second_is_refused(two_nodes):
         assert code == 1 and lines == ["file_transfer:template.os: error: download of twice.bin from fake2.dev "
                                        "failed: twice.bin is already being downloaded from fake2.dev"], lines
     finally:
-        os.kill(fake2.proc.pid, signal.SIGCONT)
+        release(fake2)
     fake.expect(r"twice\.bin downloaded", 60)
     assert sha(fake.files / "twice.bin") == digest
     no_workers(fake, fake2)
@@ -102,15 +102,15 @@ def test_eight_files_at_once_from_two_peers(node_factory):
     no_workers(fake, *peers)
 
 
-def test_a_file_that_changes_while_being_sent_is_detected(two_nodes):
-    fake, fake2 = two_nodes
-    size = 160 << 20
+def test_a_file_that_changes_while_being_sent_is_detected(held_nodes):
+    fake, fake2 = held_nodes
+    size = 40 << 20
     put(fake2, "moving.bin", size)
     stop_mid_transfer(fake, fake2, "moving.bin", size)
-    with open(fake2.files / "moving.bin", "r+b") as f:  # overwrite the tail, same size, while frozen
+    with open(fake2.files / "moving.bin", "r+b") as f:  # overwrite the tail, same size, while held
         f.seek(size - (10 << 20))
         f.write(os.urandom(10 << 20))
-    os.kill(fake2.proc.pid, signal.SIGCONT)
+    release(fake2)
     line = fake.expect(r"moving\.bin (downloaded|.*failed)", 120)
     assert line.endswith("error: download of moving.bin from fake2.dev failed: fake2.dev: moving.bin changed while "
                          "being sent; nothing was saved"), line
@@ -118,22 +118,22 @@ def test_a_file_that_changes_while_being_sent_is_detected(two_nodes):
     no_workers(fake, fake2, within=30)
 
 
-def test_cancel_and_list_transfers(two_nodes):
-    fake, fake2 = two_nodes
-    size = 160 << 20
+def test_cancel_and_list_transfers(held_nodes):
+    fake, fake2 = held_nodes
+    size = 40 << 20
     put(fake2, "slow.bin", size)
-    stop_mid_transfer(fake, fake2, "slow.bin", size)  # the provider frozen: the download cannot finish first
+    stop_mid_transfer(fake, fake2, "slow.bin", size)  # the provider held: the download cannot finish first
     try:
         held = partial_size(fake, "fake2.dev", "slow.bin")
         code, lines = fake.run("transfers:file_transfer:template.os")
         listed = [ln for ln in lines if "slow.bin from fake2.dev: " in ln]
-        assert code == 0 and len(listed) == 1 and re.search(rf"\b{held / 2**20:.1f} MiB of 160\.0 MiB\b", listed[0]), lines
+        assert code == 0 and len(listed) == 1 and re.search(rf"\b{held / 2**20:.1f} MiB of 40\.0 MiB\b", listed[0]), lines
         code, lines = fake.run("cancel:file_transfer:template.os slow.bin fake2.dev")
         assert code == 0, lines
         line = fake.expect(r"slow\.bin from fake2\.dev (failed|cancelled)|slow\.bin downloaded", 30)
         assert line == "file_transfer:template.os: download of slow.bin from fake2.dev cancelled", line
     finally:
-        os.kill(fake2.proc.pid, signal.SIGCONT)
+        release(fake2)
     assert not (fake.files / "slow.bin").exists()
     assert not (fake.files / ".partial" / "fake2.dev" / "slow.bin.part").exists()  # its partial removed
     no_workers(fake, fake2)
