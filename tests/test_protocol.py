@@ -132,7 +132,10 @@ class RequestorSide:
         elif isinstance(a, ft.VerifyFile):
             return m.file_verified(h(bytes(s["part"])) if a.read_back else None, 0.0)
         elif isinstance(a, ft.Rename):
-            s["file"] = bytes(s.pop("part"))
+            new = bytes(s.pop("part"))
+            replaced = "file" in s and s["file"] != new
+            s["file"] = new
+            return m.renamed(replaced, 0.0)
         elif isinstance(a, ft.RemoveFiles):
             if a.state:
                 s.pop("state", None)

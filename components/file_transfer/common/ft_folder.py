@@ -284,10 +284,11 @@ class FolderRequestor:
         actions.append(FinishTree())
         return actions
 
-    def tree_finished(self, now: float) -> list:
+    def tree_finished(self, now: float, replaced: bool = False) -> list:
+        """`replaced`: an older file or folder had the name (Kinode overwrites; the download says so)."""
         self.state = self.DONE
         actions: list = []
-        self._report(actions, now, done=True)
+        self._report(actions, now, done=True, **({"replaced": True} if replaced else {}))
         actions.append(Exit())
         return actions
 

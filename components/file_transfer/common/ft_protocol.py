@@ -104,7 +104,9 @@ class VerifyFile:
 
 @dataclass
 class Rename:
-    """The partial takes the file's real name."""
+    """The partial takes the file's real name; -> renamed(whether it replaced a file of other content,
+    judged by size and by `digest`, the new file's BLAKE3, where there is one)."""
+    digest: Optional[str] = None
 
 
 @dataclass
@@ -217,6 +219,7 @@ class Requestor:
         self.handshake_from = now    # the Size is due HANDSHAKE_TIMEOUT after this (reset by the queue)
         self.queue_place: Optional[int] = None  # our place in the provider's queue while QUEUED
         self.queue_ask_out = False   # an ask about our place is outstanding
+        self.verified_digest: Optional[str] = None  # the whole file's hash, once verified
 
     # ---- events ----
     def start(self) -> list:
@@ -432,8 +435,16 @@ class Requestor:
         if self.file_hash and digest != self.file_hash:
             return self.fail("the downloaded file does not match the provider's hash (it changed while being "
                              "sent, or was corrupted); nothing was saved", keep=False, now=now)
-        actions: list = [Rename(), RemoveFiles(state=self.has_state, partial=False)]
-        self._report(actions, now, done=True, hash=digest)
+        self.verified_digest = digest
+        return [Rename(digest)]
+
+    def renamed(self, replaced: bool, now: float) -> list:
+        """The file has its real name; `replaced`: an older file of other content had it (Kinode
+        overwrites, so the download did too, and says so)."""
+        if self.state != self.VERIFYING:
+            raise RuntimeError(f"renamed in state {self.state}")
+        actions: list = [RemoveFiles(state=self.has_state, partial=False)]
+        self._report(actions, now, done=True, hash=self.verified_digest, **({"replaced": True} if replaced else {}))
         self.state = self.DONE
         actions.append(Exit())
         return actions

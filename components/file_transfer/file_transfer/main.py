@@ -42,6 +42,12 @@ class Transfers:
         t = self.active.get(key)
         return key in self.waiting or (t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT)
 
+    def fetching(self, name: str):
+        """The node `name` is being downloaded from (or waits to be), if any: one name, one download
+        at a time, whichever node it comes from, so no download silently replaces another."""
+        return next((node for node, n in list(self.waiting) + list(self.active) if n == name
+                     and self.busy((node, n))), None)
+
     def running(self) -> int:
         """Downloads that hold a slot: not those waiting in their provider's queue; one whose worker
         went silent gives it up after the stall timeout."""
@@ -218,8 +224,9 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     if target_addr.node == our.node:
         return f"{name} is on this node already ({our.node}); download from another node", False
     key = (target_addr.node, name)
-    if transfers.busy(key):
-        return f"{name} is already being downloaded from {target_addr.node}", False
+    running = transfers.fetching(name)
+    if running is not None:
+        return f"{name} is already being downloaded from {running}", False
     if transfers.full(target_addr.node):
         transfers.waiting[key] = target_addr
         print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
@@ -267,7 +274,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     key = (meta.get("peer"), name)
     if meta.get("done") or meta.get("error"):
         transfers.finish(key, str(meta.get("error") or ""), bytes=meta.get("total") or meta.get("bytes", 0),
-                         secs=meta.get("secs", 0), **({"files": meta.get("of")} if meta.get("folder") else {}))
+                         secs=meta.get("secs", 0), **({"files": meta.get("of")} if meta.get("folder") else {}),
+                         **({"replaced": True} if meta.get("replaced") else {}))
         verbosity = 0
     else:
         was_at = transfers.active.get(key, {}).get("queued_at")
@@ -281,6 +289,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
             t["printed"] = now
     if meta.get("folder") and not meta.get("error"):
         print_to_terminal(verbosity, folder_progress_line(name, progress, meta))
+        if meta.get("done") and meta.get("replaced"):
+            println(f"{name}: the download replaced the folder (or file) {name} this node had")
     elif meta.get("error") == "cancelled":
         println(f"download of {name} from {meta.get('peer')} cancelled")
     elif meta.get("error"):
@@ -292,7 +302,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         secs = max(meta.get("secs", 0), 1e-9)
         total = meta.get("total", 0)
         println(f"{name} downloaded from {meta.get('peer')}: {human_size(total)} in {secs:.2f} s "
-                f"({total / secs / 2**20:.1f} MiB/s), blake3 {meta.get('hash', '?')}")
+                f"({total / secs / 2**20:.1f} MiB/s), blake3 {meta.get('hash', '?')}"
+                + (f"; it replaced the {name} this node had, of other content" if meta.get("replaced") else ""))
     elif "total" in meta:
         rate = meta.get("rate", 0)
         left = (meta["total"] - meta.get("bytes", 0)) / rate if rate else 0

@@ -207,8 +207,30 @@ class Worker:
         digest = self.file.blake3() if a.read_back else None
         return self.machine.file_verified(digest, time.monotonic())
 
-    def rename(self, a: ft.Rename) -> None:
-        vfs.rename(self.partial, f"{self.drive}/{self.name}")  # the VFS closes handles on it
+    def rename(self, a: ft.Rename) -> list:
+        final = f"{self.drive}/{self.name}"
+        replaced = self._differs(final, a.digest)
+        vfs.rename(self.partial, final)  # the VFS closes handles on it
+        return self.machine.renamed(replaced, time.monotonic())
+
+    def _differs(self, final: str, digest) -> bool:
+        """Whether a file of other content than the partial has the name `final` now."""
+        try:
+            old = vfs.metadata(final)
+        except vfs.VfsError:
+            return False  # none
+        if old.file_type != vfs.FILE or old.len != self.file.metadata().len:
+            return True
+        if digest is None:
+            return False  # a plain transfer has no hash to compare: same size, taken as the same
+        try:
+            f = vfs.open_file(final)
+            try:
+                return f.blake3() != digest
+            finally:
+                f.close()
+        except vfs.VfsError:
+            return True
 
     def remove_files(self, a: ft.RemoveFiles) -> None:
         for path, remove in ((self.state_path, a.state), (self.partial, a.partial)):
@@ -327,7 +349,7 @@ class Worker:
         elif old is not None:
             vfs.remove_file(final)
         vfs.rename(tree, final)
-        return self.machine.tree_finished(time.monotonic())
+        return self.machine.tree_finished(time.monotonic(), replaced=old is not None)
 
     def remove_tree(self, a: ft_folder.RemoveTree) -> None:
         # the state first: a state without its tree could otherwise be trusted on the next download
