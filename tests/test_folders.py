@@ -226,8 +226,8 @@ def test_folder_that_changes_while_being_sent_fails_cleanly(held_nodes):
     (fake2.files / "moving" / "s" / "029.txt").write_bytes(b"new content")
     release(fake2)
     line = fake.expect(r"moving downloaded|error: download of moving", 60)
-    assert re.search(r"error: download of moving from fake2\.dev failed: fake2\.dev: folder moving: s/029\.txt "
-                     r"changed since the folder was listed.*; nothing was saved$", line), line
+    assert re.search(r"error: download of moving from fake2\.dev failed: fake2\.dev: folder moving changed on fake2\.dev "
+                     r"during the transfer: s/029\.txt changed since the folder was listed.*; nothing was saved$", line), line
     wait_for(lambda: not (fake.files / ".partial" / PEER / "moving.tree").exists(), 10, "the partial tree removed")
     assert not (fake.files / "moving" / "s" / "new.txt").exists()  # the older copy is kept as it was
     fetch(fake, "moving")

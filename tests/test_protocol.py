@@ -876,7 +876,8 @@ def test_provider_detects_a_file_changed_while_being_sent():
         while p.state not in (ft.Provider.DONE, ft.Provider.FAILED):
             run(p.response("chunk", {"ft": 1}, 0.0))
     assert out[-1] == ft.Exit("file changed while being sent")
-    assert out[-4].metadata == {"ft": 1, "error": "f.bin changed while being sent; nothing was saved", "keep": False}
+    assert out[-4].metadata == {"ft": 1, "error": "f.bin changed on bob.os during the transfer; nothing was saved",
+                                "keep": False}
 
 
 def test_provider_short_read_and_unreadable_file():
@@ -893,7 +894,9 @@ def test_provider_short_read_and_unreadable_file():
     assert actions[0].metadata == {"ft": 1, "error": "cannot read f.bin", "keep": False}
     p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     p.state = ft.Provider.CHECKING
-    assert p.io_failed("gone", 0.0)[0].metadata["error"] == "f.bin became unreadable while being sent"
+    assert p.io_failed("gone", 0.0)[0].metadata == {
+        "ft": 1, "error": "f.bin changed on bob.os during the transfer (it is gone or unreadable); nothing was saved",
+        "keep": False}
 
 
 def test_provider_answers_keepalives_and_stops_on_the_requestors_error():

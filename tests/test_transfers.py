@@ -112,8 +112,8 @@ def test_a_file_that_changes_while_being_sent_is_detected(held_nodes):
         f.write(os.urandom(10 << 20))
     release(fake2)
     line = fake.expect(r"moving\.bin (downloaded|.*failed)", 120)
-    assert line.endswith("error: download of moving.bin from fake2.dev failed: fake2.dev: moving.bin changed while "
-                         "being sent; nothing was saved"), line
+    assert line.endswith("error: download of moving.bin from fake2.dev failed: fake2.dev: moving.bin changed on "
+                         "fake2.dev during the transfer; nothing was saved"), line
     assert not (fake.files / "moving.bin").exists()
     no_workers(fake, fake2, within=30)
 

@@ -494,7 +494,8 @@ class FolderProvider:
         if self.state in (self.DONE, self.FAILED):
             return []
         text = error.split(": ", 2)[-1] if ": " in error else error
-        return [self._error_to_peer(f"folder {self.name}: {text}; nothing was saved")] + self._failed(error)
+        return [self._error_to_peer(f"folder {self.name} changed on {self.parent.node} during the transfer: {text}; "
+                                    f"nothing was saved")] + self._failed(error)
 
     def _failed(self, error: str) -> list:
         self.state = self.FAILED

@@ -617,7 +617,7 @@ class Provider:
     def chunk_read(self, got: int, digest: Optional[str], now: float) -> list:
         if self.state == self.OPENING:
             if got != self.size:
-                return self.io_failed(f"{self.name} changed while being read", now)
+                return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being read")
             self.next_offset = self.size
             self.pipelined = True
             self.state = self.OFFERED
@@ -629,8 +629,7 @@ class Provider:
         offset, length = self.reading
         self.reading = None
         if got != length:
-            return [self._error_to_peer(f"{self.name} changed while being sent", keep=False)] + \
-                self._failed("file changed while being sent")
+            return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being sent")
         body = {"Chunk": {"name": self.name, "offset": offset, "length": length}}
         self.next_offset = offset + length
         if not self.ext:
@@ -683,8 +682,7 @@ class Provider:
             raise RuntimeError(f"file_checked in state {self.state}")
         if self.stamp is not None and stamp != self.stamp:
             # even where no byte already sent differs: the copy would be of no one instant
-            return [self._error_to_peer(f"{self.name} changed while being sent; nothing was saved", keep=False)] + \
-                self._failed("file changed while being sent")
+            return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being sent")
         if digest is None:
             digest = self.chain_digest  # sent from 0, the file unchanged: what was sent is the whole file
         self.hash_sent = True
@@ -723,13 +721,16 @@ class Provider:
             return []
         if self.state == self.OPENING:
             text, keep = f"cannot read {self.name}", False
-        elif self.state == self.CHECKING:
-            text, keep = f"{self.name} became unreadable while being sent", True
-        else:
-            text, keep = f"{self.name} changed or became unreadable while being sent", False
+        else:  # gone (deleted, replaced by a folder) or unreadable: what was sent is of no use either
+            text, keep = self._changed(" (it is gone or unreadable)"), False
         return [self._error_to_peer(text, keep)] + self._failed(error)
 
     # ---- helpers ----
+    def _changed(self, how: str = "") -> str:
+        """The error for a file changed under the transfer: the requestor removes its partial (a
+        resume would mix two versions; the final hash would refuse it, but it is of no use)."""
+        return f"{self.name} changed on {self.parent.node} during the transfer{how}; nothing was saved"
+
     def _read(self, length: int, how: str) -> ReadChunk:
         self.reading = (self.next_offset, length)
         return ReadChunk(length, how)
