@@ -623,10 +623,11 @@ def test_portable_provider_ignores_an_extended_size_answer():
                         follow = side.perform(p, a)
                 actions = follow
         run(p.start())
-        assert sends == [ft.Send(REQ_WORKER, {"Size": 40}, None, ft_common.HANDSHAKE_TIMEOUT, "size")]
+        assert sends[0].target == PROV_PARENT and sends[0].metadata["serving"] is True  # it tells its parent at once
+        assert sends[1:] == [ft.Send(REQ_WORKER, {"Size": 40}, None, ft_common.HANDSHAKE_TIMEOUT, "size")]
         run(p.response("size", {"ft": 1, "offset": 16}, 0.0))  # it cannot resume nor hash
     assert p.state == ft.Provider.DONE
-    assert [a.body["Chunk"]["offset"] for a in sends[1:-1]] == [0, 16, 32]
+    assert [a.body["Chunk"]["offset"] for a in sends[2:-1]] == [0, 16, 32]
     assert sends[-1].target == PROV_PARENT and sends[-1].metadata["serving"] is False  # its slot is free
 
 
@@ -1071,3 +1072,43 @@ def test_folder_provider_reports_its_serving_slot_while_sending_and_gives_it_bac
     failed = p.request(PROV_PARENT, {"Cancel": None}, {"cancel": True}, 2.0)
     assert failed[-1] == ft.Exit("cancelled")
     assert failed[-2].target == PROV_PARENT and failed[-2].metadata["serving"] is False
+
+
+# ---- the node's budget for bytes in flight (ft_common.NODE_BUDGET) -----------------------------------
+def test_window_shares_the_node_budget():
+    chunk = ft_common.EXT_CHUNK_SIZE
+    assert ft_common.window_for(1) == ft_common.WINDOW  # a lone transfer keeps its full window (its speed)
+    for n in (2, 4, 8, 16, 50):
+        w = ft_common.window_for(n)
+        assert w >= 1 and (w == 1 or n * w * chunk <= ft_common.NODE_BUDGET), (n, w)
+    assert ft_common.window_in({"window": 3}) == 3
+    assert [ft_common.window_in({"window": v}) for v in (0, -1, True, "2", None)] == [None] * 5
+
+
+def test_provider_keeps_the_smaller_of_its_parents_and_its_requestors_window_in_flight():
+    def in_flight(out) -> int:
+        return sum(1 for a in out if isinstance(a, ft.Send) and "Chunk" in a.body)
+    with small_chunks():
+        p, side, out, run = offered(bytes(64 * 20))
+        p.window = 2  # (the worker starts a provider at START_WINDOW)
+        run(p.response("size", {"ft": 1, "offset": 0}, 0.0))
+        assert in_flight(out) == 2
+        run(p.request(PROV_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 6}, 0.0))
+        assert in_flight(out) == 6  # the parent's share grew: the window fills at once
+        run(p.response("chunk", {"ft": 1, "ack": 0, "window": 3}, 0.0))  # the requestor's node is busier
+        assert in_flight(out) == 6  # one acked, none sent: 5 in flight, over the requestor's 3
+        for _ in range(3):
+            run(p.response("chunk", {"ft": 1, "ack": 0, "window": 3}, 0.0))
+        assert in_flight(out) == 7 and p.in_flight == 3
+    # a window from anyone but the parent is not taken
+    p2, _, out2, run2 = offered(bytes(64 * 20))
+    run2(p2.request(STRANGER, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 1}, 0.0))
+    assert p2.window == ft_common.WINDOW
+
+
+def test_requestor_passes_its_parents_window_on_in_its_acks():
+    r = Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.start()
+    assert r.request(REQ_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 2}, False,
+                     None, 0.0) == []
+    assert r.window == 2 and r._window_meta() == {"window": 2}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, STATE_EVERY,
-                       TICK, WINDOW)
+                       TICK, WINDOW, window_in)
 
 QUEUE_META = "queue"   # metadata key of a requestor's ask about its place in a provider's queue
 
@@ -166,6 +166,9 @@ def screen_request(m: Any, source: Any, meta: dict, now: float) -> Optional[list
         return []
     if source == m.parent and meta.get("cancel"):
         return m.fail("cancelled", keep=False, now=now)
+    if source == m.parent and window_in(meta):
+        m.window = window_in(meta)  # our share of the node's budget: passed on in our acks
+        return []
     if source.node != m.peer_node:
         return [Log(f"worker: ignored a bad message from {source}: not the peer of this transfer")]
     if meta.get("error"):
@@ -220,6 +223,7 @@ class Requestor:
         self.queue_place: Optional[int] = None  # our place in the provider's queue while QUEUED
         self.queue_ask_out = False   # an ask about our place is outstanding
         self.verified_digest: Optional[str] = None  # the whole file's hash, once verified
+        self.window: Optional[int] = None  # chunks the provider may keep in flight, once our parent said
 
     # ---- events ----
     def start(self) -> list:
@@ -348,7 +352,7 @@ class Requestor:
         if not offset and self.has_state:
             actions.append(SaveState(self.size, 0))
         if self.wants_answer:  # a plain answer tells an extended provider to go plain
-            actions.append(Reply("Progress", {"ft": 1, "offset": offset} if self.ext else None))
+            actions.append(Reply("Progress", {"ft": 1, "offset": offset, **self._window_meta()} if self.ext else None))
         if offset:
             actions.append(Log(f"{self.name}: resuming at {offset} of {self.size} bytes"))
         return self._maybe_finish(actions, now)
@@ -402,7 +406,7 @@ class Requestor:
         self.received = max(self.received, self.cursor) if not self.ext else self.cursor
         actions: list = []
         if wants_ack:
-            actions.append(Reply("Progress", {"ft": 1, "ack": offset}))
+            actions.append(Reply("Progress", {"ft": 1, "ack": offset, **self._window_meta()}))
         self.last_activity = now
         if self._complete():
             return self._finish(actions)
@@ -519,6 +523,9 @@ class Requestor:
         return actions
 
     # ---- helpers ----
+    def _window_meta(self) -> dict:
+        return {"window": self.window} if self.window else {}
+
     def _complete(self) -> bool:
         """All bytes are here and the provider's file hash too (unless it sends none)."""
         return self.size is not None and self.received >= self.size and not self.hash_follows
@@ -573,7 +580,7 @@ class Provider:
     FAILED = "failed"
     STATES = frozenset({OPENING, OFFERED, SENDING, READING, PUSHING, CHECKING, DRAINING, DONE, FAILED})
 
-    def __init__(self, name: str, target: Any, parent: Any, now: float, *, extended: bool):
+    def __init__(self, name: str, target: Any, parent: Any, now: float, *, extended: bool, window: int = WINDOW):
         self.name = name
         self.extended = extended     # we can speak the extended protocol
         self.target = target
@@ -590,6 +597,8 @@ class Provider:
         self.first_offset = 0        # where this session's chunks begin (a resume point)
         self.chain_digest: Optional[str] = None  # BLAKE3 of the bytes sent from first_offset on
         self.reading: Optional[tuple] = None  # (offset, length) of the chunk being read
+        self.window = window         # our share of the node's budget, in chunks (our parent says)
+        self.peer_window = WINDOW    # the requestor's share of its node's budget (its acks say)
 
     def _error_to_peer(self, text: str, keep: bool = True) -> Send:
         """`keep`: whether the requestor's partial may still serve a resume."""
@@ -597,7 +606,8 @@ class Provider:
 
     # ---- events ----
     def start(self) -> list:
-        return [ArmTimer(TICK), OpenFile()]
+        # the parent hears of us at once, and answers with our window
+        return [ArmTimer(TICK), self._serving(True), OpenFile()]
 
     def opened(self, size: int, stamp: Any, now: float) -> list:
         if self.state != self.OPENING:
@@ -655,12 +665,14 @@ class Provider:
                 return [self._error_to_peer("bad resume offset", keep=False)] + \
                     self._failed(f"peer asked for a bad resume offset {offset!r}")
             self.ext = True
+            self.peer_window = window_in(meta) or self.peer_window
             self.next_offset = self.first_offset = offset
             self.state = self.SENDING
             return self._fill_window([Seek(offset)] if offset else [])
         if context == "chunk" and self.state in (self.SENDING, self.DRAINING):
             self.in_flight -= 1
             self.last_activity = now
+            self.peer_window = window_in(meta) or self.peer_window
             return self._fill_window([])
         return []
 
@@ -670,6 +682,10 @@ class Provider:
             return []
         if source == self.parent and meta.get("cancel"):
             return self._failed("cancelled")
+        if source == self.parent and window_in(meta):
+            self.window = window_in(meta)
+            # (a read under way fills the window when its chunk is sent)
+            return self._fill_window([]) if self.state == self.SENDING else []
         if source == self.target and isinstance(body, dict) and "Progress" in body:
             if meta.get("error"):
                 return self._failed(f"the requestor stopped: {meta['error']}")
@@ -747,7 +763,7 @@ class Provider:
         return self._done()
 
     def _fill_window(self, actions: list) -> list:
-        if self.in_flight < WINDOW and self.next_offset < self.size:
+        if self.in_flight < min(self.window, self.peer_window) and self.next_offset < self.size:
             self.state = self.READING
             how = HASH_CHAIN_RESTART if self.next_offset == self.first_offset else HASH_CHAIN
             actions.append(self._read(min(EXT_CHUNK_SIZE, self.size - self.next_offset), how))

@@ -16,7 +16,8 @@ from wit_world.imports import file_transfer_worker as worker_api
 import serving
 import web
 import ft_folder
-from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size
+from ft_common import (MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size,
+                       window_for)
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
                          get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
 
@@ -25,7 +26,7 @@ HISTORY = 50  # finished and failed downloads kept for the web page
 # downloads waiting in their providers' queues: they do not hold one of the MAX_DOWNLOADS (a busy
 # node must not stall downloads from idle ones), but each is a worker instance, so they are bounded:
 # this many in all, MAX_DOWNLOADS at any one provider (more wait here, as workers would wait there)
-MAX_QUEUED_AT_PEERS = 8
+MAX_QUEUED_AT_PEERS = 5
 
 
 class Transfers:
@@ -247,6 +248,26 @@ def start_worker(our: Address, source: Address, name: str, target: Address, is_r
         println(f"error: could not start a worker for {name}: {e.value}")
 
 
+def share_budget(transfers: Transfers) -> None:
+    """Each running transfer's window, its share of the node's budget for bytes in flight (sending
+    and receiving together, ft_common.NODE_BUDGET): told to its worker whenever it changes."""
+    window = window_for(len(serving.SLOTS.slots) + transfers.running())
+    now = time.monotonic()
+    told = [(slot, slot[2], slot[0][1]) for slot in serving.SLOTS.slots if slot[2] is not None and slot[3] != window]
+    for key, t in transfers.active.items():
+        if t["worker"] is not None and t.get("window") != window and not _at_peer(t) and now - t["seen"] < STALL_TIMEOUT:
+            told.append((t, t["worker"], key[1]))
+    for holder, worker, _ in told:
+        if isinstance(holder, list):
+            holder[3] = window
+        else:
+            holder["window"] = window
+    for holder, worker, name in told:
+        # no answer wanted: a worker that has just ended misses nothing
+        (Request.to(worker).body({"Progress": {"name": name, "progress": 0}})
+         .metadata({"ft": 1, "window": window}).send())
+
+
 def start_waiting(our: Address, transfers: Transfers) -> None:
     """Start queued downloads while slots are free (after one ends, or one went silent)."""
     for key, target in list(transfers.waiting.items()):
@@ -418,6 +439,7 @@ def main(our: Address) -> None:
             serving.after_message(our)
             if transfers.waiting:
                 start_waiting(our, transfers)
+            share_budget(transfers)
             if page is not None:
                 page.push_state()
         except (ValueError, KeyError, TypeError, AttributeError, vfs.VfsError) as e:

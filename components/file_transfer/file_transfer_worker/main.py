@@ -18,7 +18,7 @@ import wit_world
 
 import ft_folder
 import ft_protocol as ft
-from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, check_name
+from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
 from process_lib import (HAS_BLOBS, Address, Message, ProcessId, Request, Response, SendError, await_message,
                          current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, println, run,
                          vfs)
@@ -116,12 +116,15 @@ class Worker:
             self.state_path = f"{self.partial_dir}/{name}.state"
             self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
         else:
-            self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED)
+            # a share of the node's budget until file_transfer (told by start()) gives ours
+            self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED, window=START_WINDOW)
         return self.machine.start()
 
     def take_folder(self, msg: Message, size, meta: dict, now: float) -> list:
         """The peer is sending a folder: a FolderRequestor takes over from the Requestor."""
+        window = self.machine.window
         self.machine = ft_folder.FolderRequestor(self.name, self.machine.peer, self.parent, self.started)
+        self.machine.window = window
         self.tree = f"{self.name}.tree"
         self.tree_state = f"{self.partial_dir}/{self.name}.tree-state"
         blob = get_blob()
@@ -256,7 +259,8 @@ class Worker:
             # our file_transfer serves a folder only to a requestor that asked for folders
             if vfs.metadata(f"{self.drive}/{self.name}").file_type != vfs.DIRECTORY:
                 raise
-            self.machine = ft_folder.FolderProvider(self.name, self.machine.target, self.parent, self.started)
+            self.machine = ft_folder.FolderProvider(self.name, self.machine.target, self.parent, self.started,
+                                                    window=self.machine.window)
             return self.machine.start()
         found = self.file.metadata()
         return self.machine.opened(found.len, found.stamp, time.monotonic())
