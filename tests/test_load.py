@@ -33,7 +33,9 @@ def hold_every_slot(provider, busy, big: dict) -> frozen:
 def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_factory):
     provider = node_factory("prov.dev")
     requestors = [node_factory(f"req{i}.dev") for i in range(1, 4)]
-    sizes = [(1 << 20) + 4096 * i if i % 2 else (2 << 20) - 4096 * i for i in range(50)]
+    # 400 MiB in all: a node that held the files whole (or a window each for all 50) would break the bound
+    sizes = [(8 << 20) + 4096 * i if i % 2 else (8 << 20) - 4096 * i for i in range(50)]
+    assert sum(sizes) > PEAK_LIMIT
     want = {f"load{i}.bin": put(provider, f"load{i}.bin", size) for i, size in enumerate(sizes)}
     outcomes: dict[str, tuple[int, list[str]]] = {}
     serving_seen: list[int] = []
