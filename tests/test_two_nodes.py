@@ -72,7 +72,6 @@ def test_missing_file_is_a_clear_error_and_creates_nothing(two_nodes):
     assert any("no such file: nothere.txt" in ln for ln in lines), lines
     assert not (fake2.files / "nothere.txt").exists()
     assert not (fake.files / "nothere.txt").exists()
-    time.sleep(0.5)
     no_workers(fake, fake2)
 
 
@@ -84,7 +83,6 @@ def test_empty_file_completes(two_nodes):
                            until=r"empty\.txt downloaded|error:", timeout=30)
     assert code == 0, lines
     assert (fake.files / "empty.txt").read_bytes() == b""
-    time.sleep(0.5)
     no_workers(fake, fake2)
 
 
