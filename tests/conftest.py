@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client  # noqa: F401  (the standard library's, before a test puts process_lib's http.py on the path)
 import json
 import os
 import queue
