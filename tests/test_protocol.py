@@ -1112,3 +1112,55 @@ def test_requestor_passes_its_parents_window_on_in_its_acks():
     assert r.request(REQ_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 2}, False,
                      None, 0.0) == []
     assert r.window == 2 and r._window_meta() == {"window": 2}
+
+
+# ---- FolderRequestor on its own --------------------------------------------------------------------
+def _folder_requestor():
+    import ft_folder
+    r = ft_folder.FolderRequestor("docs", PEER_MAIN, REQ_PARENT, 0.0)
+    listing = json.dumps({"dirs": ["d"], "files": [["d/a.txt", 3, "s1"], ["b.txt", 2, "s2"]]})
+    return ft_folder, r, r.size_announced(PROV_WORKER, 5, {"ft": 1, "folder": {}}, listing, "ab" * 32, True, 0.0)
+
+
+def test_folder_requestor_receives_batches_in_order_acks_them_with_its_window_and_finishes():
+    ft_folder, r, first = _folder_requestor()
+    assert [type(a).__name__ for a in first] == ["LoadFolderState"]
+    prepare = r.state_loaded(None, 0.0)
+    assert isinstance(prepare[0], ft_folder.PrepareTree) and prepare[0].fresh and prepare[0].dirs == ["d"]
+    opened = r.tree_prepared(0.0)
+    assert opened[0] == ft.Reply("Progress", {"ft": 1, "resume": [0, 0]})  # no window told yet: none passed on
+    assert r.request(REQ_PARENT, {"Progress": {"name": "docs", "progress": 0}}, {"ft": 1, "window": 3}, False, None,
+                     0.0) == []
+    h = "cd" * 32
+    write = r.request(PROV_WORKER, {"Chunk": {"name": "docs", "offset": 0, "length": 5}},
+                      {"ft": 1, "batch": [[0, 0, 3, h], [1, 0, 2, h]]}, True, 5, 0.1)
+    assert write == [ft_folder.WriteBatch([["d/a.txt", 0, 3, h], ["b.txt", 0, 2, h]],
+                                          {"digest": "ab" * 32, "index": 2, "offset": 0})]
+    done = r.batch_written(0.2)
+    assert done[0] == ft.Reply("Progress", {"ft": 1, "ack": 0, "window": 3})
+    assert isinstance(done[-1], ft_folder.FinishTree)
+    end = r.tree_finished(0.3, replaced=True)
+    assert end[-1] == ft.Exit() and end[0].metadata["done"] and end[0].metadata["replaced"]
+
+
+def test_folder_requestor_refuses_pieces_out_of_order_a_short_blob_and_a_resume_point_the_disk_does_not_bear():
+    ft_folder, r, _ = _folder_requestor()
+    r.state_loaded(None, 0.0)
+    r.tree_prepared(0.0)
+    h = "cd" * 32
+    out = r.request(PROV_WORKER, {"Chunk": {"name": "docs", "offset": 1, "length": 2}},
+                    {"ft": 1, "batch": [[1, 0, 2, h]]}, True, 2, 0.1)
+    assert r.state == r.FAILED and any("out of order" in str(getattr(a, "metadata", "")) for a in out), out
+    ft_folder, r, _ = _folder_requestor()
+    r.state_loaded(None, 0.0)
+    r.tree_prepared(0.0)
+    r.request(PROV_WORKER, {"Chunk": {"name": "docs", "offset": 0, "length": 3}}, {"ft": 1, "batch": [[0, 0, 3, h]]},
+              True, 2, 0.1)
+    assert r.state == r.FAILED  # 2 bytes of data for a 3-byte piece
+    # a saved point past a file the partial tree does not hold whole starts afresh
+    ft_folder, r, _ = _folder_requestor()
+    fresh = r.state_loaded({"digest": "ab" * 32, "index": 1, "offset": 1}, 0.0, {"d/a.txt": 2, "b.txt": 1})
+    assert fresh[0].fresh and (r.index, r.offset) == (0, 0)
+    ft_folder, r, _ = _folder_requestor()
+    kept = r.state_loaded({"digest": "ab" * 32, "index": 1, "offset": 1}, 0.0, {"d/a.txt": 3, "b.txt": 1})
+    assert not kept[0].fresh and (r.index, r.offset) == (1, 1)  # the control: borne out, resumed
