@@ -1,9 +1,9 @@
 """Load and soak: many transfers at once, many small messages, and memory over time.
 
-    .venv/bin/python bench/load.py [--downloads 50] [--size-mib 10] [--messages 10000] [--soak 60]
+    .venv/bin/python bench/load.py [--downloads 50] [--size-mib 32] [--messages 10000] [--soak 60]
 
-1. One provider, three requestors: --downloads files of --size-mib MiB, all started at once and
-   spread over the requestors; every copy checked by hash; time, MiB/s, peak memory, leftover workers.
+1. One provider, three requestors: --downloads files of --size-mib MiB (by default 1.6 GiB in all, so
+   a node that held the files whole would pass 300 MB), all started at once and spread over the requestors; every copy checked by hash; time, MiB/s, peak memory, leftover workers.
 2. --messages small requests from a process on one node to a process on another (64 in flight),
    each answered: messages/s and how many were lost.
 3. A soak of --soak seconds of back-to-back downloads of mixed sizes, with each node's memory
@@ -138,7 +138,7 @@ def soak(a: Node, b: Node, seconds: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--downloads", type=int, default=50)
-    ap.add_argument("--size-mib", type=int, default=10)
+    ap.add_argument("--size-mib", type=int, default=32)
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--soak", type=float, default=60)
     args = ap.parse_args()

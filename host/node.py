@@ -67,7 +67,7 @@ class Node:
         self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit)
         self.terminal_service = TerminalService(self.kernel, self.terminal)
         self.kernel_service = KernelService(self.kernel)
-        for service in (VfsService(self.kernel, self.vfs), self.terminal_service, self.kernel_service,
+        for service in (VfsService(self.kernel, self.vfs, self.settings.test_pause_after_chunks), self.terminal_service, self.kernel_service,
                         TimerService(self.kernel)):
             self.kernel.register(service)
         if self.networking:

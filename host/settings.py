@@ -55,6 +55,7 @@ class Settings:
     router_max_rate: float = 0.0            # bytes/s a router relays in all; 0: no limit
     net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
     relay_record: Optional[Path] = None     # tests: a router appends every byte it relays here
+    test_pause_after_chunks: int = 0        # tests: see host/vfs/test_pause.py; 0 (off) in a normal run
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
     verbose: int = 0
@@ -73,6 +74,8 @@ class Settings:
             raise SettingsError(f"KINODE_NET_TIMEOUT must be at least 2 seconds, not {self.net_timeout:g}")
         if self.name in self.routers:
             raise SettingsError("a node cannot be its own --router")
+        if self.test_pause_after_chunks < 0:
+            raise SettingsError("KINODE_TEST_PAUSE_AFTER_CHUNKS must be 0 (off) or more")
         if self.runtime.max_instances < 1:
             raise SettingsError("the process limit (--max-processes) must be at least 1")
 
@@ -126,6 +129,7 @@ class Defaults:
     http_timeout: float
     net_timeout: float
     relay_record: Optional[Path]
+    test_pause_after_chunks: int
 
 
 def defaults_from(env: Mapping[str, str]) -> Defaults:
@@ -140,6 +144,7 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         http_timeout=_number(env, "KINODE_HTTP_TIMEOUT", float, DEFAULT_HTTP_TIMEOUT),
         net_timeout=_number(env, "KINODE_NET_TIMEOUT", float, DEFAULT_NET_TIMEOUT),
         relay_record=Path(env["KINODE_RELAY_RECORD"]) if env.get("KINODE_RELAY_RECORD") else None,
+        test_pause_after_chunks=_number(env, "KINODE_TEST_PAUSE_AFTER_CHUNKS", int, 0),
     )
 
 

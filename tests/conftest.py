@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client  # noqa: F401  (the standard library's, before a test puts process_lib's http.py on the path)
 import json
 import os
 import queue
@@ -18,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
 
 from host.terminal.control import run_remote  # noqa: E402
 
@@ -148,8 +150,10 @@ def node_factory(tmp_path):
     made: list[NodeProc] = []
 
     def make(name: str = "fake.dev", start: bool = True, extra_args: list[str] | None = None,
-             home: Path | None = None, port: int | None = None) -> NodeProc:
-        node = NodeProc(name, home or tmp_path / name, port or free_port(), env, extra_args or [])
+             home: Path | None = None, port: int | None = None, pause_after: int = 0) -> NodeProc:
+        """`pause_after`: the node's providers hold after that many chunks (see `paused`)."""
+        node_env = dict(env, KINODE_TEST_PAUSE_AFTER_CHUNKS=str(pause_after)) if pause_after else env
+        node = NodeProc(name, home or tmp_path / name, port or free_port(), node_env, extra_args or [])
         made.append(node)
         return node.start() if start else node
 
@@ -161,6 +165,12 @@ def node_factory(tmp_path):
 @pytest.fixture
 def two_nodes(node_factory):
     return node_factory("fake.dev"), node_factory("fake2.dev")
+
+
+@pytest.fixture
+def held_nodes(node_factory):
+    """fake.dev and fake2.dev, whose providers hold after HELD_CHUNKS chunks (see stop_mid_transfer)."""
+    return node_factory("fake.dev"), node_factory("fake2.dev", pause_after=HELD_CHUNKS)
 
 
 # ---- helpers for tests that must mean the same on a fast or a slow machine ------------------------
@@ -179,6 +189,26 @@ class frozen:
         if self.node.alive():
             os.kill(self.node.proc.pid, signal.SIGCONT)
 
+
+
+# A node started with `pause_after=N` holds each provider worker before its (N+1)th chunk read (host/vfs/
+# test_pause.py) until released: a transfer is held part way on any machine, however fast.
+PAUSE_RELEASE = "test-pause-release"
+
+
+def paused(node: NodeProc, timeout: float = 60) -> str:
+    """Wait until one of the node's providers holds; the line says which file."""
+    return node.expect(r"test pause: .* holds before read", timeout)
+
+
+def release(node: NodeProc) -> None:
+    """Let every held provider (and every later one) go on."""
+    (node.home / PAUSE_RELEASE).touch()
+
+
+def rearm(node: NodeProc) -> None:
+    """Providers started from now on hold again after their Nth chunk."""
+    (node.home / PAUSE_RELEASE).unlink(missing_ok=True)
 
 
 def sha256(path: Path) -> str:
@@ -249,35 +279,24 @@ def saved_resume_point(node, peer: str, name: str) -> int:
         return 0
 
 
-def settle(node, peer: str, name: str, quiet_for: float = 1.0, timeout: float = 60) -> int:
-    """Wait until the requestor's partial stops growing (its provider frozen); return its size."""
-    last, since = partial_size(node, peer, name), time.monotonic()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() - since < quiet_for:
-        assert time.monotonic() < deadline, "the partial kept growing with its provider frozen"
-        time.sleep(0.1)
-        now = partial_size(node, peer, name)
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
-def stop_mid_transfer(fake, fake2, name: str, size: int, need_resume_point: bool = False) -> None:
-    """Start downloading `name` and freeze the provider (SIGSTOP) once bytes have arrived: at most
-    its window of chunks still arrives, so the transfer is held part way on any machine. With
-    `need_resume_point`, step on (a chunk at a time) until the requestor has saved one."""
-    fake.type("verbosity 1")  # a progress line for every chunk
+def stop_mid_transfer(fake, fake2, name: str, size: int, need_resume_point: bool = False) -> int:
+    """Start downloading `name` from fake2 (started with `pause_after=HELD_CHUNKS`) and wait until its
+    provider holds and every chunk it sent is written: the transfer is held part way on any machine.
+    Return the bytes held. The requestor saves its resume point every STATE_EVERY chunks, so with
+    HELD_CHUNKS above that a resume point is saved (`need_resume_point` waits for it)."""
+    from ft_common import EXT_CHUNK_SIZE
     fake.type(f"download:file_transfer:template.os {name} fake2.dev")
-    fake.expect(rf"{re.escape(name)} progress: [1-9]", 60)
-    while True:
-        os.kill(fake2.proc.pid, signal.SIGSTOP)
-        held = settle(fake, "fake2.dev", name)
-        assert 0 < held < size, held
-        assert not any(f"{name} downloaded" in ln for ln in fake.lines)
-        if not need_resume_point or saved_resume_point(fake, "fake2.dev", name) > 0:
-            return
-        os.kill(fake2.proc.pid, signal.SIGCONT)
-        fake.expect(rf"{re.escape(name)} progress: ", 60)
+    paused(fake2)
+    held = min(size, HELD_CHUNKS * EXT_CHUNK_SIZE)
+    assert held < size
+    wait_for(lambda: partial_size(fake, "fake2.dev", name) == held, 60, f"{held} bytes of {name} written")
+    if need_resume_point:
+        wait_for(lambda: saved_resume_point(fake, "fake2.dev", name) > 0, 60, "a resume point saved")
+    assert not any(f"{name} downloaded" in ln for ln in fake.lines)
+    return held
+
+
+HELD_CHUNKS = 6  # a provider started with pause_after=HELD_CHUNKS sends this many chunks, then holds
 
 
 def thread_names(node: NodeProc) -> list[str]:

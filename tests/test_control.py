@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from host.terminal import control
 from host.terminal.control import ControlServer, run_command
 from host.messages import ProcessId
@@ -263,13 +264,13 @@ def test_too_many_clients_are_refused_clearly(served, monkeypatch):
             s.connect(str(home / "other" / control.SOCKET_NAME))
             s.sendall(control.encode({"run": "script forever", "until": "never", "timeout": 600}))
             held.append(s)
-        time.sleep(0.3)
+        # (one thread accepts in connection order: both held clients took their slots before this one)
         out = run_command(home / "other", "say x", wait=0, timeout=5)
         assert out.status == 1 and "already running 2 control commands" in out.reason, out
         for s in held:
             s.close()
-        time.sleep(0.6)
-        assert run_command(home / "other", "say x", wait=0, timeout=5).status == 0
+        # their slots free once their commands notice the clients left
+        wait_for(lambda: run_command(home / "other", "say x", wait=0, timeout=5).status == 0, 30, "a slot freed")
     finally:
         server.stop()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from conftest import NodeProc, no_workers, open_fds, peak_rss_bytes, thread_names, wait_for
+from conftest import NodeProc, no_workers, open_fds, peak_rss_bytes, proc_status, thread_names, wait_for
 
 PEAK_RSS_LIMIT = 300 * 10**6  # bytes, per node, whatever the file's size
 
@@ -158,6 +158,18 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
             if a.code == 2:
                 time.sleep(0.5)  # the requestor is down: wait for its restart
 
+    # memory over the soak, on the nodes never killed: sampled until the loops end
+    rss: dict[str, list[tuple[float, int]]] = {n: [] for n in nodes if nodes[n] is not victim}
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            for n in rss:
+                rss[n].append((time.monotonic() - t0, int(proc_status(nodes[n].proc.pid)["VmRSS"].split()[0]) * 1024))
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     threads = [threading.Thread(target=loop, args=(name, k), daemon=True) for k, name in enumerate(nodes)]
     for t in threads:
         t.start()
@@ -171,6 +183,15 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
     for t in threads:
         t.join(timeout=SOAK_SECONDS + 180)
         assert not t.is_alive(), "a soak loop hung"
+    sampling.set()
+    sampler.join()
+    # no growth: each node's resident memory at the end is within 10% of the most it used in the
+    # soak's first quarter (a leak of a chunk per download would pass that within the minute)
+    for n, samples in rss.items():
+        first = max(v for t, v in samples if t <= SOAK_SECONDS / 4)
+        end = samples[-1][1]
+        print(f"soak RSS {n}: first quarter at most {first / 2**20:.0f} MiB, end {end / 2**20:.0f} MiB")
+        assert end < first * 1.10, (n, first, end)
 
     # every attempt either succeeded or failed for the kill (in time and in words)
     grace = 15  # seconds after the restart for peers to notice the node is back

@@ -2,11 +2,10 @@
 or other processes; the VFS answers malformed requests and path escapes with errors."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
-from conftest import REPO, TEST_PACKAGES
+from conftest import REPO, TEST_PACKAGES, wait_for
 
 MIS = "m fake.dev@misbehave:misbehave:test.os"
 
@@ -96,5 +95,8 @@ def test_on_exit_requests_are_sent_when_the_process_ends(node):
     node.expect(r"misbehave:test.os: on-exit set", 10)
     node.type(f'{MIS} "raise"')
     node.expect(r"^misbehave:test.os: farewell from misbehave$", 10)
-    time.sleep(1)
-    assert "misbehave:misbehave:test.os" not in node.processes()  # requests, not restart
+    # requests, not restart: the process is gone and stays gone (a restart would print "begin" again)
+    wait_for(lambda: "misbehave:misbehave:test.os" not in node.processes(), 30, "the process gone")
+    assert "misbehave:misbehave:test.os" not in node.processes()
+    assert not any("misbehave:test.os: begin" in ln for ln in node.lines[node.lines.index(
+        "misbehave:test.os: farewell from misbehave"):])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, frozen, no_workers, wait_for
+from conftest import REPO, no_workers, paused, rearm, release, wait_for
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
 import ft_folder  # noqa: E402  (the guest's own manifest check, plain Python)
-from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES  # noqa: E402
+from ft_common import BATCH_BYTES, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES  # noqa: E402
 
 PEER = "fake2.dev"
 
@@ -74,32 +73,35 @@ def tree_state(node, name: str):
 
 
 def big_folder(node, name: str) -> dict:
-    """Two big files first (in manifest order), then small ones: a transfer stopped in the second
-    has one file done and one half done."""
-    spec = {"a1.bin": os.urandom(24 << 20), "a2.bin": os.urandom(80 << 20), "empty": None}
+    """Two big files first (in manifest order), then small ones: a transfer held in the second has
+    one file done and one part done."""
+    spec = {"a1.bin": os.urandom(A1), "a2.bin": os.urandom(20 << 20), "empty": None}
     spec.update({f"s/{i:03}.txt": os.urandom(3000) for i in range(30)})
     make_files(node.files / name, spec)
     return spec
 
 
-def hold_in_second_file(fake, fake2, name: str) -> dict:
-    """Start downloading `name` and freeze the provider once the first file and a piece of the
-    second are written (at most its window of batches then still arrives); wait until the
-    requestor's saved point stops moving; return it."""
-    fake.type(f"download:file_transfer:template.os {name} {PEER}")
+A1 = 12 << 20           # big_folder's first file: three batches
+HELD_BATCHES = 5        # a provider started with pause_after=HELD_BATCHES holds two batches into a2.bin
 
-    def into_second() -> bool:
+
+@pytest.fixture
+def held_nodes(node_factory):
+    return node_factory("fake.dev"), node_factory(PEER, pause_after=HELD_BATCHES)
+
+
+def hold_in_second_file(fake, fake2, name: str) -> dict:
+    """Start downloading `name` from fake2 (held after HELD_BATCHES batches) and wait until the
+    requestor has written every batch sent: the first file and a piece of the second; return the
+    requestor's saved point."""
+    fake.type(f"download:file_transfer:template.os {name} {PEER}")
+    paused(fake2)
+    want = HELD_BATCHES * BATCH_BYTES - A1
+
+    def held():
         saved = tree_state(fake, name) or {}
-        return (saved.get("index", 0), saved.get("offset", 0)) >= (1, 1)
-    wait_for(into_second, 60, "the first file written", every=0.01)
-    os.kill(fake2.proc.pid, signal.SIGSTOP)
-    last, since = tree_state(fake, name), time.monotonic()
-    while time.monotonic() - since < 1.0:
-        time.sleep(0.1)
-        now = tree_state(fake, name)
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
+        return saved if (saved.get("index"), saved.get("offset")) == (1, want) else None
+    return wait_for(held, 60, "the batches sent written", every=0.05)
 
 
 def test_folder_download_with_nested_and_empty_folders_and_listing(two_nodes, tmp_path):
@@ -158,35 +160,35 @@ def test_folder_download_with_nested_and_empty_folders_and_listing(two_nodes, tm
 
 
 @pytest.mark.parametrize("victim", ["provider", "requestor"])
-def test_folder_resumes_after_a_node_is_killed(two_nodes, victim):
-    fake, fake2 = two_nodes
+def test_folder_resumes_after_a_node_is_killed(held_nodes, victim):
+    fake, fake2 = held_nodes
     spec = big_folder(fake2, "data")
-    held = hold_in_second_file(fake, fake2, "data")
-    assert held["index"] == 1 and 0 < held["offset"] < (80 << 20), held  # a1 done, a2 half done
+    held = hold_in_second_file(fake, fake2, "data")  # a1 done, a2 part done
     first = fake.files / ".partial" / PEER / "data.tree" / "a1.bin"
     first_inode = first.stat().st_ino
     if victim == "provider":
         fake2.kill()
         fake.expect(r"error: download of data from fake2\.dev failed: fake2\.dev went offline during the transfer "
                     r"\(run the download again to resume\)$", 30)
+        release(fake2)  # the resumed transfer is not held
         fake2.start()
     else:
         fake.kill()
-        os.kill(fake2.proc.pid, signal.SIGCONT)
+        release(fake2)
         fake.start()
     saved = tree_state(fake, "data")
     assert saved["index"] == 1 and saved["offset"] >= held["offset"], (saved, held)
     assert not (fake.files / "data").exists()  # never a partial tree under the real name
     lines = fetch(fake, "data")
     resumed = [ln for ln in lines if "data: resuming at file 2 of 32" in ln]
-    assert resumed and f"({(24 << 20) + saved['offset']} of " in resumed[0], lines
+    assert resumed and f"({A1 + saved['offset']} of " in resumed[0], lines
     assert tree(fake.files / "data") == with_parents(spec)
     assert (fake.files / "data" / "a1.bin").stat().st_ino == first_inode  # the file done was not fetched again
     no_workers(fake, fake2, within=30)
 
 
-def test_folder_cancel_then_download_again(two_nodes):
-    fake, fake2 = two_nodes
+def test_folder_cancel_then_download_again(held_nodes):
+    fake, fake2 = held_nodes
     spec = big_folder(fake2, "data")
     hold_in_second_file(fake, fake2, "data")
     try:
@@ -196,7 +198,7 @@ def test_folder_cancel_then_download_again(two_nodes):
         assert code == 0, lines
         fake.expect(r"download of data from fake2\.dev cancelled", 30)
     finally:
-        os.kill(fake2.proc.pid, signal.SIGCONT)
+        release(fake2)
     wait_for(lambda: not (fake.files / ".partial" / PEER / "data.tree").exists(), 10, "the partial tree removed")
     assert not (fake.files / "data").exists() and tree_state(fake, "data") is None
     fetch(fake, "data")  # positive control: the same folder, whole
@@ -204,27 +206,28 @@ def test_folder_cancel_then_download_again(two_nodes):
     no_workers(fake, fake2, within=30)
 
 
-def test_folder_that_changes_while_being_sent_fails_cleanly(two_nodes):
+def test_folder_that_changes_while_being_sent_fails_cleanly(held_nodes):
     """The folder is sent as it was listed: a file added after the listing is not sent; a file
     changed after it fails the transfer and nothing is kept; the next download takes both."""
-    fake, fake2 = two_nodes
+    fake, fake2 = held_nodes
     spec = big_folder(fake2, "moving")
     # a file added after the listing is not part of this download (which completes)
     fake.type(f"download:file_transfer:template.os moving {PEER}")
-    wait_for(lambda: tree_state(fake, "moving") is not None, 60, "the listing taken")
-    with frozen(fake):
-        (fake2.files / "moving" / "s" / "new.txt").write_bytes(b"added later")
+    paused(fake2)  # (the listing is taken before any batch is read)
+    (fake2.files / "moving" / "s" / "new.txt").write_bytes(b"added later")
+    release(fake2)
     fake.expect(r"moving downloaded", 60)
     assert tree(fake.files / "moving") == with_parents(spec)
     spec["s/new.txt"] = b"added later"
     # a file changed after the listing fails the download, and nothing is kept
+    rearm(fake2)
     fake.type(f"download:file_transfer:template.os moving {PEER}")
-    wait_for(lambda: tree_state(fake, "moving") is not None, 60, "the listing taken")  # after the walk
-    with frozen(fake):  # the provider can get at most its window ahead: s/029.txt is not read yet
-        (fake2.files / "moving" / "s" / "029.txt").write_bytes(b"new content")
+    paused(fake2)  # s/029.txt, in the last batch, is not read yet
+    (fake2.files / "moving" / "s" / "029.txt").write_bytes(b"new content")
+    release(fake2)
     line = fake.expect(r"moving downloaded|error: download of moving", 60)
-    assert re.search(r"error: download of moving from fake2\.dev failed: fake2\.dev: folder moving: s/029\.txt "
-                     r"changed since the folder was listed.*; nothing was saved$", line), line
+    assert re.search(r"error: download of moving from fake2\.dev failed: fake2\.dev: folder moving changed on fake2\.dev "
+                     r"during the transfer: s/029\.txt changed since the folder was listed.*; nothing was saved$", line), line
     wait_for(lambda: not (fake.files / ".partial" / PEER / "moving.tree").exists(), 10, "the partial tree removed")
     assert not (fake.files / "moving" / "s" / "new.txt").exists()  # the older copy is kept as it was
     fetch(fake, "moving")
@@ -397,19 +400,19 @@ def test_a_folder_download_queued_at_a_busy_provider_completes(node_factory):
     told it waits, and is received whole once a slot frees (a queued requestor's Size is a folder's)."""
     from test_transfers import put, sha
     from ft_common import MAX_SERVING
-    provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
+    provider, busy, late = (node_factory("prov.dev", pause_after=1), node_factory("busy.dev"),
+                            node_factory("late.dev"))
     spec = {"x.txt": b"x" * 100, "d/y.bin": os.urandom(1 << 20), "d/e": None}
     make_files(provider.files / "pics", spec)
-    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 192 << 20) for i in range(MAX_SERVING)}
-    busy.type("verbosity 1")
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 8 << 20) for i in range(MAX_SERVING)}
     busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
-    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
-             "every big file under way")
-    with frozen(busy):
-        assert not any("downloaded" in ln for ln in busy.lines)
-        late.type("download:file_transfer:template.os pics prov.dev")
-        line = late.expect(r"pics: queued at", 30)
-        assert line == "file_transfer:template.os: pics: queued at prov.dev, position 1", line
+    for _ in big:
+        paused(provider)  # every serving slot held, part way
+    late.type("download:file_transfer:template.os pics prov.dev")
+    line = late.expect(r"pics: queued at", 30)
+    assert line == "file_transfer:template.os: pics: queued at prov.dev, position 1", line
+    assert not any("downloaded" in ln for ln in busy.lines)
+    release(provider)
     late.expect(r"pics downloaded|error:", 120)
     assert tree(late.files / "pics") == with_parents(spec), late.lines[-5:]
     wait_for(lambda: sum("downloaded" in ln for ln in busy.lines) == len(big), 120, "the big files")

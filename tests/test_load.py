@@ -8,19 +8,34 @@ import sys
 import threading
 import time
 
-from conftest import REPO, TEST_PACKAGES, frozen, no_workers, peak_rss_bytes, wait_for
+from conftest import REPO, TEST_PACKAGES, frozen, no_workers, paused, peak_rss_bytes, release, wait_for
 from test_transfers import download, put, sha
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
-from ft_common import MAX_DOWNLOADS, MAX_SERVING, STALL_TIMEOUT  # noqa: E402
+from ft_common import EXT_CHUNK_SIZE, MAX_DOWNLOADS, MAX_SERVING, STALL_TIMEOUT, WINDOW  # noqa: E402
 
 PEAK_LIMIT = 300 * 10**6  # bytes, each node
+# a file that cannot be sent whole while its requestor is frozen: more than the chunk read before the
+# provider's pause plus its window
+HELD_SIZE = (WINDOW + 2) * EXT_CHUNK_SIZE
+
+
+def hold_every_slot(provider, busy, big: dict) -> frozen:
+    """busy downloads `big` (MAX_SERVING files) from provider, started with pause_after=1; once every
+    serving worker holds, busy is frozen (the caller's `with`) and provider released: its workers send
+    their window, then wait for acks and keep their slots (they report to their parent meanwhile)."""
+    busy.type(f"download:file_transfer:template.os {' '.join(big)} {provider.name}")
+    for _ in big:
+        paused(provider)
+    return frozen(busy)
 
 
 def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_factory):
     provider = node_factory("prov.dev")
     requestors = [node_factory(f"req{i}.dev") for i in range(1, 4)]
-    sizes = [(1 << 20) + 4096 * i if i % 2 else (2 << 20) - 4096 * i for i in range(50)]
+    # 400 MiB in all: a node that held the files whole (or a window each for all 50) would break the bound
+    sizes = [(8 << 20) + 4096 * i if i % 2 else (8 << 20) - 4096 * i for i in range(50)]
+    assert sum(sizes) > PEAK_LIMIT
     want = {f"load{i}.bin": put(provider, f"load{i}.bin", size) for i, size in enumerate(sizes)}
     outcomes: dict[str, tuple[int, list[str]]] = {}
     serving_seen: list[int] = []
@@ -60,24 +75,21 @@ def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_fa
 def test_a_queued_requestor_is_told_it_waits_then_completes(node_factory):
     """...and its downloads waiting at a busy provider do not hold its own download slots: one from
     an idle node completes meanwhile."""
-    provider, busy, late = node_factory("prov.dev"), node_factory("busy.dev"), node_factory("late.dev")
+    provider, busy, late = node_factory("prov.dev", pause_after=1), node_factory("busy.dev"), node_factory("late.dev")
     idle = node_factory("idle.dev")
     first, small = put(provider, "first.bin", 2 << 20), put(provider, "small.bin", 2 << 20)
     put(provider, "gone.bin", 2 << 20)
     more = {f"more{i}.bin": put(provider, f"more{i}.bin", 1 << 20) for i in range(MAX_DOWNLOADS - 2)}
     elsewhere = put(idle, "elsewhere.bin", 1 << 20)
-    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", HELD_SIZE) for i in range(MAX_SERVING)}
     assert MAX_SERVING <= MAX_DOWNLOADS  # one requestor can hold every slot
     # the control: with the provider idle, a download is served at once, never queued
     download(late, "first.bin", "prov.dev")
     assert sha(late.files / "first.bin") == first
     assert not any("queued at" in ln for ln in late.lines)
     # busy takes every serving slot, then is frozen mid-transfer: the slots stay taken
-    busy.type("verbosity 1")
-    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
-    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
-             "every big file under way")
-    with frozen(busy):
+    with hold_every_slot(provider, busy, big):
+        release(provider)
         assert not any("downloaded" in ln for ln in busy.lines)
         late.type("download:file_transfer:template.os gone.bin prov.dev")
         line = late.expect(r"gone\.bin: queued at", 30)
@@ -159,9 +171,9 @@ def test_a_peer_cannot_queue_without_bound_nor_pass_the_serving_limit(node_facto
     serving = (REPO / "components/file_transfer/file_transfer/serving.py").read_text()
     MAX_QUEUED_PER_NODE = int(re.search(r"^MAX_QUEUED_PER_NODE = (\d+)", serving, re.M).group(1))
     args = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
-    provider, busy = node_factory("prov.dev"), node_factory("busy.dev")
+    provider, busy = node_factory("prov.dev", pause_after=1), node_factory("busy.dev")
     evil = node_factory("evil.dev", extra_args=args)
-    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 96 << 20) for i in range(MAX_SERVING)}
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", HELD_SIZE) for i in range(MAX_SERVING)}
     for i in range(MAX_QUEUED_PER_NODE + 1):
         (provider.files / f"tiny{i}.txt").write_text(f"tiny {i}\n")
     main = "prov.dev@file_transfer:file_transfer:template.os"
@@ -181,11 +193,8 @@ def test_a_peer_cannot_queue_without_bound_nor_pass_the_serving_limit(node_facto
     wait_for(lambda: any("quiet got a message from prov.dev@" in ln and "Size" in ln for ln in evil.lines), 30,
              "the Size")
     no_workers(provider, within=30)  # it ends when its Size goes unanswered
-    busy.type("verbosity 1")
-    busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
-    wait_for(lambda: all(any(re.search(rf"{n} progress: [1-9]", ln) for ln in busy.lines) for n in big), 60,
-             "every big file under way")
-    with frozen(busy):  # its transfers hold every slot
+    with hold_every_slot(provider, busy, big):  # its transfers hold every slot
+        release(provider)
         for i in range(MAX_QUEUED_PER_NODE + 1):
             body = json.dumps({"Download": {"name": f"tiny{i}.txt", "target": target, "is_requestor": False}})
             evil.type(f"m evil.dev@quiet:misbehave:test.os askft {main} {body}")

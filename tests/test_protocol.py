@@ -132,7 +132,10 @@ class RequestorSide:
         elif isinstance(a, ft.VerifyFile):
             return m.file_verified(h(bytes(s["part"])) if a.read_back else None, 0.0)
         elif isinstance(a, ft.Rename):
-            s["file"] = bytes(s.pop("part"))
+            new = bytes(s.pop("part"))
+            replaced = "file" in s and s["file"] != new
+            s["file"] = new
+            return m.renamed(replaced, 0.0)
         elif isinstance(a, ft.RemoveFiles):
             if a.state:
                 s.pop("state", None)
@@ -620,10 +623,11 @@ def test_portable_provider_ignores_an_extended_size_answer():
                         follow = side.perform(p, a)
                 actions = follow
         run(p.start())
-        assert sends == [ft.Send(REQ_WORKER, {"Size": 40}, None, ft_common.HANDSHAKE_TIMEOUT, "size")]
+        assert sends[0].target == PROV_PARENT and sends[0].metadata["serving"] is True  # it tells its parent at once
+        assert sends[1:] == [ft.Send(REQ_WORKER, {"Size": 40}, None, ft_common.HANDSHAKE_TIMEOUT, "size")]
         run(p.response("size", {"ft": 1, "offset": 16}, 0.0))  # it cannot resume nor hash
     assert p.state == ft.Provider.DONE
-    assert [a.body["Chunk"]["offset"] for a in sends[1:-1]] == [0, 16, 32]
+    assert [a.body["Chunk"]["offset"] for a in sends[2:-1]] == [0, 16, 32]
     assert sends[-1].target == PROV_PARENT and sends[-1].metadata["serving"] is False  # its slot is free
 
 
@@ -873,7 +877,8 @@ def test_provider_detects_a_file_changed_while_being_sent():
         while p.state not in (ft.Provider.DONE, ft.Provider.FAILED):
             run(p.response("chunk", {"ft": 1}, 0.0))
     assert out[-1] == ft.Exit("file changed while being sent")
-    assert out[-4].metadata == {"ft": 1, "error": "f.bin changed while being sent; nothing was saved", "keep": False}
+    assert out[-4].metadata == {"ft": 1, "error": "f.bin changed on bob.os during the transfer; nothing was saved",
+                                "keep": False}
 
 
 def test_provider_short_read_and_unreadable_file():
@@ -890,7 +895,9 @@ def test_provider_short_read_and_unreadable_file():
     assert actions[0].metadata == {"ft": 1, "error": "cannot read f.bin", "keep": False}
     p = Provider("f.bin", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
     p.state = ft.Provider.CHECKING
-    assert p.io_failed("gone", 0.0)[0].metadata["error"] == "f.bin became unreadable while being sent"
+    assert p.io_failed("gone", 0.0)[0].metadata == {
+        "ft": 1, "error": "f.bin changed on bob.os during the transfer (it is gone or unreadable); nothing was saved",
+        "keep": False}
 
 
 def test_provider_answers_keepalives_and_stops_on_the_requestors_error():
@@ -1065,3 +1072,95 @@ def test_folder_provider_reports_its_serving_slot_while_sending_and_gives_it_bac
     failed = p.request(PROV_PARENT, {"Cancel": None}, {"cancel": True}, 2.0)
     assert failed[-1] == ft.Exit("cancelled")
     assert failed[-2].target == PROV_PARENT and failed[-2].metadata["serving"] is False
+
+
+# ---- the node's budget for bytes in flight (ft_common.NODE_BUDGET) -----------------------------------
+def test_window_shares_the_node_budget():
+    chunk = ft_common.EXT_CHUNK_SIZE
+    assert ft_common.window_for(1) == ft_common.WINDOW  # a lone transfer keeps its full window (its speed)
+    for n in (2, 4, 8, 16, 50):
+        w = ft_common.window_for(n)
+        assert w >= 1 and (w == 1 or n * w * chunk <= ft_common.NODE_BUDGET), (n, w)
+    assert ft_common.window_in({"window": 3}) == 3
+    assert [ft_common.window_in({"window": v}) for v in (0, -1, True, "2", None)] == [None] * 5
+
+
+def test_provider_keeps_the_smaller_of_its_parents_and_its_requestors_window_in_flight():
+    def in_flight(out) -> int:
+        return sum(1 for a in out if isinstance(a, ft.Send) and "Chunk" in a.body)
+    with small_chunks():
+        p, side, out, run = offered(bytes(64 * 20))
+        p.window = 2  # (the worker starts a provider at START_WINDOW)
+        run(p.response("size", {"ft": 1, "offset": 0}, 0.0))
+        assert in_flight(out) == 2
+        run(p.request(PROV_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 6}, 0.0))
+        assert in_flight(out) == 6  # the parent's share grew: the window fills at once
+        run(p.response("chunk", {"ft": 1, "ack": 0, "window": 3}, 0.0))  # the requestor's node is busier
+        assert in_flight(out) == 6  # one acked, none sent: 5 in flight, over the requestor's 3
+        for _ in range(3):
+            run(p.response("chunk", {"ft": 1, "ack": 0, "window": 3}, 0.0))
+        assert in_flight(out) == 7 and p.in_flight == 3
+    # a window from anyone but the parent is not taken
+    p2, _, out2, run2 = offered(bytes(64 * 20))
+    run2(p2.request(STRANGER, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 1}, 0.0))
+    assert p2.window == ft_common.WINDOW
+
+
+def test_requestor_passes_its_parents_window_on_in_its_acks():
+    r = Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.start()
+    assert r.request(REQ_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 2}, False,
+                     None, 0.0) == []
+    assert r.window == 2 and r._window_meta() == {"window": 2}
+
+
+# ---- FolderRequestor on its own --------------------------------------------------------------------
+def _folder_requestor():
+    import ft_folder
+    r = ft_folder.FolderRequestor("docs", PEER_MAIN, REQ_PARENT, 0.0)
+    listing = json.dumps({"dirs": ["d"], "files": [["d/a.txt", 3, "s1"], ["b.txt", 2, "s2"]]})
+    return ft_folder, r, r.size_announced(PROV_WORKER, 5, {"ft": 1, "folder": {}}, listing, "ab" * 32, True, 0.0)
+
+
+def test_folder_requestor_receives_batches_in_order_acks_them_with_its_window_and_finishes():
+    ft_folder, r, first = _folder_requestor()
+    assert [type(a).__name__ for a in first] == ["LoadFolderState"]
+    prepare = r.state_loaded(None, 0.0)
+    assert isinstance(prepare[0], ft_folder.PrepareTree) and prepare[0].fresh and prepare[0].dirs == ["d"]
+    opened = r.tree_prepared(0.0)
+    assert opened[0] == ft.Reply("Progress", {"ft": 1, "resume": [0, 0]})  # no window told yet: none passed on
+    assert r.request(REQ_PARENT, {"Progress": {"name": "docs", "progress": 0}}, {"ft": 1, "window": 3}, False, None,
+                     0.0) == []
+    h = "cd" * 32
+    write = r.request(PROV_WORKER, {"Chunk": {"name": "docs", "offset": 0, "length": 5}},
+                      {"ft": 1, "batch": [[0, 0, 3, h], [1, 0, 2, h]]}, True, 5, 0.1)
+    assert write == [ft_folder.WriteBatch([["d/a.txt", 0, 3, h], ["b.txt", 0, 2, h]],
+                                          {"digest": "ab" * 32, "index": 2, "offset": 0})]
+    done = r.batch_written(0.2)
+    assert done[0] == ft.Reply("Progress", {"ft": 1, "ack": 0, "window": 3})
+    assert isinstance(done[-1], ft_folder.FinishTree)
+    end = r.tree_finished(0.3, replaced=True)
+    assert end[-1] == ft.Exit() and end[0].metadata["done"] and end[0].metadata["replaced"]
+
+
+def test_folder_requestor_refuses_pieces_out_of_order_a_short_blob_and_a_resume_point_the_disk_does_not_bear():
+    ft_folder, r, _ = _folder_requestor()
+    r.state_loaded(None, 0.0)
+    r.tree_prepared(0.0)
+    h = "cd" * 32
+    out = r.request(PROV_WORKER, {"Chunk": {"name": "docs", "offset": 1, "length": 2}},
+                    {"ft": 1, "batch": [[1, 0, 2, h]]}, True, 2, 0.1)
+    assert r.state == r.FAILED and any("out of order" in str(getattr(a, "metadata", "")) for a in out), out
+    ft_folder, r, _ = _folder_requestor()
+    r.state_loaded(None, 0.0)
+    r.tree_prepared(0.0)
+    r.request(PROV_WORKER, {"Chunk": {"name": "docs", "offset": 0, "length": 3}}, {"ft": 1, "batch": [[0, 0, 3, h]]},
+              True, 2, 0.1)
+    assert r.state == r.FAILED  # 2 bytes of data for a 3-byte piece
+    # a saved point past a file the partial tree does not hold whole starts afresh
+    ft_folder, r, _ = _folder_requestor()
+    fresh = r.state_loaded({"digest": "ab" * 32, "index": 1, "offset": 1}, 0.0, {"d/a.txt": 2, "b.txt": 1})
+    assert fresh[0].fresh and (r.index, r.offset) == (0, 0)
+    ft_folder, r, _ = _folder_requestor()
+    kept = r.state_loaded({"digest": "ab" * 32, "index": 1, "offset": 1}, 0.0, {"d/a.txt": 3, "b.txt": 1})
+    assert not kept[0].fresh and (r.index, r.offset) == (1, 1)  # the control: borne out, resumed

@@ -72,7 +72,6 @@ def test_missing_file_is_a_clear_error_and_creates_nothing(two_nodes):
     assert any("no such file: nothere.txt" in ln for ln in lines), lines
     assert not (fake2.files / "nothere.txt").exists()
     assert not (fake.files / "nothere.txt").exists()
-    time.sleep(0.5)
     no_workers(fake, fake2)
 
 
@@ -84,7 +83,6 @@ def test_empty_file_completes(two_nodes):
                            until=r"empty\.txt downloaded|error:", timeout=30)
     assert code == 0, lines
     assert (fake.files / "empty.txt").read_bytes() == b""
-    time.sleep(0.5)
     no_workers(fake, fake2)
 
 
@@ -182,12 +180,12 @@ def test_peer_restart_is_redialled(two_nodes):
     assert code == 0, lines
 
 
-def test_provider_vanishing_mid_transfer_fails_clearly_and_node_keeps_running(two_nodes):
-    fake, fake2 = two_nodes
+def test_provider_vanishing_mid_transfer_fails_clearly_and_node_keeps_running(held_nodes):
+    fake, fake2 = held_nodes
     fake2.files.mkdir(parents=True, exist_ok=True)
-    size = 160 << 20
+    size = 40 << 20
     (fake2.files / "big.bin").write_bytes(os.urandom(size))
-    stop_mid_transfer(fake, fake2, "big.bin", size)  # held part way: the provider is frozen
+    stop_mid_transfer(fake, fake2, "big.bin", size)  # held part way: the provider holds
     fake2.kill()
     line = fake.expect(r"error: download of big\.bin from fake2\.dev failed", 90)
     assert line.endswith("failed: fake2.dev went offline during the transfer (run the download again to resume)"), line

@@ -7,6 +7,7 @@ from host.kernel.kernel import Kernel
 from host.kernel.host_service import HostService
 from host.messages import Blob, Capability, KernelMessage, ProcessId, Request, Response
 from host.vfs.store import Vfs
+from host.vfs.test_pause import TestPause
 
 log = logging.getLogger("host.vfs.service")
 
@@ -14,9 +15,12 @@ VFS_ID = ProcessId("vfs", "distro", "sys")
 
 
 class VfsService(HostService):
-    def __init__(self, kernel: Kernel, vfs: Vfs):
+    def __init__(self, kernel: Kernel, vfs: Vfs, pause_after_chunks: int = 0):
         super().__init__(kernel, VFS_ID)
         self.vfs = vfs
+        self.pause = (TestPause(pause_after_chunks, kernel.home,
+                                lambda text: kernel.terminal.process_output(VFS_ID, text))
+                      if pause_after_chunks > 0 else None)  # tests only (settings.test_pause_after_chunks)
         kernel.on_exit_listener(lambda pid, _reason: vfs.forget(pid))  # close what it left open
 
     def deliver(self, km: KernelMessage) -> None:
@@ -30,6 +34,8 @@ class VfsService(HostService):
         def has_cap(params: dict) -> bool:
             return src.has_cap(Capability.make(self.address, params))
 
+        if self.pause is not None:
+            self.pause.before(km.source.process, km.message.body)
         blob = km.lazy_load_blob.bytes if km.lazy_load_blob else None
         res = self.vfs.handle(km.source.process, has_cap, km.message.body, blob)
         for params in res.grant:

@@ -25,6 +25,11 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
 - A provider worker tells its parent every TICK that it still serves, and when it ends
   (`Progress` with `{"ft":1, "serving": true|false, "peer"}`), so the parent knows its free slots.
 - Progress to the parent carries `{"ft":1, "bytes", "total", "rate", "done", "error", "hash"}`.
+- Window: a node keeps at most NODE_BUDGET bytes in flight for all its transfers together (serving
+  and receiving). Its file_transfer tells each worker its share as a window of chunks (a `Progress`
+  request `{"ft":1, "window": W}`, again whenever the number of transfers changes); a requestor
+  passes its window on in every ack (`"window"`), and a provider keeps at most the smaller of its
+  own and its requestor's in flight. A provider starts at START_WINDOW until it is told.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ from host.kinode_types import check_relative_path, nfc  # noqa: F401
 
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs ~ms of fixed overhead)
-WINDOW = 8                 # chunks in flight per transfer
+WINDOW = 8                 # chunks in flight per transfer, at most (a lone transfer's)
+NODE_BUDGET = 32 * CHUNK_SIZE  # bytes in flight for all of a node's transfers together (a lone one: WINDOW chunks)
+START_WINDOW = 2           # a provider's window until its file_transfer gives it its share
 MAX_DOWNLOADS = 4          # downloads a node runs at once; more wait their turn in file_transfer
 MAX_SERVING = 4            # files a node sends at once; more requestors wait in its queue (each
                            # serving worker is a Wasm instance plus its chunks in flight)
@@ -45,6 +52,17 @@ HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answe
 STALL_TIMEOUT = 60         # seconds without progress before a worker gives up
 TICK = 5                   # seconds between a worker's stall checks
 PARTIAL_DIR = ".partial"   # inside the files drive; hidden from ListFiles (only files are listed)
+
+
+def window_for(transfers: int) -> int:
+    """Each transfer's window (in chunks or batches of EXT_CHUNK_SIZE) when a node runs `transfers`."""
+    return max(1, min(WINDOW, NODE_BUDGET // (max(transfers, 1) * EXT_CHUNK_SIZE)))
+
+
+def window_in(meta: dict):
+    """A window given in metadata (an int from 1, bool is no int here), or None."""
+    w = meta.get("window")
+    return w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else None
 
 
 def human_size(n: float) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HANDSHAKE_TIMEOUT, MAX_FOLDER_DEPTH,
-                       MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path)
+                       MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path, window_in)
 from ft_protocol import ArmTimer, Exit, Log, Reply, Send, screen_request
 
 HEX = frozenset("0123456789abcdef")
@@ -152,6 +152,7 @@ class FolderRequestor:
         self.peer = peer
         self.peer_node = peer.node
         self.parent = parent
+        self.window: Optional[int] = None  # batches the provider may keep in flight, once our parent said
         self.started = self.last_activity = started
         self.state = self.OPENING
         self.provider: Any = None
@@ -212,7 +213,7 @@ class FolderRequestor:
         self.state = self.RECEIVING
         actions: list = []
         if self.wants_answer:
-            actions.append(Reply("Progress", {"ft": 1, "resume": [self.index, self.offset]}))
+            actions.append(Reply("Progress", {"ft": 1, "resume": [self.index, self.offset], **self._window_meta()}))
         if self.index or self.offset:
             actions.append(Log(f"{self.name}: resuming at file {self.index + 1} of {len(self.files)} "
                                f"({self.done_bytes} of {self.total} bytes)"))
@@ -265,12 +266,15 @@ class FolderRequestor:
         self.done_bytes += nbytes
         self.last_activity = now
         self.state = self.RECEIVING
-        actions: list = [Reply("Progress", {"ft": 1, "ack": first})] if wants_ack else []
+        actions: list = [Reply("Progress", {"ft": 1, "ack": first, **self._window_meta()})] if wants_ack else []
         if self.index >= len(self.files):
             return self._finish(actions)
         self._report(actions, now)
         self._keepalive(actions)
         return actions
+
+    def _window_meta(self) -> dict:
+        return {"window": self.window} if self.window else {}
 
     def _keepalive(self, actions: list) -> None:
         """Keep one request outstanding to the provider: if its node goes away, we learn of it."""
@@ -284,10 +288,11 @@ class FolderRequestor:
         actions.append(FinishTree())
         return actions
 
-    def tree_finished(self, now: float) -> list:
+    def tree_finished(self, now: float, replaced: bool = False) -> list:
+        """`replaced`: an older file or folder had the name (Kinode overwrites; the download says so)."""
         self.state = self.DONE
         actions: list = []
-        self._report(actions, now, done=True)
+        self._report(actions, now, done=True, **({"replaced": True} if replaced else {}))
         actions.append(Exit())
         return actions
 
@@ -357,11 +362,13 @@ class FolderProvider:
 
     LISTING, OFFERED, SENDING, READING, DONE, FAILED = "listing", "offered", "sending", "reading", "done", "failed"
 
-    def __init__(self, name: str, target: Any, parent: Any, started: float):
+    def __init__(self, name: str, target: Any, parent: Any, started: float, window: int = FOLDER_WINDOW):
         self.name = name
         self.target = target
         self.parent = parent
         self.started = self.last_activity = started
+        self.window = window               # our share of the node's budget, in batches (our parent says)
+        self.peer_window = FOLDER_WINDOW   # the requestor's share of its node's (its acks say)
         self.state = self.LISTING
         self.files: list = []      # [path, size, stamp]
         self.index = self.offset = 0  # where the next batch starts
@@ -412,17 +419,19 @@ class FolderProvider:
             self.index, self.offset = resume
             self.state = self.SENDING
             self.last_activity = now
+            self.peer_window = window_in(meta) or self.peer_window
             return self._fill([])
         if context == "chunk" and self.state in (self.SENDING, self.READING):
             self.in_flight -= 1
             self.last_activity = now
+            self.peer_window = window_in(meta) or self.peer_window
             return self._fill([])
         return []
 
     def _fill(self, actions: list) -> list:
         if self.state != self.SENDING:
             return actions
-        if self.in_flight < FOLDER_WINDOW and self.index < len(self.files):
+        if self.in_flight < min(self.window, self.peer_window) and self.index < len(self.files):
             items, indices, budget = [], [], BATCH_BYTES
             while self.index < len(self.files) and len(items) < BATCH_FILES and budget > 0:
                 path, size, stamp = self.files[self.index]
@@ -467,6 +476,9 @@ class FolderProvider:
             return []
         if source == self.parent and meta.get("cancel"):
             return [self._error_to_peer("the sender cancelled")] + self._failed("cancelled")
+        if source == self.parent and window_in(meta):
+            self.window = window_in(meta)
+            return self._fill([])  # (only while sending: a batch being read fills it when sent)
         if source == self.target and isinstance(body, dict) and "Progress" in body:
             if meta.get("error"):
                 return self._failed(f"the requestor stopped: {meta['error']}")
@@ -493,7 +505,8 @@ class FolderProvider:
         if self.state in (self.DONE, self.FAILED):
             return []
         text = error.split(": ", 2)[-1] if ": " in error else error
-        return [self._error_to_peer(f"folder {self.name}: {text}; nothing was saved")] + self._failed(error)
+        return [self._error_to_peer(f"folder {self.name} changed on {self.parent.node} during the transfer: {text}; "
+                                    f"nothing was saved")] + self._failed(error)
 
     def _failed(self, error: str) -> list:
         self.state = self.FAILED

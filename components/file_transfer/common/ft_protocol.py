@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, STATE_EVERY,
-                       TICK, WINDOW)
+                       TICK, WINDOW, window_in)
 
 QUEUE_META = "queue"   # metadata key of a requestor's ask about its place in a provider's queue
 
@@ -104,7 +104,9 @@ class VerifyFile:
 
 @dataclass
 class Rename:
-    """The partial takes the file's real name."""
+    """The partial takes the file's real name; -> renamed(whether it replaced a file of other content,
+    judged by size and by `digest`, the new file's BLAKE3, where there is one)."""
+    digest: Optional[str] = None
 
 
 @dataclass
@@ -164,6 +166,9 @@ def screen_request(m: Any, source: Any, meta: dict, now: float) -> Optional[list
         return []
     if source == m.parent and meta.get("cancel"):
         return m.fail("cancelled", keep=False, now=now)
+    if source == m.parent and window_in(meta):
+        m.window = window_in(meta)  # our share of the node's budget: passed on in our acks
+        return []
     if source.node != m.peer_node:
         return [Log(f"worker: ignored a bad message from {source}: not the peer of this transfer")]
     if meta.get("error"):
@@ -217,6 +222,8 @@ class Requestor:
         self.handshake_from = now    # the Size is due HANDSHAKE_TIMEOUT after this (reset by the queue)
         self.queue_place: Optional[int] = None  # our place in the provider's queue while QUEUED
         self.queue_ask_out = False   # an ask about our place is outstanding
+        self.verified_digest: Optional[str] = None  # the whole file's hash, once verified
+        self.window: Optional[int] = None  # chunks the provider may keep in flight, once our parent said
 
     # ---- events ----
     def start(self) -> list:
@@ -345,7 +352,7 @@ class Requestor:
         if not offset and self.has_state:
             actions.append(SaveState(self.size, 0))
         if self.wants_answer:  # a plain answer tells an extended provider to go plain
-            actions.append(Reply("Progress", {"ft": 1, "offset": offset} if self.ext else None))
+            actions.append(Reply("Progress", {"ft": 1, "offset": offset, **self._window_meta()} if self.ext else None))
         if offset:
             actions.append(Log(f"{self.name}: resuming at {offset} of {self.size} bytes"))
         return self._maybe_finish(actions, now)
@@ -399,7 +406,7 @@ class Requestor:
         self.received = max(self.received, self.cursor) if not self.ext else self.cursor
         actions: list = []
         if wants_ack:
-            actions.append(Reply("Progress", {"ft": 1, "ack": offset}))
+            actions.append(Reply("Progress", {"ft": 1, "ack": offset, **self._window_meta()}))
         self.last_activity = now
         if self._complete():
             return self._finish(actions)
@@ -432,8 +439,16 @@ class Requestor:
         if self.file_hash and digest != self.file_hash:
             return self.fail("the downloaded file does not match the provider's hash (it changed while being "
                              "sent, or was corrupted); nothing was saved", keep=False, now=now)
-        actions: list = [Rename(), RemoveFiles(state=self.has_state, partial=False)]
-        self._report(actions, now, done=True, hash=digest)
+        self.verified_digest = digest
+        return [Rename(digest)]
+
+    def renamed(self, replaced: bool, now: float) -> list:
+        """The file has its real name; `replaced`: an older file of other content had it (Kinode
+        overwrites, so the download did too, and says so)."""
+        if self.state != self.VERIFYING:
+            raise RuntimeError(f"renamed in state {self.state}")
+        actions: list = [RemoveFiles(state=self.has_state, partial=False)]
+        self._report(actions, now, done=True, hash=self.verified_digest, **({"replaced": True} if replaced else {}))
         self.state = self.DONE
         actions.append(Exit())
         return actions
@@ -508,6 +523,9 @@ class Requestor:
         return actions
 
     # ---- helpers ----
+    def _window_meta(self) -> dict:
+        return {"window": self.window} if self.window else {}
+
     def _complete(self) -> bool:
         """All bytes are here and the provider's file hash too (unless it sends none)."""
         return self.size is not None and self.received >= self.size and not self.hash_follows
@@ -562,7 +580,7 @@ class Provider:
     FAILED = "failed"
     STATES = frozenset({OPENING, OFFERED, SENDING, READING, PUSHING, CHECKING, DRAINING, DONE, FAILED})
 
-    def __init__(self, name: str, target: Any, parent: Any, now: float, *, extended: bool):
+    def __init__(self, name: str, target: Any, parent: Any, now: float, *, extended: bool, window: int = WINDOW):
         self.name = name
         self.extended = extended     # we can speak the extended protocol
         self.target = target
@@ -579,6 +597,8 @@ class Provider:
         self.first_offset = 0        # where this session's chunks begin (a resume point)
         self.chain_digest: Optional[str] = None  # BLAKE3 of the bytes sent from first_offset on
         self.reading: Optional[tuple] = None  # (offset, length) of the chunk being read
+        self.window = window         # our share of the node's budget, in chunks (our parent says)
+        self.peer_window = WINDOW    # the requestor's share of its node's budget (its acks say)
 
     def _error_to_peer(self, text: str, keep: bool = True) -> Send:
         """`keep`: whether the requestor's partial may still serve a resume."""
@@ -586,7 +606,8 @@ class Provider:
 
     # ---- events ----
     def start(self) -> list:
-        return [ArmTimer(TICK), OpenFile()]
+        # the parent hears of us at once, and answers with our window
+        return [ArmTimer(TICK), self._serving(True), OpenFile()]
 
     def opened(self, size: int, stamp: Any, now: float) -> list:
         if self.state != self.OPENING:
@@ -606,7 +627,7 @@ class Provider:
     def chunk_read(self, got: int, digest: Optional[str], now: float) -> list:
         if self.state == self.OPENING:
             if got != self.size:
-                return self.io_failed(f"{self.name} changed while being read", now)
+                return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being read")
             self.next_offset = self.size
             self.pipelined = True
             self.state = self.OFFERED
@@ -618,8 +639,7 @@ class Provider:
         offset, length = self.reading
         self.reading = None
         if got != length:
-            return [self._error_to_peer(f"{self.name} changed while being sent", keep=False)] + \
-                self._failed("file changed while being sent")
+            return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being sent")
         body = {"Chunk": {"name": self.name, "offset": offset, "length": length}}
         self.next_offset = offset + length
         if not self.ext:
@@ -645,12 +665,14 @@ class Provider:
                 return [self._error_to_peer("bad resume offset", keep=False)] + \
                     self._failed(f"peer asked for a bad resume offset {offset!r}")
             self.ext = True
+            self.peer_window = window_in(meta) or self.peer_window
             self.next_offset = self.first_offset = offset
             self.state = self.SENDING
             return self._fill_window([Seek(offset)] if offset else [])
         if context == "chunk" and self.state in (self.SENDING, self.DRAINING):
             self.in_flight -= 1
             self.last_activity = now
+            self.peer_window = window_in(meta) or self.peer_window
             return self._fill_window([])
         return []
 
@@ -660,6 +682,10 @@ class Provider:
             return []
         if source == self.parent and meta.get("cancel"):
             return self._failed("cancelled")
+        if source == self.parent and window_in(meta):
+            self.window = window_in(meta)
+            # (a read under way fills the window when its chunk is sent)
+            return self._fill_window([]) if self.state == self.SENDING else []
         if source == self.target and isinstance(body, dict) and "Progress" in body:
             if meta.get("error"):
                 return self._failed(f"the requestor stopped: {meta['error']}")
@@ -672,8 +698,7 @@ class Provider:
             raise RuntimeError(f"file_checked in state {self.state}")
         if self.stamp is not None and stamp != self.stamp:
             # even where no byte already sent differs: the copy would be of no one instant
-            return [self._error_to_peer(f"{self.name} changed while being sent; nothing was saved", keep=False)] + \
-                self._failed("file changed while being sent")
+            return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being sent")
         if digest is None:
             digest = self.chain_digest  # sent from 0, the file unchanged: what was sent is the whole file
         self.hash_sent = True
@@ -712,13 +737,16 @@ class Provider:
             return []
         if self.state == self.OPENING:
             text, keep = f"cannot read {self.name}", False
-        elif self.state == self.CHECKING:
-            text, keep = f"{self.name} became unreadable while being sent", True
-        else:
-            text, keep = f"{self.name} changed or became unreadable while being sent", False
+        else:  # gone (deleted, replaced by a folder) or unreadable: what was sent is of no use either
+            text, keep = self._changed(" (it is gone or unreadable)"), False
         return [self._error_to_peer(text, keep)] + self._failed(error)
 
     # ---- helpers ----
+    def _changed(self, how: str = "") -> str:
+        """The error for a file changed under the transfer: the requestor removes its partial (a
+        resume would mix two versions; the final hash would refuse it, but it is of no use)."""
+        return f"{self.name} changed on {self.parent.node} during the transfer{how}; nothing was saved"
+
     def _read(self, length: int, how: str) -> ReadChunk:
         self.reading = (self.next_offset, length)
         return ReadChunk(length, how)
@@ -735,7 +763,7 @@ class Provider:
         return self._done()
 
     def _fill_window(self, actions: list) -> list:
-        if self.in_flight < WINDOW and self.next_offset < self.size:
+        if self.in_flight < min(self.window, self.peer_window) and self.next_offset < self.size:
             self.state = self.READING
             how = HASH_CHAIN_RESTART if self.next_offset == self.first_offset else HASH_CHAIN
             actions.append(self._read(min(EXT_CHUNK_SIZE, self.size - self.next_offset), how))

@@ -16,7 +16,8 @@ from wit_world.imports import file_transfer_worker as worker_api
 import serving
 import web
 import ft_folder
-from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size
+from ft_common import (MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size,
+                       window_for)
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
                          get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
 
@@ -25,7 +26,7 @@ HISTORY = 50  # finished and failed downloads kept for the web page
 # downloads waiting in their providers' queues: they do not hold one of the MAX_DOWNLOADS (a busy
 # node must not stall downloads from idle ones), but each is a worker instance, so they are bounded:
 # this many in all, MAX_DOWNLOADS at any one provider (more wait here, as workers would wait there)
-MAX_QUEUED_AT_PEERS = 8
+MAX_QUEUED_AT_PEERS = 5
 
 
 class Transfers:
@@ -41,6 +42,12 @@ class Transfers:
     def busy(self, key: tuple) -> bool:
         t = self.active.get(key)
         return key in self.waiting or (t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT)
+
+    def fetching(self, name: str):
+        """The node `name` is being downloaded from (or waits to be), if any: one name, one download
+        at a time, whichever node it comes from, so no download silently replaces another."""
+        return next((node for node, n in list(self.waiting) + list(self.active) if n == name
+                     and self.busy((node, n))), None)
 
     def running(self) -> int:
         """Downloads that hold a slot: not those waiting in their provider's queue; one whose worker
@@ -218,8 +225,9 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     if target_addr.node == our.node:
         return f"{name} is on this node already ({our.node}); download from another node", False
     key = (target_addr.node, name)
-    if transfers.busy(key):
-        return f"{name} is already being downloaded from {target_addr.node}", False
+    running = transfers.fetching(name)
+    if running is not None:
+        return f"{name} is already being downloaded from {running}", False
     if transfers.full(target_addr.node):
         transfers.waiting[key] = target_addr
         print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
@@ -238,6 +246,26 @@ def start_worker(our: Address, source: Address, name: str, target: Address, is_r
         if is_requestor:
             transfers.end((target.node, name))
         println(f"error: could not start a worker for {name}: {e.value}")
+
+
+def share_budget(transfers: Transfers) -> None:
+    """Each running transfer's window, its share of the node's budget for bytes in flight (sending
+    and receiving together, ft_common.NODE_BUDGET): told to its worker whenever it changes."""
+    window = window_for(len(serving.SLOTS.slots) + transfers.running())
+    now = time.monotonic()
+    told = [(slot, slot[2], slot[0][1]) for slot in serving.SLOTS.slots if slot[2] is not None and slot[3] != window]
+    for key, t in transfers.active.items():
+        if t["worker"] is not None and t.get("window") != window and not _at_peer(t) and now - t["seen"] < STALL_TIMEOUT:
+            told.append((t, t["worker"], key[1]))
+    for holder, worker, _ in told:
+        if isinstance(holder, list):
+            holder[3] = window
+        else:
+            holder["window"] = window
+    for holder, worker, name in told:
+        # no answer wanted: a worker that has just ended misses nothing
+        (Request.to(worker).body({"Progress": {"name": name, "progress": 0}})
+         .metadata({"ft": 1, "window": window}).send())
 
 
 def start_waiting(our: Address, transfers: Transfers) -> None:
@@ -267,7 +295,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
     key = (meta.get("peer"), name)
     if meta.get("done") or meta.get("error"):
         transfers.finish(key, str(meta.get("error") or ""), bytes=meta.get("total") or meta.get("bytes", 0),
-                         secs=meta.get("secs", 0), **({"files": meta.get("of")} if meta.get("folder") else {}))
+                         secs=meta.get("secs", 0), **({"files": meta.get("of")} if meta.get("folder") else {}),
+                         **({"replaced": True} if meta.get("replaced") else {}))
         verbosity = 0
     else:
         was_at = transfers.active.get(key, {}).get("queued_at")
@@ -281,6 +310,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
             t["printed"] = now
     if meta.get("folder") and not meta.get("error"):
         print_to_terminal(verbosity, folder_progress_line(name, progress, meta))
+        if meta.get("done") and meta.get("replaced"):
+            println(f"{name}: the download replaced the folder (or file) {name} this node had")
     elif meta.get("error") == "cancelled":
         println(f"download of {name} from {meta.get('peer')} cancelled")
     elif meta.get("error"):
@@ -292,7 +323,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         secs = max(meta.get("secs", 0), 1e-9)
         total = meta.get("total", 0)
         println(f"{name} downloaded from {meta.get('peer')}: {human_size(total)} in {secs:.2f} s "
-                f"({total / secs / 2**20:.1f} MiB/s), blake3 {meta.get('hash', '?')}")
+                f"({total / secs / 2**20:.1f} MiB/s), blake3 {meta.get('hash', '?')}"
+                + (f"; it replaced the {name} this node had, of other content" if meta.get("replaced") else ""))
     elif "total" in meta:
         rate = meta.get("rate", 0)
         left = (meta["total"] - meta.get("bytes", 0)) / rate if rate else 0
@@ -407,6 +439,7 @@ def main(our: Address) -> None:
             serving.after_message(our)
             if transfers.waiting:
                 start_waiting(our, transfers)
+            share_budget(transfers)
             if page is not None:
                 page.push_state()
         except (ValueError, KeyError, TypeError, AttributeError, vfs.VfsError) as e:

@@ -25,7 +25,8 @@ MAX_QUEUED = 1024         # all nodes together: a queue entry is small, but neve
 class Serving:
     def __init__(self, limit: int = MAX_SERVING):
         self.limit = limit
-        self.slots: list = []  # [(requestor node, name), last word] per file being sent
+        # [(requestor node, name), last word, its worker once heard of, the window it was told] per file being sent
+        self.slots: list = []
         # (requestor worker as text, name) -> [requestor worker, our target address, its last word], in order
         self.queue: "OrderedDict[tuple, list]" = OrderedDict()
         self.next_asked = False
@@ -44,7 +45,7 @@ class Serving:
         return len(self.slots) < self.limit
 
     def take(self, node: str, name: str) -> None:
-        self.slots.append([(node, name), time.monotonic()])
+        self.slots.append([(node, name), time.monotonic(), None, None])
 
     def give_back(self, node: str, name: str) -> None:
         for s in self.slots:
@@ -52,10 +53,11 @@ class Serving:
                 self.slots.remove(s)
                 return
 
-    def seen(self, node: str, name: str) -> bool:
+    def seen(self, node: str, name: str, worker: Optional[Address] = None) -> bool:
         for s in self.slots:
             if s[0] == (node, name):
                 s[1] = time.monotonic()
+                s[2] = worker or s[2]
                 return True
         return False
 
@@ -142,7 +144,7 @@ def handles(our: Address, msg: Message) -> bool:
     if local and isinstance(meta.get("serving"), bool) and isinstance(meta.get("peer"), str):
         # one of our serving workers: still at it, or done
         if meta["serving"]:
-            SLOTS.seen(meta["peer"], name)
+            SLOTS.seen(meta["peer"], name, msg.source)
         else:
             SLOTS.give_back(meta["peer"], name)
         return True

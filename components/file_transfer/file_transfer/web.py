@@ -16,7 +16,7 @@ import time
 
 from ft_common import check_name, nfc
 from ft_folder import check_path
-from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
+from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, println, sibling, vfs
 
 PUSH_EVERY = 0.25  # seconds between state pushes while downloads report progress
 JSON = {"Content-Type": "application/json"}
@@ -100,6 +100,15 @@ class Page:
             else:
                 for f in files:
                     print_to_terminal(0, f"uploaded {f['name']} ({f['size']} bytes) from the web page")
+            # the upload landed first (the HTTP server streams it before we hear of it): a download of
+            # the same name still running would replace it when it ends, so both are told now
+            for f in files:
+                node = self.transfers.fetching(f["name"])
+                if node is not None:
+                    warning = (f"{f['name']} is being downloaded from {node}: that download will replace the "
+                               f"uploaded {f['name']} when it ends (cancel it to keep the upload)")
+                    summary.setdefault("warnings", []).append(warning)
+                    println(f"warning: {warning}")
             self.push_state(force=True)
             return http.send_json(200 if summary["files"] or not summary["refused"] else 400, summary)
         if path == "/files/:name" and method == "GET":

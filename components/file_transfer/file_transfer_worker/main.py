@@ -18,7 +18,7 @@ import wit_world
 
 import ft_folder
 import ft_protocol as ft
-from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, check_name
+from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
 from process_lib import (HAS_BLOBS, Address, Message, ProcessId, Request, Response, SendError, await_message,
                          current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, println, run,
                          vfs)
@@ -116,12 +116,15 @@ class Worker:
             self.state_path = f"{self.partial_dir}/{name}.state"
             self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
         else:
-            self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED)
+            # a share of the node's budget until file_transfer (told by start()) gives ours
+            self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED, window=START_WINDOW)
         return self.machine.start()
 
     def take_folder(self, msg: Message, size, meta: dict, now: float) -> list:
         """The peer is sending a folder: a FolderRequestor takes over from the Requestor."""
+        window = self.machine.window
         self.machine = ft_folder.FolderRequestor(self.name, self.machine.peer, self.parent, self.started)
+        self.machine.window = window
         self.tree = f"{self.name}.tree"
         self.tree_state = f"{self.partial_dir}/{self.name}.tree-state"
         blob = get_blob()
@@ -207,8 +210,30 @@ class Worker:
         digest = self.file.blake3() if a.read_back else None
         return self.machine.file_verified(digest, time.monotonic())
 
-    def rename(self, a: ft.Rename) -> None:
-        vfs.rename(self.partial, f"{self.drive}/{self.name}")  # the VFS closes handles on it
+    def rename(self, a: ft.Rename) -> list:
+        final = f"{self.drive}/{self.name}"
+        replaced = self._differs(final, a.digest)
+        vfs.rename(self.partial, final)  # the VFS closes handles on it
+        return self.machine.renamed(replaced, time.monotonic())
+
+    def _differs(self, final: str, digest) -> bool:
+        """Whether a file of other content than the partial has the name `final` now."""
+        try:
+            old = vfs.metadata(final)
+        except vfs.VfsError:
+            return False  # none
+        if old.file_type != vfs.FILE or old.len != self.file.metadata().len:
+            return True
+        if digest is None:
+            return False  # a plain transfer has no hash to compare: same size, taken as the same
+        try:
+            f = vfs.open_file(final)
+            try:
+                return f.blake3() != digest
+            finally:
+                f.close()
+        except vfs.VfsError:
+            return True
 
     def remove_files(self, a: ft.RemoveFiles) -> None:
         for path, remove in ((self.state_path, a.state), (self.partial, a.partial)):
@@ -234,7 +259,8 @@ class Worker:
             # our file_transfer serves a folder only to a requestor that asked for folders
             if vfs.metadata(f"{self.drive}/{self.name}").file_type != vfs.DIRECTORY:
                 raise
-            self.machine = ft_folder.FolderProvider(self.name, self.machine.target, self.parent, self.started)
+            self.machine = ft_folder.FolderProvider(self.name, self.machine.target, self.parent, self.started,
+                                                    window=self.machine.window)
             return self.machine.start()
         found = self.file.metadata()
         return self.machine.opened(found.len, found.stamp, time.monotonic())
@@ -327,7 +353,7 @@ class Worker:
         elif old is not None:
             vfs.remove_file(final)
         vfs.rename(tree, final)
-        return self.machine.tree_finished(time.monotonic())
+        return self.machine.tree_finished(time.monotonic(), replaced=old is not None)
 
     def remove_tree(self, a: ft_folder.RemoveTree) -> None:
         # the state first: a state without its tree could otherwise be trusted on the next download

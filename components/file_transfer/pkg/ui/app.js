@@ -127,6 +127,7 @@ function upload(files) {
     const few = (items, sep) => items.slice(0, 5).join(sep) + (items.length > 5 ? ` and ${items.length - 5} more` : "");
     if (data.files && data.files.length) parts.push(`Uploaded ${few(data.files.map((f) => f.name), ", ")}.`);
     if (data.refused && data.refused.length) parts.push(`Refused: ${few(data.refused.map((f) => f.reason), "; ")}.`);
+    if (data.warnings && data.warnings.length) parts.push(data.warnings.join(" "));
     if (!parts.length) parts.push(data.error || `Upload failed (${xhr.status}).`);
     msg.textContent = parts.join(" ");
     msg.className = "msg " + (xhr.status === 200 && !(data.refused && data.refused.length) ? "ok" : "err");
@@ -215,7 +216,7 @@ function showState(state) {
   $("#history").replaceChildren(...state.history.map((h) => el("li", { "data-name": h.name, className: h.ok ? "done" : "failed" },
     el("div", { className: "row" }, el("span", { className: "name" }, `${h.name}${h.files != null ? "/" : ""} from ${h.node}`)),
     el("div", { className: "detail" }, !h.ok ? `failed: ${h.error}` : (h.files != null ? `done: folder of ${h.files} files, ` : "done: ") +
-      `${size(h.bytes)} in ${(h.secs || 0).toFixed(2)} s`))));
+      `${size(h.bytes)} in ${(h.secs || 0).toFixed(2)} s` + (h.replaced ? ` · replaced the earlier ${h.name}` : "")))));
   $("#allow-rule").textContent = state.allow == null ? "every node" : (state.allow.length ? state.allow.join(", ") : "no node");
   if (state.history.length !== seenHistory) { seenHistory = state.history.length; loadMine(); }  // a download landed
 }

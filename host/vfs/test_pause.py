@@ -1,0 +1,52 @@
+"""Tests only: hold a provider mid-transfer, however fast the machine (KINODE_TEST_PAUSE_AFTER_CHUNKS).
+
+With the setting at N > 0, each process's read of a file's bytes (a `ReadExact` or a `ReadMany`
+outside the `.partial` folders, i.e. a provider worker's chunk or batch) is counted, and the one after
+its Nth waits until the file `test-pause-release` exists in the node's home. The node prints
+"test pause: PROCESS holds before read N+1 of PATH" when it starts to wait, so a test acts on that
+line (kills, freezes, changes the file), then releases. A process pauses at most once; a release
+file present beforehand lets every read through. The setting is 0 (off) in a normal run.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from host.messages import ProcessId
+
+RELEASE_FILE = "test-pause-release"
+COUNTED = frozenset({"ReadExact", "ReadMany"})
+
+
+class TestPause:
+    def __init__(self, after: int, home: Path, say: Callable[[str], None]):
+        self.after = after
+        self.release = home / RELEASE_FILE
+        self.say = say
+        self.counts: dict[ProcessId, int] = {}
+        self.lock = threading.Lock()
+
+    def before(self, source: ProcessId, body: bytes) -> None:
+        """Called on the requesting process's thread before the VFS handles `body`: may wait."""
+        try:
+            req = json.loads(body)
+            path, action = req["path"], req["action"]
+        except (ValueError, KeyError, TypeError):
+            return
+        name = next(iter(action)) if isinstance(action, dict) and action else action
+        if name not in COUNTED or not isinstance(path, str) or "/.partial/" in path:
+            return
+        with self.lock:
+            n = self.counts.get(source, 0)
+            if n > self.after:
+                return
+            self.counts[source] = n + 1
+        if n != self.after or self.release.exists():
+            return
+        self.say(f"test pause: {source} holds before read {n + 1} of {path}")
+        while not self.release.exists():
+            time.sleep(0.02)
+        self.say(f"test pause: {source} released")
