@@ -29,11 +29,15 @@ from host.runtime.wasm import Runtime
 
 if TYPE_CHECKING:
     from host.http.server import HttpServerService
+    from host.net.discovery import Discovery
     from host.net.network import Network
+    from host.net.pairing import Pairing
 
 log = logging.getLogger("host.node")
 
 ALIASES_FILE = "aliases.json"   # the terminal's aliases (`alias NAME PROCESS`), kept across restarts
+PAIRED_PEERS = "peers.json"    # the peers file pairing writes when the node was started without --peers
+FIND_CODE_WAIT = 5.0             # seconds `pair CODE` waits to see the node showing the code nearby
 
 
 class NodeError(Exception):
@@ -53,6 +57,8 @@ class Node:
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
         self.net: Optional[Network] = None
+        self.discovery: Optional[Discovery] = None   # once networking started
+        self.pairing: Optional[Pairing] = None
         self._stop = threading.Event()
         self._lock_file: Optional[TextIO] = None
         self._control: Optional[ControlServer] = None
@@ -109,8 +115,10 @@ class Node:
         from host.net import network as net
         from host.net.directory import Directory, NameTaken, PeersFileError, parse_host_port
         identity = net.load_or_create_identity(self.home)
-        directory = Directory(self.settings.directory, peers_file=self.settings.peers,
-                              on_problem=self.terminal.error)
+        peers = self.settings.peers
+        if peers is None and (self.home / PAIRED_PEERS).exists():
+            peers = self.home / PAIRED_PEERS   # written by an earlier pairing
+        directory = Directory(self.settings.directory, peers_file=peers, on_problem=self.terminal.error)
         try:
             directory.check_peers_file()
             adv_host, adv_port = parse_host_port(self.settings.advertise, None) if self.settings.advertise else (None, None)
@@ -118,7 +126,7 @@ class Node:
             raise NodeError(f"--advertise {e}" if not isinstance(e, PeersFileError) else str(e)) from None
         self.net = net.Network(self.name, identity, self.settings.net_port, directory,
                                on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost,
-                               host=net.listen_addresses(self.settings.bind, self.settings.peers),
+                               host=net.listen_addresses(self.settings.bind, peers),
                                advertise_host=adv_host, advertise_port=adv_port,
                                on_problem=lambda text: self.terminal.info(f"warning: {text}"),
                                routers=self.settings.routers, is_router=self.settings.is_router,
@@ -135,6 +143,124 @@ class Node:
             raise NodeError(f"cannot listen on port {self.settings.net_port}: {e.strerror or e} "
                             f"(another node? pick another with --net-port)") from None
         self.kernel.net = self.net
+        self._start_pairing()
+
+    # ---- nearby nodes and pairing (host/net/discovery.py, host/net/pairing.py) ------------------
+    def _start_pairing(self) -> None:
+        from host.net import discovery, pairing
+        from host.net.directory import fingerprint
+        net = self.net
+        assert net is not None
+        addrs = discovery.announce_addresses(net.bind) if self.settings.discovery else []
+        found = self.discovery = discovery.Discovery(self.name, fingerprint(net.identity.public), net.port, addrs,
+                                                     on_problem=lambda text: self.terminal.info(f"warning: {text}"))
+        found.start()
+        self.pairing = net.pair_handler = pairing.Pairing(
+            self._pair_identity, self._pin_peer, say=self.terminal.info, warn=self.terminal.error,
+            announce=found.set_pair_number)
+
+    def _pair_identity(self):
+        from host.net.pairing import Peer
+        net = self.net
+        assert net is not None
+        return Peer(self.name, net.identity.public, net.advertised_port,
+                    net.advertise_host if self.settings.advertise else None)
+
+    def _pin_peer(self, peer, host: str) -> str:
+        from host.net.directory import fingerprint, host_port, peers_entry
+        assert self.net is not None
+        directory = self.net.directory
+        path = directory.pin_peer(peers_entry(peer.name, peer.public_key, host, peer.port),
+                                  self.home / PAIRED_PEERS)
+        text = (f"paired with {peer.name} (key {fingerprint(peer.public_key)}) at {host_port(host, peer.port)}; "
+                f"pinned in {path}")
+        rec = directory.lookup(peer.name)
+        if rec is not None and rec.public_key != peer.public_key:   # the node directory wins over the file
+            text += (f"\nwarning: this node's directory ({directory.path}) holds another key for {peer.name}, "
+                     f"which wins over the peers file while that node runs")
+        return text
+
+    def nearby_text(self) -> str:
+        from host.net.directory import fingerprint, host_port
+        if self.net is None or self.discovery is None:
+            raise ValueError("networking is off on this node")
+        if not self.discovery.active:
+            if not self.settings.discovery:
+                return "discovery is off (--no-discovery)"
+            return ("this node listens on loopback only, so it neither announces itself nor looks for nearby "
+                    "nodes; start it with --bind ADDRESS (e.g. --bind 0.0.0.0) to be found on the LAN")
+        seen = self.discovery.nearby()
+        if not seen:
+            return "no nearby nodes seen (yet)"
+        lines = [f"{len(seen)} nearby node{'s' if len(seen) != 1 else ''} (announced on the LAN, unverified):"]
+        for n in seen:
+            rec = self.net.directory.lookup(n.name)
+            if rec is None:
+                status = "not paired"
+            elif fingerprint(rec.public_key) == n.fingerprint:
+                status = "paired" if rec.source == "peers file" else "known (node directory)"
+            else:
+                status = f"NOT the key pinned for {n.name} ({fingerprint(rec.public_key)})"
+            where = ", ".join(host_port(a, n.port) for a in n.addresses) or f"port {n.port}"
+            code = f", shows code {n.pair_number}" if n.pair_number is not None else ""
+            lines.append(f"  {n.name}  {where}  key {n.fingerprint}  {status}{code}")
+        return "\n".join(lines)
+
+    def pair_code(self) -> str:
+        if self.pairing is None:
+            raise ValueError("networking is off on this node")
+        return self.pairing.new_code()
+
+    def pair_join(self, code: str, target: Optional[str]) -> None:
+        """`pair CODE [NODE|HOST:PORT]`: check the code now, run the exchange in the background."""
+        from host.net.pairing import code_number, parse_code
+        if self.pairing is None:
+            raise ValueError("networking is off on this node")
+        code = parse_code(code)
+        self.terminal.info(f"pairing with {target or f'the nearby node showing code {code_number(code)}'} ...")
+        threading.Thread(target=self._join, args=(code, target), name="pair", daemon=True).start()
+
+    def _join(self, code: str, target: Optional[str]) -> None:
+        from host.net.directory import PeersFileError
+        from host.net.pairing import PairingError
+        assert self.pairing is not None
+        try:
+            host, port = self._pair_target(code, target)
+            self.pairing.join(code, host, port)
+        except (PairingError, PeersFileError, ValueError) as e:
+            self.terminal.error(f"pairing failed: {e}")
+        except Exception as e:
+            log.exception("pairing failed")
+            self.terminal.error(f"pairing failed: {e!r}")
+
+    def _pair_target(self, code: str, target: Optional[str]) -> tuple[str, int]:
+        """Where to dial for `pair CODE [TARGET]`: the nearby node showing the code's number, a
+        nearby node or a known node by name, or HOST:PORT."""
+        from host.net.directory import parse_host_port
+        from host.net.pairing import code_number
+        assert self.discovery is not None and self.net is not None
+        if target is None:
+            number = code_number(code)
+            found = self.discovery.find(pair_number=number, wait=FIND_CODE_WAIT) if self.discovery.active else []
+            if not found:
+                raise ValueError(f"no nearby node shows a code numbered {number}; give its address: "
+                                 f"pair {code} HOST:PORT (its net port)")
+            if len({(n.name, n.fingerprint) for n in found}) > 1:
+                raise ValueError(f"several nearby nodes show a code numbered {number} "
+                                 f"({', '.join(sorted(n.name for n in found))}); name one: pair {code} NODE")
+            return found[0].addresses[0], found[0].port
+        found = self.discovery.find(name=target) if self.discovery.active else []
+        if len(found) == 1 and found[0].addresses:
+            return found[0].addresses[0], found[0].port
+        if len(found) > 1:
+            raise ValueError(f"several nearby nodes are called {target} (different keys): give HOST:PORT")
+        rec = self.net.directory.lookup(target)
+        if rec is not None and not rec.routers:
+            return rec.host, rec.port
+        host, port = parse_host_port(target, None)
+        if port is None:
+            raise ValueError(f"{target} is not a nearby or known node; give HOST:PORT (its net port)")
+        return host, port
 
     def _start_http(self) -> None:
         from host.http.server import HttpServerService
@@ -164,6 +290,8 @@ class Node:
             self._control.stop()
         if getattr(self, "kernel", None) is not None:
             self.kernel.shutdown()
+        if self.discovery is not None:
+            self.discovery.stop()
         if self.net is not None:
             self.net.stop()
         if self.http is not None:

@@ -55,6 +55,7 @@ class Settings:
     router_max_rate: float = 0.0            # bytes/s a router relays in all; 0: no limit
     net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
     relay_record: Optional[Path] = None     # tests: a router appends every byte it relays here
+    discovery: bool = True                  # announce on the LAN and browse (mDNS), if not on loopback only
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
     verbose: int = 0

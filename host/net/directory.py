@@ -102,6 +102,7 @@ class Directory:
         self.peers_file = Path(peers_file) if peers_file is not None else None
         self.on_problem = on_problem       # also told of a bad peers file (e.g. the terminal)
         self._peers_lock = threading.Lock()
+        self._pin_lock = threading.Lock()    # pairings write the peers file one at a time
         self._peers_stamp: object = None
         self._peers_good: dict[str, NodeRecord] = {}
         self.peers_error: Optional[str] = None
@@ -257,6 +258,34 @@ class Directory:
                 f"using the last good one, {len(peers)} entries")
         return "\n".join([head] + [f"  {r.name} {r.where} key {fingerprint(r.public_key)}"
                                    for r in sorted(peers.values(), key=lambda r: r.name)])
+
+
+    def pin_peer(self, entry: dict, default_file: Path) -> Path:
+        """Write `entry` (a peers-file entry) into the peers file, replacing one of the same name,
+        as pairing does; the file is `default_file` (made now) if the node had none. The file is
+        replaced atomically; one that is not a valid peers file is left as it is (PeersFileError)."""
+        from host import fsutil
+        with self._pin_lock:
+            known = entry["name"] in self._peers()
+            path = self.peers_file or Path(default_file)
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                text = "[]"
+            except OSError as e:
+                raise PeersFileError(f"peers file {path} unreadable: {e.strerror or e}") from None
+            parse_peers(text, str(path))       # a broken file is the user's to fix: not overwritten
+            entries = [e for e in json.loads(text) if e.get("name") != entry["name"]] + [entry]
+            parse_peers(json.dumps(entries), str(path))
+            fsutil.write_atomic(path, (json.dumps(entries, indent=1) + "\n").encode(), fsync=True)
+            self.peers_file = path
+            self._peers(force=True)
+            if not known:
+                # a new name has no connection to retire, and one the network accepts from it
+                # before it next checks the file must not be retired as "changed"
+                with self._peers_lock:
+                    self._changed.discard(entry["name"])
+        return path
 
 
 class PeersFileError(ValueError):

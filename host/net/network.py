@@ -55,7 +55,7 @@ import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -244,6 +244,7 @@ class _Conn:
         self.pinging = False
         self.route = False              # the peer asked us (a router) to serve it on this connection
         self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
+        self.pair_frame: Optional[bytes] = None   # the first frame, when it began a pairing
         self.source = where             # the remote address (an IPv6 /64) that relay limits count by
 
     def __repr__(self) -> str:
@@ -609,6 +610,7 @@ class Network:
         self._relay_clock = 0.0                      # router: when the rate limit frees the link
         self._via: dict[str, str] = {}               # indirect peer -> the router that worked last
         self._keeping: set[str] = set()              # routers being dialled by the keeper
+        self.pair_handler: Any = None  # host/net/pairing.py's Pairing: serves connections opening with its magic
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -1148,6 +1150,8 @@ class Network:
             self._handshakes -= 1
         if conn.relay_frame is not None and not conn.closed:
             self._spawn(self._on_relay_frame(conn))
+        if conn.pair_frame is not None and not conn.closed:
+            self._spawn(self.pair_handler.serve(conn, conn.pair_frame))
 
     async def _handle_incoming_inner(self, conn: _Conn, allow_relay: bool) -> None:
         try:
@@ -1172,6 +1176,9 @@ class Network:
         first = await conn.read_frame(HANDSHAKE_MAX)
         if first.startswith(RELAY_MAGIC) and allow_relay:
             conn.relay_frame = first   # a relay request or call-back: handled after this
+            return
+        if self.pair_handler is not None and self.pair_handler.wants(first):
+            conn.pair_frame = first    # a pairing exchange: handed over after this
             return
         noise = NoiseConnection.from_name(NOISE_PROTOCOL)
         noise.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.private)

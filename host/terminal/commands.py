@@ -33,6 +33,10 @@ Ours:
   verbosity N                     show process output up to verbosity N (default 0)
   id                              this node's entry for other nodes' peers files (JSON)
   peers-file                      re-read the peers file now and list its entries
+  nearby                          nodes announced on the LAN (mDNS): name, address, key, paired or not
+  pair                            show a pairing code for another node to type (10 minutes, once)
+  pair CODE [NODE|HOST:PORT]      pair with the node showing CODE (found on the LAN, or at NODE or
+                                  HOST:PORT): both pin each other's name, key and address
   help                            this text
   exit                            stop the node"""
 
@@ -75,6 +79,9 @@ class NodeControl(Protocol):
                        on_answer: Callable[[Optional[bytes], Optional[str]], None]) -> None: ...
     def peers_entry(self) -> str: ...
     def reload_peers(self) -> str: ...
+    def nearby_text(self) -> str: ...
+    def pair_code(self) -> str: ...
+    def pair_join(self, code: str, target: Optional[str]) -> None: ...
     def process_record(self, pid: ProcessId) -> Optional[dict]: ...   # upstream's PersistedProcess
     def process_map(self) -> dict: ...
     def net_peers(self) -> list: ...                                   # upstream's Identity lists
@@ -128,6 +135,10 @@ class Commands:
                 console.info(node.peers_entry())
             elif head == "peers-file":
                 console.info(node.reload_peers())
+            elif head == "nearby":
+                console.info(node.nearby_text())
+            elif head == "pair":
+                self.pair(rest)
             elif head == "caps":
                 console.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head.count(":") == 2:
@@ -140,6 +151,17 @@ class Commands:
         except Exception as e:  # a command must never take the node down
             console.error(f"{head}: {e}")
         return None
+
+    def pair(self, rest: str) -> None:
+        words = rest.split()
+        if not words:
+            code = self.node.pair_code()
+            self.console.info(f"pairing code: {code}")
+            self.console.info(f"on the other node type: pair {code}   (valid 10 minutes, for one pairing)")
+        elif len(words) <= 2:
+            self.node.pair_join(words[0], words[1] if len(words) == 2 else None)
+        else:
+            raise UsageError("Usage: pair (shows a code) or pair CODE [NODE|HOST:PORT]")
 
     # ---- Kinode's terminal scripts (kinode/packages/terminal in kinode 0.9.5) -------------------
     def do_m(self, rest: str) -> None:

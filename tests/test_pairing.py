@@ -1,0 +1,138 @@
+"""The pairing protocol's state machines (host/net/pairing.py), without a network: two sides
+passing frames by hand, as the node's drivers pass them over a socket."""
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from host.net.pairing import (
+    MAX_TRIES, PAIR_MAGIC, WRONG_CODE, CodeHolder, Joiner, Peer, Step, code_number, new_code, parse_code,
+)
+
+A = Peer("a.dev", os.urandom(32), 8080)
+B = Peer("b.dev", os.urandom(32), 9090, host="b.example")
+
+
+def run(holder: CodeHolder, code: str, me: Peer = B, now: float = 0.0) -> tuple[Step, Step]:
+    """One whole exchange; the holder's and the joiner's last steps."""
+    joiner, session = Joiner(code, me), holder.session()
+    to_holder, hstep, jstep = [joiner.start()], Step(), Step()
+    while to_holder and not hstep.done:
+        hstep = session.receive(to_holder.pop(0), now)
+        for frame in hstep.send:
+            jstep = joiner.receive(frame)
+            to_holder += jstep.send
+    return hstep, jstep
+
+
+def test_the_right_code_gives_each_side_the_others_identity_once():
+    code = new_code()
+    holder = CodeHolder(code, A, now=0.0)
+    hstep, jstep = run(holder, code)
+    assert hstep.peer == B and hstep.error is None
+    assert jstep.peer == A and jstep.error is None
+    # single use: the same code again is refused on both sides, before any key exchange
+    hstep, jstep = run(holder, code)
+    assert hstep.peer is None and "already used" in hstep.error
+    assert jstep.peer is None and "already used" in jstep.error
+
+
+def test_a_code_is_typed_loosely_but_must_be_a_code():
+    code = new_code()
+    assert parse_code(code.upper().replace("-", " ")) == code
+    assert 1 <= code_number(code) <= 99
+    for bad in ["", "7", "7-guitar", "7-guitar-notaword", "0-guitar-ocean", "100-guitar-ocean", "guitar-ocean-7"]:
+        with pytest.raises(ValueError, match="not a pairing code"):
+            parse_code(bad)
+
+
+def test_a_wrong_code_fails_on_both_sides_and_three_end_the_code():
+    code = "7-guitar-ocean"
+    holder = CodeHolder(code, A, now=0.0)
+    for i in range(1, MAX_TRIES + 1):
+        hstep, jstep = run(holder, "7-guitar-piano")
+        assert hstep.peer is None and jstep.peer is None
+        assert hstep.error.startswith(f"{WRONG_CODE} (try {i} of {MAX_TRIES})"), hstep.error
+        assert jstep.error == WRONG_CODE
+    assert "no longer works" in hstep.error
+    # now even the right code is refused
+    hstep, jstep = run(holder, code)
+    assert hstep.peer is None and jstep.peer is None
+    assert "stopped working after 3 wrong tries" in jstep.error
+    # positive control: a fresh holder with the same code pairs
+    hstep, jstep = run(CodeHolder(code, A, now=0.0), code)
+    assert hstep.peer == B and jstep.peer == A
+
+
+def test_a_guess_counts_even_if_the_guesser_hangs_up_after_the_first_reply():
+    """The first reply lets a guesser check its guess offline, so hanging up must not save it."""
+    holder = CodeHolder("7-guitar-ocean", A, now=0.0)
+    for _ in range(MAX_TRIES):
+        session = holder.session()
+        step = session.receive(Joiner("7-guitar-piano", B).start(), 0.0)
+        assert step.send and not step.done
+        assert "went away before confirming" in session.aborted()
+    assert holder.spent
+    hstep, jstep = run(holder, "7-guitar-ocean")
+    assert jstep.peer is None and "stopped working" in jstep.error
+
+
+def test_a_code_expires_and_serves_one_exchange_at_a_time():
+    code = new_code()
+    holder = CodeHolder(code, A, now=0.0, lifetime=600)
+    busy = holder.session()
+    busy.receive(Joiner(code, B).start(), 1.0)
+    hstep, jstep = run(holder, code, now=2.0)
+    assert "under way" in jstep.error and hstep.peer is None
+    busy.aborted()
+    hstep, jstep = run(holder, code, now=601.0)
+    assert "expired" in jstep.error and hstep.peer is None and jstep.peer is None
+
+
+def test_garbage_and_tampering_are_errors_not_crashes():
+    code = new_code()
+    holder = CodeHolder(code, A, now=0.0)
+    for junk in [b"", b"hello", PAIR_MAGIC, PAIR_MAGIC + b"\xc1", PAIR_MAGIC + msgpack.packb({"v": 2}),
+                 PAIR_MAGIC + msgpack.packb({"v": 1, "spake": b"short"})]:
+        step = holder.session().receive(junk, 0.0)
+        assert step.error and step.peer is None, junk
+    # a joiner given a confirmation that was tampered with reports a wrong code, sends "fail"
+    joiner = Joiner(code, B)
+    session = holder.session()
+    reply = msgpack.unpackb(session.receive(joiner.start(), 0.0).send[0])
+    reply["confirm"] = bytes(32)
+    step = joiner.receive(msgpack.packb(reply))
+    assert step.error == WRONG_CODE and msgpack.unpackb(step.send[0]) == {"fail": WRONG_CODE}
+    # the holder, told so, counts it as a wrong try
+    assert session.receive(step.send[0], 0.0).error.startswith(f"{WRONG_CODE} (try")
+    # a sealed identity that was changed in flight does not open
+    holder2 = CodeHolder(code, A, now=0.0)
+    joiner, session = Joiner(code, B), holder2.session()
+    second = msgpack.unpackb(joiner.receive(session.receive(joiner.start(), 0.0).send[0]).send[0])
+    second["box"] = second["box"][:-1] + bytes([second["box"][-1] ^ 1])
+    step = session.receive(msgpack.packb(second), 0.0)
+    assert step.peer is None and "did not decrypt" in step.error and not holder2.used
+
+
+def test_a_node_will_not_pair_with_its_own_name():
+    code = new_code()
+    hstep, jstep = run(CodeHolder(code, A, now=0.0), code, me=Peer("a.dev", os.urandom(32), 1))
+    assert hstep.peer is None and "own name" in hstep.error
+    assert jstep.peer is None and "same name" in jstep.error
+
+
+def test_a_node_on_loopback_only_announces_nothing(node_factory):
+    from host.net.discovery import Discovery, announce_addresses
+    assert announce_addresses(["127.0.0.1"]) == [] and announce_addresses(["::1", "127.0.0.1"]) == []
+    assert announce_addresses(["10.1.2.3", "127.0.0.1"]) == ["10.1.2.3"]   # control: a LAN address is kept
+    assert all(not a.startswith("127.") and a != "::1" for a in announce_addresses(["0.0.0.0"]))
+    quiet = Discovery("x.dev", "00" * 8, 1, [])
+    quiet.start()
+    assert not quiet.active
+    node = node_factory("loop.dev")   # listens on 127.0.0.1 (no --bind, no --peers)
+    _, lines = node.run("nearby", wait=0.1)
+    assert any("listens on loopback only" in ln for ln in lines), lines
+    _, lines = node.run("pair 7-notaword-ocean", wait=0.1)
+    assert any("is not a pairing code" in ln for ln in lines), lines
