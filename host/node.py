@@ -221,17 +221,28 @@ class Node:
         threading.Thread(target=self._join, args=(code, target), name="pair", daemon=True).start()
 
     def _join(self, code: str, target: Optional[str]) -> None:
-        from host.net.directory import PeersFileError
-        from host.net.pairing import PairingError
-        assert self.pairing is not None
         try:
-            host, port = self._pair_target(code, target)
-            self.pairing.join(code, host, port)
-        except (PairingError, PeersFileError, ValueError) as e:
+            self.pair_join_wait(code, target)
+        except ValueError as e:
             self.terminal.error(f"pairing failed: {e}")
+
+    def pair_join_wait(self, code: str, target: Optional[str]) -> str:
+        """Pair with the node showing `code` (blocking): what was pinned, or ValueError saying why not."""
+        from host.net.directory import PeersFileError
+        from host.net.pairing import PairingError, parse_code
+        if self.pairing is None:
+            raise ValueError("networking is off on this node")
+        try:
+            code = parse_code(code)
+            host, port = self._pair_target(code, target)
+            return self.pairing.join(code, host, port)
+        except (PairingError, PeersFileError) as e:
+            raise ValueError(str(e)) from None
+        except ValueError:
+            raise
         except Exception as e:
             log.exception("pairing failed")
-            self.terminal.error(f"pairing failed: {e!r}")
+            raise ValueError(repr(e)) from None
 
     def _pair_target(self, code: str, target: Optional[str]) -> tuple[str, int]:
         """Where to dial for `pair CODE [TARGET]`: the nearby node showing the code's number, a
@@ -272,6 +283,8 @@ class Node:
             raise NodeError(f"cannot listen on port {self.port}: {e.strerror or e} "
                             f"(another node? pick another with --port)") from None
         self.kernel.register(self.http)
+        if self.pairing is not None:
+            self.http.pair_node = self
         self.terminal.info(f"{self.name}: web page: {self.http.login_url}")
 
     def request_stop(self) -> None:

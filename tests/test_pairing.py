@@ -136,3 +136,30 @@ def test_a_node_on_loopback_only_announces_nothing(node_factory):
     assert any("listens on loopback only" in ln for ln in lines), lines
     _, lines = node.run("pair 7-notaword-ocean", wait=0.1)
     assert any("is not a pairing code" in ln for ln in lines), lines
+
+
+def test_the_web_page_shows_a_code_and_pairs_with_one(node_factory):
+    """Two nodes on one machine pair through their /pair pages (no LAN: the code's node by address)."""
+    import json
+    import re
+    import urllib.parse
+    import urllib.request
+
+    def page(node, form: dict | None = None) -> str:
+        token = (node.home / ".keys" / "http-token").read_text().strip()
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{node.port}/pair", data=data,
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.read().decode()
+
+    x, y = node_factory("x.dev"), node_factory("y.dev")
+    assert "Show a pairing code" in page(x) and "listens on loopback only" in page(x)
+    text = page(y, {"action": "join", "code": "7-guitar-ocean", "target": f"127.0.0.1:{x.net_port}"})
+    assert "pairing failed: the other node refused: no pairing code is shown there" in text, text
+    code = re.search(r"pairing code: <b>([^<]+)</b>", page(x, {"action": "code"})).group(1)
+    text = page(y, {"action": "join", "code": code, "target": f"127.0.0.1:{x.net_port}"})
+    assert re.search(r"paired with x\.dev \(key [0-9a-f]{16}\) at 127\.0\.0\.1:\d+; pinned in ", text), text
+    x.expect(r"paired with y\.dev ")
+    assert [e["name"] for e in json.loads((x.home / "peers.json").read_text())] == ["y.dev"]
+    assert [e["name"] for e in json.loads((y.home / "peers.json").read_text())] == ["x.dev"]

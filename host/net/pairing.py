@@ -462,9 +462,9 @@ class Pairing:
             conn.close()
 
     # ---- B ---------------------------------------------------------------------------------------
-    def join(self, code: str, host: str, port: int) -> Peer:
-        """B's side: run the exchange with the node at host:port (blocking); pin and return the
-        peer, or raise PairingError."""
+    def join(self, code: str, host: str, port: int) -> str:
+        """B's side: run the exchange with the node at host:port (blocking); pin the peer and
+        return what was pinned (also said on the terminal), or raise PairingError."""
         joiner = Joiner(code, self.me())
         try:
             sock = socket.create_connection((host, port), timeout=DIAL_TIMEOUT)
@@ -492,7 +492,7 @@ class Pairing:
             sock.close()
         shown = self.pin(step.peer, step.peer.host or host)
         self.say(shown)
-        return step.peer
+        return shown
 
 
 def _hp(host: str, port: int) -> str:
