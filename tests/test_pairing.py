@@ -7,6 +7,8 @@ import os
 import msgpack
 import pytest
 
+from conftest import thread_names
+
 from host.net.pairing import (
     MAX_TRIES, PAIR_MAGIC, WRONG_CODE, CodeHolder, Joiner, Peer, Step, code_number, new_code, parse_code,
 )
@@ -136,6 +138,10 @@ def test_a_node_on_loopback_only_announces_nothing(node_factory):
     assert any("listens on loopback only" in ln for ln in lines), lines
     _, lines = node.run("pair 7-notaword-ocean", wait=0.1)
     assert any("is not a pairing code" in ln for ln in lines), lines
+    off = node_factory("off.dev", extra_args=["--bind", "0.0.0.0", "--no-discovery"])
+    _, lines = off.run("nearby", wait=0.1)
+    assert any("discovery is off (--no-discovery)" in ln for ln in lines), lines
+    assert not any("zeroconf" in t.lower() or "mdns" in t for t in thread_names(off)), thread_names(off)
 
 
 def test_the_web_page_shows_a_code_and_pairs_with_one(node_factory):

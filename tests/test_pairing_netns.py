@@ -96,6 +96,7 @@ def test_two_machines_find_each_other_and_pair_with_a_code(pairnet):
     seen_b = wait_nearby(a, rf"b\.dev\s+{re.escape(hb.addr4)}:8080\s+key {key_b[:16]}\s+not paired")
     wait_nearby(b, rf"a\.dev\s+{re.escape(ha.addr4)}:8080\s+key {key_a[:16]}\s+not paired")
     print(f"nearby both ways after {time.monotonic() - t0:.1f} s: {seen_b.strip()}")
+    assert any(t.startswith("zeroconf") for t in a.thread_names())   # (what --no-discovery leaves out)
 
     # Wrong codes fail on both sides; after three the code is dead, even when typed right.
     code = show_code(a)

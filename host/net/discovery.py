@@ -101,7 +101,12 @@ class Discovery:
         v4 = [a for a in self.addresses if ":" not in a]
         v6 = [a for a in self.addresses if ":" in a]
         version = IPVersion.All if v4 and v6 else IPVersion.V4Only if v4 else IPVersion.V6Only
-        zc = self._zc = Zeroconf(interfaces=v4 + v6, ip_version=version)
+        try:
+            zc = Zeroconf(interfaces=v4 + v6, ip_version=version)
+        except Exception as e:   # no multicast here (no route, no permission): the node runs without
+            self._problem(f"cannot look for nearby nodes (mDNS): {e or type(e).__name__}")
+            return
+        self._zc = zc
         self._info = self._service_info()
         self._browser = ServiceBrowser(zc, SERVICE, handlers=[self._on_change])
         threading.Thread(target=self._register, name="mdns-register", daemon=True).start()
