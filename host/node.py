@@ -163,17 +163,22 @@ class Node:
         from host.net.pairing import Peer
         net = self.net
         assert net is not None
-        return Peer(self.name, net.identity.public, net.advertised_port,
-                    net.advertise_host if self.settings.advertise else None)
+        return Peer(self.name, net.identity.public, net.advertised_port, net.advertise_host,
+                    host_given=self.settings.advertise is not None, routers=tuple(self.settings.routers))
 
     def _pin_peer(self, peer, host: str) -> str:
         from host.net.directory import fingerprint, host_port, peers_entry
         assert self.net is not None
         directory = self.net.directory
-        path = directory.pin_peer(peers_entry(peer.name, peer.public_key, host, peer.port),
+        direct = not peer.routers or peer.host_given   # an indirect node's entry has an address only if given
+        path = directory.pin_peer(peers_entry(peer.name, peer.public_key, host if direct else None,
+                                              peer.port if direct else None, peer.routers),
                                   self.home / PAIRED_PEERS)
-        text = (f"paired with {peer.name} (key {fingerprint(peer.public_key)}) at {host_port(host, peer.port)}; "
-                f"pinned in {path}")
+        where = host_port(host, peer.port) if direct else "via " + ", ".join(peer.routers)
+        text = f"paired with {peer.name} (key {fingerprint(peer.public_key)}) at {where}; pinned in {path}"
+        unknown = [r for r in peer.routers if r != self.name and directory.lookup(r) is None]
+        if unknown:
+            text += f"\nwarning: {peer.name} is reached through {', '.join(unknown)}, which this node does not know"
         rec = directory.lookup(peer.name)
         if rec is not None and rec.public_key != peer.public_key:   # the node directory wins over the file
             text += (f"\nwarning: this node's directory ({directory.path}) holds another key for {peer.name}, "
@@ -206,10 +211,14 @@ class Node:
             lines.append(f"  {n.name}  {where}  key {n.fingerprint}  {status}{code}")
         return "\n".join(lines)
 
-    def pair_code(self) -> str:
+    def pair_code(self) -> tuple[str, str]:
+        """A new pairing code, and what to type on the other node."""
         if self.pairing is None:
             raise ValueError("networking is off on this node")
-        return self.pairing.new_code()
+        code = self.pairing.new_code()
+        if self.settings.routers:   # not reachable directly: the other node comes through a router
+            return code, f"pair {code} {self.name} via {self.settings.routers[0]}"
+        return code, f"pair {code}"
 
     def pair_join(self, code: str, target: Optional[str]) -> None:
         """`pair CODE [NODE|HOST:PORT]`: check the code now, run the exchange in the background."""
@@ -234,8 +243,16 @@ class Node:
             raise ValueError("networking is off on this node")
         try:
             code = parse_code(code)
-            host, port = self._pair_target(code, target)
-            return self.pairing.join(code, host, port)
+            relay = None
+            if target is not None and " via " in f" {target} ":
+                node, _, router = target.partition(" via ")
+                node, router = node.strip(), router.strip()
+                if not node or not router or " " in node or " " in router:
+                    raise ValueError("usage: pair CODE NODE via ROUTER (ROUTER: a node's name or HOST:PORT)")
+                from host.net.network import RELAY_MAGIC
+                relay = (RELAY_MAGIC, {"relay": node, "from": self.name})
+                target = router
+            return self.pairing.join(code, self._pair_target(code, target, prefer_known=relay is not None), relay)
         except (PairingError, PeersFileError) as e:
             raise ValueError(str(e)) from None
         except ValueError:
@@ -244,9 +261,10 @@ class Node:
             log.exception("pairing failed")
             raise ValueError(repr(e)) from None
 
-    def _pair_target(self, code: str, target: Optional[str]) -> tuple[str, int]:
+    def _pair_target(self, code: str, target: Optional[str], prefer_known: bool = False) -> list[tuple[str, int]]:
         """Where to dial for `pair CODE [TARGET]`: the nearby node showing the code's number, a
-        nearby node or a known node by name, or HOST:PORT."""
+        nearby node or a known node by name (`prefer_known`: a known one first: a router), or
+        HOST:PORT. Each address a nearby node announced, to be tried in turn."""
         from host.net.directory import parse_host_port
         from host.net.pairing import code_number
         assert self.discovery is not None and self.net is not None
@@ -259,19 +277,22 @@ class Node:
             if len({(n.name, n.fingerprint) for n in found}) > 1:
                 raise ValueError(f"several nearby nodes show a code numbered {number} "
                                  f"({', '.join(sorted(n.name for n in found))}); name one: pair {code} NODE")
-            return found[0].addresses[0], found[0].port
+            return [(a, found[0].port) for a in found[0].addresses]
+        rec = self.net.directory.lookup(target)
+        known = [(rec.host, rec.port)] if rec is not None and not rec.routers else []
+        if known and prefer_known:
+            return known
         found = self.discovery.find(name=target) if self.discovery.active else []
         if len(found) == 1 and found[0].addresses:
-            return found[0].addresses[0], found[0].port
-        if len(found) > 1:
+            return [(a, found[0].port) for a in found[0].addresses] + known
+        if len(found) > 1 and not known:
             raise ValueError(f"several nearby nodes are called {target} (different keys): give HOST:PORT")
-        rec = self.net.directory.lookup(target)
-        if rec is not None and not rec.routers:
-            return rec.host, rec.port
+        if known:
+            return known
         host, port = parse_host_port(target, None)
         if port is None:
             raise ValueError(f"{target} is not a nearby or known node; give HOST:PORT (its net port)")
-        return host, port
+        return [(host, port)]
 
     def _start_http(self) -> None:
         from host.http.server import HttpServerService

@@ -15,6 +15,7 @@ import pytest
 import netns as netns_mod
 from conftest import REPO, _require_built, sha256, write_random
 from netns import Host, Netns, NetnsNode
+from test_pairing import mdns_sockets
 
 LIST = "list_files:file_transfer:template.os"
 DOWNLOAD = "download:file_transfer:template.os"
@@ -96,7 +97,7 @@ def test_two_machines_find_each_other_and_pair_with_a_code(pairnet):
     seen_b = wait_nearby(a, rf"b\.dev\s+{re.escape(hb.addr4)}:8080\s+key {key_b[:16]}\s+not paired")
     wait_nearby(b, rf"a\.dev\s+{re.escape(ha.addr4)}:8080\s+key {key_a[:16]}\s+not paired")
     print(f"nearby both ways after {time.monotonic() - t0:.1f} s: {seen_b.strip()}")
-    assert any(t.startswith("zeroconf") for t in a.thread_names())   # (what --no-discovery leaves out)
+    assert mdns_sockets(a.proc.pid) > 0   # the control for test_a_node_on_loopback_only_announces_nothing
 
     # Wrong codes fail on both sides; after three the code is dead, even when typed right.
     code = show_code(a)
@@ -157,3 +158,42 @@ def test_two_machines_find_each_other_and_pair_with_a_code(pairnet):
     rc, lines = b.run(f"{LIST} a.dev")
     assert rc == 0 and "file_transfer:template.os: hello.txt\t\t11" in lines, lines
     assert json.loads(a.peers_file.read_text())[0]["public_key"] == key_b
+
+
+def test_a_node_behind_nat_pairs_through_its_router(pairnet):
+    """b.dev on LAN 2 is reached only through r.dev (on both LANs); a.dev on LAN 1 knows r.dev
+    (and nothing of b). b shows a code; a types it naming b and the router; then a gets b's files."""
+    ha, hb, hr = pairnet.host("a", lans=(1,)), pairnet.host("b", lans=(2,)), pairnet.host("r", lans=(1, 2))
+    r = pairnet.node(hr, "r.dev", ["--is-router"])
+    b = pairnet.node(hb, "b.dev", ["--router", "r.dev", "--bind", hb.addr4])
+    a = pairnet.node(ha, "a.dev", ["--bind", ha.addr4])
+    b_entry = b.entry(None, routers=("r.dev",))
+    r.set_peers([b_entry])                       # the router and its indirect node know each other
+    b.set_peers([r.entry(hr.addrs4[2])])
+    a.set_peers([r.entry(hr.addrs4[1])])         # a knows the router only
+    for n in (r, b, a):
+        n.start()
+    deadline = time.monotonic() + 30             # b keeps a connection to its router
+    while "r.dev:" not in "\n".join(b.run("peers", wait=0.1)[1]):
+        assert time.monotonic() < deadline, b.lines[-20:]
+        time.sleep(0.3)
+    rc, lines = a.run(f"{LIST} b.dev", until=r"error|template\.os:", timeout=30)
+    assert not any("hello.txt" in ln for ln in lines), lines   # a cannot reach b before pairing
+
+    _, lines = b.run("pair", until=r"on the other node type: ")
+    how = next(ln for ln in lines if "on the other node type: " in ln)
+    command = re.search(r"type: (pair \S+ b\.dev via r\.dev)", how).group(1)
+    lines = join(a, command)
+    assert any(re.search(r"paired with b\.dev \(key [0-9a-f]{16}\) at via r\.dev; pinned in ", ln) for ln in lines), \
+        lines
+    b.expect(rf"paired with a\.dev \(key [0-9a-f]{{16}}\) at {re.escape(ha.addr4)}:8080; pinned in ")
+    pinned = {e["name"]: e for e in json.loads(a.peers_file.read_text())}
+    assert pinned["b.dev"] == b_entry, pinned
+
+    (b.files / "hello.txt").parent.mkdir(parents=True, exist_ok=True)
+    (b.files / "hello.txt").write_text("behind nat\n")
+    digest = write_random(b.files / "four.bin", 4 << 20)
+    rc, lines = a.run(f"{LIST} b.dev")
+    assert rc == 0 and "file_transfer:template.os: hello.txt\t\t11" in lines, lines
+    rc, lines = a.run(f"{DOWNLOAD} four.bin b.dev", until=r"four\.bin downloaded|error:", timeout=60)
+    assert rc == 0 and sha256(a.files / "four.bin") == digest, lines

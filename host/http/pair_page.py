@@ -21,9 +21,9 @@ async def handle(request: web.Request, node, page) -> web.StreamResponse:
         action = form.get("action")
         try:
             if action == "code":
-                code = node.pair_code()
+                code, how = node.pair_code()
                 note = (f"<p class=code>pairing code: <b>{_esc(code)}</b></p><p>On the other node type "
-                        f"<code>pair {_esc(code)}</code>, or enter it on its pair page. It works once, "
+                        f"<code>{_esc(how)}</code>, or enter it on its pair page. It works once, "
                         f"for 10 minutes.</p>")
             elif action == "join":
                 code, target = str(form.get("code", "")), str(form.get("target", "")).strip() or None
@@ -45,6 +45,6 @@ async def handle(request: web.Request, node, page) -> web.StreamResponse:
 <h2>Enter a code</h2><p>The code the other node shows; its address only if it is not nearby.</p>
 <form method=post><input type=hidden name=action value=join>
 <input name=code placeholder=7-guitar-ocean autocomplete=off required>
-<input name=target placeholder="NODE or HOST:PORT (optional)"> <button>Pair</button></form>
+<input name=target placeholder="NODE, HOST:PORT or NODE via ROUTER (optional)"> <button>Pair</button></form>
 <h2>Nearby</h2><pre>{_esc(nearby)}</pre><p><a href=/>back</a></p>"""
     return web.Response(text=page(f"{node.node_name}: pair", body), content_type="text/html")

@@ -1150,8 +1150,6 @@ class Network:
             self._handshakes -= 1
         if conn.relay_frame is not None and not conn.closed:
             self._spawn(self._on_relay_frame(conn))
-        if conn.pair_frame is not None and not conn.closed:
-            self._spawn(self.pair_handler.serve(conn, conn.pair_frame))
 
     async def _handle_incoming_inner(self, conn: _Conn, allow_relay: bool) -> None:
         try:
@@ -1171,6 +1169,8 @@ class Network:
             log.warning("dropping unauthenticated connection from %s: bad handshake (%s)",
                         conn.where, e or type(e).__name__)
             conn.close()
+        if conn.pair_frame is not None and not conn.closed:   # also on a router's call-back
+            self._spawn(self.pair_handler.serve(conn, conn.pair_frame))
 
     async def _respond(self, conn: _Conn, allow_relay: bool = True) -> None:
         first = await conn.read_frame(HANDSHAKE_MAX)

@@ -113,15 +113,27 @@ def code_number(code: str) -> int:
 # ---- identities ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Peer:
-    """What each side tells the other: its name, networking key and net port, and the host to
-    dial it at if it was told one (--advertise); else the other side uses the address it saw."""
+    """What each side tells the other: its name, networking key and net port; the host it
+    advertises (`host_given`: by --advertise; else its bind address or hostname, used only when
+    the exchange came through a router: a direct one shows the address that really worked); and,
+    for an indirect node, its routers (then it is pinned with them, as `python -m host id
+    --router` writes it)."""
     name: str
     public_key: bytes
     port: int
     host: Optional[str] = None
+    host_given: bool = False
+    routers: tuple[str, ...] = ()
 
     def pack(self) -> bytes:
-        return msgpack.packb({"name": self.name, "key": self.public_key, "port": self.port, "host": self.host})
+        return msgpack.packb({"name": self.name, "key": self.public_key, "port": self.port, "host": self.host,
+                              "host_given": self.host_given, "routers": list(self.routers)})
+
+    def address(self, seen: str, relayed: bool) -> str:
+        """The host to pin for this peer, which connected from (or was dialled at) `seen`."""
+        if self.host and (self.host_given or relayed):
+            return self.host
+        return seen
 
     @staticmethod
     def unpack(data: bytes) -> "Peer":
@@ -132,6 +144,7 @@ class Peer:
         if not isinstance(d, dict):
             raise PairingError("the other node's identity is not readable")
         name, key, port, host = d.get("name"), d.get("key"), d.get("port"), d.get("host")
+        routers = d.get("routers") or []
         if not isinstance(name, str) or not name or len(name) > 255 or not name.isprintable() or "," in name:
             raise PairingError("the other node sent an unusable name")
         if not isinstance(key, bytes) or len(key) != KEY_LEN:
@@ -140,7 +153,10 @@ class Peer:
             raise PairingError("the other node sent an unusable port")
         if host is not None and (not isinstance(host, str) or not host or len(host) > 255):
             raise PairingError("the other node sent an unusable address")
-        return Peer(name, key, port, host)
+        if not isinstance(routers, list) or len(routers) > 16 or not all(
+                isinstance(r, str) and r and len(r) <= 255 and "," not in r and r != name for r in routers):
+            raise PairingError("the other node sent unusable routers")
+        return Peer(name, key, port, host, d.get("host_given") is True, tuple(routers))
 
 
 @dataclass
@@ -411,6 +427,7 @@ class Pairing:
         `write_frame`, `close` and `sock`)."""
         try:
             where = _host_of(conn.sock.getpeername())
+            relayed = "relaying)" in conn.where   # network.py's label of a router's call-back
         except OSError:
             conn.close()
             return
@@ -444,7 +461,7 @@ class Pairing:
                     # pinned before our identity goes out: the peer may connect as soon as it has it
                     self._retire(holder)
                     try:
-                        shown = await asyncio.to_thread(self.pin, step.peer, step.peer.host or where)
+                        shown = await asyncio.to_thread(self.pin, step.peer, step.peer.address(where, relayed))
                     except Exception as e:
                         await conn.write_frame(_pack({"error": "it could not save the pairing"}))
                         self.warn(f"pairing with {step.peer.name} failed: cannot pin it: {e}")
@@ -462,16 +479,26 @@ class Pairing:
             conn.close()
 
     # ---- B ---------------------------------------------------------------------------------------
-    def join(self, code: str, host: str, port: int) -> str:
-        """B's side: run the exchange with the node at host:port (blocking); pin the peer and
-        return what was pinned (also said on the terminal), or raise PairingError."""
+    def join(self, code: str, addresses: list[tuple[str, int]],
+             relay: Optional[tuple[bytes, dict]] = None) -> str:
+        """B's side: run the exchange with the node at the first of `addresses` (host, port) that
+        answers (blocking); pin the peer and return what was pinned (also said on the terminal), or
+        raise PairingError. `relay`: the address is a router's, asked first for a relayed
+        connection with this frame (magic, map), as network.py's indirect dialling does."""
         joiner = Joiner(code, self.me())
-        try:
-            sock = socket.create_connection((host, port), timeout=DIAL_TIMEOUT)
-        except OSError as e:
-            raise PairingError(f"cannot reach {_hp(host, port)}: {e.strerror or e}") from None
+        failed = []
+        for host, port in addresses:
+            try:
+                sock = socket.create_connection((host, port), timeout=DIAL_TIMEOUT)
+                break
+            except OSError as e:
+                failed.append(f"{_hp(host, port)}: {e.strerror or e}")
+        else:
+            raise PairingError(f"cannot reach {'; '.join(failed) or 'an address'}")
         try:
             sock.settimeout(EXCHANGE_TIMEOUT)
+            if relay is not None:
+                _ask_relay(sock, *relay, where=_hp(host, port))
             _send(sock, joiner.start())
             while True:
                 try:
@@ -490,9 +517,25 @@ class Pairing:
                     break
         finally:
             sock.close()
-        shown = self.pin(step.peer, step.peer.host or host)
+        shown = self.pin(step.peer, step.peer.address(host, relay is not None))
         self.say(shown)
         return shown
+
+
+def _ask_relay(sock: socket.socket, magic: bytes, request: dict, where: str) -> None:
+    """Ask the router at the other end of `sock` to relay us to a node it serves."""
+    _send(sock, magic + msgpack.packb(request))
+    try:
+        frame = _recv(sock)
+        reply = msgpack.unpackb(frame[len(magic):], raw=False) if frame.startswith(magic) else None
+    except (OSError, PairingError) as e:
+        raise PairingError(f"the router at {where} did not answer ({e})") from None
+    except Exception:
+        reply = None
+    if not isinstance(reply, dict):
+        raise PairingError(f"{where} did not answer as a router would")
+    if reply.get("ok") is not True:
+        raise PairingError(f"the router at {where} does not relay to {request.get('relay')}: {reply.get('reason')}")
 
 
 def _hp(host: str, port: int) -> str:

@@ -37,6 +37,7 @@ Ours:
   pair                            show a pairing code for another node to type (10 minutes, once)
   pair CODE [NODE|HOST:PORT]      pair with the node showing CODE (found on the LAN, or at NODE or
                                   HOST:PORT): both pin each other's name, key and address
+  pair CODE NODE via ROUTER       the same with a node behind NAT, through a router both know
   help                            this text
   exit                            stop the node"""
 
@@ -80,7 +81,7 @@ class NodeControl(Protocol):
     def peers_entry(self) -> str: ...
     def reload_peers(self) -> str: ...
     def nearby_text(self) -> str: ...
-    def pair_code(self) -> str: ...
+    def pair_code(self) -> tuple[str, str]: ...
     def pair_join(self, code: str, target: Optional[str]) -> None: ...
     def process_record(self, pid: ProcessId) -> Optional[dict]: ...   # upstream's PersistedProcess
     def process_map(self) -> dict: ...
@@ -155,13 +156,13 @@ class Commands:
     def pair(self, rest: str) -> None:
         words = rest.split()
         if not words:
-            code = self.node.pair_code()
+            code, how = self.node.pair_code()
             self.console.info(f"pairing code: {code}")
-            self.console.info(f"on the other node type: pair {code}   (valid 10 minutes, for one pairing)")
-        elif len(words) <= 2:
-            self.node.pair_join(words[0], words[1] if len(words) == 2 else None)
+            self.console.info(f"on the other node type: {how}   (valid 10 minutes, for one pairing)")
+        elif len(words) <= 2 or (len(words) == 4 and words[2] == "via"):
+            self.node.pair_join(words[0], " ".join(words[1:]) or None)
         else:
-            raise UsageError("Usage: pair (shows a code) or pair CODE [NODE|HOST:PORT]")
+            raise UsageError("Usage: pair (shows a code) or pair CODE [NODE|HOST:PORT] or pair CODE NODE via ROUTER")
 
     # ---- Kinode's terminal scripts (kinode/packages/terminal in kinode 0.9.5) -------------------
     def do_m(self, rest: str) -> None:
