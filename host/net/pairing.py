@@ -11,6 +11,11 @@ see host/net/discovery.py) succeed about once in 22,000 codes. Each side pins th
 key in its peers file; from then on the Noise handshake (host/net/network.py) checks that key on
 every connection. Nothing here trusts a key that did not come through the code.
 
+Through a router: a node behind NAT (started with --router) shows a code and names its router;
+the other node types `pair CODE NODE via ROUTER`, sends the router network.py's relay request
+first, and the exchange runs on the connection the router splices to the indirect node's
+call-back. Each side then pins the indirect node with its routers, the other at its address.
+
 Transport: the exchange runs on the node's own net port, on a connection whose first frame starts
 with ``PAIR_MAGIC`` instead of a Noise message (as a relay request starts with RELAY_MAGIC), so
 network.py only hands such a connection over (a few lines there). A separate port would leave
@@ -58,6 +63,7 @@ MAX_TRIES = 3              # exchanges begun with one code before it stops worki
 FRAME_MAX = 4096           # largest pairing frame accepted
 EXCHANGE_TIMEOUT = 20.0    # seconds either side waits for the other's next message
 DIAL_TIMEOUT = 5.0
+REFUSAL_TOLD_EVERY = 5.0   # seconds between terminal lines about refused pairing requests
 KEY_LEN = 32
 ID_HOLDER, ID_JOINER = b"kinode-py pair: shows the code", b"kinode-py pair: types the code"
 _U16 = struct.Struct(">H")
@@ -402,16 +408,23 @@ class Pairing:
         self.clock = clock
         self.holder: Optional[CodeHolder] = None
         self._lock = threading.Lock()
+        self._last_refusal_told = float("-inf")
+        self._expiry: Optional[threading.Timer] = None   # stops showing the code's number when it expires
 
     # ---- A ---------------------------------------------------------------------------------------
     def new_code(self) -> str:
         """A new code (the previous one, if any, stops working)."""
+        expiry = threading.Timer(CODE_LIFETIME, lambda: self._retire(holder))
+        expiry.daemon = True
         with self._lock:
-            self.holder = CodeHolder(new_code(), self.me(), self.clock())
-            code = self.holder.code
+            holder = self.holder = CodeHolder(new_code(), self.me(), self.clock())
+            old, self._expiry = self._expiry, expiry
+        if old is not None:
+            old.cancel()
         if self.announce is not None:
-            self.announce(code_number(code))
-        return code
+            self.announce(code_number(holder.code))
+        expiry.start()
+        return holder.code
 
     @staticmethod
     def wants(first: bytes) -> bool:
@@ -442,10 +455,14 @@ class Pairing:
                 why = holder.refusal(self.clock()) if holder is not None else None
                 text = why or "no pairing code is shown there; run `pair` there first"
                 await conn.write_frame(_pack({"error": text}))
-                self.warn(f"pairing request from {where} refused: {text.replace('there', 'here')}")
+                now = self.clock()
+                if now - self._last_refusal_told >= REFUSAL_TOLD_EVERY:   # a flood of requests is told once
+                    self._last_refusal_told = now
+                    self.warn(f"pairing request from {where} refused: {text.replace('there', 'here')}")
                 return
             assert holder is not None
-            step = session.receive(first, self.clock())
+            # SPAKE2 is a few milliseconds of pure Python: off the network loop
+            step = await asyncio.to_thread(session.receive, first, self.clock())
             while True:
                 for frame in step.send:
                     await conn.write_frame(frame)
@@ -456,7 +473,7 @@ class Pairing:
                 except Exception:
                     step = Step(error=session.aborted())
                     break
-                step = session.receive(frame, self.clock())
+                step = await asyncio.to_thread(session.receive, frame, self.clock())
                 if step.peer is not None:
                     # pinned before our identity goes out: the peer may connect as soon as it has it
                     self._retire(holder)
