@@ -6,10 +6,11 @@ valid ``CODE_LIFETIME`` seconds and for one pairing. `pair CODE` on node B dials
 SPAKE2 with the code as the password; each side then proves it holds the same key and sends its
 identity (name, networking key, net port) sealed with it. An eavesdropper learns nothing, and an
 attacker gets one guess per connection: A counts every exchange begun as a try and the code stops
-working after ``MAX_TRIES``, so three guesses at 16 bits of words (the number is shown on the LAN,
-see host/net/discovery.py) succeed about once in 22,000 codes. Each side pins the other's name and
-key in its peers file; from then on the Noise handshake (host/net/network.py) checks that key on
-every connection. Nothing here trusts a key that did not come through the code.
+working after ``MAX_TRIES``: a few guesses at the two words (16 bits; the number is shown on the
+LAN, see host/net/discovery.py) per code. Each side pins the other's name and key in its peers
+file (A before it sends its own identity, since B may connect as soon as it has it); from then on
+the Noise handshake (host/net/network.py) checks that key on every connection. Nothing here
+trusts a key that did not come through the code.
 
 Through a router: a node behind NAT (started with --router) shows a code and names its router;
 the other node types `pair CODE NODE via ROUTER`, sends the router network.py's relay request
