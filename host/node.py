@@ -29,15 +29,12 @@ from host.runtime.wasm import Runtime
 
 if TYPE_CHECKING:
     from host.http.server import HttpServerService
-    from host.net.discovery import Discovery
+    from host.net.lan import Lan
     from host.net.network import Network
-    from host.net.pairing import Pairing
 
 log = logging.getLogger("host.node")
 
 ALIASES_FILE = "aliases.json"   # the terminal's aliases (`alias NAME PROCESS`), kept across restarts
-PAIRED_PEERS = "peers.json"    # the peers file pairing writes when the node was started without --peers
-FIND_CODE_WAIT = 5.0             # seconds `pair CODE` waits to see the node showing the code nearby
 
 
 class NodeError(Exception):
@@ -57,8 +54,7 @@ class Node:
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
         self.net: Optional[Network] = None
-        self.discovery: Optional[Discovery] = None   # once networking started
-        self.pairing: Optional[Pairing] = None
+        self.lan: Optional[Lan] = None   # nearby nodes and pairing, once networking started
         self._stop = threading.Event()
         self._lock_file: Optional[TextIO] = None
         self._control: Optional[ControlServer] = None
@@ -114,10 +110,9 @@ class Node:
     def _start_network(self) -> None:
         from host.net import network as net
         from host.net.directory import Directory, NameTaken, PeersFileError, parse_host_port
+        from host.net.lan import peers_file
         identity = net.load_or_create_identity(self.home)
-        peers = self.settings.peers
-        if peers is None and (self.home / PAIRED_PEERS).exists():
-            peers = self.home / PAIRED_PEERS   # written by an earlier pairing
+        peers = peers_file(self.home, self.settings.peers)   # --peers, or the one pairing wrote
         directory = Directory(self.settings.directory, peers_file=peers, on_problem=self.terminal.error)
         try:
             directory.check_peers_file()
@@ -143,156 +138,16 @@ class Node:
             raise NodeError(f"cannot listen on port {self.settings.net_port}: {e.strerror or e} "
                             f"(another node? pick another with --net-port)") from None
         self.kernel.net = self.net
-        self._start_pairing()
+        self._start_lan()
 
-    # ---- nearby nodes and pairing (host/net/discovery.py, host/net/pairing.py) ------------------
-    def _start_pairing(self) -> None:
-        from host.net import discovery, pairing
-        from host.net.directory import fingerprint
-        net = self.net
-        assert net is not None
-        addrs = discovery.announce_addresses(net.bind) if self.settings.discovery else []
-        found = self.discovery = discovery.Discovery(self.name, fingerprint(net.identity.public), net.port, addrs,
-                                                     on_problem=lambda text: self.terminal.info(f"warning: {text}"))
-        found.start()
-        self.pairing = net.pair_handler = pairing.Pairing(
-            self._pair_identity, self._pin_peer, say=self.terminal.info, warn=self.terminal.error,
-            announce=found.set_pair_number)
-
-    def _pair_identity(self):
-        from host.net.pairing import Peer
-        net = self.net
-        assert net is not None
-        return Peer(self.name, net.identity.public, net.advertised_port, net.advertise_host,
-                    host_given=self.settings.advertise is not None, routers=tuple(self.settings.routers))
-
-    def _pin_peer(self, peer, host: str) -> str:
-        from host.net.directory import fingerprint, host_port, peers_entry
+    def _start_lan(self) -> None:
+        """Nearby nodes and pairing (host/net/lan.py)."""
+        from host.net.lan import Lan
         assert self.net is not None
-        directory = self.net.directory
-        direct = not peer.routers or peer.host_given   # an indirect node's entry has an address only if given
-        path = directory.pin_peer(peers_entry(peer.name, peer.public_key, host if direct else None,
-                                              peer.port if direct else None, peer.routers),
-                                  self.home / PAIRED_PEERS)
-        where = host_port(host, peer.port) if direct else "via " + ", ".join(peer.routers)
-        text = f"paired with {peer.name} (key {fingerprint(peer.public_key)}) at {where}; pinned in {path}"
-        unknown = [r for r in peer.routers if r != self.name and directory.lookup(r) is None]
-        if unknown:
-            text += f"\nwarning: {peer.name} is reached through {', '.join(unknown)}, which this node does not know"
-        rec = directory.lookup(peer.name)
-        if rec is not None and rec.public_key != peer.public_key:   # the node directory wins over the file
-            text += (f"\nwarning: this node's directory ({directory.path}) holds another key for {peer.name}, "
-                     f"which wins over the peers file while that node runs")
-        return text
-
-    def nearby_text(self) -> str:
-        from host.net.directory import fingerprint, host_port
-        if self.net is None or self.discovery is None:
-            raise ValueError("networking is off on this node")
-        if not self.discovery.active:
-            if not self.settings.discovery:
-                return "discovery is off (--no-discovery)"
-            return ("this node listens on loopback only, so it neither announces itself nor looks for nearby "
-                    "nodes; start it with --bind ADDRESS (e.g. --bind 0.0.0.0) to be found on the LAN")
-        seen = self.discovery.nearby()
-        if not seen:
-            return "no nearby nodes seen (yet)"
-        lines = [f"{len(seen)} nearby node{'s' if len(seen) != 1 else ''} (announced on the LAN, unverified):"]
-        for n in seen:
-            rec = self.net.directory.lookup(n.name)
-            if rec is None:
-                status = "not paired"
-            elif fingerprint(rec.public_key) == n.fingerprint:
-                status = "paired" if rec.source == "peers file" else "known (node directory)"
-            else:
-                status = f"NOT the key pinned for {n.name} ({fingerprint(rec.public_key)})"
-            where = ", ".join(host_port(a, n.port) for a in n.addresses) or f"port {n.port}"
-            code = f", shows code {n.pair_number}" if n.pair_number is not None else ""
-            lines.append(f"  {n.name}  {where}  key {n.fingerprint}  {status}{code}")
-        return "\n".join(lines)
-
-    def pair_code(self) -> tuple[str, str]:
-        """A new pairing code, and what to type on the other node."""
-        if self.pairing is None:
-            raise ValueError("networking is off on this node")
-        code = self.pairing.new_code()
-        if self.settings.routers:   # not reachable directly: the other node comes through a router
-            return code, f"pair {code} {self.name} via {self.settings.routers[0]}"
-        return code, f"pair {code}"
-
-    def pair_join(self, code: str, target: Optional[str]) -> None:
-        """`pair CODE [NODE|HOST:PORT]`: check the code now, run the exchange in the background."""
-        from host.net.pairing import code_number, parse_code
-        if self.pairing is None:
-            raise ValueError("networking is off on this node")
-        code = parse_code(code)
-        self.terminal.info(f"pairing with {target or f'the nearby node showing code {code_number(code)}'} ...")
-        threading.Thread(target=self._join, args=(code, target), name="pair", daemon=True).start()
-
-    def _join(self, code: str, target: Optional[str]) -> None:
-        try:
-            self.pair_join_wait(code, target)
-        except ValueError as e:
-            self.terminal.error(f"pairing failed: {e}")
-
-    def pair_join_wait(self, code: str, target: Optional[str]) -> str:
-        """Pair with the node showing `code` (blocking): what was pinned, or ValueError saying why not."""
-        from host.net.directory import PeersFileError
-        from host.net.pairing import PairingError, parse_code
-        if self.pairing is None:
-            raise ValueError("networking is off on this node")
-        try:
-            code = parse_code(code)
-            relay = None
-            if target is not None and " via " in f" {target} ":
-                node, _, router = target.partition(" via ")
-                node, router = node.strip(), router.strip()
-                if not node or not router or " " in node or " " in router:
-                    raise ValueError("usage: pair CODE NODE via ROUTER (ROUTER: a node's name or HOST:PORT)")
-                from host.net.network import RELAY_MAGIC
-                relay = (RELAY_MAGIC, {"relay": node, "from": self.name})
-                target = router
-            return self.pairing.join(code, self._pair_target(code, target, prefer_known=relay is not None), relay)
-        except (PairingError, PeersFileError) as e:
-            raise ValueError(str(e)) from None
-        except ValueError:
-            raise
-        except Exception as e:
-            log.exception("pairing failed")
-            raise ValueError(repr(e)) from None
-
-    def _pair_target(self, code: str, target: Optional[str], prefer_known: bool = False) -> list[tuple[str, int]]:
-        """Where to dial for `pair CODE [TARGET]`: the nearby node showing the code's number, a
-        nearby node or a known node by name (`prefer_known`: a known one first: a router), or
-        HOST:PORT. Each address a nearby node announced, to be tried in turn."""
-        from host.net.directory import parse_host_port
-        from host.net.pairing import code_number
-        assert self.discovery is not None and self.net is not None
-        if target is None:
-            number = code_number(code)
-            found = self.discovery.find(pair_number=number, wait=FIND_CODE_WAIT) if self.discovery.active else []
-            if not found:
-                raise ValueError(f"no nearby node shows a code numbered {number}; give its address: "
-                                 f"pair {code} HOST:PORT (its net port)")
-            if len({(n.name, n.fingerprint) for n in found}) > 1:
-                raise ValueError(f"several nearby nodes show a code numbered {number} "
-                                 f"({', '.join(sorted(n.name for n in found))}); name one: pair {code} NODE")
-            return [(a, found[0].port) for a in found[0].addresses]
-        rec = self.net.directory.lookup(target)
-        known = [(rec.host, rec.port)] if rec is not None and not rec.routers else []
-        if known and prefer_known:
-            return known
-        found = self.discovery.find(name=target) if self.discovery.active else []
-        if len(found) == 1 and found[0].addresses:
-            return [(a, found[0].port) for a in found[0].addresses] + known
-        if len(found) > 1 and not known:
-            raise ValueError(f"several nearby nodes are called {target} (different keys): give HOST:PORT")
-        if known:
-            return known
-        host, port = parse_host_port(target, None)
-        if port is None:
-            raise ValueError(f"{target} is not a nearby or known node; give HOST:PORT (its net port)")
-        return [(host, port)]
+        self.lan = Lan(self.net, self.home, discovery_on=self.settings.discovery,
+                       advertise_given=self.settings.advertise is not None, routers=self.settings.routers,
+                       say=self.terminal.info, warn=self.terminal.error)
+        self.lan.start()
 
     def _start_http(self) -> None:
         from host.http.server import HttpServerService
@@ -304,7 +159,7 @@ class Node:
             raise NodeError(f"cannot listen on port {self.port}: {e.strerror or e} "
                             f"(another node? pick another with --port)") from None
         self.kernel.register(self.http)
-        if self.pairing is not None:
+        if self.lan is not None:
             self.http.pair_node = self
         self.terminal.info(f"{self.name}: web page: {self.http.login_url}")
 
@@ -324,8 +179,8 @@ class Node:
             self._control.stop()
         if getattr(self, "kernel", None) is not None:
             self.kernel.shutdown()
-        if self.discovery is not None:
-            self.discovery.stop()
+        if self.lan is not None:
+            self.lan.stop()
         if self.net is not None:
             self.net.stop()
         if self.http is not None:
@@ -399,6 +254,34 @@ class Node:
         if self.net is None:
             raise ValueError("networking is off on this node")
         return json.dumps(self.net.entry())
+
+    def nearby_text(self) -> str:
+        return self._lan().nearby_text()
+
+    def pair_code(self) -> tuple[str, str]:
+        return self._lan().pair_code()
+
+    def pair_join(self, code: str, target: Optional[str]) -> None:
+        """`pair CODE [TARGET]`: the code is checked now, the exchange runs in the background."""
+        from host.net.pairing import code_number, parse_code
+        lan = self._lan()
+        code = parse_code(code)
+        self.terminal.info(f"pairing with {target or f'the nearby node showing code {code_number(code)}'} ...")
+
+        def run() -> None:
+            try:
+                lan.pair_join(code, target)
+            except ValueError as e:
+                self.terminal.error(f"pairing failed: {e}")
+        threading.Thread(target=run, name="pair", daemon=True).start()
+
+    def pair_join_wait(self, code: str, target: Optional[str]) -> str:
+        return self._lan().pair_join(code, target)
+
+    def _lan(self) -> "Lan":
+        if self.lan is None:
+            raise ValueError("networking is off on this node")
+        return self.lan
 
     def reload_peers(self) -> str:
         if self.net is None:
