@@ -159,6 +159,16 @@ def test_two_machines_find_each_other_and_pair_with_a_code(pairnet):
     assert rc == 0 and "file_transfer:template.os: hello.txt\t\t11" in lines, lines
     assert json.loads(a.peers_file.read_text())[0]["public_key"] == key_b
 
+    # The pairing outlives a restart: a, started again without --bind, reads HOME/peers.json and so
+    # listens beyond loopback (as with a --peers file); b reaches it at once.
+    a.stop()
+    at = a.extra_args.index("--bind")
+    del a.extra_args[at:at + 2]
+    assert "--bind" not in a.extra_args and "--peers" not in a.extra_args
+    a.start()
+    rc, lines = b.run(f"{LIST} a.dev")
+    assert rc == 0 and "file_transfer:template.os: hello.txt\t\t11" in lines, lines
+
 
 def test_a_node_behind_nat_pairs_through_its_router(pairnet):
     """b.dev on LAN 2 is reached only through r.dev (on both LANs); a.dev on LAN 1 knows r.dev
@@ -171,8 +181,10 @@ def test_a_node_behind_nat_pairs_through_its_router(pairnet):
     r.set_peers([b_entry])                       # the router and its indirect node know each other
     b.set_peers([r.entry(hr.addrs4[2])])
     a.set_peers([r.entry(hr.addrs4[1])])         # a knows the router only
+    t0 = time.monotonic()
     for n in (r, b, a):
         n.start()
+    print(f"started in {time.monotonic() - t0:.1f} s")
     deadline = time.monotonic() + 30             # b keeps a connection to its router
     while "r.dev:" not in "\n".join(b.run("peers", wait=0.1)[1]):
         assert time.monotonic() < deadline, b.lines[-20:]
@@ -180,12 +192,15 @@ def test_a_node_behind_nat_pairs_through_its_router(pairnet):
     rc, lines = a.run(f"{LIST} b.dev", until=r"error|template\.os:", timeout=30)
     assert not any("hello.txt" in ln for ln in lines), lines   # a cannot reach b before pairing
 
+    print(f"b connected to its router after {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
     _, lines = b.run("pair", until=r"on the other node type: ")
     how = next(ln for ln in lines if "on the other node type: " in ln)
     command = re.search(r"type: (pair \S+ b\.dev via r\.dev)", how).group(1)
     lines = join(a, command)
     assert any(re.search(r"paired with b\.dev \(key [0-9a-f]{16}\) at via r\.dev; pinned in ", ln) for ln in lines), \
         lines
+    print(f"paired through the router in {time.monotonic() - t0:.1f} s")
     b.expect(rf"paired with a\.dev \(key [0-9a-f]{{16}}\) at {re.escape(ha.addr4)}:8080; pinned in ")
     pinned = {e["name"]: e for e in json.loads(a.peers_file.read_text())}
     assert pinned["b.dev"] == b_entry, pinned
