@@ -278,6 +278,9 @@ class Node:
     def pair_join_wait(self, code: str, target: Optional[str]) -> str:
         return self._lan().pair_join(code, target)
 
+    def unpair(self, name: str) -> str:
+        return self._lan().unpair(name)
+
     def _lan(self) -> "Lan":
         if self.lan is None:
             raise ValueError("networking is off on this node")

@@ -188,3 +188,18 @@ def test_the_web_page_shows_a_code_and_pairs_with_one(node_factory):
     x.expect(r"paired with y\.dev ")
     assert [e["name"] for e in json.loads((x.home / "peers.json").read_text())] == ["y.dev"]
     assert [e["name"] for e in json.loads((y.home / "peers.json").read_text())] == ["x.dev"]
+    key_y = json.loads((x.home / "peers.json").read_text())[0]["public_key"]
+    # Whoever knows a code cannot take over a name already paired: a new y.dev (another key) is
+    # refused until x unpairs the old one.
+    y.stop()
+    y2 = node_factory("y.dev", home=y.home.parent / "y2")
+    code = re.search(r"pairing code: <b>([^<]+)</b>", page(x, {"action": "code"})).group(1)
+    text = page(y2, {"action": "join", "code": code, "target": f"127.0.0.1:{x.net_port}"})
+    assert "pairing failed: the other node refused: y.dev is already paired with another key" in text, text
+    assert [e["public_key"] for e in json.loads((x.home / "peers.json").read_text())] == [key_y]
+    _, lines = x.run("unpair y.dev", wait=0.1)
+    assert any("y.dev removed from " in ln for ln in lines), lines
+    code = re.search(r"pairing code: <b>([^<]+)</b>", page(x, {"action": "code"})).group(1)
+    text = page(y2, {"action": "join", "code": code, "target": f"127.0.0.1:{x.net_port}"})
+    assert "paired with x.dev" in text, text
+    assert [e["public_key"] for e in json.loads((x.home / "peers.json").read_text())] != [key_y]

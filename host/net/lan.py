@@ -100,6 +100,13 @@ class Lan:
             lines.append(f"  {n.name}  {where}  key {n.fingerprint}  {status}{code}")
         return "\n".join(lines)
 
+    def unpair(self, name: str) -> str:
+        """`unpair NAME`: forget a paired node (its peers-file entry)."""
+        path = self.net.directory.unpin_peer(name)
+        if path is None:
+            raise ValueError(f"{name} is not in this node's peers file")
+        return f"{name} removed from {path}; pair again to reach it"
+
     def pair_code(self) -> tuple[str, str]:
         """`pair`: a new code, and what to type on the other node."""
         code = self.pairing.new_code()

@@ -481,8 +481,8 @@ class Pairing:
                     try:
                         shown = await asyncio.to_thread(self.pin, step.peer, step.peer.address(where, relayed))
                     except Exception as e:
-                        await conn.write_frame(_pack({"error": "it could not save the pairing"}))
-                        self.warn(f"pairing with {step.peer.name} failed: cannot pin it: {e}")
+                        await conn.write_frame(_pack({"error": str(e)}))
+                        self.warn(f"pairing with {step.peer.name} failed: {e}")
                         return
             if step.peer is not None:
                 self.say(shown)

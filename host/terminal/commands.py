@@ -38,6 +38,7 @@ Ours:
   pair CODE [NODE|HOST:PORT]      pair with the node showing CODE (found on the LAN, or at NODE or
                                   HOST:PORT): both pin each other's name, key and address
   pair CODE NODE via ROUTER       the same with a node behind NAT, through a router both know
+  unpair NODE                     remove NODE's entry from the peers file (to pair it anew)
   help                            this text
   exit                            stop the node"""
 
@@ -83,6 +84,7 @@ class NodeControl(Protocol):
     def nearby_text(self) -> str: ...
     def pair_code(self) -> tuple[str, str]: ...
     def pair_join(self, code: str, target: Optional[str]) -> None: ...
+    def unpair(self, name: str) -> str: ...
     def process_record(self, pid: ProcessId) -> Optional[dict]: ...   # upstream's PersistedProcess
     def process_map(self) -> dict: ...
     def net_peers(self) -> list: ...                                   # upstream's Identity lists
@@ -140,6 +142,10 @@ class Commands:
                 console.info(node.nearby_text())
             elif head == "pair":
                 self.pair(rest)
+            elif head == "unpair":
+                if not rest or " " in rest:
+                    raise UsageError("Usage: unpair NODE")
+                console.info(node.unpair(rest))
             elif head == "caps":
                 console.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head.count(":") == 2:
