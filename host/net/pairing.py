@@ -462,8 +462,11 @@ class Pairing:
                     self.warn(f"pairing request from {where} refused: {text.replace('there', 'here')}")
                 return
             assert holder is not None
+            def begin() -> Step:   # the code's checks and claim, atomic against other requests
+                with self._lock:
+                    return session.receive(first, self.clock())
             # SPAKE2 is a few milliseconds of pure Python: off the network loop
-            step = await asyncio.to_thread(session.receive, first, self.clock())
+            step = await asyncio.to_thread(begin)
             while True:
                 for frame in step.send:
                     await conn.write_frame(frame)
