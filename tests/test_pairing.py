@@ -203,3 +203,19 @@ def test_the_web_page_shows_a_code_and_pairs_with_one(node_factory):
     text = page(y2, {"action": "join", "code": code, "target": f"127.0.0.1:{x.net_port}"})
     assert "paired with x.dev" in text, text
     assert [e["public_key"] for e in json.loads((x.home / "peers.json").read_text())] != [key_y]
+
+
+def test_the_address_pinned_is_the_one_seen_unless_given_or_relayed():
+    from host.net.pairing import PairingError
+    told = Peer("b.dev", os.urandom(32), 9090, host="b.lan")
+    assert told.address("10.0.0.3", relayed=False) == "10.0.0.3"      # what really answered
+    assert told.address("10.0.0.1", relayed=True) == "b.lan"          # the router's address is not b's
+    given = Peer("b.dev", os.urandom(32), 9090, host="b.example", host_given=True)
+    assert given.address("10.0.0.3", relayed=False) == "b.example"    # --advertise wins
+    routed = Peer("b.dev", os.urandom(32), 9090, routers=("r.dev",))
+    assert Peer.unpack(routed.pack()) == routed
+    for bad in [["b.dev"], ["r,s"], [""], "r.dev", [1]]:
+        d = msgpack.unpackb(routed.pack())
+        d["routers"] = bad
+        with pytest.raises(PairingError, match="unusable routers"):
+            Peer.unpack(msgpack.packb(d))
