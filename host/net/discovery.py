@@ -28,6 +28,7 @@ log = logging.getLogger("host.net.discovery")
 
 SERVICE = "_kinode-py._tcp.local."
 LOOKUP_MS = 3000   # how long to wait for a service's records once it is seen
+MAX_SEEN = 256     # nodes kept in the nearby table: anyone on the LAN can announce any number
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,12 @@ class Discovery:
         threading.Thread(target=update, name="mdns-update", daemon=True).start()
 
     def _on_change(self, zeroconf, service_type: str, name: str, state_change) -> None:
+        try:
+            self._changed(zeroconf, service_type, name, state_change)
+        except Exception:   # a malformed record from the LAN must not stop the browser's thread
+            log.debug("ignored the mDNS record %r", name, exc_info=True)
+
+    def _changed(self, zeroconf, service_type: str, name: str, state_change) -> None:
         from zeroconf import ServiceStateChange
         if state_change is ServiceStateChange.Removed:
             with self._lock:
@@ -170,7 +177,8 @@ class Discovery:
         seen = NearbyNode(node_name, fp, tuple(info.parsed_scoped_addresses()), int(info.port or 0),
                           int(pair) if pair.isdigit() else None, name)
         with self._lock:
-            self._seen[name] = seen
+            if name in self._seen or len(self._seen) < MAX_SEEN:
+                self._seen[name] = seen
 
     def nearby(self) -> list[NearbyNode]:
         with self._lock:
