@@ -70,6 +70,9 @@ def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
                    help="as a router, serve at most N indirect nodes (default 100)")
     p.add_argument("--router-max-rate", type=float, default=0.0, metavar="MIB_S",
                    help="as a router, relay at most this many MiB/s in all (default 0: no limit)")
+    p.add_argument("--no-discovery", dest="discovery", action="store_false", default=True,
+                   help="do not announce this node on the LAN nor look for nearby nodes (mDNS); "
+                        "a node listening on loopback only never does")
     p.add_argument("--compute-limit", type=float, default=d.compute_limit, metavar="S",
                    help="seconds a process may compute without calling the host before it is stopped "
                         f"(default {d.compute_limit:g}, or $KINODE_COMPUTE_LIMIT)")
@@ -111,7 +114,7 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         router_max_nodes=args.router_max_nodes, router_max_rate=args.router_max_rate * (1 << 20),
         net_timeout=defaults.net_timeout, relay_record=defaults.relay_record,
         test_pause_after_chunks=defaults.test_pause_after_chunks,
-        net_port=args.net_port, http_host=args.http_host, http_timeout=defaults.http_timeout,
+        net_port=args.net_port, discovery=args.discovery, http_host=args.http_host, http_timeout=defaults.http_timeout,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
         runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,
                                 pooling=defaults.pooling, fastconv=args.fastconv))

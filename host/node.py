@@ -30,6 +30,7 @@ from host.runtime.wasm import Runtime
 
 if TYPE_CHECKING:
     from host.http.server import HttpServerService
+    from host.net.lan import Lan
     from host.net.network import Network
 
 log = logging.getLogger("host.node")
@@ -54,6 +55,7 @@ class Node:
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
         self.net: Optional[Network] = None
+        self.lan: Optional[Lan] = None   # nearby nodes and pairing, once networking started
         self._stop = threading.Event()
         self._lock_file: Optional[TextIO] = None
         self._control: Optional[ControlServer] = None
@@ -114,9 +116,10 @@ class Node:
         from host.net import network as net
         from host.net.directory import Directory, NameTaken, PeersFileError, parse_host_port
         from host.net.known import KnownPeers
+        from host.net.lan import peers_file
         identity = net.load_or_create_identity(self.home)
-        directory = Directory(self.settings.directory, peers_file=self.settings.peers,
-                              on_problem=self.terminal.error)
+        peers = peers_file(self.home, self.settings.peers)   # --peers, or the one pairing wrote
+        directory = Directory(self.settings.directory, peers_file=peers, on_problem=self.terminal.error)
         try:
             directory.check_peers_file()
             adv_host, adv_port = parse_host_port(self.settings.advertise, None) if self.settings.advertise else (None, None)
@@ -124,7 +127,7 @@ class Node:
             raise NodeError(f"--advertise {e}" if not isinstance(e, PeersFileError) else str(e)) from None
         self.net = net.Network(self.name, identity, self.settings.net_port, directory,
                                on_message=self.kernel.from_network, on_peer_lost=self.kernel.peer_lost,
-                               host=net.listen_addresses(self.settings.bind, self.settings.peers),
+                               host=net.listen_addresses(self.settings.bind, peers),
                                advertise_host=adv_host, advertise_port=adv_port,
                                on_problem=lambda text: self.terminal.info(f"warning: {text}"),
                                routers=self.settings.routers, is_router=self.settings.is_router,
@@ -142,6 +145,16 @@ class Node:
             raise NodeError(f"cannot listen on port {self.settings.net_port}: {e.strerror or e} "
                             f"(another node? pick another with --net-port)") from None
         self.kernel.net = self.net
+        self._start_lan()
+
+    def _start_lan(self) -> None:
+        """Nearby nodes and pairing (host/net/lan.py)."""
+        from host.net.lan import Lan
+        assert self.net is not None
+        self.lan = Lan(self.net, self.home, discovery_on=self.settings.discovery,
+                       advertise_given=self.settings.advertise is not None, routers=self.settings.routers,
+                       say=self.terminal.info, warn=self.terminal.error)
+        self.lan.start()
 
     def _start_http(self) -> None:
         from host.http.server import HttpServerService
@@ -158,6 +171,8 @@ class Node:
             raise NodeError(f"cannot listen on port {self.port}: {e.strerror or e} "
                             f"(another node? pick another with --port)") from None
         self.kernel.register(self.http)
+        if self.lan is not None:
+            self.http.pair_node = self
         self.terminal.info(f"{self.name}: web page: {self.http.login_url}")
 
     def request_stop(self) -> None:
@@ -176,6 +191,8 @@ class Node:
             self._control.stop()
         if getattr(self, "kernel", None) is not None:
             self.kernel.shutdown()
+        if self.lan is not None:
+            self.lan.stop()
         if self.net is not None:
             self.net.stop()
         if self.http is not None:
@@ -249,6 +266,37 @@ class Node:
         if self.net is None:
             raise ValueError("networking is off on this node")
         return json.dumps(self.net.entry())
+
+    def nearby_text(self) -> str:
+        return self._lan().nearby_text()
+
+    def pair_code(self) -> tuple[str, str]:
+        return self._lan().pair_code()
+
+    def pair_join(self, code: str, target: Optional[str]) -> None:
+        """`pair CODE [TARGET]`: the code is checked now, the exchange runs in the background."""
+        from host.net.pairing import code_number, parse_code
+        lan = self._lan()
+        code = parse_code(code)
+        self.terminal.info(f"pairing with {target or f'the nearby node showing code {code_number(code)}'} ...")
+
+        def run() -> None:
+            try:
+                lan.pair_join(code, target)
+            except ValueError as e:
+                self.terminal.error(f"pairing failed: {e}")
+        threading.Thread(target=run, name="pair", daemon=True).start()
+
+    def pair_join_wait(self, code: str, target: Optional[str]) -> str:
+        return self._lan().pair_join(code, target)
+
+    def unpair(self, name: str) -> str:
+        return self._lan().unpair(name)
+
+    def _lan(self) -> "Lan":
+        if self.lan is None:
+            raise ValueError("networking is off on this node")
+        return self.lan
 
     def reload_peers(self) -> str:
         if self.net is None:

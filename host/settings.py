@@ -56,6 +56,7 @@ class Settings:
     net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
     relay_record: Optional[Path] = None     # tests: a router appends every byte it relays here
     test_pause_after_chunks: int = 0        # tests: see host/vfs/test_pause.py; 0 (off) in a normal run
+    discovery: bool = True                  # announce on the LAN and browse (mDNS), if not on loopback only
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
     verbose: int = 0

@@ -174,6 +174,7 @@ class HttpServerService(Service):
         self._runner: Optional[web.AppRunner] = None
         self._refusal_window, self._refusals_shown, self._refusals_hidden = 0.0, 0, 0
         self._thread: Optional[threading.Thread] = None
+        self.pair_node: Any = None   # the node, whose pairing /pair shows (host/http/pair_page.py)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -402,6 +403,11 @@ class HttpServerService(Service):
             if not self._authed(request):
                 return self._unauthorized(request)
             return self._homepage()
+        if path == "/pair" and self.pair_node is not None:
+            if not self._authed(request):
+                return self._unauthorized(request)
+            from host.http.pair_page import handle
+            return await handle(request, self.pair_node, _page)
         binding, url_params = self._match(path)
         if binding is None and len(path) > 1 and path.endswith("/"):
             # upstream normalises a trailing slash away (http/utils.rs normalize_path)
@@ -702,7 +708,9 @@ class HttpServerService(Service):
         items = "".join(f'<li><a href="/{quote(str(p), safe=":")}/">{html.escape(p.package_name)}</a> '
                         f'<small>{html.escape(str(p))}</small></li>' for p in apps) or "<li>no apps yet</li>"
         return web.Response(text=_page(f"{self.kernel.node}", f"<h1>{html.escape(self.kernel.node)}</h1>"
-                                       f"<h2>Apps</h2><ul class=apps>{items}</ul>"), content_type="text/html")
+                                       f"<h2>Apps</h2><ul class=apps>{items}</ul>"
+                                       + ("<p><a href=/pair>Pair with a node</a></p>" if self.pair_node else "")),
+                            content_type="text/html")
 
 
 def _page(title: str, body: str) -> str:

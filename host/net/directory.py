@@ -102,6 +102,7 @@ class Directory:
         self.peers_file = Path(peers_file) if peers_file is not None else None
         self.on_problem = on_problem       # also told of a bad peers file (e.g. the terminal)
         self._peers_lock = threading.Lock()
+        self._pin_lock = threading.Lock()    # pairings write the peers file one at a time
         self._peers_stamp: object = None
         self._peers_good: dict[str, NodeRecord] = {}
         self.peers_error: Optional[str] = None
@@ -268,8 +269,66 @@ class Directory:
                                    for r in sorted(peers.values(), key=lambda r: r.name)])
 
 
+    def pin_peer(self, entry: dict, default_file: Path) -> Path:
+        """Write `entry` (a peers-file entry) into the peers file, replacing one of the same name
+        and key (a new address), as pairing does; the file is `default_file` (made now) if the node
+        had none. An entry of that name with another key is not replaced (KeyPinned): whoever knows
+        a pairing code must not take over a name already paired. The file is replaced atomically;
+        one that is not a valid peers file is left as it is (PeersFileError)."""
+        from host import fsutil
+        with self._pin_lock:
+            known = entry["name"] in self._peers()
+            path = self.peers_file or Path(default_file)
+            text = self._peers_text(path)
+            old = parse_peers(text, str(path)).get(entry["name"])   # a broken file is not overwritten
+            if old is not None and old.public_key.hex() != entry["public_key"]:
+                raise KeyPinned(f"{entry['name']} is already paired with another key ({fingerprint(old.public_key)}, "
+                                f"in {path}); `unpair {entry['name']}` there first to pair it anew")
+            entries = [e for e in json.loads(text) if e.get("name") != entry["name"]] + [entry]
+            parse_peers(json.dumps(entries), str(path))
+            fsutil.write_atomic(path, (json.dumps(entries, indent=1) + "\n").encode(), fsync=True)
+            self.peers_file = path
+            self._peers(force=True)
+            if not known:
+                # a new name has no connection to retire, and one the network accepts from it
+                # before it next checks the file must not be retired as "changed"
+                with self._peers_lock:
+                    self._changed.discard(entry["name"])
+        return path
+
+    def unpin_peer(self, name: str) -> Optional[Path]:
+        """Remove `name`'s entry from the peers file (`unpair`); the file, or None if it had none."""
+        from host import fsutil
+        with self._pin_lock:
+            path = self.peers_file
+            if path is None:
+                return None
+            text = self._peers_text(path)
+            parse_peers(text, str(path))
+            entries = json.loads(text)
+            kept = [e for e in entries if e.get("name") != name]
+            if len(kept) == len(entries):
+                return None
+            fsutil.write_atomic(path, (json.dumps(kept, indent=1) + "\n").encode(), fsync=True)
+            self._peers(force=True)
+        return path
+
+    @staticmethod
+    def _peers_text(path: Path) -> str:
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            return "[]"
+        except OSError as e:
+            raise PeersFileError(f"peers file {path} unreadable: {e.strerror or e}") from None
+
+
 class PeersFileError(ValueError):
     """The peers file is not a valid list of entries; the message names the bad entry."""
+
+
+class KeyPinned(ValueError):
+    """Pairing would replace the key pinned for a name."""
 
 
 def fingerprint(public_key: bytes) -> str:

@@ -32,7 +32,7 @@ import socket
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import msgpack
 from noise.connection import Keypair, NoiseConnection
@@ -134,6 +134,7 @@ class Network(Relay):
         self._relay_clock = 0.0                      # router: when the rate limit frees the link
         self._via: dict[str, str] = {}               # indirect peer -> the router that worked last
         self._keeping: set[str] = set()              # routers being dialled by the keeper
+        self.pair_handler: Any = None  # host/net/pairing.py's Pairing: serves connections opening with its magic
         self._handshakes_from: Counter[str] = Counter()  # unauthenticated connections per source
         self._calls_for: Counter[str] = Counter()    # indirect node: call-backs per dialler's source
         self._refused_unauthenticated = 0
@@ -489,11 +490,16 @@ class Network(Relay):
             log.warning("dropping unauthenticated connection from %s: bad handshake (%s)",
                         conn.where, e or type(e).__name__)
             conn.close()
+        if conn.pair_frame is not None and not conn.closed:   # also on a router's call-back
+            self._spawn(self.pair_handler.serve(conn, conn.pair_frame))
 
     async def _respond(self, conn: Conn, allow_relay: bool = True) -> None:
         first = await conn.read_frame(HANDSHAKE_MAX)
         if first.startswith(RELAY_MAGIC) and allow_relay:
             conn.relay_frame = first   # a relay request or call-back: handled after this
+            return
+        if self.pair_handler is not None and self.pair_handler.wants(first):
+            conn.pair_frame = first    # a pairing exchange: handed over after this
             return
         noise = NoiseConnection.from_name(NOISE_PROTOCOL)
         noise.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.private)

@@ -159,6 +159,7 @@ class Conn:
         self.pinging = False
         self.route = False              # the peer asked us (a router) to serve it on this connection
         self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
+        self.pair_frame: Optional[bytes] = None   # the first frame, when it began a pairing
         self.source = where             # the remote address (an IPv6 /64) that relay limits count by
         self.held: object = None        # set while the peer's messages wait to be taken: stop reading
 

@@ -34,6 +34,12 @@ Ours:
   id                              this node's entry for other nodes' peers files (JSON)
   peers-file                      re-read the peers file now and list its entries
   forget NODE                     forget the key remembered for NODE (accept its new key)
+  nearby                          nodes announced on the LAN (mDNS): name, address, key, paired or not
+  pair                            show a pairing code for another node to type (10 minutes, once)
+  pair CODE [NODE|HOST:PORT]      pair with the node showing CODE (found on the LAN, or at NODE or
+                                  HOST:PORT): both pin each other's name, key and address
+  pair CODE NODE via ROUTER       the same with a node behind NAT, through a router both know
+  unpair NODE                     remove NODE's entry from the peers file (to pair it anew)
   help                            this text
   exit                            stop the node"""
 
@@ -77,6 +83,12 @@ class NodeControl(Protocol):
     def peers_entry(self) -> str: ...
     def reload_peers(self) -> str: ...
     def forget_peer(self, name: str) -> str: ...
+
+
+    def nearby_text(self) -> str: ...
+    def pair_code(self) -> tuple[str, str]: ...
+    def pair_join(self, code: str, target: Optional[str]) -> None: ...
+    def unpair(self, name: str) -> str: ...
     def process_record(self, pid: ProcessId) -> Optional[dict]: ...   # upstream's PersistedProcess
     def process_map(self) -> dict: ...
     def net_peers(self) -> list: ...                                   # upstream's Identity lists
@@ -132,6 +144,14 @@ class Commands:
                 console.info(node.reload_peers())
             elif head == "forget":
                 console.info(node.forget_peer(rest))
+            elif head == "nearby":
+                console.info(node.nearby_text())
+            elif head == "pair":
+                self.pair(rest)
+            elif head == "unpair":
+                if not rest or " " in rest:
+                    raise UsageError("Usage: unpair NODE")
+                console.info(node.unpair(rest))
             elif head == "caps":
                 console.info(node.describe_capabilities(ProcessId.parse(rest)))
             elif head.count(":") == 2:
@@ -144,6 +164,17 @@ class Commands:
         except Exception as e:  # a command must never take the node down
             console.error(f"{head}: {e}")
         return None
+
+    def pair(self, rest: str) -> None:
+        words = rest.split()
+        if not words:
+            code, how = self.node.pair_code()
+            self.console.info(f"pairing code: {code}")
+            self.console.info(f"on the other node type: {how}   (valid 10 minutes, for one pairing)")
+        elif len(words) <= 2 or (len(words) == 4 and words[2] == "via"):
+            self.node.pair_join(words[0], " ".join(words[1:]) or None)
+        else:
+            raise UsageError("Usage: pair (shows a code) or pair CODE [NODE|HOST:PORT] or pair CODE NODE via ROUTER")
 
     # ---- Kinode's terminal scripts (kinode/packages/terminal in kinode 0.9.5) -------------------
     def do_m(self, rest: str) -> None:
