@@ -20,6 +20,8 @@ def test_served_names():
     ("localhost", True), ("localhost:8080", True), ("LocalHost:1", True), ("127.0.0.1:8080", True),
     ("[::1]:8080", True), ("[::1]", True), ("node.example.org:80", True), ("10.1.2.3:8080", True),
     ("[fe80::1]:8080", True), (None, True),
+    ("webtest-test-os.localhost:8080", True), ("pkg-pub.node.example.org", True),   # SecureBind's subdomains
+    ("x.127.0.0.1", False), ("evillocalhost", False), ("node.example.org.evil.example", False),
     ("evil.example", False), ("evil.example:8080", False), ("localhost.evil.example", False),
     ("127.0.0.1.nip.io:8080", False), ("", False), ("example.org", False),
 ])

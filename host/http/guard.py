@@ -5,8 +5,9 @@ of `localhost` is the same *site*, so SameSite=Strict does not stop a page serve
 port. So the server acts on a cookie only for the node's own origin:
 
 - `Host` must name the node: `localhost`, the names it was told it serves (`--http-host`,
-  `--advertise`), or an IP address literal. A DNS-rebinding page reaches the node under a *name* it
-  controls, which is refused; an IP literal cannot be rebound.
+  `--advertise`), a subdomain of one (a SecureBind is served on `package-publisher.HOST`; every
+  `*.localhost` is loopback), or an IP address literal. A DNS-rebinding page reaches the node under
+  a *name* it controls, which is refused; an IP literal cannot be rebound.
 - a request that changes something (every method but GET and HEAD, and every WebSocket upgrade)
   without a valid bearer token must come from the node's own origin: its `Origin` equals
   `http://HOST` of the request (or, without `Origin`, `Sec-Fetch-Site: same-origin`). A client that
@@ -72,6 +73,8 @@ def host_problem(host_header: str | None, names: frozenset[str]) -> str:
     name = host_name(host_header)
     if name in names or is_ip_literal(name):
         return ""
+    if any(name.endswith("." + n) for n in names if not is_ip_literal(n)):
+        return ""   # a subdomain: where SecureBind serves its package
     return (f"Host {host_header[:100]!r} is not a name this node serves (localhost, an IP address, "
             f"or --http-host/--advertise)")
 
