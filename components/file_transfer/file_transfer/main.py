@@ -16,7 +16,7 @@ import serving
 import web
 import ft_folder
 import ft_schedule
-from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, check_name, human_size
+from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, PARTIAL_DIR, check_name, human_size
 from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
                          get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
@@ -34,6 +34,13 @@ class Transfers(ft_schedule.Transfers):
         super().end(key)
         if self.fetching(key[1], time.monotonic()) is None:
             self._unmark(key[1])
+        if not self.active and not self.waiting:
+            # no download of ours runs: leave no empty folders behind (one in use is not empty)
+            for folder in (f"{self.drive}/{DOWNLOADING_DIR}", f"{self.drive}/{PARTIAL_DIR}"):
+                try:
+                    vfs.vfs_request(folder, "RemoveDir")
+                except vfs.VfsError:
+                    break
 
     def take_name(self, name: str, node: str) -> str:
         """Mark `name` as being downloaded from `node`, unless the web page is uploading it: then
