@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import html
 import json
@@ -624,6 +625,8 @@ class HttpServerService(Service):
         else:
             self.uploading.pop(mark, None)
             mark.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the last one: no empty folder left behind
+                mark.parent.rmdir()
 
     def _clear_stale_marks(self, drive: Path) -> None:
         """Marks left by a node stopped mid-upload (none of them streams now)."""
