@@ -12,7 +12,10 @@ Large bodies never pass whole through memory or a process (a blob crosses into W
   POST to that path is then streamed by this service, part by part, into `DRIVE/.partial/*.part`
   and renamed to `DRIVE/NAME` when the part is complete (a hostile name is refused and its bytes
   skipped). NAME may be a relative path, `folder/sub/file` (a browser's folder upload), each part
-  checked as a file name; missing folders are made, symlinks never followed. The process then gets the request with the blob
+  checked as a file name; missing folders are made, symlinks never followed. While a part streams,
+  `DRIVE/.partial/.uploading/NAME` marks its name (its first path segment); a part whose name the
+  package marked in `DRIVE/.partial/.downloading/NAME` is refused, naming the download (host.kinode_types).
+  The process then gets the request with the blob
   `{"Uploaded": {"files": [{name, size}], "refused": [{name, reason}]}}` and answers as usual.
 - downloads: a response may carry `"file": "/package:publisher/drive/path"` (a file of the
   binder's own package) instead of a blob; the service streams it from disk.
