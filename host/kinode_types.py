@@ -12,6 +12,12 @@ from typing import overload
 
 MAX_FILE_NAME_BYTES = 255
 
+# Names taken in an upload drive (a Bind's `upload_to`), one empty-or-text file per name, so the
+# HTTP server and the drive's package refuse each other's use of a name in flight. Each side makes
+# its own mark first and then looks for the other's, so of two racing uses at least one is refused.
+UPLOADING_DIR = ".partial/.uploading"      # the HTTP server's: NAME is being uploaded
+DOWNLOADING_DIR = ".partial/.downloading"  # the package's: NAME is being downloaded (text: from where)
+
 # a part of an id may not hold its separators, a path separator or a control character
 _BAD_PART_CHAR = re.compile(r"[@:/\\\x00-\x1f\x7f-\x9f]")
 # a file name may not hold a path separator, a control character or a lone surrogate

@@ -454,3 +454,118 @@ def test_a_listing_counts_at_most_1000_entries_of_a_folder(two_nodes):
     text = "\n".join(lines)
     assert code == 0 and "thousand/\t\t1000\t(1000 files)" in text, text
     assert "more/\t\t0\t(1000+ entries)" in text, text
+
+
+# ---- the folder machines on plain CPython, through the one entry `handle(event)` -------------------
+def _machines():
+    import ft_protocol as ft
+
+    from host.kinode_types import Address
+    req_parent = Address.parse("fake.dev@file_transfer:file_transfer:template.os")
+    peer_main = Address.parse("fake2.dev@file_transfer:file_transfer:template.os")
+    prov_worker = Address.parse("fake2.dev@w2:file_transfer:template.os")
+    return ft, req_parent, peer_main, prov_worker
+
+
+H = "ab" * 32  # a piece's digest: checked where it is read, only its form here
+MANIFEST = {"dirs": ["sub"], "files": [["a.bin", 10, "s1"], ["sub/b.bin", 5, "s2"]]}
+
+
+def _folder_requestor(window=None, saved=None, on_disk=None):
+    """A Requestor that took a folder's Size and handed over; its FolderRequestor, with the tree
+    prepared (the resume point as `saved` and `on_disk` allow). Returns (machine, PrepareTree, actions)."""
+    ft, parent, peer, prov = _machines()
+    req = ft.Requestor("trip", peer, parent, 0.0, extended=True)
+    req.handle(ft.Start())
+    if window:
+        assert req.handle(ft.GotRequest(parent, {"Progress": {"name": "trip", "progress": 0}}, {"ft": 1, "window": window},
+                                        0.1)) == []
+    meta = {"ft": 1, "folder": {"files": 2, "dirs": 1, "bytes": 15}}
+    switch, read = req.handle(ft.GotRequest(prov, {"Size": 15}, meta, 0.2, True, 100))
+    assert type(switch) is ft.SwitchToFolder and type(read) is ft.ReadManifest
+    m = switch.machine
+    assert type(m) is ft_folder.FolderRequestor and m.window == window and read.size == 15 and read.wants_answer
+    assert m.handle(ft_folder.ManifestRead(read.source, read.size, read.meta, json.dumps(MANIFEST), "d" * 64,
+                                           read.wants_answer, 0.3)) == [ft_folder.LoadFolderState()]
+    (prepare,) = m.handle(ft_folder.FolderStateLoaded(saved, on_disk, 0.4))
+    return m, prepare, m.handle(ft_folder.TreePrepared(0.5))
+
+
+def test_a_requestor_and_a_provider_hand_a_folder_over_as_an_action():
+    ft, parent, peer, prov = _machines()
+    # the control: a file's Size keeps the Requestor
+    req = ft.Requestor("f.bin", peer, parent, 0.0, extended=True)
+    req.handle(ft.Start())
+    assert not any(type(a) is ft.SwitchToFolder for a in req.handle(ft.GotRequest(prov, {"Size": 3}, {"ft": 1}, 0.1, True, 0)))
+    m, _, _ = _folder_requestor(window=3)  # the folder's: a FolderRequestor with the window the parent gave
+    assert m.window == 3
+    # the provider: its file turns out to be a folder
+    requestor_worker = _addr("fake.dev@w1:file_transfer:template.os")
+    p = ft.Provider("trip", requestor_worker, peer, 0.0, extended=True, window=2)
+    assert type(p.handle(ft.Start())[-1]) is ft.OpenFile
+    switch, walk = p.handle(ft.Opened(None, None, 0.1, folder=True))
+    assert type(switch.machine) is ft_folder.FolderProvider and switch.machine.window == 2
+    assert switch.machine.target == requestor_worker and walk == ft_folder.WalkTree()
+    assert p.handle(ft.Opened(7, "stamp", 0.1)) != [], "the control: a file is sent by the Provider"
+    with pytest.raises(TypeError):
+        switch.machine.handle(ft.ChunkRead(1, None, 0.2))  # an event it does not take is said, not ignored
+
+
+def _addr(text):
+    from host.kinode_types import Address
+    return Address.parse(text)
+
+
+def test_folder_requestor_receives_a_tree_acks_its_batches_and_finishes():
+    ft, parent, peer, prov = _machines()
+    m, prepare, actions = _folder_requestor(window=4)
+    assert prepare == ft_folder.PrepareTree(True, ["sub"], {"digest": "d" * 64, "index": 0, "offset": 0})
+    assert actions[0] == ft.Reply("Progress", {"ft": 1, "resume": [0, 0], "window": 4})
+    # one batch: all of a.bin and b.bin, its blob their bytes back to back
+    batch = [[0, 0, 10, H], [1, 0, 5, H]]
+    (write,) = m.handle(ft.GotRequest(prov, {"Chunk": {"name": "trip", "offset": 0, "length": 15}},
+                                      {"ft": 1, "batch": batch}, 1.0, True, 15))
+    assert write == ft_folder.WriteBatch([["a.bin", 0, 10, H], ["sub/b.bin", 0, 5, H]],
+                                         {"digest": "d" * 64, "index": 2, "offset": 0})
+    ack, finish = m.handle(ft_folder.BatchWritten(1.1))
+    assert ack == ft.Reply("Progress", {"ft": 1, "ack": 0, "window": 4}) and finish == ft_folder.FinishTree()
+    *report, end = m.handle(ft_folder.TreeFinished(True, 1.2))
+    assert end == ft.Exit() and report[-1].metadata["done"] and report[-1].metadata["replaced"]
+    assert m.state == m.DONE
+
+
+def test_folder_requestor_resumes_only_where_the_partial_tree_bears_it_out():
+    saved = {"digest": "d" * 64, "index": 1, "offset": 2}
+    m, prepare, actions = _folder_requestor(saved=saved, on_disk={"a.bin": 10, "sub/b.bin": 2})
+    assert not prepare.fresh and prepare.state["index"] == 1 and prepare.state["offset"] == 2
+    assert actions[0].metadata["resume"] == [1, 2] and m.done_bytes == 12
+    # the partial tree lacks a.bin whole, or the listing changed: start afresh
+    for on_disk, digest in (({"a.bin": 9, "sub/b.bin": 2}, "d" * 64), ({"a.bin": 10, "sub/b.bin": 2}, "e" * 64)):
+        _, prepare, actions = _folder_requestor(saved=dict(saved, digest=digest), on_disk=on_disk)
+        assert prepare.fresh and prepare.state["index"] == 0 and actions[0].metadata["resume"] == [0, 0]
+
+
+def test_folder_requestor_refuses_a_bad_listing_bad_batches_strangers_and_a_stall():
+    ft, parent, peer, prov = _machines()
+    from ft_common import STALL_TIMEOUT
+    # a listing whose size is not its files' total: refused, nothing kept
+    m = ft_folder.FolderRequestor("trip", peer, parent, 0.0)
+    actions = m.handle(ft_folder.ManifestRead(prov, 99, {"ft": 1}, json.dumps(MANIFEST), "d" * 64, True, 0.1))
+    assert ft_folder.RemoveTree() in actions and actions[-1] == ft.Exit("refused the folder: the folder's size does "
+                                                                        "not match its listing")
+    chunk = {"Chunk": {"name": "trip", "offset": 0, "length": 10}}
+    for batch, blob_len, why in (([[1, 0, 5, H]], 5, "out of order"), ([[0, 0, 10, H]], 9, "does not match"),
+                                 ([[0, 0, 10, "xyz"]], 10, "malformed")):
+        m, _, _ = _folder_requestor()
+        actions = m.handle(ft.GotRequest(prov, chunk, {"ft": 1, "batch": batch}, 1.0, True, blob_len))
+        assert why in actions[-1].error and ft_folder.RemoveTree() not in actions, (why, actions)  # kept for a resume
+        assert actions[0].target == prov and why in actions[0].metadata["error"]  # the provider is told
+    m, _, _ = _folder_requestor()
+    stranger = _addr("evil.dev@w9:file_transfer:template.os")
+    (log,) = m.handle(ft.GotRequest(stranger, chunk, {"ft": 1, "batch": [[0, 0, 10, H]]}, 1.0, True, 10))
+    assert type(log) is ft.Log and "not the peer" in log.text and m.state == m.RECEIVING
+    assert m.handle(ft.SendFailed("tick", "timeout", 2.0)) == [ft.Send(prov, {"Progress": {"name": "trip", "progress": 0}},
+                                                                        {"ft": 1}, ft.ACK_TIMEOUT, "keepalive"),
+                                                                ft.ArmTimer(ft.TICK)]  # the control: alive
+    actions = m.handle(ft.SendFailed("tick", "timeout", 1.0 + STALL_TIMEOUT + 1))
+    assert actions[-1] == ft.Exit(f"no progress for {STALL_TIMEOUT} s; giving up")

@@ -168,8 +168,7 @@ def test_a_peer_cannot_queue_without_bound_nor_pass_the_serving_limit(node_facto
     """With every serving slot taken, a peer's Downloads queue up to MAX_QUEUED_PER_NODE; the next
     one is refused with a clear error, and a plain Download (no `ft` metadata: it cannot be told to
     wait) is refused too, where an idle provider serves it; the provider keeps serving."""
-    serving = (REPO / "components/file_transfer/file_transfer/serving.py").read_text()
-    MAX_QUEUED_PER_NODE = int(re.search(r"^MAX_QUEUED_PER_NODE = (\d+)", serving, re.M).group(1))
+    from ft_schedule import MAX_QUEUED_PER_NODE
     args = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]
     provider, busy = node_factory("prov.dev", pause_after=1), node_factory("busy.dev")
     evil = node_factory("evil.dev", extra_args=args)
@@ -275,126 +274,99 @@ def test_scripts_take_turns_to_be_instantiated(tmp_path):
         ended.clear()
 
 
-# ---- the provider's serving slots and queue (serving.py) on plain CPython -----------------------------
-class _Sent(list):
-    """What serving.py sent, in order: ("response" | "request", body, metadata)."""
-
-
-def _serving_module(monkeypatch, failing: set):
-    """serving.py imported with stand-ins for the guest's imports: the worker API records each start
-    (or raises Err for a name in `failing`, as when the spawn fails) and messages are recorded."""
-    import importlib.util
-    import types
-
+# ---- the scheduling (ft_schedule: serving slots and queue, downloads) on plain CPython, time passed in ----
+def _worker(node: str):
     from host.kinode_types import Address
-
-    sent, started = _Sent(), []
-
-    class Err(Exception):
-        def __init__(self, value):
-            super().__init__(value)
-            self.value = value
-
-    class Builder:
-        def __init__(self, kind, target=None):
-            self.kind, self.target, self.b, self.m = kind, target, None, None
-
-        @classmethod
-        def to(cls, target):
-            return cls("request", target)
-
-        def body(self, b):
-            self.b = b
-            return self
-
-        def metadata(self, m):
-            self.m = m
-            return self
-
-        def send(self):
-            sent.append((self.kind, self.b, self.m))
-
-    def start_download(our, requestor, name, target, is_requestor):
-        if name in failing:
-            raise Err("no-file-at-path")
-        started.append((requestor.node, name))
-
-    lib = types.ModuleType("process_lib")
-    lib.Address, lib.Message, lib.Request = Address, object, type("Request", (Builder,), {})  # type: ignore[attr-defined]
-    lib.Response = lambda: Builder("response")  # type: ignore[attr-defined]
-    lib.print_to_terminal = lambda level, text: None  # type: ignore[attr-defined]
-    lib.println = lambda text: None  # type: ignore[attr-defined]
-    lib.to_wit_address = lambda a: a  # type: ignore[attr-defined]
-    wit = types.ModuleType("wit_world")
-    imports = types.ModuleType("wit_world.imports")
-    imports.file_transfer_worker = types.SimpleNamespace(start_download=start_download)  # type: ignore[attr-defined]
-    for name, module in (("process_lib", lib), ("wit_world", wit), ("wit_world.imports", imports),
-                         ("componentize_py_types", types.SimpleNamespace(Err=Err))):
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.syspath_prepend(str(REPO / "components/file_transfer/common"))
-    spec = importlib.util.spec_from_file_location("serving_under_test",
-                                                  REPO / "components/file_transfer/file_transfer/serving.py")
-    serving = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serving)
-    return serving, Address, sent, started
-
-
-class _Msg:
-    def __init__(self, source, body, meta=None):
-        self.source, self.body, self._meta, self.is_request = source, json.dumps(body).encode(), meta or {}, True
-
-    def meta(self):
-        return self._meta
-
-    def json(self):
-        return json.loads(self.body)
-
-
-def _requestor(Address, node):
     return Address.parse(f"{node}@w:file_transfer:template.os")
 
 
-def test_a_freed_slot_goes_to_the_queue_before_a_newcomer(monkeypatch):
-    serving, Address, sent, started = _serving_module(monkeypatch, set())
-    our = Address.parse("prov.dev@file_transfer:file_transfer:template.os")
-    ext = {"ft": 1}
+TARGET = "our worker's target"  # opaque to the scheduler
+
+
+def test_a_freed_slot_goes_to_the_queue_before_a_newcomer():
+    from ft_schedule import Serving
+    s = Serving()
     for i in range(MAX_SERVING):  # every slot taken (the control: served at once, while free)
-        serving.serve(our, _Msg(_requestor(Address, "busy.dev"), {}, ext), f"big{i}", our)
-    assert started == [("busy.dev", f"big{i}") for i in range(MAX_SERVING)] and not sent
-    serving.serve(our, _Msg(_requestor(Address, "early.dev"), {}, ext), "a", our)
-    assert sent[-1] == ("response", {"Download": {"Ok": None}}, {"ft": 1, "queued": 1})
-    serving.SLOTS.give_back("busy.dev", "big0")  # a slot frees; ServeNext is not yet handled ...
-    serving.serve(our, _Msg(_requestor(Address, "late.dev"), {}, ext), "b", our)  # ... when a newcomer asks
-    assert sent[-1] == ("response", {"Download": {"Ok": None}}, {"ft": 1, "queued": 2})  # it queues behind
-    assert started[-1] == ("busy.dev", f"big{MAX_SERVING - 1}")
-    serving.after_message(our)
-    assert sent[-1] == ("request", serving.SERVE_NEXT, None)
-    assert serving.handles(our, _Msg(our, serving.SERVE_NEXT))
-    assert started[-1] == ("early.dev", "a") and list(serving.SLOTS.queue) == [(str(_requestor(Address, "late.dev")), "b")]
+        assert s.admit("prov.dev", _worker("busy.dev"), f"big{i}", TARGET, True, 0.0) == ("start", None)
+    assert s.admit("prov.dev", _worker("early.dev"), "a", TARGET, True, 1.0) == ("queued", 1)
+    s.give_back("busy.dev", "big0")  # a slot frees; ServeNext is not yet handled ...
+    assert s.admit("prov.dev", _worker("late.dev"), "b", TARGET, True, 2.0) == ("queued", 2)  # ... a newcomer queues
+    assert s.admit("prov.dev", _worker("plain.dev"), "c", TARGET, False, 2.0) == (  # one that cannot wait
+        "refused", f"prov.dev is busy: {MAX_SERVING - 1} downloads being served, 2 waiting; try again later")
+    assert s.ask_next(3.0) and not s.ask_next(3.0)  # one ServeNext until it is handled
+    assert s.serve_next(3.0) == (_worker("early.dev"), "a", TARGET) and s.serves("early.dev", "a")
+    assert s.serve_next(3.0) is None and list(s.queue) == [(str(_worker("late.dev")), "b")]  # no slot left
 
 
-def test_a_failed_worker_start_answers_the_download_with_an_error(monkeypatch):
-    serving, Address, sent, started = _serving_module(monkeypatch, {"broken"})
-    our = Address.parse("prov.dev@file_transfer:file_transfer:template.os")
-    serving.serve(our, _Msg(_requestor(Address, "req.dev"), {}, {"ft": 1}), "fine", our)
-    assert started == [("req.dev", "fine")] and not sent  # the control: the worker API answers Ok
-    serving.serve(our, _Msg(_requestor(Address, "req.dev"), {}, {"ft": 1}), "broken", our)
-    assert sent == [("response", {"Download": {"Err": "prov.dev could not start sending broken: no-file-at-path"}},
-                     None)]
-    assert not serving.SLOTS.serves("req.dev", "broken") and serving.SLOTS.serves("req.dev", "fine")
-    # queued, its turn comes and its worker cannot start: its next ask about its place hears why
-    for i in range(MAX_SERVING - 1):
-        serving.serve(our, _Msg(_requestor(Address, "busy.dev"), {}, {"ft": 1}), f"big{i}", our)
-    waiter = _requestor(Address, "wait.dev")
-    for name in ("broken", "fine2"):
-        serving.serve(our, _Msg(waiter, {}, {"ft": 1}), name, our)
-    ask = {"Progress": {"name": "broken", "progress": 0}}
-    assert serving.handles(our, _Msg(waiter, ask, {"ft": 1, "queue": True}))
-    assert sent[-1] == ("response", "Progress", {"ft": 1, "queued": 1})  # the control: waiting, first
-    serving.SLOTS.give_back("busy.dev", "big0")
-    serving.SLOTS.give_back("busy.dev", "big1")
-    assert serving.handles(our, _Msg(our, serving.SERVE_NEXT))
-    assert started[-1] == ("wait.dev", "fine2")  # the next in line still starts
-    assert serving.handles(our, _Msg(waiter, ask, {"ft": 1, "queue": True}))
-    assert sent[-1] == ("response", "Progress", {"ft": 1, "queued": None,
-                                                 "error": "prov.dev could not start sending broken: no-file-at-path"})
+def test_a_slot_and_a_queue_place_lapse_without_word_and_hold_with_it():
+    from ft_common import SERVING_LEASE
+    from ft_schedule import Serving
+    s = Serving(limit=1)
+    assert s.admit("prov.dev", _worker("a.dev"), "x", TARGET, True, 0.0) == ("start", None)
+    for node in ("b.dev", "c.dev"):
+        assert s.admit("prov.dev", _worker(node), "y", TARGET, True, 0.0)[0] == "queued"
+    s.worker_said("a.dev", "x", True, "its worker", SERVING_LEASE - 1)  # word from the serving worker ...
+    assert not s.has_free(SERVING_LEASE + 1) and not s.notes  # ... keeps its slot
+    assert s.asked_place(_worker("c.dev"), "y", False, SERVING_LEASE) == {"queued": 2}  # c asks: it stays
+    assert s.has_free(2 * SERVING_LEASE) and s.notes == ["1 serving slot(s) freed: no word from their worker"]
+    # b never asked since it queued: gone; c asked a lease ago at most: its turn
+    assert s.serve_next(2 * SERVING_LEASE - 0.5) == (_worker("c.dev"), "y", TARGET) and not s.queue
+    assert s.asked_place(_worker("c.dev"), "y", False, 2 * SERVING_LEASE) == {"queued": 0}  # starting
+    s.worker_said("c.dev", "y", False, None, 2 * SERVING_LEASE)  # done: the slot goes back
+    assert s.has_free(2 * SERVING_LEASE)
+
+
+def test_a_failed_worker_start_frees_its_slot_and_a_queued_one_hears_why():
+    from ft_schedule import Serving
+    s = Serving(limit=1)
+    waiter = _worker("wait.dev")
+    assert s.admit("prov.dev", _worker("req.dev"), "broken", TARGET, True, 0.0) == ("start", None)
+    s.start_failed(_worker("req.dev"), "broken", "why", from_queue=False)  # answered at once: nothing kept
+    assert not s.serves("req.dev", "broken") and not s.failed
+    assert s.admit("prov.dev", _worker("busy.dev"), "big", TARGET, True, 0.0) == ("start", None)
+    for name in ("broken", "fine"):
+        s.admit("prov.dev", waiter, name, TARGET, True, 0.0)
+    assert s.asked_place(waiter, "broken", False, 1.0) == {"queued": 1}  # the control: waiting, first
+    s.give_back("busy.dev", "big")
+    assert s.serve_next(2.0) == (waiter, "broken", TARGET)
+    s.start_failed(waiter, "broken", "prov.dev could not start sending broken: no-file-at-path", from_queue=True)
+    assert s.serve_next(2.0) == (waiter, "fine", TARGET)  # the next in line still starts
+    assert s.asked_place(waiter, "broken", False, 3.0) == {
+        "queued": None, "error": "prov.dev could not start sending broken: no-file-at-path"}
+    assert s.asked_place(waiter, "fine", True, 3.0) is None  # one giving up is not answered
+
+
+def test_downloads_hold_a_slot_until_they_end_or_go_silent():
+    from ft_schedule import MAX_QUEUED_AT_PEERS, Transfers
+    t = Transfers()
+    for i in range(MAX_DOWNLOADS):
+        t.touch(("p.dev", f"f{i}"), 0.0, worker="w")
+    assert t.full(1.0) and t.fetching("f0", 1.0) == "p.dev" and t.running(1.0) == MAX_DOWNLOADS
+    t.waiting[("q.dev", "later")] = TARGET
+    assert t.next_waiting(1.0) == [] and t.fetching("later", 1.0) == "q.dev"  # queued here: the name is taken
+    t.finish(("p.dev", "f0"), "", bytes=3)
+    assert t.history[-1] == {"node": "p.dev", "name": "f0", "ok": True, "error": "", "bytes": 3}
+    assert t.next_waiting(2.0) == [(("q.dev", "later"), TARGET)] and t.full(2.0)  # it took the freed slot
+    assert not t.full(STALL_TIMEOUT + 3.0) and t.fetching("f1", STALL_TIMEOUT + 3.0) is None  # silent: gone
+    assert [r["name"] for r in t.table(2.0)] == ["f1", "f2", "f3", "later"]
+    # downloads waiting in their provider's queue hold no slot, but are bounded
+    u = Transfers()
+    for i in range(MAX_QUEUED_AT_PEERS):
+        u.touch((f"n{i}.dev", "x"), 0.0, queued_at=1)
+    assert u.running(0.0) == 0 and u.full(0.0) and u.queued_at_peers(0.0, "n0.dev") == 1
+
+
+def test_the_node_budget_is_shared_and_told_once():
+    from ft_common import window_for
+    from ft_schedule import Serving, Transfers, budget
+    t, s = Transfers(), Serving()
+    t.touch(("p.dev", "a"), 0.0, worker="wa")
+    t.touch(("p.dev", "b"), 0.0, worker=None)  # its worker not yet heard of: told once it is
+    s.admit("prov.dev", _worker("r.dev"), "c", TARGET, True, 0.0)
+    s.worker_said("r.dev", "c", True, "wc", 0.0)
+    window, told = budget(t, s, 1.0)
+    assert window == window_for(3) and sorted(told) == [("wa", "a"), ("wc", "c")]
+    assert budget(t, s, 1.0) == (window, [])  # told once
+    t.end(("p.dev", "b"))
+    window2, told = budget(t, s, 1.0)
+    assert window2 == window_for(2) != window and sorted(told) == [("wa", "a"), ("wc", "c")]  # a larger share each

@@ -3,8 +3,11 @@ replacement said aloud, and a provider's file changing under a transfer never de
 of two versions. Real nodes, real files; the provider is held mid-way with the test pause."""
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
+import uuid
 
 from conftest import HELD_CHUNKS, no_workers, partial_size, rearm, release, sha256, stop_mid_transfer, wait_for
 from test_http import FT, get_json, multipart, request, token_of
@@ -27,14 +30,20 @@ def test_one_name_is_downloaded_from_one_node_at_a_time_and_a_replacement_is_sai
         t = token_of(fake)
         status, out = get_json(fake, f"{FT}/download", t, "POST", {"name": "same.bin", "node": "fake3.dev"})
         assert status != 200 and "same.bin is already being downloaded from fake2.dev" in out["error"], (status, out)
-        # an upload of that name lands (the HTTP server streams it first) and is told the download will replace it
-        body, ctype = multipart([("same.bin", b"uploaded meanwhile")])
+        # an upload of that name is refused naming the download; the control: another name in the
+        # same upload lands
+        body, ctype = multipart([("same.bin", b"uploaded meanwhile"), ("other.txt", b"another name")])
         status, _, answer = request(fake, "POST", f"{FT}/files", t, body, {"Content-Type": ctype})
-        assert status == 200 and b"same.bin is being downloaded from fake2.dev: that download will replace" in answer, answer
+        summary = json.loads(answer)
+        assert status == 200 and summary["files"] == [{"name": "other.txt", "size": 12}], answer
+        assert summary["refused"] == [{"name": "same.bin", "reason": "same.bin is being downloaded from fake2.dev: "
+                                       "upload it when that download ends (or cancel it)"}], answer
+        assert (fake.files / "other.txt").read_bytes() == b"another name"
+        assert not (fake.files / "same.bin").exists()
     finally:
         release(fake2)
     line = fake.expect(r"same\.bin downloaded", 60)
-    assert line.endswith("; it replaced the same.bin this node had, of other content"), line  # the upload's
+    assert "replaced" not in line, line  # nothing had the name: the upload was refused
     assert sha256(fake.files / "same.bin") == first
     # the second node's copy, of other content, replaces it and says so, on the terminal and the web page
     lines = download(fake, "same.bin", "fake3.dev")
@@ -47,6 +56,48 @@ def test_one_name_is_downloaded_from_one_node_at_a_time_and_a_replacement_is_sai
     done = [ln for ln in lines if "same.bin downloaded" in ln]
     assert done and "replaced" not in done[0], lines
     no_workers(fake, fake2, fake3)
+
+
+def test_a_download_is_refused_while_an_upload_of_its_name_streams(node_factory):
+    """The upload is held mid-part (its client sends the rest later): a download of that name is
+    refused naming the upload, one of another name goes through, and once the upload has landed
+    the name is free again."""
+    fake, fake2 = node_factory("fake.dev"), node_factory("fake2.dev")
+    put(fake2, "up.bin", 1 << 20)
+    other = put(fake2, "free.bin", 1 << 20)
+    t = token_of(fake)
+    wait_for(lambda: request(fake, "GET", f"{FT}/files", t)[0] == 200, 30, "file_transfer's paths bound")
+    boundary, data = uuid.uuid4().hex, os.urandom(300_000)
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="up.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=60)
+    try:
+        conn.putrequest("POST", f"{FT}/files")
+        conn.putheader("Authorization", f"Bearer {t}")
+        conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        conn.putheader("Content-Length", str(len(head) + len(data) + len(tail)))
+        conn.endheaders()
+        conn.send(head + data[:100_000])
+        wait_for(lambda: (fake.files / ".partial" / ".uploading" / "up.bin").exists(), 30, "the upload streaming")
+        code, lines = fake.run(f"{DL} up.bin fake2.dev", timeout=20)
+        assert code == 1 and lines == ["file_transfer:template.os: error: download of up.bin from fake2.dev failed: "
+                                       "up.bin is being uploaded from the web page: download it when that upload "
+                                       "ends"], lines
+        download(fake, "free.bin", "fake2.dev")  # the control: another name, meanwhile
+        assert sha256(fake.files / "free.bin") == other
+        conn.send(data[100_000:] + tail)
+        resp = conn.getresponse()
+        answer = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200 and json.loads(answer)["files"] == [{"name": "up.bin", "size": len(data)}], answer
+    assert (fake.files / "up.bin").read_bytes() == data
+    assert not (fake.files / ".partial" / ".uploading" / "up.bin").exists()
+    lines = download(fake, "up.bin", "fake2.dev")  # free again: the download replaces the upload, and says so
+    assert any(ln.endswith("; it replaced the up.bin this node had, of other content") for ln in lines), lines
+    assert sha256(fake.files / "up.bin") == sha256(fake2.files / "up.bin")
+    no_workers(fake, fake2)
 
 
 # ---- a provider's file changing under a transfer ----------------------------------------------------

@@ -12,7 +12,10 @@ Large bodies never pass whole through memory or a process (a blob crosses into W
   POST to that path is then streamed by this service, part by part, into `DRIVE/.partial/*.part`
   and renamed to `DRIVE/NAME` when the part is complete (a hostile name is refused and its bytes
   skipped). NAME may be a relative path, `folder/sub/file` (a browser's folder upload), each part
-  checked as a file name; missing folders are made, symlinks never followed. The process then gets the request with the blob
+  checked as a file name; missing folders are made, symlinks never followed. While a part streams,
+  `DRIVE/.partial/.uploading/NAME` marks its name (its first path segment); a part whose name the
+  package marked in `DRIVE/.partial/.downloading/NAME` is refused, naming the download (host.kinode_types).
+  The process then gets the request with the blob
   `{"Uploaded": {"files": [{name, size}], "refused": [{name, reason}]}}` and answers as usual.
 - downloads: a response may carry `"file": "/package:publisher/drive/path"` (a file of the
   binder's own package) instead of a blob; the service streams it from disk.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import html
 import json
@@ -54,7 +58,7 @@ from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from host.http import guard
-from host.kinode_types import check_relative_path, nfc
+from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR, check_relative_path, nfc
 from host.kernel.host_service import HostService as Service
 from host.messages import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 
@@ -169,6 +173,7 @@ class HttpServerService(Service):
         self.bindings: dict[str, Binding] = {}
         self.lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
+        self.uploading: dict[Path, int] = {}  # UPLOADING_DIR marks -> uploads streaming that name now
         self.channels: dict[int, tuple[web.WebSocketResponse, ProcessId]] = {}
         self.loop = asyncio.new_event_loop()  # run by start()'s thread
         self._runner: Optional[web.AppRunner] = None
@@ -271,6 +276,7 @@ class HttpServerService(Service):
                     binding.upload_to = self._drive_path(pid, drive)
                 except ValueError as e:
                     return {"Err": {"PathBindError": {"error": str(e)}}}
+                self._clear_stale_marks(binding.upload_to)
             with self.lock:
                 self.bindings[path] = binding
             return ok
@@ -582,7 +588,6 @@ class HttpServerService(Service):
         partial_dir = drive / ".partial"
         partial_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         reader = await request.multipart()
-        loop = asyncio.get_running_loop()
         while True:
             part = await reader.next()
             if part is None:
@@ -596,42 +601,85 @@ class HttpServerService(Service):
                 refused.append({"name": name, "reason": problem})
                 await part.release()
                 continue
-            tmp = partial_dir / f"upload-{secrets.token_hex(8)}.part"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            size = 0
+            mark = drive / UPLOADING_DIR / name.split("/")[0]
+            self._mark(mark, +1)
+            held = _downloading(drive, name.split("/")[0])
+            if held is not None:  # the package is downloading that name: its end would replace this
+                self._mark(mark, -1)
+                refused.append({"name": name, "reason": held})
+                await part.release()
+                continue
             try:
-                while True:
-                    chunk = await part.read_chunk(UPLOAD_CHUNK)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    await loop.run_in_executor(None, _write_all, fd, chunk)
-                os.close(fd)
-                fd = -1
-                *folders, leaf = name.split("/")
-                try:
-                    dir_fd = _open_folders(drive, folders)
-                except OSError as e:  # a file or a symlink where a folder should be
-                    tmp.unlink(missing_ok=True)
-                    refused.append({"name": name, "reason": f"{'/'.join(folders)} is not a folder ({e.strerror})"})
-                    continue
-                try:
-                    try:
-                        mode = os.lstat(leaf, dir_fd=dir_fd).st_mode
-                    except FileNotFoundError:
-                        mode = stat.S_IFREG  # a new file
-                    if not stat.S_ISREG(mode):
-                        raise ValueError(f"{name} exists and is not a plain file")
-                    os.replace(tmp, leaf, dst_dir_fd=dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                tmp.unlink(missing_ok=True)
-                raise
-            files.append({"name": name, "size": size})
+                files.append(await self._receive_part(part, name, drive, partial_dir, refused))
+            except _Refused:
+                pass
+            finally:
+                self._mark(mark, -1)
         return {"files": files, "refused": refused}
+
+    def _mark(self, mark: Path, step: int) -> None:
+        """Count an upload of the name `mark` names in or out; the file exists while any streams."""
+        count = self.uploading.get(mark, 0) + step
+        if count > 0:
+            self.uploading[mark] = count
+            if count == 1:
+                mark.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        else:
+            self.uploading.pop(mark, None)
+            mark.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the last one: no empty folder left behind
+                mark.parent.rmdir()
+
+    def _clear_stale_marks(self, drive: Path) -> None:
+        """Marks left by a node stopped mid-upload (none of them streams now)."""
+        try:
+            for mark in (drive / UPLOADING_DIR).iterdir():
+                if mark not in self.uploading:
+                    mark.unlink(missing_ok=True)
+        except OSError:
+            pass  # no marks yet
+
+    async def _receive_part(self, part: BodyPartReader, name: str, drive: Path, partial_dir: Path,
+                            refused: list) -> dict:
+        """Stream one part into DRIVE/.partial, then rename it to `name`; raises _Refused after
+        noting a refusal in `refused`."""
+        loop = asyncio.get_running_loop()
+        tmp = partial_dir / f"upload-{secrets.token_hex(8)}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        size = 0
+        try:
+            while True:
+                chunk = await part.read_chunk(UPLOAD_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                await loop.run_in_executor(None, _write_all, fd, chunk)
+            os.close(fd)
+            fd = -1
+            *folders, leaf = name.split("/")
+            try:
+                dir_fd = _open_folders(drive, folders)
+            except OSError as e:  # a file or a symlink where a folder should be
+                tmp.unlink(missing_ok=True)
+                refused.append({"name": name, "reason": f"{'/'.join(folders)} is not a folder ({e.strerror})"})
+                raise _Refused() from None
+            try:
+                try:
+                    mode = os.lstat(leaf, dir_fd=dir_fd).st_mode
+                except FileNotFoundError:
+                    mode = stat.S_IFREG  # a new file
+                if not stat.S_ISREG(mode):
+                    raise ValueError(f"{name} exists and is not a plain file")
+                os.replace(tmp, leaf, dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return {"name": name, "size": size}
 
     async def _websocket(self, request: web.Request, binding: Binding) -> web.StreamResponse:
         ws = web.WebSocketResponse(heartbeat=30)
@@ -745,6 +793,21 @@ def _json_error(status: int, text: str) -> web.Response:
 def _resolve(future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+class _Refused(Exception):
+    """A part not taken (its reason already noted)."""
+
+
+def _downloading(drive: Path, name: str) -> Optional[str]:
+    """Why `name` cannot be uploaded now, if the drive's package marked it as being downloaded."""
+    try:
+        held = (drive / DOWNLOADING_DIR / name).read_text("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        held = ""
+    return f"{name} is being downloaded{' from ' + held if held else ''}: upload it when that download ends (or cancel it)"
 
 
 def _write_all(fd: int, data: bytes) -> None:

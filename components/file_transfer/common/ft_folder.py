@@ -1,5 +1,6 @@
 """Folder transfers as two sans-I/O machines, FolderRequestor and FolderProvider (conventions as
-ft_protocol's: events in, actions out, an action with a result last in its list).
+ft_protocol's: `handle(event)` returns the actions, an action with a result last in its list). They
+take over from ft_protocol's Requestor and Provider, which say so with a SwitchToFolder action.
 
 One worker on each side moves a whole tree; small files travel many to a message. Between our
 peers only: the requestor's Download carries `{"ft": 1, "folders": 1}`, and a provider serves a
@@ -27,12 +28,62 @@ from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HANDSHAKE_TIMEOUT, MAX_FOLDER_DEPTH,
                        MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path, window_in)
-from ft_protocol import ArmTimer, Exit, Log, Reply, Send, screen_request
+from ft_protocol import (ArmTimer, Exit, GotRequest, GotResponse, IoFailed, Log, Reply, Send, SendFailed, Start,
+                         screen_request)
 
 HEX = frozenset("0123456789abcdef")
 # The listing travels as one message's blob; a node refuses a message over 10,485,800 bytes
 # (host/net/network.py MAX_MESSAGE), body and metadata included.
 MAX_LISTING_BYTES = 10_000_000
+
+
+# ---- events (besides ft_protocol's) ---------------------------------------------------------------
+@dataclass
+class ManifestRead:
+    """The Size of a folder (ft_protocol.ReadManifest's result): its listing's text and BLAKE3."""
+    source: Any
+    size: Any
+    meta: dict
+    text: Optional[str]
+    digest: Optional[str]
+    wants_answer: bool
+    now: float
+
+
+@dataclass
+class FolderStateLoaded:
+    saved: Any
+    on_disk: Optional[dict]
+    now: float
+
+
+@dataclass
+class TreePrepared:
+    now: float
+
+
+@dataclass
+class BatchWritten:
+    now: float
+
+
+@dataclass
+class TreeFinished:
+    replaced: bool
+    now: float
+
+
+@dataclass
+class Walked:
+    found: Any
+    now: float
+
+
+@dataclass
+class BatchRead:
+    items: list
+    hashes: Any
+    now: float
 
 
 # ---- actions -----------------------------------------------------------------------------------
@@ -49,24 +100,24 @@ class SendBlob:
 
 @dataclass
 class WalkTree:
-    """List the folder (VFS WalkDir); -> walked(found)."""
+    """List the folder (VFS WalkDir); -> Walked(found)."""
 
 
 @dataclass
 class ReadBatch:
-    """Read [path, offset, length, stamp] pieces into the blob (VFS ReadMany); -> batch_read(hashes)."""
+    """Read [path, offset, length, stamp] pieces into the blob (VFS ReadMany); -> BatchRead(hashes)."""
     items: list
 
 
 @dataclass
 class LoadFolderState:
-    """Read the resume state (JSON object or None); -> state_loaded."""
+    """Read the resume state (JSON object or None) and what the partial tree holds; -> FolderStateLoaded."""
 
 
 @dataclass
 class PrepareTree:
     """Create the partial tree's folders (after removing any older tree if `fresh`) and save
-    `state`; -> tree_prepared."""
+    `state`; -> TreePrepared."""
     fresh: bool
     dirs: list
     state: dict
@@ -75,14 +126,14 @@ class PrepareTree:
 @dataclass
 class WriteBatch:
     """Check and write the received blob's pieces [path, offset, length, blake3], then save
-    `state`; -> batch_written."""
+    `state`; -> BatchWritten."""
     items: list
     state: dict
 
 
 @dataclass
 class FinishTree:
-    """Give the partial tree its real name (replacing an older one) and drop the state; -> tree_finished."""
+    """Give the partial tree its real name (replacing an older one) and drop the state; -> TreeFinished."""
 
 
 @dataclass
@@ -166,6 +217,28 @@ class FolderRequestor:
         self.pending: Optional[tuple] = None  # (new index, new offset, bytes, first index, wants_ack)
         self.keepalive_out = False
         self.last_report = float("-inf")
+
+    def handle(self, ev: Any) -> list:
+        """The one entry: an event in, the actions out."""
+        if type(ev) is GotRequest:
+            return self.request(ev.source, ev.body, ev.meta, ev.wants_answer, ev.blob_len, ev.now)
+        if type(ev) is BatchWritten:
+            return self.batch_written(ev.now)
+        if type(ev) is GotResponse:
+            return self.response(ev.context, ev.body, ev.now, ev.meta)
+        if type(ev) is SendFailed:
+            return self.request_failed(ev.context, ev.kind, ev.now)
+        if type(ev) is ManifestRead:
+            return self.size_announced(ev.source, ev.size, ev.meta, ev.text, ev.digest, ev.wants_answer, ev.now)
+        if type(ev) is FolderStateLoaded:
+            return self.state_loaded(ev.saved, ev.now, ev.on_disk)
+        if type(ev) is TreePrepared:
+            return self.tree_prepared(ev.now)
+        if type(ev) is TreeFinished:
+            return self.tree_finished(ev.now, replaced=ev.replaced)
+        if type(ev) is IoFailed:
+            return self.io_failed(ev.error, ev.now)
+        raise TypeError(f"a FolderRequestor takes no {type(ev).__name__}")
 
     def size_announced(self, source: Any, size: Any, meta: dict, manifest_text: Optional[str], digest: Optional[str],
                        wants_answer: bool, now: float) -> list:
@@ -374,6 +447,24 @@ class FolderProvider:
         self.index = self.offset = 0  # where the next batch starts
         self.in_flight = 0
         self.reading: Optional[list] = None  # the indices of the batch being read
+
+    def handle(self, ev: Any) -> list:
+        """The one entry: an event in, the actions out."""
+        if type(ev) is GotResponse:
+            return self.response(ev.context, ev.meta, ev.now)
+        if type(ev) is BatchRead:
+            return self.batch_read(ev.items, ev.hashes, ev.now)
+        if type(ev) is GotRequest:
+            return self.request(ev.source, ev.body, ev.meta, ev.now)
+        if type(ev) is SendFailed:
+            return self.request_failed(ev.context, ev.kind, ev.now)
+        if type(ev) is Walked:
+            return self.walked(ev.found, ev.now)
+        if type(ev) is IoFailed:
+            return self.io_failed(ev.error, ev.now)
+        if type(ev) is Start:
+            return self.start()
+        raise TypeError(f"a FolderProvider takes no {type(ev).__name__}")
 
     def start(self) -> list:
         return [WalkTree()]

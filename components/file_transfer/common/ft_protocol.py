@@ -1,10 +1,12 @@
 """The transfer protocol (see ft_common) as two sans-I/O state machines, Requestor and Provider.
 
-Each method takes one event (a message's parsed parts, an I/O result, a timer tick, a failed
-request) with the time passed in, and returns the actions to take, in order. An action that
-produces a result (a hash, a read) is always the last of its list; the driver feeds its result to
-the method the action names, which returns the next actions. Addresses are opaque values compared
-with `==` (they need only a `.node`); the machines do no I/O and import no process_lib.
+Every machine (these two and ft_folder's) has one entry, `handle(event) -> list of actions`: an
+event is a small dataclass below (a message's parsed parts, an I/O result, a failed request or our
+timer) carrying the time, and the actions are to be taken in order. An action that produces a
+result (a hash, a read) is always the last of its list; the driver feeds that result back as the
+event the action names. A machine may hand over to another (SwitchToFolder): the driver obeys and
+feeds the new machine from then on. Addresses are opaque values compared with `==` (they need only
+a `.node`); the machines do no I/O and import no process_lib.
 
 `extended` says whether this side can speak the extended protocol, i.e. hash in the host (a worker
 built with the blobs extension). Without it a machine speaks the seed's plain protocol and never
@@ -28,7 +30,125 @@ def _place(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+# ---- events ------------------------------------------------------------------------------------
+@dataclass
+class Start:
+    """The job begins (the machine's first actions)."""
+
+
+@dataclass
+class GotRequest:
+    """A request came: `blob_len` is its blob's length (None without one; a requestor's only)."""
+    source: Any
+    body: Any
+    meta: dict
+    now: float
+    wants_answer: bool = False
+    blob_len: Optional[int] = None
+
+
+@dataclass
+class GotResponse:
+    """The answer to one of our requests, by the context we gave it."""
+    context: Optional[str]
+    body: Any
+    meta: dict
+    now: float
+
+
+@dataclass
+class SendFailed:
+    """One of our requests failed (`kind`: "timeout" or "offline"); our timer comes so, as "tick"."""
+    context: Optional[str]
+    kind: str
+    now: float
+
+
+@dataclass
+class IoFailed:
+    """An action's I/O failed."""
+    error: str
+    now: float
+
+
+# results of the requestor's actions
+@dataclass
+class StateLoaded:
+    saved: Any
+    partial_len: Optional[int]
+    now: float
+
+
+@dataclass
+class PartialOpened:
+    now: float
+
+
+@dataclass
+class ChunkHashed:
+    digest: Optional[str]
+    now: float
+
+
+@dataclass
+class ChunkWritten:
+    now: float
+
+
+@dataclass
+class FileVerified:
+    digest: Optional[str]
+    now: float
+
+
+@dataclass
+class Renamed:
+    replaced: bool
+    now: float
+
+
+# results of the provider's actions
+@dataclass
+class Opened:
+    """The file to send is open (`size`, `stamp`), or the name is a folder (`folder`)."""
+    size: Optional[int]
+    stamp: Any
+    now: float
+    folder: bool = False
+
+
+@dataclass
+class ChunkRead:
+    got: int
+    digest: Optional[str]
+    now: float
+
+
+@dataclass
+class FileChecked:
+    stamp: Any
+    digest: Optional[str]
+    now: float
+
+
 # ---- actions -----------------------------------------------------------------------------------
+@dataclass
+class SwitchToFolder:
+    """Hand the job over to `machine` (an ft_folder machine): the driver feeds it every event from
+    now on, starting with the results of the actions that follow this one."""
+    machine: Any
+
+
+@dataclass
+class ReadManifest:
+    """Read the folder's listing from the Size's blob (text, and its BLAKE3) for the folder requestor
+    that took over; -> ft_folder.ManifestRead."""
+    source: Any
+    size: Any
+    meta: dict
+    wants_answer: bool
+
+
 @dataclass
 class Send:
     """Send a request; `forward_blob` carries the blob of the message or read being handled."""
@@ -67,13 +187,13 @@ class Exit:
 # requestor side
 @dataclass
 class LoadState:
-    """Read the resume state (JSON object or None) and the partial's length; -> state_loaded."""
+    """Read the resume state (JSON object or None) and the partial's length; -> StateLoaded."""
 
 
 @dataclass
 class OpenPartial:
     """Offset 0: create (or truncate) the partial, making its folder if need be. Else open it,
-    cut it to `offset` and seek there; -> partial_opened."""
+    cut it to `offset` and seek there; -> PartialOpened."""
     offset: int
 
 
@@ -85,26 +205,26 @@ class SaveState:
 
 @dataclass
 class HashChunk:
-    """Feed the chunk's blob to the running BLAKE3 (emptied first if `restart`); -> chunk_hashed."""
+    """Feed the chunk's blob to the running BLAKE3 (emptied first if `restart`); -> ChunkHashed."""
     restart: bool
 
 
 @dataclass
 class WriteChunk:
-    """Write the chunk's blob at `offset` (seek first if `seek`); -> chunk_written."""
+    """Write the chunk's blob at `offset` (seek first if `seek`); -> ChunkWritten."""
     offset: int
     seek: bool
 
 
 @dataclass
 class VerifyFile:
-    """Sync the partial; with `read_back`, hash it whole; -> file_verified(digest or None)."""
+    """Sync the partial; with `read_back`, hash it whole; -> FileVerified(digest or None)."""
     read_back: bool
 
 
 @dataclass
 class Rename:
-    """The partial takes the file's real name; -> renamed(whether it replaced a file of other content,
+    """The partial takes the file's real name; -> Renamed(whether it replaced a file of other content,
     judged by size and by `digest`, the new file's BLAKE3, where there is one)."""
     digest: Optional[str] = None
 
@@ -126,7 +246,7 @@ class KeepForResume:
 # provider side
 @dataclass
 class OpenFile:
-    """Open the file to send; -> opened(size, stamp)."""
+    """Open the file to send; -> Opened(size, stamp)."""
 
 
 @dataclass
@@ -141,14 +261,14 @@ HASH_NONE, HASH_WHOLE, HASH_CHAIN, HASH_CHAIN_RESTART = "none", "whole", "chain"
 @dataclass
 class ReadChunk:
     """Read `length` bytes at the cursor into the blob and hash them as `hash` says;
-    -> chunk_read(bytes read, hex digest or None)."""
+    -> ChunkRead(bytes read, hex digest or None)."""
     length: int
     hash: str
 
 
 @dataclass
 class CheckFile:
-    """Read the file's stamp, and with `read_back` its whole hash; -> file_checked(stamp, digest)."""
+    """Read the file's stamp, and with `read_back` its whole hash; -> FileChecked(stamp, digest)."""
     read_back: bool
 
 
@@ -226,6 +346,32 @@ class Requestor:
         self.window: Optional[int] = None  # chunks the provider may keep in flight, once our parent said
 
     # ---- events ----
+    def handle(self, ev: Any) -> list:
+        """The one entry: an event in, the actions out."""
+        if type(ev) is GotRequest:
+            return self.request(ev.source, ev.body, ev.meta, ev.wants_answer, ev.blob_len, ev.now)
+        if type(ev) is GotResponse:
+            return self.response(ev.context, ev.body, ev.now, ev.meta)
+        if type(ev) is SendFailed:
+            return self.request_failed(ev.context, ev.kind, ev.now)
+        if type(ev) is ChunkHashed:
+            return self.chunk_hashed(ev.digest, ev.now)
+        if type(ev) is ChunkWritten:
+            return self.chunk_written(ev.now)
+        if type(ev) is StateLoaded:
+            return self.state_loaded(ev.saved, ev.partial_len, ev.now)
+        if type(ev) is PartialOpened:
+            return self.partial_opened(ev.now)
+        if type(ev) is FileVerified:
+            return self.file_verified(ev.digest, ev.now)
+        if type(ev) is Renamed:
+            return self.renamed(ev.replaced, ev.now)
+        if type(ev) is IoFailed:
+            return self.io_failed(ev.error, ev.now)
+        if type(ev) is Start:
+            return self.start()
+        raise TypeError(f"a Requestor takes no {type(ev).__name__}")
+
     def start(self) -> list:
         return [ArmTimer(TICK),
                 Send(self.peer, {"Download": {"name": self.name, "target": address_json(self.peer),
@@ -297,6 +443,8 @@ class Requestor:
         if screened is not None:
             return screened
         if isinstance(body, dict):
+            if "Size" in body and isinstance(meta.get("folder"), dict) and self.state in (self.REQUESTING, self.QUEUED):
+                return self._to_folder(source, body["Size"], meta, wants_answer)
             if "Size" in body:
                 return self.size_announced(source, body["Size"], meta, wants_answer, now)
             if isinstance(body.get("Chunk"), dict):
@@ -304,6 +452,13 @@ class Requestor:
             if "Progress" in body and meta.get("final") and self.hash_follows:
                 return self.final_hash(source, meta, now)
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]
+
+    def _to_folder(self, source: Any, size: Any, meta: dict, wants_answer: bool) -> list:
+        """The provider's Size says "folder": a FolderRequestor takes over, window and all."""
+        import ft_folder  # (ft_folder builds on this module)
+        folder = ft_folder.FolderRequestor(self.name, self.peer, self.parent, self.started)
+        folder.window = self.window
+        return [SwitchToFolder(folder), ReadManifest(source, size, meta, wants_answer)]
 
     def size_announced(self, source: Any, size: Any, meta: dict, wants_answer: bool, now: float) -> list:
         if self.size is not None:
@@ -605,6 +760,33 @@ class Provider:
         return Send(self.target, {"Size": 0}, {"ft": 1, "error": text, "keep": keep})
 
     # ---- events ----
+    def handle(self, ev: Any) -> list:
+        """The one entry: an event in, the actions out."""
+        if type(ev) is ChunkRead:
+            return self.chunk_read(ev.got, ev.digest, ev.now)
+        if type(ev) is GotResponse:
+            return self.response(ev.context, ev.meta, ev.now)
+        if type(ev) is GotRequest:
+            return self.request(ev.source, ev.body, ev.meta, ev.now)
+        if type(ev) is SendFailed:
+            return self.request_failed(ev.context, ev.kind, ev.now)
+        if type(ev) is Opened:
+            return self._to_folder() if ev.folder else self.opened(ev.size, ev.stamp, ev.now)
+        if type(ev) is FileChecked:
+            return self.file_checked(ev.stamp, ev.digest, ev.now)
+        if type(ev) is IoFailed:
+            return self.io_failed(ev.error, ev.now)
+        if type(ev) is Start:
+            return self.start()
+        raise TypeError(f"a Provider takes no {type(ev).__name__}")
+
+    def _to_folder(self) -> list:
+        """The name is a folder: a FolderProvider takes over (our file_transfer serves a folder only
+        to a requestor that asked for folders)."""
+        import ft_folder  # (ft_folder builds on this module)
+        folder = ft_folder.FolderProvider(self.name, self.target, self.parent, self.started, window=self.window)
+        return [SwitchToFolder(folder), *folder.start()]
+
     def start(self) -> list:
         # the parent hears of us at once, and answers with our window
         return [ArmTimer(TICK), self._serving(True), OpenFile()]

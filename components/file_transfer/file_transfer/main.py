@@ -7,7 +7,6 @@ remote worker (we serve), and shows the workers' progress.
 """
 import json
 import time
-from collections import OrderedDict
 
 import wit_world
 from componentize_py_types import Err
@@ -16,85 +15,66 @@ from wit_world.imports import file_transfer_worker as worker_api
 import serving
 import web
 import ft_folder
-from ft_common import (MAX_DOWNLOADS, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, STALL_TIMEOUT, check_name, human_size,
-                       window_for)
+import ft_schedule
+from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, PARTIAL_DIR, check_name, human_size
+from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR
 from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
                          get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
 
 
-HISTORY = 50  # finished and failed downloads kept for the web page
-# downloads waiting in their providers' queues: they do not hold one of the MAX_DOWNLOADS (a busy
-# node must not stall downloads from idle ones), but each is a worker instance, so they are bounded:
-# this many in all, MAX_DOWNLOADS at any one provider (more wait here, as workers would wait there)
-MAX_QUEUED_AT_PEERS = 5
+class Transfers(ft_schedule.Transfers):
+    """ft_schedule's Transfers, with each name being downloaded marked in the files drive, so the
+    HTTP server refuses an upload of it (and we, a download of a name being uploaded)."""
 
-
-class Transfers:
-    """Downloads in progress on this node, keyed by (peer node, file name): so the same file is not
-    fetched twice at once, and so `transfers` can list them and `cancel` can stop one."""
-
-    def __init__(self):
-        self.active: dict[tuple, dict] = {}
-        # downloads asked for while MAX_DOWNLOADS ran, in order: key -> target Address
-        self.waiting: "OrderedDict[tuple, Address]" = OrderedDict()
-        self.history: list[dict] = []
-
-    def busy(self, key: tuple) -> bool:
-        t = self.active.get(key)
-        return key in self.waiting or (t is not None and time.monotonic() - t["seen"] < STALL_TIMEOUT)
-
-    def fetching(self, name: str):
-        """The node `name` is being downloaded from (or waits to be), if any: one name, one download
-        at a time, whichever node it comes from, so no download silently replaces another."""
-        return next((node for node, n in list(self.waiting) + list(self.active) if n == name
-                     and self.busy((node, n))), None)
-
-    def running(self) -> int:
-        """Downloads that hold a slot: not those waiting in their provider's queue; one whose worker
-        went silent gives it up after the stall timeout."""
-        now = time.monotonic()
-        return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and not _at_peer(t))
-
-    def queued_at_peers(self, node=None) -> int:
-        """Downloads waiting in their provider's queue (node's only, if given)."""
-        now = time.monotonic()
-        return sum(1 for (peer, _), t in self.active.items()
-                   if now - t["seen"] < STALL_TIMEOUT and _at_peer(t) and node in (None, peer))
-
-    def full(self, node=None) -> bool:
-        """No new worker now (toward `node`): MAX_DOWNLOADS run, or MAX_QUEUED_AT_PEERS wait at their
-        providers, or MAX_DOWNLOADS at that one. So at most MAX_DOWNLOADS + MAX_QUEUED_AT_PEERS
-        requestor workers exist, and MAX_DOWNLOADS * 2 toward one provider."""
-        return (self.running() >= MAX_DOWNLOADS or self.queued_at_peers() >= MAX_QUEUED_AT_PEERS
-                or (node is not None and self.queued_at_peers(node) >= MAX_DOWNLOADS))
-
-    def touch(self, key: tuple, **fields) -> dict:
-        t = self.active.setdefault(key, {"worker": None, "bytes": 0, "total": None, "rate": 0.0, "printed": float("-inf")})
-        t.update(fields, seen=time.monotonic())
-        return t
+    def __init__(self, drive: str):
+        super().__init__()
+        self.drive = drive
 
     def end(self, key: tuple) -> None:
-        self.active.pop(key, None)
+        super().end(key)
+        if self.fetching(key[1], time.monotonic()) is None:
+            self._unmark(key[1])
+        if not self.active and not self.waiting:
+            # no download of ours runs: leave no empty folders behind (one in use is not empty)
+            for folder in (f"{self.drive}/{DOWNLOADING_DIR}", f"{self.drive}/{PARTIAL_DIR}"):
+                try:
+                    vfs.vfs_request(folder, "RemoveDir")
+                except vfs.VfsError:
+                    break
 
-    def finish(self, key: tuple, error: str = "", **fields) -> None:
-        """Keep the outcome for the web page's finished/failed list (the last HISTORY)."""
-        self.end(key)
-        self.history.append(dict(node=key[0], name=key[1], ok=not error, error=error, **fields))
-        del self.history[:-HISTORY]
+    def take_name(self, name: str, node: str) -> str:
+        """Mark `name` as being downloaded from `node`, unless the web page is uploading it: then
+        an error. The mark comes first, then the look for an upload (which does the reverse), so
+        of a download and an upload racing for one name at least one is refused."""
+        mark = f"{self.drive}/{DOWNLOADING_DIR}/{name}"
+        try:
+            f = vfs.create_file(mark)
+        except vfs.VfsError:
+            vfs.open_dir(f"{self.drive}/{DOWNLOADING_DIR}", create=True)  # the first download
+            f = vfs.create_file(mark)
+        try:
+            f.write(node.encode())
+        finally:
+            f.close()
+        try:
+            vfs.metadata(f"{self.drive}/{UPLOADING_DIR}/{name}")
+        except vfs.VfsError:
+            return ""
+        self._unmark(name)
+        return f"{name} is being uploaded from the web page: download it when that upload ends"
 
-    def table(self) -> list:
-        now = time.monotonic()
-        rows = [{"node": node, "name": name, "bytes": t["bytes"], "total": t["total"], "rate": t["rate"],
-                 "queued_at": t.get("queued_at"),
-                 **({"files": t["files"], "of": t["of"]} if t.get("of") is not None else {})}  # a folder
-                for (node, name), t in sorted(self.active.items()) if now - t["seen"] < STALL_TIMEOUT]
-        return rows + [{"node": node, "name": name, "queued": True} for node, name in self.waiting]
+    def _unmark(self, name: str) -> None:
+        try:
+            vfs.remove_file(f"{self.drive}/{DOWNLOADING_DIR}/{name}")
+        except vfs.VfsError:
+            pass  # none
 
-
-def _at_peer(t: dict) -> bool:
-    """The download waits in its provider's queue (place 1 or more)."""
-    place = t.get("queued_at")
-    return isinstance(place, int) and not isinstance(place, bool) and place > 0
+    def clear_marks(self) -> None:
+        """At start: no download survives a restart, so no mark does either."""
+        try:
+            vfs.vfs_request(f"{self.drive}/{DOWNLOADING_DIR}", "RemoveDirAll")
+        except vfs.VfsError:
+            pass  # none
 
 
 class Access:
@@ -225,15 +205,18 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     if target_addr.node == our.node:
         return f"{name} is on this node already ({our.node}); download from another node", False
     key = (target_addr.node, name)
-    running = transfers.fetching(name)
+    running = transfers.fetching(name, time.monotonic())
     if running is not None:
         return f"{name} is already being downloaded from {running}", False
-    if transfers.full(target_addr.node):
+    problem = transfers.take_name(name, target_addr.node)
+    if problem:
+        return problem, False
+    if transfers.full(time.monotonic(), target_addr.node):
         transfers.waiting[key] = target_addr
         print_to_terminal(1, f"{name} from {target_addr.node}: queued ({len(transfers.waiting)} waiting, "
                              f"{MAX_DOWNLOADS} downloads at once)")
         return "", False
-    transfers.touch(key, worker=None)
+    transfers.touch(key, time.monotonic(), worker=None)
     return "", True
 
 
@@ -249,20 +232,9 @@ def start_worker(our: Address, source: Address, name: str, target: Address, is_r
 
 
 def share_budget(transfers: Transfers) -> None:
-    """Each running transfer's window, its share of the node's budget for bytes in flight (sending
-    and receiving together, ft_common.NODE_BUDGET): told to its worker whenever it changes."""
-    window = window_for(len(serving.SLOTS.slots) + transfers.running())
-    now = time.monotonic()
-    told = [(slot, slot[2], slot[0][1]) for slot in serving.SLOTS.slots if slot[2] is not None and slot[3] != window]
-    for key, t in transfers.active.items():
-        if t["worker"] is not None and t.get("window") != window and not _at_peer(t) and now - t["seen"] < STALL_TIMEOUT:
-            told.append((t, t["worker"], key[1]))
-    for holder, worker, _ in told:
-        if isinstance(holder, list):
-            holder[3] = window
-        else:
-            holder["window"] = window
-    for holder, worker, name in told:
+    """Tell each running transfer's worker its window when it changes (ft_schedule.budget)."""
+    window, told = ft_schedule.budget(transfers, serving.SLOTS, time.monotonic())
+    for worker, name in told:
         # no answer wanted: a worker that has just ended misses nothing
         (Request.to(worker).body({"Progress": {"name": name, "progress": 0}})
          .metadata({"ft": 1, "window": window}).send())
@@ -270,13 +242,7 @@ def share_budget(transfers: Transfers) -> None:
 
 def start_waiting(our: Address, transfers: Transfers) -> None:
     """Start queued downloads while slots are free (after one ends, or one went silent)."""
-    for key, target in list(transfers.waiting.items()):
-        if transfers.full():
-            return
-        if transfers.full(key[0]):
-            continue  # its provider has enough of ours waiting; others may start
-        del transfers.waiting[key]
-        transfers.touch(key, worker=None)
+    for key, target in transfers.next_waiting(time.monotonic()):
         start_worker(our, our, key[1], target, True, transfers)
 
 
@@ -300,7 +266,7 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         verbosity = 0
     else:
         was_at = transfers.active.get(key, {}).get("queued_at")
-        t = transfers.touch(key, worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
+        t = transfers.touch(key, time.monotonic(), worker=msg.source, bytes=meta.get("bytes", 0), total=meta.get("total"),
                             rate=meta.get("rate", 0.0), queued_at=meta.get("queued"),
                             files=meta.get("files"), of=meta.get("of"))
         now = time.monotonic()
@@ -356,7 +322,7 @@ def handle_local(our: Address, msg: Message, body, transfers: Transfers, access:
     if msg.source.node != our.node or msg.source.package_id() != our.package_id():
         return False
     if body == "Transfers":
-        Response().body({"Transfers": transfers.table()}).send()
+        Response().body({"Transfers": transfers.table(time.monotonic())}).send()
         return True
     if body == "Allow" or (isinstance(body, dict) and isinstance(body.get("Allow"), dict)):
         if body != "Allow":
@@ -422,7 +388,8 @@ def main(our: Address) -> None:
     println("begin")
     drive = vfs.create_drive(our.package_id(), "files")
     files_dir = vfs.open_dir(drive)
-    transfers = Transfers()
+    transfers = Transfers(drive)
+    transfers.clear_marks()
     access = Access()
     page = web.start(our, files_dir, transfers, access, request_download, start_worker, cancel, ls_listing)
     while True:

@@ -16,7 +16,7 @@ import time
 
 from ft_common import check_name, nfc
 from ft_folder import check_path
-from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, println, sibling, vfs
+from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
 
 PUSH_EVERY = 0.25  # seconds between state pushes while downloads report progress
 JSON = {"Content-Type": "application/json"}
@@ -100,15 +100,6 @@ class Page:
             else:
                 for f in files:
                     print_to_terminal(0, f"uploaded {f['name']} ({f['size']} bytes) from the web page")
-            # the upload landed first (the HTTP server streams it before we hear of it): a download of
-            # the same name still running would replace it when it ends, so both are told now
-            for f in files:
-                node = self.transfers.fetching(f["name"])
-                if node is not None:
-                    warning = (f"{f['name']} is being downloaded from {node}: that download will replace the "
-                               f"uploaded {f['name']} when it ends (cancel it to keep the upload)")
-                    summary.setdefault("warnings", []).append(warning)
-                    println(f"warning: {warning}")
             self.push_state(force=True)
             return http.send_json(200 if summary["files"] or not summary["refused"] else 400, summary)
         if path == "/files/:name" and method == "GET":
@@ -182,7 +173,7 @@ class Page:
         return http.send_json(502, {"error": f"{node}: {err}"})
 
     def state(self) -> dict:
-        return {"Transfers": self.transfers.table(), "history": self.transfers.history[::-1],
+        return {"Transfers": self.transfers.table(time.monotonic()), "history": self.transfers.history[::-1],
                 "allow": None if self.access.allow is None else sorted(self.access.allow), "node": self.our.node}
 
     def push_state(self, force: bool = False, only=None) -> None:

@@ -7,9 +7,9 @@ to the real name only when all is verified. A provider worker reads the file in 
 them with at most WINDOW unacknowledged. Both end on completion, on error and after a stall; file
 data stays in the host (VFS reads and network chunks are forwarded as host-held blobs).
 
-The protocol itself is ft_protocol's Requestor and Provider; this module maps messages to their
-events and their actions to process_lib calls. A folder's machines (ft_folder) take over when the
-provider's file turns out to be a folder, and the requestor's when the provider's Size says so.
+The protocol itself is ft_protocol's Requestor and Provider, and ft_folder's machines when a
+machine hands over to them (SwitchToFolder); this module feeds every machine the same way, messages
+and I/O results as events to `handle`, and carries out the actions with process_lib calls.
 """
 import json
 import time
@@ -58,7 +58,8 @@ class Worker:
             ft.HashChunk: self.hash_chunk, ft.WriteChunk: self.write_chunk, ft.VerifyFile: self.verify_file,
             ft.Rename: self.rename, ft.RemoveFiles: self.remove_files, ft.KeepForResume: self.keep_for_resume,
             ft.OpenFile: self.open_file, ft.Seek: self.seek, ft.ReadChunk: self.read_chunk,
-            ft.CheckFile: self.check_file,
+            ft.CheckFile: self.check_file, ft.SwitchToFolder: self.switch_to_folder,
+            ft.ReadManifest: self.read_manifest,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -71,34 +72,24 @@ class Worker:
         body = msg.json()
         if msg.is_request and msg.source == self.our:
             return []  # our own tick: leave it unanswered
-        m = self.machine
-        if m is None:
+        if self.machine is None:
             # the first Download comes from the process that spawned us, on this node (other nodes
             # may message any process holding the network cap)
             if msg.is_request and msg.source.node == self.our.node and isinstance(body, dict) and "Download" in body:
                 return self.begin(msg, body["Download"])
             raise ValueError(f"unexpected message before Download from {msg.source}")
         now = time.monotonic()
-        if msg.is_request and self.requestor and type(m) is ft.Requestor:
-            meta = msg.meta()
-            if (isinstance(meta.get("folder"), dict) and isinstance(body, dict) and "Size" in body
-                    and m.state in (m.REQUESTING, m.QUEUED) and msg.source.node == m.peer_node and not meta.get("error")):
-                return self.take_folder(msg, body["Size"], meta, now)
         if msg.is_request:
-            if self.requestor:
-                return m.request(msg.source, body, msg.meta(), msg.expects_response is not None,
-                                 current_blob_len(), now)
-            return m.request(msg.source, body, msg.meta(), now)
+            return self.machine.handle(ft.GotRequest(msg.source, body, msg.meta(), now, msg.expects_response is not None,
+                                                     current_blob_len() if self.requestor else None))
         context = json.loads(msg.context) if msg.context else None
-        if self.requestor:
-            return m.response(context, body, now, msg.meta())
-        return m.response(context, msg.meta(), now)
+        return self.machine.handle(ft.GotResponse(context, body, msg.meta(), now))
 
     def on_send_error(self, err: SendError) -> list:
         if self.machine is None:
             return []
         context = json.loads(err.context) if err.context else None
-        return self.machine.request_failed(context, err.kind, time.monotonic())
+        return self.machine.handle(ft.SendFailed(context, err.kind, time.monotonic()))
 
     def begin(self, msg: Message, req: dict) -> list:
         self.parent = msg.source
@@ -118,20 +109,20 @@ class Worker:
         else:
             # a share of the node's budget until file_transfer (told by start()) gives ours
             self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED, window=START_WINDOW)
-        return self.machine.start()
+        return self.machine.handle(ft.Start())
 
-    def take_folder(self, msg: Message, size, meta: dict, now: float) -> list:
-        """The peer is sending a folder: a FolderRequestor takes over from the Requestor."""
-        window = self.machine.window
-        self.machine = ft_folder.FolderRequestor(self.name, self.machine.peer, self.parent, self.started)
-        self.machine.window = window
-        self.tree = f"{self.name}.tree"
-        self.tree_state = f"{self.partial_dir}/{self.name}.tree-state"
+    def switch_to_folder(self, a: ft.SwitchToFolder) -> None:
+        self.machine = a.machine
+        if self.requestor:
+            self.tree = f"{self.name}.tree"
+            self.tree_state = f"{self.partial_dir}/{self.name}.tree-state"
+
+    def read_manifest(self, a: ft.ReadManifest) -> list:
         blob = get_blob()
         text = blob.bytes.decode("utf-8", "replace") if blob is not None else None
         digest = current_blob_hash() if blob is not None else None
-        return self.machine.size_announced(msg.source, size, meta, text, digest,
-                                           msg.expects_response is not None, now)
+        return self.machine.handle(ft_folder.ManifestRead(a.source, a.size, a.meta, text, digest, a.wants_answer,
+                                                          time.monotonic()))
 
     def run(self, actions: list) -> bool:
         """Carry out the actions (and those their results lead to); True once the job has ended."""
@@ -145,7 +136,7 @@ class Worker:
                 except vfs.VfsError as e:
                     if self.machine is not None and self.machine.state == self.machine.FAILED:
                         continue  # winding down: what can be tidied up, is
-                    follow = self.machine.io_failed(str(e), time.monotonic())
+                    follow = self.machine.handle(ft.IoFailed(str(e), time.monotonic()))
                     break
             actions = follow
         return False
@@ -178,7 +169,7 @@ class Worker:
             partial_len = vfs.metadata(self.partial).len
         except (vfs.VfsError, ValueError):
             saved = partial_len = None
-        return self.machine.state_loaded(saved, partial_len, time.monotonic())
+        return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic()))
 
     def open_partial(self, a: ft.OpenPartial) -> list:
         if a.offset:
@@ -191,30 +182,30 @@ class Worker:
             except vfs.VfsError:
                 vfs.open_dir(self.partial_dir, create=True)  # the first download from this peer
                 self.file = vfs.create_file(self.partial)
-        return self.machine.partial_opened(time.monotonic())
+        return self.machine.handle(ft.PartialOpened(time.monotonic()))
 
     def save_state(self, a) -> None:
         vfs.create_file(self.state_path).write(json.dumps({"size": a.size, "verified": a.verified}).encode())
 
     def hash_chunk(self, a: ft.HashChunk) -> list:
-        return self.machine.chunk_hashed(current_blob_hash_chained(a.restart), time.monotonic())
+        return self.machine.handle(ft.ChunkHashed(current_blob_hash_chained(a.restart), time.monotonic()))
 
     def write_chunk(self, a: ft.WriteChunk) -> list:
         if a.seek:
             self.file.seek(a.offset)
         self.file.write_all_current_blob()
-        return self.machine.chunk_written(time.monotonic())
+        return self.machine.handle(ft.ChunkWritten(time.monotonic()))
 
     def verify_file(self, a: ft.VerifyFile) -> list:
         self.file.sync_all()  # durable before it takes the real name
         digest = self.file.blake3() if a.read_back else None
-        return self.machine.file_verified(digest, time.monotonic())
+        return self.machine.handle(ft.FileVerified(digest, time.monotonic()))
 
     def rename(self, a: ft.Rename) -> list:
         final = f"{self.drive}/{self.name}"
         replaced = self._differs(final, a.digest)
         vfs.rename(self.partial, final)  # the VFS closes handles on it
-        return self.machine.renamed(replaced, time.monotonic())
+        return self.machine.handle(ft.Renamed(replaced, time.monotonic()))
 
     def _differs(self, final: str, digest) -> bool:
         """Whether a file of other content than the partial has the name `final` now."""
@@ -256,26 +247,23 @@ class Worker:
         try:
             self.file = vfs.open_file(f"{self.drive}/{self.name}", create=False)
         except vfs.VfsError:
-            # our file_transfer serves a folder only to a requestor that asked for folders
             if vfs.metadata(f"{self.drive}/{self.name}").file_type != vfs.DIRECTORY:
                 raise
-            self.machine = ft_folder.FolderProvider(self.name, self.machine.target, self.parent, self.started,
-                                                    window=self.machine.window)
-            return self.machine.start()
+            return self.machine.handle(ft.Opened(None, None, time.monotonic(), folder=True))
         found = self.file.metadata()
-        return self.machine.opened(found.len, found.stamp, time.monotonic())
+        return self.machine.handle(ft.Opened(found.len, found.stamp, time.monotonic()))
 
     def seek(self, a: ft.Seek) -> None:
         self.file.seek(a.offset)
 
     def read_chunk(self, a: ft.ReadChunk) -> list:
         got = self.file.read_at_to_blob(a.length)
-        return self.machine.chunk_read(got, _HASHERS[a.hash](), time.monotonic())
+        return self.machine.handle(ft.ChunkRead(got, _HASHERS[a.hash](), time.monotonic()))
 
     def check_file(self, a: ft.CheckFile) -> list:
         stamp = self.file.metadata().stamp
         digest = self.file.blake3() if a.read_back else None
-        return self.machine.file_checked(stamp, digest, time.monotonic())
+        return self.machine.handle(ft.FileChecked(stamp, digest, time.monotonic()))
 
     # ---- folders -----------------------------------------------------------------------------------
     def send_blob(self, a: ft_folder.SendBlob) -> None:
@@ -286,11 +274,12 @@ class Worker:
         vfs.vfs_request(f"{self.drive}/{self.name}",
                         {"WalkDir": {"max_depth": MAX_FOLDER_DEPTH, "max_entries": MAX_FOLDER_ENTRIES}}, timeout=120)
         blob = get_blob()  # the listing (a body crosses into Wasm only up to 2 MiB, a blob whole)
-        return self.machine.walked(json.loads(blob.bytes) if blob is not None else None, time.monotonic())
+        return self.machine.handle(ft_folder.Walked(json.loads(blob.bytes) if blob is not None else None,
+                                                      time.monotonic()))
 
     def read_batch(self, a: ft_folder.ReadBatch) -> list:
         hashes = vfs.vfs_request(f"{self.drive}/{self.name}", {"ReadMany": {"items": a.items}})["ReadMany"]
-        return self.machine.batch_read(a.items, hashes, time.monotonic())
+        return self.machine.handle(ft_folder.BatchRead(a.items, hashes, time.monotonic()))
 
     def load_folder_state(self, a: ft_folder.LoadFolderState) -> list:
         try:
@@ -308,7 +297,7 @@ class Worker:
                 on_disk = {f[0]: f[1] for f in listing.get("files", [])}
             except (vfs.VfsError, ValueError, TypeError, KeyError, IndexError, AttributeError):
                 on_disk = {}  # no partial tree (or an unreadable one): start afresh
-        return self.machine.state_loaded(saved, time.monotonic(), on_disk)
+        return self.machine.handle(ft_folder.FolderStateLoaded(saved, on_disk, time.monotonic()))
 
     def _write_many(self, items: list, dirs: list, state: dict, forward: bool) -> None:
         """Pieces and folders beneath the partial tree, and the state beside it, in one VFS call."""
@@ -327,11 +316,11 @@ class Worker:
         dirs = [self.tree] + [f"{self.tree}/{d}" for d in a.dirs]
         for i in range(0, len(dirs), DIRS_PER_CALL):  # each request body stays well under 2 MiB
             self._write_many([], dirs[i:i + DIRS_PER_CALL], a.state, False)
-        return self.machine.tree_prepared(time.monotonic())
+        return self.machine.handle(ft_folder.TreePrepared(time.monotonic()))
 
     def write_batch(self, a: ft_folder.WriteBatch) -> list:
         self._write_many(a.items, [], a.state, any(n for _, _, n, _ in a.items))
-        return self.machine.batch_written(time.monotonic())
+        return self.machine.handle(ft_folder.BatchWritten(time.monotonic()))
 
     def finish_tree(self, a: ft_folder.FinishTree) -> list:
         tree, final = f"{self.partial_dir}/{self.tree}", f"{self.drive}/{self.name}"
@@ -353,7 +342,7 @@ class Worker:
         elif old is not None:
             vfs.remove_file(final)
         vfs.rename(tree, final)
-        return self.machine.tree_finished(time.monotonic(), replaced=old is not None)
+        return self.machine.handle(ft_folder.TreeFinished(old is not None, time.monotonic()))
 
     def remove_tree(self, a: ft_folder.RemoveTree) -> None:
         # the state first: a state without its tree could otherwise be trusted on the next download
