@@ -846,7 +846,7 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     monkeypatch.setattr(relaymod, "MAX_PENDING_RELAYS_PER_SOURCE", 100)
     monkeypatch.setattr(relaymod, "MAX_CALL_BACKS", 3)
     monkeypatch.setattr(relaymod, "MAX_CALL_BACKS_PER_SOURCE", 100)
-    monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 2.0)
+    monkeypatch.setattr(relaymod, "RELAY_TIMEOUT", 8.0)   # long enough for a loaded machine's call-backs
     r = nodes("r.os", is_router=True)
     b = nodes("b.os", routers=["r.os"], handshake_timeout=60)
     wait_served(r, "b.os")
@@ -854,7 +854,7 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
     with caplog.at_level(logging.WARNING, logger="host.net"):
         replies = [relay_reply(s) for s in flood]
     assert replies.count({"ok": True}) == 3, replies
-    assert replies.count({"ok": False, "reason": "b.os did not call back within 2 s"}) == 5, replies
+    assert replies.count({"ok": False, "reason": "b.os did not call back within 8 s"}) == 5, replies
     assert b.net._calling_back == 3
     assert "3 call-backs already under way" in caplog.text
     for s in flood:
@@ -877,7 +877,7 @@ def test_an_indirect_node_bounds_its_call_backs_and_counts_them_as_handshakes(no
         c = nodes("c.os")
         with caplog.at_level(logging.WARNING, logger="host.net"):
             why = c.send(request("c.os", "b.os", body=b"refused")).get(timeout=15)
-        assert "b.os did not call back within 2 s" in why, why
+        assert "b.os did not call back within 8 s" in why, why
         assert any(m.getMessage().startswith("not calling r.os back") and
                    m.getMessage().endswith("too many unauthenticated connections") for m in caplog.records)
     finally:

@@ -1,4 +1,4 @@
-"""host/ has no import cycle: every import counts, including ones under `if TYPE_CHECKING:` and
+"""host/ and each guest process have no import cycle: every import counts, including ones under `if TYPE_CHECKING:` and
 inside functions (a cycle hidden there still couples the modules)."""
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 HOST = Path(__file__).resolve().parent.parent / "host"
+COMPONENTS = HOST.parent / "components"
 
 
-def import_graph(package_dir: Path, package: str) -> dict[str, set[str]]:
-    """Module name -> the package's modules it imports, from every import statement in its source."""
+def package_modules(package_dir: Path, package: str) -> dict[str, Path]:
+    """Module name -> source file, for every module of a package."""
     modules = {}
     for path in sorted(package_dir.rglob("*.py")):
         rel = path.relative_to(package_dir).with_suffix("")
@@ -20,6 +21,16 @@ def import_graph(package_dir: Path, package: str) -> dict[str, set[str]]:
         if parts[-1] == "__init__":
             parts.pop()
         modules[".".join(parts)] = path
+    return modules
+
+
+def import_graph(package_dir: Path, package: str) -> dict[str, set[str]]:
+    """Module name -> the package's modules it imports, from every import statement in its source."""
+    return graph_of(package_modules(package_dir, package))
+
+
+def graph_of(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module name -> the modules of `modules` it imports."""
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
@@ -95,6 +106,26 @@ def test_host_has_no_import_cycle():
     assert "host.kernel.kernel" in graph["host.node"]                 # and their imports
     cycles = find_cycles(graph)
     assert not cycles, "import cycles in host/: " + " | ".join(_describe(graph, c) for c in cycles)
+
+
+def guest_modules(process_dir: Path) -> dict[str, Path]:
+    """What componentize-py bundles for one process: its folder's modules and its package's common/
+    as top-level modules, and process_lib as a package."""
+    modules = package_modules(COMPONENTS / "process_lib", "process_lib")
+    for folder in (process_dir.parent / "common", process_dir):
+        for path in sorted(folder.glob("*.py")):
+            modules[path.stem] = path
+    return modules
+
+
+def test_guests_have_no_import_cycle():
+    processes = sorted(p.parent for p in COMPONENTS.glob("*/*/main.py"))
+    assert {p.name for p in processes} >= {"file_transfer", "file_transfer_worker", "download"}
+    for process in processes:
+        graph = graph_of(guest_modules(process))
+        assert any(m.split(".")[0] == "process_lib" for m in graph["main"]), process  # the walk saw imports
+        cycles = find_cycles(graph)
+        assert not cycles, f"import cycles in {process}: " + " | ".join(_describe(graph, c) for c in cycles)
 
 
 def _write_package(root: Path, files: dict[str, str]) -> Path:

@@ -117,7 +117,7 @@ class Network(Relay):
         self._retired: set = set()         # connections replaced after a peers-file edit
         self.instance = b""
         self._hello = b""
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop = asyncio.new_event_loop()   # runs on the network thread from start() on
         self._thread: Optional[threading.Thread] = None
         self._listeners: list[socket.socket] = []
         self._peers: dict[str, Peer] = {}
@@ -171,7 +171,6 @@ class Network(Relay):
         self._hello = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance})
         self._hello_route = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance,
                                            "route": True})
-        self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"net-{self.our_name}", daemon=True)
         started = threading.Event()
         self._loop.call_soon(started.set)
@@ -224,6 +223,7 @@ class Network(Relay):
         except Exception as e:
             log.warning("network shutdown: %r", e)
         loop.call_soon_threadsafe(loop.stop)
+        assert self._thread is not None   # _running was set after the thread started
         self._thread.join(timeout=10)
         if self._thread.is_alive():
             log.warning("network thread of %s did not stop", self.our_name)
@@ -327,7 +327,7 @@ class Network(Relay):
                 sock.close()
                 why = (f"no answer in {DIAL_TIMEOUT:.0f} s" if isinstance(e, asyncio.TimeoutError)
                        else e.strerror or str(e))
-                tried.append(f"{host_port(addr[0], addr[1])}: {why}")
+                tried.append(f"{host_port(str(addr[0]), int(addr[1]))}: {why}")
             except BaseException:  # cancelled (shutdown)
                 sock.close()
                 raise

@@ -111,7 +111,7 @@ def tune(sock: socket.socket) -> None:
 
 class ConnOwner(Protocol):
     """What a connection tells about what it reads: the network service."""
-    _loop: Optional[asyncio.AbstractEventLoop]
+    _loop: asyncio.AbstractEventLoop
 
     def _control(self, conn: "Conn", wire: dict) -> None: ...
 
@@ -296,11 +296,13 @@ class Conn:
         self.dec_n = proto.cipher_state_decrypt.n
 
     def encrypt_frame(self, plaintext: bytes) -> bytes:
+        assert self.enc is not None, "encrypting before the handshake set the keys"
         ct = self.enc.encrypt(_NONCE.pack(self.enc_n), plaintext, None)
         self.enc_n += 1
         return _U16.pack(len(ct)) + ct
 
     def decrypt_frame(self, frame: bytes) -> bytes:
+        assert self.dec is not None, "decrypting before the handshake set the keys"
         try:
             pt = self.dec.decrypt(_NONCE.pack(self.dec_n), frame, None)
         except InvalidTag:
@@ -327,6 +329,7 @@ class Conn:
         else:
             out = memoryview(bytearray(need))
         enc, pack_nonce = self.enc, _NONCE.pack
+        assert enc is not None, "sending before the handshake set the keys"
         n = self.enc_n
         pos = 0
         si, so = 0, 0          # current segment and offset in it
@@ -385,21 +388,23 @@ class Conn:
             raise ProtocolError(f"short transport message ({size} bytes)")
         plain = size - TAG
         nonce = _NONCE.pack(self.dec_n)
-        body = self.body
+        body, dec, scratch = self.body, self.dec, self.scratch
+        assert dec is not None and scratch is not None, "a frame before the handshake set the keys"
         try:
             if body is not None and plain <= len(body) - self.have:
                 # the common case for large messages: decrypt straight into the message buffer
-                self.dec.decrypt_into(nonce, frame, None, self.body_mv[self.have:self.have + plain])
+                assert self.body_mv is not None
+                dec.decrypt_into(nonce, frame, None, self.body_mv[self.have:self.have + plain])
                 self.dec_n += 1
                 self.have += plain
                 if self.have == len(body):
                     self._deliver()
                 return
-            self.dec.decrypt_into(nonce, frame, None, self.scratch[:plain])
+            dec.decrypt_into(nonce, frame, None, scratch[:plain])
         except InvalidTag:
             raise ProtocolError("decryption failed") from None
         self.dec_n += 1
-        self._feed(self.scratch[:plain])
+        self._feed(scratch[:plain])
 
     def _feed(self, mv: memoryview) -> None:
         pos, end = 0, len(mv)
@@ -420,6 +425,7 @@ class Conn:
                     self.body_mv = memoryview(self.body)
                     self.have = 0
             else:
+                assert self.body_mv is not None
                 take = min(len(self.body) - self.have, end - pos)
                 self.body_mv[self.have:self.have + take] = mv[pos:pos + take]
                 self.have += take
@@ -429,6 +435,7 @@ class Conn:
 
     def _deliver(self) -> None:
         body = self.body
+        assert body is not None
         self.body = self.body_mv = None
         self.have = 0
         try:

@@ -96,7 +96,7 @@ class PeerTable:
     on_problem: Optional[OnError]
     keepalive_every: float
     dead_after: float
-    _loop: Optional[asyncio.AbstractEventLoop]
+    _loop: asyncio.AbstractEventLoop
     _running: bool
     _closing: bool
     _peers: dict[str, Peer]
@@ -421,8 +421,6 @@ class PeerTable:
 
     def peer_activity(self) -> dict:
         """Seconds since each connected peer last sent us anything (a snapshot; any thread)."""
-        if self._loop is None:
-            return {}
         now = self._loop.time()
         return {name: max(0.0, now - p.conn.last_recv) for name, p in list(self._peers.items())
                 if p.conn is not None and not p.conn.closed}
