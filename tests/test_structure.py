@@ -170,6 +170,25 @@ def _write_package(root: Path, files: dict[str, str]) -> Path:
     return pkg
 
 
+def test_a_kernel_on_a_runtime_without_the_abi_refuses_to_start_a_process(tmp_path):
+    """The node installs the ABI; a kernel given a runtime without it says so (the node's own tests,
+    whose processes run, are the control)."""
+    from host.kernel.api import OnExit
+    from host.kernel.kernel import Kernel
+    from host.messages import ProcessId
+    from host.runtime.wasm import Runtime
+    from host.settings import RuntimeSettings
+
+    class Output:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output())
+    with pytest.raises(ValueError, match="process ABI is not installed"):
+        kernel.start_process(ProcessId("p", "app", "pub.os"), "app:pub.os/pkg/p.wasm", set(), False, OnExit("none"))
+    kernel.shutdown()
+
+
 def test_checker_finds_a_cycle_through_a_type_only_import(tmp_path):
     pkg = _write_package(tmp_path, {
         "a.py": "from pkg import b\n",
