@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 MAX_IO = 0x7FFFF000      # Linux caps one read/write call at this many bytes
 # A write of DIRECT_MIN bytes or more at a DIRECT_ALIGN-aligned offset may go around the page cache
@@ -129,7 +129,6 @@ def create_atomic(path: PathLike, data: Data, *, fsync: bool = False, mode: int 
 
 
 # ---- a private home ---------------------------------------------------------------------------------
-PRIVATE_FOLDERS = ("vfs", ".keys")  # beside the home itself: what a node refuses to use if others can change it
 
 
 class NotPrivate(Exception):
@@ -177,8 +176,9 @@ def private_problem(path: Path, me: int) -> str:
     return ""
 
 
-def make_private_home(home: Path) -> list[str]:
-    """Create `home` (0700) if missing, or check an existing one and what is in it (`PRIVATE_FOLDERS`).
+def make_private_home(home: Path, folders: Sequence[str] = ()) -> list[str]:
+    """Create `home` (0700) if missing, or check an existing one and its `folders` (what a node
+    refuses to use if others can change it).
     Raises NotPrivate with the path, its mode and owner and the fix. An own home others may read
     is made 0700; what was changed is returned, to be told."""
     me = os.geteuid()
@@ -188,7 +188,7 @@ def make_private_home(home: Path) -> list[str]:
         os.mkdir(home, 0o700)
     except FileExistsError:
         pass
-    for path in (home, *(home / name for name in PRIVATE_FOLDERS)):
+    for path in (home, *(home / name for name in folders)):
         problem = private_problem(path, me)
         if problem:
             raise NotPrivate(problem)

@@ -148,3 +148,24 @@ def check_relative_path(path: object, max_depth: int) -> str:
         if problem:
             return f"{path[:200]!r}: {problem}" if len(parts) > 1 else problem
     return ""
+
+
+def vfs_path_problem(path: object, *, exact: bool = False, relative: bool = False) -> str:
+    """Why `path` may not name a place in the VFS, or '' if it may: the one VFS path rule, for the
+    host and the guests. Parts are split on '/'; a `..` part, a backslash or a NUL is refused in every
+    path. `exact`: an empty or `.` part is refused too (a path built by a program, where a request's
+    `//` and `/./` would merely collapse). `relative`: no leading '/' and no drive letter (`C:`)."""
+    if not isinstance(path, str):
+        return "is not a string"
+    if "\x00" in path:
+        return "contains a NUL byte"
+    if "\\" in path:
+        return "contains a backslash"
+    if relative and (path.startswith("/") or (len(path) > 1 and path[1] == ":")):
+        return "is absolute"
+    parts = path.split("/")
+    if ".." in parts:
+        return "may not contain '..'"
+    if exact and any(p in ("", ".") for p in parts):
+        return "has an empty or '.' part"
+    return ""

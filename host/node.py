@@ -17,6 +17,7 @@ from host.terminal.control import ControlServer, NodeCommands
 from host import fsutil
 from host.kernel.kernel import Kernel
 from host.kernel.service import KernelService
+from host.kernel.standard_host import install_imports
 from host.net.directory import fingerprint
 from host.net.service import NetService
 from host.settings import Settings
@@ -65,8 +66,10 @@ class Node:
     def start(self) -> None:
         self._lock_home()
         self.runtime = Runtime(self.settings.runtime)
-        self.vfs = Vfs(self.home / "vfs")
-        self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit)
+        install_imports(self.runtime)   # the process ABI: the node installs it, the kernel only uses it
+        self.vfs = Vfs.in_home(self.home)
+        self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit,
+                             vfs_file=self.vfs.file_path)
         self.terminal_service = TerminalService(self.kernel, self.terminal)
         self.kernel_service = KernelService(self.kernel)
         for service in (VfsService(self.kernel, self.vfs, self.settings.test_pause_after_chunks), self.terminal_service, self.kernel_service,
@@ -86,14 +89,14 @@ class Node:
                 continue
             for src in packages.find_packages(folder):
                 try:
-                    pkg = packages.install(self.kernel, src)
+                    pkg = packages.install(self.kernel, self.vfs, src)
                     self.packages[str(pkg.id)] = pkg
                 except Exception as e:
                     self.terminal.error(f"could not install package {src.name}: {e}")
 
     def _lock_home(self) -> None:
         try:  # a home others can change is refused before anything is read from it or written to it
-            for line in fsutil.make_private_home(self.home):
+            for line in fsutil.make_private_home(self.home, (Vfs.HOME_FOLDER, ".keys")):
                 self.terminal.info(line)
         except fsutil.NotPrivate as e:
             raise NodeError(f"home not private: {e}") from None
@@ -163,7 +166,7 @@ class Node:
             names = (parse_host_port(self.settings.advertise, None)[0],) if self.settings.advertise else ()
         except ValueError:  # reported by the network, which reads it first
             names = ()
-        self.http = HttpServerService(self.kernel, self.home, self.port, self.settings.http_host or "127.0.0.1",
+        self.http = HttpServerService(self.kernel, self.home, self.vfs, self.port, self.settings.http_host or "127.0.0.1",
                                       self.settings.http_timeout, names=names)
         try:
             self.http.start()

@@ -20,6 +20,7 @@ from typing import Any
 from host.kernel.kernel import Kernel, messaging_cap
 from host.kernel.api import OnExit
 from host.messages import Address, Capability, PackageId, ProcessId
+from host.vfs.store import Vfs
 from host.vfs.service import VFS_ID
 
 log = logging.getLogger("host.packages")
@@ -104,10 +105,10 @@ def _grant_from(kernel: Kernel, pid: ProcessId, entry: dict) -> None:
         kernel.grant(ProcessId.parse(name), Capability.make(Address(kernel.node, pid), params))
 
 
-def install(kernel: Kernel, src: Path) -> Package:
-    """Copy the package into `HOME/vfs/<package id>/pkg/` and start its manifest's processes."""
+def install(kernel: Kernel, vfs: Vfs, src: Path) -> Package:
+    """Copy the package into its `pkg` drive of the VFS and start its manifest's processes."""
     pkg_id = read_package_id(src)
-    dest = kernel.home / "vfs" / str(pkg_id) / "pkg"
+    dest = vfs.drive_path(pkg_id, "pkg")
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted((src / "pkg").rglob("*")):  # with folders such as pkg/ui (the web page)
         if f.is_file() and not f.is_symlink():

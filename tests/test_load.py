@@ -133,15 +133,19 @@ def test_a_burst_of_first_starts_reads_a_wasm_file_once(tmp_path):
     """Twenty starts of one script at once: the kernel reads and loads its wasm once, the others
     wait for that; another file is read on its own (the control)."""
     from host.kernel.kernel import Kernel
-    from host.settings import RuntimeSettings
+    from host.messages import PackageId
     from host.runtime.wasm import Runtime
+    from host.settings import RuntimeSettings
+    from host.vfs.store import Vfs
 
     class Output:
         def __getattr__(self, name):
             return lambda *a, **k: None
 
-    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output())
-    pkg = tmp_path / "vfs" / "p:pub" / "pkg"
+    vfs = Vfs.in_home(tmp_path)
+    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output(),
+                    vfs_file=vfs.file_path)
+    pkg = vfs.drive_path(PackageId("p", "pub"), "pkg")
     pkg.mkdir(parents=True)
     (pkg / "s.wasm").write_bytes(b"one")
     (pkg / "t.wasm").write_bytes(b"two")

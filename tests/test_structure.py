@@ -128,6 +128,69 @@ def test_guests_have_no_import_cycle():
         assert not cycles, f"import cycles in {process}: " + " | ".join(_describe(graph, c) for c in cycles)
 
 
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name == goal:
+            return True
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return False
+
+
+def test_the_node_installs_the_abi_and_the_kernel_does_not_depend_on_it():
+    graph = import_graph(HOST, "host")
+    assert "host.kernel.standard_host" in graph["host.node"]       # the node installs the process ABI
+    assert _reaches(graph, "host.node", "host.kernel.standard_host")  # (the walk sees such paths)
+    assert "host.kernel.standard_host" not in graph["host.kernel.kernel"]
+    assert not _reaches(graph, "host.kernel.kernel", "host.kernel.standard_host")
+
+
+def _sources(root: Path):
+    for path in sorted(root.rglob("*.py")):
+        yield path, ast.parse(path.read_text(), str(path))
+
+
+def test_one_owner_for_wasmtime_private_modules_and_the_vfs_folder():
+    """wasmtime-py's private modules are reached through host/runtime/private.py alone, and the VFS's
+    folder in a home is named in host/vfs/ alone (others ask the Vfs)."""
+    private, vfs_named = set(), set()
+    for path, tree in _sources(HOST):
+        rel = path.relative_to(HOST).as_posix()
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wasmtime"):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            if any(part.startswith("_") for n in names if n.startswith("wasmtime") for part in n.split(".")):
+                private.add(rel)
+            if isinstance(node, ast.Constant) and node.value == "vfs":
+                vfs_named.add(rel)
+    assert private == {"runtime/private.py"}
+    assert vfs_named and all(rel.startswith("vfs/") for rel in vfs_named), vfs_named
+
+
+def test_one_vfs_path_rule():
+    """The VFS path rule (no `..` part, backslash or NUL) is written once, in kinode_types; the
+    host's checks call it."""
+    from host.kinode_types import vfs_path_problem
+    assert vfs_path_problem("/p:pub/drive/a/./b//c") == ""
+    assert vfs_path_problem("a/b/c", exact=True) == vfs_path_problem("a/b", relative=True) == ""
+    assert "'..'" in vfs_path_problem("/p:pub/drive/../x")
+    assert "backslash" in vfs_path_problem("a\\b") and "NUL" in vfs_path_problem("a\x00b")
+    assert vfs_path_problem("a//b", exact=True) and vfs_path_problem("a/./b", exact=True)
+    assert vfs_path_problem("/a", relative=True) and vfs_path_problem("C:/a", relative=True)
+    assert vfs_path_problem(3)
+    written = set()
+    for path, tree in _sources(HOST):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in ("..", "\\", "\x00"):
+                written.add(path.relative_to(HOST).as_posix())
+    assert written == {"kinode_types.py"}, written
+
 def _write_package(root: Path, files: dict[str, str]) -> Path:
     pkg = root / "pkg"
     pkg.mkdir()
@@ -135,6 +198,25 @@ def _write_package(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (pkg / name).write_text(textwrap.dedent(text))
     return pkg
+
+
+def test_a_kernel_on_a_runtime_without_the_abi_refuses_to_start_a_process(tmp_path):
+    """The node installs the ABI; a kernel given a runtime without it says so (the node's own tests,
+    whose processes run, are the control)."""
+    from host.kernel.api import OnExit
+    from host.kernel.kernel import Kernel
+    from host.messages import ProcessId
+    from host.runtime.wasm import Runtime
+    from host.settings import RuntimeSettings
+
+    class Output:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    kernel = Kernel("a.dev", tmp_path, Runtime(RuntimeSettings(cache_dir=tmp_path / "cache")), Output())
+    with pytest.raises(ValueError, match="process ABI is not installed"):
+        kernel.start_process(ProcessId("p", "app", "pub.os"), "app:pub.os/pkg/p.wasm", set(), False, OnExit("none"))
+    kernel.shutdown()
 
 
 def test_checker_finds_a_cycle_through_a_type_only_import(tmp_path):

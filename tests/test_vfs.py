@@ -111,6 +111,24 @@ def test_root_created_and_drive_path(tmp_path):
             v.drive_path(PackageId("app", "pub.os"), bad)
 
 
+
+def test_the_vfs_finds_a_process_wasm_and_keeps_it_inside(tmp_path):
+    """`Vfs.in_home` and `file_path`, which the node and kernel use instead of building HOME/vfs paths."""
+    v = Vfs.in_home(tmp_path)
+    pkg = v.drive_path(PackageId("app", "pub.os"), "pkg")
+    pkg.mkdir(parents=True)
+    (pkg / "p.wasm").write_bytes(b"wasm")
+    (tmp_path / "outside.wasm").write_bytes(b"not yours")
+    os.symlink(tmp_path / "outside.wasm", pkg / "out.wasm")
+    assert pkg == tmp_path / "vfs" / "app:pub.os" / "pkg"
+    assert v.file_path("app:pub.os/pkg/p.wasm").read_bytes() == b"wasm"      # the control
+    assert v.file_path("/app:pub.os/pkg/p.wasm") == v.file_path("app:pub.os/pkg/p.wasm")
+    for bad in ("app:pub.os/pkg/../../outside.wasm", "app:pub.os//p.wasm", "app:pub.os/./pkg/p.wasm",
+                "app:pub.os/p.wasm", "app:pub.os/pkg\\p.wasm", "app:pub.os/pkg/p.wasm\x00",
+                "app:pub.os/pkg/out.wasm"):
+        with pytest.raises(ValueError):
+            v.file_path(bad)
+
 def test_create_drive_grants_caps_and_is_idempotent(vfs, tmp_path):
     res = raw(vfs, P, json.dumps({"path": "app:pub.os/files", "action": "CreateDrive"}).encode())
     assert json.loads(res.body) == "Ok" and res.blob is None

@@ -58,9 +58,10 @@ from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from host.http import guard
-from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR, check_relative_path, nfc
+from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR, check_relative_path, nfc, vfs_path_problem
 from host.kernel.host_service import HostService as Service
 from host.messages import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
+from host.vfs.store import Vfs
 
 log = logging.getLogger("host.http.server")
 
@@ -122,8 +123,7 @@ def _traversal(raw_path: str) -> bool:
     """Does the path hold a `.`/`..` segment, a backslash or NUL, raw or percent-encoded (once or twice)?"""
     path = raw_path.split("?", 1)[0]
     for _ in range(3):
-        segments = path.split("/")
-        if any(s in (".", "..") or "\\" in s or "\x00" in s for s in segments):
+        if "." in path.split("/") or vfs_path_problem(path):
             return True
         decoded = unquote(path)
         if decoded == path:
@@ -159,9 +159,10 @@ class HttpServerService(Service):
     """See the module docstring. Messages from processes are handled on the sender's thread; HTTP
     runs on this service's own asyncio loop and thread."""
 
-    def __init__(self, kernel, home: Path, port: int, host: str = "127.0.0.1", timeout: float = 30.0,
+    def __init__(self, kernel, home: Path, vfs: Vfs, port: int, host: str = "127.0.0.1", timeout: float = 30.0,
                  names: tuple[str, ...] = ()):
         super().__init__(kernel, HTTP_SERVER_ID)
+        self.vfs = vfs          # where a drive's files are (uploads, a process's own files)
         self.timeout = timeout  # seconds a process has to answer (then 504)
         self.home = Path(home)
         self.port = port
@@ -320,10 +321,8 @@ class HttpServerService(Service):
         raise ValueError(f"unknown HttpServerAction {kind!r}")
 
     def _drive_path(self, pid: ProcessId, drive: Any) -> Path:
-        """HOME/vfs/<the process's package>/<drive>: a process reaches only its own package's drives."""
-        if not isinstance(drive, str) or drive in ("", ".", "..") or any(c in drive for c in "/\\\x00"):
-            raise ValueError(f"bad drive name {drive!r}")
-        return self.home / "vfs" / str(pid.package_id) / drive
+        """The folder of a drive of the process's package: a process reaches only its own package's drives."""
+        return self.vfs.drive_path(pid.package_id, drive)
 
     def _full_path(self, pid: ProcessId, path: Any) -> str:
         if not isinstance(path, str) or _traversal(path) or "?" in path or "#" in path:

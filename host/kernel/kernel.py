@@ -15,7 +15,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
-from host.kernel.standard_host import install_imports, library_forwarder
 from host.kernel.endpoint import Endpoint, Pending
 from host.kernel.api import OnExit, OutputApi
 from host.kernel.process import Receipt, WasmProcess
@@ -55,8 +54,12 @@ SCRIPT_WAIT = 10.0
 
 
 class Kernel:
-    def __init__(self, node: str, home: Path, runtime: Runtime, terminal: OutputApi, compute_limit: float = 30.0):
+    def __init__(self, node: str, home: Path, runtime: Runtime, terminal: OutputApi, compute_limit: float = 30.0,
+                 vfs_file: Optional[Callable[[str], Path]] = None):
+        """`runtime` has the process ABI installed (standard_host.install_imports) before a process
+        starts; `vfs_file` finds a VFS path's file on disk (Vfs.file_path), for a process's wasm."""
         self.node = node
+        self.vfs_file = vfs_file
         self.home = home
         self.runtime = runtime
         self.terminal = terminal
@@ -79,7 +82,6 @@ class Kernel:
         # back only with a valid signature, which only the peer it went to holds; our wire carries
         # none, so the kernel remembers each (peer node, cap) it sent
         self._exported: OrderedDict[tuple[str, Capability], None] = OrderedDict()
-        install_imports(runtime)
 
     def register(self, endpoint: Endpoint) -> None:
         """Route messages for `endpoint.id` to `endpoint` (a host service) from now on."""
@@ -117,14 +119,9 @@ class Kernel:
     # ---- starting processes ----------------------------------------------------------------
     def load_vfs_wasm(self, wasm_path: str) -> LoadedComponent:
         """Load a component from a VFS path like `pkg:pub/pkg/x.wasm`; raises OSError/ValueError."""
-        rel = wasm_path.lstrip("/")
-        parts = rel.split("/")
-        if len(parts) < 3 or any(p in ("", ".", "..") for p in parts) or "\\" in rel or "\0" in rel:
-            raise ValueError(f"not a VFS file path: {wasm_path!r}")
-        root = (self.home / "vfs").resolve()
-        path = (root / rel).resolve()
-        if root not in path.parents:
-            raise ValueError(f"{wasm_path!r} leads outside the VFS")
+        if self.vfs_file is None:
+            raise ValueError(f"this kernel has no VFS to load {wasm_path!r} from")
+        path = self.vfs_file(wasm_path)
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         comp = self._component_memo.get(key)
@@ -142,6 +139,7 @@ class Kernel:
                       script: bool = False) -> WasmProcess:
         """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text.
         A `script` waits for one of SCRIPTS_AT_ONCE turns before it is instantiated."""
+        self.runtime.require_abi()
         comp = self.load_vfs_wasm(wasm_path)
         libs, absent = [], []
         for path in lib_paths:
@@ -152,7 +150,7 @@ class Kernel:
         libs = [lib for lib in libs if set(lib.exports) & comp.needs]
         self.runtime.check_links(comp, libs, f"process {pid}", absent)
         for lib in libs:
-            self.runtime.define_forwarders(lib, library_forwarder)
+            self.runtime.define_forwarders(lib)
         caps = {c.normalised() for c in capabilities}
         proc = WasmProcess(self, pid, comp, libs, wasm_path, caps, public, on_exit, parent, list(lib_paths))
         if script:
@@ -171,6 +169,7 @@ class Kernel:
         ready but not running until `run_process`; messages sent to it meanwhile wait in its inbox.
         It gets those of `caps` the sender holds and a messaging cap to itself; the sender gets one
         to it. Raises MissingInterface or ValueError with a clear text."""
+        self.runtime.require_abi()
         comp = self.runtime.load(wasm)
         self.runtime.check_links(comp, [], f"process {pid}", [])
         kept = {c.normalised() for c in caps if src.trusted or src.has_cap(c)}

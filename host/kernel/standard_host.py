@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 
 import blake3
 from wasmtime import WasmtimeError
-from wasmtime import _ffi as ffi
 from wasmtime.component import Variant
 
 from host.kernel.process import STOP, WasmProcess, current
 from host.messages import Blob, KernelMessage, Request
+from host.runtime import private
 from host.runtime.wasm import BLOBS, STANDARD, Runtime
 from host.kernel.wit_values import (py_address, py_blob, py_cap, py_on_exit, py_pid, py_request, py_response,
                              wit_address, wit_blob, wit_cap, wit_message, wit_on_exit, wit_pid,
@@ -49,7 +49,7 @@ def _host(fn: Callable) -> Callable:
         finally:
             p = getattr(current, "proc", None)
             if p is not None:
-                ffi.wasmtime_context_set_epoch_deadline(store._context(), p.kernel.compute_ticks)
+                private.set_epoch_deadline(store, p.kernel.compute_ticks)
     return wrapper
 
 
@@ -275,11 +275,12 @@ def library_forwarder(iface: str, func: str) -> Callable:
         except Exception as e:
             raise WasmtimeError(f"library call {iface}#{func} failed: {e}") from None
         finally:
-            ffi.wasmtime_context_set_epoch_deadline(store._context(), p.kernel.compute_ticks)
+            private.set_epoch_deadline(store, p.kernel.compute_ticks)
         return result
     return forward
 
 
 def install_imports(runtime: Runtime) -> None:
-    runtime.define(STANDARD, {k: _host(v) for k, v in STANDARD_IMPORTS.items()})
-    runtime.define(BLOBS, {k: _host(v) for k, v in BLOBS_IMPORTS.items()})
+    """Install the process ABI into `runtime` (the node does, before its kernel starts a process)."""
+    runtime.install_abi({STANDARD: {k: _host(v) for k, v in STANDARD_IMPORTS.items()},
+                         BLOBS: {k: _host(v) for k, v in BLOBS_IMPORTS.items()}}, library_forwarder)

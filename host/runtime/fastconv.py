@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.metadata
 import logging
 import re
 import struct
@@ -34,16 +33,21 @@ import threading
 from ctypes import addressof
 from typing import Any, Callable, Optional
 
-from wasmtime import WasmtimeError, _bindings
-from wasmtime import _ffi as ffi
-from wasmtime.component import _func, _linker, _types
-from wasmtime.component._enter import catch_exceptions, enter_wasm
-from wasmtime.component._types import Record, Variant
+from wasmtime import WasmtimeError
+
+from host.runtime import private
+from host.runtime.private import bindings as _bindings
+from host.runtime.private import catch_exceptions, enter_wasm, ffi
+from host.runtime.private import func as _func
+from host.runtime.private import linker as _linker
+from host.runtime.private import types as _types
+
+Record, Variant = _types.Record, _types.Variant
 
 log = logging.getLogger("host.runtime.fastconv")
 
 # the wasmtime-py major version whose private modules and C layout this module was written against
-WRITTEN_FOR = "50"
+WRITTEN_FOR = private.WRITTEN_FOR
 
 # wasmtime charges each list element against a per-call hostcall budget; above about 2.7 MB a
 # guest->host list fails with "fuel allocated for hostcalls has been exhausted". Refuse well below.
@@ -794,7 +798,7 @@ def _keep_gil_for_quick_calls() -> None:
 
 
 def wasmtime_version() -> str:
-    return importlib.metadata.version("wasmtime")
+    return private.VERSION
 
 
 def install() -> bool:

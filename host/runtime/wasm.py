@@ -7,21 +7,20 @@ fills it ahead of time with `python -m host.runtime.wasm PATH...`.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import blake3
 from wasmtime import Config, Engine, WasmtimeError
-from wasmtime import _ffi as ffi
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
 from host import fsutil
+from host.runtime import private
 from host.settings import RuntimeSettings, SettingsError, runtime_from_environment
 
 log = logging.getLogger("host.runtime.wasm")
@@ -46,24 +45,18 @@ POOL_WARM_SLOTS = 16
 
 
 def _use_pooling(cfg: Config, instances: int) -> None:
-    pc = ffi.wasmtime_pooling_allocation_config_new()
-    try:
-        for name, value in (("total_component_instances", instances),
-                            ("total_core_instances", instances * 16),
-                            ("max_core_instances_per_component", 32),
-                            ("max_memories_per_component", 8), ("max_tables_per_component", 32),
-                            ("total_memories", instances * 2), ("total_tables", instances * 16),
-                            ("table_elements", POOL_TABLE_ELEMENTS), ("max_memory_size", POOL_MAX_MEMORY),
-                            ("max_core_instance_size", 4 << 20), ("max_component_instance_size", 4 << 20),
-                            ("linear_memory_keep_resident", POOL_KEEP_RESIDENT),
-                            ("table_keep_resident", 1 << 20), ("max_unused_warm_slots", POOL_WARM_SLOTS),
-                            ("total_stacks", 0)):
-            getattr(ffi, f"wasmtime_pooling_allocation_config_{name}_set")(pc, value)
-        ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)
-    finally:
-        ffi.wasmtime_pooling_allocation_config_delete(pc)
+    private.set_pooling(cfg, {
+        "total_component_instances": instances, "total_core_instances": instances * 16,
+        "max_core_instances_per_component": 32, "max_memories_per_component": 8,
+        "max_tables_per_component": 32, "total_memories": instances * 2, "total_tables": instances * 16,
+        "table_elements": POOL_TABLE_ELEMENTS, "max_memory_size": POOL_MAX_MEMORY,
+        "max_core_instance_size": 4 << 20, "max_component_instance_size": 4 << 20,
+        "linear_memory_keep_resident": POOL_KEEP_RESIDENT, "table_keep_resident": 1 << 20,
+        "max_unused_warm_slots": POOL_WARM_SLOTS, "total_stacks": 0})
+
+
 # compiled artefacts depend on the wasmtime version and the engine settings
-_ENGINE_TAG = f"wasmtime{importlib.metadata.version('wasmtime')}-epoch"
+_ENGINE_TAG = f"wasmtime{private.VERSION}-epoch"
 
 
 def install_fastconv(enabled: bool) -> bool:
@@ -76,7 +69,7 @@ def install_fastconv(enabled: bool) -> bool:
         from host.runtime import fastconv
     except Exception as e:  # it reads wasmtime-py's private modules: a new wasmtime may lack them
         log.warning("fastconv cannot load on wasmtime %s (%s: %s); using wasmtime-py's own value "
-                    "conversion, which is slower", importlib.metadata.version("wasmtime"), type(e).__name__, e)
+                    "conversion, which is slower", private.VERSION, type(e).__name__, e)
         return False
     return fastconv.install()
 
@@ -116,6 +109,7 @@ class Runtime:
         self._loaded: dict[str, LoadedComponent] = {}
         self._lock = threading.RLock()
         self._forwarded: set[str] = set()
+        self._forward: Optional[Callable[[str, str], Callable]] = None  # set with the process ABI
         self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
         self._ticker.start()
 
@@ -132,9 +126,25 @@ class Runtime:
                     for name, fn in funcs.items():
                         inst.add_func(name, fn)
 
-    def define_forwarders(self, lib: LoadedComponent, forward: Callable[[str, str], Callable]) -> None:
-        """Make every interface `lib` exports importable; `forward(iface, func)` builds the host
-        function that calls into the current process's instance of that library."""
+    def install_abi(self, imports: dict[str, dict[str, Callable]],
+                    forward: Callable[[str, str], Callable]) -> None:
+        """Define the process ABI's host imports; `forward(iface, func)` builds the host function
+        that calls into the current process's instance of a library (see define_forwarders)."""
+        for interface, funcs in imports.items():
+            self.define(interface, funcs)
+        self._forward = forward
+
+    def require_abi(self) -> None:
+        """Raise ValueError unless the process ABI was installed: no process can start without it."""
+        if self._forward is None:
+            raise ValueError("the process ABI is not installed in this runtime "
+                             "(host/kernel/standard_host.py install_imports)")
+
+    def define_forwarders(self, lib: LoadedComponent) -> None:
+        """Make every interface `lib` exports importable through the ABI's forwarder."""
+        self.require_abi()
+        forward = self._forward
+        assert forward is not None
         for iface, names in lib.exports.items():
             with self._lock:
                 if iface in self._forwarded:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional
 from host import fsutil
 
 from host.vfs import tree as vfs_tree
+from host.kinode_types import vfs_path_problem
 from host.messages import PackageId, ParseError, ProcessId
 
 __all__ = ["Vfs", "VfsResult"]
@@ -204,13 +205,10 @@ def _parse_path(raw: Any) -> _VPath:
     shown = raw if len(raw) <= 200 else raw[:200] + "..."
     if len(raw.encode("utf-8")) > MAX_PATH_BYTES:
         raise _bad_request(f"path is longer than {MAX_PATH_BYTES} bytes: {shown!r}")
-    if "\x00" in raw:
-        raise _bad_request(f"path contains a NUL byte: {shown!r}")
-    if "\\" in raw:
-        raise _bad_request(f"path contains a backslash: {shown!r}")
+    problem = vfs_path_problem(raw)
+    if problem:
+        raise _bad_request(f"path {problem}: {shown!r}")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise _bad_request(f"path may not contain '..': {shown!r}")
     if not parts:
         raise _bad_request("empty path: expected /package:publisher/drive/...")
     try:
@@ -395,6 +393,12 @@ class _Loc:
 
 class Vfs:
     MAX_HANDLES_PER_PROCESS = 1024   # beyond this a process's least recently used handle is closed
+    HOME_FOLDER = "vfs"              # the VFS's folder in a node's home
+
+    @classmethod
+    def in_home(cls, home: Path) -> "Vfs":
+        """The VFS of the node whose home is `home`: its files under HOME/vfs."""
+        return cls(Path(home) / cls.HOME_FOLDER)
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -412,9 +416,21 @@ class Vfs:
     # ---- public API ---------------------------------------------------------------------------------
     def drive_path(self, package_id: PackageId, drive: str) -> Path:
         """HOME/vfs/<package:publisher>/<drive>."""
-        if (not drive or drive in (".", "..") or any(c in drive for c in "/\\\x00")):
+        if not isinstance(drive, str) or "/" in drive or vfs_path_problem(drive, exact=True):
             raise ValueError(f"bad drive name {drive!r}")
         return self.root / str(package_id) / drive
+
+    def file_path(self, vfs_path: str) -> Path:
+        """The file on disk for a VFS path like `pkg:pub/pkg/x.wasm` (a process's wasm), resolved and
+        inside the VFS; raises ValueError."""
+        rel = vfs_path.lstrip("/")
+        if len(rel.split("/")) < 3 or vfs_path_problem(rel, exact=True):
+            raise ValueError(f"not a VFS file path: {vfs_path!r}")
+        root = Path(self._real_root)
+        path = (root / rel).resolve()
+        if root not in path.parents:
+            raise ValueError(f"{vfs_path!r} leads outside the VFS")
+        return path
 
     def forget(self, source: ProcessId) -> None:
         """The process exited: close all its open handles."""
@@ -1147,11 +1163,10 @@ def _zip_plan(zf: zipfile.ZipFile, vp: _VPath) -> list:
     for info in infos:
         name = info.filename
         shown = name if len(name) <= 200 else name[:200] + "..."
-        if name.startswith("/") or "\\" in name or "\x00" in name or (len(name) > 1 and name[1] == ":"):
-            raise _bad_request(f"zip entry has an absolute or non-portable path: {shown!r}")
+        problem = vfs_path_problem(name, relative=True)
+        if problem:
+            raise _bad_request(f"zip entry {problem}: {shown!r}")
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
-        if ".." in parts:
-            raise _bad_request(f"zip entry may not contain '..': {shown!r}")
         if len("/".join(vp.rest + parts).encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
             raise _bad_request(f"zip entry path is too long: {shown!r}")
         if info.flag_bits & 0x1:

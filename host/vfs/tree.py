@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import blake3
 
 from host import fsutil
+from host.kinode_types import vfs_path_problem
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
@@ -76,11 +77,10 @@ def check_parts(path: Any) -> tuple:
     """A tree-relative path as a list of components, refused if any could leave the tree."""
     if not isinstance(path, str) or not path:
         raise TreeError("a path in the tree must be a non-empty string")
-    parts = tuple(path.split("/"))
-    for p in parts:
-        if p in ("", ".", "..") or "\\" in p or "\x00" in p:
-            raise TreeError(f"bad path component {p!r} in {path[:200]!r}", path)
-    return parts
+    problem = vfs_path_problem(path, exact=True)
+    if problem:
+        raise TreeError(f"bad path component: {path[:200]!r} {problem}", path)
+    return tuple(path.split("/"))
 
 
 def open_root(real: str, drive: str = "") -> int:
