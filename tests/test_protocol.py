@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
-for folder in (REPO / "host", REPO / "components/file_transfer/common"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+COMMON = str(REPO / "components/file_transfer/common")   # the guests' shared modules, top-level as in a guest
+if COMMON not in sys.path:
+    sys.path.insert(0, COMMON)
 
 import ft_common  # noqa: E402
 import ft_protocol as ft  # noqa: E402
-from kinode_types import Address  # noqa: E402
+from host.kinode_types import Address  # noqa: E402
 
 REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
 REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HANDSHAKE_TIMEOUT, MAX_FOLDER_DEPTH,
                        MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path, window_in)
-from ft_protocol import (ArmTimer, Exit, GotRequest, GotResponse, IoFailed, Log, Reply, Send, SendFailed, Start,
+from ft_protocol import (FOLDER_MACHINES, ArmTimer, Exit, GotRequest, GotResponse, IoFailed, Log, Reply, Send, SendFailed, Start,
                          screen_request)
 
 HEX = frozenset("0123456789abcdef")
@@ -603,3 +603,7 @@ class FolderProvider:
         self.state = self.FAILED
         return [Log(f"upload of folder {self.name} to {self.target.node} stopped: {error}"), self._serving(False),
                 Exit(error)]
+
+
+# ft_protocol's Requestor and Provider hand a folder over to these (SwitchToFolder)
+FOLDER_MACHINES.update(requestor=FolderRequestor, provider=FolderProvider)

@@ -131,6 +131,18 @@ class FileChecked:
     now: float
 
 
+# The folder machines, registered by ft_folder when it is imported: it builds on this module, so this
+# module names them only through this table (no import cycle).
+FOLDER_MACHINES: dict[str, Any] = {}
+
+
+def _folder_machine(role: str) -> Any:
+    try:
+        return FOLDER_MACHINES[role]
+    except KeyError:
+        raise RuntimeError("ft_folder is not imported: its machines are not registered") from None
+
+
 # ---- actions -----------------------------------------------------------------------------------
 @dataclass
 class SwitchToFolder:
@@ -455,8 +467,7 @@ class Requestor:
 
     def _to_folder(self, source: Any, size: Any, meta: dict, wants_answer: bool) -> list:
         """The provider's Size says "folder": a FolderRequestor takes over, window and all."""
-        import ft_folder  # (ft_folder builds on this module)
-        folder = ft_folder.FolderRequestor(self.name, self.peer, self.parent, self.started)
+        folder = _folder_machine("requestor")(self.name, self.peer, self.parent, self.started)
         folder.window = self.window
         return [SwitchToFolder(folder), ReadManifest(source, size, meta, wants_answer)]
 
@@ -783,8 +794,7 @@ class Provider:
     def _to_folder(self) -> list:
         """The name is a folder: a FolderProvider takes over (our file_transfer serves a folder only
         to a requestor that asked for folders)."""
-        import ft_folder  # (ft_folder builds on this module)
-        folder = ft_folder.FolderProvider(self.name, self.target, self.parent, self.started, window=self.window)
+        folder = _folder_machine("provider")(self.name, self.target, self.parent, self.started, window=self.window)
         return [SwitchToFolder(folder), *folder.start()]
 
     def start(self) -> list:
