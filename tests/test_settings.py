@@ -53,11 +53,13 @@ def test_flags_win_over_the_environment():
 
 def test_only_the_settings_module_reads_the_environment():
     readers = []
-    for path in sorted((REPO / "host").glob("*.py")):
+    paths = sorted((REPO / "host").rglob("*.py"))
+    assert REPO / "host/net/network.py" in paths   # every room, not only host/'s top level
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
             if name in ("environ", "getenv", "environb"):
-                readers.append(f"{path.name}:{node.lineno}")
+                readers.append(f"{path.relative_to(REPO / 'host').as_posix()}:{node.lineno}")
     # __main__ hands os.environ to settings.defaults_from, once
     assert [r for r in readers if not r.startswith("settings.py")] == [
         f"__main__.py:{n}" for n in _lines(REPO / "host/__main__.py", "defaults_from(os.environ)")], readers
