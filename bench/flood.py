@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from conftest import NodeProc, free_port, peak_rss_bytes, sha256, wait_for  # noqa: E402
 import flooder as flooder_mod  # noqa: E402
+from conftest import NodeProc, free_port, peak_rss_bytes, sha256, wait_for  # noqa: E402
 from flooder import Flooder  # noqa: E402
 
 

@@ -34,7 +34,7 @@ class Node:
                                       "--port", "0", "--net-port", "0", "--packages", str(GUESTS)],
                                      cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         self.seen: dict[tuple[str, str], dict] = {}   # steps read while waiting for another
         threading.Thread(target=self._pump, daemon=True).start()
         for lang in ("py", "js"):

@@ -47,7 +47,7 @@ class Node:
         self.proc = start_node(name, self.home, free_port(), env, extra=extra)
         self.subprocess = subprocess
 
-    def download(self, name: str, peer: "Node", timeout: float = 600) -> None:
+    def download(self, name: str, peer: Node, timeout: float = 600) -> None:
         outcome = run_command(self.home, f"download:file_transfer:template.os {name} {peer.name}",
                               until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
         if outcome.status != 0:

@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer import FILES, peak_rss_mib, run_remote, sha256, start_node, write_random  # noqa: E402
@@ -48,7 +47,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def split_cpus() -> Optional[tuple[str, str]]:
+def split_cpus() -> tuple[str, str] | None:
     """This process's CPUs in two halves, as `--cpus` lists; None on a single CPU."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -58,7 +57,7 @@ def split_cpus() -> Optional[tuple[str, str]]:
 
 
 class Pair:
-    def __init__(self, tmp: Path, cpus: Optional[tuple[str, str]] = None):
+    def __init__(self, tmp: Path, cpus: tuple[str, str] | None = None):
         """`cpus`: the --cpus of the requestor (a) and the provider (b); None: both use all."""
         self.tmp = tmp
         env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"))
@@ -137,7 +136,7 @@ class Scp:
         shutil.rmtree(dest)
         return secs
 
-    def rsync_seconds(self, src: Path) -> Optional[float]:
+    def rsync_seconds(self, src: Path) -> float | None:
         """Time one `rsync -a` of the folder `src` over this ssh (None without rsync)."""
         if shutil.which("rsync") is None:
             return None
@@ -164,7 +163,7 @@ def small_files(pair: Pair, count: int, concurrency: int = 8) -> float:
         data = os.urandom(4096)
         (pair.b_home / FILES / f"small{i}.bin").write_bytes(data)
         digests[f"small{i}.bin"] = data
-    todo: "queue.Queue[str]" = queue.Queue()
+    todo: queue.Queue[str] = queue.Queue()
     for name in digests:
         todo.put(name)
     failures: list[str] = []

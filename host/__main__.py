@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from host import settings as settings_mod
 from host.settings import (
@@ -29,7 +28,7 @@ from host.settings import (
 )
 
 
-def node_parser(defaults: Optional[Defaults] = None) -> argparse.ArgumentParser:
+def node_parser(defaults: Defaults | None = None) -> argparse.ArgumentParser:
     d = defaults or settings_mod.defaults_from({})
     p = argparse.ArgumentParser(
         prog="python -m host",
@@ -171,6 +170,7 @@ def id_command(argv: list[str]) -> int:
     """`python -m host id`: print this node's peers-file entry without starting the node."""
     import json
     import socket
+
     from host.net.directory import parse_host_port, peers_entry
     from host.net.identity import load_or_create_identity
     from host.settings import DEFAULT_HOME

@@ -13,10 +13,9 @@ import pwd
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence, Union
 
 MAX_IO = 0x7FFFF000      # Linux caps one read/write call at this many bytes
 # A write of DIRECT_MIN bytes or more at a DIRECT_ALIGN-aligned offset may go around the page cache
@@ -46,8 +45,8 @@ def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
         view = view[n:]
         pos += n
 
-PathLike = Union[str, "os.PathLike[str]"]
-Data = Union[bytes, bytearray, memoryview]
+PathLike = str | os.PathLike[str]
+Data = bytes | bytearray | memoryview
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 

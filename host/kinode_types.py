@@ -42,7 +42,7 @@ class PackageId:
     publisher_node: str
 
     @classmethod
-    def parse(cls, text: str) -> "PackageId":
+    def parse(cls, text: str) -> PackageId:
         parts = text.split(":")
         if len(parts) != 2:
             raise ParseError(f"package id {text!r}: expected package:publisher")
@@ -59,7 +59,7 @@ class ProcessId:
     publisher_node: str
 
     @classmethod
-    def parse(cls, text: str) -> "ProcessId":
+    def parse(cls, text: str) -> ProcessId:
         parts = text.split(":")
         if len(parts) != 3:
             raise ParseError(f"process id {text!r}: expected process:package:publisher")
@@ -79,7 +79,7 @@ class Address:
     process: ProcessId
 
     @classmethod
-    def parse(cls, text: str) -> "Address":
+    def parse(cls, text: str) -> Address:
         node, at, rest = text.partition("@")
         if not at or "@" in rest:
             raise ParseError(f"address {text!r}: expected node@process:package:publisher")

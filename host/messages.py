@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from host.kinode_types import Address, PackageId, ParseError, ProcessId  # noqa: F401  (re-exported)
 
@@ -20,10 +20,10 @@ class Capability:
     params: str  # JSON text, compared after normalising
 
     @classmethod
-    def make(cls, issuer: Address, params: Any) -> "Capability":
+    def make(cls, issuer: Address, params: Any) -> Capability:
         return cls(issuer, json.dumps(params, sort_keys=True, separators=(",", ":")))
 
-    def normalised(self) -> "Capability":
+    def normalised(self) -> Capability:
         try:
             return Capability.make(self.issuer, json.loads(self.params))
         except ValueError:
@@ -32,16 +32,16 @@ class Capability:
 
 @dataclass
 class Blob:
-    mime: Optional[str]
+    mime: str | None
     bytes: bytes
 
 
 @dataclass
 class Request:
     inherit: bool = False
-    expects_response: Optional[int] = None
+    expects_response: int | None = None
     body: bytes = b""
-    metadata: Optional[str] = None
+    metadata: str | None = None
     capabilities: list = field(default_factory=list)
 
 
@@ -49,11 +49,11 @@ class Request:
 class Response:
     inherit: bool = False
     body: bytes = b""
-    metadata: Optional[str] = None
+    metadata: str | None = None
     capabilities: list = field(default_factory=list)
 
 
-Message = Union[Request, Response]
+Message = Request | Response
 
 
 def new_request_id() -> int:
@@ -65,9 +65,9 @@ class KernelMessage:
     id: int
     source: Address
     target: Address
-    rsvp: Optional[Address]
+    rsvp: Address | None
     message: Message
-    lazy_load_blob: Optional[Blob] = None
+    lazy_load_blob: Blob | None = None
 
     # ---- wire form: plain lists/dicts/bytes for MessagePack --------------------------------------
     def to_wire(self) -> dict:
@@ -92,7 +92,7 @@ class KernelMessage:
         }
 
     @classmethod
-    def from_wire(cls, d: dict) -> "KernelMessage":
+    def from_wire(cls, d: dict) -> KernelMessage:
         """Parse the wire form; raises ParseError (or ValueError/TypeError/KeyError) on a bad shape."""
         try:
             m = d["message"]
@@ -127,7 +127,7 @@ def _str(v: Any) -> str:
     return v
 
 
-def _opt_str(v: Any) -> Optional[str]:
+def _opt_str(v: Any) -> str | None:
     return None if v is None else _str(v)
 
 
@@ -147,4 +147,4 @@ class SendError:
     kind: str  # SendErrorKind
     target: Address
     message: Message
-    lazy_load_blob: Optional[Blob]
+    lazy_load_blob: Blob | None

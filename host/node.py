@@ -9,25 +9,24 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from host import packages
-from host.terminal.commands import Commands
-from host.terminal.control import ControlServer, NodeCommands
-from host import fsutil
+from host import fsutil, packages
 from host.kernel.kernel import Kernel
 from host.kernel.service import KernelService
 from host.kernel.standard_host import install_imports
+from host.messages import Address, ProcessId
 from host.net.directory import fingerprint
 from host.net.service import NetService
+from host.runtime.wasm import Runtime
 from host.settings import Settings
+from host.terminal.commands import Commands
+from host.terminal.control import ControlServer, NodeCommands
 from host.terminal.output import TerminalOutput
 from host.terminal.service import TERMINAL_ID, TerminalService
 from host.timer.service import TimerService
-from host.messages import Address, ProcessId
-from host.vfs.store import Vfs
 from host.vfs.service import VfsService
-from host.runtime.wasm import Runtime
+from host.vfs.store import Vfs
 
 if TYPE_CHECKING:
     from host.http.server import HttpServerService
@@ -44,7 +43,7 @@ class NodeError(Exception):
 
 
 class Node:
-    def __init__(self, settings: Settings, terminal: Optional[TerminalOutput] = None, networking: bool = True):
+    def __init__(self, settings: Settings, terminal: TerminalOutput | None = None, networking: bool = True):
         self.settings = settings
         self.name = settings.name
         self.home = settings.home.absolute()
@@ -55,12 +54,12 @@ class Node:
         self.commands = Commands(self, self.terminal)
         self.networking = networking
         self.packages: dict[str, packages.Package] = {}
-        self.net: Optional[Network] = None
-        self.lan: Optional[Lan] = None   # nearby nodes and pairing, once networking started
+        self.net: Network | None = None
+        self.lan: Lan | None = None   # nearby nodes and pairing, once networking started
         self._stop = threading.Event()
-        self._lock_file: Optional[TextIO] = None
-        self._control: Optional[ControlServer] = None
-        self.http: Optional[HttpServerService] = None
+        self._lock_file: TextIO | None = None
+        self._control: ControlServer | None = None
+        self.http: HttpServerService | None = None
 
     # ---- start and stop --------------------------------------------------------------------
     def start(self) -> None:
@@ -206,7 +205,7 @@ class Node:
     def node_name(self) -> str:
         return self.name
 
-    def run_line(self, line: str) -> Optional[ProcessId]:
+    def run_line(self, line: str) -> ProcessId | None:
         """Run a typed command line; returns the pid of the script it started, if any."""
         return self.commands.run_line(line)
 
@@ -224,7 +223,7 @@ class Node:
     def send_and_await(self, target: Address, body: str, seconds: int, on_answer) -> None:
         self.terminal_service.send_and_await(target, body.encode(), seconds, on_answer)
 
-    def process_record(self, pid: ProcessId) -> Optional[dict]:
+    def process_record(self, pid: ProcessId) -> dict | None:
         return self.kernel_service.persisted_process(pid)
 
     def process_map(self) -> dict:
@@ -233,7 +232,7 @@ class Node:
     def net_peers(self) -> list:
         return self.net_service.peers()
 
-    def net_peer(self, name: str) -> Optional[list]:
+    def net_peer(self, name: str) -> list | None:
         return self.net_service.identity(name)
 
     def net_diagnostics(self) -> str:
@@ -276,7 +275,7 @@ class Node:
     def pair_code(self) -> tuple[str, str]:
         return self._lan().pair_code()
 
-    def pair_join(self, code: str, target: Optional[str]) -> None:
+    def pair_join(self, code: str, target: str | None) -> None:
         """`pair CODE [TARGET]`: the code is checked now, the exchange runs in the background."""
         from host.net.pairing import code_number, parse_code
         lan = self._lan()
@@ -290,13 +289,13 @@ class Node:
                 self.terminal.error(f"pairing failed: {e}")
         threading.Thread(target=run, name="pair", daemon=True).start()
 
-    def pair_join_wait(self, code: str, target: Optional[str]) -> str:
+    def pair_join_wait(self, code: str, target: str | None) -> str:
         return self._lan().pair_join(code, target)
 
     def unpair(self, name: str) -> str:
         return self._lan().unpair(name)
 
-    def _lan(self) -> "Lan":
+    def _lan(self) -> Lan:
         if self.lan is None:
             raise ValueError("networking is off on this node")
         return self.lan
@@ -339,7 +338,7 @@ class Node:
         return "\n".join([f"{pid} holds {len(caps)} capabilities:"] + [f"  {c.issuer} {c.params}" for c in caps])
 
 
-def _recorder(path: Optional[Path]):
+def _recorder(path: Path | None):
     """A relay tap appending every relayed byte to `path` (KINODE_RELAY_RECORD, for tests), or None."""
     if path is None:
         return None

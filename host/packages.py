@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from host.kernel.kernel import Kernel, messaging_cap
 from host.kernel.api import OnExit
+from host.kernel.kernel import Kernel, messaging_cap
 from host.messages import Address, Capability, PackageId, ProcessId
-from host.vfs.store import Vfs
 from host.vfs.service import VFS_ID
+from host.vfs.store import Vfs
 
 log = logging.getLogger("host.packages")
 

@@ -9,7 +9,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,22 +42,22 @@ class Settings:
     home: Path = DEFAULT_HOME
     port: int = DEFAULT_PORT                # the HTTP port, as kit's
     net_port: int = 0                       # the networking port; 0: a free one, in the directory
-    http_host: Optional[str] = "127.0.0.1"  # where the web page listens; None: no HTTP server
+    http_host: str | None = "127.0.0.1"  # where the web page listens; None: no HTTP server
     http_timeout: float = DEFAULT_HTTP_TIMEOUT  # seconds a process has to answer an HTTP request
     packages: tuple[Path, ...] = (DEFAULT_PACKAGES,)
-    peers: Optional[Path] = None            # JSON list of peers on other machines
-    bind: Optional[tuple[str, ...]] = None  # listen addresses; None: see host.net.network.listen_addresses
-    advertise: Optional[str] = None         # HOST[:PORT] other nodes should dial, if not the bound one
+    peers: Path | None = None            # JSON list of peers on other machines
+    bind: tuple[str, ...] | None = None  # listen addresses; None: see host.net.network.listen_addresses
+    advertise: str | None = None         # HOST[:PORT] other nodes should dial, if not the bound one
     routers: tuple[str, ...] = ()           # an indirect node: reached through these nodes
     is_router: bool = False                 # relay for indirect nodes that name this one
     router_max_nodes: int = 100             # indirect nodes a router serves at once
     router_max_rate: float = 0.0            # bytes/s a router relays in all; 0: no limit
     net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
-    relay_record: Optional[Path] = None     # tests: a router appends every byte it relays here
+    relay_record: Path | None = None     # tests: a router appends every byte it relays here
     test_pause_after_chunks: int = 0        # tests: see host/vfs/test_pause.py; 0 (off) in a normal run
     discovery: bool = True                  # announce on the LAN and browse (mDNS), if not on loopback only
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
-    cpus: Optional[frozenset[int]] = None   # pin every thread to these CPUs
+    cpus: frozenset[int] | None = None   # pin every thread to these CPUs
     verbose: int = 0
 
     def __post_init__(self) -> None:
@@ -129,7 +128,7 @@ class Defaults:
     fastconv: bool
     http_timeout: float
     net_timeout: float
-    relay_record: Optional[Path]
+    relay_record: Path | None
     test_pause_after_chunks: int
 
 
@@ -149,7 +148,7 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
     )
 
 
-def runtime_from_environment(env: Optional[Mapping[str, str]] = None) -> RuntimeSettings:
+def runtime_from_environment(env: Mapping[str, str] | None = None) -> RuntimeSettings:
     """Runtime settings for tools without a command line of their own (build.sh's cache filler)."""
     d = defaults_from(os.environ if env is None else env)
     return RuntimeSettings(cache_dir=d.cache_dir, max_instances=d.max_processes, pooling=d.pooling,

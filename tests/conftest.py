@@ -53,7 +53,7 @@ class NodeProc:
         self.env = env
         self.extra_args = extra_args
         self.lines: list[str] = []
-        self._new: "queue.Queue[str]" = queue.Queue()
+        self._new: queue.Queue[str] = queue.Queue()
         self.proc: subprocess.Popen | None = None
         self.launcher = [sys.executable, "-m", "host"]  # a test may run the CLI another way
         self.wrap: list[str] = []  # a command to run the node under (e.g. unshare), exec'ing it
@@ -62,7 +62,7 @@ class NodeProc:
     def files(self) -> Path:
         return self.home / FT_FILES
 
-    def start(self, timeout: float = 60) -> "NodeProc":
+    def start(self, timeout: float = 60) -> NodeProc:
         cmd = [*self.wrap, *self.launcher, "--node", self.name, "--home", str(self.home),
                "--port", str(self.port), "--net-port", str(self.net_port), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, NodeProc, _require_built
 
 SUBNET4, SUBNET6 = "10.231.0", "fd00:231:"
@@ -71,7 +70,7 @@ class Host:
     """One namespace on the bridge(s): `addr4`, `addr6` on its first LAN (`addrs4[lan]` on each);
     the hub side of its first link is `port`, its own side `eth0` (then eth1, ...)."""
 
-    def __init__(self, net: "Netns", name: str, index: int, lans: tuple[int, ...] = (0,)):
+    def __init__(self, net: Netns, name: str, index: int, lans: tuple[int, ...] = (0,)):
         self.net, self.name, self.index, self.lans = net, name, index, lans
         self.ns = f"{PREFIX}{net.tag}{index}"
         self.port = f"p{index}"
@@ -137,7 +136,7 @@ class NetnsNode(NodeProc):
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, self.peers_file)
 
-    def start(self, timeout: float = 60) -> "NetnsNode":
+    def start(self, timeout: float = 60) -> NetnsNode:
         cmd = ["ip", "netns", "exec", self.host.ns, sys.executable, "-m", "host", "--node", self.name,
                "--home", str(self.home), "--net-port", str(self.port), "--port", str(HTTP_PORT), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
+
+from host.messages import ProcessId
 from host.terminal import control
 from host.terminal.control import ControlServer, run_command
-from host.messages import ProcessId
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = ProcessId("123", "pkg", "pub.os")

@@ -1,9 +1,9 @@
 """The node directory: registration rules, staleness, the static peers file."""
 import json
-from pathlib import Path
 import logging
 import os
 import threading
+from pathlib import Path
 
 import pytest
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import blake3
 import pytest
-
 from conftest import NodeProc, no_workers, open_fds, peak_rss_bytes, proc_status, thread_names, wait_for
 
 PEAK_RSS_LIMIT = 300 * 10**6  # bytes, per node, whatever the file's size

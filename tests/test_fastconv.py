@@ -39,8 +39,8 @@ from wasmtime.component import (
 )
 
 from host.runtime import fastconv
-from host.settings import runtime_from_environment
 from host.runtime.wasm import STANDARD, Runtime
+from host.settings import runtime_from_environment
 
 assert fastconv.install(), "fastconv refused this wasmtime version"
 

@@ -2,9 +2,7 @@
 or other processes; the VFS answers malformed requests and path escapes with errors."""
 from __future__ import annotations
 
-
 import pytest
-
 from conftest import REPO, TEST_PACKAGES, wait_for
 
 MIS = "m fake.dev@misbehave:misbehave:test.os"

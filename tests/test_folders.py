@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, no_workers, paused, rearm, release, wait_for
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
@@ -121,12 +120,11 @@ def test_folder_download_with_nested_and_empty_folders_and_listing(two_nodes, tm
 
     code, lines = fake.run(f"list_files:file_transfer:template.os {PEER}", wait=1.0)
     text = "\n".join(lines)
-    assert code == 0 and "photos/\t\t%d\t(5 files)" % sum(len(v) for v in spec.values() if v) in text, text
+    assert code == 0 and f"photos/\t\t{sum(len(v) for v in spec.values() if v)}\t(5 files)" in text, text
     assert "single.txt\t\t8" in text, text
     code, lines = fake.run(f"list_files:file_transfer:template.os {PEER} photos/sub", wait=1.0)
     text = "\n".join(lines)
-    assert code == 0 and "in photos/sub:" in text and "b.bin\t\t300000" in text and "deeper/\t\t%d\t(2 files)" % (
-        (9 << 20) + 5000) in text and "emptier/\t\t0\t(0 files)" in text, text
+    assert code == 0 and "in photos/sub:" in text and "b.bin\t\t300000" in text and f"deeper/\t\t{(9 << 20) + 5000}\t(2 files)" in text and "emptier/\t\t0\t(0 files)" in text, text
 
     for bad, why in (("../etc", "may not start with '.'"), ("nothere", "no such file")):
         code, lines = fake.run(f"list_files:file_transfer:template.os {PEER} {bad}", wait=1.0)
@@ -154,7 +152,7 @@ def test_folder_download_with_nested_and_empty_folders_and_listing(two_nodes, tm
     target = json.dumps({"node": "fake.dev", "process": {"process_name": "file_transfer", "package_name":
                                                          "file_transfer", "publisher_node": "template.os"}})
     fake.type('m -a 5 fake2.dev@file_transfer:file_transfer:template.os '
-              '{"Download": {"name": "photos", "target": %s, "is_requestor": false}}' % target)
+              '{"Download": {"name": "photos", "target": %s, "is_requestor": false}}'.replace("%s", target))
     fake.expect(r'no such file: photos', 20)
     no_workers(fake, fake2, within=20)
 
@@ -348,6 +346,7 @@ def test_a_full_disk_fails_a_folder_download_and_nothing_takes_its_name(node_fac
 def _manifest_digest(folder: Path) -> str:
     """The BLAKE3 of the listing the provider sends for `folder` (its resume states name it)."""
     import blake3
+
     from host.vfs import tree as vfs_tree
     found = vfs_tree.walk(str(folder), MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES)
     text = json.dumps({"dirs": found["dirs"], "files": found["files"]}, separators=(",", ":"))
@@ -398,8 +397,8 @@ def test_a_resume_state_the_partial_tree_does_not_bear_out_starts_afresh(two_nod
 def test_a_folder_download_queued_at_a_busy_provider_completes(node_factory):
     """A provider serving MAX_SERVING files queues the next requestor; a folder asked for then is
     told it waits, and is received whole once a slot frees (a queued requestor's Size is a folder's)."""
-    from test_transfers import put, sha
     from ft_common import MAX_SERVING
+    from test_transfers import put, sha
     provider, busy, late = (node_factory("prov.dev", pause_after=1), node_factory("busy.dev"),
                             node_factory("late.dev"))
     spec = {"x.txt": b"x" * 100, "d/y.bin": os.urandom(1 << 20), "d/e": None}

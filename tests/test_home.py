@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, NodeProc, free_port
+
 from host import fsutil
 
 DL = "download:file_transfer:template.os"

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TEST_PACKAGES, no_workers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import REPO, TEST_PACKAGES, no_workers
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
 from ft_common import check_name  # noqa: E402  (the guest's own name rule, plain Python)

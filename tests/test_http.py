@@ -16,7 +16,6 @@ import uuid
 
 import aiohttp
 import pytest
-
 from conftest import REPO, TEST_PACKAGES
 
 WITH_TESTS = ["--packages", str(REPO / "components"), "--packages", str(TEST_PACKAGES)]

@@ -222,9 +222,9 @@ def test_scripts_take_turns_to_be_instantiated(tmp_path):
     wait for a turn; processes that are not scripts (the control) all start at once."""
     from host.kernel.kernel import SCRIPTS_AT_ONCE
     from host.kernel.process import WasmProcess
-    from host.settings import RuntimeSettings
     from host.messages import ProcessId
     from host.runtime.wasm import LoadedComponent, Runtime
+    from host.settings import RuntimeSettings
 
     runtime = Runtime(RuntimeSettings(cache_dir=tmp_path / "cache"))
     inside, most, release = [0], [0], threading.Event()

@@ -11,12 +11,11 @@ import msgpack
 import pytest
 from noise.connection import Keypair, NoiseConnection
 
+from host.messages import Address, Blob, Capability, KernelMessage, ProcessId, Request, Response, new_request_id
 from host.net import noise as noisemod
 from host.net import relay as relaymod
 from host.net.directory import Directory, NameTaken
 from host.net.network import MAX_MESSAGE, Network, load_or_create_identity
-from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
-                        new_request_id)
 
 PROC = ProcessId.parse("chat:chat:template.os")
 
@@ -479,7 +478,7 @@ def dropped(sock, timeout=10.0):
                 return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

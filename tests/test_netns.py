@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import no_workers, sha256, write_random
 from netns import HTTP_PORT, Netns, netns  # noqa: F401  (the fixture)
 

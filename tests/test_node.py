@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port
 
 
@@ -102,6 +101,7 @@ def test_a_node_whose_stdout_nobody_reads_keeps_working(tmp_path):
     """A full stdout pipe must not stall the node: output is queued, and dropped if need be."""
     import os
     import time
+
     from conftest import run_remote
     home = tmp_path / "fake.dev"
     files = home / "vfs/file_transfer:template.os/files"

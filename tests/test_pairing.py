@@ -7,9 +7,17 @@ import os
 import msgpack
 import pytest
 
-
 from host.net.pairing import (
-    MAX_TRIES, PAIR_MAGIC, WRONG_CODE, CodeHolder, Joiner, Peer, Step, code_number, new_code, parse_code,
+    MAX_TRIES,
+    PAIR_MAGIC,
+    WRONG_CODE,
+    CodeHolder,
+    Joiner,
+    Peer,
+    Step,
+    code_number,
+    new_code,
+    parse_code,
 )
 
 A = Peer("a.dev", os.urandom(32), 8080)

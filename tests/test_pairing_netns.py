@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import netns as netns_mod
+import pytest
 from conftest import REPO, _require_built, sha256, write_random
 from netns import Host, Netns, NetnsNode
 from test_pairing import mdns_sockets

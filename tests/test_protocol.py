@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 from blake3 import blake3
@@ -22,6 +22,7 @@ if COMMON not in sys.path:
 
 import ft_common  # noqa: E402
 import ft_protocol as ft  # noqa: E402
+
 from host.kinode_types import Address  # noqa: E402
 
 REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
@@ -72,9 +73,9 @@ class Msg:
     is_request: bool
     body: Any
     meta: dict
-    expects: Optional[int] = None
-    context: Optional[str] = None
-    blob: Optional[bytes] = None
+    expects: int | None = None
+    context: str | None = None
+    blob: bytes | None = None
     raw_meta: Any = None  # the metadata as the machine gave it (None: the message has none)
 
 
@@ -87,15 +88,15 @@ class RequestorSide:
     """A requestor worker's I/O, in memory: the partial, its state file, the finished file.
     Not `extended` (a portable worker): it cannot hash, and a hashing action fails the test."""
 
-    def __init__(self, store: Optional[dict] = None, extended: bool = True):
+    def __init__(self, store: dict | None = None, extended: bool = True):
         self.extended = extended
         self.store = store if store is not None else {}  # "part", "state", "file"
         self.chain = None
-        self.blob: Optional[bytes] = None
+        self.blob: bytes | None = None
         self.cursor = 0
         self.fail_io: set = set()  # action types that raise
 
-    def perform(self, m, a) -> Optional[list]:
+    def perform(self, m, a) -> list | None:
         if type(a).__name__ in self.fail_io:
             raise OSError(f"{type(a).__name__} failed")
         if not self.extended:
@@ -152,15 +153,15 @@ class ProviderSide:
     """A provider worker's I/O, in memory: the file being sent and its stamp. Not `extended`: it
     cannot hash, as RequestorSide."""
 
-    def __init__(self, data: Optional[bytes], stamp: int = 1, extended: bool = True):
+    def __init__(self, data: bytes | None, stamp: int = 1, extended: bool = True):
         self.extended = extended
         self.data, self.stamp = data, stamp
         self.cursor = 0
         self.chain = None
-        self.blob: Optional[bytes] = None
+        self.blob: bytes | None = None
         self.short_read = False
 
-    def perform(self, m, a) -> Optional[list]:
+    def perform(self, m, a) -> list | None:
         if not self.extended:
             assert not (isinstance(a, ft.ReadChunk) and a.hash != ft.HASH_NONE) and \
                 not (isinstance(a, ft.CheckFile) and a.read_back), f"a portable provider cannot hash: {a}"
@@ -195,27 +196,27 @@ class Net:
     """Both workers and their parents, messages delivered in order; each worker extended (built
     with the blobs extension) or portable."""
 
-    def __init__(self, data: Optional[bytes], store: Optional[dict] = None, name: str = "f.bin",
+    def __init__(self, data: bytes | None, store: dict | None = None, name: str = "f.bin",
                  stall_acks: bool = False, req_extended: bool = True, prov_extended: bool = True):
         self.name = name
         self.prov_extended = prov_extended
         self.req = Requestor(name, PEER_MAIN, REQ_PARENT, 0.0, extended=req_extended)
         self.rside = RequestorSide(store, req_extended)
         self.pside = ProviderSide(data, extended=prov_extended)
-        self.prov: Optional[ft.Provider] = None
+        self.prov: ft.Provider | None = None
         self.queue: list[Msg] = []
         self.sent: list[Msg] = []       # every message, in order
         self.logs: list[str] = []
-        self.exits: dict[str, Optional[str]] = {}
+        self.exits: dict[str, str | None] = {}
         self.progress: list[dict] = []  # what the requestor told its parent
         self.serving: list[dict] = []   # what the provider told its parent (its slot)
-        self.queued_at: Optional[int] = None  # the peer's main queues the Download at this place
+        self.queued_at: int | None = None  # the peer's main queues the Download at this place
         self.queue_asks: list[Msg] = []  # the requestor's asks about its place
         self.max_in_flight = 0
         self.stall_acks = stall_acks
 
     # the actions of one side, results fed back, messages queued
-    def act(self, who: str, actions: list, current: Optional[Msg]) -> None:
+    def act(self, who: str, actions: list, current: Msg | None) -> None:
         me = REQ_WORKER if who == "req" else PROV_WORKER
         machine = self.req if who == "req" else self.prov
         side = self.rside if who == "req" else self.pside
@@ -293,7 +294,7 @@ class Net:
             return
         self.act(who, actions, m)
 
-    def run(self, limit: int = 100_000) -> "Net":
+    def run(self, limit: int = 100_000) -> Net:
         self.act("req", self.req.start(), None)
         steps = 0
         while self.queue and steps < limit:
@@ -699,7 +700,7 @@ def test_file_over_one_seed_chunk_waits_for_the_size_answer():
 
 
 # ---- a lying peer ------------------------------------------------------------------------------------
-def sized(size: int, meta: Optional[dict] = None) -> tuple[Net, Requestor]:
+def sized(size: int, meta: dict | None = None) -> tuple[Net, Requestor]:
     """A requestor that has taken Size from PROV_WORKER."""
     net = Net(None)
     net.act("req", net.req.start(), None)
@@ -708,7 +709,7 @@ def sized(size: int, meta: Optional[dict] = None) -> tuple[Net, Requestor]:
     return net, net.req
 
 
-def chunk(offset: int, data: bytes, upto: Optional[str], length: Optional[int] = None, source=PROV_WORKER,
+def chunk(offset: int, data: bytes, upto: str | None, length: int | None = None, source=PROV_WORKER,
           name: str = "f.bin") -> Msg:
     return Msg(source, REQ_WORKER, True, {"Chunk": {"name": name, "offset": offset,
                                                      "length": len(data) if length is None else length}},

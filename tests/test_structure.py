@@ -255,8 +255,8 @@ def test_checker_passes_an_acyclic_package(tmp_path):
 
 
 def test_a_registered_service_gets_its_messages_without_the_kernel_knowing_its_class(tmp_path):
-    from host.kernel.kernel import Kernel
     from host.kernel.host_service import HostService
+    from host.kernel.kernel import Kernel
     from host.messages import Address, KernelMessage, ProcessId, Request, SendErrorKind
     from host.runtime.wasm import Runtime
     from host.settings import RuntimeSettings

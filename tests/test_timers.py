@@ -54,10 +54,10 @@ def test_the_timer_service_bounds_active_timers_per_process_and_in_all(tmp_path)
     import json
 
     from host.kernel.kernel import Kernel
-    from host.settings import runtime_from_environment
-    from host.timer.service import TimerService
     from host.messages import Address, KernelMessage, ProcessId, Request, SendErrorKind
     from host.runtime.wasm import Runtime
+    from host.settings import runtime_from_environment
+    from host.timer.service import TimerService
 
     class Terminal:
         def __init__(self) -> None:

@@ -11,9 +11,17 @@ import sys
 import time
 
 import pytest
-
-from conftest import (REPO, TEST_PACKAGES, no_workers, partial_size, paused, release, saved_resume_point,
-                      stop_mid_transfer, wait_for)
+from conftest import (
+    REPO,
+    TEST_PACKAGES,
+    no_workers,
+    partial_size,
+    paused,
+    release,
+    saved_resume_point,
+    stop_mid_transfer,
+    wait_for,
+)
 
 sys.path.insert(0, str(REPO / "components" / "file_transfer" / "common"))
 from ft_common import check_name  # noqa: E402  (the guest's own name rule, plain Python)

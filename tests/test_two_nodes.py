@@ -7,10 +7,7 @@ import socket
 import time
 
 import pytest
-
-from conftest import no_workers, stop_mid_transfer, sha256
-
-
+from conftest import no_workers, sha256, stop_mid_transfer
 
 
 def test_seed_example_usage(two_nodes):
@@ -106,7 +103,7 @@ def _closed_by_peer(sock: socket.socket, within: float) -> bool:
         return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import threading
 
-import hashlib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -20,12 +20,43 @@ serde's externally tagged form when given a dict, list, str or number. When the 
 `kinode-py:host-ext/blobs` extension, blob bytes travel through it (in bulk, or not at all when a blob
 is only forwarded); otherwise through `standard`.
 """
-from process_lib.core import (  # noqa: F401
-    HAS_BLOBS, Address, Blob, ParseError, ask, check_file_name, sibling, Capability, Message, OnExit, PackageId, ProcessId,
-    Request, Response, SendError,
-    SpawnError, await_message, current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, get_state, our,
-    our_capabilities, print_to_terminal, println, run, script, set_on_exit, set_state, clear_state,
-    spawn, to_wit_address, from_wit_address,
+from process_lib import (
+    http,  # noqa: F401
+    vfs,  # noqa: F401
 )
-from process_lib import vfs  # noqa: F401
-from process_lib import http  # noqa: F401
+from process_lib.core import (  # noqa: F401
+    HAS_BLOBS,
+    Address,
+    Blob,
+    Capability,
+    Message,
+    OnExit,
+    PackageId,
+    ParseError,
+    ProcessId,
+    Request,
+    Response,
+    SendError,
+    SpawnError,
+    ask,
+    await_message,
+    check_file_name,
+    clear_state,
+    current_blob_hash,
+    current_blob_hash_chained,
+    current_blob_len,
+    from_wit_address,
+    get_blob,
+    get_state,
+    our,
+    our_capabilities,
+    print_to_terminal,
+    println,
+    run,
+    script,
+    set_on_exit,
+    set_state,
+    sibling,
+    spawn,
+    to_wit_address,
+)

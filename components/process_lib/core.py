@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from componentize_py_types import Err
+from wit_world.imports import standard as wit
+
 # the host's own ids and parsing rules: build.sh stages host/kinode_types.py as host.kinode_types
 from host.kinode_types import Address, PackageId, ParseError, ProcessId, check_file_name  # noqa: F401
-from wit_world.imports import standard as wit
 
 try:  # the host extension is optional: guests built without it use `standard` only
     from wit_world.imports import blobs as _blobs
@@ -17,7 +19,7 @@ except ImportError:  # pragma: no cover - depends on the world the component was
     _blobs = None
 HAS_BLOBS = _blobs is not None  # built against a `-ext` world, so the blob extension is there
 
-_OUR: Optional["Address"] = None
+_OUR: Address | None = None
 
 
 # ---- identities ----------------------------------------------------------------------------------
@@ -52,13 +54,13 @@ class Capability:
         return wit.Capability(to_wit_address(self.issuer), self.params)
 
     @classmethod
-    def from_wit(cls, c: Any) -> "Capability":
+    def from_wit(cls, c: Any) -> Capability:
         return cls(from_wit_address(c.issuer), c.params)
 
 
 @dataclass
 class Blob:
-    mime: Optional[str]
+    mime: str | None
     bytes: bytes
 
 
@@ -68,9 +70,9 @@ class Message:
     source: Address
     is_request: bool
     body: bytes
-    metadata: Optional[str] = None
-    expects_response: Optional[int] = None
-    context: Optional[bytes] = None
+    metadata: str | None = None
+    expects_response: int | None = None
+    context: bytes | None = None
     capabilities: list = field(default_factory=list)
 
     def json(self) -> Any:
@@ -89,8 +91,8 @@ class Message:
 class SendError(Exception):
     """A request failed: `kind` is "offline" or "timeout"; `context` is the sender's context."""
 
-    def __init__(self, kind: str, target: Address, body: bytes, context: Optional[bytes],
-                 metadata: Optional[str] = None):
+    def __init__(self, kind: str, target: Address, body: bytes, context: bytes | None,
+                 metadata: str | None = None):
         super().__init__(f"{kind}: request to {target} got no response")
         self.kind = kind
         self.target = target
@@ -114,7 +116,7 @@ def _from_wit_message(source: Any, msg: Any) -> Message:
                    [Capability.from_wit(c) for c in resp.capabilities])
 
 
-def _send_error(e: Any, context: Optional[bytes]) -> SendError:
+def _send_error(e: Any, context: bytes | None) -> SendError:
     kind = "offline" if e.kind == wit.SendErrorKind.OFFLINE else "timeout"
     m = e.message
     body = m.value.body if isinstance(m, wit.Message_Request) else m.value[0].body
@@ -141,11 +143,11 @@ def _encode_body(body: Any) -> bytes:
 class _Builder:
     def __init__(self):
         self._body = b""
-        self._metadata: Optional[str] = None
+        self._metadata: str | None = None
         self._inherit = False
         self._caps: list = []
-        self._blob: Optional[bytes] = None
-        self._blob_mime: Optional[str] = None
+        self._blob: bytes | None = None
+        self._blob_mime: str | None = None
         self._forward_blob = False
 
     def body(self, body: Any):
@@ -153,7 +155,7 @@ class _Builder:
         self._body = _encode_body(body)
         return self
 
-    def metadata(self, metadata: Union[str, dict, None]):
+    def metadata(self, metadata: str | dict | None):
         self._metadata = json.dumps(metadata, separators=(",", ":")) if isinstance(metadata, dict) else metadata
         return self
 
@@ -165,7 +167,7 @@ class _Builder:
         self._caps = list(caps)
         return self
 
-    def blob_bytes(self, data: bytes, mime: Optional[str] = None):
+    def blob_bytes(self, data: bytes, mime: str | None = None):
         self._blob, self._blob_mime, self._forward_blob = bytes(data), mime, False
         return self
 
@@ -176,7 +178,7 @@ class _Builder:
         self._blob = None
         return self
 
-    def _wit_blob(self) -> Optional[wit.LazyLoadBlob]:
+    def _wit_blob(self) -> wit.LazyLoadBlob | None:
         if self._forward_blob:
             b = get_blob()
             return None if b is None else wit.LazyLoadBlob(b.mime, b.bytes)
@@ -186,25 +188,25 @@ class _Builder:
 
 
 class Request(_Builder):
-    def __init__(self, target: Optional[Address] = None):
+    def __init__(self, target: Address | None = None):
         super().__init__()
         self._target = target
-        self._expects: Optional[int] = None
-        self._context: Optional[bytes] = None
+        self._expects: int | None = None
+        self._context: bytes | None = None
 
     @classmethod
-    def to(cls, target: Union[Address, str]) -> "Request":
+    def to(cls, target: Address | str) -> Request:
         return cls(Address.parse(target) if isinstance(target, str) else target)
 
-    def target(self, target: Union[Address, str]) -> "Request":
+    def target(self, target: Address | str) -> Request:
         self._target = Address.parse(target) if isinstance(target, str) else target
         return self
 
-    def expects_response(self, timeout_secs: int) -> "Request":
+    def expects_response(self, timeout_secs: int) -> Request:
         self._expects = int(timeout_secs)
         return self
 
-    def context(self, context: Union[bytes, Any]) -> "Request":
+    def context(self, context: bytes | Any) -> Request:
         self._context = _encode_body(context)
         return self
 
@@ -223,7 +225,7 @@ class Request(_Builder):
         else:
             wit.send_request(target, self._wit(), self._context, self._wit_blob())
 
-    def send_and_await_response(self, timeout_secs: Optional[int] = None) -> Message:
+    def send_and_await_response(self, timeout_secs: int | None = None) -> Message:
         """Send and wait for the answer; raises SendError on timeout or an unreachable target."""
         if timeout_secs is not None:
             self._expects = int(timeout_secs)
@@ -255,7 +257,7 @@ class Response(_Builder):
             wit.send_response(self._wit(), self._wit_blob())
 
 
-def ask(target: Address, body: Any, timeout: int = 5, who: Optional[str] = None) -> Any:
+def ask(target: Address, body: Any, timeout: int = 5, who: str | None = None) -> Any:
     """Send a request, wait for the answer and parse its JSON body. Raises ValueError with a
     readable reason ("WHO did not answer (offline)") on failure: what scripts want."""
     try:
@@ -268,14 +270,14 @@ def ask(target: Address, body: Any, timeout: int = 5, who: Optional[str] = None)
         raise ValueError(f"{who or target} sent a malformed answer") from None
 
 
-def sibling(our_address: Address, process_name: str, node: Optional[str] = None) -> Address:
+def sibling(our_address: Address, process_name: str, node: str | None = None) -> Address:
     """The address of a process of our own package, on our node or on `node`."""
     p = our_address.process
     return Address(node or our_address.node, ProcessId(process_name, p.package_name, p.publisher_node))
 
 
 # ---- blobs -------------------------------------------------------------------------------------
-def get_blob() -> Optional[Blob]:
+def get_blob() -> Blob | None:
     """The blob of the message being handled (or of the last awaited response)."""
     if _blobs is not None:
         data = _blobs.current_blob_latin1()
@@ -284,21 +286,21 @@ def get_blob() -> Optional[Blob]:
     return None if b is None else Blob(b.mime, b.bytes)
 
 
-def current_blob_len() -> Optional[int]:
+def current_blob_len() -> int | None:
     if _blobs is not None:
         return _blobs.current_blob_len()
     b = wit.get_blob()
     return None if b is None else len(b.bytes)
 
 
-def current_blob_hash() -> Optional[str]:
+def current_blob_hash() -> str | None:
     """Hex BLAKE3 of the current blob (computed by the host when it can)."""
     if _blobs is not None:
         return _blobs.current_blob_hash()
     raise RuntimeError("current_blob_hash needs the kinode-py:host-ext/blobs host extension")
 
 
-def current_blob_hash_chained(restart: bool = False) -> Optional[str]:
+def current_blob_hash_chained(restart: bool = False) -> str | None:
     """Feed the current blob to this process's running BLAKE3 (emptied first if `restart`) and
     return the hex digest of all fed since; None, feeding nothing, if there is no blob."""
     if _blobs is not None:
@@ -326,8 +328,8 @@ def set_on_exit(kind) -> None:
     wit.set_on_exit(OnExit.to_wit(kind))
 
 
-def spawn(name: Optional[str], wasm_path: str, on_exit: str = OnExit.NONE,
-          request_capabilities: Optional[list] = None, grant_capabilities: Optional[list] = None,
+def spawn(name: str | None, wasm_path: str, on_exit: str = OnExit.NONE,
+          request_capabilities: list | None = None, grant_capabilities: list | None = None,
           public: bool = False) -> ProcessId:
     try:
         pid = wit.spawn(name, wasm_path, OnExit.to_wit(on_exit),
@@ -342,7 +344,7 @@ def our_capabilities() -> list:
     return [Capability.from_wit(c) for c in wit.our_capabilities()]
 
 
-def get_state() -> Optional[bytes]:
+def get_state() -> bytes | None:
     return wit.get_state()
 
 
@@ -370,7 +372,7 @@ def run(main: Callable[[Address], None], our_text: str) -> None:
     main(_OUR)
 
 
-def script(fn: Callable[[Address, str], Optional[str]], our_text: str) -> None:
+def script(fn: Callable[[Address, str], str | None], our_text: str) -> None:
     """A terminal script: take the argument line the terminal sends, run `fn(our, args)`, and print
     what it returns."""
     global _OUR

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
-from process_lib.core import Address, Message, ProcessId, Request, Response, our
 from process_lib import vfs
+from process_lib.core import Address, Message, ProcessId, Request, Response, our
 
 HTTP_SERVER = ProcessId("http_server", "distro", "sys")
 TIMEOUT = 10
@@ -32,7 +32,7 @@ def _server() -> Address:
     return Address(our().node, HTTP_SERVER)
 
 
-def _act(action: dict, blob: Optional[bytes] = None, mime: Optional[str] = None, forward: bool = False) -> None:
+def _act(action: dict, blob: bytes | None = None, mime: str | None = None, forward: bool = False) -> None:
     req = Request.to(_server()).body(action).expects_response(TIMEOUT)
     if forward:
         req.forward_current_blob()
@@ -44,7 +44,7 @@ def _act(action: dict, blob: Optional[bytes] = None, mime: Optional[str] = None,
 
 
 def bind_http_path(path: str, authenticated: bool = True, local_only: bool = False,
-                   upload_to: Optional[str] = None) -> None:
+                   upload_to: str | None = None) -> None:
     """Requests to /<our process id><path> come to us. `upload_to` (this host's extension): a
     multipart POST is streamed by the server into that drive of our package; we get a summary."""
     bind: dict = {"path": path, "authenticated": authenticated, "local_only": local_only, "cache": False}
@@ -53,7 +53,7 @@ def bind_http_path(path: str, authenticated: bool = True, local_only: bool = Fal
     _act({"Bind": bind})
 
 
-def bind_http_static_path(path: str, content: bytes, mime: Optional[str] = None, authenticated: bool = True,
+def bind_http_static_path(path: str, content: bytes, mime: str | None = None, authenticated: bool = True,
                           local_only: bool = False) -> None:
     """Serve `content` at the path for GET, without asking us."""
     _act({"Bind": {"path": path, "authenticated": authenticated, "local_only": local_only, "cache": True}},
@@ -68,7 +68,7 @@ def bind_ws_path(path: str, authenticated: bool = True) -> None:
     _act({"WebSocketBind": {"path": path, "authenticated": authenticated, "encrypted": False, "extension": False}})
 
 
-def send_ws_push(channel_id: int, data: Union[bytes, str], message_type: str = "Text") -> None:
+def send_ws_push(channel_id: int, data: bytes | str, message_type: str = "Text") -> None:
     """Push to one WebSocket; the server's answer is not awaited (pushes are frequent)."""
     body = data.encode() if isinstance(data, str) else data
     (Request.to(_server()).body({"WebSocketPush": {"channel_id": channel_id, "message_type": message_type}})
@@ -123,7 +123,7 @@ class IncomingHttpRequest:
     url_params: dict = field(default_factory=dict)
     query_params: dict = field(default_factory=dict)
 
-    def path(self, strip: Optional[ProcessId] = None) -> str:
+    def path(self, strip: ProcessId | None = None) -> str:
         """The bound path, without the `/<process id>` prefix when `strip` (our id) is given."""
         prefix = f"/{strip}" if strip is not None else ""
         return self.bound_path[len(prefix):] if prefix and self.bound_path.startswith(prefix) else self.bound_path
@@ -143,7 +143,7 @@ def parse_server_request(msg: Message) -> tuple[str, Any]:
     raise ValueError(f"unknown http_server request {kind!r}")
 
 
-def send_response(status: int, headers: Optional[dict] = None, body: Union[bytes, str, None] = None) -> None:
+def send_response(status: int, headers: dict | None = None, body: bytes | str | None = None) -> None:
     """Answer the HTTP request being handled: HttpResponse {status, headers} with the body as blob."""
     resp = Response().body({"status": status, "headers": headers or {}})
     if body is not None:
@@ -155,7 +155,7 @@ def send_json(status: int, obj: Any) -> None:
     send_response(status, {"Content-Type": "application/json"}, json.dumps(obj))
 
 
-def send_file(path: str, headers: Optional[dict] = None) -> None:
+def send_file(path: str, headers: dict | None = None) -> None:
     """Answer with a file of our package's drives, streamed by the server from disk (this host's
     extension: `file` in the HttpResponse)."""
     Response().body({"status": 200, "headers": headers or {}, "file": path}).send()

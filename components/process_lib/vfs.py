@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from process_lib.core import (Address, PackageId, ProcessId, Request, current_blob_hash_chained,
-                              current_blob_len, get_blob)
+from process_lib.core import (
+    Address,
+    PackageId,
+    ProcessId,
+    Request,
+    current_blob_hash_chained,
+    current_blob_len,
+    get_blob,
+)
 
 VFS = ProcessId("vfs", "distro", "sys")
 _BLAKE3_EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
@@ -22,7 +29,7 @@ class VfsError(Exception):
     """A failed VFS call; `kind` is upstream's VfsError variant ("IOError", "NoCap", ...) when the
     VFS answered with one, `detail` its fields."""
 
-    def __init__(self, message: str, kind: Optional[str] = None, detail: Optional[dict] = None):
+    def __init__(self, message: str, kind: str | None = None, detail: dict | None = None):
         super().__init__(message)
         self.kind = kind
         self.detail = detail or {}
@@ -36,7 +43,7 @@ FILE, DIRECTORY, SYMLINK, OTHER = "File", "Directory", "Symlink", "Other"
 class FileMetadata:
     file_type: str
     len: int
-    stamp: Optional[str] = None  # this host's VFS: changes whenever the file does
+    stamp: str | None = None  # this host's VFS: changes whenever the file does
 
 
 @dataclass
@@ -65,7 +72,7 @@ def _error(path: str, err: Any) -> VfsError:
     return VfsError(f"{path}: {err!r}")
 
 
-def vfs_request(path: str, action: Any, blob: Optional[bytes] = None, forward_blob: bool = False,
+def vfs_request(path: str, action: Any, blob: bytes | None = None, forward_blob: bool = False,
                 timeout: int = DEFAULT_TIMEOUT) -> Any:
     """Send one VFS action; return the parsed response body (raising VfsError on Err)."""
     # as Rust's process_lib: to the node alias "our", which the kernel reads as this node
@@ -131,7 +138,7 @@ class File:
         self.path = path
         self.timeout = timeout
 
-    def _do(self, action: Any, blob: Optional[bytes] = None, forward: bool = False) -> Any:
+    def _do(self, action: Any, blob: bytes | None = None, forward: bool = False) -> Any:
         return vfs_request(self.path, action, blob, forward, self.timeout)
 
     def read(self) -> bytes:
@@ -201,7 +208,9 @@ class File:
         try:
             for offset in range(0, size, piece):
                 self.read_at_to_blob(min(piece, size - offset))
-                digest = current_blob_hash_chained(offset == 0)
+                chained = current_blob_hash_chained(offset == 0)
+                assert chained is not None   # the read just set a blob
+                digest = chained
         finally:
             self.seek(pos)
         return digest

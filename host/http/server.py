@@ -50,7 +50,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote, unquote
 
 import msgpack
@@ -58,8 +58,8 @@ from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from host.http import guard
-from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR, check_relative_path, nfc, vfs_path_problem
 from host.kernel.host_service import HostService as Service
+from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR, check_relative_path, nfc, vfs_path_problem
 from host.messages import Address, Blob, KernelMessage, ProcessId, Request, Response, new_request_id
 from host.vfs.store import Vfs
 
@@ -138,10 +138,10 @@ class Binding:
     pid: ProcessId
     authenticated: bool = True
     local_only: bool = False
-    static: Optional[Blob] = None      # `cache`: served as is for GET
-    upload_to: Optional[Path] = None   # stream multipart uploads into this drive
+    static: Blob | None = None      # `cache`: served as is for GET
+    upload_to: Path | None = None   # stream multipart uploads into this drive
     websocket: bool = False
-    secure_subdomain: Optional[str] = None   # SecureBind: served only on this subdomain of the host
+    secure_subdomain: str | None = None   # SecureBind: served only on this subdomain of the host
     extension: bool = False            # WebSocketBind `extension`: a local program's channel
 
     @property
@@ -177,9 +177,9 @@ class HttpServerService(Service):
         self.uploading: dict[Path, int] = {}  # UPLOADING_DIR marks -> uploads streaming that name now
         self.channels: dict[int, tuple[web.WebSocketResponse, ProcessId]] = {}
         self.loop = asyncio.new_event_loop()  # run by start()'s thread
-        self._runner: Optional[web.AppRunner] = None
+        self._runner: web.AppRunner | None = None
         self._refusal_window, self._refusals_shown, self._refusals_hidden = 0.0, 0, 0
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.pair_node: Any = None   # the node, whose pairing /pair shows (host/http/pair_page.py)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class HttpServerService(Service):
             self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None,
                                             Response(body=json.dumps(answer).encode()), None), self)
 
-    def _action(self, pid: ProcessId, action: Any, blob: Optional[Blob], mid: int = 0) -> Optional[dict]:
+    def _action(self, pid: ProcessId, action: Any, blob: Blob | None, mid: int = 0) -> dict | None:
         """The answer to one HttpServerAction; None: no answer (a WebSocketExtPushOutgoing sent)."""
         if isinstance(action, dict) and len(action) == 1:
             (kind, arg), = action.items()
@@ -372,7 +372,7 @@ class HttpServerService(Service):
         auth = request.headers.get("Authorization", "")
         return auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode())
 
-    def _match(self, path: str) -> tuple[Optional[Binding], dict]:
+    def _match(self, path: str) -> tuple[Binding | None, dict]:
         with self.lock:
             exact = self.bindings.get(path)
             if exact is not None:
@@ -446,7 +446,7 @@ class HttpServerService(Service):
                 return _json_error(405, "static file: GET only")
             return web.Response(body=binding.static.bytes, headers={"Content-Type": binding.static.mime or "application/octet-stream",
                                                                     "Cache-Control": "no-cache"})
-        blob: Optional[Blob] = None
+        blob: Blob | None = None
         if binding.upload_to is not None and request.method == "POST" and \
                 request.content_type == "multipart/form-data":
             try:
@@ -468,7 +468,7 @@ class HttpServerService(Service):
         return await self._ask_process(request, binding, url_params, blob)
 
     async def _ask_process(self, request: web.Request, binding: Binding, url_params: dict,
-                           blob: Optional[Blob]) -> web.StreamResponse:
+                           blob: Blob | None) -> web.StreamResponse:
         incoming = {
             "source_socket_addr": _socket_addr(request),
             "method": request.method,
@@ -490,7 +490,7 @@ class HttpServerService(Service):
         self.kernel.route(km, self)
         try:
             kind, value = await asyncio.wait_for(pending.future, self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with self.lock:
                 self.pending.pop(mid, None)
             return _json_error(504, f"{binding.pid} did not answer within {self.timeout:g} s")
@@ -536,7 +536,7 @@ class HttpServerService(Service):
         self.kernel.route(KernelMessage(mid, self.address, target, self.address, req, blob), self)
         try:
             kind, km = await asyncio.wait_for(pending.future, expects + 1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with self.lock:
                 self.pending.pop(mid, None)
             return web.Response(status=408)
@@ -567,7 +567,7 @@ class HttpServerService(Service):
         body = b"" if km.lazy_load_blob is None else bytes(km.lazy_load_blob.bytes)
         return web.Response(status=status, headers=headers, body=body)
 
-    def _own_file(self, pid: ProcessId, vfs_path: Any) -> Optional[Path]:
+    def _own_file(self, pid: ProcessId, vfs_path: Any) -> Path | None:
         """A file of the process's own package drives (not pkg/), resolved inside its drive."""
         if not isinstance(vfs_path, str) or _traversal(vfs_path):
             return None
@@ -690,7 +690,7 @@ class HttpServerService(Service):
             self.channels[cid] = (ws, binding.pid)
         target = Address(self.kernel.node, binding.pid)
 
-        def tell(body: Any, blob: Optional[Blob] = None) -> None:
+        def tell(body: Any, blob: Blob | None = None) -> None:
             self.kernel.route(KernelMessage(new_request_id(), self.address, target, None,
                                             Request(body=json.dumps(body).encode()), blob), self)
         tell({"WebSocketOpen": {"path": binding.path, "channel_id": cid}})
@@ -798,7 +798,7 @@ class _Refused(Exception):
     """A part not taken (its reason already noted)."""
 
 
-def _downloading(drive: Path, name: str) -> Optional[str]:
+def _downloading(drive: Path, name: str) -> str | None:
     """Why `name` cannot be uploaded now, if the drive's package marked it as being downloaded."""
     try:
         held = (drive / DOWNLOADING_DIR / name).read_text("utf-8", "replace").strip()

@@ -4,7 +4,8 @@ The kernel satisfies these Protocols structurally; the ABI never imports the ker
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Protocol
 
 from host.kernel.endpoint import Endpoint
 from host.messages import Address, Blob, Capability, ProcessId, Request, Response
@@ -13,7 +14,7 @@ from host.messages import Address, Blob, Capability, ProcessId, Request, Respons
 class OnExit:
     """Host form of `on-exit`: kind is none|restart|requests."""
 
-    def __init__(self, kind: str = "none", requests: Optional[list] = None):
+    def __init__(self, kind: str = "none", requests: list | None = None):
         self.kind = kind
         self.requests = requests or []  # [(Address, Request, Optional[Blob])]
 
@@ -28,11 +29,11 @@ class OutputApi(Protocol):
 
 class TimerApi(Protocol):
     def add(self, delay: float, fn: Callable[[], None]) -> int: ...
-    def cancel(self, handle: Optional[int]) -> None: ...
+    def cancel(self, handle: int | None) -> None: ...
 
 
 class StateApi(Protocol):
-    def get(self, pid: ProcessId) -> Optional[bytes]: ...
+    def get(self, pid: ProcessId) -> bytes | None: ...
     def set(self, pid: ProcessId, data: bytes) -> None: ...
     def clear(self, pid: ProcessId) -> None: ...
 
@@ -50,14 +51,14 @@ class KernelApi(Protocol):
     @property
     def state(self) -> StateApi: ...
 
-    def send_request(self, src: Endpoint, target: Address, req: Request, context: Optional[bytes],
-                     blob: Optional[Blob], awaited: bool = False) -> None: ...
+    def send_request(self, src: Endpoint, target: Address, req: Request, context: bytes | None,
+                     blob: Blob | None, awaited: bool = False) -> None: ...
 
-    def send_response(self, src: Endpoint, resp: Response, blob: Optional[Blob]) -> None: ...
+    def send_response(self, src: Endpoint, resp: Response, blob: Blob | None) -> None: ...
 
-    def spawn(self, parent: Endpoint, name: Optional[str], wasm_path: str, on_exit: OnExit,
+    def spawn(self, parent: Endpoint, name: str | None, wasm_path: str, on_exit: OnExit,
               request_caps: list[Capability], grant_to: list[ProcessId], public: bool,
-              lib_paths: list[str]) -> Union[ProcessId, str]:
+              lib_paths: list[str]) -> ProcessId | str:
         """A ProcessId, or the spawn-error name."""
 
     def save_capabilities(self, holder: Endpoint, caps: list[Capability]) -> None: ...

@@ -6,7 +6,7 @@ a class with these members and one `kernel.register(...)` call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from host.messages import Address, Blob, Capability, KernelMessage, ProcessId, Request
 
@@ -14,15 +14,15 @@ from host.messages import Address, Blob, Capability, KernelMessage, ProcessId, R
 @dataclass
 class Pending:
     """A request an endpoint sent that expects a response."""
-    context: Optional[bytes]
+    context: bytes | None
     target: Address
     request: Request
-    blob: Optional[Blob]
+    blob: Blob | None
     timer: Any = None
     awaited: bool = False  # send-and-await-response: the answer goes to the await box
     # the sender's prompting message when it sent this request, made prompting again when the
     # answer or error comes back (upstream's ProcessContext, kernel/standard_host_v0.rs send_request_v0)
-    prompting: Optional[KernelMessage] = None
+    prompting: KernelMessage | None = None
 
 
 class Endpoint(Protocol):
@@ -31,10 +31,10 @@ class Endpoint(Protocol):
     public: bool            # any local process may message it without a capability
     hears_network: bool     # requests from other nodes may reach it (given the network capability)
     trusted: bool           # part of the node: messages any process, holds every capability, cannot be killed
-    parent: Optional[ProcessId]
+    parent: ProcessId | None
     capabilities: set[Capability]
-    current: Optional[KernelMessage]   # the request it is handling (for inherit and responses)
-    current_blob: Optional[Blob]
+    current: KernelMessage | None   # the request it is handling (for inherit and responses)
+    current_blob: Blob | None
 
     def deliver(self, km: KernelMessage) -> None:
         """Take a message; called on the sender's thread, so it must not block."""

@@ -3,8 +3,6 @@ part of the node. A new service subclasses it, overrides `deliver` (and `add_pen
 sends requests whose timeouts it must hear of), and is `kernel.register`ed by the node."""
 from __future__ import annotations
 
-from typing import Optional
-
 from host.kernel.endpoint import Pending
 from host.kernel.kernel import Kernel
 from host.messages import Address, Blob, Capability, KernelMessage, ProcessId
@@ -20,9 +18,9 @@ class HostService:
         self.id = pid
         self.address = Address(kernel.node, pid)
         self.capabilities: set[Capability] = set()
-        self.parent: Optional[ProcessId] = None
-        self.current: Optional[KernelMessage] = None
-        self.current_blob: Optional[Blob] = None
+        self.parent: ProcessId | None = None
+        self.current: KernelMessage | None = None
+        self.current_blob: Blob | None = None
 
     def __repr__(self) -> str:
         return f"<service {self.id}>"

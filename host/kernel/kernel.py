@@ -12,18 +12,28 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
-from host.kernel.endpoint import Endpoint, Pending
 from host.kernel.api import OnExit, OutputApi
+from host.kernel.endpoint import Endpoint, Pending
 from host.kernel.process import Receipt, WasmProcess
 from host.kernel.state import StateStore
-from host.timer.timers import Timers
-from host.messages import (Address, Blob, Capability, KernelMessage, ProcessId, Request, Response,
-                        SendErrorKind, new_request_id)
+from host.messages import (
+    Address,
+    Blob,
+    Capability,
+    KernelMessage,
+    ProcessId,
+    Request,
+    Response,
+    SendErrorKind,
+    new_request_id,
+)
 from host.runtime.fastconv import MAX_LIST_BYTES
 from host.runtime.wasm import EPOCH_TICK, LoadedComponent, MissingInterface, Runtime
+from host.timer.timers import Timers
 
 __all__ = ["Kernel", "Timers", "StateStore", "messaging_cap", "KERNEL_ID"]
 
@@ -55,7 +65,7 @@ SCRIPT_WAIT = 10.0
 
 class Kernel:
     def __init__(self, node: str, home: Path, runtime: Runtime, terminal: OutputApi, compute_limit: float = 30.0,
-                 vfs_file: Optional[Callable[[str], Path]] = None):
+                 vfs_file: Callable[[str], Path] | None = None):
         """`runtime` has the process ABI installed (standard_host.install_imports) before a process
         starts; `vfs_file` finds a VFS path's file on disk (Vfs.file_path), for a process's wasm."""
         self.node = node
@@ -63,7 +73,7 @@ class Kernel:
         self.home = home
         self.runtime = runtime
         self.terminal = terminal
-        self.net: Optional[Transport] = None  # set by the node once networking is up
+        self.net: Transport | None = None  # set by the node once networking is up
         self.compute_limit = compute_limit
         self.compute_ticks = max(1, int(compute_limit / EPOCH_TICK))
         self.timers = Timers()
@@ -135,7 +145,7 @@ class Kernel:
         return comp
 
     def start_process(self, pid: ProcessId, wasm_path: str, capabilities: set[Capability], public: bool,
-                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: Optional[ProcessId] = None,
+                      on_exit: OnExit, lib_paths: Sequence[str] = (), parent: ProcessId | None = None,
                       script: bool = False) -> WasmProcess:
         """Load and start a process; raises MissingInterface, OSError or ValueError with a clear text.
         A `script` waits for one of SCRIPTS_AT_ONCE turns before it is instantiated."""
@@ -214,7 +224,7 @@ class Kernel:
             else:
                 self._grants.setdefault(holder, set()).add(cap.normalised())
 
-    def spawn(self, parent: Endpoint, name: Optional[str], wasm_path: str, on_exit: OnExit,
+    def spawn(self, parent: Endpoint, name: str | None, wasm_path: str, on_exit: OnExit,
               request_caps: list[Capability], grant_to: list[ProcessId], public: bool,
               lib_paths: list[str]) -> ProcessId | str:
         """The `spawn` import: returns a ProcessId or the spawn-error name."""
@@ -320,8 +330,8 @@ class Kernel:
             self.terminal.error(f"could not restart {proc.id}: {e}")
 
     # ---- messaging -------------------------------------------------------------------------
-    def send_request(self, src: Endpoint, target: Address, req: Request, context: Optional[bytes],
-                     blob: Optional[Blob], awaited: bool = False) -> None:
+    def send_request(self, src: Endpoint, target: Address, req: Request, context: bytes | None,
+                     blob: Blob | None, awaited: bool = False) -> None:
         if target.node == "our":  # before it is kept as a pending request's (and SendError's) target
             target = Address(self.node, target.process)
         if req.capabilities:
@@ -343,7 +353,7 @@ class Kernel:
             pending.timer = self.timers.add(timeout, lambda: src.fail(mid, SendErrorKind.TIMEOUT))
         self.route(KernelMessage(mid, src.address, target, rsvp, req, blob), src)
 
-    def send_response(self, src: Endpoint, resp: Response, blob: Optional[Blob]) -> None:
+    def send_response(self, src: Endpoint, resp: Response, blob: Blob | None) -> None:
         prompting = src.current
         if prompting is None:
             # as upstream (kernel/standard_host_v0.rs send_response_v0): no request to answer
@@ -412,7 +422,7 @@ class Kernel:
             return
         dest.deliver(km)
 
-    def from_network(self, km: KernelMessage, receipt: Optional[Receipt] = None) -> None:
+    def from_network(self, km: KernelMessage, receipt: Receipt | None = None) -> None:
         """A message from a peer whose identity `host.net.network` has verified. As upstream, any process
         holding the network capability hears it, public or not; requests and responses alike.
         `receipt` is told when the message is taken or dropped (the peer's share of our memory)."""
@@ -456,6 +466,6 @@ class Kernel:
             proc.stop()
 
 
-def _taken(receipt: Optional[Receipt]) -> None:
+def _taken(receipt: Receipt | None) -> None:
     if receipt is not None:
         receipt.taken()

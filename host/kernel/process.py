@@ -11,12 +11,12 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from wasmtime import Store, WasiConfig, WasmtimeError
 
-from host.kernel.endpoint import Pending
 from host.kernel.api import KernelApi, OnExit
+from host.kernel.endpoint import Pending
 from host.messages import Address, Blob, Capability, KernelMessage, ProcessId, Response, SendError
 from host.runtime.wasm import LoadedComponent, Runtime
 
@@ -54,7 +54,7 @@ class ProcessHost(KernelApi, Protocol):
 
     def take_instances(self, n: int) -> bool: ...
     def give_back_instances(self, n: int) -> None: ...
-    def process_exited(self, proc: "WasmProcess", reason: str) -> None: ...
+    def process_exited(self, proc: WasmProcess, reason: str) -> None: ...
 
 
 class WasmProcess:
@@ -63,8 +63,8 @@ class WasmProcess:
 
     def __init__(self, kernel: ProcessHost, pid: ProcessId, component: LoadedComponent,
                  libraries: list[LoadedComponent], wasm_path: str, capabilities: set[Capability],
-                 public: bool, on_exit: OnExit, parent: Optional[ProcessId] = None,
-                 lib_paths: Optional[list[str]] = None):
+                 public: bool, on_exit: OnExit, parent: ProcessId | None = None,
+                 lib_paths: list[str] | None = None):
         self.kernel = kernel
         self.id = pid
         self.address = Address(kernel.node, pid)
@@ -77,23 +77,23 @@ class WasmProcess:
         self.on_exit = on_exit
         self.parent = parent
         # items: ("msg", KernelMessage, context, Receipt or None) or ("err", SendError, context, None)
-        self.inbox: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.await_box: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.await_box: queue.SimpleQueue = queue.SimpleQueue()
         self.net_bytes = 0              # of messages from other nodes in the boxes (INBOX_NET_CAP)
         self.inbox_closed = False       # the process ended: what arrives now is dropped at once
         self.pending: dict[int, Pending] = {}
         self.lock = threading.Lock()
-        self.current: Optional[KernelMessage] = None   # the prompting message
-        self.current_blob: Optional[Blob] = None
+        self.current: KernelMessage | None = None   # the prompting message
+        self.current_blob: Blob | None = None
         self.blob_chain: Any = None                     # BLAKE3 fed by current-blob-hash-chained
-        self.thread: Optional[threading.Thread] = None
+        self.thread: threading.Thread | None = None
         self.killed = False
         self.started_at = 0.0
         self.stderr_tail: list[str] = []
         self._stderr_line_open = False  # the last stderr line has had no newline yet
         self.lib_instances: dict[str, tuple[Store, Any]] = {}  # interface -> (store, instance)
         self.given: OrderedDict[Capability, None] = OrderedDict()  # caps messages brought it
-        self.turns: Optional[threading.Semaphore] = None  # taken (up to turn_wait s) before instantiating
+        self.turns: threading.Semaphore | None = None  # taken (up to turn_wait s) before instantiating
         self.turn_wait = 0.0
 
     def __repr__(self) -> str:
@@ -216,7 +216,7 @@ class WasmProcess:
         with self.lock:
             self.pending[mid] = pending
 
-    def deliver(self, km: KernelMessage, receipt: Optional[Receipt] = None) -> None:
+    def deliver(self, km: KernelMessage, receipt: Receipt | None = None) -> None:
         """Queue `km`; `receipt` (a message from another node) is told when the process takes it."""
         box, pending = self.inbox, None
         if isinstance(km.message, Response):

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from host.kernel.api import OnExit
-from host.kernel.kernel import KERNEL_ID, Kernel
 from host.kernel.host_service import HostService
-from host.messages import (Address, Blob, Capability, KernelMessage, ParseError, ProcessId, Request,
-                           Response)
+from host.kernel.kernel import KERNEL_ID, Kernel
+from host.messages import Address, Blob, Capability, KernelMessage, ParseError, ProcessId, Request, Response
 from host.runtime.wasm import MissingInterface
 
 log = logging.getLogger("host.kernel.service")
@@ -73,7 +72,7 @@ class KernelService(HostService):
         super().__init__(kernel, KERNEL_ID)
 
     # ---- what the answers hold (also used by the terminal's `top`) ---------------------------
-    def persisted_process(self, pid: ProcessId) -> Optional[dict]:
+    def persisted_process(self, pid: ProcessId) -> dict | None:
         """Upstream's `UserspacePersistedProcess` for a running process, or None."""
         proc = self.kernel.processes.get(pid)
         if proc is None:
@@ -112,7 +111,7 @@ class KernelService(HostService):
             target = km.rsvp if km.rsvp is not None else km.source   # as upstream: rsvp, else source
             self.kernel.route(KernelMessage(km.id, self.address, target, None, Response(body=body), None), self)
 
-    def handle(self, command: Any, km: KernelMessage) -> Optional[Any]:
+    def handle(self, command: Any, km: KernelMessage) -> Any | None:
         """The JSON answer to one `KernelCommand`, or None for no answer (as upstream)."""
         if isinstance(command, str):
             name, arg = command, None

@@ -11,19 +11,33 @@ from __future__ import annotations
 import functools
 import logging
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import blake3
 from wasmtime import WasmtimeError
 from wasmtime.component import Variant
 
 from host.kernel.process import STOP, WasmProcess, current
+from host.kernel.wit_values import (
+    py_address,
+    py_blob,
+    py_cap,
+    py_on_exit,
+    py_pid,
+    py_request,
+    py_response,
+    wit_address,
+    wit_blob,
+    wit_cap,
+    wit_message,
+    wit_on_exit,
+    wit_pid,
+    wit_send_error,
+)
 from host.messages import Blob, KernelMessage, Request
 from host.runtime import private
 from host.runtime.wasm import BLOBS, STANDARD, Runtime
-from host.kernel.wit_values import (py_address, py_blob, py_cap, py_on_exit, py_pid, py_request, py_response,
-                             wit_address, wit_blob, wit_cap, wit_message, wit_on_exit, wit_pid,
-                             wit_send_error)
 
 log = logging.getLogger("host.kernel.standard_host")
 
@@ -153,7 +167,7 @@ def send_and_await_response(target, request, blob):
     return _send_and_await(target, request, py_blob(blob))
 
 
-def _send_and_await(target, request, blob: Optional[Blob]):
+def _send_and_await(target, request, blob: Blob | None):
     p = _proc()
     req, dest = py_request(request), py_address(target)
     # as Kinode's kernel: both are errors that end the process, not a wait
@@ -217,7 +231,7 @@ def send_response_with_current_blob(response) -> None:
     p.kernel.send_response(p, py_response(response), p.current_blob)
 
 
-def _latin1_blob(s: Optional[str]) -> Optional[Blob]:
+def _latin1_blob(s: str | None) -> Blob | None:
     if s is None:
         return None
     try:
@@ -258,7 +272,7 @@ BLOBS_IMPORTS: dict[str, Callable[..., Any]] = {
 def library_forwarder(iface: str, func: str) -> Callable:
     """Host function for an importer's `iface.func`: call the current process's library instance."""
     def forward(store, *args):
-        p: Optional[WasmProcess] = getattr(current, "proc", None)
+        p: WasmProcess | None = getattr(current, "proc", None)
         entry = p.lib_instances.get(iface) if p is not None else None
         if p is None or entry is None:
             raise WasmtimeError(f"no library instance provides {iface} for this process")

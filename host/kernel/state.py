@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 from urllib.parse import quote
 
 from host import fsutil
@@ -17,7 +16,7 @@ class StateStore:
     def _path(self, pid: ProcessId) -> Path:
         return self.root / quote(str(pid), safe="")
 
-    def get(self, pid: ProcessId) -> Optional[bytes]:
+    def get(self, pid: ProcessId) -> bytes | None:
         try:
             return self._path(pid).read_bytes()
         except FileNotFoundError:

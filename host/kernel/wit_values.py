@@ -1,7 +1,7 @@
 """WIT values <-> host values for the `standard` interface (wasmtime's Record/Variant <-> host.messages)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from wasmtime.component import Record, Variant
 
@@ -44,11 +44,11 @@ def py_cap(r: Any) -> Capability:
     return Capability(py_address(r.issuer), r.params).normalised()
 
 
-def wit_blob(b: Optional[Blob]) -> Optional[Record]:
+def wit_blob(b: Blob | None) -> Record | None:
     return None if b is None else _rec(mime=b.mime, bytes=b.bytes)
 
 
-def py_blob(r: Any) -> Optional[Blob]:
+def py_blob(r: Any) -> Blob | None:
     return None if r is None else Blob(r.mime, r.bytes)
 
 
@@ -71,7 +71,7 @@ def py_response(r: Any) -> Response:
     return Response(r.inherit, r.body, r.metadata, [py_cap(c) for c in r.capabilities])
 
 
-def wit_message(m, context: Optional[bytes] = None):
+def wit_message(m, context: bytes | None = None):
     # `message` is an untagged variant: a Record is a request, a tuple a response
     if isinstance(m, Request):
         return wit_request(m)

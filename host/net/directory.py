@@ -21,9 +21,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 log = logging.getLogger("host.net.directory")
 
@@ -96,8 +96,8 @@ def _check_key(public_key: bytes) -> bytes:
 class Directory:
     """Node name registry backed by an SQLite file; safe to use from many threads and processes."""
 
-    def __init__(self, path: Union[str, Path], peers_file: Union[str, Path, None] = None,
-                 on_problem: Optional[Callable[[str], None]] = None):
+    def __init__(self, path: str | Path, peers_file: str | Path | None = None,
+                 on_problem: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.peers_file = Path(peers_file) if peers_file is not None else None
         self.on_problem = on_problem       # also told of a bad peers file (e.g. the terminal)
@@ -105,7 +105,7 @@ class Directory:
         self._pin_lock = threading.Lock()    # pairings write the peers file one at a time
         self._peers_stamp: object = None
         self._peers_good: dict[str, NodeRecord] = {}
-        self.peers_error: Optional[str] = None
+        self.peers_error: str | None = None
         self._changed: set[str] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # switching to WAL takes an exclusive lock that SQLite's busy timeout does not wait for,
@@ -132,7 +132,7 @@ class Directory:
                 time.sleep(0.05)
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _connect(self) -> "_Conn":
+    def _connect(self) -> _Conn:
         return _Conn(self.path)
 
     # ---- registration ----------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class Directory:
                        (name, bytes(public_key)))
 
     # ---- lookup ----------------------------------------------------------------------------------
-    def lookup(self, name: str) -> Optional[NodeRecord]:
+    def lookup(self, name: str) -> NodeRecord | None:
         """The record for ``name``. A peers-file entry's key always wins: the database's record is
         used (for its fresher address) only if it has the same key, else the peers file's."""
         with self._connect() as db:
@@ -206,7 +206,7 @@ class Directory:
         if self.peers_file is None:
             return {}
         with self._peers_lock:
-            problem: Optional[str]
+            problem: str | None
             try:
                 st = self.peers_file.stat()
                 stamp: object = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -296,7 +296,7 @@ class Directory:
                     self._changed.discard(entry["name"])
         return path
 
-    def unpin_peer(self, name: str) -> Optional[Path]:
+    def unpin_peer(self, name: str) -> Path | None:
         """Remove `name`'s entry from the peers file (`unpair`); the file, or None if it had none."""
         from host import fsutil
         with self._pin_lock:
@@ -342,7 +342,7 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_host_port(text: str, default_port: Optional[int]) -> tuple[str, Optional[int]]:
+def parse_host_port(text: str, default_port: int | None) -> tuple[str, int | None]:
     """`HOST`, `HOST:PORT`, `[IPV6]`, `[IPV6]:PORT` or a bare IPv6 address -> (host, port)."""
     text = text.strip()
     if text.startswith("["):
@@ -363,7 +363,7 @@ def parse_host_port(text: str, default_port: Optional[int]) -> tuple[str, Option
     return host, int(port_text)
 
 
-def peers_entry(name: str, public_key: bytes, host: Optional[str], port: Optional[int],
+def peers_entry(name: str, public_key: bytes, host: str | None, port: int | None,
                 routers: tuple[str, ...] = ()) -> dict:
     """This node's entry for other nodes' peers files; an indirect node's names its routers
     (and an address only if it has one to give)."""

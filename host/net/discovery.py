@@ -18,8 +18,9 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from zeroconf import ServiceBrowser, ServiceInfo, Zeroconf
@@ -37,7 +38,7 @@ class NearbyNode:
     fingerprint: str
     addresses: tuple[str, ...]
     port: int
-    pair_number: Optional[int]   # the number of the code it shows, if any
+    pair_number: int | None   # the number of the code it shows, if any
     instance: str
 
 
@@ -76,17 +77,17 @@ class Discovery:
     """Announce this node and keep the table of nodes seen nearby (any thread may read it)."""
 
     def __init__(self, name: str, fingerprint: str, port: int, addresses: Sequence[str],
-                 on_problem: Optional[Callable[[str], None]] = None):
+                 on_problem: Callable[[str], None] | None = None):
         self.name, self.fingerprint, self.port = name, fingerprint, port
         self.addresses = list(addresses)
         self.on_problem = on_problem
         self.instance = f"{name[:40]} {fingerprint[:8]}"
-        self._zc: Optional[Zeroconf] = None
-        self._info: Optional[ServiceInfo] = None
-        self._browser: Optional[ServiceBrowser] = None
+        self._zc: Zeroconf | None = None
+        self._info: ServiceInfo | None = None
+        self._browser: ServiceBrowser | None = None
         self._seen: dict[str, NearbyNode] = {}
         self._lock = threading.Lock()
-        self._pair_number: Optional[int] = None
+        self._pair_number: int | None = None
         self._updates = threading.Lock()   # one TXT update at a time, in order
 
     @property
@@ -133,7 +134,7 @@ class Discovery:
         if self.on_problem is not None:
             self.on_problem(text)
 
-    def set_pair_number(self, number: Optional[int]) -> None:
+    def set_pair_number(self, number: int | None) -> None:
         """Show (or stop showing) a code's number in our record; returns at once."""
         self._pair_number = number
         if self._zc is None:
@@ -184,7 +185,7 @@ class Discovery:
         with self._lock:
             return sorted(self._seen.values(), key=lambda n: (n.name, n.fingerprint))
 
-    def find(self, *, name: Optional[str] = None, pair_number: Optional[int] = None,
+    def find(self, *, name: str | None = None, pair_number: int | None = None,
              wait: float = 0.0) -> list[NearbyNode]:
         """Nodes seen with this name or showing this code number, waiting up to `wait` seconds
         for one to appear."""

@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Optional
 
 from host import fsutil
 from host.net.directory import fingerprint
@@ -40,7 +39,7 @@ class KnownPeers:
                 continue
             self._keys[name] = key
 
-    def check(self, name: str, key: bytes, from_peers_file: bool) -> Optional[str]:
+    def check(self, name: str, key: bytes, from_peers_file: bool) -> str | None:
         """None if `key` may speak for `name` (remembering it if `name` is new, or if the peers file
         gives it), else why not: both fingerprints and the command that accepts the change."""
         with self._lock:
@@ -58,7 +57,7 @@ class KnownPeers:
             self._save()
             return None
 
-    def forget(self, name: str) -> Optional[bytes]:
+    def forget(self, name: str) -> bytes | None:
         """Forget `name`'s key (the next one seen is remembered); the key it had, if any."""
         with self._lock:
             key = self._keys.pop(name, None)

@@ -8,8 +8,8 @@ start after that, as a --peers file would be (so the node then listens on every 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from host.net import discovery, pairing
 from host.net.directory import PeersFileError, fingerprint, host_port, parse_host_port, peers_entry
@@ -21,7 +21,7 @@ PAIRED_PEERS = "peers.json"   # the peers file pairing writes when the node was 
 FIND_CODE_WAIT = 5.0          # seconds `pair CODE` waits to see the node showing the code nearby
 
 
-def peers_file(home: Path, given: Optional[Path]) -> Optional[Path]:
+def peers_file(home: Path, given: Path | None) -> Path | None:
     """The node's peers file: --peers, else the one an earlier pairing wrote, else none."""
     if given is None and (home / PAIRED_PEERS).exists():
         return home / PAIRED_PEERS
@@ -114,7 +114,7 @@ class Lan:
             return code, f"pair {code} {self.net.our_name} via {self.routers[0]}"
         return code, f"pair {code}"
 
-    def pair_join(self, code: str, target: Optional[str]) -> str:
+    def pair_join(self, code: str, target: str | None) -> str:
         """`pair CODE [NODE|HOST:PORT|NODE via ROUTER]` (blocking): what was pinned, or ValueError
         saying why not."""
         try:
@@ -136,7 +136,7 @@ class Lan:
             log.exception("pairing failed")
             raise ValueError(repr(e)) from None
 
-    def _addresses(self, code: str, target: Optional[str], prefer_known: bool) -> list[tuple[str, int]]:
+    def _addresses(self, code: str, target: str | None, prefer_known: bool) -> list[tuple[str, int]]:
         """Where to dial for `pair CODE [TARGET]`: the nearby node showing the code's number, a
         nearby node or a known node by name (`prefer_known`: a known one first: a router), or
         HOST:PORT. Each address a nearby node announced, to be tried in turn."""

@@ -31,8 +31,9 @@ import secrets
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import msgpack
 from noise.connection import Keypair, NoiseConnection
@@ -75,13 +76,13 @@ class Network(Relay):
 
     def __init__(self, our_name: str, identity: Identity, port: int, directory: Directory,
                  on_message: OnMessage, on_peer_lost: OnPeerLost,
-                 host: Union[str, Sequence[str]] = "127.0.0.1", *,
-                 advertise_host: Optional[str] = None, advertise_port: Optional[int] = None,
-                 on_problem: Optional[OnError] = None,
+                 host: str | Sequence[str] = "127.0.0.1", *,
+                 advertise_host: str | None = None, advertise_port: int | None = None,
+                 on_problem: OnError | None = None,
                  routers: Sequence[str] = (), is_router: bool = False,
                  router_max_nodes: int = 100, router_max_rate: float = 0.0,
-                 relay_tap: Optional[Callable[[memoryview], None]] = None,
-                 known: Optional[KnownPeers] = None,
+                 relay_tap: Callable[[memoryview], None] | None = None,
+                 known: KnownPeers | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  heartbeat_every: float = HEARTBEAT_EVERY,
                  keepalive_every: float = KEEPALIVE_EVERY, dead_after: float = DEAD_AFTER):
@@ -118,7 +119,7 @@ class Network(Relay):
         self.instance = b""
         self._hello = b""
         self._loop = asyncio.new_event_loop()   # runs on the network thread from start() on
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._listeners: list[socket.socket] = []
         self._peers: dict[str, Peer] = {}
         self._tasks: set = set()
@@ -323,7 +324,7 @@ class Network(Relay):
                 tune(sock)
                 await asyncio.wait_for(self._loop.sock_connect(sock, addr), DIAL_TIMEOUT)
                 return sock, where
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 sock.close()
                 why = (f"no answer in {DIAL_TIMEOUT:.0f} s" if isinstance(e, asyncio.TimeoutError)
                        else e.strerror or str(e))
@@ -333,7 +334,7 @@ class Network(Relay):
                 raise
         raise DialFailed(f"cannot connect to {where} ({rec.source} entry): {'; '.join(tried)}")
 
-    async def _dial_once(self, peer: Peer) -> Optional[Conn]:
+    async def _dial_once(self, peer: Peer) -> Conn | None:
         """Dial and handshake; the connection, or None if the peer rejected it as a duplicate."""
         rec = await self._lookup(peer.name)
         if peer.conn is not None and not peer.conn.closed:
@@ -343,13 +344,13 @@ class Network(Relay):
         sock, where = await self._connect(rec)
         return await self._handshake_out(peer, Conn(self, sock, dialled=True, where=where), rec)
 
-    async def _handshake_out(self, peer: Peer, conn: Conn, rec: NodeRecord) -> Optional[Conn]:
+    async def _handshake_out(self, peer: Peer, conn: Conn, rec: NodeRecord) -> Conn | None:
         """The initiator's handshake on a connected socket, then install it as the peer's."""
         name, where = rec.name, conn.where
         try:
             accepted = await asyncio.wait_for(self._initiate(conn, name, rec.public_key, rec.source),
                                               self.handshake_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             conn.close()
             raise DialFailed(f"handshake with {name} at {where} timed out") from None
         except DialFailed:
@@ -475,7 +476,7 @@ class Network(Relay):
     async def _handle_incoming_inner(self, conn: Conn, allow_relay: bool) -> None:
         try:
             await asyncio.wait_for(self._respond(conn, allow_relay), self.handshake_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("dropping unauthenticated connection from %s: handshake timed out",
                         conn.where)
             conn.close()
@@ -560,7 +561,7 @@ class Network(Relay):
         elif route:
             log.warning("not routing for %s: %s", claimed, refusal)
 
-    def _key_changed(self, name: str, key: bytes, source: str) -> Optional[str]:
+    def _key_changed(self, name: str, key: bytes, source: str) -> str | None:
         """Why `key` may not speak for `name` though the directory says so (it is not the key we
         first saw for it), or None."""
         if self.known is None:
@@ -612,7 +613,7 @@ def _listen(addr: str, port: int, dual_stack: bool) -> socket.socket:
 
 
 # ---- command-line helpers ------------------------------------------------------------------------
-def listen_addresses(bind: Optional[Sequence[str]], peers_file: Optional[Path]) -> list[str]:
+def listen_addresses(bind: Sequence[str] | None, peers_file: Path | None) -> list[str]:
     """The addresses to listen on: `--bind` values (each may be a comma list; IPv6 with or without
     brackets), else loopback only, or every address (IPv4 and IPv6) for a node with a peers file,
     which expects nodes on other machines."""

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Optional, Protocol, Union
+from typing import Protocol
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -70,7 +70,7 @@ class Split:
 SPLIT_BLOB_MIN = 1 << 16   # msgpack encodes a bin this long with a bin32 header
 
 
-def encode(km: KernelMessage) -> Union[bytes, Split]:
+def encode(km: KernelMessage) -> bytes | Split:
     wire = km.to_wire()
     blob = wire["blob"]
     if blob is None or len(blob[1]) < SPLIT_BLOB_MIN:
@@ -113,11 +113,11 @@ class ConnOwner(Protocol):
     """What a connection tells about what it reads: the network service."""
     _loop: asyncio.AbstractEventLoop
 
-    def _control(self, conn: "Conn", wire: dict) -> None: ...
+    def _control(self, conn: Conn, wire: dict) -> None: ...
 
-    def _received(self, conn: "Conn", km: KernelMessage, size: int) -> None: ...
+    def _received(self, conn: Conn, km: KernelMessage, size: int) -> None: ...
 
-    async def _held(self, conn: "Conn") -> None: ...
+    async def _held(self, conn: Conn) -> None: ...
 
 
 class Conn:
@@ -130,36 +130,36 @@ class Conn:
         self.fd = sock.fileno()
         self.dialled = dialled          # True if we dialled it
         self.where = where              # remote address, for logs
-        self.peer_name: Optional[str] = None
-        self.instance: Optional[bytes] = None
+        self.peer_name: str | None = None
+        self.instance: bytes | None = None
         self.established = False
         self.closed = False
-        self._rfut: Optional[asyncio.Future] = None
-        self._wfut: Optional[asyncio.Future] = None
-        self.reader_task: Optional[asyncio.Task] = None
+        self._rfut: asyncio.Future | None = None
+        self._wfut: asyncio.Future | None = None
+        self.reader_task: asyncio.Task | None = None
         # receive buffer of whole/partial Noise messages (small until authenticated)
         self.rbuf = bytearray(HANDSHAKE_BUF)
         self.rmv = memoryview(self.rbuf)
         self.rstart = self.rend = 0
         # transport ciphers (after the handshake)
-        self.enc: Optional[AESGCM] = None
-        self.dec: Optional[AESGCM] = None
+        self.enc: AESGCM | None = None
+        self.dec: AESGCM | None = None
         self.enc_n = self.dec_n = 0
         # KernelMessage stream parser state
         self.hdr = bytearray(4)
         self.hlen = 0
-        self.body: Optional[bytearray] = None
-        self.body_mv: Optional[memoryview] = None
+        self.body: bytearray | None = None
+        self.body_mv: memoryview | None = None
         self.have = 0
-        self.scratch: Optional[memoryview] = None
+        self.scratch: memoryview | None = None
         self.out = bytearray(0)
         # liveness: when bytes last arrived and were last written; one writer at a time
         self.last_recv = self.last_sent = self.loop.time()
         self.wlock = asyncio.Lock()
         self.pinging = False
         self.route = False              # the peer asked us (a router) to serve it on this connection
-        self.relay_frame: Optional[bytes] = None  # the first frame, when it asked for a relay
-        self.pair_frame: Optional[bytes] = None   # the first frame, when it began a pairing
+        self.relay_frame: bytes | None = None  # the first frame, when it asked for a relay
+        self.pair_frame: bytes | None = None   # the first frame, when it began a pairing
         self.source = where             # the remote address (an IPv6 /64) that relay limits count by
         self.held: object = None        # set while the peer's messages wait to be taken: stop reading
 
@@ -196,7 +196,7 @@ class Conn:
             if not self.closed:
                 (self.loop.remove_writer if write else self.loop.remove_reader)(self.fd)
 
-    async def sendall(self, data: Union[memoryview, bytes]) -> None:
+    async def sendall(self, data: memoryview | bytes) -> None:
         mv = memoryview(data)
         while True:
             try:
@@ -234,7 +234,7 @@ class Conn:
             self.last_recv = self.loop.time()
             return
 
-    def _next_frame(self) -> Optional[memoryview]:
+    def _next_frame(self) -> memoryview | None:
         """The next whole Noise message in the receive buffer (a view valid until the next fill)."""
         start = self.rstart
         if self.rend - start < 2:

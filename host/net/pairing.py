@@ -47,8 +47,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import msgpack
 from cryptography.hazmat.primitives import hashes
@@ -128,7 +128,7 @@ class Peer:
     name: str
     public_key: bytes
     port: int
-    host: Optional[str] = None
+    host: str | None = None
     host_given: bool = False
     routers: tuple[str, ...] = ()
 
@@ -143,7 +143,7 @@ class Peer:
         return seen
 
     @staticmethod
-    def unpack(data: bytes) -> "Peer":
+    def unpack(data: bytes) -> Peer:
         try:
             d = msgpack.unpackb(data, raw=False)
         except Exception:
@@ -171,8 +171,8 @@ class Step:
     """What a state machine wants done after an input: send these frames, then (if set) report
     the peer paired or the error. Either ends the exchange."""
     send: list = field(default_factory=list)
-    peer: Optional[Peer] = None
-    error: Optional[str] = None
+    peer: Peer | None = None
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -239,7 +239,7 @@ class CodeHolder:
         self.used = False
         self.busy = False
 
-    def refusal(self, now: float) -> Optional[str]:
+    def refusal(self, now: float) -> str | None:
         """Why the code cannot start an exchange now, or None."""
         if self.used:
             return "its pairing code was already used; run `pair` there for a new one"
@@ -256,7 +256,7 @@ class CodeHolder:
     def spent(self) -> bool:
         return self.used or self.tries >= self.max_tries
 
-    def session(self) -> "HolderSession":
+    def session(self) -> HolderSession:
         return HolderSession(self)
 
 
@@ -266,7 +266,7 @@ class HolderSession:
     def __init__(self, holder: CodeHolder):
         self.holder = holder
         self.state = "start"
-        self.keys: Optional[_Keys] = None
+        self.keys: _Keys | None = None
         self.began = False
 
     def receive(self, frame: bytes, now: float) -> Step:
@@ -344,7 +344,7 @@ class Joiner:
         self.code = parse_code(code)
         self.me = me
         self.spake = SPAKE2_B(self.code.encode(), idA=ID_HOLDER, idB=ID_JOINER)
-        self.keys: Optional[_Keys] = None
+        self.keys: _Keys | None = None
         self.state = "start"
 
     def start(self) -> bytes:
@@ -402,15 +402,15 @@ class Pairing:
     on the LAN (host/net/discovery.py), so `pair CODE` can find the node without an address."""
 
     def __init__(self, me: Callable[[], Peer], pin: Callable[[Peer, str], str], say: Callable[[str], None],
-                 warn: Callable[[str], None], announce: Optional[Callable[[Optional[int]], None]] = None,
+                 warn: Callable[[str], None], announce: Callable[[int | None], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.me, self.pin, self.say, self.warn = me, pin, say, warn
         self.announce = announce
         self.clock = clock
-        self.holder: Optional[CodeHolder] = None
+        self.holder: CodeHolder | None = None
         self._lock = threading.Lock()
         self._last_refusal_told = float("-inf")
-        self._expiry: Optional[threading.Timer] = None   # stops showing the code's number when it expires
+        self._expiry: threading.Timer | None = None   # stops showing the code's number when it expires
 
     # ---- A ---------------------------------------------------------------------------------------
     def new_code(self) -> str:
@@ -448,7 +448,7 @@ class Pairing:
         with self._lock:
             holder = self.holder
             if holder is not None and holder.refusal(self.clock()) is None:
-                session: Optional[HolderSession] = holder.session()
+                session: HolderSession | None = holder.session()
             else:
                 session = None
         try:
@@ -501,7 +501,7 @@ class Pairing:
 
     # ---- B ---------------------------------------------------------------------------------------
     def join(self, code: str, addresses: list[tuple[str, int]],
-             relay: Optional[tuple[bytes, dict]] = None) -> str:
+             relay: tuple[bytes, dict] | None = None) -> str:
         """B's side: run the exchange with the node at the first of `addresses` (host, port) that
         answers (blocking); pin the peer and return what was pinned (also said on the terminal), or
         raise PairingError. `relay`: the address is a router's, asked first for a relayed

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import msgpack
 
@@ -39,7 +39,7 @@ class Intake:
         self.bytes = 0
         self.lock = threading.Lock()
         self.event = asyncio.Event()   # set on the loop when one of its messages is taken
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.holds = 0                 # times its socket was left unread (for diagnostics and tests)
 
 
@@ -78,10 +78,10 @@ class Peer:
     def __init__(self, name: str):
         self.name = name
         self.intake = Intake()
-        self.conn: Optional[Conn] = None
+        self.conn: Conn | None = None
         self.queue: deque = deque()    # (encoded payload, on_error)
         self.wake = asyncio.Event()
-        self.pump: Optional[asyncio.Task] = None
+        self.pump: asyncio.Task | None = None
         self.dialling = False
         self.waiters: list = []        # futures resolved when a connection is installed
 
@@ -93,7 +93,7 @@ class PeerTable:
     directory: Directory
     on_message: OnMessage
     on_peer_lost: OnPeerLost
-    on_problem: Optional[OnError]
+    on_problem: OnError | None
     keepalive_every: float
     dead_after: float
     _loop: asyncio.AbstractEventLoop
@@ -211,7 +211,7 @@ class PeerTable:
         except RuntimeError:  # loop closed under us
             safe_call(on_error, "offline: network is not running")
 
-    def _enqueue(self, node: str, payload: Union[bytes, Split], on_error: OnError) -> None:
+    def _enqueue(self, node: str, payload: bytes | Split, on_error: OnError) -> None:
         if self._closing:
             safe_call(on_error, "offline: network stopped")
             return
@@ -281,20 +281,20 @@ class PeerTable:
             log.exception("network pump for %s failed", peer.name)
             self._fail_queue(peer, "offline: internal network error")
 
-    async def _wait_for_conn(self, peer: Peer, timeout: float) -> Optional[Conn]:
+    async def _wait_for_conn(self, peer: Peer, timeout: float) -> Conn | None:
         if peer.conn is not None and not peer.conn.closed:
             return peer.conn
         fut = self._loop.create_future()
         peer.waiters.append(fut)
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             if fut in peer.waiters:
                 peer.waiters.remove(fut)
 
-    def _judge_incoming(self, peer: Peer, conn: Conn) -> Optional[str]:
+    def _judge_incoming(self, peer: Peer, conn: Conn) -> str | None:
         """Decide whether an authenticated incoming connection replaces or loses to what we have.
 
         None to accept it, or the reason to reject it. The rule is the same on both nodes, so

@@ -20,7 +20,7 @@ import logging
 import secrets
 import socket
 from collections import Counter
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import msgpack
 
@@ -50,7 +50,7 @@ class Relay(PeerTable):
     is_router: bool
     router_max_nodes: int
     router_max_rate: float
-    relay_tap: Optional[Callable[[memoryview], None]]
+    relay_tap: Callable[[memoryview], None] | None
     handshake_timeout: float
     _handshakes: int
     _pending_relays: dict[bytes, asyncio.Future]
@@ -70,13 +70,13 @@ class Relay(PeerTable):
     async def _connect(self, rec: NodeRecord) -> tuple[socket.socket, str]:
         raise NotImplementedError
 
-    async def _handshake_out(self, peer: Peer, conn: Conn, rec: NodeRecord) -> Optional[Conn]:
+    async def _handshake_out(self, peer: Peer, conn: Conn, rec: NodeRecord) -> Conn | None:
         raise NotImplementedError
 
     async def _handle_incoming_inner(self, conn: Conn, allow_relay: bool) -> None:
         raise NotImplementedError
 
-    async def _dial_indirect(self, peer: Peer, rec: NodeRecord) -> Optional[Conn]:
+    async def _dial_indirect(self, peer: Peer, rec: NodeRecord) -> Conn | None:
         """Reach an indirect node through the first of its routers that relays for us (starting
         with the one that worked last)."""
         routers = [r for r in rec.routers if r != self.our_name]
@@ -88,7 +88,7 @@ class Relay(PeerTable):
             raise DialFailed(f"{rec.name} is reached only through routers, and names no router but us")
         failures = []
         for router in routers:
-            conn: Optional[Conn] = None
+            conn: Conn | None = None
             try:
                 rrec = await self._lookup(router)
                 if rrec.routers:
@@ -97,7 +97,7 @@ class Relay(PeerTable):
                 conn = Conn(self, sock, dialled=True, where=f"{where} ({router} relaying)")
                 await asyncio.wait_for(self._ask_relay(conn, rec.name, router),
                                        RELAY_TIMEOUT + self.handshake_timeout)
-            except (DialFailed, asyncio.TimeoutError, ProtocolError, Closed, OSError) as e:
+            except (TimeoutError, DialFailed, ProtocolError, Closed, OSError) as e:
                 if conn is not None:
                     conn.close()
                 why = str(e) if isinstance(e, DialFailed) else (
@@ -202,7 +202,7 @@ class Relay(PeerTable):
             return
         await self._handle_incoming_inner(conn, allow_relay=False)
 
-    def _routing_refusal(self, name: str) -> Optional[str]:
+    def _routing_refusal(self, name: str) -> str | None:
         """Why we will not serve `name` as its router, or None if we will."""
         if not self.is_router:
             return f"{self.our_name} is not a router (start it with --is-router)"
@@ -211,7 +211,7 @@ class Relay(PeerTable):
             return f"{self.our_name} already routes for its limit of {self.router_max_nodes} nodes"
         return None
 
-    def _relay_refusal(self, target: str, source: str) -> Optional[str]:
+    def _relay_refusal(self, target: str, source: str) -> str | None:
         """Why we will not relay a dialler at address `source` to `target`, or None if we will."""
         if not self.is_router:
             return f"{self.our_name} is not a router"
@@ -261,7 +261,7 @@ class Relay(PeerTable):
 
     async def _relay(self, conn: Conn, source: str, target: str) -> None:
         """Have `target` call us back, then relay `conn` to it until either side ends."""
-        other: Optional[Conn] = None
+        other: Conn | None = None
         reason = ""
         token = secrets.token_bytes(16)
         fut = self._loop.create_future()
@@ -273,7 +273,7 @@ class Relay(PeerTable):
                 await served.send_payloads([msgpack.packb({"ctl": "relay", "token": token, "from": source,
                                                            "addr": conn.source})])
             other = await asyncio.wait_for(fut, RELAY_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = f"{target} did not call back within {RELAY_TIMEOUT:.0f} s"
         except (OSError, Closed) as e:
             reason = f"{target}'s connection failed: {e}"
@@ -372,7 +372,7 @@ def source_key(host: str) -> str:
     return host
 
 
-def parse_relay_frame(frame: bytes) -> Optional[dict]:
+def parse_relay_frame(frame: bytes) -> dict | None:
     """The map a relay frame carries, or None if it is no relay frame."""
     if not frame.startswith(RELAY_MAGIC):
         return None

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from host.kernel.kernel import Kernel
 from host.kernel.host_service import HostService
+from host.kernel.kernel import Kernel
 from host.messages import Address, Blob, KernelMessage, ParseError, ProcessId, Request, Response
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ ACTIONS = ["ConnectionRequest", "KnsUpdate", "KnsBatchUpdate", "GetPeers", "GetP
            "GetDiagnostics", "Sign", "Verify"]
 
 
-def decode_action(body: bytes) -> Optional[tuple[str, Any]]:
+def decode_action(body: bytes) -> tuple[str, Any] | None:
     """(variant, value) if `body` is a MessagePack `NetAction`, else None. Accepts rmp-serde's
     current enum form and its older `[index, [args]]` one."""
     try:
@@ -61,12 +61,12 @@ class NetService(HostService):
     public = False         # as upstream: a process needs a messaging capability; peers send it `hi`s
     hears_network = True
 
-    def __init__(self, kernel: Kernel, net: Optional["Network"]):
+    def __init__(self, kernel: Kernel, net: Network | None):
         super().__init__(kernel, NET_ID)
         self.net = net
 
     # ---- what the queries answer (also used by the terminal's built-ins) -------------------
-    def identity(self, name: str) -> Optional[list]:
+    def identity(self, name: str) -> list | None:
         """Kinode's `Identity` (name, networking_key, routing) of a node we know an address for."""
         if self.net is None:
             return None
@@ -101,7 +101,7 @@ class NetService(HostService):
         return "".join(line + "\r\n" for line in lines)
 
     # ---- Sign and Verify ----------------------------------------------------------------------
-    def _signing_key(self) -> Optional[ed25519.Ed25519PrivateKey]:
+    def _signing_key(self) -> ed25519.Ed25519PrivateKey | None:
         """Upstream signs with its Ed25519 networking key; ours is an X25519 key (it cannot sign),
         so the signing key is derived from it: one key per node, kept nowhere else."""
         if self.net is None:
@@ -109,7 +109,7 @@ class NetService(HostService):
         seed = hashlib.sha256(b"kinode-py net Sign\0" + self.net.identity.private).digest()
         return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
 
-    def sign(self, source: Address, data: bytes) -> Optional[bytes]:
+    def sign(self, source: Address, data: bytes) -> bytes | None:
         key = self._signing_key()   # upstream signs the source address, then the blob (NetAction::Sign)
         return None if key is None else key.sign(str(source).encode() + data)
 
@@ -174,12 +174,12 @@ class NetService(HostService):
         else:  # no error variant upstream: the asker times out; say why here
             self.kernel.terminal.error(f"net:distro:sys: {name} from {km.source} is not supported on this node")
 
-    def _answer(self, km: KernelMessage, body: bytes, blob: Optional[Blob] = None) -> None:
+    def _answer(self, km: KernelMessage, body: bytes, blob: Blob | None = None) -> None:
         if km.rsvp is not None:
             self.kernel.route(KernelMessage(km.id, self.address, km.rsvp, None, Response(body=body), blob), self)
 
 
-def format_identity(identity: Optional[list]) -> str:
+def format_identity(identity: list | None) -> str:
     """An `Identity` as the terminal shows it (upstream prints Rust's Debug form of the routing)."""
     if identity is None:
         return "(none)"

@@ -30,8 +30,9 @@ import re
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from ctypes import addressof
-from typing import Any, Callable, Optional
+from typing import Any
 
 from wasmtime import WasmtimeError
 
@@ -647,7 +648,7 @@ def _variant_like(ty) -> _Conv | None:
     return _Conv(lower, lift)
 
 
-_COMPILERS: dict[type[_types.ValType], Callable[[Any], Optional[_Conv]]] = {
+_COMPILERS: dict[type[_types.ValType], Callable[[Any], _Conv | None]] = {
     _types.ListType: _list, _types.RecordType: _record, _types.TupleType: _tuple,
     _types.VariantType: _variant_like, _types.OptionType: _variant_like, _types.ResultType: _variant_like,
     _types.EnumType: _enum, _types.FlagsType: _flags,

@@ -11,9 +11,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import blake3
 from wasmtime import Config, Engine, WasmtimeError
@@ -109,7 +109,7 @@ class Runtime:
         self._loaded: dict[str, LoadedComponent] = {}
         self._lock = threading.RLock()
         self._forwarded: set[str] = set()
-        self._forward: Optional[Callable[[str, str], Callable]] = None  # set with the process ABI
+        self._forward: Callable[[str, str], Callable] | None = None  # set with the process ABI
         self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
         self._ticker.start()
 

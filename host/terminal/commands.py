@@ -4,10 +4,11 @@ rest of line` starts that script and sends it the rest of the line."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
-from host.net.service import format_routing
 from host.messages import Address, ParseError, ProcessId
+from host.net.service import format_routing
 
 HELP = """\
 Commands (Kinode's terminal scripts, as built-ins, with their syntax and output):
@@ -79,7 +80,7 @@ class NodeControl(Protocol):
     def send_message(self, target: Address, body: str) -> None: ...
     def run_script(self, head: ProcessId, args: str) -> ProcessId: ...
     def send_and_await(self, target: Address, body: str, seconds: int,
-                       on_answer: Callable[[Optional[bytes], Optional[str]], None]) -> None: ...
+                       on_answer: Callable[[bytes | None, str | None], None]) -> None: ...
     def peers_entry(self) -> str: ...
     def reload_peers(self) -> str: ...
     def forget_peer(self, name: str) -> str: ...
@@ -87,12 +88,12 @@ class NodeControl(Protocol):
 
     def nearby_text(self) -> str: ...
     def pair_code(self) -> tuple[str, str]: ...
-    def pair_join(self, code: str, target: Optional[str]) -> None: ...
+    def pair_join(self, code: str, target: str | None) -> None: ...
     def unpair(self, name: str) -> str: ...
-    def process_record(self, pid: ProcessId) -> Optional[dict]: ...   # upstream's PersistedProcess
+    def process_record(self, pid: ProcessId) -> dict | None: ...   # upstream's PersistedProcess
     def process_map(self) -> dict: ...
     def net_peers(self) -> list: ...                                   # upstream's Identity lists
-    def net_peer(self, name: str) -> Optional[list]: ...
+    def net_peer(self, name: str) -> list | None: ...
     def net_diagnostics(self) -> str: ...
     def read_vfs_file(self, path: str) -> bytes: ...
     def load_aliases(self) -> dict[str, str]: ...
@@ -103,7 +104,7 @@ class Commands:
     def __init__(self, node: NodeControl, console: Console):
         self.node = node
         self.console = console
-        self._aliases: Optional[dict[str, str]] = None   # read from the home on first use
+        self._aliases: dict[str, str] | None = None   # read from the home on first use
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -111,7 +112,7 @@ class Commands:
             self._aliases = self.node.load_aliases()
         return self._aliases
 
-    def run_line(self, line: str) -> Optional[ProcessId]:
+    def run_line(self, line: str) -> ProcessId | None:
         """Run one command line; returns the pid of a started script, if any."""
         node, console = self.node, self.console
         line = line.strip()
@@ -182,7 +183,7 @@ class Commands:
         if not rest:
             raise UsageError(f"Send a request to a process.\n{usage}")
         words = list(M_WORDS.finditer(rest))
-        seconds: Optional[int] = None
+        seconds: int | None = None
         # -a/--await N: before the target (as clap allows anywhere), or as the line's last two words
         for at in (0, len(words) - 2):
             if 0 <= at < len(words) and words[at].group() in ("-a", "--await"):
@@ -209,7 +210,7 @@ class Commands:
             return
         self.console.info(f"Awaiting response for {seconds}s")
 
-        def answer(body: Optional[bytes], kind: Optional[str]) -> None:
+        def answer(body: bytes | None, kind: str | None) -> None:
             if body is not None:
                 self.console.info(body.decode("utf-8", "replace"))
             else:
@@ -230,7 +231,7 @@ class Commands:
         except ParseError as e:
             raise UsageError(f"{e}\n{usage}") from None
 
-        def answer(body: Optional[bytes], kind: Optional[str]) -> None:
+        def answer(body: bytes | None, kind: str | None) -> None:
             if body is not None:
                 self.console.info(f"response from {node_id}: {body.decode('utf-8', 'replace')}")
             elif kind == "timeout":

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Protocol, TextIO
+from typing import Any, NamedTuple, Protocol, TextIO
 
 from host.messages import ProcessId
 
@@ -43,7 +43,7 @@ OK, FAILED, NO_NODE = 0, 1, 2
 class CommandHost(Protocol):
     """What the control socket needs from a node."""
 
-    def run_command(self, line: str) -> Optional[ProcessId]:
+    def run_command(self, line: str) -> ProcessId | None:
         """Run a terminal line; the id of the script it started, if any."""
 
     def subscribe_output(self, fn: Callable[[str], None]) -> Callable[[], None]:
@@ -63,7 +63,7 @@ class NodeCommands:
     def __init__(self, node: Any):
         self.node = node
 
-    def run_command(self, line: str) -> Optional[ProcessId]:
+    def run_command(self, line: str) -> ProcessId | None:
         return self.node.run_line(line)
 
     def subscribe_output(self, fn: Callable[[str], None]) -> Callable[[], None]:
@@ -104,7 +104,7 @@ def decode(raw: bytes) -> dict:
 class Request:
     line: str
     linger: float = 1.0
-    until: Optional[re.Pattern] = None
+    until: re.Pattern | None = None
     timeout: float = 60.0
 
     @classmethod
@@ -136,7 +136,7 @@ class ControlServer:
     def __init__(self, home: Path, host: CommandHost):
         self.path = Path(home) / SOCKET_NAME
         self.host = host
-        self._sock: Optional[socket.socket] = None
+        self._sock: socket.socket | None = None
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def start(self) -> None:
@@ -238,9 +238,9 @@ class _Watch:
         self.overflow = False
         self.thread = threading.get_ident()
         self.running_line = False  # the terminal is running our line on our thread
-        self.script: Optional[ProcessId] = None
+        self.script: ProcessId | None = None
         self.script_errors = ""
-        self.done_at: Optional[float] = None
+        self.done_at: float | None = None
         self.failures: list[str] = []
         self.matched = False
 
@@ -345,8 +345,8 @@ class Outcome(NamedTuple):
     reason: str
 
 
-def run_command(home: Path, command: str, wait: float = 1.0, until: Optional[str] = None,
-                timeout: float = 60.0, out: Optional[TextIO] = None) -> Outcome:
+def run_command(home: Path, command: str, wait: float = 1.0, until: str | None = None,
+                timeout: float = 60.0, out: TextIO | None = None) -> Outcome:
     """Run `command` on the node whose home is `home`; collect (and print to `out`) its output."""
     path = Path(home) / SOCKET_NAME
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -381,8 +381,8 @@ def run_command(home: Path, command: str, wait: float = 1.0, until: Optional[str
             return Outcome(FAILED, lines, f"control connection failed: {e}")
 
 
-def run_remote(home: Path, command: str, wait: float = 1.0, until: Optional[str] = None,
-               timeout: float = 60.0, out: Optional[TextIO] = None) -> tuple[int, list[str]]:
+def run_remote(home: Path, command: str, wait: float = 1.0, until: str | None = None,
+               timeout: float = 60.0, out: TextIO | None = None) -> tuple[int, list[str]]:
     """`run_command`, as (status, lines)."""
     outcome = run_command(home, command, wait, until, timeout, out)
     return outcome.status, outcome.lines

@@ -7,7 +7,8 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from host.messages import ProcessId
 
@@ -30,7 +31,7 @@ class TerminalOutput:
         self._listeners: list[Callable[[str], None]] = []
         # stdout is written by its own thread: a reader that stops reading (a full pipe) must
         # never stall the processes that print
-        self._pending: "queue.Queue[str]" = queue.Queue(OUTPUT_BACKLOG)
+        self._pending: queue.Queue[str] = queue.Queue(OUTPUT_BACKLOG)
         self._dropped = 0
         threading.Thread(target=self._write_out, name="terminal-out", daemon=True).start()
 

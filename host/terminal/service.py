@@ -3,16 +3,16 @@ answers it gets are printed, or given to the command that awaits them (`m -a`, `
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
-from host.kernel.endpoint import Pending
-from host.kernel.kernel import Kernel
 from host.kernel.api import OutputApi
+from host.kernel.endpoint import Pending
 from host.kernel.host_service import HostService
+from host.kernel.kernel import Kernel
 from host.messages import Address, KernelMessage, ProcessId, Request, Response, new_request_id
 
 # what an awaiting command is told: the response's body, or None and the SendError kind
-OnAnswer = Callable[[Optional[bytes], Optional[str]], None]
+OnAnswer = Callable[[bytes | None, str | None], None]
 
 TERMINAL_ID = ProcessId("terminal", "terminal", "sys")
 
@@ -27,7 +27,7 @@ class TerminalService(HostService):
         self._awaiting: dict[int, tuple[Pending, OnAnswer]] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()   # hands `_next_answer` to the kernel's add_pending call
-        self._next_answer: Optional[OnAnswer] = None
+        self._next_answer: OnAnswer | None = None
 
     def deliver(self, km: KernelMessage) -> None:
         if isinstance(km.message, Response):

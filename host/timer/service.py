@@ -11,8 +11,8 @@ import logging
 import threading
 from collections import Counter
 
-from host.kernel.kernel import Kernel
 from host.kernel.host_service import HostService
+from host.kernel.kernel import Kernel
 from host.messages import KernelMessage, ProcessId, Request, Response, SendErrorKind
 
 log = logging.getLogger("host.timer.service")

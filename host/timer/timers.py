@@ -6,7 +6,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 log = logging.getLogger("host.timer.timers")
 
@@ -32,7 +32,7 @@ class Timers:
                 self._cv.notify()
         return handle
 
-    def cancel(self, handle: Optional[int]) -> None:
+    def cancel(self, handle: int | None) -> None:
         if handle is not None:
             with self._cv:
                 entry = self._entries.pop(handle, None)

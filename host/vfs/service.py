@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from host.kernel.kernel import Kernel
 from host.kernel.host_service import HostService
+from host.kernel.kernel import Kernel
 from host.messages import Blob, Capability, KernelMessage, ProcessId, Request, Response
 from host.vfs.store import Vfs
 from host.vfs.test_pause import TestPause

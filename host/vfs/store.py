@@ -33,17 +33,17 @@ import stat
 import threading
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from host import fsutil
-
-from host.vfs import tree as vfs_tree
 from host.kinode_types import vfs_path_problem
 from host.messages import PackageId, ParseError, ProcessId
+from host.vfs import tree as vfs_tree
 
 __all__ = ["Vfs", "VfsResult"]
 
@@ -87,11 +87,11 @@ MAX_ZIP_BYTES = 1 << 30                   # total uncompressed size, as the entr
 @dataclass
 class VfsResult:
     body: bytes                       # JSON response body
-    blob: Optional[bytes] = None      # file data for Read-like responses
+    blob: bytes | None = None      # file data for Read-like responses
     grant: list = field(default_factory=list)  # capability params the kernel must grant the caller
 
     @property
-    def mime(self) -> Optional[str]:
+    def mime(self) -> str | None:
         return READ_MIME if self.blob is not None else None
 
 
@@ -345,7 +345,7 @@ class _Handle:
         self.lock = threading.Lock()
         self.closed = False
         self.key = key
-        self.direct_fd: Optional[int] = None   # None: not tried yet; -1: not available here
+        self.direct_fd: int | None = None   # None: not tried yet; -1: not available here
 
     def direct(self) -> int:
         if self.direct_fd is None:
@@ -396,7 +396,7 @@ class Vfs:
     HOME_FOLDER = "vfs"              # the VFS's folder in a node's home
 
     @classmethod
-    def in_home(cls, home: Path) -> "Vfs":
+    def in_home(cls, home: Path) -> Vfs:
         """The VFS of the node whose home is `home`: its files under HOME/vfs."""
         return cls(Path(home) / cls.HOME_FOLDER)
 
@@ -441,7 +441,7 @@ class Vfs:
             self._close(h)
 
     def handle(self, source: ProcessId, has_cap: Callable[[dict], bool], body: bytes,
-               blob: Optional[bytes]) -> VfsResult:
+               blob: bytes | None) -> VfsResult:
         failed = self._settle(source)
         if failed is not None:
             return failed
@@ -462,7 +462,7 @@ class Vfs:
                 text = "internal error"
             return _err_result({"BadRequest": {"error": text}})
 
-    def _settle(self, source: ProcessId) -> Optional[VfsResult]:
+    def _settle(self, source: ProcessId) -> VfsResult | None:
         """Wait for the process's write-behind; its failure becomes this answer."""
         with self._lock:
             pending = self._in_flight.pop(source, None)
@@ -596,10 +596,10 @@ class Vfs:
             raise _io_error(f"{what}: {vp.text}", vp.text)
         return fd
 
-    def _install(self, source: ProcessId, h: _Handle, epoch: Optional[int], replace: bool):
+    def _install(self, source: ProcessId, h: _Handle, epoch: int | None, replace: bool):
         """Register a freshly opened handle. Returns the handle to use, or None to retry."""
         dropped = []
-        result: Optional[_Handle] = h
+        result: _Handle | None = h
         with self._lock:
             if epoch is not None and epoch != self._epoch:
                 dropped.append(h)
@@ -621,7 +621,7 @@ class Vfs:
             self._close(d)
         return result
 
-    def _handle_for(self, source: ProcessId, vp: _VPath, loc: Optional[_Loc], create: bool) -> _Handle:
+    def _handle_for(self, source: ProcessId, vp: _VPath, loc: _Loc | None, create: bool) -> _Handle:
         for _ in range(16):
             with self._lock:
                 procs = self._handles.get(source)

@@ -13,7 +13,8 @@ import ctypes
 import errno
 import os
 import stat
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import blake3
 
@@ -67,7 +68,7 @@ def stamp(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _stamp_size(token: Any) -> Optional[int]:
+def _stamp_size(token: Any) -> int | None:
     """The file size inside a stamp (see `stamp`), or None if it is not one."""
     fields = token.split(":") if isinstance(token, str) else []
     return int(fields[2]) if len(fields) == 5 and fields[2].isdigit() else None
@@ -224,7 +225,7 @@ def read_many(real: str, items: list, drive: str = "") -> tuple:
         if total > MAX_READ_MANY:
             raise TreeError(f"ReadMany asks for more than {MAX_READ_MANY} bytes in one call (the limit)")
     # one piece (a big file's) is read straight into its own bytes; several into one buffer
-    buf: Optional[bytes | bytearray] = bytearray(total) if len(plan) > 1 else None
+    buf: bytes | bytearray | None = bytearray(total) if len(plan) > 1 else None
     view = memoryview(buf) if isinstance(buf, bytearray) else None
     hashes = []
     dirs = _Dirs(open_root(real, drive))
@@ -266,7 +267,7 @@ def read_many(real: str, items: list, drive: str = "") -> tuple:
     return hashes, buf if buf is not None else b""
 
 
-def write_many(real: str, items: list, make_dirs: list, data: bytes, state: Optional[dict],
+def write_many(real: str, items: list, make_dirs: list, data: bytes, state: dict | None,
                drive: str = "") -> Callable[[], None]:
     """Check every piece [path, offset, length, blake3] against its hash now; return the job that
     creates the folders `make_dirs`, writes the pieces (a piece at offset 0 starts its file anew)

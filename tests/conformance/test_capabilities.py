@@ -18,7 +18,6 @@ import json
 import re
 
 import pytest
-
 from conftest import REPO, wait_for
 
 PACKAGES = REPO / "tests" / "conformance" / "packages"
@@ -186,9 +185,9 @@ def test_our_caps_come_back_from_a_peer_only_if_we_gave_them_out(tmp_path):
     (kernel/standard_host.rs, kernel_message_to_process_receive); our wire has no signatures, so
     the kernel remembers which of its caps went to peers."""
     from host.kernel.kernel import Kernel, messaging_cap
-    from host.settings import runtime_from_environment
     from host.messages import Address, Capability, KernelMessage, ProcessId, Request
     from host.runtime.wasm import Runtime
+    from host.settings import runtime_from_environment
 
     class Terminal:
         def process_output(self, pid, text, verbosity=0) -> None: ...

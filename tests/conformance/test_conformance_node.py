@@ -10,7 +10,6 @@ import re
 import zipfile
 
 import pytest
-
 from conftest import REPO
 
 PROBE_PKG = REPO / "tests" / "conformance" / "packages"
@@ -98,8 +97,8 @@ def test_await_without_a_timeout_ends_the_process(node):
 
 
 def test_a_portable_component_imports_only_kinodes_abi_and_wasi():
-    from host.settings import runtime_from_environment
     from host.runtime.wasm import Runtime
+    from host.settings import runtime_from_environment
     rt = Runtime(runtime_from_environment())
     probe = rt.load_file(PROBE_PKG / "probe" / "pkg" / "probe.wasm")
     allowed = {"kinode:process/standard@0.8.0"}

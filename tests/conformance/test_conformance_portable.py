@@ -7,7 +7,6 @@ import hashlib
 import os
 
 import pytest
-
 from conftest import REPO
 
 PORTABLE = REPO / "build" / "portable"
@@ -19,8 +18,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_portable_components_import_only_kinode_and_wasi():
-    from host.settings import runtime_from_environment
     from host.runtime.wasm import Runtime
+    from host.settings import runtime_from_environment
     rt = Runtime(runtime_from_environment())
     wasms = sorted(PORTABLE.glob("*/pkg/*.wasm"))
     assert {w.name for w in FT_WASMS} >= {"file_transfer.wasm", "file_transfer_worker.wasm",

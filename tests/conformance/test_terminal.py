@@ -8,10 +8,10 @@ import time
 from types import SimpleNamespace
 
 import msgpack
-
 from conftest import wait_for
-from host.net.service import NetService, decode_action
+
 from host.messages import Address, KernelMessage, ProcessId, Request
+from host.net.service import NetService, decode_action
 
 FT = "file_transfer:file_transfer:template.os"
 USAGE_M = "error: Usage: m <target> <body> [-a <await_time>]"

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, NodeProc, _require_built, free_port
 
 GUESTS_DIR = REPO / "tests" / "conformance" / "guests"
@@ -266,8 +265,8 @@ def test_unicode_strings_and_state_bytes(node, lang):
 
 
 def test_the_js_guest_imports_only_kinodes_abi_and_wasi():
-    from host.settings import runtime_from_environment
     from host.runtime.wasm import Runtime
+    from host.settings import runtime_from_environment
     path = GUESTS_DIR / "jsguest" / "pkg" / "guest.wasm"
     if not path.exists():
         pytest.skip("the JavaScript guest is not built: ./build.sh builds it when npm is installed")

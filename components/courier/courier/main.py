@@ -8,10 +8,20 @@ courier drive and records the note in its inbox. Serving the file is the same AP
 
 import wit_world
 from componentize_py_types import Err
+from process_lib import (
+    Address,
+    Message,
+    Request,
+    Response,
+    SendError,
+    await_message,
+    check_file_name,
+    println,
+    run,
+    to_wit_address,
+    vfs,
+)
 from wit_world.imports import file_transfer_worker as worker_api
-
-from process_lib import (Address, Message, check_file_name, Request, Response, SendError, await_message, println, run,
-                         to_wit_address, vfs)
 
 MAX_NOTE = 1000
 

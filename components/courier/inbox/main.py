@@ -1,7 +1,6 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """inbox: the files other nodes sent to this node's courier, with their notes."""
 import wit_world
-
 from process_lib import Address, ask, script, sibling
 
 

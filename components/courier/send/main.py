@@ -1,7 +1,6 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """send NODE FILE [NOTE...]: send FILE from this node's courier drive to NODE, with a note."""
 import wit_world
-
 from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: send:courier:example.os NODE FILE [NOTE...]"

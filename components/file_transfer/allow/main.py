@@ -4,7 +4,6 @@
 No argument shows the rule; `*` lets every node (the default); names restrict it to those nodes.
 The rule is kept across restarts."""
 import wit_world
-
 from process_lib import Address, ask, script, sibling
 
 

@@ -1,7 +1,6 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """cancel NAME [NODE]: stop a download in progress; its partial file is removed."""
 import wit_world
-
 from process_lib import Address, ask, script, sibling
 
 USAGE = "usage: cancel:file_transfer:template.os FILE_NAME [NODE]"

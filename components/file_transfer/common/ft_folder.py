@@ -24,12 +24,35 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from ft_common import (ACK_TIMEOUT, BATCH_BYTES, BATCH_FILES, FOLDER_WINDOW, HANDSHAKE_TIMEOUT, MAX_FOLDER_DEPTH,
-                       MAX_FOLDER_ENTRIES, STALL_TIMEOUT, TICK, check_relative_path, window_in)
-from ft_protocol import (FOLDER_MACHINES, ArmTimer, Exit, GotRequest, GotResponse, IoFailed, Log, Reply, Send, SendFailed, Start,
-                         screen_request)
+from ft_common import (
+    ACK_TIMEOUT,
+    BATCH_BYTES,
+    BATCH_FILES,
+    FOLDER_WINDOW,
+    HANDSHAKE_TIMEOUT,
+    MAX_FOLDER_DEPTH,
+    MAX_FOLDER_ENTRIES,
+    STALL_TIMEOUT,
+    TICK,
+    check_relative_path,
+    window_in,
+)
+from ft_protocol import (
+    FOLDER_MACHINES,
+    ArmTimer,
+    Exit,
+    GotRequest,
+    GotResponse,
+    IoFailed,
+    Log,
+    Reply,
+    Send,
+    SendFailed,
+    Start,
+    screen_request,
+)
 
 HEX = frozenset("0123456789abcdef")
 # The listing travels as one message's blob; a node refuses a message over 10,485,800 bytes
@@ -44,8 +67,8 @@ class ManifestRead:
     source: Any
     size: Any
     meta: dict
-    text: Optional[str]
-    digest: Optional[str]
+    text: str | None
+    digest: str | None
     wants_answer: bool
     now: float
 
@@ -53,7 +76,7 @@ class ManifestRead:
 @dataclass
 class FolderStateLoaded:
     saved: Any
-    on_disk: Optional[dict]
+    on_disk: dict | None
     now: float
 
 
@@ -203,18 +226,18 @@ class FolderRequestor:
         self.peer = peer
         self.peer_node = peer.node
         self.parent = parent
-        self.window: Optional[int] = None  # batches the provider may keep in flight, once our parent said
+        self.window: int | None = None  # batches the provider may keep in flight, once our parent said
         self.started = self.last_activity = started
         self.state = self.OPENING
         self.provider: Any = None
-        self.digest: Optional[str] = None
+        self.digest: str | None = None
         self.dirs: list = []
         self.files: list = []       # [path, size]
         self.total = 0
         self.index = self.offset = 0  # the verified prefix: files before `index`, `offset` bytes of it
         self.done_bytes = self.resumed = 0
         self.wants_answer = False
-        self.pending: Optional[tuple] = None  # (new index, new offset, bytes, first index, wants_ack)
+        self.pending: tuple | None = None  # (new index, new offset, bytes, first index, wants_ack)
         self.keepalive_out = False
         self.last_report = float("-inf")
 
@@ -240,7 +263,7 @@ class FolderRequestor:
             return self.io_failed(ev.error, ev.now)
         raise TypeError(f"a FolderRequestor takes no {type(ev).__name__}")
 
-    def size_announced(self, source: Any, size: Any, meta: dict, manifest_text: Optional[str], digest: Optional[str],
+    def size_announced(self, source: Any, size: Any, meta: dict, manifest_text: str | None, digest: str | None,
                        wants_answer: bool, now: float) -> list:
         self.provider = source
         self.wants_answer = wants_answer
@@ -263,7 +286,7 @@ class FolderRequestor:
     def _state(self, index: int, offset: int) -> dict:
         return {"digest": self.digest, "index": index, "offset": offset}
 
-    def state_loaded(self, saved: Any, now: float, on_disk: Optional[dict] = None) -> list:
+    def state_loaded(self, saved: Any, now: float, on_disk: dict | None = None) -> list:
         """`on_disk`: the partial tree's files and their sizes ({path: size}). The saved point is
         kept only if every file before it is there whole and the file it is in has its offset."""
         if self.state != self.OPENING:
@@ -295,7 +318,7 @@ class FolderRequestor:
         self._report(actions, now)
         return actions
 
-    def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: Optional[int],
+    def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: int | None,
                 now: float) -> list:
         screened = screen_request(self, source, meta, now)
         if screened is not None:
@@ -334,6 +357,7 @@ class FolderRequestor:
     def batch_written(self, now: float) -> list:
         if self.state != self.WRITING:
             raise RuntimeError(f"batch_written in state {self.state}")
+        assert self.pending is not None   # set when the batch went to be written
         self.index, self.offset, nbytes, first, wants_ack = self.pending
         self.pending = None
         self.done_bytes += nbytes
@@ -369,7 +393,7 @@ class FolderRequestor:
         actions.append(Exit())
         return actions
 
-    def response(self, context: Optional[str], body: Any, now: float, meta: Optional[dict] = None) -> list:
+    def response(self, context: str | None, body: Any, now: float, meta: dict | None = None) -> list:
         """An answer to one of our requests (as Requestor.response, whose place this takes)."""
         if context == "keepalive":
             self.keepalive_out = False
@@ -387,7 +411,7 @@ class FolderRequestor:
         actions.append(ArmTimer(TICK))
         return actions
 
-    def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
+    def request_failed(self, context: str | None, kind: str, now: float) -> list:
         if context == "tick":
             return self.tick(now)
         if context == "keepalive":
@@ -446,7 +470,7 @@ class FolderProvider:
         self.files: list = []      # [path, size, stamp]
         self.index = self.offset = 0  # where the next batch starts
         self.in_flight = 0
-        self.reading: Optional[list] = None  # the indices of the batch being read
+        self.reading: list | None = None  # the indices of the batch being read
 
     def handle(self, ev: Any) -> list:
         """The one entry: an event in, the actions out."""
@@ -475,9 +499,10 @@ class FolderProvider:
     def walked(self, found: Any, now: float) -> list:
         if self.state != self.LISTING:
             raise RuntimeError(f"walked in state {self.state}")
-        manifest = {"dirs": found.get("dirs"), "files": found.get("files")} if isinstance(found, dict) else None
+        manifest: dict[str, Any] | None = ({"dirs": found.get("dirs"), "files": found.get("files")}
+                                           if isinstance(found, dict) else None)
         problem = check_manifest(manifest)
-        if problem:
+        if problem or manifest is None:
             return [self._error_to_peer(f"cannot send folder {self.name}: {problem}")] + \
                 self._failed(f"cannot send: {problem}")
         self.files = manifest["files"]
@@ -500,7 +525,7 @@ class FolderProvider:
                                 HANDSHAKE_TIMEOUT, "size", listing))
         return actions
 
-    def response(self, context: Optional[str], meta: dict, now: float) -> list:
+    def response(self, context: str | None, meta: dict, now: float) -> list:
         if context == "size" and self.state == self.OFFERED:
             resume = meta.get("resume")
             if not (isinstance(resume, list) and len(resume) == 2 and all(_is_count(v) for v in resume)
@@ -523,7 +548,9 @@ class FolderProvider:
         if self.state != self.SENDING:
             return actions
         if self.in_flight < min(self.window, self.peer_window) and self.index < len(self.files):
-            items, indices, budget = [], [], BATCH_BYTES
+            items: list[list] = []
+            indices: list[int] = []
+            budget = BATCH_BYTES
             while self.index < len(self.files) and len(items) < BATCH_FILES and budget > 0:
                 path, size, stamp = self.files[self.index]
                 take = min(size - self.offset, budget)
@@ -554,6 +581,7 @@ class FolderProvider:
             raise RuntimeError(f"batch_read in state {self.state}")
         if not isinstance(hashes, list) or len(hashes) != len(items):
             return self.io_failed("the VFS answered ReadMany with a malformed list", now)
+        assert self.reading is not None   # set when the batch went to be read
         pieces = [[i, item[1], item[2], h] for i, item, h in zip(self.reading, items, hashes)]
         nbytes = sum(item[2] for item in items)
         self.reading = None
@@ -584,7 +612,7 @@ class FolderProvider:
             return self._failed(f"no progress for {STALL_TIMEOUT} s; giving up")
         return [self._serving(True), ArmTimer(TICK)]
 
-    def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
+    def request_failed(self, context: str | None, kind: str, now: float) -> list:
         if context == "tick":
             return self.tick(now)
         if context in ("size", "chunk") and self.state not in (self.DONE, self.FAILED):

@@ -15,10 +15,19 @@ asks for a hash: no HashChunk, no read-back, ReadChunk only with HASH_NONE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from ft_common import (ACK_TIMEOUT, CHUNK_SIZE, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, STATE_EVERY,
-                       TICK, WINDOW, window_in)
+from ft_common import (
+    ACK_TIMEOUT,
+    CHUNK_SIZE,
+    EXT_CHUNK_SIZE,
+    HANDSHAKE_TIMEOUT,
+    STALL_TIMEOUT,
+    STATE_EVERY,
+    TICK,
+    WINDOW,
+    window_in,
+)
 
 QUEUE_META = "queue"   # metadata key of a requestor's ask about its place in a provider's queue
 
@@ -44,13 +53,13 @@ class GotRequest:
     meta: dict
     now: float
     wants_answer: bool = False
-    blob_len: Optional[int] = None
+    blob_len: int | None = None
 
 
 @dataclass
 class GotResponse:
     """The answer to one of our requests, by the context we gave it."""
-    context: Optional[str]
+    context: str | None
     body: Any
     meta: dict
     now: float
@@ -59,7 +68,7 @@ class GotResponse:
 @dataclass
 class SendFailed:
     """One of our requests failed (`kind`: "timeout" or "offline"); our timer comes so, as "tick"."""
-    context: Optional[str]
+    context: str | None
     kind: str
     now: float
 
@@ -75,7 +84,7 @@ class IoFailed:
 @dataclass
 class StateLoaded:
     saved: Any
-    partial_len: Optional[int]
+    partial_len: int | None
     now: float
 
 
@@ -86,7 +95,7 @@ class PartialOpened:
 
 @dataclass
 class ChunkHashed:
-    digest: Optional[str]
+    digest: str | None
     now: float
 
 
@@ -97,7 +106,7 @@ class ChunkWritten:
 
 @dataclass
 class FileVerified:
-    digest: Optional[str]
+    digest: str | None
     now: float
 
 
@@ -111,7 +120,7 @@ class Renamed:
 @dataclass
 class Opened:
     """The file to send is open (`size`, `stamp`), or the name is a folder (`folder`)."""
-    size: Optional[int]
+    size: int | None
     stamp: Any
     now: float
     folder: bool = False
@@ -120,14 +129,14 @@ class Opened:
 @dataclass
 class ChunkRead:
     got: int
-    digest: Optional[str]
+    digest: str | None
     now: float
 
 
 @dataclass
 class FileChecked:
     stamp: Any
-    digest: Optional[str]
+    digest: str | None
     now: float
 
 
@@ -166,9 +175,9 @@ class Send:
     """Send a request; `forward_blob` carries the blob of the message or read being handled."""
     target: Any
     body: Any
-    metadata: Optional[dict] = None
-    timeout: Optional[int] = None
-    context: Optional[str] = None
+    metadata: dict | None = None
+    timeout: int | None = None
+    context: str | None = None
     forward_blob: bool = False
 
 
@@ -176,7 +185,7 @@ class Send:
 class Reply:
     """Answer the request being handled."""
     body: Any
-    metadata: Optional[dict] = None
+    metadata: dict | None = None
 
 
 @dataclass
@@ -193,7 +202,7 @@ class Log:
 @dataclass
 class Exit:
     """The worker's job has ended; `error` is None on success."""
-    error: Optional[str] = None
+    error: str | None = None
 
 
 # requestor side
@@ -238,7 +247,7 @@ class VerifyFile:
 class Rename:
     """The partial takes the file's real name; -> Renamed(whether it replaced a file of other content,
     judged by size and by `digest`, the new file's BLAKE3, where there is one)."""
-    digest: Optional[str] = None
+    digest: str | None = None
 
 
 @dataclass
@@ -291,7 +300,7 @@ def address_json(a: Any) -> dict:
 
 
 # ---- the requestor -----------------------------------------------------------------------------
-def screen_request(m: Any, source: Any, meta: dict, now: float) -> Optional[list]:
+def screen_request(m: Any, source: Any, meta: dict, now: float) -> list | None:
     """What a requestor (a file's or a folder's) does with a request before looking at its body: the
     actions if it is an end, a cancel, a stranger's or the provider's error; None to go on."""
     if m.state in (m.DONE, m.FAILED):
@@ -334,8 +343,8 @@ class Requestor:
         self.state = self.REQUESTING
         self.started = self.last_activity = now
         self.provider = None         # the peer's worker, once it sent Size
-        self.size: Optional[int] = None
-        self.file_hash: Optional[str] = None
+        self.size: int | None = None
+        self.file_hash: str | None = None
         self.ext = False             # both sides speak the extended protocol
         self.hash_follows = False    # the provider sends the file's hash after the last chunk
         self.has_state = False       # a resume state file is kept (big ext files)
@@ -348,16 +357,28 @@ class Requestor:
         self.last_report = 0.0
         self.last_percent = -1
         self.keepalive_out = False
-        self.chain_end: Optional[int] = None  # where the bytes hashed in order since the resume point end
-        self.chain_digest: Optional[str] = None  # their BLAKE3: the whole file's once all arrived from 0
-        self.pending: Optional[tuple] = None  # (offset, length, upto, wants_ack) of the chunk being hashed
+        self.chain_end: int | None = None  # where the bytes hashed in order since the resume point end
+        self.chain_digest: str | None = None  # their BLAKE3: the whole file's once all arrived from 0
+        self.pending: tuple | None = None  # (offset, length, upto, wants_ack) of the chunk being hashed
         self.handshake_from = now    # the Size is due HANDSHAKE_TIMEOUT after this (reset by the queue)
-        self.queue_place: Optional[int] = None  # our place in the provider's queue while QUEUED
+        self.queue_place: int | None = None  # our place in the provider's queue while QUEUED
         self.queue_ask_out = False   # an ask about our place is outstanding
-        self.verified_digest: Optional[str] = None  # the whole file's hash, once verified
-        self.window: Optional[int] = None  # chunks the provider may keep in flight, once our parent said
+        self.verified_digest: str | None = None  # the whole file's hash, once verified
+        self.window: int | None = None  # chunks the provider may keep in flight, once our parent said
 
     # ---- events ----
+    @property
+    def known_size(self) -> int:
+        """The file's size: known from the provider's Size on, before any state that uses it."""
+        assert self.size is not None
+        return self.size
+
+    @property
+    def pending_chunk(self) -> tuple:
+        """(offset, length, upto, wants_ack) of the chunk being hashed or written."""
+        assert self.pending is not None
+        return self.pending
+
     def handle(self, ev: Any) -> list:
         """The one entry: an event in, the actions out."""
         if type(ev) is GotRequest:
@@ -391,7 +412,7 @@ class Requestor:
                      # "folders": a folder of that name may be sent (ft_folder)
                      {"ft": 1, "folders": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "download")]
 
-    def response(self, context: Optional[str], body: Any, now: float, meta: Optional[dict] = None) -> list:
+    def response(self, context: str | None, body: Any, now: float, meta: dict | None = None) -> list:
         """A response to one of our requests (the Download answer, a keepalive answer, our place in
         the provider's queue)."""
         if context == "keepalive":
@@ -404,7 +425,7 @@ class Requestor:
                 return self.fail(str(result["Err"]), keep=False, now=now)
             self.last_activity = now
             place = (meta or {}).get("queued")
-            if self.extended and self.state == self.REQUESTING and _place(place):
+            if self.extended and self.state == self.REQUESTING and isinstance(place, int) and _place(place):
                 return self._wait_in_queue(place, now)
         return []
 
@@ -448,7 +469,7 @@ class Requestor:
                                 None if extra else "queue"))
             self.queue_ask_out = self.queue_ask_out or not extra
 
-    def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: Optional[int],
+    def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: int | None,
                 now: float) -> list:
         """A request from the peer's node: Size, Chunk, the final hash, or an error."""
         screened = screen_request(self, source, meta, now)
@@ -490,7 +511,7 @@ class Requestor:
             return [LoadState()]
         return self._open(0, now)
 
-    def state_loaded(self, saved: Any, partial_len: Optional[int], now: float) -> list:
+    def state_loaded(self, saved: Any, partial_len: int | None, now: float) -> list:
         """The resume state file's content (None if absent or unreadable) and the partial's length.
         A partial is resumed on its size alone: if the file changed in between, the final check
         fails the download and removes the partial (the next run starts from zero)."""
@@ -499,7 +520,7 @@ class Requestor:
         offset = 0
         if (isinstance(saved, dict) and isinstance(partial_len, int) and saved.get("size") == self.size
                 and isinstance(saved.get("verified"), int) and not isinstance(saved["verified"], bool)
-                and 0 <= saved["verified"] <= min(partial_len, self.size)):
+                and 0 <= saved["verified"] <= min(partial_len, self.known_size)):
             offset = saved["verified"]
         return self._open(offset, now)
 
@@ -516,14 +537,14 @@ class Requestor:
         offset = self.resumed_from
         actions: list = []
         if not offset and self.has_state:
-            actions.append(SaveState(self.size, 0))
+            actions.append(SaveState(self.known_size, 0))
         if self.wants_answer:  # a plain answer tells an extended provider to go plain
             actions.append(Reply("Progress", {"ft": 1, "offset": offset, **self._window_meta()} if self.ext else None))
         if offset:
             actions.append(Log(f"{self.name}: resuming at {offset} of {self.size} bytes"))
         return self._maybe_finish(actions, now)
 
-    def chunk(self, source: Any, chunk: dict, meta: dict, wants_ack: bool, blob_len: Optional[int],
+    def chunk(self, source: Any, chunk: dict, meta: dict, wants_ack: bool, blob_len: int | None,
               now: float) -> list:
         if self.state not in (self.RECEIVING, self.AWAITING_HASH):
             return [Log(f"worker: ignored a bad message from {source}: Chunk before Size")]
@@ -533,7 +554,7 @@ class Requestor:
         if (chunk.get("name") != self.name or not isinstance(offset, int) or not isinstance(length, int)
                 or isinstance(offset, bool) or isinstance(length, bool)):
             return self.fail("peer sent a malformed chunk", keep=True, now=now)
-        if blob_len is None or blob_len != length or offset < 0 or offset + length > self.size:
+        if blob_len is None or blob_len != length or offset < 0 or offset + length > self.known_size:
             return self.fail(f"peer sent a chunk that does not fit the file (offset {offset}, length {length}, "
                              f"{blob_len} bytes, size {self.size})", keep=True, now=now)
         if self.ext and offset != self.received:
@@ -546,17 +567,17 @@ class Requestor:
         self.chain_end = self.chain_digest = None
         return self._chunk_checked(now)
 
-    def chunk_hashed(self, digest: Optional[str], now: float) -> list:
+    def chunk_hashed(self, digest: str | None, now: float) -> list:
         if self.state != self.HASHING:
             raise RuntimeError(f"chunk_hashed in state {self.state}")
-        offset, length, _, _ = self.pending
+        offset, length, _, _ = self.pending_chunk
         self.chain_digest = digest
         self.chain_end = offset + length
         self.state = self.RECEIVING
         return self._chunk_checked(now)
 
     def _chunk_checked(self, now: float) -> list:
-        offset, _, upto, _ = self.pending
+        offset, _, upto, _ = self.pending_chunk
         if self.ext and (self.chain_digest is None or upto != self.chain_digest):
             self.pending = None
             return self.fail(f"chunk at offset {offset} failed its integrity check", keep=True, now=now)
@@ -566,7 +587,7 @@ class Requestor:
     def chunk_written(self, now: float) -> list:
         if self.state != self.WRITING:
             raise RuntimeError(f"chunk_written in state {self.state}")
-        offset, length, _, wants_ack = self.pending
+        offset, length, _, wants_ack = self.pending_chunk
         self.pending = None
         self.cursor = offset + length
         self.received = max(self.received, self.cursor) if not self.ext else self.cursor
@@ -580,11 +601,11 @@ class Requestor:
         if self.has_state and self.chunks_since_save >= STATE_EVERY:
             # not synced first: a killed node's written pages survive in the OS, and after an OS
             # crash the final check catches a hole behind the state (an fsync per save halved the speed)
-            actions.append(SaveState(self.size, self.received))
+            actions.append(SaveState(self.known_size, self.received))
             self.chunks_since_save = 0
         self._report(actions, now)
         self._keepalive(actions)
-        self.state = self.AWAITING_HASH if self.received >= self.size else self.RECEIVING
+        self.state = self.AWAITING_HASH if self.received >= self.known_size else self.RECEIVING
         return actions
 
     def final_hash(self, source: Any, meta: dict, now: float) -> list:
@@ -598,7 +619,7 @@ class Requestor:
         self.last_activity = now
         return self._maybe_finish([], now)
 
-    def file_verified(self, read_back: Optional[str], now: float) -> list:
+    def file_verified(self, read_back: str | None, now: float) -> list:
         if self.state != self.VERIFYING:
             raise RuntimeError(f"file_verified in state {self.state}")
         digest = read_back if read_back is not None else self.chain_digest
@@ -644,7 +665,7 @@ class Requestor:
         actions.append(ArmTimer(TICK))
         return actions
 
-    def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
+    def request_failed(self, context: str | None, kind: str, now: float) -> list:
         """A request of ours got no answer: `kind` is "offline" or "timeout"."""
         if context == "tick":
             return self.tick(now)
@@ -678,7 +699,7 @@ class Requestor:
             actions.append(Send(self.provider, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
                                 {"ft": 1, "error": error}))
         if self.file_open and keep and self.ext:
-            actions.append(KeepForResume(self.size, self.received))
+            actions.append(KeepForResume(self.known_size, self.received))
         elif self.file_open or not keep:
             actions.append(RemoveFiles(state=self.has_state, partial=True))
         # else: failed before the partial was opened (the provider offline, gone from its queue):
@@ -699,7 +720,7 @@ class Requestor:
     def _maybe_finish(self, actions: list, now: float) -> list:
         if self._complete():
             return self._finish(actions)
-        self.state = self.AWAITING_HASH if self.received >= self.size else self.RECEIVING
+        self.state = self.AWAITING_HASH if self.received >= self.known_size else self.RECEIVING
         return actions
 
     def _finish(self, actions: list) -> list:
@@ -761,8 +782,8 @@ class Provider:
         self.pipelined = False       # a one-chunk file's chunk went out right behind Size
         self.hash_sent = False
         self.first_offset = 0        # where this session's chunks begin (a resume point)
-        self.chain_digest: Optional[str] = None  # BLAKE3 of the bytes sent from first_offset on
-        self.reading: Optional[tuple] = None  # (offset, length) of the chunk being read
+        self.chain_digest: str | None = None  # BLAKE3 of the bytes sent from first_offset on
+        self.reading: tuple | None = None  # (offset, length) of the chunk being read
         self.window = window         # our share of the node's budget, in chunks (our parent says)
         self.peer_window = WINDOW    # the requestor's share of its node's budget (its acks say)
 
@@ -771,6 +792,12 @@ class Provider:
         return Send(self.target, {"Size": 0}, {"ft": 1, "error": text, "keep": keep})
 
     # ---- events ----
+    @property
+    def reading_chunk(self) -> tuple:
+        """(offset, length) of the chunk being read."""
+        assert self.reading is not None
+        return self.reading
+
     def handle(self, ev: Any) -> list:
         """The one entry: an event in, the actions out."""
         if type(ev) is ChunkRead:
@@ -782,7 +809,10 @@ class Provider:
         if type(ev) is SendFailed:
             return self.request_failed(ev.context, ev.kind, ev.now)
         if type(ev) is Opened:
-            return self._to_folder() if ev.folder else self.opened(ev.size, ev.stamp, ev.now)
+            if ev.folder:
+                return self._to_folder()
+            assert ev.size is not None   # a file's Opened has its size
+            return self.opened(ev.size, ev.stamp, ev.now)
         if type(ev) is FileChecked:
             return self.file_checked(ev.stamp, ev.digest, ev.now)
         if type(ev) is IoFailed:
@@ -816,7 +846,7 @@ class Provider:
         self.state = self.OFFERED
         return [Send(self.target, {"Size": size}, {"ft": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "size")]
 
-    def chunk_read(self, got: int, digest: Optional[str], now: float) -> list:
+    def chunk_read(self, got: int, digest: str | None, now: float) -> list:
         if self.state == self.OPENING:
             if got != self.size:
                 return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being read")
@@ -828,7 +858,7 @@ class Provider:
                          {"ft": 1, "upto": digest}, forward_blob=True)]
         if self.state not in (self.READING, self.PUSHING):
             raise RuntimeError(f"chunk_read in state {self.state}")
-        offset, length = self.reading
+        offset, length = self.reading_chunk
         self.reading = None
         if got != length:
             return [self._error_to_peer(self._changed(), keep=False)] + self._failed("file changed while being sent")
@@ -843,7 +873,7 @@ class Provider:
         self.state = self.SENDING
         return self._fill_window(actions)
 
-    def response(self, context: Optional[str], meta: dict, now: float) -> list:
+    def response(self, context: str | None, meta: dict, now: float) -> list:
         """The answer to Size (the resume offset) or a chunk's ack."""
         if context == "size" and self.state == self.OFFERED:
             offset = meta.get("offset", 0)
@@ -885,7 +915,7 @@ class Provider:
         return [Log(f"worker: ignored a bad message from {source}: a provider takes only keepalives "
                     f"from its requestor")]
 
-    def file_checked(self, stamp: Any, digest: Optional[str], now: float) -> list:
+    def file_checked(self, stamp: Any, digest: str | None, now: float) -> list:
         if self.state != self.CHECKING:
             raise RuntimeError(f"file_checked in state {self.state}")
         if self.stamp is not None and stamp != self.stamp:
@@ -911,7 +941,7 @@ class Provider:
         return Send(self.parent, {"Progress": {"name": self.name, "progress": percent}},
                     {"ft": 1, "serving": still, "peer": self.target.node})
 
-    def request_failed(self, context: Optional[str], kind: str, now: float) -> list:
+    def request_failed(self, context: str | None, kind: str, now: float) -> list:
         if context == "tick":
             return self.tick(now)
         if context == "size" and self.state == self.OFFERED:

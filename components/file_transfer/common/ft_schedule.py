@@ -9,7 +9,7 @@ back when its worker says it ended, or SERVING_LEASE seconds after its last word
 crashed says nothing).
 """
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 from ft_common import MAX_DOWNLOADS, MAX_SERVING, SERVING_LEASE, STALL_TIMEOUT, window_for
 
@@ -35,14 +35,14 @@ class Transfers:
     def __init__(self) -> None:
         self.active: dict[tuple, dict] = {}
         # downloads asked for while MAX_DOWNLOADS ran, in order: key -> target Address
-        self.waiting: "OrderedDict[tuple, Any]" = OrderedDict()
+        self.waiting: OrderedDict[tuple, Any] = OrderedDict()
         self.history: list[dict] = []
 
     def busy(self, key: tuple, now: float) -> bool:
         t = self.active.get(key)
         return key in self.waiting or (t is not None and now - t["seen"] < STALL_TIMEOUT)
 
-    def fetching(self, name: str, now: float) -> Optional[str]:
+    def fetching(self, name: str, now: float) -> str | None:
         """The node `name` is being downloaded from (or waits to be), if any: one name, one download
         at a time, whichever node it comes from, so no download silently replaces another."""
         return next((node for node, n in list(self.waiting) + list(self.active) if n == name
@@ -53,12 +53,12 @@ class Transfers:
         went silent gives it up after the stall timeout."""
         return sum(1 for t in self.active.values() if now - t["seen"] < STALL_TIMEOUT and not at_peer(t))
 
-    def queued_at_peers(self, now: float, node: Optional[str] = None) -> int:
+    def queued_at_peers(self, now: float, node: str | None = None) -> int:
         """Downloads waiting in their provider's queue (node's only, if given)."""
         return sum(1 for (peer, _), t in self.active.items()
                    if now - t["seen"] < STALL_TIMEOUT and at_peer(t) and node in (None, peer))
 
-    def full(self, now: float, node: Optional[str] = None) -> bool:
+    def full(self, now: float, node: str | None = None) -> bool:
         """No new worker now (toward `node`): MAX_DOWNLOADS run, or MAX_QUEUED_AT_PEERS wait at their
         providers, or MAX_DOWNLOADS at that one. So at most MAX_DOWNLOADS + MAX_QUEUED_AT_PEERS
         requestor workers exist, and MAX_DOWNLOADS * 2 toward one provider."""
@@ -107,11 +107,11 @@ class Serving:
         # [(requestor node, name), last word, its worker once heard of, the window it was told] per file being sent
         self.slots: list = []
         # (requestor worker as text, name) -> [requestor worker, our target address, its last word], in order
-        self.queue: "OrderedDict[tuple, list]" = OrderedDict()
+        self.queue: OrderedDict[tuple, list] = OrderedDict()
         self.next_asked = False
         # (requestor worker as text, name) -> why its worker could not start when its turn came:
         # said in answer to its next ask (a few kept: one that never asks again is forgotten)
-        self.failed: "OrderedDict[tuple, str]" = OrderedDict()
+        self.failed: OrderedDict[tuple, str] = OrderedDict()
         self.notes: list[str] = []  # lines for the terminal (verbosity 1), taken by the caller
 
     def _expire(self, now: float) -> None:
@@ -144,7 +144,7 @@ class Serving:
     def serves(self, node: str, name: str) -> bool:
         return any(s[0] == (node, name) for s in self.slots)
 
-    def place(self, key: tuple) -> Optional[int]:
+    def place(self, key: tuple) -> int | None:
         for i, k in enumerate(self.queue, 1):
             if k == key:
                 return i
@@ -187,7 +187,7 @@ class Serving:
             return True
         return False
 
-    def serve_next(self, now: float) -> Optional[tuple]:
+    def serve_next(self, now: float) -> tuple | None:
         """The next queued requestor to start, its slot taken: (requestor, name, target), or None
         when no slot is free or nobody waits. One that went quiet for SERVING_LEASE has gone."""
         self.next_asked = False
@@ -205,7 +205,7 @@ class Serving:
         else:
             self.give_back(peer, name)
 
-    def asked_place(self, requestor: Any, name: str, gave_up: bool, now: float) -> Optional[dict]:
+    def asked_place(self, requestor: Any, name: str, gave_up: bool, now: float) -> dict | None:
         """A queued requestor asks its place (or gives up waiting: None, no answer): the metadata of
         the answer, {"queued": place} (0: its worker is starting; None: unknown), with "error" if
         its worker could not start."""

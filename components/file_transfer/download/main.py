@@ -4,7 +4,6 @@
 The local file_transfer starts a worker per file (at most MAX_DOWNLOADS at once; the rest wait
 their turn) and reports progress; this script prints only failures to start."""
 import wit_world
-
 from ft_common import check_name, nfc
 from process_lib import Address, ask, script, sibling
 

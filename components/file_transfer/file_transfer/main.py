@@ -8,18 +8,33 @@ remote worker (we serve), and shows the workers' progress.
 import json
 import time
 
-import wit_world
-from componentize_py_types import Err
-from wit_world.imports import file_transfer_worker as worker_api
-
-import serving
-import web
 import ft_folder
 import ft_schedule
+import serving
+import web
+import wit_world
+from componentize_py_types import Err
 from ft_common import MAX_DOWNLOADS, MAX_FOLDER_DEPTH, PARTIAL_DIR, check_name, human_size
+from process_lib import (
+    Address,
+    Message,
+    ProcessId,
+    Request,
+    Response,
+    SendError,
+    await_message,
+    get_blob,
+    get_state,
+    print_to_terminal,
+    println,
+    run,
+    set_state,
+    to_wit_address,
+    vfs,
+)
+from wit_world.imports import file_transfer_worker as worker_api
+
 from host.kinode_types import DOWNLOADING_DIR, UPLOADING_DIR
-from process_lib import (Address, Message, ProcessId, Request, Response, SendError, await_message, get_blob,
-                         get_state, print_to_terminal, println, run, set_state, to_wit_address, vfs)
 
 
 class Transfers(ft_schedule.Transfers):

@@ -7,10 +7,9 @@ the request being handled, and that one asks for none.
 import time
 
 from componentize_py_types import Err
-from wit_world.imports import file_transfer_worker as worker_api
-
 from ft_schedule import Serving
 from process_lib import Address, Message, Request, Response, print_to_terminal, println, to_wit_address
+from wit_world.imports import file_transfer_worker as worker_api
 
 SERVE_NEXT = "ServeNext"
 SLOTS = Serving()

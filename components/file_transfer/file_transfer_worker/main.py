@@ -14,14 +14,27 @@ and I/O results as events to `handle`, and carries out the actions with process_
 import json
 import time
 
-import wit_world
-
 import ft_folder
 import ft_protocol as ft
+import wit_world
 from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
-from process_lib import (HAS_BLOBS, Address, Message, ProcessId, Request, Response, SendError, await_message,
-                         current_blob_hash, current_blob_hash_chained, current_blob_len, get_blob, println, run,
-                         vfs)
+from process_lib import (
+    HAS_BLOBS,
+    Address,
+    Message,
+    ProcessId,
+    Request,
+    Response,
+    SendError,
+    await_message,
+    current_blob_hash,
+    current_blob_hash_chained,
+    current_blob_len,
+    get_blob,
+    println,
+    run,
+    vfs,
+)
 
 # The extended protocol hashes in the host through its blobs extension; a portable build (without
 # it) speaks the seed's plain protocol, and its machines then ask for no hash at all.

@@ -6,12 +6,9 @@ answer and the request below all act as that process: a worker is spawned in the
 package, the importer's current request is answered (unless the importer itself started a queued
 download), and the worker is told what to do.
 """
-import wit_world
 from componentize_py_types import Err
+from process_lib import Address, OnExit, Request, Response, SpawnError, from_wit_address, our_capabilities, spawn
 from wit_world.exports import FileTransferWorker as Exports
-
-from process_lib import (Address, OnExit, Request, Response, SpawnError, from_wit_address,
-                         our_capabilities, spawn)
 
 
 def start_download(our: Address, source: Address, name: str, target: Address, is_requestor: bool) -> None:
@@ -38,4 +35,4 @@ class FileTransferWorker(Exports):
             start_download(from_wit_address(our), from_wit_address(source), name, from_wit_address(target),
                            is_requestor)
         except (SpawnError, ValueError) as e:
-            raise Err(str(e))
+            raise Err(str(e)) from None

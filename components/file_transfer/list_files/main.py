@@ -2,7 +2,6 @@
 """list_files WHO [FOLDER]: print the files and folders WHO's file_transfer offers, one per line
 with its size (a folder: `NAME/`, its total size and file count), or those inside FOLDER."""
 import wit_world
-
 from process_lib import Address, Request, SendError, script, sibling
 
 USAGE = "usage: list_files:file_transfer:template.os NODE [FOLDER]"

@@ -1,7 +1,6 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """transfers: list this node's downloads in progress (node, file or folder, files, bytes, rate, ETA) and queued."""
 import wit_world
-
 from ft_common import human_size
 from process_lib import Address, ask, script, sibling
 

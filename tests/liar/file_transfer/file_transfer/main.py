@@ -7,9 +7,19 @@ file up to its end), `bad-final` and `garbled-final` (good bytes, then a wrong o
 whole-file hash), `stranger` (a chunk from a process that never sent Size: a child of the liar,
 before the true chunk; the download must ignore it and complete)."""
 import wit_world
-
-from process_lib import (Address, OnExit, ProcessId, Request, Response, SendError, await_message, our_capabilities,
-                         println, run, spawn)
+from process_lib import (
+    Address,
+    OnExit,
+    ProcessId,
+    Request,
+    Response,
+    SendError,
+    await_message,
+    our_capabilities,
+    println,
+    run,
+    spawn,
+)
 
 DATA_HASH = "ff6f2cf7750b0d32858b758ef1cd7971064f53e81ec62ff560a953792599ca69"  # BLAKE3 of b"x" * 1000
 Y_HASH = "2ea5a8a36ffa187910093ac95efa7fc1d451a867d14a45adc03a8b6c574c3e72"     # BLAKE3 of b"y" * 1000

@@ -1,10 +1,20 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """A process that misbehaves when asked (by a terminal `m` command), for the fault tests."""
 import wit_world
+from process_lib import (
+    Address,
+    ProcessId,
+    Request,
+    SendError,
+    await_message,
+    get_state,
+    println,
+    run,
+    set_on_exit,
+    set_state,
+    to_wit_address,
+)
 from wit_world.imports import standard
-
-from process_lib import (Address, ProcessId, Request, SendError, await_message, get_state, println, run,
-                         set_on_exit, set_state, to_wit_address)
 
 FT = ProcessId("file_transfer", "file_transfer", "template.os")
 VFS = ProcessId("vfs", "distro", "sys")

@@ -4,7 +4,6 @@ time, and reports how many were answered and how fast; a pinger answers every pi
 import time
 
 import wit_world
-
 from process_lib import Address, Message, Request, Response, SendError, await_message, println, run
 
 WINDOW = 64

@@ -4,7 +4,6 @@ other nodes may message it). `ask ADDRESS BODY` from the local terminal sends BO
 request expecting an answer (printed when it comes).
 `askft ADDRESS BODY` does the same with file_transfer's extension metadata `{"ft": 1}`."""
 import wit_world
-
 from process_lib import Address, Request, SendError, await_message, println, run
 
 

@@ -4,7 +4,6 @@ tests can check http_server's JSON shapes, its refusals, and its 504/503 for a s
 import json
 
 import wit_world
-
 from process_lib import Address, Request, await_message, get_blob, http, println, run, vfs
 
 

@@ -6,10 +6,22 @@ tests/conformance/test_capabilities.py."""
 import json
 
 import wit_world
+from process_lib import (
+    Address,
+    Capability,
+    ProcessId,
+    Request,
+    Response,
+    SendError,
+    await_message,
+    our_capabilities,
+    println,
+    run,
+    sibling,
+    spawn,
+    to_wit_address,
+)
 from wit_world.imports import standard
-
-from process_lib import (Address, Capability, ProcessId, Request, Response, SendError, await_message,
-                         our_capabilities, println, run, sibling, spawn, to_wit_address)
 
 MESSAGING = '"messaging"'   # upstream's params of a messaging cap: the JSON string "messaging"
 ME = {"name": ""}

@@ -5,10 +5,8 @@ import json
 import time
 
 import wit_world
+from process_lib import Address, ProcessId, Request, SendError, await_message, get_blob, println, run, to_wit_address
 from wit_world.imports import standard
-
-from process_lib import (Address, ProcessId, Request, SendError, await_message, get_blob, println, run,
-                         to_wit_address)
 
 VFS = Address("our", ProcessId("vfs", "distro", "sys"))   # as Rust's process_lib addresses it
 DRIVE = "/probe:test.os/d"
