@@ -162,7 +162,12 @@ def _limit_malloc_arenas() -> None:
     lower at the same speed. Call before any thread starts."""
     try:
         import ctypes
-        ctypes.CDLL(None).mallopt(-8, 2)   # M_ARENA_MAX
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 2)                # M_ARENA_MAX
+        # buffers over 6 MiB (a peer's 8 MB message, a large blob) are mapped for themselves and
+        # given back when freed; glibc's default would raise the threshold to each such size freed
+        # and then keep them in the heap. Transfer chunks (4 MiB) stay below it, on the heap.
+        libc.mallopt(-3, 6 << 20)          # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass                               # not glibc: nothing to tune
 

@@ -75,6 +75,12 @@ class NodeProc:
                 time.sleep(0.2)  # let the pump collect the last lines
                 raise RuntimeError(f"{self.name} failed to start:\n" + "\n".join(self.lines[first:]))
             time.sleep(0.02)
+        if "--packages" not in self.extra_args:
+            # file_transfer makes its files drive just after the node is ready: a test that puts a
+            # file there at once waits for it (bounded: a node whose file_transfer cannot start runs on)
+            drive_deadline = time.monotonic() + min(timeout, 20)
+            while not self.files.is_dir() and time.monotonic() < drive_deadline and self.proc.poll() is None:
+                time.sleep(0.02)
         while not self._new.empty():  # expect() looks only at lines after the start
             self._new.get_nowait()
         return self
