@@ -241,13 +241,22 @@ def test_scripts_take_turns_to_be_instantiated(tmp_path):
 
     runtime.instantiate = instantiate  # type: ignore[method-assign]
     ended: list[str] = []
+    waiting = [0]
+
+    class CountingTurns(threading.BoundedSemaphore):  # counts the scripts waiting for a turn
+        def acquire(self, blocking=True, timeout=None):
+            if super().acquire(blocking=False):
+                return True
+            with lock:
+                waiting[0] += 1
+            return super().acquire(blocking, timeout)
 
     class Kernel:  # what a process's own lifecycle uses of the kernel
         node, compute_limit, compute_ticks = "a.dev", 30.0, 300
 
         def __init__(self):
             self.runtime = runtime
-            self.script_turns = threading.BoundedSemaphore(SCRIPTS_AT_ONCE)
+            self.script_turns = CountingTurns(SCRIPTS_AT_ONCE)
 
         def take_instances(self, n):
             return True
@@ -259,7 +268,7 @@ def test_scripts_take_turns_to_be_instantiated(tmp_path):
             ended.append(reason)
 
     for script in (True, False):
-        kernel, most[0] = Kernel(), 0
+        kernel, most[0], waiting[0] = Kernel(), 0, 0
         at_once = SCRIPTS_AT_ONCE if script else 10
         release.clear()
         procs = [WasmProcess(kernel, ProcessId(str(i), "p", "pub"), LoadedComponent(None, "", set()), [], "w",
@@ -269,7 +278,8 @@ def test_scripts_take_turns_to_be_instantiated(tmp_path):
                 p.turns, p.turn_wait = kernel.script_turns, 30.0
             p.start()
         wait_for(lambda: inside[0] == at_once, 10, "the first instances")  # noqa: B023 (used at once)
-        time.sleep(0.3)  # no more come in while those are held
+        # every other script is seen waiting for a turn while those are held, and none came in
+        wait_for(lambda: waiting[0] == 10 - at_once, 10, "the others waiting")  # noqa: B023
         assert most[0] == at_once
         release.set()
         for p in procs:
