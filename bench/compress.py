@@ -1,7 +1,7 @@
 """Compression (zstd, host/net/compress.py) against the same code with it off, in one run.
 
-    sudo .venv/bin/python bench/compress.py [--rounds 3] [--text-mib 512] [--random-mib 512]
-                                            [--random-rounds 9] [--fast-text-rounds 1]
+    sudo .venv/bin/python bench/compress.py [--rounds 2] [--text-mib 512] [--random-mib 512]
+                                            [--random-rounds 8] [--fast-text-rounds 1] [--both-off]
 
 Needs root (`ip netns`). Two namespaces joined by a veth pair; in the provider's, nodes b-on (compression
 on) and b-off (KINODE_COMPRESS=0), in the requestor's a-on and a-off, the on pair and the off pair on
@@ -10,8 +10,8 @@ their own ports; each pair knows the other from a peers file. Parts:
       provider's side of the link limited to 100 Mbit/s (`tc qdisc ... tbf rate 100mbit`);
   [2] `--random-mib` MiB of random bytes over the same link without a limit;
   [3] the text over the link without a limit (what compression costs where the link is fast).
-Each round downloads with the on pair and the off pair, the order swapped every round (on-off, off-on,
-...). Bytes are counted on the veth (the provider's eth0 tx_bytes, as the kernel counts them). Every
+Each round downloads twice with each pair, on-off-off-on, then off-on-on-off the next round, and so on
+(the ratio of a round: the off pair's two times over the on pair's two). Bytes are counted on the veth (the provider's eth0 tx_bytes, as the kernel counts them). Every
 copy is checked by hash. Prints each download's time, MiB/s and veth bytes, and per part the medians
 and the ratio of times off/on (the speed-up).
 """
@@ -98,7 +98,7 @@ def start_node(ns: str, name: str, home: Path, peers: Path, ports: tuple[int, in
 class Pair:
     """Requestor a-<mode> and provider b-<mode>."""
 
-    def __init__(self, tmp: Path, mode: str):
+    def __init__(self, tmp: Path, mode: str, on: bool):
         self.mode = mode
         self.a_home, self.b_home = tmp / f"a-{mode}", tmp / f"b-{mode}"
         self.a, self.b = f"a-{mode}.dev", f"b-{mode}.dev"
@@ -106,8 +106,8 @@ class Pair:
         a_peers, b_peers = tmp / f"a-{mode}.peers.json", tmp / f"b-{mode}.peers.json"
         a_peers.write_text(json.dumps([entry(self.b_home, self.b, f"{ADDR_B}:{net_port}")]))
         b_peers.write_text(json.dumps([entry(self.a_home, self.a, f"{ADDR_A}:{net_port}")]))
-        self.procs = [start_node(NS_A, self.a, self.a_home, a_peers, PORTS[mode], mode == "on"),
-                      start_node(NS_B, self.b, self.b_home, b_peers, PORTS[mode], mode == "on")]
+        self.procs = [start_node(NS_A, self.a, self.a_home, a_peers, PORTS[mode], on),
+                      start_node(NS_B, self.b, self.b_home, b_peers, PORTS[mode], on)]
 
     def download(self, name: str, digest: str, size: int) -> tuple[float, int]:
         """(seconds, bytes on the veth) of one download, checked by hash."""
@@ -142,15 +142,20 @@ def part(title: str, pairs: dict[str, Pair], name: str, digest: str, size: int, 
     wire: dict[str, list[int]] = {"on": [], "off": []}
     ratios = []
     for r in range(rounds):
-        order = ("on", "off") if r % 2 == 0 else ("off", "on")
+        # on off off on, then off on on off: a drift in the machine's load and going first or
+        # second count the same for both
+        order = ("on", "off", "off", "on") if r % 2 == 0 else ("off", "on", "on", "off")
+        took: dict[str, list[float]] = {"on": [], "off": []}
         for mode in order:
             s, moved = pairs[mode].download(name, digest, size)
             secs[mode].append(s)
             wire[mode].append(moved)
-        ratios.append(secs["off"][-1] / secs["on"][-1])
-        print(f"round {r + 1} ({order[0]} first): "
-              + ", ".join(f"{m} {secs[m][-1]:.2f} s {size / secs[m][-1] / 2**20:.1f} MiB/s "
-                          f"{wire[m][-1] / 2**20:.1f} MiB on the veth" for m in ("on", "off"))
+            took[mode].append(s)
+        ratios.append(sum(took["off"]) / sum(took["on"]))
+        print(f"round {r + 1} ({'-'.join(order)}): "
+              + ", ".join(f"{m} {'/'.join(f'{t:.2f}' for t in took[m])} s "
+                          f"{2 * size / sum(took[m]) / 2**20:.1f} MiB/s {wire[m][-1] / 2**20:.1f} MiB on the veth"
+                          for m in ("on", "off"))
               + f"; time off/on {ratios[-1]:.3f}", flush=True)
     med = {m: statistics.median(secs[m]) for m in secs}
     summary = (f"{title}, median of {rounds}: on {med['on']:.2f} s ({size / med['on'] / 2**20:.1f} MiB/s, "
@@ -176,11 +181,13 @@ def judging_cost() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of part 1 (text over 100 Mbit/s)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of part 1 (text over 100 Mbit/s)")
     ap.add_argument("--text-mib", type=int, default=512)
     ap.add_argument("--random-mib", type=int, default=512)
-    ap.add_argument("--random-rounds", type=int, default=9, help="rounds of part 2 (random, no limit)")
+    ap.add_argument("--random-rounds", type=int, default=8, help="rounds of part 2 (random, no limit)")
     ap.add_argument("--fast-text-rounds", type=int, default=1, help="rounds of part 3 (text, no limit); 0: skip")
+    ap.add_argument("--both-off", action="store_true",
+                    help="a control: the \"on\" pair runs with compression off too (what differs is the bench's own bias)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (ip netns)", file=sys.stderr)
@@ -191,7 +198,7 @@ def main() -> int:
     try:
         make_link()
         for mode in ("on", "off"):
-            pairs[mode] = Pair(tmp, mode)
+            pairs[mode] = Pair(tmp, mode, mode == "on" and not args.both_off)
         text_size, rnd_size = args.text_mib << 20, args.random_mib << 20
         t0 = time.perf_counter()
         first = pairs["on"].b_home / FILES
