@@ -1,13 +1,13 @@
 """Compression (zstd, host/net/compress.py) against the same code with it off, in one run.
 
     sudo .venv/bin/python bench/compress.py [--rounds 2] [--text-mib 512] [--random-mib 512]
-                                            [--random-rounds 8] [--fast-text-rounds 1] [--both-off]
+                                            [--random-rounds 8] [--fast-text-rounds 1] [--mbit 100] [--both-off]
 
 Needs root (`ip netns`). Two namespaces joined by a veth pair; in the provider's, nodes b-on (compression
 on) and b-off (KINODE_COMPRESS=0), in the requestor's a-on and a-off, the on pair and the off pair on
 their own ports; each pair knows the other from a peers file. Parts:
   [1] `--text-mib` MiB of text-like data (web and application logs, CSV; tests/textlike.py) with the
-      provider's side of the link limited to 100 Mbit/s (`tc qdisc ... tbf rate 100mbit`);
+      provider's side of the link limited to `--mbit` (100) Mbit/s (`tc qdisc ... tbf rate 100mbit`);
   [2] `--random-mib` MiB of random bytes over the same link without a limit;
   [3] the text over the link without a limit (what compression costs where the link is fast).
 Each round downloads twice with each pair, on-off-off-on, then off-on-on-off the next round, and so on
@@ -183,6 +183,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="rounds of part 1 (text over 100 Mbit/s)")
     ap.add_argument("--text-mib", type=int, default=512)
+    ap.add_argument("--mbit", type=int, default=100, help="the link's limit in part 1 (Mbit/s)")
     ap.add_argument("--random-mib", type=int, default=512)
     ap.add_argument("--random-rounds", type=int, default=8, help="rounds of part 2 (random, no limit)")
     ap.add_argument("--fast-text-rounds", type=int, default=1, help="rounds of part 3 (text, no limit); 0: skip")
@@ -211,8 +212,8 @@ def main() -> int:
         print(f"files written in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}",
               flush=True)
         if args.rounds:
-            limit(100)
-            summaries.append(part(f"[1] {args.text_mib} MiB text over 100 Mbit/s", pairs, "logs.txt",
+            limit(args.mbit)
+            summaries.append(part(f"[1] {args.text_mib} MiB text over {args.mbit} Mbit/s", pairs, "logs.txt",
                                   text_digest, text_size, args.rounds)[0])
         limit(None)
         if args.random_rounds:
