@@ -72,6 +72,9 @@ def node_parser(defaults: Defaults | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-discovery", dest="discovery", action="store_false", default=True,
                    help="do not announce this node on the LAN nor look for nearby nodes (mDNS); "
                         "a node listening on loopback only never does")
+    p.add_argument("--no-compress", dest="compress", action="store_false", default=d.compress,
+                   help="send every byte to other nodes as it is: no zstd compression of big blobs, and none "
+                        "announced to peers (also KINODE_COMPRESS=0)")
     p.add_argument("--compute-limit", type=float, default=d.compute_limit, metavar="S",
                    help="seconds a process may compute without calling the host before it is stopped "
                         f"(default {d.compute_limit:g}, or $KINODE_COMPUTE_LIMIT)")
@@ -111,7 +114,7 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         bind=tuple(args.bind) if args.bind else None, advertise=args.advertise,
         routers=tuple(dict.fromkeys(args.routers or ())), is_router=args.is_router,
         router_max_nodes=args.router_max_nodes, router_max_rate=args.router_max_rate * (1 << 20),
-        net_timeout=defaults.net_timeout, relay_record=defaults.relay_record,
+        net_timeout=defaults.net_timeout, compress=args.compress, relay_record=defaults.relay_record,
         test_pause_after_chunks=defaults.test_pause_after_chunks,
         net_port=args.net_port, discovery=args.discovery, http_host=args.http_host, http_timeout=defaults.http_timeout,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,

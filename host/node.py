@@ -137,7 +137,7 @@ class Node:
                                router_max_rate=self.settings.router_max_rate,
                                relay_tap=_recorder(self.settings.relay_record),
                                known=KnownPeers(self.home / ".keys" / "known_peers"),
-                               dead_after=self.settings.net_timeout,
+                               dead_after=self.settings.net_timeout, compress=self.settings.compress,
                                keepalive_every=min(net.KEEPALIVE_EVERY, self.settings.net_timeout / 4))
         try:
             self.net.start()

@@ -53,6 +53,7 @@ class Settings:
     router_max_nodes: int = 100             # indirect nodes a router serves at once
     router_max_rate: float = 0.0            # bytes/s a router relays in all; 0: no limit
     net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
+    compress: bool = True                   # zstd-compress big blobs to peers that take it, where it pays
     relay_record: Path | None = None     # tests: a router appends every byte it relays here
     test_pause_after_chunks: int = 0        # tests: see host/vfs/test_pause.py; 0 (off) in a normal run
     discovery: bool = True                  # announce on the LAN and browse (mDNS), if not on loopback only
@@ -128,6 +129,7 @@ class Defaults:
     fastconv: bool
     http_timeout: float
     net_timeout: float
+    compress: bool
     relay_record: Path | None
     test_pause_after_chunks: int
 
@@ -143,6 +145,7 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         fastconv=_flag(env, "KINODE_FASTCONV", True),
         http_timeout=_number(env, "KINODE_HTTP_TIMEOUT", float, DEFAULT_HTTP_TIMEOUT),
         net_timeout=_number(env, "KINODE_NET_TIMEOUT", float, DEFAULT_NET_TIMEOUT),
+        compress=_flag(env, "KINODE_COMPRESS", True),
         relay_record=Path(env["KINODE_RELAY_RECORD"]) if env.get("KINODE_RELAY_RECORD") else None,
         test_pause_after_chunks=_number(env, "KINODE_TEST_PAUSE_AFTER_CHUNKS", int, 0),
     )

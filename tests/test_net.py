@@ -414,7 +414,7 @@ def test_dialler_checks_name_and_key(nodes, tmp_path, caplog):
 class RawPeer:
     """A hand-driven Noise initiator, to send what a well-behaved node never would."""
 
-    def __init__(self, name, identity, port):
+    def __init__(self, name, identity, port, hello_extra=None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.noise = NoiseConnection.from_name(noisemod.NOISE_PROTOCOL)
         self.noise.set_keypair_from_private_bytes(Keypair.STATIC, identity.private)
@@ -423,7 +423,7 @@ class RawPeer:
         self.noise.start_handshake()
         self.frame(self.noise.write_message())
         self.noise.read_message(self.read_frame())
-        hello = msgpack.packb({"v": 1, "name": name, "instance": os.urandom(16)})
+        hello = msgpack.packb({"v": 1, "name": name, "instance": os.urandom(16), **(hello_extra or {})})
         self.frame(self.noise.write_message(hello))
         reply = msgpack.unpackb(self.noise.decrypt(self.read_frame()))
         assert reply["accept"], reply
@@ -458,10 +458,10 @@ def raw_peer(directory, tmp_path):
     """Make a RawPeer registered in the directory under ``name``; closed after the test."""
     made = []
 
-    def make(name, node):
+    def make(name, node, hello_extra=None):
         ident = load_or_create_identity(tmp_path / name)
         directory.register(name, ident.public, "127.0.0.1", 1)
-        made.append(RawPeer(name, ident, node.net.port))
+        made.append(RawPeer(name, ident, node.net.port, hello_extra))
         return made[-1]
 
     yield make

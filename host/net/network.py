@@ -10,6 +10,11 @@ only our nodes speak this transport): each side's static key is its networking i
 side's handshake payload names the node it claims to be. A claim is accepted only if the directory
 holds exactly that static key for that name, so a peer cannot pose as another node.
 
+Compression: nodes that both announce it in their handshake payloads send big blobs as zstd frames
+where a sample of each shows it pays (host/net/compress.py; off with ``--no-compress`` or
+``KINODE_COMPRESS=0``, which also stops announcing it). A peer that does not announce it (an older
+node) gets every byte raw. The wire format is in host/net/noise.py's docstring.
+
 The rooms: host/net/noise.py (the connection: socket I/O, Noise framing, message parsing),
 host/net/peers.py (the peer table, send queues, liveness), host/net/relay.py (routers),
 host/net/identity.py (the keypair), host/net/directory.py (names to keys and addresses). This
@@ -85,8 +90,10 @@ class Network(Relay):
                  known: KnownPeers | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  heartbeat_every: float = HEARTBEAT_EVERY,
-                 keepalive_every: float = KEEPALIVE_EVERY, dead_after: float = DEAD_AFTER):
+                 keepalive_every: float = KEEPALIVE_EVERY, dead_after: float = DEAD_AFTER,
+                 compress: bool = True):
         self.our_name = our_name
+        self.compress = compress           # announce and send zstd-compressed blobs (see host/net/compress.py)
         self.identity = identity
         self.bind = [host] if isinstance(host, str) else list(host)   # addresses to listen on
         if not self.bind:
@@ -169,9 +176,11 @@ class Network(Relay):
         self._calling_back = 0
         self._calls_for = Counter()
         self.instance = secrets.token_bytes(INSTANCE_LEN)  # new per run: tells peers we restarted
-        self._hello = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance})
-        self._hello_route = msgpack.packb({"v": 1, "name": self.our_name, "instance": self.instance,
-                                           "route": True})
+        hello: dict = {"v": 1, "name": self.our_name, "instance": self.instance}
+        if self.compress:
+            hello["compress"] = ["zstd"]
+        self._hello = msgpack.packb(hello)
+        self._hello_route = msgpack.packb({**hello, "route": True})
         self._thread = threading.Thread(target=self._run, name=f"net-{self.our_name}", daemon=True)
         started = threading.Event()
         self._loop.call_soon(started.set)
@@ -382,7 +391,7 @@ class Network(Relay):
         await conn.write_frame(noise.write_message())                      # -> e
         hs = noise.noise_protocol.handshake_state
         payload = noise.read_message(await conn.read_frame(HANDSHAKE_MAX))  # <- e, ee, s, es
-        claimed, instance, _ = parse_hello(payload)
+        claimed, instance, _, zstd = parse_hello(payload)
         remote_key = hs.rs.public_bytes
         if claimed != name:
             log.warning("dialled %s at %s but it claims to be %r; refusing", name, conn.where,
@@ -402,6 +411,7 @@ class Network(Relay):
         await conn.write_frame(noise.write_message(self._hello_route if route else self._hello))  # -> s, se
         conn.set_keys(noise)
         conn.peer_name, conn.instance = name, instance
+        conn.zstd = self.compress and zstd
         reply = msgpack.unpackb(conn.decrypt_frame(await conn.read_frame(NOISE_MAX)), raw=False)
         if not isinstance(reply, dict) or not isinstance(reply.get("accept"), bool):
             raise ProtocolError("bad handshake reply")
@@ -511,7 +521,7 @@ class Network(Relay):
         await conn.write_frame(noise.write_message(self._hello))           # <- e, ee, s, es
         hs = noise.noise_protocol.handshake_state  # dropped by the library once the handshake ends
         payload = noise.read_message(await conn.read_frame(HANDSHAKE_MAX))  # -> s, se
-        claimed, instance, route = parse_hello(payload)
+        claimed, instance, route, zstd = parse_hello(payload)
         remote_key = hs.rs.public_bytes
         conn.set_keys(noise)
         if claimed == self.our_name:
@@ -542,6 +552,7 @@ class Network(Relay):
             conn.close()
             return
         conn.peer_name, conn.instance = claimed, instance
+        conn.zstd = self.compress and zstd
         peer = self._peer(claimed)
         reason = self._judge_incoming(peer, conn)
         if reason is not None:

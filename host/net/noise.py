@@ -9,7 +9,15 @@ Wire format (all integers big-endian)::
                      msgpack {"accept": bool, "reason": str}
     plaintext     := (u32 length, msgpack(KernelMessage.to_wire()))*  split over transport messages
 
-Handshake payload (messages 2 and 3): msgpack ``{"v": 1, "name": str, "instance": 16 bytes}``.
+Handshake payload (messages 2 and 3): msgpack ``{"v": 1, "name": str, "instance": 16 bytes}``, plus
+``"compress": ["zstd"]`` from a node that takes compressed blobs (and ``"route": true`` from an
+indirect node to its router). Unknown keys are ignored, so an older node simply does not announce.
+
+Compressed blobs: only on a connection where both hellos announced ``"zstd"``, a message whose blob
+was worth compressing (host/net/compress.py) carries ``"z": N`` (the blob's size) just before
+``"blob": [mime, zstd frame]``; the frame states its content size N, at most MAX_MESSAGE. The u32
+length and MAX_MESSAGE's check on it apply to the message as sent; a frame that does not inflate to
+exactly N is a protocol error (the connection is dropped).
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from noise.connection import NoiseConnection
 
 from host.messages import KernelMessage, ParseError
+from host.net.compress import CompressError, compress_blob, decompress_blob
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +62,14 @@ _U16 = struct.Struct(">H")
 class Split:
     """An encoded KernelMessage whose big blob is kept as its own segment: the msgpack head ends
     with the blob's bin32 header, so head + blob is exactly what `packb` would give, without
-    copying megabytes into a new bytes object only to encrypt them from there."""
-    __slots__ = ("parts", "size")
+    copying megabytes into a new bytes object only to encrypt them from there. `raw_size` is the
+    message's size uncompressed when its blob is a zstd frame, else None."""
+    __slots__ = ("parts", "size", "raw_size")
 
-    def __init__(self, head: bytes, blob: bytes):
+    def __init__(self, head: bytes, blob: bytes, raw_size: int | None = None):
         self.parts = (head, blob)
         self.size = len(head) + len(blob)
+        self.raw_size = raw_size
 
     def __len__(self) -> int:
         return self.size
@@ -70,15 +81,39 @@ class Split:
 SPLIT_BLOB_MIN = 1 << 16   # msgpack encodes a bin this long with a bin32 header
 
 
-def encode(km: KernelMessage) -> bytes | Split:
+def _split(wire: dict, mime: str | None, data: bytes, raw_size: int | None = None) -> Split:
+    wire["blob"] = [mime, b""]             # the blob is the last thing packed: b"" ends the head
+    head = msgpack.packb(wire)
+    return Split(head[:-2] + b"\xc6" + _U32.pack(len(data)), data, raw_size)
+
+
+def encode(km: KernelMessage, compress: bool = False) -> bytes | Split:
+    """The message as sent; with `compress`, its big blob as a zstd frame if a sample says that pays
+    (on the caller's thread: zstd releases the GIL, the network loop goes on meanwhile). A message
+    over MAX_MESSAGE is never compressed: the sender refuses it by its raw size."""
     wire = km.to_wire()
     blob = wire["blob"]
     if blob is None or len(blob[1]) < SPLIT_BLOB_MIN:
         return msgpack.packb(wire)
-    data = blob[1]
-    wire["blob"] = [blob[0], b""]          # the blob is the last thing packed: b"" ends the head
-    head = msgpack.packb(wire)
-    return Split(head[:-2] + b"\xc6" + _U32.pack(len(data)), data)
+    mime, data = blob
+    raw = _split(wire, mime, data)
+    if not compress or len(raw) > MAX_MESSAGE:
+        return raw
+    frame = compress_blob(data)
+    if frame is None:
+        return raw
+    del wire["blob"]
+    wire["z"] = len(data)                  # before the blob, which must stay last
+    return _split(wire, mime, frame, len(raw))
+
+
+def decompressed(payload: Split) -> Split:
+    """A compressed message as it was before compression (for a connection that does not take it:
+    the peer came back without compression between queueing and sending)."""
+    wire = msgpack.unpackb(payload.joined(), raw=False)
+    size = wire.pop("z")
+    mime, frame = wire.pop("blob")
+    return _split(wire, mime, decompress_blob(frame, size, MAX_MESSAGE))
 
 
 
@@ -162,6 +197,7 @@ class Conn:
         self.pair_frame: bytes | None = None   # the first frame, when it began a pairing
         self.source = where             # the remote address (an IPv6 /64) that relay limits count by
         self.held: object = None        # set while the peer's messages wait to be taken: stop reading
+        self.zstd = False               # both ends announced compressed blobs in their hellos
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
@@ -447,14 +483,33 @@ class Conn:
         if "ctl" in wire:
             self.net._control(self, wire)
             return
+        size = len(body)
+        if "z" in wire:
+            size = self._inflate(wire, size)
         try:
             km = KernelMessage.from_wire(wire)
         except (ParseError, ValueError, TypeError, KeyError) as e:
             raise ProtocolError(f"bad kernel message ({e})") from None
-        self.net._received(self, km, len(body))
+        self.net._received(self, km, size)
+
+    def _inflate(self, wire: dict, size: int) -> int:
+        """Replace a compressed blob by its bytes; the message's size as it was before compression."""
+        if not self.zstd:
+            raise ProtocolError("compressed blob on a connection that did not negotiate compression")
+        raw_size, blob = wire.pop("z"), wire.get("blob")
+        if not isinstance(raw_size, int) or not isinstance(blob, list) or len(blob) != 2 \
+                or not isinstance(blob[1], bytes):
+            raise ProtocolError("malformed compressed blob")
+        frame = blob[1]
+        try:
+            blob[1] = decompress_blob(frame, raw_size, MAX_MESSAGE)
+        except CompressError as e:
+            raise ProtocolError(f"refused compressed blob: {e}") from None
+        return size - len(frame) + raw_size
 
 
 def parse_hello(payload: bytes) -> tuple:
+    """(name, instance, asks to be routed, takes compressed blobs) from a peer's handshake payload."""
     try:
         hello = msgpack.unpackb(bytes(payload), raw=False)
     except Exception as e:
@@ -466,5 +521,7 @@ def parse_hello(payload: bytes) -> tuple:
         raise ProtocolError("bad node name in handshake payload")
     if not isinstance(instance, bytes) or len(instance) != INSTANCE_LEN:
         raise ProtocolError("bad instance in handshake payload")
-    return name, instance, hello.get("route") is True
+    compress = hello.get("compress")
+    zstd = isinstance(compress, list) and "zstd" in compress
+    return name, instance, hello.get("route") is True, zstd
 

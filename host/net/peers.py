@@ -15,8 +15,9 @@ from collections.abc import Callable
 import msgpack
 
 from host.messages import KernelMessage
+from host.net.compress import CompressError
 from host.net.directory import Directory
-from host.net.noise import MAX_MESSAGE, Closed, Conn, DialFailed, ProtocolError, Split, encode
+from host.net.noise import MAX_MESSAGE, Closed, Conn, DialFailed, ProtocolError, Split, decompressed, encode
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Peer:
         self.pump: asyncio.Task | None = None
         self.dialling = False
         self.waiters: list = []        # futures resolved when a connection is installed
+        self.zstd = False              # its last connection took compressed blobs: compress what is queued for it
 
 
 
@@ -96,6 +98,7 @@ class PeerTable:
     on_problem: OnError | None
     keepalive_every: float
     dead_after: float
+    compress: bool
     _loop: asyncio.AbstractEventLoop
     _running: bool
     _closing: bool
@@ -196,15 +199,19 @@ class PeerTable:
         if not self._running or loop is None or loop.is_closed():
             safe_call(on_error, "offline: network is not running")
             return
+        node = km.target.node
+        peer = self._peers.get(node)   # read from any thread: a stale answer only sends raw or unpacks
         try:
-            payload = encode(km)
+            payload = encode(km, compress=self.compress and peer is not None and peer.zstd
+                             and node != self.our_name)
         except Exception as e:
             loop.call_soon_threadsafe(safe_call, on_error, f"message not encodable: {e}")
             return
-        if len(payload) > MAX_MESSAGE:
+        size = (payload.raw_size or payload.size) if isinstance(payload, Split) else len(payload)
+        if size > MAX_MESSAGE:
             loop.call_soon_threadsafe(
                 safe_call, on_error,
-                f"message too large: {len(payload)} bytes > {MAX_MESSAGE}")
+                f"message too large: {size} bytes > {MAX_MESSAGE}")
             return
         try:
             loop.call_soon_threadsafe(self._enqueue, km.target.node, payload, on_error)
@@ -268,6 +275,8 @@ class PeerTable:
                 size = 0
                 while peer.queue and size < SEND_BATCH:
                     payload, _ = peer.queue.popleft()
+                    if isinstance(payload, Split) and payload.raw_size is not None and not conn.zstd:
+                        payload = self._uncompressed(payload)
                     batch.append(payload)
                     size += len(payload)
                 try:
@@ -280,6 +289,13 @@ class PeerTable:
         except Exception:
             log.exception("network pump for %s failed", peer.name)
             self._fail_queue(peer, "offline: internal network error")
+
+    @staticmethod
+    def _uncompressed(payload: Split) -> Split:
+        try:
+            return decompressed(payload)
+        except CompressError as e:   # our own frame: cannot happen short of a bug
+            raise RuntimeError(f"cannot undo our own compression: {e}") from None
 
     async def _wait_for_conn(self, peer: Peer, timeout: float) -> Conn | None:
         if peer.conn is not None and not peer.conn.closed:
@@ -329,6 +345,7 @@ class PeerTable:
         conn.established = True
         conn.grow()
         peer.conn = conn
+        peer.zstd = conn.zstd
         conn.reader_task = self._loop.create_task(self._read(conn))
         for fut in peer.waiters:
             if not fut.done():
