@@ -25,6 +25,7 @@ from host.__main__ import build_settings, node_parser
 from host.messages import Blob
 from host.net import compress as zmod
 from host.net import noise as noisemod
+from host.net import peers as peersmod
 from host.net.compress import CompressError, compress_blob, decompress_blob
 from host.settings import defaults_from
 
@@ -111,8 +112,14 @@ def sent(monkeypatch):
     return record
 
 
+@pytest.fixture
+def not_loopback(monkeypatch):
+    """These nodes talk over loopback, where compressing is skipped: treat it as a real link."""
+    monkeypatch.setattr(peersmod, "_is_loopback", lambda conn: False)
+
+
 @pytest.mark.parametrize("a_on, b_on", [(True, True), (True, False), (False, True)])
-def test_both_must_announce_it_and_messages_arrive_intact_either_way(nodes, sent, a_on, b_on):
+def test_both_must_announce_it_and_messages_arrive_intact_either_way(nodes, sent, not_loopback, a_on, b_on):
     a, b = nodes("a.os", compress=a_on), nodes("b.os", compress=b_on)
     still_serves(a, b, b"connect")
     km = request("a.os", "b.os", blob=Blob("text/csv", TEXT))
@@ -123,6 +130,19 @@ def test_both_must_announce_it_and_messages_arrive_intact_either_way(nodes, sent
     on = a_on and b_on
     assert a.net._peers["b.os"].conn.zstd is on and b.net._peers["a.os"].conn.zstd is on
     assert (sent[0] * 3 < len(TEXT)) is on, sent
+
+
+def test_nothing_is_compressed_over_loopback_though_both_take_it(nodes, sent):
+    """Bytes cost nothing on loopback: the blob goes raw (with a real link, the test above, it shrinks)."""
+    a, b = nodes("a.os"), nodes("b.os")
+    still_serves(a, b, b"connect")
+    km = request("a.os", "b.os", blob=Blob("text/csv", TEXT))
+    sent.clear()
+    errors = a.send(km)
+    assert b.recv() == km
+    assert_quiet(errors, 0)
+    assert a.net._peers["b.os"].conn.zstd and b.net._peers["a.os"].conn.zstd  # negotiated all the same
+    assert sent[0] >= len(TEXT), sent
 
 
 def test_a_queued_compressed_message_goes_raw_if_the_connection_does_not_take_it(nodes, sent):

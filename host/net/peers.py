@@ -7,6 +7,7 @@ Everything here runs on the network loop; `PeerTable.send` may be called from an
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 from collections import deque
@@ -345,7 +346,9 @@ class PeerTable:
         conn.established = True
         conn.grow()
         peer.conn = conn
-        peer.zstd = conn.zstd
+        # bytes cost nothing on a loopback link, so compressing there would only spend CPU; such a
+        # connection still takes the peer's compressed blobs, if the peer sends them
+        peer.zstd = conn.zstd and not _is_loopback(conn)
         conn.reader_task = self._loop.create_task(self._read(conn))
         for fut in peer.waiters:
             if not fut.done():
@@ -448,3 +451,17 @@ def safe_call(fn: Callable, *args) -> None:
         fn(*args)
     except Exception:
         log.exception("network callback %r failed", fn)
+
+
+def _is_loopback(conn: Conn) -> bool:
+    """Whether the connection's other end is this machine's loopback (127.0.0.0/8 or ::1)."""
+    try:
+        host = conn.sock.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        return False
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
