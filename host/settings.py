@@ -55,6 +55,8 @@ class Settings:
     net_timeout: float = DEFAULT_NET_TIMEOUT # a connection silent this long is dropped
     relay_record: Path | None = None     # tests: a router appends every byte it relays here
     test_pause_after_chunks: int = 0        # tests: see host/vfs/test_pause.py; 0 (off) in a normal run
+    delta: bool = True                      # the VFS's delta actions: a download moves only what changed
+    test_lie_after_reads: int = -1          # tests: see host/vfs/test_pause.py TestLie; -1 (off) in a normal run
     discovery: bool = True                  # announce on the LAN and browse (mDNS), if not on loopback only
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: frozenset[int] | None = None   # pin every thread to these CPUs
@@ -130,6 +132,8 @@ class Defaults:
     net_timeout: float
     relay_record: Path | None
     test_pause_after_chunks: int
+    delta: bool
+    test_lie_after_reads: int
 
 
 def defaults_from(env: Mapping[str, str]) -> Defaults:
@@ -145,6 +149,8 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         net_timeout=_number(env, "KINODE_NET_TIMEOUT", float, DEFAULT_NET_TIMEOUT),
         relay_record=Path(env["KINODE_RELAY_RECORD"]) if env.get("KINODE_RELAY_RECORD") else None,
         test_pause_after_chunks=_number(env, "KINODE_TEST_PAUSE_AFTER_CHUNKS", int, 0),
+        delta=_flag(env, "KINODE_DELTA", True),
+        test_lie_after_reads=_number(env, "KINODE_TEST_LIE_AFTER_READS", int, -1),
     )
 
 
