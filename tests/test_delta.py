@@ -313,8 +313,10 @@ class Sim:
             finally:
                 os.close(fd)
             self.blob["prov"] = records
-            return m.handle(ft_delta.FileChunked({"count": len(records) // 36, "size": size, "stamp": stamp,
-                                                  "blake3": whole}, 0.0))
+            return m.handle(ft_delta.FileChunked({"count": len(records) // 36, "size": size, "stamp": stamp}, 0.0))
+        if isinstance(a, ft_delta.HashWhole):
+            assert a.stamp == host_delta.stamp_of(self.pfile.stat())
+            return m.handle(ft_delta.WholeHashed(h(self.new), 0.0))
         if isinstance(a, ft_delta.ReadPieces):
             data = bytearray()
             for off, n in a.items:

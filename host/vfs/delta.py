@@ -32,7 +32,7 @@ from host import fsutil
 RECORD = struct.Struct("<I32s")
 MIN_AVG, MAX_AVG = 4096, 1 << 20     # the averages a caller may ask for (FastCDC takes 256 to 4 MiB)
 CACHE_BYTES = 64 << 20                # chunk lists kept in memory, in all
-COPY_PIECE = 64 << 20                 # bytes per copy_file_range call
+COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 _cache: OrderedDict = OrderedDict()   # (stamp, avg) -> (records, whole hex)
@@ -71,8 +71,8 @@ def _remember(key: tuple, value: tuple) -> None:
     if size > CACHE_BYTES // 4:
         return
     with _cache_lock:
-        if key in _cache:
-            return
+        if key in _cache:   # kept, or given the whole file's hash it lacked
+            _cache_bytes -= len(_cache.pop(key)[0])
         _cache[key] = value
         _cache_bytes += size
         while _cache_bytes > CACHE_BYTES:
@@ -80,52 +80,87 @@ def _remember(key: tuple, value: tuple) -> None:
             _cache_bytes -= len(old[0])
 
 
-def chunk_list(fd: int, avg: int) -> tuple:
-    """-> (records, whole-file BLAKE3 hex, stamp, size) of the open file `fd`."""
+def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
+    """-> (records, whole-file BLAKE3 hex or None without `whole`, stamp, size) of the open file `fd`."""
     if not MIN_AVG <= avg <= MAX_AVG:
         raise DeltaError(f"the average chunk size must be between {MIN_AVG} and {MAX_AVG}")
     before = os.fstat(fd)
     stamp = stamp_of(before)
     hit = _cached((stamp, avg))
-    if hit is not None:
+    if hit is not None and (hit[1] is not None or not whole):
         return hit[0], hit[1], stamp, before.st_size
+    digest: str | None = None
     if before.st_size == 0:
-        records, whole = b"", blake3.blake3().hexdigest()
+        records, digest = b"", blake3.blake3().hexdigest()
     else:
         m = mmap.mmap(fd, before.st_size, prot=mmap.PROT_READ)
         try:
             m.madvise(mmap.MADV_SEQUENTIAL)
             view = memoryview(m)
             try:
-                parts = []
-                for c in FastCDC(avg, min_size=avg // 4, max_size=avg * 4).cut_buf(view):
-                    parts.append(RECORD.pack(c.length, blake3.blake3(view[c.offset:c.offset + c.length]).digest()))
-                    del c
-                records = b"".join(parts)
-                whole = blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
+                # the whole file's hash on another thread meanwhile (BLAKE3 lets go of the GIL)
+                hashed: list = []
+                worker = threading.Thread(target=lambda: hashed.append(blake3.blake3(view).hexdigest()),
+                                          name="vfs-blake3") if whole else None
+                if worker is not None:
+                    worker.start()
+                try:
+                    parts = []
+                    for c in FastCDC(avg, min_size=avg // 4, max_size=avg * 4).cut_buf(view):
+                        parts.append(RECORD.pack(c.length, blake3.blake3(view[c.offset:c.offset + c.length]).digest()))
+                        del c
+                    records = b"".join(parts)
+                finally:
+                    if worker is not None:
+                        worker.join()
+                digest = hashed[0] if whole else None
             finally:
                 view.release()
         finally:
             m.close()
     if stamp_of(os.fstat(fd)) != stamp:
         raise DeltaError("the file changed while it was being chunked")
-    _remember((stamp, avg), (records, whole))
-    return records, whole, stamp, before.st_size
+    _remember((stamp, avg), (records, digest))
+    return records, digest, stamp, before.st_size
 
 
-def blake3_file(fd: int) -> str:
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return blake3.blake3().hexdigest()
-    m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    try:
-        view = memoryview(m)
+def blake3_file(fd: int, sync: bool = False, want_stamp: str | None = None) -> str:
+    """The file's BLAKE3; with `sync`, an fsync runs meanwhile (the disk's work beside the CPU's); with
+    `want_stamp`, the file must have it before and after."""
+    if want_stamp is not None and stamp_of(os.fstat(fd)) != want_stamp:
+        raise DeltaError("the file changed since it was opened")
+    failed: list = []
+
+    def flush() -> None:
         try:
-            return blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
-        finally:
-            view.release()
+            os.fsync(fd)
+        except OSError as e:
+            failed.append(e)
+    syncing = threading.Thread(target=flush, name="vfs-fsync") if sync else None
+    if syncing is not None:
+        syncing.start()
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            digest = blake3.blake3().hexdigest()
+        else:
+            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            try:
+                view = memoryview(m)
+                try:
+                    digest = blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
+                finally:
+                    view.release()
+            finally:
+                m.close()
     finally:
-        m.close()
+        if syncing is not None:
+            syncing.join()
+    if failed:
+        raise failed[0]
+    if want_stamp is not None and stamp_of(os.fstat(fd)) != want_stamp:
+        raise DeltaError("the file changed while it was being hashed")
+    return digest
 
 
 def _int(v) -> bool:

@@ -65,11 +65,10 @@ _UNIT_ACTIONS = frozenset({
     "Append", "SyncAll", "Read", "ReadDir", "ReadToEnd", "ReadToString", "RemoveFile", "RemoveDir",
     "RemoveDirAll", "Metadata", "Len", "Hash", "AddZip",
     "SyncTree",  # this host's folder action
-    "Blake3",    # this host's delta action
 })
 _ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen",
                           "WalkDir", "ReadMany", "WriteMany",   # this host's folder actions
-                          "ChunkList", "CopyRanges", "WriteRanges"})  # and its delta actions
+                          "ChunkList", "CopyRanges", "WriteRanges", "Blake3"})  # and its delta actions
 # Actions served through the caller's handle: an existing handle needs no path resolution.
 _HANDLE_ACTIONS = frozenset({
     "Read", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Write", "WriteAll", "Append", "SetLen",
@@ -298,11 +297,12 @@ _TREE_ACTIONS = {
 }
 # and "SyncTree" (a unit action): waits for the process's last write, then makes the tree durable
 
-# this host's delta actions (host/vfs/delta.py), and "Blake3" (a unit action: the file's BLAKE3)
+# this host's delta actions (host/vfs/delta.py)
 _DELTA_ACTIONS = {
     "ChunkList": '{"avg": n}',   # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob
     "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "items": [[from, to, length]]}',
     "WriteRanges": '{"items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
+    "Blake3": '{"sync": true|false, "stamp": s|null}',   # -> {"Blake3": hex}; sync: an fsync meanwhile
 }
 
 
@@ -1189,22 +1189,27 @@ class Vfs:
         """The file's chunk list as the blob; `avg` 0 answers only its size and stamp (a probe)."""
         self._delta_on(vp, "ChunkList")
         avg = _int(arg.get("avg"), "ChunkList avg", 0, vfs_delta.MAX_AVG)
+        whole = arg.get("whole", True) is not False
         fd = self._delta_fd(loc, vp)
         try:
             if avg == 0:
                 st = os.fstat(fd)
                 return VfsResult(_dumps({"ChunkList": {"size": st.st_size, "stamp": vfs_delta.stamp_of(st)}}))
-            records, whole, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg)
+            records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
         finally:
             os.close(fd)
         body = {"ChunkList": {"count": len(records) // vfs_delta.RECORD.size, "size": size, "stamp": stamp,
-                              "blake3": whole}}
+                              "blake3": digest}}
         return VfsResult(_dumps(body), records)
 
     def _a_Blake3(self, source, vp, loc, arg, data):
         fd = self._delta_fd(loc, vp)
         try:
-            return VfsResult(_dumps({"Blake3": self._delta(vp, vfs_delta.blake3_file, fd)}))
+            stamp = arg.get("stamp")
+            if stamp is not None and not isinstance(stamp, str):
+                raise _bad_json(f"Blake3 expects {_DELTA_ACTIONS['Blake3']}")
+            return VfsResult(_dumps({"Blake3": self._delta(vp, vfs_delta.blake3_file, fd, arg.get("sync") is True,
+                                                           stamp)}))
         finally:
             os.close(fd)
 

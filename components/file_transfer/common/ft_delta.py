@@ -10,15 +10,16 @@ Negotiated in metadata, as folders are, so a plain peer and one without it never
   Both ends then cut their own copy into content-defined chunks (FastCDC, average A bytes, in the
   host) at the same time: an unchanged chunk has the same BLAKE3 on both, wherever an insertion or a
   removal moved it.
-- The provider sends its list: a `Progress` request with `{"ft":1, "chunks": {"count", "avg",
-  "blake3": the whole file's hash}}` and the records (length, BLAKE3) as the blob. The requestor
-  answers `{"ft":1, "want": [[offset, length]]}`: pieces of whole chunks it lacks, each at most
-  EXT_CHUNK_SIZE, and copies the chunks it has from its old copy into the partial in the host.
+- The provider sends its list: a `Progress` request with `{"ft":1, "chunks": {"count", "avg"}}` and
+  the records (length, BLAKE3) as the blob, then hashes its file whole (while the requestor plans
+  and copies) and sends `Progress` with `{"ft":1, "final": true, "blake3"}`. The requestor answers
+  the list with `{"ft":1, "want": [[offset, length]]}`: pieces of whole chunks it lacks, each at
+  most EXT_CHUNK_SIZE, and copies the chunks it has from its old copy into the partial in the host.
 - The provider sends the pieces in order, several to a message up to EXT_CHUNK_SIZE: `Chunk {name,
   offset, length}` with `{"ft":1, "pieces": [first index, count]}` and their bytes as the blob, at
   most its window unacknowledged. The requestor's host checks every chunk of a piece against the
   list's hash before writing any of it.
-- At the end the requestor hashes the new file whole and compares it with the list's hash; only
+- At the end the requestor hashes the new file whole and compares it with the provider's; only
   then does it take the file's real name (the old copy is replaced as in any download). A failure
   removes the partial: the old copy is untouched, and the next run starts again.
 """
@@ -143,13 +144,20 @@ class RangesCopied:
 
 @dataclass
 class FileChunked:
-    """The file to send is chunked: the list is the blob held; `info` {"count", "size", "stamp", "blake3"}."""
+    """The file to send is chunked: the list is the blob held; `info` {"count", "size", "stamp"}."""
     info: dict
     now: float
 
 
 @dataclass
 class PiecesRead:
+    now: float
+
+
+@dataclass
+class WholeHashed:
+    """The file being sent, hashed whole (it still had the stamp it was opened with)."""
+    digest: str
     now: float
 
 
@@ -189,6 +197,12 @@ class VerifyWhole:
 class ChunkFile:
     """Chunk the file being sent (the list stays in the host as the current blob); -> FileChunked."""
     avg: int
+
+
+@dataclass
+class HashWhole:
+    """Hash the file being sent whole, in the host; it must keep `stamp`; -> WholeHashed."""
+    stamp: Any
 
 
 @dataclass
@@ -234,8 +248,7 @@ class DeltaRequestor:
         self.state = self.OPENING
         self.file_open = False
         self.basis_list: list = []
-        self.basis_whole: str | None = None
-        self.whole: str | None = None   # the provider's file hash, from its list
+        self.whole: str | None = None   # the provider's file hash, sent after its list
         self.want: list = []            # [offset, length] of the pieces asked for
         self.pieces: list = []          # (offset, length, [[offset, length, blake3]]) of each
         self.left: set = set()          # pieces not yet written
@@ -307,7 +320,6 @@ class DeltaRequestor:
             if records is None or not isinstance(info, dict) or info.get("stamp") != self.basis.get("stamp"):
                 raise ValueError(error or "the copy changed meanwhile")
             self.basis_list = parse_list(records)
-            self.basis_whole = info.get("blake3") if isinstance(info.get("blake3"), str) else None
         except ValueError as e:
             # the provider was asked for its list already: go on, fetching every chunk
             self.basis_list = []
@@ -324,17 +336,23 @@ class DeltaRequestor:
             return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
         if "Progress" in body and isinstance(meta.get("chunks"), dict) and self.state == self.LISTING:
             info = meta["chunks"]
-            digest, count = info.get("blake3"), info.get("count")
-            if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest) and _int(count)
-                    and count <= MAX_CHUNKS and blob_len == count * RECORD.size and info.get("avg") == self.avg):
+            count = info.get("count")
+            if not (_int(count) and count <= MAX_CHUNKS and blob_len == count * RECORD.size
+                    and info.get("avg") == self.avg):
                 return self.fail("peer sent a malformed chunk list", keep=False, now=now)
-            self.whole = digest
             self.moved += count * RECORD.size
             self.last_activity = now
             self.state = self.PLANNING
             return [ReadChunkList()]
         if isinstance(body.get("Chunk"), dict) and isinstance(meta.get("pieces"), list):
             return self.chunk(body["Chunk"], meta["pieces"], wants_answer, blob_len, now)
+        if "Progress" in body and meta.get("final") and self.whole is None:
+            digest = meta.get("blake3")
+            if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
+                return self.fail("peer sent a malformed file hash", keep=False, now=now)
+            self.whole = digest
+            self.last_activity = now
+            return self._maybe_finish([]) if self.state == self.RECEIVING else []
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]
 
     def list_read(self, data: bytes | None, now: float) -> list:
@@ -414,7 +432,9 @@ class DeltaRequestor:
                              "provider's hash (the provider's list lied, or a file changed meanwhile); nothing "
                              "was saved, the local copy is unchanged", keep=False, now=now)
         self.verified_digest = digest
-        return [Rename(digest, basis=(self.basis["stamp"], self.basis_whole))]
+        # the old copy had the new content if every chunk was copied to where it was (no need to hash it)
+        same = not self.pieces and self.basis.get("size") == self.size and all(s == d for s, d, _ in self.copies)
+        return [Rename(digest, basis=(self.basis["stamp"], same))]
 
     def renamed(self, replaced: bool, now: float) -> list:
         actions: list = [RemoveFiles(state=True, partial=False)]
@@ -503,9 +523,15 @@ class DeltaProvider:
         self.reading: list | None = None
         self.in_flight = 0
         self.sent = 0
+        self.hashed = False         # the whole file's hash is sent
+        self.early_want: dict | None = None
 
     def start(self) -> list:
         return [ChunkFile(self.avg)]
+
+    def _want_pending(self, now: float) -> list:
+        meta, self.early_want = self.early_want, None
+        return self.response("chunks", meta, now) if meta is not None else []
 
     def handle(self, ev: Any) -> list:
         t = type(ev)
@@ -513,6 +539,8 @@ class DeltaProvider:
             return self.file_chunked(ev.info, ev.now)
         if t is PiecesRead:
             return self.pieces_read(ev.now)
+        if t is WholeHashed:
+            return self.whole_hashed(ev.digest, ev.now)
         if t is GotResponse:
             return self.response(ev.context, ev.meta, ev.now)
         if t is GotRequest:
@@ -533,11 +561,23 @@ class DeltaProvider:
                                "file changed while being chunked")
         self.state = self.LISTED
         self.last_activity = now
+        # the whole file's hash is taken after the list is sent: the requestor plans and copies meanwhile
         return [Send(self.target, {"Progress": {"name": self.name, "progress": 0}},
-                     {"ft": 1, "chunks": {"count": info.get("count"), "avg": self.avg, "blake3": info.get("blake3")}},
-                     ACK_TIMEOUT, "chunks", forward_blob=True)]
+                     {"ft": 1, "chunks": {"count": info.get("count"), "avg": self.avg}},
+                     ACK_TIMEOUT, "chunks", forward_blob=True),
+                HashWhole(self.stamp)]
+
+    def whole_hashed(self, digest: str, now: float) -> list:
+        if self.state != self.LISTED:
+            raise RuntimeError(f"whole_hashed in state {self.state}")
+        self.hashed = True
+        return [Send(self.target, {"Progress": {"name": self.name, "progress": 0}},
+                     {"ft": 1, "final": True, "blake3": digest})] + self._want_pending(now)
 
     def response(self, context: str | None, meta: dict, now: float) -> list:
+        if context == "chunks" and self.state == self.LISTED and not self.hashed:
+            self.early_want = meta   # the answer came before the hash was done (a driver that is not in order)
+            return []
         if context == "chunks" and self.state == self.LISTED:
             want = meta.get("want")
             if not (isinstance(want, list) and len(want) <= MAX_PIECES and all(

@@ -266,8 +266,9 @@ class VerifyFile:
 @dataclass
 class Rename:
     """The partial takes the file's real name; -> Renamed(whether it replaced a file of other content,
-    judged by size and by `digest`, the new file's BLAKE3, where there is one). `basis`: (stamp,
-    BLAKE3) of the file of that name, known already (ft_delta): not read again while it has that stamp."""
+    judged by size and by `digest`, the new file's BLAKE3, where there is one). `basis`: (stamp, same)
+    of the file of that name (ft_delta): whether it has the new content is known already while it has
+    that stamp, and it is not read again."""
     digest: str | None = None
     basis: tuple | None = None
 

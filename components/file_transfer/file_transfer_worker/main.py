@@ -80,6 +80,7 @@ class Worker:
             ft_delta.ReadChunkList: self.read_chunk_list, ft_delta.CopyRanges: self.copy_ranges,
             ft_delta.WriteRanges: self.write_ranges, ft_delta.VerifyWhole: self.verify_whole,
             ft_delta.ChunkFile: self.chunk_file, ft_delta.ReadPieces: self.read_pieces,
+            ft_delta.HashWhole: self.hash_whole,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -241,8 +242,8 @@ class Worker:
             return True
         if digest is None:
             return False  # a plain transfer has no hash to compare: same size, taken as the same
-        if basis is not None and basis[1] and old.stamp == basis[0]:
-            return basis[1] != digest  # hashed already, unchanged since
+        if basis is not None and old.stamp == basis[0]:
+            return not basis[1]  # known from its chunks (ft_delta), unchanged since
         try:
             f = vfs.open_file(final)
             try:
@@ -304,7 +305,8 @@ class Worker:
 
     def chunk_basis(self, a: ft_delta.ChunkBasis) -> list:
         try:
-            info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg}},
+            # no whole-file hash: the chunks tell whether the new file differs from it
+            info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg, "whole": False}},
                                    timeout=DELTA_TIMEOUT)["ChunkList"]
             blob = get_blob()
             records, error = (blob.bytes if blob is not None else b""), None
@@ -326,14 +328,20 @@ class Worker:
         return self.machine.handle(ft.ChunkWritten(time.monotonic()))
 
     def verify_whole(self, a: ft_delta.VerifyWhole) -> list:
-        self.file.sync_all()  # durable before it takes the real name
-        digest = vfs.vfs_request(self.partial, "Blake3", timeout=DELTA_TIMEOUT)["Blake3"]
+        # hashed whole, and made durable meanwhile, before it takes the real name
+        digest = vfs.vfs_request(self.partial, {"Blake3": {"sync": True}}, timeout=DELTA_TIMEOUT)["Blake3"]
         return self.machine.handle(ft.FileVerified(digest, time.monotonic()))
 
     def chunk_file(self, a: ft_delta.ChunkFile) -> list:
-        info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg}},
+        # the whole file's hash is taken apart (HashWhole), once the list is on its way
+        info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg, "whole": False}},
                                timeout=DELTA_TIMEOUT)["ChunkList"]
         return self.machine.handle(ft_delta.FileChunked(info, time.monotonic()))  # the list stays the blob
+
+    def hash_whole(self, a: ft_delta.HashWhole) -> list:
+        digest = vfs.vfs_request(f"{self.drive}/{self.name}", {"Blake3": {"stamp": a.stamp}},
+                                 timeout=DELTA_TIMEOUT)["Blake3"]
+        return self.machine.handle(ft_delta.WholeHashed(digest, time.monotonic()))
 
     def read_pieces(self, a: ft_delta.ReadPieces) -> list:
         vfs.vfs_request(self.drive, {"ReadMany": {"items": [[self.name, off, n, a.stamp] for off, n in a.items]}},
