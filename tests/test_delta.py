@@ -154,6 +154,7 @@ class Sim:
     old: bytes | None
     prov_delta: bool = True            # the provider's host can chunk
     lie_at: int | None = None          # the provider corrupts the piece holding this offset
+    old_is_partial: bool = False       # the old copy is a partial download (of another version)
     sent: int = 0                      # blob bytes the provider sent
     logs: list = field(default_factory=list)
     progress: list = field(default_factory=list)
@@ -165,8 +166,10 @@ class Sim:
         self.rdir.mkdir()
         self.final = self.rdir / "f.bin"
         self.part = self.rdir / "f.bin.part"
+        self.aside = self.rdir / "f.bin.basis"
+        self.basis = self.final
         if self.old is not None:
-            self.final.write_bytes(self.old)
+            (self.part if self.old_is_partial else self.final).write_bytes(self.old)
         self.pfile = self.tmp / "prov.bin"
         self.pfile.write_bytes(self.new)
         self.machines: dict[str, Any] = {"req": ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)}
@@ -234,14 +237,27 @@ class Sim:
         m = self.machines[who]
         if isinstance(a, ft.LoadState):
             basis = None
-            if self.final.exists():
-                basis = {"size": self.final.stat().st_size, "stamp": host_delta.stamp_of(self.final.stat())}
+            for path, partial in ((self.final, False), (self.part, True)):
+                if path.exists():
+                    basis = {"size": path.stat().st_size, "stamp": host_delta.stamp_of(path.stat()), "partial": partial}
+                    break
             return m.handle(ft.StateLoaded(None, None, 0.0, basis))
+        if isinstance(a, ft_delta.MoveBasisAside):
+            os.replace(self.part, self.aside)
+            self.basis = self.aside
+            return m.handle(ft_delta.BasisMoved(host_delta.stamp_of(self.aside.stat()), 0.0))
+        if isinstance(a, ft_delta.RemoveBasis):
+            self.aside.unlink(missing_ok=True)
+            return None
+        if isinstance(a, ft_delta.RestoreBasis):
+            if self.aside.exists():
+                os.replace(self.aside, self.part)
+            return None
         if isinstance(a, ft.OpenPartial):
             self.part.write_bytes(b"")
             return m.handle(ft.PartialOpened(0.0))
         if isinstance(a, ft_delta.ChunkBasis):
-            fd = os.open(self.final, os.O_RDONLY)
+            fd = os.open(self.basis, os.O_RDONLY)
             try:
                 records, whole, stamp, size = host_delta.chunk_list(fd, AVG)
             finally:
@@ -250,7 +266,7 @@ class Sim:
         if isinstance(a, ft_delta.ReadChunkList):
             return m.handle(ft_delta.ListRead(self.blob["req"], 0.0))
         if isinstance(a, ft_delta.CopyRanges):
-            src, dst = os.open(self.final, os.O_RDONLY), os.open(self.part, os.O_WRONLY)
+            src, dst = os.open(self.basis, os.O_RDONLY), os.open(self.part, os.O_WRONLY)
             try:
                 host_delta.copy_ranges(src, dst, a.items, a.stamp)
             finally:
@@ -354,6 +370,16 @@ def test_machines_move_only_what_changed_and_verify_the_whole(tmp_path, small_av
     assert sim.sent < len(new) * 0.05
 
 
+def test_a_partial_download_of_another_version_serves_as_the_old_copy(tmp_path, small_avg):
+    old = big(seed=30)
+    new = edited(old, seed=31)
+    sim = Sim(tmp_path, new, old[:len(old) * 2 // 3], old_is_partial=True).run()   # two thirds of the old one
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new
+    assert sim.sent < len(new) // 2                                  # the partial's part came from it
+    assert not sim.aside.exists() and not sim.part.exists()          # moved aside, then removed
+    assert "replaced" not in sim.progress[-1]                        # no file of that name was there
+
+
 def test_identical_copy_moves_only_the_list(tmp_path, small_avg):
     old = big(seed=9)
     sim = Sim(tmp_path, old, old).run()
@@ -388,6 +414,12 @@ def test_a_lying_provider_is_caught_and_the_old_copy_kept(tmp_path, small_avg):
     assert "bob.os sent data" in sim.progress[-1]["error"]
     assert sim.final.read_bytes() == old and not sim.part.exists()   # nothing lost, nothing left
     assert sim.exits["prov"] is not None                              # told, it stopped
+    # from a partial download of another version: it is put back, for the next run
+    tmp3 = tmp_path / "partial"
+    tmp3.mkdir()
+    sim = Sim(tmp3, new, old, lie_at=mid, old_is_partial=True).run()
+    assert "does not match its chunk list" in (sim.exits["req"] or "")
+    assert sim.part.read_bytes() == old and not sim.aside.exists() and not sim.final.exists()
     # the positive control: the same download without the lie arrives
     tmp2 = tmp_path / "again"
     tmp2.mkdir()
@@ -422,10 +454,10 @@ def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
         return Tracked
     monkeypatch.setitem(ft.DELTA_MACHINES, "requestor", tracked(ft_delta.DeltaRequestor))
     monkeypatch.setitem(ft.DELTA_MACHINES, "provider", tracked(ft_delta.DeltaProvider))
-    for n, (seed, lie) in enumerate([(17, None), (19, len(big()) // 2 + 9)]):
+    for n, (seed, lie, partial) in enumerate([(17, None, False), (19, len(big()) // 2 + 9, True)]):
         d = tmp_path / str(n)
         d.mkdir()
-        Sim(d, edited(big(seed=seed), seed=seed + 1, changes=0), big(seed=seed), lie_at=lie).run()
+        Sim(d, edited(big(seed=seed), seed=seed + 1, changes=0), big(seed=seed), lie_at=lie, old_is_partial=partial).run()
     assert seen["DeltaRequestor"] == ft_delta.DeltaRequestor.STATES
     assert seen["DeltaProvider"] == ft_delta.DeltaProvider.STATES
 
@@ -502,3 +534,19 @@ def test_nodes_with_delta_turned_off_move_the_whole_file(node_factory):
     assert code == 0 and any("replaced the big.bin" in ln and "moved" not in ln for ln in lines), lines
     assert bytes_written(fake2) - before >= len(new)
     assert (fake.files / "big.bin").read_bytes() == new
+
+
+def test_nodes_start_from_a_partial_download_of_another_version(two_nodes):
+    fake, fake2 = two_nodes
+    old = rand(12 << 20, 28)
+    new = edited(old, seed=29, changes=4, insert=200_000)
+    partial = fake.files / ".partial" / "fake2.dev" / "big.bin.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(old[:10 << 20])     # an interrupted download of the old version, no resume state
+    (fake2.files / "big.bin").write_bytes(new)
+    before = bytes_written(fake2)
+    code, lines = fake.run(f"{DL} big.bin fake2.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    assert code == 0 and any("only" in ln and "moved" in ln for ln in lines), lines
+    assert bytes_written(fake2) - before < len(new) // 2
+    assert (fake.files / "big.bin").read_bytes() == new
+    assert not partial.exists() and not partial.with_name("big.bin.basis").exists()

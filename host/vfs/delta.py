@@ -106,7 +106,7 @@ def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
                     worker.start()
                 try:
                     parts = []
-                    for c in FastCDC(avg, min_size=avg // 4, max_size=avg * 4).cut_buf(view):
+                    for c in FastCDC(avg, min_size=avg * 3 // 4, max_size=avg * 4).cut_buf(view):
                         parts.append(RECORD.pack(c.length, blake3.blake3(view[c.offset:c.offset + c.length]).digest()))
                         del c
                     records = b"".join(parts)

@@ -6,19 +6,21 @@ Negotiated in metadata, as folders are, so a plain peer and one without it never
 - A provider that can chunk (its host has the delta actions) offers it in Size: `{"ft":1, "delta":1}`
   (files over EXT_CHUNK_SIZE and up to ft_protocol.DELTA_MAX only).
 - A requestor with no resume point for the file but an older copy of it (the same name in its files
-  drive) answers Size with `{"ft":1, "offset":0, "delta": {"avg": A}}` instead of a plain offset.
+  drive, else a partial download of another version, which is first moved aside to `NAME.basis`,
+  removed at the end and put back after a failure) answers Size with `{"ft":1, "offset":0, "delta": {"avg": A}}` instead of a plain offset.
   Both ends then cut their own copy into content-defined chunks (FastCDC, average A bytes, in the
   host) at the same time: an unchanged chunk has the same BLAKE3 on both, wherever an insertion or a
   removal moved it.
 - The provider sends its list: a `Progress` request with `{"ft":1, "chunks": {"count", "avg"}}` and
-  the records (length, BLAKE3) as the blob, then hashes its file whole (while the requestor plans
-  and copies) and sends `Progress` with `{"ft":1, "final": true, "blake3"}`. The requestor answers
-  the list with `{"ft":1, "want": [[offset, length]]}`: pieces of whole chunks it lacks, each at
-  most EXT_CHUNK_SIZE, and copies the chunks it has from its old copy into the partial in the host.
+  the records (length, BLAKE3) as the blob. The requestor answers `{"ft":1, "want": [[offset,
+  length]]}`: pieces of whole chunks it lacks, each at most EXT_CHUNK_SIZE, and copies the chunks it
+  has from its old copy into the partial in the host.
 - The provider sends the pieces in order, several to a message up to EXT_CHUNK_SIZE: `Chunk {name,
   offset, length}` with `{"ft":1, "pieces": [first index, count]}` and their bytes as the blob, at
   most its window unacknowledged. The requestor's host checks every chunk of a piece against the
-  list's hash before writing any of it.
+  list's hash before writing any of it. Once its window is full (or all is sent) the provider hashes
+  its file whole, while the requestor copies, and sends `Progress` with `{"ft":1, "final": true,
+  "blake3"}`.
 - At the end the requestor hashes the new file whole and compares it with the provider's; only
   then does it take the file's real name (the old copy is replaced as in any download). A failure
   removes the partial: the old copy is untouched, and the next run starts again.
@@ -143,6 +145,13 @@ class RangesCopied:
 
 
 @dataclass
+class BasisMoved:
+    """The partial was moved aside to serve as the old copy; `stamp` is its stamp there."""
+    stamp: str | None
+    now: float
+
+
+@dataclass
 class FileChunked:
     """The file to send is chunked: the list is the blob held; `info` {"count", "size", "stamp"}."""
     info: dict
@@ -163,8 +172,15 @@ class WholeHashed:
 
 # ---- actions -----------------------------------------------------------------------------------
 @dataclass
+class MoveBasisAside:
+    """The old copy is a partial download: rename it to `NAME.basis` beside it (the new partial is
+    built where it was); -> BasisMoved."""
+
+
+@dataclass
 class ChunkBasis:
-    """Chunk the old copy (the file of this name in the files drive); -> BasisChunked."""
+    """Chunk the old copy (the file of this name in the files drive, or the partial moved aside);
+    -> BasisChunked."""
     avg: int
 
 
@@ -179,6 +195,17 @@ class CopyRanges:
     into the partial, in the host; -> RangesCopied."""
     items: list
     stamp: str
+
+
+@dataclass
+class RemoveBasis:
+    """Remove the partial moved aside (MoveBasisAside); a missing one is no error."""
+
+
+@dataclass
+class RestoreBasis:
+    """Move the partial moved aside back to its place (after the new partial was removed), for the
+    next download to start from; a missing one is no error."""
 
 
 @dataclass
@@ -221,6 +248,7 @@ def _int(v: Any) -> bool:
 class DeltaRequestor:
     """Builds the new file from the old copy's chunks and the pieces the provider sends."""
 
+    MOVING = "moving"          # moving a partial aside, to serve as the old copy
     OPENING = "opening"        # answering Size, opening the partial
     BASIS = "basis"            # chunking the old copy
     LISTING = "listing"        # waiting for the provider's chunk list
@@ -231,7 +259,8 @@ class DeltaRequestor:
     VERIFYING = "verifying"    # the whole file is being hashed, then renamed
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({OPENING, BASIS, LISTING, PLANNING, COPYING, RECEIVING, WRITING, VERIFYING, DONE, FAILED})
+    STATES = frozenset({MOVING, OPENING, BASIS, LISTING, PLANNING, COPYING, RECEIVING, WRITING, VERIFYING, DONE,
+                        FAILED})
 
     def __init__(self, req: Any, basis: dict, now: float):
         self.name = req.name
@@ -243,7 +272,8 @@ class DeltaRequestor:
         self.window = req.window
         self.started = req.started
         self.last_activity = now
-        self.basis = basis            # {"size", "stamp"} of the old copy
+        self.basis = dict(basis)      # {"size", "stamp", "partial": the old copy is a partial download}
+        self.aside = bool(basis.get("partial"))
         self.avg = avg_for(self.size)
         self.state = self.OPENING
         self.file_open = False
@@ -268,9 +298,20 @@ class DeltaRequestor:
 
     def start(self) -> list:
         """Answer the provider's Size (we want its list), and open a fresh partial."""
-        return [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": self.avg}, **self._window_meta()}),
-                Log(f"{self.name}: fetching only what changed since the copy this node has"),
-                OpenPartial(0)]
+        actions = [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": self.avg}, **self._window_meta()}),
+                   Log(f"{self.name}: fetching only what changed since the copy this node has")]
+        if self.aside:
+            self.state = self.MOVING
+            return actions + [MoveBasisAside()]
+        return actions + [OpenPartial(0)]
+
+    def basis_moved(self, stamp: str | None, now: float) -> list:
+        if stamp is None:   # gone meanwhile: every chunk is fetched
+            self.basis["stamp"] = ""
+        else:
+            self.basis["stamp"] = stamp   # a rename changes a file's stamp (its ctime)
+        self.state = self.OPENING
+        return [OpenPartial(0)]
 
     def handle(self, ev: Any) -> list:
         t = type(ev)
@@ -282,6 +323,8 @@ class DeltaRequestor:
             return []
         if t is SendFailed:
             return self.request_failed(ev.context, ev.kind, ev.now)
+        if t is BasisMoved:
+            return self._expect(self.MOVING, ev) or self.basis_moved(ev.stamp, ev.now)
         if t is PartialOpened:
             return self._expect(self.OPENING, ev) or self.partial_opened(ev.now)
         if t is BasisChunked:
@@ -437,7 +480,7 @@ class DeltaRequestor:
         return [Rename(digest, basis=(self.basis["stamp"], same))]
 
     def renamed(self, replaced: bool, now: float) -> list:
-        actions: list = [RemoveFiles(state=True, partial=False)]
+        actions: list = [RemoveFiles(state=True, partial=False)] + ([RemoveBasis()] if self.aside else [])
         self._report(actions, now, done=True, hash=self.verified_digest, moved=self.moved,
                      **({"replaced": True} if replaced else {}))
         self.state = self.DONE
@@ -470,6 +513,8 @@ class DeltaRequestor:
         actions: list = [Send(self.provider, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
                               {"ft": 1, "error": error})]
         actions.append(RemoveFiles(state=True, partial=self.file_open))
+        if self.aside:   # nothing lost: the next download starts from it again
+            actions.append(RestoreBasis())
         self._report(actions, now, error=error)
         actions.append(Exit(error))
         return actions
@@ -501,9 +546,10 @@ class DeltaProvider:
     LISTED = "listed"          # the list is sent; waiting for what the requestor wants
     SENDING = "sending"        # pieces in flight
     READING = "reading"        # pieces are being read
+    HASHING = "hashing"        # the file is being hashed whole
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({CHUNKING, LISTED, SENDING, READING, DONE, FAILED})
+    STATES = frozenset({CHUNKING, LISTED, SENDING, READING, HASHING, DONE, FAILED})
 
     def __init__(self, prov: Any, avg: int, now: float):
         self.name = prov.name
@@ -524,14 +570,9 @@ class DeltaProvider:
         self.in_flight = 0
         self.sent = 0
         self.hashed = False         # the whole file's hash is sent
-        self.early_want: dict | None = None
 
     def start(self) -> list:
         return [ChunkFile(self.avg)]
-
-    def _want_pending(self, now: float) -> list:
-        meta, self.early_want = self.early_want, None
-        return self.response("chunks", meta, now) if meta is not None else []
 
     def handle(self, ev: Any) -> list:
         t = type(ev)
@@ -561,23 +602,20 @@ class DeltaProvider:
                                "file changed while being chunked")
         self.state = self.LISTED
         self.last_activity = now
-        # the whole file's hash is taken after the list is sent: the requestor plans and copies meanwhile
         return [Send(self.target, {"Progress": {"name": self.name, "progress": 0}},
                      {"ft": 1, "chunks": {"count": info.get("count"), "avg": self.avg}},
-                     ACK_TIMEOUT, "chunks", forward_blob=True),
-                HashWhole(self.stamp)]
+                     ACK_TIMEOUT, "chunks", forward_blob=True)]
 
     def whole_hashed(self, digest: str, now: float) -> list:
-        if self.state != self.LISTED:
+        if self.state != self.HASHING:
             raise RuntimeError(f"whole_hashed in state {self.state}")
         self.hashed = True
-        return [Send(self.target, {"Progress": {"name": self.name, "progress": 0}},
-                     {"ft": 1, "final": True, "blake3": digest})] + self._want_pending(now)
+        self.state = self.SENDING
+        self.last_activity = now
+        return self._fill([Send(self.target, {"Progress": {"name": self.name, "progress": 100}},
+                                {"ft": 1, "final": True, "blake3": digest})])
 
     def response(self, context: str | None, meta: dict, now: float) -> list:
-        if context == "chunks" and self.state == self.LISTED and not self.hashed:
-            self.early_want = meta   # the answer came before the hash was done (a driver that is not in order)
-            return []
         if context == "chunks" and self.state == self.LISTED:
             want = meta.get("want")
             if not (isinstance(want, list) and len(want) <= MAX_PIECES and all(
@@ -590,7 +628,7 @@ class DeltaProvider:
             self.last_activity = now
             self.state = self.SENDING
             return self._fill([])
-        if context == "piece" and self.state in (self.SENDING, self.READING):
+        if context == "piece" and self.state in (self.SENDING, self.READING, self.HASHING):
             self.in_flight -= 1
             self.last_activity = now
             self.peer_window = window_in(meta) or self.peer_window
@@ -603,6 +641,11 @@ class DeltaProvider:
             self.reading = [first, count]
             self.state = self.READING
             actions.append(ReadPieces([list(self.want[i]) for i in range(first, first + count)], self.stamp))
+            return actions
+        if not self.hashed:
+            # the window is full, or all is sent: the whole file's hash now, while the pieces travel
+            self.state = self.HASHING
+            actions.append(HashWhole(self.stamp))
             return actions
         if self.next >= len(self.plan) and self.in_flight == 0:
             return actions + self._done()

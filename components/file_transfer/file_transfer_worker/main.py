@@ -80,7 +80,8 @@ class Worker:
             ft_delta.ReadChunkList: self.read_chunk_list, ft_delta.CopyRanges: self.copy_ranges,
             ft_delta.WriteRanges: self.write_ranges, ft_delta.VerifyWhole: self.verify_whole,
             ft_delta.ChunkFile: self.chunk_file, ft_delta.ReadPieces: self.read_pieces,
-            ft_delta.HashWhole: self.hash_whole,
+            ft_delta.HashWhole: self.hash_whole, ft_delta.MoveBasisAside: self.move_basis_aside,
+            ft_delta.RemoveBasis: self.remove_basis, ft_delta.RestoreBasis: self.restore_basis,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -126,6 +127,7 @@ class Worker:
             self.partial_dir = f"{self.drive}/{PARTIAL_DIR}/{peer.node}"
             self.partial = f"{self.partial_dir}/{name}.part"
             self.state_path = f"{self.partial_dir}/{name}.state"
+            self.basis_path = f"{self.drive}/{name}"   # the old copy a delta download starts from (ft_delta)
             self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
         else:
             # a share of the node's budget until file_transfer (told by start()) gives ours
@@ -190,10 +192,15 @@ class Worker:
             partial_len = vfs.metadata(self.partial).len
         except (vfs.VfsError, ValueError):
             saved = partial_len = None
-        try:  # an older copy to fetch only the changes against (refused where the host cannot chunk)
-            basis = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": 0}})["ChunkList"]
-        except (vfs.VfsError, KeyError, TypeError):
-            basis = None
+        basis = None
+        # an older copy to fetch only the changes against (refused where the host cannot chunk): the
+        # file of this name, else a partial download (used only if it cannot be resumed)
+        for path, partial in ((f"{self.drive}/{self.name}", False), (self.partial, True)):
+            try:
+                basis = dict(vfs.vfs_request(path, {"ChunkList": {"avg": 0}})["ChunkList"], partial=partial)
+                break
+            except (vfs.VfsError, KeyError, TypeError):
+                pass
         return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic(), basis))
 
     def open_partial(self, a: ft.OpenPartial) -> list:
@@ -303,10 +310,31 @@ class Worker:
     def switch_to_delta(self, a: ft.SwitchToDelta) -> None:
         self.machine = a.machine
 
+    def move_basis_aside(self, a: ft_delta.MoveBasisAside) -> list:
+        self.basis_path = f"{self.partial_dir}/{self.name}.basis"
+        try:
+            vfs.rename(self.partial, self.basis_path)
+            stamp = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
+        except (vfs.VfsError, KeyError, TypeError):
+            stamp = None
+        return self.machine.handle(ft_delta.BasisMoved(stamp, time.monotonic()))
+
+    def remove_basis(self, a: ft_delta.RemoveBasis) -> None:
+        try:
+            vfs.remove_file(self.basis_path)
+        except vfs.VfsError:
+            pass
+
+    def restore_basis(self, a: ft_delta.RestoreBasis) -> None:
+        try:
+            vfs.rename(self.basis_path, self.partial)
+        except vfs.VfsError:
+            pass
+
     def chunk_basis(self, a: ft_delta.ChunkBasis) -> list:
         try:
             # no whole-file hash: the chunks tell whether the new file differs from it
-            info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg, "whole": False}},
+            info = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": a.avg, "whole": False}},
                                    timeout=DELTA_TIMEOUT)["ChunkList"]
             blob = get_blob()
             records, error = (blob.bytes if blob is not None else b""), None
@@ -319,7 +347,7 @@ class Worker:
         return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic()))
 
     def copy_ranges(self, a: ft_delta.CopyRanges) -> list:
-        vfs.vfs_request(self.partial, {"CopyRanges": {"from": f"{self.drive}/{self.name}", "stamp": a.stamp,
+        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp,
                                                       "items": a.items}}, timeout=DELTA_TIMEOUT)
         return self.machine.handle(ft_delta.RangesCopied(time.monotonic()))
 
