@@ -17,7 +17,6 @@ and its BLAKE3 digest (32 bytes); offsets are the running sum of the lengths.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 import struct
@@ -33,6 +32,7 @@ RECORD = struct.Struct("<I32s")
 MIN_AVG, MAX_AVG = 4096, 1 << 20     # the averages a caller may ask for (FastCDC takes 256 to 4 MiB)
 CACHE_BYTES = 64 << 20                # chunk lists kept in memory, in all
 COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
+READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 _cache: OrderedDict = OrderedDict()   # (stamp, avg) -> (records, whole hex)
@@ -80,6 +80,33 @@ def _remember(key: tuple, value: tuple) -> None:
             _cache_bytes -= len(old[0])
 
 
+class _Reader:
+    """The file from its start, read with pread (for FastCDC's stream cutter): the file is read
+    through a small buffer, not mapped, so its pages never count in the node's memory."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pos = fd, 0
+
+    def readinto(self, buf) -> int:
+        n = os.preadv(self.fd, [buf], self.pos)
+        self.pos += n
+        return n
+
+
+def _hash(fd: int, size: int) -> str:
+    """BLAKE3 of the file's first `size` bytes, read READ_PIECE at a time, hashed with threads."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    view = memoryview(bytearray(min(READ_PIECE, max(size, 1))))
+    pos = 0
+    while pos < size:
+        n = os.preadv(fd, [view[:min(READ_PIECE, size - pos)]], pos)
+        if n <= 0:
+            raise DeltaError("the file ended early while it was being hashed")
+        h.update(view[:n])
+        pos += n
+    return h.hexdigest()
+
+
 def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
     """-> (records, whole-file BLAKE3 hex or None without `whole`, stamp, size) of the open file `fd`."""
     if not MIN_AVG <= avg <= MAX_AVG:
@@ -89,35 +116,11 @@ def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
     hit = _cached((stamp, avg))
     if hit is not None and (hit[1] is not None or not whole):
         return hit[0], hit[1], stamp, before.st_size
-    digest: str | None = None
-    if before.st_size == 0:
-        records, digest = b"", blake3.blake3().hexdigest()
-    else:
-        m = mmap.mmap(fd, before.st_size, prot=mmap.PROT_READ)
-        try:
-            m.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(m)
-            try:
-                # the whole file's hash on another thread meanwhile (BLAKE3 lets go of the GIL)
-                hashed: list = []
-                worker = threading.Thread(target=lambda: hashed.append(blake3.blake3(view).hexdigest()),
-                                          name="vfs-blake3") if whole else None
-                if worker is not None:
-                    worker.start()
-                try:
-                    parts = []
-                    for c in FastCDC(avg, min_size=avg * 3 // 4, max_size=avg * 4).cut_buf(view):
-                        parts.append(RECORD.pack(c.length, blake3.blake3(view[c.offset:c.offset + c.length]).digest()))
-                        del c
-                    records = b"".join(parts)
-                finally:
-                    if worker is not None:
-                        worker.join()
-                digest = hashed[0] if whole else None
-            finally:
-                view.release()
-        finally:
-            m.close()
+    parts = []
+    for c in FastCDC(avg, min_size=avg * 3 // 4, max_size=avg * 4).cut_stream(_Reader(fd)):
+        parts.append(RECORD.pack(c.length, blake3.blake3(c.data).digest()))
+    records = b"".join(parts)
+    digest = _hash(fd, before.st_size) if whole else None
     if stamp_of(os.fstat(fd)) != stamp:
         raise DeltaError("the file changed while it was being chunked")
     _remember((stamp, avg), (records, digest))
@@ -140,19 +143,7 @@ def blake3_file(fd: int, sync: bool = False, want_stamp: str | None = None) -> s
     if syncing is not None:
         syncing.start()
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            digest = blake3.blake3().hexdigest()
-        else:
-            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            try:
-                view = memoryview(m)
-                try:
-                    digest = blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest()
-                finally:
-                    view.release()
-            finally:
-                m.close()
+        digest = _hash(fd, os.fstat(fd).st_size)
     finally:
         if syncing is not None:
             syncing.join()
