@@ -85,8 +85,8 @@ class IoFailed:
 # results of the requestor's actions
 @dataclass
 class StateLoaded:
-    """`basis`: the older copy of the file in the files drive ({"size", "stamp"}), if any and if this
-    node's host can chunk it (ft_delta)."""
+    """`basis`: an older copy of the file ({"size", "stamp", "partial"}: the file of that name in the
+    files drive, else the partial download), if any and if this node's host can chunk it (ft_delta)."""
     saved: Any
     partial_len: int | None
     now: float
