@@ -116,6 +116,7 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         router_max_nodes=args.router_max_nodes, router_max_rate=args.router_max_rate * (1 << 20),
         net_timeout=defaults.net_timeout, compress=args.compress, relay_record=defaults.relay_record,
         test_pause_after_chunks=defaults.test_pause_after_chunks,
+        delta=defaults.delta, test_lie_after_reads=defaults.test_lie_after_reads,
         net_port=args.net_port, discovery=args.discovery, http_host=args.http_host, http_timeout=defaults.http_timeout,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
         runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,

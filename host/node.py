@@ -66,12 +66,13 @@ class Node:
         self._lock_home()
         self.runtime = Runtime(self.settings.runtime)
         install_imports(self.runtime)   # the process ABI: the node installs it, the kernel only uses it
-        self.vfs = Vfs.in_home(self.home)
+        self.vfs = Vfs.in_home(self.home, self.settings.delta)
         self.kernel = Kernel(self.name, self.home, self.runtime, self.terminal, self.compute_limit,
                              vfs_file=self.vfs.file_path)
         self.terminal_service = TerminalService(self.kernel, self.terminal)
         self.kernel_service = KernelService(self.kernel)
-        for service in (VfsService(self.kernel, self.vfs, self.settings.test_pause_after_chunks), self.terminal_service, self.kernel_service,
+        for service in (VfsService(self.kernel, self.vfs, self.settings.test_pause_after_chunks,
+                                   self.settings.test_lie_after_reads), self.terminal_service, self.kernel_service,
                         TimerService(self.kernel)):
             self.kernel.register(service)
         if self.networking:

@@ -56,6 +56,8 @@ class Settings:
     compress: bool = True                   # zstd-compress big blobs to peers that take it, where it pays
     relay_record: Path | None = None     # tests: a router appends every byte it relays here
     test_pause_after_chunks: int = 0        # tests: see host/vfs/test_pause.py; 0 (off) in a normal run
+    delta: bool = True                      # the VFS's delta actions: a download moves only what changed
+    test_lie_after_reads: int = -1          # tests: see host/vfs/test_pause.py TestLie; -1 (off) in a normal run
     discovery: bool = True                  # announce on the LAN and browse (mDNS), if not on loopback only
     compute_limit: float = DEFAULT_COMPUTE_LIMIT
     cpus: frozenset[int] | None = None   # pin every thread to these CPUs
@@ -132,6 +134,8 @@ class Defaults:
     compress: bool
     relay_record: Path | None
     test_pause_after_chunks: int
+    delta: bool
+    test_lie_after_reads: int
 
 
 def defaults_from(env: Mapping[str, str]) -> Defaults:
@@ -148,6 +152,8 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         compress=_flag(env, "KINODE_COMPRESS", True),
         relay_record=Path(env["KINODE_RELAY_RECORD"]) if env.get("KINODE_RELAY_RECORD") else None,
         test_pause_after_chunks=_number(env, "KINODE_TEST_PAUSE_AFTER_CHUNKS", int, 0),
+        delta=_flag(env, "KINODE_DELTA", True),
+        test_lie_after_reads=_number(env, "KINODE_TEST_LIE_AFTER_READS", int, -1),
     )
 
 

@@ -7,7 +7,7 @@ from host.kernel.host_service import HostService
 from host.kernel.kernel import Kernel
 from host.messages import Blob, Capability, KernelMessage, ProcessId, Request, Response
 from host.vfs.store import Vfs
-from host.vfs.test_pause import TestPause
+from host.vfs.test_pause import TestLie, TestPause
 
 log = logging.getLogger("host.vfs.service")
 
@@ -15,12 +15,14 @@ VFS_ID = ProcessId("vfs", "distro", "sys")
 
 
 class VfsService(HostService):
-    def __init__(self, kernel: Kernel, vfs: Vfs, pause_after_chunks: int = 0):
+    def __init__(self, kernel: Kernel, vfs: Vfs, pause_after_chunks: int = 0, lie_after_reads: int = -1):
         super().__init__(kernel, VFS_ID)
         self.vfs = vfs
         self.pause = (TestPause(pause_after_chunks, kernel.home,
                                 lambda text: kernel.terminal.process_output(VFS_ID, text))
                       if pause_after_chunks > 0 else None)  # tests only (settings.test_pause_after_chunks)
+        self.lie = (TestLie(lie_after_reads, lambda text: kernel.terminal.process_output(VFS_ID, text))
+                    if lie_after_reads >= 0 else None)  # tests only (settings.test_lie_after_reads)
         kernel.on_exit_listener(lambda pid, _reason: vfs.forget(pid))  # close what it left open
 
     def deliver(self, km: KernelMessage) -> None:
@@ -38,6 +40,8 @@ class VfsService(HostService):
             self.pause.before(km.source.process, km.message.body)
         blob = km.lazy_load_blob.bytes if km.lazy_load_blob else None
         res = self.vfs.handle(km.source.process, has_cap, km.message.body, blob)
+        if self.lie is not None:
+            res.blob = self.lie.corrupt(km.source.process, km.message.body, res.blob)
         for params in res.grant:
             src.capabilities.add(Capability.make(self.address, params))
         # as upstream (kinode v0.9.5 kinode/src/vfs.rs): an answer goes to the rsvp, else to a

@@ -43,6 +43,7 @@ from typing import Any
 from host import fsutil
 from host.kinode_types import vfs_path_problem
 from host.messages import PackageId, ParseError, ProcessId
+from host.vfs import delta as vfs_delta
 from host.vfs import tree as vfs_tree
 
 __all__ = ["Vfs", "VfsResult"]
@@ -66,7 +67,8 @@ _UNIT_ACTIONS = frozenset({
     "SyncTree",  # this host's folder action
 })
 _ARG_ACTIONS = frozenset({"OpenFile", "ReadExact", "Seek", "Rename", "CopyFile", "SetLen",
-                          "WalkDir", "ReadMany", "WriteMany"})  # the last three: this host's folder actions
+                          "WalkDir", "ReadMany", "WriteMany",   # this host's folder actions
+                          "ChunkList", "CopyRanges", "WriteRanges", "Blake3"})  # and its delta actions
 # Actions served through the caller's handle: an existing handle needs no path resolution.
 _HANDLE_ACTIONS = frozenset({
     "Read", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Write", "WriteAll", "Append", "SetLen",
@@ -76,7 +78,7 @@ MAX_PATH_BYTES = 4096
 # Upstream's check_caps: these need a "read" capability, every other action a "write" one.
 _READ_ACTIONS = frozenset({
     "Read", "ReadDir", "ReadToEnd", "ReadExact", "ReadToString", "Seek", "Metadata", "Len", "Hash",
-    "WalkDir", "ReadMany",
+    "WalkDir", "ReadMany", "ChunkList", "Blake3",
 })
 READ_MIME = "application/octet-stream"   # the mime upstream puts on every blob the VFS returns
 # AddZip refuses an archive beyond these before writing anything (a zip bomb).
@@ -280,9 +282,9 @@ def _parse_action(a: Any) -> tuple:
         if not isinstance(arg, dict) or not isinstance(arg.get("new_path"), str):
             raise _bad_json(f'{name} expects {{"new_path": "/package:publisher/drive/..."}}')
         return name, arg["new_path"]
-    if name in _TREE_ACTIONS:
+    if name in _TREE_ACTIONS or name in _DELTA_ACTIONS:
         if not isinstance(arg, dict):
-            raise _bad_json(f"{name} expects an object ({_TREE_ACTIONS[name]})")
+            raise _bad_json(f"{name} expects an object ({_TREE_ACTIONS.get(name) or _DELTA_ACTIONS[name]})")
         return name, arg
     raise _bad_json(f"unknown action {str(name)[:100]!r}")
 
@@ -294,6 +296,14 @@ _TREE_ACTIONS = {
     "WriteMany": '{"items": [[path, offset, length, blake3]], "dirs": [path], "state": {"path", "text"} | null}',
 }
 # and "SyncTree" (a unit action): waits for the process's last write, then makes the tree durable
+
+# this host's delta actions (host/vfs/delta.py)
+_DELTA_ACTIONS = {
+    "ChunkList": '{"avg": n}',   # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob
+    "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "items": [[from, to, length]]}',
+    "WriteRanges": '{"items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
+    "Blake3": '{"sync": true|false, "stamp": s|null}',   # -> {"Blake3": hex}; sync: an fsync meanwhile
+}
 
 
 # ---- low-level I/O ----------------------------------------------------------------------------------
@@ -396,12 +406,13 @@ class Vfs:
     HOME_FOLDER = "vfs"              # the VFS's folder in a node's home
 
     @classmethod
-    def in_home(cls, home: Path) -> Vfs:
+    def in_home(cls, home: Path, delta: bool = True) -> Vfs:
         """The VFS of the node whose home is `home`: its files under HOME/vfs."""
-        return cls(Path(home) / cls.HOME_FOLDER)
+        return cls(Path(home) / cls.HOME_FOLDER, delta)
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, delta: bool = True):
         self.root = Path(root)
+        self.delta = delta                       # the delta actions answer (KINODE_DELTA)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root_s = str(self.root)
         self._real_root = os.path.realpath(self._root_s)
@@ -502,6 +513,8 @@ class Vfs:
 
         if name == "CreateDrive":
             return self._create_drive(source, has_cap, vp)
+        if name == "CopyRanges":
+            return self._copy_ranges(source, has_cap, vp, arg)
         if name in ("Rename", "CopyFile"):
             new = _parse_path(arg)
             self._check_cap(source, has_cap, vp, "write", name)
@@ -1137,6 +1150,101 @@ class Vfs:
             job = self._tree(vp, vfs_tree.write_many, loc.link, items, dirs, data, state, loc.drive)
             self._tree(vp, job)
         self._sweep(vp.text)   # handles on files being rewritten would see stale data
+        return VfsResult(_OK)
+
+    # ---- this host's delta actions (host/vfs/delta.py) --------------------------------------------
+    def _delta_on(self, vp: _VPath, name: str) -> None:
+        if not self.delta:
+            raise _bad_request(f"{name}: delta transfers are turned off on this node (KINODE_DELTA=0): {vp.text}")
+
+    def _delta_fd(self, loc: _Loc, vp: _VPath, flags: int = os.O_RDONLY) -> int:
+        try:
+            return vfs_delta.open_regular(loc.real, flags)
+        except vfs_delta.DeltaError as e:
+            raise _io_error(f"{e}: {vp.text}", vp.text) from None
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+
+    def _delta(self, vp: _VPath, fn, *args):
+        try:
+            return fn(*args)
+        except vfs_delta.DeltaError as e:
+            raise _io_error(f"{e}: {vp.text}", vp.text) from None
+        except OSError as e:
+            raise _from_os(e, vp.text) from None
+
+    def _writable(self, loc: _Loc, vp: _VPath, name: str) -> int:
+        if vp.drive == PKG_DRIVE:   # its files are hard links to the build output
+            raise _bad_request(f"{name} cannot write the {PKG_DRIVE} drive (installed files): {vp.text}")
+        fd = self._delta_fd(loc, vp, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_nlink > 1:   # a write would reach every other name of it
+                raise _io_error(f"refusing to write a file with other hard links: {vp.text}", vp.text)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _a_ChunkList(self, source, vp, loc, arg, data):
+        """The file's chunk list as the blob; `avg` 0 answers only its size and stamp (a probe)."""
+        self._delta_on(vp, "ChunkList")
+        avg = _int(arg.get("avg"), "ChunkList avg", 0, vfs_delta.MAX_AVG)
+        whole = arg.get("whole", True) is not False
+        fd = self._delta_fd(loc, vp)
+        try:
+            if avg == 0:
+                st = os.fstat(fd)
+                return VfsResult(_dumps({"ChunkList": {"size": st.st_size, "stamp": vfs_delta.stamp_of(st)}}))
+            records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
+        finally:
+            os.close(fd)
+        body = {"ChunkList": {"count": len(records) // vfs_delta.RECORD.size, "size": size, "stamp": stamp,
+                              "blake3": digest}}
+        return VfsResult(_dumps(body), records)
+
+    def _a_Blake3(self, source, vp, loc, arg, data):
+        fd = self._delta_fd(loc, vp)
+        try:
+            stamp = arg.get("stamp")
+            if stamp is not None and not isinstance(stamp, str):
+                raise _bad_json(f"Blake3 expects {_DELTA_ACTIONS['Blake3']}")
+            return VfsResult(_dumps({"Blake3": self._delta(vp, vfs_delta.blake3_file, fd, arg.get("sync") is True,
+                                                           stamp)}))
+        finally:
+            os.close(fd)
+
+    def _a_WriteRanges(self, source, vp, loc, arg, data):
+        self._delta_on(vp, "WriteRanges")
+        items = arg.get("items")
+        if not isinstance(items, list):
+            raise _bad_json(f"WriteRanges expects {_DELTA_ACTIONS['WriteRanges']}")
+        fd = self._writable(loc, vp, "WriteRanges")
+        try:
+            with self._ino_lock(fd):
+                self._delta(vp, vfs_delta.write_ranges, fd, items, data)
+        finally:
+            os.close(fd)
+        return VfsResult(_OK)
+
+    def _copy_ranges(self, source, has_cap, vp: _VPath, arg) -> VfsResult:
+        """Ranges of `from` (read capability) into `vp` (write capability)."""
+        self._delta_on(vp, "CopyRanges")
+        if not isinstance(arg.get("from"), str) or not isinstance(arg.get("stamp"), str) \
+                or not isinstance(arg.get("items"), list):
+            raise _bad_json(f"CopyRanges expects {_DELTA_ACTIONS['CopyRanges']}")
+        src_vp = _parse_path(arg["from"])
+        self._check_cap(source, has_cap, vp, "write", "CopyRanges")
+        self._check_cap(source, has_cap, src_vp, "read", "CopyRanges")
+        src = self._delta_fd(self._locate(src_vp), src_vp)
+        try:
+            dst = self._writable(self._locate(vp), vp, "CopyRanges")
+            try:
+                with self._ino_lock(dst):
+                    self._delta(vp, vfs_delta.copy_ranges, src, dst, arg["items"], arg["stamp"])
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
         return VfsResult(_OK)
 
 

@@ -50,3 +50,33 @@ class TestPause:
         while not self.release.exists():
             time.sleep(0.02)
         self.say(f"test pause: {source} released")
+
+
+class TestLie:
+    """Tests only (KINODE_TEST_LIE_AFTER_READS=N): each process's counted read after its Nth (see
+    TestPause) comes back with one byte flipped, as a provider that lies about its data would send it.
+    The node prints "test lie: PROCESS flipped a byte of read N+1 of PATH"."""
+
+    def __init__(self, after: int, say: Callable[[str], None]):
+        self.after = after
+        self.say = say
+        self.counts: dict[ProcessId, int] = {}
+        self.lock = threading.Lock()
+
+    def corrupt(self, source: ProcessId, body: bytes, blob: bytes | None) -> bytes | None:
+        try:
+            req = json.loads(body)
+            path, action = req["path"], req["action"]
+        except (ValueError, KeyError, TypeError):
+            return blob
+        name = next(iter(action)) if isinstance(action, dict) and action else action
+        if name not in COUNTED or not isinstance(path, str) or "/.partial/" in path or not blob:
+            return blob
+        with self.lock:
+            n = self.counts.get(source, 0)
+            self.counts[source] = n + 1
+        if n != self.after:
+            return blob
+        self.say(f"test lie: {source} flipped a byte of read {n + 1} of {path}")
+        mid = len(blob) // 2
+        return blob[:mid] + bytes([blob[mid] ^ 0xFF]) + blob[mid + 1:]

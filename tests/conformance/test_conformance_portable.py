@@ -56,3 +56,10 @@ def test_portable_file_transfer_downloads_intact(node_factory, requestor, provid
     # several of the seed's 1 MiB chunks and a short last one; and one small file
     _download(fake, fake2, "multi.bin", os.urandom((3 << 20) + 12345))
     _download(fake, fake2, "small.txt", b"hello world\n")
+    # the requestor holds an older version of a file big enough to be offered only what changed
+    # (ft_delta): a plain peer on either side still moves it whole, as the seed does
+    old = os.urandom(6 << 20)
+    fake.files.mkdir(parents=True, exist_ok=True)
+    (fake.files / "changed.bin").write_bytes(old)
+    lines = _download(fake, fake2, "changed.bin", old[:3 << 20] + os.urandom(1000) + old[3 << 20:])
+    assert not any("moved" in ln for ln in lines), lines

@@ -30,6 +30,8 @@ from ft_common import (
 )
 
 QUEUE_META = "queue"   # metadata key of a requestor's ask about its place in a provider's queue
+DELTA_MAX = 8 << 30    # a bigger file is sent whole: chunking it could outlast the peers' timeouts (ft_delta)
+DELTA_MIN_AVG, DELTA_MAX_AVG = 4096, 1 << 20   # the average chunk sizes a provider accepts (ft_delta)
 
 HEX = frozenset("0123456789abcdef")
 
@@ -83,9 +85,12 @@ class IoFailed:
 # results of the requestor's actions
 @dataclass
 class StateLoaded:
+    """`basis`: an older copy of the file ({"size", "stamp", "partial"}: the file of that name in the
+    files drive, else the partial download), if any and if this node's host can chunk it (ft_delta)."""
     saved: Any
     partial_len: int | None
     now: float
+    basis: dict | None = None
 
 
 @dataclass
@@ -124,6 +129,7 @@ class Opened:
     stamp: Any
     now: float
     folder: bool = False
+    delta: bool = False    # this node's host can chunk the file (ft_delta)
 
 
 @dataclass
@@ -141,8 +147,9 @@ class FileChecked:
 
 
 # The folder machines, registered by ft_folder when it is imported: it builds on this module, so this
-# module names them only through this table (no import cycle).
+# module names them only through this table (no import cycle). The same for ft_delta's.
 FOLDER_MACHINES: dict[str, Any] = {}
+DELTA_MACHINES: dict[str, Any] = {}
 
 
 def _folder_machine(role: str) -> Any:
@@ -152,11 +159,24 @@ def _folder_machine(role: str) -> Any:
         raise RuntimeError("ft_folder is not imported: its machines are not registered") from None
 
 
+def _delta_machine(role: str) -> Any:
+    try:
+        return DELTA_MACHINES[role]
+    except KeyError:
+        raise RuntimeError("ft_delta is not imported: its machines are not registered") from None
+
+
 # ---- actions -----------------------------------------------------------------------------------
 @dataclass
 class SwitchToFolder:
     """Hand the job over to `machine` (an ft_folder machine): the driver feeds it every event from
     now on, starting with the results of the actions that follow this one."""
+    machine: Any
+
+
+@dataclass
+class SwitchToDelta:
+    """Hand the job over to `machine` (an ft_delta machine), as SwitchToFolder."""
     machine: Any
 
 
@@ -246,8 +266,11 @@ class VerifyFile:
 @dataclass
 class Rename:
     """The partial takes the file's real name; -> Renamed(whether it replaced a file of other content,
-    judged by size and by `digest`, the new file's BLAKE3, where there is one)."""
+    judged by size and by `digest`, the new file's BLAKE3, where there is one). `basis`: (stamp, same)
+    of the file of that name (ft_delta): whether it has the new content is known already while it has
+    that stamp, and it is not read again."""
     digest: str | None = None
+    basis: tuple | None = None
 
 
 @dataclass
@@ -348,6 +371,7 @@ class Requestor:
         self.ext = False             # both sides speak the extended protocol
         self.hash_follows = False    # the provider sends the file's hash after the last chunk
         self.has_state = False       # a resume state file is kept (big ext files)
+        self.delta_offered = False   # the provider can send only what changed (ft_delta)
         self.file_open = False
         self.wants_answer = False    # Size expects our answer (the resume offset)
         self.received = 0
@@ -392,7 +416,7 @@ class Requestor:
         if type(ev) is ChunkWritten:
             return self.chunk_written(ev.now)
         if type(ev) is StateLoaded:
-            return self.state_loaded(ev.saved, ev.partial_len, ev.now)
+            return self.state_loaded(ev.saved, ev.partial_len, ev.now, ev.basis)
         if type(ev) is PartialOpened:
             return self.partial_opened(ev.now)
         if type(ev) is FileVerified:
@@ -504,6 +528,8 @@ class Requestor:
         self.hash_follows = self.ext and self.file_hash is None
         # a file of one chunk has nothing to resume: no state file for it
         self.has_state = self.ext and size > EXT_CHUNK_SIZE
+        # the provider can send only what changed (ft_delta), if we hold an older copy
+        self.delta_offered = self.has_state and meta.get("delta") == 1
         self.wants_answer = wants_answer
         self.last_activity = now
         if self.has_state:
@@ -511,10 +537,11 @@ class Requestor:
             return [LoadState()]
         return self._open(0, now)
 
-    def state_loaded(self, saved: Any, partial_len: int | None, now: float) -> list:
+    def state_loaded(self, saved: Any, partial_len: int | None, now: float, basis: dict | None = None) -> list:
         """The resume state file's content (None if absent or unreadable) and the partial's length.
         A partial is resumed on its size alone: if the file changed in between, the final check
-        fails the download and removes the partial (the next run starts from zero)."""
+        fails the download and removes the partial (the next run starts from zero). With nothing to
+        resume, an older copy of the file (`basis`) lets ft_delta fetch only what changed."""
         if self.state != self.OPENING:
             raise RuntimeError(f"state_loaded in state {self.state}")
         offset = 0
@@ -522,6 +549,10 @@ class Requestor:
                 and isinstance(saved.get("verified"), int) and not isinstance(saved["verified"], bool)
                 and 0 <= saved["verified"] <= min(partial_len, self.known_size)):
             offset = saved["verified"]
+        if (offset == 0 and self.delta_offered and isinstance(basis, dict) and isinstance(basis.get("stamp"), str)
+                and isinstance(basis.get("size"), int) and basis["size"] > 0):
+            machine = _delta_machine("requestor")(self, basis, now)
+            return [SwitchToDelta(machine), *machine.start()]
         return self._open(offset, now)
 
     def _open(self, offset: int, now: float) -> list:
@@ -786,6 +817,7 @@ class Provider:
         self.reading: tuple | None = None  # (offset, length) of the chunk being read
         self.window = window         # our share of the node's budget, in chunks (our parent says)
         self.peer_window = WINDOW    # the requestor's share of its node's budget (its acks say)
+        self.delta = False           # we offered to send only what changed (ft_delta)
 
     def _error_to_peer(self, text: str, keep: bool = True) -> Send:
         """`keep`: whether the requestor's partial may still serve a resume."""
@@ -812,7 +844,7 @@ class Provider:
             if ev.folder:
                 return self._to_folder()
             assert ev.size is not None   # a file's Opened has its size
-            return self.opened(ev.size, ev.stamp, ev.now)
+            return self.opened(ev.size, ev.stamp, ev.now, ev.delta)
         if type(ev) is FileChecked:
             return self.file_checked(ev.stamp, ev.digest, ev.now)
         if type(ev) is IoFailed:
@@ -820,6 +852,16 @@ class Provider:
         if type(ev) is Start:
             return self.start()
         raise TypeError(f"a Provider takes no {type(ev).__name__}")
+
+    def _to_delta(self, ask: dict, meta: dict, now: float) -> list:
+        """The requestor holds an older copy: a DeltaProvider sends our chunk list, then what it lacks."""
+        avg = ask.get("avg")
+        if not (isinstance(avg, int) and not isinstance(avg, bool) and DELTA_MIN_AVG <= avg <= DELTA_MAX_AVG):
+            return [self._error_to_peer("bad delta request", keep=False)] + \
+                self._failed(f"peer asked for chunks of a bad average size {avg!r}")
+        self.peer_window = window_in(meta) or self.peer_window
+        machine = _delta_machine("provider")(self, avg, now)
+        return [SwitchToDelta(machine), *machine.start()]
 
     def _to_folder(self) -> list:
         """The name is a folder: a FolderProvider takes over (our file_transfer serves a folder only
@@ -831,7 +873,7 @@ class Provider:
         # the parent hears of us at once, and answers with our window
         return [ArmTimer(TICK), self._serving(True), OpenFile()]
 
-    def opened(self, size: int, stamp: Any, now: float) -> list:
+    def opened(self, size: int, stamp: Any, now: float, delta: bool = False) -> list:
         if self.state != self.OPENING:
             raise RuntimeError(f"opened in state {self.state}")
         self.size, self.stamp = size, stamp
@@ -844,7 +886,12 @@ class Provider:
         # else the whole-file hash follows the last chunk: hashing first would hold the first byte
         # back by a read of the whole file
         self.state = self.OFFERED
-        return [Send(self.target, {"Size": size}, {"ft": 1} if self.extended else None, HANDSHAKE_TIMEOUT, "size")]
+        meta: dict | None = None
+        if self.extended:
+            # an offer to send only what changed, to a requestor holding an older copy (ft_delta)
+            self.delta = delta and EXT_CHUNK_SIZE < size <= DELTA_MAX and stamp is not None
+            meta = {"ft": 1, "delta": 1} if self.delta else {"ft": 1}
+        return [Send(self.target, {"Size": size}, meta, HANDSHAKE_TIMEOUT, "size")]
 
     def chunk_read(self, got: int, digest: str | None, now: float) -> list:
         if self.state == self.OPENING:
@@ -883,6 +930,8 @@ class Provider:
                 return self._done()
             if not (self.extended and meta.get("ft") == 1):
                 return self._push_plain()  # a plain answer: the requestor speaks the seed's protocol
+            if self.delta and isinstance(meta.get("delta"), dict):
+                return self._to_delta(meta["delta"], meta, now)
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= self.size:
                 return [self._error_to_peer("bad resume offset", keep=False)] + \
                     self._failed(f"peer asked for a bad resume offset {offset!r}")

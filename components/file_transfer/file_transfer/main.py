@@ -305,6 +305,8 @@ def handle_progress(our: Address, msg: Message, req: dict, transfers: Transfers)
         total = meta.get("total", 0)
         println(f"{name} downloaded from {meta.get('peer')}: {human_size(total)} in {secs:.2f} s "
                 f"({total / secs / 2**20:.1f} MiB/s), blake3 {meta.get('hash', '?')}"
+                + (f"; only {human_size(meta['moved'])} moved, the rest came from the copy this node had"
+                   if isinstance(meta.get("moved"), int) else "")
                 + (f"; it replaced the {name} this node had, of other content" if meta.get("replaced") else ""))
     elif "total" in meta:
         rate = meta.get("rate", 0)

@@ -14,10 +14,11 @@ and I/O results as events to `handle`, and carries out the actions with process_
 import json
 import time
 
+import ft_delta
 import ft_folder
 import ft_protocol as ft
 import wit_world
-from ft_common import MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
+from ft_common import EXT_CHUNK_SIZE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
 from process_lib import (
     HAS_BLOBS,
     Address,
@@ -49,6 +50,7 @@ _HASHERS = {  # how a ReadChunk's bytes are hashed
 
 
 DIRS_PER_CALL = 2000  # folders created per VFS call when a partial tree is prepared
+DELTA_TIMEOUT = 600   # seconds for the host to chunk, copy or hash a big file (ft_delta)
 
 
 def _addr(d: dict) -> Address:
@@ -73,6 +75,13 @@ class Worker:
             ft.OpenFile: self.open_file, ft.Seek: self.seek, ft.ReadChunk: self.read_chunk,
             ft.CheckFile: self.check_file, ft.SwitchToFolder: self.switch_to_folder,
             ft.ReadManifest: self.read_manifest,
+            # only what changed (ft_delta)
+            ft.SwitchToDelta: self.switch_to_delta, ft_delta.ChunkBasis: self.chunk_basis,
+            ft_delta.ReadChunkList: self.read_chunk_list, ft_delta.CopyRanges: self.copy_ranges,
+            ft_delta.WriteRanges: self.write_ranges, ft_delta.VerifyWhole: self.verify_whole,
+            ft_delta.ChunkFile: self.chunk_file, ft_delta.ReadPieces: self.read_pieces,
+            ft_delta.HashWhole: self.hash_whole, ft_delta.MoveBasisAside: self.move_basis_aside,
+            ft_delta.RemoveBasis: self.remove_basis, ft_delta.RestoreBasis: self.restore_basis,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -118,6 +127,7 @@ class Worker:
             self.partial_dir = f"{self.drive}/{PARTIAL_DIR}/{peer.node}"
             self.partial = f"{self.partial_dir}/{name}.part"
             self.state_path = f"{self.partial_dir}/{name}.state"
+            self.basis_path = f"{self.drive}/{name}"   # the old copy a delta download starts from (ft_delta)
             self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
         else:
             # a share of the node's budget until file_transfer (told by start()) gives ours
@@ -182,7 +192,16 @@ class Worker:
             partial_len = vfs.metadata(self.partial).len
         except (vfs.VfsError, ValueError):
             saved = partial_len = None
-        return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic()))
+        basis = None
+        # an older copy to fetch only the changes against (refused where the host cannot chunk): the
+        # file of this name, else a partial download (used only if it cannot be resumed)
+        for path, partial in ((f"{self.drive}/{self.name}", False), (self.partial, True)):
+            try:
+                basis = dict(vfs.vfs_request(path, {"ChunkList": {"avg": 0}})["ChunkList"], partial=partial)
+                break
+            except (vfs.VfsError, KeyError, TypeError):
+                pass
+        return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic(), basis))
 
     def open_partial(self, a: ft.OpenPartial) -> list:
         if a.offset:
@@ -216,11 +235,11 @@ class Worker:
 
     def rename(self, a: ft.Rename) -> list:
         final = f"{self.drive}/{self.name}"
-        replaced = self._differs(final, a.digest)
+        replaced = self._differs(final, a.digest, a.basis)
         vfs.rename(self.partial, final)  # the VFS closes handles on it
         return self.machine.handle(ft.Renamed(replaced, time.monotonic()))
 
-    def _differs(self, final: str, digest) -> bool:
+    def _differs(self, final: str, digest, basis=None) -> bool:
         """Whether a file of other content than the partial has the name `final` now."""
         try:
             old = vfs.metadata(final)
@@ -230,6 +249,8 @@ class Worker:
             return True
         if digest is None:
             return False  # a plain transfer has no hash to compare: same size, taken as the same
+        if basis is not None and old.stamp == basis[0]:
+            return not basis[1]  # known from its chunks (ft_delta), unchanged since
         try:
             f = vfs.open_file(final)
             try:
@@ -264,7 +285,14 @@ class Worker:
                 raise
             return self.machine.handle(ft.Opened(None, None, time.monotonic(), folder=True))
         found = self.file.metadata()
-        return self.machine.handle(ft.Opened(found.len, found.stamp, time.monotonic()))
+        delta = False
+        if EXTENDED and found.len > EXT_CHUNK_SIZE:
+            try:  # whether this host can chunk it (ft_delta), a probe that reads nothing
+                vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": 0}})
+                delta = True
+            except vfs.VfsError:
+                pass
+        return self.machine.handle(ft.Opened(found.len, found.stamp, time.monotonic(), delta=delta))
 
     def seek(self, a: ft.Seek) -> None:
         self.file.seek(a.offset)
@@ -277,6 +305,76 @@ class Worker:
         stamp = self.file.metadata().stamp
         digest = self.file.blake3() if a.read_back else None
         return self.machine.handle(ft.FileChecked(stamp, digest, time.monotonic()))
+
+    # ---- only what changed (ft_delta) ---------------------------------------------------------------
+    def switch_to_delta(self, a: ft.SwitchToDelta) -> None:
+        self.machine = a.machine
+
+    def move_basis_aside(self, a: ft_delta.MoveBasisAside) -> list:
+        self.basis_path = f"{self.partial_dir}/{self.name}.basis"
+        try:
+            vfs.rename(self.partial, self.basis_path)
+            stamp = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
+        except (vfs.VfsError, KeyError, TypeError):
+            stamp = None
+        return self.machine.handle(ft_delta.BasisMoved(stamp, time.monotonic()))
+
+    def remove_basis(self, a: ft_delta.RemoveBasis) -> None:
+        try:
+            vfs.remove_file(self.basis_path)
+        except vfs.VfsError:
+            pass
+
+    def restore_basis(self, a: ft_delta.RestoreBasis) -> None:
+        try:
+            vfs.rename(self.basis_path, self.partial)
+        except vfs.VfsError:
+            pass
+
+    def chunk_basis(self, a: ft_delta.ChunkBasis) -> list:
+        try:
+            # no whole-file hash: the chunks tell whether the new file differs from it
+            info = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": a.avg, "whole": False}},
+                                   timeout=DELTA_TIMEOUT)["ChunkList"]
+            blob = get_blob()
+            records, error = (blob.bytes if blob is not None else b""), None
+        except (vfs.VfsError, KeyError, TypeError) as e:
+            info, records, error = None, None, str(e)
+        return self.machine.handle(ft_delta.BasisChunked(records, info, error, time.monotonic()))
+
+    def read_chunk_list(self, a: ft_delta.ReadChunkList) -> list:
+        blob = get_blob()
+        return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic()))
+
+    def copy_ranges(self, a: ft_delta.CopyRanges) -> list:
+        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp,
+                                                      "items": a.items}}, timeout=DELTA_TIMEOUT)
+        return self.machine.handle(ft_delta.RangesCopied(time.monotonic()))
+
+    def write_ranges(self, a: ft_delta.WriteRanges) -> list:
+        vfs.vfs_request(self.partial, {"WriteRanges": {"items": a.items}}, forward_blob=True, timeout=120)
+        return self.machine.handle(ft.ChunkWritten(time.monotonic()))
+
+    def verify_whole(self, a: ft_delta.VerifyWhole) -> list:
+        # hashed whole, and made durable meanwhile, before it takes the real name
+        digest = vfs.vfs_request(self.partial, {"Blake3": {"sync": True}}, timeout=DELTA_TIMEOUT)["Blake3"]
+        return self.machine.handle(ft.FileVerified(digest, time.monotonic()))
+
+    def chunk_file(self, a: ft_delta.ChunkFile) -> list:
+        # the whole file's hash is taken apart (HashWhole), once the list is on its way
+        info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg, "whole": False}},
+                               timeout=DELTA_TIMEOUT)["ChunkList"]
+        return self.machine.handle(ft_delta.FileChunked(info, time.monotonic()))  # the list stays the blob
+
+    def hash_whole(self, a: ft_delta.HashWhole) -> list:
+        digest = vfs.vfs_request(f"{self.drive}/{self.name}", {"Blake3": {"stamp": a.stamp}},
+                                 timeout=DELTA_TIMEOUT)["Blake3"]
+        return self.machine.handle(ft_delta.WholeHashed(digest, time.monotonic()))
+
+    def read_pieces(self, a: ft_delta.ReadPieces) -> list:
+        vfs.vfs_request(self.drive, {"ReadMany": {"items": [[self.name, off, n, a.stamp] for off, n in a.items]}},
+                        timeout=120)
+        return self.machine.handle(ft_delta.PiecesRead(time.monotonic()))
 
     # ---- folders -----------------------------------------------------------------------------------
     def send_blob(self, a: ft_folder.SendBlob) -> None:

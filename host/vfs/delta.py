@@ -1,0 +1,224 @@
+"""The VFS's delta actions (this host's extension, beside upstream's): what a download needs to move
+only the parts of a file that changed, with the file's bytes kept in the host.
+
+- `chunk_list`: a file's content-defined chunks (FastCDC) with each one's BLAKE3 and the whole
+  file's, cached by the file's stamp (device, inode, size, mtime, ctime: a changed file is chunked
+  afresh). Both ends chunk with the same average size, so a chunk that did not change has the same
+  hash on both, wherever an insertion or a removal moved it.
+- `copy_ranges`: ranges of the old copy into the new file, in the kernel (copy_file_range) where it
+  can, the old copy checked unchanged before and after.
+- `write_ranges`: received pieces, each checked against the hash the provider's list gave it before
+  any is written.
+- `blake3_file`: a whole file's BLAKE3, with threads.
+
+The chunk list is one 36-byte record per chunk, in file order: its length (4 bytes, little-endian)
+and its BLAKE3 digest (32 bytes); offsets are the running sum of the lengths.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+
+import blake3
+from pyfastcdc import FastCDC
+
+from host import fsutil
+
+RECORD = struct.Struct("<I32s")
+MIN_AVG, MAX_AVG = 4096, 1 << 20     # the averages a caller may ask for (FastCDC takes 256 to 4 MiB)
+CACHE_BYTES = 64 << 20                # chunk lists kept in memory, in all
+COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
+READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+_cache: OrderedDict = OrderedDict()   # (stamp, avg) -> (records, whole hex)
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+class DeltaError(Exception):
+    """A refusal or a failure, said plainly."""
+
+
+def stamp_of(st: os.stat_result) -> str:
+    """The same token as the VFS's Metadata `stamp`."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def open_regular(real: str, flags: int = os.O_RDONLY) -> int:
+    fd = os.open(real, flags | _NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DeltaError("not a regular file")
+    return fd
+
+
+def _cached(key: tuple):
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+        return hit
+
+
+def _remember(key: tuple, value: tuple) -> None:
+    global _cache_bytes
+    size = len(value[0])
+    if size > CACHE_BYTES // 4:
+        return
+    with _cache_lock:
+        if key in _cache:   # kept, or given the whole file's hash it lacked
+            _cache_bytes -= len(_cache.pop(key)[0])
+        _cache[key] = value
+        _cache_bytes += size
+        while _cache_bytes > CACHE_BYTES:
+            _, old = _cache.popitem(last=False)
+            _cache_bytes -= len(old[0])
+
+
+class _Reader:
+    """The file from its start, read with pread (for FastCDC's stream cutter): the file is read
+    through a small buffer, not mapped, so its pages never count in the node's memory."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pos = fd, 0
+
+    def readinto(self, buf) -> int:
+        n = os.preadv(self.fd, [buf], self.pos)
+        self.pos += n
+        return n
+
+
+def _hash(fd: int, size: int) -> str:
+    """BLAKE3 of the file's first `size` bytes, read READ_PIECE at a time, hashed with threads."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    view = memoryview(bytearray(min(READ_PIECE, max(size, 1))))
+    pos = 0
+    while pos < size:
+        n = os.preadv(fd, [view[:min(READ_PIECE, size - pos)]], pos)
+        if n <= 0:
+            raise DeltaError("the file ended early while it was being hashed")
+        h.update(view[:n])
+        pos += n
+    return h.hexdigest()
+
+
+def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
+    """-> (records, whole-file BLAKE3 hex or None without `whole`, stamp, size) of the open file `fd`."""
+    if not MIN_AVG <= avg <= MAX_AVG:
+        raise DeltaError(f"the average chunk size must be between {MIN_AVG} and {MAX_AVG}")
+    before = os.fstat(fd)
+    stamp = stamp_of(before)
+    hit = _cached((stamp, avg))
+    if hit is not None and (hit[1] is not None or not whole):
+        return hit[0], hit[1], stamp, before.st_size
+    parts = []
+    for c in FastCDC(avg, min_size=avg * 3 // 4, max_size=avg * 4).cut_stream(_Reader(fd)):
+        parts.append(RECORD.pack(c.length, blake3.blake3(c.data).digest()))
+    records = b"".join(parts)
+    digest = _hash(fd, before.st_size) if whole else None
+    if stamp_of(os.fstat(fd)) != stamp:
+        raise DeltaError("the file changed while it was being chunked")
+    _remember((stamp, avg), (records, digest))
+    return records, digest, stamp, before.st_size
+
+
+def blake3_file(fd: int, sync: bool = False, want_stamp: str | None = None) -> str:
+    """The file's BLAKE3; with `sync`, an fsync runs meanwhile (the disk's work beside the CPU's); with
+    `want_stamp`, the file must have it before and after."""
+    if want_stamp is not None and stamp_of(os.fstat(fd)) != want_stamp:
+        raise DeltaError("the file changed since it was opened")
+    failed: list = []
+
+    def flush() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            failed.append(e)
+    syncing = threading.Thread(target=flush, name="vfs-fsync") if sync else None
+    if syncing is not None:
+        syncing.start()
+    try:
+        digest = _hash(fd, os.fstat(fd).st_size)
+    finally:
+        if syncing is not None:
+            syncing.join()
+    if failed:
+        raise failed[0]
+    if want_stamp is not None and stamp_of(os.fstat(fd)) != want_stamp:
+        raise DeltaError("the file changed while it was being hashed")
+    return digest
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def copy_ranges(src: int, dst: int, items: list, want_stamp: str) -> int:
+    """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
+    throughout) into `dst`. -> bytes copied."""
+    if stamp_of(os.fstat(src)) != want_stamp:
+        raise DeltaError("the old copy changed since it was chunked")
+    size = os.fstat(src).st_size
+    plan = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and all(_int(v) for v in item)):
+            raise DeltaError("CopyRanges items are [source offset, destination offset, length]")
+        s, d, n = item
+        if s + n > size:
+            raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({size} bytes)")
+        plan.append((s, d, n))
+    total = 0
+    kernel = hasattr(os, "copy_file_range")
+    for s, d, n in plan:
+        done = 0
+        while done < n:
+            step = min(COPY_PIECE, n - done)
+            got = 0
+            if kernel:
+                try:
+                    got = os.copy_file_range(src, dst, step, s + done, d + done)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                        raise
+                    kernel = False    # another filesystem, or none here: through user space
+            if not kernel:
+                data = os.pread(src, min(step, 8 << 20), s + done)
+                fsutil.pwrite_all(dst, data, d + done)
+                got = len(data)
+            if got <= 0:
+                raise DeltaError("the old copy ended early while being copied")
+            done += got
+        total += n
+    if stamp_of(os.fstat(src)) != want_stamp:
+        raise DeltaError("the old copy changed while it was being copied")
+    return total
+
+
+def write_ranges(dst: int, items: list, data: bytes) -> int:
+    """Check every [offset, length, blake3] piece of `data` (back to back), then write them all.
+    A piece that fails its check raises before anything is written. -> bytes written."""
+    plan = []
+    view = memoryview(data)
+    pos = 0
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and _int(item[0]) and _int(item[1])
+                and isinstance(item[2], str)):
+            raise DeltaError("WriteRanges items are [offset, length, blake3]")
+        offset, length, digest = item
+        piece = view[pos:pos + length]
+        if len(piece) != length:
+            raise DeltaError(f"the data is shorter than its pieces ({len(data)} bytes)")
+        if blake3.blake3(piece).hexdigest() != digest:
+            raise DeltaError(f"the piece at offset {offset} ({length} bytes) failed its integrity check")
+        plan.append((offset, piece))
+        pos += length
+    if pos != len(data):
+        raise DeltaError(f"the data is longer than its pieces ({len(data)} bytes, pieces {pos})")
+    for offset, piece in plan:
+        fsutil.pwrite_all(dst, piece, offset)
+    return pos

@@ -1,0 +1,552 @@
+"""Only what changed (components/file_transfer/common/ft_delta.py and host/vfs/delta.py): the
+chunk-choosing machines wired together in memory with the host's real chunking, copying and
+checking on real files; then real nodes, with the bytes the provider node sent counted by the OS."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blake3 import blake3
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = str(REPO / "components/file_transfer/common")
+if COMMON not in sys.path:
+    sys.path.insert(0, COMMON)
+
+import ft_delta  # noqa: E402
+import ft_folder  # noqa: E402, F401  (registers the folder machines, as the worker does)
+import ft_protocol as ft  # noqa: E402
+
+from host.kinode_types import Address  # noqa: E402
+from host.vfs import delta as host_delta  # noqa: E402
+
+REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
+REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")
+PEER_MAIN = Address.parse("bob.os@file_transfer:file_transfer:template.os")
+PROV_WORKER = Address.parse("bob.os@w2:file_transfer:template.os")
+AVG = 4096   # small chunks, so a file of a few hundred KiB has many
+
+
+def h(data: bytes) -> str:
+    return blake3(data).hexdigest()
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def edited(old: bytes, seed: int = 1, changes: int = 4, insert: int = 20_000) -> bytes:
+    """`old` with a few scattered small changes and a block inserted in the middle."""
+    r = random.Random(seed)
+    b = bytearray(old)
+    for _ in range(changes):
+        at = r.randrange(len(b) - 100)
+        b[at:at + 100] = r.randbytes(100)
+    mid = len(b) // 2
+    return bytes(b[:mid]) + r.randbytes(insert) + bytes(b[mid:])
+
+
+# ---- the pure parts --------------------------------------------------------------------------------
+def chunks_of(tmp: Path, data: bytes, avg: int = AVG) -> list:
+    p = tmp / f"c{h(data)[:8]}"
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        records, whole, _, size = host_delta.chunk_list(fd, avg)
+    finally:
+        os.close(fd)
+    assert whole == h(data) and size == len(data)
+    return ft_delta.parse_list(records)
+
+
+def test_an_insertion_or_removal_in_the_middle_moves_only_its_neighbourhood(tmp_path):
+    old = rand(400_000, 1)
+    new = old[:200_000] + rand(5000, 2) + old[200_000:]       # inserted
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
+    fetched = sum(n for _, n, _ in pieces)
+    assert 5000 <= fetched < 5000 + 4 * 4 * AVG    # the new bytes and at most the chunks they touch
+    assert sum(n for _, _, n in copies) == len(new) - fetched
+    # copies land at their new offsets and come from where the bytes are in the old copy
+    for src, dst, n in copies:
+        assert new[dst:dst + n] == old[src:src + n]
+    cut = old[:150_000] + old[160_000:]                        # removed
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, cut), chunks_of(tmp_path, old))
+    assert sum(n for _, n, _ in pieces) < 4 * 4 * AVG
+    assert len(copies) <= 3                                    # neighbours merged
+
+
+def test_plan_covers_the_new_file_exactly_with_pieces_at_most_the_limit(tmp_path):
+    old = rand(300_000, 3)
+    new = edited(old, seed=4)
+    new_list = chunks_of(tmp_path, new)
+    copies, pieces = ft_delta.plan(new_list, chunks_of(tmp_path, old), piece_max=3 * AVG * 4)
+    spans = sorted([(d, n) for _, d, n in copies] + [(o, n) for o, n, _ in pieces])
+    pos = 0
+    for off, n in spans:
+        assert off == pos
+        pos += n
+    assert pos == len(new)
+    for off, n, chunks in pieces:
+        assert n <= 3 * AVG * 4 and sum(c[1] for c in chunks) == n and chunks[0][0] == off
+        for c_off, c_n, digest in chunks:
+            assert h(new[c_off:c_off + c_n]) == digest
+    # nothing in common: every chunk fetched, no copy; an empty old copy is the same
+    assert ft_delta.plan(new_list, chunks_of(tmp_path, rand(300_000, 9)))[0] == []
+    assert sum(n for _, n, _ in ft_delta.plan(new_list, [])[1]) == len(new)
+
+
+def test_batches_cut_the_want_list_into_messages():
+    want = [[0, 10], [20, 10], [40, 30], [100, 5], [200, 100]]
+    assert ft_delta.batches(want, limit=25) == [[0, 2], [2, 1], [3, 1], [4, 1]]
+    assert ft_delta.batches(want, limit=1000) == [[0, 5]]
+    assert ft_delta.batches([], limit=10) == []
+    assert ft_delta.avg_for(1 << 30) == 64 << 10 and ft_delta.avg_for(64 << 30) == 512 << 10
+
+
+def test_host_refuses_a_piece_that_does_not_match_and_writes_nothing(tmp_path):
+    dst = tmp_path / "d"
+    dst.write_bytes(bytes(100))
+    fd = os.open(dst, os.O_WRONLY)
+    try:
+        good, bad = b"a" * 10, b"b" * 10
+        with pytest.raises(host_delta.DeltaError, match="offset 50 .* failed its integrity check"):
+            host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(good)]], good + bad)
+        assert dst.read_bytes() == bytes(100)                   # nothing of the batch written
+        host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(bad)]], good + bad)
+        assert dst.read_bytes() == good + bytes(40) + bad + bytes(40)
+    finally:
+        os.close(fd)
+
+
+def test_host_copy_refuses_an_old_copy_changed_since_it_was_chunked(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.write_bytes(rand(10_000, 5))
+    dst.write_bytes(b"")
+    sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+    try:
+        stamp = host_delta.stamp_of(os.fstat(sfd))
+        assert host_delta.copy_ranges(sfd, dfd, [[100, 0, 500], [0, 500, 100]], stamp) == 600
+        assert dst.read_bytes() == src.read_bytes()[100:600] + src.read_bytes()[:100]
+        with pytest.raises(host_delta.DeltaError, match="passes the old copy's end"):
+            host_delta.copy_ranges(sfd, dfd, [[9_990, 0, 20]], stamp)
+        os.utime(src, ns=(1, 1))
+        with pytest.raises(host_delta.DeltaError, match="changed since it was chunked"):
+            host_delta.copy_ranges(sfd, dfd, [[0, 0, 10]], stamp)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+# ---- the machines, wired in memory ----------------------------------------------------------------
+@dataclass
+class Sim:
+    """Both workers of a download of NAME, the requestor holding `old` (or nothing) as the file of that
+    name, the provider `new`; the host's delta functions do the I/O on real files."""
+    tmp: Path
+    new: bytes
+    old: bytes | None
+    prov_delta: bool = True            # the provider's host can chunk
+    lie_at: int | None = None          # the provider corrupts the piece holding this offset
+    old_is_partial: bool = False       # the old copy is a partial download (of another version)
+    sent: int = 0                      # blob bytes the provider sent
+    logs: list = field(default_factory=list)
+    progress: list = field(default_factory=list)
+    exits: dict = field(default_factory=dict)
+    queue: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.rdir = self.tmp / "req"
+        self.rdir.mkdir()
+        self.final = self.rdir / "f.bin"
+        self.part = self.rdir / "f.bin.part"
+        self.aside = self.rdir / "f.bin.basis"
+        self.basis = self.final
+        if self.old is not None:
+            (self.part if self.old_is_partial else self.final).write_bytes(self.old)
+        self.pfile = self.tmp / "prov.bin"
+        self.pfile.write_bytes(self.new)
+        self.machines: dict[str, Any] = {"req": ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)}
+        self.blob: dict[str, bytes | None] = {"req": None, "prov": None}
+        self.current: dict[str, Any] = {"req": None, "prov": None}
+        self.chain = blake3()
+
+    def run(self) -> Sim:
+        self.act("req", self.machines["req"].handle(ft.Start()))
+        while self.queue:
+            who, ev, blob, msg = self.queue.pop(0)
+            if who in self.exits:
+                continue
+            self.blob[who], self.current[who] = blob, msg
+            self.act(who, self.machines[who].handle(ev))
+        return self
+
+    def post(self, me: str, target: Any, ev: Any, blob: bytes | None, msg: Any) -> None:
+        if target == PEER_MAIN and me == "prov":
+            pass                  # the provider's word to its parent about its serving slot
+        elif target == PEER_MAIN:   # the provider's file_transfer: accepts and starts a worker
+            self.queue.append(("req", ft.GotResponse("download", {"Download": {"Ok": None}}, {}, 0.0), None, None))
+            self.machines["prov"] = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
+            self.act("prov", self.machines["prov"].handle(ft.Start()))
+        elif target == REQ_PARENT:
+            self.progress.append(ev.meta)
+        elif target in (REQ_WORKER, PROV_WORKER):
+            if me == "prov" and blob is not None:
+                self.sent += len(blob)
+            self.queue.append(("req" if target == REQ_WORKER else "prov", ev, blob, msg))
+
+    def act(self, who: str, actions: list) -> None:
+        me, peer = (REQ_WORKER, PROV_WORKER) if who == "req" else (PROV_WORKER, REQ_WORKER)
+        while actions:
+            follow = None
+            for a in actions:
+                assert follow is None, "an action with a result must be the last of its list"
+                if isinstance(a, ft.Exit):
+                    self.exits[who] = a.error
+                    return
+                if isinstance(a, ft.Send):
+                    blob = self.blob[who] if a.forward_blob else None
+                    target = a.target
+                    ev = ft.GotRequest(me, a.body, dict(a.metadata or {}), 0.0, a.timeout is not None,
+                                       None if blob is None else len(blob))
+                    self.post(who, target, ev, blob, (me, a.context))
+                elif isinstance(a, ft.Reply):
+                    source, context = self.current[who]
+                    self.post(who, source, ft.GotResponse(context, a.body, dict(a.metadata or {}), 0.0), None, None)
+                elif isinstance(a, ft.Log):
+                    self.logs.append(a.text)
+                elif isinstance(a, (ft.ArmTimer, ft.SaveState)):
+                    pass
+                elif isinstance(a, ft.SwitchToDelta):
+                    self.machines[who] = a.machine
+                else:
+                    try:
+                        follow = self.perform(who, a)
+                    except (OSError, host_delta.DeltaError) as e:
+                        follow = self.machines[who].handle(ft.IoFailed(str(e), 0.0))
+                        break
+            actions = follow
+
+    def perform(self, who: str, a: Any) -> list | None:
+        m = self.machines[who]
+        if isinstance(a, ft.LoadState):
+            basis = None
+            for path, partial in ((self.final, False), (self.part, True)):
+                if path.exists():
+                    basis = {"size": path.stat().st_size, "stamp": host_delta.stamp_of(path.stat()), "partial": partial}
+                    break
+            return m.handle(ft.StateLoaded(None, None, 0.0, basis))
+        if isinstance(a, ft_delta.MoveBasisAside):
+            os.replace(self.part, self.aside)
+            self.basis = self.aside
+            return m.handle(ft_delta.BasisMoved(host_delta.stamp_of(self.aside.stat()), 0.0))
+        if isinstance(a, ft_delta.RemoveBasis):
+            self.aside.unlink(missing_ok=True)
+            return None
+        if isinstance(a, ft_delta.RestoreBasis):
+            if self.aside.exists():
+                os.replace(self.aside, self.part)
+            return None
+        if isinstance(a, ft.OpenPartial):
+            self.part.write_bytes(b"")
+            return m.handle(ft.PartialOpened(0.0))
+        if isinstance(a, ft_delta.ChunkBasis):
+            fd = os.open(self.basis, os.O_RDONLY)
+            try:
+                records, whole, stamp, size = host_delta.chunk_list(fd, AVG)
+            finally:
+                os.close(fd)
+            return m.handle(ft_delta.BasisChunked(records, {"stamp": stamp, "blake3": whole}, None, 0.0))
+        if isinstance(a, ft_delta.ReadChunkList):
+            return m.handle(ft_delta.ListRead(self.blob["req"], 0.0))
+        if isinstance(a, ft_delta.CopyRanges):
+            src, dst = os.open(self.basis, os.O_RDONLY), os.open(self.part, os.O_WRONLY)
+            try:
+                host_delta.copy_ranges(src, dst, a.items, a.stamp)
+            finally:
+                os.close(src)
+                os.close(dst)
+            return m.handle(ft_delta.RangesCopied(0.0))
+        if isinstance(a, ft_delta.WriteRanges):
+            fd = os.open(self.part, os.O_WRONLY)
+            try:
+                host_delta.write_ranges(fd, a.items, self.blob["req"] or b"")
+            finally:
+                os.close(fd)
+            return m.handle(ft.ChunkWritten(0.0))
+        if isinstance(a, ft_delta.VerifyWhole):
+            return m.handle(ft.FileVerified(h(self.part.read_bytes()), 0.0))
+        if isinstance(a, ft.HashChunk):
+            if a.restart:
+                self.chain = blake3()
+            self.chain.update(self.blob["req"] or b"")
+            return m.handle(ft.ChunkHashed(self.chain.hexdigest(), 0.0))
+        if isinstance(a, ft.WriteChunk):
+            with open(self.part, "r+b") as f:
+                f.seek(a.offset)
+                f.write(self.blob["req"] or b"")
+            return m.handle(ft.ChunkWritten(0.0))
+        if isinstance(a, ft.VerifyFile):
+            return m.handle(ft.FileVerified(h(self.part.read_bytes()) if a.read_back else None, 0.0))
+        if isinstance(a, ft.Rename):
+            replaced = self.final.exists() and self.final.read_bytes() != self.part.read_bytes()
+            os.replace(self.part, self.final)
+            return m.handle(ft.Renamed(replaced, 0.0))
+        if isinstance(a, ft.RemoveFiles):
+            if a.partial and self.part.exists():
+                self.part.unlink()
+            return None
+        # the provider
+        if isinstance(a, ft.OpenFile):
+            st = self.pfile.stat()
+            return m.handle(ft.Opened(st.st_size, host_delta.stamp_of(st), 0.0, delta=self.prov_delta))
+        if isinstance(a, ft.ReadChunk):
+            self.blob["prov"] = self.new[self.pcursor:self.pcursor + a.length] if hasattr(self, "pcursor") else \
+                self.new[:a.length]
+            self.pcursor = getattr(self, "pcursor", 0) + len(self.blob["prov"] or b"")
+            digest = None
+            if a.hash == ft.HASH_WHOLE:
+                digest = h(self.blob["prov"] or b"")
+            elif a.hash in (ft.HASH_CHAIN, ft.HASH_CHAIN_RESTART):
+                if a.hash == ft.HASH_CHAIN_RESTART:
+                    self.pchain = blake3()
+                self.pchain.update(self.blob["prov"] or b"")
+                digest = self.pchain.hexdigest()
+            return m.handle(ft.ChunkRead(len(self.blob["prov"] or b""), digest, 0.0))
+        if isinstance(a, ft.CheckFile):
+            return m.handle(ft.FileChecked(host_delta.stamp_of(self.pfile.stat()),
+                                           h(self.new) if a.read_back else None, 0.0))
+        if isinstance(a, ft_delta.ChunkFile):
+            fd = os.open(self.pfile, os.O_RDONLY)
+            try:
+                records, whole, stamp, size = host_delta.chunk_list(fd, AVG)
+            finally:
+                os.close(fd)
+            self.blob["prov"] = records
+            return m.handle(ft_delta.FileChunked({"count": len(records) // 36, "size": size, "stamp": stamp}, 0.0))
+        if isinstance(a, ft_delta.HashWhole):
+            assert a.stamp == host_delta.stamp_of(self.pfile.stat())
+            return m.handle(ft_delta.WholeHashed(h(self.new), 0.0))
+        if isinstance(a, ft_delta.ReadPieces):
+            data = bytearray()
+            for off, n in a.items:
+                piece = bytearray(self.new[off:off + n])
+                if self.lie_at is not None and off <= self.lie_at < off + n:
+                    piece[self.lie_at - off] ^= 0xFF
+                data += piece
+            self.blob["prov"] = bytes(data)
+            return m.handle(ft_delta.PiecesRead(0.0))
+        raise AssertionError(f"unexpected action {a}")
+
+
+@pytest.fixture
+def small_avg(monkeypatch):
+    """Both ends chunk with AVG."""
+    monkeypatch.setattr(ft_delta, "avg_for", lambda size: AVG)
+
+
+def big(n: int = 6 << 20, seed: int = 7) -> bytes:
+    """Just over EXT_CHUNK_SIZE: a file small enough for a test, big enough to be offered delta."""
+    return rand(n, seed)
+
+
+def test_machines_move_only_what_changed_and_verify_the_whole(tmp_path, small_avg):
+    old = big()
+    new = edited(old, seed=8, changes=6, insert=50_000)
+    sim = Sim(tmp_path, new, old).run()
+    assert sim.exits == {"req": None, "prov": None}
+    assert sim.final.read_bytes() == new and not sim.part.exists()
+    done = sim.progress[-1]
+    assert done["done"] and done["hash"] == h(new) and done["replaced"] is True
+    # moved: the inserted block, the changed chunks around it and the six edits, and the list
+    assert 50_000 < sim.sent < 50_000 + 8 * 4 * AVG * 4 + 40 * len(new) // AVG
+    assert done["moved"] == sim.sent
+    assert sim.sent < len(new) * 0.05
+
+
+def test_a_partial_download_of_another_version_serves_as_the_old_copy(tmp_path, small_avg):
+    old = big(seed=30)
+    new = edited(old, seed=31)
+    sim = Sim(tmp_path, new, old[:len(old) * 2 // 3], old_is_partial=True).run()   # two thirds of the old one
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new
+    assert sim.sent < len(new) // 2                                  # the partial's part came from it
+    assert not sim.aside.exists() and not sim.part.exists()          # moved aside, then removed
+    assert "replaced" not in sim.progress[-1]                        # no file of that name was there
+
+
+def test_identical_copy_moves_only_the_list(tmp_path, small_avg):
+    old = big(seed=9)
+    sim = Sim(tmp_path, old, old).run()
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == old
+    assert sim.sent < 40 * len(old) // AVG and "replaced" not in sim.progress[-1]
+
+
+def test_a_first_download_is_the_plain_extended_one(tmp_path, small_avg):
+    """No older copy: the delta offer is declined by answering with a plain offset; every byte moves."""
+    new = big(seed=10)
+    sim = Sim(tmp_path, new, None).run()
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new
+    assert sim.sent == len(new) and "moved" not in sim.progress[-1]
+    assert type(sim.machines["req"]) is ft.Requestor and type(sim.machines["prov"]) is ft.Provider
+
+
+def test_a_provider_that_cannot_chunk_sends_all_as_today(tmp_path, small_avg):
+    old = big(seed=11)
+    new = edited(old, seed=12)
+    sim = Sim(tmp_path, new, old, prov_delta=False).run()
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new
+    assert sim.sent == len(new) and sim.progress[-1]["replaced"] is True
+
+
+def test_a_lying_provider_is_caught_and_the_old_copy_kept(tmp_path, small_avg):
+    old = big(seed=13)
+    new = edited(old, seed=14, changes=0, insert=30_000)
+    mid = len(old) // 2 + 100    # inside the inserted block: a piece that is fetched
+    sim = Sim(tmp_path, new, old, lie_at=mid).run()
+    assert sim.exits["req"] is not None and "does not match its chunk list" in sim.exits["req"]
+    assert "integrity check" in sim.exits["req"]
+    assert "bob.os sent data" in sim.progress[-1]["error"]
+    assert sim.final.read_bytes() == old and not sim.part.exists()   # nothing lost, nothing left
+    assert sim.exits["prov"] is not None                              # told, it stopped
+    # from a partial download of another version: it is put back, for the next run
+    tmp3 = tmp_path / "partial"
+    tmp3.mkdir()
+    sim = Sim(tmp3, new, old, lie_at=mid, old_is_partial=True).run()
+    assert "does not match its chunk list" in (sim.exits["req"] or "")
+    assert sim.part.read_bytes() == old and not sim.aside.exists() and not sim.final.exists()
+    # the positive control: the same download without the lie arrives
+    tmp2 = tmp_path / "again"
+    tmp2.mkdir()
+    assert Sim(tmp2, new, old).run().exits == {"req": None, "prov": None}
+
+
+def test_an_old_copy_that_changes_meanwhile_fails_cleanly(tmp_path, small_avg):
+    old = big(seed=15)
+    new = edited(old, seed=16)
+    sim = Sim(tmp_path, new, old)
+    real = sim.perform
+
+    def touching(who, a):
+        if isinstance(a, ft_delta.CopyRanges):
+            os.utime(sim.final, ns=(5, 5))   # changed after it was chunked
+        return real(who, a)
+    sim.perform = touching  # type: ignore[method-assign]
+    sim.run()
+    assert "changed since it was chunked" in (sim.exits["req"] or "")
+    assert sim.final.read_bytes() == old and not sim.part.exists()
+
+
+def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
+    seen: dict = {"DeltaRequestor": set(), "DeltaProvider": set()}
+
+    def tracked(cls):
+        class Tracked(cls):
+            def __setattr__(self, key, value):
+                if key == "state":
+                    seen[cls.__name__].add(value)
+                super().__setattr__(key, value)
+        return Tracked
+    monkeypatch.setitem(ft.DELTA_MACHINES, "requestor", tracked(ft_delta.DeltaRequestor))
+    monkeypatch.setitem(ft.DELTA_MACHINES, "provider", tracked(ft_delta.DeltaProvider))
+    for n, (seed, lie, partial) in enumerate([(17, None, False), (19, len(big()) // 2 + 9, True)]):
+        d = tmp_path / str(n)
+        d.mkdir()
+        Sim(d, edited(big(seed=seed), seed=seed + 1, changes=0), big(seed=seed), lie_at=lie, old_is_partial=partial).run()
+    assert seen["DeltaRequestor"] == ft_delta.DeltaRequestor.STATES
+    assert seen["DeltaProvider"] == ft_delta.DeltaProvider.STATES
+
+
+# ---- real nodes ------------------------------------------------------------------------------------
+DL = "download:file_transfer:template.os"
+
+
+def bytes_written(node) -> int:
+    """What the node process has sent over TCP (its established connections), as the kernel counts it."""
+    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    total = 0
+    for head, info in zip(out.splitlines()[::2], out.splitlines()[1::2]):
+        if f"pid={node.proc.pid}," in head + info:
+            m = re.search(r"bytes_sent:(\d+)", info)
+            total += int(m.group(1)) if m else 0
+    return total
+
+
+def test_nodes_move_only_what_changed(two_nodes):
+    fake, fake2 = two_nodes
+    size = 24 << 20
+    old = rand(size, 21)
+    new = edited(old, seed=22, changes=8, insert=1 << 20)
+    (fake.files / "big.bin").write_bytes(old)
+    (fake2.files / "big.bin").write_bytes(new)
+    (fake2.files / "first.bin").write_bytes(rand(size, 23))
+    # the control: a first download (no older copy here) moves the whole file
+    before = bytes_written(fake2)
+    code, lines = fake.run(f"{DL} first.bin fake2.dev", until=r"first\.bin downloaded|error:", timeout=120)
+    assert code == 0 and any("first.bin downloaded" in ln and "moved" not in ln for ln in lines), lines
+    first = bytes_written(fake2) - before
+    assert first >= size
+    before = bytes_written(fake2)
+    code, lines = fake.run(f"{DL} big.bin fake2.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    sent = bytes_written(fake2) - before
+    assert code == 0, lines
+    assert h((fake.files / "big.bin").read_bytes()) == h(new)
+    done = next(ln for ln in lines if "big.bin downloaded" in ln)
+    assert re.search(r"only \d+\.\d MiB moved, the rest came from the copy this node had; it replaced", done), done
+    # the inserted MiB, the chunks the eight changes touched, the list: a small part of the file
+    assert (1 << 20) < sent < size // 5, (sent, first)
+    assert not (fake.files / ".partial" / "fake2.dev" / "big.bin.part").exists()
+
+
+def test_nodes_catch_a_provider_that_lies_and_keep_the_old_copy(node_factory):
+    fake = node_factory("fake.dev")
+    fake2 = node_factory("fake2.dev", start=False)
+    fake2.env = dict(fake2.env, KINODE_TEST_LIE_AFTER_READS="0")   # its first piece read has a byte flipped
+    fake2.start()
+    old = rand(12 << 20, 24)
+    new = edited(old, seed=25, changes=2, insert=300_000)
+    (fake.files / "big.bin").write_bytes(old)
+    (fake2.files / "big.bin").write_bytes(new)
+    code, lines = fake.run(f"{DL} big.bin fake2.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    fake2.expect(r"test lie: .* flipped a byte of read 1 of /file_transfer:template\.os/files$", 10)   # the lie was told
+    err = next(ln for ln in lines if "error:" in ln)
+    assert "fake2.dev sent data that does not match its chunk list" in err and "integrity check" in err, err
+    assert (fake.files / "big.bin").read_bytes() == old          # nothing lost
+    assert not (fake.files / ".partial" / "fake2.dev" / "big.bin.part").exists()
+
+
+def test_nodes_with_delta_turned_off_move_the_whole_file(node_factory):
+    fake = node_factory("fake.dev")
+    fake2 = node_factory("fake2.dev", start=False)
+    fake2.env = dict(fake2.env, KINODE_DELTA="0")
+    fake2.start()
+    old = rand(8 << 20, 26)
+    new = edited(old, seed=27)
+    (fake.files / "big.bin").write_bytes(old)
+    (fake2.files / "big.bin").write_bytes(new)
+    before = bytes_written(fake2)
+    code, lines = fake.run(f"{DL} big.bin fake2.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    assert code == 0 and any("replaced the big.bin" in ln and "moved" not in ln for ln in lines), lines
+    assert bytes_written(fake2) - before >= len(new)
+    assert (fake.files / "big.bin").read_bytes() == new
+
+
+def test_nodes_start_from_a_partial_download_of_another_version(two_nodes):
+    fake, fake2 = two_nodes
+    old = rand(12 << 20, 28)
+    new = edited(old, seed=29, changes=4, insert=200_000)
+    partial = fake.files / ".partial" / "fake2.dev" / "big.bin.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(old[:10 << 20])     # an interrupted download of the old version, no resume state
+    (fake2.files / "big.bin").write_bytes(new)
+    before = bytes_written(fake2)
+    code, lines = fake.run(f"{DL} big.bin fake2.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    assert code == 0 and any("only" in ln and "moved" in ln for ln in lines), lines
+    assert bytes_written(fake2) - before < len(new) // 2
+    assert (fake.files / "big.bin").read_bytes() == new
+    assert not partial.exists() and not partial.with_name("big.bin.basis").exists()
