@@ -170,8 +170,8 @@ def _limit_malloc_arenas() -> None:
         libc.mallopt(-3, 6 << 20)          # M_MMAP_THRESHOLD
         # setting that threshold leaves glibc's trim threshold at 128 KiB: every freed chunk at the
         # top of a heap was handed back and the next one faulted in afresh (a tenth of a download's
-        # CPU went to page faults); up to 16 MiB free at the top of each of the two arenas is kept
-        libc.mallopt(-1, 16 << 20)         # M_TRIM_THRESHOLD
+        # CPU went to page faults); up to 8 MiB free at the top of each of the two arenas is kept
+        libc.mallopt(-1, 8 << 20)          # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass                               # not glibc: nothing to tune
 
