@@ -98,13 +98,11 @@ def _uninit_bytes_api():
     before anyone else sees it; None elsewhere (the plain path is used)."""
     if sys.implementation.name != "cpython":
         return None
-    try:
-        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
+    proto = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+    try:  # a prototype of our own: ctypes.pythonapi's shared attribute is left as it is
+        return proto(("PyBytes_FromStringAndSize", ctypes.pythonapi))
     except AttributeError:
         return None
-    fn.restype = ctypes.py_object
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    return fn
 
 
 _new_bytes = _uninit_bytes_api()
