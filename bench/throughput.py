@@ -10,8 +10,12 @@ CPU, and a node's threads hand work to each other across cores (docs/BENCHMARKS.
    copied with `scp -c aes128-gcm@openssh.com` to 127.0.0.1 (a private sshd on a free port; needs
    Debian's openssh-server, else scp is skipped), --rounds times in turn. Before each timed copy
    the page cache's dirty pages are written out (`sync`), so neither pays for the other's (or the
-   source file's) writeback. Our download ends with an fsync; scp's copy does not. Prints MiB/s
-   and the ratio per round, then the median.
+   source file's) writeback. Our download ends with an fsync; scp's copy does not. Between the
+   two, the plain-socket reference (bench/plainsock.py: a length header, then the raw bytes into a
+   file, fsync at the end; no encryption, no hash) copies the same file. Prints MiB/s, the ratios
+   ours/plain and ours/scp per round, then the medians; and CPU-seconds per GiB: each node's (from
+   /proc/PID/stat before and after), the plain socket's (its two processes' rusage) and scp's
+   (client's rusage plus the private sshd's reaped children).
 2. A --big-gib GiB file: MiB/s and each node's peak memory (VmHWM), which must stay under 300 MB.
 3. --small files of 4 KiB downloaded with 8 downloads running at a time: files/s.
 4. The same files again in commands of 100 names each (`download A B ... NODE`; file_transfer
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import resource
 import shutil
 import socket
 import statistics
@@ -56,6 +61,52 @@ def split_cpus() -> tuple[str, str] | None:
     return ",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:]))
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    """CPU-seconds (user + system) of process `pid` so far, all its threads; with `children`, those
+    of its children it has reaped instead."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    u, s = (13, 14) if children else (11, 12)  # cutime, cstime / utime, stime, counted after "(comm)"
+    return (int(fields[u]) + int(fields[s])) / TICK
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def no_children(pid: int, timeout: float = 5.0) -> None:
+    """Wait until process `pid` has reaped every child (so its cutime counts them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{pid}/task/{t}/children").read_text().strip()
+                   for t in os.listdir(f"/proc/{pid}/task")):
+            return
+        time.sleep(0.02)
+
+
+def plain_socket(src: Path, dest: Path) -> tuple[float, float]:
+    """Copy `src` to `dest` with bench/plainsock.py (the copy is then deleted): seconds, CPU-seconds."""
+    os.sync()
+    script = str(Path(__file__).resolve().parent / "plainsock.py")
+    cpu0 = children_cpu()
+    t0 = time.perf_counter()
+    rx = subprocess.Popen([sys.executable, script, "recv", str(dest)], stdout=subprocess.PIPE, text=True)
+    assert rx.stdout is not None
+    port = rx.stdout.readline().strip()
+    subprocess.run([sys.executable, script, "send", port, str(src)], check=True)
+    if rx.wait(3600) != 0:
+        raise RuntimeError("plain socket receiver failed")
+    secs = time.perf_counter() - t0
+    cpu = children_cpu() - cpu0
+    if dest.stat().st_size != src.stat().st_size:
+        raise RuntimeError("plain socket copy has the wrong size")
+    dest.unlink()
+    return secs, cpu
+
+
 class Pair:
     def __init__(self, tmp: Path, cpus: tuple[str, str] | None = None):
         """`cpus`: the --cpus of the requestor (a) and the provider (b); None: both use all."""
@@ -66,6 +117,10 @@ class Pair:
         a_extra, b_extra = (["--cpus", cpus[0]], ["--cpus", cpus[1]]) if cpus else ([], [])
         self.a = start_node("bench-a.dev", self.a_home, free_port(), env, a_extra)
         self.b = start_node("bench-b.dev", self.b_home, free_port(), env, b_extra)
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU-seconds so far of the requestor and the provider."""
+        return proc_cpu(self.a.pid), proc_cpu(self.b.pid)
 
     def download(self, name: str, timeout: float = 3600, sync: bool = False) -> float:
         if sync:
@@ -111,15 +166,19 @@ class Scp:
         return True
 
     def seconds(self, src: Path) -> float:
-        """Time one copy of `src` (the copy is then deleted)."""
+        """Time one copy of `src` (the copy is then deleted); `self.cpu` is then its CPU-seconds."""
         dest = self.tmp / "scp-copy.bin"
         os.sync()
+        assert self.server is not None
+        cpu0 = children_cpu() + proc_cpu(self.server.pid, children=True)
         t0 = time.perf_counter()
         subprocess.run(["scp", "-q", "-c", "aes128-gcm@openssh.com", "-P", str(self.port),
                         "-i", str(self.dir / "client_key"), "-o", "StrictHostKeyChecking=no",
                         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                         str(src), f"{os.environ.get('USER', 'root')}@127.0.0.1:{dest}"], check=True)
         secs = time.perf_counter() - t0
+        no_children(self.server.pid)
+        self.cpu = children_cpu() + proc_cpu(self.server.pid, children=True) - cpu0
         dest.unlink()
         return secs
 
@@ -300,35 +359,58 @@ def folders(tmp: Path, cpus, count: int, many: int, mixed_mib: int, rounds: int)
 
 def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
     size = int(gib * (1 << 30))
+    gibs = size / (1 << 30)
     src = pair.b_home / FILES / "one.bin"
     digest = write_random(src, size)
     scp = Scp(tmp)
     if not scp.start():
         print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
         scp = None
-    ours_all, ratios = [], []
+    ours_all, plain_all, ratios, plain_ratios = [], [], [], []
+    cpu_a, cpu_b, cpu_plain, cpu_scp = [], [], [], []
     try:
         for r in range(1, rounds + 1):
+            a0, b0 = pair.cpu()
             secs = pair.download("one.bin", sync=True)
+            a1, b1 = pair.cpu()
             assert sha256(pair.a_home / FILES / "one.bin") == digest, "hash mismatch"
             (pair.a_home / FILES / "one.bin").unlink()
             ours = size / secs / 2**20
             ours_all.append(ours)
-            line = f"[1] round {r}: {gib:g} GiB download {secs:.2f} s, {ours:.0f} MiB/s (verified)"
+            cpu_a.append((a1 - a0) / gibs)
+            cpu_b.append((b1 - b0) / gibs)
+            plain_secs, plain_cpu = plain_socket(src, tmp / "plain-copy.bin")
+            plain = size / plain_secs / 2**20
+            plain_all.append(plain)
+            plain_ratios.append(ours / plain)
+            cpu_plain.append(plain_cpu / gibs)
+            line = (f"[1] round {r}: {gib:g} GiB download {secs:.2f} s, {ours:.0f} MiB/s (verified), CPU-s/GiB "
+                    f"requestor {cpu_a[-1]:.2f} + provider {cpu_b[-1]:.2f}; plain socket {plain:.0f} MiB/s, "
+                    f"CPU-s/GiB {cpu_plain[-1]:.2f}; ratio ours/plain {ours / plain:.2f}")
             if scp is not None:
                 theirs = size / scp.seconds(src) / 2**20
                 ratios.append(ours / theirs)
-                line += f"; scp -c aes128-gcm {theirs:.0f} MiB/s; ratio ours/scp {ours / theirs:.2f}"
-            print(line, flush=True)
+                cpu_scp.append(scp.cpu / gibs)
+                line += (f"; scp -c aes128-gcm {theirs:.0f} MiB/s, CPU-s/GiB {cpu_scp[-1]:.2f}; "
+                         f"ratio ours/scp {ours / theirs:.2f}")
+            print(line + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         if scp is not None:
             scp.stop()
         src.unlink()
-    line = f"[1] median of {rounds}: {statistics.median(ours_all):.0f} MiB/s"
+    med = statistics.median
+    ours_cpu = med([a + b for a, b in zip(cpu_a, cpu_b)])
+    line = (f"[1] median of {rounds}: {med(ours_all):.0f} MiB/s, plain socket {med(plain_all):.0f}; ratio ours/plain "
+            f"median {med(plain_ratios):.2f} (lowest {min(plain_ratios):.2f}, highest {max(plain_ratios):.2f})")
     if ratios:
-        line += (f"; ratio ours/scp median {statistics.median(ratios):.2f} "
+        line += (f"; ratio ours/scp median {med(ratios):.2f} "
                  f"(lowest {min(ratios):.2f}, highest {max(ratios):.2f})")
     print(line)
+    line = (f"[1] CPU-seconds per GiB, medians: ours {ours_cpu:.2f} (requestor {med(cpu_a):.2f}, provider "
+            f"{med(cpu_b):.2f}), plain socket {med(cpu_plain):.2f} (ours/plain {ours_cpu / med(cpu_plain):.2f})")
+    if cpu_scp:
+        line += f", scp {med(cpu_scp):.2f} (ours/scp {ours_cpu / med(cpu_scp):.2f})"
+    print(line, flush=True)
 
 
 def main() -> int:

@@ -172,6 +172,11 @@ def _limit_malloc_arenas() -> None:
         # given back when freed; glibc's default would raise the threshold to each such size freed
         # and then keep them in the heap. Transfer chunks (4 MiB) stay below it, on the heap.
         libc.mallopt(-3, 6 << 20)          # M_MMAP_THRESHOLD
+        # setting that threshold leaves glibc's trim threshold at 128 KiB: every freed buffer at the
+        # top of a heap was handed back and the next one faulted in afresh (page faults took a tenth
+        # of a download's CPU, half of an upload's); up to 32 MiB free at a heap's top is kept for
+        # reuse, which left the peaks of many downloads at once and of a flood where they were
+        libc.mallopt(-1, 32 << 20)         # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass                               # not glibc: nothing to tune
 

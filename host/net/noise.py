@@ -22,9 +22,11 @@ exactly N is a protocol error (the connection is dropped).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import socket
 import struct
+import sys
 from typing import Protocol
 
 import msgpack
@@ -118,6 +120,61 @@ def decompressed(payload: Split) -> Split:
 
 
 
+# ---- receiving a big blob in place -------------------------------------------------------------
+# A message with a big blob is received without zeroing a buffer for it and without msgpack copying
+# the blob out: its first bytes (the head, ending with the blob's bin32 header) are read apart, then
+# the rest is decrypted straight into the `bytes` object that becomes the blob.
+SPLIT_RECV_MIN = 1 << 20   # messages this long are received so
+HEAD_PEEK = 16 << 10       # bytes read apart to find the head in; a longer head takes the plain path
+
+
+def _uninit_bytes_api():
+    """CPython's PyBytes_FromStringAndSize(NULL, n): a new bytes object whose content is ours to fill
+    before anyone else sees it; None elsewhere (the plain path is used)."""
+    if sys.implementation.name != "cpython":
+        return None
+    proto = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+    try:  # a prototype of our own: ctypes.pythonapi's shared attribute is left as it is
+        return proto(("PyBytes_FromStringAndSize", ctypes.pythonapi))
+    except AttributeError:
+        return None
+
+
+_new_bytes = _uninit_bytes_api()
+_BYTES_DATA = bytes.__basicsize__ - 1   # offset of a bytes object's first byte (ob_sval)
+
+
+def fresh_bytes(n: int) -> tuple[bytes, memoryview]:
+    """A new bytes object of `n` bytes, not yet filled, and a writable view of its content; the
+    caller fills it all before the object leaves its hands."""
+    assert _new_bytes is not None
+    b = _new_bytes(None, n)
+    return b, memoryview((ctypes.c_char * n).from_address(id(b) + _BYTES_DATA)).cast("B")
+
+
+def split_head(head: bytes | bytearray | memoryview, size: int) -> tuple[dict, int] | None:
+    """Where a message of `size` bytes starting with `head` has its blob, if it ends with it.
+
+    Returns (the message decoded with the blob left empty, the blob's offset), or None. A candidate
+    position p holds a bin32 header whose length reaches exactly the message's end; it is taken
+    only if `head[:p]` followed by an empty bin decodes to a complete map whose ["blob"][1] is that
+    bin (checked again with a one-byte bin): msgpack decodes left to right, so the whole message
+    then decodes to the same map with the blob in that place."""
+    raw = bytes(head)
+    p = raw.find(b"\xc6")
+    while 0 <= p <= len(raw) - 5:
+        if _U32.unpack_from(raw, p + 1)[0] == size - p - 5:
+            try:
+                wire = msgpack.unpackb(raw[:p] + b"\xc4\x00", raw=False)
+                probe = msgpack.unpackb(raw[:p] + b"\xc4\x01\x00", raw=False)
+                if wire["blob"][1] == b"" and probe["blob"][1] == b"\x00":
+                    return wire, p + 5
+            except Exception:  # not the blob's header after all (msgpack raises several types)
+                pass
+        p = raw.find(b"\xc6", p + 1)
+    return None
+
+
 # ---- connections ---------------------------------------------------------------------------------
 class ProtocolError(Exception):
     """The peer broke the protocol; its connection is dropped."""
@@ -184,8 +241,12 @@ class Conn:
         self.hdr = bytearray(4)
         self.hlen = 0
         self.body: bytearray | None = None
-        self.body_mv: memoryview | None = None
+        self.body_mv: memoryview | None = None   # where the message's next bytes go
+        self.size = 0                            # the length of the message being received
         self.have = 0
+        self.peek = False               # body holds a big message's first bytes (see split_head)
+        self.split: dict | None = None  # a big message's head, decoded, while its blob arrives
+        self.blob: bytes | None = None  # ... and the blob being filled (body_mv is its view)
         self.scratch: memoryview | None = None
         self.out = bytearray(0)
         # liveness: when bytes last arrived and were last written; one writer at a time
@@ -424,17 +485,16 @@ class Conn:
             raise ProtocolError(f"short transport message ({size} bytes)")
         plain = size - TAG
         nonce = _NONCE.pack(self.dec_n)
-        body, dec, scratch = self.body, self.dec, self.scratch
+        into, dec, scratch = self.body_mv, self.dec, self.scratch
         assert dec is not None and scratch is not None, "a frame before the handshake set the keys"
         try:
-            if body is not None and plain <= len(body) - self.have:
+            if into is not None and plain <= len(into) - self.have:
                 # the common case for large messages: decrypt straight into the message buffer
-                assert self.body_mv is not None
-                dec.decrypt_into(nonce, frame, None, self.body_mv[self.have:self.have + plain])
+                dec.decrypt_into(nonce, frame, None, into[self.have:self.have + plain])
                 self.dec_n += 1
                 self.have += plain
-                if self.have == len(body):
-                    self._deliver()
+                if self.have == len(into):
+                    self._complete()
                 return
             dec.decrypt_into(nonce, frame, None, scratch[:plain])
         except InvalidTag:
@@ -445,7 +505,7 @@ class Conn:
     def _feed(self, mv: memoryview) -> None:
         pos, end = 0, len(mv)
         while pos < end:
-            if self.body is None:
+            if self.body_mv is None:   # between messages: the next one's length
                 take = min(4 - self.hlen, end - pos)
                 self.hdr[self.hlen:self.hlen + take] = mv[pos:pos + take]
                 self.hlen += take
@@ -457,17 +517,55 @@ class Conn:
                         raise ProtocolError(f"declared message length {size} > {MAX_MESSAGE}")
                     if size == 0:
                         raise ProtocolError("empty message")
-                    self.body = bytearray(size)
+                    self.peek = size >= SPLIT_RECV_MIN and _new_bytes is not None
+                    self.body = bytearray(HEAD_PEEK if self.peek else size)
                     self.body_mv = memoryview(self.body)
+                    self.size = size
                     self.have = 0
             else:
-                assert self.body_mv is not None
-                take = min(len(self.body) - self.have, end - pos)
-                self.body_mv[self.have:self.have + take] = mv[pos:pos + take]
+                into = self.body_mv
+                assert into is not None
+                take = min(len(into) - self.have, end - pos)
+                into[self.have:self.have + take] = mv[pos:pos + take]
                 self.have += take
                 pos += take
-                if self.have == len(self.body):
-                    self._deliver()
+                if self.have == len(into):
+                    self._complete()
+
+    def _complete(self) -> None:
+        """The buffer being filled is full: a whole message, or a big one's first bytes."""
+        if self.split is not None:
+            self._deliver_split()
+        elif self.peek:
+            self._peeked()
+        else:
+            self._deliver()
+
+    def _peeked(self) -> None:
+        """A big message's first bytes are in: receive its blob in place if it ends with one, else
+        the whole message into one buffer as any other."""
+        head = self.body
+        assert head is not None
+        self.peek = False
+        found = split_head(head, self.size)
+        if found is None:
+            self.body = bytearray(self.size)
+            self.body_mv = memoryview(self.body)
+            self.body_mv[:len(head)] = head
+            return
+        self.split, at = found
+        self.blob, self.body_mv = fresh_bytes(self.size - at)
+        self.have = len(head) - at
+        self.body_mv[:self.have] = memoryview(head)[at:]
+        self.body = None
+
+    def _deliver_split(self) -> None:
+        wire, blob = self.split, self.blob
+        assert wire is not None and blob is not None
+        self.split = self.blob = self.body = self.body_mv = None
+        self.have = 0
+        wire["blob"][1] = blob
+        self._deliver_wire(wire, self.size)
 
     def _deliver(self) -> None:
         body = self.body
@@ -478,12 +576,14 @@ class Conn:
             wire = msgpack.unpackb(body, raw=False)
         except Exception as e:  # msgpack raises several unrelated types
             raise ProtocolError(f"undecodable MessagePack ({e})") from None
+        self._deliver_wire(wire, len(body))
+
+    def _deliver_wire(self, wire, size: int) -> None:
         if not isinstance(wire, dict):
             raise ProtocolError(f"message is a {type(wire).__name__}, not a map")
         if "ctl" in wire:
             self.net._control(self, wire)
             return
-        size = len(body)
         if "z" in wire:
             size = self._inflate(wire, size)
         try:

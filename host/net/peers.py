@@ -43,6 +43,7 @@ class Intake:
         self.event = asyncio.Event()   # set on the loop when one of its messages is taken
         self.loop: asyncio.AbstractEventLoop | None = None
         self.holds = 0                 # times its socket was left unread (for diagnostics and tests)
+        self.waiting = 0               # readers waiting on `event` (under `lock`): only then wake the loop
 
 
 class Receipt:
@@ -61,8 +62,9 @@ class Receipt:
                 return
             self.done = True
             intake.bytes -= self.size
+            waiting = intake.waiting
         loop = intake.loop
-        if loop is not None:
+        if waiting and loop is not None:  # a wake-up per message taken cost a loop round each
             try:
                 loop.call_soon_threadsafe(intake.event.set)
             except RuntimeError:   # the loop is closed: nobody waits
@@ -419,6 +421,8 @@ class PeerTable:
         if intake.holds == 1 or intake.holds % 100 == 0:
             log.warning("%s sends faster than our processes take its messages: not reading from it "
                         "until they do (%d times so far)", conn.label, intake.holds)
+        with intake.lock:
+            intake.waiting += 1            # from here on, each message taken wakes us
         try:
             while True:
                 intake.event.clear()
@@ -426,6 +430,8 @@ class PeerTable:
                     return
                 await intake.event.wait()
         finally:
+            with intake.lock:
+                intake.waiting -= 1
             conn.held = None
             conn.last_recv = self._loop.time()  # the silence was ours
 

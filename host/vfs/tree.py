@@ -312,8 +312,10 @@ def write_many(real: str, items: list, make_dirs: list, data: bytes, state: dict
                     if st.st_nlink > 1:   # a write would reach every other name of it (an installed build file)
                         raise TreeError(f"refusing to write a file with other hard links: {'/'.join(parts)}",
                                         "/".join(parts))
-                    if offset == 0:
-                        os.ftruncate(fd, 0)   # a piece at offset 0 starts its file anew
+                    if offset == 0 and st.st_size:
+                        # a piece at offset 0 starts its file anew; an empty one (a new file) is left
+                        # alone, as ext4 writes a file truncated to nothing back as soon as it is closed
+                        os.ftruncate(fd, 0)
                     _write_piece(fd, piece, offset)
                 finally:
                     os.close(fd)
