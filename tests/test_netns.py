@@ -319,7 +319,9 @@ def test_indirect_node_through_routers_and_the_next_router_when_one_is_killed(ne
     (a.files / "big.bin").unlink()
     assert not record.exists() or record.stat().st_size < 1 << 20  # so far through r1, not r2
     # r1 killed mid-transfer: the download goes on through r2 (resumed by a second download)
-    marked = (MARKER + "\n").encode() * ((32 << 20) // (len(MARKER) + 1))
+    # the marker between random blocks: the file does not compress, so its bytes really cross r2
+    block = 4096
+    marked = b"".join(MARKER.encode() + os.urandom(block) for _ in range((32 << 20) // (len(MARKER) + block)))
     (b.files / "marked.bin").write_bytes(marked)
     b.host.rate_limit(80)  # about 10 MiB/s: r1 dies while the download is under way
     result: dict = {}
