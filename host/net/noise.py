@@ -263,7 +263,7 @@ class Conn:
         self.zstd = False               # both ends announced compressed blobs in their hellos
         self.relayed = False            # the bytes go through a router: `where` is the router's socket
         self.rest: bytes | None = None  # a frame's plaintext not yet parsed, kept while held (see _feed)
-        self.inflated = 0               # bytes inflated since the loop last served other connections
+        self.inflated = 0               # bytes inflated since this reader last paused (see _pause)
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
