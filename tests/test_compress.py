@@ -1,8 +1,14 @@
 """zstd-compressed blobs between our nodes (host/net/compress.py): the decision, the bounded
 decompression, the negotiation, a hostile peer's bombs, and the bytes on a real link."""
+import ctypes
 import json
 import logging
 import os
+import socket
+import subprocess
+import threading
+import time
+import types
 
 import msgpack
 import netns as netns_mod
@@ -97,6 +103,22 @@ def test_decompression_is_bounded():
         assert what
 
 
+def test_a_frame_inflating_past_the_ratio_is_refused_and_our_sender_never_makes_one():
+    zeros = bytes(4 << 20)
+    bomb = zstandard.ZstdCompressor().compress(zeros)
+    assert len(bomb) * zmod.RATIO < len(zeros)
+    with pytest.raises(CompressError, match="times its length"):
+        decompress_blob(bomb, len(zeros), MAX_MESSAGE)
+    assert compress_blob(zeros) is None                       # our sender sends it raw
+    assert noisemod.encode(request("a.os", "b.os", blob=Blob(None, zeros)), compress=True).raw_size is None
+    floor = bytes(zmod.RATIO_FLOOR)                           # control: up to the floor, any ratio
+    frame = compress_blob(floor)
+    assert frame is not None and len(frame) * zmod.RATIO < len(floor)
+    assert decompress_blob(frame, len(floor), MAX_MESSAGE) == floor
+    frame = compress_blob(TEXT * 4)                            # control: text well past the floor
+    assert frame is not None and decompress_blob(frame, 4 * len(TEXT), MAX_MESSAGE) == TEXT * 4
+
+
 # ---- negotiation and hostile peers (nodes on loopback) -------------------------------------------
 @pytest.fixture
 def sent(monkeypatch):
@@ -158,8 +180,19 @@ def test_a_queued_compressed_message_goes_raw_if_the_connection_does_not_take_it
     assert sent == [payload.raw_size]
 
 
+def zwire(km, frame, size) -> bytes:
+    """`km` as a peer sends it with `frame` as its compressed blob of `size` bytes, length first."""
+    wire = km.to_wire()
+    mime = wire.pop("blob")[0]
+    wire["z"] = size
+    wire["blob"] = [mime, frame]
+    p = msgpack.packb(wire)
+    return len(p).to_bytes(4, "big") + p
+
+
 @pytest.mark.parametrize("attack, expect", [
     ("over the limit", "announces"),
+    ("past the ratio", "times its length"),
     ("lying size", "states"),
     ("no stated size", "does not state"),
     ("not negotiated", "did not negotiate"),
@@ -169,12 +202,7 @@ def test_a_peer_sending_a_bomb_is_dropped_and_the_node_serves_on(nodes, raw_peer
     raw = raw_peer("evil.os", b, None if attack == "not negotiated" else {"compress": ["zstd"]})
 
     def send(km, frame, size):
-        wire = km.to_wire()
-        mime = wire.pop("blob")[0]
-        wire["z"] = size
-        wire["blob"] = [mime, frame]
-        p = msgpack.packb(wire)
-        raw.send_plain(len(p).to_bytes(4, "big") + p)
+        raw.send_plain(zwire(km, frame, size))
 
     z = zstandard.ZstdCompressor()
     good = request("evil.os", "b.os", blob=Blob(None, TEXT))
@@ -184,6 +212,7 @@ def test_a_peer_sending_a_bomb_is_dropped_and_the_node_serves_on(nodes, raw_peer
     huge = 64 << 20
     frame, size = {
         "over the limit": (z.compress(bytes(huge)), huge),
+        "past the ratio": (z.compress(bytes(10 << 20)), 10 << 20),   # a few hundred bytes
         "lying size": (z.compress(bytes(huge)), 1 << 20),
         "no stated size": (zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 20)), 1 << 20),
         "not negotiated": (z.compress(TEXT), len(TEXT)),
@@ -195,6 +224,179 @@ def test_a_peer_sending_a_bomb_is_dropped_and_the_node_serves_on(nodes, raw_peer
     assert any(expect in r.getMessage() and "evil.os" in r.getMessage() for r in caplog.records)
     assert b.lost.get(timeout=10) == "evil.os"
     assert_quiet(b.inbox, 0)
+
+
+BOMB = zmod.RATIO_FLOOR   # inflates to the floor: passes the ratio cap however small its frame
+
+
+def bombs(count: int) -> bytes:
+    """`count` messages in a row, each a frame of a few dozen bytes inflating to BOMB bytes."""
+    frame = zstandard.ZstdCompressor().compress(bytes(BOMB))
+    stream = b"".join(zwire(request("evil.os", "b.os", body=b"%d" % i, blob=Blob(None, b"")), frame, BOMB)
+                      for i in range(count))
+    assert len(stream) <= noisemod.CHUNK   # all in one Noise frame
+    return stream
+
+
+def test_a_frame_of_bombs_inflates_only_the_peers_share_until_its_messages_are_taken(nodes, raw_peer, monkeypatch):
+    """A hundred messages in one Noise frame, each inflating to a megabyte: the node inflates only up
+    to PEER_IN_FLIGHT of them, then stops reading the peer and keeps the rest of the frame; once its
+    messages are taken the rest arrives, in order. Another peer is served meanwhile."""
+    inflated: list[int] = []
+    real = noisemod.decompress_blob
+    monkeypatch.setattr(noisemod, "decompress_blob", lambda f, size, lim: inflated.append(size) or real(f, size, lim))
+    b, a = nodes("b.os", hold=True), nodes("a.os")
+    raw = raw_peer("evil.os", b, {"compress": ["zstd"]})
+    good = request("evil.os", "b.os", body=b"good", blob=Blob(None, TEXT))
+    raw.send_plain(zwire(good, compress_blob(TEXT), len(TEXT)))
+    km, receipt = b.held.get(timeout=10)
+    assert km == good and inflated == [len(TEXT)]                # control: a compressed message arrives
+    receipt.taken()
+    inflated.clear()
+    count = 100
+    raw.send_plain(bombs(count))
+    deadline = time.monotonic() + 30
+    while b.net.intake_status().get("evil.os", (0, 0))[1] < 1:   # b stopped reading evil.os
+        assert time.monotonic() < deadline, b.net.intake_status()
+        time.sleep(0.01)
+    assert 0 < len(inflated) <= peersmod.PEER_IN_FLIGHT // BOMB + 1, len(inflated)
+    held = [b.held.get(timeout=10) for _ in inflated]
+    a.send(request("a.os", "b.os", body=b"from a"))
+    km, receipt = b.held.get(timeout=10)
+    assert km.message.body == b"from a"
+    receipt.taken()
+    for i in range(count):    # taking them one by one lets the rest of the frame through, in order
+        km, receipt = held.pop(0) if held else b.held.get(timeout=30)
+        assert km.message.body == b"%d" % i and km.lazy_load_blob.bytes == bytes(BOMB)
+        receipt.taken()
+    assert len(inflated) == count
+
+
+def test_a_frame_of_bombs_taken_at_once_is_inflated_a_turn_at_a_time(nodes, raw_peer, monkeypatch):
+    """Messages taken as they come never hold the peer back, so the frame's hundred megabytes are
+    inflated in turns of at most INFLATE_TURN, the loop serving other connections in between."""
+    before: list[int] = []
+    real = noisemod.Conn._inflate
+
+    def spy(self, wire, size):
+        before.append(self.inflated)
+        return real(self, wire, size)
+
+    monkeypatch.setattr(noisemod.Conn, "_inflate", spy)
+    b = nodes("b.os")
+    raw = raw_peer("evil.os", b, {"compress": ["zstd"]})
+    count = 100
+    raw.send_plain(bombs(count))
+    for i in range(count):
+        km = b.recv()
+        assert km.message.body == b"%d" % i and km.lazy_load_blob.bytes == bytes(BOMB)
+    assert len(before) == count
+    assert max(before) <= noisemod.INFLATE_TURN < max(before) + BOMB, before
+
+
+# ---- same machine or not -------------------------------------------------------------------------
+def _conn(sock, relayed=False):
+    return types.SimpleNamespace(sock=sock, relayed=relayed)
+
+
+def _pair(family, host):
+    """(accepted, connecting) TCP sockets to `host` on this machine."""
+    with socket.socket(family, socket.SOCK_STREAM) as srv:
+        srv.bind((host, 0))
+        srv.listen()
+        c = socket.create_connection(srv.getsockname()[:2], timeout=10)
+        s, _ = srv.accept()
+    return s, c
+
+
+def _own_addresses() -> list[str]:
+    """This machine's non-loopback addresses (`hostname -I`), if any."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [a for a in out.split() if not a.startswith("fe80")]
+
+
+def test_a_connection_on_this_machine_is_judged_local_over_loopback_or_its_own_address():
+    pairs = [_pair(socket.AF_INET, "127.0.0.1")]
+    if socket.has_ipv6:
+        try:
+            pairs.append(_pair(socket.AF_INET6, "::1"))
+        except OSError:
+            pass
+    own = _own_addresses()
+    for host in own:     # two nodes on one machine talking over its LAN address
+        pairs.append(_pair(socket.AF_INET6 if ":" in host else socket.AF_INET, host))
+    try:
+        for s, c in pairs:
+            assert peersmod._is_loopback(_conn(s)) and peersmod._is_loopback(_conn(c)), s
+            assert not peersmod._is_loopback(_conn(s, relayed=True))   # judged by the router's socket
+    finally:
+        for s, c in pairs:
+            s.close()
+            c.close()
+    assert peersmod._same_machine("::ffff:192.0.2.2", "192.0.2.2")
+    assert peersmod._same_machine("fe80::1%eth0", "fe80::1%eth1")
+    assert not peersmod._same_machine("192.0.2.7", "192.0.2.2")
+    assert not peersmod._same_machine("not an address", "not an address")
+    if not own:
+        pytest.skip("no non-loopback address here: only loopback pairs were tried")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _socket_in(ns: str, family: int) -> socket.socket:
+    """A TCP socket made inside network namespace `ns` (a thread enters it, makes it, and ends)."""
+    got: list = []
+
+    def run():
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                got.append(OSError(ctypes.get_errno(), f"setns {ns}"))
+            else:
+                got.append(socket.socket(family, socket.SOCK_STREAM))
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if isinstance(got[0], OSError):
+        raise got[0]
+    return got[0]
+
+
+def test_a_connection_from_another_machine_is_judged_remote():
+    """Two namespaces joined by a veth pair: the addresses differ and neither is loopback."""
+    why = netns_mod._can_make_namespaces()
+    if why:
+        pytest.skip(f"network namespaces cannot be made: {why}")
+    na, nb = f"zloop{os.getpid()}a", f"zloop{os.getpid()}b"
+    ip = netns_mod.ip
+    ip("netns", "add", na)
+    try:
+        ip("netns", "add", nb)
+        ip("link", "add", "v0", "netns", na, "type", "veth", "peer", "name", "v1", "netns", nb)
+        for ns, dev, addr in ((na, "v0", "10.233.0.1"), (nb, "v1", "10.233.0.2")):
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+        srv, c = _socket_in(na, socket.AF_INET), _socket_in(nb, socket.AF_INET)
+        with srv, c:
+            srv.bind(("10.233.0.1", 0))
+            srv.listen()
+            c.settimeout(10)
+            c.connect(srv.getsockname())
+            s, _ = srv.accept()
+            with s:
+                assert s.getpeername()[0] == "10.233.0.2"       # the link is real: the other end's address
+                assert not peersmod._is_loopback(_conn(s)) and not peersmod._is_loopback(_conn(c))
+    finally:
+        ip("netns", "del", na, check=False)
+        ip("netns", "del", nb, check=False)
 
 
 def test_the_setting_turns_it_off():

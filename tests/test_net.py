@@ -662,6 +662,8 @@ def test_indirect_node_is_reached_through_its_router_which_sees_only_ciphertext(
     assert_quiet(errors, 0)
     assert "r.os relaying" in a.net._peers["b.os"].conn.where
     assert "r.os relaying" in b.net._peers["a.os"].conn.where
+    # the router's socket is on loopback, the relayed peer is not judged local by it: compression on
+    assert a.net._peers["b.os"].zstd and b.net._peers["a.os"].zstd
     assert r.net.routing_status() == ["we route for 1 nodes (limit 100): b.os; 1 relayed sessions"]
     assert b.net.routing_status() == ["our routers: r.os (connected)"] and a.net.routing_status() == []
     # The router read all of it (the request frame in plain text, then the session), and no marker.

@@ -17,7 +17,8 @@ Compressed blobs: only on a connection where both hellos announced ``"zstd"``, a
 was worth compressing (host/net/compress.py) carries ``"z": N`` (the blob's size) just before
 ``"blob": [mime, zstd frame]``; the frame states its content size N, at most MAX_MESSAGE. The u32
 length and MAX_MESSAGE's check on it apply to the message as sent; a frame that does not inflate to
-exactly N is a protocol error (the connection is dropped).
+exactly N is a protocol error (the connection is dropped), and so is a frame stating more than
+host/net/compress.py's ratio cap allows for its length.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)  # receive buffer once established
 MAX_HANDSHAKES = 256       # concurrent unauthenticated connections; more are closed at once
 MAX_HANDSHAKES_PER_SOURCE = 16  # of those, from one address (an IPv6 /64): one cannot take them all
 SOCK_BUF = 4 << 20
+INFLATE_TURN = MAX_MESSAGE  # bytes a connection may inflate before the loop serves other connections
 
 _NONCE = struct.Struct(">4xQ")  # Noise AESGCM nonce: 32 zero bits + 64-bit big-endian counter
 _U32 = struct.Struct(">I")
@@ -259,6 +261,9 @@ class Conn:
         self.source = where             # the remote address (an IPv6 /64) that relay limits count by
         self.held: object = None        # set while the peer's messages wait to be taken: stop reading
         self.zstd = False               # both ends announced compressed blobs in their hellos
+        self.relayed = False            # the bytes go through a router: `where` is the router's socket
+        self.rest: bytes | None = None  # a frame's plaintext not yet parsed, kept while held (see _feed)
+        self.inflated = 0               # bytes inflated since this reader last paused (see _pause)
 
     def __repr__(self) -> str:
         return f"<conn {self.peer_name or '?'} {self.where} {'out' if self.dialled else 'in'}>"
@@ -474,10 +479,26 @@ class Conn:
             frame = self._next_frame()
             while frame is not None:
                 self._on_frame(frame)
-                if self.held is not None:  # back-pressure: read on once processes take its messages
-                    await self.net._held(self)
+                if self.held is not None or self.rest is not None or self.inflated > INFLATE_TURN:
+                    await self._pause()
                 frame = self._next_frame()
             await self._fill()
+
+    async def _pause(self) -> None:
+        """Held: read on once processes take the peer's messages; else, after much inflating, let
+        the loop serve other connections first. Then parse the rest of the frame, which may stop
+        again."""
+        while True:
+            if self.held is not None:    # back-pressure
+                await self.net._held(self)
+            else:
+                await asyncio.sleep(0)
+            self.inflated = 0
+            rest, self.rest = self.rest, None
+            if rest is not None:
+                self._feed(memoryview(rest))
+            if self.held is None and self.rest is None:
+                return
 
     def _on_frame(self, frame: memoryview) -> None:
         size = len(frame)
@@ -503,6 +524,9 @@ class Conn:
         self._feed(scratch[:plain])
 
     def _feed(self, mv: memoryview) -> None:
+        """Parse a frame's plaintext. One frame may hold hundreds of small messages, each of which
+        may inflate to a megabyte: stop after a message that holds the peer back or passes the
+        inflating budget, keeping the rest in `rest` until `_pause` lets it go on."""
         pos, end = 0, len(mv)
         while pos < end:
             if self.body_mv is None:   # between messages: the next one's length
@@ -531,6 +555,9 @@ class Conn:
                 pos += take
                 if self.have == len(into):
                     self._complete()
+                    if (self.held is not None or self.inflated > INFLATE_TURN) and pos < end:
+                        self.rest = bytes(mv[pos:end])
+                        return
 
     def _complete(self) -> None:
         """The buffer being filled is full: a whole message, or a big one's first bytes."""
@@ -601,6 +628,7 @@ class Conn:
                 or not isinstance(blob[1], bytes):
             raise ProtocolError("malformed compressed blob")
         frame = blob[1]
+        self.inflated += raw_size
         try:
             blob[1] = decompress_blob(frame, raw_size, MAX_MESSAGE)
         except CompressError as e:

@@ -348,7 +348,7 @@ class PeerTable:
         conn.established = True
         conn.grow()
         peer.conn = conn
-        # bytes cost nothing on a loopback link, so compressing there would only spend CPU; such a
+        # bytes cost nothing between two nodes on one machine, so compressing would only spend CPU; such a
         # connection still takes the peer's compressed blobs, if the peer sends them
         peer.zstd = conn.zstd and not _is_loopback(conn)
         conn.reader_task = self._loop.create_task(self._read(conn))
@@ -460,14 +460,25 @@ def safe_call(fn: Callable, *args) -> None:
 
 
 def _is_loopback(conn: Conn) -> bool:
-    """Whether the connection's other end is this machine's loopback (127.0.0.0/8 or ::1)."""
+    """Whether the connection's other end is this machine: never for a relayed connection (its
+    socket goes to the router, wherever the peer is); else by `_same_machine`."""
+    if conn.relayed:
+        return False
     try:
-        host = conn.sock.getpeername()[0]
+        return _same_machine(conn.sock.getpeername()[0], conn.sock.getsockname()[0])
     except (OSError, IndexError, TypeError):
         return False
-    try:
+
+
+def _same_machine(remote: str, local: str) -> bool:
+    """A remote address that is loopback (127.0.0.0/8, ::1) or the socket's own local address: two
+    nodes on one machine talking over its LAN address connect from and to that same address."""
+    def norm(host: str):
         addr = ipaddress.ip_address(host.split("%")[0])
+        return getattr(addr, "ipv4_mapped", None) or addr
+
+    try:
+        r, loc = norm(remote), norm(local)
     except ValueError:
         return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return (mapped or addr).is_loopback
+    return r.is_loopback or r == loc

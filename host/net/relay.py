@@ -95,6 +95,7 @@ class Relay(PeerTable):
                     raise DialFailed(f"{router} is itself an indirect node")
                 sock, where = await self._connect(rrec)
                 conn = Conn(self, sock, dialled=True, where=f"{where} ({router} relaying)")
+                conn.relayed = True
                 await asyncio.wait_for(self._ask_relay(conn, rec.name, router),
                                        RELAY_TIMEOUT + self.handshake_timeout)
             except (TimeoutError, DialFailed, ProtocolError, Closed, OSError) as e:
@@ -194,6 +195,7 @@ class Relay(PeerTable):
             log.warning("cannot call %s back for a relayed connection from %s: %s", router, source, e)
             return
         conn = Conn(self, sock, dialled=False, where=f"{where} ({router} relaying)")
+        conn.relayed = True
         try:
             await conn.write_frame(RELAY_MAGIC + msgpack.packb({"answer": token}))
         except (OSError, Closed) as e:
