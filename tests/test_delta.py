@@ -3,6 +3,7 @@ chunk-choosing machines wired together in memory with the host's real chunking, 
 checking on real files; then real nodes, with the bytes the provider node sent counted by the OS."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -25,7 +26,9 @@ import ft_folder  # noqa: E402, F401  (registers the folder machines, as the wor
 import ft_protocol as ft  # noqa: E402
 
 from host.kinode_types import Address  # noqa: E402
+from host.messages import PackageId, ProcessId  # noqa: E402
 from host.vfs import delta as host_delta  # noqa: E402
+from host.vfs.store import Vfs  # noqa: E402
 
 REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
 REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")
@@ -117,9 +120,9 @@ def test_host_refuses_a_piece_that_does_not_match_and_writes_nothing(tmp_path):
     try:
         good, bad = b"a" * 10, b"b" * 10
         with pytest.raises(host_delta.DeltaError, match="offset 50 .* failed its integrity check"):
-            host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(good)]], good + bad)
+            host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(good)]], good + bad, 100)
         assert dst.read_bytes() == bytes(100)                   # nothing of the batch written
-        host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(bad)]], good + bad)
+        host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(bad)]], good + bad, 100)
         assert dst.read_bytes() == good + bytes(40) + bad + bytes(40)
     finally:
         os.close(fd)
@@ -132,16 +135,165 @@ def test_host_copy_refuses_an_old_copy_changed_since_it_was_chunked(tmp_path):
     sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
     try:
         stamp = host_delta.stamp_of(os.fstat(sfd))
-        assert host_delta.copy_ranges(sfd, dfd, [[100, 0, 500], [0, 500, 100]], stamp) == 600
+        assert host_delta.copy_ranges(sfd, dfd, [[100, 0, 500], [0, 500, 100]], stamp, 600) == 600
         assert dst.read_bytes() == src.read_bytes()[100:600] + src.read_bytes()[:100]
         with pytest.raises(host_delta.DeltaError, match="passes the old copy's end"):
-            host_delta.copy_ranges(sfd, dfd, [[9_990, 0, 20]], stamp)
+            host_delta.copy_ranges(sfd, dfd, [[9_990, 0, 20]], stamp, 600)
         os.utime(src, ns=(1, 1))
         with pytest.raises(host_delta.DeltaError, match="changed since it was chunked"):
-            host_delta.copy_ranges(sfd, dfd, [[0, 0, 10]], stamp)
+            host_delta.copy_ranges(sfd, dfd, [[0, 0, 10]], stamp, 600)
     finally:
         os.close(sfd)
         os.close(dfd)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every read of a file's bytes by the host's delta functions (they read with preadv)."""
+    seen: list = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset, *rest):
+        seen.append(offset)
+        return real(fd, buffers, offset, *rest)
+    monkeypatch.setattr(os, "preadv", counting)
+    return seen
+
+
+def test_host_refuses_a_list_too_long_for_its_average_before_reading(tmp_path, reads, monkeypatch):
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        with pytest.raises(host_delta.DeltaError, match="too big for chunks of average size 4096"):
+            host_delta.chunk_list(fd, 4096)
+    finally:
+        os.close(fd)
+    assert reads == []
+    # the average both ends use fits the bound for every size a delta download takes
+    for size in (ft.DELTA_MAX, ft.DELTA_MAX - 1, 5 << 30, 1 << 30, (4 << 20) + 1):
+        assert size // (ft_delta.avg_for(size) * 3 // 4) + 1 <= host_delta.MAX_CHUNKS == ft_delta.MAX_CHUNKS
+    assert ft.DELTA_MAX <= host_delta.MAX_FILE
+    # the bound is what refuses: with a small one, the same file is refused at one average, listed at another
+    monkeypatch.setattr(host_delta, "MAX_CHUNKS", 100)
+    small = tmp_path / "small"
+    small.write_bytes(rand(400_000, 43))
+    fd = os.open(small, os.O_RDONLY)
+    try:
+        with pytest.raises(host_delta.DeltaError, match="over 100 chunks"):
+            host_delta.chunk_list(fd, 4096)
+        assert reads == []
+        records, whole, _, size = host_delta.chunk_list(fd, 16384)
+    finally:
+        os.close(fd)
+    assert reads and whole == h(small.read_bytes())
+    assert sum(n for n, _ in ft_delta.parse_list(records)) == size == 400_000
+
+
+def test_host_keeps_a_files_whole_hash_by_its_stamp(tmp_path, reads):
+    p = tmp_path / "f"
+    data = rand(300_000, 44)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        stamp = host_delta.stamp_of(os.fstat(fd))
+        assert host_delta.blake3_file(fd, want_stamp=stamp) == h(data) and reads   # read once
+        reads.clear()
+        assert host_delta.blake3_file(fd, want_stamp=stamp) == h(data) and reads == []   # then from memory
+        os.utime(p, ns=(7, 7))      # a new stamp: read again
+        with pytest.raises(host_delta.DeltaError, match="changed since it was opened"):
+            host_delta.blake3_file(fd, want_stamp=stamp)
+        assert host_delta.blake3_file(fd, want_stamp=host_delta.stamp_of(os.fstat(fd))) == h(data) and reads
+    finally:
+        os.close(fd)
+
+
+def test_provider_takes_only_the_average_its_file_size_calls_for():
+    size = 6 << 20
+
+    def answered(avg: Any) -> list:
+        prov = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
+        prov.handle(ft.Start())
+        offer = prov.handle(ft.Opened(size, "1:2:3:4:5", 0.0, delta=True))
+        assert offer[-1].metadata == {"ft": 1, "delta": 1}
+        return prov.handle(ft.GotResponse("size", None, {"ft": 1, "offset": 0, "delta": {"avg": avg}}, 0.0))
+    for avg in (4096, 8192, ft_delta.avg_for(size) * 2, 1 << 20, 0, "65536"):
+        actions = answered(avg)
+        errors = [a.metadata["error"] for a in actions if isinstance(a, ft.Send) and (a.metadata or {}).get("error")]
+        assert errors == ["bad delta request"], (avg, actions)
+        assert isinstance(actions[-1], ft.Exit) and not any(isinstance(a, ft_delta.ChunkFile) for a in actions)
+    actions = answered(ft_delta.avg_for(size))       # the control: the one average is taken
+    assert ft_delta.ChunkFile(ft_delta.avg_for(size)) in actions and not isinstance(actions[-1], ft.Exit)
+
+
+OWNER = ProcessId("p", "app", "pub.os")
+DRIVE = "/app:pub.os/data"
+
+
+def vfs_at(tmp_path: Path, delta: bool = True) -> tuple:
+    """A VFS with one drive: -> (vfs, the drive's real folder)."""
+    v = Vfs(tmp_path / "vfs", delta)
+    assert vfs_call(v, DRIVE, "CreateDrive") == "Ok"
+    return v, v.drive_path(PackageId("app", "pub.os"), "data")
+
+
+def vfs_call(v: Vfs, path: str, action: Any, blob: bytes | None = None) -> Any:
+    return json.loads(v.handle(OWNER, lambda params: False, json.dumps({"path": path, "action": action}).encode(),
+                               blob).body)
+
+
+def test_vfs_refuses_ranges_out_of_order_or_past_the_size_and_writes_nothing(tmp_path):
+    v, real = vfs_at(tmp_path)
+    old = rand(300_000, 45)
+    new = edited(old, seed=46, insert=30_000)
+    (real / "old").write_bytes(old)
+    (real / "new.part").write_bytes(b"")
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
+    assert copies and pieces
+    stamp = vfs_call(v, f"{DRIVE}/old", {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
+
+    def copy(items: list, size: Any) -> Any:
+        return vfs_call(v, f"{DRIVE}/new.part", {"CopyRanges": {"from": f"{DRIVE}/old", "stamp": stamp, "size": size,
+                                                                "items": items}})
+    for items, size, why in [
+            ([[0, 0, 1000], [0, 1 << 40, 1000]], len(new), "passes the new file's size"),
+            ([[0, 0, 100_000]] * 1000, 100_000_000, "must not overlap"),     # one message, gigabytes
+            ([[0, 1000, 10], [0, 0, 10]], len(new), "must not overlap"),
+            ([[0, 0, 10]], (8 << 30) + 1, "size must be between 0 and"),
+            ([[0, 0, 10]], None, "size must be an integer")]:
+        body = copy(items, size)
+        assert "Err" in body and why in json.dumps(body), (items[:2], body)
+        assert (real / "new.part").stat().st_size == 0          # untouched
+    assert copy(copies, len(new)) == "Ok"                       # the control: plan's own output
+
+    def write(items: list, data: bytes, size: Any = len(new)) -> Any:
+        return vfs_call(v, f"{DRIVE}/new.part", {"WriteRanges": {"size": size, "items": items}}, data)
+    before = (real / "new.part").read_bytes()
+    ten = b"x" * 10
+    for items, size, why in [
+            ([[1 << 62, 10, h(ten)]], len(new), "passes the new file's size"),
+            ([[1 << 62, 10, h(ten)]], 1 << 63, "size must be between"),
+            ([[0, 10, h(ten)], [5, 10, h(ten)]], len(new), "must not overlap")]:
+        body = write(items, ten * len(items), size)
+        assert "Err" in body and why in json.dumps(body), body
+        assert (real / "new.part").read_bytes() == before       # untouched
+    for _, length, chunks in pieces:                            # the control: plan's own pieces
+        data = b"".join(new[o:o + n] for o, n, _ in chunks)
+        assert write(chunks, data) == "Ok"
+    assert (real / "new.part").read_bytes() == new
+
+
+def test_vfs_with_delta_off_answers_no_delta_action(tmp_path):
+    for on in (False, True):
+        v, real = vfs_at(tmp_path / str(on), delta=on)
+        (real / "f").write_bytes(b"abc")
+        body = vfs_call(v, f"{DRIVE}/f", {"Blake3": {"sync": False, "stamp": None}})
+        if on:   # the control
+            assert body == {"Blake3": h(b"abc")}
+        else:
+            assert "Err" in body and "turned off on this node (KINODE_DELTA=0)" in json.dumps(body), body
+            assert "Err" in vfs_call(v, f"{DRIVE}/f", {"ChunkList": {"avg": 0}})
 
 
 # ---- the machines, wired in memory ----------------------------------------------------------------
@@ -268,7 +420,7 @@ class Sim:
         if isinstance(a, ft_delta.CopyRanges):
             src, dst = os.open(self.basis, os.O_RDONLY), os.open(self.part, os.O_WRONLY)
             try:
-                host_delta.copy_ranges(src, dst, a.items, a.stamp)
+                host_delta.copy_ranges(src, dst, a.items, a.stamp, a.size)
             finally:
                 os.close(src)
                 os.close(dst)
@@ -276,7 +428,7 @@ class Sim:
         if isinstance(a, ft_delta.WriteRanges):
             fd = os.open(self.part, os.O_WRONLY)
             try:
-                host_delta.write_ranges(fd, a.items, self.blob["req"] or b"")
+                host_delta.write_ranges(fd, a.items, self.blob["req"] or b"", a.size)
             finally:
                 os.close(fd)
             return m.handle(ft.ChunkWritten(0.0))

@@ -192,9 +192,10 @@ class ReadChunkList:
 @dataclass
 class CopyRanges:
     """Copy [old offset, new offset, length] ranges of the old copy (which must still have `stamp`)
-    into the partial, in the host; -> RangesCopied."""
+    into the partial (of `size` bytes when done), in the host; -> RangesCopied."""
     items: list
     stamp: str
+    size: int
 
 
 @dataclass
@@ -211,8 +212,10 @@ class RestoreBasis:
 @dataclass
 class WriteRanges:
     """Check the blob of the request being handled against `items` [[offset, length, blake3]] (back to
-    back), then write them into the partial, in the host; -> ft_protocol.ChunkWritten."""
+    back), then write them into the partial (of `size` bytes when done), in the host;
+    -> ft_protocol.ChunkWritten."""
     items: list
+    size: int
 
 
 @dataclass
@@ -414,7 +417,7 @@ class DeltaRequestor:
                            f"has; fetching {wanted} bytes in {len(self.want)} pieces"))
         if self.copies:
             self.state = self.COPYING
-            actions.append(CopyRanges(self.copies, self.basis["stamp"]))
+            actions.append(CopyRanges(self.copies, self.basis["stamp"], self.size))
             return actions
         return self.ranges_copied(now, actions)
 
@@ -444,7 +447,7 @@ class DeltaRequestor:
                              f"{blob_len} bytes)", keep=False, now=now)
         self.writing = (first, count, wants_ack)
         self.state = self.WRITING
-        return [WriteRanges([c for i in idx for c in self.pieces[i][2]])]
+        return [WriteRanges([c for i in idx for c in self.pieces[i][2]], self.size)]
 
     def pieces_written(self, now: float) -> list:
         assert self.writing is not None
@@ -572,6 +575,9 @@ class DeltaProvider:
         self.hashed = False         # the whole file's hash is sent
 
     def start(self) -> list:
+        want = avg_for(self.size)
+        if self.avg != want:   # any other average would be a fresh chunking of the whole file, never cached
+            return self._error("bad delta request", f"peer asked for chunks of average size {self.avg}, not {want}")
         return [ChunkFile(self.avg)]
 
     def handle(self, ev: Any) -> list:

@@ -347,12 +347,12 @@ class Worker:
         return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic()))
 
     def copy_ranges(self, a: ft_delta.CopyRanges) -> list:
-        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp,
+        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp, "size": a.size,
                                                       "items": a.items}}, timeout=DELTA_TIMEOUT)
         return self.machine.handle(ft_delta.RangesCopied(time.monotonic()))
 
     def write_ranges(self, a: ft_delta.WriteRanges) -> list:
-        vfs.vfs_request(self.partial, {"WriteRanges": {"items": a.items}}, forward_blob=True, timeout=120)
+        vfs.vfs_request(self.partial, {"WriteRanges": {"size": a.size, "items": a.items}}, forward_blob=True, timeout=120)
         return self.machine.handle(ft.ChunkWritten(time.monotonic()))
 
     def verify_whole(self, a: ft_delta.VerifyWhole) -> list:
