@@ -3,12 +3,14 @@ chunk-choosing machines wired together in memory with the host's real chunking, 
 checking on real files; then real nodes, with the bytes the provider node sent counted by the OS."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
 import re
 import subprocess
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -612,6 +614,62 @@ def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
         Sim(d, edited(big(seed=seed), seed=seed + 1, changes=0), big(seed=seed), lie_at=lie, old_is_partial=partial).run()
     assert seen["DeltaRequestor"] == ft_delta.DeltaRequestor.STATES
     assert seen["DeltaProvider"] == ft_delta.DeltaProvider.STATES
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """The file_transfer_worker's module, imported here with stand-ins for its Wasm bindings (its
+    machines are the ones this file imports), and put back out of sys.modules afterwards."""
+    before = set(sys.modules)
+    world = types.ModuleType("wit_world")
+    world.WitWorld = type("WitWorld", (), {})  # type: ignore[attr-defined]
+    imports = types.ModuleType("wit_world.imports")
+    imports.standard = types.ModuleType("wit_world.imports.standard")  # type: ignore[attr-defined]
+    cpt = types.ModuleType("componentize_py_types")
+    cpt.Err = type("Err", (Exception,), {})  # type: ignore[attr-defined]
+    for name, mod in (("wit_world", world), ("wit_world.imports", imports), ("componentize_py_types", cpt)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.syspath_prepend(str(REPO / "components"))
+    spec = importlib.util.spec_from_file_location("ft_worker_main", REPO / "components/file_transfer/"
+                                                  "file_transfer_worker/main.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_worker_turns_a_vfs_timeout_into_a_clear_failure(worker, monkeypatch, small_avg):
+    """A VFS call that outlasts its timeout (SendError) ends the download with an error, the partial
+    removed and the old copy moved aside put back, as any failure; a VFS error does the same (control)."""
+    from process_lib import SendError, vfs
+    for failure in ("timeout", "vfs"):
+        w = worker.Worker(REQ_WORKER)
+        w.name, w.requestor, w.parent = "f.bin", True, REQ_PARENT
+        w.partial, w.state_path, w.basis_path = "/p/f.bin.part", "/p/f.bin.state", "/p/f.bin.basis"
+        req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+        req.size = 6 << 20
+        m = ft_delta.DeltaRequestor(req, {"size": 6 << 20, "stamp": "s", "partial": True}, 0.0)
+        m.state, m.file_open = m.COPYING, True
+        w.machine = m
+        done: list = []
+        for kind in (ft.Send, ft.Log, ft.RemoveFiles, ft_delta.RestoreBasis):
+            w.perform[kind] = done.append
+
+        def stuck(path, action, **kw):
+            if failure == "timeout":
+                raise SendError("timeout", Address.parse("alice.os@vfs:distro:sys"), b"", None)
+            raise vfs.VfsError("no space left on device")
+        monkeypatch.setattr(vfs, "vfs_request", stuck)
+        assert w.run([ft_delta.CopyRanges([[0, 0, 10]], "s", 6 << 20)]) is True   # ended, not crashed
+        assert m.state == m.FAILED
+        assert ft.RemoveFiles(state=True, partial=True) in done and ft_delta.RestoreBasis() in done
+        error = next(a.metadata["error"] for a in done if isinstance(a, ft.Send) and a.target == REQ_PARENT)
+        if failure == "timeout":
+            assert error == "the node did not finish CopyRanges in time (timeout)", error
+        else:
+            assert "no space left on device" in error, error
 
 
 # ---- real nodes ------------------------------------------------------------------------------------

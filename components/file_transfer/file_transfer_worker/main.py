@@ -156,10 +156,13 @@ class Worker:
                     return True
                 try:
                     follow = self.perform[type(action)](action)
-                except vfs.VfsError as e:
+                except (vfs.VfsError, SendError) as e:
                     if self.machine is not None and self.machine.state == self.machine.FAILED:
                         continue  # winding down: what can be tidied up, is
-                    follow = self.machine.handle(ft.IoFailed(str(e), time.monotonic()))
+                    # a VFS call that outlasted its timeout is a failure like any: no silent death
+                    error = f"the node did not finish {type(action).__name__} in time ({e.kind})" \
+                        if isinstance(e, SendError) else str(e)
+                    follow = self.machine.handle(ft.IoFailed(error, time.monotonic()))
                     break
             actions = follow
         return False
