@@ -596,6 +596,28 @@ def test_an_old_copy_that_changes_meanwhile_fails_cleanly(tmp_path, small_avg):
     assert sim.final.read_bytes() == old and not sim.part.exists()
 
 
+def test_a_write_that_fails_here_is_not_blamed_on_the_peer(tmp_path, small_avg):
+    old = big(seed=47)
+    new = edited(old, seed=48, changes=0, insert=30_000)
+    sim = Sim(tmp_path, new, old)
+    real = sim.perform
+
+    def full(who, a):
+        if isinstance(a, ft_delta.WriteRanges):
+            raise OSError(28, "No space left on device")
+        return real(who, a)
+    sim.perform = full  # type: ignore[method-assign]
+    sim.run()
+    error = sim.exits["req"] or ""
+    assert "No space left on device" in error and "does not match" not in error and "bob.os" not in error, error
+    assert sim.final.read_bytes() == old and not sim.part.exists()
+    # the control: a piece the host's check refuses is the peer's
+    tmp2 = tmp_path / "lie"
+    tmp2.mkdir()
+    sim = Sim(tmp2, new, old, lie_at=len(old) // 2 + 100).run()
+    assert "bob.os sent data that does not match its chunk list" in (sim.exits["req"] or "")
+
+
 def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
     seen: dict = {"DeltaRequestor": set(), "DeltaProvider": set()}
 

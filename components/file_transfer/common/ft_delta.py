@@ -58,6 +58,7 @@ from ft_protocol import (
 RECORD = struct.Struct("<I32s")   # one chunk of a list: its length, its BLAKE3 digest
 MAX_CHUNKS = 1 << 18              # a longer list is refused (it travels as one message's blob)
 MAX_PIECES = 1 << 17              # a longer want list is refused
+INTEGRITY = "failed its integrity check"   # the host's WriteRanges refusal of a piece that does not match
 
 
 def avg_for(size: int) -> int:
@@ -343,7 +344,7 @@ class DeltaRequestor:
         if t is Renamed:
             return self._expect(self.VERIFYING, ev) or self.renamed(ev.replaced, ev.now)
         if t is IoFailed:
-            if self.state == self.WRITING:  # the host refused a piece that does not match the list
+            if self.state == self.WRITING and INTEGRITY in ev.error:  # the host refused a piece: the peer's fault
                 return self.fail(f"{self.peer_node} sent data that does not match its chunk list ({ev.error})",
                                  keep=False, now=ev.now)
             return self.fail(ev.error, keep=False, now=ev.now)
