@@ -403,6 +403,9 @@ class Sim:
         if isinstance(a, ft_delta.RemoveBasis):
             self.aside.unlink(missing_ok=True)
             return None
+        if isinstance(a, ft_delta.ForgetBasis):
+            host_delta.forget(host_delta.stamp_of(self.basis.stat()))
+            return None
         if isinstance(a, ft_delta.RestoreBasis):
             if self.aside.exists():
                 os.replace(self.aside, self.part)
@@ -616,6 +619,25 @@ def test_a_write_that_fails_here_is_not_blamed_on_the_peer(tmp_path, small_avg):
     tmp2.mkdir()
     sim = Sim(tmp2, new, old, lie_at=len(old) // 2 + 100).run()
     assert "bob.os sent data that does not match its chunk list" in (sim.exits["req"] or "")
+
+
+def test_a_stale_kept_list_of_the_old_copy_fails_once_and_is_dropped(tmp_path, small_avg):
+    old = big(seed=49)
+    new = edited(old, seed=50, changes=6, insert=0)       # the same size
+    sim = Sim(tmp_path, new, old)
+    # what a coarse timestamp could leave: a list kept under the old copy's stamp that is not its own
+    stamp = host_delta.stamp_of(sim.final.stat())
+    new_records = chunks_of(tmp_path, new)
+    host_delta._remember((stamp, AVG), (b"".join(ft_delta.RECORD.pack(n, d) for n, d in new_records), "0" * 64))
+    sim.run()
+    assert "does not match the provider's hash" in (sim.exits["req"] or "")
+    assert sim.final.read_bytes() == old and not sim.part.exists()
+    assert host_delta.stamp_of(sim.final.stat()) == stamp and host_delta._cached((stamp, AVG)) is None
+    # the control: the same download again, on the same untouched file, chunks it afresh and arrives
+    sim.exits, sim.progress = {}, []
+    sim.machines = {"req": ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)}
+    sim.run()
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new
 
 
 def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):

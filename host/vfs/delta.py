@@ -84,6 +84,16 @@ def _remember(key: tuple, value: tuple) -> None:
             _cache_bytes -= len(old[0])
 
 
+def forget(stamp: str) -> None:
+    """Drop the lists (at every average) and the hash kept for `stamp`: after a failure a stale one
+    could explain (coarse timestamps; a same-size rewrite in place)."""
+    global _cache_bytes
+    with _cache_lock:
+        for key in [k for k in _cache if k[0] == stamp]:
+            _cache_bytes -= len(_cache.pop(key)[0])
+        _digests.pop(stamp, None)
+
+
 class _Reader:
     """The file from its start, read with pread (for FastCDC's stream cutter): the file is read
     through a small buffer, not mapped, so its pages never count in the node's memory."""

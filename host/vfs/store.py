@@ -299,7 +299,9 @@ _TREE_ACTIONS = {
 
 # this host's delta actions (host/vfs/delta.py)
 _DELTA_ACTIONS = {
-    "ChunkList": '{"avg": n}',   # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob
+    # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob; avg 0: only size and
+    # stamp, and with forget what is kept for that stamp is dropped
+    "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false}',
     # size: the new file's; its ranges in order, apart, within it
     "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "size": n, "items": [[from, to, length]]}',
     "WriteRanges": '{"size": n, "items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
@@ -1195,6 +1197,8 @@ class Vfs:
         try:
             if avg == 0:
                 st = os.fstat(fd)
+                if arg.get("forget") is True:   # a download built from what is kept failed its check
+                    vfs_delta.forget(vfs_delta.stamp_of(st))
                 return VfsResult(_dumps({"ChunkList": {"size": st.st_size, "stamp": vfs_delta.stamp_of(st)}}))
             records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
         finally:

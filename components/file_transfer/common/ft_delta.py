@@ -200,6 +200,12 @@ class CopyRanges:
 
 
 @dataclass
+class ForgetBasis:
+    """Have the host drop the old copy's chunk list kept by its stamp (a stale one may be why the file
+    built from it failed its hash)."""
+
+
+@dataclass
 class RemoveBasis:
     """Remove the partial moved aside (MoveBasisAside); a missing one is no error."""
 
@@ -475,7 +481,7 @@ class DeltaRequestor:
 
     def file_verified(self, digest: str | None, now: float) -> list:
         if digest != self.whole:
-            return self.fail("the file built from the local copy and the fetched pieces does not match the "
+            return [ForgetBasis()] + self.fail("the file built from the local copy and the fetched pieces does not match the "
                              "provider's hash (the provider's list lied, or a file changed meanwhile); nothing "
                              "was saved, the local copy is unchanged", keep=False, now=now)
         self.verified_digest = digest

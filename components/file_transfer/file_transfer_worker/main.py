@@ -81,7 +81,7 @@ class Worker:
             ft_delta.WriteRanges: self.write_ranges, ft_delta.VerifyWhole: self.verify_whole,
             ft_delta.ChunkFile: self.chunk_file, ft_delta.ReadPieces: self.read_pieces,
             ft_delta.HashWhole: self.hash_whole, ft_delta.MoveBasisAside: self.move_basis_aside,
-            ft_delta.RemoveBasis: self.remove_basis, ft_delta.RestoreBasis: self.restore_basis,
+            ft_delta.RemoveBasis: self.remove_basis, ft_delta.ForgetBasis: self.forget_basis, ft_delta.RestoreBasis: self.restore_basis,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -325,6 +325,12 @@ class Worker:
     def remove_basis(self, a: ft_delta.RemoveBasis) -> None:
         try:
             vfs.remove_file(self.basis_path)
+        except vfs.VfsError:
+            pass
+
+    def forget_basis(self, a: ft_delta.ForgetBasis) -> None:
+        try:
+            vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": 0, "forget": True}})
         except vfs.VfsError:
             pass
 
