@@ -665,10 +665,12 @@ def worker(monkeypatch):
     """The file_transfer_worker's module, imported here with stand-ins for its Wasm bindings (its
     machines are the ones this file imports), and put back out of sys.modules afterwards."""
     before = set(sys.modules)
+    standard = types.ModuleType("wit_world.imports.standard")
+    standard.get_blob = lambda: None  # type: ignore[attr-defined]
     world = types.ModuleType("wit_world")
     world.WitWorld = type("WitWorld", (), {})  # type: ignore[attr-defined]
     imports = types.ModuleType("wit_world.imports")
-    imports.standard = types.ModuleType("wit_world.imports.standard")  # type: ignore[attr-defined]
+    imports.standard = standard  # type: ignore[attr-defined]
     cpt = types.ModuleType("componentize_py_types")
     cpt.Err = type("Err", (Exception,), {})  # type: ignore[attr-defined]
     for name, mod in (("wit_world", world), ("wit_world.imports", imports), ("componentize_py_types", cpt)):
@@ -714,6 +716,118 @@ def test_worker_turns_a_vfs_timeout_into_a_clear_failure(worker, monkeypatch, sm
             assert error == "the node did not finish CopyRanges in time (timeout)", error
         else:
             assert "no space left on device" in error, error
+
+
+def worker_on_vfs(worker: Any, monkeypatch, tmp_path: Path) -> tuple:
+    """A requestor worker of f.bin from bob.os whose VFS calls reach a real host VFS: -> (worker, its
+    files drive's real folder)."""
+    from process_lib import vfs
+    v = Vfs(tmp_path / "vfs")
+    me = ProcessId("w1", "file_transfer", "template.os")
+    last: dict = {"blob": None}
+
+    def request(path, action, blob=None, forward_blob=False, timeout=30):
+        res = v.handle(me, lambda params: False, json.dumps({"path": path, "action": action}).encode(), blob)
+        last["blob"] = res.blob
+        answer = json.loads(res.body)
+        if isinstance(answer, dict) and "Err" in answer:
+            raise vfs._error(path, answer["Err"])
+        return answer
+    monkeypatch.setattr(vfs, "vfs_request", request)
+    monkeypatch.setattr(sys.modules["wit_world.imports"].standard, "get_blob",
+                        lambda: None if last["blob"] is None else types.SimpleNamespace(mime=None, bytes=last["blob"]))
+    request("/file_transfer:template.os/files", "CreateDrive")
+    w = worker.Worker(REQ_WORKER)
+    w.name, w.requestor, w.parent = "f.bin", True, REQ_PARENT
+    w.partial_dir = f"{w.drive}/.partial/bob.os"
+    w.partial, w.state_path = f"{w.partial_dir}/f.bin.part", f"{w.partial_dir}/f.bin.state"
+    w.basis_path = f"{w.drive}/f.bin"
+    files = v.drive_path(PackageId("file_transfer", "template.os"), "files")
+    (files / ".partial" / "bob.os").mkdir(parents=True)
+    return w, files
+
+
+class Recorder:
+    """A machine that records the events the worker gives it."""
+    FAILED = "failed"
+    state = None
+
+    def __init__(self):
+        self.events: list = []
+
+    def handle(self, ev):
+        self.events.append(ev)
+        return []
+
+
+def test_worker_after_a_kill_mid_delta_starts_from_the_old_partial_again(worker, monkeypatch, tmp_path):
+    w, files = worker_on_vfs(worker, monkeypatch, tmp_path)
+    part, aside = files / ".partial/bob.os/f.bin.part", files / ".partial/bob.os/f.bin.basis"
+    old = rand(300_000, 51)
+    part.write_bytes(old)
+    w.machine = Recorder()
+    w.load_state(ft.LoadState())
+    basis = w.machine.events[-1].basis
+    assert basis["partial"] and not basis.get("aside") and basis["size"] == len(old)   # the partial, first
+    # the delta download moves it aside and builds the new file in its place; the node is killed there
+    w.move_basis_aside(ft_delta.MoveBasisAside())
+    part.write_bytes(b"the first bytes of the new version")
+    assert aside.read_bytes() == old
+    # the next run takes the old partial moved aside, not the half-built one (which is removed)
+    w2 = worker.Worker(REQ_WORKER)
+    w2.__dict__.update({k: v for k, v in w.__dict__.items() if k not in ("machine", "basis_path", "perform")})
+    w2.basis_path = f"{w2.drive}/f.bin"
+    w2.machine = Recorder()
+    w2.load_state(ft.LoadState())
+    basis = w2.machine.events[-1].basis
+    assert basis["partial"] and basis["aside"] and basis["size"] == len(old)
+    assert not part.exists() and aside.read_bytes() == old
+    # the delta machine starts from it where it is (no second move over it), and drops any resume state
+    req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    req.size = 6 << 20
+    actions = ft_delta.DeltaRequestor(req, basis, 0.0).start()
+    assert ft.OpenPartial(0) in actions and ft.RemoveFiles(state=True, partial=False) in actions
+    assert not any(isinstance(a, ft_delta.MoveBasisAside) for a in actions)
+    # a failure puts it back
+    w2.restore_basis(ft_delta.RestoreBasis())
+    assert part.read_bytes() == old and not aside.exists()
+    # a leftover beside a file of that name: the file is the old copy, the leftover removed
+    w2.move_basis_aside(ft_delta.MoveBasisAside())
+    (files / "f.bin").write_bytes(old[:1000])
+    w2.machine = Recorder()
+    w2.load_state(ft.LoadState())
+    basis = w2.machine.events[-1].basis
+    assert basis["partial"] is False and basis["size"] == 1000 and "aside" not in basis
+    assert not aside.exists() and not part.exists()
+
+
+def test_worker_leaves_the_partial_alone_when_it_cannot_move_it_aside(worker, monkeypatch, tmp_path):
+    w, files = worker_on_vfs(worker, monkeypatch, tmp_path)
+    part, aside = files / ".partial/bob.os/f.bin.part", files / ".partial/bob.os/f.bin.basis"
+    old = rand(300_000, 52)
+    part.write_bytes(old)
+    (aside / "in the way").mkdir(parents=True)      # a folder where it would go: the rename fails
+    req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    req.size = 6 << 20
+    m = ft_delta.DeltaRequestor(req, {"size": len(old), "stamp": "s", "partial": True}, 0.0)
+    m.state = m.MOVING
+    w.machine = m
+    sent: list = []
+    w.perform[ft.Send] = sent.append
+    assert w.run([ft_delta.MoveBasisAside()]) is True
+    assert m.state == m.FAILED and part.read_bytes() == old and (aside / "in the way").is_dir()
+    error = next(a.metadata["error"] for a in sent if a.target == REQ_PARENT)
+    assert "f.bin.basis" in error, error
+    # the control: with the way clear it is moved, and the machine goes on to open the new partial
+    (aside / "in the way").rmdir()
+    aside.rmdir()
+    m = ft_delta.DeltaRequestor(req, {"size": len(old), "stamp": "s", "partial": True}, 0.0)
+    m.state = m.MOVING
+    w.machine = m
+    opened: list = []
+    w.perform[ft.OpenPartial] = opened.append
+    assert w.run([ft_delta.MoveBasisAside()]) is False
+    assert opened == [ft.OpenPartial(0)] and aside.read_bytes() == old and not part.exists()
 
 
 # ---- real nodes ------------------------------------------------------------------------------------

@@ -282,7 +282,8 @@ class DeltaRequestor:
         self.window = req.window
         self.started = req.started
         self.last_activity = now
-        self.basis = dict(basis)      # {"size", "stamp", "partial": the old copy is a partial download}
+        # {"size", "stamp", "partial": the old copy is a partial download, "aside": moved aside already}
+        self.basis = dict(basis)
         self.aside = bool(basis.get("partial"))
         self.avg = avg_for(self.size)
         self.state = self.OPENING
@@ -309,8 +310,9 @@ class DeltaRequestor:
     def start(self) -> list:
         """Answer the provider's Size (we want its list), and open a fresh partial."""
         actions = [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": self.avg}, **self._window_meta()}),
-                   Log(f"{self.name}: fetching only what changed since the copy this node has")]
-        if self.aside:
+                   Log(f"{self.name}: fetching only what changed since the copy this node has"),
+                   RemoveFiles(state=True, partial=False)]   # no plain resume over what this run writes
+        if self.aside and not self.basis.get("aside"):
             self.state = self.MOVING
             return actions + [MoveBasisAside()]
         return actions + [OpenPartial(0)]
@@ -350,6 +352,8 @@ class DeltaRequestor:
         if t is Renamed:
             return self._expect(self.VERIFYING, ev) or self.renamed(ev.replaced, ev.now)
         if t is IoFailed:
+            if self.state == self.MOVING:   # the partial was not moved: there is nothing to put back
+                self.aside = False
             if self.state == self.WRITING and INTEGRITY in ev.error:  # the host refused a piece: the peer's fault
                 return self.fail(f"{self.peer_node} sent data that does not match its chunk list ({ev.error})",
                                  keep=False, now=ev.now)

@@ -195,16 +195,44 @@ class Worker:
             partial_len = vfs.metadata(self.partial).len
         except (vfs.VfsError, ValueError):
             saved = partial_len = None
-        basis = None
+        aside = f"{self.partial_dir}/{self.name}.basis"
+        named, moved = self._probe(f"{self.drive}/{self.name}"), self._probe(aside)
+        if moved is not None:
+            if saved is not None:   # a download with a resume state came since: it goes on
+                self._remove(aside)
+                moved = None
+            else:
+                # a delta download stopped without putting its old copy back (the node was killed):
+                # the partial is its half-built file
+                self._remove(self.partial)
+                if named is not None:   # the file of this name is the better old copy
+                    self._remove(aside)
+                    moved = None
         # an older copy to fetch only the changes against (refused where the host cannot chunk): the
-        # file of this name, else a partial download (used only if it cannot be resumed)
-        for path, partial in ((f"{self.drive}/{self.name}", False), (self.partial, True)):
-            try:
-                basis = dict(vfs.vfs_request(path, {"ChunkList": {"avg": 0}})["ChunkList"], partial=partial)
-                break
-            except (vfs.VfsError, KeyError, TypeError):
-                pass
+        # file of this name, else a partial download moved aside before, else the partial (used only
+        # if it cannot be resumed)
+        if named is not None:
+            basis = dict(named, partial=False)
+        elif moved is not None:
+            self.basis_path = aside
+            basis = dict(moved, partial=True, aside=True)
+        else:
+            info = self._probe(self.partial)
+            basis = dict(info, partial=True) if info is not None else None
         return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic(), basis))
+
+    def _probe(self, path: str):
+        """{"size", "stamp"} of a regular file the host can chunk, else None."""
+        try:
+            return dict(vfs.vfs_request(path, {"ChunkList": {"avg": 0}})["ChunkList"])
+        except (vfs.VfsError, KeyError, TypeError):
+            return None
+
+    def _remove(self, path: str) -> None:
+        try:
+            vfs.remove_file(path)
+        except vfs.VfsError:
+            pass
 
     def open_partial(self, a: ft.OpenPartial) -> list:
         if a.offset:
@@ -315,8 +343,8 @@ class Worker:
 
     def move_basis_aside(self, a: ft_delta.MoveBasisAside) -> list:
         self.basis_path = f"{self.partial_dir}/{self.name}.basis"
+        vfs.rename(self.partial, self.basis_path)   # a failure fails the download, the partial left as it is
         try:
-            vfs.rename(self.partial, self.basis_path)
             stamp = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
         except (vfs.VfsError, KeyError, TypeError):
             stamp = None
