@@ -269,7 +269,8 @@ def test_vfs_refuses_ranges_out_of_order_or_past_the_size_and_writes_nothing(tmp
         assert (real / "new.part").stat().st_size == 0          # untouched
     assert copy(copies, len(new)) == "Ok"                       # the control: plan's own output
 
-    def write(items: list, data: bytes, size: Any = len(new)) -> Any:
+    def write(items: list, data: bytes, size: Any = None) -> Any:
+        size = len(new) if size is None else size
         return vfs_call(v, f"{DRIVE}/new.part", {"WriteRanges": {"size": size, "items": items}}, data)
     before = (real / "new.part").read_bytes()
     ten = b"x" * 10
@@ -280,7 +281,7 @@ def test_vfs_refuses_ranges_out_of_order_or_past_the_size_and_writes_nothing(tmp
         body = write(items, ten * len(items), size)
         assert "Err" in body and why in json.dumps(body), body
         assert (real / "new.part").read_bytes() == before       # untouched
-    for _, length, chunks in pieces:                            # the control: plan's own pieces
+    for _, _, chunks in pieces:                                 # the control: plan's own pieces
         data = b"".join(new[o:o + n] for o, n, _ in chunks)
         assert write(chunks, data) == "Ok"
     assert (real / "new.part").read_bytes() == new
@@ -703,7 +704,7 @@ def test_worker_turns_a_vfs_timeout_into_a_clear_failure(worker, monkeypatch, sm
         for kind in (ft.Send, ft.Log, ft.RemoveFiles, ft_delta.RestoreBasis):
             w.perform[kind] = done.append
 
-        def stuck(path, action, **kw):
+        def stuck(path, action, failure=failure, **kw):
             if failure == "timeout":
                 raise SendError("timeout", Address.parse("alice.os@vfs:distro:sys"), b"", None)
             raise vfs.VfsError("no space left on device")
