@@ -347,6 +347,9 @@ class Sim:
             pass                  # the provider's word to its parent about its serving slot
         elif target == PEER_MAIN:   # the provider's file_transfer: accepts and starts a worker
             self.queue.append(("req", ft.GotResponse("download", {"Download": {"Ok": None}}, {}, 0.0), None, None))
+            # a new provider worker: what was on its way to the old one ends with it
+            self.queue = [q for q in self.queue if q[0] != "prov"]
+            self.exits.pop("prov", None)
             self.machines["prov"] = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
             self.act("prov", self.machines["prov"].handle(ft.Start()))
         elif target == REQ_PARENT:
@@ -404,6 +407,9 @@ class Sim:
         if isinstance(a, ft_delta.RemoveBasis):
             self.aside.unlink(missing_ok=True)
             return None
+        if isinstance(a, ft_delta.FetchWhole):
+            self.machines["req"] = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True, delta=False)
+            return self.machines["req"].handle(ft.Start())
         if isinstance(a, ft_delta.ForgetBasis):
             host_delta.forget(host_delta.stamp_of(self.basis.stat()))
             return None
@@ -584,7 +590,7 @@ def test_a_lying_provider_is_caught_and_the_old_copy_kept(tmp_path, small_avg):
     assert Sim(tmp2, new, old).run().exits == {"req": None, "prov": None}
 
 
-def test_an_old_copy_that_changes_meanwhile_fails_cleanly(tmp_path, small_avg):
+def test_an_old_copy_that_changes_meanwhile_is_fetched_whole(tmp_path, small_avg):
     old = big(seed=15)
     new = edited(old, seed=16)
     sim = Sim(tmp_path, new, old)
@@ -596,8 +602,10 @@ def test_an_old_copy_that_changes_meanwhile_fails_cleanly(tmp_path, small_avg):
         return real(who, a)
     sim.perform = touching  # type: ignore[method-assign]
     sim.run()
-    assert "changed since it was chunked" in (sim.exits["req"] or "")
-    assert sim.final.read_bytes() == old and not sim.part.exists()
+    assert any("changed since it was chunked" in ln and ln.endswith("; fetching it whole") for ln in sim.logs)
+    # once more, plain: every byte moves, and it arrives
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new and not sim.part.exists()
+    assert sim.sent >= len(new) and type(sim.machines["req"]) is ft.Requestor and not sim.machines["req"].delta
 
 
 def test_a_write_that_fails_here_is_not_blamed_on_the_peer(tmp_path, small_avg):
@@ -612,14 +620,16 @@ def test_a_write_that_fails_here_is_not_blamed_on_the_peer(tmp_path, small_avg):
         return real(who, a)
     sim.perform = full  # type: ignore[method-assign]
     sim.run()
-    error = sim.exits["req"] or ""
-    assert "No space left on device" in error and "does not match" not in error and "bob.os" not in error, error
-    assert sim.final.read_bytes() == old and not sim.part.exists()
-    # the control: a piece the host's check refuses is the peer's
+    failed = [ln for ln in sim.logs if "fetching only what changed failed" in ln]
+    assert len(failed) == 1 and "No space left on device" in failed[0], sim.logs
+    assert "does not match" not in failed[0] and "bob.os" not in failed[0]
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new   # then fetched whole
+    # the control: a piece the host's check refuses is the peer's, and ends the download
     tmp2 = tmp_path / "lie"
     tmp2.mkdir()
     sim = Sim(tmp2, new, old, lie_at=len(old) // 2 + 100).run()
     assert "bob.os sent data that does not match its chunk list" in (sim.exits["req"] or "")
+    assert not any("fetching it whole" in ln for ln in sim.logs)
 
 
 def test_a_stale_kept_list_of_the_old_copy_fails_once_and_is_dropped(tmp_path, small_avg):
@@ -688,35 +698,41 @@ def worker(monkeypatch):
 
 
 def test_worker_turns_a_vfs_timeout_into_a_clear_failure(worker, monkeypatch, small_avg):
-    """A VFS call that outlasts its timeout (SendError) ends the download with an error, the partial
-    removed and the old copy moved aside put back, as any failure; a VFS error does the same (control)."""
+    """A VFS call that outlasts its timeout (SendError) is a failure like any other: the partial removed,
+    the old copy moved aside put back, then the file fetched whole once; where it cannot be, the
+    download ends with the error, the worker alive to say so."""
     from process_lib import SendError, vfs
-    for failure in ("timeout", "vfs"):
+
+    def stuck(path, action, **kw):
+        raise SendError("timeout", Address.parse("alice.os@vfs:distro:sys"), b"", None)
+    monkeypatch.setattr(vfs, "vfs_request", stuck)
+    for state, action in (("copying", ft_delta.CopyRanges([[0, 0, 10]], "s", 6 << 20)),
+                          ("moving", ft_delta.MoveBasisAside())):
         w = worker.Worker(REQ_WORKER)
-        w.name, w.requestor, w.parent = "f.bin", True, REQ_PARENT
+        w.name, w.requestor, w.parent, w.drive = "f.bin", True, REQ_PARENT, "/file_transfer:template.os/files"
         w.partial, w.state_path, w.basis_path = "/p/f.bin.part", "/p/f.bin.state", "/p/f.bin.basis"
+        w.partial_dir = "/p"
         req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
         req.size = 6 << 20
         m = ft_delta.DeltaRequestor(req, {"size": 6 << 20, "stamp": "s", "partial": True}, 0.0)
-        m.state, m.file_open = m.COPYING, True
+        m.state, m.file_open = state, state == "copying"
         w.machine = m
         done: list = []
-        for kind in (ft.Send, ft.Log, ft.RemoveFiles, ft_delta.RestoreBasis):
+        for kind in (ft.Send, ft.Log, ft.RemoveFiles, ft_delta.RestoreBasis, ft.ArmTimer):
             w.perform[kind] = done.append
-
-        def stuck(path, action, failure=failure, **kw):
-            if failure == "timeout":
-                raise SendError("timeout", Address.parse("alice.os@vfs:distro:sys"), b"", None)
-            raise vfs.VfsError("no space left on device")
-        monkeypatch.setattr(vfs, "vfs_request", stuck)
-        assert w.run([ft_delta.CopyRanges([[0, 0, 10]], "s", 6 << 20)]) is True   # ended, not crashed
+        ended = w.run([action])
         assert m.state == m.FAILED
-        assert ft.RemoveFiles(state=True, partial=True) in done and ft_delta.RestoreBasis() in done
-        error = next(a.metadata["error"] for a in done if isinstance(a, ft.Send) and a.target == REQ_PARENT)
-        if failure == "timeout":
-            assert error == "the node did not finish CopyRanges in time (timeout)", error
+        name = type(action).__name__
+        if state == "copying":
+            assert not ended and ft.RemoveFiles(state=True, partial=True) in done and ft_delta.RestoreBasis() in done
+            assert ft.Log(f"f.bin: fetching only what changed failed (the node did not finish {name} in time "
+                          f"(timeout)); fetching it whole") in done
+            assert type(w.machine) is ft.Requestor and not w.machine.delta           # plain, once
+            assert any(isinstance(a, ft.Send) and a.target == PEER_MAIN and "Download" in a.body for a in done)
         else:
-            assert "no space left on device" in error, error
+            assert ended and ft_delta.RestoreBasis() not in done      # not moved: nothing to put back
+            error = next(a.metadata["error"] for a in done if isinstance(a, ft.Send) and a.target == REQ_PARENT)
+            assert error == f"the node did not finish {name} in time (timeout)", error
 
 
 def worker_on_vfs(worker: Any, monkeypatch, tmp_path: Path) -> tuple:

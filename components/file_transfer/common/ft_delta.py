@@ -200,6 +200,12 @@ class CopyRanges:
 
 
 @dataclass
+class FetchWhole:
+    """Start the download again, plain (it never hands over to a delta machine again): fetching only
+    what changed failed on this node's side, not for a hash."""
+
+
+@dataclass
 class ForgetBasis:
     """Have the host drop the old copy's chunk list kept by its stamp (a stale one may be why the file
     built from it failed its hash)."""
@@ -357,7 +363,9 @@ class DeltaRequestor:
             if self.state == self.WRITING and INTEGRITY in ev.error:  # the host refused a piece: the peer's fault
                 return self.fail(f"{self.peer_node} sent data that does not match its chunk list ({ev.error})",
                                  keep=False, now=ev.now)
-            return self.fail(ev.error, keep=False, now=ev.now)
+            # a failure here (a host call timed out, the old copy changed): once more, whole; not when the
+            # partial could not be moved aside (it stays as it is)
+            return self.fail(ev.error, keep=False, now=ev.now, whole=self.state != self.MOVING)
         raise TypeError(f"a DeltaRequestor takes no {t.__name__}")
 
     def _expect(self, state: str, ev: Any) -> list:
@@ -519,8 +527,9 @@ class DeltaRequestor:
             return self.fail(f"{self.peer_node} {reason} during the transfer", keep=False, now=now)
         return []
 
-    def fail(self, error: str, keep: bool, now: float) -> list:
-        """Tell the provider, remove the partial (the old copy is untouched), tell the parent, end."""
+    def fail(self, error: str, keep: bool, now: float, whole: bool = False) -> list:
+        """Tell the provider, remove the partial (the old copy is untouched), tell the parent, end; with
+        `whole`, fetch the file whole instead of ending."""
         if self.state in (self.DONE, self.FAILED):
             return []
         self.state = self.FAILED
@@ -529,6 +538,9 @@ class DeltaRequestor:
         actions.append(RemoveFiles(state=True, partial=self.file_open))
         if self.aside:   # nothing lost: the next download starts from it again
             actions.append(RestoreBasis())
+        if whole:
+            return actions + [Log(f"{self.name}: fetching only what changed failed ({error}); fetching it whole"),
+                              FetchWhole()]
         self._report(actions, now, error=error)
         actions.append(Exit(error))
         return actions

@@ -81,7 +81,8 @@ class Worker:
             ft_delta.WriteRanges: self.write_ranges, ft_delta.VerifyWhole: self.verify_whole,
             ft_delta.ChunkFile: self.chunk_file, ft_delta.ReadPieces: self.read_pieces,
             ft_delta.HashWhole: self.hash_whole, ft_delta.MoveBasisAside: self.move_basis_aside,
-            ft_delta.RemoveBasis: self.remove_basis, ft_delta.ForgetBasis: self.forget_basis, ft_delta.RestoreBasis: self.restore_basis,
+            ft_delta.RemoveBasis: self.remove_basis, ft_delta.ForgetBasis: self.forget_basis,
+            ft_delta.FetchWhole: self.fetch_whole, ft_delta.RestoreBasis: self.restore_basis,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -340,6 +341,13 @@ class Worker:
     # ---- only what changed (ft_delta) ---------------------------------------------------------------
     def switch_to_delta(self, a: ft.SwitchToDelta) -> None:
         self.machine = a.machine
+
+    def fetch_whole(self, a: ft_delta.FetchWhole) -> list:
+        old = self.machine
+        self.basis_path = f"{self.drive}/{self.name}"
+        self.machine = ft.Requestor(self.name, old.peer, self.parent, self.started, extended=EXTENDED, delta=False)
+        self.machine.window = old.window
+        return self.machine.handle(ft.Start())
 
     def move_basis_aside(self, a: ft_delta.MoveBasisAside) -> list:
         self.basis_path = f"{self.partial_dir}/{self.name}.basis"
