@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from blake3 import blake3
+from conftest import paused, release, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = str(REPO / "components/file_transfer/common")
@@ -935,3 +936,32 @@ def test_nodes_start_from_a_partial_download_of_another_version(two_nodes):
     assert bytes_written(fake2) - before < len(new) // 2
     assert (fake.files / "big.bin").read_bytes() == new
     assert not partial.exists() and not partial.with_name("big.bin.basis").exists()
+
+
+def test_nodes_a_kill_mid_delta_keeps_the_old_partial_for_the_next_run(node_factory):
+    fake = node_factory("fake.dev")
+    fake2 = node_factory("fake2.dev", pause_after=1)     # its providers hold before their second read
+    old = rand(12 << 20, 53)
+    new = old[:6 << 20] + rand(6 << 20, 54) + old[6 << 20:]   # the pieces take more than one message
+    partial = fake.files / ".partial" / "fake2.dev" / "big.bin.part"
+    aside = partial.with_name("big.bin.basis")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(old[:10 << 20])     # an interrupted download of the old version, no resume state
+    (fake2.files / "big.bin").write_bytes(new)
+    fake.type(f"{DL} big.bin fake2.dev")
+    paused(fake2)
+    wait_for(lambda: aside.exists() and partial.exists() and partial.stat().st_size > 0, 60,
+             "the partial moved aside and the new one begun")
+    fake.kill()                              # no chance to put it back
+    assert aside.read_bytes() == old[:10 << 20]
+    fake.start()
+    fake.type(f"{DL} big.bin fake2.dev")
+    paused(fake2)                            # the second run held part way too
+    wait_for(lambda: partial.exists(), 60, "the new partial begun")
+    assert aside.read_bytes() == old[:10 << 20]   # the old partial still, not the first run's half-built one
+    release(fake2)
+    fake.expect(r"big\.bin downloaded", 120)
+    done = next(ln for ln in fake.lines if "big.bin downloaded" in ln)
+    assert "only" in done and "moved" in done, done     # built from the old partial
+    assert (fake.files / "big.bin").read_bytes() == new
+    assert not aside.exists() and not partial.exists()

@@ -23,7 +23,11 @@ Negotiated in metadata, as folders are, so a plain peer and one without it never
   "blake3"}`.
 - At the end the requestor hashes the new file whole and compares it with the provider's; only
   then does it take the file's real name (the old copy is replaced as in any download). A failure
-  removes the partial: the old copy is untouched, and the next run starts again.
+  removes the partial: the old copy is untouched, and the next run starts again. A failure on this
+  node's side (not a hash's) first fetches the file whole once, plain (FetchWhole).
+- Bounds: the provider takes only avg_for(size) (another average would be a fresh chunking of the
+  whole file); the host refuses a list that could pass MAX_CHUNKS before reading, and ranges out of
+  order, overlapping or past the new file's size.
 """
 from __future__ import annotations
 
