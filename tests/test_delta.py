@@ -3,17 +3,21 @@ chunk-choosing machines wired together in memory with the host's real chunking, 
 checking on real files; then real nodes, with the bytes the provider node sent counted by the OS."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import random
 import re
 import subprocess
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from blake3 import blake3
+from conftest import paused, release, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = str(REPO / "components/file_transfer/common")
@@ -25,7 +29,9 @@ import ft_folder  # noqa: E402, F401  (registers the folder machines, as the wor
 import ft_protocol as ft  # noqa: E402
 
 from host.kinode_types import Address  # noqa: E402
+from host.messages import PackageId, ProcessId  # noqa: E402
 from host.vfs import delta as host_delta  # noqa: E402
+from host.vfs.store import Vfs  # noqa: E402
 
 REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
 REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")
@@ -117,9 +123,9 @@ def test_host_refuses_a_piece_that_does_not_match_and_writes_nothing(tmp_path):
     try:
         good, bad = b"a" * 10, b"b" * 10
         with pytest.raises(host_delta.DeltaError, match="offset 50 .* failed its integrity check"):
-            host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(good)]], good + bad)
+            host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(good)]], good + bad, 100)
         assert dst.read_bytes() == bytes(100)                   # nothing of the batch written
-        host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(bad)]], good + bad)
+        host_delta.write_ranges(fd, [[0, 10, h(good)], [50, 10, h(bad)]], good + bad, 100)
         assert dst.read_bytes() == good + bytes(40) + bad + bytes(40)
     finally:
         os.close(fd)
@@ -132,16 +138,166 @@ def test_host_copy_refuses_an_old_copy_changed_since_it_was_chunked(tmp_path):
     sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
     try:
         stamp = host_delta.stamp_of(os.fstat(sfd))
-        assert host_delta.copy_ranges(sfd, dfd, [[100, 0, 500], [0, 500, 100]], stamp) == 600
+        assert host_delta.copy_ranges(sfd, dfd, [[100, 0, 500], [0, 500, 100]], stamp, 600) == 600
         assert dst.read_bytes() == src.read_bytes()[100:600] + src.read_bytes()[:100]
         with pytest.raises(host_delta.DeltaError, match="passes the old copy's end"):
-            host_delta.copy_ranges(sfd, dfd, [[9_990, 0, 20]], stamp)
+            host_delta.copy_ranges(sfd, dfd, [[9_990, 0, 20]], stamp, 600)
         os.utime(src, ns=(1, 1))
         with pytest.raises(host_delta.DeltaError, match="changed since it was chunked"):
-            host_delta.copy_ranges(sfd, dfd, [[0, 0, 10]], stamp)
+            host_delta.copy_ranges(sfd, dfd, [[0, 0, 10]], stamp, 600)
     finally:
         os.close(sfd)
         os.close(dfd)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every read of a file's bytes by the host's delta functions (they read with preadv)."""
+    seen: list = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset, *rest):
+        seen.append(offset)
+        return real(fd, buffers, offset, *rest)
+    monkeypatch.setattr(os, "preadv", counting)
+    return seen
+
+
+def test_host_refuses_a_list_too_long_for_its_average_before_reading(tmp_path, reads, monkeypatch):
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        with pytest.raises(host_delta.DeltaError, match="too big for chunks of average size 4096"):
+            host_delta.chunk_list(fd, 4096)
+    finally:
+        os.close(fd)
+    assert reads == []
+    # the average both ends use fits the bound for every size a delta download takes
+    for size in (ft.DELTA_MAX, ft.DELTA_MAX - 1, 5 << 30, 1 << 30, (4 << 20) + 1):
+        assert size // (ft_delta.avg_for(size) * 3 // 4) + 1 <= host_delta.MAX_CHUNKS == ft_delta.MAX_CHUNKS
+    assert ft.DELTA_MAX <= host_delta.MAX_FILE
+    # the bound is what refuses: with a small one, the same file is refused at one average, listed at another
+    monkeypatch.setattr(host_delta, "MAX_CHUNKS", 100)
+    small = tmp_path / "small"
+    small.write_bytes(rand(400_000, 43))
+    fd = os.open(small, os.O_RDONLY)
+    try:
+        with pytest.raises(host_delta.DeltaError, match="over 100 chunks"):
+            host_delta.chunk_list(fd, 4096)
+        assert reads == []
+        records, whole, _, size = host_delta.chunk_list(fd, 16384)
+    finally:
+        os.close(fd)
+    assert reads and whole == h(small.read_bytes())
+    assert sum(n for n, _ in ft_delta.parse_list(records)) == size == 400_000
+
+
+def test_host_keeps_a_files_whole_hash_by_its_stamp(tmp_path, reads):
+    p = tmp_path / "f"
+    data = rand(300_000, 44)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        stamp = host_delta.stamp_of(os.fstat(fd))
+        assert host_delta.blake3_file(fd, want_stamp=stamp) == h(data) and reads   # read once
+        reads.clear()
+        assert host_delta.blake3_file(fd, want_stamp=stamp) == h(data) and reads == []   # then from memory
+        os.utime(p, ns=(7, 7))      # a new stamp: read again
+        with pytest.raises(host_delta.DeltaError, match="changed since it was opened"):
+            host_delta.blake3_file(fd, want_stamp=stamp)
+        assert host_delta.blake3_file(fd, want_stamp=host_delta.stamp_of(os.fstat(fd))) == h(data) and reads
+    finally:
+        os.close(fd)
+
+
+def test_provider_takes_only_the_average_its_file_size_calls_for():
+    size = 6 << 20
+
+    def answered(avg: Any) -> list:
+        prov = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
+        prov.handle(ft.Start())
+        offer = prov.handle(ft.Opened(size, "1:2:3:4:5", 0.0, delta=True))
+        assert offer[-1].metadata == {"ft": 1, "delta": 1}
+        return prov.handle(ft.GotResponse("size", None, {"ft": 1, "offset": 0, "delta": {"avg": avg}}, 0.0))
+    for avg in (4096, 8192, ft_delta.avg_for(size) * 2, 1 << 20, 0, "65536"):
+        actions = answered(avg)
+        errors = [a.metadata["error"] for a in actions if isinstance(a, ft.Send) and (a.metadata or {}).get("error")]
+        assert errors == ["bad delta request"], (avg, actions)
+        assert isinstance(actions[-1], ft.Exit) and not any(isinstance(a, ft_delta.ChunkFile) for a in actions)
+    actions = answered(ft_delta.avg_for(size))       # the control: the one average is taken
+    assert ft_delta.ChunkFile(ft_delta.avg_for(size)) in actions and not isinstance(actions[-1], ft.Exit)
+
+
+OWNER = ProcessId("p", "app", "pub.os")
+DRIVE = "/app:pub.os/data"
+
+
+def vfs_at(tmp_path: Path, delta: bool = True) -> tuple:
+    """A VFS with one drive: -> (vfs, the drive's real folder)."""
+    v = Vfs(tmp_path / "vfs", delta)
+    assert vfs_call(v, DRIVE, "CreateDrive") == "Ok"
+    return v, v.drive_path(PackageId("app", "pub.os"), "data")
+
+
+def vfs_call(v: Vfs, path: str, action: Any, blob: bytes | None = None) -> Any:
+    return json.loads(v.handle(OWNER, lambda params: False, json.dumps({"path": path, "action": action}).encode(),
+                               blob).body)
+
+
+def test_vfs_refuses_ranges_out_of_order_or_past_the_size_and_writes_nothing(tmp_path):
+    v, real = vfs_at(tmp_path)
+    old = rand(300_000, 45)
+    new = edited(old, seed=46, insert=30_000)
+    (real / "old").write_bytes(old)
+    (real / "new.part").write_bytes(b"")
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
+    assert copies and pieces
+    stamp = vfs_call(v, f"{DRIVE}/old", {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
+
+    def copy(items: list, size: Any) -> Any:
+        return vfs_call(v, f"{DRIVE}/new.part", {"CopyRanges": {"from": f"{DRIVE}/old", "stamp": stamp, "size": size,
+                                                                "items": items}})
+    for items, size, why in [
+            ([[0, 0, 1000], [0, 1 << 40, 1000]], len(new), "passes the new file's size"),
+            ([[0, 0, 100_000]] * 1000, 100_000_000, "must not overlap"),     # one message, gigabytes
+            ([[0, 1000, 10], [0, 0, 10]], len(new), "must not overlap"),
+            ([[0, 0, 10]], (8 << 30) + 1, "size must be between 0 and"),
+            ([[0, 0, 10]], None, "size must be an integer")]:
+        body = copy(items, size)
+        assert "Err" in body and why in json.dumps(body), (items[:2], body)
+        assert (real / "new.part").stat().st_size == 0          # untouched
+    assert copy(copies, len(new)) == "Ok"                       # the control: plan's own output
+
+    def write(items: list, data: bytes, size: Any = None) -> Any:
+        size = len(new) if size is None else size
+        return vfs_call(v, f"{DRIVE}/new.part", {"WriteRanges": {"size": size, "items": items}}, data)
+    before = (real / "new.part").read_bytes()
+    ten = b"x" * 10
+    for items, size, why in [
+            ([[1 << 62, 10, h(ten)]], len(new), "passes the new file's size"),
+            ([[1 << 62, 10, h(ten)]], 1 << 63, "size must be between"),
+            ([[0, 10, h(ten)], [5, 10, h(ten)]], len(new), "must not overlap")]:
+        body = write(items, ten * len(items), size)
+        assert "Err" in body and why in json.dumps(body), body
+        assert (real / "new.part").read_bytes() == before       # untouched
+    for _, _, chunks in pieces:                                 # the control: plan's own pieces
+        data = b"".join(new[o:o + n] for o, n, _ in chunks)
+        assert write(chunks, data) == "Ok"
+    assert (real / "new.part").read_bytes() == new
+
+
+def test_vfs_with_delta_off_answers_no_delta_action(tmp_path):
+    for on in (False, True):
+        v, real = vfs_at(tmp_path / str(on), delta=on)
+        (real / "f").write_bytes(b"abc")
+        body = vfs_call(v, f"{DRIVE}/f", {"Blake3": {"sync": False, "stamp": None}})
+        if on:   # the control
+            assert body == {"Blake3": h(b"abc")}
+        else:
+            assert "Err" in body and "turned off on this node (KINODE_DELTA=0)" in json.dumps(body), body
+            assert "Err" in vfs_call(v, f"{DRIVE}/f", {"ChunkList": {"avg": 0}})
 
 
 # ---- the machines, wired in memory ----------------------------------------------------------------
@@ -192,6 +348,9 @@ class Sim:
             pass                  # the provider's word to its parent about its serving slot
         elif target == PEER_MAIN:   # the provider's file_transfer: accepts and starts a worker
             self.queue.append(("req", ft.GotResponse("download", {"Download": {"Ok": None}}, {}, 0.0), None, None))
+            # a new provider worker: what was on its way to the old one ends with it
+            self.queue = [q for q in self.queue if q[0] != "prov"]
+            self.exits.pop("prov", None)
             self.machines["prov"] = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
             self.act("prov", self.machines["prov"].handle(ft.Start()))
         elif target == REQ_PARENT:
@@ -249,6 +408,12 @@ class Sim:
         if isinstance(a, ft_delta.RemoveBasis):
             self.aside.unlink(missing_ok=True)
             return None
+        if isinstance(a, ft_delta.FetchWhole):
+            self.machines["req"] = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True, delta=False)
+            return self.machines["req"].handle(ft.Start())
+        if isinstance(a, ft_delta.ForgetBasis):
+            host_delta.forget(host_delta.stamp_of(self.basis.stat()))
+            return None
         if isinstance(a, ft_delta.RestoreBasis):
             if self.aside.exists():
                 os.replace(self.aside, self.part)
@@ -268,7 +433,7 @@ class Sim:
         if isinstance(a, ft_delta.CopyRanges):
             src, dst = os.open(self.basis, os.O_RDONLY), os.open(self.part, os.O_WRONLY)
             try:
-                host_delta.copy_ranges(src, dst, a.items, a.stamp)
+                host_delta.copy_ranges(src, dst, a.items, a.stamp, a.size)
             finally:
                 os.close(src)
                 os.close(dst)
@@ -276,7 +441,7 @@ class Sim:
         if isinstance(a, ft_delta.WriteRanges):
             fd = os.open(self.part, os.O_WRONLY)
             try:
-                host_delta.write_ranges(fd, a.items, self.blob["req"] or b"")
+                host_delta.write_ranges(fd, a.items, self.blob["req"] or b"", a.size)
             finally:
                 os.close(fd)
             return m.handle(ft.ChunkWritten(0.0))
@@ -426,7 +591,7 @@ def test_a_lying_provider_is_caught_and_the_old_copy_kept(tmp_path, small_avg):
     assert Sim(tmp2, new, old).run().exits == {"req": None, "prov": None}
 
 
-def test_an_old_copy_that_changes_meanwhile_fails_cleanly(tmp_path, small_avg):
+def test_an_old_copy_that_changes_meanwhile_is_fetched_whole(tmp_path, small_avg):
     old = big(seed=15)
     new = edited(old, seed=16)
     sim = Sim(tmp_path, new, old)
@@ -438,8 +603,53 @@ def test_an_old_copy_that_changes_meanwhile_fails_cleanly(tmp_path, small_avg):
         return real(who, a)
     sim.perform = touching  # type: ignore[method-assign]
     sim.run()
-    assert "changed since it was chunked" in (sim.exits["req"] or "")
+    assert any("changed since it was chunked" in ln and ln.endswith("; fetching it whole") for ln in sim.logs)
+    # once more, plain: every byte moves, and it arrives
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new and not sim.part.exists()
+    assert sim.sent >= len(new) and type(sim.machines["req"]) is ft.Requestor and not sim.machines["req"].delta
+
+
+def test_a_write_that_fails_here_is_not_blamed_on_the_peer(tmp_path, small_avg):
+    old = big(seed=47)
+    new = edited(old, seed=48, changes=0, insert=30_000)
+    sim = Sim(tmp_path, new, old)
+    real = sim.perform
+
+    def full(who, a):
+        if isinstance(a, ft_delta.WriteRanges):
+            raise OSError(28, "No space left on device")
+        return real(who, a)
+    sim.perform = full  # type: ignore[method-assign]
+    sim.run()
+    failed = [ln for ln in sim.logs if "fetching only what changed failed" in ln]
+    assert len(failed) == 1 and "No space left on device" in failed[0], sim.logs
+    assert "does not match" not in failed[0] and "bob.os" not in failed[0]
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new   # then fetched whole
+    # the control: a piece the host's check refuses is the peer's, and ends the download
+    tmp2 = tmp_path / "lie"
+    tmp2.mkdir()
+    sim = Sim(tmp2, new, old, lie_at=len(old) // 2 + 100).run()
+    assert "bob.os sent data that does not match its chunk list" in (sim.exits["req"] or "")
+    assert not any("fetching it whole" in ln for ln in sim.logs)
+
+
+def test_a_stale_kept_list_of_the_old_copy_fails_once_and_is_dropped(tmp_path, small_avg):
+    old = big(seed=49)
+    new = edited(old, seed=50, changes=6, insert=0)       # the same size
+    sim = Sim(tmp_path, new, old)
+    # what a coarse timestamp could leave: a list kept under the old copy's stamp that is not its own
+    stamp = host_delta.stamp_of(sim.final.stat())
+    new_records = chunks_of(tmp_path, new)
+    host_delta._remember((stamp, AVG), (b"".join(ft_delta.RECORD.pack(n, d) for n, d in new_records), "0" * 64))
+    sim.run()
+    assert "does not match the provider's hash" in (sim.exits["req"] or "")
     assert sim.final.read_bytes() == old and not sim.part.exists()
+    assert host_delta.stamp_of(sim.final.stat()) == stamp and host_delta._cached((stamp, AVG)) is None
+    # the control: the same download again, on the same untouched file, chunks it afresh and arrives
+    sim.exits, sim.progress = {}, []
+    sim.machines = {"req": ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)}
+    sim.run()
+    assert sim.exits == {"req": None, "prov": None} and sim.final.read_bytes() == new
 
 
 def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
@@ -460,6 +670,182 @@ def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
         Sim(d, edited(big(seed=seed), seed=seed + 1, changes=0), big(seed=seed), lie_at=lie, old_is_partial=partial).run()
     assert seen["DeltaRequestor"] == ft_delta.DeltaRequestor.STATES
     assert seen["DeltaProvider"] == ft_delta.DeltaProvider.STATES
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """The file_transfer_worker's module, imported here with stand-ins for its Wasm bindings (its
+    machines are the ones this file imports), and put back out of sys.modules afterwards."""
+    before = set(sys.modules)
+    standard = types.ModuleType("wit_world.imports.standard")
+    standard.get_blob = lambda: None  # type: ignore[attr-defined]
+    world = types.ModuleType("wit_world")
+    world.WitWorld = type("WitWorld", (), {})  # type: ignore[attr-defined]
+    imports = types.ModuleType("wit_world.imports")
+    imports.standard = standard  # type: ignore[attr-defined]
+    cpt = types.ModuleType("componentize_py_types")
+    cpt.Err = type("Err", (Exception,), {})  # type: ignore[attr-defined]
+    for name, mod in (("wit_world", world), ("wit_world.imports", imports), ("componentize_py_types", cpt)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.syspath_prepend(str(REPO / "components"))
+    spec = importlib.util.spec_from_file_location("ft_worker_main", REPO / "components/file_transfer/"
+                                                  "file_transfer_worker/main.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_worker_turns_a_vfs_timeout_into_a_clear_failure(worker, monkeypatch, small_avg):
+    """A VFS call that outlasts its timeout (SendError) is a failure like any other: the partial removed,
+    the old copy moved aside put back, then the file fetched whole once; where it cannot be, the
+    download ends with the error, the worker alive to say so."""
+    from process_lib import SendError, vfs
+
+    def stuck(path, action, **kw):
+        raise SendError("timeout", Address.parse("alice.os@vfs:distro:sys"), b"", None)
+    monkeypatch.setattr(vfs, "vfs_request", stuck)
+    for state, action in (("copying", ft_delta.CopyRanges([[0, 0, 10]], "s", 6 << 20)),
+                          ("moving", ft_delta.MoveBasisAside())):
+        w = worker.Worker(REQ_WORKER)
+        w.name, w.requestor, w.parent, w.drive = "f.bin", True, REQ_PARENT, "/file_transfer:template.os/files"
+        w.partial, w.state_path, w.basis_path = "/p/f.bin.part", "/p/f.bin.state", "/p/f.bin.basis"
+        w.partial_dir = "/p"
+        req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+        req.size = 6 << 20
+        m = ft_delta.DeltaRequestor(req, {"size": 6 << 20, "stamp": "s", "partial": True}, 0.0)
+        m.state, m.file_open = state, state == "copying"
+        w.machine = m
+        done: list = []
+        for kind in (ft.Send, ft.Log, ft.RemoveFiles, ft_delta.RestoreBasis, ft.ArmTimer):
+            w.perform[kind] = done.append
+        ended = w.run([action])
+        assert m.state == m.FAILED
+        name = type(action).__name__
+        if state == "copying":
+            assert not ended and ft.RemoveFiles(state=True, partial=True) in done and ft_delta.RestoreBasis() in done
+            assert ft.Log(f"f.bin: fetching only what changed failed (the node did not finish {name} in time "
+                          f"(timeout)); fetching it whole") in done
+            assert type(w.machine) is ft.Requestor and not w.machine.delta           # plain, once
+            assert any(isinstance(a, ft.Send) and a.target == PEER_MAIN and "Download" in a.body for a in done)
+        else:
+            assert ended and ft_delta.RestoreBasis() not in done      # not moved: nothing to put back
+            error = next(a.metadata["error"] for a in done if isinstance(a, ft.Send) and a.target == REQ_PARENT)
+            assert error == f"the node did not finish {name} in time (timeout)", error
+
+
+def worker_on_vfs(worker: Any, monkeypatch, tmp_path: Path) -> tuple:
+    """A requestor worker of f.bin from bob.os whose VFS calls reach a real host VFS: -> (worker, its
+    files drive's real folder)."""
+    from process_lib import vfs
+    v = Vfs(tmp_path / "vfs")
+    me = ProcessId("w1", "file_transfer", "template.os")
+    last: dict = {"blob": None}
+
+    def request(path, action, blob=None, forward_blob=False, timeout=30):
+        res = v.handle(me, lambda params: False, json.dumps({"path": path, "action": action}).encode(), blob)
+        last["blob"] = res.blob
+        answer = json.loads(res.body)
+        if isinstance(answer, dict) and "Err" in answer:
+            raise vfs._error(path, answer["Err"])
+        return answer
+    monkeypatch.setattr(vfs, "vfs_request", request)
+    monkeypatch.setattr(sys.modules["wit_world.imports"].standard, "get_blob",
+                        lambda: None if last["blob"] is None else types.SimpleNamespace(mime=None, bytes=last["blob"]))
+    request("/file_transfer:template.os/files", "CreateDrive")
+    w = worker.Worker(REQ_WORKER)
+    w.name, w.requestor, w.parent = "f.bin", True, REQ_PARENT
+    w.partial_dir = f"{w.drive}/.partial/bob.os"
+    w.partial, w.state_path = f"{w.partial_dir}/f.bin.part", f"{w.partial_dir}/f.bin.state"
+    w.basis_path = f"{w.drive}/f.bin"
+    files = v.drive_path(PackageId("file_transfer", "template.os"), "files")
+    (files / ".partial" / "bob.os").mkdir(parents=True)
+    return w, files
+
+
+class Recorder:
+    """A machine that records the events the worker gives it."""
+    FAILED = "failed"
+    state = None
+
+    def __init__(self):
+        self.events: list = []
+
+    def handle(self, ev):
+        self.events.append(ev)
+        return []
+
+
+def test_worker_after_a_kill_mid_delta_starts_from_the_old_partial_again(worker, monkeypatch, tmp_path):
+    w, files = worker_on_vfs(worker, monkeypatch, tmp_path)
+    part, aside = files / ".partial/bob.os/f.bin.part", files / ".partial/bob.os/f.bin.basis"
+    old = rand(300_000, 51)
+    part.write_bytes(old)
+    w.machine = Recorder()
+    w.load_state(ft.LoadState())
+    basis = w.machine.events[-1].basis
+    assert basis["partial"] and not basis.get("aside") and basis["size"] == len(old)   # the partial, first
+    # the delta download moves it aside and builds the new file in its place; the node is killed there
+    w.move_basis_aside(ft_delta.MoveBasisAside())
+    part.write_bytes(b"the first bytes of the new version")
+    assert aside.read_bytes() == old
+    # the next run takes the old partial moved aside, not the half-built one (which is removed)
+    w2 = worker.Worker(REQ_WORKER)
+    w2.__dict__.update({k: v for k, v in w.__dict__.items() if k not in ("machine", "basis_path", "perform")})
+    w2.basis_path = f"{w2.drive}/f.bin"
+    w2.machine = Recorder()
+    w2.load_state(ft.LoadState())
+    basis = w2.machine.events[-1].basis
+    assert basis["partial"] and basis["aside"] and basis["size"] == len(old)
+    assert not part.exists() and aside.read_bytes() == old
+    # the delta machine starts from it where it is (no second move over it), and drops any resume state
+    req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    req.size = 6 << 20
+    actions = ft_delta.DeltaRequestor(req, basis, 0.0).start()
+    assert ft.OpenPartial(0) in actions and ft.RemoveFiles(state=True, partial=False) in actions
+    assert not any(isinstance(a, ft_delta.MoveBasisAside) for a in actions)
+    # a failure puts it back
+    w2.restore_basis(ft_delta.RestoreBasis())
+    assert part.read_bytes() == old and not aside.exists()
+    # a leftover beside a file of that name: the file is the old copy, the leftover removed
+    w2.move_basis_aside(ft_delta.MoveBasisAside())
+    (files / "f.bin").write_bytes(old[:1000])
+    w2.machine = Recorder()
+    w2.load_state(ft.LoadState())
+    basis = w2.machine.events[-1].basis
+    assert basis["partial"] is False and basis["size"] == 1000 and "aside" not in basis
+    assert not aside.exists() and not part.exists()
+
+
+def test_worker_leaves_the_partial_alone_when_it_cannot_move_it_aside(worker, monkeypatch, tmp_path):
+    w, files = worker_on_vfs(worker, monkeypatch, tmp_path)
+    part, aside = files / ".partial/bob.os/f.bin.part", files / ".partial/bob.os/f.bin.basis"
+    old = rand(300_000, 52)
+    part.write_bytes(old)
+    (aside / "in the way").mkdir(parents=True)      # a folder where it would go: the rename fails
+    req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    req.size = 6 << 20
+    m = ft_delta.DeltaRequestor(req, {"size": len(old), "stamp": "s", "partial": True}, 0.0)
+    m.state = m.MOVING
+    w.machine = m
+    sent: list = []
+    w.perform[ft.Send] = sent.append
+    assert w.run([ft_delta.MoveBasisAside()]) is True
+    assert m.state == m.FAILED and part.read_bytes() == old and (aside / "in the way").is_dir()
+    error = next(a.metadata["error"] for a in sent if a.target == REQ_PARENT)
+    assert "f.bin.basis" in error, error
+    # the control: with the way clear it is moved, and the machine goes on to open the new partial
+    (aside / "in the way").rmdir()
+    aside.rmdir()
+    m = ft_delta.DeltaRequestor(req, {"size": len(old), "stamp": "s", "partial": True}, 0.0)
+    m.state = m.MOVING
+    w.machine = m
+    opened: list = []
+    w.perform[ft.OpenPartial] = opened.append
+    assert w.run([ft_delta.MoveBasisAside()]) is False
+    assert opened == [ft.OpenPartial(0)] and aside.read_bytes() == old and not part.exists()
 
 
 # ---- real nodes ------------------------------------------------------------------------------------
@@ -550,3 +936,32 @@ def test_nodes_start_from_a_partial_download_of_another_version(two_nodes):
     assert bytes_written(fake2) - before < len(new) // 2
     assert (fake.files / "big.bin").read_bytes() == new
     assert not partial.exists() and not partial.with_name("big.bin.basis").exists()
+
+
+def test_nodes_a_kill_mid_delta_keeps_the_old_partial_for_the_next_run(node_factory):
+    fake = node_factory("fake.dev")
+    fake2 = node_factory("fake2.dev", pause_after=1)     # its providers hold before their second read
+    old = rand(12 << 20, 53)
+    new = old[:6 << 20] + rand(6 << 20, 54) + old[6 << 20:]   # the pieces take more than one message
+    partial = fake.files / ".partial" / "fake2.dev" / "big.bin.part"
+    aside = partial.with_name("big.bin.basis")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(old[:10 << 20])     # an interrupted download of the old version, no resume state
+    (fake2.files / "big.bin").write_bytes(new)
+    fake.type(f"{DL} big.bin fake2.dev")
+    paused(fake2)
+    wait_for(lambda: aside.exists() and partial.exists() and partial.stat().st_size > 0, 60,
+             "the partial moved aside and the new one begun")
+    fake.kill()                              # no chance to put it back
+    assert aside.read_bytes() == old[:10 << 20]
+    fake.start()
+    fake.type(f"{DL} big.bin fake2.dev")
+    paused(fake2)                            # the second run held part way too
+    wait_for(lambda: partial.exists(), 60, "the new partial begun")
+    assert aside.read_bytes() == old[:10 << 20]   # the old partial still, not the first run's half-built one
+    release(fake2)
+    fake.expect(r"big\.bin downloaded", 120)
+    done = next(ln for ln in fake.lines if "big.bin downloaded" in ln)
+    assert "only" in done and "moved" in done, done     # built from the old partial
+    assert (fake.files / "big.bin").read_bytes() == new
+    assert not aside.exists() and not partial.exists()

@@ -31,6 +31,9 @@ from host import fsutil
 RECORD = struct.Struct("<I32s")
 MIN_AVG, MAX_AVG = 4096, 1 << 20     # the averages a caller may ask for (FastCDC takes 256 to 4 MiB)
 CACHE_BYTES = 64 << 20                # chunk lists kept in memory, in all
+MAX_CHUNKS = 1 << 18                  # a longer list is refused unread (it travels as one message; ft_delta's bound)
+MAX_FILE = 8 << 30                    # the biggest file CopyRanges and WriteRanges build (ft_protocol.DELTA_MAX)
+DIGESTS = 1024                        # whole-file hashes kept by stamp
 COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
 READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -38,6 +41,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr
 _cache: OrderedDict = OrderedDict()   # (stamp, avg) -> (records, whole hex)
 _cache_bytes = 0
 _cache_lock = threading.Lock()
+_digests: OrderedDict = OrderedDict()   # stamp -> whole-file BLAKE3 hex (under _cache_lock)
 
 
 class DeltaError(Exception):
@@ -80,6 +84,16 @@ def _remember(key: tuple, value: tuple) -> None:
             _cache_bytes -= len(old[0])
 
 
+def forget(stamp: str) -> None:
+    """Drop the lists (at every average) and the hash kept for `stamp`: after a failure a stale one
+    could explain (coarse timestamps; a same-size rewrite in place)."""
+    global _cache_bytes
+    with _cache_lock:
+        for key in [k for k in _cache if k[0] == stamp]:
+            _cache_bytes -= len(_cache.pop(key)[0])
+        _digests.pop(stamp, None)
+
+
 class _Reader:
     """The file from its start, read with pread (for FastCDC's stream cutter): the file is read
     through a small buffer, not mapped, so its pages never count in the node's memory."""
@@ -91,6 +105,22 @@ class _Reader:
         n = os.preadv(self.fd, [buf], self.pos)
         self.pos += n
         return n
+
+
+def _known_digest(stamp: str) -> str | None:
+    with _cache_lock:
+        hit = _digests.get(stamp)
+        if hit is not None:
+            _digests.move_to_end(stamp)
+        return hit
+
+
+def _note_digest(stamp: str, digest: str) -> None:
+    with _cache_lock:
+        _digests[stamp] = digest
+        _digests.move_to_end(stamp)
+        while len(_digests) > DIGESTS:
+            _digests.popitem(last=False)
 
 
 def _hash(fd: int, size: int) -> str:
@@ -113,25 +143,45 @@ def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
         raise DeltaError(f"the average chunk size must be between {MIN_AVG} and {MAX_AVG}")
     before = os.fstat(fd)
     stamp = stamp_of(before)
+    # every chunk but the last is at least min_size: the most the list can hold, known before any read
+    min_size = avg * 3 // 4
+    bound = before.st_size // min_size + 1
+    if bound > MAX_CHUNKS:
+        raise DeltaError(f"a file of {before.st_size} bytes is too big for chunks of average size {avg} "
+                         f"(over {MAX_CHUNKS} chunks)")
     hit = _cached((stamp, avg))
     if hit is not None and (hit[1] is not None or not whole):
         return hit[0], hit[1], stamp, before.st_size
-    parts = []
-    for c in FastCDC(avg, min_size=avg * 3 // 4, max_size=avg * 4).cut_stream(_Reader(fd)):
-        parts.append(RECORD.pack(c.length, blake3.blake3(c.data).digest()))
-    records = b"".join(parts)
-    digest = _hash(fd, before.st_size) if whole else None
+    buf = bytearray(bound * RECORD.size)
+    n = 0
+    for c in FastCDC(avg, min_size=min_size, max_size=avg * 4).cut_stream(_Reader(fd)):
+        if n == bound:
+            raise DeltaError("the file changed while it was being chunked")
+        RECORD.pack_into(buf, n * RECORD.size, c.length, blake3.blake3(c.data).digest())
+        n += 1
+    records = bytes(memoryview(buf)[:n * RECORD.size])
+    del buf
+    digest = None
+    if whole:
+        digest = _known_digest(stamp) or _hash(fd, before.st_size)
     if stamp_of(os.fstat(fd)) != stamp:
         raise DeltaError("the file changed while it was being chunked")
     _remember((stamp, avg), (records, digest))
+    if digest is not None:
+        _note_digest(stamp, digest)
     return records, digest, stamp, before.st_size
 
 
 def blake3_file(fd: int, sync: bool = False, want_stamp: str | None = None) -> str:
     """The file's BLAKE3; with `sync`, an fsync runs meanwhile (the disk's work beside the CPU's); with
-    `want_stamp`, the file must have it before and after."""
+    `want_stamp`, the file must have it before and after, and its hash is kept by that stamp (a
+    requestor answering that it wants nothing must not make the provider read the file again)."""
     if want_stamp is not None and stamp_of(os.fstat(fd)) != want_stamp:
         raise DeltaError("the file changed since it was opened")
+    if want_stamp is not None and not sync:
+        known = _known_digest(want_stamp)
+        if known is not None:
+            return known
     failed: list = []
 
     def flush() -> None:
@@ -151,6 +201,8 @@ def blake3_file(fd: int, sync: bool = False, want_stamp: str | None = None) -> s
         raise failed[0]
     if want_stamp is not None and stamp_of(os.fstat(fd)) != want_stamp:
         raise DeltaError("the file changed while it was being hashed")
+    if want_stamp is not None:
+        _note_digest(want_stamp, digest)
     return digest
 
 
@@ -158,19 +210,37 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def copy_ranges(src: int, dst: int, items: list, want_stamp: str) -> int:
+def _check_size(size) -> None:
+    if not (_int(size) and size <= MAX_FILE):
+        raise DeltaError(f"the new file's size must be an integer from 0 to {MAX_FILE}")
+
+
+def _in_order(at: int, n: int, end: int, size: int) -> int:
+    """The range [at, at + n) of the new file comes after `end` and within `size`: -> its end. So one
+    message writes at most `size` bytes, and no sparse giant."""
+    if at < end:
+        raise DeltaError(f"the ranges must be in order and must not overlap (the range at {at} starts before {end})")
+    if at + n > size:
+        raise DeltaError(f"the range at {at} of {n} bytes passes the new file's size ({size} bytes)")
+    return at + n
+
+
+def copy_ranges(src: int, dst: int, items: list, want_stamp: str, size: int) -> int:
     """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
-    throughout) into `dst`. -> bytes copied."""
+    throughout) into `dst`, whose ranges are in order, apart, and within `size`. -> bytes copied."""
+    _check_size(size)
     if stamp_of(os.fstat(src)) != want_stamp:
         raise DeltaError("the old copy changed since it was chunked")
-    size = os.fstat(src).st_size
+    old_size = os.fstat(src).st_size
     plan = []
+    end = 0
     for item in items:
         if not (isinstance(item, list) and len(item) == 3 and all(_int(v) for v in item)):
             raise DeltaError("CopyRanges items are [source offset, destination offset, length]")
         s, d, n = item
-        if s + n > size:
-            raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({size} bytes)")
+        if s + n > old_size:
+            raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({old_size} bytes)")
+        end = _in_order(d, n, end, size)
         plan.append((s, d, n))
     total = 0
     kernel = hasattr(os, "copy_file_range")
@@ -199,17 +269,20 @@ def copy_ranges(src: int, dst: int, items: list, want_stamp: str) -> int:
     return total
 
 
-def write_ranges(dst: int, items: list, data: bytes) -> int:
-    """Check every [offset, length, blake3] piece of `data` (back to back), then write them all.
-    A piece that fails its check raises before anything is written. -> bytes written."""
+def write_ranges(dst: int, items: list, data: bytes, size: int) -> int:
+    """Check every [offset, length, blake3] piece of `data` (back to back; in order, apart, within
+    `size`), then write them all. A piece that fails its check raises before anything is written.
+    -> bytes written."""
+    _check_size(size)
     plan = []
     view = memoryview(data)
-    pos = 0
+    pos = end = 0
     for item in items:
         if not (isinstance(item, list) and len(item) == 3 and _int(item[0]) and _int(item[1])
                 and isinstance(item[2], str)):
             raise DeltaError("WriteRanges items are [offset, length, blake3]")
         offset, length, digest = item
+        end = _in_order(offset, length, end, size)
         piece = view[pos:pos + length]
         if len(piece) != length:
             raise DeltaError(f"the data is shorter than its pieces ({len(data)} bytes)")

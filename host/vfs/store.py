@@ -299,9 +299,12 @@ _TREE_ACTIONS = {
 
 # this host's delta actions (host/vfs/delta.py)
 _DELTA_ACTIONS = {
-    "ChunkList": '{"avg": n}',   # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob
-    "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "items": [[from, to, length]]}',
-    "WriteRanges": '{"items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
+    # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob; avg 0: only size and
+    # stamp, and with forget what is kept for that stamp is dropped
+    "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false}',
+    # size: the new file's; its ranges in order, apart, within it
+    "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "size": n, "items": [[from, to, length]]}',
+    "WriteRanges": '{"size": n, "items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
     "Blake3": '{"sync": true|false, "stamp": s|null}',   # -> {"Blake3": hex}; sync: an fsync meanwhile
 }
 
@@ -1194,6 +1197,8 @@ class Vfs:
         try:
             if avg == 0:
                 st = os.fstat(fd)
+                if arg.get("forget") is True:   # a download built from what is kept failed its check
+                    vfs_delta.forget(vfs_delta.stamp_of(st))
                 return VfsResult(_dumps({"ChunkList": {"size": st.st_size, "stamp": vfs_delta.stamp_of(st)}}))
             records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
         finally:
@@ -1203,6 +1208,7 @@ class Vfs:
         return VfsResult(_dumps(body), records)
 
     def _a_Blake3(self, source, vp, loc, arg, data):
+        self._delta_on(vp, "Blake3")
         fd = self._delta_fd(loc, vp)
         try:
             stamp = arg.get("stamp")
@@ -1218,10 +1224,11 @@ class Vfs:
         items = arg.get("items")
         if not isinstance(items, list):
             raise _bad_json(f"WriteRanges expects {_DELTA_ACTIONS['WriteRanges']}")
+        size = _int(arg.get("size"), "WriteRanges size", 0, vfs_delta.MAX_FILE)
         fd = self._writable(loc, vp, "WriteRanges")
         try:
             with self._ino_lock(fd):
-                self._delta(vp, vfs_delta.write_ranges, fd, items, data)
+                self._delta(vp, vfs_delta.write_ranges, fd, items, data, size)
         finally:
             os.close(fd)
         return VfsResult(_OK)
@@ -1232,6 +1239,7 @@ class Vfs:
         if not isinstance(arg.get("from"), str) or not isinstance(arg.get("stamp"), str) \
                 or not isinstance(arg.get("items"), list):
             raise _bad_json(f"CopyRanges expects {_DELTA_ACTIONS['CopyRanges']}")
+        size = _int(arg.get("size"), "CopyRanges size", 0, vfs_delta.MAX_FILE)
         src_vp = _parse_path(arg["from"])
         self._check_cap(source, has_cap, vp, "write", "CopyRanges")
         self._check_cap(source, has_cap, src_vp, "read", "CopyRanges")
@@ -1240,7 +1248,7 @@ class Vfs:
             dst = self._writable(self._locate(vp), vp, "CopyRanges")
             try:
                 with self._ino_lock(dst):
-                    self._delta(vp, vfs_delta.copy_ranges, src, dst, arg["items"], arg["stamp"])
+                    self._delta(vp, vfs_delta.copy_ranges, src, dst, arg["items"], arg["stamp"], size)
             finally:
                 os.close(dst)
         finally:

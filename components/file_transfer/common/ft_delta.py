@@ -23,7 +23,11 @@ Negotiated in metadata, as folders are, so a plain peer and one without it never
   "blake3"}`.
 - At the end the requestor hashes the new file whole and compares it with the provider's; only
   then does it take the file's real name (the old copy is replaced as in any download). A failure
-  removes the partial: the old copy is untouched, and the next run starts again.
+  removes the partial: the old copy is untouched, and the next run starts again. A failure on this
+  node's side (not a hash's) first fetches the file whole once, plain (FetchWhole).
+- Bounds: the provider takes only avg_for(size) (another average would be a fresh chunking of the
+  whole file); the host refuses a list that could pass MAX_CHUNKS before reading, and ranges out of
+  order, overlapping or past the new file's size.
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ from ft_protocol import (
 RECORD = struct.Struct("<I32s")   # one chunk of a list: its length, its BLAKE3 digest
 MAX_CHUNKS = 1 << 18              # a longer list is refused (it travels as one message's blob)
 MAX_PIECES = 1 << 17              # a longer want list is refused
+INTEGRITY = "failed its integrity check"   # the host's WriteRanges refusal of a piece that does not match
 
 
 def avg_for(size: int) -> int:
@@ -192,9 +197,22 @@ class ReadChunkList:
 @dataclass
 class CopyRanges:
     """Copy [old offset, new offset, length] ranges of the old copy (which must still have `stamp`)
-    into the partial, in the host; -> RangesCopied."""
+    into the partial (of `size` bytes when done), in the host; -> RangesCopied."""
     items: list
     stamp: str
+    size: int
+
+
+@dataclass
+class FetchWhole:
+    """Start the download again, plain (it never hands over to a delta machine again): fetching only
+    what changed failed on this node's side, not for a hash."""
+
+
+@dataclass
+class ForgetBasis:
+    """Have the host drop the old copy's chunk list kept by its stamp (a stale one may be why the file
+    built from it failed its hash)."""
 
 
 @dataclass
@@ -211,8 +229,10 @@ class RestoreBasis:
 @dataclass
 class WriteRanges:
     """Check the blob of the request being handled against `items` [[offset, length, blake3]] (back to
-    back), then write them into the partial, in the host; -> ft_protocol.ChunkWritten."""
+    back), then write them into the partial (of `size` bytes when done), in the host;
+    -> ft_protocol.ChunkWritten."""
     items: list
+    size: int
 
 
 @dataclass
@@ -272,7 +292,8 @@ class DeltaRequestor:
         self.window = req.window
         self.started = req.started
         self.last_activity = now
-        self.basis = dict(basis)      # {"size", "stamp", "partial": the old copy is a partial download}
+        # {"size", "stamp", "partial": the old copy is a partial download, "aside": moved aside already}
+        self.basis = dict(basis)
         self.aside = bool(basis.get("partial"))
         self.avg = avg_for(self.size)
         self.state = self.OPENING
@@ -299,8 +320,9 @@ class DeltaRequestor:
     def start(self) -> list:
         """Answer the provider's Size (we want its list), and open a fresh partial."""
         actions = [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": self.avg}, **self._window_meta()}),
-                   Log(f"{self.name}: fetching only what changed since the copy this node has")]
-        if self.aside:
+                   Log(f"{self.name}: fetching only what changed since the copy this node has"),
+                   RemoveFiles(state=True, partial=False)]   # no plain resume over what this run writes
+        if self.aside and not self.basis.get("aside"):
             self.state = self.MOVING
             return actions + [MoveBasisAside()]
         return actions + [OpenPartial(0)]
@@ -340,10 +362,14 @@ class DeltaRequestor:
         if t is Renamed:
             return self._expect(self.VERIFYING, ev) or self.renamed(ev.replaced, ev.now)
         if t is IoFailed:
-            if self.state == self.WRITING:  # the host refused a piece that does not match the list
+            if self.state == self.MOVING:   # the partial was not moved: there is nothing to put back
+                self.aside = False
+            if self.state == self.WRITING and INTEGRITY in ev.error:  # the host refused a piece: the peer's fault
                 return self.fail(f"{self.peer_node} sent data that does not match its chunk list ({ev.error})",
                                  keep=False, now=ev.now)
-            return self.fail(ev.error, keep=False, now=ev.now)
+            # a failure here (a host call timed out, the old copy changed): once more, whole; not when the
+            # partial could not be moved aside (it stays as it is)
+            return self.fail(ev.error, keep=False, now=ev.now, whole=self.state != self.MOVING)
         raise TypeError(f"a DeltaRequestor takes no {t.__name__}")
 
     def _expect(self, state: str, ev: Any) -> list:
@@ -414,7 +440,7 @@ class DeltaRequestor:
                            f"has; fetching {wanted} bytes in {len(self.want)} pieces"))
         if self.copies:
             self.state = self.COPYING
-            actions.append(CopyRanges(self.copies, self.basis["stamp"]))
+            actions.append(CopyRanges(self.copies, self.basis["stamp"], self.size))
             return actions
         return self.ranges_copied(now, actions)
 
@@ -444,7 +470,7 @@ class DeltaRequestor:
                              f"{blob_len} bytes)", keep=False, now=now)
         self.writing = (first, count, wants_ack)
         self.state = self.WRITING
-        return [WriteRanges([c for i in idx for c in self.pieces[i][2]])]
+        return [WriteRanges([c for i in idx for c in self.pieces[i][2]], self.size)]
 
     def pieces_written(self, now: float) -> list:
         assert self.writing is not None
@@ -471,7 +497,7 @@ class DeltaRequestor:
 
     def file_verified(self, digest: str | None, now: float) -> list:
         if digest != self.whole:
-            return self.fail("the file built from the local copy and the fetched pieces does not match the "
+            return [ForgetBasis()] + self.fail("the file built from the local copy and the fetched pieces does not match the "
                              "provider's hash (the provider's list lied, or a file changed meanwhile); nothing "
                              "was saved, the local copy is unchanged", keep=False, now=now)
         self.verified_digest = digest
@@ -505,8 +531,9 @@ class DeltaRequestor:
             return self.fail(f"{self.peer_node} {reason} during the transfer", keep=False, now=now)
         return []
 
-    def fail(self, error: str, keep: bool, now: float) -> list:
-        """Tell the provider, remove the partial (the old copy is untouched), tell the parent, end."""
+    def fail(self, error: str, keep: bool, now: float, whole: bool = False) -> list:
+        """Tell the provider, remove the partial (the old copy is untouched), tell the parent, end; with
+        `whole`, fetch the file whole instead of ending."""
         if self.state in (self.DONE, self.FAILED):
             return []
         self.state = self.FAILED
@@ -515,6 +542,9 @@ class DeltaRequestor:
         actions.append(RemoveFiles(state=True, partial=self.file_open))
         if self.aside:   # nothing lost: the next download starts from it again
             actions.append(RestoreBasis())
+        if whole:
+            return actions + [Log(f"{self.name}: fetching only what changed failed ({error}); fetching it whole"),
+                              FetchWhole()]
         self._report(actions, now, error=error)
         actions.append(Exit(error))
         return actions
@@ -572,6 +602,9 @@ class DeltaProvider:
         self.hashed = False         # the whole file's hash is sent
 
     def start(self) -> list:
+        want = avg_for(self.size)
+        if self.avg != want:   # any other average would be a fresh chunking of the whole file, never cached
+            return self._error("bad delta request", f"peer asked for chunks of average size {self.avg}, not {want}")
         return [ChunkFile(self.avg)]
 
     def handle(self, ev: Any) -> list:

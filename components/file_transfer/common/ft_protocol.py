@@ -358,9 +358,10 @@ class Requestor:
     STATES = frozenset({REQUESTING, QUEUED, OPENING, RECEIVING, HASHING, WRITING, AWAITING_HASH, VERIFYING, DONE,
                         FAILED})
 
-    def __init__(self, name: str, peer: Any, parent: Any, now: float, *, extended: bool):
+    def __init__(self, name: str, peer: Any, parent: Any, now: float, *, extended: bool, delta: bool = True):
         self.name = name
         self.extended = extended     # we can speak the extended protocol
+        self.delta = delta           # we may take an offer to send only what changed (not after it failed)
         self.peer = peer
         self.peer_node = peer.node
         self.parent = parent
@@ -530,7 +531,7 @@ class Requestor:
         # a file of one chunk has nothing to resume: no state file for it
         self.has_state = self.ext and size > EXT_CHUNK_SIZE
         # the provider can send only what changed (ft_delta), if we hold an older copy
-        self.delta_offered = self.has_state and meta.get("delta") == 1
+        self.delta_offered = self.delta and self.has_state and meta.get("delta") == 1
         self.wants_answer = wants_answer
         self.last_activity = now
         if self.has_state:

@@ -81,7 +81,8 @@ class Worker:
             ft_delta.WriteRanges: self.write_ranges, ft_delta.VerifyWhole: self.verify_whole,
             ft_delta.ChunkFile: self.chunk_file, ft_delta.ReadPieces: self.read_pieces,
             ft_delta.HashWhole: self.hash_whole, ft_delta.MoveBasisAside: self.move_basis_aside,
-            ft_delta.RemoveBasis: self.remove_basis, ft_delta.RestoreBasis: self.restore_basis,
+            ft_delta.RemoveBasis: self.remove_basis, ft_delta.ForgetBasis: self.forget_basis,
+            ft_delta.FetchWhole: self.fetch_whole, ft_delta.RestoreBasis: self.restore_basis,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -156,10 +157,13 @@ class Worker:
                     return True
                 try:
                     follow = self.perform[type(action)](action)
-                except vfs.VfsError as e:
+                except (vfs.VfsError, SendError) as e:
                     if self.machine is not None and self.machine.state == self.machine.FAILED:
                         continue  # winding down: what can be tidied up, is
-                    follow = self.machine.handle(ft.IoFailed(str(e), time.monotonic()))
+                    # a VFS call that outlasted its timeout is a failure like any: no silent death
+                    error = f"the node did not finish {type(action).__name__} in time ({e.kind})" \
+                        if isinstance(e, SendError) else str(e)
+                    follow = self.machine.handle(ft.IoFailed(error, time.monotonic()))
                     break
             actions = follow
         return False
@@ -192,16 +196,44 @@ class Worker:
             partial_len = vfs.metadata(self.partial).len
         except (vfs.VfsError, ValueError):
             saved = partial_len = None
-        basis = None
+        aside = f"{self.partial_dir}/{self.name}.basis"
+        named, moved = self._probe(f"{self.drive}/{self.name}"), self._probe(aside)
+        if moved is not None:
+            if saved is not None:   # a download with a resume state came since: it goes on
+                self._remove(aside)
+                moved = None
+            else:
+                # a delta download stopped without putting its old copy back (the node was killed):
+                # the partial is its half-built file
+                self._remove(self.partial)
+                if named is not None:   # the file of this name is the better old copy
+                    self._remove(aside)
+                    moved = None
         # an older copy to fetch only the changes against (refused where the host cannot chunk): the
-        # file of this name, else a partial download (used only if it cannot be resumed)
-        for path, partial in ((f"{self.drive}/{self.name}", False), (self.partial, True)):
-            try:
-                basis = dict(vfs.vfs_request(path, {"ChunkList": {"avg": 0}})["ChunkList"], partial=partial)
-                break
-            except (vfs.VfsError, KeyError, TypeError):
-                pass
+        # file of this name, else a partial download moved aside before, else the partial (used only
+        # if it cannot be resumed)
+        if named is not None:
+            basis = dict(named, partial=False)
+        elif moved is not None:
+            self.basis_path = aside
+            basis = dict(moved, partial=True, aside=True)
+        else:
+            info = self._probe(self.partial)
+            basis = dict(info, partial=True) if info is not None else None
         return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic(), basis))
+
+    def _probe(self, path: str):
+        """{"size", "stamp"} of a regular file the host can chunk, else None."""
+        try:
+            return dict(vfs.vfs_request(path, {"ChunkList": {"avg": 0}})["ChunkList"])
+        except (vfs.VfsError, KeyError, TypeError):
+            return None
+
+    def _remove(self, path: str) -> None:
+        try:
+            vfs.remove_file(path)
+        except vfs.VfsError:
+            pass
 
     def open_partial(self, a: ft.OpenPartial) -> list:
         if a.offset:
@@ -310,10 +342,17 @@ class Worker:
     def switch_to_delta(self, a: ft.SwitchToDelta) -> None:
         self.machine = a.machine
 
+    def fetch_whole(self, a: ft_delta.FetchWhole) -> list:
+        old = self.machine
+        self.basis_path = f"{self.drive}/{self.name}"
+        self.machine = ft.Requestor(self.name, old.peer, self.parent, self.started, extended=EXTENDED, delta=False)
+        self.machine.window = old.window
+        return self.machine.handle(ft.Start())
+
     def move_basis_aside(self, a: ft_delta.MoveBasisAside) -> list:
         self.basis_path = f"{self.partial_dir}/{self.name}.basis"
+        vfs.rename(self.partial, self.basis_path)   # a failure fails the download, the partial left as it is
         try:
-            vfs.rename(self.partial, self.basis_path)
             stamp = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
         except (vfs.VfsError, KeyError, TypeError):
             stamp = None
@@ -322,6 +361,12 @@ class Worker:
     def remove_basis(self, a: ft_delta.RemoveBasis) -> None:
         try:
             vfs.remove_file(self.basis_path)
+        except vfs.VfsError:
+            pass
+
+    def forget_basis(self, a: ft_delta.ForgetBasis) -> None:
+        try:
+            vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": 0, "forget": True}})
         except vfs.VfsError:
             pass
 
@@ -347,12 +392,12 @@ class Worker:
         return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic()))
 
     def copy_ranges(self, a: ft_delta.CopyRanges) -> list:
-        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp,
+        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp, "size": a.size,
                                                       "items": a.items}}, timeout=DELTA_TIMEOUT)
         return self.machine.handle(ft_delta.RangesCopied(time.monotonic()))
 
     def write_ranges(self, a: ft_delta.WriteRanges) -> list:
-        vfs.vfs_request(self.partial, {"WriteRanges": {"items": a.items}}, forward_blob=True, timeout=120)
+        vfs.vfs_request(self.partial, {"WriteRanges": {"size": a.size, "items": a.items}}, forward_blob=True, timeout=120)
         return self.machine.handle(ft.ChunkWritten(time.monotonic()))
 
     def verify_whole(self, a: ft_delta.VerifyWhole) -> list:
