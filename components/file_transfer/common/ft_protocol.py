@@ -32,7 +32,6 @@ from ft_common import (
 QUEUE_META = "queue"   # metadata key of a requestor's ask about its place in a provider's queue
 DELTA_MAX = 8 << 30    # a bigger file is sent whole: chunking it could outlast the peers' timeouts (ft_delta)
 DELTA_MIN_AVG, DELTA_MAX_AVG = 4096, 1 << 20   # the average chunk sizes a provider accepts (ft_delta)
-REPORT_EVERY = 0.25    # seconds between a requestor's progress reports on a new percent, at least
 
 HEX = frozenset("0123456789abcdef")
 
@@ -773,12 +772,11 @@ class Requestor:
             self.keepalive_out = True
 
     def _report(self, actions: list, now: float, **extra) -> None:
-        """Progress to the parent: once a second, or on a new percent at most every REPORT_EVERY
-        seconds (the page shows it no more often; a fast download gained a percent every few chunks),
-        always at 100% and with `extra`."""
+        """Progress to the parent: at most once a second or per percent, always with `extra`.
+        (Holding back a new percent would leave a stalled download showing an old figure: the
+        requestor hears nothing more to report until the next chunk.)"""
         percent = 100 if not self.size else int(self.received * 100 / self.size)
-        since = now - self.last_report
-        if not extra and since < 1.0 and (percent == self.last_percent or (since < REPORT_EVERY and percent != 100)):
+        if not extra and percent == self.last_percent and now - self.last_report < 1.0:
             return
         self.last_percent, self.last_report = percent, now
         secs = max(now - self.started, 1e-6)
