@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from netns import make_pair, sh  # noqa: E402
 from transfer import FILES, REPO, run_remote  # noqa: E402
 
 NS_A, NS_B = f"delta{os.getpid()}a", f"delta{os.getpid()}b"
@@ -38,18 +39,8 @@ ADDR_A, ADDR_B = "10.231.19.2", "10.231.19.3"
 DL = "download:file_transfer:template.os"
 
 
-def sh(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
 def make_link() -> None:
-    sh("ip", "netns", "add", NS_A)
-    sh("ip", "netns", "add", NS_B)
-    sh("ip", "link", "add", "eth0", "netns", NS_A, "type", "veth", "peer", "name", "eth0", "netns", NS_B)
-    for ns, addr in ((NS_A, ADDR_A), (NS_B, ADDR_B)):
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    make_pair(NS_A, NS_B, ADDR_A, ADDR_B)
 
 
 def set_rate(rate: str) -> None:

@@ -36,14 +36,19 @@ def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def make_link() -> None:
-    sh("ip", "netns", "add", NS_A)
-    sh("ip", "netns", "add", NS_B)
-    sh("ip", "link", "add", "eth0", "netns", NS_A, "type", "veth", "peer", "name", "eth0", "netns", NS_B)
-    for ns, addr in ((NS_A, ADDR_A), (NS_B, ADDR_B)):
+def make_pair(ns_a: str, ns_b: str, addr_a: str, addr_b: str) -> None:
+    """Two namespaces joined by a veth pair, each end `eth0` with its address in a /24."""
+    sh("ip", "netns", "add", ns_a)
+    sh("ip", "netns", "add", ns_b)
+    sh("ip", "link", "add", "eth0", "netns", ns_a, "type", "veth", "peer", "name", "eth0", "netns", ns_b)
+    for ns, addr in ((ns_a, addr_a), (ns_b, addr_b)):
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+
+def make_link() -> None:
+    make_pair(NS_A, NS_B, ADDR_A, ADDR_B)
 
 
 def remove_link() -> None:
