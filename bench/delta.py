@@ -152,11 +152,11 @@ class Sshd:
                                         "-E", str(d / "log")])
         time.sleep(0.5)
 
-    def rsync(self, src: Path, dest: Path) -> None:
+    def rsync(self, src: Path, dest: Path, fsync: bool = False) -> None:
         ssh = (f"ssh -i {self.dir / 'client_key'} -c aes128-gcm@openssh.com -o StrictHostKeyChecking=no "
                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
-        subprocess.run(["ip", "netns", "exec", NS_A, "rsync", "-e", ssh, f"root@{ADDR_B}:{src}", str(dest)],
-                       check=True)
+        subprocess.run(["ip", "netns", "exec", NS_A, "rsync", *(["--fsync"] if fsync else []), "-e", ssh,
+                        f"root@{ADDR_B}:{src}", str(dest)], check=True)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -188,13 +188,16 @@ class Bench:
         code, lines = run_remote(self.a_home, f"{DL} {name} bench-b.dev", until=rf"{name} downloaded|error:",
                                  timeout=3600)
         secs = time.perf_counter() - t0
+        if os.environ.get("KINODE_TRACE"):
+            with open(os.environ["KINODE_TRACE"], "a") as f:
+                f.write(f"bench {time.time() - secs:.3f} {time.time():.3f} {secs:.3f} 0 download {name}\n")
         moved = link_bytes() - before
         if code != 0:
             raise RuntimeError("\n".join(lines[-5:]))
         return secs, moved, next((ln for ln in lines if "downloaded" in ln), "")
 
 
-def main() -> int:
+def main() -> int:  # noqa: C901 - one flat run of the parts
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024, help="size of the old file")
     ap.add_argument("--changes", type=int, default=16)
@@ -203,6 +206,8 @@ def main() -> int:
     ap.add_argument("--rates", default="1gbit,100mbit", help="tc tbf rates, comma-separated")
     ap.add_argument("--parts", default="delta,first", help="delta (ours against rsync), first (a first download)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rsync-fsync", action="store_true",
+                    help="also time rsync --fsync (durable as our download; the goal's reference is plain rsync)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (ip netns, tc)", file=sys.stderr)
@@ -234,23 +239,36 @@ def main() -> int:
                 if "delta" in parts:
                     bench.nodes(True)
                     got = bench.a_home / FILES / "big.bin"
-                    shutil.copyfile(master_old, got)
-                    os.utime(new)   # a fresh stamp: the provider's cached list is not used
-                    secs, moved, line = bench.download("big.bin")
-                    assert blake(got) == digest, "hash mismatch (ours)"
                     dest = tmp / "rsync" / "big.bin"
                     dest.parent.mkdir(exist_ok=True)
-                    shutil.copyfile(master_old, dest)
-                    os.sync()
-                    before = link_bytes()
-                    t0 = time.perf_counter()
-                    sshd.rsync(new, dest)
-                    r_secs = time.perf_counter() - t0
-                    r_moved = link_bytes() - before
-                    assert blake(dest) == digest, "hash mismatch (rsync)"
+                    rsyncs: dict = {}
+                    ours: tuple = ()
+                    # rounds alternate which goes first, so neither always runs on a warmer machine
+                    for who in ("ours", "rsync") if r % 2 == 0 else ("rsync", "ours"):
+                        if who == "ours":
+                            shutil.copyfile(master_old, got)
+                            os.utime(new)   # a fresh stamp: the provider's cached list is not used
+                            ours = bench.download("big.bin")
+                            assert blake(got) == digest, "hash mismatch (ours)"
+                            continue
+                        # default rsync (the goal's reference), then with --fsync (durable as ours; context)
+                        for fsync in (False, True) if args.rsync_fsync else (False,):
+                            shutil.copyfile(master_old, dest)
+                            os.sync()
+                            before = link_bytes()
+                            t0 = time.perf_counter()
+                            sshd.rsync(new, dest, fsync)
+                            rsyncs[fsync] = (time.perf_counter() - t0, link_bytes() - before)
+                            assert blake(dest) == digest, "hash mismatch (rsync)"
+                    secs, moved, line = ours
+                    r_secs, r_moved = rsyncs[False]
                     print(f"{rate} round {r + 1} update: ours {secs:.2f} s, {moved / 2**20:.2f} MiB on the link "
                           f"({moved / new_size:.2%} of the file); rsync {r_secs:.2f} s, {r_moved / 2**20:.2f} MiB "
                           f"({r_moved / new_size:.2%}); time ours/rsync {secs / r_secs:.2f}", flush=True)
+                    if True in rsyncs:
+                        f_secs = rsyncs[True][0]
+                        print(f"  rsync --fsync {f_secs:.2f} s; time ours/(rsync --fsync) {secs / f_secs:.2f}",
+                              flush=True)
                     print(f"  ({line.strip()})", flush=True)
                 if "first" in parts:
                     got = bench.a_home / FILES / "first.bin"

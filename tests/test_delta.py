@@ -212,6 +212,86 @@ def test_host_keeps_a_files_whole_hash_by_its_stamp(tmp_path, reads):
         os.close(fd)
 
 
+
+def test_host_chunks_and_hashes_a_file_whole_in_one_read(tmp_path, reads):
+    p = tmp_path / "f"
+    data = rand(300_000, 51)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        records, whole, stamp, _ = host_delta.chunk_list(fd, AVG)
+        assert whole == h(data) and reads.count(0) == 1          # the file read from its start once
+        assert sorted(reads) == reads                            # one pass, in order
+        reads.clear()                                            # and the provider's HashWhole finds it kept
+        assert host_delta.blake3_file(fd, want_stamp=stamp) == h(data) and reads == []
+        host_delta.forget(stamp)                                 # the control: not kept, it reads again
+        assert host_delta.blake3_file(fd, want_stamp=stamp) == h(data) and reads
+    finally:
+        os.close(fd)
+
+
+def test_host_builds_the_file_and_hashes_what_it_wrote(tmp_path, small_avg, monkeypatch):
+    """build_file copies the old copy's ranges between the pieces already written and hashes the new
+    file whole in order: a piece that was never written shows in the hash, and so does an old copy
+    whose bytes are not what its chunk list said."""
+    old = rand(400_000, 52)
+    new = edited(old, seed=53, changes=5, insert=25_000)
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
+    assert copies and len(pieces) >= 2
+    src = tmp_path / "old"
+    src.write_bytes(old)
+
+    def build(skip: int | None = None, basis: bytes = old) -> tuple:
+        src.write_bytes(basis)
+        dst = tmp_path / "new.part"
+        dst.write_bytes(b"")
+        sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+        try:
+            for i, (_, _, items) in enumerate(pieces):
+                if i != skip:
+                    host_delta.write_ranges(dfd, items, b"".join(new[o:o + n] for o, n, _ in items), len(new))
+            stamp = host_delta.stamp_of(os.fstat(sfd))
+            return host_delta.build_file(sfd, dfd, copies, stamp, len(new)), dst.read_bytes()
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+    digest, built = build()
+    assert built == new and digest == h(new)                    # the control
+    skipped = pieces[1] if pieces[1][0] + pieces[1][1] < len(new) else pieces[0]
+    digest, built = build(skip=pieces.index(skipped))           # a hole where a piece should be
+    assert built != new and digest == h(built) != h(new)
+    flipped = bytearray(old)
+    flipped[copies[0][0] + 7] ^= 1                              # an old copy that is not what was listed
+    digest, built = build(basis=bytes(flipped))
+    assert digest == h(built) != h(new)
+    # small buffers: the copy and the hash still run in order across many of them, written behind
+    monkeypatch.setattr(host_delta, "BUILD_PIECE", 1000)
+    monkeypatch.setattr(host_delta, "WRITE_BEHIND", 5000)
+    digest, built = build()
+    assert built == new and digest == h(new)
+
+
+def test_host_build_refuses_a_changed_old_copy_and_ranges_out_of_order(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.write_bytes(rand(10_000, 54))
+    dst.write_bytes(b"")
+    sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+    try:
+        stamp = host_delta.stamp_of(os.fstat(sfd))
+        with pytest.raises(host_delta.DeltaError, match="must not overlap"):
+            host_delta.build_file(sfd, dfd, [[0, 500, 100], [0, 0, 100]], stamp, 600)
+        with pytest.raises(host_delta.DeltaError, match="passes the new file's size"):
+            host_delta.build_file(sfd, dfd, [[0, 0, 700]], stamp, 600)
+        assert dst.read_bytes() == b""                          # nothing written
+        assert host_delta.build_file(sfd, dfd, [[100, 0, 500], [0, 500, 100]], stamp, 600) == \
+            h(src.read_bytes()[100:600] + src.read_bytes()[:100])   # the control
+        os.utime(src, ns=(1, 1))
+        with pytest.raises(host_delta.DeltaError, match="changed since it was chunked"):
+            host_delta.build_file(sfd, dfd, [[0, 0, 10]], stamp, 600)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
 def test_provider_takes_only_the_average_its_file_size_calls_for():
     size = 6 << 20
 
@@ -287,6 +367,75 @@ def test_vfs_refuses_ranges_out_of_order_or_past_the_size_and_writes_nothing(tmp
         assert write(chunks, data) == "Ok"
     assert (real / "new.part").read_bytes() == new
 
+
+
+def test_vfs_builds_the_file_whole_after_its_pieces_and_answers_its_hash(tmp_path):
+    v, real = vfs_at(tmp_path)
+    old = rand(300_000, 55)
+    new = edited(old, seed=56, insert=30_000)
+    (real / "old").write_bytes(old)
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
+    stamp = vfs_call(v, f"{DRIVE}/old", {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
+
+    def build(items: list, skip_last: bool = False) -> tuple:
+        (real / "new.part").write_bytes(b"")
+        for _, _, chunks in pieces[:-1] if skip_last else pieces:
+            data = b"".join(new[o:o + n] for o, n, _ in chunks)
+            assert vfs_call(v, f"{DRIVE}/new.part", {"WriteRanges": {"size": len(new), "items": chunks}}, data) == "Ok"
+        before = (real / "new.part").read_bytes()
+        return vfs_call(v, f"{DRIVE}/new.part", {"CopyRanges": {"from": f"{DRIVE}/old", "stamp": stamp,
+                                                                "size": len(new), "items": items, "whole": True}}), before
+    assert build(copies)[0] == {"Blake3": h(new)} and (real / "new.part").read_bytes() == new   # the control
+    # a piece missing: where the file is still short there, a refusal; where it is a hole, another hash
+    body, _ = build(copies, skip_last=True)
+    assert ("Err" in body and "before its size" in json.dumps(body)) or body["Blake3"] != h(new), body
+    (real / "new.part").write_bytes(b"")
+    os.truncate(real / "new.part", len(new))                    # all of it a hole but for one copied range
+    one = [c for c in copies if c[1] > 0][0]
+    body = vfs_call(v, f"{DRIVE}/new.part", {"CopyRanges": {"from": f"{DRIVE}/old", "stamp": stamp, "size": len(new),
+                                                            "items": [one], "whole": True}})
+    assert body["Blake3"] == h((real / "new.part").read_bytes()) != h(new)   # a hole reads as zeros, hashed so
+    body, before = build([[0, 0, 10], [0, 5, 10]])              # the bounds hold with `whole` too
+    assert "Err" in body and "must not overlap" in json.dumps(body)
+    assert (real / "new.part").read_bytes() == before           # nothing written
+
+
+def test_vfs_rename_over_a_big_file_frees_it_after_answering(tmp_path, monkeypatch):
+    import host.vfs.store as store
+    monkeypatch.setattr(store, "RELEASE_LATER", 10_000)
+    v, real = vfs_at(tmp_path)
+    (real / "old").write_bytes(rand(20_000, 57))
+    (real / "small").write_bytes(b"x")
+    (real / "linked").write_bytes(rand(20_000, 58))
+    os.link(real / "linked", real / "linked2")
+    fd = store._hold_big_file(str(real / "old"))
+    assert fd is not None                                        # the control: a big file is held
+    os.close(fd)
+    for name in ("small", "linked", "missing"):                  # small, or with another name: not held
+        assert store._hold_big_file(str(real / name)) is None
+    new = rand(30_000, 59)
+    (real / "new").write_bytes(new)
+
+    def open_deleted() -> list:
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
+                continue
+            if target.endswith(" (deleted)") and str(real) in target:
+                found.append(target)
+        return found
+    (real / "gone").write_bytes(b"y")                            # the control: an open deleted file is seen
+    held = os.open(real / "gone", os.O_RDONLY)
+    os.unlink(real / "gone")
+    assert open_deleted()
+    os.close(held)
+    assert open_deleted() == []
+    assert vfs_call(v, f"{DRIVE}/new", {"Rename": {"new_path": f"{DRIVE}/old"}}) == "Ok"
+    assert (real / "old").read_bytes() == new and not (real / "new").exists()
+    v._releaser.submit(lambda: None).result()                    # the release ran: nothing of it is left open
+    assert open_deleted() == []
 
 def test_vfs_with_delta_off_answers_no_delta_action(tmp_path):
     for on in (False, True):
@@ -431,8 +580,11 @@ class Sim:
         if isinstance(a, ft_delta.ReadChunkList):
             return m.handle(ft_delta.ListRead(self.blob["req"], 0.0))
         if isinstance(a, ft_delta.CopyRanges):
-            src, dst = os.open(self.basis, os.O_RDONLY), os.open(self.part, os.O_WRONLY)
+            src, dst = os.open(self.basis, os.O_RDONLY), os.open(self.part, os.O_RDWR)
             try:
+                if a.whole:
+                    return m.handle(ft_delta.RangesCopied(0.0, host_delta.build_file(src, dst, a.items, a.stamp,
+                                                                                     a.size)))
                 host_delta.copy_ranges(src, dst, a.items, a.stamp, a.size)
             finally:
                 os.close(src)
@@ -671,6 +823,45 @@ def test_the_machines_visit_every_state(tmp_path, small_avg, monkeypatch):
     assert seen["DeltaRequestor"] == ft_delta.DeltaRequestor.STATES
     assert seen["DeltaProvider"] == ft_delta.DeltaProvider.STATES
 
+
+
+def test_requestor_compares_the_built_files_hash_whichever_comes_first(small_avg):
+    """The host builds and hashes the file after the last piece; the provider's hash may come before
+    or after that: either way the two are compared before the rename, and a mismatch renames nothing."""
+    good, bad = "ab" * 32, "cd" * 32
+
+    def built_machine() -> ft_delta.DeltaRequestor:
+        req = ft.Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+        req.size = 6 << 20
+        m = ft_delta.DeltaRequestor(req, {"size": 6 << 20, "stamp": "s"}, 0.0)
+        m.state, m.file_open, m.copies, m.provider = m.RECEIVING, True, [[0, 0, 6 << 20]], PROV_WORKER
+        actions = m._maybe_finish([])          # no piece left: build from the old copy
+        assert m.state == m.COPYING and [type(a) for a in actions] == [ft_delta.CopyRanges] and actions[0].whole
+        return m
+
+    def final(m: ft_delta.DeltaRequestor, digest: str) -> list:
+        return m.handle(ft.GotRequest(PROV_WORKER, {"Progress": {"name": "f.bin", "progress": 100}},
+                                      {"ft": 1, "final": True, "blake3": digest}, 0.0))
+
+    def renames(actions: list) -> list:
+        return [a for a in actions if isinstance(a, ft.Rename)]
+    m = built_machine()                        # the file built first, then the provider's hash
+    assert not renames(m.handle(ft_delta.RangesCopied(0.0, good))) and m.state == m.BUILT
+    assert [a.digest for a in renames(final(m, good))] == [good] and m.state == m.VERIFYING
+    m = built_machine()                        # the provider's hash first
+    assert final(m, good) == [] and m.state == m.COPYING
+    assert [a.digest for a in renames(m.handle(ft_delta.RangesCopied(0.0, good)))] == [good]
+    for first in ("built", "final"):           # a mismatch either way: nothing renamed, the kept list dropped
+        m = built_machine()
+        if first == "built":
+            m.handle(ft_delta.RangesCopied(0.0, bad))
+            actions = final(m, good)
+        else:
+            final(m, good)
+            actions = m.handle(ft_delta.RangesCopied(0.0, bad))
+        assert not renames(actions) and any(isinstance(a, ft_delta.ForgetBasis) for a in actions)
+        assert m.state == m.FAILED and any(isinstance(a, ft.Exit) and "provider's hash" in (a.error or "")
+                                           for a in actions)
 
 @pytest.fixture
 def worker(monkeypatch):

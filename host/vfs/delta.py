@@ -9,6 +9,9 @@ only the parts of a file that changed, with the file's bytes kept in the host.
   can, the old copy checked unchanged before and after.
 - `write_ranges`: received pieces, each checked against the hash the provider's list gave it before
   any is written.
+- `build_file`: the same copy, through a buffer, once every fetched piece is written: the new file
+  hashed whole in order as it is built (the copied bytes as they are written, the pieces read back),
+  written out to the disk as it goes and synced; one pass where a copy then a re-read took two.
 - `blake3_file`: a whole file's BLAKE3, with threads.
 
 The chunk list is one 36-byte record per chunk, in file order: its length (4 bytes, little-endian)
@@ -22,6 +25,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 from pyfastcdc import FastCDC
@@ -36,6 +40,8 @@ MAX_FILE = 8 << 30                    # the biggest file CopyRanges and WriteRan
 DIGESTS = 1024                        # whole-file hashes kept by stamp
 COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
 READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
+BUILD_PIECE = 4 << 20                 # bytes per read and write of build_file (two such buffers in turn)
+WRITE_BEHIND = 64 << 20               # build_file starts the disk's writing of each such stretch behind it
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 _cache: OrderedDict = OrderedDict()   # (stamp, avg) -> (records, whole hex)
@@ -96,13 +102,16 @@ def forget(stamp: str) -> None:
 
 class _Reader:
     """The file from its start, read with pread (for FastCDC's stream cutter): the file is read
-    through a small buffer, not mapped, so its pages never count in the node's memory."""
+    through a small buffer, not mapped, so its pages never count in the node's memory. With `whole`
+    (a hasher) each read is hashed too: the whole file's hash from the same pass as the chunks."""
 
-    def __init__(self, fd: int):
-        self.fd, self.pos = fd, 0
+    def __init__(self, fd: int, whole=None):
+        self.fd, self.pos, self.whole = fd, 0, whole
 
     def readinto(self, buf) -> int:
         n = os.preadv(self.fd, [buf], self.pos)
+        if self.whole is not None and n > 0:
+            self.whole.update(buf[:n])
         self.pos += n
         return n
 
@@ -154,16 +163,20 @@ def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
         return hit[0], hit[1], stamp, before.st_size
     buf = bytearray(bound * RECORD.size)
     n = 0
-    for c in FastCDC(avg, min_size=min_size, max_size=avg * 4).cut_stream(_Reader(fd)):
+    digest = _known_digest(stamp) if whole else None
+    # the whole file's hash, if wanted and not known, from the same read as the chunks (one pass, not two)
+    reader = _Reader(fd, blake3.blake3() if whole and digest is None else None)
+    for c in FastCDC(avg, min_size=min_size, max_size=avg * 4).cut_stream(reader):
         if n == bound:
             raise DeltaError("the file changed while it was being chunked")
         RECORD.pack_into(buf, n * RECORD.size, c.length, blake3.blake3(c.data).digest())
         n += 1
     records = bytes(memoryview(buf)[:n * RECORD.size])
     del buf
-    digest = None
-    if whole:
-        digest = _known_digest(stamp) or _hash(fd, before.st_size)
+    if reader.whole is not None:
+        if reader.pos != before.st_size:
+            raise DeltaError("the file changed while it was being chunked")
+        digest = reader.whole.hexdigest()
     if stamp_of(os.fstat(fd)) != stamp:
         raise DeltaError("the file changed while it was being chunked")
     _remember((stamp, avg), (records, digest))
@@ -295,3 +308,91 @@ def write_ranges(dst: int, items: list, data: bytes, size: int) -> int:
     for offset, piece in plan:
         fsutil.pwrite_all(dst, piece, offset)
     return pos
+
+
+def _libc_sync_file_range():
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2   # start writing the range's dirty pages out; do not wait
+
+
+def _write_behind(fd: int, start: int, n: int) -> None:
+    """Start the disk's work on what was written, while the copy goes on (the fsync at the end then
+    waits for less); a hint only, where the system has it."""
+    if _sync_file_range is not None and n > 0:
+        _sync_file_range(fd, start, n, _SYNC_FILE_RANGE_WRITE)
+
+
+def build_file(src: int, dst: int, items: list, want_stamp: str, size: int) -> str:
+    """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
+    throughout) into `dst`, as copy_ranges does, once the rest of `dst` (the fetched pieces) is
+    written; hash `dst` whole in order meanwhile, then fsync it. -> the BLAKE3 of `size` bytes: the
+    copied ranges hashed from the very buffer each is written from, the bytes between them read back
+    from `dst`. A range between them never written reads as zeros (or short): the hash then differs."""
+    _check_size(size)
+    if stamp_of(os.fstat(src)) != want_stamp:
+        raise DeltaError("the old copy changed since it was chunked")
+    old_size = os.fstat(src).st_size
+    plan = []
+    end = 0
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and all(_int(v) for v in item)):
+            raise DeltaError("CopyRanges items are [source offset, destination offset, length]")
+        s, d, n = item
+        if s + n > old_size:
+            raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({old_size} bytes)")
+        end = _in_order(d, n, end, size)
+        plan.append((s, d, n))
+    # the steps in file order: (fd to read, its offset, the new file's offset, length, write it?)
+    steps = []
+    pos = 0
+    for s, d, n in plan:
+        if d > pos:
+            steps.append((dst, pos, pos, d - pos, False))
+        steps.append((src, s, d, n, True))
+        pos = d + n
+    if pos < size:
+        steps.append((dst, pos, pos, size - pos, False))
+    h = blake3.blake3()
+    bufs = [bytearray(min(BUILD_PIECE, max(size, 1))) for _ in range(2)]
+    pending: list = [None, None]   # the hashing of each buffer, not yet done
+    turn = 0
+    behind = 0                     # the new file's bytes below this were handed to the disk
+    # hashing in a second thread while this one reads and writes: BLAKE3 lets go of the GIL
+    with ThreadPoolExecutor(1, thread_name_prefix="vfs-build-hash") as hasher:
+        for fd, at, to, n, write in steps:
+            done = 0
+            while done < n:
+                if pending[turn] is not None:
+                    pending[turn].result()
+                view = memoryview(bufs[turn])[:min(BUILD_PIECE, n - done)]
+                got = os.preadv(fd, [view], at + done)
+                if got <= 0:
+                    raise DeltaError("the old copy ended early while being copied" if write else
+                                     f"the new file ends at {to + done} bytes, before its size {size}")
+                view = view[:got]
+                pending[turn] = hasher.submit(h.update, view)
+                if write:
+                    fsutil.pwrite_all(dst, view, to + done)
+                done += got
+                turn ^= 1
+                if to + done - behind >= WRITE_BEHIND:
+                    _write_behind(dst, behind, to + done - behind)
+                    behind = to + done
+        for p in pending:
+            if p is not None:
+                p.result()
+    if stamp_of(os.fstat(src)) != want_stamp:
+        raise DeltaError("the old copy changed while it was being copied")
+    if os.fstat(dst).st_size != size:
+        raise DeltaError(f"the new file is {os.fstat(dst).st_size} bytes, not {size}")
+    os.fsync(dst)
+    return h.hexdigest()

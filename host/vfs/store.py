@@ -303,7 +303,9 @@ _DELTA_ACTIONS = {
     # stamp, and with forget what is kept for that stamp is dropped
     "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false}',
     # size: the new file's; its ranges in order, apart, within it
-    "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "size": n, "items": [[from, to, length]]}',
+    # whole: the rest of the file is written already; -> {"Blake3": hex} of the new file, built and synced
+    "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "size": n, "items": [[from, to, length]], '
+                  '"whole": true|false}',
     "WriteRanges": '{"size": n, "items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
     "Blake3": '{"sync": true|false, "stamp": s|null}',   # -> {"Blake3": hex}; sync: an fsync meanwhile
 }
@@ -425,6 +427,7 @@ class Vfs:
         self._ino_locks = [threading.Lock() for _ in range(64)]
         self._unshare_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vfs-write")
+        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vfs-release")
         self._in_flight: dict = {}               # ProcessId -> (Future, path text): its write-behind
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -936,6 +939,7 @@ class Vfs:
             os.lstat(src.link)
         except OSError as e:
             raise _from_os(e, vp.text) from None
+        old = _hold_big_file(dst.link)
         try:
             os.rename(src.link, dst.link)
         except OSError as e:
@@ -944,6 +948,8 @@ class Vfs:
             raise _from_os(e, new.text, f"cannot rename {vp.text}") from None
         finally:
             self._sweep(vp.text, new.text)
+            if old is not None:   # the file replaced is released (its pages and blocks freed) after the answer
+                self._releaser.submit(os.close, old)
         return VfsResult(_OK)
 
     def _copy(self, vp: _VPath, src: _Loc, new: _VPath, dst: _Loc) -> VfsResult:
@@ -1176,10 +1182,10 @@ class Vfs:
         except OSError as e:
             raise _from_os(e, vp.text) from None
 
-    def _writable(self, loc: _Loc, vp: _VPath, name: str) -> int:
+    def _writable(self, loc: _Loc, vp: _VPath, name: str, flags: int = os.O_WRONLY) -> int:
         if vp.drive == PKG_DRIVE:   # its files are hard links to the build output
             raise _bad_request(f"{name} cannot write the {PKG_DRIVE} drive (installed files): {vp.text}")
-        fd = self._delta_fd(loc, vp, os.O_WRONLY)
+        fd = self._delta_fd(loc, vp, flags)
         try:
             if os.fstat(fd).st_nlink > 1:   # a write would reach every other name of it
                 raise _io_error(f"refusing to write a file with other hard links: {vp.text}", vp.text)
@@ -1243,17 +1249,42 @@ class Vfs:
         src_vp = _parse_path(arg["from"])
         self._check_cap(source, has_cap, vp, "write", "CopyRanges")
         self._check_cap(source, has_cap, src_vp, "read", "CopyRanges")
+        whole = arg.get("whole") is True
         src = self._delta_fd(self._locate(src_vp), src_vp)
         try:
-            dst = self._writable(self._locate(vp), vp, "CopyRanges")
+            dst = self._writable(self._locate(vp), vp, "CopyRanges", os.O_RDWR if whole else os.O_WRONLY)
             try:
                 with self._ino_lock(dst):
+                    if whole:   # the rest is written: copy, hash the whole in order, sync
+                        digest = self._delta(vp, vfs_delta.build_file, src, dst, arg["items"], arg["stamp"], size)
+                        return VfsResult(_dumps({"Blake3": digest}))
                     self._delta(vp, vfs_delta.copy_ranges, src, dst, arg["items"], arg["stamp"], size)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
         return VfsResult(_OK)
+
+
+RELEASE_LATER = 64 << 20   # a file at least this big, replaced by a rename, is freed after the answer
+
+
+def _hold_big_file(link: str) -> int | None:
+    """An open descriptor of the big regular file at `link` (about to be replaced by a rename), or
+    None: freeing a big file's cached pages and blocks takes a while, which the rename's caller need
+    not wait for; the last close does it."""
+    try:
+        fd = os.open(link, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size < RELEASE_LATER or st.st_nlink != 1:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _asks(has_cap, params: dict) -> bool:

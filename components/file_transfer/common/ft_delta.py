@@ -13,16 +13,18 @@ Negotiated in metadata, as folders are, so a plain peer and one without it never
   removal moved it.
 - The provider sends its list: a `Progress` request with `{"ft":1, "chunks": {"count", "avg"}}` and
   the records (length, BLAKE3) as the blob. The requestor answers `{"ft":1, "want": [[offset,
-  length]]}`: pieces of whole chunks it lacks, each at most EXT_CHUNK_SIZE, and copies the chunks it
-  has from its old copy into the partial in the host.
+  length]]}`: pieces of whole chunks it lacks, each at most EXT_CHUNK_SIZE.
 - The provider sends the pieces in order, several to a message up to EXT_CHUNK_SIZE: `Chunk {name,
   offset, length}` with `{"ft":1, "pieces": [first index, count]}` and their bytes as the blob, at
   most its window unacknowledged. The requestor's host checks every chunk of a piece against the
   list's hash before writing any of it. Once its window is full (or all is sent) the provider hashes
   its file whole, while the requestor copies, and sends `Progress` with `{"ft":1, "final": true,
   "blake3"}`.
-- At the end the requestor hashes the new file whole and compares it with the provider's; only
-  then does it take the file's real name (the old copy is replaced as in any download). A failure
+- Once every piece is written the requestor copies the chunks it has from its old copy into the
+  partial in the host, which hashes the new file whole in order as it builds it (the copied bytes as
+  they are written, the pieces read back) and syncs it (CopyRanges with `whole`; VerifyWhole when
+  nothing is copied). It compares that hash with the provider's; only then does it take the file's
+  real name (the old copy is replaced as in any download). A failure
   removes the partial: the old copy is untouched, and the next run starts again. A failure on this
   node's side (not a hash's) first fetches the file whole once, plain (FetchWhole).
 - Bounds: the provider takes only avg_for(size) (another average would be a fresh chunking of the
@@ -146,7 +148,9 @@ class ListRead:
 
 @dataclass
 class RangesCopied:
+    """`digest`: the new file's BLAKE3, where the copy built it whole (CopyRanges with `whole`)."""
     now: float
+    digest: str | None = None
 
 
 @dataclass
@@ -197,10 +201,13 @@ class ReadChunkList:
 @dataclass
 class CopyRanges:
     """Copy [old offset, new offset, length] ranges of the old copy (which must still have `stamp`)
-    into the partial (of `size` bytes when done), in the host; -> RangesCopied."""
+    into the partial (of `size` bytes when done), in the host; -> RangesCopied. With `whole` (every
+    other byte is written already) the host also hashes the new file whole in order as it builds it,
+    and syncs it: RangesCopied has its digest."""
     items: list
     stamp: str
     size: int
+    whole: bool = False
 
 
 @dataclass
@@ -273,14 +280,15 @@ class DeltaRequestor:
     BASIS = "basis"            # chunking the old copy
     LISTING = "listing"        # waiting for the provider's chunk list
     PLANNING = "planning"      # reading the list
-    COPYING = "copying"        # copying the chunks we have from the old copy
     RECEIVING = "receiving"    # taking pieces
     WRITING = "writing"        # a piece is being checked and written
-    VERIFYING = "verifying"    # the whole file is being hashed, then renamed
+    COPYING = "copying"        # every piece written: copying the chunks we have, the new file hashed as it is built
+    BUILT = "built"            # built and hashed; waiting for the provider's hash
+    VERIFYING = "verifying"    # the whole file is being hashed (nothing was copied), then compared and renamed
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({MOVING, OPENING, BASIS, LISTING, PLANNING, COPYING, RECEIVING, WRITING, VERIFYING, DONE,
-                        FAILED})
+    STATES = frozenset({MOVING, OPENING, BASIS, LISTING, PLANNING, RECEIVING, WRITING, COPYING, BUILT, VERIFYING,
+                        DONE, FAILED})
 
     def __init__(self, req: Any, basis: dict, now: float):
         self.name = req.name
@@ -305,6 +313,7 @@ class DeltaRequestor:
         self.left: set = set()          # pieces not yet written
         self.copies: list = []
         self.copy_done = False
+        self.built: str | None = None   # the new file's hash, as this node's host built it
         self.copied = 0                 # bytes taken from the old copy
         self.fetched = 0                # bytes of pieces written
         self.moved = 0                  # bytes that came over the link: the list and the pieces
@@ -354,11 +363,11 @@ class DeltaRequestor:
         if t is ListRead:
             return self._expect(self.PLANNING, ev) or self.list_read(ev.data, ev.now)
         if t is RangesCopied:
-            return self._expect(self.COPYING, ev) or self.ranges_copied(ev.now)
+            return self._expect(self.COPYING, ev) or self.ranges_copied(ev.now, ev.digest)
         if t is ChunkWritten:
             return self._expect(self.WRITING, ev) or self.pieces_written(ev.now)
         if t is FileVerified:
-            return self._expect(self.VERIFYING, ev) or self.file_verified(ev.digest, ev.now)
+            return self._expect(self.VERIFYING, ev) or self.file_hashed(ev.digest, ev.now)
         if t is Renamed:
             return self._expect(self.VERIFYING, ev) or self.renamed(ev.replaced, ev.now)
         if t is IoFailed:
@@ -421,7 +430,10 @@ class DeltaRequestor:
                 return self.fail("peer sent a malformed file hash", keep=False, now=now)
             self.whole = digest
             self.last_activity = now
-            return self._maybe_finish([]) if self.state == self.RECEIVING else []
+            if self.state == self.BUILT:
+                self.state = self.VERIFYING
+                return self.file_verified(self.built, now)
+            return []
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]
 
     def list_read(self, data: bytes | None, now: float) -> list:
@@ -438,20 +450,28 @@ class DeltaRequestor:
         wanted = sum(n for _, n in self.want)
         actions.append(Log(f"{self.name}: {self.size - wanted} of {self.size} bytes are in the copy this node "
                            f"has; fetching {wanted} bytes in {len(self.want)} pieces"))
-        if self.copies:
-            self.state = self.COPYING
-            actions.append(CopyRanges(self.copies, self.basis["stamp"], self.size))
-            return actions
-        return self.ranges_copied(now, actions)
-
-    def ranges_copied(self, now: float, actions: list | None = None) -> list:
-        actions = actions if actions is not None else []
-        self.copy_done = True
-        self.copied = sum(n for _, _, n in self.copies)
         self.state = self.RECEIVING
         self.last_activity = now
-        self._report(actions, now)
         return self._maybe_finish(actions)
+
+    def ranges_copied(self, now: float, digest: str | None) -> list:
+        self.copy_done = True
+        self.copied = sum(n for _, _, n in self.copies)
+        if digest is None:
+            return self.fail("the host did not hash the file it built", keep=False, now=now)
+        return self.file_hashed(digest, now)
+
+    def file_hashed(self, digest: str | None, now: float) -> list:
+        """The new file is built, synced and hashed here: compare when the provider's hash is in."""
+        self.built = digest
+        self.last_activity = now
+        actions: list = []
+        self._report(actions, now)
+        if self.whole is None:
+            self.state = self.BUILT
+            return actions
+        self.state = self.VERIFYING
+        return actions + self.file_verified(digest, now)
 
     def chunk(self, chunk: dict, pieces: list, wants_ack: bool, blob_len: int | None, now: float) -> list:
         if self.state != self.RECEIVING:
@@ -490,7 +510,14 @@ class DeltaRequestor:
         return self._maybe_finish(actions)
 
     def _maybe_finish(self, actions: list) -> list:
-        if self.copy_done and not self.left and self.whole is not None:
+        """Every piece written: build the rest from the old copy, hashing the whole as it is built (one
+        pass over the file, not a copy then a re-read; after the pieces, so the hash runs in order)."""
+        if self.state != self.RECEIVING or self.left:
+            return actions
+        if self.copies:
+            self.state = self.COPYING
+            actions.append(CopyRanges(self.copies, self.basis["stamp"], self.size, whole=True))
+        else:
             self.state = self.VERIFYING
             actions.append(VerifyWhole())
         return actions

@@ -392,9 +392,13 @@ class Worker:
         return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic()))
 
     def copy_ranges(self, a: ft_delta.CopyRanges) -> list:
-        vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp, "size": a.size,
-                                                      "items": a.items}}, timeout=DELTA_TIMEOUT)
-        return self.machine.handle(ft_delta.RangesCopied(time.monotonic()))
+        # with `whole` the host also hashes the new file as it builds it, and syncs it
+        answer = vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp,
+                                                               "size": a.size, "items": a.items,
+                                                               **({"whole": True} if a.whole else {})}},
+                                 timeout=DELTA_TIMEOUT)
+        digest = answer.get("Blake3") if a.whole and isinstance(answer, dict) else None
+        return self.machine.handle(ft_delta.RangesCopied(time.monotonic(), digest))
 
     def write_ranges(self, a: ft_delta.WriteRanges) -> list:
         vfs.vfs_request(self.partial, {"WriteRanges": {"size": a.size, "items": a.items}}, forward_blob=True, timeout=120)
@@ -406,8 +410,8 @@ class Worker:
         return self.machine.handle(ft.FileVerified(digest, time.monotonic()))
 
     def chunk_file(self, a: ft_delta.ChunkFile) -> list:
-        # the whole file's hash is taken apart (HashWhole), once the list is on its way
-        info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg, "whole": False}},
+        # the whole file's hash from the same read as the chunks; HashWhole then finds it kept by the stamp
+        info = vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": a.avg, "whole": True}},
                                timeout=DELTA_TIMEOUT)["ChunkList"]
         return self.machine.handle(ft_delta.FileChunked(info, time.monotonic()))  # the list stays the blob
 
