@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,12 @@ def link_bytes() -> int:
         info = json.loads(sh("ip", "-n", ns, "-s", "-j", "link", "show", "eth0"))
         total += info[0]["stats64"]["tx"]["bytes"]
     return total
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds a process has used, with its threads and the children it has waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def entry(home: Path, name: str, advertise: str) -> dict:
@@ -158,6 +165,12 @@ class Sshd:
         subprocess.run(["ip", "netns", "exec", NS_A, "rsync", *(["--fsync"] if fsync else []), "-e", ssh,
                         f"root@{ADDR_B}:{src}", str(dest)], check=True)
 
+    def cpu(self) -> float:
+        """CPU seconds of rsync on both ends, ssh and sshd: this process's waited-for children (the
+        client side) and the sshd's (the server side)."""
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return child.ru_utime + child.ru_stime + (cpu_of(self.server.pid) if self.server is not None else 0.0)
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.terminate()
@@ -180,21 +193,20 @@ class Bench:
         self.procs.append(start_node(NS_B, "bench-b.dev", self.b_home, self.b_peers, delta))
         self.delta_on = delta
 
-    def download(self, name: str) -> tuple[float, int, str]:
-        """-> (seconds, bytes on the link, the end line)."""
+    def download(self, name: str) -> tuple[float, int, str, float]:
+        """-> (seconds, bytes on the link, the end line, CPU seconds of both nodes)."""
         os.sync()
+        cpu = sum(cpu_of(p.pid) for p in self.procs)
         before = link_bytes()
         t0 = time.perf_counter()
         code, lines = run_remote(self.a_home, f"{DL} {name} bench-b.dev", until=rf"{name} downloaded|error:",
                                  timeout=3600)
         secs = time.perf_counter() - t0
-        if os.environ.get("KINODE_TRACE"):
-            with open(os.environ["KINODE_TRACE"], "a") as f:
-                f.write(f"bench {time.time() - secs:.3f} {time.time():.3f} {secs:.3f} 0 download {name}\n")
         moved = link_bytes() - before
+        cpu = sum(cpu_of(p.pid) for p in self.procs) - cpu
         if code != 0:
             raise RuntimeError("\n".join(lines[-5:]))
-        return secs, moved, next((ln for ln in lines if "downloaded" in ln), "")
+        return secs, moved, next((ln for ln in lines if "downloaded" in ln), ""), cpu
 
 
 def main() -> int:  # noqa: C901 - one flat run of the parts
@@ -256,15 +268,20 @@ def main() -> int:  # noqa: C901 - one flat run of the parts
                             shutil.copyfile(master_old, dest)
                             os.sync()
                             before = link_bytes()
+                            cpu = sshd.cpu()
                             t0 = time.perf_counter()
                             sshd.rsync(new, dest, fsync)
-                            rsyncs[fsync] = (time.perf_counter() - t0, link_bytes() - before)
+                            r_secs = time.perf_counter() - t0
+                            time.sleep(0.5)   # the server side's sshd is reaped, its CPU counted
+                            r_cpu = sshd.cpu() - cpu
+                            rsyncs[fsync] = (r_secs, link_bytes() - before, r_cpu)
                             assert blake(dest) == digest, "hash mismatch (rsync)"
-                    secs, moved, line = ours
-                    r_secs, r_moved = rsyncs[False]
+                    secs, moved, line, cpu = ours
+                    r_secs, r_moved, r_cpu = rsyncs[False]
                     print(f"{rate} round {r + 1} update: ours {secs:.2f} s, {moved / 2**20:.2f} MiB on the link "
                           f"({moved / new_size:.2%} of the file); rsync {r_secs:.2f} s, {r_moved / 2**20:.2f} MiB "
-                          f"({r_moved / new_size:.2%}); time ours/rsync {secs / r_secs:.2f}", flush=True)
+                          f"({r_moved / new_size:.2%}); time ours/rsync {secs / r_secs:.2f}; CPU seconds ours {cpu:.2f}, "
+                          f"rsync {r_cpu:.2f}", flush=True)
                     if True in rsyncs:
                         f_secs = rsyncs[True][0]
                         print(f"  rsync --fsync {f_secs:.2f} s; time ours/(rsync --fsync) {secs / f_secs:.2f}",
@@ -279,7 +296,7 @@ def main() -> int:  # noqa: C901 - one flat run of the parts
                         shutil.copyfile(new, bench.b_home / FILES / "first.bin")
                         firsts[on] = bench.download("first.bin")
                         assert blake(got) == digest, "hash mismatch (first)"
-                    (on_s, on_b, _), (off_s, off_b, _) = firsts[True], firsts[False]
+                    (on_s, on_b, _, _), (off_s, off_b, _, _) = firsts[True], firsts[False]
                     print(f"{rate} round {r + 1} first download: feature on {on_s:.2f} s, {on_b / 2**20:.1f} MiB on "
                           f"the link; off (KINODE_DELTA=0) {off_s:.2f} s, {off_b / 2**20:.1f} MiB; time on/off "
                           f"{on_s / off_s:.2f}", flush=True)

@@ -9,9 +9,9 @@ only the parts of a file that changed, with the file's bytes kept in the host.
   can, the old copy checked unchanged before and after.
 - `write_ranges`: received pieces, each checked against the hash the provider's list gave it before
   any is written.
-- `build_file`: the same copy, through a buffer, once every fetched piece is written: the new file
-  hashed whole in order as it is built (the copied bytes as they are written, the pieces read back),
-  written out to the disk as it goes and synced; one pass where a copy then a re-read took two.
+- `build_file`: the same copy, once every fetched piece is written, with the new file read back and
+  hashed whole in order right behind it by a second thread, and written out to the disk as it goes,
+  then synced: the copy, the hash and the disk's work at once, where they took turns.
 - `blake3_file`: a whole file's BLAKE3, with threads.
 
 The chunk list is one 36-byte record per chunk, in file order: its length (4 bytes, little-endian)
@@ -40,7 +40,7 @@ MAX_FILE = 8 << 30                    # the biggest file CopyRanges and WriteRan
 DIGESTS = 1024                        # whole-file hashes kept by stamp
 COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
 READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
-BUILD_PIECE = 4 << 20                 # bytes per read and write of build_file (two such buffers in turn)
+BUILD_PIECE = 8 << 20                 # bytes per copy, and per read back to hash, of build_file
 WRITE_BEHIND = 64 << 20               # build_file starts the disk's writing of each such stretch behind it
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -334,9 +334,9 @@ def _write_behind(fd: int, start: int, n: int) -> None:
 def build_file(src: int, dst: int, items: list, want_stamp: str, size: int) -> str:
     """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
     throughout) into `dst`, as copy_ranges does, once the rest of `dst` (the fetched pieces) is
-    written; hash `dst` whole in order meanwhile, then fsync it. -> the BLAKE3 of `size` bytes: the
-    copied ranges hashed from the very buffer each is written from, the bytes between them read back
-    from `dst`. A range between them never written reads as zeros (or short): the hash then differs."""
+    written; meanwhile a second thread reads `dst` back in order right behind the copy and hashes it,
+    and the disk writes each stretch out behind; then fsync. -> the BLAKE3 of the `size` bytes read
+    back from `dst` after they were written (a range never written reads as zeros, or short)."""
     _check_size(size)
     if stamp_of(os.fstat(src)) != want_stamp:
         raise DeltaError("the old copy changed since it was chunked")
@@ -351,48 +351,57 @@ def build_file(src: int, dst: int, items: list, want_stamp: str, size: int) -> s
             raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({old_size} bytes)")
         end = _in_order(d, n, end, size)
         plan.append((s, d, n))
-    # the steps in file order: (fd to read, its offset, the new file's offset, length, write it?)
-    steps = []
-    pos = 0
-    for s, d, n in plan:
-        if d > pos:
-            steps.append((dst, pos, pos, d - pos, False))
-        steps.append((src, s, d, n, True))
-        pos = d + n
-    if pos < size:
-        steps.append((dst, pos, pos, size - pos, False))
     h = blake3.blake3()
-    bufs = [bytearray(min(BUILD_PIECE, max(size, 1))) for _ in range(2)]
-    pending: list = [None, None]   # the hashing of each buffer, not yet done
-    turn = 0
-    behind = 0                     # the new file's bytes below this were handed to the disk
-    # hashing in a second thread while this one reads and writes: BLAKE3 lets go of the GIL
+    buf = memoryview(bytearray(min(BUILD_PIECE, max(size, 1))))
+
+    def hash_back(at: int, n: int) -> None:
+        """Read [at, at + n) of the new file back and hash it (in order: one thread does all)."""
+        done = 0
+        while done < n:
+            got = os.preadv(dst, [buf[:min(len(buf), n - done)]], at + done)
+            if got <= 0:
+                raise DeltaError(f"the new file ends at {at + done} bytes, before its size {size}")
+            h.update(buf[:got])
+            done += got
+    kernel = hasattr(os, "copy_file_range")
+    behind = 0     # the new file's bytes below this were handed to the disk
+    pos = 0        # the new file's bytes below this are written, or were there before
+    # the copy in this thread (in the kernel where it can), the read-back and hash in another
     with ThreadPoolExecutor(1, thread_name_prefix="vfs-build-hash") as hasher:
-        for fd, at, to, n, write in steps:
+        hashed: list = []
+        for s, d, n in plan + [(0, size, 0)]:
+            if d > pos:                                   # a fetched piece (or several), written already
+                hashed.append(hasher.submit(hash_back, pos, d - pos))
             done = 0
             while done < n:
-                if pending[turn] is not None:
-                    pending[turn].result()
-                view = memoryview(bufs[turn])[:min(BUILD_PIECE, n - done)]
-                got = os.preadv(fd, [view], at + done)
+                step = min(BUILD_PIECE, n - done)
+                got = 0
+                if kernel:
+                    try:
+                        got = os.copy_file_range(src, dst, step, s + done, d + done)
+                    except OSError as e:
+                        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                            raise
+                        kernel = False
+                if not kernel:
+                    data = os.pread(src, step, s + done)
+                    fsutil.pwrite_all(dst, data, d + done)
+                    got = len(data)
                 if got <= 0:
-                    raise DeltaError("the old copy ended early while being copied" if write else
-                                     f"the new file ends at {to + done} bytes, before its size {size}")
-                view = view[:got]
-                pending[turn] = hasher.submit(h.update, view)
-                if write:
-                    fsutil.pwrite_all(dst, view, to + done)
+                    raise DeltaError("the old copy ended early while being copied")
+                hashed.append(hasher.submit(hash_back, d + done, got))
                 done += got
-                turn ^= 1
-                if to + done - behind >= WRITE_BEHIND:
-                    _write_behind(dst, behind, to + done - behind)
-                    behind = to + done
-        for p in pending:
-            if p is not None:
-                p.result()
-    if stamp_of(os.fstat(src)) != want_stamp:
-        raise DeltaError("the old copy changed while it was being copied")
+                if d + done - behind >= WRITE_BEHIND:
+                    _write_behind(dst, behind, d + done - behind)
+                    behind = d + done
+            pos = max(pos, d + n)
+            if hashed and hashed[0].done():              # surface a failed read-back early
+                hashed.pop(0).result()
+        if stamp_of(os.fstat(src)) != want_stamp:
+            raise DeltaError("the old copy changed while it was being copied")
+        os.fsync(dst)                                     # while the last of the hashing runs
+        for f in hashed:
+            f.result()
     if os.fstat(dst).st_size != size:
         raise DeltaError(f"the new file is {os.fstat(dst).st_size} bytes, not {size}")
-    os.fsync(dst)
     return h.hexdigest()
