@@ -17,13 +17,13 @@ Negotiated in metadata, as folders are, so a plain peer and one without it never
 - The provider sends the pieces in order, several to a message up to EXT_CHUNK_SIZE: `Chunk {name,
   offset, length}` with `{"ft":1, "pieces": [first index, count]}` and their bytes as the blob, at
   most its window unacknowledged. The requestor's host checks every chunk of a piece against the
-  list's hash before writing any of it. Once its window is full (or all is sent) the provider hashes
-  its file whole, while the requestor copies, and sends `Progress` with `{"ft":1, "final": true,
-  "blake3"}`.
+  list's hash before writing any of it. Once its window is full (or all is sent) the provider sends
+  its file's hash (its host took it in the same read as the chunks; HashWhole finds it kept) in
+  `Progress` with `{"ft":1, "final": true, "blake3"}`.
 - Once every piece is written the requestor copies the chunks it has from its old copy into the
-  partial in the host, which hashes the new file whole in order as it builds it (the copied bytes as
-  they are written, the pieces read back) and syncs it (CopyRanges with `whole`; VerifyWhole when
-  nothing is copied). It compares that hash with the provider's; only then does it take the file's
+  partial in the host, which reads the new file back in order right behind the copy, hashes it and
+  syncs it (CopyRanges with `whole`; VerifyWhole when nothing is copied). It compares that hash with
+  the provider's, whichever comes first; only then does it take the file's
   real name (the old copy is replaced as in any download). A failure
   removes the partial: the old copy is untouched, and the next run starts again. A failure on this
   node's side (not a hash's) first fetches the file whole once, plain (FetchWhole).
