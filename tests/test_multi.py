@@ -92,7 +92,7 @@ class Sim:
         if who == "req" and target.process.process_name == "file_transfer" and target.node in self.files:
             node = target.node
             if self.files[node] is None:
-                self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Err": f"no such file: f.bin"}}, {}, 0.0),
+                self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Err": "no such file: f.bin"}}, {}, 0.0),
                                    None, None))
                 return
             self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Ok": None}}, {}, 0.0), None, None))
@@ -277,3 +277,138 @@ def test_machines_fall_back_to_one_node_when_none_can_send_pieces(tmp_path, smal
     assert sim.final.read_bytes() == data
     assert any("fetching it whole from p.os alone" in ln for ln in sim.logs), sim.logs
     assert sim.progress[-1]["peer"] == "p.os,q.os" and sim.progress[-1]["done"]
+
+
+# ---- real nodes ------------------------------------------------------------------------------------
+PORTABLE = REPO / "build" / "portable"
+
+
+def served_by(node, name: str) -> dict:
+    """{provider: pieces} from the requestor's line "NAME: served by A 3 pieces (12.0 MiB), B ..."."""
+    line = wait_for(lambda: next((ln for ln in node.lines if f"{name}: served by" in ln), None), 30,
+                    f"the served line of {name}")
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"(\S+) (\d+) pieces", line.split("served by", 1)[1])}
+
+
+def download(node, name: str, nodes: str, timeout: float = 120) -> list[str]:
+    code, lines = node.run(f"{DL} {name} {nodes}", until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
+    assert code == 0, lines
+    return lines
+
+
+def test_nodes_three_providers_each_serve_a_part_and_a_liar_is_dropped(node_factory):
+    req = node_factory("fake.dev")
+    provs = [node_factory(f"p{i}.dev") for i in (1, 2, 3)]
+    liar = node_factory("liar.dev", start=False)
+    liar.env = dict(liar.env, KINODE_TEST_LIE_AFTER_READS="0")   # each provider's first read of pieces has a byte flipped
+    liar.start()
+    src = provs[0].files / "big.bin"
+    digest = write_random(src, 16 << 20)
+    for p in [*provs[1:], liar]:
+        (p.files / "big.bin").write_bytes(src.read_bytes())
+    # three honest providers: each serves a part, and nobody is named (the control for the liar below)
+    lines = download(req, "big.bin", "p1.dev,p2.dev,p3.dev")
+    assert any("big.bin downloaded from p1.dev,p2.dev,p3.dev" in ln for ln in lines), lines
+    assert sha256(req.files / "big.bin") == digest
+    served = served_by(req, "big.bin")
+    assert set(served) == {"p1.dev", "p2.dev", "p3.dev"} and all(served.values()), served
+    assert not [ln for ln in req.lines if re.search(r"dropped|skipped|different content|error", ln)], req.lines[-20:]
+    # a liar among them: caught by the piece's hash, named, dropped; its piece fetched from another
+    (req.files / "big.bin").unlink()
+    download(req, "big.bin", "p1.dev,liar.dev,p2.dev")
+    liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
+    assert sha256(req.files / "big.bin") == digest
+    named = [ln for ln in req.lines if "liar.dev sent a chunk that failed its integrity check; dropped" in ln]
+    assert len(named) == 1, req.lines[-20:]
+    assert not [ln for ln in req.lines if re.search(r"big\.bin: p[12]\.dev .*dropped", ln)], req.lines[-20:]
+
+
+def test_nodes_other_content_missing_file_and_unknown_node(node_factory):
+    req = node_factory("fake.dev")
+    p1, p2, p3 = (node_factory(f"p{i}.dev") for i in (1, 2, 3))
+    digest = write_random(p1.files / "f.bin", 12 << 20)
+    (p2.files / "f.bin").write_bytes((p1.files / "f.bin").read_bytes())
+    write_random(p3.files / "f.bin", 12 << 20)                       # same name, other content
+    download(req, "f.bin", "p3.dev,p1.dev,ghost.dev,p2.dev")
+    assert sha256(req.files / "f.bin") == digest
+    assert any("f.bin: p3.dev has different content" in ln and "not used" in ln for ln in req.lines), req.lines[-20:]
+    assert any("f.bin: ghost.dev" in ln and "dropped" in ln for ln in req.lines), req.lines[-20:]
+    assert set(served_by(req, "f.bin")) == {"p1.dev", "p2.dev"}
+    # nobody can send it: one clear error naming each
+    code, lines = req.run(f"{DL} none.bin p1.dev,ghost.dev", until=r"none\.bin downloaded|error:", timeout=120)
+    err = next(ln for ln in lines if "error:" in ln)
+    assert "no listed node can send none.bin" in err and "p1.dev: no such file" in err and "ghost.dev" in err, err
+    assert not (req.files / "none.bin").exists()
+    # a file too small to split: fetched whole from the first node that has it, as an ordinary download
+    (p2.files / "small.txt").write_bytes(b"hello world\n")
+    (p1.files / "small.txt").write_bytes(b"hello world\n")
+    lines = download(req, "small.txt", "p2.dev,p1.dev")
+    assert (req.files / "small.txt").read_bytes() == b"hello world\n"
+    assert any("small.txt: no listed node can send pieces of it; fetching it whole from p2.dev alone" in ln
+               for ln in req.lines), req.lines[-20:]
+    assert any("small.txt downloaded from p2.dev,p1.dev" in ln for ln in lines), lines
+    # the list is checked before anything starts
+    code, lines = req.run(f"{DL} f.bin p1.dev,,p2.dev", until=r"error|downloaded", timeout=30)
+    assert any("a name between two commas is missing" in ln for ln in lines), lines
+    code, lines = req.run(f"{DL} f.bin p1.dev,fake.dev", until=r"error|downloaded", timeout=30)
+    assert any("fake.dev is this node" in ln for ln in lines), lines
+
+
+@pytest.mark.skipif(not (PORTABLE / "file_transfer" / "pkg" / "file_transfer_worker.wasm").exists()
+                    and not os.environ.get("CI"),
+                    reason="no portable build: run PORTABLE=1 PORTABLE_PACKAGES=file_transfer ./build.sh")
+def test_nodes_a_plain_peer_in_the_list_is_named_and_skipped(node_factory):
+    req = node_factory("fake.dev")
+    p1 = node_factory("p1.dev")
+    plain = node_factory("plain.dev", extra_args=["--packages", str(PORTABLE)])
+    p2 = node_factory("p2.dev")
+    digest = write_random(p1.files / "f.bin", 12 << 20)
+    for p in (plain, p2):
+        p.files.mkdir(parents=True, exist_ok=True)
+        (p.files / "f.bin").write_bytes((p1.files / "f.bin").read_bytes())
+    download(req, "f.bin", "p1.dev,plain.dev,p2.dev")
+    assert sha256(req.files / "f.bin") == digest
+    assert any("plain.dev does not support multi-source downloads of f.bin (it speaks the seed's plain protocol); "
+               "skipped" in ln for ln in req.lines), req.lines[-20:]
+    assert set(served_by(req, "f.bin")) == {"p1.dev", "p2.dev"}
+
+
+@pytest.fixture
+def multi_net(tmp_path, monkeypatch):
+    """tests/netns.py's namespaces, named multi<pid>...: a requestor and three providers on one bridge."""
+    import netns as netns_mod
+    why = netns_mod._can_make_namespaces()
+    if why:
+        pytest.skip(f"network namespaces cannot be made: {why}")
+    monkeypatch.setattr(netns_mod, "PREFIX", f"multi{os.getpid()}")
+    net = netns_mod.Netns(tmp_path)
+    try:
+        yield net
+    finally:
+        net.cleanup()
+
+
+def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net):
+    hosts = [multi_net.host(n) for n in ("r", "a", "b", "c")]
+    names = ["req.dev", "a.dev", "b.dev", "c.dev"]
+    # b holds before its second read of pieces, however fast the machine
+    nodes = [multi_net.node(h, n, env={"KINODE_TEST_PAUSE_AFTER_CHUNKS": "1"} if n == "b.dev" else None)
+             for h, n in zip(hosts, names)]
+    entries = [n.entry(h.addr4) for n, h in zip(nodes, hosts)]
+    nodes[0].set_peers(entries[1:])
+    for n in nodes[1:]:
+        n.set_peers(entries[:1])
+    req, a, b, c = (n.start() for n in nodes)
+    digest = write_random(a.files / "big.bin", 24 << 20)   # six pieces: two asked of each at first
+    for p in (b, c):
+        p.files.mkdir(parents=True, exist_ok=True)
+        (p.files / "big.bin").write_bytes((a.files / "big.bin").read_bytes())
+    req.type(f"{DL} big.bin a.dev,b.dev,c.dev")
+    paused(b)                # it sent its first piece and holds before the next
+    b.kill()                 # then it vanishes, owing pieces
+    req.expect(r"big\.bin downloaded from a\.dev,b\.dev,c\.dev", 120)
+    assert sha256(req.files / "big.bin") == digest
+    assert any("big.bin: b.dev" in ln and "dropped" in ln for ln in req.lines), req.lines[-20:]
+    served = served_by(req, "big.bin")
+    assert served.get("a.dev") and served.get("c.dev"), served
+    assert sum(served.values()) >= 6 and served.get("b.dev", 0) <= 1, served

@@ -480,7 +480,7 @@ class MultiRequestor:
             s = self.writing[0]   # the host refused a piece: that provider lied, or its file differs
             self.writing = None
             self.state = self.RECEIVING
-            return self._drop(s, f"{s.node} sent a chunk that failed its integrity check; dropped ({error})", now)
+            return self._drop(s, f"{s.node} sent a chunk that failed its integrity check; dropped", now)
         return self.fail(error, now)
 
     def request_failed(self, context: Any, kind: str, now: float) -> list:
@@ -563,8 +563,8 @@ class MultiRequestor:
             return
         self.last_percent, self.last_report = percent, now
         secs = max(now - self.started, 1e-6)
-        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "total": self.size, "rate": self.received / secs,
-                "secs": secs}
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "rate": self.received / secs, "secs": secs,
+                **({"total": self.size} if self.size else {})}
         meta.update(extra)
         actions.append(Send(self.parent, {"Progress": {"name": self.name, "progress": percent}}, meta, 5, "progress"))
 
