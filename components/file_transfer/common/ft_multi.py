@@ -9,11 +9,11 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
   is not answered: the node is named ("does not support multi-source downloads") and skipped (an
   extended one is told to stop; a plain one's pushed chunks are dropped unread).
-- Each provider sends its chunk list and its whole file's BLAKE3 (ft_delta); the requestor answers the
-  list with an empty want (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of
-  ending. Once every node has answered or dropped out, the requestor keeps the providers whose list and
-  hash are those of the most nodes (a tie: the group of the first listed); any other is named ("has
-  different content") and told to stop.
+- Each provider sends its chunk list (ft_delta); the requestor answers it with an empty want
+  (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of ending. Once every node has
+  answered or dropped out, the requestor keeps the providers whose list is that of the most nodes (a
+  tie: the group of the first listed): the same list is the same content, chunk by chunk (BLAKE3). Any
+  other is named ("has different content") and told to stop.
 - The file's pieces (whole chunks, at most EXT_CHUNK_SIZE each) wait in one pool, in file order. Each
   provider is asked for a few at a time (a `Progress` request `{"ft":1, "want": [[offset, length]]}`,
   appended to what it was asked before; its Chunks name pieces by their index in that whole list), at
@@ -22,8 +22,9 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   owes pieces, or sends a piece that fails the host's check against the list (WriteRanges) is named and
   dropped, its outstanding pieces back in the pool for the others. With no provider left, the
   download fails (the partial removed).
-- All pieces written, the requestor hashes the file whole and compares it with the providers' hash;
-  only then does it take its name. It tells each provider it is done (`{"ft":1, "done": true}`), which
+- Each provider hashes its file whole once pieces travel (ft_delta's final hash). All pieces written,
+  the requestor hashes the file whole and compares it with the hash of a provider still in use; only
+  then does it take its name. It tells each provider it is done (`{"ft":1, "done": true}`), which
   ends the provider, and prints how much each one served.
 - If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
   starts again from the first such node alone (FetchSingle): an ordinary download.
@@ -133,8 +134,7 @@ class Source:
 
     ASKING = "asking"      # Download sent, no Size yet
     SIZED = "sized"        # Size answered, its list not yet here
-    LISTED = "listed"      # its list is here, its whole-file hash not yet
-    READY = "ready"        # list and hash here; waiting for the others
+    READY = "ready"        # its list is here; waiting for the others
     ACTIVE = "active"      # serving pieces
     DROPPED = "dropped"
 
@@ -158,7 +158,8 @@ class Source:
         self.bytes = 0
 
     def key(self) -> tuple:
-        return (self.size, self.records, self.whole)
+        # the same list is the same content: every chunk's BLAKE3 (the whole file's hash comes later)
+        return (self.size, self.records)
 
 
 class MultiRequestor:
@@ -182,7 +183,6 @@ class MultiRequestor:
         self.state = self.ASKING
         self.window: int | None = None
         self.size = 0
-        self.whole: str | None = None
         self.pieces: list = []              # (offset, length, [[offset, length, blake3]]) of each
         self.pool: list = []                # heap of piece ids not asked of anyone now
         self.left = 0                       # pieces not yet written
@@ -285,10 +285,7 @@ class MultiRequestor:
             if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
                 return self._drop(s, f"{s.node} sent a malformed file hash; dropped", now)
             s.whole = digest
-            if s.state == Source.LISTED:
-                s.state = Source.READY
-                return self._maybe_decide(now)
-            return []
+            return self._maybe_finish()
         if isinstance(body.get("Chunk"), dict) and isinstance(meta.get("pieces"), list):
             return self.chunk(s, body["Chunk"], meta["pieces"], wants_answer, blob_len, now)
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]
@@ -323,16 +320,15 @@ class MultiRequestor:
         if records is None or sum(n for n, _ in records) != s.size:
             return self._drop(s, f"{s.node} sent a chunk list that does not add up to the file; dropped", now)
         s.records = data
-        s.state = Source.READY if s.whole is not None else Source.LISTED
+        s.state = Source.READY
         self.last_activity = now
         # an empty want for now: the pieces are handed out once every node is heard from
-        actions: list = [Reply("Progress", {"ft": 1, "want": [], **self._window_meta()})]
-        return actions + self._maybe_decide(now) if s.state == Source.READY else actions
+        return [Reply("Progress", {"ft": 1, "want": [], **self._window_meta()})] + self._maybe_decide(now)
 
     def _maybe_decide(self, now: float) -> list:
         if self.state != self.ASKING:
             return []
-        if any(s.state in (Source.ASKING, Source.SIZED, Source.LISTED) for s in self.sources):
+        if any(s.state in (Source.ASKING, Source.SIZED) for s in self.sources):
             return []
         ready = [s for s in self.sources if s.state == Source.READY]
         if not ready:
@@ -349,7 +345,7 @@ class MultiRequestor:
         best = max(groups.values(), key=lambda g: (len(g), -g[0].order))
         first = best[0]
         assert first.size is not None and first.records is not None
-        self.size, self.whole = first.size, first.whole
+        self.size = first.size
         self.pieces = plan(parse_list(first.records), [])[1]
         self.pool = list(range(len(self.pieces)))   # in file order: a heap already
         self.left = len(self.pieces)
@@ -446,14 +442,18 @@ class MultiRequestor:
         self._keepalives(actions)
         return self._top_up(actions, now) + self._maybe_finish()
 
+    def _finals(self) -> set:
+        """The whole file's hash as the providers in use gave it (each sends it once it has read it)."""
+        return {s.whole for s in self._active() if s.whole is not None}
+
     def _maybe_finish(self) -> list:
-        if self.state == self.RECEIVING and self.file_open and self.left == 0:
+        if self.state == self.RECEIVING and self.file_open and self.left == 0 and self._finals():
             self.state = self.VERIFYING
             return [VerifyWhole()]
         return []
 
     def file_verified(self, digest: str | None, now: float) -> list:
-        if digest != self.whole:
+        if digest not in self._finals():
             return self.fail("the file built from the pieces does not match the providers' hash (a file changed "
                              "meanwhile); nothing was saved", now)
         self.verified_digest = digest
@@ -615,6 +615,11 @@ class MultiProvider(DeltaProvider):
                 actions: list = [Reply("Progress", {"ft": 1})]
                 return self._fill(actions) if self.state == self.SENDING else actions
         return super().request(source, body, meta, now)
+
+    def _fill(self, actions: list) -> list:
+        if not self.plan and not self.hashed:
+            return actions   # nothing asked yet: the whole file is hashed once pieces travel (DeltaProvider)
+        return super()._fill(actions)
 
     def _done(self) -> list:
         # all asked for is sent: more may be asked for, until the requestor says it is done
