@@ -75,7 +75,7 @@ def entry(home: Path, name: str, advertise: str) -> dict:
                          "--advertise", advertise))
 
 
-def start_node(namespace: str, name: str, home: Path, peers: Path) -> subprocess.Popen:
+def start_node(namespace: str, name: str, home: Path, peers: Path, log: Path | None = None) -> subprocess.Popen:
     cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "host", "--node", name, "--home", str(home),
            "--directory", str(home.parent / f"{name}.sqlite"), "--peers", str(peers),
            "--net-port", "8080", "--port", "8081"]
@@ -84,9 +84,21 @@ def start_node(namespace: str, name: str, home: Path, peers: Path) -> subprocess
     assert proc.stdout is not None
     for line in proc.stdout:
         if "ready in" in line:
-            threading.Thread(target=lambda out=proc.stdout: [None for _ in out], daemon=True).start()
+            threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True).start()
             return proc
     raise RuntimeError(f"{name} did not start")
+
+
+def _pump(out, log: Path | None) -> None:
+    """Read the node's output; with `log`, each line timed (seconds since the bench began)."""
+    f = open(log, "w") if log else None
+    for line in out:
+        if f:
+            f.write(f"{time.perf_counter() - T0:8.3f} {line}")
+            f.flush()
+
+
+T0 = time.perf_counter()
 
 
 def main() -> int:
@@ -95,6 +107,7 @@ def main() -> int:
     ap.add_argument("--rate", default="200mbit", help="each provider's link (tc tbf)")
     ap.add_argument("--req-rate", default="2gbit", help="the requestor's link (tc tbf)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--log", type=Path, help="write each node's output here (NAME.log, lines timed)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (ip netns, tc)", file=sys.stderr)
@@ -111,7 +124,7 @@ def main() -> int:
         for n in NAMES:
             peers = tmp / f"{n}.peers.json"
             peers.write_text(json.dumps([entries[m] for m in NAMES if m != n]))
-            procs.append(start_node(ns(n), nodes[n], homes[n], peers))
+            procs.append(start_node(ns(n), nodes[n], homes[n], peers, args.log / f"{n}.log" if args.log else None))
         size = args.mib << 20
         src = homes["p1"] / FILES / "big.bin"
         src.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +145,7 @@ def main() -> int:
                     os.utime(homes[n] / FILES / "big.bin")
                 os.sync()
                 t0 = time.perf_counter()
+                print(f"  {t0 - T0:.3f}: download from {who}", flush=True)
                 code, lines = run_remote(homes["req"], f"{DL} big.bin {who}", until=r"big\.bin downloaded|error:",
                                          timeout=3600)
                 secs[who] = time.perf_counter() - t0

@@ -220,7 +220,7 @@ def small(monkeypatch):
     """Both ends chunk with AVG, pieces of at most 64 KiB, the seed's chunk 16 KiB: a file of a few
     hundred KiB is offered in pieces and has many."""
     monkeypatch.setattr(ft_delta, "avg_for", lambda size: AVG)
-    monkeypatch.setattr(ft_multi, "avg_for", lambda size: AVG)
+    monkeypatch.setattr(ft_multi, "MULTI_AVG", AVG)
     monkeypatch.setattr(ft_multi, "plan", lambda new, old: ft_delta.plan(new, old, piece_max=64 << 10))
     monkeypatch.setattr(ft, "EXT_CHUNK_SIZE", 64 << 10)
     monkeypatch.setattr(ft, "CHUNK_SIZE", 16 << 10)
@@ -253,6 +253,12 @@ def test_machines_name_a_node_of_other_content_and_a_missing_file(tmp_path, smal
     assert sim.final.read_bytes() == data
     assert any(ln.startswith("f.bin: a.os has different content") for ln in sim.logs), sim.logs
     assert any("d.os: no such file" in ln for ln in sim.logs), sim.logs
+    assert set(sim.progress[-1]["served"]) == {"b.os", "c.os"}
+    # two of three agree before the third has listed: they start, and the third is named when it lists
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"b.os": data, "c.os": data, "a.os": rand(600_000, 4)}).run()
+    assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == data, sim.logs
+    assert any(ln.startswith("f.bin: a.os has different content") for ln in sim.logs), sim.logs
     assert set(sim.progress[-1]["served"]) == {"b.os", "c.os"}
     # none usable: a clear error naming each
     (tmp_path / "x").mkdir()

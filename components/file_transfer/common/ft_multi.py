@@ -5,7 +5,7 @@ ft_protocol's. Built on ft_delta's chunk lists, pieces and host checks.
 Negotiated in metadata, as delta is, so a plain peer and one without it never see it:
 - A provider that can send only what changed offers `{"ft":1, "delta":1, "multi":1}` in Size (files
   over EXT_CHUNK_SIZE only). The requestor asks every listed node for the file and answers each such
-  Size with `{"ft":1, "offset":0, "delta": {"avg": A, "multi": 1}}` (A: ft_delta.avg_for(size)); a
+  Size with `{"ft":1, "offset":0, "delta": {"avg": A, "multi": 1}}` (A: MULTI_AVG); a
   MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
   is not answered: the node is named ("does not support multi-source downloads") and skipped (an
   extended one is told to stop; a plain one's pushed chunks are dropped unread).
@@ -41,19 +41,20 @@ from ft_delta import (
     MAX_CHUNKS,
     MAX_PIECES,
     RECORD,
+    ChunkFile,
     DeltaProvider,
     ListRead,
     ReadChunkList,
     VerifyWhole,
     WriteRanges,
     _int,
-    avg_for,
     batches,
     parse_list,
     plan,
 )
 from ft_protocol import (
     DELTA_MACHINES,
+    DELTA_MAX_AVG,
     HEX,
     QUEUE_META,
     ArmTimer,
@@ -80,6 +81,9 @@ from ft_protocol import (
 SEP = ","               # between the nodes of a multi-source download (a node name has none)
 DEPTH = 4               # pieces asked of one provider and not yet received, at most
 PROVIDER_STALL = STALL_TIMEOUT // 3   # seconds a provider may owe pieces and send none before it is dropped
+# the chunks' average size: no old copy is matched, so the biggest (chunking is then a third of the
+# work of delta's 64 KiB, and the list the shortest); its chunks still fit a piece (at most 4 x avg)
+MULTI_AVG = DELTA_MAX_AVG
 
 
 def nodes_of(text: str) -> list | None:
@@ -183,6 +187,7 @@ class MultiRequestor:
         self.state = self.ASKING
         self.window: int | None = None
         self.size = 0
+        self.chosen: tuple | None = None    # the list chosen: (size, records)
         self.pieces: list = []              # (offset, length, [[offset, length, blake3]]) of each
         self.pool: list = []                # heap of piece ids not asked of anyone now
         self.left = 0                       # pieces not yet written
@@ -276,7 +281,7 @@ class MultiRequestor:
             count = info.get("count")
             assert s.size is not None
             if not (_int(count) and count <= MAX_CHUNKS and blob_len == count * RECORD.size
-                    and info.get("avg") == avg_for(s.size)):
+                    and info.get("avg") == MULTI_AVG):
                 return self._drop(s, f"{s.node} sent a malformed chunk list; dropped", now)
             self.listing = s
             return [ReadChunkList()]
@@ -307,7 +312,7 @@ class MultiRequestor:
         s.size = size
         s.state = Source.SIZED
         self.last_activity = now
-        return [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": avg_for(size), "multi": 1},
+        return [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": MULTI_AVG, "multi": 1},
                                    **self._window_meta()})]
 
     def list_read(self, data: bytes | None, now: float) -> list:
@@ -327,10 +332,16 @@ class MultiRequestor:
 
     def _maybe_decide(self, now: float) -> list:
         if self.state != self.ASKING:
-            return []
-        if any(s.state in (Source.ASKING, Source.SIZED) for s in self.sources):
-            return []
+            return self._maybe_join(now)
         ready = [s for s in self.sources if s.state == Source.READY]
+        groups: dict = {}
+        for s in ready:
+            groups.setdefault(s.key(), []).append(s)
+        # more than half of all listed nodes agree: no node still to answer can outvote them (it joins
+        # when its list comes, if the same); else every node is waited for
+        early = any(2 * len(g) > len(self.sources) for g in groups.values())
+        if not early and any(s.state in (Source.ASKING, Source.SIZED) for s in self.sources):
+            return []
         if not ready:
             alone = next((s for s in self.sources if s.alone), None)
             if alone is not None:
@@ -339,11 +350,9 @@ class MultiRequestor:
                             f"{alone.node} alone"),
                         FetchSingle(alone.node, self.peer_node, [s.worker for s in self.sources if s.worker])]
             return self.fail(f"no listed node can send {self.name}: " + "; ".join(s.why for s in self.sources), now)
-        groups: dict = {}
-        for s in ready:
-            groups.setdefault(s.key(), []).append(s)
         best = max(groups.values(), key=lambda g: (len(g), -g[0].order))
         first = best[0]
+        self.chosen = first.key()
         assert first.size is not None and first.records is not None
         self.size = first.size
         self.pieces = plan(parse_list(first.records), [])[1]
@@ -362,6 +371,21 @@ class MultiRequestor:
         actions.append(Log(f"{self.name}: {human_size(self.size)} in {len(self.pieces)} pieces from "
                            f"{', '.join(s.node for s in best)}"))
         return actions + [OpenPartial(0)]
+
+    def _maybe_join(self, now: float) -> list:
+        """A list that came after the choice: the same list joins the providers in use, another is named."""
+        actions: list = []
+        for s in self.sources:
+            if s.state != Source.READY:
+                continue
+            if s.key() != self.chosen:
+                actions += self._drop(s, f"{s.node} has different content ({self.name} differs from the one "
+                                         f"the other nodes have); not used", now)
+            elif self.state in (self.RECEIVING, self.WRITING):
+                s.state = Source.ACTIVE
+                s.last_piece = now
+                actions.append(Log(f"{self.name}: {s.node} joins"))
+        return self._top_up(actions, now)
 
     def partial_opened(self, now: float) -> list:
         self.file_open = True
@@ -461,8 +485,8 @@ class MultiRequestor:
 
     def renamed(self, replaced: bool, now: float) -> list:
         actions: list = []
-        for s in self.sources:
-            if s.state == Source.ACTIVE:
+        for s in self.sources:   # a MultiProvider ends only when told (one that listed late, too)
+            if s.state in (Source.ACTIVE, Source.READY, Source.SIZED):
                 actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": 100}},
                                     {"ft": 1, "done": True}))
         served = ", ".join(f"{s.node} {s.pieces} pieces ({human_size(s.bytes)})" for s in self.sources if s.pieces)
@@ -577,6 +601,11 @@ class MultiProvider(DeltaProvider):
     def __init__(self, prov: Any, avg: int, now: float):
         super().__init__(prov, avg, now)
         self.closing = False
+
+    def start(self) -> list:
+        if self.avg != MULTI_AVG:   # another average would be a fresh chunking of the whole file, never cached
+            return self._error("bad delta request", f"peer asked for chunks of average size {self.avg}, not {MULTI_AVG}")
+        return [ChunkFile(self.avg)]
 
     def _valid(self, want: Any) -> bool:
         return isinstance(want, list) and len(self.want) + len(want) <= MAX_PIECES and all(
