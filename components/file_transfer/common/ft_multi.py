@@ -9,11 +9,13 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
   is not answered: the node is named ("does not support multi-source downloads") and skipped (an
   extended one is told to stop; a plain one's pushed chunks are dropped unread).
-- Each provider sends its chunk list (ft_delta); the requestor answers it with an empty want
-  (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of ending. Once every node has
-  answered or dropped out, the requestor keeps the providers whose list is that of the most nodes (a
-  tie: the group of the first listed): the same list is the same content, chunk by chunk (BLAKE3). Any
-  other is named ("has different content") and told to stop.
+- Each provider sends its chunk list (ft_delta, chunks of MULTI_AVG); the requestor answers it with an
+  empty want (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of ending. The
+  requestor keeps the providers whose list is that of the most nodes (a tie: the group of the first
+  listed), as soon as more than half of the listed nodes agree, else once every node has answered or
+  dropped out: the same list is the same content, chunk by chunk (BLAKE3). Any other is named ("has
+  different content") and told to stop; one of the same list that comes later joins (its share of
+  the pieces is kept for it while it chunks, PROVIDER_STALL at most).
 - The file's pieces (whole chunks, at most EXT_CHUNK_SIZE each) wait in one pool, in file order. Each
   provider is asked for a few at a time (a `Progress` request `{"ft":1, "want": [[offset, length]]}`,
   appended to what it was asked before; its Chunks name pieces by their index in that whole list), at
@@ -188,6 +190,7 @@ class MultiRequestor:
         self.window: int | None = None
         self.size = 0
         self.chosen: tuple | None = None    # the list chosen: (size, records)
+        self.decided = now                  # when it was chosen
         self.pieces: list = []              # (offset, length, [[offset, length, blake3]]) of each
         self.pool: list = []                # heap of piece ids not asked of anyone now
         self.left = 0                       # pieces not yet written
@@ -353,6 +356,7 @@ class MultiRequestor:
         best = max(groups.values(), key=lambda g: (len(g), -g[0].order))
         first = best[0]
         self.chosen = first.key()
+        self.decided = now
         assert first.size is not None and first.records is not None
         self.size = first.size
         self.pieces = plan(parse_list(first.records), [])[1]
@@ -408,12 +412,15 @@ class MultiRequestor:
         if not self.file_open or self.state not in (self.RECEIVING, self.WRITING):
             return actions
         active = sorted(self._active(), key=lambda x: len(x.outstanding))
+        # a node with the same offer still chunking its file has its share kept for it (PROVIDER_STALL at most)
+        pending = sum(1 for s in self.sources if s.state == Source.SIZED)
+        reserve = len(self.pieces) * pending // (len(active) + pending) if pending else 0
         grants: dict = {s.node: [] for s in active}
         more = True
-        while self.pool and more:
+        while len(self.pool) > reserve and more:
             more = False
             for s in active:
-                if self.pool and len(s.outstanding) + len(grants[s.node]) < DEPTH:
+                if len(self.pool) > reserve and len(s.outstanding) + len(grants[s.node]) < DEPTH:
                     grants[s.node].append(heapq.heappop(self.pool))
                     more = True
         for s in active:
@@ -528,6 +535,9 @@ class MultiRequestor:
             if s.state == Source.ASKING and now - self.started > 2 * HANDSHAKE_TIMEOUT:
                 actions += self._drop(s, f"{s.node} did not start sending within {2 * HANDSHAKE_TIMEOUT} s; "
                                          f"dropped", now)
+            elif s.state == Source.SIZED and self.state != self.ASKING and now - self.decided > PROVIDER_STALL:
+                actions += self._drop(s, f"{s.node} sent no list of {self.name} within {PROVIDER_STALL} s of the "
+                                         f"others; dropped", now)
             elif s.state == Source.ACTIVE and s.outstanding and now - s.last_piece > PROVIDER_STALL:
                 actions += self._drop(s, f"{s.node} sent nothing for {PROVIDER_STALL} s; dropped", now)
         if self.state in (self.DONE, self.FAILED, self.HANDED):
