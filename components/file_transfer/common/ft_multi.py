@@ -305,11 +305,12 @@ class MultiRequestor:
             return self._drop(s, f"{s.node}: {meta['error']}", now, tell=False)
         if not _int(size) or size >= 2**63:
             return self._drop(s, f"{s.node} sent an invalid size {size!r}; dropped", now)
-        if not (s.ext and meta.get("delta") == 1 and meta.get("multi") == 1) or self.state != self.ASKING:
+        late = self.state not in (self.ASKING, self.RECEIVING, self.WRITING)
+        if not (s.ext and meta.get("delta") == 1 and meta.get("multi") == 1) or late:
             s.alone = self.state == self.ASKING
             how = ("it speaks the seed's plain protocol" if not s.ext
                    else "the file is too small to split" if meta.get("delta") != 1 and size <= EXT_CHUNK_SIZE
-                   else "too late" if self.state != self.ASKING else "it cannot send pieces of it")
+                   else "too late: all is fetched" if late else "it cannot send pieces of it")
             return self._drop(s, f"{s.node} does not support multi-source downloads of {self.name} ({how}); "
                                  f"skipped", now)
         s.size = size
@@ -412,8 +413,8 @@ class MultiRequestor:
         if not self.file_open or self.state not in (self.RECEIVING, self.WRITING):
             return actions
         active = sorted(self._active(), key=lambda x: len(x.outstanding))
-        # a node with the same offer still chunking its file has its share kept for it (PROVIDER_STALL at most)
-        pending = sum(1 for s in self.sources if s.state == Source.SIZED)
+        # a node not yet heard from, or still chunking its file, has its share kept for it (20 s at most)
+        pending = sum(1 for s in self.sources if s.state in (Source.ASKING, Source.SIZED))
         reserve = len(self.pieces) * pending // (len(active) + pending) if pending else 0
         grants: dict = {s.node: [] for s in active}
         more = True
