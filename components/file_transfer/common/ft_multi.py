@@ -390,7 +390,8 @@ class MultiRequestor:
                 s.state = Source.ACTIVE
                 s.last_piece = now
                 actions.append(Log(f"{self.name}: {s.node} joins"))
-        return self._top_up(actions, now)
+                self._top_up(actions, now, joiner=s)
+        return actions
 
     def partial_opened(self, now: float) -> list:
         self.file_open = True
@@ -407,16 +408,21 @@ class MultiRequestor:
         n = max(len(self._active()), 1)
         return {"window": max(2, self.window // n)} if self.window else {}
 
-    def _top_up(self, actions: list, now: float) -> list:
+    def _top_up(self, actions: list, now: float, joiner: Source | None = None) -> list:
         """Ask each provider for more pieces while it owes fewer than DEPTH, a piece to each in turn (the
         one that owes fewest first): the faster a provider delivers, the more often it is asked."""
         if not self.file_open or self.state not in (self.RECEIVING, self.WRITING):
             return actions
-        active = sorted(self._active(), key=lambda x: len(x.outstanding))
+        # who owes least, then who served least, first
+        active = sorted(self._active(), key=lambda x: (len(x.outstanding), x.bytes))
         # a node not yet heard from, or still chunking its file, has its share kept for it (20 s at most)
         pending = sum(1 for s in self.sources if s.state in (Source.ASKING, Source.SIZED))
         reserve = len(self.pieces) * pending // (len(active) + pending) if pending else 0
         grants: dict = {s.node: [] for s in active}
+        if joiner is not None:   # the share kept for it, at once
+            share = min(DEPTH, len(self.pieces) // len(active))
+            while len(self.pool) > reserve and len(joiner.outstanding) + len(grants[joiner.node]) < share:
+                grants[joiner.node].append(heapq.heappop(self.pool))
         more = True
         while len(self.pool) > reserve and more:
             more = False
