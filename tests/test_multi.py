@@ -411,6 +411,9 @@ def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net
         (p.files / "big.bin").write_bytes((a.files / "big.bin").read_bytes())
     req.type(f"{DL} big.bin a.dev,b.dev,c.dev")
     paused(b)                # it sent its first piece and holds before the next
+    code, lines = req.run("transfers:file_transfer:template.os", until=r"big\.bin from")
+    rows = [m.group(1) for ln in lines if (m := re.search(r"(big\.bin from \S+):", ln))]
+    assert code == 0 and rows == ["big.bin from a.dev,b.dev,c.dev"], lines   # one download, its providers in it
     b.kill()                 # then it vanishes, owing pieces
     req.expect(r"big\.bin downloaded from a\.dev,b\.dev,c\.dev", 120)
     assert sha256(req.files / "big.bin") == digest
