@@ -54,6 +54,7 @@ class Sim:
     files: dict
     plain: set = field(default_factory=set)
     lie: set = field(default_factory=set)
+    mute: set = field(default_factory=set)   # nodes whose reads of pieces never end (a stalled provider)
     logs: list = field(default_factory=list)
     progress: list = field(default_factory=list)
     exits: dict = field(default_factory=dict)
@@ -75,8 +76,9 @@ class Sim:
         self.blob: dict[str, Any] = {}
         self.current: dict[str, Any] = {}
 
-    def run(self) -> Sim:
-        self.act("req", self.machines["req"].handle(ft.Start()))
+    def run(self, start: bool = True) -> Sim:
+        if start:
+            self.act("req", self.machines["req"].handle(ft.Start()))
         while self.queue:
             who, ev, blob, msg = self.queue.pop(0)
             if who in self.exits:
@@ -196,6 +198,8 @@ class Sim:
             return m.handle(ft_delta.FileChunked({"count": len(records) // 36, "size": size, "stamp": stamp}, 0.0))
         if isinstance(a, ft_delta.HashWhole):
             return m.handle(ft_delta.WholeHashed(h(data), 0.0))
+        if isinstance(a, ft_delta.ReadPieces) and who in self.mute:
+            return None
         if isinstance(a, ft_delta.ReadPieces):
             out = bytearray()
             for off, n in a.items:
@@ -421,3 +425,27 @@ def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net
     served = served_by(req, "big.bin")
     assert served.get("a.dev") and served.get("c.dev"), served
     assert served.get("b.dev", 0) <= 1, served     # it held before its second piece
+
+
+def test_machines_drop_a_provider_that_stalls_and_finish_from_the_others(tmp_path, small):
+    data = rand(600_000, 7)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data, "c.os": data}, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    assert "req" not in sim.exits and req.state == req.RECEIVING      # held by b's pieces
+    owed = next(s for s in req.sources if s.node == "b.os").outstanding
+    assert owed
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", ft_multi.PROVIDER_STALL - 1.0)))
+    assert req.state == req.RECEIVING and not [ln for ln in sim.logs if "dropped" in ln]   # not yet
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", ft_multi.PROVIDER_STALL + 1.0)))
+    sim.run(start=False)
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert any(f"b.os sent nothing for {ft_multi.PROVIDER_STALL} s; dropped" in ln for ln in sim.logs), sim.logs
+    assert "b.os" not in sim.progress[-1]["served"]
+    # one that goes offline is dropped at once
+    (tmp_path / "z").mkdir()
+    sim = Sim(tmp_path / "z", {"a.os": data, "b.os": data}, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    sim.act("req", req.handle(ft.SendFailed("keepalive:b.os", "offline", 1.0)))
+    sim.run(start=False)
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert any("b.os went offline; dropped" in ln for ln in sim.logs), sim.logs
