@@ -299,7 +299,7 @@ def test_provider_takes_only_the_average_its_file_size_calls_for():
         prov = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
         prov.handle(ft.Start())
         offer = prov.handle(ft.Opened(size, "1:2:3:4:5", 0.0, delta=True))
-        assert offer[-1].metadata == {"ft": 1, "delta": 1}
+        assert offer[-1].metadata == {"ft": 1, "delta": 1, "multi": 1}
         return prov.handle(ft.GotResponse("size", None, {"ft": 1, "offset": 0, "delta": {"avg": avg}}, 0.0))
     for avg in (4096, 8192, ft_delta.avg_for(size) * 2, 1 << 20, 0, "65536"):
         actions = answered(avg)

@@ -863,7 +863,8 @@ class Provider:
             return [self._error_to_peer("bad delta request", keep=False)] + \
                 self._failed(f"peer asked for chunks of a bad average size {avg!r}")
         self.peer_window = window_in(meta) or self.peer_window
-        machine = _delta_machine("provider")(self, avg, now)
+        # pieces for one of several providers (ft_multi), or all that changed
+        machine = _delta_machine("multi_provider" if ask.get("multi") == 1 else "provider")(self, avg, now)
         return [SwitchToDelta(machine), *machine.start()]
 
     def _to_folder(self) -> list:
@@ -893,7 +894,8 @@ class Provider:
         if self.extended:
             # an offer to send only what changed, to a requestor holding an older copy (ft_delta)
             self.delta = delta and EXT_CHUNK_SIZE < size <= DELTA_MAX and stamp is not None
-            meta = {"ft": 1, "delta": 1} if self.delta else {"ft": 1}
+            # ... and to send pieces of it as one of several providers (ft_multi)
+            meta = {"ft": 1, "delta": 1, "multi": 1} if self.delta else {"ft": 1}
         return [Send(self.target, {"Size": size}, meta, HANDSHAKE_TIMEOUT, "size")]
 
     def chunk_read(self, got: int, digest: str | None, now: float) -> list:

@@ -1,5 +1,6 @@
 # world: kinode-py:host-ext/process-v0-ext@0.1.0
 """download NAME... WHO: fetch each NAME (a file or a folder) from WHO's file_transfer into our files drive.
+WHO may be several nodes, A,B,C: each file is then fetched in pieces from all of them at once (ft_multi).
 
 The local file_transfer starts a worker per file (at most MAX_DOWNLOADS at once; the rest wait
 their turn) and reports progress; this script prints only failures to start."""
@@ -7,7 +8,7 @@ import wit_world
 from ft_common import check_name, nfc
 from process_lib import Address, ask, script, sibling
 
-USAGE = "usage: download:file_transfer:template.os NAME [NAME...] NODE  (a NAME may be a folder)"
+USAGE = "usage: download:file_transfer:template.os NAME [NAME...] NODE[,NODE...]  (a NAME may be a folder; several nodes: pieces of a file from each)"
 ASK_TIMEOUT = 30  # seconds
 
 

@@ -9,6 +9,7 @@ import json
 import time
 
 import ft_folder
+import ft_multi
 import ft_schedule
 import serving
 import web
@@ -219,6 +220,9 @@ def request_download(our: Address, name: str, target_addr: Address, transfers: T
     whether the caller must now start its worker)."""
     if target_addr.node == our.node:
         return f"{name} is on this node already ({our.node}); download from another node", False
+    problem = ft_multi.check_nodes(target_addr.node, our.node)   # "A,B,C": from each at once
+    if problem:
+        return problem, False
     key = (target_addr.node, name)
     running = transfers.fetching(name, time.monotonic())
     if running is not None:

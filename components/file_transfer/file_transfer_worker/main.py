@@ -16,6 +16,7 @@ import time
 
 import ft_delta
 import ft_folder
+import ft_multi
 import ft_protocol as ft
 import wit_world
 from ft_common import EXT_CHUNK_SIZE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
@@ -67,6 +68,7 @@ class Worker:
         self.requestor = False
         self.name = ""
         self.file = None         # the partial (requestor) or the file being sent (provider)
+        self.stale: set = set()  # earlier sessions' providers, whose messages are dropped (ft_multi)
         self.perform = {
             ft.Send: self.send, ft.Reply: self.reply, ft.ArmTimer: self.arm_timer, ft.Log: self.log,
             ft.LoadState: self.load_state, ft.OpenPartial: self.open_partial, ft.SaveState: self.save_state,
@@ -83,6 +85,8 @@ class Worker:
             ft_delta.HashWhole: self.hash_whole, ft_delta.MoveBasisAside: self.move_basis_aside,
             ft_delta.RemoveBasis: self.remove_basis, ft_delta.ForgetBasis: self.forget_basis,
             ft_delta.FetchWhole: self.fetch_whole, ft_delta.RestoreBasis: self.restore_basis,
+            # from several nodes at once (ft_multi)
+            ft_multi.FetchSingle: self.fetch_single,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -102,6 +106,8 @@ class Worker:
                 return self.begin(msg, body["Download"])
             raise ValueError(f"unexpected message before Download from {msg.source}")
         now = time.monotonic()
+        if msg.is_request and self.stale and str(msg.source) in self.stale:
+            return []
         if msg.is_request:
             return self.machine.handle(ft.GotRequest(msg.source, body, msg.meta(), now, msg.expects_response is not None,
                                                      current_blob_len() if self.requestor else None))
@@ -129,7 +135,10 @@ class Worker:
             self.partial = f"{self.partial_dir}/{name}.part"
             self.state_path = f"{self.partial_dir}/{name}.state"
             self.basis_path = f"{self.drive}/{name}"   # the old copy a delta download starts from (ft_delta)
-            self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
+            if ft_multi.nodes_of(peer.node) is not None and EXTENDED:   # "A,B,C": from each at once
+                self.machine = ft_multi.MultiRequestor(name, peer, self.parent, self.started)
+            else:
+                self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
         else:
             # a share of the node's budget until file_transfer (told by start()) gives ours
             self.machine = ft.Provider(name, peer, self.parent, self.started, extended=EXTENDED, window=START_WINDOW)
@@ -346,6 +355,15 @@ class Worker:
         old = self.machine
         self.basis_path = f"{self.drive}/{self.name}"
         self.machine = ft.Requestor(self.name, old.peer, self.parent, self.started, extended=EXTENDED, delta=False)
+        self.machine.window = old.window
+        return self.machine.handle(ft.Start())
+
+    def fetch_single(self, a: ft_multi.FetchSingle) -> list:
+        old = self.machine
+        self.stale = {str(w) for w in a.stale}
+        peer = Address(a.node, old.sources[0].addr.process)
+        self.machine = ft_multi.AloneRequestor(self.name, peer, self.parent, self.started, extended=EXTENDED,
+                                               delta=False, key=a.key)
         self.machine.window = old.window
         return self.machine.handle(ft.Start())
 

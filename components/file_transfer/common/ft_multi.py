@@ -1,0 +1,680 @@
+"""From every node that has it: one file fetched in pieces from several providers at once
+(`download NAME A,B,C`), two sans-I/O machines (MultiRequestor, MultiProvider), conventions as
+ft_protocol's. Built on ft_delta's chunk lists, pieces and host checks.
+
+Negotiated in metadata, as delta is, so a plain peer and one without it never see it:
+- A provider that can send only what changed offers `{"ft":1, "delta":1, "multi":1}` in Size (files
+  over EXT_CHUNK_SIZE only). The requestor asks every listed node for the file and answers each such
+  Size with `{"ft":1, "offset":0, "delta": {"avg": A, "multi": 1}}` (A: MULTI_AVG); a
+  MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
+  is not answered: the node is named ("does not support multi-source downloads") and skipped (an
+  extended one is told to stop; a plain one's pushed chunks are dropped unread).
+- Each provider sends its chunk list (ft_delta, chunks of MULTI_AVG); the requestor answers it with an
+  empty want (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of ending. The
+  requestor keeps the providers whose list is that of the most nodes (a tie: the group of the first
+  listed), as soon as more than half of the listed nodes agree, else once every node has answered or
+  dropped out: the same list is the same content, chunk by chunk (BLAKE3). Any other is named ("has
+  different content") and told to stop; one of the same list that comes later joins (its share of
+  the pieces is kept for it while it chunks, PROVIDER_STALL at most).
+- The file's pieces (whole chunks, at most EXT_CHUNK_SIZE each) wait in one pool, in file order. Each
+  provider is asked for a few at a time (a `Progress` request `{"ft":1, "want": [[offset, length]]}`,
+  appended to what it was asked before; its Chunks name pieces by their index in that whole list), at
+  most DEPTH outstanding, and for more as each arrives: a faster provider is asked more often.
+- A provider that goes offline, stops answering, sends nothing for PROVIDER_STALL seconds while it
+  owes pieces, or sends a piece that fails the host's check against the list (WriteRanges) is named and
+  dropped, its outstanding pieces back in the pool for the others. With no provider left, the
+  download fails (the partial removed).
+- Each provider hashes its file whole once pieces travel (ft_delta's final hash). All pieces written,
+  the requestor hashes the file whole and compares it with the hash of a provider still in use; only
+  then does it take its name. It tells each provider it is done (`{"ft":1, "done": true}`), which
+  ends the provider, and prints how much each one served.
+- If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
+  starts again from the first such node alone (FetchSingle): an ordinary download.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+from ft_common import ACK_TIMEOUT, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, TICK, human_size, window_in
+from ft_delta import (
+    INTEGRITY,
+    MAX_CHUNKS,
+    MAX_PIECES,
+    RECORD,
+    ChunkFile,
+    DeltaProvider,
+    ListRead,
+    ReadChunkList,
+    VerifyWhole,
+    WriteRanges,
+    _int,
+    batches,
+    parse_list,
+    plan,
+)
+from ft_protocol import (
+    DELTA_MACHINES,
+    DELTA_MAX_AVG,
+    HEX,
+    QUEUE_META,
+    ArmTimer,
+    ChunkWritten,
+    Exit,
+    FileVerified,
+    GotRequest,
+    GotResponse,
+    IoFailed,
+    Log,
+    OpenPartial,
+    PartialOpened,
+    RemoveFiles,
+    Rename,
+    Renamed,
+    Reply,
+    Requestor,
+    Send,
+    SendFailed,
+    Start,
+    address_json,
+)
+
+SEP = ","               # between the nodes of a multi-source download (a node name has none)
+DEPTH = 4               # pieces asked of one provider and not yet received, at most
+PROVIDER_STALL = STALL_TIMEOUT // 3   # seconds a provider may owe pieces and send none before it is dropped
+# the chunks' average size: no old copy is matched, so the biggest (chunking is then a third of the
+# work of delta's 64 KiB, and the list the shortest); its chunks still fit a piece (at most 4 x avg)
+MULTI_AVG = DELTA_MAX_AVG
+
+
+def nodes_of(text: str) -> list | None:
+    """The providers of a multi-source download named `text` ("A,B,C"), or None for a single node."""
+    return text.split(SEP) if SEP in text else None
+
+
+def check_nodes(text: str, our: str) -> str:
+    """Why `text` is not a usable list of providers (or '' when it is, or is one node)."""
+    nodes = nodes_of(text)
+    if nodes is None:
+        return ""
+    if any(not n for n in nodes):
+        return f"bad list of nodes {text!r}: a name between two commas is missing"
+    if len(set(nodes)) != len(nodes):
+        return f"bad list of nodes {text!r}: a node is named twice"
+    if our in nodes:
+        return f"{our} is this node; list only the other nodes that have the file"
+    return ""
+
+
+# ---- actions -----------------------------------------------------------------------------------
+@dataclass
+class FetchSingle:
+    """No listed node can serve pieces of the file, but `node` can send it whole: start the download
+    again from it alone (an ft_protocol.Requestor, reporting under `key`); requests still coming from
+    the `stale` addresses (the first sessions) are dropped unread."""
+    node: str
+    key: str
+    stale: list
+
+
+class AloneRequestor(Requestor):
+    """An ordinary download from one node of a multi-source list: it reports as the whole list, which
+    is how its parent knows the download."""
+
+    def __init__(self, *args: Any, key: str, **kw: Any):
+        super().__init__(*args, **kw)
+        self.key = key
+
+    def _report(self, actions: list, now: float, **extra: Any) -> None:
+        n = len(actions)
+        super()._report(actions, now, **extra)
+        for a in actions[n:]:
+            if isinstance(a, Send) and a.target == self.parent and isinstance(a.metadata, dict):
+                a.metadata["peer"] = self.key
+
+
+# ---- the requestor -----------------------------------------------------------------------------
+class Source:
+    """One listed node, as the requestor sees it."""
+
+    ASKING = "asking"      # Download sent, no Size yet
+    SIZED = "sized"        # Size answered, its list not yet here
+    READY = "ready"        # its list is here; waiting for the others
+    ACTIVE = "active"      # serving pieces
+    DROPPED = "dropped"
+
+    def __init__(self, addr: Any, order: int, now: float):
+        self.addr = addr
+        self.node = addr.node
+        self.order = order
+        self.state = self.ASKING
+        self.worker: Any = None     # its provider worker, once its Size came
+        self.ext = False            # it speaks the extended protocol (can be told to stop)
+        self.alone = False          # it answered Size but cannot serve pieces: it could send the file whole
+        self.size: int | None = None
+        self.records: bytes | None = None
+        self.whole: str | None = None
+        self.why = ""
+        self.asked: list = []       # piece ids in the order asked: the provider's indices
+        self.outstanding: set = set()
+        self.last_piece = now
+        self.keepalive_out = False
+        self.pieces = 0
+        self.bytes = 0
+
+    def key(self) -> tuple:
+        # the same list is the same content: every chunk's BLAKE3 (the whole file's hash comes later)
+        return (self.size, self.records)
+
+
+class MultiRequestor:
+    """Fetches `name` in pieces from every listed node that has the same file."""
+
+    ASKING = "asking"          # waiting for every node's Size, list and hash (or its dropping out)
+    RECEIVING = "receiving"    # taking pieces
+    WRITING = "writing"        # a message of pieces is being checked and written
+    VERIFYING = "verifying"    # the whole file is being hashed, then renamed
+    HANDED = "handed"          # started again from one node alone (FetchSingle)
+    DONE = "done"
+    FAILED = "failed"
+    STATES = frozenset({ASKING, RECEIVING, WRITING, VERIFYING, HANDED, DONE, FAILED})
+
+    def __init__(self, name: str, peer: Any, parent: Any, now: float):
+        self.name = name
+        self.peer_node = peer.node           # "A,B,C": the key this download is known by
+        self.parent = parent
+        self.started = self.last_activity = now
+        self.sources = [Source(type(peer)(n, peer.process), i, now) for i, n in enumerate(nodes_of(peer.node) or [peer.node])]
+        self.state = self.ASKING
+        self.window: int | None = None
+        self.size = 0
+        self.chosen: tuple | None = None    # the list chosen: (size, records)
+        self.decided = now                  # when it was chosen
+        self.pieces: list = []              # (offset, length, [[offset, length, blake3]]) of each
+        self.pool: list = []                # heap of piece ids not asked of anyone now
+        self.left = 0                       # pieces not yet written
+        self.file_open = False
+        self.listing: Source | None = None  # whose list is being read
+        self.writing: tuple | None = None   # (source, ids, wants_ack) of the message being written
+        self.received = 0
+        self.last_report = 0.0
+        self.last_percent = -1
+        self.verified_digest: str | None = None
+
+    # ---- events ----
+    def handle(self, ev: Any) -> list:
+        t = type(ev)
+        if t is GotRequest:
+            return self.request(ev.source, ev.body, ev.meta, ev.wants_answer, ev.blob_len, ev.now)
+        if t is GotResponse:
+            return self.response(ev.context, ev.body, ev.meta, ev.now)
+        if t is SendFailed:
+            return self.request_failed(ev.context, ev.kind, ev.now)
+        if t is ListRead:
+            return self.list_read(ev.data, ev.now)
+        if t is PartialOpened:
+            return self.partial_opened(ev.now)
+        if t is ChunkWritten:
+            return self.pieces_written(ev.now)
+        if t is FileVerified:
+            return self.file_verified(ev.digest, ev.now)
+        if t is Renamed:
+            return self.renamed(ev.replaced, ev.now)
+        if t is IoFailed:
+            return self.io_failed(ev.error, ev.now)
+        if t is Start:
+            return self.start()
+        raise TypeError(f"a MultiRequestor takes no {t.__name__}")
+
+    def start(self) -> list:
+        actions: list = [ArmTimer(TICK),
+                         Log(f"{self.name}: fetching it from {', '.join(s.node for s in self.sources)} at once")]
+        for s in self.sources:
+            actions.append(Send(s.addr, {"Download": {"name": self.name, "target": address_json(s.addr),
+                                                      "is_requestor": False}},
+                                {"ft": 1}, HANDSHAKE_TIMEOUT, f"download:{s.node}"))
+        self._report(actions, self.started, providers=len(self.sources))   # the parent knows its worker at once
+        return actions
+
+    def _source(self, node: str) -> Source | None:
+        return next((s for s in self.sources if s.node == node), None)
+
+    def response(self, context: Any, body: Any, meta: dict, now: float) -> list:
+        kind, _, node = str(context).partition(":")
+        s = self._source(node)
+        if s is None or s.state == Source.DROPPED:
+            return []
+        if kind == "keepalive":
+            s.keepalive_out = False
+        elif kind == "download" and isinstance(body, dict) and isinstance(body.get("Download"), dict):
+            result = body["Download"]
+            if "Err" in result:
+                return self._drop(s, f"{s.node}: {result['Err']}", now)
+            place = meta.get("queued")
+            if isinstance(place, int) and _int(place) and place >= 1:   # it serves others first: leave its queue, the others serve
+                return [Send(s.addr, {"Progress": {"name": self.name, "progress": 0}},
+                             {"ft": 1, QUEUE_META: True, "error": "the requestor fetches it from other nodes"})] + \
+                    self._drop(s, f"{s.node} is busy serving others (place {place} in its queue); skipped", now,
+                               tell=False)
+        return []
+
+    def request(self, source: Any, body: Any, meta: dict, wants_answer: bool, blob_len: int | None,
+                now: float) -> list:
+        if self.state in (self.DONE, self.FAILED, self.HANDED):
+            return []
+        if source == self.parent and meta.get("cancel"):
+            return self.fail("cancelled", now)
+        if source == self.parent and window_in(meta):
+            self.window = window_in(meta)
+            return []
+        s = self._source(source.node)
+        if s is None:
+            return [Log(f"worker: ignored a bad message from {source}: not a provider of this transfer")]
+        if s.state == Source.DROPPED or not isinstance(body, dict):
+            return []   # a node dropped may still be sending (a plain one pushes its whole file): unread
+        if "Size" in body and s.worker is None:
+            return self.size_announced(s, source, body["Size"], meta, now)
+        if source != s.worker:
+            return [Log(f"worker: ignored a bad message from {source}: not this transfer's provider")]
+        if meta.get("error"):   # (a provider's error after Size comes as a second Size)
+            return self._drop(s, f"{s.node}: {meta['error']}", now, tell=False)
+        if "Progress" in body and isinstance(meta.get("chunks"), dict) and s.state == Source.SIZED:
+            info = meta["chunks"]
+            count = info.get("count")
+            assert s.size is not None
+            if not (_int(count) and count <= MAX_CHUNKS and blob_len == count * RECORD.size
+                    and info.get("avg") == MULTI_AVG):
+                return self._drop(s, f"{s.node} sent a malformed chunk list; dropped", now)
+            self.listing = s
+            return [ReadChunkList()]
+        if "Progress" in body and meta.get("final") and s.whole is None:
+            digest = meta.get("blake3")
+            if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
+                return self._drop(s, f"{s.node} sent a malformed file hash; dropped", now)
+            s.whole = digest
+            return self._maybe_finish()
+        if isinstance(body.get("Chunk"), dict) and isinstance(meta.get("pieces"), list):
+            return self.chunk(s, body["Chunk"], meta["pieces"], wants_answer, blob_len, now)
+        return [Log(f"worker: ignored a bad message from {source}: unknown request")]
+
+    def size_announced(self, s: Source, source: Any, size: Any, meta: dict, now: float) -> list:
+        s.worker = source
+        s.ext = meta.get("ft") == 1
+        if s.ext and meta.get("error"):
+            return self._drop(s, f"{s.node}: {meta['error']}", now, tell=False)
+        if not _int(size) or size >= 2**63:
+            return self._drop(s, f"{s.node} sent an invalid size {size!r}; dropped", now)
+        late = self.state not in (self.ASKING, self.RECEIVING, self.WRITING)
+        if not (s.ext and meta.get("delta") == 1 and meta.get("multi") == 1) or late:
+            s.alone = self.state == self.ASKING
+            how = ("it speaks the seed's plain protocol" if not s.ext
+                   else "the file is too small to split" if meta.get("delta") != 1 and size <= EXT_CHUNK_SIZE
+                   else "too late: all is fetched" if late else "it cannot send pieces of it")
+            return self._drop(s, f"{s.node} does not support multi-source downloads of {self.name} ({how}); "
+                                 f"skipped", now)
+        s.size = size
+        s.state = Source.SIZED
+        self.last_activity = now
+        return [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": MULTI_AVG, "multi": 1},
+                                   **self._window_meta()})]
+
+    def list_read(self, data: bytes | None, now: float) -> list:
+        s, self.listing = self.listing, None
+        assert s is not None
+        try:
+            records = parse_list(data or b"")
+        except ValueError:
+            records = None
+        if records is None or sum(n for n, _ in records) != s.size:
+            return self._drop(s, f"{s.node} sent a chunk list that does not add up to the file; dropped", now)
+        s.records = data
+        s.state = Source.READY
+        self.last_activity = now
+        # an empty want for now: the pieces are handed out once every node is heard from
+        return [Reply("Progress", {"ft": 1, "want": [], **self._window_meta()})] + self._maybe_decide(now)
+
+    def _maybe_decide(self, now: float) -> list:
+        if self.state != self.ASKING:
+            return self._maybe_join(now)
+        ready = [s for s in self.sources if s.state == Source.READY]
+        groups: dict = {}
+        for s in ready:
+            groups.setdefault(s.key(), []).append(s)
+        # more than half of all listed nodes agree: no node still to answer can outvote them (it joins
+        # when its list comes, if the same); else every node is waited for
+        early = any(2 * len(g) > len(self.sources) for g in groups.values())
+        if not early and any(s.state in (Source.ASKING, Source.SIZED) for s in self.sources):
+            return []
+        if not ready:
+            alone = next((s for s in self.sources if s.alone), None)
+            if alone is not None:
+                self.state = self.HANDED
+                return [Log(f"{self.name}: no listed node can send pieces of it; fetching it whole from "
+                            f"{alone.node} alone"),
+                        FetchSingle(alone.node, self.peer_node, [s.worker for s in self.sources if s.worker])]
+            return self.fail(f"no listed node can send {self.name}: " + "; ".join(s.why for s in self.sources), now)
+        best = max(groups.values(), key=lambda g: (len(g), -g[0].order))
+        first = best[0]
+        self.chosen = first.key()
+        self.decided = now
+        assert first.size is not None and first.records is not None
+        self.size = first.size
+        self.pieces = plan(parse_list(first.records), [])[1]
+        self.pool = list(range(len(self.pieces)))   # in file order: a heap already
+        self.left = len(self.pieces)
+        for s in best:
+            s.state = Source.ACTIVE
+            s.last_piece = now
+        self.state = self.RECEIVING
+        actions: list = []
+        for s in ready:
+            if s not in best:
+                actions += self._drop(s, f"{s.node} has different content ({self.name} differs from the one "
+                                         f"{', '.join(b.node for b in best)} ha{'s' if len(best) == 1 else 've'}); "
+                                         f"not used", now)
+        actions.append(Log(f"{self.name}: {human_size(self.size)} in {len(self.pieces)} pieces from "
+                           f"{', '.join(s.node for s in best)}"))
+        return actions + [OpenPartial(0)]
+
+    def _maybe_join(self, now: float) -> list:
+        """A list that came after the choice: the same list joins the providers in use, another is named."""
+        actions: list = []
+        for s in self.sources:
+            if s.state != Source.READY:
+                continue
+            if s.key() != self.chosen:
+                actions += self._drop(s, f"{s.node} has different content ({self.name} differs from the one "
+                                         f"the other nodes have); not used", now)
+            elif self.state in (self.RECEIVING, self.WRITING):
+                s.state = Source.ACTIVE
+                s.last_piece = now
+                actions.append(Log(f"{self.name}: {s.node} joins"))
+                self._top_up(actions, now, joiner=s)
+        return actions
+
+    def partial_opened(self, now: float) -> list:
+        self.file_open = True
+        self.last_activity = now
+        actions: list = []
+        self._report(actions, now)
+        return self._top_up(actions, now) + self._maybe_finish()
+
+    def _active(self) -> list:
+        return [s for s in self.sources if s.state == Source.ACTIVE]
+
+    def _window_meta(self) -> dict:
+        # the node's share for this download, split between its providers
+        n = max(len(self._active()), 1)
+        return {"window": max(2, self.window // n)} if self.window else {}
+
+    def _top_up(self, actions: list, now: float, joiner: Source | None = None) -> list:
+        """Ask each provider for more pieces while it owes fewer than DEPTH, a piece to each in turn (the
+        one that owes fewest first): the faster a provider delivers, the more often it is asked."""
+        if not self.file_open or self.state not in (self.RECEIVING, self.WRITING):
+            return actions
+        # who owes least, then who served least, first
+        active = sorted(self._active(), key=lambda x: (len(x.outstanding), x.bytes))
+        # a node not yet heard from, or still chunking its file, has its share kept for it (20 s at most)
+        pending = sum(1 for s in self.sources if s.state in (Source.ASKING, Source.SIZED))
+        reserve = len(self.pieces) * pending // (len(active) + pending) if pending else 0
+        grants: dict = {s.node: [] for s in active}
+        if joiner is not None:   # the share kept for it, at once
+            share = min(DEPTH, len(self.pieces) // len(active))
+            while len(self.pool) > reserve and len(joiner.outstanding) + len(grants[joiner.node]) < share:
+                grants[joiner.node].append(heapq.heappop(self.pool))
+        more = True
+        while len(self.pool) > reserve and more:
+            more = False
+            for s in active:
+                if len(self.pool) > reserve and len(s.outstanding) + len(grants[s.node]) < DEPTH:
+                    grants[s.node].append(heapq.heappop(self.pool))
+                    more = True
+        for s in active:
+            ids = sorted(grants[s.node])   # a message's pieces must be in file order (the host's check)
+            if not ids:
+                continue
+            if not s.outstanding:
+                s.last_piece = now   # its clock starts when it owes something
+            s.asked.extend(ids)
+            s.outstanding.update(ids)
+            actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
+                                {"ft": 1, "want": [[self.pieces[i][0], self.pieces[i][1]] for i in ids],
+                                 **self._window_meta()}, ACK_TIMEOUT, f"want:{s.node}"))
+        return actions
+
+    def chunk(self, s: Source, chunk: dict, pieces: list, wants_ack: bool, blob_len: int | None, now: float) -> list:
+        if self.state != self.RECEIVING or s.state != Source.ACTIVE:
+            return [Log(f"worker: ignored a bad message from {s.node}: a Chunk in state {self.state}")]
+        first, count = (pieces + [None, None])[:2]
+        if not (len(pieces) == 2 and _int(first) and _int(count) and count >= 1 and first + count <= len(s.asked)):
+            return self._drop(s, f"{s.node} sent pieces that were not asked for; dropped", now)
+        ids = s.asked[first:first + count]
+        if any(i not in s.outstanding for i in ids):
+            return self._drop(s, f"{s.node} sent a piece twice; dropped", now)
+        total = sum(self.pieces[i][1] for i in ids)
+        if blob_len != total or chunk.get("name") != self.name or chunk.get("offset") != self.pieces[ids[0]][0] \
+                or chunk.get("length") != total:
+            return self._drop(s, f"{s.node} sent pieces that do not fit what was asked; dropped", now)
+        self.writing = (s, ids, wants_ack)
+        self.state = self.WRITING
+        return [WriteRanges([c for i in ids for c in self.pieces[i][2]], self.size)]
+
+    def pieces_written(self, now: float) -> list:
+        assert self.writing is not None
+        s, ids, wants_ack = self.writing
+        self.writing = None
+        self.state = self.RECEIVING
+        for i in ids:
+            s.outstanding.discard(i)
+            n = self.pieces[i][1]
+            s.pieces += 1
+            s.bytes += n
+            self.received += n
+        self.left -= len(ids)
+        s.last_piece = self.last_activity = now
+        actions: list = []
+        if wants_ack:
+            actions.append(Reply("Progress", {"ft": 1, "ack": self.pieces[ids[0]][0], **self._window_meta()}))
+        self._report(actions, now)
+        self._keepalives(actions)
+        return self._top_up(actions, now) + self._maybe_finish()
+
+    def _finals(self) -> set:
+        """The whole file's hash as the providers in use gave it (each sends it once it has read it)."""
+        return {s.whole for s in self._active() if s.whole is not None}
+
+    def _maybe_finish(self) -> list:
+        if self.state == self.RECEIVING and self.file_open and self.left == 0 and self._finals():
+            self.state = self.VERIFYING
+            return [VerifyWhole()]
+        return []
+
+    def file_verified(self, digest: str | None, now: float) -> list:
+        if digest not in self._finals():
+            return self.fail("the file built from the pieces does not match the providers' hash (a file changed "
+                             "meanwhile); nothing was saved", now)
+        self.verified_digest = digest
+        return [Rename(digest)]
+
+    def renamed(self, replaced: bool, now: float) -> list:
+        actions: list = []
+        for s in self.sources:   # a MultiProvider ends only when told (one that listed late, too)
+            if s.state in (Source.ACTIVE, Source.READY, Source.SIZED):
+                actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": 100}},
+                                    {"ft": 1, "done": True}))
+        served = ", ".join(f"{s.node} {s.pieces} pieces ({human_size(s.bytes)})" for s in self.sources if s.pieces)
+        actions.append(Log(f"{self.name}: served by {served}"))
+        actions.append(RemoveFiles(state=False, partial=False))
+        self._report(actions, now, done=True, hash=self.verified_digest,
+                     served={s.node: s.bytes for s in self.sources if s.bytes},
+                     **({"replaced": True} if replaced else {}))
+        self.state = self.DONE
+        actions.append(Exit())
+        return actions
+
+    def io_failed(self, error: str, now: float) -> list:
+        if self.state == self.WRITING and self.writing is not None and INTEGRITY in error:
+            s = self.writing[0]   # the host refused a piece: that provider lied, or its file differs
+            self.writing = None
+            self.state = self.RECEIVING
+            return self._drop(s, f"{s.node} sent a chunk that failed its integrity check; dropped", now)
+        return self.fail(error, now)
+
+    def request_failed(self, context: Any, kind: str, now: float) -> list:
+        if context == "tick":
+            return self.tick(now)
+        what, _, node = str(context).partition(":")
+        s = self._source(node)
+        if s is None or s.state == Source.DROPPED or what not in ("download", "keepalive", "want"):
+            return []
+        if what == "download":
+            reason = "is offline" if kind == "offline" else f"did not answer within {HANDSHAKE_TIMEOUT} s"
+        else:
+            reason = "went offline" if kind == "offline" else "stopped answering"
+        return self._drop(s, f"{s.node} {reason}; dropped", now, tell=kind != "offline")
+
+    def tick(self, now: float) -> list:
+        if self.state in (self.DONE, self.FAILED, self.HANDED):
+            return []
+        actions: list = []
+        for s in self.sources:
+            if s.state == Source.ASKING and now - self.started > 2 * HANDSHAKE_TIMEOUT:
+                actions += self._drop(s, f"{s.node} did not start sending within {2 * HANDSHAKE_TIMEOUT} s; "
+                                         f"dropped", now)
+            elif s.state == Source.SIZED and self.state != self.ASKING and now - self.decided > PROVIDER_STALL:
+                actions += self._drop(s, f"{s.node} sent no list of {self.name} within {PROVIDER_STALL} s of the "
+                                         f"others; dropped", now)
+            elif s.state == Source.ACTIVE and s.outstanding and now - s.last_piece > PROVIDER_STALL:
+                actions += self._drop(s, f"{s.node} sent nothing for {PROVIDER_STALL} s; dropped", now)
+        if self.state in (self.DONE, self.FAILED, self.HANDED):
+            return actions
+        if now - self.last_activity > STALL_TIMEOUT:
+            return actions + self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", now)
+        self._keepalives(actions)
+        self._report(actions, now)
+        actions.append(ArmTimer(TICK))
+        return actions
+
+    def _keepalives(self, actions: list) -> None:
+        """One request outstanding to each provider: if its node goes away, the kernel fails it at once."""
+        for s in self.sources:
+            if s.worker is not None and s.ext and not s.keepalive_out and s.state not in (Source.DROPPED, Source.ASKING):
+                actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
+                                    {"ft": 1}, ACK_TIMEOUT, f"keepalive:{s.node}"))
+                s.keepalive_out = True
+
+    def _drop(self, s: Source, why: str, now: float, tell: bool = True) -> list:
+        """Name the node and stop using it; its outstanding pieces go back to the pool."""
+        if s.state == Source.DROPPED:
+            return []
+        s.state = Source.DROPPED
+        s.why = why
+        for i in s.outstanding:
+            heapq.heappush(self.pool, i)
+        s.outstanding.clear()
+        actions: list = [Log(f"{self.name}: {why}")]
+        if tell and s.worker is not None and s.ext:
+            actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": 0}}, {"ft": 1, "error": why}))
+        if self.state == self.ASKING:
+            return actions + self._maybe_decide(now)
+        if self.state in (self.RECEIVING, self.WRITING) and not self._active():
+            return actions + self.fail("every provider dropped out: " + "; ".join(x.why for x in self.sources if x.why),
+                                       now)
+        return self._top_up(actions, now)
+
+    def fail(self, error: str, now: float) -> list:
+        """Tell the providers still in use, remove the partial, tell the parent, end."""
+        if self.state in (self.DONE, self.FAILED):
+            return []
+        self.state = self.FAILED
+        actions: list = []
+        for s in self.sources:
+            if s.worker is not None and s.ext and s.state != Source.DROPPED:
+                actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
+                                    {"ft": 1, "error": error}))
+        actions.append(RemoveFiles(state=False, partial=self.file_open))
+        self._report(actions, now, error=error)
+        actions.append(Exit(error))
+        return actions
+
+    def _report(self, actions: list, now: float, **extra: Any) -> None:
+        percent = int(self.received * 100 / self.size) if self.size else 0
+        if not extra and percent == self.last_percent and now - self.last_report < 1.0:
+            return
+        self.last_percent, self.last_report = percent, now
+        secs = max(now - self.started, 1e-6)
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "rate": self.received / secs, "secs": secs,
+                **({"total": self.size} if self.size else {})}
+        meta.update(extra)
+        actions.append(Send(self.parent, {"Progress": {"name": self.name, "progress": percent}}, meta, 5, "progress"))
+
+
+# ---- the provider ------------------------------------------------------------------------------
+class MultiProvider(DeltaProvider):
+    """A DeltaProvider that takes its want list a part at a time and ends only when the requestor says
+    it is done (or stops, or goes silent)."""
+
+    def __init__(self, prov: Any, avg: int, now: float):
+        super().__init__(prov, avg, now)
+        self.closing = False
+
+    def start(self) -> list:
+        if self.avg != MULTI_AVG:   # another average would be a fresh chunking of the whole file, never cached
+            return self._error("bad delta request", f"peer asked for chunks of average size {self.avg}, not {MULTI_AVG}")
+        return [ChunkFile(self.avg)]
+
+    def _valid(self, want: Any) -> bool:
+        return isinstance(want, list) and len(self.want) + len(want) <= MAX_PIECES and all(
+            isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1]) and p[1] >= 1
+            and p[0] + p[1] <= self.size for p in want)
+
+    def _extend(self, want: list) -> None:
+        base = len(self.want)
+        self.want.extend(want)
+        self.plan.extend([base + first, count] for first, count in batches(want))
+
+    def response(self, context: str | None, meta: dict, now: float) -> list:
+        if context == "chunks" and self.state == self.LISTED:
+            want = meta.get("want")
+            if not (isinstance(want, list) and self._valid(want)):
+                return self._error("bad list of pieces", "peer asked for a bad list of pieces")
+            self._extend(want)
+            self.peer_window = window_in(meta) or self.peer_window
+            self.last_activity = now
+            self.state = self.SENDING
+            return self._fill([])
+        return super().response(context, meta, now)
+
+    def request(self, source: Any, body: Any, meta: dict, now: float) -> list:
+        if (self.state not in (self.DONE, self.FAILED) and source == self.target and isinstance(body, dict)
+                and "Progress" in body and not meta.get("error")):
+            self.last_activity = now   # its keepalives too: the requestor may have nothing for us a while
+            if meta.get("done"):
+                self.closing = True
+                return [Reply("Progress"), *super()._done()]
+            if "want" in meta:
+                if not self._valid(meta["want"]) or self.state == self.LISTED:
+                    return self._error("bad list of pieces", "peer asked for a bad list of pieces")
+                self._extend(meta["want"])
+                self.peer_window = window_in(meta) or self.peer_window
+                actions: list = [Reply("Progress", {"ft": 1})]
+                return self._fill(actions) if self.state == self.SENDING else actions
+        return super().request(source, body, meta, now)
+
+    def _fill(self, actions: list) -> list:
+        if not self.plan and not self.hashed:
+            return actions   # nothing asked yet: the whole file is hashed once pieces travel (DeltaProvider)
+        return super()._fill(actions)
+
+    def _done(self) -> list:
+        # all asked for is sent: more may be asked for, until the requestor says it is done
+        return super()._done() if self.closing else []
+
+
+# ft_protocol's Provider hands over to this when the requestor asks for pieces (SwitchToDelta)
+DELTA_MACHINES.update(multi_provider=MultiProvider)
+
+# the names the worker carries out (so a linter sees them used)
+__all__ = ["AloneRequestor", "FetchSingle", "MultiProvider", "MultiRequestor", "VerifyWhole", "check_nodes",
+           "nodes_of"]

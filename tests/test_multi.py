@@ -1,0 +1,451 @@
+"""From every node that has it (components/file_transfer/common/ft_multi.py): the machines wired in
+memory with the host's real chunking and checks on real files; then real nodes, each provider's
+share counted, one paused then killed in network namespaces, one lying, one of other content."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blake3 import blake3
+from conftest import paused, sha256, wait_for, write_random
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = str(REPO / "components/file_transfer/common")
+if COMMON not in sys.path:
+    sys.path.insert(0, COMMON)
+
+import ft_delta  # noqa: E402
+import ft_multi  # noqa: E402
+import ft_protocol as ft  # noqa: E402
+
+from host.kinode_types import Address  # noqa: E402
+from host.vfs import delta as host_delta  # noqa: E402
+
+REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
+REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")
+AVG = 4096
+DL = "download:file_transfer:template.os"
+
+
+def h(data: bytes) -> str:
+    return blake3(data).hexdigest()
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def main_of(node: str) -> Address:
+    return Address.parse(f"{node}@file_transfer:file_transfer:template.os")
+
+
+# ---- the machines, wired in memory ----------------------------------------------------------------
+@dataclass
+class Sim:
+    """A multi-source download of f.bin by alice.os from `files` {node: bytes or None (no such
+    file)}; `plain`: nodes speaking the seed's protocol; `lie`: nodes whose first read of pieces has a byte flipped."""
+    tmp: Path
+    files: dict
+    plain: set = field(default_factory=set)
+    lie: set = field(default_factory=set)
+    mute: set = field(default_factory=set)   # nodes whose reads of pieces never end (a stalled provider)
+    logs: list = field(default_factory=list)
+    progress: list = field(default_factory=list)
+    exits: dict = field(default_factory=dict)
+    queue: list = field(default_factory=list)
+    sent: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.part = self.tmp / "f.bin.part"
+        self.final = self.tmp / "f.bin"
+        self.workers = {n: Address.parse(f"{n}@w{i}:file_transfer:template.os") for i, n in enumerate(self.files)}
+        self.paths = {}
+        for n, data in self.files.items():
+            if data is not None:
+                self.paths[n] = self.tmp / f"{n}.bin"
+                self.paths[n].write_bytes(data)
+        key = ",".join(self.files)
+        self.machines: dict[str, Any] = {"req": ft_multi.MultiRequestor("f.bin", Address(key, REQ_PARENT.process),
+                                                                         REQ_PARENT, 0.0)}
+        self.blob: dict[str, Any] = {}
+        self.current: dict[str, Any] = {}
+
+    def run(self, start: bool = True) -> Sim:
+        if start:
+            self.act("req", self.machines["req"].handle(ft.Start()))
+        while self.queue:
+            who, ev, blob, msg = self.queue.pop(0)
+            if who in self.exits:
+                continue
+            self.blob[who], self.current[who] = blob, msg
+            self.act(who, self.machines[who].handle(ev))
+        return self
+
+    def me(self, who: str) -> Address:
+        return REQ_WORKER if who == "req" else self.workers[who]
+
+    def post(self, who: str, target: Any, ev: Any, blob: bytes | None, msg: Any) -> None:
+        if who == "req" and target.process.process_name == "file_transfer" and target.node in self.files:
+            node = target.node
+            if self.files[node] is None:
+                self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Err": "no such file: f.bin"}}, {}, 0.0),
+                                   None, None))
+                return
+            self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Ok": None}}, {}, 0.0), None, None))
+            self.machines[node] = ft.Provider("f.bin", REQ_WORKER, main_of(node), 0.0, extended=node not in self.plain)
+            self.act(node, self.machines[node].handle(ft.Start()))
+        elif target == REQ_PARENT:
+            self.progress.append(ev.meta)
+        elif who != "req" and target == main_of(who):
+            pass
+        elif target == REQ_WORKER:
+            self.sent[who] = self.sent.get(who, 0) + len(blob or b"")
+            self.queue.append(("req", ev, blob, msg))
+        else:
+            node = next(n for n, w in self.workers.items() if w == target)
+            self.queue.append((node, ev, blob, msg))
+
+    def act(self, who: str, actions: list) -> None:
+        while actions:
+            follow = None
+            for a in actions:
+                assert follow is None, "an action with a result must be the last of its list"
+                if isinstance(a, ft.Exit):
+                    self.exits[who] = a.error
+                    return
+                if isinstance(a, ft.Send):
+                    blob = self.blob.get(who) if a.forward_blob else None
+                    ev = ft.GotRequest(self.me(who), a.body, dict(a.metadata or {}), 0.0, a.timeout is not None,
+                                       None if blob is None else len(blob))
+                    self.post(who, a.target, ev, blob, (self.me(who), a.context))
+                elif isinstance(a, ft.Reply):
+                    source, context = self.current[who]
+                    self.post(who, source, ft.GotResponse(context, a.body, dict(a.metadata or {}), 0.0), None, None)
+                elif isinstance(a, ft.Log):
+                    self.logs.append(a.text)
+                elif isinstance(a, ft.ArmTimer):
+                    pass
+                elif isinstance(a, ft.SwitchToDelta):
+                    self.machines[who] = a.machine
+                elif isinstance(a, ft_multi.FetchSingle):
+                    self.machines["req"] = ft_multi.AloneRequestor(
+                        "f.bin", main_of(a.node), REQ_PARENT, 0.0, extended=True, delta=False, key=a.key)
+                    follow = self.machines["req"].handle(ft.Start())
+                else:
+                    try:
+                        follow = self.perform(who, a)
+                    except (OSError, host_delta.DeltaError) as e:
+                        follow = self.machines[who].handle(ft.IoFailed(str(e), 0.0))
+                        break
+            actions = follow
+
+    def perform(self, who: str, a: Any) -> list | None:
+        m = self.machines[who]
+        if who == "req":
+            if isinstance(a, ft.OpenPartial):
+                self.part.write_bytes(b"")
+                return m.handle(ft.PartialOpened(0.0))
+            if isinstance(a, ft_delta.ReadChunkList):
+                return m.handle(ft_delta.ListRead(self.blob["req"], 0.0))
+            if isinstance(a, ft_delta.WriteRanges):
+                fd = os.open(self.part, os.O_WRONLY)
+                try:
+                    host_delta.write_ranges(fd, a.items, self.blob["req"] or b"", a.size)
+                finally:
+                    os.close(fd)
+                return m.handle(ft.ChunkWritten(0.0))
+            if isinstance(a, ft_delta.VerifyWhole):
+                return m.handle(ft.FileVerified(h(self.part.read_bytes()), 0.0))
+            if isinstance(a, ft.WriteChunk):
+                with open(self.part, "r+b") as f:
+                    f.seek(a.offset)
+                    f.write(self.blob["req"] or b"")
+                return m.handle(ft.ChunkWritten(0.0))
+            if isinstance(a, ft.HashChunk):
+                if a.restart:
+                    self.chain = blake3()
+                self.chain.update(self.blob["req"] or b"")
+                return m.handle(ft.ChunkHashed(self.chain.hexdigest(), 0.0))
+            if isinstance(a, ft.VerifyFile):
+                return m.handle(ft.FileVerified(h(self.part.read_bytes()) if a.read_back else None, 0.0))
+            if isinstance(a, ft.Rename):
+                os.replace(self.part, self.final)
+                return m.handle(ft.Renamed(False, 0.0))
+            if isinstance(a, ft.RemoveFiles):
+                if a.partial and self.part.exists():
+                    self.part.unlink()
+                return None
+            if isinstance(a, (ft.SaveState, ft.LoadState)):
+                return m.handle(ft.StateLoaded(None, None, 0.0)) if isinstance(a, ft.LoadState) else None
+            raise AssertionError(f"unexpected action {a}")
+        data, path = self.files[who], self.paths[who]
+        if isinstance(a, ft.OpenFile):
+            st = path.stat()
+            return m.handle(ft.Opened(st.st_size, host_delta.stamp_of(st), 0.0, delta=True))
+        if isinstance(a, ft_delta.ChunkFile):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                records, whole, stamp, size = host_delta.chunk_list(fd, AVG)
+            finally:
+                os.close(fd)
+            self.blob[who] = records
+            return m.handle(ft_delta.FileChunked({"count": len(records) // 36, "size": size, "stamp": stamp}, 0.0))
+        if isinstance(a, ft_delta.HashWhole):
+            return m.handle(ft_delta.WholeHashed(h(data), 0.0))
+        if isinstance(a, ft_delta.ReadPieces) and who in self.mute:
+            return None
+        if isinstance(a, ft_delta.ReadPieces):
+            out = bytearray()
+            for off, n in a.items:
+                out += data[off:off + n]
+            if who in self.lie:
+                self.lie.discard(who)
+                out[len(out) // 2] ^= 0xFF
+            self.blob[who] = bytes(out)
+            return m.handle(ft_delta.PiecesRead(0.0))
+        if isinstance(a, ft.ReadChunk):
+            cur = getattr(m, "next_offset", 0)
+            self.blob[who] = data[cur:cur + a.length]
+            digest = h(self.blob[who]) if a.hash == ft.HASH_WHOLE else None
+            return m.handle(ft.ChunkRead(len(self.blob[who]), digest, 0.0))
+        if isinstance(a, ft.Seek):
+            return None
+        raise AssertionError(f"unexpected action {a}")
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """Both ends chunk with AVG, pieces of at most 64 KiB, the seed's chunk 16 KiB: a file of a few
+    hundred KiB is offered in pieces and has many."""
+    monkeypatch.setattr(ft_delta, "avg_for", lambda size: AVG)
+    monkeypatch.setattr(ft_multi, "MULTI_AVG", AVG)
+    monkeypatch.setattr(ft_multi, "plan", lambda new, old: ft_delta.plan(new, old, piece_max=64 << 10))
+    monkeypatch.setattr(ft, "EXT_CHUNK_SIZE", 64 << 10)
+    monkeypatch.setattr(ft, "CHUNK_SIZE", 16 << 10)
+
+
+def test_machines_fetch_disjoint_pieces_from_every_provider(tmp_path, small):
+    data = rand(600_000, 1)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data, "c.os": data}).run()
+    assert sim.exits["req"] is None, sim.logs
+    assert sim.final.read_bytes() == data
+    served = sim.progress[-1]["served"]
+    assert set(served) == {"a.os", "b.os", "c.os"} and sum(served.values()) == len(data), served
+    assert not [ln for ln in sim.logs if "dropped" in ln or "different" in ln or "skipped" in ln], sim.logs
+    assert all(sim.exits.get(n) is None and n in sim.exits for n in ("a.os", "b.os", "c.os")), sim.exits
+
+
+def test_machines_drop_a_liar_and_fetch_its_piece_elsewhere(tmp_path, small):
+    data = rand(600_000, 2)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data, "c.os": data}, lie={"b.os"}).run()
+    assert sim.exits["req"] is None, sim.logs
+    assert sim.final.read_bytes() == data
+    assert any("b.os sent a chunk that failed its integrity check; dropped" in ln for ln in sim.logs), sim.logs
+    assert "b.os" not in sim.progress[-1]["served"] or sim.progress[-1]["served"]["b.os"] < len(data)
+
+
+def test_machines_name_a_node_of_other_content_and_a_missing_file(tmp_path, small):
+    data = rand(600_000, 3)
+    sim = Sim(tmp_path, {"a.os": rand(600_000, 4), "b.os": data, "c.os": data, "d.os": None}).run()
+    assert sim.exits["req"] is None, sim.logs
+    assert sim.final.read_bytes() == data
+    assert any(ln.startswith("f.bin: a.os has different content") for ln in sim.logs), sim.logs
+    assert any("d.os: no such file" in ln for ln in sim.logs), sim.logs
+    assert set(sim.progress[-1]["served"]) == {"b.os", "c.os"}
+    # two of three agree before the third has listed: they start, and the third is named when it lists
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"b.os": data, "c.os": data, "a.os": rand(600_000, 4)}).run()
+    assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == data, sim.logs
+    assert any(ln.startswith("f.bin: a.os has different content") for ln in sim.logs), sim.logs
+    assert set(sim.progress[-1]["served"]) == {"b.os", "c.os"}
+    # none usable: a clear error naming each
+    (tmp_path / "x").mkdir()
+    sim = Sim(tmp_path / "x", {"d.os": None, "e.os": None}).run()
+    assert "no listed node can send f.bin" in (sim.exits["req"] or ""), sim.exits
+
+
+def test_machines_skip_a_plain_peer(tmp_path, small):
+    data = rand(600_000, 5)
+    sim = Sim(tmp_path, {"a.os": data, "p.os": data, "b.os": data}, plain={"p.os"}).run()
+    assert sim.exits["req"] is None, sim.logs
+    assert sim.final.read_bytes() == data
+    assert any("p.os does not support multi-source downloads of f.bin (it speaks the seed's plain protocol)" in ln
+               for ln in sim.logs), sim.logs
+    assert set(sim.progress[-1]["served"]) == {"a.os", "b.os"}
+
+
+def test_machines_fall_back_to_one_node_when_none_can_send_pieces(tmp_path, small):
+    data = rand(600_000, 6)
+    sim = Sim(tmp_path, {"p.os": data, "q.os": data}, plain={"p.os", "q.os"}).run()
+    assert sim.exits["req"] is None, sim.logs
+    assert sim.final.read_bytes() == data
+    assert any("fetching it whole from p.os alone" in ln for ln in sim.logs), sim.logs
+    assert sim.progress[-1]["peer"] == "p.os,q.os" and sim.progress[-1]["done"]
+
+
+# ---- real nodes ------------------------------------------------------------------------------------
+PORTABLE = REPO / "build" / "portable"
+
+
+def served_by(node, name: str) -> dict:
+    """{provider: pieces} from the requestor's line "NAME: served by A 3 pieces (12.0 MiB), B ..."."""
+    line = wait_for(lambda: next((ln for ln in node.lines if f"{name}: served by" in ln), None), 30,
+                    f"the served line of {name}")
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"(\S+) (\d+) pieces", line.split("served by", 1)[1])}
+
+
+def download(node, name: str, nodes: str, timeout: float = 120) -> list[str]:
+    code, lines = node.run(f"{DL} {name} {nodes}", until=rf"{re.escape(name)} downloaded|error:", timeout=timeout)
+    assert code == 0, lines
+    return lines
+
+
+def test_nodes_three_providers_each_serve_a_part_and_a_liar_is_dropped(node_factory):
+    req = node_factory("fake.dev")
+    provs = [node_factory(f"p{i}.dev") for i in (1, 2, 3)]
+    liar = node_factory("liar.dev", start=False)
+    liar.env = dict(liar.env, KINODE_TEST_LIE_AFTER_READS="0")   # each provider's first read of pieces has a byte flipped
+    liar.start()
+    src = provs[0].files / "big.bin"
+    digest = write_random(src, 16 << 20)
+    for p in [*provs[1:], liar]:
+        (p.files / "big.bin").write_bytes(src.read_bytes())
+    # three honest providers: each serves a part, and nobody is named (the control for the liar below)
+    lines = download(req, "big.bin", "p1.dev,p2.dev,p3.dev")
+    assert any("big.bin downloaded from p1.dev,p2.dev,p3.dev" in ln for ln in lines), lines
+    assert sha256(req.files / "big.bin") == digest
+    served = served_by(req, "big.bin")
+    assert set(served) == {"p1.dev", "p2.dev", "p3.dev"} and all(served.values()), served
+    assert not [ln for ln in req.lines if re.search(r"dropped|skipped|different content|error", ln)], req.lines[-20:]
+    # a liar among them: caught by the piece's hash, named, dropped; its piece fetched from another
+    (req.files / "big.bin").unlink()
+    download(req, "big.bin", "p1.dev,liar.dev,p2.dev")
+    liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
+    assert sha256(req.files / "big.bin") == digest
+    named = [ln for ln in req.lines if "liar.dev sent a chunk that failed its integrity check; dropped" in ln]
+    assert len(named) == 1, req.lines[-20:]
+    assert not [ln for ln in req.lines if re.search(r"big\.bin: p[12]\.dev .*dropped", ln)], req.lines[-20:]
+
+
+def test_nodes_other_content_missing_file_and_unknown_node(node_factory):
+    req = node_factory("fake.dev")
+    p1, p2, p3 = (node_factory(f"p{i}.dev") for i in (1, 2, 3))
+    digest = write_random(p1.files / "f.bin", 12 << 20)
+    (p2.files / "f.bin").write_bytes((p1.files / "f.bin").read_bytes())
+    write_random(p3.files / "f.bin", 12 << 20)                       # same name, other content
+    download(req, "f.bin", "p3.dev,p1.dev,ghost.dev,p2.dev")
+    assert sha256(req.files / "f.bin") == digest
+    assert any("f.bin: p3.dev has different content" in ln and "not used" in ln for ln in req.lines), req.lines[-20:]
+    assert any("f.bin: ghost.dev" in ln and "dropped" in ln for ln in req.lines), req.lines[-20:]
+    assert set(served_by(req, "f.bin")) == {"p1.dev", "p2.dev"}
+    # nobody can send it: one clear error naming each
+    code, lines = req.run(f"{DL} none.bin p1.dev,ghost.dev", until=r"none\.bin downloaded|error:", timeout=120)
+    err = next(ln for ln in lines if "error:" in ln)
+    assert "no listed node can send none.bin" in err and "p1.dev: no such file" in err and "ghost.dev" in err, err
+    assert not (req.files / "none.bin").exists()
+    # a file too small to split: fetched whole from the first node that has it, as an ordinary download
+    (p2.files / "small.txt").write_bytes(b"hello world\n")
+    (p1.files / "small.txt").write_bytes(b"hello world\n")
+    lines = download(req, "small.txt", "p2.dev,p1.dev")
+    assert (req.files / "small.txt").read_bytes() == b"hello world\n"
+    assert any("small.txt: no listed node can send pieces of it; fetching it whole from p2.dev alone" in ln
+               for ln in req.lines), req.lines[-20:]
+    assert any("small.txt downloaded from p2.dev,p1.dev" in ln for ln in lines), lines
+    # the list is checked before anything starts
+    code, lines = req.run(f"{DL} f.bin p1.dev,,p2.dev", until=r"error|downloaded", timeout=30)
+    assert any("a name between two commas is missing" in ln for ln in lines), lines
+    code, lines = req.run(f"{DL} f.bin p1.dev,fake.dev", until=r"error|downloaded", timeout=30)
+    assert any("fake.dev is this node" in ln for ln in lines), lines
+
+
+@pytest.mark.skipif(not (PORTABLE / "file_transfer" / "pkg" / "file_transfer_worker.wasm").exists()
+                    and not os.environ.get("CI"),
+                    reason="no portable build: run PORTABLE=1 PORTABLE_PACKAGES=file_transfer ./build.sh")
+def test_nodes_a_plain_peer_in_the_list_is_named_and_skipped(node_factory):
+    req = node_factory("fake.dev")
+    p1 = node_factory("p1.dev")
+    plain = node_factory("plain.dev", extra_args=["--packages", str(PORTABLE)])
+    p2 = node_factory("p2.dev")
+    digest = write_random(p1.files / "f.bin", 12 << 20)
+    for p in (plain, p2):
+        p.files.mkdir(parents=True, exist_ok=True)
+        (p.files / "f.bin").write_bytes((p1.files / "f.bin").read_bytes())
+    download(req, "f.bin", "p1.dev,plain.dev,p2.dev")
+    assert sha256(req.files / "f.bin") == digest
+    assert any("plain.dev does not support multi-source downloads of f.bin (it speaks the seed's plain protocol); "
+               "skipped" in ln for ln in req.lines), req.lines[-20:]
+    assert set(served_by(req, "f.bin")) == {"p1.dev", "p2.dev"}
+
+
+@pytest.fixture
+def multi_net(tmp_path, monkeypatch):
+    """tests/netns.py's namespaces, named multi<pid>...: a requestor and three providers on one bridge."""
+    import netns as netns_mod
+    why = netns_mod._can_make_namespaces()
+    if why:
+        pytest.skip(f"network namespaces cannot be made: {why}")
+    monkeypatch.setattr(netns_mod, "PREFIX", f"multi{os.getpid()}")
+    net = netns_mod.Netns(tmp_path)
+    try:
+        yield net
+    finally:
+        net.cleanup()
+
+
+def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net):
+    hosts = [multi_net.host(n) for n in ("r", "a", "b", "c")]
+    names = ["req.dev", "a.dev", "b.dev", "c.dev"]
+    # b holds before its second read of pieces, however fast the machine
+    nodes = [multi_net.node(h, n, env={"KINODE_TEST_PAUSE_AFTER_CHUNKS": "1"} if n == "b.dev" else None)
+             for h, n in zip(hosts, names)]
+    entries = [n.entry(h.addr4) for n, h in zip(nodes, hosts)]
+    nodes[0].set_peers(entries[1:])
+    for n in nodes[1:]:
+        n.set_peers(entries[:1])
+    req, a, b, c = (n.start() for n in nodes)
+    digest = write_random(a.files / "big.bin", 32 << 20)   # eight pieces or so: two or more asked of each
+    for p in (b, c):
+        p.files.mkdir(parents=True, exist_ok=True)
+        (p.files / "big.bin").write_bytes((a.files / "big.bin").read_bytes())
+    req.type(f"{DL} big.bin a.dev,b.dev,c.dev")
+    paused(b)                # it sent its first piece and holds before the next
+    code, lines = req.run("transfers:file_transfer:template.os", until=r"big\.bin from")
+    rows = [m.group(1) for ln in lines if (m := re.search(r"(big\.bin from \S+):", ln))]
+    assert code == 0 and rows == ["big.bin from a.dev,b.dev,c.dev"], lines   # one download, its providers in it
+    b.kill()                 # then it vanishes, owing pieces
+    req.expect(r"big\.bin downloaded from a\.dev,b\.dev,c\.dev", 120)
+    assert sha256(req.files / "big.bin") == digest
+    assert any("big.bin: b.dev" in ln and "dropped" in ln for ln in req.lines), req.lines[-20:]
+    served = served_by(req, "big.bin")
+    assert served.get("a.dev") and served.get("c.dev"), served
+    assert served.get("b.dev", 0) <= 1, served     # it held before its second piece
+
+
+def test_machines_drop_a_provider_that_stalls_and_finish_from_the_others(tmp_path, small):
+    data = rand(600_000, 7)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data, "c.os": data}, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    assert "req" not in sim.exits and req.state == req.RECEIVING      # held by b's pieces
+    owed = next(s for s in req.sources if s.node == "b.os").outstanding
+    assert owed
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", ft_multi.PROVIDER_STALL - 1.0)))
+    assert req.state == req.RECEIVING and not [ln for ln in sim.logs if "dropped" in ln]   # not yet
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", ft_multi.PROVIDER_STALL + 1.0)))
+    sim.run(start=False)
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert any(f"b.os sent nothing for {ft_multi.PROVIDER_STALL} s; dropped" in ln for ln in sim.logs), sim.logs
+    assert "b.os" not in sim.progress[-1]["served"]
+    # one that goes offline is dropped at once
+    (tmp_path / "z").mkdir()
+    sim = Sim(tmp_path / "z", {"a.os": data, "b.os": data}, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    sim.act("req", req.handle(ft.SendFailed("keepalive:b.os", "offline", 1.0)))
+    sim.run(start=False)
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert any("b.os went offline; dropped" in ln for ln in sim.logs), sim.logs
