@@ -42,6 +42,7 @@ EXT_CHUNK_SIZE = 8 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each co
                                  # both nodes); a chunk message stays under net's MAX_MESSAGE
 WINDOW = 4                 # chunks in flight per transfer, at most (a lone transfer's: NODE_BUDGET)
 NODE_BUDGET = 32 * CHUNK_SIZE  # bytes in flight for all of a node's transfers together (a lone one: WINDOW chunks)
+DELTA_MIN = 4 * CHUNK_SIZE   # a file over this size is offered only what changed (ft_delta), if its host can
 START_WINDOW = 2           # a provider's window until its file_transfer gives it its share
 MAX_DOWNLOADS = 4          # downloads a node runs at once; more wait their turn in file_transfer
 MAX_SERVING = 4            # files a node sends at once; more requestors wait in its queue (each

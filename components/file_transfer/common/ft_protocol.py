@@ -20,6 +20,7 @@ from typing import Any
 from ft_common import (
     ACK_TIMEOUT,
     CHUNK_SIZE,
+    DELTA_MIN,
     EXT_CHUNK_SIZE,
     HANDSHAKE_TIMEOUT,
     STALL_TIMEOUT,
@@ -892,7 +893,7 @@ class Provider:
         meta: dict | None = None
         if self.extended:
             # an offer to send only what changed, to a requestor holding an older copy (ft_delta)
-            self.delta = delta and EXT_CHUNK_SIZE < size <= DELTA_MAX and stamp is not None
+            self.delta = delta and DELTA_MIN < size <= DELTA_MAX and stamp is not None
             meta = {"ft": 1, "delta": 1} if self.delta else {"ft": 1}
         return [Send(self.target, {"Size": size}, meta, HANDSHAKE_TIMEOUT, "size")]
 
