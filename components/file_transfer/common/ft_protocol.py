@@ -528,8 +528,9 @@ class Requestor:
         self.ext = self.extended and meta.get("ft") == 1
         self.file_hash = meta.get("blake3") if self.ext else None
         self.hash_follows = self.ext and self.file_hash is None
-        # a file of one chunk has nothing to resume: no state file for it
-        self.has_state = self.ext and size > EXT_CHUNK_SIZE
+        # a file of one chunk has nothing to resume: no state file for it, unless it is big enough
+        # to be sent only what changed (ft_delta), which keeps one
+        self.has_state = self.ext and size > min(EXT_CHUNK_SIZE, DELTA_MIN)
         # the provider can send only what changed (ft_delta), if we hold an older copy
         self.delta_offered = self.delta and self.has_state and meta.get("delta") == 1
         self.wants_answer = wants_answer
