@@ -6,7 +6,8 @@ OTHER_TREE is a checkout with its components built (e.g. `git worktree add /tmp/
 (cd /tmp/before && ./build.sh)`); this tree is the other. Each tree's pair of nodes runs from its own
 code; per round the two download the same --mib MiB file in turn (the order alternating), then the
 plain-socket reference copies it (bench/plainsock.py). Prints MiB/s and each node's CPU-seconds per
-GiB per round, the medians and each pair's peak memory. With --folder N, the downloads are instead a
+GiB per round, the medians and each pair's peak memory (the compiled components are evicted from the
+page cache first, so that both pairs' peaks count them alike). With --folder N, the downloads are instead a
 folder of N files of 4 KiB (kept after each round, not deleted: see docs/BENCHMARKS.md on ext4).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer  # noqa: E402
 from throughput import Pair, check_folder, make_folder, plain_socket  # noqa: E402
-from transfer import FILES, peak_rss_mib, sha256, write_random  # noqa: E402
+from transfer import FILES, evict_compiled, peak_rss_mib, sha256, write_random  # noqa: E402
 
 
 def main() -> int:
@@ -35,6 +36,7 @@ def main() -> int:
     trees = {"other": Path(args.other).resolve(), "this": transfer.REPO}
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-compare-"))
     pairs: dict[str, Pair] = {}
+    evict_compiled()  # else the tree built last reads higher in peak memory (see evict_compiled)
     try:
         for tag, repo in trees.items():
             transfer.REPO = repo  # start_node runs `python -m host` from this tree

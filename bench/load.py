@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import free_port  # noqa: E402
-from transfer import FILES, REPO, peak_rss_mib, run_remote, start_node  # noqa: E402
+from transfer import FILES, REPO, evict_compiled, peak_rss_mib, run_remote, start_node  # noqa: E402
 
 from host.terminal.control import run_command  # noqa: E402
 
@@ -145,6 +145,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ft-load-"))
     env = dict(os.environ, KINODE_DIRECTORY=str(tmp / "directory.sqlite"))
     nodes: list[Node] = []
+    evict_compiled()  # peaks comparable with another tree's run (see transfer.evict_compiled)
     try:
         # the test packages (the pinger of part 2) only when part 2 runs: they add ~45 MB to each node
         extra = TEST_PACKAGES if args.messages else []

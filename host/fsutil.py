@@ -23,6 +23,7 @@ MAX_IO = 0x7FFFF000      # Linux caps one read/write call at this many bytes
 # of a big write on a VM, and the final fsync then has little left to flush.
 DIRECT_MIN = 1 << 20
 DIRECT_ALIGN = 4096
+DIRECT_STEP = 4 << 20  # bytes copied into the aligned buffer (and written) at a time
 _aligned_buffers = threading.local()
 
 

@@ -669,7 +669,7 @@ def small_avg(monkeypatch):
 
 
 def big(n: int = 6 << 20, seed: int = 7) -> bytes:
-    """Just over EXT_CHUNK_SIZE: a file small enough for a test, big enough to be offered delta."""
+    """Over DELTA_MIN: a file small enough for a test, big enough to be offered delta."""
     return rand(n, seed)
 
 
@@ -1133,7 +1133,7 @@ def test_nodes_a_kill_mid_delta_keeps_the_old_partial_for_the_next_run(node_fact
     fake = node_factory("fake.dev")
     fake2 = node_factory("fake2.dev", pause_after=1)     # its providers hold before their second read
     old = rand(12 << 20, 53)
-    new = old[:6 << 20] + rand(6 << 20, 54) + old[6 << 20:]   # the pieces take more than one message
+    new = old[:6 << 20] + rand(10 << 20, 54) + old[6 << 20:]   # the pieces take more than one message
     partial = fake.files / ".partial" / "fake2.dev" / "big.bin.part"
     aside = partial.with_name("big.bin.basis")
     partial.parent.mkdir(parents=True)

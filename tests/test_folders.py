@@ -397,13 +397,13 @@ def test_a_resume_state_the_partial_tree_does_not_bear_out_starts_afresh(two_nod
 def test_a_folder_download_queued_at_a_busy_provider_completes(node_factory):
     """A provider serving MAX_SERVING files queues the next requestor; a folder asked for then is
     told it waits, and is received whole once a slot frees (a queued requestor's Size is a folder's)."""
-    from ft_common import MAX_SERVING
+    from ft_common import EXT_CHUNK_SIZE, MAX_SERVING
     from test_transfers import put, sha
     provider, busy, late = (node_factory("prov.dev", pause_after=1), node_factory("busy.dev"),
                             node_factory("late.dev"))
     spec = {"x.txt": b"x" * 100, "d/y.bin": os.urandom(1 << 20), "d/e": None}
     make_files(provider.files / "pics", spec)
-    big = {f"big{i}.bin": put(provider, f"big{i}.bin", 8 << 20) for i in range(MAX_SERVING)}
+    big = {f"big{i}.bin": put(provider, f"big{i}.bin", EXT_CHUNK_SIZE + (1 << 20)) for i in range(MAX_SERVING)}  # 2 chunks
     busy.type(f"download:file_transfer:template.os {' '.join(big)} prov.dev")
     for _ in big:
         paused(provider)  # every serving slot held, part way

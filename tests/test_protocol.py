@@ -323,12 +323,12 @@ def test_any_file_arrives_whole_and_verified(data):
     assert net.max_in_flight <= 8
 
 
-def test_window_keeps_eight_chunks_in_flight_and_chains_hashes():
+def test_window_keeps_a_full_window_in_flight_and_chains_hashes():
     data = bytes(range(256)) * 8  # 2048 bytes: 32 chunks of 64
     with small_chunks():
         net = download(data)
     assert net.rside.store == {"file": data}
-    assert net.max_in_flight == 8
+    assert net.max_in_flight == ft_common.WINDOW > 1
     chunks = net.chunks()
     assert [c.body["Chunk"]["offset"] for c in chunks] == list(range(0, 2048, 64))
     for c in chunks:  # each chunk's `upto` is the hash of the file from 0 to its end
@@ -340,11 +340,12 @@ def test_window_keeps_eight_chunks_in_flight_and_chains_hashes():
     assert net.sent.index(final[0]) > net.sent.index(chunks[-1])
 
 
-def test_real_sizes_four_mib_chunks_and_state_saves():
-    data = (b"0123456789abcdef" * 65536) * 9 + b"tail"  # 9 MiB + 4 bytes: three chunks of up to 4 MiB
+def test_real_sizes_eight_mib_chunks_and_state_saves():
+    assert ft_common.EXT_CHUNK_SIZE == 8 << 20
+    data = (b"0123456789abcdef" * 65536) * 17 + b"tail"  # 17 MiB + 4 bytes: three chunks of up to 8 MiB
     net = download(data)
     assert net.rside.store == {"file": data}
-    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [4 << 20, 4 << 20, (1 << 20) + 4]
+    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [8 << 20, 8 << 20, (1 << 20) + 4]
 
 
 def test_one_chunk_file_is_sent_behind_size_with_its_hash():
@@ -468,7 +469,7 @@ def test_tick_sends_a_keepalive_when_none_is_outstanding():
 def test_provider_fails_when_acks_stop():
     with small_chunks():
         net = Net(bytes(1000), stall_acks=True).run()
-        assert net.prov.in_flight == 8 and "prov" not in net.exits
+        assert net.prov.in_flight == ft_common.WINDOW and "prov" not in net.exits
         net.act("prov", net.prov.tick(ft_common.STALL_TIMEOUT + 1), None)
     assert net.exits["prov"] == f"no progress for {ft_common.STALL_TIMEOUT} s; giving up"
     p = Provider("f", REQ_WORKER, PROV_PARENT, 0.0, extended=True)
@@ -1036,7 +1037,7 @@ def test_provider_tells_its_parent_it_still_serves_on_every_tick():
 def test_every_declared_state_is_reached():
     """Run the scenarios above that reach each state, then compare with the declared states."""
     test_any_file_arrives_whole_and_verified()
-    test_window_keeps_eight_chunks_in_flight_and_chains_hashes()
+    test_window_keeps_a_full_window_in_flight_and_chains_hashes()
     test_resume_continues_from_the_saved_offset(3)
     test_missing_file_is_refused_and_nothing_is_kept()
     test_provider_pushes_seed_sized_chunks_to_a_plain_requestor()
@@ -1089,7 +1090,7 @@ def test_window_shares_the_node_budget():
 def test_provider_keeps_the_smaller_of_its_parents_and_its_requestors_window_in_flight():
     def in_flight(out) -> int:
         return sum(1 for a in out if isinstance(a, ft.Send) and "Chunk" in a.body)
-    with small_chunks():
+    with small_chunks(window=8):  # windows up to 8 here, whatever the real WINDOW
         p, side, out, run = offered(bytes(64 * 20))
         p.window = 2  # (the worker starts a provider at START_WINDOW)
         run(p.response("size", {"ft": 1, "offset": 0}, 0.0))

@@ -155,7 +155,8 @@ def test_many_files_in_one_command_wait_their_turn(node_factory):
     """`download A B C... NODE`: at most 4 run at once, the rest are queued (listed by `transfers`,
     cancellable), and every file arrives intact."""
     fake, fake2 = node_factory("fake.dev"), node_factory("fake2.dev", pause_after=1)
-    digests = {f"m{i}.bin": put(fake2, f"m{i}.bin", 8 << 20) for i in range(16)}
+    from ft_common import EXT_CHUNK_SIZE
+    digests = {f"m{i}.bin": put(fake2, f"m{i}.bin", EXT_CHUNK_SIZE + (1 << 20)) for i in range(16)}  # 2 chunks each
     fake.type("verbosity 1")
     fake.type(f"download:file_transfer:template.os {' '.join(digests)} fake2.dev")
     fake.expect(r"m\d+\.bin from fake2\.dev: queued \(\d+ waiting, 4 downloads at once\)", 30)

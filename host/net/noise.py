@@ -50,7 +50,7 @@ TAG = 16                   # AES-GCM tag
 CHUNK = NOISE_MAX - TAG    # plaintext bytes per transport message
 HANDSHAKE_MAX = 4096       # largest handshake message we accept from an unauthenticated socket
 INSTANCE_LEN = 16
-OUT_KEEP = 5 << 20         # keep a connection's output buffer up to this size between rounds (a 4 MiB chunk fits)
+OUT_KEEP = 2 << 20         # a connection's output buffer, at most: a batch is encrypted into it and written a buffer at a time
 HANDSHAKE_BUF = 2 * (NOISE_MAX + 2)        # receive buffer while unauthenticated
 RECV_BUF = (1 << 20) + 2 * (NOISE_MAX + 2)  # receive buffer once established
 MAX_HANDSHAKES = 256       # concurrent unauthenticated connections; more are closed at once
@@ -413,7 +413,7 @@ class Conn:
         return pt
 
     async def send_payloads(self, payloads: list) -> None:
-        """Frame, encrypt and write encoded KernelMessages (one write for the whole batch)."""
+        """Frame, encrypt and write encoded KernelMessages (one write per OUT_KEEP bytes of the batch)."""
         segs: list = []
         total = 0
         for p in payloads:
@@ -423,13 +423,10 @@ class Conn:
             else:
                 segs.append(p)
             total += 4 + len(p)
-        need = total + -(-total // CHUNK) * (2 + TAG)
-        if need <= OUT_KEEP:
-            if len(self.out) < need:
-                self.out = bytearray(max(need, min(OUT_KEEP, 2 * len(self.out))))
-            out = memoryview(self.out)
-        else:
-            out = memoryview(bytearray(need))
+        need = min(total + -(-total // CHUNK) * (2 + TAG), OUT_KEEP)
+        if len(self.out) < need:
+            self.out = bytearray(max(need, min(OUT_KEEP, 2 * len(self.out))))
+        out = memoryview(self.out)
         enc, pack_nonce = self.enc, _NONCE.pack
         assert enc is not None, "sending before the handshake set the keys"
         n = self.enc_n
@@ -456,6 +453,10 @@ class Conn:
                     if so == len(seg):
                         si, so = si + 1, 0
                 data = b"".join(parts)
+            if pos + 2 + c + TAG > len(out):   # the buffer is full: write it, then fill it again
+                self.enc_n = n
+                await self.sendall(out[:pos])
+                pos = 0
             _U16.pack_into(out, pos, c + TAG)
             enc.encrypt_into(pack_nonce(n), data, None, out[pos + 2:pos + 2 + c + TAG])
             n += 1

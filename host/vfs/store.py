@@ -376,15 +376,21 @@ def _write_at(h: _Handle, data, pos: int) -> None:
     n = len(data)
     body = n - n % fsutil.DIRECT_ALIGN
     if n >= fsutil.DIRECT_MIN and pos % fsutil.DIRECT_ALIGN == 0 and h.direct() >= 0:
-        view = fsutil.aligned_buffer(body)
-        view[:body] = memoryview(data)[:body]
+        # copied into the aligned buffer a step at a time: it stays that small whatever the chunk size
+        view = fsutil.aligned_buffer(min(body, fsutil.DIRECT_STEP))
+        src = memoryview(data)
         done = 0
         try:
             while done < body:
-                k = os.pwrite(h.direct(), view[done:body], pos + done)
-                if k <= 0:
-                    raise OSError(errno.EIO, "short write")
-                done += k
+                take = min(fsutil.DIRECT_STEP, body - done)
+                view[:take] = src[done:done + take]
+                put = 0
+                while put < take:
+                    k = os.pwrite(h.direct(), view[put:take], pos + done + put)
+                    if k <= 0:
+                        raise OSError(errno.EIO, "short write")
+                    put += k
+                done += take
         except OSError as e:
             if e.errno != errno.EINVAL or done:
                 raise

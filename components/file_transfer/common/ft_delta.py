@@ -4,7 +4,7 @@ take over from ft_protocol's Requestor and Provider, which say so with a SwitchT
 
 Negotiated in metadata, as folders are, so a plain peer and one without it never see it:
 - A provider that can chunk (its host has the delta actions) offers it in Size: `{"ft":1, "delta":1}`
-  (files over EXT_CHUNK_SIZE and up to ft_protocol.DELTA_MAX only).
+  (files over DELTA_MIN and up to ft_protocol.DELTA_MAX only).
 - A requestor with no resume point for the file but an older copy of it (the same name in its files
   drive, else a partial download of another version, which is first moved aside to `NAME.basis`,
   removed at the end and put back after a failure) answers Size with `{"ft":1, "offset":0, "delta": {"avg": A}}` instead of a plain offset.

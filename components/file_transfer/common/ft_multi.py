@@ -4,7 +4,7 @@ ft_protocol's. Built on ft_delta's chunk lists, pieces and host checks.
 
 Negotiated in metadata, as delta is, so a plain peer and one without it never see it:
 - A provider that can send only what changed offers `{"ft":1, "delta":1, "multi":1}` in Size (files
-  over EXT_CHUNK_SIZE only). The requestor asks every listed node for the file and answers each such
+  over DELTA_MIN only). The requestor asks every listed node for the file and answers each such
   Size with `{"ft":1, "offset":0, "delta": {"avg": A, "multi": 1}}` (A: MULTI_AVG); a
   MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
   is not answered: the node is named ("does not support multi-source downloads") and skipped (an
@@ -37,7 +37,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Any
 
-from ft_common import ACK_TIMEOUT, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, TICK, human_size, window_in
+from ft_common import ACK_TIMEOUT, DELTA_MIN, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, TICK, human_size, window_in
 from ft_delta import (
     INTEGRITY,
     MAX_CHUNKS,
@@ -309,7 +309,7 @@ class MultiRequestor:
         if not (s.ext and meta.get("delta") == 1 and meta.get("multi") == 1) or late:
             s.alone = self.state == self.ASKING
             how = ("it speaks the seed's plain protocol" if not s.ext
-                   else "the file is too small to split" if meta.get("delta") != 1 and size <= EXT_CHUNK_SIZE
+                   else "the file is too small to split" if meta.get("delta") != 1 and size <= DELTA_MIN
                    else "too late: all is fetched" if late else "it cannot send pieces of it")
             return self._drop(s, f"{s.node} does not support multi-source downloads of {self.name} ({how}); "
                                  f"skipped", now)

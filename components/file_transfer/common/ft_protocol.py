@@ -20,6 +20,7 @@ from typing import Any
 from ft_common import (
     ACK_TIMEOUT,
     CHUNK_SIZE,
+    DELTA_MIN,
     EXT_CHUNK_SIZE,
     HANDSHAKE_TIMEOUT,
     STALL_TIMEOUT,
@@ -527,8 +528,9 @@ class Requestor:
         self.ext = self.extended and meta.get("ft") == 1
         self.file_hash = meta.get("blake3") if self.ext else None
         self.hash_follows = self.ext and self.file_hash is None
-        # a file of one chunk has nothing to resume: no state file for it
-        self.has_state = self.ext and size > EXT_CHUNK_SIZE
+        # a file of one chunk has nothing to resume: no state file for it, unless it is big enough
+        # to be sent only what changed (ft_delta), which keeps one
+        self.has_state = self.ext and size > min(EXT_CHUNK_SIZE, DELTA_MIN)
         # the provider can send only what changed (ft_delta), if we hold an older copy
         self.delta_offered = self.delta and self.has_state and meta.get("delta") == 1
         self.wants_answer = wants_answer
@@ -893,7 +895,7 @@ class Provider:
         meta: dict | None = None
         if self.extended:
             # an offer to send only what changed, to a requestor holding an older copy (ft_delta)
-            self.delta = delta and EXT_CHUNK_SIZE < size <= DELTA_MAX and stamp is not None
+            self.delta = delta and DELTA_MIN < size <= DELTA_MAX and stamp is not None
             # ... and to send pieces of it as one of several providers (ft_multi)
             meta = {"ft": 1, "delta": 1, "multi": 1} if self.delta else {"ft": 1}
         return [Send(self.target, {"Size": size}, meta, HANDSHAKE_TIMEOUT, "size")]

@@ -19,7 +19,7 @@ import ft_folder
 import ft_multi
 import ft_protocol as ft
 import wit_world
-from ft_common import EXT_CHUNK_SIZE, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
+from ft_common import DELTA_MIN, MAX_FOLDER_DEPTH, MAX_FOLDER_ENTRIES, PARTIAL_DIR, START_WINDOW, check_name
 from process_lib import (
     HAS_BLOBS,
     Address,
@@ -327,7 +327,7 @@ class Worker:
             return self.machine.handle(ft.Opened(None, None, time.monotonic(), folder=True))
         found = self.file.metadata()
         delta = False
-        if EXTENDED and found.len > EXT_CHUNK_SIZE:
+        if EXTENDED and found.len > DELTA_MIN:
             try:  # whether this host can chunk it (ft_delta), a probe that reads nothing
                 vfs.vfs_request(f"{self.drive}/{self.name}", {"ChunkList": {"avg": 0}})
                 delta = True
