@@ -37,7 +37,15 @@ import heapq
 from dataclasses import dataclass
 from typing import Any
 
-from ft_common import ACK_TIMEOUT, DELTA_MIN, EXT_CHUNK_SIZE, HANDSHAKE_TIMEOUT, STALL_TIMEOUT, TICK, human_size, window_in
+from ft_common import (
+    ACK_TIMEOUT,
+    DELTA_MIN,
+    HANDSHAKE_TIMEOUT,
+    STALL_TIMEOUT,
+    TICK,
+    human_size,
+    window_in,
+)
 from ft_delta import (
     INTEGRITY,
     MAX_CHUNKS,
