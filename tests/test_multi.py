@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from blake3 import blake3
-from conftest import paused, sha256, wait_for, write_random
+from conftest import paused, release, sha256, wait_for, write_random
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = str(REPO / "components/file_transfer/common")
@@ -228,6 +228,8 @@ def small(monkeypatch):
     monkeypatch.setattr(ft_multi, "plan", lambda new, old: ft_delta.plan(new, old, piece_max=64 << 10))
     monkeypatch.setattr(ft, "EXT_CHUNK_SIZE", 64 << 10)
     monkeypatch.setattr(ft, "CHUNK_SIZE", 16 << 10)
+    monkeypatch.setattr(ft, "DELTA_MIN", 64 << 10)
+    monkeypatch.setattr(ft_multi, "DELTA_MIN", 64 << 10)
 
 
 def test_machines_fetch_disjoint_pieces_from_every_provider(tmp_path, small):
@@ -369,17 +371,20 @@ def test_nodes_other_content_missing_file_and_unknown_node(node_factory):
                     reason="no portable build: run PORTABLE=1 PORTABLE_PACKAGES=file_transfer ./build.sh")
 def test_nodes_a_plain_peer_in_the_list_is_named_and_skipped(node_factory):
     req = node_factory("fake.dev")
-    p1 = node_factory("p1.dev")
+    p1 = node_factory("p1.dev", pause_after=1)   # holds before its second piece: the plain peer answers meanwhile
     plain = node_factory("plain.dev", extra_args=["--packages", str(PORTABLE)])
     p2 = node_factory("p2.dev")
-    digest = write_random(p1.files / "f.bin", 12 << 20)
+    digest = write_random(p1.files / "f.bin", 24 << 20)   # three pieces or more: two asked of p1
     for p in (plain, p2):
         p.files.mkdir(parents=True, exist_ok=True)
         (p.files / "f.bin").write_bytes((p1.files / "f.bin").read_bytes())
-    download(req, "f.bin", "p1.dev,plain.dev,p2.dev")
+    req.type(f"{DL} f.bin p1.dev,plain.dev,p2.dev")
+    paused(p1)
+    req.expect(r"plain\.dev does not support multi-source downloads of f\.bin \(it speaks the seed's plain "
+               r"protocol\); skipped", 60)
+    release(p1)
+    req.expect(r"f\.bin downloaded from p1\.dev,plain\.dev,p2\.dev", 120)
     assert sha256(req.files / "f.bin") == digest
-    assert any("plain.dev does not support multi-source downloads of f.bin (it speaks the seed's plain protocol); "
-               "skipped" in ln for ln in req.lines), req.lines[-20:]
     assert set(served_by(req, "f.bin")) == {"p1.dev", "p2.dev"}
 
 
@@ -409,7 +414,7 @@ def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net
     for n in nodes[1:]:
         n.set_peers(entries[:1])
     req, a, b, c = (n.start() for n in nodes)
-    digest = write_random(a.files / "big.bin", 32 << 20)   # eight pieces or so: two or more asked of each
+    digest = write_random(a.files / "big.bin", 48 << 20)   # six pieces or more (of up to 8 MiB): two or more asked of b
     for p in (b, c):
         p.files.mkdir(parents=True, exist_ok=True)
         (p.files / "big.bin").write_bytes((a.files / "big.bin").read_bytes())
