@@ -55,6 +55,9 @@ class Sim:
     plain: set = field(default_factory=set)
     lie: set = field(default_factory=set)
     mute: set = field(default_factory=set)   # nodes whose reads of pieces never end (a stalled provider)
+    fake_hash: set = field(default_factory=set)   # nodes that send a wrong hash of the whole file
+    hold_hash: set = field(default_factory=set)   # nodes whose hash of the whole file is kept in `held`
+    held: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)
     progress: list = field(default_factory=list)
     exits: dict = field(default_factory=dict)
@@ -75,6 +78,13 @@ class Sim:
                                                                          REQ_PARENT, 0.0)}
         self.blob: dict[str, Any] = {}
         self.current: dict[str, Any] = {}
+
+    def send_held(self, who: str) -> Sim:
+        """Deliver the hash of the whole file `who` sent and `held` kept."""
+        source, a = self.held.pop(who)
+        self.queue.append(("req", ft.GotRequest(source, a.body, dict(a.metadata), 0.0, False, None), None,
+                           (source, a.context)))
+        return self.run(start=False)
 
     def run(self, start: bool = True) -> Sim:
         if start:
@@ -119,6 +129,12 @@ class Sim:
                 if isinstance(a, ft.Exit):
                     self.exits[who] = a.error
                     return
+                if isinstance(a, ft.Send) and isinstance(a.metadata, dict) and a.metadata.get("final"):
+                    if who in self.fake_hash:
+                        a.metadata["blake3"] = "0" * 64
+                    if who in self.hold_hash:
+                        self.held[who] = (self.me(who), a)
+                        continue
                 if isinstance(a, ft.Send):
                     blob = self.blob.get(who) if a.forward_blob else None
                     ev = ft.GotRequest(self.me(who), a.body, dict(a.metadata or {}), 0.0, a.timeout is not None,
@@ -454,3 +470,37 @@ def test_machines_drop_a_provider_that_stalls_and_finish_from_the_others(tmp_pat
     sim.run(start=False)
     assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
     assert any("b.os went offline; dropped" in ln for ln in sim.logs), sim.logs
+
+
+def test_machines_a_fake_hash_of_the_whole_file_drops_its_sender_not_the_download(tmp_path, small):
+    data = rand(600_000, 8)
+    # the liar's hash is the only one in when the file is built: it is named, and an honest one awaited
+    sim = Sim(tmp_path, {"l.os": data, "a.os": data, "b.os": data}, fake_hash={"l.os"},
+              hold_hash={"a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    assert "req" not in sim.exits and req.state == req.CHECKED, sim.logs   # every piece in, not renamed
+    assert any("l.os sent a hash of the whole file that does not match the file its chunk list built; dropped"
+               in ln for ln in sim.logs), sim.logs
+    assert sim.part.exists() and not sim.final.exists()
+    sim.send_held("a.os")
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert set(sim.progress[-1]["served"]) == {"l.os", "a.os", "b.os"}   # its pieces were good
+    # every provider's hash differs: the download fails, naming them
+    (tmp_path / "x").mkdir()
+    sim = Sim(tmp_path / "x", {"l.os": data, "m.os": data}, fake_hash={"l.os", "m.os"}).run()
+    err = sim.exits["req"] or ""
+    assert "the hash of the whole file from l.os, m.os does not match" in err, (err, sim.logs)
+    assert not sim.final.exists() and not sim.part.exists()
+
+
+def test_machines_no_hash_of_the_whole_file_fails_clearly_after_the_stall_time(tmp_path, small):
+    data = rand(600_000, 9)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    assert req.state == req.CHECKED and sim.part.read_bytes() == data, sim.logs   # built and checked
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.checked + ft.STALL_TIMEOUT - 1.0)))
+    assert "req" not in sim.exits and req.state == req.CHECKED                  # not yet
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.checked + ft.STALL_TIMEOUT + 1.0)))
+    err = sim.exits["req"] or ""
+    assert (f"every piece was written and passed its check, but a.os, b.os sent no hash of the whole file within "
+            f"{ft.STALL_TIMEOUT} s") in err, (err, sim.logs)

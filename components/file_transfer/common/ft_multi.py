@@ -183,10 +183,11 @@ class MultiRequestor:
     RECEIVING = "receiving"    # taking pieces
     WRITING = "writing"        # a message of pieces is being checked and written
     VERIFYING = "verifying"    # the whole file is being hashed, then renamed
+    CHECKED = "checked"        # hashed; waiting for a provider's hash of the whole file that matches
     HANDED = "handed"          # started again from one node alone (FetchSingle)
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({ASKING, RECEIVING, WRITING, VERIFYING, HANDED, DONE, FAILED})
+    STATES = frozenset({ASKING, RECEIVING, WRITING, VERIFYING, CHECKED, HANDED, DONE, FAILED})
 
     def __init__(self, name: str, peer: Any, parent: Any, now: float):
         self.name = name
@@ -209,6 +210,7 @@ class MultiRequestor:
         self.last_report = 0.0
         self.last_percent = -1
         self.verified_digest: str | None = None
+        self.checked = now                  # when the whole file was hashed here
 
     # ---- events ----
     def handle(self, ev: Any) -> list:
@@ -301,7 +303,7 @@ class MultiRequestor:
             if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
                 return self._drop(s, f"{s.node} sent a malformed file hash; dropped", now)
             s.whole = digest
-            return self._maybe_finish()
+            return self._settle(now) if self.state == self.CHECKED else []
         if isinstance(body.get("Chunk"), dict) and isinstance(meta.get("pieces"), list):
             return self.chunk(s, body["Chunk"], meta["pieces"], wants_answer, blob_len, now)
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]
@@ -488,22 +490,41 @@ class MultiRequestor:
         self._keepalives(actions)
         return self._top_up(actions, now) + self._maybe_finish()
 
-    def _finals(self) -> set:
-        """The whole file's hash as the providers in use gave it (each sends it once it has read it)."""
-        return {s.whole for s in self._active() if s.whole is not None}
-
     def _maybe_finish(self) -> list:
-        if self.state == self.RECEIVING and self.file_open and self.left == 0 and self._finals():
+        if self.state == self.RECEIVING and self.file_open and self.left == 0:
             self.state = self.VERIFYING
             return [VerifyWhole()]
         return []
 
     def file_verified(self, digest: str | None, now: float) -> list:
-        if digest not in self._finals():
-            return self.fail("the file built from the pieces does not match the providers' hash (a file changed "
-                             "meanwhile); nothing was saved", now)
+        if digest is None:
+            return self.fail("the host did not hash the file built from the pieces; nothing was saved", now)
         self.verified_digest = digest
-        return [Rename(digest)]
+        self.checked = self.last_activity = now
+        self.state = self.CHECKED
+        return self._settle(now)
+
+    def _settle(self, now: float) -> list:
+        """The file is built and hashed here: a provider of the chosen list whose hash of the whole file
+        matches lets it take its name; one whose hash differs is named and dropped (a hash alone fails
+        nothing); with none left that could still send a matching one, the download fails."""
+        digest = self.verified_digest
+        same = [s for s in self.sources if s.key() == self.chosen and s.whole is not None]
+        actions: list = []
+        for s in same:
+            if s.whole != digest and s.state != Source.DROPPED:
+                actions += self._drop(s, f"{s.node} sent a hash of the whole file that does not match the file "
+                                         f"its chunk list built; dropped", now, then=False)
+        if any(s.whole == digest for s in same):
+            self.state = self.VERIFYING
+            return actions + [Rename(digest)]
+        if not self._active():
+            liars = [s.node for s in same]
+            why = (f"the hash of the whole file from {', '.join(liars)} does not match the file built from "
+                   f"pieces that each passed their check" if liars else
+                   "no provider sent a hash of the whole file: " + "; ".join(x.why for x in self.sources if x.why))
+            return actions + self.fail(f"{why}; nothing was saved", now)
+        return actions   # one still in use has not sent its hash: wait for it
 
     def renamed(self, replaced: bool, now: float) -> list:
         actions: list = []
@@ -557,6 +578,11 @@ class MultiRequestor:
                 actions += self._drop(s, f"{s.node} sent nothing for {PROVIDER_STALL} s; dropped", now)
         if self.state in (self.DONE, self.FAILED, self.HANDED):
             return actions
+        if self.state == self.CHECKED and now - self.checked > STALL_TIMEOUT:
+            waiting = ", ".join(s.node for s in self._active())
+            return actions + self.fail(f"every piece was written and passed its check, but {waiting} sent no hash "
+                                       f"of the whole file within {STALL_TIMEOUT} s to confirm it; nothing was "
+                                       f"saved (download it again)", now)
         if now - self.last_activity > STALL_TIMEOUT:
             return actions + self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", now)
         self._keepalives(actions)
@@ -572,8 +598,9 @@ class MultiRequestor:
                                     {"ft": 1}, ACK_TIMEOUT, f"keepalive:{s.node}"))
                 s.keepalive_out = True
 
-    def _drop(self, s: Source, why: str, now: float, tell: bool = True) -> list:
-        """Name the node and stop using it; its outstanding pieces go back to the pool."""
+    def _drop(self, s: Source, why: str, now: float, tell: bool = True, then: bool = True) -> list:
+        """Name the node and stop using it; its outstanding pieces go back to the pool; `then`: and
+        carry on without it (decide, hand out its pieces, or fail if none is left)."""
         if s.state == Source.DROPPED:
             return []
         s.state = Source.DROPPED
@@ -584,8 +611,12 @@ class MultiRequestor:
         actions: list = [Log(f"{self.name}: {why}")]
         if tell and s.worker is not None and s.ext:
             actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": 0}}, {"ft": 1, "error": why}))
+        if not then:
+            return actions
         if self.state == self.ASKING:
             return actions + self._maybe_decide(now)
+        if self.state == self.CHECKED:
+            return actions + self._settle(now)
         if self.state in (self.RECEIVING, self.WRITING) and not self._active():
             return actions + self.fail("every provider dropped out: " + "; ".join(x.why for x in self.sources if x.why),
                                        now)
