@@ -86,6 +86,24 @@ class Sim:
                            (source, a.context)))
         return self.run(start=False)
 
+    def unmute(self, who: str) -> Sim:
+        """Let `who` read pieces again, finishing the read it was held in."""
+        self.mute.discard(who)
+        m = self.machines[who]
+        if m.state == m.READING:
+            self.act(who, self.perform(who, ft_delta.ReadPieces([m.want[i] for i in range(m.reading[0], sum(m.reading))],
+                                                                m.stamp)))
+        return self.run(start=False)
+
+    def send_pieces(self, who: str, ids: list, first: int) -> Sim:
+        """`who` sends the pieces `ids` in one message, as the entries from `first` of what it was asked."""
+        req = self.machines["req"]
+        blob = b"".join(self.files[who][req.pieces[i][0]:req.pieces[i][0] + req.pieces[i][1]] for i in ids)
+        body = {"Chunk": {"name": "f.bin", "offset": req.pieces[ids[0]][0], "length": len(blob)}}
+        ev = ft.GotRequest(self.workers[who], body, {"ft": 1, "pieces": [first, len(ids)]}, 0.0, True, len(blob))
+        self.queue.append(("req", ev, blob, (self.workers[who], "piece")))
+        return self.run(start=False)
+
     def run(self, start: bool = True) -> Sim:
         if start:
             self.act("req", self.machines["req"].handle(ft.Start()))
@@ -504,3 +522,29 @@ def test_machines_no_hash_of_the_whole_file_fails_clearly_after_the_stall_time(t
     err = sim.exits["req"] or ""
     assert (f"every piece was written and passed its check, but a.os, b.os sent no hash of the whole file within "
             f"{ft.STALL_TIMEOUT} s") in err, (err, sim.logs)
+
+
+def test_machines_pieces_out_of_order_in_one_message_drop_the_sender_not_the_download(tmp_path, small):
+    data = rand(600_000, 10)
+    sim = Sim(tmp_path, {"x.os": data, "a.os": data, "b.os": data}, mute={"x.os", "a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    x = next(s for s in req.sources if s.node == "x.os")
+    sim.act("req", req.handle(ft.SendFailed("keepalive:a.os", "offline", 1.0)))   # its pieces back in the pool
+    sim.send_pieces("x.os", [x.asked[0]], 0)    # one piece written: x is asked for one of a's, lower in the file
+    assert sim.exits.get("req", "") == "" and req.left < len(req.pieces), sim.logs   # the control: written
+    k = next(k for k in range(len(x.asked) - 1) if x.asked[k] > x.asked[k + 1])
+    sim.send_pieces("x.os", x.asked[k:k + 2], k)   # two it owes, out of file order, in one message
+    assert any("x.os sent pieces out of file order in one message; dropped" in ln for ln in sim.logs), sim.logs
+    assert "req" not in sim.exits, sim.exits
+    sim.unmute("b.os")
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+
+
+def test_machines_a_local_disk_error_fails_the_download_without_blaming_a_provider(tmp_path, small, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(host_delta, "write_ranges", full)
+    sim = Sim(tmp_path, {"a.os": rand(600_000, 11), "b.os": rand(600_000, 11)}).run()
+    err = sim.exits["req"] or ""
+    assert "writing f.bin on this node failed: [Errno 28] No space left on device" in err, (err, sim.logs)
+    assert not [ln for ln in sim.logs if "dropped" in ln], sim.logs

@@ -462,6 +462,8 @@ class MultiRequestor:
         ids = s.asked[first:first + count]
         if any(i not in s.outstanding for i in ids):
             return self._drop(s, f"{s.node} sent a piece twice; dropped", now)
+        if any(a >= b for a, b in zip(ids, ids[1:])):   # the host writes a message's pieces in file order only
+            return self._drop(s, f"{s.node} sent pieces out of file order in one message; dropped", now)
         total = sum(self.pieces[i][1] for i in ids)
         if blob_len != total or chunk.get("name") != self.name or chunk.get("offset") != self.pieces[ids[0]][0] \
                 or chunk.get("length") != total:
@@ -548,6 +550,8 @@ class MultiRequestor:
             self.writing = None
             self.state = self.RECEIVING
             return self._drop(s, f"{s.node} sent a chunk that failed its integrity check; dropped", now)
+        if self.state == self.WRITING:   # pieces were checked here before: the fault is this node's (its disk)
+            return self.fail(f"writing {self.name} on this node failed: {error}", now)
         return self.fail(error, now)
 
     def request_failed(self, context: Any, kind: str, now: float) -> list:
