@@ -57,6 +57,7 @@ class Sim:
     mute: set = field(default_factory=set)   # nodes whose reads of pieces never end (a stalled provider)
     fake_hash: set = field(default_factory=set)   # nodes that send a wrong hash of the whole file
     hold_hash: set = field(default_factory=set)   # nodes whose hash of the whole file is kept in `held`
+    unlisted: set = field(default_factory=set)    # nodes that answer Size but never send their chunk list
     held: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)
     progress: list = field(default_factory=list)
@@ -222,6 +223,8 @@ class Sim:
         if isinstance(a, ft.OpenFile):
             st = path.stat()
             return m.handle(ft.Opened(st.st_size, host_delta.stamp_of(st), 0.0, delta=True))
+        if isinstance(a, ft_delta.ChunkFile) and who in self.unlisted:
+            return None
         if isinstance(a, ft_delta.ChunkFile):
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -548,3 +551,18 @@ def test_machines_a_local_disk_error_fails_the_download_without_blaming_a_provid
     err = sim.exits["req"] or ""
     assert "writing f.bin on this node failed: [Errno 28] No space left on device" in err, (err, sim.logs)
     assert not [ln for ln in sim.logs if "dropped" in ln], sim.logs
+
+
+def test_machines_a_node_that_never_lists_is_dropped_before_the_choice(tmp_path, small):
+    data = rand(600_000, 12)
+    sim = Sim(tmp_path, {"s.os": data, "a.os": data}, unlisted={"s.os"}).run()
+    req = sim.machines["req"]
+    assert req.state == req.ASKING and req.first_ready is not None, sim.logs   # a listed; s is awaited
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.first_ready + ft_multi.PROVIDER_STALL - 1.0)))
+    assert req.state == req.ASKING and not [ln for ln in sim.logs if "dropped" in ln]   # not yet
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.first_ready + ft_multi.PROVIDER_STALL + 1.0)))
+    sim.run(start=False)
+    assert any(f"s.os sent no list of f.bin within {ft_multi.PROVIDER_STALL} s of the others; dropped" in ln
+               for ln in sim.logs), sim.logs
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert set(sim.progress[-1]["served"]) == {"a.os"}

@@ -200,6 +200,7 @@ class MultiRequestor:
         self.size = 0
         self.chosen: tuple | None = None    # the list chosen: (size, records)
         self.decided = now                  # when it was chosen
+        self.first_ready: float | None = None   # when the first list came
         self.pieces: list = []              # (offset, length, [[offset, length, blake3]]) of each
         self.pool: list = []                # heap of piece ids not asked of anyone now
         self.left = 0                       # pieces not yet written
@@ -341,6 +342,8 @@ class MultiRequestor:
         s.records = data
         s.state = Source.READY
         self.last_activity = now
+        if self.first_ready is None:
+            self.first_ready = now
         # an empty want for now: the pieces are handed out once every node is heard from
         return [Reply("Progress", {"ft": 1, "want": [], **self._window_meta()})] + self._maybe_decide(now)
 
@@ -571,17 +574,25 @@ class MultiRequestor:
         if self.state in (self.DONE, self.FAILED, self.HANDED):
             return []
         actions: list = []
+        # a node's list is awaited PROVIDER_STALL after the choice, or before it after the first list came:
+        # one that never lists must not hold the others
+        listed = self.decided if self.state != self.ASKING else self.first_ready
+        was = self.state
         for s in self.sources:
+            if self.state != was:   # a drop decided (its last action opens the partial), or ended it
+                break
             if s.state == Source.ASKING and now - self.started > 2 * HANDSHAKE_TIMEOUT:
                 actions += self._drop(s, f"{s.node} did not start sending within {2 * HANDSHAKE_TIMEOUT} s; "
                                          f"dropped", now)
-            elif s.state == Source.SIZED and self.state != self.ASKING and now - self.decided > PROVIDER_STALL:
+            elif s.state == Source.SIZED and listed is not None and now - listed > PROVIDER_STALL:
                 actions += self._drop(s, f"{s.node} sent no list of {self.name} within {PROVIDER_STALL} s of the "
                                          f"others; dropped", now)
             elif s.state == Source.ACTIVE and s.outstanding and now - s.last_piece > PROVIDER_STALL:
                 actions += self._drop(s, f"{s.node} sent nothing for {PROVIDER_STALL} s; dropped", now)
         if self.state in (self.DONE, self.FAILED, self.HANDED):
             return actions
+        if self.state != was:
+            return [ArmTimer(TICK), *actions]
         if self.state == self.CHECKED and now - self.checked > STALL_TIMEOUT:
             waiting = ", ".join(s.node for s in self._active())
             return actions + self.fail(f"every piece was written and passed its check, but {waiting} sent no hash "
