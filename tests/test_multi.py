@@ -566,3 +566,35 @@ def test_machines_a_node_that_never_lists_is_dropped_before_the_choice(tmp_path,
                for ln in sim.logs), sim.logs
     assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
     assert set(sim.progress[-1]["served"]) == {"a.os"}
+
+
+def test_machines_a_provider_idle_but_for_keepalives_ends(tmp_path, small):
+    data = rand(600_000, 13)
+    # every piece sent; the requestor waits for a hash and never says it is done
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    prov = sim.machines["a.os"]
+    assert isinstance(prov, ft_multi.MultiProvider) and prov.state == prov.SENDING, prov.state
+    since = prov.last_activity
+
+    def keepalive(now: float) -> list:
+        return prov.handle(ft.GotRequest(REQ_WORKER, {"Progress": {"name": "f.bin", "progress": 99}}, {"ft": 1},
+                                         now, True, None))
+
+    def tick(now: float) -> list:
+        return prov.handle(ft.SendFailed("tick", "timeout", now))
+
+    assert keepalive(since + ft.STALL_TIMEOUT - 5.0) == [ft.Reply("Progress")]   # answered
+    assert not [a for a in tick(since + ft.STALL_TIMEOUT - 1.0) if isinstance(a, ft.Exit)]   # not yet
+    out = tick(since + ft.STALL_TIMEOUT + 1.0)   # keepalives alone do not hold it
+    assert isinstance(out[-1], ft.Exit) and prov.state == prov.FAILED, out
+    told = next(a for a in out if isinstance(a, ft.Send) and a.target == REQ_WORKER)
+    assert "asked for nothing for" in told.metadata["error"], told
+    # the control: a new want list is activity
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    prov = sim.machines["a.os"]
+    since = prov.last_activity
+    prov.handle(ft.GotRequest(REQ_WORKER, {"Progress": {"name": "f.bin", "progress": 99}},
+                              {"ft": 1, "want": [[0, 100]]}, since + ft.STALL_TIMEOUT - 5.0, True, None))
+    assert not [a for a in prov.handle(ft.SendFailed("tick", "timeout", since + ft.STALL_TIMEOUT + 1.0))
+                if isinstance(a, ft.Exit)] and prov.state != prov.FAILED

@@ -703,18 +703,26 @@ class MultiProvider(DeltaProvider):
     def request(self, source: Any, body: Any, meta: dict, now: float) -> list:
         if (self.state not in (self.DONE, self.FAILED) and source == self.target and isinstance(body, dict)
                 and "Progress" in body and not meta.get("error")):
-            self.last_activity = now   # its keepalives too: the requestor may have nothing for us a while
+            # only what asks for work counts as activity, not keepalives: a requestor cannot hold this
+            # serving slot by keepalives alone (an idle session ends after STALL_TIMEOUT; see tick)
             if meta.get("done"):
                 self.closing = True
                 return [Reply("Progress"), *super()._done()]
             if "want" in meta:
                 if not self._valid(meta["want"]) or self.state == self.LISTED:
                     return self._error("bad list of pieces", "peer asked for a bad list of pieces")
+                self.last_activity = now
                 self._extend(meta["want"])
                 self.peer_window = window_in(meta) or self.peer_window
                 actions: list = [Reply("Progress", {"ft": 1})]
                 return self._fill(actions) if self.state == self.SENDING else actions
         return super().request(source, body, meta, now)
+
+    def tick(self, now: float) -> list:
+        if self.state not in (self.DONE, self.FAILED) and now - self.last_activity > STALL_TIMEOUT:
+            return self._error(f"{self.parent.node} ended its part: asked for nothing for {STALL_TIMEOUT} s",
+                               f"asked for nothing for {STALL_TIMEOUT} s; ended")
+        return super().tick(now)
 
     def _fill(self, actions: list) -> list:
         if not self.plan and not self.hashed:
