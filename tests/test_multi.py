@@ -598,3 +598,18 @@ def test_machines_a_provider_idle_but_for_keepalives_ends(tmp_path, small):
                               {"ft": 1, "want": [[0, 100]]}, since + ft.STALL_TIMEOUT - 5.0, True, None))
     assert not [a for a in prov.handle(ft.SendFailed("tick", "timeout", since + ft.STALL_TIMEOUT + 1.0))
                 if isinstance(a, ft.Exit)] and prov.state != prov.FAILED
+
+
+def test_machines_a_tie_between_different_contents_fails_naming_each(tmp_path, small):
+    one, two = rand(600_000, 14), rand(600_000, 15)
+    sim = Sim(tmp_path, {"a.os": one, "b.os": two}).run()
+    err = sim.exits["req"] or ""
+    assert "the listed nodes have different content of f.bin and none is in the majority (a.os and b.os)" in err, err
+    assert not sim.final.exists()
+    (tmp_path / "x").mkdir()
+    sim = Sim(tmp_path / "x", {"a.os": one, "b.os": two, "c.os": one, "d.os": two}).run()
+    assert "(a.os, c.os and b.os, d.os); list only nodes with the same file" in (sim.exits["req"] or ""), sim.exits
+    # the control: a majority is followed
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"a.os": one, "b.os": two, "c.os": two}).run()
+    assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == two, sim.logs

@@ -367,7 +367,13 @@ class MultiRequestor:
                             f"{alone.node} alone"),
                         FetchSingle(alone.node, self.peer_node, [s.worker for s in self.sources if s.worker])]
             return self.fail(f"no listed node can send {self.name}: " + "; ".join(s.why for s in self.sources), now)
-        best = max(groups.values(), key=lambda g: (len(g), -g[0].order))
+        most = max(len(g) for g in groups.values())
+        tied = [g for g in groups.values() if len(g) == most]
+        if len(tied) > 1:   # no majority to go by: guessing would pick the content by the order of the list
+            versions = " and ".join(", ".join(s.node for s in g) for g in sorted(tied, key=lambda g: g[0].order))
+            return self.fail(f"the listed nodes have different content of {self.name} and none is in the majority "
+                             f"({versions}); list only nodes with the same file", now)
+        best = tied[0]
         first = best[0]
         self.chosen = first.key()
         self.decided = now
