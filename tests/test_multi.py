@@ -58,6 +58,7 @@ class Sim:
     fake_hash: set = field(default_factory=set)   # nodes that send a wrong hash of the whole file
     hold_hash: set = field(default_factory=set)   # nodes whose hash of the whole file is kept in `held`
     unlisted: set = field(default_factory=set)    # nodes that answer Size but never send their chunk list
+    busy: dict = field(default_factory=dict)      # nodes that serve others first: {node: place in its queue}
     held: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)
     progress: list = field(default_factory=list)
@@ -121,7 +122,13 @@ class Sim:
 
     def post(self, who: str, target: Any, ev: Any, blob: bytes | None, msg: Any) -> None:
         if who == "req" and target.process.process_name == "file_transfer" and target.node in self.files:
+            if "Download" not in ev.body:   # leaving a busy node's queue
+                return
             node = target.node
+            if node in self.busy:
+                self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Ok": None}}, {"queued": self.busy[node]},
+                                                         0.0), None, None))
+                return
             if self.files[node] is None:
                 self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Err": "no such file: f.bin"}}, {}, 0.0),
                                    None, None))
@@ -613,3 +620,16 @@ def test_machines_a_tie_between_different_contents_fails_naming_each(tmp_path, s
     (tmp_path / "y").mkdir()
     sim = Sim(tmp_path / "y", {"a.os": one, "b.os": two, "c.os": two}).run()
     assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == two, sim.logs
+
+
+def test_machines_every_listed_node_busy_is_a_clear_error(tmp_path, small):
+    data = rand(600_000, 16)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, busy={"a.os": 2, "b.os": 1}).run()
+    err = sim.exits["req"] or ""
+    assert "every listed node is busy serving others (a.os place 2, b.os place 1 in its queue); try again later" \
+        in err, err
+    # the control: one free node serves it all, the busy one is named
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"a.os": data, "b.os": data}, busy={"a.os": 2}).run()
+    assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == data, sim.logs
+    assert any("a.os is busy serving others (place 2 in its queue); skipped" in ln for ln in sim.logs), sim.logs

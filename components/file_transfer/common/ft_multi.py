@@ -164,6 +164,7 @@ class Source:
         self.records: bytes | None = None
         self.whole: str | None = None
         self.why = ""
+        self.busy = 0               # its place in its queue, when it serves others first
         self.asked: list = []       # piece ids in the order asked: the provider's indices
         self.outstanding: set = set()
         self.last_piece = now
@@ -264,6 +265,7 @@ class MultiRequestor:
                 return self._drop(s, f"{s.node}: {result['Err']}", now)
             place = meta.get("queued")
             if isinstance(place, int) and _int(place) and place >= 1:   # it serves others first: leave its queue, the others serve
+                s.busy = place
                 return [Send(s.addr, {"Progress": {"name": self.name, "progress": 0}},
                              {"ft": 1, QUEUE_META: True, "error": "the requestor fetches it from other nodes"})] + \
                     self._drop(s, f"{s.node} is busy serving others (place {place} in its queue); skipped", now,
@@ -366,6 +368,10 @@ class MultiRequestor:
                 return [Log(f"{self.name}: no listed node can send pieces of it; fetching it whole from "
                             f"{alone.node} alone"),
                         FetchSingle(alone.node, self.peer_node, [s.worker for s in self.sources if s.worker])]
+            if all(s.busy for s in self.sources):   # (waiting in several queues at once is not done)
+                places = ", ".join(f"{s.node} place {s.busy}" for s in self.sources)
+                return self.fail(f"every listed node is busy serving others ({places} in its queue); try again "
+                                 f"later, or download {self.name} from one node alone to wait in its queue", now)
             return self.fail(f"no listed node can send {self.name}: " + "; ".join(s.why for s in self.sources), now)
         most = max(len(g) for g in groups.values())
         tied = [g for g in groups.values() if len(g) == most]
