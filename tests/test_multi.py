@@ -633,3 +633,18 @@ def test_machines_every_listed_node_busy_is_a_clear_error(tmp_path, small):
     sim = Sim(tmp_path / "y", {"a.os": data, "b.os": data}, busy={"a.os": 2}).run()
     assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == data, sim.logs
     assert any("a.os is busy serving others (place 2 in its queue); skipped" in ln for ln in sim.logs), sim.logs
+
+
+def test_machines_a_folder_with_a_list_of_nodes_is_refused(tmp_path, small):
+    parent = REQ_PARENT
+    req = ft_multi.MultiRequestor("docs", Address("a.os,b.os", parent.process), parent, 0.0)
+    req.handle(ft.Start())
+    a = Address.parse("a.os@w1:file_transfer:template.os")
+    b = Address.parse("b.os@w2:file_transfer:template.os")
+    # the control: a file's Size is answered (its chunk list asked for)
+    out = req.handle(ft.GotRequest(a, {"Size": 5 << 20}, {"ft": 1, "delta": 1, "multi": 1}, 0.0, True, None))
+    assert isinstance(out[0], ft.Reply) and out[0].metadata["delta"]["multi"] == 1, out
+    out = req.handle(ft.GotRequest(b, {"Size": 3}, {"ft": 1, "folder": {"files": 3}}, 0.0, True, None))
+    assert isinstance(out[-1], ft.Exit), out
+    assert out[-1].error == "docs is a folder on b.os: download a folder from one node (a list of nodes is for a file)"
+    assert {a.target.node for a in out if isinstance(a, ft.Send) and a.metadata.get("error")} >= {"a.os", "b.os"}

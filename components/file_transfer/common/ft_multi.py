@@ -318,6 +318,9 @@ class MultiRequestor:
             return self._drop(s, f"{s.node}: {meta['error']}", now, tell=False)
         if not _int(size) or size >= 2**63:
             return self._drop(s, f"{s.node} sent an invalid size {size!r}; dropped", now)
+        if isinstance(meta.get("folder"), dict):   # a folder's manifest and files are not split between nodes
+            return self.fail(f"{self.name} is a folder on {s.node}: download a folder from one node (a list of "
+                             f"nodes is for a file)", now)
         late = self.state not in (self.ASKING, self.RECEIVING, self.WRITING)
         if not (s.ext and meta.get("delta") == 1 and meta.get("multi") == 1) or late:
             s.alone = self.state == self.ASKING
