@@ -369,6 +369,8 @@ def test_nodes_three_providers_each_serve_a_part_and_a_liar_is_dropped(node_fact
     served = served_by(req, "big.bin")
     assert set(served) == {"p1.dev", "p2.dev", "p3.dev"} and all(served.values()), served
     assert not [ln for ln in req.lines if re.search(r"dropped|skipped|different content|error", ln)], req.lines[-20:]
+    partial = req.files / ".partial"   # its partial folder removed (then .partial, empty, by file_transfer)
+    assert not partial.exists() or not list(partial.iterdir()), list(partial.iterdir())
     # a liar among them: caught by the piece's hash, named, dropped; its piece fetched from another
     (req.files / "big.bin").unlink()
     download(req, "big.bin", "p1.dev,liar.dev,p2.dev")
@@ -403,6 +405,13 @@ def test_nodes_other_content_missing_file_and_unknown_node(node_factory):
     assert any("small.txt: no listed node can send pieces of it; fetching it whole from p2.dev alone" in ln
                for ln in req.lines), req.lines[-20:]
     assert any("small.txt downloaded from p2.dev,p1.dev" in ln for ln in lines), lines
+    # a folder comes from one node: refused as soon as a Size shows it, nothing saved
+    for p in (p1, p2):
+        (p.files / "docs").mkdir()
+        (p.files / "docs" / "a.txt").write_bytes(b"a\n")
+    code, lines = req.run(f"{DL} docs p1.dev,p2.dev", until=r"docs downloaded|error:", timeout=60)
+    assert any("docs is a folder on p" in ln and "download a folder from one node" in ln for ln in lines), lines
+    assert not (req.files / "docs").exists()
     # the list is checked before anything starts
     code, lines = req.run(f"{DL} f.bin p1.dev,,p2.dev", until=r"error|downloaded", timeout=30)
     assert any("a name between two commas is missing" in ln for ln in lines), lines
@@ -648,3 +657,12 @@ def test_machines_a_folder_with_a_list_of_nodes_is_refused(tmp_path, small):
     assert isinstance(out[-1], ft.Exit), out
     assert out[-1].error == "docs is a folder on b.os: download a folder from one node (a list of nodes is for a file)"
     assert {a.target.node for a in out if isinstance(a, ft.Send) and a.metadata.get("error")} >= {"a.os", "b.os"}
+
+
+def test_partial_folder_of_a_list_is_short_and_stable():
+    many = ",".join(f"node-with-a-long-name-{i:03d}.os" for i in range(40))
+    assert len(many) > 255
+    name = ft_multi.partial_folder(many)
+    assert re.fullmatch(r"multi-[0-9a-f]{16}", name), name
+    assert name == ft_multi.partial_folder(",".join(reversed(many.split(","))))   # any order: the same
+    assert name != ft_multi.partial_folder(many + ",other.os")                   # other nodes: another

@@ -8,26 +8,33 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   Size with `{"ft":1, "offset":0, "delta": {"avg": A, "multi": 1}}` (A: MULTI_AVG); a
   MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
   is not answered: the node is named ("does not support multi-source downloads") and skipped (an
-  extended one is told to stop; a plain one's pushed chunks are dropped unread).
+  extended one is told to stop; a plain one's pushed chunks are dropped unread). A node that is busy
+  (queued) is skipped; all of them busy is a clear error (no waiting in several queues). A Size that
+  shows a folder fails the download: a folder comes from one node.
 - Each provider sends its chunk list (ft_delta, chunks of MULTI_AVG); the requestor answers it with an
   empty want (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of ending. The
-  requestor keeps the providers whose list is that of the most nodes (a tie: the group of the first
-  listed), as soon as more than half of the listed nodes agree, else once every node has answered or
-  dropped out: the same list is the same content, chunk by chunk (BLAKE3). Any other is named ("has
-  different content") and told to stop; one of the same list that comes later joins (its share of
-  the pieces is kept for it while it chunks, PROVIDER_STALL at most).
+  requestor keeps the providers whose list is that of the most nodes, as soon as more than half of
+  the listed nodes agree, else once every node has answered or dropped out: the same list is the
+  same content, chunk by chunk (BLAKE3). A tie between different lists fails, naming each side. Any
+  other is named ("has different content") and told to stop; one of the same list that comes later
+  joins (its share of the pieces is kept for it while it chunks, PROVIDER_STALL at most). A node
+  that sends no list within PROVIDER_STALL of the first one (or of the choice) is dropped.
 - The file's pieces (whole chunks, at most EXT_CHUNK_SIZE each) wait in one pool, in file order. Each
   provider is asked for a few at a time (a `Progress` request `{"ft":1, "want": [[offset, length]]}`,
   appended to what it was asked before; its Chunks name pieces by their index in that whole list), at
   most DEPTH outstanding, and for more as each arrives: a faster provider is asked more often.
 - A provider that goes offline, stops answering, sends nothing for PROVIDER_STALL seconds while it
-  owes pieces, or sends a piece that fails the host's check against the list (WriteRanges) is named and
-  dropped, its outstanding pieces back in the pool for the others. With no provider left, the
-  download fails (the partial removed).
+  owes pieces, or sends a piece that fails the host's check against the list (WriteRanges), or pieces
+  out of file order in one message, is named and dropped, its outstanding pieces back in the pool for
+  the others. With no provider left, the download fails (the partial removed). A write refused for
+  another reason is this node's (its disk) and fails the download.
 - Each provider hashes its file whole once pieces travel (ft_delta's final hash). All pieces written,
-  the requestor hashes the file whole and compares it with the hash of a provider still in use; only
-  then does it take its name. It tells each provider it is done (`{"ft":1, "done": true}`), which
-  ends the provider, and prints how much each one served.
+  the requestor hashes the file whole (CHECKED) and compares it with the hashes of the chosen list's
+  providers: one that differs is named and dropped, and a matching one awaited; only a match lets the
+  file take its name. None left that could match, or none sent for STALL_TIMEOUT: a clear failure.
+  It tells each provider it is done (`{"ft":1, "done": true}`), which ends the provider, and prints
+  how much each one served. A MultiProvider counts only want lists and acks as activity (not
+  keepalives) and ends a session idle for STALL_TIMEOUT.
 - If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
   starts again from the first such node alone (FetchSingle): an ordinary download.
 """
@@ -99,6 +106,15 @@ MULTI_AVG = DELTA_MAX_AVG
 def nodes_of(text: str) -> list | None:
     """The providers of a multi-source download named `text` ("A,B,C"), or None for a single node."""
     return text.split(SEP) if SEP in text else None
+
+
+def partial_folder(text: str) -> str:
+    """The folder of a multi-source download's partial under PARTIAL_DIR: short (a long list of nodes
+    would pass a file name's 255 bytes) and the same for the same nodes in any order (FNV-1a)."""
+    h = 0xcbf29ce484222325
+    for b in SEP.join(sorted(text.split(SEP))).encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return f"multi-{h:016x}"
 
 
 def check_nodes(text: str, our: str) -> str:
@@ -245,7 +261,8 @@ class MultiRequestor:
         for s in self.sources:
             actions.append(Send(s.addr, {"Download": {"name": self.name, "target": address_json(s.addr),
                                                       "is_requestor": False}},
-                                {"ft": 1}, HANDSHAKE_TIMEOUT, f"download:{s.node}"))
+                                # "folders": a folder shows itself in Size, to be refused clearly (not "no such file")
+                                {"ft": 1, "folders": 1}, HANDSHAKE_TIMEOUT, f"download:{s.node}"))
         self._report(actions, self.started, providers=len(self.sources))   # the parent knows its worker at once
         return actions
 
@@ -754,4 +771,4 @@ DELTA_MACHINES.update(multi_provider=MultiProvider)
 
 # the names the worker carries out (so a linter sees them used)
 __all__ = ["AloneRequestor", "FetchSingle", "MultiProvider", "MultiRequestor", "VerifyWhole", "check_nodes",
-           "nodes_of"]
+           "nodes_of", "partial_folder"]
