@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,6 +437,19 @@ def test_vfs_rename_over_a_big_file_frees_it_after_answering(tmp_path, monkeypat
     assert (real / "old").read_bytes() == new and not (real / "new").exists()
     v._releaser.submit(lambda: None).result()                    # the release ran: nothing of it is left open
     assert open_deleted() == []
+    # the releaser held up: at most RELEASE_PENDING replaced files wait for it, the rest are freed at once
+    gate = threading.Event()
+    v._releaser.submit(gate.wait)
+    try:
+        for i in range(store.RELEASE_PENDING + 3):
+            (real / f"old{i}").write_bytes(rand(20_000, 60 + i))
+            (real / f"new{i}").write_bytes(b"n")
+            assert vfs_call(v, f"{DRIVE}/new{i}", {"Rename": {"new_path": f"{DRIVE}/old{i}"}}) == "Ok"
+        assert len(open_deleted()) == store.RELEASE_PENDING, open_deleted()   # the control: those wait, held
+    finally:
+        gate.set()
+    v._releaser.submit(lambda: None).result()
+    assert open_deleted() == [] and v._releasing == 0
 
 def test_vfs_with_delta_off_answers_no_delta_action(tmp_path):
     for on in (False, True):

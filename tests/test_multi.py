@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from blake3 import blake3
-from conftest import paused, sha256, wait_for, write_random
+from conftest import paused, release, sha256, wait_for, write_random
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = str(REPO / "components/file_transfer/common")
@@ -55,6 +55,11 @@ class Sim:
     plain: set = field(default_factory=set)
     lie: set = field(default_factory=set)
     mute: set = field(default_factory=set)   # nodes whose reads of pieces never end (a stalled provider)
+    fake_hash: set = field(default_factory=set)   # nodes that send a wrong hash of the whole file
+    hold_hash: set = field(default_factory=set)   # nodes whose hash of the whole file is kept in `held`
+    unlisted: set = field(default_factory=set)    # nodes that answer Size but never send their chunk list
+    busy: dict = field(default_factory=dict)      # nodes that serve others first: {node: place in its queue}
+    held: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)
     progress: list = field(default_factory=list)
     exits: dict = field(default_factory=dict)
@@ -76,6 +81,31 @@ class Sim:
         self.blob: dict[str, Any] = {}
         self.current: dict[str, Any] = {}
 
+    def send_held(self, who: str) -> Sim:
+        """Deliver the hash of the whole file `who` sent and `held` kept."""
+        source, a = self.held.pop(who)
+        self.queue.append(("req", ft.GotRequest(source, a.body, dict(a.metadata), 0.0, False, None), None,
+                           (source, a.context)))
+        return self.run(start=False)
+
+    def unmute(self, who: str) -> Sim:
+        """Let `who` read pieces again, finishing the read it was held in."""
+        self.mute.discard(who)
+        m = self.machines[who]
+        if m.state == m.READING:
+            self.act(who, self.perform(who, ft_delta.ReadPieces([m.want[i] for i in range(m.reading[0], sum(m.reading))],
+                                                                m.stamp)))
+        return self.run(start=False)
+
+    def send_pieces(self, who: str, ids: list, first: int) -> Sim:
+        """`who` sends the pieces `ids` in one message, as the entries from `first` of what it was asked."""
+        req = self.machines["req"]
+        blob = b"".join(self.files[who][req.pieces[i][0]:req.pieces[i][0] + req.pieces[i][1]] for i in ids)
+        body = {"Chunk": {"name": "f.bin", "offset": req.pieces[ids[0]][0], "length": len(blob)}}
+        ev = ft.GotRequest(self.workers[who], body, {"ft": 1, "pieces": [first, len(ids)]}, 0.0, True, len(blob))
+        self.queue.append(("req", ev, blob, (self.workers[who], "piece")))
+        return self.run(start=False)
+
     def run(self, start: bool = True) -> Sim:
         if start:
             self.act("req", self.machines["req"].handle(ft.Start()))
@@ -92,7 +122,13 @@ class Sim:
 
     def post(self, who: str, target: Any, ev: Any, blob: bytes | None, msg: Any) -> None:
         if who == "req" and target.process.process_name == "file_transfer" and target.node in self.files:
+            if "Download" not in ev.body:   # leaving a busy node's queue
+                return
             node = target.node
+            if node in self.busy:
+                self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Ok": None}}, {"queued": self.busy[node]},
+                                                         0.0), None, None))
+                return
             if self.files[node] is None:
                 self.queue.append(("req", ft.GotResponse(msg[1], {"Download": {"Err": "no such file: f.bin"}}, {}, 0.0),
                                    None, None))
@@ -119,6 +155,12 @@ class Sim:
                 if isinstance(a, ft.Exit):
                     self.exits[who] = a.error
                     return
+                if isinstance(a, ft.Send) and isinstance(a.metadata, dict) and a.metadata.get("final"):
+                    if who in self.fake_hash:
+                        a.metadata["blake3"] = "0" * 64
+                    if who in self.hold_hash:
+                        self.held[who] = (self.me(who), a)
+                        continue
                 if isinstance(a, ft.Send):
                     blob = self.blob.get(who) if a.forward_blob else None
                     ev = ft.GotRequest(self.me(who), a.body, dict(a.metadata or {}), 0.0, a.timeout is not None,
@@ -188,6 +230,8 @@ class Sim:
         if isinstance(a, ft.OpenFile):
             st = path.stat()
             return m.handle(ft.Opened(st.st_size, host_delta.stamp_of(st), 0.0, delta=True))
+        if isinstance(a, ft_delta.ChunkFile) and who in self.unlisted:
+            return None
         if isinstance(a, ft_delta.ChunkFile):
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -228,6 +272,8 @@ def small(monkeypatch):
     monkeypatch.setattr(ft_multi, "plan", lambda new, old: ft_delta.plan(new, old, piece_max=64 << 10))
     monkeypatch.setattr(ft, "EXT_CHUNK_SIZE", 64 << 10)
     monkeypatch.setattr(ft, "CHUNK_SIZE", 16 << 10)
+    monkeypatch.setattr(ft, "DELTA_MIN", 64 << 10)
+    monkeypatch.setattr(ft_multi, "DELTA_MIN", 64 << 10)
 
 
 def test_machines_fetch_disjoint_pieces_from_every_provider(tmp_path, small):
@@ -323,6 +369,8 @@ def test_nodes_three_providers_each_serve_a_part_and_a_liar_is_dropped(node_fact
     served = served_by(req, "big.bin")
     assert set(served) == {"p1.dev", "p2.dev", "p3.dev"} and all(served.values()), served
     assert not [ln for ln in req.lines if re.search(r"dropped|skipped|different content|error", ln)], req.lines[-20:]
+    partial = req.files / ".partial"   # its partial folder removed (then .partial, empty, by file_transfer)
+    assert not partial.exists() or not list(partial.iterdir()), list(partial.iterdir())
     # a liar among them: caught by the piece's hash, named, dropped; its piece fetched from another
     (req.files / "big.bin").unlink()
     download(req, "big.bin", "p1.dev,liar.dev,p2.dev")
@@ -357,6 +405,13 @@ def test_nodes_other_content_missing_file_and_unknown_node(node_factory):
     assert any("small.txt: no listed node can send pieces of it; fetching it whole from p2.dev alone" in ln
                for ln in req.lines), req.lines[-20:]
     assert any("small.txt downloaded from p2.dev,p1.dev" in ln for ln in lines), lines
+    # a folder comes from one node: refused as soon as a Size shows it, nothing saved
+    for p in (p1, p2):
+        (p.files / "docs").mkdir()
+        (p.files / "docs" / "a.txt").write_bytes(b"a\n")
+    code, lines = req.run(f"{DL} docs p1.dev,p2.dev", until=r"docs downloaded|error:", timeout=60)
+    assert any("docs is a folder on p" in ln and "download a folder from one node" in ln for ln in lines), lines
+    assert not (req.files / "docs").exists()
     # the list is checked before anything starts
     code, lines = req.run(f"{DL} f.bin p1.dev,,p2.dev", until=r"error|downloaded", timeout=30)
     assert any("a name between two commas is missing" in ln for ln in lines), lines
@@ -369,17 +424,20 @@ def test_nodes_other_content_missing_file_and_unknown_node(node_factory):
                     reason="no portable build: run PORTABLE=1 PORTABLE_PACKAGES=file_transfer ./build.sh")
 def test_nodes_a_plain_peer_in_the_list_is_named_and_skipped(node_factory):
     req = node_factory("fake.dev")
-    p1 = node_factory("p1.dev")
+    p1 = node_factory("p1.dev", pause_after=1)   # holds before its second piece: the plain peer answers meanwhile
     plain = node_factory("plain.dev", extra_args=["--packages", str(PORTABLE)])
     p2 = node_factory("p2.dev")
-    digest = write_random(p1.files / "f.bin", 12 << 20)
+    digest = write_random(p1.files / "f.bin", 24 << 20)   # three pieces or more: two asked of p1
     for p in (plain, p2):
         p.files.mkdir(parents=True, exist_ok=True)
         (p.files / "f.bin").write_bytes((p1.files / "f.bin").read_bytes())
-    download(req, "f.bin", "p1.dev,plain.dev,p2.dev")
+    req.type(f"{DL} f.bin p1.dev,plain.dev,p2.dev")
+    paused(p1)
+    req.expect(r"plain\.dev does not support multi-source downloads of f\.bin \(it speaks the seed's plain "
+               r"protocol\); skipped", 60)
+    release(p1)
+    req.expect(r"f\.bin downloaded from p1\.dev,plain\.dev,p2\.dev", 120)
     assert sha256(req.files / "f.bin") == digest
-    assert any("plain.dev does not support multi-source downloads of f.bin (it speaks the seed's plain protocol); "
-               "skipped" in ln for ln in req.lines), req.lines[-20:]
     assert set(served_by(req, "f.bin")) == {"p1.dev", "p2.dev"}
 
 
@@ -409,7 +467,7 @@ def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net
     for n in nodes[1:]:
         n.set_peers(entries[:1])
     req, a, b, c = (n.start() for n in nodes)
-    digest = write_random(a.files / "big.bin", 32 << 20)   # eight pieces or so: two or more asked of each
+    digest = write_random(a.files / "big.bin", 48 << 20)   # six pieces or more (of up to 8 MiB): two or more asked of b
     for p in (b, c):
         p.files.mkdir(parents=True, exist_ok=True)
         (p.files / "big.bin").write_bytes((a.files / "big.bin").read_bytes())
@@ -449,3 +507,162 @@ def test_machines_drop_a_provider_that_stalls_and_finish_from_the_others(tmp_pat
     sim.run(start=False)
     assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
     assert any("b.os went offline; dropped" in ln for ln in sim.logs), sim.logs
+
+
+def test_machines_a_fake_hash_of_the_whole_file_drops_its_sender_not_the_download(tmp_path, small):
+    data = rand(600_000, 8)
+    # the liar's hash is the only one in when the file is built: it is named, and an honest one awaited
+    sim = Sim(tmp_path, {"l.os": data, "a.os": data, "b.os": data}, fake_hash={"l.os"},
+              hold_hash={"a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    assert "req" not in sim.exits and req.state == req.CHECKED, sim.logs   # every piece in, not renamed
+    assert any("l.os sent a hash of the whole file that does not match the file its chunk list built; dropped"
+               in ln for ln in sim.logs), sim.logs
+    assert sim.part.exists() and not sim.final.exists()
+    sim.send_held("a.os")
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert set(sim.progress[-1]["served"]) == {"l.os", "a.os", "b.os"}   # its pieces were good
+    # every provider's hash differs: the download fails, naming them
+    (tmp_path / "x").mkdir()
+    sim = Sim(tmp_path / "x", {"l.os": data, "m.os": data}, fake_hash={"l.os", "m.os"}).run()
+    err = sim.exits["req"] or ""
+    assert "the hash of the whole file from l.os, m.os does not match" in err, (err, sim.logs)
+    assert not sim.final.exists() and not sim.part.exists()
+
+
+def test_machines_no_hash_of_the_whole_file_fails_clearly_after_the_stall_time(tmp_path, small):
+    data = rand(600_000, 9)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    assert req.state == req.CHECKED and sim.part.read_bytes() == data, sim.logs   # built and checked
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.checked + ft.STALL_TIMEOUT - 1.0)))
+    assert "req" not in sim.exits and req.state == req.CHECKED                  # not yet
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.checked + ft.STALL_TIMEOUT + 1.0)))
+    err = sim.exits["req"] or ""
+    assert (f"every piece was written and passed its check, but a.os, b.os sent no hash of the whole file within "
+            f"{ft.STALL_TIMEOUT} s") in err, (err, sim.logs)
+
+
+def test_machines_pieces_out_of_order_in_one_message_drop_the_sender_not_the_download(tmp_path, small):
+    data = rand(600_000, 10)
+    sim = Sim(tmp_path, {"x.os": data, "a.os": data, "b.os": data}, mute={"x.os", "a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    x = next(s for s in req.sources if s.node == "x.os")
+    sim.act("req", req.handle(ft.SendFailed("keepalive:a.os", "offline", 1.0)))   # its pieces back in the pool
+    sim.send_pieces("x.os", [x.asked[0]], 0)    # one piece written: x is asked for one of a's, lower in the file
+    assert sim.exits.get("req", "") == "" and req.left < len(req.pieces), sim.logs   # the control: written
+    k = next(k for k in range(len(x.asked) - 1) if x.asked[k] > x.asked[k + 1])
+    sim.send_pieces("x.os", x.asked[k:k + 2], k)   # two it owes, out of file order, in one message
+    assert any("x.os sent pieces out of file order in one message; dropped" in ln for ln in sim.logs), sim.logs
+    assert "req" not in sim.exits, sim.exits
+    sim.unmute("b.os")
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+
+
+def test_machines_a_local_disk_error_fails_the_download_without_blaming_a_provider(tmp_path, small, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(host_delta, "write_ranges", full)
+    sim = Sim(tmp_path, {"a.os": rand(600_000, 11), "b.os": rand(600_000, 11)}).run()
+    err = sim.exits["req"] or ""
+    assert "writing f.bin on this node failed: [Errno 28] No space left on device" in err, (err, sim.logs)
+    assert not [ln for ln in sim.logs if "dropped" in ln], sim.logs
+
+
+def test_machines_a_node_that_never_lists_is_dropped_before_the_choice(tmp_path, small):
+    data = rand(600_000, 12)
+    sim = Sim(tmp_path, {"s.os": data, "a.os": data}, unlisted={"s.os"}).run()
+    req = sim.machines["req"]
+    assert req.state == req.ASKING and req.first_ready is not None, sim.logs   # a listed; s is awaited
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.first_ready + ft_multi.PROVIDER_STALL - 1.0)))
+    assert req.state == req.ASKING and not [ln for ln in sim.logs if "dropped" in ln]   # not yet
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.first_ready + ft_multi.PROVIDER_STALL + 1.0)))
+    sim.run(start=False)
+    assert any(f"s.os sent no list of f.bin within {ft_multi.PROVIDER_STALL} s of the others; dropped" in ln
+               for ln in sim.logs), sim.logs
+    assert sim.exits["req"] is None and sim.final.read_bytes() == data, sim.logs
+    assert set(sim.progress[-1]["served"]) == {"a.os"}
+
+
+def test_machines_a_provider_idle_but_for_keepalives_ends(tmp_path, small):
+    data = rand(600_000, 13)
+    # every piece sent; the requestor waits for a hash and never says it is done
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    prov = sim.machines["a.os"]
+    assert isinstance(prov, ft_multi.MultiProvider) and prov.state == prov.SENDING, prov.state
+    since = prov.last_activity
+
+    def keepalive(now: float) -> list:
+        return prov.handle(ft.GotRequest(REQ_WORKER, {"Progress": {"name": "f.bin", "progress": 99}}, {"ft": 1},
+                                         now, True, None))
+
+    def tick(now: float) -> list:
+        return prov.handle(ft.SendFailed("tick", "timeout", now))
+
+    assert keepalive(since + ft.STALL_TIMEOUT - 5.0) == [ft.Reply("Progress")]   # answered
+    assert not [a for a in tick(since + ft.STALL_TIMEOUT - 1.0) if isinstance(a, ft.Exit)]   # not yet
+    out = tick(since + ft.STALL_TIMEOUT + 1.0)   # keepalives alone do not hold it
+    assert isinstance(out[-1], ft.Exit) and prov.state == prov.FAILED, out
+    told = next(a for a in out if isinstance(a, ft.Send) and a.target == REQ_WORKER)
+    assert "asked for nothing for" in told.metadata["error"], told
+    # the control: a new want list is activity
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    prov = sim.machines["a.os"]
+    since = prov.last_activity
+    prov.handle(ft.GotRequest(REQ_WORKER, {"Progress": {"name": "f.bin", "progress": 99}},
+                              {"ft": 1, "want": [[0, 100]]}, since + ft.STALL_TIMEOUT - 5.0, True, None))
+    assert not [a for a in prov.handle(ft.SendFailed("tick", "timeout", since + ft.STALL_TIMEOUT + 1.0))
+                if isinstance(a, ft.Exit)] and prov.state != prov.FAILED
+
+
+def test_machines_a_tie_between_different_contents_fails_naming_each(tmp_path, small):
+    one, two = rand(600_000, 14), rand(600_000, 15)
+    sim = Sim(tmp_path, {"a.os": one, "b.os": two}).run()
+    err = sim.exits["req"] or ""
+    assert "the listed nodes have different content of f.bin and none is in the majority (a.os and b.os)" in err, err
+    assert not sim.final.exists()
+    (tmp_path / "x").mkdir()
+    sim = Sim(tmp_path / "x", {"a.os": one, "b.os": two, "c.os": one, "d.os": two}).run()
+    assert "(a.os, c.os and b.os, d.os); list only nodes with the same file" in (sim.exits["req"] or ""), sim.exits
+    # the control: a majority is followed
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"a.os": one, "b.os": two, "c.os": two}).run()
+    assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == two, sim.logs
+
+
+def test_machines_every_listed_node_busy_is_a_clear_error(tmp_path, small):
+    data = rand(600_000, 16)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, busy={"a.os": 2, "b.os": 1}).run()
+    err = sim.exits["req"] or ""
+    assert "every listed node is busy serving others (a.os place 2, b.os place 1 in its queue); try again later" \
+        in err, err
+    # the control: one free node serves it all, the busy one is named
+    (tmp_path / "y").mkdir()
+    sim = Sim(tmp_path / "y", {"a.os": data, "b.os": data}, busy={"a.os": 2}).run()
+    assert sim.exits["req"] is None and (tmp_path / "y" / "f.bin").read_bytes() == data, sim.logs
+    assert any("a.os is busy serving others (place 2 in its queue); skipped" in ln for ln in sim.logs), sim.logs
+
+
+def test_machines_a_folder_with_a_list_of_nodes_is_refused(tmp_path, small):
+    parent = REQ_PARENT
+    req = ft_multi.MultiRequestor("docs", Address("a.os,b.os", parent.process), parent, 0.0)
+    req.handle(ft.Start())
+    a = Address.parse("a.os@w1:file_transfer:template.os")
+    b = Address.parse("b.os@w2:file_transfer:template.os")
+    # the control: a file's Size is answered (its chunk list asked for)
+    out = req.handle(ft.GotRequest(a, {"Size": 5 << 20}, {"ft": 1, "delta": 1, "multi": 1}, 0.0, True, None))
+    assert isinstance(out[0], ft.Reply) and out[0].metadata["delta"]["multi"] == 1, out
+    out = req.handle(ft.GotRequest(b, {"Size": 3}, {"ft": 1, "folder": {"files": 3}}, 0.0, True, None))
+    assert isinstance(out[-1], ft.Exit), out
+    assert out[-1].error == "docs is a folder on b.os: download a folder from one node (a list of nodes is for a file)"
+    assert {a.target.node for a in out if isinstance(a, ft.Send) and a.metadata.get("error")} >= {"a.os", "b.os"}
+
+
+def test_partial_folder_of_a_list_is_short_and_stable():
+    many = ",".join(f"node-with-a-long-name-{i:03d}.os" for i in range(40))
+    assert len(many) > 255
+    name = ft_multi.partial_folder(many)
+    assert re.fullmatch(r"multi-[0-9a-f]{16}", name), name
+    assert name == ft_multi.partial_folder(",".join(reversed(many.split(","))))   # any order: the same
+    assert name != ft_multi.partial_folder(many + ",other.os")                   # other nodes: another

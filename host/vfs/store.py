@@ -434,6 +434,8 @@ class Vfs:
         self._unshare_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vfs-write")
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vfs-release")
+        self._release_lock = threading.Lock()
+        self._releasing = 0                      # replaced big files queued to be freed
         self._in_flight: dict = {}               # ProcessId -> (Future, path text): its write-behind
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -955,8 +957,27 @@ class Vfs:
         finally:
             self._sweep(vp.text, new.text)
             if old is not None:   # the file replaced is released (its pages and blocks freed) after the answer
-                self._releaser.submit(os.close, old)
+                self._release(old)
         return VfsResult(_OK)
+
+    def _release(self, fd: int) -> None:
+        """Close `fd` on the releaser's thread; at once when RELEASE_PENDING are queued already (so a
+        flood of renames cannot hold descriptors and disk space without bound)."""
+        with self._release_lock:
+            later = self._releasing < RELEASE_PENDING
+            if later:
+                self._releasing += 1
+        if not later:
+            os.close(fd)
+            return
+
+        def close() -> None:
+            try:
+                os.close(fd)
+            finally:
+                with self._release_lock:
+                    self._releasing -= 1
+        self._releaser.submit(close)
 
     def _copy(self, vp: _VPath, src: _Loc, new: _VPath, dst: _Loc) -> VfsResult:
         try:
@@ -1273,6 +1294,7 @@ class Vfs:
 
 
 RELEASE_LATER = 64 << 20   # a file at least this big, replaced by a rename, is freed after the answer
+RELEASE_PENDING = 4        # such files queued to be freed, at most; beyond, one is freed before the answer
 
 
 def _hold_big_file(link: str) -> int | None:

@@ -8,26 +8,33 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   Size with `{"ft":1, "offset":0, "delta": {"avg": A, "multi": 1}}` (A: MULTI_AVG); a
   MultiProvider takes over there. A Size without the offer (a plain peer, an older one, a small file)
   is not answered: the node is named ("does not support multi-source downloads") and skipped (an
-  extended one is told to stop; a plain one's pushed chunks are dropped unread).
+  extended one is told to stop; a plain one's pushed chunks are dropped unread). A node that is busy
+  (queued) is skipped; all of them busy is a clear error (no waiting in several queues). A Size that
+  shows a folder fails the download: a folder comes from one node.
 - Each provider sends its chunk list (ft_delta, chunks of MULTI_AVG); the requestor answers it with an
   empty want (`{"ft":1, "want": []}`): a MultiProvider then waits for more instead of ending. The
-  requestor keeps the providers whose list is that of the most nodes (a tie: the group of the first
-  listed), as soon as more than half of the listed nodes agree, else once every node has answered or
-  dropped out: the same list is the same content, chunk by chunk (BLAKE3). Any other is named ("has
-  different content") and told to stop; one of the same list that comes later joins (its share of
-  the pieces is kept for it while it chunks, PROVIDER_STALL at most).
+  requestor keeps the providers whose list is that of the most nodes, as soon as more than half of
+  the listed nodes agree, else once every node has answered or dropped out: the same list is the
+  same content, chunk by chunk (BLAKE3). A tie between different lists fails, naming each side. Any
+  other is named ("has different content") and told to stop; one of the same list that comes later
+  joins (its share of the pieces is kept for it while it chunks, PROVIDER_STALL at most). A node
+  that sends no list within PROVIDER_STALL of the first one (or of the choice) is dropped.
 - The file's pieces (whole chunks, at most EXT_CHUNK_SIZE each) wait in one pool, in file order. Each
   provider is asked for a few at a time (a `Progress` request `{"ft":1, "want": [[offset, length]]}`,
   appended to what it was asked before; its Chunks name pieces by their index in that whole list), at
   most DEPTH outstanding, and for more as each arrives: a faster provider is asked more often.
 - A provider that goes offline, stops answering, sends nothing for PROVIDER_STALL seconds while it
-  owes pieces, or sends a piece that fails the host's check against the list (WriteRanges) is named and
-  dropped, its outstanding pieces back in the pool for the others. With no provider left, the
-  download fails (the partial removed).
+  owes pieces, or sends a piece that fails the host's check against the list (WriteRanges), or pieces
+  out of file order in one message, is named and dropped, its outstanding pieces back in the pool for
+  the others. With no provider left, the download fails (the partial removed). A write refused for
+  another reason is this node's (its disk) and fails the download.
 - Each provider hashes its file whole once pieces travel (ft_delta's final hash). All pieces written,
-  the requestor hashes the file whole and compares it with the hash of a provider still in use; only
-  then does it take its name. It tells each provider it is done (`{"ft":1, "done": true}`), which
-  ends the provider, and prints how much each one served.
+  the requestor hashes the file whole (CHECKED) and compares it with the hashes of the chosen list's
+  providers: one that differs is named and dropped, and a matching one awaited; only a match lets the
+  file take its name. None left that could match, or none sent for STALL_TIMEOUT: a clear failure.
+  It tells each provider it is done (`{"ft":1, "done": true}`), which ends the provider, and prints
+  how much each one served. A MultiProvider counts only want lists and acks as activity (not
+  keepalives) and ends a session idle for STALL_TIMEOUT.
 - If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
   starts again from the first such node alone (FetchSingle): an ordinary download.
 """
@@ -101,6 +108,15 @@ def nodes_of(text: str) -> list | None:
     return text.split(SEP) if SEP in text else None
 
 
+def partial_folder(text: str) -> str:
+    """The folder of a multi-source download's partial under PARTIAL_DIR: short (a long list of nodes
+    would pass a file name's 255 bytes) and the same for the same nodes in any order (FNV-1a)."""
+    h = 0xcbf29ce484222325
+    for b in SEP.join(sorted(text.split(SEP))).encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return f"multi-{h:016x}"
+
+
 def check_nodes(text: str, our: str) -> str:
     """Why `text` is not a usable list of providers (or '' when it is, or is one node)."""
     nodes = nodes_of(text)
@@ -164,6 +180,7 @@ class Source:
         self.records: bytes | None = None
         self.whole: str | None = None
         self.why = ""
+        self.busy = 0               # its place in its queue, when it serves others first
         self.asked: list = []       # piece ids in the order asked: the provider's indices
         self.outstanding: set = set()
         self.last_piece = now
@@ -183,10 +200,11 @@ class MultiRequestor:
     RECEIVING = "receiving"    # taking pieces
     WRITING = "writing"        # a message of pieces is being checked and written
     VERIFYING = "verifying"    # the whole file is being hashed, then renamed
+    CHECKED = "checked"        # hashed; waiting for a provider's hash of the whole file that matches
     HANDED = "handed"          # started again from one node alone (FetchSingle)
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({ASKING, RECEIVING, WRITING, VERIFYING, HANDED, DONE, FAILED})
+    STATES = frozenset({ASKING, RECEIVING, WRITING, VERIFYING, CHECKED, HANDED, DONE, FAILED})
 
     def __init__(self, name: str, peer: Any, parent: Any, now: float):
         self.name = name
@@ -199,6 +217,7 @@ class MultiRequestor:
         self.size = 0
         self.chosen: tuple | None = None    # the list chosen: (size, records)
         self.decided = now                  # when it was chosen
+        self.first_ready: float | None = None   # when the first list came
         self.pieces: list = []              # (offset, length, [[offset, length, blake3]]) of each
         self.pool: list = []                # heap of piece ids not asked of anyone now
         self.left = 0                       # pieces not yet written
@@ -209,6 +228,7 @@ class MultiRequestor:
         self.last_report = 0.0
         self.last_percent = -1
         self.verified_digest: str | None = None
+        self.checked = now                  # when the whole file was hashed here
 
     # ---- events ----
     def handle(self, ev: Any) -> list:
@@ -241,7 +261,8 @@ class MultiRequestor:
         for s in self.sources:
             actions.append(Send(s.addr, {"Download": {"name": self.name, "target": address_json(s.addr),
                                                       "is_requestor": False}},
-                                {"ft": 1}, HANDSHAKE_TIMEOUT, f"download:{s.node}"))
+                                # "folders": a folder shows itself in Size, to be refused clearly (not "no such file")
+                                {"ft": 1, "folders": 1}, HANDSHAKE_TIMEOUT, f"download:{s.node}"))
         self._report(actions, self.started, providers=len(self.sources))   # the parent knows its worker at once
         return actions
 
@@ -261,6 +282,7 @@ class MultiRequestor:
                 return self._drop(s, f"{s.node}: {result['Err']}", now)
             place = meta.get("queued")
             if isinstance(place, int) and _int(place) and place >= 1:   # it serves others first: leave its queue, the others serve
+                s.busy = place
                 return [Send(s.addr, {"Progress": {"name": self.name, "progress": 0}},
                              {"ft": 1, QUEUE_META: True, "error": "the requestor fetches it from other nodes"})] + \
                     self._drop(s, f"{s.node} is busy serving others (place {place} in its queue); skipped", now,
@@ -301,7 +323,7 @@ class MultiRequestor:
             if not (isinstance(digest, str) and len(digest) == 64 and HEX.issuperset(digest)):
                 return self._drop(s, f"{s.node} sent a malformed file hash; dropped", now)
             s.whole = digest
-            return self._maybe_finish()
+            return self._settle(now) if self.state == self.CHECKED else []
         if isinstance(body.get("Chunk"), dict) and isinstance(meta.get("pieces"), list):
             return self.chunk(s, body["Chunk"], meta["pieces"], wants_answer, blob_len, now)
         return [Log(f"worker: ignored a bad message from {source}: unknown request")]
@@ -313,6 +335,9 @@ class MultiRequestor:
             return self._drop(s, f"{s.node}: {meta['error']}", now, tell=False)
         if not _int(size) or size >= 2**63:
             return self._drop(s, f"{s.node} sent an invalid size {size!r}; dropped", now)
+        if isinstance(meta.get("folder"), dict):   # a folder's manifest and files are not split between nodes
+            return self.fail(f"{self.name} is a folder on {s.node}: download a folder from one node (a list of "
+                             f"nodes is for a file)", now)
         late = self.state not in (self.ASKING, self.RECEIVING, self.WRITING)
         if not (s.ext and meta.get("delta") == 1 and meta.get("multi") == 1) or late:
             s.alone = self.state == self.ASKING
@@ -339,6 +364,8 @@ class MultiRequestor:
         s.records = data
         s.state = Source.READY
         self.last_activity = now
+        if self.first_ready is None:
+            self.first_ready = now
         # an empty want for now: the pieces are handed out once every node is heard from
         return [Reply("Progress", {"ft": 1, "want": [], **self._window_meta()})] + self._maybe_decide(now)
 
@@ -361,8 +388,18 @@ class MultiRequestor:
                 return [Log(f"{self.name}: no listed node can send pieces of it; fetching it whole from "
                             f"{alone.node} alone"),
                         FetchSingle(alone.node, self.peer_node, [s.worker for s in self.sources if s.worker])]
+            if all(s.busy for s in self.sources):   # (waiting in several queues at once is not done)
+                places = ", ".join(f"{s.node} place {s.busy}" for s in self.sources)
+                return self.fail(f"every listed node is busy serving others ({places} in its queue); try again "
+                                 f"later, or download {self.name} from one node alone to wait in its queue", now)
             return self.fail(f"no listed node can send {self.name}: " + "; ".join(s.why for s in self.sources), now)
-        best = max(groups.values(), key=lambda g: (len(g), -g[0].order))
+        most = max(len(g) for g in groups.values())
+        tied = [g for g in groups.values() if len(g) == most]
+        if len(tied) > 1:   # no majority to go by: guessing would pick the content by the order of the list
+            versions = " and ".join(", ".join(s.node for s in g) for g in sorted(tied, key=lambda g: g[0].order))
+            return self.fail(f"the listed nodes have different content of {self.name} and none is in the majority "
+                             f"({versions}); list only nodes with the same file", now)
+        best = tied[0]
         first = best[0]
         self.chosen = first.key()
         self.decided = now
@@ -460,6 +497,8 @@ class MultiRequestor:
         ids = s.asked[first:first + count]
         if any(i not in s.outstanding for i in ids):
             return self._drop(s, f"{s.node} sent a piece twice; dropped", now)
+        if any(a >= b for a, b in zip(ids, ids[1:])):   # the host writes a message's pieces in file order only
+            return self._drop(s, f"{s.node} sent pieces out of file order in one message; dropped", now)
         total = sum(self.pieces[i][1] for i in ids)
         if blob_len != total or chunk.get("name") != self.name or chunk.get("offset") != self.pieces[ids[0]][0] \
                 or chunk.get("length") != total:
@@ -488,22 +527,41 @@ class MultiRequestor:
         self._keepalives(actions)
         return self._top_up(actions, now) + self._maybe_finish()
 
-    def _finals(self) -> set:
-        """The whole file's hash as the providers in use gave it (each sends it once it has read it)."""
-        return {s.whole for s in self._active() if s.whole is not None}
-
     def _maybe_finish(self) -> list:
-        if self.state == self.RECEIVING and self.file_open and self.left == 0 and self._finals():
+        if self.state == self.RECEIVING and self.file_open and self.left == 0:
             self.state = self.VERIFYING
             return [VerifyWhole()]
         return []
 
     def file_verified(self, digest: str | None, now: float) -> list:
-        if digest not in self._finals():
-            return self.fail("the file built from the pieces does not match the providers' hash (a file changed "
-                             "meanwhile); nothing was saved", now)
+        if digest is None:
+            return self.fail("the host did not hash the file built from the pieces; nothing was saved", now)
         self.verified_digest = digest
-        return [Rename(digest)]
+        self.checked = self.last_activity = now
+        self.state = self.CHECKED
+        return self._settle(now)
+
+    def _settle(self, now: float) -> list:
+        """The file is built and hashed here: a provider of the chosen list whose hash of the whole file
+        matches lets it take its name; one whose hash differs is named and dropped (a hash alone fails
+        nothing); with none left that could still send a matching one, the download fails."""
+        digest = self.verified_digest
+        same = [s for s in self.sources if s.key() == self.chosen and s.whole is not None]
+        actions: list = []
+        for s in same:
+            if s.whole != digest and s.state != Source.DROPPED:
+                actions += self._drop(s, f"{s.node} sent a hash of the whole file that does not match the file "
+                                         f"its chunk list built; dropped", now, then=False)
+        if any(s.whole == digest for s in same):
+            self.state = self.VERIFYING
+            return actions + [Rename(digest)]
+        if not self._active():
+            liars = [s.node for s in same]
+            why = (f"the hash of the whole file from {', '.join(liars)} does not match the file built from "
+                   f"pieces that each passed their check" if liars else
+                   "no provider sent a hash of the whole file: " + "; ".join(x.why for x in self.sources if x.why))
+            return actions + self.fail(f"{why}; nothing was saved", now)
+        return actions   # one still in use has not sent its hash: wait for it
 
     def renamed(self, replaced: bool, now: float) -> list:
         actions: list = []
@@ -527,6 +585,8 @@ class MultiRequestor:
             self.writing = None
             self.state = self.RECEIVING
             return self._drop(s, f"{s.node} sent a chunk that failed its integrity check; dropped", now)
+        if self.state == self.WRITING:   # pieces were checked here before: the fault is this node's (its disk)
+            return self.fail(f"writing {self.name} on this node failed: {error}", now)
         return self.fail(error, now)
 
     def request_failed(self, context: Any, kind: str, now: float) -> list:
@@ -546,17 +606,30 @@ class MultiRequestor:
         if self.state in (self.DONE, self.FAILED, self.HANDED):
             return []
         actions: list = []
+        # a node's list is awaited PROVIDER_STALL after the choice, or before it after the first list came:
+        # one that never lists must not hold the others
+        listed = self.decided if self.state != self.ASKING else self.first_ready
+        was = self.state
         for s in self.sources:
+            if self.state != was:   # a drop decided (its last action opens the partial), or ended it
+                break
             if s.state == Source.ASKING and now - self.started > 2 * HANDSHAKE_TIMEOUT:
                 actions += self._drop(s, f"{s.node} did not start sending within {2 * HANDSHAKE_TIMEOUT} s; "
                                          f"dropped", now)
-            elif s.state == Source.SIZED and self.state != self.ASKING and now - self.decided > PROVIDER_STALL:
+            elif s.state == Source.SIZED and listed is not None and now - listed > PROVIDER_STALL:
                 actions += self._drop(s, f"{s.node} sent no list of {self.name} within {PROVIDER_STALL} s of the "
                                          f"others; dropped", now)
             elif s.state == Source.ACTIVE and s.outstanding and now - s.last_piece > PROVIDER_STALL:
                 actions += self._drop(s, f"{s.node} sent nothing for {PROVIDER_STALL} s; dropped", now)
         if self.state in (self.DONE, self.FAILED, self.HANDED):
             return actions
+        if self.state != was:
+            return [ArmTimer(TICK), *actions]
+        if self.state == self.CHECKED and now - self.checked > STALL_TIMEOUT:
+            waiting = ", ".join(s.node for s in self._active())
+            return actions + self.fail(f"every piece was written and passed its check, but {waiting} sent no hash "
+                                       f"of the whole file within {STALL_TIMEOUT} s to confirm it; nothing was "
+                                       f"saved (download it again)", now)
         if now - self.last_activity > STALL_TIMEOUT:
             return actions + self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", now)
         self._keepalives(actions)
@@ -572,8 +645,9 @@ class MultiRequestor:
                                     {"ft": 1}, ACK_TIMEOUT, f"keepalive:{s.node}"))
                 s.keepalive_out = True
 
-    def _drop(self, s: Source, why: str, now: float, tell: bool = True) -> list:
-        """Name the node and stop using it; its outstanding pieces go back to the pool."""
+    def _drop(self, s: Source, why: str, now: float, tell: bool = True, then: bool = True) -> list:
+        """Name the node and stop using it; its outstanding pieces go back to the pool; `then`: and
+        carry on without it (decide, hand out its pieces, or fail if none is left)."""
         if s.state == Source.DROPPED:
             return []
         s.state = Source.DROPPED
@@ -584,8 +658,12 @@ class MultiRequestor:
         actions: list = [Log(f"{self.name}: {why}")]
         if tell and s.worker is not None and s.ext:
             actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": 0}}, {"ft": 1, "error": why}))
+        if not then:
+            return actions
         if self.state == self.ASKING:
             return actions + self._maybe_decide(now)
+        if self.state == self.CHECKED:
+            return actions + self._settle(now)
         if self.state in (self.RECEIVING, self.WRITING) and not self._active():
             return actions + self.fail("every provider dropped out: " + "; ".join(x.why for x in self.sources if x.why),
                                        now)
@@ -657,18 +735,26 @@ class MultiProvider(DeltaProvider):
     def request(self, source: Any, body: Any, meta: dict, now: float) -> list:
         if (self.state not in (self.DONE, self.FAILED) and source == self.target and isinstance(body, dict)
                 and "Progress" in body and not meta.get("error")):
-            self.last_activity = now   # its keepalives too: the requestor may have nothing for us a while
+            # only what asks for work counts as activity, not keepalives: a requestor cannot hold this
+            # serving slot by keepalives alone (an idle session ends after STALL_TIMEOUT; see tick)
             if meta.get("done"):
                 self.closing = True
                 return [Reply("Progress"), *super()._done()]
             if "want" in meta:
                 if not self._valid(meta["want"]) or self.state == self.LISTED:
                     return self._error("bad list of pieces", "peer asked for a bad list of pieces")
+                self.last_activity = now
                 self._extend(meta["want"])
                 self.peer_window = window_in(meta) or self.peer_window
                 actions: list = [Reply("Progress", {"ft": 1})]
                 return self._fill(actions) if self.state == self.SENDING else actions
         return super().request(source, body, meta, now)
+
+    def tick(self, now: float) -> list:
+        if self.state not in (self.DONE, self.FAILED) and now - self.last_activity > STALL_TIMEOUT:
+            return self._error(f"{self.parent.node} ended its part: asked for nothing for {STALL_TIMEOUT} s",
+                               f"asked for nothing for {STALL_TIMEOUT} s; ended")
+        return super().tick(now)
 
     def _fill(self, actions: list) -> list:
         if not self.plan and not self.hashed:
@@ -685,4 +771,4 @@ DELTA_MACHINES.update(multi_provider=MultiProvider)
 
 # the names the worker carries out (so a linter sees them used)
 __all__ = ["AloneRequestor", "FetchSingle", "MultiProvider", "MultiRequestor", "VerifyWhole", "check_nodes",
-           "nodes_of"]
+           "nodes_of", "partial_folder"]

@@ -66,6 +66,7 @@ class Worker:
         self.started = time.monotonic()
         self.machine = None      # an ft.Requestor or ft.Provider once Download has come
         self.requestor = False
+        self.own_partial_dir = False   # its partial folder is this download's alone (a list of nodes): removed after
         self.name = ""
         self.file = None         # the partial (requestor) or the file being sent (provider)
         self.stale: set = set()  # earlier sessions' providers, whose messages are dropped (ft_multi)
@@ -131,11 +132,15 @@ class Worker:
         self.name = name
         if req.get("is_requestor"):
             self.requestor = True
-            self.partial_dir = f"{self.drive}/{PARTIAL_DIR}/{peer.node}"
+            multi = ft_multi.nodes_of(peer.node) is not None
+            # a list of nodes ("A,B,C") could pass a file name's length: a short name for it
+            folder = ft_multi.partial_folder(peer.node) if multi else peer.node
+            self.partial_dir = f"{self.drive}/{PARTIAL_DIR}/{folder}"
+            self.own_partial_dir = multi
             self.partial = f"{self.partial_dir}/{name}.part"
             self.state_path = f"{self.partial_dir}/{name}.state"
             self.basis_path = f"{self.drive}/{name}"   # the old copy a delta download starts from (ft_delta)
-            if ft_multi.nodes_of(peer.node) is not None and EXTENDED:   # "A,B,C": from each at once
+            if multi and EXTENDED:   # "A,B,C": from each at once
                 self.machine = ft_multi.MultiRequestor(name, peer, self.parent, self.started)
             else:
                 self.machine = ft.Requestor(name, peer, self.parent, self.started, extended=EXTENDED)
@@ -308,6 +313,11 @@ class Worker:
                     vfs.remove_file(path)
                 except vfs.VfsError:
                     pass
+        if self.own_partial_dir:   # once empty (a plain resume's state kept in it keeps it)
+            try:
+                vfs.vfs_request(self.partial_dir, "RemoveDir")
+            except vfs.VfsError:
+                pass
 
     def keep_for_resume(self, a: ft.KeepForResume) -> None:
         try:
