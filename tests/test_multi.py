@@ -3,6 +3,7 @@ memory with the host's real chunking and checks on real files; then real nodes, 
 share counted, one paused then killed in network namespaces, one lying, one of other content."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -666,3 +667,27 @@ def test_partial_folder_of_a_list_is_short_and_stable():
     assert re.fullmatch(r"multi-[0-9a-f]{16}", name), name
     assert name == ft_multi.partial_folder(",".join(reversed(many.split(","))))   # any order: the same
     assert name != ft_multi.partial_folder(many + ",other.os")                   # other nodes: another
+
+
+def test_web_api_lists_and_downloads_from_a_list_of_nodes(node_factory):
+    from test_http import FT, get_json, token_of
+    req = node_factory("fake.dev")
+    p1, p2 = node_factory("p1.dev"), node_factory("p2.dev")
+    digest = write_random(p1.files / "w.bin", 12 << 20)
+    (p2.files / "w.bin").write_bytes((p1.files / "w.bin").read_bytes())
+    token = token_of(req)
+    # the page lists a list's files from its first node, and a bad list is refused with the reason
+    status, listing = get_json(req, f"{FT}/files?node=p1.dev,p2.dev", token)
+    assert status == 200 and {"name": "w.bin", "size": 12 << 20} in listing["ListFiles"], listing
+    status, out = get_json(req, f"{FT}/files?node=p1.dev,p1.dev", token)
+    assert status == 400 and "named twice" in out["error"], out
+    status, out = get_json(req, f"{FT}/download", token, "POST", {"name": "w.bin", "node": "p1.dev,,p2.dev"})
+    assert status == 400 and "missing" in out["error"], out
+    # one click downloads from both: each serves a part, one download in the history
+    status, out = get_json(req, f"{FT}/download", token, "POST", {"name": "w.bin", "node": "p1.dev,p2.dev"})
+    assert status == 200 and out == {"Download": {"Ok": None}}, out
+    history = wait_for(lambda: get_json(req, f"{FT}/transfers", token)[1]["history"], 120, "the download's end")
+    assert len(history) == 1 and "p1.dev,p2.dev" in json.dumps(history), history
+    assert sha256(req.files / "w.bin") == digest
+    served = served_by(req, "w.bin")
+    assert set(served) == {"p1.dev", "p2.dev"} and all(served.values()), served

@@ -1,11 +1,12 @@
 """file_transfer's web page and JSON API, under /file_transfer:file_transfer:template.os/.
 
     GET files [?node=NODE] [&folder=PATH]
-                               {"ListFiles": [...]}: ours, or NODE's (asked over the network); a folder
+                               {"ListFiles": [...]}: ours, or NODE's (asked over the network; of a list
+                               A,B,C, A's); a folder
                                is a row {"name": "NAME/", "size", "files"}; with PATH, what is inside it
     POST files                 multipart, field `files`: streamed into the files drive by http_server
     GET files/NAME [?path=P]   one of our files (with P, the file P inside the folder NAME), from disk
-    POST download              {"name", "node"}: start (or queue) a download
+    POST download              {"name", "node"}: start (or queue) a download (node "A,B,C": from each)
     GET transfers              {"Transfers": [...], "history": [...]}
     DELETE transfers/NAME      [?node=NODE]: cancel a download or drop it from the queue
     GET allow, PUT allow       {"allow": null | [nodes]}: who may list and download our files
@@ -16,6 +17,7 @@ import time
 
 from ft_common import check_name, nfc
 from ft_folder import check_path
+from ft_multi import check_nodes, nodes_of
 from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
 
 PUSH_EVERY = 0.25  # seconds between state pushes while downloads report progress
@@ -86,6 +88,11 @@ class Page:
                 if problem:
                     return http.send_json(400, {"error": f"bad folder name: {problem}"})
             if node and node != self.our.node:
+                if nodes_of(node) is not None:   # "A,B,C": they share the file, so the first one's listing shows it
+                    problem = check_nodes(node, self.our.node)
+                    if problem:
+                        return http.send_json(400, {"error": problem})
+                    node = nodes_of(node)[0]
                 return self.peer_files(node, folder)
             try:
                 return http.send_json(200, {"ListFiles": self.ls_listing(self.files_dir, folder)})
