@@ -347,6 +347,27 @@ Promise.all([
 """
 
 
+def test_a_file_from_two_nodes_on_the_page_in_chromium(node_factory, browser, tmp_path):
+    """The node field takes a list (p1.dev,p2.dev): its files listed, one click fetches pieces from each."""
+    from test_multi import served_by
+    fake, p1, p2 = node_factory("fake.dev"), node_factory("p1.dev"), node_factory("p2.dev")
+    make_file(p1.files / "w.bin", 12)
+    (p2.files / "w.bin").write_bytes((p1.files / "w.bin").read_bytes())
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    browser.get(next(ln for ln in fake.lines if "web page:" in ln).split("web page: ")[1])
+    browser.get(f"http://localhost:{fake.port}/file_transfer:file_transfer:template.os/")
+    wait.until(EC.text_to_be_present_in_element((By.ID, "live"), "live"))
+    browser.find_element(By.ID, "peer-node").send_keys("p1.dev,p2.dev")
+    browser.find_element(By.ID, "peer-list").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#peer-files button[data-name="w.bin"]'))
+    browser.find_element(By.CSS_SELECTOR, '#peer-files button[data-name="w.bin"]').click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#history li.done[data-name="w.bin"]'))
+    browser.save_screenshot(str(tmp_path / "from-two-nodes.png"))
+    assert sha256(fake.files / "w.bin") == sha256(p1.files / "w.bin")
+    served = served_by(fake, "w.bin")
+    assert set(served) == {"p1.dev", "p2.dev"} and all(served.values()), served
+
+
 def test_a_page_on_another_local_port_cannot_act_on_the_node(two_nodes, browser):
     import http.server
     import json
