@@ -66,6 +66,7 @@ class Sim:
     exits: dict = field(default_factory=dict)
     queue: list = field(default_factory=list)
     sent: dict = field(default_factory=dict)
+    state: Any = None    # the resume point on "disk": what LoadState finds and SavePieces writes (parsed)
 
     def __post_init__(self):
         self.part = self.tmp / "f.bin.part"
@@ -192,10 +193,14 @@ class Sim:
         m = self.machines[who]
         if who == "req":
             if isinstance(a, ft.OpenPartial):
-                self.part.write_bytes(b"")
+                with open(self.part, "ab") as f:   # the worker's: cut to the offset (0: truncated)
+                    f.truncate(a.offset)
                 return m.handle(ft.PartialOpened(0.0))
             if isinstance(a, ft_delta.ReadChunkList):
-                return m.handle(ft_delta.ListRead(self.blob["req"], 0.0))
+                return m.handle(ft_delta.ListRead(self.blob["req"], 0.0, h(self.blob["req"] or b"")))
+            if isinstance(a, ft_multi.SavePieces):
+                self.state = json.loads(a.data)
+                return None
             if isinstance(a, ft_delta.WriteRanges):
                 fd = os.open(self.part, os.O_WRONLY)
                 try:
@@ -223,9 +228,14 @@ class Sim:
             if isinstance(a, ft.RemoveFiles):
                 if a.partial and self.part.exists():
                     self.part.unlink()
+                if a.state:
+                    self.state = None
                 return None
-            if isinstance(a, (ft.SaveState, ft.LoadState)):
-                return m.handle(ft.StateLoaded(None, None, 0.0)) if isinstance(a, ft.LoadState) else None
+            if isinstance(a, ft.LoadState):
+                size = self.part.stat().st_size if self.part.exists() else None
+                return m.handle(ft.StateLoaded(self.state, size, 0.0))
+            if isinstance(a, ft.SaveState):
+                return None
             raise AssertionError(f"unexpected action {a}")
         data, path = self.files[who], self.paths[who]
         if isinstance(a, ft.OpenFile):
@@ -691,3 +701,102 @@ def test_web_api_lists_and_downloads_from_a_list_of_nodes(node_factory):
     assert sha256(req.files / "w.bin") == digest
     served = served_by(req, "w.bin")
     assert set(served) == {"p1.dev", "p2.dev"} and all(served.values()), served
+
+
+def test_machines_resume_skips_the_pieces_saved_and_another_list_starts_from_zero(tmp_path, small):
+    data = rand(600_000, 17)
+    # b never sends: a writes the rest, a tick saves the resume point, then the node "dies" (the Sim is left)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    assert req.state == req.RECEIVING and 0 < req.left < len(req.pieces), sim.logs
+    assert sim.state is None                                   # saved only on a tick (each save syncs first)
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", 1.0)))
+    saved = sim.state
+    assert saved and saved["multi"] == 1 and saved["size"] == len(data) and saved["written"], saved
+    part = sim.part.read_bytes()
+    held = sum(n for _, n in saved["written"])
+    assert all(part[o:o + n] == data[o:o + n] for o, n in saved["written"]) and 0 < held < len(data), saved
+    # the same download again: the saved pieces are not asked for; the file is whole and checked
+    again = Sim(tmp_path, {"b.os": data, "a.os": data}, state=saved).run()
+    assert again.exits["req"] is None and again.final.read_bytes() == data, again.logs
+    assert any(f"f.bin: resuming, {ft_multi.human_size(held)} of {ft_multi.human_size(len(data))} already here"
+               in ln for ln in again.logs), again.logs
+    served = again.progress[-1]["served"]
+    assert sum(served.values()) == len(data) - held, (served, held)
+    assert any(ln.endswith("was here already") for ln in again.logs if "served by" in ln), again.logs
+    assert again.state is None                                 # removed with the download done
+    # another file under the name: the point names another list, so it is dropped and all is fetched
+    other = rand(600_000, 18)
+    sim.part.write_bytes(part)
+    (tmp_path / "f.bin").unlink()
+    fresh = Sim(tmp_path, {"a.os": other, "b.os": other}, state=saved).run()
+    assert fresh.exits["req"] is None and fresh.final.read_bytes() == other, fresh.logs
+    assert any("the resume point here is for other content (another chunk list); starting from zero" in ln
+               for ln in fresh.logs), fresh.logs
+    assert not [ln for ln in fresh.logs if "resuming" in ln]
+    assert sum(fresh.progress[-1]["served"].values()) == len(other)
+    # a point that claims more than the partial holds, or that is not one, is not used either
+    for bad, why in ((saved, "more than the partial on disk holds"), ({"multi": 1, "written": "x"}, "unreadable"),
+                     (ft_multi.UNREADABLE, "unreadable")):
+        sim.part.write_bytes(part[:saved["written"][-1][0]])
+        (tmp_path / "f.bin").unlink()
+        run = Sim(tmp_path, {"a.os": data, "b.os": data}, state=bad).run()
+        assert run.exits["req"] is None and run.final.read_bytes() == data, run.logs
+        assert any(f"the resume point here is {why}; starting from zero" in ln for ln in run.logs), run.logs
+        assert sum(run.progress[-1]["served"].values()) == len(data)
+
+
+def test_machines_a_stop_keeps_the_point_and_a_wrong_whole_file_removes_it(tmp_path, small):
+    data = rand(600_000, 19)
+    # every provider gone mid-way: the partial and a point naming what was written stay
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    sim.act("req", req.handle(ft.SendFailed("keepalive:b.os", "offline", 1.0)))
+    sim.act("req", req.handle(ft.SendFailed("keepalive:a.os", "offline", 1.0)))
+    err = sim.progress[-1].get("error", "")
+    assert "every provider dropped out" in err and err.endswith("(run the download again to resume)"), err
+    assert sim.part.exists() and sim.state and sim.state["written"], sim.state
+    # the point is right, the file is not (the providers' hash differs): all removed
+    bad = Sim(tmp_path, {"a.os": data, "b.os": data}, state=sim.state, fake_hash={"a.os", "b.os"}).run()
+    assert "does not match" in (bad.exits["req"] or ""), bad.exits
+    assert bad.state is None and not bad.part.exists() and not bad.final.exists()
+
+
+def test_nodes_the_requestor_killed_mid_way_resumes_without_fetching_again(node_factory):
+    req = node_factory("fake.dev")
+    p1, p2 = node_factory("p1.dev", pause_after=1), node_factory("p2.dev", pause_after=1)   # one piece each, then hold
+    digest = write_random(p1.files / "big.bin", 48 << 20)   # six pieces or more (of up to 8 MiB)
+    (p2.files / "big.bin").write_bytes((p1.files / "big.bin").read_bytes())
+    state = req.files / ".partial" / ft_multi.partial_folder("p1.dev,p2.dev") / "big.bin.state"
+    req.type(f"{DL} big.bin p1.dev,p2.dev")
+    paused(p1)
+    paused(p2)
+
+    def point() -> dict | None:   # the resume point once it names a piece (saved each tick, after a sync)
+        try:
+            saved = json.loads(state.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return saved if saved.get("written") else None
+    saved = wait_for(point, 30, "the resume point naming a written piece")
+    req.kill()                    # kill -9, mid-way: the partial and its resume point stay
+    held = sum(n for _, n in saved["written"])
+    assert 0 < held < 48 << 20, saved
+    part = (state.parent / "big.bin.part").read_bytes()
+    src = (p1.files / "big.bin").read_bytes()
+    assert all(part[o:o + n] == src[o:o + n] for o, n in saved["written"])   # what it names is on disk
+    req.start()
+    release(p1)
+    release(p2)
+    first = len(req.lines)
+    lines = download(req, "big.bin", "p2.dev,p1.dev")   # any order: the same partial
+    assert any("big.bin downloaded from p2.dev,p1.dev" in ln for ln in lines), lines
+    assert sha256(req.files / "big.bin") == digest
+    after = req.lines[first:]
+    resumed = [m for ln in after if (m := re.search(r"big\.bin: resuming, ([\d.]+) MiB of 48\.0 MiB already here", ln))]
+    assert resumed and float(resumed[0].group(1)) > 0, after[-20:]
+    pieces = next(int(m.group(1)) for ln in after if (m := re.search(r"big\.bin: 48\.0 MiB in (\d+) pieces", ln)))
+    served = served_by(req, "big.bin")
+    assert served and 0 < sum(served.values()) < pieces, (served, pieces)   # the pieces here were not fetched again
+    assert any("was here already" in ln for ln in after if "big.bin: served by" in ln), after[-20:]
+    assert not state.exists()

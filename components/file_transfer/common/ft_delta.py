@@ -141,9 +141,11 @@ class BasisChunked:
 
 @dataclass
 class ListRead:
-    """The provider's chunk list, from its message's blob."""
+    """The provider's chunk list, from its message's blob; `digest`: the list's BLAKE3 (ft_multi's
+    resume point names the list it was built from)."""
     data: bytes | None
     now: float
+    digest: str | None = None
 
 
 @dataclass

@@ -26,7 +26,7 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
 - A provider that goes offline, stops answering, sends nothing for PROVIDER_STALL seconds while it
   owes pieces, or sends a piece that fails the host's check against the list (WriteRanges), or pieces
   out of file order in one message, is named and dropped, its outstanding pieces back in the pool for
-  the others. With no provider left, the download fails (the partial removed). A write refused for
+  the others. With no provider left, the download fails (the partial kept to resume). A write refused for
   another reason is this node's (its disk) and fails the download.
 - Each provider hashes its file whole once pieces travel (ft_delta's final hash). All pieces written,
   the requestor hashes the file whole (CHECKED) and compares it with the hashes of the chosen list's
@@ -35,12 +35,20 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   It tells each provider it is done (`{"ft":1, "done": true}`), which ends the provider, and prints
   how much each one served. A MultiProvider counts only want lists and acks as activity (not
   keepalives) and ends a session idle for STALL_TIMEOUT.
+- Resume: while pieces arrive (once a tick) and when the download stops for any reason but a cancel
+  or a whole file that fails its check, the partial is synced, then a resume point saved beside it
+  (SavePieces: `{"multi":1, "size", "list": BLAKE3 of the chosen list's bytes, "written": [[offset,
+  length]]}`, at most MAX_STATE). It is read at the start (LoadState); once a list is chosen, the same
+  list's written pieces lying within the partial are not asked for again (one piece at least is: a
+  provider hashes its file whole only once pieces travel); else point and partial are dropped. The
+  final whole-file check is unchanged, so a wrong point can only fail it.
 - If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
   starts again from the first such node alone (FetchSingle): an ordinary download.
 """
 from __future__ import annotations
 
 import heapq
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +89,7 @@ from ft_protocol import (
     GotRequest,
     GotResponse,
     IoFailed,
+    LoadState,
     Log,
     OpenPartial,
     PartialOpened,
@@ -92,6 +101,7 @@ from ft_protocol import (
     Send,
     SendFailed,
     Start,
+    StateLoaded,
     address_json,
 )
 
@@ -101,6 +111,8 @@ PROVIDER_STALL = STALL_TIMEOUT // 3   # seconds a provider may owe pieces and se
 # the chunks' average size: no old copy is matched, so the biggest (chunking is then a third of the
 # work of delta's 64 KiB, and the list the shortest); its chunks still fit a piece (at most 4 x avg)
 MULTI_AVG = DELTA_MAX_AVG
+MAX_STATE = 1 << 20     # bytes of a resume point, at most: a bigger one is not written, and not read
+UNREADABLE = "unreadable"   # what the worker passes for a resume point it could not read
 
 
 def nodes_of(text: str) -> list | None:
@@ -142,6 +154,13 @@ class FetchSingle:
     stale: list
 
 
+@dataclass
+class SavePieces:
+    """Sync the partial, then write `data` (the resume point, JSON) as the state file: it never names
+    a piece that is not on disk."""
+    data: bytes
+
+
 class AloneRequestor(Requestor):
     """An ordinary download from one node of a multi-source list: it reports as the whole list, which
     is how its parent knows the download."""
@@ -178,6 +197,7 @@ class Source:
         self.alone = False          # it answered Size but cannot serve pieces: it could send the file whole
         self.size: int | None = None
         self.records: bytes | None = None
+        self.list_digest: str | None = None   # BLAKE3 of its list's bytes
         self.whole: str | None = None
         self.why = ""
         self.busy = 0               # its place in its queue, when it serves others first
@@ -229,6 +249,11 @@ class MultiRequestor:
         self.last_percent = -1
         self.verified_digest: str | None = None
         self.checked = now                  # when the whole file was hashed here
+        self.saved: Any = None              # the resume point read at the start (None: none)
+        self.partial_len: int | None = None
+        self.done: set = set()              # piece ids written (and passed the host's check)
+        self.resumed = 0                    # bytes of them found here at the start
+        self.unsaved = False                # pieces written since the resume point was saved
 
     # ---- events ----
     def handle(self, ev: Any) -> list:
@@ -240,7 +265,9 @@ class MultiRequestor:
         if t is SendFailed:
             return self.request_failed(ev.context, ev.kind, ev.now)
         if t is ListRead:
-            return self.list_read(ev.data, ev.now)
+            return self.list_read(ev.data, ev.now, ev.digest)
+        if t is StateLoaded:
+            return self.state_loaded(ev.saved, ev.partial_len)
         if t is PartialOpened:
             return self.partial_opened(ev.now)
         if t is ChunkWritten:
@@ -258,12 +285,18 @@ class MultiRequestor:
     def start(self) -> list:
         actions: list = [ArmTimer(TICK),
                          Log(f"{self.name}: fetching it from {', '.join(s.node for s in self.sources)} at once")]
+        self._report(actions, self.started, providers=len(self.sources))   # the parent knows its worker at once
+        return actions + [LoadState()]
+
+    def state_loaded(self, saved: Any, partial_len: int | None) -> list:
+        """The resume point of an earlier run (used once the list is chosen), then ask every node."""
+        self.saved, self.partial_len = saved, partial_len
+        actions: list = []
         for s in self.sources:
             actions.append(Send(s.addr, {"Download": {"name": self.name, "target": address_json(s.addr),
                                                       "is_requestor": False}},
                                 # "folders": a folder shows itself in Size, to be refused clearly (not "no such file")
                                 {"ft": 1, "folders": 1}, HANDSHAKE_TIMEOUT, f"download:{s.node}"))
-        self._report(actions, self.started, providers=len(self.sources))   # the parent knows its worker at once
         return actions
 
     def _source(self, node: str) -> Source | None:
@@ -294,7 +327,7 @@ class MultiRequestor:
         if self.state in (self.DONE, self.FAILED, self.HANDED):
             return []
         if source == self.parent and meta.get("cancel"):
-            return self.fail("cancelled", now)
+            return self.fail("cancelled", now, keep=False)
         if source == self.parent and window_in(meta):
             self.window = window_in(meta)
             return []
@@ -352,7 +385,7 @@ class MultiRequestor:
         return [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": MULTI_AVG, "multi": 1},
                                    **self._window_meta()})]
 
-    def list_read(self, data: bytes | None, now: float) -> list:
+    def list_read(self, data: bytes | None, now: float, digest: str | None = None) -> list:
         s, self.listing = self.listing, None
         assert s is not None
         try:
@@ -362,6 +395,7 @@ class MultiRequestor:
         if records is None or sum(n for n, _ in records) != s.size:
             return self._drop(s, f"{s.node} sent a chunk list that does not add up to the file; dropped", now)
         s.records = data
+        s.list_digest = digest
         s.state = Source.READY
         self.last_activity = now
         if self.first_ready is None:
@@ -406,8 +440,14 @@ class MultiRequestor:
         assert first.size is not None and first.records is not None
         self.size = first.size
         self.pieces = plan(parse_list(first.records), [])[1]
-        self.pool = list(range(len(self.pieces)))   # in file order: a heap already
-        self.left = len(self.pieces)
+        self.list_digest = first.list_digest
+        resume, why = self._resume_point()
+        if len(resume) == len(self.pieces):   # one piece fetched again: its provider then hashes the file whole
+            resume.discard(len(self.pieces) - 1)
+        self.done = resume
+        self.resumed = self.received = sum(self.pieces[i][1] for i in resume)
+        self.pool = [i for i in range(len(self.pieces)) if i not in resume]   # in file order: a heap already
+        self.left = len(self.pool)
         for s in best:
             s.state = Source.ACTIVE
             s.last_piece = now
@@ -420,7 +460,64 @@ class MultiRequestor:
                                          f"not used", now)
         actions.append(Log(f"{self.name}: {human_size(self.size)} in {len(self.pieces)} pieces from "
                            f"{', '.join(s.node for s in best)}"))
+        if self.done:
+            actions.append(Log(f"{self.name}: resuming, {human_size(self.resumed)} of {human_size(self.size)} "
+                               f"already here"))
+            # cut after the last piece kept (what lies beyond was never claimed)
+            return actions + [OpenPartial(max(self.pieces[i][0] + self.pieces[i][1] for i in self.done))]
+        if why:
+            actions.append(Log(f"{self.name}: the resume point here is {why}; starting from zero"))
+        if self.saved is not None:   # gone before the partial is truncated: never a point naming other bytes
+            actions.append(RemoveFiles(state=True, partial=False))
         return actions + [OpenPartial(0)]
+
+    def _resume_point(self) -> tuple:
+        """-> (ids of the pieces the saved resume point shows written, or an empty set; why it is not
+        used, or ''). Used only for the same chosen list (its BLAKE3), and only pieces whose bytes lie
+        within the partial on disk: a wrong point can only fail the final check, never pass a file."""
+        saved = self.saved
+        if saved is None:
+            return set(), ""
+        ranges = saved.get("written") if isinstance(saved, dict) and saved.get("multi") == 1 else None
+        if not (isinstance(ranges, list) and len(ranges) <= len(self.pieces)
+                and all(isinstance(r, list) and len(r) == 2 and _int(r[0]) and _int(r[1]) and r[1] >= 1
+                        for r in ranges)):
+            return set(), "unreadable"
+        if self.list_digest is None or saved.get("list") != self.list_digest or saved.get("size") != self.size:
+            return set(), "for other content (another chunk list)"
+        end = 0
+        for offset, length in ranges:
+            if offset < end:
+                return set(), "unreadable"
+            end = offset + length
+        if end > self.size or self.partial_len is None or end > self.partial_len:
+            return set(), "more than the partial on disk holds"
+        ids: set = set()
+        k = 0
+        for i, (offset, length, _) in enumerate(self.pieces):
+            while k < len(ranges) and ranges[k][0] + ranges[k][1] <= offset:
+                k += 1
+            if k < len(ranges) and ranges[k][0] <= offset and offset + length <= ranges[k][0] + ranges[k][1]:
+                ids.add(i)
+        return ids, ""
+
+    def _save(self, actions: list) -> None:
+        """The resume point: the chosen list's BLAKE3 and the written pieces as sorted [offset, length]
+        ranges (neighbours merged), written after the partial is synced (SavePieces)."""
+        if not (self.unsaved and self.file_open and self.list_digest):
+            return
+        ranges: list = []
+        for i in sorted(self.done):
+            offset, length, _ = self.pieces[i]
+            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                ranges[-1][1] += length
+            else:
+                ranges.append([offset, length])
+        data = json.dumps({"multi": 1, "size": self.size, "list": self.list_digest, "written": ranges},
+                          separators=(",", ":")).encode()
+        if len(data) <= MAX_STATE:   # else the older point stays: what it names is still on disk
+            actions.append(SavePieces(data))
+            self.unsaved = False
 
     def _maybe_join(self, now: float) -> list:
         """A list that came after the choice: the same list joins the providers in use, another is named."""
@@ -514,11 +611,13 @@ class MultiRequestor:
         self.state = self.RECEIVING
         for i in ids:
             s.outstanding.discard(i)
+            self.done.add(i)
             n = self.pieces[i][1]
             s.pieces += 1
             s.bytes += n
             self.received += n
         self.left -= len(ids)
+        self.unsaved = True
         s.last_piece = self.last_activity = now
         actions: list = []
         if wants_ack:
@@ -560,7 +659,8 @@ class MultiRequestor:
             why = (f"the hash of the whole file from {', '.join(liars)} does not match the file built from "
                    f"pieces that each passed their check" if liars else
                    "no provider sent a hash of the whole file: " + "; ".join(x.why for x in self.sources if x.why))
-            return actions + self.fail(f"{why}; nothing was saved", now)
+            # a file built from pieces that each passed, yet not the file: no resume point is trusted
+            return actions + self.fail(f"{why}; nothing was saved", now, keep=not liars)
         return actions   # one still in use has not sent its hash: wait for it
 
     def renamed(self, replaced: bool, now: float) -> list:
@@ -570,8 +670,9 @@ class MultiRequestor:
                 actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": 100}},
                                     {"ft": 1, "done": True}))
         served = ", ".join(f"{s.node} {s.pieces} pieces ({human_size(s.bytes)})" for s in self.sources if s.pieces)
-        actions.append(Log(f"{self.name}: served by {served}"))
-        actions.append(RemoveFiles(state=False, partial=False))
+        here = f"; {human_size(self.resumed)} was here already" if self.resumed else ""
+        actions.append(Log(f"{self.name}: served by {served}{here}"))
+        actions.append(RemoveFiles(state=True, partial=False))
         self._report(actions, now, done=True, hash=self.verified_digest,
                      served={s.node: s.bytes for s in self.sources if s.bytes},
                      **({"replaced": True} if replaced else {}))
@@ -634,6 +735,7 @@ class MultiRequestor:
             return actions + self.fail(f"no progress for {STALL_TIMEOUT} s; giving up", now)
         self._keepalives(actions)
         self._report(actions, now)
+        self._save(actions)   # once a tick at most: each save syncs the partial first
         actions.append(ArmTimer(TICK))
         return actions
 
@@ -669,18 +771,25 @@ class MultiRequestor:
                                        now)
         return self._top_up(actions, now)
 
-    def fail(self, error: str, now: float) -> list:
-        """Tell the providers still in use, remove the partial, tell the parent, end."""
+    def fail(self, error: str, now: float, keep: bool = True) -> list:
+        """Tell the providers still in use, keep the partial and its resume point (or, not `keep`,
+        remove both), tell the parent, end."""
         if self.state in (self.DONE, self.FAILED):
             return []
-        self.state = self.FAILED
+        resumable = keep and self.file_open and bool(self.done)
         actions: list = []
+        if keep:
+            self._save(actions)   # (before the state changes: the worker tidies up only once it has)
+        self.state = self.FAILED
         for s in self.sources:
             if s.worker is not None and s.ext and s.state != Source.DROPPED:
                 actions.append(Send(s.worker, {"Progress": {"name": self.name, "progress": max(self.last_percent, 0)}},
                                     {"ft": 1, "error": error}))
-        actions.append(RemoveFiles(state=False, partial=self.file_open))
-        self._report(actions, now, error=error)
+        if not keep:
+            actions.append(RemoveFiles(state=True, partial=self.file_open))
+        elif not resumable:   # nothing written to resume: no partial left (failed before opening it: as it was)
+            actions.append(RemoveFiles(state=False, partial=self.file_open))
+        self._report(actions, now, error=error + (" (run the download again to resume)" if resumable else ""))
         actions.append(Exit(error))
         return actions
 
@@ -690,7 +799,8 @@ class MultiRequestor:
             return
         self.last_percent, self.last_report = percent, now
         secs = max(now - self.started, 1e-6)
-        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "rate": self.received / secs, "secs": secs,
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "rate": (self.received - self.resumed) / secs,
+                "secs": secs,
                 **({"total": self.size} if self.size else {})}
         meta.update(extra)
         actions.append(Send(self.parent, {"Progress": {"name": self.name, "progress": percent}}, meta, 5, "progress"))
@@ -770,5 +880,5 @@ class MultiProvider(DeltaProvider):
 DELTA_MACHINES.update(multi_provider=MultiProvider)
 
 # the names the worker carries out (so a linter sees them used)
-__all__ = ["AloneRequestor", "FetchSingle", "MultiProvider", "MultiRequestor", "VerifyWhole", "check_nodes",
-           "nodes_of", "partial_folder"]
+__all__ = ["UNREADABLE", "AloneRequestor", "FetchSingle", "MultiProvider", "MultiRequestor", "SavePieces",
+           "VerifyWhole", "check_nodes", "nodes_of", "partial_folder"]

@@ -87,7 +87,7 @@ class Worker:
             ft_delta.RemoveBasis: self.remove_basis, ft_delta.ForgetBasis: self.forget_basis,
             ft_delta.FetchWhole: self.fetch_whole, ft_delta.RestoreBasis: self.restore_basis,
             # from several nodes at once (ft_multi)
-            ft_multi.FetchSingle: self.fetch_single,
+            ft_multi.FetchSingle: self.fetch_single, ft_multi.SavePieces: self.save_pieces,
             # folders (ft_folder)
             ft_folder.SendBlob: self.send_blob, ft_folder.WalkTree: self.walk_tree,
             ft_folder.ReadBatch: self.read_batch, ft_folder.LoadFolderState: self.load_folder_state,
@@ -205,6 +205,8 @@ class Worker:
         println(a.text)
 
     def load_state(self, a: ft.LoadState) -> list:
+        if isinstance(self.machine, ft_multi.MultiRequestor):
+            return self.load_multi_state()
         try:
             saved = json.loads(vfs.open_file(self.state_path).read_to_string())
             partial_len = vfs.metadata(self.partial).len
@@ -235,6 +237,29 @@ class Worker:
             info = self._probe(self.partial)
             basis = dict(info, partial=True) if info is not None else None
         return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic(), basis))
+
+    def load_multi_state(self) -> list:
+        """A multi-source download's resume point (ft_multi): its JSON, UNREADABLE if too big or not
+        JSON, None if there is none; and the partial's length."""
+        saved = partial_len = None
+        try:
+            partial_len = vfs.metadata(self.partial).len
+        except vfs.VfsError:
+            pass
+        try:
+            if vfs.metadata(self.state_path).len > ft_multi.MAX_STATE:
+                saved = ft_multi.UNREADABLE
+            else:
+                saved = json.loads(vfs.open_file(self.state_path).read_to_string())
+        except vfs.VfsError:
+            pass
+        except ValueError:
+            saved = ft_multi.UNREADABLE
+        return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic()))
+
+    def save_pieces(self, a: ft_multi.SavePieces) -> None:
+        self.file.sync_all()   # the pieces it names are on disk before it says so
+        vfs.create_file(self.state_path).write(a.data)
 
     def _probe(self, path: str):
         """{"size", "stamp"} of a regular file the host can chunk, else None."""
@@ -417,7 +442,8 @@ class Worker:
 
     def read_chunk_list(self, a: ft_delta.ReadChunkList) -> list:
         blob = get_blob()
-        return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic()))
+        return self.machine.handle(ft_delta.ListRead(blob.bytes if blob is not None else None, time.monotonic(),
+                                                     current_blob_hash() if blob is not None else None))
 
     def copy_ranges(self, a: ft_delta.CopyRanges) -> list:
         # with `whole` the host also hashes the new file as it builds it, and syncs it
