@@ -779,7 +779,7 @@ class MultiRequestor:
         resumable = keep and self.file_open and bool(self.done)
         actions: list = []
         if keep:
-            self._save(actions)   # (before the state changes: the worker tidies up only once it has)
+            self._save(actions)   # what was written since the last tick, synced first
         self.state = self.FAILED
         for s in self.sources:
             if s.worker is not None and s.ext and s.state != Source.DROPPED:
