@@ -800,3 +800,17 @@ def test_nodes_the_requestor_killed_mid_way_resumes_without_fetching_again(node_
     assert served and 0 < sum(served.values()) < pieces, (served, pieces)   # the pieces here were not fetched again
     assert any("was here already" in ln for ln in after if "big.bin: served by" in ln), after[-20:]
     assert not state.exists()
+
+
+def test_machines_every_piece_here_but_no_hash_came_resumes_by_fetching_one_piece(tmp_path, small):
+    data = rand(600_000, 20)
+    sim = Sim(tmp_path, {"a.os": data, "b.os": data}, hold_hash={"a.os", "b.os"}).run()
+    req = sim.machines["req"]
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", req.checked + ft.STALL_TIMEOUT + 1.0)))
+    assert "sent no hash of the whole file" in (sim.exits["req"] or ""), sim.exits
+    assert sim.state and sim.state["written"] == [[0, len(data)]] and sim.part.read_bytes() == data, sim.state
+    again = Sim(tmp_path, {"a.os": data, "b.os": data}, state=sim.state).run()
+    assert again.exits["req"] is None and again.final.read_bytes() == data, again.logs
+    last = again.machines["req"].pieces[-1][1]   # fetched again, so a provider hashes the file whole
+    assert sum(again.progress[-1]["served"].values()) == last, again.progress[-1]
+    assert any(f"resuming, {ft_multi.human_size(len(data) - last)} of" in ln for ln in again.logs), again.logs
