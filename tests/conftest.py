@@ -302,7 +302,7 @@ def stop_mid_transfer(fake, fake2, name: str, size: int, need_resume_point: bool
     return held
 
 
-HELD_CHUNKS = 3  # a provider started with pause_after=HELD_CHUNKS sends this many chunks (24 MiB), then holds
+HELD_CHUNKS = 6  # a provider started with pause_after=HELD_CHUNKS sends this many chunks (24 MiB), then holds
 
 
 def thread_names(node: NodeProc) -> list[str]:

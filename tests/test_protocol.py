@@ -340,12 +340,13 @@ def test_window_keeps_a_full_window_in_flight_and_chains_hashes():
     assert net.sent.index(final[0]) > net.sent.index(chunks[-1])
 
 
-def test_real_sizes_eight_mib_chunks_and_state_saves():
-    assert ft_common.EXT_CHUNK_SIZE == 8 << 20
-    data = (b"0123456789abcdef" * 65536) * 17 + b"tail"  # 17 MiB + 4 bytes: three chunks of up to 8 MiB
+def test_real_sizes_ext_chunks_and_state_saves():
+    size = ft_common.EXT_CHUNK_SIZE
+    assert size > ft_common.CHUNK_SIZE
+    data = (b"0123456789abcdef" * 65536) * (2 * size // (1 << 20) + 1) + b"tail"  # three chunks: two whole
     net = download(data)
     assert net.rside.store == {"file": data}
-    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [8 << 20, 8 << 20, (1 << 20) + 4]
+    assert [c.body["Chunk"]["length"] for c in net.chunks()] == [size, size, (1 << 20) + 4]
 
 
 def test_one_chunk_file_is_sent_behind_size_with_its_hash():
