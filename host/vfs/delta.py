@@ -238,9 +238,9 @@ def _in_order(at: int, n: int, end: int, size: int) -> int:
     return at + n
 
 
-def copy_ranges(src: int, dst: int, items: list, want_stamp: str, size: int) -> int:
-    """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
-    throughout) into `dst`, whose ranges are in order, apart, and within `size`. -> bytes copied."""
+def _copy_plan(src: int, items: list, want_stamp: str, size: int) -> list:
+    """The checked (src offset, dst offset, length) ranges of a CopyRanges: `src` still has
+    `want_stamp`, each range lies within it, and the destinations are in order, apart, within `size`."""
     _check_size(size)
     if stamp_of(os.fstat(src)) != want_stamp:
         raise DeltaError("the old copy changed since it was chunked")
@@ -255,6 +255,13 @@ def copy_ranges(src: int, dst: int, items: list, want_stamp: str, size: int) -> 
             raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({old_size} bytes)")
         end = _in_order(d, n, end, size)
         plan.append((s, d, n))
+    return plan
+
+
+def copy_ranges(src: int, dst: int, items: list, want_stamp: str, size: int) -> int:
+    """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
+    throughout) into `dst`, whose ranges are in order, apart, and within `size`. -> bytes copied."""
+    plan = _copy_plan(src, items, want_stamp, size)
     total = 0
     kernel = hasattr(os, "copy_file_range")
     for s, d, n in plan:
@@ -337,20 +344,7 @@ def build_file(src: int, dst: int, items: list, want_stamp: str, size: int) -> s
     written; meanwhile a second thread reads `dst` back in order right behind the copy and hashes it,
     and the disk writes each stretch out behind; then fsync. -> the BLAKE3 of the `size` bytes read
     back from `dst` after they were written (a range never written reads as zeros, or short)."""
-    _check_size(size)
-    if stamp_of(os.fstat(src)) != want_stamp:
-        raise DeltaError("the old copy changed since it was chunked")
-    old_size = os.fstat(src).st_size
-    plan = []
-    end = 0
-    for item in items:
-        if not (isinstance(item, list) and len(item) == 3 and all(_int(v) for v in item)):
-            raise DeltaError("CopyRanges items are [source offset, destination offset, length]")
-        s, d, n = item
-        if s + n > old_size:
-            raise DeltaError(f"the range at {s} of {n} bytes passes the old copy's end ({old_size} bytes)")
-        end = _in_order(d, n, end, size)
-        plan.append((s, d, n))
+    plan = _copy_plan(src, items, want_stamp, size)
     h = blake3.blake3()
     buf = memoryview(bytearray(min(BUILD_PIECE, max(size, 1))))
 
