@@ -76,6 +76,14 @@ def avg_for(size: int) -> int:
     return avg
 
 
+def pieces_fit(chunk: dict, blob_len: int | None, name: str, pieces: list, ids) -> bool:
+    """Whether a Chunk {name, offset, length} and its blob carry exactly the pieces `ids` (in file
+    order, back to back) of `name`, each piece (offset, length, chunks)."""
+    total = sum(pieces[i][1] for i in ids)
+    return (blob_len == total and chunk.get("name") == name and chunk.get("offset") == pieces[ids[0]][0]
+            and chunk.get("length") == total)
+
+
 def parse_list(data: bytes) -> list:
     """[(length, digest bytes)] of a chunk list's records."""
     if len(data) % RECORD.size:
@@ -485,9 +493,7 @@ class DeltaRequestor:
         idx = range(first, first + count)
         if any(i not in self.left for i in idx):
             return self.fail("peer sent a piece twice", keep=False, now=now)
-        total = sum(self.pieces[i][1] for i in idx)
-        if blob_len != total or chunk.get("name") != self.name or chunk.get("offset") != self.pieces[first][0] \
-                or chunk.get("length") != total:
+        if not pieces_fit(chunk, blob_len, self.name, self.pieces, idx):
             return self.fail(f"peer sent pieces that do not fit what was asked (at offset {chunk.get('offset')}, "
                              f"{blob_len} bytes)", keep=False, now=now)
         self.writing = (first, count, wants_ack)

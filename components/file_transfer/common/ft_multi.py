@@ -75,6 +75,7 @@ from ft_delta import (
     _int,
     batches,
     parse_list,
+    pieces_fit,
     plan,
 )
 from ft_protocol import (
@@ -596,9 +597,7 @@ class MultiRequestor:
             return self._drop(s, f"{s.node} sent a piece twice; dropped", now)
         if any(a >= b for a, b in zip(ids, ids[1:])):   # the host writes a message's pieces in file order only
             return self._drop(s, f"{s.node} sent pieces out of file order in one message; dropped", now)
-        total = sum(self.pieces[i][1] for i in ids)
-        if blob_len != total or chunk.get("name") != self.name or chunk.get("offset") != self.pieces[ids[0]][0] \
-                or chunk.get("length") != total:
+        if not pieces_fit(chunk, blob_len, self.name, self.pieces, ids):
             return self._drop(s, f"{s.node} sent pieces that do not fit what was asked; dropped", now)
         self.writing = (s, ids, wants_ack)
         self.state = self.WRITING
