@@ -301,11 +301,15 @@ _TREE_ACTIONS = {
 _DELTA_ACTIONS = {
     # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob; avg 0: only size and
     # stamp, and with forget what is kept for that stamp is dropped
-    "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false}',
+    # copy_to: the bytes read are copied into that file (write capability) at the same offsets meanwhile,
+    # up to copy_size (no whole-file hash then); the answer's "copied" says how many (0: the list was kept)
+    "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false, "copy_to": "/package:publisher/drive/...", '
+                 '"copy_size": n}',
     # size: the new file's; its ranges in order, apart, within it
-    # whole: the rest of the file is written already; -> {"Blake3": hex} of the new file, built and synced
+    # whole: the rest of the file is written already; -> {"Blake3": hex} of the new file, built and synced;
+    # in_place (with whole): the first n bytes hold the old copy's, from ChunkList's copy_to
     "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "size": n, "items": [[from, to, length]], '
-                  '"whole": true|false}',
+                  '"whole": true|false, "in_place": n}',
     "WriteRanges": '{"size": n, "items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
     "Blake3": '{"sync": true|false, "stamp": s|null}',   # -> {"Blake3": hex}; sync: an fsync meanwhile
 }
@@ -1233,12 +1237,33 @@ class Vfs:
                 if arg.get("forget") is True:   # a download built from what is kept failed its check
                     vfs_delta.forget(vfs_delta.stamp_of(st))
                 return VfsResult(_dumps({"ChunkList": {"size": st.st_size, "stamp": vfs_delta.stamp_of(st)}}))
-            records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
+            if arg.get("copy_to") is None:
+                records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
+                copied = 0
+            else:
+                records, stamp, size, copied = self._chunk_and_copy(source, has_cap, vp, fd, avg, arg)
+                digest = None
         finally:
             os.close(fd)
         body = {"ChunkList": {"count": len(records) // vfs_delta.RECORD.size, "size": size, "stamp": stamp,
-                              "blake3": digest}}
+                              "blake3": digest, **({"copied": copied} if arg.get("copy_to") is not None else {})}}
         return VfsResult(_dumps(body), records)
+
+    def _chunk_and_copy(self, source, has_cap, vp: _VPath, fd: int, avg: int, arg) -> tuple:
+        """ChunkList with copy_to: the old copy chunked, its bytes copied meanwhile into the new partial."""
+        if not isinstance(arg["copy_to"], str):
+            raise _bad_json(f"ChunkList expects {_DELTA_ACTIONS['ChunkList']}")
+        limit = _int(arg.get("copy_size"), "ChunkList copy_size", 0, vfs_delta.MAX_FILE)
+        dst_vp = _parse_path(arg["copy_to"])
+        self._check_cap(source, has_cap, dst_vp, "write", "ChunkList")
+        dst = self._writable(self._locate(dst_vp), dst_vp, "ChunkList")
+        try:
+            if os.path.samestat(os.fstat(fd), os.fstat(dst)):
+                raise _bad_request(f"ChunkList cannot copy a file into itself: {dst_vp.text}")
+            with self._ino_lock(dst):
+                return self._delta(vp, vfs_delta.chunk_and_copy, fd, avg, dst, limit)
+        finally:
+            os.close(dst)
 
     def _a_Blake3(self, source, vp, loc, arg, data):
         self._delta_on(vp, "Blake3")
@@ -1283,7 +1308,9 @@ class Vfs:
             try:
                 with self._ino_lock(dst):
                     if whole:   # the rest is written: copy, hash the whole in order, sync
-                        digest = self._delta(vp, vfs_delta.build_file, src, dst, arg["items"], arg["stamp"], size)
+                        in_place = _int(arg.get("in_place", 0), "CopyRanges in_place", 0, vfs_delta.MAX_FILE)
+                        digest = self._delta(vp, vfs_delta.build_file, src, dst, arg["items"], arg["stamp"], size,
+                                             in_place)
                         return VfsResult(_dumps({"Blake3": digest}))
                     self._delta(vp, vfs_delta.copy_ranges, src, dst, arg["items"], arg["stamp"], size)
             finally:
