@@ -533,6 +533,8 @@ class Vfs:
             return self._create_drive(source, has_cap, vp)
         if name == "CopyRanges":
             return self._copy_ranges(source, has_cap, vp, arg)
+        if name == "ChunkList" and isinstance(arg, dict) and arg.get("copy_to") is not None:
+            return self._chunk_and_copy(source, has_cap, vp, arg)
         if name in ("Rename", "CopyFile"):
             new = _parse_path(arg)
             self._check_cap(source, has_cap, vp, "write", name)
@@ -1237,33 +1239,39 @@ class Vfs:
                 if arg.get("forget") is True:   # a download built from what is kept failed its check
                     vfs_delta.forget(vfs_delta.stamp_of(st))
                 return VfsResult(_dumps({"ChunkList": {"size": st.st_size, "stamp": vfs_delta.stamp_of(st)}}))
-            if arg.get("copy_to") is None:
-                records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
-                copied = 0
-            else:
-                records, stamp, size, copied = self._chunk_and_copy(source, has_cap, vp, fd, avg, arg)
-                digest = None
+            records, digest, stamp, size = self._delta(vp, vfs_delta.chunk_list, fd, avg, whole)
         finally:
             os.close(fd)
         body = {"ChunkList": {"count": len(records) // vfs_delta.RECORD.size, "size": size, "stamp": stamp,
-                              "blake3": digest, **({"copied": copied} if arg.get("copy_to") is not None else {})}}
+                              "blake3": digest}}
         return VfsResult(_dumps(body), records)
 
-    def _chunk_and_copy(self, source, has_cap, vp: _VPath, fd: int, avg: int, arg) -> tuple:
-        """ChunkList with copy_to: the old copy chunked, its bytes copied meanwhile into the new partial."""
-        if not isinstance(arg["copy_to"], str):
-            raise _bad_json(f"ChunkList expects {_DELTA_ACTIONS['ChunkList']}")
+    def _chunk_and_copy(self, source, has_cap, vp: _VPath, arg) -> VfsResult:
+        """ChunkList with copy_to (read capability on `vp`, write on copy_to): the old copy chunked, its
+        bytes copied meanwhile into the new partial at the same offsets."""
+        self._delta_on(vp, "ChunkList")
+        if not isinstance(arg["copy_to"], str) or ("whole" in arg and arg["whole"] is not False):
+            raise _bad_json(f"ChunkList with copy_to expects {_DELTA_ACTIONS['ChunkList']}, without the whole hash")
+        avg = _int(arg.get("avg"), "ChunkList avg", 1, vfs_delta.MAX_AVG)
         limit = _int(arg.get("copy_size"), "ChunkList copy_size", 0, vfs_delta.MAX_FILE)
         dst_vp = _parse_path(arg["copy_to"])
+        self._check_cap(source, has_cap, vp, "read", "ChunkList")
         self._check_cap(source, has_cap, dst_vp, "write", "ChunkList")
-        dst = self._writable(self._locate(dst_vp), dst_vp, "ChunkList")
+        fd = self._delta_fd(self._locate(vp), vp)
         try:
-            if os.path.samestat(os.fstat(fd), os.fstat(dst)):
-                raise _bad_request(f"ChunkList cannot copy a file into itself: {dst_vp.text}")
-            with self._ino_lock(dst):
-                return self._delta(vp, vfs_delta.chunk_and_copy, fd, avg, dst, limit)
+            dst = self._writable(self._locate(dst_vp), dst_vp, "ChunkList")
+            try:
+                if os.path.samestat(os.fstat(fd), os.fstat(dst)):
+                    raise _bad_request(f"ChunkList cannot copy a file into itself: {dst_vp.text}")
+                with self._ino_lock(dst):
+                    records, stamp, size, copied = self._delta(vp, vfs_delta.chunk_and_copy, fd, avg, dst, limit)
+            finally:
+                os.close(dst)
         finally:
-            os.close(dst)
+            os.close(fd)
+        body = {"ChunkList": {"count": len(records) // vfs_delta.RECORD.size, "size": size, "stamp": stamp,
+                              "blake3": None, "copied": copied}}
+        return VfsResult(_dumps(body), records)
 
     def _a_Blake3(self, source, vp, loc, arg, data):
         self._delta_on(vp, "Blake3")
