@@ -46,7 +46,8 @@ COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
 READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
 BUILD_PIECE = 8 << 20                 # bytes per copy, and per read back to hash, of build_file
 WRITE_BEHIND = 64 << 20               # build_file starts the disk's writing of each such stretch behind it
-PRECOPY_STEP = 16 << 20               # chunk_list's copy_to copies this much at a time, behind its reader
+PRECOPY_STEP = 16 << 20               # chunk_and_copy copies this much at a time, behind its reader
+FLUSH_QUEUE = 16                      # write-behind hints queued at most (each holds a file descriptor)
 _KERNEL_COPY = hasattr(os, "copy_file_range")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -419,19 +420,35 @@ def _write_behind(fd: int, start: int, n: int) -> None:
 
 
 _flusher = ThreadPoolExecutor(1, thread_name_prefix="vfs-flush")
+_flush_lock = threading.Lock()
+_flushes = 0          # queued for _flusher, each holding a duplicate file descriptor
 
 
 def _flush_later(fd: int, start: int, n: int) -> None:
-    """_write_behind on a duplicate of `fd`, in a thread of its own: started, never waited for."""
+    """_write_behind on a duplicate of `fd`, in a thread of its own: started, never waited for. Only a
+    hint: with FLUSH_QUEUE already queued (a slow disk, many copies at once) it is skipped."""
+    global _flushes
     if _sync_file_range is None or n <= 0:
         return
-    dup = os.dup(fd)
+    with _flush_lock:
+        if _flushes >= FLUSH_QUEUE:
+            return
+        _flushes += 1
+    try:
+        dup = os.dup(fd)
+    except OSError:     # out of descriptors: no hint
+        with _flush_lock:
+            _flushes -= 1
+        return
 
     def run() -> None:
+        global _flushes
         try:
             _write_behind(dup, start, n)
         finally:
             os.close(dup)
+            with _flush_lock:
+                _flushes -= 1
     _flusher.submit(run)
 
 
