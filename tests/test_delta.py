@@ -401,6 +401,75 @@ def test_vfs_builds_the_file_whole_after_its_pieces_and_answers_its_hash(tmp_pat
     assert (real / "new.part").read_bytes() == before           # nothing written
 
 
+def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_on_that(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_delta, "PRECOPY_STEP", 8192)     # many copies behind the reader
+    v, real = vfs_at(tmp_path)
+    old = rand(300_000, 61)
+    new = edited(old, seed=62, insert=30_000)
+    (real / "old").write_bytes(old)
+    (real / "new.part").write_bytes(b"")
+
+    def chunk(size: Any = None, **extra) -> Any:
+        return vfs_call(v, f"{DRIVE}/old", {"ChunkList": {"avg": AVG, "whole": False, "copy_to": f"{DRIVE}/new.part",
+                                                          "copy_size": len(new) if size is None else size, **extra}})
+    for extra, why in [({"copy_to": f"{DRIVE}/old"}, "into itself"),
+                       ({"copy_to": "/other:pub.os/data/x"}, "NoCap"),
+                       ({"whole": True}, "without the whole hash"),
+                       ({"copy_size": -1}, "copy_size must be between")]:
+        body = chunk(**extra)
+        assert "Err" in body and why in json.dumps(body), (extra, body)
+        assert (real / "new.part").read_bytes() == b"" and (real / "old").read_bytes() == old   # untouched
+    body = chunk()
+    info = body["ChunkList"]
+    assert info["copied"] == len(old) and (real / "new.part").read_bytes() == old   # all of it, where it was
+    copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
+    assert info["count"] == len(chunks_of(tmp_path, old))     # the same list as without the copy
+    for _, _, items in pieces:
+        data = b"".join(new[o:o + n] for o, n, _ in items)
+        assert vfs_call(v, f"{DRIVE}/new.part", {"WriteRanges": {"size": len(new), "items": items}}, data) == "Ok"
+
+    def build(in_place: int) -> Any:
+        return vfs_call(v, f"{DRIVE}/new.part", {"CopyRanges": {"from": f"{DRIVE}/old", "stamp": info["stamp"],
+                                                                "size": len(new), "items": copies, "whole": True,
+                                                                "in_place": in_place}})
+    assert build(info["copied"]) == {"Blake3": h(new)} and (real / "new.part").read_bytes() == new
+    # the list is kept now: chunked again, nothing is read, so nothing is copied
+    (real / "new.part").write_bytes(b"")
+    assert chunk()["ChunkList"]["copied"] == 0 and (real / "new.part").read_bytes() == b""
+    # a claim of more in place than is there: the hash is of what is read back, so it cannot pass
+    os.truncate(real / "new.part", len(new))
+    assert build(len(new))["Blake3"] != h(new)
+    # a new file shorter than the old copy: the copy stops at its size
+    host_delta.forget(info["stamp"])
+    (real / "new.part").write_bytes(b"")
+    assert chunk(size=100_000)["ChunkList"]["copied"] == 100_000 and (real / "new.part").read_bytes() == old[:100_000]
+
+
+def test_host_copy_while_chunking_stops_at_a_full_disk_and_the_chunking_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_delta, "PRECOPY_STEP", 8192)
+    old = rand(200_000, 63)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(b"")
+    calls = []
+    real_copy = os.copy_file_range
+
+    def full_after_two(src, dst, n, a, b):
+        calls.append(n)
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, n, a, b)
+    monkeypatch.setattr(os, "copy_file_range", full_after_two)
+    src, dst = os.open(tmp_path / "old", os.O_RDONLY), os.open(tmp_path / "new", os.O_WRONLY)
+    try:
+        records, stamp, size, copied = host_delta.chunk_and_copy(src, AVG, dst, len(old))
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert len(calls) > 2                                       # the disk did fill up mid-way
+    assert 0 < copied < len(old) and (tmp_path / "new").read_bytes()[:copied] == old[:copied]
+    assert ft_delta.parse_list(records) == chunks_of(tmp_path, old) and size == len(old)   # the list is whole
+
+
 def test_vfs_rename_over_a_big_file_frees_it_after_answering(tmp_path, monkeypatch):
     import host.vfs.store as store
     monkeypatch.setattr(store, "RELEASE_LATER", 10_000)
@@ -587,10 +656,19 @@ class Sim:
         if isinstance(a, ft_delta.ChunkBasis):
             fd = os.open(self.basis, os.O_RDONLY)
             try:
-                records, whole, stamp, size = host_delta.chunk_list(fd, AVG)
+                if a.copy_size:   # as the host does: the old copy into the partial as it is chunked
+                    dst = os.open(self.part, os.O_WRONLY)
+                    try:
+                        records, stamp, size, copied = host_delta.chunk_and_copy(fd, AVG, dst, a.copy_size)
+                    finally:
+                        os.close(dst)
+                    info = {"stamp": stamp, "copied": copied}
+                else:
+                    records, whole, stamp, size = host_delta.chunk_list(fd, AVG)
+                    info = {"stamp": stamp, "blake3": whole}
             finally:
                 os.close(fd)
-            return m.handle(ft_delta.BasisChunked(records, {"stamp": stamp, "blake3": whole}, None, 0.0))
+            return m.handle(ft_delta.BasisChunked(records, info, None, 0.0))
         if isinstance(a, ft_delta.ReadChunkList):
             return m.handle(ft_delta.ListRead(self.blob["req"], 0.0))
         if isinstance(a, ft_delta.CopyRanges):
@@ -598,7 +676,7 @@ class Sim:
             try:
                 if a.whole:
                     return m.handle(ft_delta.RangesCopied(0.0, host_delta.build_file(src, dst, a.items, a.stamp,
-                                                                                     a.size)))
+                                                                                     a.size, a.in_place)))
                 host_delta.copy_ranges(src, dst, a.items, a.stamp, a.size)
             finally:
                 os.close(src)

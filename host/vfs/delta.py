@@ -4,7 +4,11 @@ only the parts of a file that changed, with the file's bytes kept in the host.
 - `chunk_list`: a file's content-defined chunks (FastCDC) with each one's BLAKE3 and the whole
   file's, cached by the file's stamp (device, inode, size, mtime, ctime: a changed file is chunked
   afresh). Both ends chunk with the same average size, so a chunk that did not change has the same
-  hash on both, wherever an insertion or a removal moved it.
+  hash on both, wherever an insertion or a removal moved it. A requestor chunking its old copy can
+  have it copied into the new partial at the same offsets meanwhile (`copy_to`), handed to the disk as
+  it goes: whatever of the new file lies where it was in the old one (all of it before the first
+  insertion or removal) is then on its way to the disk while both ends still chunk, instead of
+  waiting for the build.
 - `copy_ranges`: ranges of the old copy into the new file, in the kernel (copy_file_range) where it
   can, the old copy checked unchanged before and after.
 - `write_ranges`: received pieces, each checked against the hash the provider's list gave it before
@@ -42,6 +46,9 @@ COPY_PIECE = 4 << 20                  # bytes per copy_file_range call
 READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's hash
 BUILD_PIECE = 8 << 20                 # bytes per copy, and per read back to hash, of build_file
 WRITE_BEHIND = 64 << 20               # build_file starts the disk's writing of each such stretch behind it
+PRECOPY_STEP = 16 << 20               # chunk_and_copy copies this much at a time, behind its reader
+FLUSH_QUEUE = 16                      # write-behind hints queued at most (each holds a file descriptor)
+_KERNEL_COPY = hasattr(os, "copy_file_range")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 _cache: OrderedDict = OrderedDict()   # (stamp, avg) -> (records, whole hex)
@@ -105,15 +112,67 @@ class _Reader:
     through a small buffer, not mapped, so its pages never count in the node's memory. With `whole`
     (a hasher) each read is hashed too: the whole file's hash from the same pass as the chunks."""
 
-    def __init__(self, fd: int, whole=None):
-        self.fd, self.pos, self.whole = fd, 0, whole
+    def __init__(self, fd: int, whole=None, copy=None):
+        self.fd, self.pos, self.whole, self.copy = fd, 0, whole, copy
 
     def readinto(self, buf) -> int:
         n = os.preadv(self.fd, [buf], self.pos)
         if self.whole is not None and n > 0:
             self.whole.update(buf[:n])
         self.pos += n
+        if self.copy is not None:
+            self.copy.read_to(self.pos)
         return n
+
+
+class _Precopy:
+    """The old copy's bytes copied into another file at the same offsets, up to `limit`, by a thread
+    trailing the chunker's reads (the pages are still cached), each WRITE_BEHIND stretch then handed to
+    the disk by another thread that nobody waits for (a busy disk must not stall the chunking). A copy
+    that fails (a full disk) stops the copying, not the chunking: what was copied before it counts."""
+
+    def __init__(self, src: int, dst: int, limit: int):
+        self.src, self.dst, self.limit = src, dst, limit
+        self.sent = self.copied = self.behind = 0
+        self.failed = False
+        self.copier = ThreadPoolExecutor(1, thread_name_prefix="vfs-precopy")
+
+    def read_to(self, pos: int) -> None:
+        pos = min(pos, self.limit)
+        if pos - self.sent >= PRECOPY_STEP and not self.failed:
+            self.copier.submit(self._copy, self.sent, pos - self.sent)
+            self.sent = pos
+
+    def _copy(self, at: int, n: int) -> None:
+        if self.failed:
+            return
+        try:
+            done = 0
+            while done < n:
+                got = os.copy_file_range(self.src, self.dst, n - done, at + done, at + done)
+                if got <= 0:
+                    raise OSError(errno.EIO, "the old copy ended early")
+                done += got
+        except OSError:
+            self.failed = True
+            return
+        self.copied = at + n
+        if self.copied - self.behind >= WRITE_BEHIND or self.copied == self.limit:
+            _flush_later(self.dst, self.behind, self.copied - self.behind)
+            self.behind = self.copied
+
+    def finish(self, end: int) -> int:
+        """Copy the rest (the chunker read `end` bytes), wait for every copy: -> bytes copied, from 0."""
+        end = min(end, self.limit)
+        if end > self.sent and not self.failed:
+            self.copier.submit(self._copy, self.sent, end - self.sent)
+            self.sent = end
+        self.copier.shutdown(wait=True)
+        return self.copied
+
+    def close(self) -> None:
+        """No copy runs on after this (the caller closes the files)."""
+        self.copier.shutdown(wait=True, cancel_futures=True)
 
 
 def _known_digest(stamp: str) -> str | None:
@@ -148,6 +207,19 @@ def _hash(fd: int, size: int) -> str:
 
 def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
     """-> (records, whole-file BLAKE3 hex or None without `whole`, stamp, size) of the open file `fd`."""
+    records, digest, stamp, size, _ = _chunk(fd, avg, whole, None, 0)
+    return records, digest, stamp, size
+
+
+def chunk_and_copy(fd: int, avg: int, copy_to: int, copy_limit: int) -> tuple:
+    """chunk_list without the whole-file hash, the bytes read copied meanwhile into `copy_to` (open for
+    writing) at the same offsets, up to `copy_limit`: -> (records, stamp, size, bytes copied). Nothing
+    is copied when the list was kept (nothing was read)."""
+    records, _, stamp, size, copied = _chunk(fd, avg, False, copy_to, copy_limit)
+    return records, stamp, size, copied
+
+
+def _chunk(fd: int, avg: int, whole: bool, copy_to: int | None, copy_limit: int) -> tuple:
     if not MIN_AVG <= avg <= MAX_AVG:
         raise DeltaError(f"the average chunk size must be between {MIN_AVG} and {MAX_AVG}")
     before = os.fstat(fd)
@@ -160,17 +232,26 @@ def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
                          f"(over {MAX_CHUNKS} chunks)")
     hit = _cached((stamp, avg))
     if hit is not None and (hit[1] is not None or not whole):
-        return hit[0], hit[1], stamp, before.st_size
+        return hit[0], hit[1], stamp, before.st_size, 0
     buf = bytearray(bound * RECORD.size)
     n = 0
     digest = _known_digest(stamp) if whole else None
+    limit = min(copy_limit, before.st_size)
+    copy = _Precopy(fd, copy_to, limit) if copy_to is not None and limit > 0 and _KERNEL_COPY else None
+    copied = 0
     # the whole file's hash, if wanted and not known, from the same read as the chunks (one pass, not two)
-    reader = _Reader(fd, blake3.blake3() if whole and digest is None else None)
-    for c in FastCDC(avg, min_size=min_size, max_size=avg * 4).cut_stream(reader):
-        if n == bound:
-            raise DeltaError("the file changed while it was being chunked")
-        RECORD.pack_into(buf, n * RECORD.size, c.length, blake3.blake3(c.data).digest())
-        n += 1
+    reader = _Reader(fd, blake3.blake3() if whole and digest is None else None, copy)
+    try:
+        for c in FastCDC(avg, min_size=min_size, max_size=avg * 4).cut_stream(reader):
+            if n == bound:
+                raise DeltaError("the file changed while it was being chunked")
+            RECORD.pack_into(buf, n * RECORD.size, c.length, blake3.blake3(c.data).digest())
+            n += 1
+        if copy is not None:
+            copied = copy.finish(reader.pos)
+    finally:
+        if copy is not None:
+            copy.close()
     records = bytes(memoryview(buf)[:n * RECORD.size])
     del buf
     if reader.whole is not None:
@@ -182,7 +263,7 @@ def chunk_list(fd: int, avg: int, whole: bool = True) -> tuple:
     _remember((stamp, avg), (records, digest))
     if digest is not None:
         _note_digest(stamp, digest)
-    return records, digest, stamp, before.st_size
+    return records, digest, stamp, before.st_size, copied
 
 
 def blake3_file(fd: int, sync: bool = False, want_stamp: str | None = None) -> str:
@@ -338,12 +419,47 @@ def _write_behind(fd: int, start: int, n: int) -> None:
         _sync_file_range(fd, start, n, _SYNC_FILE_RANGE_WRITE)
 
 
-def build_file(src: int, dst: int, items: list, want_stamp: str, size: int) -> str:
+_flusher = ThreadPoolExecutor(1, thread_name_prefix="vfs-flush")
+_flush_lock = threading.Lock()
+_flushes = 0          # queued for _flusher, each holding a duplicate file descriptor
+
+
+def _flush_later(fd: int, start: int, n: int) -> None:
+    """_write_behind on a duplicate of `fd`, in a thread of its own: started, never waited for. Only a
+    hint: with FLUSH_QUEUE already queued (a slow disk, many copies at once) it is skipped."""
+    global _flushes
+    if _sync_file_range is None or n <= 0:
+        return
+    with _flush_lock:
+        if _flushes >= FLUSH_QUEUE:
+            return
+        _flushes += 1
+    try:
+        dup = os.dup(fd)
+    except OSError:     # out of descriptors: no hint
+        with _flush_lock:
+            _flushes -= 1
+        return
+
+    def run() -> None:
+        global _flushes
+        try:
+            _write_behind(dup, start, n)
+        finally:
+            os.close(dup)
+            with _flush_lock:
+                _flushes -= 1
+    _flusher.submit(run)
+
+
+def build_file(src: int, dst: int, items: list, want_stamp: str, size: int, in_place: int = 0) -> str:
     """Copy [src offset, dst offset, length] ranges from `src` (which must have `want_stamp`
     throughout) into `dst`, as copy_ranges does, once the rest of `dst` (the fetched pieces) is
     written; meanwhile a second thread reads `dst` back in order right behind the copy and hashes it,
     and the disk writes each stretch out behind; then fsync. -> the BLAKE3 of the `size` bytes read
-    back from `dst` after they were written (a range never written reads as zeros, or short)."""
+    back from `dst` after they were written (a range never written reads as zeros, or short).
+    `in_place`: `dst`'s first bytes hold `src`'s (chunk_and_copy put them there): a range copied to
+    where it was is not copied again below that. Whatever was claimed, the hash is of what is read back."""
     plan = _copy_plan(src, items, want_stamp, size)
     h = blake3.blake3()
     buf = memoryview(bytearray(min(BUILD_PIECE, max(size, 1))))
@@ -367,6 +483,10 @@ def build_file(src: int, dst: int, items: list, want_stamp: str, size: int) -> s
             if d > pos:                                   # a fetched piece (or several), written already
                 hashed.append(hasher.submit(hash_back, pos, d - pos))
             done = 0
+            if s == d and s < in_place:                    # there already
+                done = min(n, in_place - s)
+                hashed.append(hasher.submit(hash_back, d, done))
+                behind = max(behind, d + done)
             while done < n:
                 step = min(BUILD_PIECE, n - done)
                 got = 0

@@ -301,11 +301,15 @@ _TREE_ACTIONS = {
 _DELTA_ACTIONS = {
     # -> {"ChunkList": {"count", "size", "stamp", "blake3"}}, the records as the blob; avg 0: only size and
     # stamp, and with forget what is kept for that stamp is dropped
-    "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false}',
+    # copy_to: the bytes read are copied into that file (write capability) at the same offsets meanwhile,
+    # up to copy_size (no whole-file hash then); the answer's "copied" says how many (0: the list was kept)
+    "ChunkList": '{"avg": n, "whole": true|false, "forget": true|false, "copy_to": "/package:publisher/drive/...", '
+                 '"copy_size": n}',
     # size: the new file's; its ranges in order, apart, within it
-    # whole: the rest of the file is written already; -> {"Blake3": hex} of the new file, built and synced
+    # whole: the rest of the file is written already; -> {"Blake3": hex} of the new file, built and synced;
+    # in_place (with whole): the first n bytes hold the old copy's, from ChunkList's copy_to
     "CopyRanges": '{"from": "/package:publisher/drive/...", "stamp": s, "size": n, "items": [[from, to, length]], '
-                  '"whole": true|false}',
+                  '"whole": true|false, "in_place": n}',
     "WriteRanges": '{"size": n, "items": [[offset, length, blake3]]}',   # the pieces back to back as the blob
     "Blake3": '{"sync": true|false, "stamp": s|null}',   # -> {"Blake3": hex}; sync: an fsync meanwhile
 }
@@ -529,6 +533,8 @@ class Vfs:
             return self._create_drive(source, has_cap, vp)
         if name == "CopyRanges":
             return self._copy_ranges(source, has_cap, vp, arg)
+        if name == "ChunkList" and isinstance(arg, dict) and arg.get("copy_to") is not None:
+            return self._chunk_and_copy(source, has_cap, vp, arg)
         if name in ("Rename", "CopyFile"):
             new = _parse_path(arg)
             self._check_cap(source, has_cap, vp, "write", name)
@@ -1240,6 +1246,33 @@ class Vfs:
                               "blake3": digest}}
         return VfsResult(_dumps(body), records)
 
+    def _chunk_and_copy(self, source, has_cap, vp: _VPath, arg) -> VfsResult:
+        """ChunkList with copy_to (read capability on `vp`, write on copy_to): the old copy chunked, its
+        bytes copied meanwhile into the new partial at the same offsets."""
+        self._delta_on(vp, "ChunkList")
+        if not isinstance(arg["copy_to"], str) or ("whole" in arg and arg["whole"] is not False):
+            raise _bad_json(f"ChunkList with copy_to expects {_DELTA_ACTIONS['ChunkList']}, without the whole hash")
+        avg = _int(arg.get("avg"), "ChunkList avg", 1, vfs_delta.MAX_AVG)
+        limit = _int(arg.get("copy_size"), "ChunkList copy_size", 0, vfs_delta.MAX_FILE)
+        dst_vp = _parse_path(arg["copy_to"])
+        self._check_cap(source, has_cap, vp, "read", "ChunkList")
+        self._check_cap(source, has_cap, dst_vp, "write", "ChunkList")
+        fd = self._delta_fd(self._locate(vp), vp)
+        try:
+            dst = self._writable(self._locate(dst_vp), dst_vp, "ChunkList")
+            try:
+                if os.path.samestat(os.fstat(fd), os.fstat(dst)):
+                    raise _bad_request(f"ChunkList cannot copy a file into itself: {dst_vp.text}")
+                with self._ino_lock(dst):
+                    records, stamp, size, copied = self._delta(vp, vfs_delta.chunk_and_copy, fd, avg, dst, limit)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(fd)
+        body = {"ChunkList": {"count": len(records) // vfs_delta.RECORD.size, "size": size, "stamp": stamp,
+                              "blake3": None, "copied": copied}}
+        return VfsResult(_dumps(body), records)
+
     def _a_Blake3(self, source, vp, loc, arg, data):
         self._delta_on(vp, "Blake3")
         fd = self._delta_fd(loc, vp)
@@ -1283,7 +1316,9 @@ class Vfs:
             try:
                 with self._ino_lock(dst):
                     if whole:   # the rest is written: copy, hash the whole in order, sync
-                        digest = self._delta(vp, vfs_delta.build_file, src, dst, arg["items"], arg["stamp"], size)
+                        in_place = _int(arg.get("in_place", 0), "CopyRanges in_place", 0, vfs_delta.MAX_FILE)
+                        digest = self._delta(vp, vfs_delta.build_file, src, dst, arg["items"], arg["stamp"], size,
+                                             in_place)
                         return VfsResult(_dumps({"Blake3": digest}))
                     self._delta(vp, vfs_delta.copy_ranges, src, dst, arg["items"], arg["stamp"], size)
             finally:

@@ -199,8 +199,10 @@ class MoveBasisAside:
 @dataclass
 class ChunkBasis:
     """Chunk the old copy (the file of this name in the files drive, or the partial moved aside);
-    -> BasisChunked."""
+    -> BasisChunked. With `copy_size`, the host copies the old copy into the partial meanwhile, at the
+    same offsets, up to that many bytes (BasisChunked's info says how many: "copied")."""
     avg: int
+    copy_size: int = 0
 
 
 @dataclass
@@ -213,11 +215,13 @@ class CopyRanges:
     """Copy [old offset, new offset, length] ranges of the old copy (which must still have `stamp`)
     into the partial (of `size` bytes when done), in the host; -> RangesCopied. With `whole` (every
     other byte is written already) the host also hashes the new file whole in order as it builds it,
-    and syncs it: RangesCopied has its digest."""
+    and syncs it: RangesCopied has its digest. `in_place`: the partial's first bytes are the old
+    copy's already (ChunkBasis copied them): a range to where it was is not copied again below that."""
     items: list
     stamp: str
     size: int
     whole: bool = False
+    in_place: int = 0
 
 
 @dataclass
@@ -325,6 +329,7 @@ class DeltaRequestor:
         self.copy_done = False
         self.built: str | None = None   # the new file's hash, as this node's host built it
         self.copied = 0                 # bytes taken from the old copy
+        self.in_place = 0               # the partial's first bytes the host copied there from the old copy
         self.fetched = 0                # bytes of pieces written
         self.moved = 0                  # bytes that came over the link: the list and the pieces
         self.writing: tuple | None = None  # (first, count, wants_ack) of the pieces being written
@@ -399,7 +404,9 @@ class DeltaRequestor:
     def partial_opened(self, now: float) -> list:
         self.file_open = True
         self.state = self.BASIS
-        return [ChunkBasis(self.avg)]
+        # the old copy goes into the partial as it is read: what did not move is on its way to the disk
+        # while both ends still chunk (pieces and moved chunks then overwrite the rest)
+        return [ChunkBasis(self.avg, copy_size=self.size)]
 
     def basis_chunked(self, records: bytes | None, info: dict | None, error: str | None, now: float) -> list:
         self.state = self.LISTING
@@ -408,6 +415,8 @@ class DeltaRequestor:
             if records is None or not isinstance(info, dict) or info.get("stamp") != self.basis.get("stamp"):
                 raise ValueError(error or "the copy changed meanwhile")
             self.basis_list = parse_list(records)
+            copied = info.get("copied", 0)
+            self.in_place = copied if _int(copied) and copied <= self.size else 0
         except ValueError as e:
             # the provider was asked for its list already: go on, fetching every chunk
             self.basis_list = []
@@ -524,7 +533,8 @@ class DeltaRequestor:
             return actions
         if self.copies:
             self.state = self.COPYING
-            actions.append(CopyRanges(self.copies, self.basis["stamp"], self.size, whole=True))
+            actions.append(CopyRanges(self.copies, self.basis["stamp"], self.size, whole=True,
+                                      in_place=self.in_place))
         else:
             self.state = self.VERIFYING
             actions.append(VerifyWhole())

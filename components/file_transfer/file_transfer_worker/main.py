@@ -432,7 +432,8 @@ class Worker:
     def chunk_basis(self, a: ft_delta.ChunkBasis) -> list:
         try:
             # no whole-file hash: the chunks tell whether the new file differs from it
-            info = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": a.avg, "whole": False}},
+            copy = {"copy_to": self.partial, "copy_size": a.copy_size} if a.copy_size else {}
+            info = vfs.vfs_request(self.basis_path, {"ChunkList": {"avg": a.avg, "whole": False, **copy}},
                                    timeout=DELTA_TIMEOUT)["ChunkList"]
             blob = get_blob()
             records, error = (blob.bytes if blob is not None else b""), None
@@ -449,7 +450,8 @@ class Worker:
         # with `whole` the host also hashes the new file as it builds it, and syncs it
         answer = vfs.vfs_request(self.partial, {"CopyRanges": {"from": self.basis_path, "stamp": a.stamp,
                                                                "size": a.size, "items": a.items,
-                                                               **({"whole": True} if a.whole else {})}},
+                                                               **({"whole": True} if a.whole else {}),
+                                                               **({"in_place": a.in_place} if a.in_place else {})}},
                                  timeout=DELTA_TIMEOUT)
         digest = answer.get("Blake3") if a.whole and isinstance(answer, dict) else None
         return self.machine.handle(ft_delta.RangesCopied(time.monotonic(), digest))
