@@ -419,9 +419,13 @@ def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_o
         body = chunk(**extra)
         assert "Err" in body and why in json.dumps(body), (extra, body)
         assert (real / "new.part").read_bytes() == b"" and (real / "old").read_bytes() == old   # untouched
+    reads: list = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: reads.append(at) or real_preadv(fd, bufs, at))
     body = chunk()
     info = body["ChunkList"]
     assert info["copied"] == len(old) and (real / "new.part").read_bytes() == old   # all of it, where it was
+    assert reads                                               # it was read to be chunked
     copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), chunks_of(tmp_path, old))
     assert info["count"] == len(chunks_of(tmp_path, old))     # the same list as without the copy
     for _, _, items in pieces:
@@ -433,9 +437,13 @@ def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_o
                                                                 "size": len(new), "items": copies, "whole": True,
                                                                 "in_place": in_place}})
     assert build(info["copied"]) == {"Blake3": h(new)} and (real / "new.part").read_bytes() == new
-    # the list is kept now: chunked again, nothing is read, so nothing is copied
+    # the list is kept now: chunked again, the file is not read for chunks, but copied still
     (real / "new.part").write_bytes(b"")
-    assert chunk()["ChunkList"]["copied"] == 0 and (real / "new.part").read_bytes() == b""
+    reads.clear()
+    again = chunk()["ChunkList"]
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    assert again["copied"] == len(old) and (real / "new.part").read_bytes() == old and not reads
+    assert again["count"] == info["count"] and again["stamp"] == info["stamp"]
     # a claim of more in place than is there: the hash is of what is read back, so it cannot pass
     os.truncate(real / "new.part", len(new))
     assert build(len(new))["Blake3"] != h(new)

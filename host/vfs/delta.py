@@ -230,14 +230,22 @@ def _chunk(fd: int, avg: int, whole: bool, copy_to: int | None, copy_limit: int)
     if bound > MAX_CHUNKS:
         raise DeltaError(f"a file of {before.st_size} bytes is too big for chunks of average size {avg} "
                          f"(over {MAX_CHUNKS} chunks)")
+    limit = min(copy_limit, before.st_size)
+    copy = _Precopy(fd, copy_to, limit) if copy_to is not None and limit > 0 and _KERNEL_COPY else None
     hit = _cached((stamp, avg))
     if hit is not None and (hit[1] is not None or not whole):
-        return hit[0], hit[1], stamp, before.st_size, 0
+        # the list is kept (nothing to read), the copy is wanted still: it gets the disk going early
+        copied = 0
+        if copy is not None:
+            for pos in range(PRECOPY_STEP, limit, PRECOPY_STEP):
+                copy.read_to(pos)
+            copied = copy.finish(limit)
+        if copied and stamp_of(os.fstat(fd)) != stamp:
+            raise DeltaError("the file changed while it was being copied")
+        return hit[0], hit[1], stamp, before.st_size, copied
     buf = bytearray(bound * RECORD.size)
     n = 0
     digest = _known_digest(stamp) if whole else None
-    limit = min(copy_limit, before.st_size)
-    copy = _Precopy(fd, copy_to, limit) if copy_to is not None and limit > 0 and _KERNEL_COPY else None
     copied = 0
     # the whole file's hash, if wanted and not known, from the same read as the chunks (one pass, not two)
     reader = _Reader(fd, blake3.blake3() if whole and digest is None else None, copy)
