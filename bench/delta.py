@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,7 @@ def main() -> int:  # noqa: C901 - one flat run of the parts
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-delta-"))
     bench = Bench(tmp)
     sshd = Sshd(tmp)
+    ratios: dict = {}    # rate -> time ours/rsync of each round
     try:
         make_link()
         bench.a_peers.write_text(json.dumps([entry(bench.b_home, "bench-b.dev", ADDR_B)]))
@@ -282,8 +284,10 @@ def main() -> int:  # noqa: C901 - one flat run of the parts
                           f"({moved / new_size:.2%} of the file); rsync {r_secs:.2f} s, {r_moved / 2**20:.2f} MiB "
                           f"({r_moved / new_size:.2%}); time ours/rsync {secs / r_secs:.2f}; CPU seconds ours {cpu:.2f}, "
                           f"rsync {r_cpu:.2f}", flush=True)
+                    ratios.setdefault(rate, []).append(secs / r_secs)
                     if True in rsyncs:
                         f_secs = rsyncs[True][0]
+                        ratios.setdefault(f"{rate} against rsync --fsync", []).append(secs / f_secs)
                         print(f"  rsync --fsync {f_secs:.2f} s; time ours/(rsync --fsync) {secs / f_secs:.2f}",
                               flush=True)
                     print(f"  ({line.strip()})", flush=True)
@@ -301,6 +305,10 @@ def main() -> int:  # noqa: C901 - one flat run of the parts
                           f"the link; off (KINODE_DELTA=0) {off_s:.2f} s, {off_b / 2**20:.1f} MiB; time on/off "
                           f"{on_s / off_s:.2f}", flush=True)
                     (bench.b_home / FILES / "first.bin").unlink()
+        for what, values in ratios.items():
+            won = sum(v < 1 for v in values)
+            print(f"{what}: time ours/rsync median {statistics.median(values):.2f} (range {min(values):.2f}-"
+                  f"{max(values):.2f}), ours first in {won} of {len(values)} rounds", flush=True)
     finally:
         sshd.stop()
         stop(bench.procs)
