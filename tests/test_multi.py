@@ -933,3 +933,59 @@ def test_machines_a_resumed_download_still_copies_from_the_old_copy(tmp_path, sm
     assert "was here already" in line and "came from the copy this node had" in line, line
     pieces = sum(p[1] for p in again.machines["req"].pieces)
     assert sum(again.progress[-1]["served"].values()) == pieces - held
+
+
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def size_of(text: str) -> float:
+    n, unit = text.split()
+    return float(n) * UNITS[unit]
+
+
+def test_nodes_an_old_copy_here_moves_only_the_changes_from_three_and_a_liar_is_dropped(node_factory):
+    req = node_factory("fake.dev")
+    provs = [node_factory(f"p{i}.dev") for i in (1, 2, 3)]
+    liar = node_factory("liar.dev", start=False)
+    liar.env = dict(liar.env, KINODE_TEST_LIE_AFTER_READS="0")   # its first read of pieces has a byte flipped
+    liar.start()
+    size = 24 << 20
+    new = rand(size, 41)   # fixed bytes: the same chunks each run (their sizes vary, 768 KiB to 4 MiB)
+    for p in [*provs, liar]:
+        (p.files / "big.bin").write_bytes(new)
+    digest = sha256(provs[0].files / "big.bin")
+    old = changed(new, 40, n=4)   # four stretches of 50 bytes differ: a few chunks of about 1 MiB
+
+    def fetch(nodes: str) -> tuple[str, float]:
+        """Download big.bin from `nodes`; -> (its done line, bytes the providers served)."""
+        first = len(req.lines)
+        lines = download(req, "big.bin", nodes)
+        done = next(ln for ln in lines if "big.bin downloaded from" in ln)
+        line = wait_for(lambda: next((ln for ln in req.lines[first:] if "big.bin: served by" in ln), None), 30,
+                        "the served line")
+        return done, sum(size_of(m.group(1)) for m in re.finditer(r"\d+ pieces \(([\d.]+ \w+)\)", line))
+
+    # the old copy here: only the changed chunks travel, the rest is copied from it
+    (req.files / "big.bin").write_bytes(old)
+    done, served = fetch("p1.dev,p2.dev,p3.dev")
+    assert sha256(req.files / "big.bin") == digest
+    moved = re.search(r"only ([\d.]+ \w+) moved, the rest came from the copy this node had", done)
+    assert moved and 0 < served < size // 3 and 0 < size_of(moved.group(1)) < size // 3, (done, served)
+    assert "it replaced the big.bin this node had" in done, done
+    assert not [ln for ln in req.lines if re.search(r"dropped|skipped|different content|error", ln)], req.lines[-20:]
+    # the control: no old copy, the same three serve the whole file
+    (req.files / "big.bin").unlink()
+    done, served = fetch("p1.dev,p2.dev,p3.dev")
+    assert sha256(req.files / "big.bin") == digest and served > size * 0.99 and "moved" not in done, (done, served)
+    # a liar among them while the old copy is used: named, dropped, its piece fetched from another
+    (req.files / "big.bin").write_bytes(old)
+    done, served = fetch("p1.dev,liar.dev,p2.dev")
+    liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
+    assert sha256(req.files / "big.bin") == digest and served < size // 3, (done, served)
+    assert len([ln for ln in req.lines if "liar.dev sent a chunk that failed its integrity check; dropped" in ln]) == 1
+    # the liar alone (the other listed node does not exist): the download fails, the old copy untouched
+    (req.files / "big.bin").write_bytes(old)
+    code, lines = req.run(f"{DL} big.bin liar.dev,ghost.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    assert any("error:" in ln and "liar.dev sent a chunk that failed its integrity check" in ln for ln in lines), lines
+    liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
+    assert (req.files / "big.bin").read_bytes() == old
