@@ -989,3 +989,24 @@ def test_nodes_an_old_copy_here_moves_only_the_changes_from_three_and_a_liar_is_
     assert any("error:" in ln and "liar.dev sent a chunk that failed its integrity check" in ln for ln in lines), lines
     liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
     assert (req.files / "big.bin").read_bytes() == old
+
+
+def test_nodes_an_old_copy_changed_mid_way_is_refused_and_its_chunks_fetched_instead(node_factory):
+    req = node_factory("fake.dev")
+    p1 = node_factory("p1.dev", pause_after=1)   # holds before its second read of pieces
+    size = 24 << 20
+    new = rand(size, 41)
+    (p1.files / "big.bin").write_bytes(new)
+    digest = sha256(p1.files / "big.bin")
+    old = changed(new, 40, n=4)   # four pieces, more than one read of up to 4 MiB
+    (req.files / "big.bin").write_bytes(old)
+    req.type(f"{DL} big.bin p1.dev,ghost.dev")   # ghost.dev does not exist: p1 serves alone
+    paused(p1)
+    req.expect(r"big\.bin: [\d.]+ MiB of 24\.0 MiB are in the copy this node has; fetching", 30)
+    os.utime(req.files / "big.bin", ns=(10**18, 10**18))   # the old copy "changes" after it was chunked
+    release(p1)
+    req.expect(r"big\.bin: copying from the copy this node has failed \(.*changed.*\); fetching those", 60)
+    done = req.expect(r"big\.bin downloaded from p1\.dev,ghost\.dev", 60)
+    assert sha256(req.files / "big.bin") == digest and "moved" not in done, done
+    served = served_by(req, "big.bin")
+    assert served.get("p1.dev", 0) > 4, served   # the changed pieces, then the copied chunks' pieces

@@ -44,6 +44,19 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   final whole-file check is unchanged, so a wrong point can only fail it.
 - If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
   starts again from the first such node alone (FetchSingle): an ordinary download.
+- An older copy here (the file of that name in the files drive, as ft_delta's; the worker passes it in
+  StateLoaded) is chunked at MULTI_AVG (ChunkBasis) once every listed node has answered Size, so at
+  the same time as the providers chunk theirs (or, at the latest, before the pool is made). Once a list
+  is chosen, ft_delta.plan splits it: only the chunks the old copy lacks become pieces in the pool (one
+  piece at least, for a provider's hash); the rest is copied from the old copy when every piece is in
+  (CopyRanges with `whole`: the host copies, hashes the new file read back and syncs it), and that hash
+  is compared as VerifyWhole's would be. The old copy changed since (the host refuses the copy) or the
+  copy failed: those chunks are fetched from the providers instead, then the file hashed again. The file
+  built matching no provider's hash (once all that were asked for pieces sent theirs): the old copy (or
+  its kept list, then forgotten: ForgetBasis) may be wrong, so nobody is dropped; those chunks are
+  fetched and the check is made again, by the usual rule. A resume point names only fetched pieces: a
+  resumed download copies from the old copy again at the end. The old copy is only read; it is replaced
+  only when the file takes its name. The end line adds what came from it, and the report `moved`.
 """
 from __future__ import annotations
 
@@ -114,8 +127,8 @@ from ft_protocol import (
 SEP = ","               # between the nodes of a multi-source download (a node name has none)
 DEPTH = 4               # pieces asked of one provider and not yet received, at most
 PROVIDER_STALL = STALL_TIMEOUT // 3   # seconds a provider may owe pieces and send none before it is dropped
-# the chunks' average size: no old copy is matched, so the biggest (chunking is then a third of the
-# work of delta's 64 KiB, and the list the shortest); its chunks still fit a piece (at most 4 x avg)
+# the chunks' average size: the biggest (chunking is then a third of the work of delta's 64 KiB, and the
+# list the shortest), so an old copy here is matched more coarsely; its chunks still fit a piece (at most 4 x avg)
 MULTI_AVG = DELTA_MAX_AVG
 MAX_STATE = 1 << 20     # bytes of a resume point, at most: a bigger one is not written, and not read
 UNREADABLE = "unreadable"   # what the worker passes for a resume point it could not read
