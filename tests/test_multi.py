@@ -888,6 +888,20 @@ def test_machines_an_old_copy_gives_its_chunks_and_only_the_changes_are_fetched(
     assert "replaced" not in same.progress[-1]
 
 
+def test_machines_an_old_copy_chunked_when_the_last_size_comes_or_when_the_list_is_chosen(tmp_path, small):
+    old = rand(600_000, 37)
+    new = changed(old, 38)
+    # a missing file named last: every Size is in before its refusal, so the old copy is chunked at the
+    # choice; named first, after the last Size; a plain peer: at the choice
+    for i, (files, plain) in enumerate((({"a.os": new, "b.os": new, "d.os": None}, set()),
+                                        ({"d.os": None, "a.os": new, "b.os": new}, set()),
+                                        ({"a.os": new, "p.os": new, "b.os": new}, {"p.os"}))):
+        (tmp_path / str(i)).mkdir()
+        sim = Sim(tmp_path / str(i), files, old=old, plain=plain).run()
+        assert sim.exits["req"] is None and sim.final.read_bytes() == new, sim.logs
+        assert 0 < sum(sim.progress[-1]["served"].values()) < len(new) // 5, sim.progress[-1]
+
+
 def test_machines_an_old_copy_with_a_liar_a_changed_copy_and_a_stale_list(tmp_path, small):
     old = rand(600_000, 32)
     new = changed(old, 33)

@@ -567,7 +567,8 @@ class MultiRequestor:
         if saved is None:
             return set(), ""
         ranges = saved.get("written") if isinstance(saved, dict) and saved.get("multi") == 1 else None
-        if not (isinstance(ranges, list) and len(ranges) <= len(self.pieces)
+        # (a point saved with or without an old copy here: its pieces may have been cut otherwise)
+        if not (isinstance(ranges, list) and len(ranges) <= MAX_PIECES
                 and all(isinstance(r, list) and len(r) == 2 and _int(r[0]) and _int(r[1]) and r[1] >= 1
                         for r in ranges)):
             return set(), "unreadable"
@@ -936,8 +937,8 @@ class MultiRequestor:
             return
         self.last_percent, self.last_report = percent, now
         secs = max(now - self.started, 1e-6)
-        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received + self.copied, "rate": (self.received - self.resumed) / secs,
-                "secs": secs,
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received + self.copied,
+                "rate": (self.received - self.resumed) / secs, "secs": secs,
                 **({"total": self.size} if self.size else {})}
         meta.update(extra)
         actions.append(Send(self.parent, {"Progress": {"name": self.name, "progress": percent}}, meta, 5, "progress"))
