@@ -2,6 +2,7 @@
 (`download NAME A,B,C`), each provider behind its own rate-limited link, in alternating rounds.
 
     sudo .venv/bin/python bench/multi.py [--mib 512] [--rate 200mbit] [--req-rate 2gbit] [--rounds 2]
+    sudo .venv/bin/python bench/multi.py --old-copy [--changes 8] ...
 
 Needs root (`ip netns`, `tc`). A hub namespace (`multi<pid>hub`) holds a bridge; the requestor and
 three providers each have a namespace joined to it by a veth pair. Each provider's link is limited
@@ -11,6 +12,11 @@ then from all three (the order alternating between rounds); before each download
 copies get a fresh mtime (no chunk list cached from the last round) and dirty pages are written out.
 Every copy is checked by hash. Prints each time, MiB/s and the ratio three/one per round, and the
 median ratio.
+
+With --old-copy each round downloads from all three twice instead: once with the requestor holding an
+older copy (the file with --changes stretches of 64 bytes overwritten, spread evenly; a fresh file,
+so chunked afresh), once without one. Prints each time and the bytes that came in on the requestor's
+link (its interface's counter: the lists, the pieces and the protocol's messages).
 """
 from __future__ import annotations
 
@@ -101,6 +107,52 @@ def _pump(out, log: Path | None) -> None:
 T0 = time.perf_counter()
 
 
+def rx_bytes(namespace: str) -> int:
+    """Bytes received on `namespace`'s eth0 so far."""
+    return int(sh("ip", "netns", "exec", namespace, "cat", "/sys/class/net/eth0/statistics/rx_bytes"))
+
+
+def old_copy_rounds(args, src: Path, got: Path, digest: str, homes: dict, one_all: str) -> None:
+    """Three providers, the requestor holding an older copy with a few changes, against the same with
+    none, in alternating order: time and bytes in on the requestor's link."""
+    size = args.mib << 20
+    secs: dict = {"old": [], "none": []}
+    moved: dict = {"old": [], "none": []}
+    for r in range(args.rounds):
+        for kind in (["old", "none"] if r % 2 == 0 else ["none", "old"]):
+            got.unlink(missing_ok=True)
+            if kind == "old":
+                shutil.copyfile(src, got)
+                with open(got, "r+b") as f:
+                    for k in range(args.changes):
+                        f.seek((k + 1) * size // (args.changes + 1))
+                        f.write(os.urandom(64))
+            for n in ("p1", "p2", "p3"):
+                os.utime(homes[n] / FILES / "big.bin")
+            os.sync()
+            before = rx_bytes(ns("req"))
+            t0 = time.perf_counter()
+            code, lines = run_remote(homes["req"], f"{DL} big.bin {one_all}", until=r"big\.bin downloaded|error:",
+                                     timeout=3600)
+            took = time.perf_counter() - t0
+            came = rx_bytes(ns("req")) - before
+            if code != 0 or not any("big.bin downloaded" in ln for ln in lines):
+                raise RuntimeError("\n".join(lines[-5:]))
+            assert sha256(got) == digest, f"hash mismatch ({kind})"
+            done = next(ln for ln in lines if "big.bin downloaded" in ln)
+            if kind == "old":
+                assert "the rest came from the copy this node had" in done, done
+            secs[kind].append(took)
+            moved[kind].append(came)
+            print(f"round {r + 1}, {'an old copy here' if kind == 'old' else 'no old copy'}: {took:.2f} s, "
+                  f"{came / 2**20:.1f} MiB in on the requestor's link", flush=True)
+    old_s, none_s = statistics.median(secs["old"]), statistics.median(secs["none"])
+    old_b, none_b = statistics.median(moved["old"]), statistics.median(moved["none"])
+    print(f"median of {args.rounds}: {args.mib} MiB from three, {args.changes} changes: with the old copy "
+          f"{old_s:.2f} s and {old_b / 2**20:.1f} MiB on the links; without {none_s:.2f} s and "
+          f"{none_b / 2**20:.1f} MiB ({none_s / old_s:.1f}x the time, {none_b / max(old_b, 1):.0f}x the bytes)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=512)
@@ -108,6 +160,8 @@ def main() -> int:
     ap.add_argument("--req-rate", default="2gbit", help="the requestor's link (tc tbf)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--log", type=Path, help="write each node's output here (NAME.log, lines timed)")
+    ap.add_argument("--old-copy", action="store_true", help="three providers with and without an older copy here")
+    ap.add_argument("--changes", type=int, default=8, help="with --old-copy: stretches that differ in the old copy")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (ip netns, tc)", file=sys.stderr)
@@ -135,6 +189,9 @@ def main() -> int:
         print(f"{args.mib} MiB; each provider's link {args.rate}, the requestor's {args.req_rate}", flush=True)
         got = homes["req"] / FILES / "big.bin"
         one_all = f"{nodes['p1']},{nodes['p2']},{nodes['p3']}"
+        if args.old_copy:
+            old_copy_rounds(args, src, got, digest, homes, one_all)
+            return 0
         ratios = []
         for r in range(args.rounds):
             secs = {}

@@ -67,12 +67,17 @@ class Sim:
     queue: list = field(default_factory=list)
     sent: dict = field(default_factory=dict)
     state: Any = None    # the resume point on "disk": what LoadState finds and SavePieces writes (parsed)
+    old: bytes | None = None   # the requestor's older copy of f.bin (the file of that name), used as the worker does
+    old_changes: bool = False  # the old copy is touched after it was chunked (its stamp changes: the copy refused)
+    stale_list: bytes | None = None   # the old copy's list is of these bytes (a stale list kept by its stamp)
 
     def __post_init__(self):
         self.part = self.tmp / "f.bin.part"
         self.final = self.tmp / "f.bin"
         self.workers = {n: Address.parse(f"{n}@w{i}:file_transfer:template.os") for i, n in enumerate(self.files)}
         self.paths = {}
+        if self.old is not None:
+            self.final.write_bytes(self.old)
         for n, data in self.files.items():
             if data is not None:
                 self.paths[n] = self.tmp / f"{n}.bin"
@@ -233,7 +238,36 @@ class Sim:
                 return None
             if isinstance(a, ft.LoadState):
                 size = self.part.stat().st_size if self.part.exists() else None
-                return m.handle(ft.StateLoaded(self.state, size, 0.0))
+                basis = None
+                if self.old is not None and self.final.exists():
+                    st = self.final.stat()
+                    basis = {"size": st.st_size, "stamp": host_delta.stamp_of(st), "partial": False}
+                return m.handle(ft.StateLoaded(self.state, size, 0.0, basis))
+            if isinstance(a, ft_delta.ChunkBasis):
+                assert a.avg == ft_multi.MULTI_AVG
+                if self.stale_list is not None:
+                    (self.tmp / "stale").write_bytes(self.stale_list)
+                fd = os.open(self.tmp / "stale" if self.stale_list is not None else self.final, os.O_RDONLY)
+                try:
+                    records, _, stamp, _ = host_delta.chunk_list(fd, a.avg, whole=False)
+                finally:
+                    os.close(fd)
+                stamp = host_delta.stamp_of(self.final.stat())
+                if self.old_changes:
+                    os.utime(self.final, ns=(1, 1))
+                return m.handle(ft_delta.BasisChunked(records, {"stamp": stamp}, None, 0.0))
+            if isinstance(a, ft_delta.CopyRanges):
+                src, dst = os.open(self.final, os.O_RDONLY), os.open(self.part, os.O_RDWR)
+                try:
+                    assert a.whole
+                    return m.handle(ft_delta.RangesCopied(0.0, host_delta.build_file(src, dst, a.items, a.stamp,
+                                                                                     a.size)))
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            if isinstance(a, ft_delta.ForgetBasis):
+                self.forgot = True
+                return None
             if isinstance(a, ft.SaveState):
                 return None
             raise AssertionError(f"unexpected action {a}")
@@ -814,3 +848,179 @@ def test_machines_every_piece_here_but_no_hash_came_resumes_by_fetching_one_piec
     last = again.machines["req"].pieces[-1][1]   # fetched again, so a provider hashes the file whole
     assert sum(again.progress[-1]["served"].values()) == last, again.progress[-1]
     assert any(f"resuming, {ft_multi.human_size(len(data) - last)} of" in ln for ln in again.logs), again.logs
+
+
+# ---- an older copy here: only what changed is fetched ----------------------------------------------
+def changed(data: bytes, seed: int, n: int = 3) -> bytes:
+    """`data` with `n` short stretches overwritten (a few chunks differ)."""
+    out = bytearray(data)
+    r = random.Random(seed)
+    for k in range(n):
+        at = (k + 1) * len(data) // (n + 1)
+        out[at:at + 50] = r.randbytes(50)
+    return bytes(out)
+
+
+def test_machines_an_old_copy_gives_its_chunks_and_only_the_changes_are_fetched(tmp_path, small):
+    old = rand(600_000, 30)
+    new = changed(old, 31)
+    sim = Sim(tmp_path, {"a.os": new, "b.os": new, "c.os": new}, old=old).run()
+    assert sim.exits["req"] is None, sim.logs
+    assert sim.final.read_bytes() == new
+    done = sim.progress[-1]
+    served = sum(done["served"].values())
+    assert 0 < served < len(new) // 5, done   # a few chunks around three changes
+    assert done["moved"] >= served and done["bytes"] == len(new), done
+    line = next(ln for ln in sim.logs if "served by" in ln)
+    assert line.endswith(f"{ft_multi.human_size(len(new) - served)} came from the copy this node had"), line
+    assert any("are in the copy this node has; fetching" in ln for ln in sim.logs), sim.logs
+    # the control: no old copy, the same providers serve the whole file
+    (tmp_path / "x").mkdir()
+    plain = Sim(tmp_path / "x", {"a.os": new, "b.os": new, "c.os": new}).run()
+    assert plain.final.read_bytes() == new and sum(plain.progress[-1]["served"].values()) == len(new)
+    assert "moved" not in plain.progress[-1]
+    # the old copy is the new content already: one piece is fetched all the same (its provider then
+    # hashes the file whole), and the old copy counts as the same content
+    (tmp_path / "y").mkdir()
+    same = Sim(tmp_path / "y", {"a.os": new, "b.os": new}, old=new).run()
+    assert same.exits["req"] is None and same.final.read_bytes() == new, same.logs
+    assert 0 < sum(same.progress[-1]["served"].values()) <= 64 << 10, same.progress[-1]
+    assert "replaced" not in same.progress[-1]
+
+
+def test_machines_an_old_copy_chunked_when_the_last_size_comes_or_when_the_list_is_chosen(tmp_path, small):
+    old = rand(600_000, 37)
+    new = changed(old, 38)
+    # a missing file named last: every Size is in before its refusal, so the old copy is chunked at the
+    # choice; named first, after the last Size; a plain peer: at the choice
+    for i, (files, plain) in enumerate((({"a.os": new, "b.os": new, "d.os": None}, set()),
+                                        ({"d.os": None, "a.os": new, "b.os": new}, set()),
+                                        ({"a.os": new, "p.os": new, "b.os": new}, {"p.os"}))):
+        (tmp_path / str(i)).mkdir()
+        sim = Sim(tmp_path / str(i), files, old=old, plain=plain).run()
+        assert sim.exits["req"] is None and sim.final.read_bytes() == new, sim.logs
+        assert 0 < sum(sim.progress[-1]["served"].values()) < len(new) // 5, sim.progress[-1]
+
+
+def test_machines_an_old_copy_with_a_liar_a_changed_copy_and_a_stale_list(tmp_path, small):
+    old = rand(600_000, 32)
+    new = changed(old, 33)
+    # a liar among the providers: named and dropped, its pieces fetched from the others, the file whole
+    sim = Sim(tmp_path, {"a.os": new, "b.os": new, "c.os": new}, old=old, lie={"b.os"}).run()
+    assert sim.exits["req"] is None and sim.final.read_bytes() == new, sim.logs
+    assert any("b.os sent a chunk that failed its integrity check; dropped" in ln for ln in sim.logs), sim.logs
+    assert sum(sim.progress[-1]["served"].values()) < len(new) // 5
+    # every provider lies: the download fails and the old copy is as it was
+    (tmp_path / "x").mkdir()
+    bad = Sim(tmp_path / "x", {"a.os": new, "b.os": new}, old=old, lie={"a.os", "b.os"}).run()
+    assert "every provider dropped out" in (bad.exits["req"] or ""), bad.logs
+    assert bad.final.read_bytes() == old
+    # the old copy changed after it was chunked: the host refuses the copy, those chunks are fetched instead
+    (tmp_path / "y").mkdir()
+    moved = Sim(tmp_path / "y", {"a.os": new, "b.os": new}, old=old, old_changes=True).run()
+    assert moved.exits["req"] is None and moved.final.read_bytes() == new, moved.logs
+    assert any("copying from the copy this node has failed (the old copy changed since it was chunked); fetching "
+               "those" in ln for ln in moved.logs), moved.logs
+    assert sum(moved.progress[-1]["served"].values()) == len(new) and "moved" not in moved.progress[-1]
+    # a stale list kept for the old copy: the file built matches no provider's hash; nobody is blamed, the
+    # copied chunks are fetched instead and the file passes
+    (tmp_path / "z").mkdir()
+    stale = Sim(tmp_path / "z", {"a.os": new, "b.os": new}, old=old, stale_list=new).run()
+    assert stale.exits["req"] is None and stale.final.read_bytes() == new, stale.logs
+    assert any("matches no provider's hash of the whole file; fetching those" in ln for ln in stale.logs), stale.logs
+    assert not [ln for ln in stale.logs if "dropped" in ln] and stale.forgot, stale.logs
+
+
+def test_machines_a_resumed_download_still_copies_from_the_old_copy(tmp_path, small):
+    old = rand(600_000, 35)
+    new = changed(old, 36, n=8)
+    sim = Sim(tmp_path, {"a.os": new, "b.os": new}, old=old, mute={"b.os"}).run()
+    req = sim.machines["req"]
+    assert req.state == req.RECEIVING and 0 < req.left < len(req.pieces), sim.logs
+    sim.act("req", req.handle(ft.SendFailed("tick", "timeout", 1.0)))
+    saved = sim.state
+    held = sum(n for _, n in saved["written"])
+    assert sim.final.read_bytes() == old and held > 0, saved   # the old copy untouched meanwhile
+    again = Sim(tmp_path, {"b.os": new, "a.os": new}, old=old, state=saved).run()
+    assert again.exits["req"] is None and again.final.read_bytes() == new, again.logs
+    line = next(ln for ln in again.logs if "served by" in ln)
+    assert "was here already" in line and "came from the copy this node had" in line, line
+    pieces = sum(p[1] for p in again.machines["req"].pieces)
+    assert sum(again.progress[-1]["served"].values()) == pieces - held
+
+
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def size_of(text: str) -> float:
+    n, unit = text.split()
+    return float(n) * UNITS[unit]
+
+
+def test_nodes_an_old_copy_here_moves_only_the_changes_from_three_and_a_liar_is_dropped(node_factory):
+    req = node_factory("fake.dev")
+    provs = [node_factory(f"p{i}.dev") for i in (1, 2, 3)]
+    liar = node_factory("liar.dev", start=False)
+    liar.env = dict(liar.env, KINODE_TEST_LIE_AFTER_READS="0")   # its first read of pieces has a byte flipped
+    liar.start()
+    size = 24 << 20
+    new = rand(size, 41)   # fixed bytes: the same chunks each run (their sizes vary, 768 KiB to 4 MiB)
+    for p in [*provs, liar]:
+        (p.files / "big.bin").write_bytes(new)
+    digest = sha256(provs[0].files / "big.bin")
+    old = changed(new, 40, n=4)   # four stretches of 50 bytes differ: a few chunks of about 1 MiB
+
+    def fetch(nodes: str) -> tuple[str, float]:
+        """Download big.bin from `nodes`; -> (its done line, bytes the providers served)."""
+        first = len(req.lines)
+        lines = download(req, "big.bin", nodes)
+        done = next(ln for ln in lines if "big.bin downloaded from" in ln)
+        line = wait_for(lambda: next((ln for ln in req.lines[first:] if "big.bin: served by" in ln), None), 30,
+                        "the served line")
+        return done, sum(size_of(m.group(1)) for m in re.finditer(r"\d+ pieces \(([\d.]+ \w+)\)", line))
+
+    # the old copy here: only the changed chunks travel, the rest is copied from it
+    (req.files / "big.bin").write_bytes(old)
+    done, served = fetch("p1.dev,p2.dev,p3.dev")
+    assert sha256(req.files / "big.bin") == digest
+    moved = re.search(r"only ([\d.]+ \w+) moved, the rest came from the copy this node had", done)
+    assert moved and 0 < served < size // 3 and 0 < size_of(moved.group(1)) < size // 3, (done, served)
+    assert "it replaced the big.bin this node had" in done, done
+    assert not [ln for ln in req.lines if re.search(r"dropped|skipped|different content|error", ln)], req.lines[-20:]
+    # the control: no old copy, the same three serve the whole file
+    (req.files / "big.bin").unlink()
+    done, served = fetch("p1.dev,p2.dev,p3.dev")
+    assert sha256(req.files / "big.bin") == digest and served > size * 0.99 and "moved" not in done, (done, served)
+    # a liar among them while the old copy is used: named, dropped, its piece fetched from another
+    (req.files / "big.bin").write_bytes(old)
+    done, served = fetch("p1.dev,liar.dev,p2.dev")
+    liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
+    assert sha256(req.files / "big.bin") == digest and served < size // 3, (done, served)
+    assert len([ln for ln in req.lines if "liar.dev sent a chunk that failed its integrity check; dropped" in ln]) == 1
+    # the liar alone (the other listed node does not exist): the download fails, the old copy untouched
+    (req.files / "big.bin").write_bytes(old)
+    code, lines = req.run(f"{DL} big.bin liar.dev,ghost.dev", until=r"big\.bin downloaded|error:", timeout=120)
+    assert any("error:" in ln and "liar.dev sent a chunk that failed its integrity check" in ln for ln in lines), lines
+    liar.expect(r"test lie: .* flipped a byte of read 1 of", 10)
+    assert (req.files / "big.bin").read_bytes() == old
+
+
+def test_nodes_an_old_copy_changed_mid_way_is_refused_and_its_chunks_fetched_instead(node_factory):
+    req = node_factory("fake.dev")
+    p1 = node_factory("p1.dev", pause_after=1)   # holds before its second read of pieces
+    size = 24 << 20
+    new = rand(size, 41)
+    (p1.files / "big.bin").write_bytes(new)
+    digest = sha256(p1.files / "big.bin")
+    old = changed(new, 40, n=4)   # four pieces, more than one read of up to 4 MiB
+    (req.files / "big.bin").write_bytes(old)
+    req.type(f"{DL} big.bin p1.dev,ghost.dev")   # ghost.dev does not exist: p1 serves alone
+    paused(p1)
+    req.expect(r"big\.bin: [\d.]+ MiB of 24\.0 MiB are in the copy this node has; fetching", 30)
+    os.utime(req.files / "big.bin", ns=(10**18, 10**18))   # the old copy "changes" after it was chunked
+    release(p1)
+    req.expect(r"big\.bin: copying from the copy this node has failed \(.*changed.*\); fetching those", 60)
+    done = req.expect(r"big\.bin downloaded from p1\.dev,ghost\.dev", 60)
+    assert sha256(req.files / "big.bin") == digest and "moved" not in done, done
+    served = served_by(req, "big.bin")
+    assert served.get("p1.dev", 0) > 4, served   # the changed pieces, then the copied chunks' pieces

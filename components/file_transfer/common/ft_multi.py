@@ -44,6 +44,19 @@ Negotiated in metadata, as delta is, so a plain peer and one without it never se
   final whole-file check is unchanged, so a wrong point can only fail it.
 - If no node can serve pieces but one answered Size (a plain peer, a file of one chunk), the download
   starts again from the first such node alone (FetchSingle): an ordinary download.
+- An older copy here (the file of that name in the files drive, as ft_delta's; the worker passes it in
+  StateLoaded) is chunked at MULTI_AVG (ChunkBasis) once every listed node has answered Size, so at
+  the same time as the providers chunk theirs (or, at the latest, before the pool is made). Once a list
+  is chosen, ft_delta.plan splits it: only the chunks the old copy lacks become pieces in the pool (one
+  piece at least, for a provider's hash); the rest is copied from the old copy when every piece is in
+  (CopyRanges with `whole`: the host copies, hashes the new file read back and syncs it), and that hash
+  is compared as VerifyWhole's would be. The old copy changed since (the host refuses the copy) or the
+  copy failed: those chunks are fetched from the providers instead, then the file hashed again. The file
+  built matching no provider's hash (once all that were asked for pieces sent theirs): the old copy (or
+  its kept list, then forgotten: ForgetBasis) may be wrong, so nobody is dropped; those chunks are
+  fetched and the check is made again, by the usual rule. A resume point names only fetched pieces: a
+  resumed download copies from the old copy again at the end. The old copy is only read; it is replaced
+  only when the file takes its name. The end line adds what came from it, and the report `moved`.
 """
 from __future__ import annotations
 
@@ -66,9 +79,14 @@ from ft_delta import (
     MAX_CHUNKS,
     MAX_PIECES,
     RECORD,
+    BasisChunked,
+    ChunkBasis,
     ChunkFile,
+    CopyRanges,
     DeltaProvider,
+    ForgetBasis,
     ListRead,
+    RangesCopied,
     ReadChunkList,
     VerifyWhole,
     WriteRanges,
@@ -109,8 +127,8 @@ from ft_protocol import (
 SEP = ","               # between the nodes of a multi-source download (a node name has none)
 DEPTH = 4               # pieces asked of one provider and not yet received, at most
 PROVIDER_STALL = STALL_TIMEOUT // 3   # seconds a provider may owe pieces and send none before it is dropped
-# the chunks' average size: no old copy is matched, so the biggest (chunking is then a third of the
-# work of delta's 64 KiB, and the list the shortest); its chunks still fit a piece (at most 4 x avg)
+# the chunks' average size: the biggest (chunking is then a third of the work of delta's 64 KiB, and the
+# list the shortest), so an old copy here is matched more coarsely; its chunks still fit a piece (at most 4 x avg)
 MULTI_AVG = DELTA_MAX_AVG
 MAX_STATE = 1 << 20     # bytes of a resume point, at most: a bigger one is not written, and not read
 UNREADABLE = "unreadable"   # what the worker passes for a resume point it could not read
@@ -218,14 +236,16 @@ class MultiRequestor:
     """Fetches `name` in pieces from every listed node that has the same file."""
 
     ASKING = "asking"          # waiting for every node's Size, list and hash (or its dropping out)
+    BASIS = "basis"            # the old copy is being chunked (no event comes meanwhile: BasisChunked ends it)
     RECEIVING = "receiving"    # taking pieces
     WRITING = "writing"        # a message of pieces is being checked and written
+    COPYING = "copying"        # every piece written: the chunks the old copy has are copied, the file hashed
     VERIFYING = "verifying"    # the whole file is being hashed, then renamed
     CHECKED = "checked"        # hashed; waiting for a provider's hash of the whole file that matches
     HANDED = "handed"          # started again from one node alone (FetchSingle)
     DONE = "done"
     FAILED = "failed"
-    STATES = frozenset({ASKING, RECEIVING, WRITING, VERIFYING, CHECKED, HANDED, DONE, FAILED})
+    STATES = frozenset({ASKING, BASIS, RECEIVING, WRITING, COPYING, VERIFYING, CHECKED, HANDED, DONE, FAILED})
 
     def __init__(self, name: str, peer: Any, parent: Any, now: float):
         self.name = name
@@ -255,6 +275,15 @@ class MultiRequestor:
         self.done: set = set()              # piece ids written (and passed the host's check)
         self.resumed = 0                    # bytes of them found here at the start
         self.unsaved = False                # pieces written since the resume point was saved
+        # the older copy of the file this node has (ft_delta's basis: {"size", "stamp"}), chunked at MULTI_AVG
+        # while the providers chunk theirs; its chunks are copied, not fetched
+        self.basis: dict | None = None
+        self.basis_list: list | None = None  # its records, once chunked ([] when it cannot be used)
+        self.basis_records = b""
+        self.copies: list = []              # [old offset, new offset, length] to copy from it at the end
+        self.copy_keys: set = set()         # the (length, digest) of the chunks those copies hold
+        self.copied = 0                     # bytes built from it
+        self.list_bytes = 0                 # bytes of chunk lists received
 
     # ---- events ----
     def handle(self, ev: Any) -> list:
@@ -268,7 +297,11 @@ class MultiRequestor:
         if t is ListRead:
             return self.list_read(ev.data, ev.now, ev.digest)
         if t is StateLoaded:
-            return self.state_loaded(ev.saved, ev.partial_len)
+            return self.state_loaded(ev.saved, ev.partial_len, ev.basis)
+        if t is BasisChunked:
+            return self.basis_chunked(ev.records, ev.info, ev.error, ev.now)
+        if t is RangesCopied:
+            return self.ranges_copied(ev.digest, ev.now)
         if t is PartialOpened:
             return self.partial_opened(ev.now)
         if t is ChunkWritten:
@@ -289,9 +322,12 @@ class MultiRequestor:
         self._report(actions, self.started, providers=len(self.sources))   # the parent knows its worker at once
         return actions + [LoadState()]
 
-    def state_loaded(self, saved: Any, partial_len: int | None) -> list:
-        """The resume point of an earlier run (used once the list is chosen), then ask every node."""
+    def state_loaded(self, saved: Any, partial_len: int | None, basis: dict | None = None) -> list:
+        """The resume point of an earlier run (used once the list is chosen) and the old copy (chunked
+        once every node has answered Size), then ask every node."""
         self.saved, self.partial_len = saved, partial_len
+        if isinstance(basis, dict) and isinstance(basis.get("stamp"), str) and not basis.get("partial"):
+            self.basis = basis
         actions: list = []
         for s in self.sources:
             actions.append(Send(s.addr, {"Download": {"name": self.name, "target": address_json(s.addr),
@@ -383,8 +419,37 @@ class MultiRequestor:
         s.size = size
         s.state = Source.SIZED
         self.last_activity = now
-        return [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": MULTI_AVG, "multi": 1},
-                                   **self._window_meta()})]
+        actions: list = [Reply("Progress", {"ft": 1, "offset": 0, "delta": {"avg": MULTI_AVG, "multi": 1},
+                                            **self._window_meta()})]
+        if not any(x.state == Source.ASKING for x in self.sources):
+            # every node has answered and those that can are chunking: the old copy now, at the same time
+            actions += self._chunk_basis()
+        return actions
+
+    def _chunk_basis(self) -> list:
+        """Chunk the old copy, if there is one not yet chunked (the action's result comes at once:
+        BASIS lasts until then, and it is the last action of its list)."""
+        if self.basis is None or self.basis_list is not None or self.state != self.ASKING:
+            return []
+        self.state = self.BASIS
+        return [ChunkBasis(MULTI_AVG)]
+
+    def basis_chunked(self, records: bytes | None, info: dict | None, error: str | None, now: float) -> list:
+        if self.state != self.BASIS:
+            raise RuntimeError(f"BasisChunked in state {self.state}")
+        self.state = self.ASKING
+        self.last_activity = now
+        actions: list = []
+        try:
+            assert self.basis is not None
+            if records is None or not isinstance(info, dict) or info.get("stamp") != self.basis.get("stamp"):
+                raise ValueError(error or "it changed meanwhile")
+            self.basis_list = parse_list(records)
+            self.basis_records = records
+        except ValueError as e:
+            self.basis_list = []
+            actions.append(Log(f"{self.name}: the copy this node has cannot be used ({e}); fetching it whole"))
+        return actions + self._maybe_decide(now)
 
     def list_read(self, data: bytes | None, now: float, digest: str | None = None) -> list:
         s, self.listing = self.listing, None
@@ -397,6 +462,7 @@ class MultiRequestor:
             return self._drop(s, f"{s.node} sent a chunk list that does not add up to the file; dropped", now)
         s.records = data
         s.list_digest = digest
+        self.list_bytes += len(data or b"")
         s.state = Source.READY
         self.last_activity = now
         if self.first_ready is None:
@@ -435,12 +501,15 @@ class MultiRequestor:
             return self.fail(f"the listed nodes have different content of {self.name} and none is in the majority "
                              f"({versions}); list only nodes with the same file", now)
         best = tied[0]
+        if self.basis is not None and self.basis_list is None:   # which chunks to fetch depends on it
+            return self._chunk_basis()
         first = best[0]
         self.chosen = first.key()
         self.decided = now
         assert first.size is not None and first.records is not None
         self.size = first.size
-        self.pieces = plan(parse_list(first.records), [])[1]
+        self.copies, self.pieces = self._plan(parse_list(first.records))
+        self.copied = 0
         self.list_digest = first.list_digest
         resume, why = self._resume_point()
         if len(resume) == len(self.pieces):   # one piece fetched again: its provider then hashes the file whole
@@ -459,8 +528,14 @@ class MultiRequestor:
                 actions += self._drop(s, f"{s.node} has different content ({self.name} differs from the one "
                                          f"{', '.join(b.node for b in best)} ha{'s' if len(best) == 1 else 've'}); "
                                          f"not used", now)
-        actions.append(Log(f"{self.name}: {human_size(self.size)} in {len(self.pieces)} pieces from "
-                           f"{', '.join(s.node for s in best)}"))
+        if self.copies:
+            have = sum(n for _, _, n in self.copies)
+            actions.append(Log(f"{self.name}: {human_size(have)} of {human_size(self.size)} are in the copy this "
+                               f"node has; fetching {human_size(self.size - have)} in {len(self.pieces)} pieces from "
+                               f"{', '.join(s.node for s in best)}"))
+        else:
+            actions.append(Log(f"{self.name}: {human_size(self.size)} in {len(self.pieces)} pieces from "
+                               f"{', '.join(s.node for s in best)}"))
         if self.done:
             actions.append(Log(f"{self.name}: resuming, {human_size(self.resumed)} of {human_size(self.size)} "
                                f"already here"))
@@ -472,6 +547,18 @@ class MultiRequestor:
             actions.append(RemoveFiles(state=True, partial=False))
         return actions + [OpenPartial(0)]
 
+    def _plan(self, new: list) -> tuple:
+        """-> (copies from the old copy, pieces to fetch) for the chosen list `new`. At least one piece
+        is fetched (a provider hashes its file whole only once pieces travel): with every chunk in the
+        old copy, the last is fetched."""
+        old = list(self.basis_list or [])
+        copies, pieces = plan(new, old)
+        if not pieces and new:
+            old = [r for r in old if r != new[-1]]
+            copies, pieces = plan(new, old)
+        self.copy_keys = set(old) & set(new)
+        return copies, list(pieces)
+
     def _resume_point(self) -> tuple:
         """-> (ids of the pieces the saved resume point shows written, or an empty set; why it is not
         used, or ''). Used only for the same chosen list (its BLAKE3), and only pieces whose bytes lie
@@ -480,7 +567,8 @@ class MultiRequestor:
         if saved is None:
             return set(), ""
         ranges = saved.get("written") if isinstance(saved, dict) and saved.get("multi") == 1 else None
-        if not (isinstance(ranges, list) and len(ranges) <= len(self.pieces)
+        # (a point saved with or without an old copy here: its pieces may have been cut otherwise)
+        if not (isinstance(ranges, list) and len(ranges) <= MAX_PIECES
                 and all(isinstance(r, list) and len(r) == 2 and _int(r[0]) and _int(r[1]) and r[1] >= 1
                         for r in ranges)):
             return set(), "unreadable"
@@ -627,9 +715,43 @@ class MultiRequestor:
 
     def _maybe_finish(self) -> list:
         if self.state == self.RECEIVING and self.file_open and self.left == 0:
+            if self.copies:   # the rest from the old copy, the new file hashed as it is built (ft_delta's)
+                assert self.basis is not None
+                self.state = self.COPYING
+                return [CopyRanges(self.copies, self.basis["stamp"], self.size, whole=True)]
             self.state = self.VERIFYING
             return [VerifyWhole()]
         return []
+
+    def ranges_copied(self, digest: str | None, now: float) -> list:
+        if self.state != self.COPYING:
+            raise RuntimeError(f"RangesCopied in state {self.state}")
+        self.copied = sum(n for _, _, n in self.copies)
+        self.state = self.VERIFYING
+        return self.file_verified(digest, now)
+
+    def _fetch_copies(self, why: str, now: float) -> list:
+        """The old copy could not give its chunks (it changed, the copy failed, or the file built from it
+        matches no provider's hash): fetch them from the providers like the rest, then check again."""
+        assert self.chosen is not None
+        new = parse_list(self.chosen[1])
+        pieces = plan(new, [r for r in new if r not in self.copy_keys])[1]
+        self.copies, self.copy_keys, self.copied = [], set(), 0
+        self.verified_digest = None
+        actions: list = [ForgetBasis(),
+                         Log(f"{self.name}: {why}; fetching those {human_size(sum(p[1] for p in pieces))} from the "
+                             f"providers instead")]
+        if not self._active():
+            return actions + self.fail("every provider dropped out: " + "; ".join(x.why for x in self.sources if x.why),
+                                       now)
+        base = len(self.pieces)
+        self.pieces.extend(pieces)
+        for i in range(base, len(self.pieces)):
+            heapq.heappush(self.pool, i)
+        self.left += len(pieces)
+        self.state = self.RECEIVING
+        self.last_activity = now
+        return self._top_up(actions, now) + self._maybe_finish()
 
     def file_verified(self, digest: str | None, now: float) -> list:
         if digest is None:
@@ -645,6 +767,14 @@ class MultiRequestor:
         nothing); with none left that could still send a matching one, the download fails."""
         digest = self.verified_digest
         same = [s for s in self.sources if s.key() == self.chosen and s.whole is not None]
+        if self.copied and same and not any(s.whole == digest for s in same):
+            # built partly from the old copy: it (or its kept list) may be what is wrong, not the providers;
+            # once every provider in use that was asked for pieces (only those hash the file) has sent its
+            # hash, those chunks are fetched from them instead
+            if any(s.whole is None and s.asked for s in self._active()):
+                return []
+            return self._fetch_copies("the file built with the copy this node has matches no provider's hash "
+                                      "of the whole file", now)
         actions: list = []
         for s in same:
             if s.whole != digest and s.state != Source.DROPPED:
@@ -652,7 +782,11 @@ class MultiRequestor:
                                          f"its chunk list built; dropped", now, then=False)
         if any(s.whole == digest for s in same):
             self.state = self.VERIFYING
-            return actions + [Rename(digest)]
+            # the old copy, replaced, had this content if every chunk is the same (no need to hash it)
+            basis = None
+            if self.copied and self.basis is not None and self.chosen is not None:
+                basis = (self.basis["stamp"], self.basis_records == self.chosen[1])
+            return actions + [Rename(digest, basis=basis)]
         if not self._active():
             liars = [s.node for s in same]
             why = (f"the hash of the whole file from {', '.join(liars)} does not match the file built from "
@@ -670,16 +804,21 @@ class MultiRequestor:
                                     {"ft": 1, "done": True}))
         served = ", ".join(f"{s.node} {s.pieces} pieces ({human_size(s.bytes)})" for s in self.sources if s.pieces)
         here = f"; {human_size(self.resumed)} was here already" if self.resumed else ""
-        actions.append(Log(f"{self.name}: served by {served}{here}"))
+        old = f"; {human_size(self.copied)} came from the copy this node had" if self.copied else ""
+        actions.append(Log(f"{self.name}: served by {served}{here}{old}"))
         actions.append(RemoveFiles(state=True, partial=False))
+        # as ft_delta's: what came over the links (the lists and the pieces) when the old copy gave the rest
+        moved = {"moved": self.list_bytes + sum(s.bytes for s in self.sources)} if self.copied else {}
         self._report(actions, now, done=True, hash=self.verified_digest,
-                     served={s.node: s.bytes for s in self.sources if s.bytes},
+                     served={s.node: s.bytes for s in self.sources if s.bytes}, **moved,
                      **({"replaced": True} if replaced else {}))
         self.state = self.DONE
         actions.append(Exit())
         return actions
 
     def io_failed(self, error: str, now: float) -> list:
+        if self.state == self.COPYING:   # the old copy changed (the host refuses it), or the copy failed
+            return self._fetch_copies(f"copying from the copy this node has failed ({error})", now)
         if self.state == self.WRITING and self.writing is not None and INTEGRITY in error:
             s = self.writing[0]   # the host refused a piece: that provider lied, or its file differs
             self.writing = None
@@ -793,13 +932,13 @@ class MultiRequestor:
         return actions
 
     def _report(self, actions: list, now: float, **extra: Any) -> None:
-        percent = int(self.received * 100 / self.size) if self.size else 0
+        percent = int((self.received + self.copied) * 100 / self.size) if self.size else 0
         if not extra and percent == self.last_percent and now - self.last_report < 1.0:
             return
         self.last_percent, self.last_report = percent, now
         secs = max(now - self.started, 1e-6)
-        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received, "rate": (self.received - self.resumed) / secs,
-                "secs": secs,
+        meta = {"ft": 1, "peer": self.peer_node, "bytes": self.received + self.copied,
+                "rate": (self.received - self.resumed) / secs, "secs": secs,
                 **({"total": self.size} if self.size else {})}
         meta.update(extra)
         actions.append(Send(self.parent, {"Progress": {"name": self.name, "progress": percent}}, meta, 5, "progress"))

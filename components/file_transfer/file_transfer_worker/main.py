@@ -240,7 +240,7 @@ class Worker:
 
     def load_multi_state(self) -> list:
         """A multi-source download's resume point (ft_multi): its JSON, UNREADABLE if too big or not
-        JSON, None if there is none; and the partial's length."""
+        JSON, None if there is none; the partial's length; and the old copy, if any."""
         saved = partial_len = None
         try:
             partial_len = vfs.metadata(self.partial).len
@@ -255,7 +255,11 @@ class Worker:
             pass
         except ValueError:
             saved = ft_multi.UNREADABLE
-        return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic()))
+        # an older copy of the file (the file of this name), whose chunks are copied, not fetched (refused
+        # where the host cannot chunk)
+        basis = self._probe(self.basis_path)
+        return self.machine.handle(ft.StateLoaded(saved, partial_len, time.monotonic(),
+                                                  dict(basis, partial=False) if basis is not None else None))
 
     def save_pieces(self, a: ft_multi.SavePieces) -> None:
         self.file.sync_all()   # the pieces it names are on disk before it says so
