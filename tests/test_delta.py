@@ -403,6 +403,7 @@ def test_vfs_builds_the_file_whole_after_its_pieces_and_answers_its_hash(tmp_pat
 
 def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_on_that(tmp_path, monkeypatch):
     monkeypatch.setattr(host_delta, "PRECOPY_STEP", 8192)     # many copies behind the reader
+    monkeypatch.setattr(host_delta, "PRECOPY_LAG", 1000)      # however far behind, all of it (see the next test)
     v, real = vfs_at(tmp_path)
     old = rand(300_000, 61)
     new = edited(old, seed=62, insert=30_000)
@@ -437,12 +438,12 @@ def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_o
                                                                 "size": len(new), "items": copies, "whole": True,
                                                                 "in_place": in_place}})
     assert build(info["copied"]) == {"Blake3": h(new)} and (real / "new.part").read_bytes() == new
-    # the list is kept now: chunked again, the file is not read for chunks, but copied still
+    # the list is kept now: chunked again, the file is not read, so nothing is copied (the build copies)
     (real / "new.part").write_bytes(b"")
     reads.clear()
     again = chunk()["ChunkList"]
     monkeypatch.setattr(os, "preadv", real_preadv)
-    assert again["copied"] == len(old) and (real / "new.part").read_bytes() == old and not reads
+    assert again["copied"] == 0 and (real / "new.part").read_bytes() == b"" and not reads
     assert again["count"] == info["count"] and again["stamp"] == info["stamp"]
     # a claim of more in place than is there: the hash is of what is read back, so it cannot pass
     os.truncate(real / "new.part", len(new))
@@ -451,6 +452,44 @@ def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_o
     host_delta.forget(info["stamp"])
     (real / "new.part").write_bytes(b"")
     assert chunk(size=100_000)["ChunkList"]["copied"] == 100_000 and (real / "new.part").read_bytes() == old[:100_000]
+
+
+def test_host_copy_while_chunking_stops_when_it_falls_behind_and_the_build_copies_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_delta, "PRECOPY_STEP", 8192)
+    monkeypatch.setattr(host_delta, "PRECOPY_LAG", 3)
+    old = rand(200_000, 64)
+    new = edited(old, seed=65, insert=20_000)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(b"")
+    read_all = threading.Event()
+    real_readinto = host_delta._Reader.readinto
+
+    def readinto(self, buf) -> int:
+        n = real_readinto(self, buf)
+        if n == 0:
+            read_all.set()
+        return n
+    real_copy = os.copy_file_range
+
+    def slow_disk(*args):      # no copy gets done before the chunker has read the whole file
+        assert read_all.wait(30)
+        return real_copy(*args)
+    monkeypatch.setattr(host_delta._Reader, "readinto", readinto)
+    monkeypatch.setattr(os, "copy_file_range", slow_disk)
+    src, dst = os.open(tmp_path / "old", os.O_RDONLY), os.open(tmp_path / "new", os.O_RDWR)
+    try:
+        records, stamp, size, copied = host_delta.chunk_and_copy(src, AVG, dst, len(new))
+        monkeypatch.setattr(os, "copy_file_range", real_copy)
+        assert 0 < copied < len(old) // 2 and (tmp_path / "new").read_bytes() == old[:copied]   # the steps queued
+        assert ft_delta.parse_list(records) == chunks_of(tmp_path, old)                  # the list is whole
+        copies, pieces = ft_delta.plan(chunks_of(tmp_path, new), ft_delta.parse_list(records))
+        for _, _, items in pieces:
+            host_delta.write_ranges(dst, items, b"".join(new[o:o + n] for o, n, _ in items), len(new))
+        assert host_delta.build_file(src, dst, copies, stamp, len(new), copied) == h(new)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (tmp_path / "new").read_bytes() == new
 
 
 def test_host_copy_while_chunking_stops_at_a_full_disk_and_the_chunking_goes_on(tmp_path, monkeypatch):

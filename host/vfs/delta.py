@@ -47,6 +47,7 @@ READ_PIECE = 16 << 20                 # bytes read at a time for a whole file's 
 BUILD_PIECE = 8 << 20                 # bytes per copy, and per read back to hash, of build_file
 WRITE_BEHIND = 64 << 20               # build_file starts the disk's writing of each such stretch behind it
 PRECOPY_STEP = 16 << 20               # chunk_and_copy copies this much at a time, behind its reader
+PRECOPY_LAG = 8                       # ... and stops copying when that many steps are queued
 FLUSH_QUEUE = 16                      # write-behind hints queued at most (each holds a file descriptor)
 _KERNEL_COPY = hasattr(os, "copy_file_range")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -129,19 +130,24 @@ class _Precopy:
     """The old copy's bytes copied into another file at the same offsets, up to `limit`, by a thread
     trailing the chunker's reads (the pages are still cached), each WRITE_BEHIND stretch then handed to
     the disk by another thread that nobody waits for (a busy disk must not stall the chunking). A copy
-    that fails (a full disk) stops the copying, not the chunking: what was copied before it counts."""
+    that fails (a full disk) stops the copying, not the chunking, and so does a copier PRECOPY_LAG
+    steps behind the reader: what was copied before counts, the build copies the rest."""
 
     def __init__(self, src: int, dst: int, limit: int):
         self.src, self.dst, self.limit = src, dst, limit
         self.sent = self.copied = self.behind = 0
-        self.failed = False
+        self.failed = self.stopped = False
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="vfs-precopy")
 
     def read_to(self, pos: int) -> None:
         pos = min(pos, self.limit)
-        if pos - self.sent >= PRECOPY_STEP and not self.failed:
-            self.copier.submit(self._copy, self.sent, pos - self.sent)
-            self.sent = pos
+        if self.failed or self.stopped or not (pos - self.sent >= PRECOPY_STEP or self.sent < pos == self.limit):
+            return
+        if self.sent - self.copied >= PRECOPY_LAG * PRECOPY_STEP:
+            self.stopped = True    # the disk is slower than the reading: the build copies the rest
+            return
+        self.copier.submit(self._copy, self.sent, pos - self.sent)
+        self.sent = pos
 
     def _copy(self, at: int, n: int) -> None:
         if self.failed:
@@ -161,12 +167,9 @@ class _Precopy:
             _flush_later(self.dst, self.behind, self.copied - self.behind)
             self.behind = self.copied
 
-    def finish(self, end: int) -> int:
-        """Copy the rest (the chunker read `end` bytes), wait for every copy: -> bytes copied, from 0."""
-        end = min(end, self.limit)
-        if end > self.sent and not self.failed:
-            self.copier.submit(self._copy, self.sent, end - self.sent)
-            self.sent = end
+    def finish(self) -> int:
+        """The chunking is done: wait for the copies queued (PRECOPY_LAG steps at most, so a slow disk
+        holds up the answer little): -> bytes copied, from 0."""
         self.copier.shutdown(wait=True)
         return self.copied
 
@@ -230,19 +233,11 @@ def _chunk(fd: int, avg: int, whole: bool, copy_to: int | None, copy_limit: int)
     if bound > MAX_CHUNKS:
         raise DeltaError(f"a file of {before.st_size} bytes is too big for chunks of average size {avg} "
                          f"(over {MAX_CHUNKS} chunks)")
-    limit = min(copy_limit, before.st_size)
-    copy = _Precopy(fd, copy_to, limit) if copy_to is not None and limit > 0 and _KERNEL_COPY else None
     hit = _cached((stamp, avg))
     if hit is not None and (hit[1] is not None or not whole):
-        # the list is kept (nothing to read), the copy is wanted still: it gets the disk going early
-        copied = 0
-        if copy is not None:
-            for pos in range(PRECOPY_STEP, limit, PRECOPY_STEP):
-                copy.read_to(pos)
-            copied = copy.finish(limit)
-        if copied and stamp_of(os.fstat(fd)) != stamp:
-            raise DeltaError("the file changed while it was being copied")
-        return hit[0], hit[1], stamp, before.st_size, copied
+        return hit[0], hit[1], stamp, before.st_size, 0   # nothing read, so nothing copied meanwhile
+    limit = min(copy_limit, before.st_size)
+    copy = _Precopy(fd, copy_to, limit) if copy_to is not None and limit > 0 and _KERNEL_COPY else None
     buf = bytearray(bound * RECORD.size)
     n = 0
     digest = _known_digest(stamp) if whole else None
@@ -256,7 +251,7 @@ def _chunk(fd: int, avg: int, whole: bool, copy_to: int | None, copy_limit: int)
             RECORD.pack_into(buf, n * RECORD.size, c.length, blake3.blake3(c.data).digest())
             n += 1
         if copy is not None:
-            copied = copy.finish(reader.pos)
+            copied = copy.finish()
     finally:
         if copy is not None:
             copy.close()
