@@ -454,6 +454,58 @@ def test_vfs_copies_the_old_copy_into_the_partial_while_chunking_it_and_builds_o
     assert chunk(size=100_000)["ChunkList"]["copied"] == 100_000 and (real / "new.part").read_bytes() == old[:100_000]
 
 
+def test_vfs_a_long_write_into_one_file_holds_up_no_other_file(tmp_path):
+    v, real = vfs_at(tmp_path)
+    # two files that shared a lock when 64 locks were shared by every file (by device and inode)
+    seen: dict = {}
+    for i in range(200):
+        (real / f"f{i}").write_bytes(b"")
+        st = (real / f"f{i}").stat()
+        bucket = hash((st.st_dev, st.st_ino)) % 64
+        if bucket in seen:
+            a, b = seen[bucket], f"f{i}"
+            break
+        seen[bucket] = f"f{i}"
+    fd = os.open(real / a, os.O_RDONLY)
+    answers: list = []
+    done = threading.Event()
+
+    def write_b() -> None:
+        answers.append(vfs_call(v, f"{DRIVE}/{b}", "Write", b"hi"))
+        done.set()
+    try:
+        with v._ino_lock(fd):          # as a long CopyRanges or ChunkList copy_to into `a` holds it
+            writer = threading.Thread(target=write_b)
+            writer.start()
+            assert done.wait(30), "a write into another file waited for this one's lock"
+        writer.join(30)
+    finally:
+        os.close(fd)
+    assert "Err" not in json.dumps(answers) and (real / b).read_bytes() == b"hi"
+    # the control: the same file's lock is one lock, so a write into `a` takes its turn after it
+    body = vfs_call(v, f"{DRIVE}/{a}", "Write", b"yo")
+    assert "Err" not in json.dumps(body) and (real / a).read_bytes() == b"yo" and not v._ino_locks
+
+
+def test_vfs_build_answers_the_files_hash_only_with_a_read_capability(tmp_path):
+    v, real = vfs_at(tmp_path)
+    (real / "old").write_bytes(b"old")
+    (real / "secret").write_bytes(b"1234")
+    stamp = vfs_call(v, f"{DRIVE}/old", {"ChunkList": {"avg": 0}})["ChunkList"]["stamp"]
+    other = ProcessId("q", "spy", "pub.os")
+    action = {"CopyRanges": {"from": f"{DRIVE}/old", "stamp": stamp, "size": 4, "items": [], "whole": True}}
+    request = json.dumps({"path": f"{DRIVE}/secret", "action": action}).encode()
+
+    def as_spy(caps: set) -> Any:
+        return json.loads(v.handle(other, lambda p: (p.get("kind"), p.get("drive")) in caps, request, None).body)
+    write_only = {("write", DRIVE), ("read", DRIVE + "-not")}
+    body = as_spy(write_only)                   # a write capability alone does not tell the file's hash
+    assert "NoCap" in json.dumps(body) and "Blake3" not in json.dumps(body), body
+    body = as_spy({("write", DRIVE), ("read", DRIVE)})           # the control: with a read capability too
+    assert body == {"Blake3": h(b"1234")}
+    assert (real / "secret").read_bytes() == b"1234"
+
+
 def test_host_copy_while_chunking_stops_when_it_falls_behind_and_the_build_copies_the_rest(tmp_path, monkeypatch):
     monkeypatch.setattr(host_delta, "PRECOPY_STEP", 8192)
     monkeypatch.setattr(host_delta, "PRECOPY_LAG", 3)

@@ -452,7 +452,12 @@ def _flush_later(fd: int, start: int, n: int) -> None:
             os.close(dup)
             with _flush_lock:
                 _flushes -= 1
-    _flusher.submit(run)
+    try:
+        _flusher.submit(run)
+    except RuntimeError:    # the interpreter is shutting down: no hint
+        os.close(dup)
+        with _flush_lock:
+            _flushes -= 1
 
 
 def build_file(src: int, dst: int, items: list, want_stamp: str, size: int, in_place: int = 0) -> str:

@@ -22,6 +22,7 @@ Design notes
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -434,7 +435,8 @@ class Vfs:
         self._lock = threading.Lock()            # guards _handles and _epoch
         self._handles: dict = {}                 # ProcessId -> OrderedDict[key, _Handle]
         self._epoch = 0                          # bumped whenever paths are removed/replaced
-        self._ino_locks = [threading.Lock() for _ in range(64)]
+        self._ino_locks: dict = {}     # (device, inode) -> [lock, users]: a file's writes take turns, no one else's
+        self._ino_locks_guard = threading.Lock()
         self._unshare_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vfs-write")
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vfs-release")
@@ -739,9 +741,23 @@ class Vfs:
             _quietly(os.unlink, tmp)
             raise _from_os(e, vp.text, "cannot copy an installed file before writing it") from None
 
-    def _ino_lock(self, fd: int) -> threading.Lock:
+    @contextlib.contextmanager
+    def _ino_lock(self, fd: int):
+        """Held while one file is written: a lock of its own (one shared by several files would let a
+        long copy into one hold up writes to another package's)."""
         st = os.fstat(fd)
-        return self._ino_locks[hash((st.st_dev, st.st_ino)) % len(self._ino_locks)]
+        key = (st.st_dev, st.st_ino)
+        with self._ino_locks_guard:
+            entry = self._ino_locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._ino_locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._ino_locks[key]
 
     # ---- actions without a handle -----------------------------------------------------------------
     def _create_drive(self, source: ProcessId, has_cap, vp: _VPath) -> VfsResult:
@@ -1310,6 +1326,8 @@ class Vfs:
         self._check_cap(source, has_cap, vp, "write", "CopyRanges")
         self._check_cap(source, has_cap, src_vp, "read", "CopyRanges")
         whole = arg.get("whole") is True
+        if whole:   # it answers the new file's hash: a read of it
+            self._check_cap(source, has_cap, vp, "read", "CopyRanges")
         src = self._delta_fd(self._locate(src_vp), src_vp)
         try:
             dst = self._writable(self._locate(vp), vp, "CopyRanges", os.O_RDWR if whole else os.O_WRONLY)
