@@ -68,6 +68,7 @@ def test_fifty_downloads_at_once_from_three_requestors_stay_under_300_mb(node_fa
     # has just given its slot back may still be unwinding. Unbounded, the three requestors' own
     # limits would let 3 x MAX_DOWNLOADS run.
     assert 1 <= max(serving_seen) <= MAX_SERVING + 2 < 3 * MAX_DOWNLOADS, serving_seen
+    print("peak RSS MiB:", {node.name: round(peak_rss_bytes(node) / 2**20) for node in (provider, *requestors)})
     for node in (provider, *requestors):
         assert peak_rss_bytes(node) < PEAK_LIMIT, (node.name, peak_rss_bytes(node) / 2**20)
 
