@@ -46,9 +46,9 @@ CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that spe
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs a fixed overhead in
                                  # both nodes); also the unit of windows
 BIG_CHUNK_SIZE = 8 * CHUNK_SIZE  # a lone transfer's chunks (less CPU per byte); with several transfers
-                                 # at once each would hold twice the memory: see chunk_for
+                                 # at once each would hold twice the memory (see "Chunk size" above)
 BIG_MIN = 64 * CHUNK_SIZE        # files up to this size keep EXT_CHUNK_SIZE: a few chunks save little
-WINDOW = 8                 # chunks in flight per transfer, at most (a lone transfer's: NODE_BUDGET)
+WINDOW = 8                 # EXT_CHUNK_SIZE units in flight per transfer, at most (a lone transfer's: NODE_BUDGET)
 NODE_BUDGET = 32 * CHUNK_SIZE  # bytes in flight for all of a node's transfers together (a lone one: WINDOW chunks)
 DELTA_MIN = 4 * CHUNK_SIZE   # a file over this size is offered only what changed (ft_delta), if its host can
 START_WINDOW = 2           # a provider's window until its file_transfer gives it its share
