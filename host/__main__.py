@@ -168,10 +168,11 @@ def _limit_malloc_arenas() -> None:
         import ctypes
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, 2)                # M_ARENA_MAX
-        # buffers over 6 MiB (a peer's 8 MB message, a large blob) are mapped for themselves and
-        # given back when freed; glibc's default would raise the threshold to each such size freed
-        # and then keep them in the heap. Transfer chunks (4 MiB) stay below it, on the heap.
-        libc.mallopt(-3, 6 << 20)          # M_MMAP_THRESHOLD
+        # buffers over 9 MiB (a peer's largest messages) are mapped for themselves and given back
+        # when freed; glibc's default would raise the threshold to each such size freed and then
+        # keep them in the heap. Transfer chunks (up to 8 MiB) stay below it, on the heap: mapped
+        # afresh, each one's page faults cost more CPU than the larger chunk saved.
+        libc.mallopt(-3, 9 << 20)          # M_MMAP_THRESHOLD
         # setting that threshold leaves glibc's trim threshold at 128 KiB: every freed buffer at the
         # top of a heap was handed back and the next one faulted in afresh (page faults took a tenth
         # of a download's CPU, half of an upload's); up to 32 MiB free at a heap's top is kept for

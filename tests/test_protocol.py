@@ -24,6 +24,7 @@ import ft_common  # noqa: E402
 import ft_protocol as ft  # noqa: E402
 
 from host.kinode_types import Address  # noqa: E402
+from host.net.noise import MAX_MESSAGE  # noqa: E402
 
 REQ_WORKER = Address.parse("alice.os@w1:file_transfer:template.os")
 REQ_PARENT = Address.parse("alice.os@file_transfer:file_transfer:template.os")
@@ -1115,6 +1116,47 @@ def test_requestor_passes_its_parents_window_on_in_its_acks():
     assert r.request(REQ_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 2}, False,
                      None, 0.0) == []
     assert r.window == 2 and r._window_meta() == {"window": 2}
+
+
+def test_large_chunks_only_for_a_big_file_while_both_nodes_give_it_a_whole_share(monkeypatch):
+    """ft_common.BIG_CHUNK_SIZE: a lone transfer's chunks; a busy node on either side keeps small ones,
+    and the bytes in flight stay within the smaller share whatever the chunks' size."""
+    def sent(out) -> list:
+        return [a.body["Chunk"]["length"] for a in out if isinstance(a, ft.Send) and "Chunk" in a.body]
+    with small_chunks(window=8):  # small chunks of 64 bytes, windows in units of them
+        monkeypatch.setattr(ft, "BIG_CHUNK_SIZE", 128)
+        monkeypatch.setattr(ft, "BIG_MIN", 1024)
+        p, side, out, run = offered(bytes(range(256)) * 12)
+        p.window = 8  # a whole share here ...
+        run(p.response("size", {"ft": 1, "offset": 0, "window": 8, "chunk": 128}, 0.0))  # ... and there
+        assert sent(out) == [128] * 4  # 8 x 64 bytes in flight, in large chunks
+        run(p.response("chunk", {"ft": 1, "ack": 0, "window": 4}, 0.0))  # the requestor's node got busier
+        assert sent(out) == [128] * 4  # 3 x 128 in flight, over its 4 x 64: nothing more yet
+        for _ in range(2):
+            run(p.response("chunk", {"ft": 1, "ack": 0, "window": 4}, 0.0))
+        assert sent(out) == [128] * 4 + [64] * 2  # small chunks, up to 4 x 64 in flight
+        run(p.request(PROV_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": 4}, 0.0))
+        run(p.response("chunk", {"ft": 1, "ack": 0, "window": 8, "chunk": 128}, 0.0))  # ours is busy now
+        assert sent(out)[6:] == [64, 64]  # one of 128 acked: 2 x 64 more fit in 4 x 64
+        # a file up to BIG_MIN keeps small chunks, a whole share on both sides or not; so does a
+        # requestor that asks nothing (an older one) or asks another size
+        for data, ask in ((bytes(1024), {"chunk": 128}), (bytes(2048), {}), (bytes(2048), {"chunk": 256})):
+            p2, _, out2, run2 = offered(data)
+            p2.window = 8
+            run2(p2.response("size", {"ft": 1, "offset": 0, "window": 8, **ask}, 0.0))
+            assert sent(out2) == [64] * 8, ask
+    # the requestor asks for large chunks only with a whole share
+    r = Requestor("f.bin", PEER_MAIN, REQ_PARENT, 0.0, extended=True)
+    r.start()
+    r.request(REQ_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": ft_common.WINDOW},
+              False, None, 0.0)
+    assert r._window_meta() == {"window": ft_common.WINDOW, "chunk": ft.BIG_CHUNK_SIZE}
+    r.request(REQ_PARENT, {"Progress": {"name": "f.bin", "progress": 0}}, {"ft": 1, "window": ft_common.WINDOW // 2},
+              False, None, 0.0)
+    assert r._window_meta() == {"window": ft_common.WINDOW // 2}
+    # (a whole share is a lone transfer's; a chunk message stays under the network's largest)
+    assert ft_common.window_for(1) == ft_common.WINDOW > ft_common.window_for(2)
+    assert ft_common.BIG_CHUNK_SIZE + (64 << 10) < MAX_MESSAGE
 
 
 # ---- FolderRequestor on its own --------------------------------------------------------------------

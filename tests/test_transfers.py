@@ -256,3 +256,17 @@ def test_one_bad_name_in_a_multi_file_download_starts_none(two_nodes):
     no_workers(fake, fake2)
     assert sum("good.bin downloaded" in ln for ln in fake.lines) == 1, fake.lines
     assert not any("already being" in ln for ln in fake.lines), fake.lines
+
+
+def test_a_lone_big_download_moves_to_large_chunks_and_arrives_intact(two_nodes):
+    """A file over BIG_MIN, the only transfer on both nodes: its chunks go from EXT_CHUNK_SIZE to
+    BIG_CHUNK_SIZE once both nodes' file_transfer gave their workers the whole share (ft_common), each
+    checked by the running hash across the change of size, and the whole file by its hash."""
+    from ft_common import BIG_CHUNK_SIZE, BIG_MIN
+    fake, fake2 = two_nodes
+    size = BIG_MIN + BIG_CHUNK_SIZE + 12345  # the last chunk a short one
+    digest = put(fake2, "big.bin", size)
+    lines = download(fake, "big.bin", "fake2.dev")
+    assert any("big.bin downloaded from fake2.dev" in ln for ln in lines), lines
+    assert sha(fake.files / "big.bin") == digest
+    no_workers(fake, fake2)

@@ -30,6 +30,11 @@ The seed's WIT is the wire protocol. This package's additions ride in request `m
   request `{"ft":1, "window": W}`, again whenever the number of transfers changes); a requestor
   passes its window on in every ack (`"window"`), and a provider keeps at most the smaller of its
   own and its requestor's in flight. A provider starts at START_WINDOW until it is told.
+  Windows count EXT_CHUNK_SIZE units of bytes, whatever the chunks' size.
+- Chunk size: a file over BIG_MIN is sent in chunks of BIG_CHUNK_SIZE only while each node has a
+  transfer's whole share (WINDOW: it runs that one transfer alone); the requestor's acks ask for it
+  (`"chunk": BIG_CHUNK_SIZE`), else chunks are EXT_CHUNK_SIZE. So a busy node's memory per transfer
+  (the chunks in flight, the one written behind, the next one taken) stays that of small chunks.
 """
 from __future__ import annotations
 
@@ -39,8 +44,11 @@ from host.kinode_types import check_relative_path, nfc  # noqa: F401
 
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs a fixed overhead in
-                                 # both nodes); 8 MiB saved CPU but put many downloads at once over 300 MB
-WINDOW = 8                 # chunks in flight per transfer, at most (a lone transfer's: NODE_BUDGET)
+                                 # both nodes); also the unit of windows
+BIG_CHUNK_SIZE = 8 * CHUNK_SIZE  # a lone transfer's chunks (less CPU per byte); with several transfers
+                                 # at once each would hold twice the memory (see "Chunk size" above)
+BIG_MIN = 64 * CHUNK_SIZE        # files up to this size keep EXT_CHUNK_SIZE: a few chunks save little
+WINDOW = 8                 # EXT_CHUNK_SIZE units in flight per transfer, at most (a lone transfer's: NODE_BUDGET)
 NODE_BUDGET = 32 * CHUNK_SIZE  # bytes in flight for all of a node's transfers together (a lone one: WINDOW chunks)
 DELTA_MIN = 4 * CHUNK_SIZE   # a file over this size is offered only what changed (ft_delta), if its host can
 START_WINDOW = 2           # a provider's window until its file_transfer gives it its share
@@ -48,7 +56,7 @@ MAX_DOWNLOADS = 4          # downloads a node runs at once; more wait their turn
 MAX_SERVING = 4            # files a node sends at once; more requestors wait in its queue (each
                            # serving worker is a Wasm instance plus its chunks in flight)
 SERVING_LEASE = 20         # seconds a serving slot is held without word from its worker
-STATE_EVERY = 4            # chunks between saves of a big download's resume point (16 MiB)
+STATE_EVERY = 4            # EXT_CHUNK_SIZE units between saves of a big download's resume point (16 MiB)
 ACK_TIMEOUT = 60           # seconds a provider waits for an ack before giving up
 HANDSHAKE_TIMEOUT = 10     # seconds to wait for the other side's Download answer / Size
 STALL_TIMEOUT = 60         # seconds without progress before a worker gives up

@@ -19,6 +19,8 @@ from typing import Any
 
 from ft_common import (
     ACK_TIMEOUT,
+    BIG_CHUNK_SIZE,
+    BIG_MIN,
     CHUNK_SIZE,
     DELTA_MIN,
     EXT_CHUNK_SIZE,
@@ -35,6 +37,12 @@ DELTA_MAX = 8 << 30    # a bigger file is sent whole: chunking it could outlast 
 DELTA_MIN_AVG, DELTA_MAX_AVG = 4096, 1 << 20   # the average chunk sizes a provider accepts (ft_delta)
 
 HEX = frozenset("0123456789abcdef")
+
+
+def _asks_big(meta: dict) -> bool:
+    """The requestor's ack or Size answer asks for large chunks (its node gives the transfer a whole share)."""
+    chunk = meta.get("chunk")
+    return type(chunk) is int and chunk == BIG_CHUNK_SIZE
 
 
 def _place(v: Any) -> bool:
@@ -379,7 +387,7 @@ class Requestor:
         self.received = 0
         self.cursor = 0
         self.resumed_from = 0
-        self.chunks_since_save = 0
+        self.bytes_since_save = 0
         self.last_report = 0.0
         self.last_percent = -1
         self.keepalive_out = False
@@ -390,7 +398,7 @@ class Requestor:
         self.queue_place: int | None = None  # our place in the provider's queue while QUEUED
         self.queue_ask_out = False   # an ask about our place is outstanding
         self.verified_digest: str | None = None  # the whole file's hash, once verified
-        self.window: int | None = None  # chunks the provider may keep in flight, once our parent said
+        self.window: int | None = None  # EXT_CHUNK_SIZE units the provider may keep in flight, once our parent said
 
     # ---- events ----
     @property
@@ -631,12 +639,12 @@ class Requestor:
         self.last_activity = now
         if self._complete():
             return self._finish(actions)
-        self.chunks_since_save += 1
-        if self.has_state and self.chunks_since_save >= STATE_EVERY:
+        self.bytes_since_save += length
+        if self.has_state and self.bytes_since_save >= STATE_EVERY * EXT_CHUNK_SIZE:
             # not synced first: a killed node's written pages survive in the OS, and after an OS
             # crash the final check catches a hole behind the state (an fsync per save halved the speed)
             actions.append(SaveState(self.known_size, self.received))
-            self.chunks_since_save = 0
+            self.bytes_since_save = 0
         self._report(actions, now)
         self._keepalive(actions)
         self.state = self.AWAITING_HASH if self.received >= self.known_size else self.RECEIVING
@@ -745,7 +753,10 @@ class Requestor:
 
     # ---- helpers ----
     def _window_meta(self) -> dict:
-        return {"window": self.window} if self.window else {}
+        if not self.window:
+            return {}
+        # a whole share (we run this transfer alone): large chunks are welcome (ft_common)
+        return {"window": self.window, "chunk": BIG_CHUNK_SIZE} if self.window >= WINDOW else {"window": self.window}
 
     def _complete(self) -> bool:
         """All bytes are here and the provider's file hash too (unless it sends none)."""
@@ -814,14 +825,16 @@ class Provider:
         self.stamp: Any = None        # the file's VFS stamp when we began: it changes if the file does
         self.next_offset = 0
         self.in_flight = 0
+        self.flight_bytes: list = []  # the lengths of the chunks in flight, oldest first
         self.ext = False
         self.pipelined = False       # a one-chunk file's chunk went out right behind Size
         self.hash_sent = False
         self.first_offset = 0        # where this session's chunks begin (a resume point)
         self.chain_digest: str | None = None  # BLAKE3 of the bytes sent from first_offset on
         self.reading: tuple | None = None  # (offset, length) of the chunk being read
-        self.window = window         # our share of the node's budget, in chunks (our parent says)
+        self.window = window         # our share of the node's budget, in EXT_CHUNK_SIZE units (our parent says)
         self.peer_window = WINDOW    # the requestor's share of its node's budget (its acks say)
+        self.peer_big = False        # the requestor asks for large chunks (its acks say)
         self.delta = False           # we offered to send only what changed (ft_delta)
 
     def _error_to_peer(self, text: str, keep: bool = True) -> Send:
@@ -923,6 +936,7 @@ class Provider:
             return actions + self._push_next()
         self.chain_digest = digest
         self.in_flight += 1
+        self.flight_bytes.append(length)
         actions = [Send(self.target, body, {"ft": 1, "upto": digest}, ACK_TIMEOUT, "chunk", forward_blob=True)]
         self.state = self.SENDING
         return self._fill_window(actions)
@@ -944,13 +958,17 @@ class Provider:
                     self._failed(f"peer asked for a bad resume offset {offset!r}")
             self.ext = True
             self.peer_window = window_in(meta) or self.peer_window
+            self.peer_big = _asks_big(meta)
             self.next_offset = self.first_offset = offset
             self.state = self.SENDING
             return self._fill_window([Seek(offset)] if offset else [])
         if context == "chunk" and self.state in (self.SENDING, self.DRAINING):
             self.in_flight -= 1
+            if self.flight_bytes:
+                self.flight_bytes.pop(0)
             self.last_activity = now
             self.peer_window = window_in(meta) or self.peer_window
+            self.peer_big = _asks_big(meta)
             return self._fill_window([])
         return []
 
@@ -1040,11 +1058,20 @@ class Provider:
             return [self._read(min(CHUNK_SIZE, self.size - self.next_offset), HASH_NONE)]
         return self._done()
 
+    def _chunk_size(self) -> int:
+        """Large chunks only for a big file while both nodes give this transfer a whole share."""
+        if self.size > BIG_MIN and self.window >= WINDOW and self.peer_big:
+            return BIG_CHUNK_SIZE
+        return EXT_CHUNK_SIZE
+
     def _fill_window(self, actions: list) -> list:
-        if self.in_flight < min(self.window, self.peer_window) and self.next_offset < self.size:
+        length = min(self._chunk_size(), self.size - self.next_offset)
+        # the windows are bytes, counted in EXT_CHUNK_SIZE units; at least one chunk is in flight
+        room = min(self.window, self.peer_window) * EXT_CHUNK_SIZE - sum(self.flight_bytes)
+        if self.next_offset < self.size and (self.in_flight == 0 or length <= room):
             self.state = self.READING
             how = HASH_CHAIN_RESTART if self.next_offset == self.first_offset else HASH_CHAIN
-            actions.append(self._read(min(EXT_CHUNK_SIZE, self.size - self.next_offset), how))
+            actions.append(self._read(length, how))
             return actions
         if self.next_offset >= self.size and not self.hash_sent:
             # the chunks' running hash is the file's if they began at 0 and the file's stamp is
