@@ -46,19 +46,9 @@ def evict_compiled() -> int:
     minutes ago is still whole in the page cache from being written, and a node mapping it read
     10-30 MiB higher than one of another tree whose components were read back from disk. Evicted
     first, both trees' nodes fault them in alike, so their peaks can be compared."""
+    from host.fsutil import drop_from_cache
     from host.settings import default_cache_dir
-    n = 0
-    for f in default_cache_dir(os.environ).glob("*.cwasm"):
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            n += 1
-        finally:
-            os.close(fd)
-    return n
+    return drop_from_cache(default_cache_dir(os.environ).glob("*.cwasm"))
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -197,3 +197,20 @@ def make_private_home(home: Path, folders: Sequence[str] = ()) -> list[str]:
         os.chmod(home, 0o700)
         told.append(f"home {home} was open to others (mode {mode:04o}): made it 0700")
     return told
+
+
+def drop_from_cache(paths) -> int:
+    """Ask the kernel to drop these files' pages from the page cache (a benchmark's or a memory test's
+    fair start: RSS counts a file's mapped pages that are resident); -> how many were asked."""
+    n = 0
+    for f in paths:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            n += 1
+        finally:
+            os.close(fd)
+    return n

@@ -269,16 +269,9 @@ def evict_compiled() -> None:
     peak memory a test bounds: RSS counts a node's mapped pages of them that are resident, and ones
     compiled minutes ago (a fresh clone's run) are resident whole, 40-50 MiB more per node than the
     same components read back from disk (bench/transfer.py's evict_compiled does the same)."""
+    from host.fsutil import drop_from_cache
     from host.settings import default_cache_dir
-    for f in default_cache_dir(os.environ).glob("*.cwasm"):
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_from_cache(default_cache_dir(os.environ).glob("*.cwasm"))
 
 
 def open_fds(node: NodeProc) -> int:
