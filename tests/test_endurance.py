@@ -109,7 +109,7 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
     no_workers(*nodes.values(), within=30)
     processes_before = {name: sorted(n.processes()) for name, n in nodes.items()}
 
-    pools = {"vfs-write": 2, "asyncio": min(32, (os.cpu_count() or 1) + 4)}
+    pools = {"vfs-write": 2, "vfs-flush": 1, "asyncio": min(32, (os.cpu_count() or 1) + 4)}
 
     def footprint(name: str) -> tuple:
         """A node's threads (pool threads counted per pool) and its open descriptors."""
@@ -233,7 +233,8 @@ def test_soak_three_nodes_one_killed_and_restarted(node_factory):
     no_workers(*nodes.values(), within=90)
     assert {name: sorted(n.processes()) for name, n in nodes.items()} == processes_before
 
-    # thread pools grow on demand up to a bound (the VFS's write-behind pool 2, asyncio's executor
+    # thread pools grow on demand up to a bound (the VFS's write-behind pool 2, the delta copy's disk hints 1,
+    # asyncio's executor
     # min(32, CPUs + 4)): those need only stay within it; every other thread (a process's, the
     # network's, ...) and the descriptors must be exactly as before
     def back_to_before(name: str) -> bool:

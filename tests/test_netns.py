@@ -220,7 +220,7 @@ def test_half_open_connection_is_detected_and_nothing_leaks(netns):
     # the connection's socket is gone; the threads are those of before, except that thread pools
     # which grow on demand (the VFS's write-behind pool, asyncio's executor) may have grown within
     # their bounds (a message a sends b after the loss, e.g. the worker's last word, dials again: up to 5 s)
-    pools = {"vfs-write": 2, "asyncio": min(32, (os.cpu_count() or 1) + 4)}
+    pools = {"vfs-write": 2, "vfs-flush": 1, "asyncio": min(32, (os.cpu_count() or 1) + 4)}
 
     def split(names: list[str]) -> tuple[list[str], dict[str, int]]:
         fixed = [t for t in names if t.rsplit("_", 1)[0] not in pools]
