@@ -347,7 +347,7 @@ def copy_ranges(src: int, dst: int, items: list, want_stamp: str, size: int) -> 
     throughout) into `dst`, whose ranges are in order, apart, and within `size`. -> bytes copied."""
     plan = _copy_plan(src, items, want_stamp, size)
     total = 0
-    kernel = _KERNEL_COPY
+    kernel = hasattr(os, "copy_file_range")
     for s, d, n in plan:
         done = 0
         while done < n:
@@ -437,23 +437,27 @@ def _flush_later(fd: int, start: int, n: int) -> None:
         if _flushes >= FLUSH_QUEUE:
             return
         _flushes += 1
-    dup = -1
+    try:
+        dup = os.dup(fd)
+    except OSError:     # out of descriptors: no hint
+        with _flush_lock:
+            _flushes -= 1
+        return
 
     def run() -> None:
         global _flushes
         try:
-            if dup >= 0:
-                _write_behind(dup, start, n)
+            _write_behind(dup, start, n)
         finally:
-            if dup >= 0:
-                os.close(dup)
+            os.close(dup)
             with _flush_lock:
                 _flushes -= 1
     try:
-        dup = os.dup(fd)
         _flusher.submit(run)
-    except (OSError, RuntimeError):   # out of descriptors, or the interpreter is shutting down: no hint
-        run()
+    except RuntimeError:    # the interpreter is shutting down: no hint
+        os.close(dup)
+        with _flush_lock:
+            _flushes -= 1
 
 
 def build_file(src: int, dst: int, items: list, want_stamp: str, size: int, in_place: int = 0) -> str:
@@ -477,7 +481,7 @@ def build_file(src: int, dst: int, items: list, want_stamp: str, size: int, in_p
                 raise DeltaError(f"the new file ends at {at + done} bytes, before its size {size}")
             h.update(buf[:got])
             done += got
-    kernel = _KERNEL_COPY
+    kernel = hasattr(os, "copy_file_range")
     behind = 0     # the new file's bytes below this were handed to the disk
     pos = 0        # the new file's bytes below this are written, or were there before
     # the copy in this thread (in the kernel where it can), the read-back and hash in another
