@@ -119,7 +119,8 @@ def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
         delta=defaults.delta, test_lie_after_reads=defaults.test_lie_after_reads,
         net_port=args.net_port, discovery=args.discovery, http_host=args.http_host, http_timeout=defaults.http_timeout,
         cpus=frozenset(args.cpus) if args.cpus is not None else None, verbose=args.verbose,
-        runtime=RuntimeSettings(cache_dir=defaults.cache_dir, max_instances=args.max_processes,
+        runtime=RuntimeSettings(cache_dir=defaults.cache_dir, cache_max_bytes=defaults.cache_max_mb << 20,
+                                max_instances=args.max_processes,
                                 pooling=defaults.pooling, fastconv=args.fastconv))
 
 

@@ -19,6 +19,7 @@ DEFAULT_PACKAGES = REPO / "components"
 DEFAULT_COMPUTE_LIMIT = 30.0   # seconds a guest may compute without calling the host
 DEFAULT_MAX_PROCESSES = 1000   # live Wasm instances: processes and the libraries they link
 DEFAULT_NET_TIMEOUT = 20.0     # seconds of silence after which a connection to a peer is dropped
+DEFAULT_CACHE_MAX_MB = 2048    # compiled components kept on disk; the least recently used go first
 
 
 class SettingsError(ValueError):
@@ -29,6 +30,7 @@ class SettingsError(ValueError):
 class RuntimeSettings:
     """What the Wasm runtime (`host/runtime/wasm.py`) needs; also used alone by `python -m host.runtime.wasm`."""
     cache_dir: Path                         # compiled components, shared by the nodes of a machine
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_MB << 20
     max_instances: int = DEFAULT_MAX_PROCESSES
     pooling: bool = False                   # wasmtime's pooling allocator (see host/runtime/wasm.py)
     fastconv: bool = True                   # host/runtime/fastconv.py's value conversion
@@ -94,6 +96,12 @@ def _number(env: Mapping[str, str], name: str, kind: type, default):
         raise SettingsError(f"{name}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
 
 
+def _at_least(low: int, name: str, value: int) -> int:
+    if value < low:
+        raise SettingsError(f"{name}={value} is below {low}")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     text = env.get(name, "").strip().lower()
     if text in ("1", "true", "yes", "on"):
@@ -127,6 +135,7 @@ class Defaults:
     max_processes: int
     directory: Path
     cache_dir: Path
+    cache_max_mb: int
     pooling: bool
     fastconv: bool
     http_timeout: float
@@ -145,6 +154,7 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
         max_processes=_number(env, "KINODE_MAX_PROCESSES", int, DEFAULT_MAX_PROCESSES),
         directory=default_directory(env),
         cache_dir=default_cache_dir(env),
+        cache_max_mb=_at_least(0, "KINODE_CACHE_MAX_MB", _number(env, "KINODE_CACHE_MAX_MB", int, DEFAULT_CACHE_MAX_MB)),
         pooling=_flag(env, "KINODE_POOLING", False),
         fastconv=_flag(env, "KINODE_FASTCONV", True),
         http_timeout=_number(env, "KINODE_HTTP_TIMEOUT", float, DEFAULT_HTTP_TIMEOUT),
@@ -160,5 +170,5 @@ def defaults_from(env: Mapping[str, str]) -> Defaults:
 def runtime_from_environment(env: Mapping[str, str] | None = None) -> RuntimeSettings:
     """Runtime settings for tools without a command line of their own (build.sh's cache filler)."""
     d = defaults_from(os.environ if env is None else env)
-    return RuntimeSettings(cache_dir=d.cache_dir, max_instances=d.max_processes, pooling=d.pooling,
+    return RuntimeSettings(cache_dir=d.cache_dir, cache_max_bytes=d.cache_max_mb << 20, max_instances=d.max_processes, pooling=d.pooling,
                            fastconv=d.fastconv)

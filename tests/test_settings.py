@@ -30,12 +30,14 @@ def test_each_variable_changes_its_default():
     assert (d.compute_limit, d.max_processes, d.pooling, d.fastconv) == (2.5, 7, True, False)
     assert d.directory == Path("/x/d.sqlite") and d.cache_dir == Path("/xdg/kinode-py/compiled")
     assert defaults_from({"KINODE_CACHE": "/c", "XDG_CACHE_HOME": "/xdg"}).cache_dir == Path("/c")
+    assert defaults_from({}).cache_max_mb == 2048 and defaults_from({"KINODE_CACHE_MAX_MB": "64"}).cache_max_mb == 64
 
 
 @pytest.mark.parametrize("env, message", [
     ({"KINODE_MAX_PROCESSES": "many"}, "KINODE_MAX_PROCESSES='many' is not an integer"),
     ({"KINODE_COMPUTE_LIMIT": "1s"}, "KINODE_COMPUTE_LIMIT='1s' is not a number"),
     ({"KINODE_POOLING": "maybe"}, "KINODE_POOLING='maybe' is not 0 or 1"),
+    ({"KINODE_CACHE_MAX_MB": "-1"}, "KINODE_CACHE_MAX_MB=-1 is below 0"),
 ])
 def test_a_bad_variable_is_a_clear_error(env, message):
     with pytest.raises(SettingsError, match=message):
@@ -75,3 +77,33 @@ def test_the_cli_reports_a_bad_variable_before_starting(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "KINODE_MAX_PROCESSES='lots' is not an integer" in out.stderr, out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_compiled_cache_keeps_the_recently_used_within_its_cap(tmp_path):
+    """Each build compiles new components: beyond KINODE_CACHE_MAX_MB the least recently used go, and
+    a component loaded from the cache counts as used."""
+    import wasmtime
+
+    from host.runtime.wasm import Runtime
+    from host.settings import RuntimeSettings
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = [cache / f"{i:032x}-old.cwasm" for i in range(6)]
+    for age, p in enumerate(old):  # 1 MiB each, old[0] the most recently used
+        p.write_bytes(bytes(1 << 20))
+        os.utime(p, (1e9 - age * 100, 1e9 - age * 100))
+    os.utime(old[5], (2e9, 2e9))  # used after the others: stays
+    runtime = Runtime(RuntimeSettings(cache_dir=cache, cache_max_bytes=3 << 20))
+    runtime.load(bytes(wasmtime.wat2wasm("(component (core module))")))
+    new = [p for p in cache.glob("*.cwasm") if p not in old]
+    assert len(new) == 1
+    # the new one, then old[5] and old[0] fill the cap with what is under it; the rest went
+    assert sorted(cache.glob("*.cwasm")) == sorted([new[0], old[5], old[0]])
+    # control: loading it again from the cache touches it, and a cap of 0 keeps only what was just written
+    os.utime(new[0], (1e9, 1e9))
+    Runtime(RuntimeSettings(cache_dir=cache, cache_max_bytes=3 << 20)).load(
+        bytes(wasmtime.wat2wasm("(component (core module))")))
+    assert new[0].stat().st_mtime > 1.5e9
+    Runtime(RuntimeSettings(cache_dir=cache, cache_max_bytes=0)).load(
+        bytes(wasmtime.wat2wasm("(component (core module) (core module))")))
+    assert len(list(cache.glob("*.cwasm"))) == 1 and not new[0].exists()

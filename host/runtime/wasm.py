@@ -8,6 +8,7 @@ fills it ahead of time with `python -m host.runtime.wasm PATH...`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ class Runtime:
         self.linker = Linker(self.engine)
         self.linker.add_wasip2()
         self.cache_dir = settings.cache_dir
+        self.cache_max_bytes = settings.cache_max_bytes
         self._loaded: dict[str, LoadedComponent] = {}
         self._lock = threading.RLock()
         self._forwarded: set[str] = set()
@@ -171,7 +173,8 @@ class Runtime:
         if path.exists():
             try:
                 component = Component.deserialize_file(self.engine, str(path))
-            except WasmtimeError as e:
+                _touch(path)  # recently used: the last to be pruned
+            except WasmtimeError as e:  # also when another node pruned it a moment ago
                 log.warning("compiled cache entry %s unusable (%s); recompiling", path.name, e)
         if component is None:
             t0 = time.perf_counter()
@@ -192,6 +195,27 @@ class Runtime:
             fsutil.write_atomic(path, component.serialize())  # concurrent nodes never see half of one
         except OSError as e:
             log.warning("could not write compiled cache %s: %s", path, e)
+        self._prune_cache(keep=path)
+
+    def _prune_cache(self, keep: Path) -> None:
+        """Delete the least recently used compiled components beyond the cache's size cap: every
+        build compiles new ones (tens of MB each), and the old ones would pile up without end."""
+        entries = []
+        for p in self.cache_dir.glob("*.cwasm"):
+            try:
+                st = p.stat()
+            except OSError:  # pruned by another node meanwhile
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = 0
+        for _, size, p in sorted(entries, key=lambda e: e[0], reverse=True):
+            total += size
+            if total > self.cache_max_bytes and p != keep:
+                try:
+                    p.unlink()  # a node that has it mapped keeps its pages
+                    log.info("pruned compiled cache entry %s", p.name)
+                except OSError:
+                    pass
 
     def _describe(self, component: Component, digest: str) -> LoadedComponent:
         ty = component.type
@@ -212,6 +236,13 @@ class Runtime:
                     " (add the library's wasm to the package and to the process's \"libraries\" in manifest.json)")
             raise MissingInterface(f"{what} imports {', '.join(missing)}, which no library linked into its "
                                    f"package exports{hint}")
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def main(argv: list[str]) -> int:
