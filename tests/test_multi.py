@@ -512,7 +512,7 @@ def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net
     for n in nodes[1:]:
         n.set_peers(entries[:1])
     req, a, b, c = (n.start() for n in nodes)
-    digest = write_random(a.files / "big.bin", 48 << 20)   # six pieces or more (of up to 8 MiB): two or more asked of b
+    digest = write_random(a.files / "big.bin", 48 << 20)   # more pieces than the three are asked for at first
     for p in (b, c):
         p.files.mkdir(parents=True, exist_ok=True)
         (p.files / "big.bin").write_bytes((a.files / "big.bin").read_bytes())
@@ -527,7 +527,8 @@ def test_netns_a_provider_paused_then_killed_mid_way_the_others_finish(multi_net
     assert any("big.bin: b.dev" in ln and "dropped" in ln for ln in req.lines), req.lines[-20:]
     served = served_by(req, "big.bin")
     assert served.get("a.dev") and served.get("c.dev"), served
-    assert served.get("b.dev", 0) <= 1, served     # it held before its second piece
+    # it held before its second read, and one read is at most the pieces asked of it at once
+    assert served.get("b.dev", 0) <= ft_multi.DEPTH, served
 
 
 def test_machines_drop_a_provider_that_stalls_and_finish_from_the_others(tmp_path, small):
