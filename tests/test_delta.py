@@ -27,7 +27,9 @@ if COMMON not in sys.path:
 
 import ft_delta  # noqa: E402
 import ft_folder  # noqa: E402, F401  (registers the folder machines, as the worker does)
+import ft_multi  # noqa: E402  (registers the multi-source provider, as the worker does)
 import ft_protocol as ft  # noqa: E402
+from ft_common import EXT_CHUNK_SIZE  # noqa: E402
 
 from host.kinode_types import Address  # noqa: E402
 from host.messages import PackageId, ProcessId  # noqa: E402
@@ -309,6 +311,32 @@ def test_provider_takes_only_the_average_its_file_size_calls_for():
         assert isinstance(actions[-1], ft.Exit) and not any(isinstance(a, ft_delta.ChunkFile) for a in actions)
     actions = answered(ft_delta.avg_for(size))       # the control: the one average is taken
     assert ft_delta.ChunkFile(ft_delta.avg_for(size)) in actions and not isinstance(actions[-1], ft.Exit)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_provider_refuses_a_piece_longer_than_a_chunk_message(multi):
+    """Honest pieces are whole chunks of at most EXT_CHUNK_SIZE: a longer one would be read whole into
+    memory and sit in the send queue beyond the window's budget, so it is a bad list."""
+    size = 64 << 20
+    avg = ft_multi.MULTI_AVG if multi else ft_delta.avg_for(size)
+
+    def asked(want: list) -> list:
+        prov = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
+        prov.handle(ft.Start())
+        prov.handle(ft.Opened(size, "1:2:3:4:5", 0.0, delta=True))
+        delta = {"avg": avg, **({"multi": 1} if multi else {})}
+        switch = prov.handle(ft.GotResponse("size", None, {"ft": 1, "offset": 0, "delta": delta}, 0.0))[0]
+        machine = switch.machine
+        machine.handle(ft_delta.FileChunked({"count": 64, "size": size, "stamp": "1:2:3:4:5"}, 0.0))
+        return machine.handle(ft.GotResponse("chunks", None, {"ft": 1, "want": want}, 0.0))
+
+    def refused(actions: list) -> bool:
+        return any(isinstance(a, ft.Send) and (a.metadata or {}).get("error") == "bad list of pieces" for a in actions)
+    for want in ([[0, EXT_CHUNK_SIZE + 1]], [[0, 100], [1 << 20, 10 << 20]]):
+        actions = asked(want)
+        assert refused(actions) and isinstance(actions[-1], ft.Exit), (want, actions)
+    actions = asked([[0, EXT_CHUNK_SIZE], [8 << 20, 100]])   # the control: a whole message's worth is read
+    assert not refused(actions) and not isinstance(actions[-1], ft.Exit), actions
 
 
 OWNER = ProcessId("p", "app", "pub.os")

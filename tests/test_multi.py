@@ -1025,3 +1025,33 @@ def test_nodes_an_old_copy_changed_mid_way_is_refused_and_its_chunks_fetched_ins
     assert sha256(req.files / "big.bin") == digest and "moved" not in done, done
     served = served_by(req, "big.bin")
     assert served.get("p1.dev", 0) > 4, served   # the changed pieces, then the copied chunks' pieces
+
+
+def test_machines_a_resume_point_lists_pieces_in_file_order_when_copies_were_fetched_after():
+    """Pieces fetched instead of copied from the old copy have later ids but lower offsets: the saved
+    point still lists its ranges in file order, so the next run resumes them."""
+    req = ft_multi.MultiRequestor("f.bin", Address.parse("a.os,b.os@file_transfer:file_transfer:template.os"),
+                                  REQ_PARENT, 0.0)
+    req.size, req.list_digest, req.file_open, req.unsaved = 150, "ab" * 32, True, True
+    req.pieces = [(100, 50, []), (0, 100, [])]   # id 1: a copy fetched after the old copy failed
+    req.done = {0, 1}
+    actions: list = []
+    req._save(actions)
+    saved = json.loads(next(a for a in actions if isinstance(a, ft_multi.SavePieces)).data)
+    assert saved["written"] == [[0, 150]], saved
+    req.saved, req.partial_len = saved, 150   # the next run reads it back
+    assert req._resume_point() == ({0, 1}, ""), req._resume_point()
+
+
+def test_machines_an_old_copy_too_big_to_chunk_in_time_is_not_used(tmp_path, small, monkeypatch):
+    old = rand(600_000, 40)
+    new = changed(old, 41)
+    monkeypatch.setattr(ft_multi, "DELTA_MAX", len(old) - 1)
+    sim = Sim(tmp_path, {"a.os": new, "b.os": new}, old=old).run()
+    assert sim.exits["req"] is None and sim.final.read_bytes() == new, sim.logs
+    assert sum(sim.progress[-1]["served"].values()) == len(new) and "moved" not in sim.progress[-1]
+    # the control: at the limit, it is used
+    monkeypatch.setattr(ft_multi, "DELTA_MAX", len(old))
+    (tmp_path / "x").mkdir()
+    used = Sim(tmp_path / "x", {"a.os": new, "b.os": new}, old=old).run()
+    assert used.exits["req"] is None and sum(used.progress[-1]["served"].values()) < len(new) // 5, used.progress

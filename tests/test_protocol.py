@@ -753,6 +753,24 @@ def test_liar_wrong_offset_oversize_short_blob_and_malformed():
         assert r.state == ft.Requestor.FAILED
 
 
+def test_liar_a_chunk_over_the_largest_size_fails_before_it_is_hashed_or_written():
+    big = ft.BIG_CHUNK_SIZE
+    data = b"x" * (big + 1)
+    net, r = sized(2 * big)
+    net.deliver(chunk(0, data, h(data)))
+    assert net.exits["req"] == f"peer sent a chunk of {big + 1} bytes, over the {big} a chunk may have", net.exits
+    assert net.rside.store["part"] == b""
+    # a plain peer's chunks may be at most EXT_CHUNK_SIZE
+    ext = ft.EXT_CHUNK_SIZE
+    net, r = sized(2 * big, meta={})
+    net.deliver(chunk(0, b"y" * (ext + 1), None))
+    assert f"over the {ext} a chunk may have" in net.exits["req"], net.exits
+    # the control: a chunk of the largest size is taken
+    net, r = sized(2 * big)
+    net.deliver(chunk(0, data[:big], h(data[:big])))
+    assert "req" not in net.exits and r.received == big
+
+
 def test_liar_stranger_chunk_is_ignored_and_the_transfer_goes_on():
     net, r = sized(20)
     net.deliver(chunk(0, b"z" * 10, h(b"z" * 10), source=STRANGER))

@@ -697,8 +697,8 @@ class DeltaProvider:
         if context == "chunks" and self.state == self.LISTED:
             want = meta.get("want")
             if not (isinstance(want, list) and len(want) <= MAX_PIECES and all(
-                    isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1]) and p[1] >= 1
-                    and p[0] + p[1] <= self.size for p in want)):
+                    isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1])
+                    and 1 <= p[1] <= EXT_CHUNK_SIZE and p[0] + p[1] <= self.size for p in want)):
                 return self._error("bad list of pieces", "peer asked for a bad list of pieces")
             self.want = want
             self.plan = batches(want)

@@ -68,6 +68,7 @@ from typing import Any
 from ft_common import (
     ACK_TIMEOUT,
     DELTA_MIN,
+    EXT_CHUNK_SIZE,
     HANDSHAKE_TIMEOUT,
     STALL_TIMEOUT,
     TICK,
@@ -98,6 +99,7 @@ from ft_delta import (
 )
 from ft_protocol import (
     DELTA_MACHINES,
+    DELTA_MAX,
     DELTA_MAX_AVG,
     HEX,
     QUEUE_META,
@@ -326,7 +328,9 @@ class MultiRequestor:
         """The resume point of an earlier run (used once the list is chosen) and the old copy (chunked
         once every node has answered Size), then ask every node."""
         self.saved, self.partial_len = saved, partial_len
-        if isinstance(basis, dict) and isinstance(basis.get("stamp"), str) and not basis.get("partial"):
+        # an old copy too big to chunk before the providers' timeouts is not used (as ft_protocol's DELTA_MAX)
+        if (isinstance(basis, dict) and isinstance(basis.get("stamp"), str) and not basis.get("partial")
+                and _int(basis.get("size")) and basis["size"] <= DELTA_MAX):
             self.basis = basis
         actions: list = []
         for s in self.sources:
@@ -596,7 +600,7 @@ class MultiRequestor:
         if not (self.unsaved and self.file_open and self.list_digest):
             return
         ranges: list = []
-        for i in sorted(self.done):
+        for i in sorted(self.done, key=lambda i: self.pieces[i][0]):   # fetched copies have later ids
             offset, length, _ = self.pieces[i]
             if ranges and ranges[-1][0] + ranges[-1][1] == offset:
                 ranges[-1][1] += length
@@ -960,8 +964,8 @@ class MultiProvider(DeltaProvider):
 
     def _valid(self, want: Any) -> bool:
         return isinstance(want, list) and len(self.want) + len(want) <= MAX_PIECES and all(
-            isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1]) and p[1] >= 1
-            and p[0] + p[1] <= self.size for p in want)
+            isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1])
+            and 1 <= p[1] <= EXT_CHUNK_SIZE and p[0] + p[1] <= self.size for p in want)
 
     def _extend(self, want: list) -> None:
         base = len(self.want)

@@ -601,6 +601,10 @@ class Requestor:
                              f"{blob_len} bytes, size {self.size})", keep=True, now=now)
         if self.ext and offset != self.received:
             return self.fail(f"chunk at offset {offset}, expected {self.received}", keep=True, now=now)
+        most = BIG_CHUNK_SIZE if self.ext else EXT_CHUNK_SIZE   # a peer's chunks must fit the memory budget
+        if length > most:
+            return self.fail(f"peer sent a chunk of {length} bytes, over the {most} a chunk may have",
+                             keep=True, now=now)
         self.pending = (offset, length, meta.get("upto"), wants_ack)
         if self.ext and offset == self.chain_end:
             self.state = self.HASHING

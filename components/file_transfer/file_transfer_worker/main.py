@@ -443,6 +443,8 @@ class Worker:
             records, error = (blob.bytes if blob is not None else b""), None
         except (vfs.VfsError, KeyError, TypeError) as e:
             info, records, error = None, None, str(e)
+        except SendError as e:   # the node took too long: fetch it whole rather than fail
+            info, records, error = None, None, f"the node did not chunk it in time ({e.kind})"
         return self.machine.handle(ft_delta.BasisChunked(records, info, error, time.monotonic()))
 
     def read_chunk_list(self, a: ft_delta.ReadChunkList) -> list:
