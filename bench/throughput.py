@@ -12,7 +12,9 @@ CPU, and a node's threads hand work to each other across cores (docs/BENCHMARKS.
    the page cache's dirty pages are written out (`sync`), so neither pays for the other's (or the
    source file's) writeback. Our download ends with an fsync; scp's copy does not. Between the
    two, the plain-socket reference (bench/plainsock.py: a length header, then the raw bytes into a
-   file, fsync at the end; no encryption, no hash) copies the same file. Prints MiB/s, the ratios
+   file, fsync at the end; no encryption, no hash) copies the same file, then does it sealed
+   (AES-GCM both ways, a BLAKE3 on each end, nothing else: the floor for any transfer that keeps
+   encryption and hashing on both ends). Prints MiB/s, the ratios
    ours/plain and ours/scp per round, then the medians; and CPU-seconds per GiB: each node's (from
    /proc/PID/stat before and after), the plain socket's (its two processes' rusage) and scp's
    (client's rusage plus the private sshd's reaped children).
@@ -87,22 +89,26 @@ def no_children(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def plain_socket(src: Path, dest: Path) -> tuple[float, float]:
-    """Copy `src` to `dest` with bench/plainsock.py (the copy is then deleted): seconds, CPU-seconds."""
+def plain_socket(src: Path, dest: Path, sealed: bool = False) -> tuple[float, float]:
+    """Copy `src` to `dest` with bench/plainsock.py (the copy is then deleted): seconds, CPU-seconds.
+    `sealed`: with AES-GCM and a BLAKE3 on each end (see plainsock.py), both digests checked."""
     os.sync()
     script = str(Path(__file__).resolve().parent / "plainsock.py")
+    flag = ["--sealed"] if sealed else []
     cpu0 = children_cpu()
     t0 = time.perf_counter()
-    rx = subprocess.Popen([sys.executable, script, "recv", str(dest)], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen([sys.executable, script, "recv", str(dest), *flag], stdout=subprocess.PIPE, text=True)
     assert rx.stdout is not None
     port = rx.stdout.readline().strip()
-    subprocess.run([sys.executable, script, "send", port, str(src)], check=True)
+    sent = subprocess.run([sys.executable, script, "send", port, str(src), *flag], check=True,
+                          stdout=subprocess.PIPE, text=True).stdout.strip()
+    got = rx.stdout.read().strip()
     if rx.wait(3600) != 0:
         raise RuntimeError("plain socket receiver failed")
     secs = time.perf_counter() - t0
     cpu = children_cpu() - cpu0
-    if dest.stat().st_size != src.stat().st_size:
-        raise RuntimeError("plain socket copy has the wrong size")
+    if dest.stat().st_size != src.stat().st_size or sent != got:
+        raise RuntimeError("plain socket copy has the wrong size or hash")
     dest.unlink()
     return secs, cpu
 
@@ -366,8 +372,8 @@ def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
     if not scp.start():
         print("[1] scp -c aes128-gcm: skipped (needs sshd: apt-get install openssh-server)")
         scp = None
-    ours_all, plain_all, ratios, plain_ratios = [], [], [], []
-    cpu_a, cpu_b, cpu_plain, cpu_scp = [], [], [], []
+    ours_all, plain_all, ratios, plain_ratios, sealed_all = [], [], [], [], []
+    cpu_a, cpu_b, cpu_plain, cpu_scp, cpu_sealed = [], [], [], [], []
     try:
         for r in range(1, rounds + 1):
             a0, b0 = pair.cpu()
@@ -384,9 +390,13 @@ def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
             plain_all.append(plain)
             plain_ratios.append(ours / plain)
             cpu_plain.append(plain_cpu / gibs)
+            sealed_secs, sealed_cpu = plain_socket(src, tmp / "sealed-copy.bin", sealed=True)
+            sealed_all.append(size / sealed_secs / 2**20)
+            cpu_sealed.append(sealed_cpu / gibs)
             line = (f"[1] round {r}: {gib:g} GiB download {secs:.2f} s, {ours:.0f} MiB/s (verified), CPU-s/GiB "
                     f"requestor {cpu_a[-1]:.2f} + provider {cpu_b[-1]:.2f}; plain socket {plain:.0f} MiB/s, "
-                    f"CPU-s/GiB {cpu_plain[-1]:.2f}; ratio ours/plain {ours / plain:.2f}")
+                    f"CPU-s/GiB {cpu_plain[-1]:.2f}; ratio ours/plain {ours / plain:.2f}; sealed plain socket "
+                    f"{sealed_all[-1]:.0f} MiB/s, CPU-s/GiB {cpu_sealed[-1]:.2f}")
             if scp is not None:
                 theirs = size / scp.seconds(src) / 2**20
                 ratios.append(ours / theirs)
@@ -411,6 +421,10 @@ def speed_vs_scp(pair: Pair, tmp: Path, gib: float, rounds: int) -> None:
     if cpu_scp:
         line += f", scp {med(cpu_scp):.2f} (ours/scp {ours_cpu / med(cpu_scp):.2f})"
     print(line, flush=True)
+    print(f"[1] the floor: the plain socket sealed (AES-GCM both ways, a BLAKE3 on each end, nothing else) "
+          f"{med(sealed_all):.0f} MiB/s ({med(sealed_all) / med(plain_all):.2f}x the plain socket's speed), "
+          f"{med(cpu_sealed):.2f} CPU-s/GiB ({med(cpu_sealed) / med(cpu_plain):.2f}x its CPU; ours "
+          f"{ours_cpu / med(cpu_sealed):.2f}x the floor's)", flush=True)
 
 
 def main() -> int:
