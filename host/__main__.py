@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -265,6 +267,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         node.stop()
         return 1
+    except (OSError, sqlite3.Error) as e:   # a full disk, a file it may not write: said, not a traceback
+        print(f"error: {settings.name} could not start: {start_problem(e, settings)}", file=sys.stderr)
+        node.stop()
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
     node.terminal.info(f"{settings.name}: ready in {time.perf_counter() - t0:.2f} s (http port {settings.port}, "
                        f"net port {node.net.port if node.net else '-'}, home {node.home}); type `help` for commands")
@@ -277,6 +283,17 @@ def main(argv: list[str]) -> int:
     node.stop()
     node.terminal.flush()
     return 0
+
+
+def start_problem(e: OSError | sqlite3.Error, settings) -> str:
+    """What stopped the node's start, in a line, with the places it writes to."""
+    where = f"home {settings.home}, directory {settings.directory}"
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "disk is full" in str(e):
+        return f"the disk is full ({where}); free some space and start it again"
+    text = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+    if isinstance(e, OSError) and e.filename:
+        text += f": {e.filename}"
+    return f"{text} ({where})"
 
 
 def _read_stdin(node) -> None:

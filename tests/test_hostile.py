@@ -180,6 +180,37 @@ def test_a_full_disk_fails_the_download_clearly_and_the_partial_resumes_when_spa
     assert not part.exists()
 
 
+def test_a_full_disk_at_start_is_a_clear_error_and_the_node_starts_once_there_is_room(node_factory, tmp_path):
+    """The home is a 256 KiB tmpfs (in a user and mount namespace of the node's own), filled before the
+    node starts: it exits 1 with one line naming the cause, the places and the fix, no traceback."""
+    problem = _userns_tmpfs_works()
+    if problem:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace ({problem})")
+
+    empty = tmp_path / "no-packages"   # the files drive would be inside the node's namespace, out of sight
+    empty.mkdir()
+
+    def node(ballast: bool):
+        fill = 'head -c 262144 /dev/zero > "$0/ballast" 2>/dev/null; ' if ballast else ""
+        n = node_factory("fake.dev", start=False, extra_args=["--packages", str(empty)])
+        n.home.mkdir(parents=True, exist_ok=True)
+        n.wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                  f'mount -t tmpfs -o size=256k,mode=700 tmpfs "$0" && {fill}exec "$@"', str(n.home)]
+        return n
+    full = node(ballast=True)
+    with pytest.raises(RuntimeError) as info:
+        full.start(timeout=60)
+    out = str(info.value)
+    assert (f"error: fake.dev could not start: the disk is full (home {full.home}, directory "
+            f"{full.env['KINODE_DIRECTORY']}); free some space and start it again") in out, out
+    assert "Traceback" not in out and full.proc.returncode == 1, out
+    # the control: the same tmpfs with room, and the node starts (its control socket is in the home,
+    # inside the node's mount namespace: the ready line is what this side can see)
+    roomy = node(ballast=False)
+    roomy.start()
+    assert roomy.proc.poll() is None and any("fake.dev: ready in" in ln for ln in roomy.lines), roomy.lines
+
+
 # ---- SIGKILL and restart ----------------------------------------------------------------------------
 def test_sigkill_and_restart_keeps_files_identity_and_state(node_factory):
     node = node_factory("fake.dev")

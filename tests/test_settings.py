@@ -107,3 +107,18 @@ def test_the_compiled_cache_keeps_the_recently_used_within_its_cap(tmp_path):
     Runtime(RuntimeSettings(cache_dir=cache, cache_max_bytes=0)).load(
         bytes(wasmtime.wat2wasm("(component (core module) (core module))")))
     assert len(list(cache.glob("*.cwasm"))) == 1 and not new[0].exists()
+
+
+def test_a_start_problem_reads_as_a_line_naming_the_places():
+    import errno
+    import sqlite3
+
+    from host.__main__ import start_problem
+    s = build_settings(node_parser(defaults_from({"HOME": "/home/u"})).parse_args(["--node", "a.dev"]),
+                       defaults_from({"HOME": "/home/u"}))
+    where = f"home {s.home}, directory /home/u/.local/share/kinode-py/directory.sqlite"
+    full = f"the disk is full ({where}); free some space and start it again"
+    assert start_problem(OSError(errno.ENOSPC, "No space left on device"), s) == full
+    assert start_problem(sqlite3.OperationalError("database or disk is full"), s) == full
+    assert start_problem(PermissionError(errno.EACCES, "Permission denied", "/x/y"), s) == \
+        f"Permission denied: /x/y ({where})"
