@@ -339,6 +339,37 @@ def test_provider_refuses_a_piece_longer_than_a_chunk_message(multi):
     assert not refused(actions) and not isinstance(actions[-1], ft.Exit), actions
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_provider_waits_for_the_want_list_as_long_as_a_slow_disk_takes_to_chunk_the_old_copy(multi):
+    """While the requestor's host chunks its old copy its worker is blocked (no keepalives): a provider
+    with a big file waits longer than ACK_TIMEOUT for the first want list, then gives up."""
+    size = 8 << 30
+    wait = ft_delta.list_wait(size)
+    assert wait == ft.ACK_TIMEOUT + size // ft_delta.LIST_RATE and wait > ft.STALL_TIMEOUT + 60
+
+    def listed() -> tuple:
+        prov = ft.Provider("f.bin", REQ_WORKER, PEER_MAIN, 0.0, extended=True)
+        prov.handle(ft.Start())
+        prov.handle(ft.Opened(size, "1:2:3:4:5", 0.0, delta=True))
+        avg = ft_multi.MULTI_AVG if multi else ft_delta.avg_for(size)
+        delta = {"avg": avg, **({"multi": 1} if multi else {})}
+        machine = prov.handle(ft.GotResponse("size", None, {"ft": 1, "offset": 0, "delta": delta}, 0.0))[0].machine
+        out = machine.handle(ft_delta.FileChunked({"count": 8192, "size": size, "stamp": "1:2:3:4:5"}, 0.0))
+        return machine, next(a for a in out if isinstance(a, ft.Send) and a.context == "chunks")
+    machine, sent = listed()
+    assert sent.timeout == wait, sent
+    tick = ft.SendFailed("tick", "timeout", ft.STALL_TIMEOUT + 1.0)
+    assert not any(isinstance(a, ft.Exit) for a in machine.handle(tick)), machine.state   # still waiting
+    late = machine.handle(ft.SendFailed("tick", "timeout", wait + 1.0))
+    assert isinstance(late[-1], ft.Exit) and machine.state == machine.FAILED, late
+    # the control: once the list is answered, the usual STALL_TIMEOUT holds again
+    machine, _ = listed()
+    machine.handle(ft.GotResponse("chunks", None, {"ft": 1, "want": [[0, 100]]}, 1.0))
+    assert machine.state != machine.LISTED
+    stalled = machine.handle(ft.SendFailed("tick", "timeout", ft.STALL_TIMEOUT + 2.0))
+    assert isinstance(stalled[-1], ft.Exit), stalled
+
+
 OWNER = ProcessId("p", "app", "pub.os")
 DRIVE = "/app:pub.os/data"
 

@@ -67,6 +67,15 @@ MAX_PIECES = 1 << 17              # a longer want list is refused
 INTEGRITY = "failed its integrity check"   # the host's WriteRanges refusal of a piece that does not match
 
 
+LIST_RATE = 50 << 20   # bytes/s: the slowest disk a requestor may chunk its old copy from
+
+
+def list_wait(size: int) -> int:
+    """Seconds a provider waits for the want list after sending its chunk list: the requestor chunks
+    its old copy (about as big) meanwhile, blocked, and cannot send keepalives."""
+    return ACK_TIMEOUT + size // LIST_RATE
+
+
 def avg_for(size: int) -> int:
     """The average chunk size both ends use for a file of `size` bytes: 64 KiB, doubled while the list
     would pass 128 Ki chunks (a piece of whole chunks then still fits in EXT_CHUNK_SIZE)."""
@@ -682,7 +691,7 @@ class DeltaProvider:
         self.last_activity = now
         return [Send(self.target, {"Progress": {"name": self.name, "progress": 0}},
                      {"ft": 1, "chunks": {"count": info.get("count"), "avg": self.avg}},
-                     ACK_TIMEOUT, "chunks", forward_blob=True)]
+                     list_wait(self.size), "chunks", forward_blob=True)]
 
     def whole_hashed(self, digest: str, now: float) -> list:
         if self.state != self.HASHING:
@@ -768,8 +777,9 @@ class DeltaProvider:
     def tick(self, now: float) -> list:
         if self.state in (self.DONE, self.FAILED):
             return []
-        if now - self.last_activity > STALL_TIMEOUT:
-            return self._failed(f"no progress for {STALL_TIMEOUT} s; giving up")
+        limit = list_wait(self.size) if self.state == self.LISTED else STALL_TIMEOUT
+        if now - self.last_activity > limit:
+            return self._failed(f"no progress for {limit} s; giving up")
         return [self._serving(True), ArmTimer(TICK)]
 
     def io_failed(self, error: str, now: float) -> list:

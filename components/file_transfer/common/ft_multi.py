@@ -93,6 +93,7 @@ from ft_delta import (
     WriteRanges,
     _int,
     batches,
+    list_wait,
     parse_list,
     pieces_fit,
     plan,
@@ -1003,9 +1004,11 @@ class MultiProvider(DeltaProvider):
         return super().request(source, body, meta, now)
 
     def tick(self, now: float) -> list:
-        if self.state not in (self.DONE, self.FAILED) and now - self.last_activity > STALL_TIMEOUT:
-            return self._error(f"{self.parent.node} ended its part: asked for nothing for {STALL_TIMEOUT} s",
-                               f"asked for nothing for {STALL_TIMEOUT} s; ended")
+        # the first want list may wait for the requestor's chunking of its old copy (see list_wait)
+        limit = list_wait(self.size) if self.state == self.LISTED else STALL_TIMEOUT
+        if self.state not in (self.DONE, self.FAILED) and now - self.last_activity > limit:
+            return self._error(f"{self.parent.node} ended its part: asked for nothing for {limit} s",
+                               f"asked for nothing for {limit} s; ended")
         return super().tick(now)
 
     def _fill(self, actions: list) -> list:
