@@ -3,7 +3,7 @@
     python -m host --node fake.dev                       # port 8080, home /tmp/kinode-fake-node
     python -m host --node fake2.dev --port 8081 --home /tmp/kinode-fake-node-2
     python -m host run --home /tmp/kinode-fake-node 'list_files:file_transfer:template.os fake2.dev'
-    python -m host id --home /tmp/kinode-fake-node --advertise 192.0.2.7:8080   # this node's peers entry
+    python -m host id --home /tmp/kinode-fake-node --advertise 192.0.2.7:9000   # this node's peers entry
 """
 from __future__ import annotations
 
@@ -200,9 +200,11 @@ def id_command(argv: list[str]) -> int:
     p.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"the node's home (default {DEFAULT_HOME})")
     p.add_argument("--node", metavar="NAME", default=None,
                    help="the node's name (default: the name the node last ran with in this home)")
-    p.add_argument("--advertise", metavar="HOST[:PORT]", default=None,
-                   help="the address other nodes should dial (default: this machine's hostname); "
-                        "give the port if the node does not use the default 8080")
+    p.add_argument("--advertise", metavar="HOST:PORT", default=None,
+                   help="the address other nodes should dial: this machine's address or name and the "
+                        "node's --net-port (without --advertise: this machine's hostname and --net-port)")
+    p.add_argument("--net-port", type=int, default=None, metavar="PORT",
+                   help="the node's --net-port, if --advertise gives no port")
     p.add_argument("--router", action="append", default=None, metavar="NODE", dest="routers",
                    help="an indirect node: other nodes reach it through NODE (repeatable, as the node's "
                         "own --router); the entry then has no address unless --advertise gives one")
@@ -216,7 +218,7 @@ def id_command(argv: list[str]) -> int:
     if name is None:
         p.error(f"no node has run with home {args.home} yet: give its name with --node NAME")
     try:
-        host, port = parse_host_port(args.advertise, 8080) if args.advertise else (None, 8080)
+        host, port = parse_host_port(args.advertise, args.net_port) if args.advertise else (None, args.net_port)
     except ValueError as e:
         p.error(f"--advertise {e}")
     routers = tuple(dict.fromkeys(args.routers or ()))
@@ -225,6 +227,9 @@ def id_command(argv: list[str]) -> int:
     if host is None and not routers:
         host = socket.gethostname()
         print(f"note: no --advertise given; using this machine's hostname {host!r}", file=sys.stderr)
+    if host is not None and port is None:   # not the web page's --port: other nodes dial the networking one
+        p.error("give the port other nodes dial, the node's --net-port: --advertise HOST:PORT or --net-port "
+                "PORT (a node started without --net-port takes a free port each time: give it one)")
     identity = load_or_create_identity(args.home)
     print(json.dumps(peers_entry(name, identity.public, host, port if host else None, routers)))
     return 0

@@ -124,7 +124,7 @@ class NetnsNode(NodeProc):
     def entry(self, advertise: str | None, routers: tuple[str, ...] = ()) -> dict:
         """This node's peers entry from `python -m host id` (run in the root namespace); an
         indirect node's names its routers."""
-        args = ["--advertise", advertise] if advertise else []
+        args = ["--advertise", advertise, "--net-port", str(self.port)] if advertise else []
         args += [a for r in routers for a in ("--router", r)]
         out = subprocess.run([sys.executable, "-m", "host", "id", "--home", str(self.home), "--node", self.name,
                               *args], cwd=REPO, capture_output=True, text=True, check=True)

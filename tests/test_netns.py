@@ -388,3 +388,10 @@ def test_router_flags_bad_values_and_the_id_of_an_indirect_node(tmp_path):
     assert json.loads(r.stdout) == {**entry, "routers": ["r1.dev"], "host": "10.0.0.9", "port": 81}, r.stdout
     r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--router", "x.dev")
     assert r.returncode == 2 and "a node cannot be its own --router" in r.stderr, r.stderr
+    # a direct node's entry needs the port other nodes dial, never the web page's default
+    r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--advertise", "10.0.0.9")
+    assert r.returncode == 2 and "give the port other nodes dial, the node's --net-port" in r.stderr, r.stderr
+    r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--advertise", "10.0.0.9", "--net-port", "9000")
+    assert r.returncode == 0 and json.loads(r.stdout)["port"] == 9000, r.stdout + r.stderr
+    r = host("id", "--home", str(tmp_path / "h"), "--node", "x.dev", "--advertise", "[fd00::9]:9001")
+    assert r.returncode == 0 and (json.loads(r.stdout)["host"], json.loads(r.stdout)["port"]) == ("fd00::9", 9001)
