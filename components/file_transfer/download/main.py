@@ -17,7 +17,8 @@ def download(our: Address, args: str) -> str:
     if len(parts) < 2:
         raise ValueError(USAGE)
     *names, who = parts
-    names = [nfc(name) for name in names]  # as typed: one spelling of each name (see kinode_types)
+    # as typed: one spelling of each name (see kinode_types); `photos/` as list_files shows a folder
+    names = [nfc(name[:-1] if name.endswith("/") and len(name) > 1 else name) for name in names]
     for name in names:  # all names are checked before any download starts
         problem = check_name(name)
         if problem:

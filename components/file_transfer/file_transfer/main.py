@@ -183,6 +183,11 @@ def servable_types(msg: Message) -> tuple:
 LIST_COUNT_MAX = 1000
 
 
+class NoFolder(ValueError):
+    """ListFiles of a folder that is not there or cannot be: answered as an error, not logged here
+    as a bad message (a typo is the asker's)."""
+
+
 def ls_listing(files_dir: vfs.Directory, folder) -> list:
     """ListFiles with folders: the files and folders in the drive, or in `folder` inside it; a
     folder's row is `NAME/` with its file count and total size (as its download would fetch it)."""
@@ -190,10 +195,18 @@ def ls_listing(files_dir: vfs.Directory, folder) -> list:
     if folder is not None:
         problem = "folder must be a string" if not isinstance(folder, str) else ft_folder.check_path(folder.strip("/"))
         if problem:
-            raise ValueError(f"bad folder: {problem}")
+            raise NoFolder(f"bad folder: {problem}")
         base = f"{base}/{folder.strip('/')}"
+    try:
+        entries = vfs.open_dir(base).read()
+    except vfs.VfsError as e:
+        if folder is None:
+            raise
+        # a typo in the folder's name is the asker's, said plainly; not a bad message to log here
+        why = "no such folder" if "no such file" in str(e).lower() else f"cannot list it ({str(e).rsplit(': ', 1)[-1]})"
+        raise NoFolder(f"{why}: {folder.strip('/')}") from None
     rows = []
-    for entry in vfs.open_dir(base).read():
+    for entry in entries:
         name = entry.path.rsplit("/", 1)[-1]
         if name.startswith("."):
             continue  # .partial and other hidden entries are never served
@@ -390,8 +403,13 @@ def handle_message(our: Address, msg: Message, files_dir: vfs.Directory, transfe
             if not access.allows(msg.source.node) and msg.source.node != our.node:
                 Response().body({"Err": refuse("ListFiles", msg.source.node, our)}).send()
                 return
-            Response().body({"ListFiles": ls_listing(files_dir, msg.meta().get("folder"))
-                             if msg.meta().get("ft") == 1 else ls_files(files_dir)}).send()
+            try:
+                listing = ls_listing(files_dir, msg.meta().get("folder")) if msg.meta().get("ft") == 1 \
+                    else ls_files(files_dir)
+            except NoFolder as e:
+                Response().body({"Err": str(e)}).send()
+                return
+            Response().body({"ListFiles": listing}).send()
         elif isinstance(body, dict) and isinstance(body.get("Download"), dict):
             handle_download(our, msg, body["Download"], files_dir, transfers, access)
         elif isinstance(body, dict) and isinstance(body.get("Progress"), dict):

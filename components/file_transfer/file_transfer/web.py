@@ -96,7 +96,7 @@ class Page:
                 return self.peer_files(node, folder)
             try:
                 return http.send_json(200, {"ListFiles": self.ls_listing(self.files_dir, folder)})
-            except vfs.VfsError:
+            except (vfs.VfsError, ValueError):   # (main's NoFolder)
                 return http.send_json(404, {"error": f"no such folder on {self.our.node}: {folder}"})
         if path == "/files" and method == "POST":
             summary = json.loads(body)["Uploaded"]
@@ -175,7 +175,7 @@ class Page:
         if err.startswith("not allowed"):
             return http.send_json(403, {"error": err})
         if folder is not None:  # the peer could not list it: it has no such folder
-            why = "" if "no such file" in err or "not a directory" in err.lower() else f" ({err})"
+            why = "" if "no such f" in err or "not a directory" in err.lower() else f" ({err})"
             return http.send_json(404, {"error": f"{node} has no folder {folder}{why}"})
         return http.send_json(502, {"error": f"{node}: {err}"})
 
