@@ -23,7 +23,8 @@ def refusals(node, peer: str) -> int:
 
 def test_a_flood_from_a_peer_not_allowed_keeps_memory_bounded_and_a_download_completes(node_factory, tmp_path):
     evict_compiled()  # the node's memory, not how recently its components were compiled
-    server, client = node_factory("server.dev"), node_factory("client.dev")
+    # -v: the node says when it stops reading a peer (back-pressure, logged at INFO)
+    server, client = node_factory("server.dev", extra_args=["-v"]), node_factory("client.dev")
     server.files.mkdir(parents=True, exist_ok=True)
     src = server.files / "big.bin"
     src.write_bytes(os.urandom(DOWNLOAD))

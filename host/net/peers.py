@@ -188,9 +188,11 @@ class PeerTable:
         if len(self._reported) > 1000:
             self._reported.clear()
         self._reported[key] = now
-        log.warning("cannot reach %s: %s", peer, text)
-        if self.on_problem is not None:
+        if self.on_problem is not None:   # the terminal shows it: not twice
+            log.info("cannot reach %s: %s", peer, text)
             safe_call(self.on_problem, f"cannot reach {peer}: {text}")
+        else:
+            log.warning("cannot reach %s: %s", peer, text)
 
     def send(self, km: KernelMessage, on_error: OnError) -> None:
         """Queue ``km`` for its target node; never blocks on the network.
@@ -418,9 +420,9 @@ class PeerTable:
         assert isinstance(receipt, Receipt)
         intake = receipt.intake
         intake.holds += 1
-        if intake.holds == 1 or intake.holds % 100 == 0:
-            log.warning("%s sends faster than our processes take its messages: not reading from it "
-                        "until they do (%d times so far)", conn.label, intake.holds)
+        if intake.holds == 1 or intake.holds % 100 == 0:   # back-pressure, normal in a fast transfer: -v shows it
+            log.info("%s sends faster than our processes take its messages: not reading from it until they "
+                     "do (%d time%s so far)", conn.label, intake.holds, "" if intake.holds == 1 else "s")
         with intake.lock:
             intake.waiting += 1            # from here on, each message taken wakes us
         try:
