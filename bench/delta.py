@@ -73,7 +73,7 @@ def cpu_of(pid: int) -> float:
 
 def entry(home: Path, name: str, advertise: str) -> dict:
     return json.loads(sh(sys.executable, "-m", "host", "id", "--home", str(home), "--node", name,
-                         "--advertise", advertise))
+                         "--advertise", advertise, "--net-port", "8080"))
 
 
 def start_node(ns: str, name: str, home: Path, peers: Path, delta: bool) -> subprocess.Popen:

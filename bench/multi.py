@@ -78,7 +78,7 @@ def remove_net() -> None:
 
 def entry(home: Path, name: str, advertise: str) -> dict:
     return json.loads(sh(sys.executable, "-m", "host", "id", "--home", str(home), "--node", name,
-                         "--advertise", advertise))
+                         "--advertise", advertise, "--net-port", "8080"))
 
 
 def start_node(namespace: str, name: str, home: Path, peers: Path, log: Path | None = None) -> subprocess.Popen:

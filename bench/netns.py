@@ -57,14 +57,15 @@ def remove_link() -> None:
 
 
 def entry(home: Path, name: str, advertise: str) -> dict:
-    out = sh(sys.executable, "-m", "host", "id", "--home", str(home), "--node", name, "--advertise", advertise)
+    out = sh(sys.executable, "-m", "host", "id", "--home", str(home), "--node", name, "--advertise", advertise,
+             "--net-port", "8080")
     return json.loads(out)
 
 
 def start_node(ns: str, name: str, home: Path, peers: Path, cpus: str | None) -> subprocess.Popen:
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "host", "--node", name, "--home", str(home),
            "--directory", str(home.parent / f"{name}.sqlite"), "--peers", str(peers),
-           "--net-port", "8080", "--port", "8081"]  # the networking port the peers entries name (id's default)
+           "--net-port", "8080", "--port", "8081"]  # the networking port the peers entries name
     if cpus:
         cmd += ["--cpus", cpus]
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

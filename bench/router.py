@@ -64,7 +64,8 @@ def remove_links() -> None:
 
 
 def entry(home: Path, name: str, *args: str) -> dict:
-    return json.loads(sh(sys.executable, "-m", "host", "id", "--home", str(home), "--node", name, *args))
+    return json.loads(sh(sys.executable, "-m", "host", "id", "--home", str(home), "--node", name, *args,
+                         "--net-port", "8080"))
 
 
 def write_json(path: Path, value) -> None:

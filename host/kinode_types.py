@@ -135,6 +135,23 @@ def check_file_name(name: object) -> str:
     return ""
 
 
+MAX_NODE_NAME = 253   # as a DNS name
+_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+
+
+def check_node_name(name: object) -> str:
+    """Why `name` is not a node name (lowercase letters, digits and hyphens in dot-separated labels,
+    as `fake.dev` or `my-node.os`), or '' if it is. It never holds a comma, a space or an `@`."""
+    if not isinstance(name, str) or not name:
+        return "node name is empty"
+    if len(name) > MAX_NODE_NAME:
+        return f"node name is longer than {MAX_NODE_NAME} characters"
+    if not _NODE_NAME.fullmatch(name):
+        return (f"node name {name!r} may hold only lowercase letters, digits and hyphens, in labels "
+                f"separated by dots (e.g. fake.dev)")
+    return ""
+
+
 def check_relative_path(path: object, max_depth: int) -> str:
     """Why `path` is not a relative path of plain file names (`trip/day1/a.jpg`, at most `max_depth`
     parts: a folder's entry, a browser's folder upload), or '' if it is."""

@@ -43,6 +43,10 @@ def test_allow_list_refuses_other_nodes_and_survives_a_restart(node_factory):
     fake, fake2, fake3 = node_factory("fake.dev"), node_factory("fake2.dev"), node_factory("fake3.dev")
     fake2.files.mkdir(parents=True, exist_ok=True)
     (fake2.files / "shared.txt").write_text("for fake only\n")
+    # a name that cannot be a node's (a typo, a comma list) is refused, the rule left as it was
+    for bad in ("Fake.dev", "fake.dev,fake3.dev", "fake..dev"):
+        code, lines = fake2.run(f"allow:file_transfer:template.os {bad}")
+        assert code == 1 and any(f"node name {bad!r} may hold only lowercase letters" in ln for ln in lines), lines
     code, lines = fake2.run("allow:file_transfer:template.os fake.dev")
     assert code == 0 and any("may be listed and downloaded by: fake.dev" in ln for ln in lines), lines
     for node in (fake2,):

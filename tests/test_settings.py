@@ -122,3 +122,16 @@ def test_a_start_problem_reads_as_a_line_naming_the_places():
     assert start_problem(sqlite3.OperationalError("database or disk is full"), s) == full
     assert start_problem(PermissionError(errno.EACCES, "Permission denied", "/x/y"), s) == \
         f"Permission denied: /x/y ({where})"
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "Fake.dev", "a,b.dev", "x@y.dev", "-a.dev", "a..dev", "a.dev.", "", "a" * 254])
+def test_a_node_name_that_cannot_be_one_is_refused(name):
+    d = defaults_from({"HOME": "/home/u"})
+    with pytest.raises(SettingsError, match="--node: node name"):
+        build_settings(node_parser(d).parse_args([f"--node={name}"]), d)
+
+
+def test_node_names_as_kinode_writes_them_are_taken():
+    d = defaults_from({"HOME": "/home/u"})
+    for name in ("fake.dev", "my-node.os", "a", "n0de2.x-y.dev", "a" * 253):
+        assert build_settings(node_parser(d).parse_args(["--node", name]), d).name == name

@@ -4,6 +4,7 @@
 No argument shows the rule; `*` lets every node (the default); names restrict it to those nodes.
 The rule is kept across restarts."""
 import wit_world
+from ft_common import check_node_name
 from process_lib import Address, ask, script, sibling
 
 
@@ -16,6 +17,10 @@ def allow(our: Address, args: str) -> str:
     elif "*" in parts:
         raise ValueError("usage: allow:file_transfer:template.os [NODE... | *]")
     else:
+        for name in parts:   # a typo would otherwise be kept as a rule that lets nobody in
+            problem = check_node_name(name)
+            if problem:
+                raise ValueError(problem)
         body = {"Allow": {"nodes": parts}}
     answer = ask(sibling(our, "file_transfer"), body, who="file_transfer")
     if not isinstance(answer, dict) or "Allow" not in answer:

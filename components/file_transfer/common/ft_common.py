@@ -40,7 +40,7 @@ from __future__ import annotations
 
 # one file-name rule for every package; build.sh stages host.kinode_types beside the guests
 from host.kinode_types import check_file_name as check_name  # noqa: F401
-from host.kinode_types import check_relative_path, nfc  # noqa: F401
+from host.kinode_types import check_node_name, check_relative_path, nfc  # noqa: F401
 
 CHUNK_SIZE = 1024 * 1024       # the seed's chunk size: used with peers that speak only the plain protocol
 EXT_CHUNK_SIZE = 4 * CHUNK_SIZE  # with our peers: fewer, larger chunks (each costs a fixed overhead in

@@ -15,7 +15,7 @@
 import json
 import time
 
-from ft_common import check_name, nfc
+from ft_common import check_name, check_node_name, nfc
 from ft_folder import check_path
 from ft_multi import check_nodes, nodes_of
 from process_lib import Message, Request, SendError, get_blob, http, print_to_terminal, sibling, vfs
@@ -150,6 +150,9 @@ class Page:
             nodes = json.loads(body).get("allow")
             if nodes is not None and not (isinstance(nodes, list) and all(isinstance(n, str) and n for n in nodes)):
                 return http.send_json(400, {"error": "allow takes a list of node names, or null for everyone"})
+            problem = next((p for p in map(check_node_name, nodes or ()) if p), "")
+            if problem:
+                return http.send_json(400, {"error": problem})
             self.access.set(nodes)
             self.push_state(force=True)
             return http.send_json(200, {"allow": nodes})
