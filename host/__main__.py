@@ -37,7 +37,8 @@ def node_parser(defaults: Defaults | None = None) -> argparse.ArgumentParser:
         prog="python -m host",
         description="Run a Kinode-style node that runs packages compiled to Wasm components. "
                     "Type `help` at its prompt for the commands. To run a command on a running node "
-                    "from another shell: python -m host run --home HOME 'COMMAND'.")
+                    "from another shell: python -m host run --home HOME 'COMMAND'; to print a node's "
+                    "entry for other nodes' peers files: python -m host id --help.")
     p.add_argument("--node", required=True, metavar="NAME", help="the node's name, e.g. fake.dev")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"HTTP port of the node's web page, as kit's (default {DEFAULT_PORT})")

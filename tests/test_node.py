@@ -36,6 +36,13 @@ def test_terminal_typed_lines_and_unknown_command(node_factory):
     node.expect(r"list_files:file_transfer:template.os fake2.dev")
     node.type("frobnicate now")
     node.expect(r"^error: unknown command 'frobnicate'; type `help`")
+    # a script by its short name: the full name and the alias that shortens it
+    node.type("list_files fake2.dev")
+    node.expect(r"^error: unknown command 'list_files'; did you mean list_files:file_transfer:template\.os\? "
+                r"\(`alias list_files list_files:file_transfer:template\.os` makes `list_files` work\)")
+    node.type("alias list_files list_files:file_transfer:template.os")
+    node.type("list_files")
+    node.expect(r"file_transfer:template.os: error: usage: list_files")   # the script ran
     node.type("nosuch:file_transfer:template.os x")
     node.expect(r"^error: .*has no script 'nosuch'")
     node.type("list_files:file_transfer:template.os")

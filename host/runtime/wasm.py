@@ -213,7 +213,7 @@ class Runtime:
             if total > self.cache_max_bytes and p != keep:
                 try:
                     p.unlink()  # a node that has it mapped keeps its pages
-                    log.info("pruned compiled cache entry %s", p.name)
+                    log.debug("pruned compiled cache entry %s", p.name)
                 except OSError:
                     pass
 
