@@ -136,6 +136,7 @@ def test_cancel_and_list_transfers(held_nodes):
         code, lines = fake.run("transfers:file_transfer:template.os")
         listed = [ln for ln in lines if "slow.bin from fake2.dev: " in ln]
         assert code == 0 and len(listed) == 1 and re.search(rf"\b{held / 2**20:.1f} MiB of 40\.0 MiB\b", listed[0]), lines
+        assert "file_transfer:template.os: 1 transfer in progress:" in lines, lines
         code, lines = fake.run("cancel:file_transfer:template.os slow.bin fake2.dev")
         assert code == 0, lines
         line = fake.expect(r"slow\.bin from fake2\.dev (failed|cancelled)|slow\.bin downloaded", 30)

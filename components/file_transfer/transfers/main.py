@@ -10,7 +10,10 @@ def transfers(our: Address, args: str) -> str:
     rows = answer.get("Transfers", []) if isinstance(answer, dict) else []
     if not rows:
         return "no transfers in progress"
-    lines = [f"{len(rows)} transfer(s) in progress:"]
+    waiting = sum(1 for t in rows if t.get("queued"))   # waiting here for a slot, not yet started
+    running = len(rows) - waiting
+    head = f"{running} transfer{'' if running == 1 else 's'} in progress"
+    lines = [head + (f", {waiting} queued:" if waiting else ":")]
     for t in rows:
         total, done, rate = t.get("total"), t.get("bytes", 0), t.get("rate", 0)
         if t.get("queued"):
