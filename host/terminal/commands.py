@@ -161,7 +161,7 @@ class Commands:
                 # a script typed by its short name: name the full one (and the alias that shortens it)
                 full = [sc for sc in node.list_scripts() if sc.split(":", 1)[0] == head]
                 hint = (f"; did you mean {' or '.join(full)}? (`alias {head} {full[0]}` makes `{head}` work)"
-                        if full else "; type `help` for the list, `scripts` for the packages' scripts")
+                        if full else "; type `help` for the list")
                 console.error(f"unknown command {head!r}{hint}")
         except (ParseError, ValueError) as e:
             for text in str(e).split("\n"):
