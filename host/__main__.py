@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from host import settings as settings_mod
-from host.kinode_types import check_node_name
 from host.settings import (
     DEFAULT_HOME,
     DEFAULT_PACKAGES,
@@ -111,9 +110,6 @@ def _cpu_list(text: str) -> set[int]:
 
 def build_settings(args: argparse.Namespace, defaults: Defaults) -> Settings:
     """The node's settings from its command line (whose defaults came from the environment)."""
-    problem = check_node_name(args.node)
-    if problem:
-        raise SettingsError(f"--node: {problem}")
     return Settings(
         name=args.node, home=args.home, port=args.port,
         packages=tuple(args.packages or [DEFAULT_PACKAGES]),

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from host.kinode_types import check_node_name
+
 REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_HOME = Path("/tmp/kinode-fake-node")
@@ -66,6 +68,9 @@ class Settings:
     verbose: int = 0
 
     def __post_init__(self) -> None:
+        problem = check_node_name(self.name)
+        if problem:
+            raise SettingsError(f"--node: {problem}")
         for port in (self.port, self.net_port):
             if not 0 <= port <= 65535:
                 raise SettingsError(f"port {port} is not a TCP port (0-65535)")

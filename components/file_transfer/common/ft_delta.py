@@ -705,9 +705,7 @@ class DeltaProvider:
     def response(self, context: str | None, meta: dict, now: float) -> list:
         if context == "chunks" and self.state == self.LISTED:
             want = meta.get("want")
-            if not (isinstance(want, list) and len(want) <= MAX_PIECES and all(
-                    isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1])
-                    and 1 <= p[1] <= EXT_CHUNK_SIZE and p[0] + p[1] <= self.size for p in want)):
+            if not (isinstance(want, list) and self._valid(want)):
                 return self._error("bad list of pieces", "peer asked for a bad list of pieces")
             self.want = want
             self.plan = batches(want)
@@ -774,10 +772,22 @@ class DeltaProvider:
             return self._failed(f"{self.target.node} stopped acknowledging ({kind})")
         return []
 
+    def _valid(self, want: Any) -> bool:
+        """A want list: pieces [offset, length] within the file, each at most a message's worth (honest
+        pieces are whole chunks of at most EXT_CHUNK_SIZE), with those asked before at most MAX_PIECES."""
+        return isinstance(want, list) and len(self.want) + len(want) <= MAX_PIECES and all(
+            isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1])
+            and 1 <= p[1] <= EXT_CHUNK_SIZE and p[0] + p[1] <= self.size for p in want)
+
+    def _stall_limit(self) -> int:
+        """Seconds without activity before giving up: the first want list may wait for the requestor's
+        chunking of its old copy (list_wait)."""
+        return list_wait(self.size) if self.state == self.LISTED else STALL_TIMEOUT
+
     def tick(self, now: float) -> list:
         if self.state in (self.DONE, self.FAILED):
             return []
-        limit = list_wait(self.size) if self.state == self.LISTED else STALL_TIMEOUT
+        limit = self._stall_limit()
         if now - self.last_activity > limit:
             return self._failed(f"no progress for {limit} s; giving up")
         return [self._serving(True), ArmTimer(TICK)]

@@ -68,7 +68,6 @@ from typing import Any
 from ft_common import (
     ACK_TIMEOUT,
     DELTA_MIN,
-    EXT_CHUNK_SIZE,
     HANDSHAKE_TIMEOUT,
     STALL_TIMEOUT,
     TICK,
@@ -93,7 +92,6 @@ from ft_delta import (
     WriteRanges,
     _int,
     batches,
-    list_wait,
     parse_list,
     pieces_fit,
     plan,
@@ -963,11 +961,6 @@ class MultiProvider(DeltaProvider):
             return self._error("bad delta request", f"peer asked for chunks of average size {self.avg}, not {MULTI_AVG}")
         return [ChunkFile(self.avg)]
 
-    def _valid(self, want: Any) -> bool:
-        return isinstance(want, list) and len(self.want) + len(want) <= MAX_PIECES and all(
-            isinstance(p, list) and len(p) == 2 and _int(p[0]) and _int(p[1])
-            and 1 <= p[1] <= EXT_CHUNK_SIZE and p[0] + p[1] <= self.size for p in want)
-
     def _extend(self, want: list) -> None:
         base = len(self.want)
         self.want.extend(want)
@@ -1004,8 +997,7 @@ class MultiProvider(DeltaProvider):
         return super().request(source, body, meta, now)
 
     def tick(self, now: float) -> list:
-        # the first want list may wait for the requestor's chunking of its old copy (see list_wait)
-        limit = list_wait(self.size) if self.state == self.LISTED else STALL_TIMEOUT
+        limit = self._stall_limit()
         if self.state not in (self.DONE, self.FAILED) and now - self.last_activity > limit:
             return self._error(f"{self.parent.node} ended its part: asked for nothing for {limit} s",
                                f"asked for nothing for {limit} s; ended")
